@@ -1,0 +1,244 @@
+"""Scoring-rule losses on materialised logits: the functional API and ``nn.Module``.
+
+The loss of one position is ``S_max - S_eps(p, y)`` (see :mod:`properlm.rules` for the
+rules and :func:`properlm.stats.smoothed_score` for the smoothing). For ``logarithmic``
+it is cross-entropy, with smoothing it is ``F.cross_entropy(..., label_smoothing=eps)``.
+
+The computation runs over row chunks in float32: the forward pass keeps a handful of
+numbers per token, and the backward pass rebuilds each chunk's gradient from them, so no
+float32 copy of the whole logits tensor is ever held.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .rules import RuleLike, ScoringRule, get_rule
+from .stats import TokenStats, compute_stats, logits_grad, loss_and_partials
+
+__all__ = [
+    "scoring_rule_loss",
+    "ScoringRuleLoss",
+    "token_scores",
+    "sequence_scores",
+    "validate_inputs",
+    "reduce_loss",
+    "REDUCTIONS",
+]
+
+REDUCTIONS = ("mean", "sum", "none")
+
+#: float32 elements of one chunk of logits rows (64 MiB)
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _check_smoothing(smoothing: float) -> float:
+    try:
+        eps = float(smoothing)
+    except (TypeError, ValueError):
+        raise ValueError(f"smoothing must be a number in [0, 1), got {smoothing!r}") from None
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
+    return eps
+
+
+def _check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+    return reduction
+
+
+def validate_inputs(logits_shape: torch.Size | tuple[int, ...], logits_dtype: torch.dtype,
+                    target: Tensor, ignore_index: int, vocab_size: int | None = None,
+                    what: str = "logits") -> None:
+    """Raise ``ValueError`` for inputs that the losses cannot score.
+
+    ``logits_shape`` is ``(..., V)`` and ``target`` must have shape ``(...)``, an integer
+    dtype, and values in ``[0, V)`` or equal to ``ignore_index``.
+    """
+    if not logits_dtype.is_floating_point:
+        raise ValueError(f"{what} must be a floating-point tensor, got dtype {logits_dtype}")
+    if len(logits_shape) < 1:
+        raise ValueError(f"{what} must have at least one dimension (the vocabulary), got a scalar")
+    V = logits_shape[-1] if vocab_size is None else vocab_size
+    if V < 1:
+        raise ValueError(f"{what} has an empty vocabulary dimension (size 0)")
+    if not isinstance(target, Tensor):
+        raise ValueError(f"target must be a tensor of token ids, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer token ids, got dtype {target.dtype}")
+    if tuple(target.shape) != tuple(logits_shape[:-1]):
+        raise ValueError(
+            f"shape mismatch: {what} of shape {tuple(logits_shape)} (..., V) need target of shape "
+            f"{tuple(logits_shape[:-1])}, got {tuple(target.shape)}"
+        )
+    if target.numel():
+        bad = ((target < 0) | (target >= V)) & (target != ignore_index)
+        if bool(bad.any()):
+            first = target[bad][0].item()
+            raise ValueError(
+                f"target holds {int(bad.sum())} id(s) outside [0, {V}) (first: {first}); "
+                f"only ignore_index={ignore_index} may fall outside the vocabulary"
+            )
+
+
+def reduce_loss(loss: Tensor, valid: Tensor, reduction: str, num_items_in_batch: Any = None) -> Tensor:
+    """Reduce per-token losses ``loss`` (0 at ignored positions, mask ``valid``).
+
+    ``mean`` divides the sum by ``num_items_in_batch`` when given (as Hugging Face does
+    under gradient accumulation) and otherwise by the number of valid tokens (1 if none).
+    """
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            return total / num_items_in_batch.to(device=total.device, dtype=total.dtype)
+        if num_items_in_batch <= 0:
+            raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
+        return total / num_items_in_batch
+    return total / valid.sum().clamp(min=1).to(total.dtype)
+
+
+def _chunk_rows(vocab_size: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+class _TokenLoss(torch.autograd.Function):
+    """Per-token loss of 2-D logits; the gradient is rebuilt chunk by chunk in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: float,
+                ignore_index: int) -> Tensor:
+        n, V = logits.shape
+        valid = target != ignore_index
+        loss = torch.zeros(n, dtype=torch.float32, device=logits.device)
+        rows = valid.nonzero().squeeze(1)
+        step = _chunk_rows(V)
+        need_grad = ctx.needs_input_grad[0]
+        chunks: list[tuple[Tensor, TokenStats, TokenStats | None]] = []
+        for start in range(0, rows.numel(), step):
+            idx = rows[start:start + step]
+            z = logits[idx].float()
+            y = target[idx]
+            stats, _, _ = compute_stats(z, y, rule, smoothing)
+            loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad)
+            loss[idx] = loss_c
+            if need_grad:
+                chunks.append((idx, stats, partials))
+        ctx.rule, ctx.smoothing, ctx.chunks = rule, smoothing, chunks
+        ctx.save_for_backward(logits, target)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        logits, target = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        for idx, stats, partials in ctx.chunks:
+            z = logits[idx].float()
+            g = logits_grad(z, target[idx], stats, partials.scaled(grad_loss[idx].float()),
+                            ctx.smoothing, ctx.rule)
+            grad[idx] = g.to(grad.dtype)
+        ctx.chunks = None
+        return grad, None, None, None, None
+
+
+def _token_losses(logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: float,
+                  ignore_index: int) -> Tensor:
+    V = logits.shape[-1]
+    flat = _TokenLoss.apply(logits.reshape(-1, V), target.reshape(-1), rule, smoothing, ignore_index)
+    return flat.view(target.shape)
+
+
+def scoring_rule_loss(
+    logits: Tensor,
+    target: Tensor,
+    rule: RuleLike = "spherical",
+    smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+) -> Tensor:
+    r"""Scoring-rule loss ``S_max - S_eps(softmax(logits), target)``.
+
+    Args:
+        logits: ``(..., V)`` unnormalised scores, any floating dtype (computed in float32).
+            Entries of ``-inf`` mark vocabulary entries with probability 0; ``V`` in the
+            smoothing terms is then the number of finite logits of the row.
+        target: ``(...)`` integer token ids in ``[0, V)`` or ``ignore_index``.
+        rule: a spec string (``"logarithmic"``, ``"brier"``, ``"spherical"``,
+            ``"pseudo-spherical:ALPHA"``, ``"power:ALPHA"``, or a registered name) or a
+            :class:`~properlm.rules.ScoringRule`.
+        smoothing: score smoothing ``eps`` in ``[0, 1)``:
+            ``S_eps = (1-eps) S(p, y) + (eps/V) sum_k S(p, k)``, plus for bounded rules
+            ``(eps/V) sum_j 1[p_j < eps/V] log p_j``.
+        ignore_index: target value whose positions contribute neither loss nor gradient.
+        reduction: ``"mean"`` (over non-ignored tokens, or ``sum / num_items_in_batch``),
+            ``"sum"`` or ``"none"`` (shape of ``target``, 0 at ignored positions).
+        num_items_in_batch: the number of target tokens of the whole (accumulated) batch,
+            as passed by ``transformers.Trainer``; only used with ``reduction="mean"``.
+
+    Returns:
+        A float32 scalar, or a float32 tensor of ``target``'s shape for ``"none"``.
+
+    Example::
+
+        >>> logits = torch.randn(2, 5, 100, requires_grad=True)
+        >>> target = torch.randint(100, (2, 5))
+        >>> loss = properlm.scoring_rule_loss(logits, target, rule="brier", smoothing=0.1)
+        >>> loss.backward()
+    """
+    rule_obj = get_rule(rule)
+    eps = _check_smoothing(smoothing)
+    _check_reduction(reduction)
+    validate_inputs(logits.shape, logits.dtype, target, ignore_index)
+    per_token = _token_losses(logits, target, rule_obj, eps, ignore_index)
+    return reduce_loss(per_token, target != ignore_index, reduction, num_items_in_batch)
+
+
+class ScoringRuleLoss(nn.Module):
+    """Module form of :func:`scoring_rule_loss`.
+
+    Example::
+
+        >>> criterion = properlm.ScoringRuleLoss("spherical", smoothing=0.1)
+        >>> loss = criterion(logits.view(-1, V), labels.view(-1))
+    """
+
+    def __init__(self, rule: RuleLike = "spherical", smoothing: float = 0.0, ignore_index: int = -100,
+                 reduction: str = "mean") -> None:
+        super().__init__()
+        self.rule = get_rule(rule)
+        self.smoothing = _check_smoothing(smoothing)
+        self.ignore_index = ignore_index
+        self.reduction = _check_reduction(reduction)
+
+    def forward(self, logits: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
+        return scoring_rule_loss(logits, target, self.rule, self.smoothing, self.ignore_index,
+                                 self.reduction, num_items_in_batch)
+
+    def extra_repr(self) -> str:
+        return (f"rule={self.rule.spec!r}, smoothing={self.smoothing}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}")
+
+
+def token_scores(logits: Tensor, target: Tensor, rule: RuleLike, ignore_index: int = -100) -> Tensor:
+    """Unsmoothed token scores ``S(p(. | x, y_<t), y_t)``, float32 of ``target``'s shape,
+    0 at ignored positions. Differentiable with respect to ``logits``."""
+    rule_obj = get_rule(rule)
+    validate_inputs(logits.shape, logits.dtype, target, ignore_index)
+    loss = _token_losses(logits, target, rule_obj, 0.0, ignore_index)
+    return torch.where(target != ignore_index, rule_obj.s_max - loss, 0.0)
+
+
+def sequence_scores(logits: Tensor, target: Tensor, rule: RuleLike, ignore_index: int = -100) -> Tensor:
+    """Sequence scores: the sum of :func:`token_scores` over the last dimension of
+    ``target`` (time). ``logits`` ``(..., T, V)``, ``target`` ``(..., T)`` -> ``(...)``."""
+    if target.dim() < 1:
+        raise ValueError("sequence_scores needs target with a time dimension, got a scalar")
+    return token_scores(logits, target, rule, ignore_index).sum(-1)

@@ -1,0 +1,343 @@
+"""Strictly proper scoring rules written as functions of per-token log-sum-exps.
+
+For logits ``z`` of one position (length ``V``), ``p = softmax(z)`` and the observed
+token ``y``, every rule here is a closed-form function of a few statistics:
+
+* ``z_y``: the target's logit;
+* ``L_c = LSE(c z) = log sum_j exp(c z_j)`` for the scales ``c`` the rule names;
+* ``sum_z``: the sum of the (finite) logits, for the logarithmic smoothing term;
+* ``V``: the number of finite logits (entries of ``-inf`` have ``p = 0`` and do not count).
+
+A rule object states which scales it needs and gives two formulas, both elementwise and
+broadcastable, so the same object serves the unfused loss, the fused chunked and Triton
+losses, the vocabulary-parallel loss, evaluation and decoding:
+
+* :meth:`ScoringRule.score` -- ``S(p, y)`` from ``z_y`` and the ``L_c``;
+* :meth:`ScoringRule.mean_score` -- ``(1/V) sum_k S(p, k)``, the score-smoothing term.
+
+Higher scores are better. ``s_max`` is the largest score a rule can give (reached by a
+one-hot forecast of ``y``), so ``s_max - S >= 0`` is a loss.
+
+======================  =========================  ====================================================
+rule                    scales                     score S(p, y)
+======================  =========================  ====================================================
+logarithmic             1                          z_y - L_1
+brier                   1, 2                       2 exp(z_y - L_1) - exp(L_2 - 2 L_1)
+spherical               2                          exp(z_y - L_2 / 2)
+pseudo-spherical:a      a                          exp((a-1) z_y - (a-1)/a L_a)
+power:a                 1, a                       a exp((a-1)(z_y - L_1)) - (a-1) exp(L_a - a L_1)
+======================  =========================  ====================================================
+
+New rules: subclass :class:`ScoringRule` and decorate it with :func:`register_rule`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ScoringRule",
+    "Logarithmic",
+    "Brier",
+    "Spherical",
+    "PseudoSpherical",
+    "Power",
+    "register_rule",
+    "get_rule",
+    "available_rules",
+    "RuleLike",
+]
+
+_REGISTRY: dict[str, type[ScoringRule]] = {}
+_ALIASES: dict[str, str] = {}
+
+LSEs = Mapping[float, Tensor]
+
+
+class ScoringRule:
+    """A strictly proper scoring rule as a function of per-token statistics.
+
+    Subclasses set :attr:`name`, implement :meth:`score`, :meth:`mean_score`,
+    :meth:`score_scales` and :meth:`mean_score_scales`, and may take numeric parameters
+    in ``__init__`` (given in a spec string as ``"name:1.5"`` or ``"name:1.5,2"``).
+
+    Attributes:
+        name: registry name, as used in spec strings.
+        s_max: the maximum score (0 for logarithmic, 1 for the bounded rules).
+        masked_log_smoothing: add the masked logarithmic term
+            ``(eps/V) sum_j 1[p_j < eps/V] log p_j`` when smoothing (bounded rules).
+        uses_logit_sum: :meth:`mean_score` reads ``sum_z``.
+    """
+
+    name: ClassVar[str] = ""
+    s_max: ClassVar[float] = 1.0
+    masked_log_smoothing: ClassVar[bool] = True
+    uses_logit_sum: ClassVar[bool] = False
+
+    def score_scales(self) -> tuple[float, ...]:
+        """Scales ``c`` whose ``L_c`` :meth:`score` reads."""
+        raise NotImplementedError
+
+    def mean_score_scales(self) -> tuple[float, ...]:
+        """Scales ``c`` whose ``L_c`` :meth:`mean_score` reads."""
+        raise NotImplementedError(
+            f"rule {self.spec!r} defines no mean_score, so it cannot be used with smoothing > 0"
+        )
+
+    def score(self, z_y: Tensor, lse: LSEs) -> Tensor:
+        """``S(p, y)`` from the target logit ``z_y`` and ``lse[c] = LSE(c z)``.
+
+        All tensors broadcast: ``z_y`` of shape ``(N,)`` with ``lse[c]`` of shape ``(N,)``
+        gives one score per token, ``z`` of shape ``(N, V)`` with ``lse[c]`` of shape
+        ``(N, 1)`` gives ``S(p, k)`` for every ``k``.
+        """
+        raise NotImplementedError
+
+    def mean_score(self, lse: LSEs, sum_z: Tensor | None, num_classes: Tensor) -> Tensor:
+        """``(1/V) sum_k S(p, k)`` over the ``V = num_classes`` finite logits."""
+        raise NotImplementedError(
+            f"rule {self.spec!r} defines no mean_score, so it cannot be used with smoothing > 0"
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def scales(self, smoothing: float = 0.0) -> tuple[float, ...]:
+        """All scales needed for the (smoothed) score, sorted, without duplicates."""
+        needed = set(self.score_scales())
+        if smoothing > 0:
+            needed.update(self.mean_score_scales())
+            if self.masked_log_smoothing:
+                needed.add(1.0)
+        return tuple(sorted(float(c) for c in needed))
+
+    def params(self) -> tuple[float, ...]:
+        """Numeric parameters, in spec order (empty for parameter-free rules)."""
+        return ()
+
+    @property
+    def spec(self) -> str:
+        """The spec string that :func:`get_rule` turns back into this rule."""
+        ps = self.params()
+        if not ps:
+            return self.name
+        return self.name + ":" + ",".join(_fmt(p) for p in ps)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ScoringRule) and other.spec == self.spec
+
+    def __hash__(self) -> int:
+        return hash(self.spec)
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _check_alpha(rule: str, alpha: float) -> float:
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha <= 1:
+        raise ValueError(f"rule {rule!r} needs a finite alpha > 1, got alpha={alpha}")
+    return alpha
+
+
+R = TypeVar("R", bound=type[ScoringRule])
+
+
+def register_rule(name: str, *, aliases: Sequence[str] = ()) -> Callable[[R], R]:
+    """Class decorator that registers a :class:`ScoringRule` under ``name`` (and aliases).
+
+    Example::
+
+        @properlm.register_rule("my-log")
+        class MyLog(properlm.rules.Logarithmic):
+            pass
+
+        properlm.get_rule("my-log")
+    """
+
+    def deco(cls: R) -> R:
+        if not (isinstance(cls, type) and issubclass(cls, ScoringRule)):
+            raise TypeError(f"register_rule expects a ScoringRule subclass, got {cls!r}")
+        key = name.lower()
+        for n in (key, *(a.lower() for a in aliases)):
+            if ":" in n or not n:
+                raise ValueError(f"invalid rule name {n!r}: names are non-empty and have no ':'")
+        cls.name = key
+        _REGISTRY[key] = cls
+        for a in aliases:
+            _ALIASES[a.lower()] = key
+        return cls
+
+    return deco
+
+
+def available_rules() -> list[str]:
+    """Registered rule names (aliases not included), e.g. ``['brier', 'logarithmic', ...]``."""
+    return sorted(_REGISTRY)
+
+
+RuleLike = str | ScoringRule
+
+
+def get_rule(rule: RuleLike) -> ScoringRule:
+    """Return the rule object for a spec string such as ``"spherical"`` or ``"power:3"``.
+
+    A :class:`ScoringRule` instance is returned unchanged. Raises ``ValueError`` naming
+    the known rules for an unknown name, and for bad parameters.
+    """
+    if isinstance(rule, ScoringRule):
+        return rule
+    if not isinstance(rule, str):
+        raise ValueError(
+            f"rule must be a spec string or a ScoringRule, got {type(rule).__name__}; "
+            f"known rules: {', '.join(available_rules())}"
+        )
+    spec = rule.strip().lower()
+    name, _, arg = spec.partition(":")
+    name = _ALIASES.get(name, name)
+    if name not in _REGISTRY:
+        aliases = ", ".join(f"{a} (= {t})" for a, t in sorted(_ALIASES.items()))
+        raise ValueError(
+            f"unknown scoring rule {rule!r}; known rules: {', '.join(available_rules())}; "
+            f"aliases: {aliases}; parameterised rules take ':ALPHA', e.g. 'power:3'"
+        )
+    cls = _REGISTRY[name]
+    args: list[float] = []
+    if arg:
+        for part in arg.split(","):
+            try:
+                args.append(float(part))
+            except ValueError:
+                raise ValueError(
+                    f"rule {rule!r}: parameter {part!r} is not a number (expected e.g. '{name}:1.5')"
+                ) from None
+    try:
+        return cls(*args)
+    except TypeError as exc:
+        raise ValueError(f"rule {rule!r}: wrong number of parameters for {name!r} ({exc})") from None
+
+
+# ---------------------------------------------------------------------- the rules
+
+
+@register_rule("logarithmic", aliases=("log", "logarithm", "cross-entropy"))
+class Logarithmic(ScoringRule):
+    """Logarithmic score ``S = log p_y = z_y - L_1``; its loss is cross-entropy."""
+
+    s_max = 0.0
+    masked_log_smoothing = False
+    uses_logit_sum = True
+
+    def score_scales(self) -> tuple[float, ...]:
+        return (1.0,)
+
+    def mean_score_scales(self) -> tuple[float, ...]:
+        return (1.0,)
+
+    def score(self, z_y: Tensor, lse: LSEs) -> Tensor:
+        return z_y - lse[1.0]
+
+    def mean_score(self, lse: LSEs, sum_z: Tensor | None, num_classes: Tensor) -> Tensor:
+        assert sum_z is not None
+        return sum_z / num_classes - lse[1.0]
+
+
+@register_rule("brier", aliases=("quadratic",))
+class Brier(ScoringRule):
+    """Brier (quadratic) score ``S = 2 p_y - sum_j p_j^2``, with
+    ``sum_j p_j^2 = exp(L_2 - 2 L_1)``. Equal to ``power:2``."""
+
+    def score_scales(self) -> tuple[float, ...]:
+        return (1.0, 2.0)
+
+    def mean_score_scales(self) -> tuple[float, ...]:
+        return (1.0, 2.0)
+
+    def score(self, z_y: Tensor, lse: LSEs) -> Tensor:
+        return 2 * torch.exp(z_y - lse[1.0]) - torch.exp(lse[2.0] - 2 * lse[1.0])
+
+    def mean_score(self, lse: LSEs, sum_z: Tensor | None, num_classes: Tensor) -> Tensor:
+        return 2 / num_classes - torch.exp(lse[2.0] - 2 * lse[1.0])
+
+
+@register_rule("pseudo-spherical", aliases=("pseudospherical",))
+class PseudoSpherical(ScoringRule):
+    """Pseudo-spherical score ``S = (p_y / ||p||_a)^(a-1) = exp((a-1) z_y - (a-1)/a L_a)``.
+
+    Smoothing term: ``(1/V) sum_k S(p, k) = exp(L_(a-1) - (a-1)/a L_a) / V``.
+    ``alpha = 2`` is :class:`Spherical`.
+    """
+
+    def __init__(self, alpha: float = 2.0) -> None:
+        self.alpha = _check_alpha(self.name, alpha)
+
+    def params(self) -> tuple[float, ...]:
+        return (self.alpha,)
+
+    def score_scales(self) -> tuple[float, ...]:
+        return (self.alpha,)
+
+    def mean_score_scales(self) -> tuple[float, ...]:
+        return (self.alpha - 1, self.alpha)
+
+    def _log_norm(self, lse: LSEs) -> Tensor:
+        a = self.alpha
+        return (a - 1) / a * lse[a]
+
+    def score(self, z_y: Tensor, lse: LSEs) -> Tensor:
+        return torch.exp((self.alpha - 1) * z_y - self._log_norm(lse))
+
+    def mean_score(self, lse: LSEs, sum_z: Tensor | None, num_classes: Tensor) -> Tensor:
+        return torch.exp(lse[self.alpha - 1] - self._log_norm(lse)) / num_classes
+
+
+@register_rule("spherical")
+class Spherical(PseudoSpherical):
+    """Spherical score ``S = p_y / ||p||_2 = exp(z_y - L_2 / 2)``."""
+
+    def __init__(self) -> None:
+        super().__init__(2.0)
+
+    def params(self) -> tuple[float, ...]:
+        return ()
+
+
+@register_rule("power")
+class Power(ScoringRule):
+    """Power score ``S = a p_y^(a-1) - (a-1) sum_j p_j^a``
+    ``= a exp((a-1)(z_y - L_1)) - (a-1) exp(L_a - a L_1)``.
+
+    Smoothing term: ``(a/V) exp(L_(a-1) - (a-1) L_1) - (a-1) exp(L_a - a L_1)``.
+    ``alpha = 2`` is :class:`Brier`.
+    """
+
+    def __init__(self, alpha: float = 2.0) -> None:
+        self.alpha = _check_alpha(self.name, alpha)
+
+    def params(self) -> tuple[float, ...]:
+        return (self.alpha,)
+
+    def score_scales(self) -> tuple[float, ...]:
+        return (1.0, self.alpha)
+
+    def mean_score_scales(self) -> tuple[float, ...]:
+        return (1.0, self.alpha - 1, self.alpha)
+
+    def _sum_pa(self, lse: LSEs) -> Tensor:
+        a = self.alpha
+        return torch.exp(lse[a] - a * lse[1.0])
+
+    def score(self, z_y: Tensor, lse: LSEs) -> Tensor:
+        a = self.alpha
+        return a * torch.exp((a - 1) * (z_y - lse[1.0])) - (a - 1) * self._sum_pa(lse)
+
+    def mean_score(self, lse: LSEs, sum_z: Tensor | None, num_classes: Tensor) -> Tensor:
+        a = self.alpha
+        return a / num_classes * torch.exp(lse[a - 1] - (a - 1) * lse[1.0]) - (a - 1) * self._sum_pa(lse)

@@ -1,0 +1,226 @@
+"""Per-token statistics of the logits, the smoothed score as a function of them, and the
+gradient with respect to the logits formed from the partial derivatives of that function.
+
+This module is the one place where logits are turned into scores. Every path (unfused,
+fused chunked, Triton, vocabulary-parallel, evaluation) computes the same
+:class:`TokenStats`, evaluates :func:`smoothed_score` on them, and -- for training --
+turns the per-token partial derivatives into a logit gradient with :func:`logits_grad`:
+
+    d f / d z_j = f_zy [j = y] + sum_c f_Lc c softmax(c z)_j + f_sumz [j finite]
+                  + f_msum [j in M]
+
+because ``d LSE(c z) / d z_j = c softmax(c z)_j``. The masked set
+``M = {j : p_j < eps / V}`` is a constant of the gradient, as the paper prescribes.
+
+Numerics: logits are upcast to float32; with ``m = max_j z_j`` and ``e = exp(z - m)``,
+``LSE(c z) = c m + log sum_j e_j^c`` (the largest term is 1, so nothing overflows and
+underflowing terms are negligible against it), and ``softmax(c z) = e^c exp(c m - L_c)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+from .rules import ScoringRule
+
+__all__ = [
+    "TokenStats",
+    "compute_stats",
+    "smoothed_score",
+    "loss_and_partials",
+    "logits_grad",
+    "masked_set",
+]
+
+
+@dataclass
+class TokenStats:
+    """Statistics of ``n`` rows of logits ``z`` (shape ``(n, V)``), each of shape ``(n,)``.
+
+    Attributes:
+        z_y: target logit.
+        lse: ``{c: LSE(c z)}`` for each scale the rule needs.
+        num_classes: number of finite logits ``V`` (float32).
+        max_logit: ``m = max_j z_j`` (used to rebuild ``exp(z - m)`` for the gradient).
+        sum_z: sum of the finite logits, or ``None`` when not needed.
+        masked_sum_z: ``sum_{j in M} z_j``, or ``None`` when there is no masked-log term.
+        masked_count: ``|M|`` (float32), or ``None``.
+    """
+
+    z_y: Tensor
+    lse: dict[float, Tensor]
+    num_classes: Tensor
+    max_logit: Tensor
+    sum_z: Tensor | None = None
+    masked_sum_z: Tensor | None = None
+    masked_count: Tensor | None = None
+
+    def index(self, idx: Tensor | slice) -> TokenStats:
+        """Rows ``idx`` of every statistic."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                out[f.name] = v[idx]
+            elif isinstance(v, dict):
+                out[f.name] = {k: t[idx] for k, t in v.items()}
+            else:
+                out[f.name] = v
+        return replace(self, **out)
+
+    def scaled(self, w: Tensor) -> TokenStats:
+        """For partial derivatives: every differentiable field multiplied by ``w`` (``(n,)``)."""
+        return replace(
+            self,
+            z_y=self.z_y * w,
+            lse={c: v * w for c, v in self.lse.items()},
+            sum_z=None if self.sum_z is None else self.sum_z * w,
+            masked_sum_z=None if self.masked_sum_z is None else self.masked_sum_z * w,
+        )
+
+
+def _pow(e: Tensor, c: float) -> Tensor:
+    if c == 1.0:
+        return e
+    if c == 2.0:
+        return e * e
+    return e.pow(c)
+
+
+def _masked_log_eps(rule: ScoringRule, smoothing: float) -> float | None:
+    return smoothing if (smoothing > 0 and rule.masked_log_smoothing) else None
+
+
+def masked_set(e: Tensor, lse1: Tensor, max_logit: Tensor, num_classes: Tensor, eps: float,
+               finite: Tensor | None) -> Tensor:
+    """Boolean ``(n, V)`` mask of ``M = {j finite : p_j < eps / V}`` from ``e = exp(z - m)``.
+
+    ``p_j = e_j exp(m - L_1)``, so the test is ``e_j < (eps / V) exp(L_1 - m)``.
+    """
+    thresh = (eps / num_classes) * torch.exp(lse1 - max_logit)
+    mask = e < thresh[:, None]
+    if finite is not None:
+        mask &= finite
+    return mask
+
+
+def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float = 0.0
+                  ) -> tuple[TokenStats, Tensor, Tensor | None]:
+    """Statistics of float32 logits ``z`` (``(n, V)``) for targets ``target`` (``(n,)``).
+
+    Returns ``(stats, e, finite)`` where ``e = exp(z - m)`` (kept so that a caller that
+    needs the gradient right away does not recompute it) and ``finite`` is the mask of
+    finite logits, or ``None`` when every logit is finite.
+    """
+    n, V = z.shape
+    m = z.amax(dim=-1)
+    finite: Tensor | None = None
+    if bool((z.amin(dim=-1) == -math.inf).any()):
+        finite = z != -math.inf
+        num_classes = finite.sum(-1, dtype=torch.float32)
+    else:
+        num_classes = torch.full((n,), float(V), dtype=torch.float32, device=z.device)
+    e = torch.exp(z - m[:, None])
+    lse = {c: c * m + torch.log(_pow(e, c).sum(-1)) for c in rule.scales(smoothing)}
+    z_y = z.gather(1, target[:, None]).squeeze(1)
+    stats = TokenStats(z_y=z_y, lse=lse, num_classes=num_classes, max_logit=m)
+    if smoothing > 0 and rule.uses_logit_sum:
+        stats.sum_z = (z if finite is None else torch.where(finite, z, 0.0)).sum(-1)
+    eps = _masked_log_eps(rule, smoothing)
+    if eps is not None:
+        mask = masked_set(e, lse[1.0], m, num_classes, eps, finite)
+        stats.masked_sum_z = torch.where(mask, z, 0.0).sum(-1)
+        stats.masked_count = mask.sum(-1, dtype=torch.float32)
+    return stats, e, finite
+
+
+def smoothed_score(rule: ScoringRule, stats: TokenStats, smoothing: float = 0.0) -> Tensor:
+    """The smoothed score per token, from statistics alone (differentiable in them):
+
+        S_eps = (1 - eps) S(p, y) + eps (1/V) sum_k S(p, k)
+                [+ eps (1/V) sum_{j in M} log p_j   for rules with masked_log_smoothing]
+
+    with ``sum_{j in M} log p_j = sum_M z - |M| L_1``.
+    """
+    s = rule.score(stats.z_y, stats.lse)
+    if smoothing <= 0:
+        return s
+    s = (1 - smoothing) * s + smoothing * rule.mean_score(stats.lse, stats.sum_z, stats.num_classes)
+    if _masked_log_eps(rule, smoothing) is not None:
+        assert stats.masked_sum_z is not None and stats.masked_count is not None
+        masked = (stats.masked_sum_z - stats.masked_count * stats.lse[1.0]) / stats.num_classes
+        s = s + smoothing * masked
+    return s
+
+
+_DIFF_FIELDS = ("z_y", "sum_z", "masked_sum_z")
+
+
+def loss_and_partials(rule: ScoringRule, stats: TokenStats, smoothing: float = 0.0,
+                      need_grad: bool = True) -> tuple[Tensor, TokenStats | None]:
+    """Per-token loss ``s_max - S_eps`` and, if ``need_grad``, its partial derivatives with
+    respect to each differentiable statistic, returned as a :class:`TokenStats` whose
+    fields hold ``d loss / d stat`` (zeros where a statistic is unused)."""
+    if not need_grad:
+        with torch.no_grad():
+            return rule.s_max - smoothed_score(rule, stats, smoothing), None
+    with torch.enable_grad():
+        leaves: dict[str, Tensor] = {}
+        upd: dict[str, object] = {}
+        for name in _DIFF_FIELDS:
+            v = getattr(stats, name)
+            if v is not None:
+                leaves[name] = upd[name] = v.detach().requires_grad_(True)
+        lse_leaves = {c: v.detach().requires_grad_(True) for c, v in stats.lse.items()}
+        upd["lse"] = lse_leaves
+        s2 = replace(stats, **upd)
+        loss = rule.s_max - smoothed_score(rule, s2, smoothing)
+        inputs = list(leaves.values()) + list(lse_leaves.values())
+        grads = torch.autograd.grad(loss.sum(), inputs, allow_unused=True)
+    zero = torch.zeros_like(stats.z_y)
+    g = [zero if t is None else t for t in grads]
+    k = len(leaves)
+    partials = replace(
+        stats,
+        **{name: g[i] for i, name in enumerate(leaves)},
+        lse=dict(zip(lse_leaves, g[k:])),
+    )
+    return loss.detach(), partials
+
+
+def logits_grad(z: Tensor, target: Tensor, stats: TokenStats, partials: TokenStats,
+                smoothing: float, rule: ScoringRule, e: Tensor | None = None,
+                finite: Tensor | None = None) -> Tensor:
+    """Gradient of ``sum_i loss_i`` with respect to float32 logits ``z`` (``(n, V)``).
+
+    ``partials`` holds ``d loss_i / d stat_i`` (already multiplied by any upstream
+    gradient). ``e = exp(z - m)`` and ``finite`` are recomputed when not given.
+    """
+    m = stats.max_logit
+    if e is None:
+        e = torch.exp(z - m[:, None])
+    if finite is None and bool((stats.num_classes < z.shape[1]).any()):
+        finite = z != -math.inf
+    grad: Tensor | None = None
+    # sum_c f_Lc * c * softmax(c z) with softmax(c z) = e^c * exp(c m - L_c)
+    for c, f_l in partials.lse.items():
+        coef = (f_l * c * torch.exp(c * m - stats.lse[c]))[:, None]
+        term = _pow(e, c) * coef
+        grad = term if grad is None else grad.add_(term)
+    if grad is None:
+        grad = torch.zeros_like(z)
+    if partials.sum_z is not None:
+        if finite is None:
+            grad.add_(partials.sum_z[:, None])
+        else:
+            grad.add_(finite * partials.sum_z[:, None])
+    eps = _masked_log_eps(rule, smoothing)
+    if eps is not None and partials.masked_sum_z is not None:
+        mask = masked_set(e, stats.lse[1.0], m, stats.num_classes, eps, finite)
+        grad.add_(mask * partials.masked_sum_z[:, None])
+    grad.scatter_add_(1, target[:, None], partials.z_y[:, None])
+    return grad

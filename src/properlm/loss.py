@@ -4,7 +4,7 @@ The loss of one position is ``S_max - S_eps(p, y)`` (see :mod:`properlm.rules` f
 rules and :func:`properlm.stats.smoothed_score` for the smoothing). For ``logarithmic``
 it is cross-entropy, with smoothing it is ``F.cross_entropy(..., label_smoothing=eps)``.
 
-The computation runs over row chunks in float32: the forward pass keeps a handful of
+The computation runs over row chunks in float32 (float64 for float64 input): the forward pass keeps a handful of
 numbers per token, and the backward pass rebuilds each chunk's gradient from them, so no
 float32 copy of the whole logits tensor is ever held.
 """
@@ -105,6 +105,11 @@ def reduce_loss(loss: Tensor, valid: Tensor, reduction: str, num_items_in_batch:
     return total / valid.sum().clamp(min=1).to(total.dtype)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype losses are computed in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _chunk_rows(vocab_size: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
 
@@ -117,14 +122,15 @@ class _TokenLoss(torch.autograd.Function):
                 ignore_index: int) -> Tensor:
         n, V = logits.shape
         valid = target != ignore_index
-        loss = torch.zeros(n, dtype=torch.float32, device=logits.device)
+        cdt = compute_dtype(logits.dtype)
+        loss = torch.zeros(n, dtype=cdt, device=logits.device)
         rows = valid.nonzero().squeeze(1)
         step = _chunk_rows(V)
         need_grad = ctx.needs_input_grad[0]
         chunks: list[tuple[Tensor, TokenStats, TokenStats | None]] = []
         for start in range(0, rows.numel(), step):
             idx = rows[start:start + step]
-            z = logits[idx].float()
+            z = logits[idx].to(cdt)
             y = target[idx]
             stats, _, _ = compute_stats(z, y, rule, smoothing)
             loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad)
@@ -139,12 +145,12 @@ class _TokenLoss(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         logits, target = ctx.saved_tensors
         grad = torch.zeros_like(logits)
+        cdt = compute_dtype(logits.dtype)
         for idx, stats, partials in ctx.chunks:
-            z = logits[idx].float()
-            g = logits_grad(z, target[idx], stats, partials.scaled(grad_loss[idx].float()),
+            z = logits[idx].to(cdt)
+            g = logits_grad(z, target[idx], stats, partials.scaled(grad_loss[idx].to(cdt)),
                             ctx.smoothing, ctx.rule)
             grad[idx] = g.to(grad.dtype)
-        ctx.chunks = None
         return grad, None, None, None, None
 
 
@@ -167,7 +173,8 @@ def scoring_rule_loss(
     r"""Scoring-rule loss ``S_max - S_eps(softmax(logits), target)``.
 
     Args:
-        logits: ``(..., V)`` unnormalised scores, any floating dtype (computed in float32).
+        logits: ``(..., V)`` unnormalised scores, any floating dtype (computed in float32;
+            float64 input is computed in float64).
             Entries of ``-inf`` mark vocabulary entries with probability 0; ``V`` in the
             smoothing terms is then the number of finite logits of the row.
         target: ``(...)`` integer token ids in ``[0, V)`` or ``ignore_index``.
@@ -184,7 +191,8 @@ def scoring_rule_loss(
             as passed by ``transformers.Trainer``; only used with ``reduction="mean"``.
 
     Returns:
-        A float32 scalar, or a float32 tensor of ``target``'s shape for ``"none"``.
+        A scalar, or a tensor of ``target``'s shape for ``"none"``, in float32 (float64
+        for float64 logits).
 
     Example::
 
@@ -228,7 +236,8 @@ class ScoringRuleLoss(nn.Module):
 
 
 def token_scores(logits: Tensor, target: Tensor, rule: RuleLike, ignore_index: int = -100) -> Tensor:
-    """Unsmoothed token scores ``S(p(. | x, y_<t), y_t)``, float32 of ``target``'s shape,
+    """Unsmoothed token scores ``S(p(. | x, y_<t), y_t)``, float32 (float64 for float64
+    logits) of ``target``'s shape,
     0 at ignored positions. Differentiable with respect to ``logits``."""
     rule_obj = get_rule(rule)
     validate_inputs(logits.shape, logits.dtype, target, ignore_index)

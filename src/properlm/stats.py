@@ -12,9 +12,10 @@ turns the per-token partial derivatives into a logit gradient with :func:`logits
 because ``d LSE(c z) / d z_j = c softmax(c z)_j``. The masked set
 ``M = {j : p_j < eps / V}`` is a constant of the gradient, as the paper prescribes.
 
-Numerics: logits are upcast to float32; with ``m = max_j z_j`` and ``e = exp(z - m)``,
-``LSE(c z) = c m + log sum_j e_j^c`` (the largest term is 1, so nothing overflows and
-underflowing terms are negligible against it), and ``softmax(c z) = e^c exp(c m - L_c)``.
+Numerics: logits are upcast to float32 (float64 stays float64) and shifted by their
+maximum ``m`` (see :class:`TokenStats`); with ``e = exp(z - m)``,
+``LSE(c (z - m)) = log sum_j e_j^c`` (the largest term is 1, so nothing overflows and
+underflowing terms are negligible against it), and ``softmax(c z) = e^c exp(-lse[c])``.
 """
 
 from __future__ import annotations
@@ -41,14 +42,20 @@ __all__ = [
 class TokenStats:
     """Statistics of ``n`` rows of logits ``z`` (shape ``(n, V)``), each of shape ``(n,)``.
 
+    The logit statistics are those of the *shifted* logits ``z - m`` with ``m = max_j z_j``:
+    every rule depends on ``p = softmax(z)`` only, so the scores are unchanged, while the
+    differences between large logits (``|z| ~ 1e4``) keep their full precision (``c m``
+    would round away ``c * ulp(m)``). Differentiating with ``m`` held constant is exact for
+    the same reason (shift invariance cancels the terms through ``m``).
+
     Attributes:
-        z_y: target logit.
-        lse: ``{c: LSE(c z)}`` for each scale the rule needs.
-        num_classes: number of finite logits ``V`` (float32).
+        z_y: target logit, ``z_y - m``.
+        lse: ``{c: LSE(c (z - m))}`` for each scale the rule needs (``LSE(c z) - c m``).
+        num_classes: number of finite logits ``V`` (dtype of ``z``).
         max_logit: ``m = max_j z_j`` (used to rebuild ``exp(z - m)`` for the gradient).
-        sum_z: sum of the finite logits, or ``None`` when not needed.
-        masked_sum_z: ``sum_{j in M} z_j``, or ``None`` when there is no masked-log term.
-        masked_count: ``|M|`` (float32), or ``None``.
+        sum_z: ``sum_j (z_j - m)`` over the finite logits, or ``None`` when not needed.
+        masked_sum_z: ``sum_{j in M} (z_j - m)``, or ``None`` without a masked-log term.
+        masked_count: ``|M|`` (dtype of ``z``), or ``None``.
     """
 
     z_y: Tensor
@@ -95,13 +102,13 @@ def _masked_log_eps(rule: ScoringRule, smoothing: float) -> float | None:
     return smoothing if (smoothing > 0 and rule.masked_log_smoothing) else None
 
 
-def masked_set(e: Tensor, lse1: Tensor, max_logit: Tensor, num_classes: Tensor, eps: float,
-               finite: Tensor | None) -> Tensor:
+def masked_set(e: Tensor, lse1: Tensor, num_classes: Tensor, eps: float, finite: Tensor | None) -> Tensor:
     """Boolean ``(n, V)`` mask of ``M = {j finite : p_j < eps / V}`` from ``e = exp(z - m)``.
 
-    ``p_j = e_j exp(m - L_1)``, so the test is ``e_j < (eps / V) exp(L_1 - m)``.
+    ``lse1`` is the shifted ``LSE(z - m)``, so ``p_j = e_j exp(-lse1)`` and the test is
+    ``e_j < (eps / V) exp(lse1)``.
     """
-    thresh = (eps / num_classes) * torch.exp(lse1 - max_logit)
+    thresh = (eps / num_classes) * torch.exp(lse1)
     mask = e < thresh[:, None]
     if finite is not None:
         mask &= finite
@@ -110,7 +117,7 @@ def masked_set(e: Tensor, lse1: Tensor, max_logit: Tensor, num_classes: Tensor, 
 
 def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float = 0.0
                   ) -> tuple[TokenStats, Tensor, Tensor | None]:
-    """Statistics of float32 logits ``z`` (``(n, V)``) for targets ``target`` (``(n,)``).
+    """Statistics of float32 (or float64) logits ``z`` (``(n, V)``) for targets ``target`` (``(n,)``).
 
     Returns ``(stats, e, finite)`` where ``e = exp(z - m)`` (kept so that a caller that
     needs the gradient right away does not recompute it) and ``finite`` is the mask of
@@ -121,20 +128,22 @@ def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float
     finite: Tensor | None = None
     if bool((z.amin(dim=-1) == -math.inf).any()):
         finite = z != -math.inf
-        num_classes = finite.sum(-1, dtype=torch.float32)
+        num_classes = finite.sum(-1, dtype=z.dtype)
     else:
-        num_classes = torch.full((n,), float(V), dtype=torch.float32, device=z.device)
-    e = torch.exp(z - m[:, None])
-    lse = {c: c * m + torch.log(_pow(e, c).sum(-1)) for c in rule.scales(smoothing)}
-    z_y = z.gather(1, target[:, None]).squeeze(1)
-    stats = TokenStats(z_y=z_y, lse=lse, num_classes=num_classes, max_logit=m)
-    if smoothing > 0 and rule.uses_logit_sum:
-        stats.sum_z = (z if finite is None else torch.where(finite, z, 0.0)).sum(-1)
+        num_classes = torch.full((n,), float(V), dtype=z.dtype, device=z.device)
+    d = z - m[:, None]
     eps = _masked_log_eps(rule, smoothing)
+    sum_z = None
+    if smoothing > 0 and rule.uses_logit_sum:
+        sum_z = (d if finite is None else torch.where(finite, d, 0.0)).sum(-1)
+    e = torch.exp(d) if eps is not None else d.exp_()
+    lse = {c: torch.log(_pow(e, c).sum(-1)) for c in rule.scales(smoothing)}
+    z_y = z.gather(1, target[:, None]).squeeze(1) - m
+    stats = TokenStats(z_y=z_y, lse=lse, num_classes=num_classes, max_logit=m, sum_z=sum_z)
     if eps is not None:
-        mask = masked_set(e, lse[1.0], m, num_classes, eps, finite)
-        stats.masked_sum_z = torch.where(mask, z, 0.0).sum(-1)
-        stats.masked_count = mask.sum(-1, dtype=torch.float32)
+        mask = masked_set(e, lse[1.0], num_classes, eps, finite)
+        stats.masked_sum_z = torch.where(mask, d, 0.0).sum(-1)
+        stats.masked_count = mask.sum(-1, dtype=z.dtype)
     return stats, e, finite
 
 
@@ -144,7 +153,7 @@ def smoothed_score(rule: ScoringRule, stats: TokenStats, smoothing: float = 0.0)
         S_eps = (1 - eps) S(p, y) + eps (1/V) sum_k S(p, k)
                 [+ eps (1/V) sum_{j in M} log p_j   for rules with masked_log_smoothing]
 
-    with ``sum_{j in M} log p_j = sum_M z - |M| L_1``.
+    with ``sum_{j in M} log p_j = sum_M z - |M| L_1`` (shift-invariant, like every term).
     """
     s = rule.score(stats.z_y, stats.lse)
     if smoothing <= 0:
@@ -200,15 +209,14 @@ def logits_grad(z: Tensor, target: Tensor, stats: TokenStats, partials: TokenSta
     ``partials`` holds ``d loss_i / d stat_i`` (already multiplied by any upstream
     gradient). ``e = exp(z - m)`` and ``finite`` are recomputed when not given.
     """
-    m = stats.max_logit
     if e is None:
-        e = torch.exp(z - m[:, None])
+        e = torch.exp(z - stats.max_logit[:, None])
     if finite is None and bool((stats.num_classes < z.shape[1]).any()):
         finite = z != -math.inf
     grad: Tensor | None = None
-    # sum_c f_Lc * c * softmax(c z) with softmax(c z) = e^c * exp(c m - L_c)
+    # sum_c f_Lc * c * softmax(c z) with softmax(c z) = e^c * exp(-lse[c])
     for c, f_l in partials.lse.items():
-        coef = (f_l * c * torch.exp(c * m - stats.lse[c]))[:, None]
+        coef = (f_l * c * torch.exp(-stats.lse[c]))[:, None]
         term = _pow(e, c) * coef
         grad = term if grad is None else grad.add_(term)
     if grad is None:
@@ -220,7 +228,7 @@ def logits_grad(z: Tensor, target: Tensor, stats: TokenStats, partials: TokenSta
             grad.add_(finite * partials.sum_z[:, None])
     eps = _masked_log_eps(rule, smoothing)
     if eps is not None and partials.masked_sum_z is not None:
-        mask = masked_set(e, stats.lse[1.0], m, stats.num_classes, eps, finite)
+        mask = masked_set(e, stats.lse[1.0], stats.num_classes, eps, finite)
         grad.add_(mask * partials.masked_sum_z[:, None])
     grad.scatter_add_(1, target[:, None], partials.z_y[:, None])
     return grad

@@ -1,0 +1,261 @@
+"""The fused linear + scoring-rule loss, token chunk by token chunk, in plain PyTorch.
+
+For hidden states ``h`` (``(N, H)``), an output layer ``W`` (``(V, H)``, as stored by
+``nn.Linear``) with optional bias ``b`` (``(V,)``) and targets ``y`` (``(N,)``), the loss of
+token ``i`` is ``S_max - S_eps(softmax(z_i), y_i)`` with ``z_i = W h_i + b``. The full
+``(N, V)`` logits are never formed: rows are processed ``chunk_size`` at a time, and for
+each chunk
+
+1. ``z = h_c W^T + b`` (float32, ``(chunk, V)``),
+2. the per-token statistics and their partial derivatives
+   (:func:`~properlm.stats.compute_stats`, :func:`~properlm.stats.loss_and_partials`),
+3. the closed-form logit gradient ``g = d loss / d z``
+   (:func:`~properlm.stats.logits_grad`, reusing ``exp(z - m)`` from step 2),
+4. ``grad_h_c = g W``, ``grad_W += g^T h_c``, ``grad_b += sum_i g_i`` (float32 accumulators),
+
+after which the chunk is dropped. Ignored positions are removed before the matmul.
+
+The per-chunk work is behind a small :class:`ChunkBackend` interface (statistics of a
+chunk; its logit gradient) so that the Triton implementation
+(:mod:`properlm.fused.triton_kernels`) shares this driver, its reductions and its
+gradient accumulation.
+
+Gradients: for ``reduction="mean"``/``"sum"`` they are computed during the forward pass
+(as Liger-Kernel's fused linear cross-entropy does) and only scaled by the scalar
+``grad_output`` in backward. For ``reduction="none"`` the per-token upstream gradient is
+only known in backward, so the forward keeps the per-token statistics and partial
+derivatives (a few numbers per token) and the backward recomputes each chunk's logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ..loss import reduce_loss
+from ..rules import ScoringRule
+from ..stats import TokenStats, compute_stats, logits_grad, loss_and_partials
+
+__all__ = [
+    "ChunkBackend",
+    "TorchChunkBackend",
+    "FusedLinearLossFunction",
+    "chunk_logits",
+    "default_chunk_size",
+]
+
+#: bounds on the default number of rows of one chunk of logits
+MIN_CHUNK_ROWS = 64
+MAX_CHUNK_ROWS = 4096
+#: the default chunk of logits holds at least this many elements (16 MiB in float32), so
+#: that the per-chunk matmuls stay efficient when the hidden input is small
+MIN_CHUNK_ELEMENTS = 1 << 22
+
+
+def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Rows per chunk such that a chunk of logits (``rows x V``) holds about as many
+    elements as the hidden input (``N x H``), i.e. ``rows ~ N H / V``, but at least
+    ``MIN_CHUNK_ELEMENTS / V`` and within ``[MIN_CHUNK_ROWS, MAX_CHUNK_ROWS]``, and never
+    more than ``N``."""
+    v = max(vocab_size, 1)
+    rows = max(math.ceil(num_tokens * hidden_size / v), math.ceil(MIN_CHUNK_ELEMENTS / v))
+    rows = min(max(rows, MIN_CHUNK_ROWS), MAX_CHUNK_ROWS)
+    return max(1, min(rows, num_tokens))
+
+
+def chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``h W^T + b`` as float32, ``(n, H) x (V, H) -> (n, V)``.
+
+    The matmul runs in the inputs' dtype (float32 accumulation inside), exactly as the
+    unfused ``F.linear`` would, so that low-precision inputs give the same logits as the
+    unfused path; only then is the result upcast.
+    """
+    z = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+    return z.float()
+
+
+class ChunkBackend(Protocol):
+    """How the statistics and the logit gradient of one chunk of rows are computed."""
+
+    def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
+              smoothing: float) -> tuple[TokenStats, Any]:
+        """Statistics of the logits ``h W^T + b`` of ``n`` rows (``h``: ``(n, H)``,
+        ``y``: ``(n,)``) and an opaque cache for :meth:`grad_logits` (may be ``None``)."""
+        ...
+
+    def grad_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stats: TokenStats,
+                    partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any) -> Tensor:
+        """``d sum_i loss_i / d z`` as float32 ``(n, V)``; ``partials`` are already scaled
+        by the upstream gradient. ``cache`` is what :meth:`stats` returned, or ``None``
+        (then everything is recomputed from ``h``)."""
+        ...
+
+
+class TorchChunkBackend:
+    """Chunk statistics and gradient with PyTorch ops (any device)."""
+
+    name = "torch"
+
+    def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
+              smoothing: float) -> tuple[TokenStats, Any]:
+        z = chunk_logits(h, weight, bias)
+        stats, e, finite = compute_stats(z, y, rule, smoothing)
+        return stats, (z, e, finite)
+
+    def grad_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stats: TokenStats,
+                    partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any) -> Tensor:
+        if cache is None:
+            z, e, finite = chunk_logits(h, weight, bias), None, None
+        else:
+            z, e, finite = cache
+        return logits_grad(z, y, stats, partials, smoothing, rule, e=e, finite=finite)
+
+
+class _GradAccumulator:
+    """float32 accumulators of ``grad_h`` (rows of the valid tokens), ``grad_W`` and ``grad_b``."""
+
+    def __init__(self, num_rows: int, weight: Tensor, bias: Tensor | None, hidden_dtype: torch.dtype,
+                 need: tuple[bool, bool, bool]) -> None:
+        self.weight = weight
+        self.need_h, self.need_w, self.need_b = need[0], need[1], need[2] and bias is not None
+        dev = weight.device
+        V, H = weight.shape
+        self.grad_h = torch.empty(num_rows, H, dtype=hidden_dtype, device=dev) if self.need_h else None
+        self.grad_w = torch.zeros(V, H, dtype=torch.float32, device=dev) if self.need_w else None
+        self.grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if self.need_b else None
+
+    def add(self, start: int, h: Tensor, g: Tensor) -> None:
+        """Add the contribution of rows ``start : start + len(h)`` with logit gradient ``g``."""
+        if self.grad_h is not None:
+            out = self.grad_h[start:start + g.shape[0]]
+            if self.weight.dtype == torch.float32:
+                torch.mm(g, self.weight, out=out)
+            else:
+                out.copy_(torch.mm(g.to(self.weight.dtype), self.weight))
+        if self.grad_w is not None:
+            self.grad_w.addmm_(g.t(), h if h.dtype == torch.float32 else h.float())
+        if self.grad_b is not None:
+            self.grad_b.add_(g.sum(0))
+
+    def result(self, rows: Tensor | None, num_tokens: int, weight: Tensor, bias: Tensor | None
+               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(grad_hidden (N, H), grad_weight, grad_bias)`` in the parameters' dtypes."""
+        gh = self.grad_h
+        if gh is not None and rows is not None:
+            full = torch.zeros(num_tokens, gh.shape[1], dtype=gh.dtype, device=gh.device)
+            gh = full.index_copy_(0, rows, gh)
+        gw = None if self.grad_w is None else self.grad_w.to(weight.dtype)
+        gb = None if self.grad_b is None or bias is None else self.grad_b.to(bias.dtype)
+        return gh, gw, gb
+
+
+def _scaled(p: TokenStats, w: Tensor) -> TokenStats:
+    return p.scaled(w)
+
+
+class FusedLinearLossFunction(torch.autograd.Function):
+    """Autograd function of the fused loss on 2-D inputs; see the module docstring.
+
+    ``forward(hidden (N, H), weight (V, H), bias (V,) | None, target (N,), rule, smoothing,
+    ignore_index, reduction, num_items_in_batch, chunk_size, backend)`` returns a float32
+    scalar (``"mean"``, ``"sum"``) or per-token losses ``(N,)`` (``"none"``, 0 at ignored
+    positions). Inputs are assumed validated (see :mod:`properlm.fused.dispatch`).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                rule: ScoringRule, smoothing: float, ignore_index: int, reduction: str,
+                num_items_in_batch: Any, chunk_size: int, backend: ChunkBackend) -> Tensor:
+        n = hidden.shape[0]
+        need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
+        need_grad = any(need)
+        valid = target != ignore_index
+        rows: Tensor | None = valid.nonzero().squeeze(1)
+        if rows.numel() == n:
+            rows = None  # every row is scored: slice instead of gathering
+            h_valid, y_valid = hidden, target
+        else:
+            h_valid, y_valid = hidden.index_select(0, rows), target.index_select(0, rows)
+        nv = h_valid.shape[0]
+        per_token = reduction == "none"
+        dev = hidden.device
+
+        scale: Tensor | None = None
+        acc: _GradAccumulator | None = None
+        if need_grad and not per_token:
+            # d(reduced loss)/d(loss_i): 1 for "sum", 1/denominator for "mean"
+            scale = reduce_loss(torch.ones((), dtype=torch.float32, device=dev), valid, reduction,
+                                num_items_in_batch)
+            acc = _GradAccumulator(nv, weight, bias, hidden.dtype, need)
+
+        losses = torch.zeros(nv, dtype=torch.float32, device=dev)
+        saved: list[tuple[int, TokenStats, TokenStats]] = []
+        for start in range(0, nv, chunk_size):
+            h_c = h_valid[start:start + chunk_size]
+            y_c = y_valid[start:start + chunk_size]
+            stats, cache = backend.stats(h_c, weight, bias, y_c, rule, smoothing)
+            loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad)
+            losses[start:start + h_c.shape[0]] = loss_c
+            if not need_grad:
+                continue
+            assert partials is not None
+            if per_token:
+                saved.append((start, stats, partials))
+            else:
+                assert acc is not None and scale is not None
+                g = backend.grad_logits(h_c, weight, bias, y_c, stats, _scaled(partials, scale), rule,
+                                        smoothing, cache)
+                del cache
+                acc.add(start, h_c, g)
+                del g
+
+        ctx.rule, ctx.smoothing, ctx.backend, ctx.chunk_size = rule, smoothing, backend, chunk_size
+        ctx.num_tokens, ctx.per_token = n, per_token
+        ctx.grads = None
+        ctx.saved_chunks = saved
+        if per_token:
+            if need_grad:
+                ctx.save_for_backward(hidden, weight, bias, target, rows)
+            out = losses if rows is None else torch.zeros(n, dtype=torch.float32, device=dev).index_copy_(
+                0, rows, losses)
+            return out
+        if acc is not None:
+            ctx.grads = acc.result(rows, n, weight, bias)
+        return reduce_loss(losses.sum(), valid, reduction, num_items_in_batch)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        tail = (None,) * 8
+        if not ctx.per_token:
+            gh, gw, gb = ctx.grads
+            ctx.grads = None
+            if not bool(torch.all(grad_out == 1)):
+                gh = None if gh is None else gh * grad_out.to(gh.dtype)
+                gw = None if gw is None else gw * grad_out.to(gw.dtype)
+                gb = None if gb is None else gb * grad_out.to(gb.dtype)
+            return (gh, gw, gb, *tail)
+
+        hidden, weight, bias, target, rows = ctx.saved_tensors
+        need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
+        nv = hidden.shape[0] if rows is None else rows.numel()
+        acc = _GradAccumulator(nv, weight, bias, hidden.dtype, need)
+        go = grad_out.float() if rows is None else grad_out.float().index_select(0, rows)
+        cs = ctx.chunk_size
+        for start, stats, partials in ctx.saved_chunks:
+            stop = start + stats.z_y.shape[0]
+            if rows is None:
+                h_c, y_c = hidden[start:stop], target[start:stop]
+            else:
+                idx = rows[start:stop]
+                h_c, y_c = hidden.index_select(0, idx), target.index_select(0, idx)
+            assert h_c.shape[0] <= cs
+            g = ctx.backend.grad_logits(h_c, weight, bias, y_c, stats, _scaled(partials, go[start:stop]),
+                                        ctx.rule, ctx.smoothing, None)
+            acc.add(start, h_c, g)
+            del g
+        ctx.saved_chunks = None
+        gh, gw, gb = acc.result(rows, ctx.num_tokens, weight, bias)
+        return (gh, gw, gb, *tail)

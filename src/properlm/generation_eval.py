@@ -1,0 +1,212 @@
+"""Batched decoding of sources and the generation metrics computed on its output.
+
+* :func:`decode_prompts` -- greedy or beam search over prompts given as token ids, batched
+  (longest first, so that padding is small), with an optional scoring-rule objective
+  (:class:`properlm.decoding.ScoringRuleObjective`); the hypotheses come back in the order
+  of the prompts.
+* :func:`translation_metrics` -- corpus BLEU and chrF with ``sacrebleu`` metric objects,
+  each with its signature string (every setting that the number depends on).
+* :func:`summarization_metrics` -- mean ROUGE-1/2/L F1 with ``rouge-score`` (stemming on).
+  rouge-score's default tokenizer keeps only ASCII letters and digits, so it is meant for
+  English text.
+
+All scores are percentages (0-100).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .decoding import ScoringRuleObjective
+from .rules import RuleLike
+
+__all__ = [
+    "decode_prompts",
+    "one_line",
+    "translation_metrics",
+    "summarization_metrics",
+    "generation_metrics",
+]
+
+# sacrebleu chooses its tokenizer from the target language code; map a few spelled-out names
+_LANG_CODES = {"chinese": "zh", "japanese": "ja", "korean": "ko"}
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks replaced by spaces and outer whitespace removed, so that
+    a hypothesis takes exactly one line of a hypotheses file."""
+    return " ".join(text.replace("\r", "\n").split("\n")).strip()
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token; cannot pad a batch")
+    return int(pad)
+
+
+def decode_prompts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    objective: RuleLike | None = None,
+    progress: Callable[[int], None] | None = None,
+    generate_kwargs: dict[str, Any] | None = None,
+) -> list[str]:
+    """Decode every prompt and return the hypotheses (special tokens removed), in prompt order.
+
+    Args:
+        model: a Hugging Face model with ``generate``; ``model.config.is_encoder_decoder``
+            selects seq2seq (right padding, the whole output is the hypothesis) or
+            decoder-only (left padding, the hypothesis is what follows the prompt).
+        tokenizer: its tokenizer (for padding and detokenising).
+        prompts: token ids per source (see :func:`properlm.data.encode_prompt`).
+        num_beams: beam width (1: greedy search).
+        length_penalty: exponent of the length normalisation of finished beams
+            (``score / length ** length_penalty``); beam search only.
+        max_new_tokens: the most tokens generated per hypothesis.
+        batch_size: prompts per ``generate`` call.
+        objective: scoring rule whose summed token scores beam search maximises
+            (``None`` or ``"logarithmic"``: ordinary beam search).
+        progress: called with the number of prompts finished after each batch.
+        generate_kwargs: extra keyword arguments for ``generate``.
+    """
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    pad = _pad_id(tokenizer)
+    device = next(model.parameters()).device
+    processors = [] if objective is None else [ScoringRuleObjective(objective)]
+    kwargs: dict[str, Any] = dict(
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+    )
+    if num_beams > 1:
+        kwargs["length_penalty"] = length_penalty
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        kwargs["eos_token_id"] = eos
+    if processors:
+        kwargs["logits_processor"] = processors
+    kwargs.update(generate_kwargs or {})
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[str | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            rows = [list(prompts[i]) for i in idx]
+            if any(len(r) == 0 for r in rows):
+                raise ValueError("cannot decode an empty prompt")
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):
+                if seq2seq:
+                    input_ids[j, : len(r)] = torch.tensor(r)
+                    mask[j, : len(r)] = 1
+                else:  # left padding: the prompts end where generation starts
+                    input_ids[j, width - len(r):] = torch.tensor(r)
+                    mask[j, width - len(r):] = 1
+            with torch.no_grad():
+                gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
+            new = gen if seq2seq else gen[:, width:]
+            texts = tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)
+            for i, t in zip(idx, texts):
+                out[i] = t.strip()
+            if progress is not None:
+                progress(len(idx))
+    finally:
+        model.train(was_training)
+    return [t if t is not None else "" for t in out]
+
+
+def _check_pairs(hypotheses: Sequence[str], references: Sequence[str]) -> None:
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    if not hypotheses:
+        raise ValueError("no hypotheses to score")
+
+
+def translation_metrics(hypotheses: Sequence[str], references: Sequence[str],
+                        target_lang: str | None = None) -> dict[str, Any]:
+    """Corpus BLEU and chrF (``sacrebleu``) of ``hypotheses`` against one reference each.
+
+    ``target_lang`` (a code such as ``"de"`` or ``"zh"``) lets sacrebleu pick its BLEU
+    tokenizer (``zh``/``ja-mecab``/``ko-mecab`` for those languages, ``13a`` otherwise).
+
+    Returns ``{"bleu", "bleu_signature", "chrf", "chrf_signature"}``.
+    """
+    from sacrebleu.metrics import BLEU, CHRF
+
+    _check_pairs(hypotheses, references)
+    hyps = [one_line(h) for h in hypotheses]
+    refs = [[one_line(r) for r in references]]
+    lang = None
+    if target_lang:
+        lang = _LANG_CODES.get(target_lang.strip().lower(), target_lang.strip().lower())
+    try:
+        bleu = BLEU(trg_lang=lang) if lang else BLEU()
+        bleu_score = bleu.corpus_score(hyps, refs)
+    except Exception:  # e.g. ja-mecab not installed: fall back to the default tokenizer
+        bleu = BLEU()
+        bleu_score = bleu.corpus_score(hyps, refs)
+    chrf = CHRF()
+    chrf_score = chrf.corpus_score(hyps, refs)
+    return {
+        "bleu": float(bleu_score.score),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf": float(chrf_score.score),
+        "chrf_signature": str(chrf.get_signature()),
+    }
+
+
+def summarization_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 (``rouge-score``, Porter stemming) in percent.
+
+    Returns ``{"rouge1", "rouge2", "rougeL", "rouge_settings"}``.
+    """
+    from rouge_score import rouge_scorer
+
+    _check_pairs(hypotheses, references)
+    types = ("rouge1", "rouge2", "rougeL")
+    scorer = rouge_scorer.RougeScorer(list(types), use_stemmer=True)
+    sums = dict.fromkeys(types, 0.0)
+    for h, r in zip(hypotheses, references):
+        s = scorer.score(r, h)  # score(target, prediction)
+        for t in types:
+            sums[t] += s[t].fmeasure
+    n = len(hypotheses)
+    out: dict[str, Any] = {t: 100.0 * sums[t] / n for t in types}
+    out["rouge_settings"] = "rouge-score|F1|mean over examples|stemmer:porter|tok:default"
+    return out
+
+
+def generation_metrics(task: str, hypotheses: Sequence[str], references: Sequence[str],
+                       target_lang: str | None = None) -> dict[str, Any]:
+    """Metrics for ``task``: BLEU/chrF for translation, ROUGE for summarization, both for
+    instruction following."""
+    if task == "translation":
+        return translation_metrics(hypotheses, references, target_lang)
+    if task == "summarization":
+        return summarization_metrics(hypotheses, references)
+    if task == "instruction":
+        return {**translation_metrics(hypotheses, references), **summarization_metrics(hypotheses, references)}
+    raise ValueError(f"unknown task {task!r}; expected translation, summarization or instruction")

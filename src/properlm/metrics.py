@@ -1,0 +1,368 @@
+"""Teacher-forced evaluation metrics: mean token score of every scoring rule, perplexity,
+token accuracy and the calibration of the top-1 token (ECE, bin table, reliability diagram).
+
+For each scored position (label ``y`` not equal to ``ignore_index``) with logits ``z`` of
+length ``V`` and ``p = softmax(z)``:
+
+* the token score ``S(p, y)`` of every requested rule, evaluated through the rule objects
+  (:func:`properlm.stats.compute_stats` once per chunk of rows with the union of the scales
+  of all rules, then :func:`properlm.stats.smoothed_score` with smoothing 0 per rule);
+* ``log p_y`` (the logarithmic score), always, for the perplexity ``exp(-mean log p_y)``;
+* the top-1 prediction ``argmax_k z_k`` and its confidence ``max_k p_k``.
+
+Expected calibration error with ``M`` equal-width bins ``B_b = ((b-1)/M, b/M]`` (confidence
+0 falls in the first bin)::
+
+    ECE = sum_b (|B_b| / N) |acc(B_b) - conf(B_b)|
+        = (1/N) sum_b |sum_{i in B_b} correct_i - sum_{i in B_b} conf_i|
+
+:class:`MetricsAccumulator` streams over batches and keeps only float64 sums (per-rule score
+sums, token and correct counts, and three numbers per bin), so its result does not depend
+on how the data were split into batches (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .rules import RuleLike, ScoringRule, get_rule
+from .stats import compute_stats, smoothed_score
+
+__all__ = [
+    "DEFAULT_NUM_BINS",
+    "CalibrationBin",
+    "EvalMetrics",
+    "MetricsAccumulator",
+    "token_level_outputs",
+    "expected_calibration_error",
+    "calibration_bins",
+    "reliability_diagram",
+    "perplexity",
+]
+
+#: equal-width confidence bins of the expected calibration error
+DEFAULT_NUM_BINS = 15
+
+#: float32 elements of one chunk of logits rows (64 MiB)
+_CHUNK_ELEMENTS = 1 << 24
+
+_LOG = get_rule("logarithmic")
+
+
+class _ScaleUnion(ScoringRule):
+    """Not a rule: a carrier of the union of scales, so that :func:`compute_stats` computes
+    every ``LSE(c z)`` that a set of rules needs in one pass over the logits."""
+
+    def __init__(self, rules: Iterable[ScoringRule]) -> None:
+        needed = {1.0}  # L_1 for log p_y and the top-1 confidence
+        for r in rules:
+            needed.update(float(c) for c in r.score_scales())
+        self._scales = tuple(sorted(needed))
+
+    def score_scales(self) -> tuple[float, ...]:
+        return self._scales
+
+
+def _unique_rules(rules: Sequence[RuleLike]) -> list[ScoringRule]:
+    out: list[ScoringRule] = []
+    for r in rules:
+        obj = get_rule(r)
+        if obj not in out:
+            out.append(obj)
+    return out
+
+
+def token_level_outputs(logits: Tensor, labels: Tensor, rules: Sequence[RuleLike], ignore_index: int = -100
+                        ) -> dict[str, Tensor]:
+    """Per-token scores, predictions and confidences of the scored positions.
+
+    Args:
+        logits: ``(..., V)`` logits, already aligned with ``labels`` (for a causal LM, shift
+            first: ``logits[:, :-1]`` against ``labels[:, 1:]``); computed in float32.
+        labels: ``(...)`` token ids, ``ignore_index`` where nothing is scored.
+        rules: rule specs or objects.
+        ignore_index: label value of unscored positions.
+
+    Returns:
+        A dict of 1-D tensors over the ``N`` scored positions (row-major order):
+        ``"score:<spec>"`` (float32 ``S(p, y)`` per rule), ``"log_prob"`` (``log p_y``),
+        ``"confidence"`` (``max_k p_k``), ``"correct"`` (bool, ``argmax_k z_k == y``).
+    """
+    rule_objs = _unique_rules(rules)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"shape mismatch: logits of shape {tuple(logits.shape)} (..., V) need labels of shape "
+            f"{tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    V = logits.shape[-1]
+    flat_z = logits.reshape(-1, V)
+    flat_y = labels.reshape(-1)
+    rows = (flat_y != ignore_index).nonzero().squeeze(1)
+    if rows.numel():
+        bad = (flat_y[rows] < 0) | (flat_y[rows] >= V)
+        if bool(bad.any()):
+            raise ValueError(f"labels hold ids outside [0, {V}) (first: {int(flat_y[rows][bad][0])}) "
+                             f"that are not ignore_index={ignore_index}")
+    carrier = _ScaleUnion(rule_objs)
+    keys = [f"score:{r.spec}" for r in rule_objs]
+    parts: dict[str, list[Tensor]] = {k: [] for k in [*keys, "log_prob", "confidence", "correct"]}
+    step = max(1, _CHUNK_ELEMENTS // max(V, 1))
+    with torch.no_grad():
+        for start in range(0, rows.numel(), step):
+            idx = rows[start:start + step]
+            z = flat_z[idx].float()
+            y = flat_y[idx]
+            stats, _, _ = compute_stats(z, y, carrier, 0.0)
+            for key, r in zip(keys, rule_objs):
+                parts[key].append(smoothed_score(r, stats, 0.0))
+            parts["log_prob"].append(smoothed_score(_LOG, stats, 0.0))
+            # max_k p_k = exp(m - L_1): the top-1 probability from the statistics
+            parts["confidence"].append(torch.exp(stats.max_logit - stats.lse[1.0]))
+            parts["correct"].append(z.argmax(-1) == y)
+    out: dict[str, Tensor] = {}
+    for k, v in parts.items():
+        if v:
+            out[k] = torch.cat(v)
+        else:
+            out[k] = torch.zeros(0, dtype=torch.bool if k == "correct" else torch.float32, device=logits.device)
+    return out
+
+
+@dataclass
+class CalibrationBin:
+    """One equal-width confidence bin ``(lower, upper]``."""
+
+    lower: float
+    upper: float
+    count: int
+    confidence: float | None  # mean confidence of the bin, None when empty
+    accuracy: float | None  # fraction correct, None when empty
+    gap: float | None  # accuracy - confidence
+
+
+def _bin_index(confidence: Tensor, num_bins: int) -> Tensor:
+    """Bin ``b`` (0-based) of ``((b)/M, (b+1)/M]``; confidence 0 goes to bin 0."""
+    idx = torch.ceil(confidence.double() * num_bins).long() - 1
+    return idx.clamp_(0, num_bins - 1)
+
+
+def _check_bins(num_bins: int) -> int:
+    if not isinstance(num_bins, int) or isinstance(num_bins, bool) or num_bins < 1:
+        raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
+    return num_bins
+
+
+def _bins_from_sums(count: Sequence[float], conf_sum: Sequence[float], correct_sum: Sequence[float]
+                    ) -> list[CalibrationBin]:
+    M = len(count)
+    table = []
+    for b in range(M):
+        n = int(count[b])
+        conf = conf_sum[b] / n if n else None
+        acc = correct_sum[b] / n if n else None
+        table.append(CalibrationBin(b / M, (b + 1) / M, n, conf, acc, None if n == 0 else acc - conf))
+    return table
+
+
+def _ece_from_sums(count: Sequence[float], conf_sum: Sequence[float], correct_sum: Sequence[float]) -> float:
+    total = float(sum(count))
+    if total == 0:
+        return float("nan")
+    return sum(abs(c - s) for c, s in zip(correct_sum, conf_sum)) / total
+
+
+def _bin_sums(confidence: Tensor, correct: Tensor, num_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    idx = _bin_index(confidence, num_bins)
+    count = torch.bincount(idx, minlength=num_bins).double()
+    conf_sum = torch.bincount(idx, weights=confidence.double(), minlength=num_bins)
+    corr_sum = torch.bincount(idx, weights=correct.double(), minlength=num_bins)
+    return count, conf_sum, corr_sum
+
+
+def _check_calibration_inputs(confidence: Tensor, correct: Tensor) -> None:
+    if confidence.shape != correct.shape:
+        raise ValueError(f"confidence {tuple(confidence.shape)} and correct {tuple(correct.shape)} differ in shape")
+    if confidence.numel() and bool(((confidence < 0) | (confidence > 1) | confidence.isnan()).any()):
+        raise ValueError("confidence must lie in [0, 1]")
+
+
+def calibration_bins(confidence: Tensor, correct: Tensor, num_bins: int = DEFAULT_NUM_BINS) -> list[CalibrationBin]:
+    """The reliability table: ``num_bins`` equal-width bins of ``confidence`` (any shape,
+    values in ``[0, 1]``) with their count, mean confidence and accuracy of ``correct``."""
+    _check_bins(num_bins)
+    _check_calibration_inputs(confidence, correct)
+    sums = _bin_sums(confidence.reshape(-1), correct.reshape(-1), num_bins)
+    return _bins_from_sums(*(s.tolist() for s in sums))
+
+
+def expected_calibration_error(confidence: Tensor, correct: Tensor, num_bins: int = DEFAULT_NUM_BINS) -> float:
+    """``ECE = sum_b (|B_b|/N) |acc(B_b) - conf(B_b)|`` over ``num_bins`` equal-width bins.
+
+    ``confidence`` and ``correct`` have the same shape (flattened); NaN for no predictions.
+    """
+    _check_bins(num_bins)
+    _check_calibration_inputs(confidence, correct)
+    sums = _bin_sums(confidence.reshape(-1), correct.reshape(-1), num_bins)
+    return _ece_from_sums(*(s.tolist() for s in sums))
+
+
+def perplexity(mean_log_prob: float) -> float:
+    """``exp(-mean log p_y)``; ``inf`` when it overflows."""
+    try:
+        return math.exp(-mean_log_prob)
+    except OverflowError:
+        return math.inf
+
+
+@dataclass
+class EvalMetrics:
+    """Aggregated teacher-forced metrics (see :class:`MetricsAccumulator`).
+
+    Attributes:
+        num_tokens: scored positions ``N``.
+        mean_scores: ``{rule spec: (1/N) sum_i S(p_i, y_i)}`` (higher is better).
+        mean_log_prob: ``(1/N) sum_i log p_i(y_i)``.
+        perplexity: ``exp(-mean_log_prob)``.
+        accuracy: fraction of positions whose top-1 token is the label.
+        ece: expected calibration error of the top-1 token.
+        mce: maximum calibration error, ``max_b |acc(B_b) - conf(B_b)|`` over non-empty bins.
+        bins: the reliability table.
+    """
+
+    num_tokens: int
+    mean_scores: dict[str, float]
+    mean_log_prob: float
+    perplexity: float
+    accuracy: float
+    ece: float
+    mce: float
+    bins: list[CalibrationBin] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MetricsAccumulator:
+    """Streams teacher-forced metrics over batches.
+
+    Example::
+
+        acc = MetricsAccumulator(["logarithmic", "brier", "spherical", "power:3"])
+        for batch in loader:
+            logits = model(**batch).logits
+            acc.update(logits[:, :-1], batch["labels"][:, 1:])
+        metrics = acc.compute()   # EvalMetrics
+
+    Args:
+        rules: rule specs or objects whose mean token score is reported.
+        num_bins: equal-width confidence bins of the ECE (default 15).
+        ignore_index: label value of unscored positions.
+    """
+
+    def __init__(self, rules: Sequence[RuleLike] = ("logarithmic", "brier", "spherical"),
+                 num_bins: int = DEFAULT_NUM_BINS, ignore_index: int = -100) -> None:
+        self.rules = _unique_rules(rules)
+        if not self.rules:
+            raise ValueError("rules must name at least one scoring rule")
+        self.num_bins = _check_bins(num_bins)
+        self.ignore_index = ignore_index
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated so far."""
+        self._n = 0
+        self._score_sums = {r.spec: 0.0 for r in self.rules}
+        self._log_sum = 0.0
+        self._correct = 0
+        self._count = torch.zeros(self.num_bins, dtype=torch.float64)
+        self._conf_sum = torch.zeros(self.num_bins, dtype=torch.float64)
+        self._corr_sum = torch.zeros(self.num_bins, dtype=torch.float64)
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        """Add the scored positions of one batch: ``logits (..., V)`` aligned with ``labels (...)``."""
+        out = token_level_outputs(logits, labels, self.rules, self.ignore_index)
+        n = int(out["correct"].numel())
+        if n == 0:
+            return
+        self._n += n
+        for r in self.rules:
+            self._score_sums[r.spec] += float(out[f"score:{r.spec}"].double().sum())
+        self._log_sum += float(out["log_prob"].double().sum())
+        self._correct += int(out["correct"].sum())
+        count, conf_sum, corr_sum = _bin_sums(out["confidence"].cpu(), out["correct"].cpu(), self.num_bins)
+        self._count += count
+        self._conf_sum += conf_sum
+        self._corr_sum += corr_sum
+
+    @property
+    def num_tokens(self) -> int:
+        return self._n
+
+    def compute(self) -> EvalMetrics:
+        """The metrics of everything seen since construction or :meth:`reset`."""
+        n = self._n
+        nan = float("nan")
+        count, conf, corr = self._count.tolist(), self._conf_sum.tolist(), self._corr_sum.tolist()
+        bins = _bins_from_sums(count, conf, corr)
+        gaps = [abs(b.gap) for b in bins if b.gap is not None]
+        mean_log = self._log_sum / n if n else nan
+        return EvalMetrics(
+            num_tokens=n,
+            mean_scores={k: (v / n if n else nan) for k, v in self._score_sums.items()},
+            mean_log_prob=mean_log,
+            perplexity=perplexity(mean_log) if n else nan,
+            accuracy=self._correct / n if n else nan,
+            ece=_ece_from_sums(count, conf, corr),
+            mce=max(gaps) if gaps else nan,
+            bins=bins,
+        )
+
+
+def reliability_diagram(bins: Sequence[CalibrationBin], path: str | Path, title: str | None = None,
+                        ece: float | None = None) -> Path:
+    """Write a reliability diagram (accuracy per confidence bin against the diagonal, with
+    the share of tokens per bin below) as a PNG, using matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lowers = [b.lower for b in bins]
+    width = [b.upper - b.lower for b in bins]
+    acc = [b.accuracy if b.accuracy is not None else 0.0 for b in bins]
+    conf = [b.confidence if b.confidence is not None else (b.lower + b.upper) / 2 for b in bins]
+    total = max(1, sum(b.count for b in bins))
+    share = [b.count / total for b in bins]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    try:
+        ax.bar(lowers, acc, width=width, align="edge", edgecolor="black", color="tab:blue", label="accuracy")
+        gap_lo = [min(a, c) for a, c in zip(acc, conf)]
+        gap_h = [abs(a - c) if b.count else 0.0 for a, c, b in zip(acc, conf, bins)]
+        ax.bar(lowers, gap_h, bottom=gap_lo, width=width, align="edge", color="tab:red", alpha=0.3,
+               edgecolor="tab:red", label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+        ax.set_ylim(0, 1)
+        ax.set_xlim(0, 1)
+        ax.set_ylabel("accuracy of top-1 token")
+        heading = title or "Reliability diagram"
+        if ece is not None and math.isfinite(ece):
+            heading += f" (ECE {100 * ece:.2f}%)"
+        ax.set_title(heading)
+        ax.legend(loc="upper left", fontsize=8)
+        ax2.bar(lowers, share, width=width, align="edge", edgecolor="black", color="tab:gray")
+        ax2.set_xlabel("confidence of top-1 token")
+        ax2.set_ylabel("share of tokens")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path

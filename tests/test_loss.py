@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import RULES, naive_loss
 
 import properlm
 from properlm import ScoringRuleLoss, scoring_rule_loss
+from reference import RULES, naive_loss
 
 
 def _data(shape=(3, 5), V=37, seed=0, scale=3.0, ignore_frac=0.2, dtype=torch.float32):
@@ -37,7 +37,7 @@ def test_matches_naive_float64_reference(rule, smoothing, reduction):
         assert ours.dtype == torch.float32
         assert ours.shape == ref.shape
         assert _rel_err(ours, ref) < 1e-5, (rule, seed)
-        w = torch.randn(ref.shape, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
+        w = torch.randn(ref.shape, dtype=torch.float64) if reduction == "none" else torch.ones((), dtype=torch.float64)
         (g,) = torch.autograd.grad((ours * w.float()).sum(), x)
         (g_ref,) = torch.autograd.grad((ref * w).sum(), x64)
         assert _rel_err(g, g_ref) < 1e-5, (rule, seed)

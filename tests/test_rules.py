@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import naive_loss
 
 import properlm
 from properlm.rules import Brier, Logarithmic, PseudoSpherical, ScoringRule, Spherical
+from reference import naive_loss
 
 
 def test_get_rule_specs_and_aliases():

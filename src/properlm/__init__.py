@@ -8,8 +8,8 @@ from .loss import ScoringRuleLoss, scoring_rule_loss, sequence_scores, token_sco
 from .rules import (
     Brier,
     Logarithmic,
-    PseudoSpherical,
     Power,
+    PseudoSpherical,
     ScoringRule,
     Spherical,
     available_rules,
@@ -20,17 +20,17 @@ from .rules import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ScoringRule",
-    "Logarithmic",
     "Brier",
-    "Spherical",
-    "PseudoSpherical",
+    "Logarithmic",
     "Power",
-    "register_rule",
-    "get_rule",
-    "available_rules",
-    "scoring_rule_loss",
+    "PseudoSpherical",
+    "ScoringRule",
     "ScoringRuleLoss",
-    "token_scores",
+    "Spherical",
+    "available_rules",
+    "get_rule",
+    "register_rule",
+    "scoring_rule_loss",
     "sequence_scores",
+    "token_scores",
 ]

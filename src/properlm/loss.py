@@ -20,13 +20,13 @@ from .rules import RuleLike, ScoringRule, get_rule
 from .stats import TokenStats, compute_stats, logits_grad, loss_and_partials
 
 __all__ = [
-    "scoring_rule_loss",
-    "ScoringRuleLoss",
-    "token_scores",
-    "sequence_scores",
-    "validate_inputs",
-    "reduce_loss",
     "REDUCTIONS",
+    "ScoringRuleLoss",
+    "reduce_loss",
+    "scoring_rule_loss",
+    "sequence_scores",
+    "token_scores",
+    "validate_inputs",
 ]
 
 REDUCTIONS = ("mean", "sum", "none")

@@ -41,16 +41,16 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "ScoringRule",
-    "Logarithmic",
     "Brier",
-    "Spherical",
-    "PseudoSpherical",
+    "Logarithmic",
     "Power",
-    "register_rule",
-    "get_rule",
-    "available_rules",
+    "PseudoSpherical",
     "RuleLike",
+    "ScoringRule",
+    "Spherical",
+    "available_rules",
+    "get_rule",
+    "register_rule",
 ]
 
 _REGISTRY: dict[str, type[ScoringRule]] = {}

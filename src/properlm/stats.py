@@ -31,10 +31,10 @@ from .rules import ScoringRule
 __all__ = [
     "TokenStats",
     "compute_stats",
-    "smoothed_score",
-    "loss_and_partials",
     "logits_grad",
+    "loss_and_partials",
     "masked_set",
+    "smoothed_score",
 ]
 
 
@@ -106,9 +106,11 @@ def masked_set(e: Tensor, lse1: Tensor, num_classes: Tensor, eps: float, finite:
     """Boolean ``(n, V)`` mask of ``M = {j finite : p_j < eps / V}`` from ``e = exp(z - m)``.
 
     ``lse1`` is the shifted ``LSE(z - m)``, so ``p_j = e_j exp(-lse1)`` and the test is
-    ``e_j < (eps / V) exp(lse1)``.
+    ``e_j < (eps / V) exp(lse1)``. The smoothed optimum puts ``p_j = eps / V`` exactly on
+    this boundary, so the threshold is lowered by a few units of rounding
+    (``64 * finfo(dtype).eps`` relative) lest rounding alone switch the term on there.
     """
-    thresh = (eps / num_classes) * torch.exp(lse1)
+    thresh = (eps / num_classes) * torch.exp(lse1) * (1 - 64 * torch.finfo(e.dtype).eps)
     mask = e < thresh[:, None]
     if finite is not None:
         mask &= finite

@@ -4,6 +4,7 @@ rules beyond the logarithmic score (Brier, spherical, power and pseudo-spherical
 Shao, Meng, Liu, Zhou. "Language Generation with Strictly Proper Scoring Rules", ICML 2024.
 """
 
+from .integrations.transformers import apply_scoring_rule, remove_scoring_rule
 from .loss import ScoringRuleLoss, scoring_rule_loss, sequence_scores, token_scores
 from .rules import (
     Brier,
@@ -27,9 +28,11 @@ __all__ = [
     "ScoringRule",
     "ScoringRuleLoss",
     "Spherical",
+    "apply_scoring_rule",
     "available_rules",
     "get_rule",
     "register_rule",
+    "remove_scoring_rule",
     "scoring_rule_loss",
     "sequence_scores",
     "token_scores",

@@ -25,10 +25,10 @@ from .rules import RuleLike
 
 __all__ = [
     "decode_prompts",
-    "one_line",
-    "translation_metrics",
-    "summarization_metrics",
     "generation_metrics",
+    "one_line",
+    "summarization_metrics",
+    "translation_metrics",
 ]
 
 # sacrebleu chooses its tokenizer from the target language code; map a few spelled-out names

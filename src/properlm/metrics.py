@@ -40,11 +40,11 @@ __all__ = [
     "CalibrationBin",
     "EvalMetrics",
     "MetricsAccumulator",
-    "token_level_outputs",
-    "expected_calibration_error",
     "calibration_bins",
-    "reliability_diagram",
+    "expected_calibration_error",
     "perplexity",
+    "reliability_diagram",
+    "token_level_outputs",
 ]
 
 #: equal-width confidence bins of the expected calibration error
@@ -122,10 +122,17 @@ def token_level_outputs(logits: Tensor, labels: Tensor, rules: Sequence[RuleLike
             stats, _, _ = compute_stats(z, y, carrier, 0.0)
             for key, r in zip(keys, rule_objs):
                 parts[key].append(smoothed_score(r, stats, 0.0))
-            parts["log_prob"].append(smoothed_score(_LOG, stats, 0.0))
-            # max_k p_k = exp(m - L_1): the top-1 probability from the statistics
-            parts["confidence"].append(torch.exp(stats.max_logit - stats.lse[1.0]))
-            parts["correct"].append(z.argmax(-1) == y)
+            log_py = smoothed_score(_LOG, stats, 0.0)
+            parts["log_prob"].append(log_py)
+            # top-1 probability: log p_top = log p_y + (z_top - z_y), whatever frame the stats use
+            z_top, top = z.max(dim=-1)
+            z_y = z.gather(1, y[:, None]).squeeze(1)
+            conf = torch.exp(log_py + (z_top - z_y))
+            masked_target = z_y == -math.inf  # p_y = 0: take the top-1 probability directly
+            if bool(masked_target.any()):
+                conf[masked_target] = torch.exp(z_top[masked_target] - torch.logsumexp(z[masked_target], -1))
+            parts["confidence"].append(conf.clamp_(max=1.0))
+            parts["correct"].append(top == y)
     out: dict[str, Tensor] = {}
     for k, v in parts.items():
         if v:

@@ -1,0 +1,410 @@
+"""The evaluation pipeline behind ``properlm evaluate``: validate the settings, load data and
+model, compute the teacher-forced metrics (:mod:`properlm.metrics`) and the generation
+metrics (:mod:`properlm.generation_eval`), and write the results.
+
+Outputs in ``output_dir``:
+
+* ``results.json`` -- every figure and every setting (``"kind": "properlm-evaluate"``);
+* ``hypotheses.txt`` -- one hypothesis per line, in the order of the data;
+* ``reliability.png`` -- the reliability diagram of the top-1 token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .rules import get_rule
+
+__all__ = [
+    "DTYPES",
+    "RESULTS_KIND",
+    "EvalError",
+    "EvalSettings",
+    "markdown_table",
+    "parse_rules",
+    "resolve_device",
+    "run_evaluation",
+    "teacher_forced_metrics",
+    "torch_dtype",
+    "validate_settings",
+]
+
+#: ``kind`` field of the results JSON written by :func:`run_evaluation`
+RESULTS_KIND = "properlm-evaluate"
+
+#: accepted ``dtype`` names (``auto``: as stored in the checkpoint)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class EvalError(ValueError):
+    """An evaluation setting is invalid."""
+
+
+@dataclass
+class EvalSettings:
+    """Everything ``properlm evaluate`` needs (the CLI flags, one field each)."""
+
+    model: str | None = None
+    gguf_file: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    data_file: str | None = None
+    source_file: str | None = None
+    target_file: str | None = None
+    source_lang: str | None = None
+    target_lang: str | None = None
+    task: str | None = None
+    max_length: int = 512
+    rules: list[str] = field(default_factory=lambda: ["logarithmic", "brier", "spherical"])
+    num_bins: int = 15
+    objective: str = "logarithmic"
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    max_examples: int | None = None
+    generate: bool = True
+    output_dir: str = "eval"
+    progress: bool = True
+
+
+def parse_rules(spec: str | Sequence[str]) -> list[str]:
+    """``"logarithmic,brier,power:3"`` -> canonical specs (duplicates removed, order kept).
+
+    A comma followed by a number continues the previous rule's parameters, so
+    ``"power:1.5,2"``-style multi-parameter specs survive. Raises :class:`EvalError`."""
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    merged: list[str] = []
+    for part in parts:
+        p = part.strip()
+        if not p:
+            continue
+        try:
+            float(p)
+            is_number = True
+        except ValueError:
+            is_number = False
+        if is_number and merged and ":" in merged[-1]:
+            merged[-1] += "," + p
+        else:
+            merged.append(p)
+    out: list[str] = []
+    for p in merged:
+        try:
+            s = get_rule(p).spec
+        except ValueError as exc:
+            raise EvalError(f"--rules: {exc}") from None
+        if s not in out:
+            out.append(s)
+    if not out:
+        raise EvalError("--rules names no rule; e.g. --rules logarithmic,brier,spherical,power:3")
+    return out
+
+
+def validate_settings(s: EvalSettings, check_model: bool = True) -> EvalSettings:
+    """Check every setting without loading anything; returns a copy with canonical rule
+    specs. ``check_model=False`` skips the model source (a model given in memory).
+    Raises :class:`EvalError`."""
+    from .modeling import ModelLoadError, check_model_source
+
+    if check_model:
+        if not s.model and not s.gguf_file:
+            raise EvalError("no model given: pass --model (a directory saved by `properlm train` or a hub id) "
+                            "or --gguf-file")
+        try:
+            check_model_source(s.model, s.gguf_file, None)
+        except ModelLoadError as exc:
+            raise EvalError(str(exc)) from None
+    if s.data_file is None and s.source_file is None and s.target_file is None:
+        raise EvalError("no data: pass --data-file (JSON/JSONL) or --source-file and --target-file")
+    if s.data_file is not None and (s.source_file or s.target_file):
+        raise EvalError("give either --data-file or --source-file/--target-file, not both")
+    if (s.source_file is None) != (s.target_file is None):
+        raise EvalError("translation data needs both --source-file and --target-file")
+    for name in ("data_file", "source_file", "target_file"):
+        path = getattr(s, name)
+        if path is not None and not os.path.isfile(path):
+            raise EvalError(f"--{name.replace('_', '-')}: file {path!r} does not exist")
+    rules = parse_rules(s.rules)
+    try:
+        objective = get_rule(s.objective).spec
+    except ValueError as exc:
+        raise EvalError(f"--objective: {exc}") from None
+    for name in ("num_beams", "max_new_tokens", "batch_size", "num_bins"):
+        v = getattr(s, name)
+        if not isinstance(v, int) or v < 1:
+            raise EvalError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    if s.max_length < 2:
+        raise EvalError(f"--max-length must be at least 2, got {s.max_length}")
+    if s.max_examples is not None and s.max_examples < 1:
+        raise EvalError(f"--max-examples must be positive, got {s.max_examples}")
+    if not math.isfinite(s.length_penalty):
+        raise EvalError(f"--length-penalty must be a finite number, got {s.length_penalty}")
+    if s.length_penalty != 1.0 and s.num_beams == 1 and s.generate:
+        raise EvalError("--length-penalty only applies to beam search: set --num-beams > 1")
+    if objective != "logarithmic" and s.num_beams == 1 and s.generate:
+        raise EvalError(f"--objective {objective} only changes beam search (greedy search picks the most "
+                        "probable token under every proper rule): set --num-beams > 1")
+    if s.dtype not in DTYPES:
+        raise EvalError(f"--dtype must be one of {', '.join(DTYPES)}, got {s.dtype!r}")
+    resolve_device(s.device)
+    _check_output_dir(s.output_dir)
+    return dataclasses.replace(s, rules=rules, objective=objective)
+
+
+def _check_output_dir(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise EvalError(f"--output-dir {path!r} is a file")
+    results = os.path.join(path, "results.json")
+    if os.path.isfile(results):
+        try:
+            with open(results, encoding="utf-8") as f:
+                kind = json.load(f).get("kind")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind != RESULTS_KIND:
+            raise EvalError(f"--output-dir {path!r} already holds a results.json that `properlm evaluate` did not "
+                            "write (a training run's?); choose another --output-dir")
+
+
+def resolve_device(device: str) -> Any:
+    """``"auto"`` -> CUDA when available, else CPU; other names as ``torch.device``."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise EvalError(f"--device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError("--device cuda: CUDA is not available")
+    return dev
+
+
+def torch_dtype(name: str) -> Any:
+    """``"auto"`` -> ``None`` (as stored), else the ``torch`` dtype of that name."""
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
+
+
+def _tqdm(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, leave=False)
+
+
+def teacher_forced_metrics(model: Any, tokenizer: Any, examples: Sequence[Any], rules: Sequence[str], *,
+                           max_length: int = 512, batch_size: int = 8, num_bins: int = 15,
+                           progress: bool = False) -> Any:
+    """Score the reference targets of ``examples`` under teacher forcing.
+
+    Examples are tokenised as for training (:func:`properlm.data.tokenize_example`: prompt
+    positions labelled -100), batched (longest first), and the logits of each batch fed to
+    a :class:`~properlm.metrics.MetricsAccumulator`. Returns its
+    :class:`~properlm.metrics.EvalMetrics`.
+    """
+    import torch
+
+    from .data import DataCollator, tokenize_example
+    from .metrics import MetricsAccumulator
+    from .modeling import is_seq2seq
+
+    seq2seq = is_seq2seq(model)
+    device = next(model.parameters()).device
+    features = [tokenize_example(e, tokenizer, seq2seq=seq2seq, max_length=max_length) for e in examples]
+    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate = DataCollator(pad_token_id=int(pad))
+    acc = MetricsAccumulator(rules, num_bins=num_bins)
+    was_training = model.training
+    model.eval()
+    bar = _tqdm(len(features), "teacher-forced", progress)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                batch = collate([features[i] for i in order[start:start + batch_size]])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                if seq2seq:
+                    logits = model(**batch).logits
+                    acc.update(logits, batch["labels"])
+                else:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    # position t predicts token t+1: shift the labels, not the (large) logits
+                    labels = batch["labels"]
+                    next_labels = torch.full_like(labels, -100)
+                    next_labels[:, :-1] = labels[:, 1:]
+                    acc.update(logits, next_labels)
+                bar.update(len(batch["input_ids"]))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return acc.compute()
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"properlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Validate, evaluate and write ``results.json``, ``hypotheses.txt`` and ``reliability.png``.
+
+    ``model_and_tokenizer`` skips loading (for callers that already hold the model).
+    Returns the results dictionary (also written as JSON).
+    """
+    from .data import encode_prompt, load_examples
+    from .generation_eval import decode_prompts, generation_metrics, one_line
+    from .metrics import reliability_diagram
+    from .modeling import is_seq2seq, load_model_and_tokenizer
+
+    s = validate_settings(settings, check_model=model_and_tokenizer is None)
+    # data first: a malformed file stops here, before the model is loaded
+    examples = load_examples(s.data_file, task=s.task, source_file=s.source_file, target_file=s.target_file,
+                             source_lang=s.source_lang, target_lang=s.target_lang)
+    total_examples = len(examples)
+    if s.max_examples is not None:
+        examples = examples[: s.max_examples]
+    task = examples[0].task
+    os.makedirs(s.output_dir, exist_ok=True)
+
+    started = time.time()
+    if model_and_tokenizer is None:
+        model, tokenizer = load_model_and_tokenizer(s.model, gguf_file=s.gguf_file, dtype=torch_dtype(s.dtype))
+        model.to(resolve_device(s.device))
+    else:
+        model, tokenizer = model_and_tokenizer
+    load_seconds = time.time() - started
+    seq2seq = is_seq2seq(model)
+
+    t0 = time.time()
+    tf = teacher_forced_metrics(model, tokenizer, examples, s.rules, max_length=s.max_length,
+                                batch_size=s.batch_size, num_bins=s.num_bins, progress=s.progress)
+    tf_seconds = time.time() - t0
+    rel_path = os.path.join(s.output_dir, "reliability.png")
+    name = "/".join(os.path.normpath(s.model or s.gguf_file or "model").split(os.sep)[-2:])
+    reliability_diagram(tf.bins, rel_path, title=name, ece=tf.ece)
+
+    results: dict[str, Any] = {
+        "kind": RESULTS_KIND,
+        "settings": {**dataclasses.asdict(s), "task": task, "seq2seq": seq2seq},
+        "num_examples": len(examples),
+        "num_examples_in_data": total_examples,
+        "teacher_forced": {
+            "num_tokens": tf.num_tokens,
+            "mean_scores": tf.mean_scores,
+            "mean_log_prob": tf.mean_log_prob,
+            "perplexity": tf.perplexity,
+            "token_accuracy": tf.accuracy,
+            "ece": tf.ece,
+            "mce": tf.mce,
+            "num_bins": s.num_bins,
+            "bins": [dataclasses.asdict(b) for b in tf.bins],
+        },
+        "files": {"results": os.path.join(s.output_dir, "results.json"), "reliability_diagram": rel_path},
+        "versions": _versions(),
+        "seconds": {"load": load_seconds, "teacher_forced": tf_seconds},
+    }
+
+    if s.generate:
+        prompts = [encode_prompt(e, tokenizer, seq2seq=seq2seq, max_length=s.max_length) for e in examples]
+        bar = _tqdm(len(prompts), "decoding", s.progress)
+        t0 = time.time()
+        try:
+            hyps = decode_prompts(model, tokenizer, prompts, num_beams=s.num_beams, length_penalty=s.length_penalty,
+                                  max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
+                                  objective=None if s.objective == "logarithmic" else s.objective,
+                                  progress=bar.update)
+        finally:
+            bar.close()
+        results["seconds"]["decode"] = time.time() - t0
+        refs = [e.target for e in examples]
+        hyp_path = os.path.join(s.output_dir, "hypotheses.txt")
+        with open(hyp_path, "w", encoding="utf-8") as f:
+            for h in hyps:
+                f.write(one_line(h) + "\n")
+        results["files"]["hypotheses"] = hyp_path
+        results["generation"] = {
+            "decoding": "greedy" if s.num_beams == 1 else f"beam search, {s.num_beams} beams",
+            "objective": s.objective,
+            **generation_metrics(task, hyps, refs, s.target_lang),
+        }
+
+    with open(os.path.join(s.output_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(_json_safe(results), f, indent=2)
+    return results
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN/inf -> None-free JSON: non-finite floats become strings ("nan", "inf")."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _pct(v: Any) -> Any:
+    return 100 * v if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The headline figures of a results dictionary as a two-column markdown table (with the
+    sacrebleu signatures below it)."""
+    tf = results["teacher_forced"]
+    rows: list[tuple[str, str]] = [
+        ("examples", _fmt(results["num_examples"])),
+        ("reference tokens", _fmt(tf["num_tokens"])),
+        ("perplexity", _fmt(tf["perplexity"], 3)),
+        ("token accuracy (%)", _fmt(_pct(tf["token_accuracy"]), 2)),
+        (f"ECE, {tf['num_bins']} bins (%)", _fmt(_pct(tf["ece"]), 2)),
+    ]
+    for spec, v in tf["mean_scores"].items():
+        rows.append((f"mean score {spec}", f"{v:.5g}" if isinstance(v, float) else _fmt(v)))
+    gen = results.get("generation")
+    notes: list[str] = []
+    if gen:
+        rows.append(("decoding", f"{gen['decoding']}, objective {gen['objective']}"))
+        for key, label in (("bleu", "BLEU"), ("chrf", "chrF"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
+                           ("rougeL", "ROUGE-L")):
+            if key in gen:
+                rows.append((label, _fmt(gen[key], 2)))
+        for key, label in (("bleu_signature", "BLEU"), ("chrf_signature", "chrF"), ("rouge_settings", "ROUGE")):
+            if key in gen:
+                notes.append(f"{label} signature: {gen[key]}")
+    width = max(len(r[0]) for r in rows)
+    lines = [f"| {'metric'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
+    lines += [f"| {k.ljust(width)} | {v} |" for k, v in rows]
+    return "\n".join(lines + (["", *notes] if notes else []))

@@ -1,0 +1,237 @@
+"""`properlm evaluate`, `compare`, `generate`: metrics against hand-computed values and tiny
+models end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from properlm.cli.main import build_parser, main
+from properlm.generation_eval import generation_metrics, summarization_metrics, translation_metrics
+
+SRC = ["das haus ist klein", "der hund ist gross", "die katze schläft", "ich trinke wasser", "wir gehen nach hause"]
+TGT = ["the house is small", "the dog is big", "the cat sleeps", "i drink water", "we go home"]
+
+
+def test_bleu_by_hand():
+    # hypothesis/reference of 6 tokens each (brevity penalty 1); clipped n-gram precisions
+    # 5/6, 3/5, 2/4, 1/3, so BLEU = 100 * (5/6 * 3/5 * 1/2 * 1/3) ** (1/4)
+    m = translation_metrics(["the cat sat on the mat"], ["the cat sat on a mat"])
+    assert m["bleu"] == pytest.approx(100 * (5 / 6 * 3 / 5 * 1 / 2 * 1 / 3) ** 0.25, abs=1e-9)
+    assert "nrefs:1" in m["bleu_signature"] and "tok:13a" in m["bleu_signature"]
+    assert "version:" in m["chrf_signature"]
+    assert translation_metrics(["a b c d"], ["a b c d"])["chrf"] == pytest.approx(100.0)
+    assert "tok:zh" in translation_metrics(["猫坐在垫子上"], ["猫坐在垫子上"], target_lang="zh")["bleu_signature"]
+    with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
+        translation_metrics(["a", "b"], ["a"])
+
+
+def test_rouge_by_hand():
+    m = summarization_metrics(["the cat sat"], ["the cat sat on the mat"])
+    assert m["rouge1"] == pytest.approx(100 * 2 * 1 * 0.5 / 1.5)  # P = 3/3, R = 3/6
+    assert m["rouge2"] == pytest.approx(100 * 2 * 1 * 0.4 / 1.4)  # P = 2/2, R = 2/5
+    assert m["rougeL"] == pytest.approx(m["rouge1"])  # LCS = 3
+    both = generation_metrics("instruction", ["the cat sat"], ["the cat sat on the mat"])
+    assert both["rouge1"] == pytest.approx(m["rouge1"]) and "bleu" in both and "chrf" in both
+    with pytest.raises(ValueError, match="unknown task"):
+        generation_metrics("poetry", ["a"], ["a"])
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A tiny Llama-style decoder and a tiny BART, with a BPE tokenizer trained on a few sentences."""
+    from properlm.modeling import load_model_and_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    paths = {}
+    for init in ("tiny-gpt", "tiny-seq2seq"):
+        model, tok = load_model_and_tokenizer(init=init, train_texts=SRC + TGT, vocab_size=300, seed=0,
+                                              init_options={"hidden_size": 32, "num_layers": 1, "num_heads": 2})
+        model.save_pretrained(root / init)
+        tok.save_pretrained(root / init)
+        paths[init] = str(root / init)
+    return paths
+
+
+@pytest.fixture
+def parallel(tmp_path):
+    src, tgt = tmp_path / "test.de", tmp_path / "test.en"
+    src.write_text("\n".join(SRC) + "\n", encoding="utf-8")
+    tgt.write_text("\n".join(TGT) + "\n", encoding="utf-8")
+    return str(src), str(tgt)
+
+
+def test_evaluate_end_to_end_decoder_only(tiny_models, parallel, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--model", tiny_models["tiny-gpt"], "--source-file", parallel[0], "--target-file",
+               parallel[1], "--target-lang", "en", "--rules", "logarithmic,brier,spherical,power:3",
+               "--objective", "spherical", "--num-beams", "2", "--max-new-tokens", "4", "--batch-size", "2",
+               "--max-examples", "4", "--output-dir", str(out), "--no-progress"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "| perplexity" in stdout and "| BLEU" in stdout and "BLEU signature: nrefs:1" in stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["kind"] == "properlm-evaluate" and res["num_examples"] == 4 and res["num_examples_in_data"] == 5
+    tf = res["teacher_forced"]
+    assert set(tf["mean_scores"]) == {"logarithmic", "brier", "spherical", "power:3"}
+    assert tf["perplexity"] == pytest.approx(math.exp(-tf["mean_log_prob"]))
+    assert sum(b["count"] for b in tf["bins"]) == tf["num_tokens"] > 0 and len(tf["bins"]) == 15
+    assert 0 <= tf["ece"] <= 1 and 0 <= tf["token_accuracy"] <= 1
+    gen = res["generation"]
+    assert gen["objective"] == "spherical" and "bleu" in gen and "chrf" in gen
+    assert res["settings"]["task"] == "translation" and res["settings"]["num_beams"] == 2
+    assert len((out / "hypotheses.txt").read_text(encoding="utf-8").splitlines()) == 4
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_end_to_end_seq2seq_summarization(tiny_models, tmp_path, capsys):
+    data = tmp_path / "summ.jsonl"
+    data.write_text("".join(json.dumps({"document": s + " and " + t, "summary": t}) + "\n"
+                            for s, t in zip(SRC[:3], TGT[:3])), encoding="utf-8")
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--model", tiny_models["tiny-seq2seq"], "--data-file", str(data), "--max-new-tokens", "3",
+               "--output-dir", str(out), "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["seq2seq"] is True and res["settings"]["task"] == "summarization"
+    assert {"rouge1", "rouge2", "rougeL"} <= set(res["generation"])
+    assert "| ROUGE-L" in capsys.readouterr().out
+
+
+def test_teacher_forced_perplexity_matches_model_loss(tiny_models, parallel):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from properlm.data import DataCollator, load_examples, tokenize_example
+    from properlm.evaluation import teacher_forced_metrics
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["tiny-gpt"])
+    tok = AutoTokenizer.from_pretrained(tiny_models["tiny-gpt"])
+    ex = load_examples(None, source_file=parallel[0], target_file=parallel[1])[:3]
+    m = teacher_forced_metrics(model, tok, ex, ["logarithmic", "brier"], max_length=64, batch_size=2)
+    batch = DataCollator(tok.pad_token_id)([tokenize_example(e, tok, seq2seq=False, max_length=64) for e in ex])
+    with torch.no_grad():
+        loss = model(**batch).loss  # mean cross-entropy over the label tokens of the batch
+    assert m.mean_log_prob == pytest.approx(-float(loss), abs=1e-4)
+    assert m.num_tokens == int((batch["labels"][:, 1:] != -100).sum())
+
+
+def test_bad_data_line_is_reported_before_loading(tiny_models, tmp_path, capsys, monkeypatch):
+    import properlm.modeling
+
+    def boom(*a, **k):
+        raise AssertionError("the model must not be loaded for bad data")
+
+    monkeypatch.setattr(properlm.modeling, "load_model_and_tokenizer", boom)
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "say hi", "output": "hi"}\n{"instruction": "say bye"}\n', encoding="utf-8")
+    rc = main(["evaluate", "--model", tiny_models["tiny-gpt"], "--data-file", str(data), "--output-dir",
+               str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "bad.jsonl line 2" in err and "'output'" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--rules", "logarithmic,nope"], "--rules: unknown scoring rule 'nope'"),
+        (["--objective", "spherical"], "only changes beam search"),
+        (["--num-beams", "0"], "--num-beams must be a positive integer"),
+        (["--max-examples", "0"], "--max-examples must be positive"),
+        (["--dtype", "float32", "--device", "nodevice"], "--device"),
+    ],
+)
+def test_bad_options(tiny_models, parallel, tmp_path, capsys, extra, message):
+    rc = main(["evaluate", "--model", tiny_models["tiny-gpt"], "--source-file", parallel[0], "--target-file",
+               parallel[1], "--output-dir", str(tmp_path / "o"), *extra])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_and_train_results_dir(parallel, tmp_path, capsys):
+    assert main(["evaluate", "--model", str(tmp_path / "nope"), "--source-file", parallel[0], "--target-file",
+                 parallel[1], "--output-dir", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"config": {}, "train": {}}))
+    (run / "config.json").write_text("{}")
+    assert main(["evaluate", "--model", str(run), "--source-file", parallel[0], "--target-file", parallel[1],
+                 "--output-dir", str(run)]) == 2
+    assert "already holds a results.json" in capsys.readouterr().err
+
+
+def _fake_train_run(path, rule, losses):
+    path.mkdir()
+    with open(path / "metrics.jsonl", "w") as f:
+        for i, loss in enumerate(losses, 1):
+            f.write(json.dumps({"step": 10 * i, "epoch": i / 10, "rule": rule if i < 3 else "brier", "loss": loss})
+                    + "\n")
+        f.write(json.dumps({"step": 10 * len(losses), "rule": "brier", "eval_loss": losses[-1] + 0.1,
+                            "eval_score_spherical": 0.3, "eval_runtime": 1.0}) + "\n")
+    (path / "results.json").write_text(json.dumps({
+        "config": {"rule": rule}, "rule_stages": [[rule, 20], ["brier", 20]], "global_step": 10 * len(losses),
+        "train": {"train_loss": losses[-1], "train_runtime": 3.0},
+        "eval": {"eval_loss": losses[-1] + 0.1, "eval_score_spherical": 0.3, "eval_runtime": 1.0}}))
+
+
+def test_compare_two_runs(tmp_path, capsys):
+    a, b = tmp_path / "run_a", tmp_path / "run_b"
+    _fake_train_run(a, "logarithmic", [3.0, 2.5, 2.2, 2.0])
+    _fake_train_run(b, "spherical", [0.9, 0.8, 0.7, 0.65])
+    (b / "eval").mkdir()
+    (b / "eval" / "results.json").write_text(json.dumps({
+        "kind": "properlm-evaluate", "num_examples": 5, "settings": {"task": "translation", "num_beams": 4},
+        "teacher_forced": {"perplexity": 7.5, "token_accuracy": 0.4, "ece": 0.05, "mean_scores": {"brier": 0.2}},
+        "generation": {"objective": "spherical", "bleu": 12.5, "chrf": 30.0}}))
+    png, md = tmp_path / "curves.png", tmp_path / "table.md"
+    assert main(["compare", str(a), str(b), "--plot", str(png), "--output-md", str(md)]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("|")]
+    assert len(lines) == 4  # header, rule, two runs
+    header = lines[0]
+    for col in ("run", "train rule", "steps", "train loss", "eval_loss", "eval_score_spherical", "ppl", "ECE %",
+                "BLEU", "chrF"):
+        assert f" {col} |" in header
+    assert "eval_runtime" not in header
+    assert str(a) in lines[2] and "logarithmic:20,brier:20" in lines[2] and "12.5" not in lines[2]
+    assert str(b / "eval") in lines[3] and "| 12.5 |" in lines[3] and "beam4 spherical" in lines[3]
+    assert png.read_bytes()[:4] == b"\x89PNG" and md.read_text().startswith("| run")
+
+
+def test_compare_errors(tmp_path, capsys):
+    assert main(["compare", str(tmp_path / "missing"), "--no-plot"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", str(tmp_path / "empty"), "--no-plot"]) == 2
+    assert "holds no results.json" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\n{oops\n')
+    assert main(["compare", str(bad), "--no-plot"]) == 2
+    assert "metrics.jsonl line 2" in capsys.readouterr().err
+
+
+def test_generate_from_file(tiny_models, tmp_path, capsys):
+    inp, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    inp.write_text("das haus ist klein\nich trinke wasser\nder hund\n", encoding="utf-8")
+    rc = main(["generate", "--model", tiny_models["tiny-seq2seq"], "--input", str(inp), "--output", str(out),
+               "--task", "translation", "--num-beams", "2", "--objective", "brier", "--max-new-tokens", "3",
+               "--batch-size", "2"])
+    assert rc == 0
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 3
+    inp.write_text("a\n\nb\n", encoding="utf-8")
+    assert main(["generate", "--model", tiny_models["tiny-seq2seq"], "--input", str(inp)]) == 2
+    assert "line 2: empty line" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "generate", "compare"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: properlm " + command in text

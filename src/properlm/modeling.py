@@ -10,7 +10,7 @@ Sources (exactly one of them):
 * ``gguf_file``: a GGUF file (``from_pretrained(directory, gguf_file=name)``, needs the
   ``gguf`` package); ``model`` may name the directory that holds it.
 * ``init``: a named small config, :data:`INIT_CONFIGS` -- ``"tiny-gpt"`` (a Llama-style
-  decoder) or ``"tiny-seq2seq"`` (a BART encoder-decoder) -- with a byte-level BPE
+  decoder) or ``"tiny-seq2seq"`` (a Marian/Transformer encoder-decoder) -- with a byte-level BPE
   tokenizer trained by the ``tokenizers`` library on ``train_texts``
   (:func:`train_bpe_tokenizer`).
 
@@ -32,11 +32,11 @@ __all__ = [
     "SPECIAL_TOKENS",
     "ModelLoadError",
     "check_model_source",
-    "train_bpe_tokenizer",
-    "tiny_config",
-    "load_tokenizer",
-    "load_model_and_tokenizer",
     "is_seq2seq",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "tiny_config",
+    "train_bpe_tokenizer",
     "unwrap_model",
 ]
 
@@ -106,7 +106,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1000, *, kind: s
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it in ``PreTrainedTokenizerFast``.
 
     Special tokens: ``<pad>`` (0), ``<s>`` (1), ``</s>`` (2), ``<unk>`` (3). Every byte is in
-    the base alphabet, so any text can be encoded. ``kind="causal"`` prepends ``<s>`` to each
+    the base alphabet, so any text can be encoded; digits are never merged (each digit is
+    its own pre-token, as in Llama's tokenizer). ``kind="causal"`` prepends ``<s>`` to each
     encoded text (Llama style); ``kind="seq2seq"`` appends ``</s>`` (T5/Marian style).
 
     Args:
@@ -125,7 +126,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1000, *, kind: s
         raise ValueError(f"vocab_size must be at least {len(alphabet) + len(specials)} for a byte-level BPE, "
                          f"got {vocab_size}")
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # digits are split one by one (as Llama does) so that numbers are spelled digit by digit
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=alphabet, show_progress=False)
@@ -169,8 +172,10 @@ def tiny_config(name: str, tokenizer: Any, *, hidden_size: int = 128, num_layers
     """A small randomly initialisable config for ``init`` ``name``.
 
     ``tiny-gpt``: ``LlamaConfig`` (RMSNorm, rotary positions, SwiGLU, tied embeddings).
-    ``tiny-seq2seq``: ``BartConfig`` (``num_layers`` encoder and decoder layers, tied
-    embeddings, decoder start token ``<s>``). ``ffn_size`` defaults to ``4 * hidden_size``.
+    ``tiny-seq2seq``: ``MarianConfig`` (a Transformer-base-style encoder-decoder with
+    sinusoidal positions, as in the paper's translation models: ``num_layers`` encoder and
+    decoder layers, GELU, shared and tied embeddings, decoder start token ``<s>``).
+    ``ffn_size`` defaults to ``4 * hidden_size``.
     """
     if name not in INIT_CONFIGS:
         raise ModelLoadError(f"unknown init config {name!r}; choose one of {', '.join(INIT_CONFIGS)}")
@@ -187,14 +192,15 @@ def tiny_config(name: str, tokenizer: Any, *, hidden_size: int = 128, num_layers
                            num_hidden_layers=num_layers, num_attention_heads=num_heads,
                            num_key_value_heads=num_heads, max_position_embeddings=max_positions,
                            tie_word_embeddings=True, attention_dropout=dropout, **ids)
-    from transformers import BartConfig
+    from transformers import MarianConfig
 
-    return BartConfig(vocab_size=vocab, d_model=hidden_size, encoder_layers=num_layers, decoder_layers=num_layers,
-                      encoder_attention_heads=num_heads, decoder_attention_heads=num_heads,
-                      encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, max_position_embeddings=max_positions,
-                      dropout=dropout, attention_dropout=0.0, activation_dropout=0.0,
-                      decoder_start_token_id=tokenizer.bos_token_id, forced_bos_token_id=None,
-                      forced_eos_token_id=None, tie_word_embeddings=True, scale_embedding=False, **ids)
+    return MarianConfig(vocab_size=vocab, d_model=hidden_size, encoder_layers=num_layers, decoder_layers=num_layers,
+                        encoder_attention_heads=num_heads, decoder_attention_heads=num_heads,
+                        encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, max_position_embeddings=max_positions,
+                        dropout=dropout, attention_dropout=0.0, activation_dropout=0.0, activation_function="gelu",
+                        decoder_start_token_id=tokenizer.bos_token_id, forced_eos_token_id=None,
+                        tie_word_embeddings=True, share_encoder_decoder_embeddings=True, scale_embedding=True,
+                        **ids)
 
 
 def is_seq2seq(model_or_config: Any) -> bool:
@@ -232,7 +238,23 @@ def _load_pretrained(model: str, gguf_file: str | None, dtype: Any) -> tuple[Any
         tokenizer = load_tokenizer(model, gguf_file)
     except OSError as exc:
         raise ModelLoadError(f"cannot load model {model!r}{' / ' + gguf_file if gguf_file else ''}: {exc}") from exc
+    if gguf_file:
+        _drop_gguf_quantizer(net)
     return net, tokenizer
+
+
+def _drop_gguf_quantizer(net: Any) -> None:
+    """A GGUF model is dequantised on loading (its parameters are ordinary float tensors), but
+    transformers still marks it as quantised, which makes ``Trainer`` refuse full fine-tuning
+    and ``save_pretrained`` record a GGUF quantisation config. Clear those marks: the model
+    is then an ordinary Hugging Face model, saved and reloaded as such."""
+    if getattr(net, "hf_quantizer", None) is None:
+        return
+    net.hf_quantizer = None
+    net.is_quantized = False
+    net.quantization_method = None
+    if hasattr(net.config, "quantization_config"):
+        del net.config.quantization_config
 
 
 def _load_adapter(directory: str, dtype: Any) -> tuple[Any, Any]:

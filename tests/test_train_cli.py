@@ -1,0 +1,341 @@
+"""``properlm train``: training with each rule, schedules, resume after a kill, LoRA, YAML,
+--help, fail-fast validation and a 2-process torchrun (gloo) run. Tiny models, few steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from properlm.cli.main import main
+from properlm.training import (
+    ConfigError,
+    TrainConfig,
+    average_checkpoints,
+    config_fields,
+    find_checkpoints,
+    make_config,
+    run_training,
+)
+
+WORDS = "zero one two three four five six seven eight nine".split()
+
+
+def write_parallel(directory, n=48, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    src, tgt = [], []
+    for _ in range(n):
+        digits = str(rng.randint(0, 999))
+        src.append(digits)
+        tgt.append(" ".join(WORDS[int(c)] for c in digits))
+    (directory / "train.src").write_text("\n".join(src) + "\n", encoding="utf-8")
+    (directory / "train.tgt").write_text("\n".join(tgt) + "\n", encoding="utf-8")
+    return str(directory / "train.src"), str(directory / "train.tgt")
+
+
+def write_alpaca(directory, n=32):
+    path = directory / "train.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(json.dumps({"instruction": "Spell the number.", "input": str(i % 10), "output": WORDS[i % 10]})
+                    + "\n")
+    return str(path)
+
+
+def write_summaries(directory, n=32):
+    path = directory / "sum.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            doc = " ".join(WORDS[(i + k) % 10] for k in range(12))
+            f.write(json.dumps({"document": doc, "summary": " ".join(doc.split()[:3])}) + "\n")
+    return str(path)
+
+
+def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
+    src, tgt = write_parallel(tmp_path)
+    base = {"init": "tiny-seq2seq", "source_file": src, "target_file": tgt, "vocab_size": 270, "hidden_size": 32,
+            "num_layers": 1, "num_heads": 2, "max_length": 32, "per_device_train_batch_size": 8,
+            "learning_rate": 3e-3, "lr_scheduler": "constant", "max_steps": 6, "logging_steps": 1,
+            "output_dir": str(tmp_path / name), "progress_bar": False, "tensorboard": False, "seed": 0}
+    base.update(overrides)
+    return make_config(base)
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(output_dir):
+    return [r["loss"] for r in read_metrics(output_dir) if "loss" in r]
+
+
+def final_weights(directory):
+    return load_file(os.path.join(directory, "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("init, rule, fused, data", [
+    ("tiny-seq2seq", "logarithmic", True, "translation"),
+    ("tiny-seq2seq", "brier", True, "translation"),
+    ("tiny-gpt", "spherical", True, "instruction"),
+    ("tiny-gpt", "brier", False, "instruction"),
+    ("tiny-gpt", "logarithmic", True, "translation"),
+    ("tiny-seq2seq", "power:3", False, "translation"),
+    ("tiny-seq2seq", "spherical", True, "summarization"),
+])
+def test_training_lowers_the_loss(tmp_path, init, rule, fused, data):
+    extra = {"source_lang": "digits", "target_lang": "English"}
+    if data != "translation":
+        path = write_alpaca(tmp_path) if data == "instruction" else write_summaries(tmp_path)
+        extra = {"train_file": path, "source_file": None, "target_file": None}
+    cfg = tiny(tmp_path, init=init, rule=rule, fused=fused, max_steps=8, **extra)
+    results = run_training(cfg)
+    losses = train_losses(cfg.output_dir)
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    assert {r["rule"] for r in read_metrics(cfg.output_dir)} == {results["rule_stages"][0][0]}
+    assert os.path.isfile(os.path.join(cfg.output_dir, "final", "model.safetensors"))
+    assert os.path.isfile(os.path.join(cfg.output_dir, "final", "tokenizer.json"))
+    with open(os.path.join(cfg.output_dir, "results.json"), encoding="utf-8") as f:
+        assert json.load(f)["global_step"] == 8
+
+
+def test_eval_reports_every_rule_and_averaging(tmp_path):
+    cfg = tiny(tmp_path, validation_fraction=0.25, eval_steps=2, save_steps=2, average_last=2, max_steps=6,
+               rule="spherical")
+    results = run_training(cfg)
+    evals = [r for r in read_metrics(cfg.output_dir) if "eval_loss" in r]
+    assert [r["step"] for r in evals][:3] == [2, 4, 6]
+    for key in ("eval_score_logarithmic", "eval_score_brier", "eval_score_spherical"):
+        assert key in evals[0]
+    e = results["eval"]
+    assert e["eval_score_logarithmic"] < 0 and 0 < e["eval_score_spherical"] < 1 and -1 < e["eval_score_brier"] < 1
+    # the spherical loss on the eval set is 1 - mean spherical score (batch-weighted, so nearly equal)
+    assert abs(e["eval_loss"] - (1 - e["eval_score_spherical"])) < 0.05
+    # averaged = mean of checkpoint-4 and checkpoint-6
+    ckpts = find_checkpoints(cfg.output_dir)
+    assert [os.path.basename(c) for c in ckpts] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    avg = final_weights(os.path.join(cfg.output_dir, "averaged"))
+    a, b = final_weights(ckpts[1]), final_weights(ckpts[2])
+    for k in avg:
+        torch.testing.assert_close(avg[k], (a[k] + b[k]) / 2)
+    assert average_checkpoints(ckpts[1:]).keys() == avg.keys()
+    assert "eval_averaged_score_brier" in results["eval_averaged"]
+
+
+def test_schedule_switches_rule_at_the_right_step(tmp_path):
+    cfg = tiny(tmp_path, schedule="logarithmic:3,brier:3", max_steps=None)
+    results = run_training(cfg)
+    assert results["global_step"] == 6
+    records = [r for r in read_metrics(cfg.output_dir) if "loss" in r]
+    assert [(r["step"], r["rule"]) for r in records] == [(1, "logarithmic"), (2, "logarithmic"), (3, "logarithmic"),
+                                                         (4, "brier"), (5, "brier"), (6, "brier")]
+    # log loss of a fresh model is about log(V) ~ 5.6; a Brier loss is at most 2
+    assert all(r["loss"] > 3 for r in records[:3]) and all(r["loss"] < 2 for r in records[3:])
+
+
+class Kill(Exception):
+    pass
+
+
+class KillAt:
+    """A TrainerCallback that raises at the end of a step, as a killed process would stop."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Kill(f"killed at step {self.step}")
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    opts = {"schedule": "logarithmic:4,spherical:4", "max_steps": None, "save_steps": 2, "dropout": 0.1}
+    full = tiny(tmp_path, name="full", **opts)
+    run_training(full)
+    killed = tiny(tmp_path, name="killed", **opts)
+    with pytest.raises(Kill):
+        run_training(killed, callbacks=[KillAt(5)])  # checkpoint-4 exists, step 5 is lost
+    assert os.path.basename(find_checkpoints(killed.output_dir)[-1]) == "checkpoint-4"
+    with pytest.raises(ConfigError, match="already holds checkpoints; pass --resume"):
+        run_training(killed)
+    resumed = dataclasses.replace(killed, resume=True)
+    results = run_training(resumed)
+    assert results["resumed_from"].endswith("checkpoint-4") and results["global_step"] == 8
+    a = final_weights(os.path.join(full.output_dir, "final"))
+    b = final_weights(os.path.join(killed.output_dir, "final"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    # the resumed run logged steps 5..8 in the spherical stage
+    after = [r for r in read_metrics(killed.output_dir) if "loss" in r and r["step"] > 4]
+    assert [(r["step"], r["rule"]) for r in after][-4:] == [(5, "spherical"), (6, "spherical"), (7, "spherical"),
+                                                           (8, "spherical")]
+
+
+def test_lora(tmp_path):
+    from properlm.modeling import load_model_and_tokenizer
+
+    cfg = tiny(tmp_path, init="tiny-gpt", train_file=write_alpaca(tmp_path), source_file=None, target_file=None,
+               lora=True, lora_r=4, learning_rate=1e-2, max_steps=8, save_steps=4, average_last=2)
+    run_training(cfg)
+    losses = train_losses(cfg.output_dir)
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    final = os.path.join(cfg.output_dir, "final")
+    assert os.path.isfile(os.path.join(final, "adapter_config.json"))
+    assert not os.path.isfile(os.path.join(final, "model.safetensors"))
+    merged, _tok = load_model_and_tokenizer(final)  # base from output_dir/base + adapter, merged
+    base, _ = load_model_and_tokenizer(os.path.join(cfg.output_dir, "base"))
+    changed = [n for (n, p), (_, q) in zip(merged.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
+    assert changed and all("proj" in n for n in changed)
+    assert os.path.isfile(os.path.join(cfg.output_dir, "averaged", "adapter_config.json"))
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for f in config_fields():
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    for flag in ("--config", "--no-fused", "--resume", "--schedule", "--lr-scheduler", "inverse_sqrt"):
+        assert flag in out
+
+
+def test_yaml_config_and_override(tmp_path, capsys):
+    src, tgt = write_parallel(tmp_path)
+    out = tmp_path / "yaml_run"
+    (tmp_path / "run.yaml").write_text(
+        f"init: tiny-seq2seq\nsource-file: {src}\ntarget_file: {tgt}\nvocab_size: 270\nhidden_size: 16\n"
+        f"num_layers: 1\nnum_heads: 2\nmax_steps: 50\nrule: brier\nlogging_steps: 1\noutput_dir: {out}\n"
+        "tensorboard: false\nprogress_bar: false\n", encoding="utf-8")
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--max-steps", "2", "--rule", "spherical"]) == 0
+    with open(out / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    assert results["global_step"] == 2 and results["config"]["rule"] == "spherical"
+    assert results["config"]["hidden_size"] == 16
+    (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n", encoding="utf-8")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'learning_rat'" in err and "learning_rate" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rule", "cubic"], "unknown scoring rule 'cubic'"),
+    (["--smoothing", "1.5"], "--smoothing must be in [0, 1)"),
+    (["--schedule", "logarithmic:10,brier"], "--schedule"),
+    (["--schedule", "logarithmic:10,brier:5", "--max-steps", "7"], "differs from the schedule's total"),
+    (["--fp16"], "--fp16 needs a CUDA GPU"),
+    (["--average-last", "3"], "--average-last needs checkpoints"),
+    (["--eval-steps", "5"], "--eval-steps needs a validation set"),
+    (["--per-device-train-batch-size", "0"], "must be positive"),
+    (["--resume"], "no checkpoint-N directory"),
+    (["--init", "tiny-gpt", "--model", "x"], "do not combine"),
+])
+def test_bad_arguments_fail_fast(tmp_path, capsys, extra, message):
+    src, tgt = write_parallel(tmp_path)
+    argv = ["train", "--source-file", src, "--target-file", tgt, "--output-dir", str(tmp_path / "o")]
+    if "--model" not in extra:
+        argv += ["--init", "tiny-seq2seq"]
+    argv += extra
+    if "--fp16" in extra and torch.cuda.is_available():
+        pytest.skip("fp16 is available on this machine")
+    started = time.time()
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert time.time() - started < 5
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_malformed_data_fails_before_training(tmp_path, capsys):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "outptu": "d"}\n', encoding="utf-8")
+    assert main(["train", "--init", "tiny-gpt", "--train-file", str(path), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "train.jsonl line 2: field 'output' is missing" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o" / "tokenizer")
+    assert main(["train", "--init", "tiny-gpt", "--train-file", str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes(tmp_path):
+    src, tgt = write_parallel(tmp_path)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "properlm.cli.main", "train", "--init", "tiny-seq2seq", "--source-file", src, "--target-file", tgt,
+           "--vocab-size", "270", "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2",
+           "--max-steps", "3", "--per-device-train-batch-size", "4", "--rule", "spherical", "--logging-steps", "1",
+           "--validation-fraction", "0.2", "--eval-steps", "3", "--save-steps", "3", "--output-dir", str(out),
+           "--no-progress-bar", "--no-tensorboard"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    assert results["global_step"] == 3
+    assert "eval_score_spherical" in results["eval"]
+    assert os.path.isfile(out / "final" / "model.safetensors")
+    assert os.path.isdir(out / "checkpoint-3")
+
+
+def test_train_from_gguf_file(tmp_path):
+    from properlm.modeling import load_model_and_tokenizer
+    from test_modeling import write_llama_gguf
+
+    model, tok = load_model_and_tokenizer(init="tiny-gpt", train_texts=WORDS * 5, vocab_size=270,
+                                          init_options={"hidden_size": 16, "num_layers": 1, "num_heads": 2})
+    write_llama_gguf(model, tok, tmp_path / "tiny.gguf")
+    cfg = tiny(tmp_path, init=None, gguf_file=str(tmp_path / "tiny.gguf"), train_file=write_alpaca(tmp_path),
+               source_file=None, target_file=None, rule="brier", max_steps=4)
+    results = run_training(cfg)
+    assert results["global_step"] == 4 and not results["seq2seq"]
+    losses = train_losses(cfg.output_dir)
+    assert len(losses) == 4 and all(0 <= v <= 2 for v in losses)
+    loaded, _ = load_model_and_tokenizer(os.path.join(cfg.output_dir, "final"))
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+
+
+def test_tensorboard_logs_in_output_dir(tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = tiny(tmp_path, tensorboard=True, max_steps=2)
+    run_training(cfg)
+    events = [f for _, _, files in os.walk(os.path.join(cfg.output_dir, "runs")) for f in files
+              if f.startswith("events.out.tfevents")]
+    assert events
+
+
+def test_eval_score_sums_match_token_scores(monkeypatch):
+    import properlm.training as training
+    from properlm import token_scores
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11) * 3
+    labels = torch.randint(11, (3, 5))
+    labels[0, :2] = -100
+    labels[2] = -100
+    monkeypatch.setattr(training, "_EVAL_CHUNK_ELEMENTS", 30)  # 2 rows per chunk
+    rules = ["logarithmic", "brier", "spherical", "power:3"]
+    sums = training._score_sums(logits, labels, rules)
+    assert sums.shape == (3, 4)
+    for j, rule in enumerate(rules):
+        torch.testing.assert_close(sums[:, j].float(), token_scores(logits, labels, rule).sum(-1))
+    assert torch.all(sums[2] == 0)

@@ -277,15 +277,18 @@ def test_malformed_data_fails_before_training(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_torchrun_two_processes(tmp_path):
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """2-process data parallel (gloo) equals one process with the same global batch (issue 8)."""
     src, tgt = write_parallel(tmp_path)
+    common = ["--init", "tiny-seq2seq", "--source-file", src, "--target-file", tgt,
+              "--vocab-size", "270", "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2", "--dropout", "0",
+              "--max-steps", "3", "--rule", "spherical", "--smoothing", "0.1", "--logging-steps", "1",
+              "--learning-rate", "1e-2", "--lr-scheduler", "constant", "--seed", "0",
+              "--validation-fraction", "0.2", "--eval-steps", "3", "--save-steps", "3",
+              "--no-progress-bar", "--no-tensorboard"]
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "properlm.cli.main", "train", "--init", "tiny-seq2seq", "--source-file", src, "--target-file", tgt,
-           "--vocab-size", "270", "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2",
-           "--max-steps", "3", "--per-device-train-batch-size", "4", "--rule", "spherical", "--logging-steps", "1",
-           "--validation-fraction", "0.2", "--eval-steps", "3", "--save-steps", "3", "--output-dir", str(out),
-           "--no-progress-bar", "--no-tensorboard"]
+           "-m", "properlm.cli.main", "train", *common, "--per-device-train-batch-size", "4", "--output-dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -295,6 +298,17 @@ def test_torchrun_two_processes(tmp_path):
     assert "eval_score_spherical" in results["eval"]
     assert os.path.isfile(out / "final" / "model.safetensors")
     assert os.path.isdir(out / "checkpoint-3")
+
+    single = tmp_path / "single"
+    assert main(["train", *common, "--per-device-train-batch-size", "8", "--output-dir", str(single)]) == 0
+    ddp_losses, one_losses = train_losses(out), train_losses(single)
+    assert len(ddp_losses) == len(one_losses) == 3
+    assert ddp_losses == pytest.approx(one_losses, rel=1e-4)
+    assert ddp_losses[-1] < ddp_losses[0]
+    w_ddp = load_file(str(out / "final" / "model.safetensors"))
+    w_one = load_file(str(single / "final" / "model.safetensors"))
+    for name, t in w_one.items():
+        torch.testing.assert_close(w_ddp[name], t, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_train_from_gguf_file(tmp_path):

@@ -4,6 +4,7 @@ rules beyond the logarithmic score (Brier, spherical, power and pseudo-spherical
 Shao, Meng, Liu, Zhou. "Language Generation with Strictly Proper Scoring Rules", ICML 2024.
 """
 
+from .fused import LinearScoringRuleLoss, fused_linear_scoring_rule_loss
 from .integrations.transformers import apply_scoring_rule, remove_scoring_rule
 from .loss import ScoringRuleLoss, scoring_rule_loss, sequence_scores, token_scores
 from .rules import (
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Brier",
+    "LinearScoringRuleLoss",
     "Logarithmic",
     "Power",
     "PseudoSpherical",
@@ -30,6 +32,7 @@ __all__ = [
     "Spherical",
     "apply_scoring_rule",
     "available_rules",
+    "fused_linear_scoring_rule_loss",
     "get_rule",
     "register_rule",
     "remove_scoring_rule",

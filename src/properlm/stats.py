@@ -34,6 +34,7 @@ __all__ = [
     "logits_grad",
     "loss_and_partials",
     "masked_set",
+    "masked_threshold",
     "smoothed_score",
 ]
 
@@ -90,16 +91,33 @@ class TokenStats:
         )
 
 
-def _pow(e: Tensor, c: float) -> Tensor:
+def _pow(e: Tensor, c: float, out: Tensor | None = None) -> Tensor:
+    """``e ** c`` (``e`` itself for ``c = 1``), written into ``out`` when given and ``c != 1``.
+
+    Half-integer exponents up to 4.5 (``pseudo-spherical:1.5`` needs 1.5 and 0.5) are formed
+    as ``sqrt(e) * e * ... * e``: a general ``pow`` costs a ``log`` and an ``exp`` per
+    element, about nine times a ``sqrt`` and a product (same value to a few units of rounding).
+    """
     if c == 1.0:
         return e
     if c == 2.0:
-        return e * e
-    return e.pow(c)
+        return torch.mul(e, e, out=out)
+    if 0 < c <= 4.5 and (2 * c).is_integer() and not float(c).is_integer():
+        r = torch.sqrt(e, out=out)
+        for _ in range(int(c)):
+            r.mul_(e)
+        return r
+    return torch.pow(e, c, out=out)
 
 
 def _masked_log_eps(rule: ScoringRule, smoothing: float) -> float | None:
     return smoothing if (smoothing > 0 and rule.masked_log_smoothing) else None
+
+
+def masked_threshold(lse1: Tensor, num_classes: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """Per-token threshold ``t`` of the masked set: ``j in M  <=>  exp(z_j - m) < t``, with
+    ``t = (eps / V) exp(lse1) (1 - 64 finfo(dtype).eps)`` (see :func:`masked_set`)."""
+    return (eps / num_classes) * torch.exp(lse1) * (1 - 64 * torch.finfo(dtype).eps)
 
 
 def masked_set(e: Tensor, lse1: Tensor, num_classes: Tensor, eps: float, finite: Tensor | None) -> Tensor:
@@ -110,20 +128,24 @@ def masked_set(e: Tensor, lse1: Tensor, num_classes: Tensor, eps: float, finite:
     this boundary, so the threshold is lowered by a few units of rounding
     (``64 * finfo(dtype).eps`` relative) lest rounding alone switch the term on there.
     """
-    thresh = (eps / num_classes) * torch.exp(lse1) * (1 - 64 * torch.finfo(e.dtype).eps)
+    thresh = masked_threshold(lse1, num_classes, eps, e.dtype)
     mask = e < thresh[:, None]
     if finite is not None:
         mask &= finite
     return mask
 
 
-def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float = 0.0
+def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float = 0.0, *,
+                  out: Tensor | None = None, work: Tensor | None = None
                   ) -> tuple[TokenStats, Tensor, Tensor | None]:
     """Statistics of float32 (or float64) logits ``z`` (``(n, V)``) for targets ``target`` (``(n,)``).
 
     Returns ``(stats, e, finite)`` where ``e = exp(z - m)`` (kept so that a caller that
     needs the gradient right away does not recompute it) and ``finite`` is the mask of
-    finite logits, or ``None`` when every logit is finite.
+    finite logits, or ``None`` when every logit is finite. ``out`` (same shape and dtype as
+    ``z``), when given, receives ``z - m`` (and then ``e`` when there is no masked-log term),
+    and ``work`` (same shape and dtype) holds the powers ``e^c``, so that a caller looping over
+    chunks reuses its buffers instead of allocating per chunk.
     """
     n, V = z.shape
     m = z.amax(dim=-1)
@@ -133,13 +155,13 @@ def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float
         num_classes = finite.sum(-1, dtype=z.dtype)
     else:
         num_classes = torch.full((n,), float(V), dtype=z.dtype, device=z.device)
-    d = z - m[:, None]
+    d = torch.sub(z, m[:, None], out=out)
     eps = _masked_log_eps(rule, smoothing)
     sum_z = None
     if smoothing > 0 and rule.uses_logit_sum:
         sum_z = (d if finite is None else torch.where(finite, d, 0.0)).sum(-1)
     e = torch.exp(d) if eps is not None else d.exp_()
-    lse = {c: torch.log(_pow(e, c).sum(-1)) for c in rule.scales(smoothing)}
+    lse = {c: torch.log(_pow(e, c, out=work).sum(-1)) for c in rule.scales(smoothing)}
     z_y = z.gather(1, target[:, None]).squeeze(1) - m
     stats = TokenStats(z_y=z_y, lse=lse, num_classes=num_classes, max_logit=m, sum_z=sum_z)
     if eps is not None:
@@ -205,24 +227,37 @@ def loss_and_partials(rule: ScoringRule, stats: TokenStats, smoothing: float = 0
 
 def logits_grad(z: Tensor, target: Tensor, stats: TokenStats, partials: TokenStats,
                 smoothing: float, rule: ScoringRule, e: Tensor | None = None,
-                finite: Tensor | None = None) -> Tensor:
+                finite: Tensor | None = None, *, out: Tensor | None = None, work: Tensor | None = None
+                ) -> Tensor:
     """Gradient of ``sum_i loss_i`` with respect to float32 logits ``z`` (``(n, V)``).
 
     ``partials`` holds ``d loss_i / d stat_i`` (already multiplied by any upstream
-    gradient). ``e = exp(z - m)`` and ``finite`` are recomputed when not given.
+    gradient). ``e = exp(z - m)`` and ``finite`` are recomputed when not given. The
+    gradient is written into ``out`` (shape and dtype of ``z``; distinct from ``e``, but it
+    may be ``z`` itself, which is not read once the gradient is being written) when given,
+    and ``work`` (same shape and dtype, distinct from both) holds the terms of further scales,
+    so that a caller looping over chunks reuses its buffers.
     """
     if e is None:
-        e = torch.exp(z - stats.max_logit[:, None])
+        e = torch.sub(z, stats.max_logit[:, None]).exp_()
     if finite is None and bool((stats.num_classes < z.shape[1]).any()):
         finite = z != -math.inf
     grad: Tensor | None = None
     # sum_c f_Lc * c * softmax(c z) with softmax(c z) = e^c * exp(-lse[c])
     for c, f_l in partials.lse.items():
         coef = (f_l * c * torch.exp(-stats.lse[c]))[:, None]
-        term = _pow(e, c) * coef
-        grad = term if grad is None else grad.add_(term)
+        if grad is None:
+            # the first term straight into the output, rounded exactly as _pow(e, c) * coef
+            if c == 1.0:
+                grad = torch.mul(e, coef, out=out)
+            else:
+                grad = _pow(e, c, out=out).mul_(coef)
+        elif work is None:
+            grad.add_(_pow(e, c) * coef)
+        else:
+            grad.add_(torch.mul(e, coef, out=work) if c == 1.0 else _pow(e, c, out=work).mul_(coef))
     if grad is None:
-        grad = torch.zeros_like(z)
+        grad = torch.zeros_like(z) if out is None else out.zero_()
     if partials.sum_z is not None:
         if finite is None:
             grad.add_(partials.sum_z[:, None])

@@ -6,7 +6,7 @@ token ``i`` is ``S_max - S_eps(softmax(z_i), y_i)`` with ``z_i = W h_i + b``. Th
 ``(N, V)`` logits are never formed: rows are processed ``chunk_size`` at a time, and for
 each chunk
 
-1. ``z = h_c W^T + b`` (float32, ``(chunk, V)``),
+1. ``z = h_c W^T + b`` (float32, or float64 for float64 inputs; ``(chunk, V)``),
 2. the per-token statistics and their partial derivatives
    (:func:`~properlm.stats.compute_stats`, :func:`~properlm.stats.loss_and_partials`),
 3. the closed-form logit gradient ``g = d loss / d z``
@@ -30,19 +30,20 @@ derivatives (a few numbers per token) and the backward recomputes each chunk's l
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from ..loss import reduce_loss
+from ..loss import compute_dtype, reduce_loss
 from ..rules import ScoringRule
 from ..stats import TokenStats, compute_stats, logits_grad, loss_and_partials
 
 __all__ = [
     "ChunkBackend",
-    "TorchChunkBackend",
     "FusedLinearLossFunction",
+    "TorchChunkBackend",
     "chunk_logits",
     "default_chunk_size",
 ]
@@ -50,9 +51,9 @@ __all__ = [
 #: bounds on the default number of rows of one chunk of logits
 MIN_CHUNK_ROWS = 64
 MAX_CHUNK_ROWS = 4096
-#: the default chunk of logits holds at least this many elements (16 MiB in float32), so
-#: that the per-chunk matmuls stay efficient when the hidden input is small
-MIN_CHUNK_ELEMENTS = 1 << 22
+#: the default chunk of logits holds at least this many elements (64 MiB in float32), so
+#: that the per-chunk matmuls (and their threads) stay efficient when the hidden input is small
+MIN_CHUNK_ELEMENTS = 1 << 24
 
 
 def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
@@ -66,15 +67,21 @@ def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> in
     return max(1, min(rows, num_tokens))
 
 
-def chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``h W^T + b`` as float32, ``(n, H) x (V, H) -> (n, V)``.
+def chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``h W^T + b`` in the compute dtype (float32, float64 for float64 inputs),
+    ``(n, H) x (V, H) -> (n, V)``, written into ``out`` when given.
 
     The matmul runs in the inputs' dtype (float32 accumulation inside), exactly as the
     unfused ``F.linear`` would, so that low-precision inputs give the same logits as the
     unfused path; only then is the result upcast.
     """
+    cdt = compute_dtype(h.dtype)
+    if h.dtype == cdt:
+        if bias is None:
+            return torch.mm(h, weight.t(), out=out)
+        return torch.addmm(bias, h, weight.t(), out=out)
     z = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
-    return z.float()
+    return z.to(cdt) if out is None else out.copy_(z)
 
 
 class ChunkBackend(Protocol):
@@ -94,28 +101,104 @@ class ChunkBackend(Protocol):
         ...
 
 
+def _cat_stats(parts: list[TokenStats]) -> TokenStats:
+    """Row-wise concatenation of the statistics of consecutive row blocks."""
+    if len(parts) == 1:
+        return parts[0]
+    out: dict[str, Any] = {}
+    for f in fields(TokenStats):
+        vals = [getattr(p, f.name) for p in parts]
+        if vals[0] is None:
+            out[f.name] = None
+        elif isinstance(vals[0], dict):
+            out[f.name] = {c: torch.cat([v[c] for v in vals]) for c in vals[0]}
+        else:
+            out[f.name] = torch.cat(vals)
+    return TokenStats(**out)
+
+
 class TorchChunkBackend:
-    """Chunk statistics and gradient with PyTorch ops (any device)."""
+    """Chunk statistics and gradient with PyTorch ops (any device).
+
+    Memory traffic, not arithmetic, bounds the elementwise work, so on the CPU:
+
+    * two ``chunk x V`` buffers are allocated at the first chunk and reused for every later
+      one (the logits, then the gradient, in one; ``exp(z - m)`` in the other): a fresh
+      allocation of this size per chunk costs page faults comparable to the arithmetic;
+    * the elementwise statistics and the gradient run over blocks of rows of the chunk
+      (``SUB_ELEMENTS`` elements, which stay in cache), with one reused block-sized buffer
+      for the powers ``e^c``; the matmuls still see the whole chunk.
+
+    On CUDA the whole chunk is one block. :meth:`release` frees the buffers.
+    """
 
     name = "torch"
 
+    #: elements of one block of rows for the elementwise work on the CPU
+    SUB_ELEMENTS = 1 << 20
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def _buf(self, name: str, rows: int, like: Tensor, vocab_size: int) -> Tensor:
+        cdt = compute_dtype(like.dtype)
+        b = self._bufs.get(name)
+        if b is None or b.shape[0] < rows or b.shape[1] != vocab_size or b.dtype != cdt or b.device != like.device:
+            b = self._bufs[name] = torch.empty(rows, vocab_size, dtype=cdt, device=like.device)
+        return b[:rows]
+
+    def release(self) -> None:
+        """Free the work buffers."""
+        self._bufs.clear()
+
+    def _blocks(self, n: int, vocab_size: int, like: Tensor) -> tuple[list[slice], Tensor | None]:
+        """Row blocks of the elementwise work and a work buffer of one block (CPU only)."""
+        if like.device.type != "cpu":
+            return [slice(0, n)], None
+        step = max(1, self.SUB_ELEMENTS // max(vocab_size, 1))
+        work = self._buf("work", min(step, n), like, vocab_size)
+        return [slice(r, min(r + step, n)) for r in range(0, n, step)], work
+
     def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
               smoothing: float) -> tuple[TokenStats, Any]:
-        z = chunk_logits(h, weight, bias)
-        stats, e, finite = compute_stats(z, y, rule, smoothing)
-        return stats, (z, e, finite)
+        n, V = h.shape[0], weight.shape[0]
+        z = chunk_logits(h, weight, bias, out=self._buf("z", n, h, V))
+        ebuf = self._buf("e", n, h, V)
+        parts, finites = [], []
+        blocks, work = self._blocks(n, V, h)
+        for sl in blocks:
+            wk = None if work is None else work[: sl.stop - sl.start]
+            st, e, finite = compute_stats(z[sl], y[sl], rule, smoothing, out=ebuf[sl], work=wk)
+            if e.data_ptr() != ebuf[sl].data_ptr():  # with a masked-log term, e is a new tensor
+                ebuf[sl].copy_(e)
+            parts.append(st)
+            finites.append(finite)
+        return _cat_stats(parts), (z, ebuf, finites)
 
     def grad_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stats: TokenStats,
                     partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any) -> Tensor:
+        n, V = h.shape[0], weight.shape[0]
+        blocks, work = self._blocks(n, V, h)
         if cache is None:
-            z, e, finite = chunk_logits(h, weight, bias), None, None
+            z = chunk_logits(h, weight, bias, out=self._buf("z", n, h, V))
+            e = self._buf("e", n, h, V)
+            finites: list[Tensor | None] = [None] * len(blocks)  # logits_grad finds them if any
         else:
-            z, e, finite = cache
-        return logits_grad(z, y, stats, partials, smoothing, rule, e=e, finite=finite)
+            z, e, finites = cache
+        for sl, finite in zip(blocks, finites):
+            e_b = e[sl]
+            if cache is None:
+                torch.sub(z[sl], stats.max_logit[sl, None], out=e_b).exp_()
+            # the gradient overwrites the logits (logits_grad allows out=z)
+            wk = None if work is None else work[: sl.stop - sl.start]
+            logits_grad(z[sl], y[sl], stats.index(sl), partials.index(sl), smoothing, rule, e=e_b, finite=finite,
+                        out=z[sl], work=wk)
+        return z
 
 
 class _GradAccumulator:
-    """float32 accumulators of ``grad_h`` (rows of the valid tokens), ``grad_W`` and ``grad_b``."""
+    """Accumulators of ``grad_h`` (rows of the valid tokens), ``grad_W`` and ``grad_b`` in the
+    compute dtype (float32; float64 for float64 inputs)."""
 
     def __init__(self, num_rows: int, weight: Tensor, bias: Tensor | None, hidden_dtype: torch.dtype,
                  need: tuple[bool, bool, bool]) -> None:
@@ -123,20 +206,21 @@ class _GradAccumulator:
         self.need_h, self.need_w, self.need_b = need[0], need[1], need[2] and bias is not None
         dev = weight.device
         V, H = weight.shape
+        self.cdt = cdt = compute_dtype(weight.dtype)
         self.grad_h = torch.empty(num_rows, H, dtype=hidden_dtype, device=dev) if self.need_h else None
-        self.grad_w = torch.zeros(V, H, dtype=torch.float32, device=dev) if self.need_w else None
-        self.grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if self.need_b else None
+        self.grad_w = torch.zeros(V, H, dtype=cdt, device=dev) if self.need_w else None
+        self.grad_b = torch.zeros(V, dtype=cdt, device=dev) if self.need_b else None
 
     def add(self, start: int, h: Tensor, g: Tensor) -> None:
         """Add the contribution of rows ``start : start + len(h)`` with logit gradient ``g``."""
         if self.grad_h is not None:
             out = self.grad_h[start:start + g.shape[0]]
-            if self.weight.dtype == torch.float32:
+            if self.weight.dtype == g.dtype:
                 torch.mm(g, self.weight, out=out)
             else:
                 out.copy_(torch.mm(g.to(self.weight.dtype), self.weight))
         if self.grad_w is not None:
-            self.grad_w.addmm_(g.t(), h if h.dtype == torch.float32 else h.float())
+            self.grad_w.addmm_(g.t(), h if h.dtype == g.dtype else h.to(g.dtype))
         if self.grad_b is not None:
             self.grad_b.add_(g.sum(0))
 
@@ -154,6 +238,12 @@ class _GradAccumulator:
 
 def _scaled(p: TokenStats, w: Tensor) -> TokenStats:
     return p.scaled(w)
+
+
+def _release(backend: ChunkBackend) -> None:
+    release = getattr(backend, "release", None)
+    if release is not None:
+        release()
 
 
 class FusedLinearLossFunction(torch.autograd.Function):
@@ -182,16 +272,17 @@ class FusedLinearLossFunction(torch.autograd.Function):
         nv = h_valid.shape[0]
         per_token = reduction == "none"
         dev = hidden.device
+        cdt = compute_dtype(hidden.dtype)
 
         scale: Tensor | None = None
         acc: _GradAccumulator | None = None
         if need_grad and not per_token:
             # d(reduced loss)/d(loss_i): 1 for "sum", 1/denominator for "mean"
-            scale = reduce_loss(torch.ones((), dtype=torch.float32, device=dev), valid, reduction,
+            scale = reduce_loss(torch.ones((), dtype=cdt, device=dev), valid, reduction,
                                 num_items_in_batch)
             acc = _GradAccumulator(nv, weight, bias, hidden.dtype, need)
 
-        losses = torch.zeros(nv, dtype=torch.float32, device=dev)
+        losses = torch.zeros(nv, dtype=cdt, device=dev)
         saved: list[tuple[int, TokenStats, TokenStats]] = []
         for start in range(0, nv, chunk_size):
             h_c = h_valid[start:start + chunk_size]
@@ -211,6 +302,7 @@ class FusedLinearLossFunction(torch.autograd.Function):
                 del cache
                 acc.add(start, h_c, g)
                 del g
+        _release(backend)
 
         ctx.rule, ctx.smoothing, ctx.backend, ctx.chunk_size = rule, smoothing, backend, chunk_size
         ctx.num_tokens, ctx.per_token = n, per_token
@@ -219,7 +311,7 @@ class FusedLinearLossFunction(torch.autograd.Function):
         if per_token:
             if need_grad:
                 ctx.save_for_backward(hidden, weight, bias, target, rows)
-            out = losses if rows is None else torch.zeros(n, dtype=torch.float32, device=dev).index_copy_(
+            out = losses if rows is None else torch.zeros(n, dtype=cdt, device=dev).index_copy_(
                 0, rows, losses)
             return out
         if acc is not None:
@@ -230,19 +322,24 @@ class FusedLinearLossFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         tail = (None,) * 8
         if not ctx.per_token:
+            if ctx.grads is None:
+                raise RuntimeError("the fused loss computes its gradients once, in the forward pass; "
+                                   "backward through it a second time is not supported (retain_graph)")
             gh, gw, gb = ctx.grads
-            ctx.grads = None
+            ctx.grads = None  # hand the tensors over to autograd without another reference
             if not bool(torch.all(grad_out == 1)):
-                gh = None if gh is None else gh * grad_out.to(gh.dtype)
-                gw = None if gw is None else gw * grad_out.to(gw.dtype)
-                gb = None if gb is None else gb * grad_out.to(gb.dtype)
+                # in place: these tensors were made by the forward pass and nothing else holds them
+                for g in (gh, gw, gb):
+                    if g is not None:
+                        g.mul_(grad_out.to(g.dtype))
             return (gh, gw, gb, *tail)
 
         hidden, weight, bias, target, rows = ctx.saved_tensors
         need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
         nv = hidden.shape[0] if rows is None else rows.numel()
         acc = _GradAccumulator(nv, weight, bias, hidden.dtype, need)
-        go = grad_out.float() if rows is None else grad_out.float().index_select(0, rows)
+        cdt = compute_dtype(hidden.dtype)
+        go = grad_out.to(cdt) if rows is None else grad_out.to(cdt).index_select(0, rows)
         cs = ctx.chunk_size
         for start, stats, partials in ctx.saved_chunks:
             stop = start + stats.z_y.shape[0]
@@ -256,6 +353,7 @@ class FusedLinearLossFunction(torch.autograd.Function):
                                         ctx.rule, ctx.smoothing, None)
             acc.add(start, h_c, g)
             del g
+        _release(ctx.backend)
         ctx.saved_chunks = None
         gh, gw, gb = acc.result(rows, ctx.num_tokens, weight, bias)
         return (gh, gw, gb, *tail)

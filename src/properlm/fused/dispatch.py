@@ -1,0 +1,207 @@
+"""The fused linear + scoring-rule loss: input validation, choice of implementation, and
+the ``nn.Module``.
+
+``fused_linear_scoring_rule_loss(hidden, weight, target, ...)`` equals
+``scoring_rule_loss(hidden @ weight.T + bias, target, ...)`` in value and in its gradients
+with respect to ``hidden``, ``weight`` and ``bias``, without forming the ``(N, V)`` logits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor, nn
+
+from ..loss import _check_reduction, _check_smoothing, reduce_loss, validate_inputs
+from ..rules import RuleLike, get_rule
+from .chunked import ChunkBackend, FusedLinearLossFunction, TorchChunkBackend, default_chunk_size
+
+__all__ = ["IMPLS", "LinearScoringRuleLoss", "fused_linear_scoring_rule_loss", "triton_is_available"]
+
+IMPLS = ("torch", "triton")
+
+
+def triton_is_available() -> bool:
+    """Whether the ``triton`` package can be imported (``pip install properlm[triton]``)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _validate(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, ignore_index: int,
+              chunk_size: int | None, impl: str | None) -> None:
+    if not isinstance(hidden, Tensor):
+        raise ValueError(f"hidden must be a tensor of shape (..., H), got {type(hidden).__name__}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 2-D tensor of shape (V, H) as stored by nn.Linear, got {shape}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape (..., H), got a scalar")
+    V, H = weight.shape
+    if hidden.shape[-1] != H:
+        raise ValueError(
+            f"shape mismatch: hidden of shape {tuple(hidden.shape)} has hidden size {hidden.shape[-1]} but "
+            f"weight of shape {tuple(weight.shape)} (V, H) expects H={H}"
+        )
+    if not hidden.dtype.is_floating_point:
+        raise ValueError(f"hidden must be a floating-point tensor, got dtype {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"dtype mismatch: hidden is {hidden.dtype} but weight is {weight.dtype}; cast one of them")
+    if weight.device != hidden.device:
+        raise ValueError(f"device mismatch: hidden is on {hidden.device} but weight is on {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (V,):
+            shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be a tensor of shape (V,) = ({V},), got {shape}")
+        if bias.dtype != weight.dtype:
+            raise ValueError(f"dtype mismatch: bias is {bias.dtype} but weight is {weight.dtype}")
+        if bias.device != weight.device:
+            raise ValueError(f"device mismatch: bias is on {bias.device} but weight is on {weight.device}")
+    if isinstance(target, Tensor) and target.device != hidden.device:
+        raise ValueError(f"device mismatch: target is on {target.device} but hidden is on {hidden.device}")
+    validate_inputs((*hidden.shape[:-1], V), hidden.dtype, target, ignore_index, what="logits (hidden @ weight.T)")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"impl must be None, 'torch' or 'triton', got {impl!r}")
+
+
+def _backend(impl: str | None, hidden: Tensor, num_scales: int) -> ChunkBackend:
+    if impl == "torch":
+        return TorchChunkBackend()
+    if impl == "triton":
+        if not triton_is_available():
+            raise ValueError("impl='triton' needs the triton package: pip install 'properlm[triton]'")
+        if not hidden.is_cuda and not _interpreting():
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors (got device {hidden.device}); on the CPU it only runs "
+                "under the Triton interpreter (TRITON_INTERPRET=1)"
+            )
+        from .triton_kernels import MAX_SCALES, TritonChunkBackend
+
+        if hidden.dtype == torch.float64:
+            raise ValueError("impl='triton' supports float32, bfloat16 and float16 inputs, not float64")
+        if num_scales > MAX_SCALES:
+            raise ValueError(f"impl='triton' supports rules needing at most {MAX_SCALES} scales, got {num_scales}")
+        return TritonChunkBackend()
+    # automatic: Triton for CUDA tensors when available, the chunked torch path otherwise
+    if hidden.is_cuda and hidden.dtype != torch.float64 and triton_is_available():
+        from .triton_kernels import MAX_SCALES, TritonChunkBackend
+
+        if num_scales <= MAX_SCALES:
+            return TritonChunkBackend()
+    return TorchChunkBackend()
+
+
+def fused_linear_scoring_rule_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    rule: RuleLike = "spherical",
+    bias: Tensor | None = None,
+    smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_size: int | None = None,
+    impl: str | None = None,
+) -> Tensor:
+    r"""Scoring-rule loss of the output layer ``logits = hidden @ weight.T + bias``,
+    computed without materialising the ``(N, V)`` logits.
+
+    Equal in value and gradients (``hidden``, ``weight``, ``bias``) to
+    ``scoring_rule_loss(hidden @ weight.T + bias, target, rule, smoothing, ignore_index,
+    reduction, num_items_in_batch)``: per token ``S_max - S_eps(softmax(z), y)``.
+
+    Args:
+        hidden: ``(..., H)`` final hidden states (float32, bfloat16 or float16).
+        weight: ``(V, H)`` output projection, as stored by ``nn.Linear`` / ``lm_head``; same
+            dtype and device as ``hidden``.
+        target: ``(...)`` integer token ids in ``[0, V)`` or ``ignore_index``.
+        rule: a rule spec string (``"spherical"``, ``"brier"``, ``"power:3"``, ...) or a
+            :class:`~properlm.rules.ScoringRule`.
+        bias: optional ``(V,)`` output bias.
+        smoothing: score smoothing ``eps`` in ``[0, 1)`` (see :func:`properlm.scoring_rule_loss`).
+        ignore_index: target value whose positions get neither loss nor gradient; they are
+            dropped before the matmul.
+        reduction: ``"mean"`` (over non-ignored tokens, or ``sum / num_items_in_batch``),
+            ``"sum"`` or ``"none"`` (shape of ``target``, 0 at ignored positions).
+        num_items_in_batch: the number of target tokens of the whole (accumulated) batch
+            (Hugging Face ``Trainer``); only used with ``reduction="mean"``.
+        chunk_size: rows of logits formed at a time; default about ``N H / V`` rows (chunk
+            logits the size of ``hidden``) within sane bounds, see
+            :func:`properlm.fused.chunked.default_chunk_size`.
+        impl: ``None`` (Triton for CUDA tensors when ``triton`` is installed, the chunked
+            PyTorch path otherwise), ``"torch"`` or ``"triton"`` to force one.
+
+    Returns:
+        A float32 scalar, or float32 per-token losses of ``target``'s shape for ``"none"``.
+
+    Memory: besides the float32 gradient accumulator of ``weight`` (``V x H``), a few
+    ``chunk_size x V`` float32 tensors at a time.
+
+    Example::
+
+        >>> hidden = torch.randn(2, 16, 64, requires_grad=True)
+        >>> lm_head = torch.nn.Linear(64, 1000, bias=False)
+        >>> target = torch.randint(1000, (2, 16))
+        >>> loss = properlm.fused_linear_scoring_rule_loss(hidden, lm_head.weight, target, rule="brier")
+        >>> loss.backward()
+    """
+    rule_obj = get_rule(rule)
+    eps = _check_smoothing(smoothing)
+    _check_reduction(reduction)
+    _validate(hidden, weight, target, bias, ignore_index, chunk_size, impl)
+    if reduction == "mean" and num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
+        reduce_loss(torch.zeros(()), torch.ones(1, dtype=torch.bool), reduction, num_items_in_batch)  # validates
+    backend = _backend(impl, hidden, len(rule_obj.scales(eps)))
+    H = weight.shape[1]
+    h2 = hidden.reshape(-1, H)
+    y = target.reshape(-1)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(max(int((y != ignore_index).sum()), 1), H, weight.shape[0])
+    out = FusedLinearLossFunction.apply(h2, weight, bias, y, rule_obj, eps, ignore_index, reduction,
+                                        num_items_in_batch, chunk_size, backend)
+    return out.view(target.shape) if reduction == "none" else out
+
+
+class LinearScoringRuleLoss(nn.Module):
+    """Module form of :func:`fused_linear_scoring_rule_loss`: the loss of an output layer
+    given its hidden states, never forming the full logits.
+
+    Example::
+
+        >>> criterion = properlm.LinearScoringRuleLoss("spherical", smoothing=0.1)
+        >>> loss = criterion(hidden, model.lm_head.weight, labels)
+    """
+
+    def __init__(self, rule: RuleLike = "spherical", smoothing: float = 0.0, ignore_index: int = -100,
+                 reduction: str = "mean", chunk_size: int | None = None, impl: str | None = None) -> None:
+        super().__init__()
+        self.rule = get_rule(rule)
+        self.smoothing = _check_smoothing(smoothing)
+        self.ignore_index = ignore_index
+        self.reduction = _check_reduction(reduction)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if impl is not None and impl not in IMPLS:
+            raise ValueError(f"impl must be None, 'torch' or 'triton', got {impl!r}")
+        self.chunk_size = chunk_size
+        self.impl = impl
+
+    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
+                num_items_in_batch: int | Tensor | None = None) -> Tensor:
+        return fused_linear_scoring_rule_loss(hidden, weight, target, self.rule, bias, self.smoothing,
+                                              self.ignore_index, self.reduction, num_items_in_batch,
+                                              self.chunk_size, self.impl)
+
+    def extra_repr(self) -> str:
+        return (f"rule={self.rule.spec!r}, smoothing={self.smoothing}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, impl={self.impl!r}")
+

@@ -1,0 +1,329 @@
+"""Triton kernels of the fused linear + scoring-rule loss (CUDA; CPU under ``TRITON_INTERPRET=1``).
+
+The logits ``z = h W^T + b`` are formed tile by tile in registers (``tl.dot`` over blocks of
+the hidden size) and never written to memory:
+
+* **pass 1** (:func:`_stats_kernel`): one program per block of ``BLOCK_N`` tokens streams the
+  vocabulary in tiles of ``BLOCK_V`` and keeps, per token, the online statistics
+
+      m = max_j z_j,   s_c = sum_j exp(c (z_j - m))  for each scale c of the rule,
+      sum_j (z_j - m) and #{j : z_j finite},   z_y - m,
+
+  rescaling ``s_c`` by ``exp(c (m_old - m_new))`` (and shifting the sum by
+  ``count (m_old - m_new)``) when the running max grows. These are the shifted statistics of
+  :class:`properlm.stats.TokenStats` (``lse[c] = LSE(c (z - m)) = log s_c``), and the rule's
+  loss and partial derivatives come from the same Python functions as every other path
+  (:func:`properlm.stats.loss_and_partials`).
+* **pass 2** (:func:`_masked_kernel`, bounded rules with smoothing only): the masked-log term
+  needs the set ``M = {j : p_j < eps / V}``, known only once ``LSE(z)`` is final, so a second
+  sweep sums ``z_j - m`` and counts ``j`` over ``M``.
+* **gradient** (:func:`_grad_kernel`): one program per (token block, vocabulary tile)
+  recomputes the logit tile and writes the logit gradient tile
+
+      g = sum_c coef_c exp(c (z - m)) + f_sumz [z finite] + f_msum [j in M] + f_zy [j = y],
+      coef_c = f_Lc c exp(-lse[c]),
+
+  for the rows of one token chunk; the driver (:class:`properlm.fused.chunked.FusedLinearLossFunction`)
+  turns it into ``grad_h = g W`` and ``grad_W += g^T h`` with two matmuls and drops it. So the
+  largest temporary is one ``chunk x V`` gradient, never ``N x V``.
+
+For float32 inputs ``tl.dot`` runs with ``input_precision="ieee"`` (no TF32) unless
+``torch.backends.cuda.matmul.allow_tf32`` is set, so the kernels match the float32 reference
+to rounding. Tested only under the Triton interpreter so far (no GPU was available).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..rules import ScoringRule
+from ..stats import TokenStats, _masked_log_eps, masked_threshold
+
+__all__ = ["MAX_SCALES", "TritonChunkBackend"]
+
+#: the kernels keep at most this many online sums ``s_c`` (every built-in rule needs <= 3)
+MAX_SCALES = 4
+#: default tile sizes (upper bounds; smaller powers of two are used for small inputs):
+#: tokens per program, vocabulary entries per tile, hidden units per ``tl.dot`` step
+BLOCK_N, BLOCK_V, BLOCK_H = 64, 128, 64
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_h, stride_w,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``z[rows, cols] = h[rows] @ W[cols]^T + b[cols]`` in float32; ``-inf`` outside the vocabulary.
+
+    ``UPCAST`` converts the operands to float32 before ``tl.dot`` (the products of bfloat16 or
+    float16 numbers are exact in float32, so the result is what a float32-accumulating
+    tensor-core dot gives); the interpreter needs it because its ``tl.dot`` misreads bfloat16."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    # 64-bit offsets: V * H can exceed 2^31 (e.g. 256k x 8k)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_w
+    for k0 in range(0, hidden_size, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_mask = ks < hidden_size
+        h = tl.load(h_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        w = tl.load(w_cols + ks[:, None], mask=col_mask[None, :] & k_mask[:, None],
+                    other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc = acc + b[None, :]
+    return tl.where(col_mask[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, sumz_ptr, count_ptr, zy_ptr,
+                  n_rows, vocab_size, hidden_size, stride_h, stride_w,
+                  C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
+                  NUM_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """Pass 1: per token ``m``, ``s_c`` (``s_ptr``: ``(NUM_SCALES, n_rows)``), ``sum (z - m)``, count,
+    ``z_y - m``."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sum_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    count = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    z_y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(0, vocab_size, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < vocab_size
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_h, stride_w,
+                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+        finite = z > float("-inf")
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = z - m_ref[:, None]
+        shift = m - m_ref  # <= 0; -inf before the first finite logit
+        m_prev = tl.where(m == float("-inf"), 0.0, m)
+        sum_z += count * (m_prev - m_ref) + tl.sum(tl.where(finite, d, 0.0), axis=1)
+        s0 = s0 * tl.exp(C0 * shift) + tl.sum(tl.exp(C0 * d), axis=1)
+        if NUM_SCALES > 1:
+            s1 = s1 * tl.exp(C1 * shift) + tl.sum(tl.exp(C1 * d), axis=1)
+        if NUM_SCALES > 2:
+            s2 = s2 * tl.exp(C2 * shift) + tl.sum(tl.exp(C2 * d), axis=1)
+        if NUM_SCALES > 3:
+            s3 = s3 * tl.exp(C3 * shift) + tl.sum(tl.exp(C3 * d), axis=1)
+        m = m_new
+        count += tl.sum(finite.to(tl.float32), axis=1)
+        z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+    tl.store(m_ptr + rows, m, mask=row_mask)
+    tl.store(s_ptr + rows, s0, mask=row_mask)
+    if NUM_SCALES > 1:
+        tl.store(s_ptr + n_rows + rows, s1, mask=row_mask)
+    if NUM_SCALES > 2:
+        tl.store(s_ptr + 2 * n_rows + rows, s2, mask=row_mask)
+    if NUM_SCALES > 3:
+        tl.store(s_ptr + 3 * n_rows + rows, s3, mask=row_mask)
+    tl.store(sumz_ptr + rows, sum_z, mask=row_mask)
+    tl.store(count_ptr + rows, count, mask=row_mask)
+    tl.store(zy_ptr + rows, z_y - m, mask=row_mask)
+
+
+@triton.jit
+def _masked_kernel(h_ptr, w_ptr, b_ptr, m_ptr, thresh_ptr, msum_ptr, mcount_ptr,
+                   n_rows, vocab_size, hidden_size, stride_h, stride_w, HAS_BIAS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """Pass 2: ``sum_{j in M} (z_j - m)`` and ``|M|`` with ``M = {j finite : exp(z_j - m) < thresh}``."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
+    thresh = tl.load(thresh_ptr + rows, mask=row_mask, other=0.0)
+    msum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    mcount = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(0, vocab_size, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < vocab_size
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_h, stride_w,
+                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+        d = z - m[:, None]
+        in_m = (tl.exp(d) < thresh[:, None]) & (z > float("-inf"))
+        msum += tl.sum(tl.where(in_m, d, 0.0), axis=1)
+        mcount += tl.sum(in_m.to(tl.float32), axis=1)
+    tl.store(msum_ptr + rows, msum, mask=row_mask)
+    tl.store(mcount_ptr + rows, mcount, mask=row_mask)
+
+
+@triton.jit
+def _grad_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, coef_ptr, fsumz_ptr, thresh_ptr, fmsum_ptr, fzy_ptr, g_ptr,
+                 n_rows, vocab_size, hidden_size, stride_h, stride_w, stride_g,
+                 C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
+                 NUM_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SUMZ: tl.constexpr, HAS_MASK: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """Logit-gradient tile ``g[rows, cols]`` from the per-token coefficients (see module docstring)."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < vocab_size
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_h, stride_w,
+                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+    m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
+    d = z - m[:, None]
+    c0 = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
+    g = c0[:, None] * tl.exp(C0 * d)
+    if NUM_SCALES > 1:
+        c1 = tl.load(coef_ptr + n_rows + rows, mask=row_mask, other=0.0)
+        g += c1[:, None] * tl.exp(C1 * d)
+    if NUM_SCALES > 2:
+        c2 = tl.load(coef_ptr + 2 * n_rows + rows, mask=row_mask, other=0.0)
+        g += c2[:, None] * tl.exp(C2 * d)
+    if NUM_SCALES > 3:
+        c3 = tl.load(coef_ptr + 3 * n_rows + rows, mask=row_mask, other=0.0)
+        g += c3[:, None] * tl.exp(C3 * d)
+    finite = z > float("-inf")
+    if HAS_SUMZ:
+        fsumz = tl.load(fsumz_ptr + rows, mask=row_mask, other=0.0)
+        g += tl.where(finite, fsumz[:, None], 0.0)
+    if HAS_MASK:
+        thresh = tl.load(thresh_ptr + rows, mask=row_mask, other=0.0)
+        fmsum = tl.load(fmsum_ptr + rows, mask=row_mask, other=0.0)
+        in_m = (tl.exp(d) < thresh[:, None]) & finite
+        g += tl.where(in_m, fmsum[:, None], 0.0)
+    y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
+    fzy = tl.load(fzy_ptr + rows, mask=row_mask, other=0.0)
+    g += tl.where(cols[None, :] == y[:, None], fzy[:, None], 0.0)
+    g_rows = g_ptr + rows.to(tl.int64)[:, None] * stride_g
+    tl.store(g_rows + cols[None, :], g, mask=row_mask[:, None] & col_mask[None, :])
+
+
+def _pow2(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
+
+
+class TritonChunkBackend:
+    """Chunk statistics (passes 1 and 2) and logit gradient with the Triton kernels above.
+
+    Implements :class:`properlm.fused.chunked.ChunkBackend`; the cache is always ``None``
+    because nothing of size ``chunk x V`` is kept between the passes.
+    """
+
+    name = "triton"
+
+    def __init__(self, block_n: int | None = None, block_v: int | None = None, block_h: int | None = None,
+                 num_warps: int = 8) -> None:
+        self.block_n = BLOCK_N if block_n is None else block_n
+        self.block_v = BLOCK_V if block_v is None else block_v
+        self.block_h = BLOCK_H if block_h is None else block_h
+        self.num_warps = num_warps
+
+    # ------------------------------------------------------------------ helpers
+    def _launch_cfg(self, h: Tensor, weight: Tensor) -> dict[str, Any]:
+        n, H = h.shape
+        V = weight.shape[0]
+        # float32: exact products unless torch itself is allowed TF32 matmuls (as the unfused
+        # logits would then be); other dtypes: the native tensor-core dot, float32 accumulation
+        tf32 = h.dtype != torch.float32 or (h.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+        upcast = h.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+        precision = "tf32" if tf32 and not upcast else "ieee"
+        return {
+            "UPCAST": upcast,
+            "BLOCK_N": _pow2(n, 16, self.block_n),
+            "BLOCK_V": _pow2(V, 16, self.block_v),
+            "BLOCK_H": _pow2(H, 16, self.block_h),
+            "PRECISION": precision,
+        }
+
+    @staticmethod
+    def _prep(h: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        h = h if h.stride(-1) == 1 else h.contiguous()
+        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+        b = bias if bias is not None else weight  # dummy pointer when there is no bias
+        return h, weight, b
+
+    @staticmethod
+    def _scales(rule: ScoringRule, smoothing: float) -> tuple[tuple[float, ...], dict[str, float]]:
+        scales = rule.scales(smoothing)
+        if len(scales) > MAX_SCALES:
+            raise ValueError(f"the Triton kernels support at most {MAX_SCALES} scales, rule {rule.spec!r} needs "
+                             f"{len(scales)}")
+        padded = tuple(scales) + (1.0,) * (MAX_SCALES - len(scales))
+        return scales, {f"C{i}": float(c) for i, c in enumerate(padded)}
+
+    # ------------------------------------------------------------------ backend interface
+    def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
+              smoothing: float) -> tuple[TokenStats, Any]:
+        h, weight, b = self._prep(h, weight, bias)
+        y = y.contiguous()
+        n, H = h.shape
+        V = weight.shape[0]
+        scales, cs = self._scales(rule, smoothing)
+        cfg = self._launch_cfg(h, weight)
+        f32 = {"dtype": torch.float32, "device": h.device}
+        m = torch.empty(n, **f32)
+        s = torch.empty(len(scales), n, **f32)
+        sum_z = torch.empty(n, **f32)
+        count = torch.empty(n, **f32)
+        z_y = torch.empty(n, **f32)
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+        _stats_kernel[grid](h, weight, b, y, m, s, sum_z, count, z_y, n, V, H, h.stride(0), weight.stride(0),
+                            **cs, NUM_SCALES=len(scales), HAS_BIAS=bias is not None, num_warps=self.num_warps,
+                            **cfg)
+        lse = {c: torch.log(s[i]) for i, c in enumerate(scales)}
+        stats = TokenStats(z_y=z_y, lse=lse, num_classes=count, max_logit=m)
+        if smoothing > 0 and rule.uses_logit_sum:
+            stats.sum_z = sum_z
+        eps = _masked_log_eps(rule, smoothing)
+        if eps is not None:
+            thresh = self._threshold(stats, eps)
+            msum = torch.empty(n, **f32)
+            mcount = torch.empty(n, **f32)
+            _masked_kernel[grid](h, weight, b, m, thresh, msum, mcount, n, V, H, h.stride(0), weight.stride(0),
+                                 HAS_BIAS=bias is not None, num_warps=self.num_warps, **cfg)
+            stats.masked_sum_z, stats.masked_count = msum, mcount
+        return stats, None
+
+    @staticmethod
+    def _threshold(stats: TokenStats, eps: float) -> Tensor:
+        # the test of properlm.stats.masked_set: j in M  <=>  exp(z_j - m) < threshold
+        return masked_threshold(stats.lse[1.0], stats.num_classes, eps, torch.float32).contiguous()
+
+    def grad_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stats: TokenStats,
+                    partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any) -> Tensor:
+        h, weight, b = self._prep(h, weight, bias)
+        y = y.contiguous()
+        n, H = h.shape
+        V = weight.shape[0]
+        scales, cs = self._scales(rule, smoothing)
+        cfg = self._launch_cfg(h, weight)
+        m = stats.max_logit.contiguous()
+        # sum_c f_Lc * c * softmax(c z) with softmax(c z) = exp(c (z - m)) * exp(-lse[c])
+        coef = torch.stack([partials.lse[c] * c * torch.exp(-stats.lse[c]) for c in scales]).contiguous()
+        has_sumz = stats.sum_z is not None and partials.sum_z is not None
+        eps = _masked_log_eps(rule, smoothing)
+        has_mask = eps is not None and partials.masked_sum_z is not None
+        fsumz = partials.sum_z.contiguous() if has_sumz else m
+        thresh = self._threshold(stats, eps) if has_mask else m
+        fmsum = partials.masked_sum_z.contiguous() if has_mask else m
+        fzy = partials.z_y.contiguous()
+        g = torch.empty(n, V, dtype=torch.float32, device=h.device)
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+        _grad_kernel[grid](h, weight, b, y, m, coef, fsumz, thresh, fmsum, fzy, g, n, V, H, h.stride(0),
+                           weight.stride(0), g.stride(0), **cs, NUM_SCALES=len(scales),
+                           HAS_BIAS=bias is not None, HAS_SUMZ=has_sumz, HAS_MASK=has_mask,
+                           num_warps=self.num_warps, **cfg)
+        return g

@@ -1,0 +1,194 @@
+"""The Triton kernels of the fused linear + scoring-rule loss, run by the Triton interpreter on
+the CPU (``TRITON_INTERPRET=1``).
+
+The interpreter must be switched on before ``triton`` is imported, and it must not leak into
+the other tests, so the checks run in a child process: this file is also a script
+(``python tests/test_fused_triton.py``) that computes every comparison and prints the
+relative errors as JSON; the tests below run it once and assert on the result. Shapes are
+small because the interpreter executes each tile with NumPy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RULES = ["logarithmic", "brier", "spherical", "power:3", "pseudo-spherical:1.5"]
+N, H, V = 21, 20, 40  # none a multiple of the 16-wide tiles
+TOL = 1e-5
+
+
+# ---------------------------------------------------------------------- the child process
+def _rel_err(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+def _worker() -> dict[str, dict[str, float]]:
+    import torch
+    import torch.nn.functional as F
+
+    from properlm import get_rule, scoring_rule_loss
+    from properlm.fused import fused_linear_scoring_rule_loss, triton_kernels
+    from properlm.fused.chunked import chunk_logits
+    from properlm.fused.triton_kernels import TritonChunkBackend
+    from properlm.stats import compute_stats
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    # the smallest tiles tl.dot allows, so that every kernel loops over several vocabulary
+    # tiles (online max and rescaling), several hidden blocks and several token blocks
+    triton_kernels.BLOCK_N = triton_kernels.BLOCK_V = triton_kernels.BLOCK_H = 16
+    out: dict[str, dict[str, float]] = {}
+
+    def data(seed: int, bias: bool, masked_vocab: bool = False):
+        g = torch.Generator().manual_seed(seed)
+        h = torch.randn(N, H, generator=g, dtype=torch.float64)
+        w = torch.randn(V, H, generator=g, dtype=torch.float64) * (2.0 / H**0.5)
+        b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+        if masked_vocab:
+            b[V - 3:] = -float("inf")  # vocabulary entries with probability 0
+        y = torch.randint(V - 3, (N,), generator=g)
+        y[torch.rand(N, generator=g) < 0.25] = -100
+        return h, w, b, y
+
+    def run(fn, h, w, b, y, dtype, up, **kw):
+        leaves = [t.to(dtype).clone().requires_grad_(True) for t in (h, w) + ((b,) if b is not None else ())]
+        loss = fn(leaves[0], leaves[1], leaves[2] if b is not None else None, y, **kw)
+        wt = up.to(loss.dtype) if loss.dim() else up.to(loss.dtype).sum()
+        grads = torch.autograd.grad((loss * wt).sum(), leaves)
+        return [loss.detach(), *grads]
+
+    def fused(h, w, b, y, **kw):
+        return fused_linear_scoring_rule_loss(h, w, y, bias=b, impl="triton", **kw)
+
+    def unfused(h, w, b, y, chunk_size=None, **kw):
+        return scoring_rule_loss(F.linear(h, w, b), y, **kw)
+
+    names = ("loss", "grad_hidden", "grad_weight", "grad_bias")
+    seed = 0
+    for rule in RULES:
+        for smoothing in (0.0, 0.1):
+            for reduction in ("mean", "sum", "none"):
+                for bias in (False, True):
+                    seed += 1
+                    h, w, b, y = data(seed, bias)
+                    up = torch.randn(N, dtype=torch.float64) if reduction == "none" else torch.tensor(1.7)
+                    kw = {"rule": rule, "smoothing": smoothing, "reduction": reduction}
+                    ref64 = run(unfused, h, w, b, y, torch.float64, up, **kw)
+                    ref32 = run(unfused, h, w, b, y, torch.float32, up, **kw)
+                    # several chunks (7 rows: not a divisor) with a bias, one chunk of 2 token blocks without
+                    got = run(fused, h, w, b, y, torch.float32, up, chunk_size=7 if bias else None, **kw)
+                    key = f"{rule}|eps={smoothing}|{reduction}|bias={bias}"
+                    out[key] = {}
+                    for name, a, r32, r64 in zip(names, got, ref32, ref64):
+                        out[key][name + " vs float32"] = _rel_err(a, r32)
+                        out[key][name + " vs float64"] = _rel_err(a, r64)
+
+    # -inf logits (masked vocabulary through the bias) and the default chunk size
+    for rule in ("logarithmic", "brier", "power:3"):
+        h, w, b, y = data(100, True, masked_vocab=True)
+        up = torch.randn(N, dtype=torch.float64)
+        kw = {"rule": rule, "smoothing": 0.1, "reduction": "none"}
+        ref = run(unfused, h, w, b, y, torch.float64, up, **kw)
+        got = run(fused, h, w, b, y, torch.float32, up, **kw)
+        key = f"{rule}|masked vocabulary"
+        out[key] = {n: _rel_err(a, r) for n, a, r in zip(names[:3], got[:3], ref[:3])}
+        # the bias of a -inf logit gets no gradient; compare the finite part
+        out[key]["grad_bias"] = _rel_err(got[3][: V - 3], ref[3][: V - 3])
+
+    # bfloat16 inputs: the error against float64 (norm-wise over 64 per-token losses and every
+    # gradient entry) relative to that of the unfused bfloat16 path
+    def norm_err(a, b) -> float:
+        a, b = a.double(), b.double()
+        return float((a - b).norm() / b.norm())
+
+    for rule in ("brier", "spherical"):
+        g = torch.Generator().manual_seed(300)
+        h = torch.randn(64, 32, generator=g, dtype=torch.float64)
+        w = torch.randn(97, 32, generator=g, dtype=torch.float64) * 0.35
+        b = torch.randn(97, generator=g, dtype=torch.float64)
+        y = torch.randint(97, (64,), generator=g)
+        up = torch.randn(64, dtype=torch.float64)
+        kw = {"rule": rule, "smoothing": 0.1, "reduction": "none"}
+        # the exact (float64) result for the bfloat16 inputs: what both paths try to compute
+        h, w, b = (t.to(torch.bfloat16).double() for t in (h, w, b))
+        ref = run(unfused, h, w, b, y, torch.float64, up, **kw)
+        un = run(unfused, h, w, b, y, torch.bfloat16, up, **kw)
+        got = run(fused, h, w, b, y, torch.bfloat16, up, **kw)
+        assert [t.dtype for t in got[1:]] == [torch.bfloat16] * 3
+        out[f"{rule}|bfloat16 error / unfused bfloat16 error"] = {
+            n: norm_err(a, r) / norm_err(u, r) for n, a, u, r in zip(names, got, un, ref)
+        }
+
+    # the kernels' statistics against compute_stats on the materialised logits
+    for rule in RULES:
+        spec = get_rule(rule)
+        h, w, b, y = data(200, True)
+        y = y.clamp(min=0)
+        h32, w32, b32 = h.float(), w.float(), b.float()
+        stats, _ = TritonChunkBackend().stats(h32, w32, b32, y, spec, 0.1)
+        ref, _, _ = compute_stats(chunk_logits(h, w, b), y, spec, 0.1)
+        key = f"{rule}|statistics"
+        out[key] = {"z_y": _rel_err(stats.z_y, ref.z_y), "max_logit": _rel_err(stats.max_logit, ref.max_logit),
+                    "num_classes": _rel_err(stats.num_classes, ref.num_classes)}
+        for c in ref.lse:
+            out[key][f"lse[{c}]"] = _rel_err(stats.lse[c], ref.lse[c])
+        for f in ("sum_z", "masked_sum_z", "masked_count"):
+            if getattr(ref, f) is not None:
+                out[key][f] = _rel_err(getattr(stats, f), getattr(ref, f))
+    return out
+
+
+# ---------------------------------------------------------------------- the tests
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, dict[str, float]]:
+    pytest.importorskip("triton", reason="triton is an optional dependency (pip install properlm[triton])")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_case_ran(interpreter_results):
+    n_cases = len(RULES) * 2 * 3 * 2
+    assert sum("|eps=" in k for k in interpreter_results) == n_cases
+    assert sum("statistics" in k for k in interpreter_results) == len(RULES)
+    assert sum("masked vocabulary" in k for k in interpreter_results) == 3
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_value_and_grads_match_unfused(interpreter_results, rule):
+    bad = {
+        (key, metric): err
+        for key, metrics in interpreter_results.items()
+        if key.startswith(rule + "|") and "bfloat16" not in key
+        for metric, err in metrics.items()
+        if not err <= TOL
+    }
+    assert not bad, bad
+
+
+def test_bfloat16_no_worse_than_unfused_bfloat16(interpreter_results):
+    cases = {k: v for k, v in interpreter_results.items() if "bfloat16" in k}
+    assert len(cases) == 2
+    for key, ratios in cases.items():
+        assert all(r <= 1.25 for r in ratios.values()), (key, ratios)
+
+
+def test_kernel_statistics_match_compute_stats(interpreter_results):
+    for key, metrics in interpreter_results.items():
+        if "statistics" in key:
+            assert metrics["num_classes"] == 0.0
+            assert all(err <= TOL for err in metrics.values()), (key, metrics)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_worker()))

@@ -45,14 +45,14 @@ from torch import Tensor
 
 from .loss import (
     CHUNK_ELEMENTS,
-    _check_reduction,
-    _check_smoothing,
+    check_reduction,
+    check_smoothing,
     compute_dtype,
     reduce_loss,
     validate_inputs,
 )
 from .rules import RuleLike, ScoringRule, get_rule
-from .stats import TokenStats, _masked_log_eps, _pow, logits_grad, loss_and_partials, masked_set
+from .stats import TokenStats, logits_grad, loss_and_partials, masked_log_eps, masked_set, scale_power
 
 __all__ = [
     "fused_linear_vocab_parallel_scoring_rule_loss",
@@ -237,7 +237,7 @@ def _shard_stats(get_z: Callable[[int, int], Tensor], n: int, step: int, local_t
         buf[k + 1, a:b] = torch.where(owned[a:b], zy, 0.0)
         e = d.exp_()
         for i, c in enumerate(scales):
-            buf[i, a:b] = _pow(e, c).sum(-1)
+            buf[i, a:b] = scale_power(e, c).sum(-1)
     _all_reduce(buf, dist.ReduceOp.SUM, group)
     stats = TokenStats(
         z_y=buf[k + 1],
@@ -247,7 +247,7 @@ def _shard_stats(get_z: Callable[[int, int], Tensor], n: int, step: int, local_t
         sum_z=buf[k + 2] if need_sum else None,
     )
 
-    eps = _masked_log_eps(rule, smoothing)
+    eps = masked_log_eps(rule, smoothing)
     if eps is not None:
         mbuf = torch.zeros((2, n), dtype=dtype, device=device)
         for a, b in chunks:
@@ -381,8 +381,8 @@ def vocab_parallel_scoring_rule_loss(
         >>> loss.backward()                                              # grads of this shard only
     """
     rule_obj = get_rule(rule)
-    eps = _check_smoothing(smoothing)
-    _check_reduction(reduction)
+    eps = check_smoothing(smoothing)
+    check_reduction(reduction)
     if not isinstance(local_logits, Tensor):
         raise ValueError(f"local_logits must be a tensor, got {type(local_logits).__name__}")
     if not isinstance(target, Tensor):
@@ -547,8 +547,8 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
         >>> loss = fused_linear_vocab_parallel_scoring_rule_loss(hidden, w_local, labels, "spherical")
     """
     rule_obj = get_rule(rule)
-    eps = _check_smoothing(smoothing)
-    _check_reduction(reduction)
+    eps = check_smoothing(smoothing)
+    check_reduction(reduction)
     for name, t in (("hidden", hidden), ("local_weight", local_weight)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")

@@ -22,6 +22,9 @@ from .stats import TokenStats, compute_stats, logits_grad, loss_and_partials
 __all__ = [
     "REDUCTIONS",
     "ScoringRuleLoss",
+    "check_reduction",
+    "check_smoothing",
+    "compute_dtype",
     "reduce_loss",
     "scoring_rule_loss",
     "sequence_scores",
@@ -35,7 +38,8 @@ REDUCTIONS = ("mean", "sum", "none")
 CHUNK_ELEMENTS = 1 << 24
 
 
-def _check_smoothing(smoothing: float) -> float:
+def check_smoothing(smoothing: float) -> float:
+    """``smoothing`` as a float in ``[0, 1)``, or ``ValueError``."""
     try:
         eps = float(smoothing)
     except (TypeError, ValueError):
@@ -45,7 +49,8 @@ def _check_smoothing(smoothing: float) -> float:
     return eps
 
 
-def _check_reduction(reduction: str) -> str:
+def check_reduction(reduction: str) -> str:
+    """``reduction`` if it is one of :data:`REDUCTIONS`, or ``ValueError``."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
     return reduction
@@ -202,8 +207,8 @@ def scoring_rule_loss(
         >>> loss.backward()
     """
     rule_obj = get_rule(rule)
-    eps = _check_smoothing(smoothing)
-    _check_reduction(reduction)
+    eps = check_smoothing(smoothing)
+    check_reduction(reduction)
     validate_inputs(logits.shape, logits.dtype, target, ignore_index)
     per_token = _token_losses(logits, target, rule_obj, eps, ignore_index)
     return reduce_loss(per_token, target != ignore_index, reduction, num_items_in_batch)
@@ -222,9 +227,9 @@ class ScoringRuleLoss(nn.Module):
                  reduction: str = "mean") -> None:
         super().__init__()
         self.rule = get_rule(rule)
-        self.smoothing = _check_smoothing(smoothing)
+        self.smoothing = check_smoothing(smoothing)
         self.ignore_index = ignore_index
-        self.reduction = _check_reduction(reduction)
+        self.reduction = check_reduction(reduction)
 
     def forward(self, logits: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
         return scoring_rule_loss(logits, target, self.rule, self.smoothing, self.ignore_index,

@@ -33,8 +33,10 @@ __all__ = [
     "compute_stats",
     "logits_grad",
     "loss_and_partials",
+    "masked_log_eps",
     "masked_set",
     "masked_threshold",
+    "scale_power",
     "smoothed_score",
 ]
 
@@ -91,7 +93,7 @@ class TokenStats:
         )
 
 
-def _pow(e: Tensor, c: float, out: Tensor | None = None) -> Tensor:
+def scale_power(e: Tensor, c: float, out: Tensor | None = None) -> Tensor:
     """``e ** c`` (``e`` itself for ``c = 1``), written into ``out`` when given and ``c != 1``.
 
     Half-integer exponents up to 4.5 (``pseudo-spherical:1.5`` needs 1.5 and 0.5) are formed
@@ -110,7 +112,8 @@ def _pow(e: Tensor, c: float, out: Tensor | None = None) -> Tensor:
     return torch.pow(e, c, out=out)
 
 
-def _masked_log_eps(rule: ScoringRule, smoothing: float) -> float | None:
+def masked_log_eps(rule: ScoringRule, smoothing: float) -> float | None:
+    """``eps`` when the smoothed score of ``rule`` has the masked-log term, else ``None``."""
     return smoothing if (smoothing > 0 and rule.masked_log_smoothing) else None
 
 
@@ -156,12 +159,12 @@ def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float
     else:
         num_classes = torch.full((n,), float(V), dtype=z.dtype, device=z.device)
     d = torch.sub(z, m[:, None], out=out)
-    eps = _masked_log_eps(rule, smoothing)
+    eps = masked_log_eps(rule, smoothing)
     sum_z = None
     if smoothing > 0 and rule.uses_logit_sum:
         sum_z = (d if finite is None else torch.where(finite, d, 0.0)).sum(-1)
     e = torch.exp(d) if eps is not None else d.exp_()
-    lse = {c: torch.log(_pow(e, c, out=work).sum(-1)) for c in rule.scales(smoothing)}
+    lse = {c: torch.log(scale_power(e, c, out=work).sum(-1)) for c in rule.scales(smoothing)}
     z_y = z.gather(1, target[:, None]).squeeze(1) - m
     stats = TokenStats(z_y=z_y, lse=lse, num_classes=num_classes, max_logit=m, sum_z=sum_z)
     if eps is not None:
@@ -183,7 +186,7 @@ def smoothed_score(rule: ScoringRule, stats: TokenStats, smoothing: float = 0.0)
     if smoothing <= 0:
         return s
     s = (1 - smoothing) * s + smoothing * rule.mean_score(stats.lse, stats.sum_z, stats.num_classes)
-    if _masked_log_eps(rule, smoothing) is not None:
+    if masked_log_eps(rule, smoothing) is not None:
         assert stats.masked_sum_z is not None and stats.masked_count is not None
         masked = (stats.masked_sum_z - stats.masked_count * stats.lse[1.0]) / stats.num_classes
         s = s + smoothing * masked
@@ -247,15 +250,15 @@ def logits_grad(z: Tensor, target: Tensor, stats: TokenStats, partials: TokenSta
     for c, f_l in partials.lse.items():
         coef = (f_l * c * torch.exp(-stats.lse[c]))[:, None]
         if grad is None:
-            # the first term straight into the output, rounded exactly as _pow(e, c) * coef
+            # the first term straight into the output, rounded exactly as scale_power(e, c) * coef
             if c == 1.0:
                 grad = torch.mul(e, coef, out=out)
             else:
-                grad = _pow(e, c, out=out).mul_(coef)
+                grad = scale_power(e, c, out=out).mul_(coef)
         elif work is None:
-            grad.add_(_pow(e, c) * coef)
+            grad.add_(scale_power(e, c) * coef)
         else:
-            grad.add_(torch.mul(e, coef, out=work) if c == 1.0 else _pow(e, c, out=work).mul_(coef))
+            grad.add_(torch.mul(e, coef, out=work) if c == 1.0 else scale_power(e, c, out=work).mul_(coef))
     if grad is None:
         grad = torch.zeros_like(z) if out is None else out.zero_()
     if partials.sum_z is not None:
@@ -263,7 +266,7 @@ def logits_grad(z: Tensor, target: Tensor, stats: TokenStats, partials: TokenSta
             grad.add_(partials.sum_z[:, None])
         else:
             grad.add_(finite * partials.sum_z[:, None])
-    eps = _masked_log_eps(rule, smoothing)
+    eps = masked_log_eps(rule, smoothing)
     if eps is not None and partials.masked_sum_z is not None:
         mask = masked_set(e, stats.lse[1.0], stats.num_classes, eps, finite)
         grad.add_(mask * partials.masked_sum_z[:, None])

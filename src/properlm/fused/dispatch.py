@@ -14,7 +14,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from ..loss import _check_reduction, _check_smoothing, reduce_loss, validate_inputs
+from ..loss import check_reduction, check_smoothing, reduce_loss, validate_inputs
 from ..rules import RuleLike, get_rule
 from .chunked import ChunkBackend, FusedLinearLossFunction, TorchChunkBackend, default_chunk_size
 
@@ -154,8 +154,8 @@ def fused_linear_scoring_rule_loss(
         >>> loss.backward()
     """
     rule_obj = get_rule(rule)
-    eps = _check_smoothing(smoothing)
-    _check_reduction(reduction)
+    eps = check_smoothing(smoothing)
+    check_reduction(reduction)
     _validate(hidden, weight, target, bias, ignore_index, chunk_size, impl)
     if reduction == "mean" and num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
         reduce_loss(torch.zeros(()), torch.ones(1, dtype=torch.bool), reduction, num_items_in_batch)  # validates
@@ -184,9 +184,9 @@ class LinearScoringRuleLoss(nn.Module):
                  reduction: str = "mean", chunk_size: int | None = None, impl: str | None = None) -> None:
         super().__init__()
         self.rule = get_rule(rule)
-        self.smoothing = _check_smoothing(smoothing)
+        self.smoothing = check_smoothing(smoothing)
         self.ignore_index = ignore_index
-        self.reduction = _check_reduction(reduction)
+        self.reduction = check_reduction(reduction)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")

@@ -43,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..rules import ScoringRule
-from ..stats import TokenStats, _masked_log_eps, masked_threshold
+from ..stats import TokenStats, masked_log_eps, masked_threshold
 
 __all__ = ["MAX_SCALES", "TritonChunkBackend"]
 
@@ -287,7 +287,7 @@ class TritonChunkBackend:
         stats = TokenStats(z_y=z_y, lse=lse, num_classes=count, max_logit=m)
         if smoothing > 0 and rule.uses_logit_sum:
             stats.sum_z = sum_z
-        eps = _masked_log_eps(rule, smoothing)
+        eps = masked_log_eps(rule, smoothing)
         if eps is not None:
             thresh = self._threshold(stats, eps)
             msum = torch.empty(n, **f32)
@@ -314,7 +314,7 @@ class TritonChunkBackend:
         # sum_c f_Lc * c * softmax(c z) with softmax(c z) = exp(c (z - m)) * exp(-lse[c])
         coef = torch.stack([partials.lse[c] * c * torch.exp(-stats.lse[c]) for c in scales]).contiguous()
         has_sumz = stats.sum_z is not None and partials.sum_z is not None
-        eps = _masked_log_eps(rule, smoothing)
+        eps = masked_log_eps(rule, smoothing)
         has_mask = eps is not None and partials.masked_sum_z is not None
         fsumz = partials.sum_z.contiguous() if has_sumz else m
         thresh = self._threshold(stats, eps) if has_mask else m

@@ -69,7 +69,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..loss import _check_smoothing, reduce_loss, scoring_rule_loss
+from ..loss import check_smoothing, reduce_loss, scoring_rule_loss
 from ..rules import RuleLike, ScoringRule, get_rule
 
 __all__ = [
@@ -180,7 +180,7 @@ class ScoringRuleLossFunc:
     def __init__(self, rule: RuleLike = "spherical", smoothing: float = 0.0, ignore_index: int = -100,
                  shift_labels: bool | None = None) -> None:
         self._rule = get_rule(rule)
-        self._smoothing = _check_smoothing(smoothing)
+        self._smoothing = check_smoothing(smoothing)
         self.ignore_index = int(ignore_index)
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise ValueError(f"shift_labels must be True, False or None, got {shift_labels!r}")
@@ -200,12 +200,12 @@ class ScoringRuleLossFunc:
 
     @smoothing.setter
     def smoothing(self, smoothing: float) -> None:
-        self._smoothing = _check_smoothing(smoothing)
+        self._smoothing = check_smoothing(smoothing)
 
     def set_rule(self, rule: RuleLike, smoothing: float | None = None) -> None:
         """Switch to ``rule`` (and ``smoothing`` unless None) from the next call on."""
         new_rule = get_rule(rule)
-        new_eps = self._smoothing if smoothing is None else _check_smoothing(smoothing)
+        new_eps = self._smoothing if smoothing is None else check_smoothing(smoothing)
         self._rule, self._smoothing = new_rule, new_eps
 
     def for_model(self, model: nn.Module) -> ScoringRuleLossFunc:
@@ -530,7 +530,7 @@ class ScoringRuleHandle:
 
     @smoothing.setter
     def smoothing(self, smoothing: float) -> None:
-        self._state.smoothing = _check_smoothing(smoothing)
+        self._state.smoothing = check_smoothing(smoothing)
 
     @property
     def fused(self) -> bool:
@@ -551,7 +551,7 @@ class ScoringRuleHandle:
     def set_rule(self, rule: RuleLike, smoothing: float | None = None) -> None:
         """Switch to ``rule`` (and ``smoothing`` unless None) from the next forward on."""
         new_rule = get_rule(rule)
-        new_eps = self._state.smoothing if smoothing is None else _check_smoothing(smoothing)
+        new_eps = self._state.smoothing if smoothing is None else check_smoothing(smoothing)
         self._state.rule, self._state.smoothing = new_rule, new_eps
 
     def remove(self) -> None:
@@ -607,7 +607,7 @@ def apply_scoring_rule(model: nn.Module, rule: RuleLike = "spherical", smoothing
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     rule_obj = get_rule(rule)
-    eps = _check_smoothing(smoothing)
+    eps = check_smoothing(smoothing)
     if shift_labels is not None and not isinstance(shift_labels, bool):
         raise ValueError(f"shift_labels must be True, False or None, got {shift_labels!r}")
     head = _output_head(model)

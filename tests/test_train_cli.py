@@ -237,7 +237,7 @@ def test_yaml_config_and_override(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n", encoding="utf-8")
     assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "unknown key 'learning_rat'" in err and "learning_rate" in err
+    assert "unknown key 'learning_rat' (did you mean 'learning_rate'?)" in err
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -22,6 +22,7 @@ indexed by the global step, so it resumes in the right stage.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -233,8 +234,11 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file {p!r} must hold a mapping of option: value, got {type(data).__name__}")
     fields = {f.name for f in config_fields()}
     for key in data:
-        if str(key).replace("-", "_") not in fields:
-            raise ConfigError(f"config file {p}: unknown key {key!r}; allowed keys: {', '.join(sorted(fields))}")
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config file {p}: unknown key {key!r}{hint}; allowed keys: {', '.join(sorted(fields))}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 

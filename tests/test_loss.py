@@ -273,3 +273,30 @@ def test_bad_tensors():
         scoring_rule_loss(logits, target.float(), "brier")
     with pytest.raises(ValueError, match="smoothing"):
         ScoringRuleLoss("brier", smoothing=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.3])
+@pytest.mark.parametrize("rule", ["logarithmic", "brier", "pseudo-spherical:1.5"])
+def test_many_row_blocks_match_one_block(monkeypatch, dtype, ignore_frac, rule):
+    """Blocks of 3 rows (gathered, upcast or in place) give what one block gives."""
+    import properlm.loss as loss_mod
+
+    logits, target = _data((4, 5), 17, seed=15, ignore_frac=ignore_frac, dtype=dtype)
+    w = torch.randn(4, 5, dtype=torch.float64)
+
+    def run():
+        x = logits.clone().requires_grad_(True)
+        out = scoring_rule_loss(x, target, rule, smoothing=0.1, reduction="none")
+        (out.double() * w).sum().backward()
+        return out.detach(), x.grad
+
+    one = run()
+    monkeypatch.setattr(loss_mod, "BLOCK_ELEMENTS", 3 * 17)
+    many = run()
+    torch.testing.assert_close(many[0], one[0], rtol=0, atol=0)
+    torch.testing.assert_close(many[1], one[1], rtol=1e-6, atol=1e-7)
+    assert (many[1][target == -100] == 0).all()
+    ref = naive_loss(logits.double(), target, rule, 0.1, reduction="none")
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
+    assert _rel_err(many[0], ref) < tol

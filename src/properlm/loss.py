@@ -4,9 +4,10 @@ The loss of one position is ``S_max - S_eps(p, y)`` (see :mod:`properlm.rules` f
 rules and :func:`properlm.stats.smoothed_score` for the smoothing). For ``logarithmic``
 it is cross-entropy, with smoothing it is ``F.cross_entropy(..., label_smoothing=eps)``.
 
-The computation runs over row chunks in float32 (float64 for float64 input): the forward pass keeps a handful of
-numbers per token, and the backward pass rebuilds each chunk's gradient from them, so no
-float32 copy of the whole logits tensor is ever held.
+The computation runs over cache-sized blocks of rows in float32 (float64 for float64 input),
+in reused buffers: the forward pass keeps a handful of numbers per token, and the backward
+pass rebuilds each block's gradient from them, so no float32 copy of the whole logits tensor
+is ever held.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ __all__ = [
 
 REDUCTIONS = ("mean", "sum", "none")
 
-#: float32 elements of one chunk of logits rows (64 MiB)
+#: float32 elements of one chunk of logits rows (64 MiB), for callers that chunk by rows
 CHUNK_ELEMENTS = 1 << 24
+#: elements of one block of rows for the elementwise work (stays in cache)
+BLOCK_ELEMENTS = 1 << 20
 
 
 def check_smoothing(smoothing: float) -> float:
@@ -115,47 +118,107 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_rows(vocab_size: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
+def _block_rows(vocab_size: int) -> int:
+    return max(1, BLOCK_ELEMENTS // max(vocab_size, 1))
+
+
+class _RowBlocks:
+    """The scored rows of 2-D logits, in cache-sized blocks of rows gathered (and upcast to
+    the compute dtype) into reused buffers: no float32 copy of the whole logits is made, and
+    no large tensor is allocated per block."""
+
+    def __init__(self, logits: Tensor, rows: Tensor | None, num_rows: int) -> None:
+        self.logits, self.rows, self.num_rows = logits, rows, num_rows
+        V = logits.shape[1]
+        self.cdt = compute_dtype(logits.dtype)
+        self.step = _block_rows(V)
+        # a block of the logits themselves (no copy) when the rows are contiguous and already
+        # in the compute dtype; otherwise a gathered / upcast copy in ``z``
+        self.in_place = rows is None and logits.dtype == self.cdt
+        size = (min(self.step, max(num_rows, 1)), V)
+        new = lambda: torch.empty(size, dtype=self.cdt, device=logits.device)  # noqa: E731
+        self.z = None if self.in_place else new()
+        self.e, self.work = new(), new()
+
+    def __iter__(self):
+        """``(block slice over the scored rows, float logits of the block (b, V))``."""
+        for start in range(0, self.num_rows, self.step):
+            sl = slice(start, min(start + self.step, self.num_rows))
+            b = sl.stop - sl.start
+            if self.in_place:
+                yield sl, self.logits[sl]
+                continue
+            assert self.z is not None
+            z = self.z[:b]
+            if self.rows is None:
+                z.copy_(self.logits[sl])
+            elif self.logits.dtype == self.cdt:
+                torch.index_select(self.logits, 0, self.rows[sl], out=z)
+            else:
+                z.copy_(self.logits.index_select(0, self.rows[sl]))
+            yield sl, z
 
 
 class _TokenLoss(torch.autograd.Function):
-    """Per-token loss of 2-D logits; the gradient is rebuilt chunk by chunk in backward."""
+    """Per-token loss of 2-D logits ``(n, V)``. The forward pass keeps a few statistics per
+    scored token; the backward pass rebuilds the gradient block by block from them."""
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: float,
                 ignore_index: int) -> Tensor:
-        n, V = logits.shape
+        n = logits.shape[0]
         valid = target != ignore_index
-        cdt = compute_dtype(logits.dtype)
-        loss = torch.zeros(n, dtype=cdt, device=logits.device)
-        rows = valid.nonzero().squeeze(1)
-        step = _chunk_rows(V)
+        rows: Tensor | None = valid.nonzero().squeeze(1)
+        if rows.numel() == n:
+            rows, y = None, target
+        else:
+            y = target.index_select(0, rows)
+        blocks = _RowBlocks(logits, rows, y.numel())
+        parts = []
+        for sl, z in blocks:
+            b = sl.stop - sl.start
+            stats, _, _ = compute_stats(z, y[sl], rule, smoothing, out=blocks.e[:b], work=blocks.work[:b])
+            parts.append(stats)
+        loss = torch.zeros(n, dtype=blocks.cdt, device=logits.device)
+        ctx.save_for_backward(logits)
+        if not parts:  # every target ignored
+            ctx.stats = None
+            return loss
+        stats = TokenStats.cat(parts)
         need_grad = ctx.needs_input_grad[0]
-        chunks: list[tuple[Tensor, TokenStats, TokenStats | None]] = []
-        for start in range(0, rows.numel(), step):
-            idx = rows[start:start + step]
-            z = logits[idx].to(cdt)
-            y = target[idx]
-            stats, _, _ = compute_stats(z, y, rule, smoothing)
-            loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad)
-            loss[idx] = loss_c
-            if need_grad:
-                chunks.append((idx, stats, partials))
-        ctx.rule, ctx.smoothing, ctx.chunks = rule, smoothing, chunks
-        ctx.save_for_backward(logits, target)
+        loss_v, partials = loss_and_partials(rule, stats, smoothing, need_grad)
+        if rows is None:
+            loss = loss_v
+        else:
+            loss.index_copy_(0, rows, loss_v)
+        ctx.rule, ctx.smoothing, ctx.rows, ctx.y = rule, smoothing, rows, y
+        ctx.stats, ctx.partials = stats, partials
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-        logits, target = ctx.saved_tensors
-        grad = torch.zeros_like(logits)
-        cdt = compute_dtype(logits.dtype)
-        for idx, stats, partials in ctx.chunks:
-            z = logits[idx].to(cdt)
-            g = logits_grad(z, target[idx], stats, partials.scaled(grad_loss[idx].to(cdt)),
-                            ctx.smoothing, ctx.rule)
-            grad[idx] = g.to(grad.dtype)
+        (logits,) = ctx.saved_tensors
+        if ctx.stats is None:
+            return torch.zeros_like(logits), None, None, None, None
+        rows = ctx.rows
+        blocks = _RowBlocks(logits, rows, ctx.y.numel())
+        w = (grad_loss if rows is None else grad_loss.index_select(0, rows)).to(blocks.cdt)
+        partials = ctx.partials.scaled(w)
+        grad = torch.empty_like(logits) if rows is None else torch.zeros_like(logits)
+        direct = rows is None and grad.dtype == blocks.cdt  # write straight into grad
+        for sl, z in blocks:
+            b = sl.stop - sl.start
+            stats = ctx.stats.index(sl)
+            e = torch.sub(z, stats.max_logit[:, None], out=blocks.e[:b]).exp_()
+            out = grad[sl] if direct else z  # z is a gathered copy when not in place
+            g = logits_grad(z, ctx.y[sl], stats, partials.index(sl), ctx.smoothing, ctx.rule, e=e,
+                            out=out, work=blocks.work[:b])
+            if direct:
+                continue
+            if rows is None:
+                grad[sl].copy_(g)
+            else:
+                grad.index_copy_(0, rows[sl], g.to(grad.dtype))
         return grad, None, None, None, None
 
 

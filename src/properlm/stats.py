@@ -82,6 +82,22 @@ class TokenStats:
                 out[f.name] = v
         return replace(self, **out)
 
+    @staticmethod
+    def cat(parts: list[TokenStats]) -> TokenStats:
+        """Row-wise concatenation of the statistics of consecutive row blocks."""
+        if len(parts) == 1:
+            return parts[0]
+        out: dict[str, object] = {}
+        for f in fields(TokenStats):
+            vals = [getattr(p, f.name) for p in parts]
+            if vals[0] is None:
+                out[f.name] = None
+            elif isinstance(vals[0], dict):
+                out[f.name] = {c: torch.cat([v[c] for v in vals]) for c in vals[0]}
+            else:
+                out[f.name] = torch.cat(vals)
+        return TokenStats(**out)  # type: ignore[arg-type]
+
     def scaled(self, w: Tensor) -> TokenStats:
         """For partial derivatives: every differentiable field multiplied by ``w`` (``(n,)``)."""
         return replace(

@@ -30,7 +30,6 @@ derivatives (a few numbers per token) and the backward recomputes each chunk's l
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 from typing import Any, Protocol
 
 import torch
@@ -101,22 +100,6 @@ class ChunkBackend(Protocol):
         ...
 
 
-def _cat_stats(parts: list[TokenStats]) -> TokenStats:
-    """Row-wise concatenation of the statistics of consecutive row blocks."""
-    if len(parts) == 1:
-        return parts[0]
-    out: dict[str, Any] = {}
-    for f in fields(TokenStats):
-        vals = [getattr(p, f.name) for p in parts]
-        if vals[0] is None:
-            out[f.name] = None
-        elif isinstance(vals[0], dict):
-            out[f.name] = {c: torch.cat([v[c] for v in vals]) for c in vals[0]}
-        else:
-            out[f.name] = torch.cat(vals)
-    return TokenStats(**out)
-
-
 class TorchChunkBackend:
     """Chunk statistics and gradient with PyTorch ops (any device).
 
@@ -173,7 +156,7 @@ class TorchChunkBackend:
                 ebuf[sl].copy_(e)
             parts.append(st)
             finites.append(finite)
-        return _cat_stats(parts), (z, ebuf, finites)
+        return TokenStats.cat(parts), (z, ebuf, finites)
 
     def grad_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stats: TokenStats,
                     partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any) -> Tensor:

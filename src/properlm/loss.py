@@ -12,6 +12,7 @@ is ever held.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -118,8 +119,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _block_rows(vocab_size: int) -> int:
-    return max(1, BLOCK_ELEMENTS // max(vocab_size, 1))
+def _block_rows(vocab_size: int, device: torch.device) -> int:
+    """Rows of one block: cache-sized on the CPU, a large chunk on accelerators (where
+    each block costs kernel launches)."""
+    elements = BLOCK_ELEMENTS if device.type == "cpu" else CHUNK_ELEMENTS
+    return max(1, elements // max(vocab_size, 1))
 
 
 class _RowBlocks:
@@ -131,7 +135,7 @@ class _RowBlocks:
         self.logits, self.rows, self.num_rows = logits, rows, num_rows
         V = logits.shape[1]
         self.cdt = compute_dtype(logits.dtype)
-        self.step = _block_rows(V)
+        self.step = _block_rows(V, logits.device)
         # a block of the logits themselves (no copy) when the rows are contiguous and already
         # in the compute dtype; otherwise a gathered / upcast copy in ``z``
         self.in_place = rows is None and logits.dtype == self.cdt
@@ -140,7 +144,7 @@ class _RowBlocks:
         self.z = None if self.in_place else new()
         self.e, self.work = new(), new()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[slice, Tensor]]:
         """``(block slice over the scored rows, float logits of the block (b, V))``."""
         for start in range(0, self.num_rows, self.step):
             sl = slice(start, min(start + self.step, self.num_rows))

@@ -24,7 +24,7 @@ on how the data were split into batches (up to float rounding).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .rules import RuleLike, ScoringRule, get_rule
-from .stats import compute_stats, smoothed_score
+from .stats import rule_scores
 
 __all__ = [
     "DEFAULT_NUM_BINS",
@@ -54,20 +54,6 @@ DEFAULT_NUM_BINS = 15
 _CHUNK_ELEMENTS = 1 << 24
 
 _LOG = get_rule("logarithmic")
-
-
-class _ScaleUnion(ScoringRule):
-    """Not a rule: a carrier of the union of scales, so that :func:`compute_stats` computes
-    every ``LSE(c z)`` that a set of rules needs in one pass over the logits."""
-
-    def __init__(self, rules: Iterable[ScoringRule]) -> None:
-        needed = {1.0}  # L_1 for log p_y and the top-1 confidence
-        for r in rules:
-            needed.update(float(c) for c in r.score_scales())
-        self._scales = tuple(sorted(needed))
-
-    def score_scales(self) -> tuple[float, ...]:
-        return self._scales
 
 
 def _unique_rules(rules: Sequence[RuleLike]) -> list[ScoringRule]:
@@ -110,7 +96,6 @@ def token_level_outputs(logits: Tensor, labels: Tensor, rules: Sequence[RuleLike
         if bool(bad.any()):
             raise ValueError(f"labels hold ids outside [0, {V}) (first: {int(flat_y[rows][bad][0])}) "
                              f"that are not ignore_index={ignore_index}")
-    carrier = _ScaleUnion(rule_objs)
     keys = [f"score:{r.spec}" for r in rule_objs]
     parts: dict[str, list[Tensor]] = {k: [] for k in [*keys, "log_prob", "confidence", "correct"]}
     step = max(1, _CHUNK_ELEMENTS // max(V, 1))
@@ -119,20 +104,13 @@ def token_level_outputs(logits: Tensor, labels: Tensor, rules: Sequence[RuleLike
             idx = rows[start:start + step]
             z = flat_z[idx].float()
             y = flat_y[idx]
-            stats, _, _ = compute_stats(z, y, carrier, 0.0)
-            for key, r in zip(keys, rule_objs):
-                parts[key].append(smoothed_score(r, stats, 0.0))
-            log_py = smoothed_score(_LOG, stats, 0.0)
-            parts["log_prob"].append(log_py)
-            # top-1 probability: log p_top = log p_y + (z_top - z_y), whatever frame the stats use
-            z_top, top = z.max(dim=-1)
-            z_y = z.gather(1, y[:, None]).squeeze(1)
-            conf = torch.exp(log_py + (z_top - z_y))
-            masked_target = z_y == -math.inf  # p_y = 0: take the top-1 probability directly
-            if bool(masked_target.any()):
-                conf[masked_target] = torch.exp(z_top[masked_target] - torch.logsumexp(z[masked_target], -1))
-            parts["confidence"].append(conf.clamp_(max=1.0))
-            parts["correct"].append(top == y)
+            scores, stats = rule_scores(z, y, [*rule_objs, _LOG])
+            for j, key in enumerate(keys):
+                parts[key].append(scores[:, j])
+            parts["log_prob"].append(scores[:, -1])
+            # the statistics are of z - max z: log p_top = (z_top - max z) - lse[1] = -lse[1]
+            parts["confidence"].append(torch.exp(-stats.lse[1.0]))
+            parts["correct"].append(z.argmax(dim=-1) == y)
     out: dict[str, Tensor] = {}
     for k, v in parts.items():
         if v:

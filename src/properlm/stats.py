@@ -21,12 +21,15 @@ underflowing terms are negligible against it), and ``softmax(c z) = e^c exp(-lse
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
 
-from .rules import ScoringRule
+from .rules import Logarithmic, ScoringRule
+
+_LOG = Logarithmic()
 
 __all__ = [
     "TokenStats",
@@ -36,6 +39,7 @@ __all__ = [
     "masked_log_eps",
     "masked_set",
     "masked_threshold",
+    "rule_scores",
     "scale_power",
     "smoothed_score",
 ]
@@ -155,8 +159,8 @@ def masked_set(e: Tensor, lse1: Tensor, num_classes: Tensor, eps: float, finite:
 
 
 def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float = 0.0, *,
-                  out: Tensor | None = None, work: Tensor | None = None
-                  ) -> tuple[TokenStats, Tensor, Tensor | None]:
+                  out: Tensor | None = None, work: Tensor | None = None,
+                  scales: Sequence[float] | None = None) -> tuple[TokenStats, Tensor, Tensor | None]:
     """Statistics of float32 (or float64) logits ``z`` (``(n, V)``) for targets ``target`` (``(n,)``).
 
     Returns ``(stats, e, finite)`` where ``e = exp(z - m)`` (kept so that a caller that
@@ -164,7 +168,8 @@ def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float
     finite logits, or ``None`` when every logit is finite. ``out`` (same shape and dtype as
     ``z``), when given, receives ``z - m`` (and then ``e`` when there is no masked-log term),
     and ``work`` (same shape and dtype) holds the powers ``e^c``, so that a caller looping over
-    chunks reuses its buffers instead of allocating per chunk.
+    chunks reuses its buffers instead of allocating per chunk. ``scales`` replaces
+    ``rule.scales(smoothing)`` (e.g. the union of the scales of several rules).
     """
     n, V = z.shape
     m = z.amax(dim=-1)
@@ -180,7 +185,9 @@ def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float
     if smoothing > 0 and rule.uses_logit_sum:
         sum_z = (d if finite is None else torch.where(finite, d, 0.0)).sum(-1)
     e = torch.exp(d) if eps is not None else d.exp_()
-    lse = {c: torch.log(scale_power(e, c, out=work).sum(-1)) for c in rule.scales(smoothing)}
+    if scales is None:
+        scales = rule.scales(smoothing)
+    lse = {float(c): torch.log(scale_power(e, c, out=work).sum(-1)) for c in scales}
     z_y = z.gather(1, target[:, None]).squeeze(1) - m
     stats = TokenStats(z_y=z_y, lse=lse, num_classes=num_classes, max_logit=m, sum_z=sum_z)
     if eps is not None:
@@ -188,6 +195,17 @@ def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float
         stats.masked_sum_z = torch.where(mask, d, 0.0).sum(-1)
         stats.masked_count = mask.sum(-1, dtype=z.dtype)
     return stats, e, finite
+
+
+def rule_scores(z: Tensor, target: Tensor, rules: Sequence[ScoringRule]) -> tuple[Tensor, TokenStats]:
+    """Unsmoothed scores ``S(p, y)`` of several rules from one pass over float logits ``z``
+    (``(n, V)``): ``(n, len(rules))``, and the statistics, which always include ``lse[1]``
+    (so ``log p_y = z_y - lse[1]`` and the top-1 probability is ``exp(-lse[1])``)."""
+    scales = sorted({1.0, *(float(c) for r in rules for c in r.score_scales())})
+    stats, _, _ = compute_stats(z, target, rules[0] if rules else _LOG, 0.0, scales=scales)
+    if not rules:
+        return z.new_zeros(z.shape[0], 0), stats
+    return torch.stack([smoothed_score(r, stats, 0.0) for r in rules], dim=-1), stats
 
 
 def smoothed_score(rule: ScoringRule, stats: TokenStats, smoothing: float = 0.0) -> Tensor:

@@ -435,11 +435,10 @@ def eval_rules(training_rule: str) -> list[str]:
 def _score_sums(logits: torch.Tensor, labels: torch.Tensor, rules: Sequence[str]) -> torch.Tensor:
     """Per-sequence sums of each rule's token score: ``(B, T, V)``, ``(B, T)`` -> ``(B, R)``.
 
-    The statistics ``z_y``, ``LSE(c z)`` are computed once per rule from the float32 logits
-    of the scored positions (:func:`properlm.stats.compute_stats`) and the scores come from
-    :func:`properlm.stats.smoothed_score` with ``eps = 0``.
+    The statistics are computed once per chunk of scored rows for all rules
+    (:func:`properlm.stats.rule_scores`), and each rule's score comes from its rule object.
     """
-    from .stats import compute_stats, smoothed_score
+    from .stats import rule_scores
 
     B, T, V = logits.shape
     valid = labels != -100
@@ -451,11 +450,8 @@ def _score_sums(logits: torch.Tensor, labels: torch.Tensor, rules: Sequence[str]
     chunk = max(1, _EVAL_CHUNK_ELEMENTS // max(V, 1))  # rows per chunk: bounded float32 temporaries
     rule_objs = [get_rule(spec) for spec in rules]
     for start in range(0, rows.numel(), chunk):
-        zc = z[start:start + chunk].float()
-        yc, sc = y[start:start + chunk], seq[start:start + chunk]
-        for j, rule in enumerate(rule_objs):
-            stats, _, _ = compute_stats(zc, yc, rule, 0.0)
-            out[:, j].index_add_(0, sc, smoothed_score(rule, stats, 0.0).double())
+        scores, _ = rule_scores(z[start:start + chunk].float(), y[start:start + chunk], rule_objs)
+        out.index_add_(0, seq[start:start + chunk], scores.double())
     return out
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "RESULTS_KIND",
     "EvalError",
     "EvalSettings",
+    "format_value",
     "markdown_table",
     "parse_rules",
     "resolve_device",
@@ -360,20 +361,20 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
+def format_value(v: Any, spec: str = ".4f") -> str:
+    """One markdown table cell: ``-`` for missing, numbers with ``spec`` (floats only),
+    ``|`` escaped in text."""
     if v is None:
         return "-"
-    if isinstance(v, str):
-        return v
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
+    if isinstance(v, bool | int):
         return str(v)
     if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return f"{v:.{digits}f}"
-    return str(v)
+        return format(v, spec) if math.isfinite(v) else str(v)
+    return str(v).replace("|", "\\|")
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    return format_value(v, f".{digits}f")
 
 
 def _pct(v: Any) -> Any:

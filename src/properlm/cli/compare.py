@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..evaluation import RESULTS_KIND
+from ..evaluation import RESULTS_KIND, format_value
 
 __all__ = [
     "CompareError",
@@ -226,17 +226,7 @@ def _column_group(column: str) -> int:
 
 
 def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return f"{v:.4g}"
-    return str(v).replace("|", "\\|")
+    return format_value(v, ".4g")
 
 
 def comparison_table(runs: list[RunRecord]) -> str:

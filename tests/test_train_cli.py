@@ -251,6 +251,7 @@ def test_yaml_config_and_override(tmp_path, capsys):
     (["--per-device-train-batch-size", "0"], "must be positive"),
     (["--resume"], "no checkpoint-N directory"),
     (["--init", "tiny-gpt", "--model", "x"], "do not combine"),
+    (["--vocab-size", "120"], "--vocab-size must be at least 260"),
 ])
 def test_bad_arguments_fail_fast(tmp_path, capsys, extra, message):
     src, tgt = write_parallel(tmp_path)

@@ -45,6 +45,8 @@ INIT_CONFIGS = ("tiny-gpt", "tiny-seq2seq")
 
 #: special tokens of the tokenizers trained here, in id order (pad=0, bos=1, eos=2, unk=3)
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+#: smallest byte-level BPE vocabulary: 256 byte symbols plus the special tokens
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 
 class ModelLoadError(ValueError):

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .data import DataError, Example, load_examples, split_validation
-from .modeling import INIT_CONFIGS, ModelLoadError, check_model_source, is_seq2seq, unwrap_model
+from .modeling import INIT_CONFIGS, MIN_VOCAB_SIZE, ModelLoadError, check_model_source, is_seq2seq, unwrap_model
 from .rules import get_rule
 
 __all__ = [
@@ -330,6 +330,9 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {cfg.lr_scheduler!r}")
     if not 0.0 <= cfg.dropout < 1.0 or not 0.0 <= cfg.lora_dropout < 1.0:
         raise ConfigError("--dropout and --lora-dropout must be in [0, 1)")
+    if cfg.init is not None and cfg.vocab_size < MIN_VOCAB_SIZE:
+        raise ConfigError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + special tokens) for the "
+                          f"byte-level BPE of --init, got {cfg.vocab_size}")
     if cfg.init is not None and cfg.hidden_size % cfg.num_heads:
         raise ConfigError(f"--hidden-size {cfg.hidden_size} is not divisible by --num-heads {cfg.num_heads}")
     if cfg.schedule is not None:

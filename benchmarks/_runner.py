@@ -1,0 +1,121 @@
+"""Shared plumbing of the reproduction benchmarks (``reproduce_mt.py``, ``reproduce_llm.py``).
+
+Each benchmark is a list of *steps*; a step is one ``properlm`` command (``train`` or
+``evaluate``) run in a subprocess, with its console output in a log file. A step whose
+``results.json`` exists is finished and skipped, so a benchmark killed at any point resumes
+where it stopped (an interrupted ``train`` step resumes from its newest checkpoint).
+
+Statistics: :func:`mean_std` over seeds, :func:`paired_bootstrap` (sacrebleu's paired
+bootstrap resampling of BLEU and chrF against a baseline system).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["IN_PROCESS", "fmt_mean_std", "mean_std", "paired_bootstrap", "read_json", "read_lines", "run_step"]
+
+
+#: run steps in this process (tests: no interpreter start-up per step) instead of a subprocess
+IN_PROCESS = False
+
+
+def read_json(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def run_step(name: str, argv: Sequence[str], output_dir: str, *, threads: int = 1, dry_run: bool = False) -> bool:
+    """Run ``properlm ARGV`` unless ``OUTPUT_DIR/results.json`` exists; return whether it ran.
+
+    The console output goes to ``OUTPUT_DIR.log``; a failing command raises ``RuntimeError``
+    with the last lines of that log. ``threads`` sets ``OMP_NUM_THREADS``/``torch`` threads.
+    """
+    if os.path.isfile(os.path.join(output_dir, "results.json")):
+        print(f"[skip] {name}: {output_dir}/results.json exists", flush=True)
+        return False
+    cmd = [sys.executable, "-m", "properlm.cli.main", *argv]
+    if dry_run:
+        print(f"[dry-run] {name}: {shlex.join(cmd)}", flush=True)
+        return False
+    os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    log = output_dir.rstrip("/") + ".log"
+    started = time.time()
+    print(f"[run ] {name} ...", flush=True)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        returncode = _run_in_process(argv, f) if IN_PROCESS else \
+            subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if returncode != 0:
+        tail = "\n".join(read_lines(log)[-25:])
+        raise RuntimeError(f"step {name} failed (exit {returncode}); log {log}:\n{tail}")
+    print(f"[done] {name} in {time.time() - started:.0f} s", flush=True)
+    return True
+
+
+def _run_in_process(argv: Sequence[str], log: Any) -> int:
+    import contextlib
+
+    from properlm.cli.main import main
+
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            return main(list(argv))
+        except SystemExit as exc:
+            return int(exc.code or 0)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); NaN for no values."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return math.nan, math.nan
+    m = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def fmt_mean_std(values: Sequence[float], digits: int = 2, scale: float = 1.0) -> str:
+    """``"m ± s"`` over seeds (``"m"`` for one value, ``"-"`` for none)."""
+    vals = [float(v) * scale for v in values if v is not None]
+    if not vals:
+        return "-"
+    m, s = mean_std(vals)
+    return f"{m:.{digits}f}" if len(vals) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def paired_bootstrap(baseline: Sequence[str], systems: dict[str, Sequence[str]], references: Sequence[str],
+                     *, n_samples: int = 1000, tokenize: str | None = None) -> dict[str, dict[str, Any]]:
+    """Paired bootstrap resampling (Koehn 2004, as in ``sacrebleu --paired-bs``) of BLEU and
+    chrF of each system against ``baseline``: ``{system: {"bleu": score, "bleu_p": p, "chrf": ...}}``.
+    The p-value is the probability, under resampling, that the difference is not real."""
+    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.significance import PairedTest
+
+    metrics = {"BLEU": BLEU(tokenize=tokenize) if tokenize else BLEU(), "chrF": CHRF()}
+    named = [("baseline", list(baseline))] + [(k, list(v)) for k, v in systems.items()]
+    test = PairedTest(named, metrics, [list(references)], test_type="bs", n_samples=n_samples)
+    _, scores = test()
+    chrf_key = next(k for k in scores if k.startswith("chrF"))  # sacrebleu names it "chrF2" (beta = 2)
+    out: dict[str, dict[str, Any]] = {}
+    for i, (name, _) in enumerate(named[1:], start=1):
+        out[name] = {"bleu": scores["BLEU"][i].score, "bleu_p": scores["BLEU"][i].p_value,
+                     "chrf": scores[chrf_key][i].score, "chrf_p": scores[chrf_key][i].p_value}
+    return out

@@ -1,0 +1,415 @@
+"""Reproduce the paper's translation findings at small scale: Multi30k English->German.
+
+Shao et al. (ICML 2024) claim that (1) trained from scratch, the Brier and spherical scores do
+worse than the logarithmic score, but (2) fine-tuning a converged logarithmic model with Brier or
+spherical improves BLEU, and (3) switching to a different rule beats continuing with the same one.
+This script tests that with ``properlm train`` / ``properlm evaluate``.
+
+Protocols, all with score smoothing 0.1 and the same total number of steps T = T1 + T2::
+
+    (a) logarithmic for T                     (b) logarithmic for T1, then Brier for T2
+    (c) logarithmic for T1, then spherical    (d) Brier for T            (e) spherical for T
+
+(b) and (c) branch from the step-T1 checkpoint of (a): its weights, optimizer state, learning-rate
+schedule and data order; the rule switches at step T1 (``--schedule logarithmic:T1,brier:T2``).
+So (a), (b) and (c) share their first T1 steps exactly and differ only in the loss afterwards.
+
+Model: a Transformer encoder-decoder (``--init tiny-seq2seq``, Marian architecture) with a joint
+BPE vocabulary trained on the training pairs; dropout 0.1, linear warm-up then inverse-sqrt decay
+(the paper's schedule); AdamW(0.9, 0.98). Each final model is decoded with beam 5 on ``val`` and
+``test_2016_flickr`` (BLEU and chrF by sacrebleu) and scored under teacher forcing on
+``test_2016_flickr`` (every rule's token score, ECE); (a), (b), (c) are also decoded with the
+spherical score as the beam objective. ``val`` is the only set looked at while choosing settings.
+
+Everything lives under ``--work-dir``: one directory per seed and protocol (``properlm train``
+output: checkpoints, metrics.jsonl, results.json, final/) with ``eval_*`` sub-directories, and
+the summary ``results.json``, ``results.md`` and ``training_curves.png``. A step whose
+``results.json`` exists is skipped, so rerunning the same command after a kill resumes (an
+interrupted training run continues from its newest checkpoint).
+
+Usage::
+
+    python benchmarks/reproduce_mt.py ../shared/data/multi30k --work-dir runs/reproduce_mt
+    python benchmarks/reproduce_mt.py ../shared/data/multi30k --work-dir runs/reproduce_mt --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _runner import fmt_mean_std, mean_std, paired_bootstrap, read_json, read_lines, run_step
+
+#: protocol -> (label, rule schedule as a function of (T1, T2))
+PROTOCOLS: dict[str, tuple[str, Any]] = {
+    "a": ("(a) log → log", lambda t1, t2: f"logarithmic:{t1 + t2}"),
+    "b": ("(b) log → brier", lambda t1, t2: f"logarithmic:{t1},brier:{t2}"),
+    "c": ("(c) log → spherical", lambda t1, t2: f"logarithmic:{t1},spherical:{t2}"),
+    "d": ("(d) brier from scratch", lambda t1, t2: f"brier:{t1 + t2}"),
+    "e": ("(e) spherical from scratch", lambda t1, t2: f"spherical:{t1 + t2}"),
+}
+#: protocols that branch from (a)'s step-T1 checkpoint
+BRANCHES = ("b", "c")
+#: the evaluation sets: name -> file stem in the data directory
+SPLITS = {"val": "val", "test": "test_2016_flickr"}
+REQUIRED_FILES = [f"{stem}.{lang}" for stem in ("train", *SPLITS.values()) for lang in ("en", "de")]
+RULES = ("logarithmic", "brier", "spherical")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="reproduce_mt.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data_dir", help="directory with train, val and test_2016_flickr .en/.de (Multi30k task 1, raw)")
+    p.add_argument("--work-dir", default="runs/reproduce_mt", help="where runs, evaluations and the summary go")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds; every protocol runs once per seed")
+    p.add_argument("--protocols", default="a,b,c,d,e", help="subset of the protocols a..e to run (b, c need a)")
+    p.add_argument("--t1", type=int, default=900, help="T1: steps of the logarithmic stage before the switch")
+    p.add_argument("--t2", type=int, default=300, help="T2: steps after the switch (every protocol runs T1 + T2)")
+    p.add_argument("--batch-size", type=int, default=64, help="sentence pairs per step")
+    p.add_argument("--learning-rate", type=float, default=1.5e-3, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=300, help="linear warm-up steps before inverse-sqrt decay")
+    p.add_argument("--smoothing", type=float, default=0.1, help="score smoothing eps of every protocol")
+    p.add_argument("--vocab-size", type=int, default=6000, help="joint BPE vocabulary size")
+    p.add_argument("--hidden-size", type=int, default=128, help="model width")
+    p.add_argument("--num-layers", type=int, default=2, help="encoder and decoder layers (each)")
+    p.add_argument("--num-heads", type=int, default=4, help="attention heads")
+    p.add_argument("--ffn-size", type=int, default=512, help="feed-forward width")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout")
+    p.add_argument("--max-length", type=int, default=64, help="most BPE tokens per sentence")
+    p.add_argument("--eval-every", type=int, default=150, help="validation scores every N steps (the curves)")
+    p.add_argument("--save-every", type=int, default=300,
+                   help="checkpoint every N steps (T1 must be a multiple: the branches start from it)")
+    p.add_argument("--num-beams", type=int, default=5, help="beam width of every decoding")
+    p.add_argument("--eval-batch-size", type=int, default=50, help="sentences per decoding batch")
+    p.add_argument("--bootstrap-samples", type=int, default=1000, help="paired bootstrap resamples")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each step")
+    p.add_argument("--report-only", action="store_true", help="only aggregate what has finished")
+    p.add_argument("--dry-run", action="store_true", help="print the commands that would run")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Fail before any work on a bad argument or a missing data file."""
+    missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(args.data_dir, f))]
+    if missing:
+        raise SystemExit(f"reproduce_mt.py: data directory {args.data_dir!r} lacks {', '.join(missing)} "
+                         f"(expected Multi30k task 1: {', '.join(REQUIRED_FILES)})")
+    args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.protocol_list = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    bad = [p for p in args.protocol_list if p not in PROTOCOLS]
+    if bad or not args.protocol_list:
+        raise SystemExit(f"reproduce_mt.py: --protocols {args.protocols!r}: allowed values are a, b, c, d, e")
+    if any(p in args.protocol_list for p in BRANCHES) and "a" not in args.protocol_list:
+        raise SystemExit("reproduce_mt.py: protocols b and c branch from a's checkpoint; include a")
+    for name in ("t1", "t2", "batch_size", "eval_every", "save_every", "num_beams"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"reproduce_mt.py: --{name.replace('_', '-')} must be positive")
+    if args.t1 % args.save_every:
+        raise SystemExit(f"reproduce_mt.py: --t1 {args.t1} must be a multiple of --save-every {args.save_every}")
+
+
+def run_dir(args: argparse.Namespace, seed: int, protocol: str) -> str:
+    return os.path.join(args.work_dir, f"seed{seed}", protocol)
+
+
+def train_argv(args: argparse.Namespace, seed: int, protocol: str, resume: bool) -> list[str]:
+    d = os.path.join(args.data_dir, "")
+    argv = [
+        "train", "--init", "tiny-seq2seq", "--vocab-size", str(args.vocab_size),
+        "--hidden-size", str(args.hidden_size), "--num-layers", str(args.num_layers),
+        "--num-heads", str(args.num_heads), "--ffn-size", str(args.ffn_size), "--dropout", str(args.dropout),
+        "--source-file", d + "train.en", "--target-file", d + "train.de",
+        "--validation-source-file", d + "val.en", "--validation-target-file", d + "val.de",
+        "--max-length", str(args.max_length),
+        "--schedule", PROTOCOLS[protocol][1](args.t1, args.t2), "--smoothing", str(args.smoothing),
+        "--seed", str(seed), "--per-device-train-batch-size", str(args.batch_size),
+        "--per-device-eval-batch-size", "128",
+        "--learning-rate", str(args.learning_rate), "--lr-scheduler", "inverse_sqrt",
+        "--warmup-steps", str(args.warmup_steps), "--adam-beta2", "0.98",
+        "--eval-steps", str(args.eval_every), "--save-steps", str(args.save_every), "--logging-steps", "50",
+        "--output-dir", run_dir(args, seed, protocol), "--no-progress-bar", "--no-tensorboard",
+    ]
+    return argv + (["--resume"] if resume else [])
+
+
+def prepare_branch(args: argparse.Namespace, seed: int, protocol: str) -> None:
+    """Start branch ``protocol`` from (a)'s step-T1 checkpoint: copy the checkpoint, the tokenizer
+    and (a)'s log records up to T1 into the branch's directory (once)."""
+    src, dst = run_dir(args, seed, "a"), run_dir(args, seed, protocol)
+    ckpt = f"checkpoint-{args.t1}"
+    if os.path.isdir(os.path.join(dst, ckpt)) or any(n.startswith("checkpoint-") for n in _listdir(dst)):
+        return
+    if not os.path.isfile(os.path.join(src, ckpt, "trainer_state.json")):
+        raise RuntimeError(f"{src}/{ckpt} is missing: protocol a must save a checkpoint at step T1={args.t1}")
+    os.makedirs(dst, exist_ok=True)
+    shutil.copytree(os.path.join(src, "tokenizer"), os.path.join(dst, "tokenizer"), dirs_exist_ok=True)
+    records = [r for r in _read_log(os.path.join(src, "metrics.jsonl")) if r["step"] <= args.t1]
+    with open(os.path.join(dst, "metrics.jsonl"), "w", encoding="utf-8") as f:
+        import json
+
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    shutil.copytree(os.path.join(src, ckpt), os.path.join(dst, ckpt + ".tmp"), dirs_exist_ok=True)
+    os.replace(os.path.join(dst, ckpt + ".tmp"), os.path.join(dst, ckpt))  # complete or absent
+
+
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+def _read_log(path: str) -> list[dict[str, Any]]:
+    import json
+
+    if not os.path.isfile(path):
+        return []
+    return [json.loads(line) for line in read_lines(path) if line.strip()]
+
+
+def eval_name(split: str, objective: str) -> str:
+    return f"eval_{split}_beam_{objective}"
+
+
+def eval_argv(args: argparse.Namespace, seed: int, protocol: str, split: str, objective: str) -> list[str]:
+    stem = os.path.join(args.data_dir, SPLITS[split])
+    out = os.path.join(run_dir(args, seed, protocol), eval_name(split, objective))
+    argv = ["evaluate", "--model", os.path.join(run_dir(args, seed, protocol), "final"),
+            "--source-file", stem + ".en", "--target-file", stem + ".de", "--target-lang", "de",
+            "--max-length", str(args.max_length), "--num-beams", str(args.num_beams),
+            "--objective", objective, "--max-new-tokens", str(args.max_length),
+            "--batch-size", str(args.eval_batch_size), "--output-dir", out, "--no-progress"]
+    return argv
+
+
+def evaluations(protocol: str) -> list[tuple[str, str]]:
+    """(split, beam objective) pairs evaluated for a protocol."""
+    pairs = [(s, "logarithmic") for s in SPLITS]
+    if protocol in ("a", "b", "c"):
+        pairs += [(s, "spherical") for s in SPLITS]
+    return pairs
+
+
+def run_all(args: argparse.Namespace) -> None:
+    """Every training and evaluation step, seed by seed (finished steps are skipped)."""
+    for seed in args.seed_list:
+        for protocol in args.protocol_list:
+            out = run_dir(args, seed, protocol)
+            if not os.path.isfile(os.path.join(out, "results.json")) and protocol in BRANCHES and not args.dry_run:
+                prepare_branch(args, seed, protocol)
+            resume = any(n.startswith("checkpoint-") for n in _listdir(out))
+            run_step(f"seed {seed} {PROTOCOLS[protocol][0]} train", train_argv(args, seed, protocol, resume), out,
+                     threads=args.threads, dry_run=args.dry_run)
+            for split, objective in evaluations(protocol):
+                run_step(f"seed {seed} {protocol} {split} beam-{objective}",
+                         eval_argv(args, seed, protocol, split, objective),
+                         os.path.join(out, eval_name(split, objective)), threads=args.threads, dry_run=args.dry_run)
+
+
+# ------------------------------------------------------------------------------ the report
+
+
+def _eval(args: argparse.Namespace, seed: int, protocol: str, split: str, objective: str) -> dict[str, Any] | None:
+    path = os.path.join(run_dir(args, seed, protocol), eval_name(split, objective), "results.json")
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def collect(args: argparse.Namespace) -> dict[str, Any]:
+    """Per protocol and seed: BLEU/chrF per split and objective, test token scores, ECE."""
+    per: dict[str, dict[int, dict[str, Any]]] = {}
+    for protocol in args.protocol_list:
+        for seed in args.seed_list:
+            row: dict[str, Any] = {}
+            for split, objective in evaluations(protocol):
+                ev = _eval(args, seed, protocol, split, objective)
+                if ev is None:
+                    continue
+                gen = ev.get("generation", {})
+                row[f"bleu_{split}_{objective}"] = gen.get("bleu")
+                row[f"chrf_{split}_{objective}"] = gen.get("chrf")
+                if objective == "logarithmic":
+                    tf = ev["teacher_forced"]
+                    for r in RULES:
+                        row[f"score_{r}_{split}"] = tf["mean_scores"].get(r)
+                    row[f"ece_{split}"] = tf["ece"]
+                    row[f"perplexity_{split}"] = tf["perplexity"]
+            if row:
+                per.setdefault(protocol, {})[seed] = row
+    return per
+
+
+def _values(per: dict[str, dict[int, dict[str, Any]]], protocol: str, key: str) -> list[float]:
+    return [r[key] for r in per.get(protocol, {}).values() if r.get(key) is not None]
+
+
+def main_table(per: dict[str, Any], protocols: list[str]) -> str:
+    cols = [("BLEU val", "bleu_val_logarithmic", 2, 1), ("BLEU test", "bleu_test_logarithmic", 2, 1),
+            ("chrF val", "chrf_val_logarithmic", 2, 1), ("chrF test", "chrf_test_logarithmic", 2, 1),
+            ("log score test", "score_logarithmic_test", 3, 1), ("Brier test", "score_brier_test", 4, 1),
+            ("spherical test", "score_spherical_test", 4, 1), ("ECE test (%)", "ece_test", 2, 100)]
+    lines = ["| protocol | seeds | " + " | ".join(c[0] for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for p in protocols:
+        n = len(per.get(p, {}))
+        cells = [fmt_mean_std(_values(per, p, key), digits, scale) for _, key, digits, scale in cols]
+        lines.append(f"| {PROTOCOLS[p][0]} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def objective_table(per: dict[str, Any], protocols: list[str]) -> str:
+    lines = ["| protocol | BLEU val (log beam) | BLEU val (spherical beam) | BLEU test (log beam) | "
+             "BLEU test (spherical beam) | chrF test (log beam) | chrF test (spherical beam) |",
+             "|---|---|---|---|---|---|---|"]
+    for p in protocols:
+        if p not in ("a", "b", "c"):
+            continue
+        cells = [fmt_mean_std(_values(per, p, k)) for k in (
+            "bleu_val_logarithmic", "bleu_val_spherical", "bleu_test_logarithmic", "bleu_test_spherical",
+            "chrf_test_logarithmic", "chrf_test_spherical")]
+        lines.append(f"| {PROTOCOLS[p][0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparisons(args: argparse.Namespace, per: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Seed-level differences to (a) and per-seed paired bootstrap on the test set."""
+    out: dict[str, Any] = {}
+    lines = ["| vs (a) | split | ΔBLEU per seed | mean ΔBLEU ± std | seeds better | ΔchrF mean ± std | "
+             "bootstrap p (BLEU) per seed |", "|---|---|---|---|---|---|---|"]
+    refs = {s: read_lines(os.path.join(args.data_dir, SPLITS[s] + ".de")) for s in SPLITS}
+    for p in ("b", "c", "d", "e"):
+        if p not in per or "a" not in per:
+            continue
+        for split in SPLITS:
+            key = f"bleu_{split}_logarithmic"
+            seeds = [s for s in args.seed_list if per[p].get(s, {}).get(key) is not None
+                     and per["a"].get(s, {}).get(key) is not None]
+            if not seeds:
+                continue
+            d_bleu = [per[p][s][key] - per["a"][s][key] for s in seeds]
+            d_chrf = [per[p][s][f"chrf_{split}_logarithmic"] - per["a"][s][f"chrf_{split}_logarithmic"]
+                      for s in seeds]
+            pvals = []
+            for s in seeds:
+                base, system = (read_lines(os.path.join(run_dir(args, s, q), eval_name(split, "logarithmic"),
+                                                        "hypotheses.txt")) for q in ("a", p))
+                bs = paired_bootstrap(base, {p: system}, refs[split], n_samples=args.bootstrap_samples)
+                pvals.append(bs[p]["bleu_p"])
+            m, sd = mean_std(d_bleu)
+            mc, sc = mean_std(d_chrf)
+            better = sum(d > 0 for d in d_bleu)
+            out[f"{p}_{split}"] = {"seeds": seeds, "delta_bleu": d_bleu, "delta_chrf": d_chrf, "bootstrap_p": pvals}
+            lines.append(f"| {PROTOCOLS[p][0]} | {split} | {', '.join(f'{d:+.2f}' for d in d_bleu)} | "
+                         f"{m:+.2f} ± {sd:.2f} | {better}/{len(seeds)} | {mc:+.2f} ± {sc:.2f} | "
+                         f"{', '.join(f'{v:.3f}' for v in pvals)} |")
+    return "\n".join(lines), out
+
+
+def plateau(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """How much (a)'s validation log score still moved over the last quarter of stage 1."""
+    rows, lines = {}, []
+    for s in args.seed_list:
+        log = [r for r in _read_log(os.path.join(run_dir(args, s, "a"), "metrics.jsonl"))
+               if "eval_score_logarithmic" in r]
+        by_step = {r["step"]: r["eval_score_logarithmic"] for r in log}
+        early = max((st for st in by_step if st <= 0.75 * args.t1), default=None)
+        if early is None or args.t1 not in by_step:
+            continue
+        rows[s] = {"step_early": early, "early": by_step[early], "t1": by_step[args.t1],
+                   "end": by_step.get(args.t1 + args.t2)}
+        lines.append(f"seed {s}: validation log score {by_step[early]:.4f} at step {early}, "
+                     f"{by_step[args.t1]:.4f} at T1={args.t1}"
+                     + (f", {by_step[args.t1 + args.t2]:.4f} at T={args.t1 + args.t2} (protocol a)"
+                        if args.t1 + args.t2 in by_step else ""))
+    return "\n".join(lines), rows
+
+
+def plot_curves(args: argparse.Namespace, path: str) -> str | None:
+    """Validation log score, Brier and spherical score and training loss vs step, mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("eval_score_logarithmic", "validation log score"), ("eval_score_brier", "validation Brier score"),
+              ("eval_score_spherical", "validation spherical score"), ("loss", "training loss")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    drawn = False
+    for p in args.protocol_list:
+        logs = [_read_log(os.path.join(run_dir(args, s, p), "metrics.jsonl")) for s in args.seed_list]
+        for ax, (key, title) in zip(axes, panels):
+            by_step: dict[int, list[float]] = {}
+            for log in logs:
+                for r in log:
+                    if key in r and r[key] is not None:
+                        by_step.setdefault(r["step"], []).append(r[key])
+            if not by_step:
+                continue
+            steps = sorted(by_step)
+            ax.plot(steps, [sum(by_step[t]) / len(by_step[t]) for t in steps], label=PROTOCOLS[p][0],
+                    linestyle="-" if p in ("a", "b", "c") else "--")
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax in axes:
+        ax.axvline(args.t1, color="grey", linewidth=0.8, linestyle=":")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Multi30k en-de, mean over seeds {args.seeds}; dotted line: T1 = {args.t1}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
+    import json
+
+    per = collect(args)
+    cmp_md, cmp = comparisons(args, per)
+    plateau_md, plateau_rows = plateau(args)
+    png = plot_curves(args, os.path.join(args.work_dir, "training_curves.png"))
+    md = "\n\n".join([
+        f"Beam {args.num_beams}, sacrebleu BLEU/chrF; token scores and ECE (15 bins, top-1) under teacher forcing "
+        f"on test_2016_flickr; mean ± std over seeds. T1 = {args.t1}, T2 = {args.t2}, batch {args.batch_size}, "
+        f"smoothing {args.smoothing}.",
+        main_table(per, args.protocol_list),
+        "Beam objective: logarithmic (sum of log-probabilities) vs the spherical score:",
+        objective_table(per, args.protocol_list),
+        "Each protocol against (a) with the same seed (paired bootstrap: sacrebleu, "
+        f"{args.bootstrap_samples} resamples, one p per seed):",
+        cmp_md,
+        "Plateau of stage 1 (protocol a):\n\n" + plateau_md,
+    ])
+    os.makedirs(args.work_dir, exist_ok=True)
+    with open(os.path.join(args.work_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(md + "\n")
+    with open(os.path.join(args.work_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"settings": {k: v for k, v in vars(args).items()}, "per_seed": per, "comparisons": cmp,
+                   "plateau": plateau_rows, "curves_png": png, "wall_seconds": wall_seconds}, f, indent=2,
+                  default=str)
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    started = time.time()
+    if not args.report_only:
+        run_all(args)
+    if args.dry_run:
+        return 0
+    md = report(args, None if args.report_only else time.time() - started)
+    print(md)
+    if not args.report_only:
+        print(f"\nwall time of this invocation: {(time.time() - started) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

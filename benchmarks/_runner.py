@@ -18,10 +18,12 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["IN_PROCESS", "fmt_mean_std", "mean_std", "paired_bootstrap", "read_json", "read_lines", "run_step"]
+__all__ = ["IN_PROCESS", "Task", "fmt_mean_std", "mean_std", "paired_bootstrap", "read_json", "read_lines", "run_step",
+           "run_tasks"]
 
 
 #: run steps in this process (tests: no interpreter start-up per step) instead of a subprocess
@@ -67,6 +69,49 @@ def run_step(name: str, argv: Sequence[str], output_dir: str, *, threads: int = 
         raise RuntimeError(f"step {name} failed (exit {returncode}); log {log}:\n{tail}")
     print(f"[done] {name} in {time.time() - started:.0f} s", flush=True)
     return True
+
+
+@dataclass
+class Task:
+    """One unit of work for :func:`run_tasks`: ``fn()`` runs once every task named in ``deps`` is done."""
+
+    name: str
+    fn: Callable[[], Any]
+    deps: set[str] = field(default_factory=set)
+
+
+def run_tasks(tasks: Sequence[Task], jobs: int = 1) -> None:
+    """Run ``tasks`` with at most ``jobs`` at a time, each as soon as its dependencies are done,
+    the earliest ready task in list order first (so the list order is the priority). The first
+    failure stops new tasks from starting and is raised once the running ones finish."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    names = {t.name for t in tasks}
+    unknown = {d for t in tasks for d in t.deps} - names
+    if unknown:
+        raise ValueError(f"tasks depend on unknown tasks: {sorted(unknown)}")
+    pending, done, running = list(tasks), set(), {}
+    error: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        while pending or running:
+            while error is None and len(running) < max(1, jobs):
+                ready = next((t for t in pending if t.deps <= done), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                running[pool.submit(ready.fn)] = ready.name
+            if not running:
+                if error is None and pending:
+                    raise RuntimeError(f"tasks can never start (circular dependencies): {[t.name for t in pending]}")
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                name = running.pop(fut)
+                if fut.exception() is not None and error is None:
+                    error = fut.exception()
+                done.add(name)
+    if error is not None:
+        raise error
 
 
 def _run_in_process(argv: Sequence[str], log: Any) -> int:

@@ -36,6 +36,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -44,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _runner import fmt_mean_std, mean_std, paired_bootstrap, read_json, read_lines, run_step
+from _runner import Task, fmt_mean_std, mean_std, paired_bootstrap, read_json, read_lines, run_step, run_tasks
 
 #: protocol -> (label, rule schedule as a function of (T1, T2))
 PROTOCOLS: dict[str, tuple[str, Any]] = {
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default="runs/reproduce_mt", help="where runs, evaluations and the summary go")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds; every protocol runs once per seed")
     p.add_argument("--protocols", default="a,b,c,d,e", help="subset of the protocols a..e to run (b, c need a)")
-    p.add_argument("--t1", type=int, default=900, help="T1: steps of the logarithmic stage before the switch")
-    p.add_argument("--t2", type=int, default=300, help="T2: steps after the switch (every protocol runs T1 + T2)")
+    p.add_argument("--t1", type=int, default=3000, help="T1: steps of the logarithmic stage before the switch")
+    p.add_argument("--t2", type=int, default=1000, help="T2: steps after the switch (every protocol runs T1 + T2)")
     p.add_argument("--batch-size", type=int, default=64, help="sentence pairs per step")
     p.add_argument("--learning-rate", type=float, default=1.5e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=300, help="linear warm-up steps before inverse-sqrt decay")
@@ -83,13 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn-size", type=int, default=512, help="feed-forward width")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout")
     p.add_argument("--max-length", type=int, default=64, help="most BPE tokens per sentence")
-    p.add_argument("--eval-every", type=int, default=150, help="validation scores every N steps (the curves)")
-    p.add_argument("--save-every", type=int, default=300,
+    p.add_argument("--eval-every", type=int, default=250, help="validation scores every N steps (the curves)")
+    p.add_argument("--save-every", type=int, default=500,
                    help="checkpoint every N steps (T1 must be a multiple: the branches start from it)")
     p.add_argument("--num-beams", type=int, default=5, help="beam width of every decoding")
     p.add_argument("--eval-batch-size", type=int, default=50, help="sentences per decoding batch")
     p.add_argument("--bootstrap-samples", type=int, default=1000, help="paired bootstrap resamples")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each step")
+    p.add_argument("--jobs", type=int, default=1, help="steps run at the same time (independent runs in parallel)")
     p.add_argument("--report-only", action="store_true", help="only aggregate what has finished")
     p.add_argument("--dry-run", action="store_true", help="print the commands that would run")
     return p
@@ -133,7 +135,8 @@ def train_argv(args: argparse.Namespace, seed: int, protocol: str, resume: bool)
         "--per-device-eval-batch-size", "128",
         "--learning-rate", str(args.learning_rate), "--lr-scheduler", "inverse_sqrt",
         "--warmup-steps", str(args.warmup_steps), "--adam-beta2", "0.98",
-        "--eval-steps", str(args.eval_every), "--save-steps", str(args.save_every), "--logging-steps", "50",
+        "--group-by-length", "--eval-steps", str(args.eval_every), "--save-steps", str(args.save_every),
+        "--logging-steps", "50",
         "--output-dir", run_dir(args, seed, protocol), "--no-progress-bar", "--no-tensorboard",
     ]
     return argv + (["--resume"] if resume else [])
@@ -194,20 +197,34 @@ def evaluations(protocol: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def run_all(args: argparse.Namespace) -> None:
-    """Every training and evaluation step, seed by seed (finished steps are skipped)."""
-    for seed in args.seed_list:
-        for protocol in args.protocol_list:
-            out = run_dir(args, seed, protocol)
-            if not os.path.isfile(os.path.join(out, "results.json")) and protocol in BRANCHES and not args.dry_run:
-                prepare_branch(args, seed, protocol)
-            resume = any(n.startswith("checkpoint-") for n in _listdir(out))
-            run_step(f"seed {seed} {PROTOCOLS[protocol][0]} train", train_argv(args, seed, protocol, resume), out,
-                     threads=args.threads, dry_run=args.dry_run)
-            for split, objective in evaluations(protocol):
-                run_step(f"seed {seed} {protocol} {split} beam-{objective}",
-                         eval_argv(args, seed, protocol, split, objective),
-                         os.path.join(out, eval_name(split, objective)), threads=args.threads, dry_run=args.dry_run)
+def tasks(args: argparse.Namespace) -> list[Task]:
+    """Every training and evaluation step, in priority order: first (a), (b), (c) of every seed
+    (the fine-tuning question), then (d), (e); each evaluation after its training."""
+    out: list[Task] = []
+    first = [p for p in args.protocol_list if p in ("a", "b", "c")]
+    later = [p for p in args.protocol_list if p not in first]
+    for group in (first, later):
+        for seed in args.seed_list:
+            for protocol in group:
+                train = f"train {seed}{protocol}"
+                out.append(Task(train, functools.partial(_train, args, seed, protocol),
+                                {f"train {seed}a"} if protocol in BRANCHES else set()))
+                for split, objective in evaluations(protocol):
+                    out.append(Task(f"eval {seed}{protocol} {split} {objective}", functools.partial(
+                        run_step, f"seed {seed} {protocol} {split} beam-{objective}",
+                        eval_argv(args, seed, protocol, split, objective),
+                        os.path.join(run_dir(args, seed, protocol), eval_name(split, objective)),
+                        threads=args.threads, dry_run=args.dry_run), {train}))
+    return out
+
+
+def _train(args: argparse.Namespace, seed: int, protocol: str) -> None:
+    out = run_dir(args, seed, protocol)
+    if not os.path.isfile(os.path.join(out, "results.json")) and protocol in BRANCHES and not args.dry_run:
+        prepare_branch(args, seed, protocol)
+    resume = any(n.startswith("checkpoint-") for n in _listdir(out))
+    run_step(f"seed {seed} {PROTOCOLS[protocol][0]} train", train_argv(args, seed, protocol, resume), out,
+             threads=args.threads, dry_run=args.dry_run)
 
 
 # ------------------------------------------------------------------------------ the report
@@ -401,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     check_args(args)
     started = time.time()
     if not args.report_only:
-        run_all(args)
+        run_tasks(tasks(args), jobs=args.jobs)
     if args.dry_run:
         return 0
     md = report(args, None if args.report_only else time.time() - started)

@@ -94,3 +94,35 @@ def test_reproduce_mt_rejects_bad_arguments(tmp_path):
         reproduce_mt.main([str(tmp_path), "--protocols", "b"])
     with pytest.raises(SystemExit, match="multiple of --save-every"):
         reproduce_mt.main([str(tmp_path), "--t1", "10", "--save-every", "3"])
+
+
+def test_run_tasks_respects_dependencies_priority_and_failures():
+    import threading
+    import time
+
+    order, lock = [], threading.Lock()
+
+    def note(name, delay=0.0):
+        def fn():
+            time.sleep(delay)
+            with lock:
+                order.append(name)
+        return fn
+
+    tasks = [_runner.Task("a", note("a", 0.05)), _runner.Task("b", note("b"), {"a"}),
+             _runner.Task("c", note("c", 0.01)), _runner.Task("d", note("d"), {"b", "c"})]
+    _runner.run_tasks(tasks, jobs=2)
+    assert order.index("a") < order.index("b") < order.index("d") and order.index("c") < order.index("d")
+    assert order[0] == "c"  # a and c start together; c is shorter
+    order.clear()
+    _runner.run_tasks(tasks, jobs=1)
+    assert order == ["a", "b", "c", "d"]  # list order is the priority
+
+    def boom():
+        raise RuntimeError("step failed")
+    order.clear()
+    with pytest.raises(RuntimeError, match="step failed"):
+        _runner.run_tasks([_runner.Task("x", boom), _runner.Task("y", note("y"), {"x"})], jobs=2)
+    assert order == []  # nothing starts after a failure
+    with pytest.raises(ValueError, match="unknown tasks"):
+        _runner.run_tasks([_runner.Task("y", note("y"), {"zz"})])

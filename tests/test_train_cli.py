@@ -354,3 +354,28 @@ def test_eval_score_sums_match_token_scores(monkeypatch):
     for j, rule in enumerate(rules):
         torch.testing.assert_close(sums[:, j].float(), token_scores(logits, labels, rule).sum(-1))
     assert torch.all(sums[2] == 0)
+
+
+def test_group_by_length_selects_the_length_grouped_sampler(tmp_path):
+    import datasets
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from properlm.training import _training_arguments
+
+    lengths = [3, 40, 5, 38, 4, 41, 6, 39] * 100
+    ds = datasets.Dataset.from_list([{"input_ids": [1] * n} for n in lengths])
+    samplers = {}
+    for flag in (True, False):
+        cfg = make_config({"init": "tiny-gpt", "source_file": "s", "target_file": "t", "group_by_length": flag,
+                           "output_dir": str(tmp_path), "per_device_train_batch_size": 4})
+        trainer = Trainer(model=torch.nn.Linear(1, 1), args=_training_arguments(cfg, 10, False), train_dataset=ds)
+        samplers[flag] = trainer._get_train_sampler(ds)
+    assert isinstance(samplers[True], LengthGroupedSampler) and not isinstance(samplers[False], LengthGroupedSampler)
+
+    def padded(order):
+        return sum(4 * max(lengths[i] for i in order[k:k + 4]) for k in range(0, len(order), 4))
+
+    grouped, shuffled = list(samplers[True]), list(samplers[False])
+    assert sorted(grouped) == list(range(len(lengths)))
+    assert padded(grouped) < 0.7 * padded(shuffled)  # about half the padded tokens

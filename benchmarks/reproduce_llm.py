@@ -12,17 +12,20 @@ translation. Here, on CPU, the one pretrained LM that can be loaded offline is f
 * Data (German->English, from ``DATA_DIR``, the WMT newstest files ``news-test2008.{de,en}``,
   ``newstest2009..2014.{de,en}``):
 
-  - training: news-test2008 + newstest2009..2012 pooled; pairs with an empty side or a
-    source longer than ``--max-source-words`` words (or a target longer than 1.5x that)
-    are dropped, so that prompt + response fit in ``--max-length`` tokens; then a fixed
-    random subset of ``--train-examples`` pairs is drawn (``random.Random(0)``), the same
-    for every arm and seed (the seed changes the data order, LoRA initialisation, dropout);
+  - length filter (all splits, to bound the CPU time): pairs with an empty side, a source
+    longer than ``--max-source-words`` words or a target longer than 1.5x that are dropped,
+    so that prompt + response fit in ``--max-length`` tokens and a translation fits in
+    ``--max-new-tokens``;
+  - training: news-test2008 + newstest2009..2012 pooled and filtered, then a fixed random
+    subset of ``--train-examples`` pairs (``random.Random(0)``), the same for every arm and
+    seed (the seed changes the data order and which of them the ``--steps`` x
+    ``--batch-size`` examples are, LoRA initialisation, dropout);
   - model selection / development: a fixed random subset (``random.Random(1)``, kept in
-    corpus order) of ``--dev-examples`` sentences of newstest2013, not length-filtered; its
-    first ``--val-examples`` sentences are also the validation set scored (teacher-forced)
-    every ``--eval-steps`` steps during training for the training curves;
-  - test: a fixed random subset (``random.Random(2)``) of ``--test-examples`` sentences of
-    newstest2014, not length-filtered.
+    corpus order) of ``--dev-examples`` filtered sentences of newstest2013; its first
+    ``--val-examples`` sentences are also the validation set scored (teacher-forced) every
+    ``--eval-steps`` steps during training, for the training curves;
+  - test: a fixed random subset (``random.Random(2)``) of ``--test-examples`` filtered
+    sentences of newstest2014.
 
   Each example is the model's chat template around one user message asking for the
   translation (``properlm.data.build_prompt``); the loss is on the response (+ EOS) only.
@@ -109,32 +112,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank (with --lora)")
     g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (with --lora)")
     g = p.add_argument_group("data subsets")
-    g.add_argument("--train-examples", type=int, default=640,
+    g.add_argument("--train-examples", type=int, default=256,
                    help="training pairs drawn (fixed seed) from news-test2008..newstest2012 after length filtering")
-    g.add_argument("--max-source-words", type=int, default=30,
-                   help="drop training pairs whose German side has more words (targets: more than 1.5x this)")
+    g.add_argument("--max-source-words", type=int, default=25,
+                   help="drop pairs (all splits) whose German side has more words (or English side more than 1.5x)")
     g.add_argument("--max-length", type=int, default=128, help="token cap of prompt + response in training")
-    g.add_argument("--dev-examples", type=int, default=64, help="newstest2013 sentences (fixed random subset)")
-    g.add_argument("--test-examples", type=int, default=128, help="newstest2014 sentences (fixed random subset)")
-    g.add_argument("--val-examples", type=int, default=24,
+    g.add_argument("--dev-examples", type=int, default=32, help="newstest2013 sentences (fixed random subset)")
+    g.add_argument("--test-examples", type=int, default=64, help="newstest2014 sentences (fixed random subset)")
+    g.add_argument("--val-examples", type=int, default=16,
                    help="first dev sentences scored (teacher-forced) every --eval-steps steps for the curves")
     g = p.add_argument_group("training (the same for every arm)")
     g.add_argument("--seeds", default="1,2", help="comma-separated training seeds")
-    g.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
+    g.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
     g.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
     g.add_argument("--learning-rate", type=float, default=None,
-                   help="peak learning rate (default: 3e-5 for full fine-tuning, 3e-4 with --lora)")
+                   help="peak learning rate (default: 5e-5 for full fine-tuning, 3e-4 with --lora)")
     g.add_argument("--lr-scheduler", default="constant", choices=("constant", "linear", "cosine", "inverse_sqrt"),
                    help="learning-rate schedule after warm-up")
-    g.add_argument("--warmup-steps", type=int, default=4, help="linear warm-up steps")
+    g.add_argument("--warmup-steps", type=int, default=2, help="linear warm-up steps")
     g.add_argument("--smoothing", type=float, default=0.1, help="score smoothing eps of the smoothed arms")
-    g.add_argument("--eval-steps", type=int, default=20, help="validation (teacher-forced) every N steps")
-    g.add_argument("--save-steps", type=int, default=10, help="checkpoint every N steps (for resuming)")
+    g.add_argument("--eval-steps", type=int, default=4, help="validation (teacher-forced) every N steps")
+    g.add_argument("--save-steps", type=int, default=8, help="checkpoint every N steps (for resuming)")
     g.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoint-N directories of finished runs")
     g = p.add_argument_group("evaluation")
     g.add_argument("--num-beams", type=int, default=1, help="beam width of decoding (1 = greedy)")
-    g.add_argument("--max-new-tokens", type=int, default=96, help="most generated tokens per sentence")
-    g.add_argument("--eval-batch-size", type=int, default=16, help="sentences per generate call")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="most generated tokens per sentence")
+    g.add_argument("--eval-batch-size", type=int, default=8, help="sentences per generate call")
     g.add_argument("--bootstrap-samples", type=int, default=1000, help="paired bootstrap resamples")
     g = p.add_argument_group("run")
     g.add_argument("--threads", type=int, default=1, help="OMP/torch threads of each step")
@@ -161,7 +164,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not 0.0 < args.smoothing < 1.0:
         raise SetupError(f"--smoothing must be in (0, 1), got {args.smoothing}")
     if args.learning_rate is None:
-        args.learning_rate = 3e-4 if args.lora else 3e-5
+        args.learning_rate = 3e-4 if args.lora else 5e-5
     if not args.learning_rate > 0:
         raise SetupError(f"--learning-rate must be positive, got {args.learning_rate}")
     if str(args.gguf_file).lower() == "none":
@@ -223,10 +226,12 @@ def prepare_base(model_dir: str, gguf_file: str | None, work: str, threads: int)
     started = time.time()
     print(f"[run ] base model: dequantise {gguf_file} to float32 -> {base} ...", flush=True)
     import torch
+    import transformers
 
     from properlm.modeling import load_model_and_tokenizer
 
     torch.set_num_threads(threads)
+    transformers.utils.logging.disable_progress_bar()
     model, tokenizer = load_model_and_tokenizer(model_dir, gguf_file=gguf_file)
     model = model.float()
     model.save_pretrained(base)
@@ -261,9 +266,16 @@ def _read_pair(data_dir: str, name: str) -> list[tuple[str, str]]:
     return [(s.strip(), t.strip()) for s, t in zip(src, tgt)]
 
 
-def _subset(pairs: list[tuple[str, str]], k: int, seed: int) -> list[tuple[str, str]]:
-    """A fixed random subset of ``k`` non-empty pairs, in corpus order."""
-    idx = [i for i, (s, t) in enumerate(pairs) if s and t]
+def _keep(pair: tuple[str, str], max_source_words: int) -> bool:
+    """The length filter: both sides non-empty, at most ``max_source_words`` source words and
+    ``1.5 * max_source_words`` target words."""
+    s, t = pair
+    return bool(s and t) and len(s.split()) <= max_source_words and len(t.split()) <= int(1.5 * max_source_words)
+
+
+def _subset(pairs: list[tuple[str, str]], k: int, seed: int, max_source_words: int) -> list[tuple[str, str]]:
+    """A fixed random subset of ``k`` pairs that pass the length filter, in corpus order."""
+    idx = [i for i, p in enumerate(pairs) if _keep(p, max_source_words)]
     chosen = sorted(random.Random(seed).sample(idx, min(k, len(idx))))
     return [pairs[i] for i in chosen]
 
@@ -292,15 +304,13 @@ def prepare_data(args: argparse.Namespace, work: str) -> dict[str, Any]:
     pool: list[tuple[str, str]] = []
     for name in TRAIN_SETS:
         pool.extend(_read_pair(args.data_dir, name))
-    max_tgt = int(1.5 * args.max_source_words)
-    kept = [(s, t) for s, t in pool if s and t and len(s.split()) <= args.max_source_words
-            and len(t.split()) <= max_tgt]
+    kept = [p for p in pool if _keep(p, args.max_source_words)]
     if len(kept) < args.train_examples:
         raise SetupError(f"only {len(kept)} training pairs have at most {args.max_source_words} source words; "
                          f"lower --train-examples ({args.train_examples}) or raise --max-source-words")
     train = random.Random(0).sample(kept, args.train_examples)
-    dev = _subset(_read_pair(args.data_dir, DEV_SET), args.dev_examples, 1)
-    test = _subset(_read_pair(args.data_dir, TEST_SET), args.test_examples, 2)
+    dev = _subset(_read_pair(args.data_dir, DEV_SET), args.dev_examples, 1, args.max_source_words)
+    test = _subset(_read_pair(args.data_dir, TEST_SET), args.test_examples, 2, args.max_source_words)
     _write(d, "train", train)
     _write(d, "dev", dev)
     _write(d, "val", dev[:args.val_examples])
@@ -467,6 +477,10 @@ def _comparisons(args: argparse.Namespace, work: str, rows: dict[str, dict[str, 
             comp["bootstrap"] = _runner.paired_bootstrap(hyp_b, {name: hyp_a}, pooled_refs,
                                                          n_samples=args.bootstrap_samples)[name]
             comp["bootstrap_sentences"] = len(hyp_a)
+            from sacrebleu.metrics import BLEU, CHRF
+
+            comp["bootstrap_baseline"] = {"bleu": BLEU().corpus_score(hyp_b, [pooled_refs]).score,
+                                          "chrf": CHRF().corpus_score(hyp_b, [pooled_refs]).score}
         out.append(comp)
     return out
 
@@ -544,7 +558,8 @@ def report(args: argparse.Namespace, work: str, manifest: dict[str, Any] | None,
              f"{int(1.5 * args.max_source_words)} target words)" + (
                  f" ({manifest['train_pool_after_filter']} of {manifest['train_pool']} kept)" if manifest else ""),
              f"- dev: {args.dev_examples} sentences of {DEV_SET}, test: {args.test_examples} sentences of {TEST_SET} "
-             "(fixed random subsets, not length-filtered); prompt: the model's chat template, loss on the response",
+             "(fixed random subsets after the same length filter); prompt: the model's chat template, loss on the "
+             "response only",
              f"- decoding: {decoding}, at most {args.max_new_tokens} new tokens; BLEU/chrF by sacrebleu; token scores "
              "and ECE (15 bins, top-1 token) teacher-forced on the test subset",
              f"- smoothing: score smoothing eps = {args.smoothing:g} in the ε arms", "",
@@ -568,13 +583,13 @@ def report(args: argparse.Namespace, work: str, manifest: dict[str, Any] | None,
               f"({args.bootstrap_samples} resamples) of the test hypotheses pooled over seeds "
               "(p: probability that the difference is not real).", "",
               "| arm | vs | Δ BLEU dev | Δ chrF dev | Δ BLEU test | Δ chrF test | test wins (BLEU) | "
-              "bootstrap BLEU (p) | bootstrap chrF (p) |", "|---|---|---|---|---|---|---|---|---|"]
+              "pooled BLEU arm vs log (p) | pooled chrF arm vs log (p) |", "|---|---|---|---|---|---|---|---|---|"]
     for c in comps:
         d = c["test_bleu_diffs"]
         wins = f"{sum(x > 0 for x in d)}/{len(d)}" if d else "-"
-        b = c.get("bootstrap")
-        bb = f"{b['bleu']:.2f} (p={b['bleu_p']:.3f})" if b and b.get("bleu_p") is not None else "-"
-        bc = f"{b['chrf']:.2f} (p={b['chrf_p']:.3f})" if b and b.get("chrf_p") is not None else "-"
+        b, b0 = c.get("bootstrap"), c.get("bootstrap_baseline")
+        bb = f"{b['bleu']:.2f} vs {b0['bleu']:.2f} (p={b['bleu_p']:.3f})" if b and b.get("bleu_p") is not None else "-"
+        bc = f"{b['chrf']:.2f} vs {b0['chrf']:.2f} (p={b['chrf_p']:.3f})" if b and b.get("chrf_p") is not None else "-"
         lines.append(f"| {c['label']} | {c['baseline']} | " + " | ".join(
             _runner.fmt_mean_std(c[f"{s}_{k}_diffs"], 2) for s in ("dev", "test") for k in ("bleu", "chrf"))
             + f" | {wins} | {bb} | {bc} |")
@@ -624,6 +639,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SetupError(f"--report-only: work directory {work!r} does not exist")
         manifest_path = os.path.join(work, "data", "manifest.json")
         manifest = _runner.read_json(manifest_path) if os.path.isfile(manifest_path) else None
+        settings_path = os.path.join(work, "settings.json")
+        if os.path.isfile(settings_path):  # report the settings the runs were made with
+            for key, value in _runner.read_json(settings_path).items():
+                setattr(args, key, value)
+            args.seed_list = [int(x) for x in str(args.seeds).split(",") if x.strip()]
     else:
         check_data_dir(args.data_dir)
         model_dir = locate_model(args)

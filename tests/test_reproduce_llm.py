@@ -113,6 +113,11 @@ def test_pipeline_end_to_end_and_resumes(tmp_path, script, in_process, capsys):
     out = capsys.readouterr().out
     assert in_process == []
     assert "[run ]" not in out and out.count("[skip]") == 2 + 6 * 3
+    # --report-only aggregates with the settings the runs were made with
+    capsys.readouterr()
+    assert script.main([str(data), "--work-dir", str(work), "--report-only"]) == 0
+    out = capsys.readouterr().out
+    assert in_process == [] and "2 steps x 2 examples" in out and "| spherical, ε=0.1 | 1 |" in out
     # other settings in the same work directory are refused
     with pytest.raises(script.SetupError, match="other settings"):
         script.main([*argv, "--steps", "3"])

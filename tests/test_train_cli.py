@@ -329,6 +329,29 @@ def test_train_from_gguf_file(tmp_path):
     assert type(loaded).__name__ == "LlamaForCausalLM"
 
 
+@pytest.mark.parametrize("as_path", [False, True])
+def test_lora_adapter_on_a_gguf_model_reloads(tmp_path, as_path):
+    from properlm.modeling import BASE_RECORD, load_model_and_tokenizer
+    from test_modeling import write_llama_gguf
+
+    model, tok = load_model_and_tokenizer(init="tiny-gpt", train_texts=WORDS * 5, vocab_size=270,
+                                          init_options={"hidden_size": 16, "num_layers": 1, "num_heads": 2})
+    os.makedirs(tmp_path / "m")
+    write_llama_gguf(model, tok, tmp_path / "m" / "tiny.gguf")
+    where = {"gguf_file": str(tmp_path / "m" / "tiny.gguf")} if as_path else \
+        {"model": str(tmp_path / "m"), "gguf_file": "tiny.gguf"}
+    cfg = tiny(tmp_path, init=None, train_file=write_alpaca(tmp_path), source_file=None, target_file=None,
+               rule="spherical", max_steps=2, lora=True, lora_r=2, learning_rate=1e-2, **where)
+    run_training(cfg)
+    final = os.path.join(cfg.output_dir, "final")
+    assert json.load(open(os.path.join(final, BASE_RECORD))) == {"gguf_file": "tiny.gguf"}
+    merged, _ = load_model_and_tokenizer(final)
+    base, _ = load_model_and_tokenizer(str(tmp_path / "m"), gguf_file="tiny.gguf")
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    changed = [k for k, v in base.state_dict().items() if not torch.equal(v, merged.state_dict()[k])]
+    assert changed and all("proj" in k for k in changed)  # the LoRA deltas, merged into the base weights
+
+
 def test_tensorboard_logs_in_output_dir(tmp_path):
     pytest.importorskip("tensorboard")
     cfg = tiny(tmp_path, tensorboard=True, max_steps=2)

@@ -45,6 +45,9 @@ INIT_CONFIGS = ("tiny-gpt", "tiny-seq2seq")
 
 #: special tokens of the tokenizers trained here, in id order (pad=0, bos=1, eos=2, unk=3)
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+#: file next to a LoRA adapter whose base model is a GGUF file: ``{"gguf_file": NAME}``
+#: (``adapter_config.json`` records only the directory that holds it)
+BASE_RECORD = "properlm_base.json"
 #: smallest byte-level BPE vocabulary: 256 byte symbols plus the special tokens
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
@@ -268,7 +271,12 @@ def _load_adapter(directory: str, dtype: Any) -> tuple[Any, Any]:
         raise ModelLoadError(f"{directory}/adapter_config.json names no base_model_name_or_path")
     if not os.path.isabs(base) and os.path.isdir(os.path.join(directory, base)):
         base = os.path.join(directory, base)
-    net, tokenizer = _load_pretrained(base, None, dtype)
+    gguf_file = None
+    record = os.path.join(directory, BASE_RECORD)
+    if os.path.isfile(record):
+        with open(record, encoding="utf-8") as f:
+            gguf_file = json.load(f).get("gguf_file")
+    net, tokenizer = _load_pretrained(base, gguf_file, dtype)
     net = PeftModel.from_pretrained(net, directory).merge_and_unload()
     if any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = load_tokenizer(directory)

@@ -647,6 +647,26 @@ def _build_model(cfg: TrainConfig, train: list[Example], args: Any) -> tuple[Any
     return model, tokenizer
 
 
+def _gguf_location(cfg: TrainConfig) -> tuple[str, str]:
+    """(absolute directory, file name) of the GGUF file of ``cfg`` (a path, or a name in ``--model``)."""
+    path = cfg.gguf_file or ""
+    if cfg.model is not None and not os.path.isfile(path):
+        path = os.path.join(cfg.model, path)
+    path = os.path.abspath(path)
+    return os.path.dirname(path), os.path.basename(path)
+
+
+def _record_gguf_base(cfg: TrainConfig, directory: str) -> None:
+    """Next to a LoRA adapter trained on a GGUF model, write the GGUF file name (see
+    :data:`properlm.modeling.BASE_RECORD`): ``adapter_config.json`` can only name a directory."""
+    if not (cfg.lora and cfg.gguf_file) or not os.path.isdir(directory):
+        return
+    from .modeling import BASE_RECORD
+
+    with open(os.path.join(directory, BASE_RECORD), "w", encoding="utf-8") as f:
+        json.dump({"gguf_file": _gguf_location(cfg)[1]}, f)
+
+
 def _apply_lora(cfg: TrainConfig, model: Any, seq2seq: bool) -> Any:
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -704,6 +724,12 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
                 tokenizer.save_pretrained(base_dir)
             model.config._name_or_path = base_dir
             model.name_or_path = base_dir
+        elif cfg.gguf_file is not None:
+            # the adapter's base is the GGUF file: record its directory (absolute), and the file
+            # name in BASE_RECORD next to every saved adapter, so that the adapter reloads
+            base_dir = _gguf_location(cfg)[0]
+            model.config._name_or_path = base_dir
+            model.name_or_path = base_dir
         model = _apply_lora(cfg, model, seq2seq)
     train_ds = tokenize_examples(train_examples, tokenizer, seq2seq=seq2seq, max_length=cfg.max_length)
     val_ds = tokenize_examples(val_examples, tokenizer, seq2seq=seq2seq, max_length=cfg.max_length) \
@@ -756,6 +782,7 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
 
     final_dir = os.path.join(cfg.output_dir, "final")
     trainer.save_model(final_dir)
+    _record_gguf_base(cfg, final_dir)
     results["final_model"] = final_dir
 
     if cfg.average_last > 0:
@@ -764,6 +791,7 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
         _load_averaged(trainer.model, state, cfg.lora)
         avg_dir = os.path.join(cfg.output_dir, "averaged")
         trainer.save_model(avg_dir)
+        _record_gguf_base(cfg, avg_dir)
         results["averaged_model"] = avg_dir
         results["averaged_checkpoints"] = checkpoints
         if val_ds is not None:

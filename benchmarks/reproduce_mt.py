@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import shutil
 import sys
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap-samples", type=int, default=1000, help="paired bootstrap resamples")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each step")
     p.add_argument("--jobs", type=int, default=1, help="steps run at the same time (independent runs in parallel)")
+    p.add_argument("--reuse", metavar="OLD_WORK_DIR", default=None,
+                   help="continue the single-rule runs (a, d, e) from the checkpoints of a work directory made "
+                   "with the same settings but smaller T1/T2 (e.g. to lengthen stage 1 without retraining it)")
     p.add_argument("--report-only", action="store_true", help="only aggregate what has finished")
     p.add_argument("--dry-run", action="store_true", help="print the commands that would run")
     return p
@@ -115,6 +119,40 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"reproduce_mt.py: --{name.replace('_', '-')} must be positive")
     if args.t1 % args.save_every:
         raise SystemExit(f"reproduce_mt.py: --t1 {args.t1} must be a multiple of --save-every {args.save_every}")
+
+
+#: options that determine a training trajectory up to any step (the inverse-sqrt schedule and
+#: the data order do not depend on the total number of steps, so T1 and T2 are not among them)
+TRAJECTORY_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "dropout", "max_length",
+                   "batch_size", "learning_rate", "warmup_steps", "smoothing", "save_every")
+#: options whose change makes the results of a work directory incomparable
+RESULT_KEYS = (*TRAJECTORY_KEYS, "t1", "t2", "num_beams", "eval_every")
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Record the settings in ``WORK/settings.json``; refuse to mix settings in one work
+    directory, and to ``--reuse`` a work directory whose runs followed another trajectory."""
+    mine = {k: getattr(args, k) for k in RESULT_KEYS}
+    path = os.path.join(args.work_dir, "settings.json")
+    if os.path.isfile(path):
+        saved = read_json(path)
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        if diff:
+            raise SystemExit(f"reproduce_mt.py: {args.work_dir} holds runs made with other settings "
+                             f"(option: (saved, now)) {diff}; use the same options or another --work-dir")
+    if args.reuse:
+        other = os.path.join(args.reuse, "settings.json")
+        if not os.path.isfile(other):
+            raise SystemExit(f"reproduce_mt.py: --reuse {args.reuse!r} holds no settings.json")
+        saved = read_json(other)
+        diff = {k: (saved.get(k), mine[k]) for k in TRAJECTORY_KEYS if saved.get(k) != mine[k]}
+        if diff:
+            raise SystemExit(f"reproduce_mt.py: --reuse {args.reuse}: its runs used other settings "
+                             f"(option: (theirs, now)) {diff}")
+    if not args.dry_run and not os.path.isfile(path):
+        os.makedirs(args.work_dir, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(mine, f, indent=2)
 
 
 def run_dir(args: argparse.Namespace, seed: int, protocol: str) -> str:
@@ -142,24 +180,48 @@ def train_argv(args: argparse.Namespace, seed: int, protocol: str, resume: bool)
     return argv + (["--resume"] if resume else [])
 
 
-def prepare_branch(args: argparse.Namespace, seed: int, protocol: str) -> None:
-    """Start branch ``protocol`` from (a)'s step-T1 checkpoint: copy the checkpoint, the tokenizer
-    and (a)'s log records up to T1 into the branch's directory (once)."""
-    src, dst = run_dir(args, seed, "a"), run_dir(args, seed, protocol)
-    ckpt = f"checkpoint-{args.t1}"
-    if os.path.isdir(os.path.join(dst, ckpt)) or any(n.startswith("checkpoint-") for n in _listdir(dst)):
-        return
+def start_from_checkpoint(src: str, dst: str, step: int) -> None:
+    """Make run directory ``dst`` continue ``src`` from its ``checkpoint-STEP``: copy the
+    checkpoint (weights, optimizer, scheduler, RNG and data-order state), the tokenizer and
+    ``src``'s log records up to ``step`` (so the curves are whole). The checkpoint is copied
+    under a temporary name and renamed, so ``dst`` holds it completely or not at all."""
+    ckpt = f"checkpoint-{step}"
     if not os.path.isfile(os.path.join(src, ckpt, "trainer_state.json")):
-        raise RuntimeError(f"{src}/{ckpt} is missing: protocol a must save a checkpoint at step T1={args.t1}")
+        raise RuntimeError(f"{src}/{ckpt} is missing")
     os.makedirs(dst, exist_ok=True)
     shutil.copytree(os.path.join(src, "tokenizer"), os.path.join(dst, "tokenizer"), dirs_exist_ok=True)
-    records = [r for r in _read_log(os.path.join(src, "metrics.jsonl")) if r["step"] <= args.t1]
+    records = [r for r in _read_log(os.path.join(src, "metrics.jsonl")) if r["step"] <= step]
     with open(os.path.join(dst, "metrics.jsonl"), "w", encoding="utf-8") as f:
-        import json
-
         f.writelines(json.dumps(r) + "\n" for r in records)
     shutil.copytree(os.path.join(src, ckpt), os.path.join(dst, ckpt + ".tmp"), dirs_exist_ok=True)
-    os.replace(os.path.join(dst, ckpt + ".tmp"), os.path.join(dst, ckpt))  # complete or absent
+    os.replace(os.path.join(dst, ckpt + ".tmp"), os.path.join(dst, ckpt))
+
+
+def _checkpoint_steps(run: str) -> list[int]:
+    return sorted(int(n.split("-")[1]) for n in _listdir(run)
+                  if n.startswith("checkpoint-") and n.split("-")[1].isdigit()
+                  and os.path.isfile(os.path.join(run, n, "trainer_state.json")))
+
+
+def prepare_run(args: argparse.Namespace, seed: int, protocol: str) -> None:
+    """Before a run's first step: a branch (b, c) starts from (a)'s step-T1 checkpoint; with
+    ``--reuse OLD``, a single-rule run (a, d, e) starts from the newest checkpoint of the same
+    seed and protocol in OLD that lies within its own stage (at most T1 for a, T for d, e)."""
+    dst = run_dir(args, seed, protocol)
+    if _checkpoint_steps(dst) or os.path.isfile(os.path.join(dst, "results.json")):
+        return
+    if protocol in BRANCHES:
+        src = run_dir(args, seed, "a")
+        if args.t1 not in _checkpoint_steps(src):
+            raise RuntimeError(f"{src}/checkpoint-{args.t1} is missing: protocol a must save a checkpoint at T1")
+        start_from_checkpoint(src, dst, args.t1)
+    elif args.reuse:
+        src = os.path.join(args.reuse, f"seed{seed}", protocol)
+        limit = args.t1 if protocol == "a" else args.t1 + args.t2
+        steps = [n for n in _checkpoint_steps(src) if n <= limit]
+        if steps:
+            print(f"[reuse] seed {seed} {protocol}: continuing {src}/checkpoint-{steps[-1]}", flush=True)
+            start_from_checkpoint(src, dst, steps[-1])
 
 
 def _listdir(path: str) -> list[str]:
@@ -167,8 +229,6 @@ def _listdir(path: str) -> list[str]:
 
 
 def _read_log(path: str) -> list[dict[str, Any]]:
-    import json
-
     if not os.path.isfile(path):
         return []
     return [json.loads(line) for line in read_lines(path) if line.strip()]
@@ -220,8 +280,8 @@ def tasks(args: argparse.Namespace) -> list[Task]:
 
 def _train(args: argparse.Namespace, seed: int, protocol: str) -> None:
     out = run_dir(args, seed, protocol)
-    if not os.path.isfile(os.path.join(out, "results.json")) and protocol in BRANCHES and not args.dry_run:
-        prepare_branch(args, seed, protocol)
+    if not args.dry_run:
+        prepare_run(args, seed, protocol)
     resume = any(n.startswith("checkpoint-") for n in _listdir(out))
     run_step(f"seed {seed} {PROTOCOLS[protocol][0]} train", train_argv(args, seed, protocol, resume), out,
              threads=args.threads, dry_run=args.dry_run)
@@ -385,8 +445,6 @@ def plot_curves(args: argparse.Namespace, path: str) -> str | None:
 
 
 def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
-    import json
-
     per = collect(args)
     cmp_md, cmp = comparisons(args, per)
     plateau_md, plateau_rows = plateau(args)
@@ -418,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     check_args(args)
     started = time.time()
     if not args.report_only:
+        check_settings(args)
         run_tasks(tasks(args), jobs=args.jobs)
     if args.dry_run:
         return 0

@@ -10,6 +10,7 @@ import random
 import sys
 
 import pytest
+import torch
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH)
@@ -126,3 +127,33 @@ def test_run_tasks_respects_dependencies_priority_and_failures():
     assert order == []  # nothing starts after a failure
     with pytest.raises(ValueError, match="unknown tasks"):
         _runner.run_tasks([_runner.Task("y", note("y"), {"zz"})])
+
+
+def test_reuse_continues_shorter_runs_exactly(tmp_path, capsys, in_process):
+    from safetensors.torch import load_file
+
+    data = str(tmp_path / "data")
+    os.makedirs(data)
+    _write_data(data)
+    short, long_, fresh = (str(tmp_path / n) for n in ("short", "long", "fresh"))
+    drop = {i + k for i, a in enumerate(TINY) if a in ("--t1", "--t2") for k in (0, 1)}
+    base = [a for i, a in enumerate(TINY) if i not in drop]
+    assert reproduce_mt.main([data, "--work-dir", short, "--protocols", "a,e", "--t1", "4", "--t2", "2", *base]) == 0
+    # the same work directory refuses other settings
+    with pytest.raises(SystemExit, match="other settings"):
+        reproduce_mt.main([data, "--work-dir", short, "--protocols", "a", "--t1", "6", "--t2", "2", *base])
+    # lengthen stage 1 to T1=6: (a) continues from the short run's checkpoint-6 (its last), (e) likewise
+    argv = ["--protocols", "a,e", "--t1", "6", "--t2", "2", *base]
+    assert reproduce_mt.main([data, "--work-dir", long_, "--reuse", short, *argv]) == 0
+    assert "[reuse] seed 3 a: continuing" in capsys.readouterr().out
+    res = json.load(open(os.path.join(long_, "seed3", "a", "results.json"), encoding="utf-8"))
+    assert res["resumed_from"].endswith("checkpoint-6") and res["global_step"] == 8
+    # ... and ends where a run of T=8 from scratch ends (schedule and data order do not depend on T)
+    assert reproduce_mt.main([data, "--work-dir", fresh, *argv]) == 0
+    w_long = load_file(os.path.join(long_, "seed3", "a", "final", "model.safetensors"))
+    w_fresh = load_file(os.path.join(fresh, "seed3", "a", "final", "model.safetensors"))
+    for name, t in w_fresh.items():
+        torch.testing.assert_close(w_long[name], t, rtol=1e-5, atol=1e-6, msg=name)
+    # runs made with another trajectory cannot be reused
+    with pytest.raises(SystemExit, match="used other settings"):
+        reproduce_mt.main([data, "--work-dir", str(tmp_path / "x"), "--reuse", short, *argv[:-2], "--ffn-size", "64"])

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["IN_PROCESS", "Task", "fmt_mean_std", "mean_std", "paired_bootstrap", "read_json", "read_lines", "run_step",
-           "run_tasks"]
+__all__ = ["IN_PROCESS", "Task", "fmt_mean_std", "mean_std", "paired_bootstrap", "read_json", "read_lines",
+           "read_log", "run_step", "run_tasks"]
 
 
 #: run steps in this process (tests: no interpreter start-up per step) instead of a subprocess
@@ -38,6 +38,21 @@ def read_json(path: str) -> dict[str, Any]:
 def read_lines(path: str) -> list[str]:
     with open(path, encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f]
+
+
+def read_log(path: str) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl`` (none if it does not exist), the last one per
+    step and kind (training log / evaluation): a resumed run logs again the steps after its
+    checkpoint, and the final evaluation repeats the last scheduled one."""
+    from properlm.cli.compare import read_metrics_log
+
+    if not os.path.isfile(path):
+        return []
+    last: dict[tuple[int, str], dict[str, Any]] = {}
+    for rec in read_metrics_log(path):
+        kind = "eval" if "eval_loss" in rec else "loss" if "loss" in rec else "other"
+        last[(rec["step"], kind)] = rec
+    return [last[k] for k in sorted(last)]
 
 
 def run_step(name: str, argv: Sequence[str], output_dir: str, *, threads: int = 1, dry_run: bool = False) -> bool:

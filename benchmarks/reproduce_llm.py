@@ -486,21 +486,13 @@ def _comparisons(args: argparse.Namespace, work: str, rows: dict[str, dict[str, 
 
 
 def _curves(work: str, args: argparse.Namespace) -> dict[str, dict[int, list[dict[str, Any]]]]:
-    """Records of each run's ``metrics.jsonl``, the last one per (step, kind) (a resumed run
-    repeats the steps after its checkpoint)."""
+    """Records of each run's ``metrics.jsonl`` (:func:`_runner.read_log`), by arm and seed."""
     out: dict[str, dict[int, list[dict[str, Any]]]] = {}
     for name, _, _ in arms(args.smoothing):
         for seed in args.seed_list:
-            path = os.path.join(work, f"seed{seed}", name, "train", "metrics.jsonl")
-            if not os.path.isfile(path):
-                continue
-            last: dict[tuple[int, str], dict[str, Any]] = {}
-            for line in _runner.read_lines(path):
-                if line.strip():
-                    rec = json.loads(line)
-                    kind = "eval" if "eval_loss" in rec else "loss" if "loss" in rec else "other"
-                    last[(rec["step"], kind)] = rec
-            out.setdefault(name, {})[seed] = [last[k] for k in sorted(last)]
+            records = _runner.read_log(os.path.join(work, f"seed{seed}", name, "train", "metrics.jsonl"))
+            if records:
+                out.setdefault(name, {})[seed] = records
     return out
 
 

@@ -46,7 +46,18 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _runner import Task, fmt_mean_std, mean_std, paired_bootstrap, read_json, read_lines, run_step, run_tasks
+from _runner import (
+    Task,
+    fmt_mean_std,
+    mean_std,
+    paired_bootstrap,
+    read_json,
+    read_lines,
+    read_log,
+    run_step,
+    run_tasks,
+)
+from properlm.training import find_checkpoints
 
 #: protocol -> (label, rule schedule as a function of (T1, T2))
 PROTOCOLS: dict[str, tuple[str, Any]] = {
@@ -190,7 +201,7 @@ def start_from_checkpoint(src: str, dst: str, step: int) -> None:
         raise RuntimeError(f"{src}/{ckpt} is missing")
     os.makedirs(dst, exist_ok=True)
     shutil.copytree(os.path.join(src, "tokenizer"), os.path.join(dst, "tokenizer"), dirs_exist_ok=True)
-    records = [r for r in _read_log(os.path.join(src, "metrics.jsonl")) if r["step"] <= step]
+    records = [r for r in read_log(os.path.join(src, "metrics.jsonl")) if r["step"] <= step]
     with open(os.path.join(dst, "metrics.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     shutil.copytree(os.path.join(src, ckpt), os.path.join(dst, ckpt + ".tmp"), dirs_exist_ok=True)
@@ -198,9 +209,8 @@ def start_from_checkpoint(src: str, dst: str, step: int) -> None:
 
 
 def _checkpoint_steps(run: str) -> list[int]:
-    return sorted(int(n.split("-")[1]) for n in _listdir(run)
-                  if n.startswith("checkpoint-") and n.split("-")[1].isdigit()
-                  and os.path.isfile(os.path.join(run, n, "trainer_state.json")))
+    """Steps of the complete ``checkpoint-N`` directories of a run, ascending."""
+    return [int(os.path.basename(c).split("-")[1]) for c in find_checkpoints(run)]
 
 
 def prepare_run(args: argparse.Namespace, seed: int, protocol: str) -> None:
@@ -222,16 +232,6 @@ def prepare_run(args: argparse.Namespace, seed: int, protocol: str) -> None:
         if steps:
             print(f"[reuse] seed {seed} {protocol}: continuing {src}/checkpoint-{steps[-1]}", flush=True)
             start_from_checkpoint(src, dst, steps[-1])
-
-
-def _listdir(path: str) -> list[str]:
-    return os.listdir(path) if os.path.isdir(path) else []
-
-
-def _read_log(path: str) -> list[dict[str, Any]]:
-    if not os.path.isfile(path):
-        return []
-    return [json.loads(line) for line in read_lines(path) if line.strip()]
 
 
 def eval_name(split: str, objective: str) -> str:
@@ -282,7 +282,7 @@ def _train(args: argparse.Namespace, seed: int, protocol: str) -> None:
     out = run_dir(args, seed, protocol)
     if not args.dry_run:
         prepare_run(args, seed, protocol)
-    resume = any(n.startswith("checkpoint-") for n in _listdir(out))
+    resume = bool(find_checkpoints(out))
     run_step(f"seed {seed} {PROTOCOLS[protocol][0]} train", train_argv(args, seed, protocol, resume), out,
              threads=args.threads, dry_run=args.dry_run)
 
@@ -389,7 +389,7 @@ def plateau(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """How much (a)'s validation log score still moved over the last quarter of stage 1."""
     rows, lines = {}, []
     for s in args.seed_list:
-        log = [r for r in _read_log(os.path.join(run_dir(args, s, "a"), "metrics.jsonl"))
+        log = [r for r in read_log(os.path.join(run_dir(args, s, "a"), "metrics.jsonl"))
                if "eval_score_logarithmic" in r]
         by_step = {r["step"]: r["eval_score_logarithmic"] for r in log}
         early = max((st for st in by_step if st <= 0.75 * args.t1), default=None)
@@ -416,7 +416,7 @@ def plot_curves(args: argparse.Namespace, path: str) -> str | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     drawn = False
     for p in args.protocol_list:
-        logs = [_read_log(os.path.join(run_dir(args, s, p), "metrics.jsonl")) for s in args.seed_list]
+        logs = [read_log(os.path.join(run_dir(args, s, p), "metrics.jsonl")) for s in args.seed_list]
         for ax, (key, title) in zip(axes, panels):
             by_step: dict[int, list[float]] = {}
             for log in logs:
@@ -465,7 +465,7 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
     with open(os.path.join(args.work_dir, "results.md"), "w", encoding="utf-8") as f:
         f.write(md + "\n")
     with open(os.path.join(args.work_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"settings": {k: v for k, v in vars(args).items()}, "per_seed": per, "comparisons": cmp,
+        json.dump({"settings": vars(args), "per_seed": per, "comparisons": cmp,
                    "plateau": plateau_rows, "curves_png": png, "wall_seconds": wall_seconds}, f, indent=2,
                   default=str)
     return md

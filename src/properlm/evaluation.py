@@ -35,6 +35,7 @@ __all__ = [
     "run_evaluation",
     "teacher_forced_metrics",
     "torch_dtype",
+    "validate_decoding",
     "validate_settings",
 ]
 
@@ -110,6 +111,28 @@ def parse_rules(spec: str | Sequence[str]) -> list[str]:
     return out
 
 
+def validate_decoding(objective: str, num_beams: int, length_penalty: float, generate: bool = True,
+                      **positive: int) -> str:
+    """Check the decoding options shared by ``evaluate`` and ``generate`` (and the positive
+    integers named in ``positive``, e.g. ``batch_size=8``); return the objective's canonical
+    rule spec. Raises :class:`EvalError`."""
+    try:
+        spec = get_rule(objective).spec
+    except ValueError as exc:
+        raise EvalError(f"--objective: {exc}") from None
+    for name, v in {"num_beams": num_beams, **positive}.items():
+        if not isinstance(v, int) or v < 1:
+            raise EvalError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    if not math.isfinite(length_penalty):
+        raise EvalError(f"--length-penalty must be a finite number, got {length_penalty}")
+    if length_penalty != 1.0 and num_beams == 1 and generate:
+        raise EvalError("--length-penalty only applies to beam search: set --num-beams > 1")
+    if spec != "logarithmic" and num_beams == 1 and generate:
+        raise EvalError(f"--objective {spec} only changes beam search (greedy search picks the most "
+                        "probable token under every proper rule): set --num-beams > 1")
+    return spec
+
+
 def validate_settings(s: EvalSettings, check_model: bool = True) -> EvalSettings:
     """Check every setting without loading anything; returns a copy with canonical rule
     specs. ``check_model=False`` skips the model source (a model given in memory).
@@ -135,25 +158,12 @@ def validate_settings(s: EvalSettings, check_model: bool = True) -> EvalSettings
         if path is not None and not os.path.isfile(path):
             raise EvalError(f"--{name.replace('_', '-')}: file {path!r} does not exist")
     rules = parse_rules(s.rules)
-    try:
-        objective = get_rule(s.objective).spec
-    except ValueError as exc:
-        raise EvalError(f"--objective: {exc}") from None
-    for name in ("num_beams", "max_new_tokens", "batch_size", "num_bins"):
-        v = getattr(s, name)
-        if not isinstance(v, int) or v < 1:
-            raise EvalError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    objective = validate_decoding(s.objective, s.num_beams, s.length_penalty, s.generate,
+                                  max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, num_bins=s.num_bins)
     if s.max_length < 2:
         raise EvalError(f"--max-length must be at least 2, got {s.max_length}")
     if s.max_examples is not None and s.max_examples < 1:
         raise EvalError(f"--max-examples must be positive, got {s.max_examples}")
-    if not math.isfinite(s.length_penalty):
-        raise EvalError(f"--length-penalty must be a finite number, got {s.length_penalty}")
-    if s.length_penalty != 1.0 and s.num_beams == 1 and s.generate:
-        raise EvalError("--length-penalty only applies to beam search: set --num-beams > 1")
-    if objective != "logarithmic" and s.num_beams == 1 and s.generate:
-        raise EvalError(f"--objective {objective} only changes beam search (greedy search picks the most "
-                        "probable token under every proper rule): set --num-beams > 1")
     if s.dtype not in DTYPES:
         raise EvalError(f"--dtype must be one of {', '.join(DTYPES)}, got {s.dtype!r}")
     resolve_device(s.device)

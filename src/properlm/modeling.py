@@ -28,13 +28,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = [
+    "BASE_RECORD",
     "INIT_CONFIGS",
+    "MIN_VOCAB_SIZE",
     "SPECIAL_TOKENS",
     "ModelLoadError",
     "check_model_source",
+    "gguf_location",
     "is_seq2seq",
     "load_model_and_tokenizer",
     "load_tokenizer",
+    "record_gguf_base",
     "tiny_config",
     "train_bpe_tokenizer",
     "unwrap_model",
@@ -56,7 +60,7 @@ class ModelLoadError(ValueError):
     """The model source is missing, ambiguous or cannot be loaded."""
 
 
-def _gguf_location(model: str | None, gguf_file: str) -> tuple[str, str]:
+def gguf_location(model: str | None, gguf_file: str) -> tuple[str, str]:
     """``(directory, file name)`` of a GGUF file given as a path or relative to ``model``."""
     path = gguf_file if model is None else os.path.join(model, gguf_file)
     if model is None or os.path.isabs(gguf_file):
@@ -79,7 +83,7 @@ def check_model_source(model: str | None = None, gguf_file: str | None = None, i
             raise ModelLoadError("--init creates a fresh model: do not combine it with --model or --gguf-file")
         return
     if gguf_file is not None:
-        directory, name = _gguf_location(model, gguf_file)
+        directory, name = gguf_location(model, gguf_file)
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             raise ModelLoadError(f"GGUF file {path!r} does not exist")
@@ -127,8 +131,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1000, *, kind: s
         raise ValueError(f"kind must be 'causal' or 'seq2seq', got {kind!r}")
     specials = list(SPECIAL_TOKENS.values())
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(alphabet) + len(specials):
-        raise ValueError(f"vocab_size must be at least {len(alphabet) + len(specials)} for a byte-level BPE, "
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} for a byte-level BPE, "
                          f"got {vocab_size}")
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     # digits are split one by one (as Llama does) so that numbers are spelled digit by digit
@@ -262,6 +266,14 @@ def _drop_gguf_quantizer(net: Any) -> None:
         del net.config.quantization_config
 
 
+def record_gguf_base(adapter_dir: str, gguf_file: str) -> None:
+    """Write :data:`BASE_RECORD` into a LoRA adapter directory whose base model is the GGUF
+    file ``gguf_file`` (a file name in the directory that ``adapter_config.json`` names), so
+    that :func:`load_model_and_tokenizer` can reload the adapter."""
+    with open(os.path.join(adapter_dir, BASE_RECORD), "w", encoding="utf-8") as f:
+        json.dump({"gguf_file": gguf_file}, f)
+
+
 def _load_adapter(directory: str, dtype: Any) -> tuple[Any, Any]:
     from peft import PeftModel
 
@@ -303,7 +315,7 @@ def load_model_and_tokenizer(model: str | None = None, *, gguf_file: str | None 
     check_model_source(model, gguf_file, init)
     if init is None:
         if gguf_file is not None:
-            directory, name = _gguf_location(model, gguf_file)
+            directory, name = gguf_location(model, gguf_file)
             return _load_pretrained(directory, name, dtype)
         assert model is not None
         return _load_pretrained(model, None, dtype)

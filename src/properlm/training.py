@@ -35,7 +35,16 @@ from typing import Any
 import torch
 
 from .data import DataError, Example, load_examples, split_validation
-from .modeling import INIT_CONFIGS, MIN_VOCAB_SIZE, ModelLoadError, check_model_source, is_seq2seq, unwrap_model
+from .modeling import (
+    INIT_CONFIGS,
+    MIN_VOCAB_SIZE,
+    ModelLoadError,
+    check_model_source,
+    gguf_location,
+    is_seq2seq,
+    record_gguf_base,
+    unwrap_model,
+)
 from .rules import get_rule
 
 __all__ = [
@@ -647,24 +656,11 @@ def _build_model(cfg: TrainConfig, train: list[Example], args: Any) -> tuple[Any
     return model, tokenizer
 
 
-def _gguf_location(cfg: TrainConfig) -> tuple[str, str]:
-    """(absolute directory, file name) of the GGUF file of ``cfg`` (a path, or a name in ``--model``)."""
-    path = cfg.gguf_file or ""
-    if cfg.model is not None and not os.path.isfile(path):
-        path = os.path.join(cfg.model, path)
-    path = os.path.abspath(path)
-    return os.path.dirname(path), os.path.basename(path)
-
-
 def _record_gguf_base(cfg: TrainConfig, directory: str) -> None:
-    """Next to a LoRA adapter trained on a GGUF model, write the GGUF file name (see
-    :data:`properlm.modeling.BASE_RECORD`): ``adapter_config.json`` can only name a directory."""
-    if not (cfg.lora and cfg.gguf_file) or not os.path.isdir(directory):
-        return
-    from .modeling import BASE_RECORD
-
-    with open(os.path.join(directory, BASE_RECORD), "w", encoding="utf-8") as f:
-        json.dump({"gguf_file": _gguf_location(cfg)[1]}, f)
+    """Next to a LoRA adapter trained on a GGUF model, record the GGUF file name
+    (:func:`properlm.modeling.record_gguf_base`): ``adapter_config.json`` can only name a directory."""
+    if cfg.lora and cfg.gguf_file and os.path.isdir(directory):
+        record_gguf_base(directory, gguf_location(cfg.model, cfg.gguf_file)[1])
 
 
 def _apply_lora(cfg: TrainConfig, model: Any, seq2seq: bool) -> Any:
@@ -727,7 +723,7 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
         elif cfg.gguf_file is not None:
             # the adapter's base is the GGUF file: record its directory (absolute), and the file
             # name in BASE_RECORD next to every saved adapter, so that the adapter reloads
-            base_dir = _gguf_location(cfg)[0]
+            base_dir = gguf_location(cfg.model, cfg.gguf_file)[0]
             model.config._name_or_path = base_dir
             model.name_or_path = base_dir
         model = _apply_lora(cfg, model, seq2seq)

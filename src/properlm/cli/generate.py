@@ -8,9 +8,8 @@ import sys
 from typing import Any
 
 from ..data import DataError, Example, encode_prompt
-from ..evaluation import EvalError, resolve_device, torch_dtype
+from ..evaluation import EvalError, resolve_device, torch_dtype, validate_decoding
 from ..modeling import ModelLoadError, check_model_source, is_seq2seq, load_model_and_tokenizer
-from ..rules import get_rule
 from .evaluate import add_decoding_arguments, add_model_arguments
 
 PROMPT_FORMATS = ("raw", "instruction", "translation", "summarization")
@@ -56,18 +55,9 @@ def _validate(args: argparse.Namespace) -> str:
     if not args.model and not args.gguf_file:
         raise EvalError("no model given: pass --model or --gguf-file")
     check_model_source(args.model, args.gguf_file, None)
-    try:
-        objective = get_rule(args.objective).spec
-    except ValueError as exc:
-        raise EvalError(f"--objective: {exc}") from None
-    for name in ("num_beams", "max_new_tokens", "batch_size", "max_length"):
-        v = getattr(args, name)
-        if v < 1:
-            raise EvalError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-    if objective != "logarithmic" and args.num_beams == 1:
-        raise EvalError(f"--objective {objective} only changes beam search: set --num-beams > 1")
-    if args.length_penalty != 1.0 and args.num_beams == 1:
-        raise EvalError("--length-penalty only applies to beam search: set --num-beams > 1")
+    objective = validate_decoding(args.objective, args.num_beams, args.length_penalty,
+                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                  max_length=args.max_length)
     resolve_device(args.device)
     return objective
 

@@ -9,7 +9,9 @@ Variants (per rule, plus the cross-entropy baselines):
 * ``naive``   -- the reference implementation's way: materialise the logits, ``softmax``
   probabilities, gather, powers (and ``log(probs) * mask`` for smoothing), autograd;
 * ``unfused`` -- materialised logits + :func:`properlm.scoring_rule_loss`;
-* ``fused``   -- :func:`properlm.fused.fused_linear_scoring_rule_loss` (no ``N x V`` logits);
+* ``fused``   -- :func:`properlm.fused.fused_linear_scoring_rule_loss` (no ``N x V`` logits), its
+  default implementation; ``fused-torch`` / ``fused-triton`` force the chunked PyTorch path or
+  the Triton kernels;
 * ``ce``      -- ``F.cross_entropy(hidden @ W.T, y)``;
 * ``linear_ce`` -- ``torch.nn.functional.linear_cross_entropy`` where torch has it.
 
@@ -125,9 +127,11 @@ def _make_step(variant: str, rule: str, smoothing: float, hidden, weight, y) -> 
     elif variant == "unfused":
         def loss_fn():
             return properlm.scoring_rule_loss(hidden @ weight.T, y, rule, smoothing)
-    elif variant == "fused":
+    elif variant in ("fused", "fused-torch", "fused-triton"):
+        impl = variant.partition("-")[2] or None
+
         def loss_fn():
-            return fused_linear_scoring_rule_loss(hidden, weight, y, rule, smoothing=smoothing)
+            return fused_linear_scoring_rule_loss(hidden, weight, y, rule, smoothing=smoothing, impl=impl)
     else:
         raise SystemExit(f"unknown variant {variant!r}")
 
@@ -211,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default float32 / bfloat16)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (min time reported)")
     p.add_argument("--smoothing", type=float, default=0.0)
-    p.add_argument("--variants", default="naive,unfused,fused", help="per-rule variants to run")
+    p.add_argument("--variants", default="naive,unfused,fused",
+                   help="per-rule variants to run: naive, unfused, fused, fused-torch, fused-triton")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--rule", default="spherical", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

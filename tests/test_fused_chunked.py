@@ -231,6 +231,10 @@ def test_default_chunk_size():
     assert default_chunk_size(10**7, 4096, 100) == MAX_CHUNK_ROWS
     assert default_chunk_size(5, 512, 32000) == 5  # never more rows than tokens
     assert default_chunk_size(0, 16, 10) == 1
+    # on a GPU: chunks of at least 2^28 logits (few passes over the float32 grad_W accumulator)
+    assert default_chunk_size(8192, 4096, 128256, cuda=True) == -(-(1 << 28) // 128256)
+    assert default_chunk_size(10**6, 4096, 32000, cuda=True) > MAX_CHUNK_ROWS
+    assert default_chunk_size(100, 4096, 128256, cuda=True) == 100
 
 
 def _bad_calls():

@@ -11,7 +11,9 @@ each chunk
    (:func:`~properlm.stats.compute_stats`, :func:`~properlm.stats.loss_and_partials`),
 3. the closed-form logit gradient ``g = d loss / d z``
    (:func:`~properlm.stats.logits_grad`, reusing ``exp(z - m)`` from step 2),
-4. ``grad_h_c = g W``, ``grad_W += g^T h_c``, ``grad_b += sum_i g_i`` (float32 accumulators),
+4. ``grad_h_c = g W``, ``grad_W += g^T h_c``, ``grad_b += sum_i g_i`` (float32 accumulators;
+   on CUDA with bfloat16/float16 inputs the two matmuls run in the input dtype on the tensor
+   cores, accumulating into float32),
 
 after which the chunk is dropped. Ignored positions are removed before the matmul.
 
@@ -53,16 +55,25 @@ MAX_CHUNK_ROWS = 4096
 #: the default chunk of logits holds at least this many elements (64 MiB in float32), so
 #: that the per-chunk matmuls (and their threads) stay efficient when the hidden input is small
 MIN_CHUNK_ELEMENTS = 1 << 24
+#: the same on CUDA (512 MiB of bfloat16 logit gradient for the Triton kernels)
+CUDA_MIN_CHUNK_ELEMENTS = 1 << 28
 
 
-def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
+def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int, cuda: bool = False) -> int:
     """Rows per chunk such that a chunk of logits (``rows x V``) holds about as many
     elements as the hidden input (``N x H``), i.e. ``rows ~ N H / V``, but at least
-    ``MIN_CHUNK_ELEMENTS / V`` and within ``[MIN_CHUNK_ROWS, MAX_CHUNK_ROWS]``, and never
-    more than ``N``."""
+    ``MIN_CHUNK_ELEMENTS / V`` (``CUDA_MIN_CHUNK_ELEMENTS / V`` on a GPU), at least
+    ``MIN_CHUNK_ROWS``, at most ``MAX_CHUNK_ROWS`` on the CPU, and never more than ``N``.
+
+    On a GPU every chunk costs a pass over the ``V x H`` float32 gradient accumulator of the
+    weight (2 GiB for 128k x 4k), as much memory traffic as the chunk's matmuls take time when
+    a chunk has a few hundred rows, hence the larger minimum there."""
     v = max(vocab_size, 1)
-    rows = max(math.ceil(num_tokens * hidden_size / v), math.ceil(MIN_CHUNK_ELEMENTS / v))
-    rows = min(max(rows, MIN_CHUNK_ROWS), MAX_CHUNK_ROWS)
+    min_elements = CUDA_MIN_CHUNK_ELEMENTS if cuda else MIN_CHUNK_ELEMENTS
+    rows = max(math.ceil(num_tokens * hidden_size / v), math.ceil(min_elements / v))
+    rows = max(rows, MIN_CHUNK_ROWS)
+    if not cuda:
+        rows = min(rows, MAX_CHUNK_ROWS)
     return max(1, min(rows, num_tokens))
 
 
@@ -195,7 +206,14 @@ class _GradAccumulator:
         self.grad_b = torch.zeros(V, dtype=cdt, device=dev) if self.need_b else None
 
     def add(self, start: int, h: Tensor, g: Tensor) -> None:
-        """Add the contribution of rows ``start : start + len(h)`` with logit gradient ``g``."""
+        """Add the contribution of rows ``start : start + len(h)`` with logit gradient ``g``.
+
+        On CUDA with bfloat16/float16 inputs both matmuls run on the tensor cores in the input
+        dtype with float32 accumulation (``g`` rounded to the input dtype, as the unfused path's
+        logit gradient is), and ``grad_W`` is accumulated over chunks in float32. Elsewhere
+        ``g`` stays in the compute dtype (float32 matmuls on the CPU are as fast and exact)."""
+        if g.is_cuda and h.dtype != self.cdt and g.dtype != h.dtype:
+            g = g.to(h.dtype)
         if self.grad_h is not None:
             out = self.grad_h[start:start + g.shape[0]]
             if self.weight.dtype == g.dtype:
@@ -203,9 +221,12 @@ class _GradAccumulator:
             else:
                 out.copy_(torch.mm(g.to(self.weight.dtype), self.weight))
         if self.grad_w is not None:
-            self.grad_w.addmm_(g.t(), h if h.dtype == g.dtype else h.to(g.dtype))
+            if g.dtype == self.cdt:
+                self.grad_w.addmm_(g.t(), h if h.dtype == g.dtype else h.to(g.dtype))
+            else:
+                _addmm_float32_(self.grad_w, g.t(), h)
         if self.grad_b is not None:
-            self.grad_b.add_(g.sum(0))
+            self.grad_b.add_(g.sum(0, dtype=self.cdt))
 
     def result(self, rows: Tensor | None, num_tokens: int, weight: Tensor, bias: Tensor | None
                ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -217,6 +238,17 @@ class _GradAccumulator:
         gw = None if self.grad_w is None else self.grad_w.to(weight.dtype)
         gb = None if self.grad_b is None or bias is None else self.grad_b.to(bias.dtype)
         return gh, gw, gb
+
+
+def _addmm_float32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` for low-precision CUDA matrices ``a``, ``b`` and a float32 ``acc``, in place:
+    one tensor-core matmul that reads and writes ``acc`` in float32 (``torch.addmm(...,
+    out_dtype=torch.float32)``); where this torch lacks it, the product is formed in the inputs'
+    dtype and added."""
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    except (TypeError, RuntimeError, NotImplementedError):
+        acc.add_(torch.mm(a, b))
 
 
 def _scaled(p: TokenStats, w: Tensor) -> TokenStats:

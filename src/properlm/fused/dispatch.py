@@ -89,8 +89,13 @@ def _backend(impl: str | None, hidden: Tensor, num_scales: int) -> ChunkBackend:
         if num_scales > MAX_SCALES:
             raise ValueError(f"impl='triton' supports rules needing at most {MAX_SCALES} scales, got {num_scales}")
         return TritonChunkBackend()
-    # automatic: Triton for CUDA tensors when available, the chunked torch path otherwise
-    if hidden.is_cuda and hidden.dtype != torch.float64 and triton_is_available():
+    # automatic: Triton for 2-byte CUDA tensors (and float32 ones when TF32 matmuls are allowed),
+    # the chunked torch path otherwise. Exact float32 dots are slow in Triton: on an H100 the
+    # Triton path took 3.3x and the torch path 1.07x the time of materialised cross-entropy
+    # (benchmarks/README.md, "GPU")
+    tensor_cores = hidden.dtype in (torch.bfloat16, torch.float16) or (
+        hidden.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+    if hidden.is_cuda and tensor_cores and triton_is_available():
         from .triton_kernels import MAX_SCALES, TritonChunkBackend
 
         if num_scales <= MAX_SCALES:
@@ -136,8 +141,9 @@ def fused_linear_scoring_rule_loss(
         chunk_size: rows of logits formed at a time; default about ``N H / V`` rows (chunk
             logits the size of ``hidden``) within sane bounds, see
             :func:`properlm.fused.chunked.default_chunk_size`.
-        impl: ``None`` (Triton for CUDA tensors when ``triton`` is installed, the chunked
-            PyTorch path otherwise), ``"torch"`` or ``"triton"`` to force one.
+        impl: ``None`` (Triton for bfloat16/float16 CUDA tensors, and float32 ones when
+            ``torch.backends.cuda.matmul.allow_tf32`` is set, when ``triton`` is installed; the
+            chunked PyTorch path otherwise), ``"torch"`` or ``"triton"`` to force one.
 
     Returns:
         A float32 scalar, or float32 per-token losses of ``target``'s shape for ``"none"``.
@@ -164,7 +170,8 @@ def fused_linear_scoring_rule_loss(
     h2 = hidden.reshape(-1, H)
     y = target.reshape(-1)
     if chunk_size is None:
-        chunk_size = default_chunk_size(max(int((y != ignore_index).sum()), 1), H, weight.shape[0])
+        chunk_size = default_chunk_size(max(int((y != ignore_index).sum()), 1), H, weight.shape[0],
+                                        cuda=hidden.is_cuda)
     out = FusedLinearLossFunction.apply(h2, weight, bias, y, rule_obj, eps, ignore_index, reduction,
                                         num_items_in_batch, chunk_size, backend)
     return out.view(target.shape) if reduction == "none" else out

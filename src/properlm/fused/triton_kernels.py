@@ -3,8 +3,9 @@
 The logits ``z = h W^T + b`` are formed tile by tile in registers (``tl.dot`` over blocks of
 the hidden size) and never written to memory:
 
-* **pass 1** (:func:`_stats_kernel`): one program per block of ``BLOCK_N`` tokens streams the
-  vocabulary in tiles of ``BLOCK_V`` and keeps, per token, the online statistics
+* **pass 1** (:func:`_stats_kernel`): one program per block of ``BLOCK_N`` tokens and slice of
+  the vocabulary (a chunk has few token blocks, so the vocabulary is cut into enough slices to
+  fill the GPU) streams its slice in tiles of ``BLOCK_V`` and keeps, per token, the online statistics
 
       m = max_j z_j,   s_c = sum_j exp(c (z_j - m))  for each scale c of the rule,
       sum_j (z_j - m) and #{j : z_j finite},   z_y - m,
@@ -13,7 +14,8 @@ the hidden size) and never written to memory:
   ``count (m_old - m_new)``) when the running max grows. These are the shifted statistics of
   :class:`properlm.stats.TokenStats` (``lse[c] = LSE(c (z - m)) = log s_c``), and the rule's
   loss and partial derivatives come from the same Python functions as every other path
-  (:func:`properlm.stats.loss_and_partials`).
+  (:func:`properlm.stats.loss_and_partials`) once the slices are merged
+  (:meth:`TritonChunkBackend._merge`: a log-sum-exp of the slices' statistics).
 * **pass 2** (:func:`_masked_kernel`, bounded rules with smoothing only): the masked-log term
   needs the set ``M = {j : p_j < eps / V}``, known only once ``LSE(z)`` is final, so a second
   sweep sums ``z_j - m`` and counts ``j`` over ``M``.
@@ -29,7 +31,8 @@ the hidden size) and never written to memory:
 
 For float32 inputs ``tl.dot`` runs with ``input_precision="ieee"`` (no TF32) unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set, so the kernels match the float32 reference
-to rounding. Tested only under the Triton interpreter so far (no GPU was available).
+to rounding. ``tests/test_fused_triton.py`` checks them under the interpreter and, where a GPU
+is present, compiled.
 """
 
 from __future__ import annotations
@@ -45,13 +48,18 @@ from torch import Tensor
 from ..rules import ScoringRule
 from ..stats import TokenStats, masked_log_eps, masked_threshold
 
-__all__ = ["MAX_SCALES", "TritonChunkBackend"]
+__all__ = ["MAX_SCALES", "PROGRAMS_PER_SM", "TritonChunkBackend"]
 
 #: the kernels keep at most this many online sums ``s_c`` (every built-in rule needs <= 3)
 MAX_SCALES = 4
+#: passes 1 and 2 split the vocabulary into slices until there are about this many programs per SM
+PROGRAMS_PER_SM = 4
 #: default tile sizes (upper bounds; smaller powers of two are used for small inputs):
 #: tokens per program, vocabulary entries per tile, hidden units per ``tl.dot`` step
 BLOCK_N, BLOCK_V, BLOCK_H = 64, 128, 64
+#: the same for 2-byte inputs (bfloat16, float16): larger tiles fit in shared memory (measured
+#: on an H100 at N=8192, H=4096, V=128256: benchmarks/README.md)
+LOWP_BLOCK_N, LOWP_BLOCK_V, LOWP_BLOCK_H = 128, 256, 64
 
 
 @triton.jit
@@ -86,14 +94,21 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_siz
 
 @triton.jit
 def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, sumz_ptr, count_ptr, zy_ptr,
-                  n_rows, vocab_size, hidden_size, stride_h, stride_w,
+                  n_rows, vocab_size, hidden_size, stride_h, stride_w, split_cols,
                   C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
                   NUM_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr):
-    """Pass 1: per token ``m``, ``s_c`` (``s_ptr``: ``(NUM_SCALES, n_rows)``), ``sum (z - m)``, count,
-    ``z_y - m``."""
+    """Pass 1 over the vocabulary slice ``[k split_cols, (k + 1) split_cols)`` of program ``(i, k)``:
+    per token and slice ``m_k``, ``s_c,k`` relative to ``m_k``, ``sum (z - m_k)``, count and the raw
+    ``z_y`` (0 when ``y`` lies outside the slice). Every output has shape ``(splits, n_rows)``
+    (``s_ptr``: ``(NUM_SCALES, splits, n_rows)``); :meth:`TritonChunkBackend._merge` combines them."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    v_lo = split * split_cols
+    v_hi = tl.minimum(v_lo + split_cols, vocab_size)
+    out = split * n_rows
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
@@ -105,9 +120,9 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, sumz_ptr, count_ptr,
     sum_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
     count = tl.zeros((BLOCK_N,), dtype=tl.float32)
     z_y = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(0, vocab_size, BLOCK_V):
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < vocab_size
+        col_mask = cols < v_hi
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_h, stride_w,
                          HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
         finite = z > float("-inf")
@@ -127,43 +142,49 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, sumz_ptr, count_ptr,
         m = m_new
         count += tl.sum(finite.to(tl.float32), axis=1)
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-    tl.store(m_ptr + rows, m, mask=row_mask)
-    tl.store(s_ptr + rows, s0, mask=row_mask)
+    plane = n_splits * n_rows
+    tl.store(m_ptr + out + rows, m, mask=row_mask)
+    tl.store(s_ptr + out + rows, s0, mask=row_mask)
     if NUM_SCALES > 1:
-        tl.store(s_ptr + n_rows + rows, s1, mask=row_mask)
+        tl.store(s_ptr + plane + out + rows, s1, mask=row_mask)
     if NUM_SCALES > 2:
-        tl.store(s_ptr + 2 * n_rows + rows, s2, mask=row_mask)
+        tl.store(s_ptr + 2 * plane + out + rows, s2, mask=row_mask)
     if NUM_SCALES > 3:
-        tl.store(s_ptr + 3 * n_rows + rows, s3, mask=row_mask)
-    tl.store(sumz_ptr + rows, sum_z, mask=row_mask)
-    tl.store(count_ptr + rows, count, mask=row_mask)
-    tl.store(zy_ptr + rows, z_y - m, mask=row_mask)
+        tl.store(s_ptr + 3 * plane + out + rows, s3, mask=row_mask)
+    tl.store(sumz_ptr + out + rows, sum_z, mask=row_mask)
+    tl.store(count_ptr + out + rows, count, mask=row_mask)
+    tl.store(zy_ptr + out + rows, z_y, mask=row_mask)
 
 
 @triton.jit
 def _masked_kernel(h_ptr, w_ptr, b_ptr, m_ptr, thresh_ptr, msum_ptr, mcount_ptr,
-                   n_rows, vocab_size, hidden_size, stride_h, stride_w, HAS_BIAS: tl.constexpr,
+                   n_rows, vocab_size, hidden_size, stride_h, stride_w, split_cols, HAS_BIAS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr):
-    """Pass 2: ``sum_{j in M} (z_j - m)`` and ``|M|`` with ``M = {j finite : exp(z_j - m) < thresh}``."""
+                   UPCAST: tl.constexpr):
+    """Pass 2: ``sum_{j in M} (z_j - m)`` and ``|M|`` with ``M = {j finite : exp(z_j - m) < thresh}``,
+    per vocabulary slice as in :func:`_stats_kernel` (outputs ``(splits, n_rows)``, to be summed)."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    v_lo = split * split_cols
+    v_hi = tl.minimum(v_lo + split_cols, vocab_size)
+    out = split * n_rows
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
     thresh = tl.load(thresh_ptr + rows, mask=row_mask, other=0.0)
     msum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     mcount = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(0, vocab_size, BLOCK_V):
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < vocab_size
+        col_mask = cols < v_hi
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_h, stride_w,
                          HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
         d = z - m[:, None]
         in_m = (tl.exp(d) < thresh[:, None]) & (z > float("-inf"))
         msum += tl.sum(tl.where(in_m, d, 0.0), axis=1)
         mcount += tl.sum(in_m.to(tl.float32), axis=1)
-    tl.store(msum_ptr + rows, msum, mask=row_mask)
-    tl.store(mcount_ptr + rows, mcount, mask=row_mask)
+    tl.store(msum_ptr + out + rows, msum, mask=row_mask)
+    tl.store(mcount_ptr + out + rows, mcount, mask=row_mask)
 
 
 @triton.jit
@@ -225,11 +246,10 @@ class TritonChunkBackend:
     name = "triton"
 
     def __init__(self, block_n: int | None = None, block_v: int | None = None, block_h: int | None = None,
-                 num_warps: int = 8) -> None:
-        self.block_n = BLOCK_N if block_n is None else block_n
-        self.block_v = BLOCK_V if block_v is None else block_v
-        self.block_h = BLOCK_H if block_h is None else block_h
+                 num_warps: int = 8, split_tiles: int | None = None) -> None:
+        self.block_n, self.block_v, self.block_h = block_n, block_v, block_h
         self.num_warps = num_warps
+        self.split_tiles = split_tiles
 
     # ------------------------------------------------------------------ helpers
     def _launch_cfg(self, h: Tensor, weight: Tensor) -> dict[str, Any]:
@@ -240,13 +260,53 @@ class TritonChunkBackend:
         tf32 = h.dtype != torch.float32 or (h.is_cuda and torch.backends.cuda.matmul.allow_tf32)
         upcast = h.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET", "0") == "1"
         precision = "tf32" if tf32 and not upcast else "ieee"
+        lowp = h.dtype != torch.float32
+        bn = self.block_n or (LOWP_BLOCK_N if lowp else BLOCK_N)
+        bv = self.block_v or (LOWP_BLOCK_V if lowp else BLOCK_V)
+        bh = self.block_h or (LOWP_BLOCK_H if lowp else BLOCK_H)
         return {
             "UPCAST": upcast,
-            "BLOCK_N": _pow2(n, 16, self.block_n),
-            "BLOCK_V": _pow2(V, 16, self.block_v),
-            "BLOCK_H": _pow2(H, 16, self.block_h),
+            "BLOCK_N": _pow2(n, 16, bn),
+            "BLOCK_V": _pow2(V, 16, bv),
+            "BLOCK_H": _pow2(H, 16, bh),
             "PRECISION": precision,
         }
+
+    def _split_cols(self, n_blocks: int, vocab_size: int, block_v: int, device: torch.device) -> tuple[int, int]:
+        """``(columns per vocabulary slice, number of slices)`` of passes 1 and 2.
+
+        A chunk has few token blocks (a few hundred rows for a large vocabulary), so each block's
+        sweep over the vocabulary is cut into slices run by separate programs, enough for about
+        ``PROGRAMS_PER_SM`` programs per multiprocessor; under the interpreter, slices of two
+        tiles (so that the tests cover both the online rescaling and the merge of slices)."""
+        n_tiles = triton.cdiv(vocab_size, block_v)
+        if self.split_tiles is not None:
+            per = self.split_tiles
+        elif device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            splits = max(1, min(n_tiles, triton.cdiv(PROGRAMS_PER_SM * sms, n_blocks)))
+            per = triton.cdiv(n_tiles, splits)
+        else:
+            per = 2
+        per = max(1, min(per, n_tiles))
+        return per * block_v, triton.cdiv(n_tiles, per)
+
+    @staticmethod
+    def _merge(m: Tensor, s: Tensor, sum_z: Tensor, count: Tensor, z_y: Tensor, scales: tuple[float, ...]
+               ) -> tuple[Tensor, dict[float, Tensor], Tensor, Tensor, Tensor]:
+        """Combine per-slice statistics ``(splits, n)`` into per-token ones (``lse`` relative to the max):
+
+            m = max_k m_k,  s_c = sum_k s_c,k exp(c (m_k - m)),
+            sum (z - m) = sum_k [sum_k (z - m_k) + count_k (m_k - m)],  z_y - m = sum_k z_y,k - m.
+
+        Slices with no finite logit (``m_k = -inf``) have ``s_c,k = count_k = 0`` and drop out."""
+        mx = m.max(0).values
+        ref = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)
+        shift = m - ref  # -inf for empty slices
+        ref_k = torch.where(m == float("-inf"), ref.expand_as(m), m)
+        lse = {c: torch.log((s[i] * torch.exp(c * shift)).sum(0)) for i, c in enumerate(scales)}
+        sz = (sum_z + count * (ref_k - ref)).sum(0)
+        return mx, lse, sz, count.sum(0), z_y.sum(0) - mx
 
     @staticmethod
     def _prep(h: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -274,27 +334,29 @@ class TritonChunkBackend:
         scales, cs = self._scales(rule, smoothing)
         cfg = self._launch_cfg(h, weight)
         f32 = {"dtype": torch.float32, "device": h.device}
-        m = torch.empty(n, **f32)
-        s = torch.empty(len(scales), n, **f32)
-        sum_z = torch.empty(n, **f32)
-        count = torch.empty(n, **f32)
-        z_y = torch.empty(n, **f32)
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+        n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+        split_cols, splits = self._split_cols(n_blocks, V, cfg["BLOCK_V"], h.device)
+        m = torch.empty(splits, n, **f32)
+        s = torch.empty(len(scales), splits, n, **f32)
+        sum_z = torch.empty(splits, n, **f32)
+        count = torch.empty(splits, n, **f32)
+        z_y = torch.empty(splits, n, **f32)
+        grid = (n_blocks, splits)
         _stats_kernel[grid](h, weight, b, y, m, s, sum_z, count, z_y, n, V, H, h.stride(0), weight.stride(0),
-                            **cs, NUM_SCALES=len(scales), HAS_BIAS=bias is not None, num_warps=self.num_warps,
-                            **cfg)
-        lse = {c: torch.log(s[i]) for i, c in enumerate(scales)}
+                            split_cols, **cs, NUM_SCALES=len(scales), HAS_BIAS=bias is not None,
+                            num_warps=self.num_warps, **cfg)
+        m, lse, sum_z, count, z_y = self._merge(m, s, sum_z, count, z_y, scales)
         stats = TokenStats(z_y=z_y, lse=lse, num_classes=count, max_logit=m)
         if smoothing > 0 and rule.uses_logit_sum:
             stats.sum_z = sum_z
         eps = masked_log_eps(rule, smoothing)
         if eps is not None:
             thresh = self._threshold(stats, eps)
-            msum = torch.empty(n, **f32)
-            mcount = torch.empty(n, **f32)
+            msum = torch.empty(splits, n, **f32)
+            mcount = torch.empty(splits, n, **f32)
             _masked_kernel[grid](h, weight, b, m, thresh, msum, mcount, n, V, H, h.stride(0), weight.stride(0),
-                                 HAS_BIAS=bias is not None, num_warps=self.num_warps, **cfg)
-            stats.masked_sum_z, stats.masked_count = msum, mcount
+                                 split_cols, HAS_BIAS=bias is not None, num_warps=self.num_warps, **cfg)
+            stats.masked_sum_z, stats.masked_count = msum.sum(0), mcount.sum(0)
         return stats, None
 
     @staticmethod
@@ -320,7 +382,10 @@ class TritonChunkBackend:
         thresh = self._threshold(stats, eps) if has_mask else m
         fmsum = partials.masked_sum_z.contiguous() if has_mask else m
         fzy = partials.z_y.contiguous()
-        g = torch.empty(n, V, dtype=torch.float32, device=h.device)
+        # bfloat16/float16 inputs on a GPU: the gradient tile is rounded to the input dtype as it is
+        # stored (the next matmuls run in that dtype anyway), which halves its memory traffic
+        gdt = h.dtype if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        g = torch.empty(n, V, dtype=gdt, device=h.device)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
         _grad_kernel[grid](h, weight, b, y, m, coef, fsumz, thresh, fmsum, fzy, g, n, V, H, h.stride(0),
                            weight.stride(0), g.stride(0), **cs, NUM_SCALES=len(scales),

@@ -341,10 +341,16 @@ def test_lora_adapter_on_a_gguf_model_reloads(tmp_path, as_path):
     where = {"gguf_file": str(tmp_path / "m" / "tiny.gguf")} if as_path else \
         {"model": str(tmp_path / "m"), "gguf_file": "tiny.gguf"}
     cfg = tiny(tmp_path, init=None, train_file=write_alpaca(tmp_path), source_file=None, target_file=None,
-               rule="spherical", max_steps=2, lora=True, lora_r=2, learning_rate=1e-2, **where)
+               rule="spherical", max_steps=2, lora=True, lora_r=2, learning_rate=1e-2, save_steps=1, **where)
     run_training(cfg)
     final = os.path.join(cfg.output_dir, "final")
     assert json.load(open(os.path.join(final, BASE_RECORD))) == {"gguf_file": "tiny.gguf"}
+    # intermediate checkpoints carry the record too, and reload
+    for step in (1, 2):
+        ckpt = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+        assert json.load(open(os.path.join(ckpt, BASE_RECORD))) == {"gguf_file": "tiny.gguf"}
+    assert type(load_model_and_tokenizer(os.path.join(cfg.output_dir, "checkpoint-1"))[0]).__name__ == \
+        "LlamaForCausalLM"
     merged, _ = load_model_and_tokenizer(final)
     base, _ = load_model_and_tokenizer(str(tmp_path / "m"), gguf_file="tiny.gguf")
     assert type(merged).__name__ == "LlamaForCausalLM"

@@ -663,6 +663,20 @@ def _record_gguf_base(cfg: TrainConfig, directory: str) -> None:
         record_gguf_base(directory, gguf_location(cfg.model, cfg.gguf_file)[1])
 
 
+def _gguf_base_callback(cfg: TrainConfig) -> Any:
+    from transformers import TrainerCallback
+
+    class GGUFBaseRecordCallback(TrainerCallback):
+        """Write the GGUF base record into every ``checkpoint-N`` of a LoRA run on a GGUF model, so
+        that an intermediate adapter reloads as ``final/`` does."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                _record_gguf_base(cfg, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+    return GGUFBaseRecordCallback()
+
+
 def _apply_lora(cfg: TrainConfig, model: Any, seq2seq: bool) -> Any:
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -733,6 +747,8 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
 
     handle = apply_scoring_rule(model, rule_at(0), smoothing=cfg.smoothing, fused=cfg.fused)
     all_callbacks: list[Any] = [_metrics_callback(os.path.join(cfg.output_dir, "metrics.jsonl"), rule_at)]
+    if cfg.lora and cfg.gguf_file:
+        all_callbacks.append(_gguf_base_callback(cfg))
     if schedule is not None:
         from .integrations.schedule import RuleScheduleCallback
 

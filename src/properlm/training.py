@@ -692,6 +692,16 @@ def _apply_lora(cfg: TrainConfig, model: Any, seq2seq: bool) -> Any:
         raise ConfigError(f"--lora-target-modules {cfg.lora_target_modules!r}: {exc}") from None
 
 
+def _final_eval(trainer: Any) -> dict[str, Any]:
+    """The validation metrics of the final model: those of the scheduled evaluation when one ran at
+    the last step (same weights), else a fresh ``trainer.evaluate()``."""
+    step = trainer.state.global_step
+    for record in reversed(trainer.state.log_history):
+        if record.get("step") == step and "eval_loss" in record:
+            return {k: v for k, v in record.items() if k.startswith("eval_") or k == "epoch"}
+    return trainer.evaluate()
+
+
 def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool = False) -> dict[str, Any]:
     """Train as configured by ``cfg``; returns the results dictionary also written to
     ``output_dir/results.json``.
@@ -790,7 +800,7 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
         "seq2seq": seq2seq,
     }
     if val_ds is not None:
-        results["eval"] = trainer.evaluate()
+        results["eval"] = _final_eval(trainer)
 
     final_dir = os.path.join(cfg.output_dir, "final")
     trainer.save_model(final_dir)

@@ -85,3 +85,27 @@ def test_decoding_objective_on_gpu_equals_cpu(rule):
     on_gpu = proc(ids.cuda(), scores.cuda())
     assert on_gpu.is_cuda
     assert _rel_err(on_gpu, proc(ids, scores)) < 1e-5
+
+
+def test_automatic_choice_of_fused_implementation():
+    """Triton for 2-byte inputs (and float32 under TF32), the chunked torch path for exact float32:
+    the faster of the two on an H100 (benchmarks/README.md)."""
+    pytest.importorskip("triton")
+    from properlm.fused.chunked import TorchChunkBackend
+    from properlm.fused.dispatch import _backend
+    from properlm.fused.triton_kernels import TritonChunkBackend
+
+    def pick(dtype):
+        return _backend(None, torch.zeros(2, 2, device="cuda", dtype=dtype), 2)
+
+    assert isinstance(pick(torch.bfloat16), TritonChunkBackend)
+    assert isinstance(pick(torch.float16), TritonChunkBackend)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert isinstance(pick(torch.float32), TorchChunkBackend)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert isinstance(pick(torch.float32), TritonChunkBackend)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert isinstance(pick(torch.float64), TorchChunkBackend)

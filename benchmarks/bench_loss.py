@@ -232,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     per_rule = [v.strip() for v in args.variants.split(",") if v.strip()]
     import torch
 
-    print(f"device={args.device} N={args.n} H={args.h} V={args.v} dtype={args.dtype} smoothing={args.smoothing} "
+    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    print(f"device={args.device} ({name}) N={args.n} H={args.h} V={args.v} dtype={args.dtype} "
+          f"smoothing={args.smoothing} "
           f"repeats={args.repeats} torch={torch.__version__} threads={torch.get_num_threads()} "
           "(times: min over repeats, wall and process CPU; peak memory: max over repeats)", flush=True)
     results: list[tuple[str, str, dict[str, float] | str]] = []

@@ -201,6 +201,11 @@ def _child(args: argparse.Namespace, variant: str, rule: str) -> dict[str, float
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _ratio(x: float, base: float, digits: int) -> str:
+    """``x / base`` rounded, or ``n/a`` when the baseline is too small to measure (tiny shapes)."""
+    return f"{x / base:.{digits}f}" if base > 0 else "n/a"
+
+
 def _fmt_mib(b: float) -> str:
     return f"{b / 2**20:,.0f}"
 
@@ -256,9 +261,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         t_ratio = c_ratio = m_ratio = ""
         if isinstance(ce, dict):
-            t_ratio = f"{r['time_s'] / ce['time_s']:.2f}"
-            c_ratio = f"{r['cpu_s'] / ce['cpu_s']:.2f}"
-            m_ratio = f"{r['peak_bytes'] / ce['peak_bytes']:.3f}"
+            t_ratio, c_ratio, m_ratio = (_ratio(r[k], ce[k], digits) for k, digits in
+                                         (("time_s", 2), ("cpu_s", 2), ("peak_bytes", 3)))
         print(f"| {rule} | {variant} | {r['time_s']:.3f} | {t_ratio} | {r['cpu_s']:.3f} | {c_ratio} "
               f"| {_fmt_mib(r['peak_bytes'])} | {m_ratio} |")
 

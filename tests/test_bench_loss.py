@@ -1,0 +1,40 @@
+"""benchmarks/bench_loss.py end to end at a tiny shape (each variant in its own process), and the
+CUDA-only tile sweep's refusal on a machine without a GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_bench_loss_prints_a_row_per_variant():
+    proc = _run("bench_loss.py", "--n", "64", "--h", "16", "--v", "100", "--repeats", "1",
+                "--rules", "brier,spherical", "--variants", "naive,unfused,fused-torch", "--smoothing", "0.1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    variants = [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows]
+    assert ("logarithmic", "cross_entropy (materialised)") in variants
+    for rule in ("brier", "spherical"):
+        for v in ("naive", "unfused", "fused-torch"):
+            assert (rule, v) in variants
+    assert not any("failed" in r for r in rows if "linear_cross_entropy" not in r)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_tile_sweep_needs_a_gpu():
+    proc = _run("bench_triton_tiles.py", "--n", "8")
+    assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr

@@ -118,6 +118,25 @@ def test_teacher_forced_perplexity_matches_model_loss(tiny_models, parallel):
     assert m.num_tokens == int((batch["labels"][:, 1:] != -100).sum())
 
 
+def test_fit_temperature_then_apply_it(tiny_models, parallel, tmp_path, capsys):
+    base = ["evaluate", "--model", tiny_models["tiny-seq2seq"], "--source-file", parallel[0], "--target-file",
+            parallel[1], "--no-generate", "--no-progress"]
+    assert main([*base, "--fit-temperature", "--output-dir", str(tmp_path / "fit")]) == 0
+    assert "| fitted temperature" in capsys.readouterr().out
+    res = json.loads((tmp_path / "fit" / "results.json").read_text())
+    fit = res["temperature_fit"]
+    assert len(fit["temperatures"]) == 81 and fit["temperature"] in fit["temperatures"]
+    # the fit is the best of the scan, at least as good as T = 1
+    assert fit["mean_log_prob"] == max(fit["mean_log_probs"]) >= res["teacher_forced"]["mean_log_prob"] - 1e-6
+    t = fit["temperature"]
+    assert main([*base, "--temperature", str(t), "--output-dir", str(tmp_path / "apply")]) == 0
+    assert "| temperature (scores, ECE)" in capsys.readouterr().out
+    tf = json.loads((tmp_path / "apply" / "results.json").read_text())["teacher_forced"]
+    assert tf["temperature"] == t
+    assert tf["mean_log_prob"] == pytest.approx(fit["mean_log_prob"], rel=1e-5)
+    assert tf["ece"] == pytest.approx(fit["ece"], rel=1e-5, abs=1e-7)
+
+
 def test_bad_data_line_is_reported_before_loading(tiny_models, tmp_path, capsys, monkeypatch):
     import properlm.modeling
 
@@ -142,6 +161,8 @@ def test_bad_data_line_is_reported_before_loading(tiny_models, tmp_path, capsys,
         (["--num-beams", "0"], "--num-beams must be a positive integer"),
         (["--max-examples", "0"], "--max-examples must be positive"),
         (["--dtype", "float32", "--device", "nodevice"], "--device"),
+        (["--temperature", "0"], "--temperature must be a positive finite number"),
+        (["--temperature", "nan"], "--temperature must be a positive finite number"),
     ],
 )
 def test_bad_options(tiny_models, parallel, tmp_path, capsys, extra, message):

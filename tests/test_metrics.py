@@ -10,6 +10,7 @@ import torch
 from properlm.loss import token_scores
 from properlm.metrics import (
     MetricsAccumulator,
+    TemperatureScan,
     calibration_bins,
     expected_calibration_error,
     reliability_diagram,
@@ -148,3 +149,52 @@ def test_label_on_masked_entry():
     ref = float(token_scores(logits[1:], torch.tensor([0]), "spherical")) / 2
     assert m.mean_scores["spherical"] == pytest.approx(ref)
     assert math.isfinite(m.ece) and sum(b.count for b in m.bins) == 2
+
+
+# ---------------------------------------------------------------------------- temperature scaling
+def _overconfident(n=4000, V=12, sharpen=2.5, seed=0):
+    """Labels drawn from softmax(z0); the model reports sharpen * z0 (over-confident by T = sharpen)."""
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(n, V, generator=g, dtype=torch.float64) * 1.5
+    y = torch.multinomial(torch.softmax(z0, -1), 1, generator=g).squeeze(1)
+    return (z0 * sharpen).float(), y
+
+
+def test_temperature_scan_recovers_the_true_temperature():
+    logits, y = _overconfident()
+    y[::7] = -100  # ignored positions take no part
+    scan = TemperatureScan()
+    for a in range(0, 4000, 1000):  # streaming equals one shot
+        scan.update(logits[a:a + 1000], y[a:a + 1000])
+    fit = scan.compute()
+    assert scan.num_tokens == int((y != -100).sum())
+    assert abs(math.log(fit.temperature / 2.5)) < 0.1 and not fit.on_boundary
+    one = MetricsAccumulator(["logarithmic"])
+    one.update(logits, y)
+    at_1 = one.compute()
+    assert fit.mean_log_prob > at_1.mean_log_prob and fit.ece < at_1.ece / 3
+    # the scan's value at its T equals MetricsAccumulator with that temperature
+    scaled = MetricsAccumulator(["logarithmic"], temperature=fit.temperature)
+    scaled.update(logits, y)
+    m = scaled.compute()
+    assert m.mean_log_prob == pytest.approx(fit.mean_log_prob, rel=1e-6)
+    assert m.ece == pytest.approx(fit.ece, rel=1e-6)
+    assert m.accuracy == at_1.accuracy  # scaling keeps the ranking
+
+
+def test_temperature_scan_boundary_and_errors():
+    logits, y = _overconfident(n=500, sharpen=8.0)
+    scan = TemperatureScan(temperatures=[0.5, 1.0, 2.0])
+    scan.update(logits, y)
+    fit = scan.compute()
+    assert fit.temperature == 2.0 and fit.on_boundary
+    assert math.isnan(TemperatureScan().compute().temperature)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+            TemperatureScan(temperatures=[1.0, bad])
+        with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+            MetricsAccumulator(temperature=bad)
+    with pytest.raises(ValueError, match="at least one"):
+        TemperatureScan(temperatures=[])
+    with pytest.raises(ValueError, match="shape mismatch"):
+        TemperatureScan().update(logits, y[:-1])

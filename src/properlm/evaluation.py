@@ -67,6 +67,8 @@ class EvalSettings:
     max_length: int = 512
     rules: list[str] = field(default_factory=lambda: ["logarithmic", "brier", "spherical"])
     num_bins: int = 15
+    temperature: float = 1.0
+    fit_temperature: bool = False
     objective: str = "logarithmic"
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -160,6 +162,12 @@ def validate_settings(s: EvalSettings, check_model: bool = True) -> EvalSettings
     rules = parse_rules(s.rules)
     objective = validate_decoding(s.objective, s.num_beams, s.length_penalty, s.generate,
                                   max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, num_bins=s.num_bins)
+    from .metrics import check_temperature
+
+    try:
+        check_temperature(s.temperature)
+    except (TypeError, ValueError):
+        raise EvalError(f"--temperature must be a positive finite number, got {s.temperature!r}") from None
     if s.max_length < 2:
         raise EvalError(f"--max-length must be at least 2, got {s.max_length}")
     if s.max_examples is not None and s.max_examples < 1:
@@ -216,13 +224,14 @@ def _tqdm(total: int, desc: str, enabled: bool) -> Any:
 
 def teacher_forced_metrics(model: Any, tokenizer: Any, examples: Sequence[Any], rules: Sequence[str], *,
                            max_length: int = 512, batch_size: int = 8, num_bins: int = 15,
-                           progress: bool = False) -> Any:
+                           progress: bool = False, temperature: float = 1.0, scan: Any = None) -> Any:
     """Score the reference targets of ``examples`` under teacher forcing.
 
     Examples are tokenised as for training (:func:`properlm.data.tokenize_example`: prompt
     positions labelled -100), batched (longest first), and the logits of each batch fed to
-    a :class:`~properlm.metrics.MetricsAccumulator`. Returns its
-    :class:`~properlm.metrics.EvalMetrics`.
+    a :class:`~properlm.metrics.MetricsAccumulator` (with ``temperature``), and to ``scan`` (a
+    :class:`~properlm.metrics.TemperatureScan`, unscaled logits) when given. Returns the
+    accumulator's :class:`~properlm.metrics.EvalMetrics`.
     """
     import torch
 
@@ -236,7 +245,8 @@ def teacher_forced_metrics(model: Any, tokenizer: Any, examples: Sequence[Any], 
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = DataCollator(pad_token_id=int(pad))
-    acc = MetricsAccumulator(rules, num_bins=num_bins)
+    acc = MetricsAccumulator(rules, num_bins=num_bins, temperature=temperature)
+    consumers = [acc] if scan is None else [acc, scan]
     was_training = model.training
     model.eval()
     bar = _tqdm(len(features), "teacher-forced", progress)
@@ -247,14 +257,14 @@ def teacher_forced_metrics(model: Any, tokenizer: Any, examples: Sequence[Any], 
                 batch = {k: v.to(device) for k, v in batch.items()}
                 if seq2seq:
                     logits = model(**batch).logits
-                    acc.update(logits, batch["labels"])
+                    labels = batch["labels"]
                 else:
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     # position t predicts token t+1: shift the labels, not the (large) logits
-                    labels = batch["labels"]
-                    next_labels = torch.full_like(labels, -100)
-                    next_labels[:, :-1] = labels[:, 1:]
-                    acc.update(logits, next_labels)
+                    labels = torch.full_like(batch["labels"], -100)
+                    labels[:, :-1] = batch["labels"][:, 1:]
+                for consumer in consumers:
+                    consumer.update(logits, labels)
                 bar.update(len(batch["input_ids"]))
     finally:
         bar.close()
@@ -280,7 +290,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
     """
     from .data import encode_prompt, load_examples
     from .generation_eval import decode_prompts, generation_metrics, one_line
-    from .metrics import reliability_diagram
+    from .metrics import TemperatureScan, reliability_diagram
     from .modeling import is_seq2seq, load_model_and_tokenizer
 
     s = validate_settings(settings, check_model=model_and_tokenizer is None)
@@ -303,8 +313,10 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
     seq2seq = is_seq2seq(model)
 
     t0 = time.time()
+    scan = TemperatureScan(num_bins=s.num_bins) if s.fit_temperature else None
     tf = teacher_forced_metrics(model, tokenizer, examples, s.rules, max_length=s.max_length,
-                                batch_size=s.batch_size, num_bins=s.num_bins, progress=s.progress)
+                                batch_size=s.batch_size, num_bins=s.num_bins, progress=s.progress,
+                                temperature=s.temperature, scan=scan)
     tf_seconds = time.time() - t0
     rel_path = os.path.join(s.output_dir, "reliability.png")
     name = "/".join(os.path.normpath(s.model or s.gguf_file or "model").split(os.sep)[-2:])
@@ -324,12 +336,16 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
             "ece": tf.ece,
             "mce": tf.mce,
             "num_bins": s.num_bins,
+            "temperature": s.temperature,
             "bins": [dataclasses.asdict(b) for b in tf.bins],
         },
         "files": {"results": os.path.join(s.output_dir, "results.json"), "reliability_diagram": rel_path},
         "versions": _versions(),
         "seconds": {"load": load_seconds, "teacher_forced": tf_seconds},
     }
+
+    if scan is not None:
+        results["temperature_fit"] = scan.compute().to_dict()
 
     if s.generate:
         prompts = [encode_prompt(e, tokenizer, seq2seq=seq2seq, max_length=s.max_length) for e in examples]
@@ -402,6 +418,14 @@ def markdown_table(results: dict[str, Any]) -> str:
         ("token accuracy (%)", _fmt(_pct(tf["token_accuracy"]), 2)),
         (f"ECE, {tf['num_bins']} bins (%)", _fmt(_pct(tf["ece"]), 2)),
     ]
+    if tf.get("temperature", 1.0) != 1.0:
+        rows.insert(2, ("temperature (scores, ECE)", _fmt(tf["temperature"], 3)))
+    fit = results.get("temperature_fit")
+    if fit:
+        edge = " (grid edge)" if fit["on_boundary"] else ""
+        rows += [("fitted temperature", _fmt(fit["temperature"], 3) + edge),
+                 ("mean log score at it", _fmt(fit["mean_log_prob"], 4)),
+                 ("ECE at it (%)", _fmt(_pct(fit["ece"]), 2))]
     for spec, v in tf["mean_scores"].items():
         rows.append((f"mean score {spec}", f"{v:.5g}" if isinstance(v, float) else _fmt(v)))
     gen = results.get("generation")

@@ -37,10 +37,14 @@ from .stats import rule_scores
 
 __all__ = [
     "DEFAULT_NUM_BINS",
+    "DEFAULT_TEMPERATURES",
     "CalibrationBin",
     "EvalMetrics",
     "MetricsAccumulator",
+    "TemperatureFit",
+    "TemperatureScan",
     "calibration_bins",
+    "check_temperature",
     "expected_calibration_error",
     "perplexity",
     "reliability_diagram",
@@ -65,6 +69,25 @@ def _unique_rules(rules: Sequence[RuleLike]) -> list[ScoringRule]:
     return out
 
 
+def _scored_rows(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logits (M, V), labels (M,), indices of the scored rows)`` after checking shapes and ids."""
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"shape mismatch: logits of shape {tuple(logits.shape)} (..., V) need labels of shape "
+            f"{tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    V = logits.shape[-1]
+    flat_z = logits.reshape(-1, V)
+    flat_y = labels.reshape(-1)
+    rows = (flat_y != ignore_index).nonzero().squeeze(1)
+    if rows.numel():
+        bad = (flat_y[rows] < 0) | (flat_y[rows] >= V)
+        if bool(bad.any()):
+            raise ValueError(f"labels hold ids outside [0, {V}) (first: {int(flat_y[rows][bad][0])}) "
+                             f"that are not ignore_index={ignore_index}")
+    return flat_z, flat_y, rows
+
+
 def token_level_outputs(logits: Tensor, labels: Tensor, rules: Sequence[RuleLike], ignore_index: int = -100
                         ) -> dict[str, Tensor]:
     """Per-token scores, predictions and confidences of the scored positions.
@@ -82,20 +105,8 @@ def token_level_outputs(logits: Tensor, labels: Tensor, rules: Sequence[RuleLike
         ``"confidence"`` (``max_k p_k``), ``"correct"`` (bool, ``argmax_k z_k == y``).
     """
     rule_objs = _unique_rules(rules)
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"shape mismatch: logits of shape {tuple(logits.shape)} (..., V) need labels of shape "
-            f"{tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
-        )
-    V = logits.shape[-1]
-    flat_z = logits.reshape(-1, V)
-    flat_y = labels.reshape(-1)
-    rows = (flat_y != ignore_index).nonzero().squeeze(1)
-    if rows.numel():
-        bad = (flat_y[rows] < 0) | (flat_y[rows] >= V)
-        if bool(bad.any()):
-            raise ValueError(f"labels hold ids outside [0, {V}) (first: {int(flat_y[rows][bad][0])}) "
-                             f"that are not ignore_index={ignore_index}")
+    flat_z, flat_y, rows = _scored_rows(logits, labels, ignore_index)
+    V = flat_z.shape[-1]
     keys = [f"score:{r.spec}" for r in rule_objs]
     parts: dict[str, list[Tensor]] = {k: [] for k in [*keys, "log_prob", "confidence", "correct"]}
     step = max(1, _CHUNK_ELEMENTS // max(V, 1))
@@ -249,15 +260,18 @@ class MetricsAccumulator:
         rules: rule specs or objects whose mean token score is reported.
         num_bins: equal-width confidence bins of the ECE (default 15).
         ignore_index: label value of unscored positions.
+        temperature: score ``softmax(z / T)`` instead of ``softmax(z)`` (temperature scaling,
+            e.g. with a ``T`` fitted on validation data by :class:`TemperatureScan`).
     """
 
     def __init__(self, rules: Sequence[RuleLike] = ("logarithmic", "brier", "spherical"),
-                 num_bins: int = DEFAULT_NUM_BINS, ignore_index: int = -100) -> None:
+                 num_bins: int = DEFAULT_NUM_BINS, ignore_index: int = -100, temperature: float = 1.0) -> None:
         self.rules = _unique_rules(rules)
         if not self.rules:
             raise ValueError("rules must name at least one scoring rule")
         self.num_bins = _check_bins(num_bins)
         self.ignore_index = ignore_index
+        self.temperature = check_temperature(temperature)
         self.reset()
 
     def reset(self) -> None:
@@ -272,6 +286,8 @@ class MetricsAccumulator:
 
     def update(self, logits: Tensor, labels: Tensor) -> None:
         """Add the scored positions of one batch: ``logits (..., V)`` aligned with ``labels (...)``."""
+        if self.temperature != 1.0:
+            logits = logits.float() / self.temperature
         out = token_level_outputs(logits, labels, self.rules, self.ignore_index)
         n = int(out["correct"].numel())
         if n == 0:
@@ -308,6 +324,108 @@ class MetricsAccumulator:
             mce=max(gaps) if gaps else nan,
             bins=bins,
         )
+
+
+#: temperatures scanned by :class:`TemperatureScan` by default: 81 values, log-spaced from 0.2 to 5
+#: (neighbours 4% apart)
+DEFAULT_TEMPERATURES: tuple[float, ...] = tuple(
+    float(t) for t in torch.logspace(math.log10(0.2), math.log10(5.0), 81, dtype=torch.float64))
+
+
+def check_temperature(temperature: float) -> float:
+    """``temperature`` as a float if it is positive and finite, else ``ValueError``."""
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return t
+
+
+@dataclass
+class TemperatureFit:
+    """What :meth:`TemperatureScan.compute` finds.
+
+    Attributes:
+        temperature: the grid's ``T`` with the highest mean log score ``(1/N) sum_i log softmax(z_i / T)_{y_i}``
+            (temperature scaling, Guo et al. 2017, on a grid instead of by gradient descent).
+        mean_log_prob: that mean log score; ``ece``: the top-1 ECE at that ``T``.
+        on_boundary: the best ``T`` is the grid's smallest or largest value (widen the grid).
+        temperatures, mean_log_probs, eces: the whole scan.
+    """
+
+    temperature: float
+    mean_log_prob: float
+    ece: float
+    on_boundary: bool
+    temperatures: list[float]
+    mean_log_probs: list[float]
+    eces: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TemperatureScan:
+    """Mean log score and top-1 ECE of ``softmax(z / T)`` for every ``T`` of a grid, in one
+    streaming pass over the batches (float64 sums only, like :class:`MetricsAccumulator`).
+
+    Fit ``T`` on validation data, then evaluate the test data with
+    ``MetricsAccumulator(..., temperature=fit.temperature)`` (``properlm evaluate
+    --fit-temperature`` and ``--temperature``). Scaling by ``T`` keeps the ranking of the tokens
+    (accuracy, greedy and beam decoding with the log objective per step) and changes only the
+    confidence.
+
+    Args:
+        temperatures: the grid (positive, finite; default :data:`DEFAULT_TEMPERATURES`).
+        num_bins: equal-width confidence bins of the ECE.
+        ignore_index: label value of unscored positions.
+    """
+
+    def __init__(self, temperatures: Sequence[float] = DEFAULT_TEMPERATURES, num_bins: int = DEFAULT_NUM_BINS,
+                 ignore_index: int = -100) -> None:
+        if len(temperatures) == 0:
+            raise ValueError("temperatures must hold at least one value")
+        self.temperatures = sorted({check_temperature(t) for t in temperatures})
+        self.num_bins = _check_bins(num_bins)
+        self.ignore_index = ignore_index
+        k = len(self.temperatures)
+        self._n = 0
+        self._log_sums = torch.zeros(k, dtype=torch.float64)
+        self._bins = torch.zeros(k, 3, self.num_bins, dtype=torch.float64)  # count, confidence, correct
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        """Add the scored positions of one batch: ``logits (..., V)`` aligned with ``labels (...)``."""
+        flat_z, flat_y, rows = _scored_rows(logits, labels, self.ignore_index)
+        step = max(1, _CHUNK_ELEMENTS // max(flat_z.shape[-1], 1))
+        with torch.no_grad():
+            for start in range(0, rows.numel(), step):
+                idx = rows[start:start + step]
+                z = flat_z[idx].float()
+                y = flat_y[idx]
+                correct = (z.argmax(dim=-1) == y).cpu()
+                self._n += int(idx.numel())
+                for i, t in enumerate(self.temperatures):
+                    scores, stats = rule_scores(z / t, y, [_LOG])
+                    self._log_sums[i] += float(scores[:, 0].double().sum())
+                    confidence = torch.exp(-stats.lse[1.0]).cpu()
+                    self._bins[i] += torch.stack(_bin_sums(confidence, correct, self.num_bins))
+
+    @property
+    def num_tokens(self) -> int:
+        return self._n
+
+    def compute(self) -> TemperatureFit:
+        """The best temperature of the grid (NaN fields before any scored position)."""
+        nan = float("nan")
+        if self._n == 0:
+            k = len(self.temperatures)
+            return TemperatureFit(nan, nan, nan, False, list(self.temperatures), [nan] * k, [nan] * k)
+        means = (self._log_sums / self._n).tolist()
+        eces = [_ece_from_sums(*(b.tolist() for b in (self._bins[i, 0], self._bins[i, 1], self._bins[i, 2])))
+                for i in range(len(self.temperatures))]
+        best = max(range(len(means)), key=lambda i: means[i])
+        return TemperatureFit(temperature=self.temperatures[best], mean_log_prob=means[best], ece=eces[best],
+                              on_boundary=len(means) > 1 and best in (0, len(means) - 1),
+                              temperatures=list(self.temperatures), mean_log_probs=means, eces=eces)
 
 
 def reliability_diagram(bins: Sequence[CalibrationBin], path: str | Path, title: str | None = None,

@@ -93,6 +93,13 @@ def register(subparsers: Any) -> None:
                    "logarithmic,brier,spherical,power:3,pseudo-spherical:1.5 (default: logarithmic,brier,spherical)")
     m.add_argument("--num-bins", type=int, default=15, metavar="N",
                    help="equal-width confidence bins of the ECE and reliability diagram (default: 15)")
+    m.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="score softmax(logits / T) in the teacher-forced metrics (temperature scaling: token "
+                   "scores, perplexity, ECE); decoding is unaffected. Use a T fitted with --fit-temperature on "
+                   "validation data, never on the test set itself (default: 1)")
+    m.add_argument("--fit-temperature", action="store_true",
+                   help="also scan 81 temperatures from 0.2 to 5 and report the one with the best mean log "
+                   "score of the references, with the log score and ECE at it (run this on validation data)")
     g = parser.add_argument_group("decoding")
     add_decoding_arguments(parser, g)
     g.add_argument("--no-generate", dest="generate", action="store_false",
@@ -111,7 +118,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         model=args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
         data_file=args.data_file, source_file=args.source_file, target_file=args.target_file,
         source_lang=args.source_lang, target_lang=args.target_lang, task=args.task, max_length=args.max_length,
-        rules=parse_rules(args.rules), num_bins=args.num_bins, objective=args.objective, num_beams=args.num_beams,
+        rules=parse_rules(args.rules), num_bins=args.num_bins, temperature=args.temperature,
+        fit_temperature=args.fit_temperature, objective=args.objective, num_beams=args.num_beams,
         length_penalty=args.length_penalty, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         max_examples=args.max_examples, generate=args.generate, output_dir=args.output_dir, progress=args.progress,
     )

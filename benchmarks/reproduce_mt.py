@@ -249,6 +249,30 @@ def eval_argv(args: argparse.Namespace, seed: int, protocol: str, split: str, ob
     return argv
 
 
+#: teacher-forced temperature scaling of each final model: fitted on val, applied to test
+CALIB_DIRS = {"val": "calib_val_fit", "test": "calib_test_scaled"}
+
+
+def calib_argv(args: argparse.Namespace, seed: int, protocol: str, split: str,
+               temperature: float | str | None = None) -> list[str]:
+    """``properlm evaluate`` under teacher forcing only: ``--fit-temperature`` on val, or
+    ``--temperature T`` (the val fit) on test."""
+    stem = os.path.join(args.data_dir, SPLITS[split])
+    argv = ["evaluate", "--model", os.path.join(run_dir(args, seed, protocol), "final"),
+            "--source-file", stem + ".en", "--target-file", stem + ".de", "--max-length", str(args.max_length),
+            "--batch-size", str(args.eval_batch_size), "--no-generate", "--no-progress",
+            "--output-dir", os.path.join(run_dir(args, seed, protocol), CALIB_DIRS[split])]
+    return argv + (["--fit-temperature"] if temperature is None else ["--temperature", str(temperature)])
+
+
+def _calibrate_test(args: argparse.Namespace, seed: int, protocol: str) -> None:
+    fit_path = os.path.join(run_dir(args, seed, protocol), CALIB_DIRS["val"], "results.json")
+    t: float | str = "T_FITTED_ON_VAL" if args.dry_run else read_json(fit_path)["temperature_fit"]["temperature"]
+    run_step(f"seed {seed} {protocol} test at the val temperature", calib_argv(args, seed, protocol, "test", t),
+             os.path.join(run_dir(args, seed, protocol), CALIB_DIRS["test"]), threads=args.threads,
+             dry_run=args.dry_run)
+
+
 def evaluations(protocol: str) -> list[tuple[str, str]]:
     """(split, beam objective) pairs evaluated for a protocol."""
     pairs = [(s, "logarithmic") for s in SPLITS]
@@ -275,6 +299,13 @@ def tasks(args: argparse.Namespace) -> list[Task]:
                         eval_argv(args, seed, protocol, split, objective),
                         os.path.join(run_dir(args, seed, protocol), eval_name(split, objective)),
                         threads=args.threads, dry_run=args.dry_run), {train}))
+                fit = f"calib {seed}{protocol} val"
+                out.append(Task(fit, functools.partial(
+                    run_step, f"seed {seed} {protocol} val fit-temperature", calib_argv(args, seed, protocol, "val"),
+                    os.path.join(run_dir(args, seed, protocol), CALIB_DIRS["val"]), threads=args.threads,
+                    dry_run=args.dry_run), {train}))
+                out.append(Task(f"calib {seed}{protocol} test",
+                                functools.partial(_calibrate_test, args, seed, protocol), {fit}))
     return out
 
 
@@ -314,6 +345,14 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                         row[f"score_{r}_{split}"] = tf["mean_scores"].get(r)
                     row[f"ece_{split}"] = tf["ece"]
                     row[f"perplexity_{split}"] = tf["perplexity"]
+            calib = {split: os.path.join(run_dir(args, seed, protocol), d, "results.json")
+                     for split, d in CALIB_DIRS.items()}
+            if os.path.isfile(calib["val"]) and os.path.isfile(calib["test"]):
+                tf = read_json(calib["test"])["teacher_forced"]
+                row["temperature"] = read_json(calib["val"])["temperature_fit"]["temperature"]
+                row["ece_test_scaled"] = tf["ece"]
+                for r in RULES:
+                    row[f"score_{r}_test_scaled"] = tf["mean_scores"].get(r)
             if row:
                 per.setdefault(protocol, {})[seed] = row
     return per
@@ -332,6 +371,22 @@ def main_table(per: dict[str, Any], protocols: list[str]) -> str:
              "|---|---|" + "---|" * len(cols)]
     for p in protocols:
         n = len(per.get(p, {}))
+        cells = [fmt_mean_std(_values(per, p, key), digits, scale) for _, key, digits, scale in cols]
+        lines.append(f"| {PROTOCOLS[p][0]} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def calibration_table(per: dict[str, Any], protocols: list[str]) -> str:
+    """Test metrics before and after temperature scaling with the T fitted on val."""
+    cols = [("T (val fit)", "temperature", 3, 1), ("ECE test (%)", "ece_test", 2, 100),
+            ("ECE test, scaled (%)", "ece_test_scaled", 2, 100),
+            ("log score test", "score_logarithmic_test", 3, 1),
+            ("log score test, scaled", "score_logarithmic_test_scaled", 3, 1),
+            ("Brier test", "score_brier_test", 4, 1), ("Brier test, scaled", "score_brier_test_scaled", 4, 1)]
+    lines = ["| protocol | seeds | " + " | ".join(c[0] for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for p in protocols:
+        n = len(_values(per, p, "temperature"))
         cells = [fmt_mean_std(_values(per, p, key), digits, scale) for _, key, digits, scale in cols]
         lines.append(f"| {PROTOCOLS[p][0]} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -459,6 +514,9 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
         "Each protocol against (a) with the same seed (paired bootstrap: sacrebleu, "
         f"{args.bootstrap_samples} resamples, one p per seed):",
         cmp_md,
+        "Temperature scaling (teacher forcing): T fitted on val (`properlm evaluate --fit-temperature`), "
+        "applied to test_2016_flickr (`--temperature T`):",
+        calibration_table(per, args.protocol_list),
         "Plateau of stage 1 (protocol a):\n\n" + plateau_md,
     ])
     os.makedirs(args.work_dir, exist_ok=True)

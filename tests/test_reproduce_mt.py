@@ -63,6 +63,12 @@ def test_reproduce_mt_end_to_end_and_resume(tmp_path, capsys, in_process):
     row_b = summary["per_seed"]["b"]["3"]
     assert {"bleu_val_logarithmic", "bleu_test_spherical", "score_brier_test", "ece_test"} <= set(row_b)
     assert {"b_test", "c_val", "e_test"} <= set(summary["comparisons"])
+    # temperature scaling: T fitted on val, the test metrics at that T
+    assert {"temperature", "ece_test_scaled", "score_brier_test_scaled"} <= set(row_b)
+    fit = json.load(open(os.path.join(work, "seed3", "b", "calib_val_fit", "results.json"), encoding="utf-8"))
+    scaled = json.load(open(os.path.join(work, "seed3", "b", "calib_test_scaled", "results.json"), encoding="utf-8"))
+    assert scaled["teacher_forced"]["temperature"] == fit["temperature_fit"]["temperature"] == row_b["temperature"]
+    assert "Temperature scaling" in md
 
     # the branch trained T1 steps of log (copied from a), then T2 of Brier, from a's checkpoint
     res_b = json.load(open(os.path.join(work, "seed3", "b", "results.json"), encoding="utf-8"))
@@ -81,7 +87,7 @@ def test_reproduce_mt_end_to_end_and_resume(tmp_path, capsys, in_process):
     # a rerun skips every finished step and rebuilds the same report
     assert reproduce_mt.main([data, "--work-dir", work, *TINY]) == 0
     out = capsys.readouterr().out
-    assert "[run ]" not in out and out.count("[skip]") == 5 + 2 * 5 + 2 * 3
+    assert "[run ]" not in out and out.count("[skip]") == 5 + 2 * 5 + 2 * 3 + 2 * 5
     assert open(os.path.join(work, "results.md"), encoding="utf-8").read() == md
 
 

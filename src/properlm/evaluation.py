@@ -139,6 +139,7 @@ def validate_settings(s: EvalSettings, check_model: bool = True) -> EvalSettings
     """Check every setting without loading anything; returns a copy with canonical rule
     specs. ``check_model=False`` skips the model source (a model given in memory).
     Raises :class:`EvalError`."""
+    from .metrics import check_temperature
     from .modeling import ModelLoadError, check_model_source
 
     if check_model:
@@ -162,8 +163,6 @@ def validate_settings(s: EvalSettings, check_model: bool = True) -> EvalSettings
     rules = parse_rules(s.rules)
     objective = validate_decoding(s.objective, s.num_beams, s.length_penalty, s.generate,
                                   max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, num_bins=s.num_bins)
-    from .metrics import check_temperature
-
     try:
         check_temperature(s.temperature)
     except (TypeError, ValueError):

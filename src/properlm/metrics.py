@@ -19,6 +19,11 @@ Expected calibration error with ``M`` equal-width bins ``B_b = ((b-1)/M, b/M]`` 
 :class:`MetricsAccumulator` streams over batches and keeps only float64 sums (per-rule score
 sums, token and correct counts, and three numbers per bin), so its result does not depend
 on how the data were split into batches (up to float rounding).
+
+Temperature scaling: :class:`TemperatureScan` streams the mean log score and the ECE of
+``softmax(z / T)`` for a grid of ``T`` in one pass and picks the ``T`` with the best log score
+(fit it on validation data); ``MetricsAccumulator(..., temperature=T)`` then scores
+``softmax(z / T)``. Scaling keeps the ranking of the tokens and changes only the confidence.
 """
 
 from __future__ import annotations

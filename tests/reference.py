@@ -33,6 +33,12 @@ def naive_scores_all(p: Tensor, rule: str) -> Tensor:
     raise KeyError(rule)
 
 
+def rel_err(a: Tensor, b: Tensor) -> float:
+    """``max |a - b| / max |b|`` in float64 on the CPU (``a`` and ``b`` on any device)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
 S_MAX = {"logarithmic": 0.0}
 
 

@@ -13,16 +13,12 @@ import torch
 from properlm import apply_scoring_rule, scoring_rule_loss
 from properlm.decoding import ScoringRuleObjective
 from properlm.modeling import load_model_and_tokenizer
-from reference import RULES, naive_loss
+from reference import RULES, naive_loss, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 WORDS = "zero one two three four five six seven eight nine".split()
 
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
 def _logits(n: int, V: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,12 +40,12 @@ def test_unfused_loss_on_gpu_matches_float64(rule, smoothing, dtype):
     assert ours.dtype == torch.float32 and ours.is_cuda
     x64 = logits.clone().requires_grad_(True)
     ref = naive_loss(x64, target, rule, smoothing, reduction="none")
-    assert _rel_err(ours, ref) < 1e-5
+    assert rel_err(ours, ref) < 1e-5
     w = torch.randn(ref.shape, dtype=torch.float64)
     (g,) = torch.autograd.grad((ours * w.to("cuda", torch.float32)).sum(), x)
     (g_ref,) = torch.autograd.grad((ref * w).sum(), x64)
     # the gradient is returned in the input dtype: bfloat16 rounding (2^-8) bounds its error
-    assert g.dtype == dtype and _rel_err(g, g_ref) < (1e-5 if dtype == torch.float32 else 8e-3)
+    assert g.dtype == dtype and rel_err(g, g_ref) < (1e-5 if dtype == torch.float32 else 8e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -72,8 +68,8 @@ def test_integration_fused_and_unfused_agree_on_gpu(dtype):
         handle.remove()
     assert torch.isfinite(losses[0])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert _rel_err(losses[0], losses[1]) < tol
-    assert _rel_err(grads[0], grads[1]) < tol
+    assert rel_err(losses[0], losses[1]) < tol
+    assert rel_err(grads[0], grads[1]) < tol
 
 
 @pytest.mark.parametrize("rule", ["spherical", "brier", "pseudo-spherical:1.5"])
@@ -84,7 +80,7 @@ def test_decoding_objective_on_gpu_equals_cpu(rule):
     ids = torch.zeros(6, 1, dtype=torch.long)
     on_gpu = proc(ids.cuda(), scores.cuda())
     assert on_gpu.is_cuda
-    assert _rel_err(on_gpu, proc(ids, scores)) < 1e-5
+    assert rel_err(on_gpu, proc(ids, scores)) < 1e-5
 
 
 def test_automatic_choice_of_fused_implementation():

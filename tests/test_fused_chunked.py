@@ -13,7 +13,7 @@ import properlm
 from properlm import scoring_rule_loss
 from properlm.fused import LinearScoringRuleLoss, default_chunk_size, fused_linear_scoring_rule_loss
 from properlm.fused.chunked import MAX_CHUNK_ROWS, MIN_CHUNK_ROWS, TorchChunkBackend
-from reference import RULES, naive_loss
+from reference import RULES, naive_loss, rel_err
 
 N, H, V = 29, 12, 41
 
@@ -28,10 +28,6 @@ def _data(n=N, h=H, v=V, seed=0, scale=1.0, ignore_frac=0.2, bias=True, lead=Non
     target[torch.rand(shape, generator=g) < ignore_frac] = -100
     return hidden, weight, b, target
 
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
 def _leaves(hidden, weight, bias, dtype):
@@ -76,13 +72,13 @@ def test_matches_unfused(rule, smoothing, reduction, bias):
     for chunk_size in (None, 1, 4, 7, 64):  # 4 and 7 do not divide the 23-odd valid rows
         loss, grads = _run(_fused, hidden, weight, b, target, torch.float32, w, chunk_size=chunk_size, **kw)
         assert loss.dtype == torch.float32 and loss.shape == ref32.shape
-        assert _rel_err(loss, ref32) <= 1e-5, (chunk_size, "loss vs float32")
-        assert _rel_err(loss, ref64) <= 1e-5, (chunk_size, "loss vs float64")
+        assert rel_err(loss, ref32) <= 1e-5, (chunk_size, "loss vs float32")
+        assert rel_err(loss, ref64) <= 1e-5, (chunk_size, "loss vs float64")
         assert len(grads) == len(ref32_grads)
         for name, g, r32, r64 in zip(("hidden", "weight", "bias"), grads, ref32_grads, ref64_grads):
             assert g.dtype == torch.float32 and g.shape == r32.shape
-            assert _rel_err(g, r32) <= 1e-5, (chunk_size, name, "vs float32")
-            assert _rel_err(g, r64) <= 1e-5, (chunk_size, name, "vs float64")
+            assert rel_err(g, r32) <= 1e-5, (chunk_size, name, "vs float32")
+            assert rel_err(g, r64) <= 1e-5, (chunk_size, name, "vs float64")
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -98,9 +94,9 @@ def test_float64_is_exact_and_matches_naive_reference(rule, smoothing):
         return naive_loss(h @ W.T + b_, t, rule, smoothing, reduction="none")
 
     ref, ref_grads = _run(naive, hidden, weight, b, target, torch.float64, w)
-    assert _rel_err(loss, ref) < 1e-11
+    assert rel_err(loss, ref) < 1e-11
     for g, r in zip(grads, ref_grads):
-        assert _rel_err(g, r) < 1e-10
+        assert rel_err(g, r) < 1e-10
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -115,10 +111,10 @@ def test_row_blocks_and_masked_vocabulary(rule, reduction, monkeypatch):
     kw = {"rule": rule, "smoothing": 0.1, "reduction": reduction}
     loss, grads = _run(_fused, hidden, weight, b, target, torch.float32, w, chunk_size=9, **kw)
     ref, ref_grads = _run(_unfused, hidden, weight, b, target, torch.float64, w, **kw)
-    assert _rel_err(loss, ref) <= 1e-5
+    assert rel_err(loss, ref) <= 1e-5
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert bool(torch.isfinite(g).all()), name
-        assert _rel_err(g, r) <= 1e-5, name
+        assert rel_err(g, r) <= 1e-5, name
     assert bool((grads[2][-4:] == 0).all())
 
 
@@ -129,7 +125,7 @@ def test_leading_dimensions_and_reduction_none_shape():
     ref = scoring_rule_loss(hidden.float() @ weight.float().T + b.float(), target, "brier", reduction="none")
     assert out.shape == target.shape == (3, 7)
     assert bool((out[target == -100] == 0).all())
-    assert _rel_err(out, ref) <= 1e-5
+    assert rel_err(out, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("num_items", [17, torch.tensor(17)])
@@ -139,12 +135,12 @@ def test_num_items_in_batch(num_items):
     kw = {"rule": "spherical", "smoothing": 0.1, "num_items_in_batch": num_items}
     loss, grads = _run(_fused, hidden, weight, b, target, torch.float32, w, chunk_size=6, **kw)
     ref, ref_grads = _run(_unfused, hidden, weight, b, target, torch.float32, w, **kw)
-    assert _rel_err(loss, ref) <= 1e-5
+    assert rel_err(loss, ref) <= 1e-5
     for g, r in zip(grads, ref_grads):
-        assert _rel_err(g, r) <= 1e-5
+        assert rel_err(g, r) <= 1e-5
     total, _ = _run(_fused, hidden, weight, b, target, torch.float32, w, rule="spherical", smoothing=0.1,
                     reduction="sum")
-    assert _rel_err(loss, total / 17) <= 1e-6
+    assert rel_err(loss, total / 17) <= 1e-6
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -167,10 +163,10 @@ def test_only_some_inputs_require_grad():
     (g,) = torch.autograd.grad(loss, h)
     h2 = hidden.float().requires_grad_(True)
     (g_ref,) = torch.autograd.grad(scoring_rule_loss(h2 @ W.T + bb, target, "brier", smoothing=0.1), h2)
-    assert _rel_err(g, g_ref) <= 1e-5
+    assert rel_err(g, g_ref) <= 1e-5
     with torch.no_grad():
         value = fused_linear_scoring_rule_loss(hidden.float(), W, target, "brier", bias=bb, smoothing=0.1)
-    assert _rel_err(value, loss) <= 1e-6
+    assert rel_err(value, loss) <= 1e-6
 
 
 @pytest.mark.parametrize("rule", ["logarithmic", "brier", "spherical", "power:3", "pseudo-spherical:1.5"])
@@ -205,12 +201,12 @@ def test_large_hidden_values(rule):
     loss, grads = _run(_fused, hidden, weight, b, target, torch.float32, w, chunk_size=8, **kw)
     ref, _ = _run(_unfused, hidden, weight, b, target, torch.float32, w, **kw)
     assert bool(torch.isfinite(loss).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
-    assert _rel_err(loss, ref) <= 1e-3  # float32 logits of size 1e3 carry absolute errors ~1e-4
+    assert rel_err(loss, ref) <= 1e-3  # float32 logits of size 1e3 carry absolute errors ~1e-4
     loss64, grads64 = _run(_fused, hidden, weight, b, target, torch.float64, w, chunk_size=8, **kw)
     ref64, ref_grads64 = _run(_unfused, hidden, weight, b, target, torch.float64, w, **kw)
-    assert _rel_err(loss64, ref64) <= 1e-10
+    assert rel_err(loss64, ref64) <= 1e-10
     for g, r in zip(grads64, ref_grads64):
-        assert _rel_err(g, r) <= 1e-9
+        assert rel_err(g, r) <= 1e-9
 
 
 def test_module_matches_functional():
@@ -221,7 +217,7 @@ def test_module_matches_functional():
     out = crit(h, W, target, bias=bb)
     ref = fused_linear_scoring_rule_loss(h, W, target, "pseudo-spherical:1.5", bias=bb, smoothing=0.1,
                                          reduction="sum")
-    assert _rel_err(out, ref) <= 1e-6
+    assert rel_err(out, ref) <= 1e-6
     assert properlm.fused.fused_linear_scoring_rule_loss is fused_linear_scoring_rule_loss
 
 
@@ -272,4 +268,4 @@ def test_triton_forced_on_cpu_is_a_clear_error(monkeypatch):
         fused_linear_scoring_rule_loss(h, W, y, impl="triton")
     # the automatic choice on CPU is the chunked torch path
     out = fused_linear_scoring_rule_loss(h, W, y)
-    assert _rel_err(out, scoring_rule_loss(h @ W.T, y)) <= 1e-5
+    assert rel_err(out, scoring_rule_loss(h @ W.T, y)) <= 1e-5

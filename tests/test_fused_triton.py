@@ -24,11 +24,6 @@ TOL = 1e-5
 
 
 # ---------------------------------------------------------------------- the child process
-def _rel_err(a, b) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
-
-
 def _worker(device: str = "cpu") -> dict[str, dict[str, float]]:
     """Every comparison; ``device="cpu"`` under the interpreter, ``"cuda"`` with compiled kernels."""
     import torch
@@ -39,6 +34,7 @@ def _worker(device: str = "cpu") -> dict[str, dict[str, float]]:
     from properlm.fused.chunked import chunk_logits
     from properlm.fused.triton_kernels import TritonChunkBackend
     from properlm.stats import compute_stats
+    from reference import rel_err
 
     assert (os.environ.get("TRITON_INTERPRET") == "1") == (device == "cpu")
     dev = torch.device(device)
@@ -89,8 +85,8 @@ def _worker(device: str = "cpu") -> dict[str, dict[str, float]]:
                     key = f"{rule}|eps={smoothing}|{reduction}|bias={bias}"
                     out[key] = {}
                     for name, a, r32, r64 in zip(names, got, ref32, ref64):
-                        out[key][name + " vs float32"] = _rel_err(a, r32)
-                        out[key][name + " vs float64"] = _rel_err(a, r64)
+                        out[key][name + " vs float32"] = rel_err(a, r32)
+                        out[key][name + " vs float64"] = rel_err(a, r64)
 
     # -inf logits (masked vocabulary through the bias) and the default chunk size
     for rule in ("logarithmic", "brier", "power:3"):
@@ -100,9 +96,9 @@ def _worker(device: str = "cpu") -> dict[str, dict[str, float]]:
         ref = run(unfused, h, w, b, y, torch.float64, up, **kw)
         got = run(fused, h, w, b, y, torch.float32, up, **kw)
         key = f"{rule}|masked vocabulary"
-        out[key] = {n: _rel_err(a, r) for n, a, r in zip(names[:3], got[:3], ref[:3])}
+        out[key] = {n: rel_err(a, r) for n, a, r in zip(names[:3], got[:3], ref[:3])}
         # the bias of a -inf logit gets no gradient; compare the finite part
-        out[key]["grad_bias"] = _rel_err(got[3][: V - 3], ref[3][: V - 3])
+        out[key]["grad_bias"] = rel_err(got[3][: V - 3], ref[3][: V - 3])
 
     # bfloat16 inputs: the error against float64 (norm-wise over 64 per-token losses and every
     # gradient entry) relative to that of the unfused bfloat16 path
@@ -139,13 +135,13 @@ def _worker(device: str = "cpu") -> dict[str, dict[str, float]]:
         stats, _ = TritonChunkBackend().stats(h32, w32, b32, y.to(dev), spec, 0.1)
         ref, _, _ = compute_stats(chunk_logits(h, w, b), y, spec, 0.1)
         key = f"{rule}|statistics"
-        out[key] = {"z_y": _rel_err(stats.z_y, ref.z_y), "max_logit": _rel_err(stats.max_logit, ref.max_logit),
-                    "num_classes": _rel_err(stats.num_classes, ref.num_classes)}
+        out[key] = {"z_y": rel_err(stats.z_y, ref.z_y), "max_logit": rel_err(stats.max_logit, ref.max_logit),
+                    "num_classes": rel_err(stats.num_classes, ref.num_classes)}
         for c in ref.lse:
-            out[key][f"lse[{c}]"] = _rel_err(stats.lse[c], ref.lse[c])
+            out[key][f"lse[{c}]"] = rel_err(stats.lse[c], ref.lse[c])
         for f in ("sum_z", "masked_sum_z", "masked_count"):
             if getattr(ref, f) is not None:
-                out[key][f] = _rel_err(getattr(stats, f), getattr(ref, f))
+                out[key][f] = rel_err(getattr(stats, f), getattr(ref, f))
 
     if device != "cpu":
         # compiled kernels at their default tile sizes on a size with many tiles of each kind
@@ -164,8 +160,8 @@ def _worker(device: str = "cpu") -> dict[str, dict[str, float]]:
             got = run(fused, h, w, b, y, torch.float32, up, **kw)
             un = run(unfused, h, w, b, y, torch.float32, up, **kw)
             key = f"{rule}|default tiles N={n} H={hs} V={vs}"
-            out[key] = {nm: _rel_err(a, r) for nm, a, r in zip(names, got, ref)}
-            out[key + "|unfused float32"] = {nm: _rel_err(a, r) for nm, a, r in zip(names, un, ref)}
+            out[key] = {nm: rel_err(a, r) for nm, a, r in zip(names, got, ref)}
+            out[key + "|unfused float32"] = {nm: rel_err(a, r) for nm, a, r in zip(names, un, ref)}
     return out
 
 

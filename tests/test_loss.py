@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import properlm
 from properlm import ScoringRuleLoss, scoring_rule_loss
-from reference import RULES, naive_loss
+from reference import RULES, naive_loss, rel_err
 
 
 def _data(shape=(3, 5), V=37, seed=0, scale=3.0, ignore_frac=0.2, dtype=torch.float32):
@@ -18,10 +18,6 @@ def _data(shape=(3, 5), V=37, seed=0, scale=3.0, ignore_frac=0.2, dtype=torch.fl
     target[torch.rand(shape, generator=g) < ignore_frac] = -100
     return logits, target
 
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -36,11 +32,11 @@ def test_matches_naive_float64_reference(rule, smoothing, reduction):
         ref = naive_loss(x64, target, rule, smoothing, reduction=reduction)
         assert ours.dtype == torch.float32
         assert ours.shape == ref.shape
-        assert _rel_err(ours, ref) < 1e-5, (rule, seed)
+        assert rel_err(ours, ref) < 1e-5, (rule, seed)
         w = torch.randn(ref.shape, dtype=torch.float64) if reduction == "none" else torch.ones((), dtype=torch.float64)
         (g,) = torch.autograd.grad((ours * w.float()).sum(), x)
         (g_ref,) = torch.autograd.grad((ref * w).sum(), x64)
-        assert _rel_err(g, g_ref) < 1e-5, (rule, seed)
+        assert rel_err(g, g_ref) < 1e-5, (rule, seed)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -52,11 +48,11 @@ def test_float64_input_is_computed_in_float64(rule, smoothing):
     assert ours.dtype == torch.float64
     x64 = logits.clone().requires_grad_(True)
     ref = naive_loss(x64, target, rule, smoothing, reduction="none")
-    assert _rel_err(ours, ref) < 1e-12
+    assert rel_err(ours, ref) < 1e-12
     w = torch.randn(ref.shape, dtype=torch.float64)
     (g,) = torch.autograd.grad((ours * w).sum(), x)
     (g_ref,) = torch.autograd.grad((ref * w).sum(), x64)
-    assert _rel_err(g, g_ref) < 1e-12
+    assert rel_err(g, g_ref) < 1e-12
 
 
 @pytest.mark.parametrize("rule", ["brier", "spherical", "power:3", "pseudo-spherical:3"])
@@ -158,7 +154,7 @@ def test_low_precision_inputs(dtype, rule):
     loss.backward()
     assert loss.dtype == torch.float32 and x.grad.dtype == dtype
     ref = naive_loss(logits.double(), target, rule, 0.1)  # same rounded inputs, float64 maths
-    assert _rel_err(loss, ref) < 1e-5
+    assert rel_err(loss, ref) < 1e-5
     assert torch.isfinite(x.grad).all()
 
 
@@ -299,4 +295,4 @@ def test_many_row_blocks_match_one_block(monkeypatch, dtype, ignore_frac, rule):
     assert (many[1][target == -100] == 0).all()
     ref = naive_loss(logits.double(), target, rule, 0.1, reduction="none")
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
-    assert _rel_err(many[0], ref) < tol
+    assert rel_err(many[0], ref) < tol

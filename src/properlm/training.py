@@ -695,9 +695,9 @@ def _apply_lora(cfg: TrainConfig, model: Any, seq2seq: bool) -> Any:
 def _final_eval(trainer: Any) -> dict[str, Any]:
     """The validation metrics of the final model: those of the scheduled evaluation when one ran at
     the last step (same weights), else a fresh ``trainer.evaluate()``."""
-    step = trainer.state.global_step
     if getattr(trainer.args, "load_best_model_at_end", False):
         return trainer.evaluate()  # the weights are no longer those of the last evaluation
+    step = trainer.state.global_step
     for record in reversed(trainer.state.log_history):
         if record.get("step") == step and "eval_loss" in record:
             return {k: v for k, v in record.items() if k.startswith("eval_") or k == "epoch"}

@@ -47,6 +47,8 @@ __all__ = [
     "TorchChunkBackend",
     "chunk_logits",
     "default_chunk_size",
+    "logit_grad_dtype",
+    "tensor_core_inputs",
 ]
 
 #: bounds on the default number of rows of one chunk of logits
@@ -75,6 +77,22 @@ def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int, cuda:
     if not cuda:
         rows = min(rows, MAX_CHUNK_ROWS)
     return max(1, min(rows, num_tokens))
+
+
+def tensor_core_inputs(h: Tensor) -> bool:
+    """Whether matmuls of ``h`` run on a GPU's tensor cores: bfloat16/float16 CUDA tensors, and
+    float32 ones while ``torch.backends.cuda.matmul.allow_tf32`` is set."""
+    return h.is_cuda and (h.dtype in (torch.bfloat16, torch.float16)
+                          or (h.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32))
+
+
+def logit_grad_dtype(h: Tensor) -> torch.dtype:
+    """dtype of the logit gradient that the backward matmuls take: the input dtype for
+    bfloat16/float16 CUDA tensors (tensor-core matmuls, as the unfused path's logit gradient),
+    the compute dtype otherwise (float32 matmuls on the CPU are as fast and exact)."""
+    if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
+        return h.dtype
+    return compute_dtype(h.dtype)
 
 
 def chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
@@ -211,9 +229,10 @@ class _GradAccumulator:
         On CUDA with bfloat16/float16 inputs both matmuls run on the tensor cores in the input
         dtype with float32 accumulation (``g`` rounded to the input dtype, as the unfused path's
         logit gradient is), and ``grad_W`` is accumulated over chunks in float32. Elsewhere
-        ``g`` stays in the compute dtype (float32 matmuls on the CPU are as fast and exact)."""
-        if g.is_cuda and h.dtype != self.cdt and g.dtype != h.dtype:
-            g = g.to(h.dtype)
+        ``g`` stays in the compute dtype (:func:`logit_grad_dtype`)."""
+        gdt = logit_grad_dtype(h)
+        if g.dtype != gdt:
+            g = g.to(gdt)
         if self.grad_h is not None:
             out = self.grad_h[start:start + g.shape[0]]
             if self.weight.dtype == g.dtype:

@@ -16,7 +16,13 @@ from torch import Tensor, nn
 
 from ..loss import check_reduction, check_smoothing, reduce_loss, validate_inputs
 from ..rules import RuleLike, get_rule
-from .chunked import ChunkBackend, FusedLinearLossFunction, TorchChunkBackend, default_chunk_size
+from .chunked import (
+    ChunkBackend,
+    FusedLinearLossFunction,
+    TorchChunkBackend,
+    default_chunk_size,
+    tensor_core_inputs,
+)
 
 __all__ = ["IMPLS", "LinearScoringRuleLoss", "fused_linear_scoring_rule_loss", "triton_is_available"]
 
@@ -93,9 +99,7 @@ def _backend(impl: str | None, hidden: Tensor, num_scales: int) -> ChunkBackend:
     # the chunked torch path otherwise. Exact float32 dots are slow in Triton: on an H100 the
     # Triton path took 3.3x and the torch path 1.07x the time of materialised cross-entropy
     # (benchmarks/README.md, "GPU")
-    tensor_cores = hidden.dtype in (torch.bfloat16, torch.float16) or (
-        hidden.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
-    if hidden.is_cuda and tensor_cores and triton_is_available():
+    if tensor_core_inputs(hidden) and triton_is_available():
         from .triton_kernels import MAX_SCALES, TritonChunkBackend
 
         if num_scales <= MAX_SCALES:

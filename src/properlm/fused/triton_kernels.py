@@ -53,6 +53,7 @@ from torch import Tensor
 
 from ..rules import ScoringRule
 from ..stats import TokenStats, masked_log_eps, masked_threshold
+from .chunked import logit_grad_dtype, tensor_core_inputs
 
 __all__ = ["MAX_SCALES", "PROGRAMS_PER_SM", "TritonChunkBackend"]
 
@@ -263,10 +264,9 @@ class TritonChunkBackend:
         V = weight.shape[0]
         # float32: exact products unless torch itself is allowed TF32 matmuls (as the unfused
         # logits would then be); other dtypes: the native tensor-core dot, float32 accumulation
-        tf32 = h.dtype != torch.float32 or (h.is_cuda and torch.backends.cuda.matmul.allow_tf32)
-        upcast = h.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET", "0") == "1"
-        precision = "tf32" if tf32 and not upcast else "ieee"
         lowp = h.dtype != torch.float32
+        upcast = lowp and os.environ.get("TRITON_INTERPRET", "0") == "1"
+        precision = "tf32" if tensor_core_inputs(h) and not upcast else "ieee"
         bn = self.block_n or (LOWP_BLOCK_N if lowp else BLOCK_N)
         bv = self.block_v or (LOWP_BLOCK_V if lowp else BLOCK_V)
         bh = self.block_h or (LOWP_BLOCK_H if lowp else BLOCK_H)
@@ -390,8 +390,7 @@ class TritonChunkBackend:
         fzy = partials.z_y.contiguous()
         # bfloat16/float16 inputs on a GPU: the gradient tile is rounded to the input dtype as it is
         # stored (the next matmuls run in that dtype anyway), which halves its memory traffic
-        gdt = h.dtype if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        g = torch.empty(n, V, dtype=gdt, device=h.device)
+        g = torch.empty(n, V, dtype=logit_grad_dtype(h), device=h.device)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
         _grad_kernel[grid](h, weight, b, y, m, coef, fsumz, thresh, fmsum, fzy, g, n, V, H, h.stride(0),
                            weight.stride(0), g.stride(0), **cs, NUM_SCALES=len(scales),

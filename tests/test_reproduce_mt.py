@@ -148,6 +148,9 @@ def test_reuse_continues_shorter_runs_exactly(tmp_path, capsys, in_process):
     # the same work directory refuses other settings
     with pytest.raises(SystemExit, match="other settings"):
         reproduce_mt.main([data, "--work-dir", short, "--protocols", "a", "--t1", "6", "--t2", "2", *base])
+    # ... and will not report them under other settings either (the report names T1 and T2)
+    with pytest.raises(SystemExit, match="'t1': \\(4, 6\\)"):
+        reproduce_mt.main([data, "--work-dir", short, "--report-only", "--t1", "6", "--t2", "2", *base])
     # lengthen stage 1 to T1=6: (a) continues from the short run's checkpoint-6 (its last), (e) likewise
     argv = ["--protocols", "a,e", "--t1", "6", "--t2", "2", *base]
     assert reproduce_mt.main([data, "--work-dir", long_, "--reuse", short, *argv]) == 0

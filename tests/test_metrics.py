@@ -182,6 +182,19 @@ def test_temperature_scan_recovers_the_true_temperature():
     assert m.accuracy == at_1.accuracy  # scaling keeps the ranking
 
 
+def test_token_level_outputs_temperature_scales_each_chunk():
+    """temperature=T scores softmax(z / T) from any input dtype, as dividing the float32 logits first."""
+    logits, y = _overconfident(n=300, V=50)
+    y[::5] = -100
+    for dtype in (torch.float32, torch.bfloat16):
+        z = logits.to(dtype)
+        got = token_level_outputs(z, y, ["brier", "spherical"], temperature=1.7)
+        want = token_level_outputs(z.float() / 1.7, y, ["brier", "spherical"])
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
 def test_temperature_scan_boundary_and_errors():
     logits, y = _overconfident(n=500, sharpen=8.0)
     scan = TemperatureScan(temperatures=[0.5, 1.0, 2.0])

@@ -93,9 +93,10 @@ def _scored_rows(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Ten
     return flat_z, flat_y, rows
 
 
-def token_level_outputs(logits: Tensor, labels: Tensor, rules: Sequence[RuleLike], ignore_index: int = -100
-                        ) -> dict[str, Tensor]:
-    """Per-token scores, predictions and confidences of the scored positions.
+def token_level_outputs(logits: Tensor, labels: Tensor, rules: Sequence[RuleLike], ignore_index: int = -100,
+                        temperature: float = 1.0) -> dict[str, Tensor]:
+    """Per-token scores, predictions and confidences of the scored positions, of
+    ``p = softmax(logits / temperature)``.
 
     Args:
         logits: ``(..., V)`` logits, already aligned with ``labels`` (for a causal LM, shift
@@ -103,6 +104,8 @@ def token_level_outputs(logits: Tensor, labels: Tensor, rules: Sequence[RuleLike
         labels: ``(...)`` token ids, ``ignore_index`` where nothing is scored.
         rules: rule specs or objects.
         ignore_index: label value of unscored positions.
+        temperature: positive ``T`` of temperature scaling (applied chunk by chunk in float32,
+            never to a copy of the whole ``logits``).
 
     Returns:
         A dict of 1-D tensors over the ``N`` scored positions (row-major order):
@@ -119,6 +122,8 @@ def token_level_outputs(logits: Tensor, labels: Tensor, rules: Sequence[RuleLike
         for start in range(0, rows.numel(), step):
             idx = rows[start:start + step]
             z = flat_z[idx].float()
+            if temperature != 1.0:
+                z = z / temperature
             y = flat_y[idx]
             scores, stats = rule_scores(z, y, [*rule_objs, _LOG])
             for j, key in enumerate(keys):
@@ -291,9 +296,7 @@ class MetricsAccumulator:
 
     def update(self, logits: Tensor, labels: Tensor) -> None:
         """Add the scored positions of one batch: ``logits (..., V)`` aligned with ``labels (...)``."""
-        if self.temperature != 1.0:
-            logits = logits.float() / self.temperature
-        out = token_level_outputs(logits, labels, self.rules, self.ignore_index)
+        out = token_level_outputs(logits, labels, self.rules, self.ignore_index, self.temperature)
         n = int(out["correct"].numel())
         if n == 0:
             return

@@ -191,6 +191,55 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
                                                            (8, "spherical")]
 
 
+@pytest.mark.parametrize("sampling, kill_at", [
+    ({"group_by_length": False}, 9),
+    ({"group_by_length": True}, 9),
+    ({"group_by_length": True}, 13),  # checkpoint-12 ends epoch 2: resume starts a fresh epoch
+    ({"group_by_length": True, "gradient_accumulation_steps": 2, "per_device_train_batch_size": 4}, 9),
+    ({"group_by_length": False, "dataloader_num_workers": 1}, 9),
+])
+def test_resume_past_the_first_epoch_is_exact(tmp_path, sampling, kill_at):
+    """48 examples, 8 per step: 6 steps an epoch. Killed in epoch 2 or 3, the resumed run ends with
+    the uninterrupted run's weights bit for bit, with every sampler option."""
+    opts = {"max_steps": 16, "save_steps": 4, "dropout": 0.1, **sampling}
+    full = tiny(tmp_path, name="full", **opts)
+    run_training(full)
+    killed = tiny(tmp_path, name="killed", **opts)
+    with pytest.raises(Kill):
+        run_training(killed, callbacks=[KillAt(kill_at)])
+    resumed = dataclasses.replace(killed, resume=True)
+    results = run_training(resumed)
+    assert results["global_step"] == 16
+    a = final_weights(os.path.join(full.output_dir, "final"))
+    b = final_weights(os.path.join(killed.output_dir, "final"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    full_losses = {r["step"]: r["loss"] for r in read_metrics(full.output_dir) if "loss" in r}
+    resumed_losses = {r["step"]: r["loss"] for r in read_metrics(killed.output_dir) if "loss" in r}
+    assert resumed_losses == full_losses
+
+
+def test_length_grouped_sampler_is_a_function_of_seed_and_epoch(tmp_path, monkeypatch):
+    from properlm.training import EpochSeededLengthGroupedSampler
+
+    lengths = [(7 * i) % 23 + 1 for i in range(400)]
+    s = EpochSeededLengthGroupedSampler(8, lengths, seed=3)
+    first = list(s)
+    assert sorted(first) == list(range(400)) and list(s) == first
+    batches = [first[i:i + 8] for i in range(0, 400, 8)]
+    spread = sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches) / len(batches)
+    assert spread < 3  # grouped by length (random batches of 8 would span about 17)
+    s.set_epoch(1)
+    assert list(s) != first
+    assert list(EpochSeededLengthGroupedSampler(8, lengths, seed=3)) == first
+    # the Trainer sets the epoch before every epoch (a fixed order every epoch would be a regression)
+    epochs = []
+    real = EpochSeededLengthGroupedSampler.set_epoch
+    monkeypatch.setattr(EpochSeededLengthGroupedSampler, "set_epoch", lambda self, e: (epochs.append(e), real(self, e)))
+    run_training(tiny(tmp_path, max_steps=14, group_by_length=True))
+    assert sorted(set(epochs)) == [0, 1, 2]
+
+
 def test_lora(tmp_path):
     from properlm.modeling import load_model_and_tokenizer
 

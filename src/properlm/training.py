@@ -470,6 +470,40 @@ def _score_sums(logits: torch.Tensor, labels: torch.Tensor, rules: Sequence[str]
     return out
 
 
+class EpochSeededLengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """Batches of similar length in an order that depends only on ``(seed, epoch)``.
+
+    The same grouping as ``transformers.trainer_pt_utils.get_length_grouped_indices`` (a random
+    permutation cut into mega-batches of up to 50 batches, each sorted by length, the longest batch
+    first), with the permutation drawn from ``torch.Generator().manual_seed(seed + epoch)``.
+    The Trainer (through accelerate's ``DataLoaderShard.set_epoch``) calls :meth:`set_epoch`
+    before each epoch, including the one a resumed run starts in.
+
+    Args:
+        batch_size: examples per optimizer step on one process (batch x gradient accumulation).
+        lengths: the length of every example, ``len(lengths)`` = dataset size.
+        seed: the data seed.
+    """
+
+    def __init__(self, batch_size: int, lengths: Sequence[int], seed: int) -> None:
+        self.batch_size = int(batch_size)
+        self.lengths = list(lengths)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Any:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 def _make_trainer_class() -> type:
     from transformers import Trainer
 
@@ -488,6 +522,24 @@ def _make_trainer_class() -> type:
         properlm_rules: Sequence[str] = ()
         properlm_rule_at: Any = None
         properlm_smoothing: float = 0.0
+
+        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+            """The length-grouped sampler, made a function of (seed, epoch) so that resuming is exact.
+
+            ``transformers``' ``LengthGroupedSampler`` draws each epoch's permutation from the global
+            torch RNG, whose state at an epoch start depends on everything drawn before (dropout).
+            A run resumed past its first epoch restores that RNG only after the permutation is
+            drawn, so it saw another data order. :class:`EpochSeededLengthGroupedSampler` seeds
+            each epoch from ``data_seed`` (or ``seed``) and the epoch, like accelerate's seedable
+            random sampler does for the plain shuffle.
+            """
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            sampler = super()._get_train_sampler(*args, **kwargs)
+            if type(sampler) is LengthGroupedSampler:
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+            return sampler
 
         def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                             ignore_keys: Any = None) -> tuple[Any, Any, Any]:

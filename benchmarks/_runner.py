@@ -6,7 +6,9 @@ Each benchmark is a list of *steps*; a step is one ``properlm`` command (``train
 where it stopped (an interrupted ``train`` step resumes from its newest checkpoint).
 
 Statistics: :func:`mean_std` over seeds, :func:`paired_bootstrap` (sacrebleu's paired
-bootstrap resampling of BLEU and chrF against a baseline system).
+bootstrap resampling of BLEU and chrF against a baseline system); seeds as the unit of evidence:
+:func:`mean_ci` (Student-t 95% interval of a mean difference across seeds) and
+:func:`sign_test`; :func:`kendall_tau` with a bootstrap interval over models.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["IN_PROCESS", "Task", "fmt_mean_std", "mean_std", "paired_bootstrap", "read_json", "read_lines",
-           "read_log", "run_step", "run_tasks"]
+__all__ = ["IN_PROCESS", "Task", "fmt_mean_std", "kendall_tau", "kendall_tau_interval", "mean_ci", "mean_std",
+           "paired_bootstrap", "read_json", "read_lines", "read_log", "run_step", "run_tasks", "sign_test"]
 
 
 #: run steps in this process (tests: no interpreter start-up per step) instead of a subprocess
@@ -179,3 +181,74 @@ def paired_bootstrap(baseline: Sequence[str], systems: dict[str, Sequence[str]],
         out[name] = {"bleu": scores["BLEU"][i].score, "bleu_p": scores["BLEU"][i].p_value,
                      "chrf": scores[chrf_key][i].score, "chrf_p": scores[chrf_key][i].p_value}
     return out
+
+
+#: two-sided 95% quantiles t_{0.975, df} of Student's t, df = 1..30 (larger df: 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and its 95% Student-t interval ``(mean, low, high)`` over seeds:
+    ``mean -+ t_{0.975, n-1} s / sqrt(n)``; the interval is ``(nan, nan)`` for fewer than 2 values."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    m, s = mean_std(vals)
+    if len(vals) < 2:
+        return m, math.nan, math.nan
+    t = _T975[len(vals) - 2] if len(vals) - 1 <= len(_T975) else 1.96
+    half = t * s / math.sqrt(len(vals))
+    return m, m - half, m + half
+
+
+def sign_test(values: Sequence[float]) -> float:
+    """Two-sided exact sign test of "positive and negative differences are equally likely":
+    ``min(1, 2 P(X >= max(k, n - k)))`` for ``X ~ Binomial(n, 1/2)``, ``k`` the positive values,
+    zeros dropped; 1.0 for no nonzero value."""
+    nonzero = [v for v in values if v != 0]
+    n, k = len(nonzero), sum(v > 0 for v in nonzero)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(max(k, n - k), n + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b of paired values (ties in either variable corrected for); NaN when
+    either variable is constant."""
+    n = len(x)
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif (dx > 0) == (dy > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    denom = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
+    return (concordant - discordant) / denom if denom else math.nan
+
+
+def kendall_tau_interval(x: Sequence[float], y: Sequence[float], n_samples: int = 1000,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """Kendall's tau and a 95% percentile bootstrap interval, resampling the models (pairs)."""
+    import random
+
+    rng = random.Random(seed)
+    tau = kendall_tau(x, y)
+    n = len(x)
+    draws = []
+    for _ in range(n_samples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        t = kendall_tau([x[i] for i in idx], [y[i] for i in idx])
+        if not math.isnan(t):
+            draws.append(t)
+    if not draws:
+        return tau, math.nan, math.nan
+    draws.sort()
+    return tau, draws[int(0.025 * (len(draws) - 1))], draws[math.ceil(0.975 * (len(draws) - 1))]

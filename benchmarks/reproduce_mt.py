@@ -52,13 +52,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _runner import (
     Task,
     fmt_mean_std,
-    mean_std,
+    kendall_tau_interval,
+    mean_ci,
     paired_bootstrap,
     read_json,
     read_lines,
     read_log,
     run_step,
     run_tasks,
+    sign_test,
 )
 from properlm.training import find_checkpoints
 
@@ -69,9 +71,22 @@ PROTOCOLS: dict[str, tuple[str, Any]] = {
     "c": ("(c) log → spherical", lambda t1, t2: f"logarithmic:{t1},spherical:{t2}"),
     "d": ("(d) brier from scratch", lambda t1, t2: f"brier:{t1 + t2}"),
     "e": ("(e) spherical from scratch", lambda t1, t2: f"spherical:{t1 + t2}"),
+    # beyond the paper: the alpha families and a mixture as the rule switched to (issue 17)
+    "f": ("(f) log → power:1.5", lambda t1, t2: f"logarithmic:{t1},power:1.5:{t2}"),
+    "g": ("(g) log → power:3", lambda t1, t2: f"logarithmic:{t1},power:3:{t2}"),
+    "h": ("(h) log → pseudo-spherical:1.5", lambda t1, t2: f"logarithmic:{t1},pseudo-spherical:1.5:{t2}"),
+    "i": ("(i) log → pseudo-spherical:3", lambda t1, t2: f"logarithmic:{t1},pseudo-spherical:3:{t2}"),
+    "j": ("(j) log → ½ log + ½ spherical", lambda t1, t2: f"logarithmic:{t1},{MIXTURE}:{t2}"),
+    "k": ("(k) ½ log + ½ spherical from scratch", lambda t1, t2: f"{MIXTURE}:{t1 + t2}"),
 }
+MIXTURE = "0.5*logarithmic+0.5*spherical"
 #: protocols that branch from (a)'s step-T1 checkpoint
-BRANCHES = ("b", "c")
+BRANCHES = ("b", "c", "f", "g", "h", "i", "j")
+#: the paper's fine-tuning question, run for every seed of --seeds; the other protocols run for --arm-seeds
+CORE = ("a", "b", "c")
+#: teacher-forced token scores reported for every model (and correlated with BLEU)
+SCORE_RULES = ("logarithmic", "brier", "spherical", "power:1.5", "power:3", "pseudo-spherical:1.5",
+               "pseudo-spherical:3", MIXTURE)
 #: the evaluation sets: name -> file stem in the data directory
 SPLITS = {"val": "val", "test": "test_2016_flickr"}
 REQUIRED_FILES = [f"{stem}.{lang}" for stem in ("train", *SPLITS.values()) for lang in ("en", "de")]
@@ -84,8 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data_dir", help="directory with train, val and test_2016_flickr .en/.de (Multi30k task 1, raw)")
     p.add_argument("--work-dir", default="runs/reproduce_mt", help="where runs, evaluations and the summary go")
-    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds; every protocol runs once per seed")
-    p.add_argument("--protocols", default="a,b,c,d,e", help="subset of the protocols a..e to run (b, c need a)")
+    p.add_argument("--seeds", default="1,2,3,4,5,6",
+                   help="comma-separated seeds of the paper's protocols a, b, c (the unit of evidence)")
+    p.add_argument("--arm-seeds", default="1,2,3",
+                   help="seeds of the other protocols (d-k), a subset of --seeds for the branches f-j")
+    p.add_argument("--protocols", default="a,b,c,f,g,h,i,j",
+                   help="protocols to run: " + "; ".join(f"{k} = {v[0][4:]}" for k, v in PROTOCOLS.items())
+                   + f"; {', '.join(BRANCHES)} branch from a's step-T1 checkpoint and need a")
+    p.add_argument("--extra-test", action="append", default=[], metavar="NAME=SOURCE_FILE,REFERENCE_FILE",
+                   help="also decode every final model (beam, log objective) on this English source file and "
+                   "score it against the German references (repeatable); no retraining")
     p.add_argument("--t1", type=int, default=10000,
                    help="T1: steps of the logarithmic stage before the switch (the default model's validation "
                    "log score gains under 0.01 nats per 1,000 steps there: its plateau, see benchmarks/RESULTS.md)")
@@ -123,13 +146,37 @@ def check_args(args: argparse.Namespace) -> None:
     if missing:
         raise SystemExit(f"reproduce_mt.py: data directory {args.data_dir!r} lacks {', '.join(missing)} "
                          f"(expected Multi30k task 1: {', '.join(REQUIRED_FILES)})")
-    args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+        args.arm_seed_list = [int(s) for s in args.arm_seeds.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"reproduce_mt.py: --seeds {args.seeds!r} / --arm-seeds {args.arm_seeds!r}: "
+                         "comma-separated integers expected") from None
     args.protocol_list = [p.strip() for p in args.protocols.split(",") if p.strip()]
     bad = [p for p in args.protocol_list if p not in PROTOCOLS]
     if bad or not args.protocol_list:
-        raise SystemExit(f"reproduce_mt.py: --protocols {args.protocols!r}: allowed values are a, b, c, d, e")
+        raise SystemExit(f"reproduce_mt.py: --protocols {args.protocols!r}: allowed values are "
+                         f"{', '.join(PROTOCOLS)}")
     if any(p in args.protocol_list for p in BRANCHES) and "a" not in args.protocol_list:
-        raise SystemExit("reproduce_mt.py: protocols b and c branch from a's checkpoint; include a")
+        raise SystemExit(f"reproduce_mt.py: protocols {', '.join(BRANCHES)} branch from a's checkpoint; include a")
+    if any(p in BRANCHES for p in args.protocol_list) and not set(args.arm_seed_list) <= set(args.seed_list):
+        raise SystemExit(f"reproduce_mt.py: --arm-seeds {args.arm_seeds!r} must be among --seeds {args.seeds!r}: "
+                         "the branches start from (a) of the same seed")
+    args.extra_tests = {}
+    for spec in args.extra_test:
+        name, eq, files = spec.partition("=")
+        src, comma, ref = files.partition(",")
+        if not (eq and comma and name.strip() and src and ref) or not name.replace("_", "").replace("-", "").isalnum():
+            raise SystemExit(f"reproduce_mt.py: --extra-test {spec!r}: expected NAME=SOURCE_FILE,REFERENCE_FILE "
+                             "(NAME: letters, digits, - and _)")
+        if name in SPLITS or name in args.extra_tests:
+            raise SystemExit(f"reproduce_mt.py: --extra-test {spec!r}: the name {name!r} is taken")
+        for f in (src, ref):
+            if not os.path.isfile(f):
+                raise SystemExit(f"reproduce_mt.py: --extra-test {spec!r}: no such file {f!r}")
+        if len(read_lines(src)) != len(read_lines(ref)):
+            raise SystemExit(f"reproduce_mt.py: --extra-test {spec!r}: {src} and {ref} differ in line count")
+        args.extra_tests[name] = (src, ref)
     for name in ("t1", "t2", "batch_size", "eval_every", "save_every", "num_beams"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"reproduce_mt.py: --{name.replace('_', '-')} must be positive")
@@ -282,36 +329,93 @@ def _calibrate_test(args: argparse.Namespace, seed: int, protocol: str) -> None:
 def evaluations(protocol: str) -> list[tuple[str, str]]:
     """(split, beam objective) pairs evaluated for a protocol."""
     pairs = [(s, "logarithmic") for s in SPLITS]
-    if protocol in ("a", "b", "c"):
+    if protocol in CORE:
         pairs += [(s, "spherical") for s in SPLITS]
     return pairs
 
 
+#: every model's teacher-forced scores under SCORE_RULES on val (for the rank correlations)
+SCORES_DIR = "scores_val"
+
+
+def scores_argv(args: argparse.Namespace, model: str, out: str) -> list[str]:
+    stem = os.path.join(args.data_dir, SPLITS["val"])
+    return ["evaluate", "--model", model, "--source-file", stem + ".en", "--target-file", stem + ".de",
+            "--max-length", str(args.max_length), "--batch-size", str(args.eval_batch_size), "--no-generate",
+            "--rules", ",".join(SCORE_RULES), "--no-progress", "--output-dir", out]
+
+
+def extra_argv(args: argparse.Namespace, seed: int, protocol: str, name: str) -> list[str]:
+    src, ref = args.extra_tests[name]
+    return ["evaluate", "--model", os.path.join(run_dir(args, seed, protocol), "final"),
+            "--source-file", src, "--target-file", ref, "--target-lang", "de",
+            "--max-length", str(args.max_length), "--num-beams", str(args.num_beams),
+            "--objective", "logarithmic", "--max-new-tokens", str(args.max_length),
+            "--batch-size", str(args.eval_batch_size), "--rules", ",".join(SCORE_RULES),
+            "--output-dir", os.path.join(run_dir(args, seed, protocol), f"eval_{name}_beam_logarithmic"),
+            "--no-progress"]
+
+
+def checkpoint_eval_argv(args: argparse.Namespace, seed: int) -> list[str]:
+    """(a)'s step-T1 checkpoint (the model every branch starts from), decoded on val."""
+    stem = os.path.join(args.data_dir, SPLITS["val"])
+    run = run_dir(args, seed, "a")
+    return ["evaluate", "--model", os.path.join(run, f"checkpoint-{args.t1}"),
+            "--source-file", stem + ".en", "--target-file", stem + ".de", "--target-lang", "de",
+            "--max-length", str(args.max_length), "--num-beams", str(args.num_beams),
+            "--objective", "logarithmic", "--max-new-tokens", str(args.max_length),
+            "--batch-size", str(args.eval_batch_size), "--rules", ",".join(SCORE_RULES),
+            "--output-dir", os.path.join(run, f"eval_val_checkpoint_{args.t1}"), "--no-progress"]
+
+
+def seeds_of(args: argparse.Namespace, protocol: str) -> list[int]:
+    """The seeds a protocol runs for: --seeds for a, b, c; --arm-seeds for the others."""
+    return list(args.seed_list if protocol in CORE else args.arm_seed_list)
+
+
 def tasks(args: argparse.Namespace) -> list[Task]:
-    """Every training and evaluation step, in priority order: first (a), (b), (c) of every seed
-    (the fine-tuning question), then (d), (e); each evaluation after its training."""
+    """Every training and evaluation step, in priority order: (a), (b), (c) of the first three
+    seeds (the fine-tuning question), then the other protocols of --arm-seeds, then the further
+    seeds of (a)-(c); each evaluation after its training."""
     out: list[Task] = []
-    first = [p for p in args.protocol_list if p in ("a", "b", "c")]
-    later = [p for p in args.protocol_list if p not in first]
-    for group in (first, later):
-        for seed in args.seed_list:
-            for protocol in group:
-                train = f"train {seed}{protocol}"
-                out.append(Task(train, functools.partial(_train, args, seed, protocol),
-                                {f"train {seed}a"} if protocol in BRANCHES else set()))
-                for split, objective in evaluations(protocol):
-                    out.append(Task(f"eval {seed}{protocol} {split} {objective}", functools.partial(
-                        run_step, f"seed {seed} {protocol} {split} beam-{objective}",
-                        eval_argv(args, seed, protocol, split, objective),
-                        os.path.join(run_dir(args, seed, protocol), eval_name(split, objective)),
-                        threads=args.threads, dry_run=args.dry_run), {train}))
-                fit = f"calib {seed}{protocol} val"
-                out.append(Task(fit, functools.partial(
-                    run_step, f"seed {seed} {protocol} val fit-temperature", calib_argv(args, seed, protocol, "val"),
-                    os.path.join(run_dir(args, seed, protocol), CALIB_DIRS["val"]), threads=args.threads,
+    core = [p for p in args.protocol_list if p in CORE]
+    arms = [p for p in args.protocol_list if p not in CORE]
+    order = [(s, core) for s in args.seed_list[:3]] + [(s, arms) for s in args.arm_seed_list] \
+        + [(s, core) for s in args.seed_list[3:]]
+    for seed, group in order:
+        for protocol in group:
+            train = f"train {seed}{protocol}"
+            out.append(Task(train, functools.partial(_train, args, seed, protocol),
+                            {f"train {seed}a"} if protocol in BRANCHES else set()))
+            for split, objective in evaluations(protocol):
+                out.append(Task(f"eval {seed}{protocol} {split} {objective}", functools.partial(
+                    run_step, f"seed {seed} {protocol} {split} beam-{objective}",
+                    eval_argv(args, seed, protocol, split, objective),
+                    os.path.join(run_dir(args, seed, protocol), eval_name(split, objective)),
+                    threads=args.threads, dry_run=args.dry_run), {train}))
+            fit = f"calib {seed}{protocol} val"
+            out.append(Task(fit, functools.partial(
+                run_step, f"seed {seed} {protocol} val fit-temperature", calib_argv(args, seed, protocol, "val"),
+                os.path.join(run_dir(args, seed, protocol), CALIB_DIRS["val"]), threads=args.threads,
+                dry_run=args.dry_run), {train}))
+            out.append(Task(f"calib {seed}{protocol} test",
+                            functools.partial(_calibrate_test, args, seed, protocol), {fit}))
+            run = run_dir(args, seed, protocol)
+            out.append(Task(f"scores {seed}{protocol}", functools.partial(
+                run_step, f"seed {seed} {protocol} val scores", scores_argv(args, os.path.join(run, "final"),
+                                                                           os.path.join(run, SCORES_DIR)),
+                os.path.join(run, SCORES_DIR), threads=args.threads, dry_run=args.dry_run), {train}))
+            for name in args.extra_tests:
+                out.append(Task(f"extra {seed}{protocol} {name}", functools.partial(
+                    run_step, f"seed {seed} {protocol} {name} beam-logarithmic",
+                    extra_argv(args, seed, protocol, name),
+                    os.path.join(run, f"eval_{name}_beam_logarithmic"), threads=args.threads,
                     dry_run=args.dry_run), {train}))
-                out.append(Task(f"calib {seed}{protocol} test",
-                                functools.partial(_calibrate_test, args, seed, protocol), {fit}))
+            if protocol == "a":
+                out.append(Task(f"checkpoint {seed}a", functools.partial(
+                    run_step, f"seed {seed} (a) checkpoint-{args.t1} val beam-logarithmic",
+                    checkpoint_eval_argv(args, seed), os.path.join(run, f"eval_val_checkpoint_{args.t1}"),
+                    threads=args.threads, dry_run=args.dry_run), {train}))
     return out
 
 
@@ -336,8 +440,19 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     """Per protocol and seed: BLEU/chrF per split and objective, test token scores, ECE."""
     per: dict[str, dict[int, dict[str, Any]]] = {}
     for protocol in args.protocol_list:
-        for seed in args.seed_list:
+        for seed in seeds_of(args, protocol):
             row: dict[str, Any] = {}
+            run = run_dir(args, seed, protocol)
+            for name in args.extra_tests:
+                path = os.path.join(run, f"eval_{name}_beam_logarithmic", "results.json")
+                if os.path.isfile(path):
+                    gen = read_json(path).get("generation", {})
+                    row[f"bleu_{name}_logarithmic"], row[f"chrf_{name}_logarithmic"] = gen.get("bleu"), gen.get("chrf")
+            path = os.path.join(run, SCORES_DIR, "results.json")
+            if os.path.isfile(path):
+                tf = read_json(path)["teacher_forced"]
+                row.update({f"tf_val_{r}": tf["mean_scores"].get(r) for r in SCORE_RULES})
+                row["tf_val_ece"] = tf["ece"]
             for split, objective in evaluations(protocol):
                 ev = _eval(args, seed, protocol, split, objective)
                 if ev is None:
@@ -412,16 +527,24 @@ def objective_table(per: dict[str, Any], protocols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _hypotheses(args: argparse.Namespace, seed: int, protocol: str, split: str) -> list[str]:
+    name = eval_name(split, "logarithmic") if split in SPLITS else f"eval_{split}_beam_logarithmic"
+    return read_lines(os.path.join(run_dir(args, seed, protocol), name, "hypotheses.txt"))
+
+
 def comparisons(args: argparse.Namespace, per: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Seed-level differences to (a) and per-seed paired bootstrap on the test set."""
+    """Each protocol against (a) of the same seed, per split. The seed (a whole stage-1 run) is
+    the unit of evidence: the mean difference with its 95% Student-t interval across seeds and a
+    two-sided sign test; beside them the per-seed paired bootstrap p (resampling sentences)."""
     out: dict[str, Any] = {}
-    lines = ["| vs (a) | split | ΔBLEU per seed | mean ΔBLEU ± std | seeds better | ΔchrF mean ± std | "
-             "bootstrap p (BLEU) per seed |", "|---|---|---|---|---|---|---|"]
+    lines = ["| vs (a) | split | ΔBLEU per seed | mean ΔBLEU [95% CI over seeds] | seeds better | sign test p | "
+             "ΔchrF mean [95% CI] | bootstrap p (BLEU) per seed |", "|---|---|---|---|---|---|---|---|"]
     refs = {s: read_lines(os.path.join(args.data_dir, SPLITS[s] + ".de")) for s in SPLITS}
-    for p in ("b", "c", "d", "e"):
-        if p not in per or "a" not in per:
+    refs.update({name: read_lines(ref) for name, (_, ref) in args.extra_tests.items()})
+    for p in PROTOCOLS:
+        if p == "a" or p not in per or "a" not in per:
             continue
-        for split in SPLITS:
+        for split in refs:
             key = f"bleu_{split}_logarithmic"
             seeds = [s for s in args.seed_list if per[p].get(s, {}).get(key) is not None
                      and per["a"].get(s, {}).get(key) is not None]
@@ -432,18 +555,91 @@ def comparisons(args: argparse.Namespace, per: dict[str, Any]) -> tuple[str, dic
                       for s in seeds]
             pvals = []
             for s in seeds:
-                base, system = (read_lines(os.path.join(run_dir(args, s, q), eval_name(split, "logarithmic"),
-                                                        "hypotheses.txt")) for q in ("a", p))
+                base, system = (_hypotheses(args, s, q, split) for q in ("a", p))
                 bs = paired_bootstrap(base, {p: system}, refs[split], n_samples=args.bootstrap_samples)
                 pvals.append(bs[p]["bleu_p"])
-            m, sd = mean_std(d_bleu)
-            mc, sc = mean_std(d_chrf)
-            better = sum(d > 0 for d in d_bleu)
-            out[f"{p}_{split}"] = {"seeds": seeds, "delta_bleu": d_bleu, "delta_chrf": d_chrf, "bootstrap_p": pvals}
+            m, lo, hi = mean_ci(d_bleu)
+            mc, loc, hic = mean_ci(d_chrf)
+            better, p_sign = sum(d > 0 for d in d_bleu), sign_test(d_bleu)
+            out[f"{p}_{split}"] = {"seeds": seeds, "delta_bleu": d_bleu, "delta_chrf": d_chrf, "bootstrap_p": pvals,
+                                   "mean_delta_bleu": m, "ci95_bleu": [lo, hi], "mean_delta_chrf": mc,
+                                   "ci95_chrf": [loc, hic], "sign_test_p": p_sign}
             lines.append(f"| {PROTOCOLS[p][0]} | {split} | {', '.join(f'{d:+.2f}' for d in d_bleu)} | "
-                         f"{m:+.2f} ± {sd:.2f} | {better}/{len(seeds)} | {mc:+.2f} ± {sc:.2f} | "
+                         f"{_ci(m, lo, hi)} | {better}/{len(seeds)} | {p_sign:.3f} | {_ci(mc, loc, hic)} | "
                          f"{', '.join(f'{v:.3f}' for v in pvals)} |")
     return "\n".join(lines), out
+
+
+def _ci(m: float, lo: float, hi: float) -> str:
+    return f"{m:+.2f}" if lo != lo else f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def score_models(args: argparse.Namespace, per: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every decoded model with its val BLEU and teacher-forced val scores: the final models, and
+    (a)'s step-T1 checkpoints (the models the switches start from)."""
+    models = []
+    for p, seeds in per.items():
+        for seed, row in seeds.items():
+            if row.get("bleu_val_logarithmic") is not None and row.get("tf_val_logarithmic") is not None:
+                models.append({"model": f"seed{seed}/{p}/final", "bleu": row["bleu_val_logarithmic"],
+                               **{r: row[f"tf_val_{r}"] for r in SCORE_RULES}, "ece": row["tf_val_ece"]})
+    for seed in seeds_of(args, "a"):
+        path = os.path.join(run_dir(args, seed, "a"), f"eval_val_checkpoint_{args.t1}", "results.json")
+        if os.path.isfile(path):
+            ev = read_json(path)
+            tf = ev["teacher_forced"]
+            models.append({"model": f"seed{seed}/a/checkpoint-{args.t1}", "bleu": ev["generation"]["bleu"],
+                           **{r: tf["mean_scores"].get(r) for r in SCORE_RULES}, "ece": tf["ece"]})
+    return models
+
+
+def correlations(args: argparse.Namespace, models: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """Kendall's tau between val BLEU and each teacher-forced val score over the models, with a
+    95% bootstrap interval (resampling models)."""
+    out: dict[str, Any] = {}
+    lines = ["| teacher-forced val score | Kendall's tau with val BLEU | 95% bootstrap CI | models |",
+             "|---|---|---|---|"]
+    for key in (*SCORE_RULES, "ece"):
+        pairs = [(m[key], m["bleu"]) for m in models if m.get(key) is not None]
+        if len(pairs) < 3:
+            continue
+        tau, lo, hi = kendall_tau_interval([x for x, _ in pairs], [y for _, y in pairs],
+                                           n_samples=args.bootstrap_samples)
+        out[key] = {"tau": tau, "ci95": [lo, hi], "n": len(pairs)}
+        label = "ECE (lower is better)" if key == "ece" else key
+        lines.append(f"| {label} | {tau:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {len(pairs)} |")
+    return "\n".join(lines), out
+
+
+def plot_scatter(models: list[dict[str, Any]], path: str) -> str | None:
+    """Val BLEU against each teacher-forced val score, one point per model."""
+    if len(models) < 3:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [*SCORE_RULES, "ece"]
+    cols = 3
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for m in models:
+            if m.get(key) is None:
+                continue
+            kind = m["model"].split("/")[1]
+            marker = "x" if "checkpoint" in m["model"] else "o"
+            ax.scatter(m[key], m["bleu"], s=18, marker=marker, color=f"C{ord(kind) - ord('a')}")
+        ax.set_xlabel(f"teacher-forced val {key}")
+        ax.set_ylabel("val BLEU")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle("Multi30k: val BLEU against each score, one point per model (colour: protocol; x: checkpoint T1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plateau(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -477,7 +673,7 @@ def plot_curves(args: argparse.Namespace, path: str) -> str | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     drawn = False
     for p in args.protocol_list:
-        logs = [read_log(os.path.join(run_dir(args, s, p), "metrics.jsonl")) for s in args.seed_list]
+        logs = [read_log(os.path.join(run_dir(args, s, p), "metrics.jsonl")) for s in seeds_of(args, p)]
         for ax, (key, title) in zip(axes, panels):
             by_step: dict[int, list[float]] = {}
             for log in logs:
@@ -488,7 +684,7 @@ def plot_curves(args: argparse.Namespace, path: str) -> str | None:
                 continue
             steps = sorted(by_step)
             ax.plot(steps, [sum(by_step[t]) / len(by_step[t]) for t in steps], label=PROTOCOLS[p][0],
-                    linestyle="-" if p in ("a", "b", "c") else "--")
+                    linestyle="-" if p in CORE else ":" if p in BRANCHES else "--")
             ax.set_title(title)
             ax.set_xlabel("step")
             drawn = True
@@ -510,6 +706,9 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
     cmp_md, cmp = comparisons(args, per)
     plateau_md, plateau_rows = plateau(args)
     png = plot_curves(args, os.path.join(args.work_dir, "training_curves.png"))
+    models = score_models(args, per)
+    corr_md, corr = correlations(args, models)
+    scatter = plot_scatter(models, os.path.join(args.work_dir, "bleu_vs_scores.png"))
     md = "\n\n".join([
         f"Beam {args.num_beams}, sacrebleu BLEU/chrF; token scores and ECE (15 bins, top-1) under teacher forcing "
         f"on test_2016_flickr; mean ± std over seeds. T1 = {args.t1}, T2 = {args.t2}, batch {args.batch_size}, "
@@ -524,14 +723,18 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
         "applied to test_2016_flickr (`--temperature T`):",
         calibration_table(per, args.protocol_list),
         "Plateau of stage 1 (protocol a):\n\n" + plateau_md,
+        f"Which score predicts generation quality: Kendall's tau over {len(models)} models (final models and "
+        f"(a)'s checkpoint-{args.t1}) between val BLEU and each teacher-forced val score "
+        f"(bootstrap over models, {args.bootstrap_samples} resamples):",
+        corr_md,
     ])
     os.makedirs(args.work_dir, exist_ok=True)
     with open(os.path.join(args.work_dir, "results.md"), "w", encoding="utf-8") as f:
         f.write(md + "\n")
     with open(os.path.join(args.work_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"settings": vars(args), "per_seed": per, "comparisons": cmp,
-                   "plateau": plateau_rows, "curves_png": png, "wall_seconds": wall_seconds}, f, indent=2,
-                  default=str)
+                   "plateau": plateau_rows, "curves_png": png, "models": models, "correlations": corr,
+                   "scatter_png": scatter, "wall_seconds": wall_seconds}, f, indent=2, default=str)
     return md
 
 

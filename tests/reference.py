@@ -9,7 +9,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-RULES = ["logarithmic", "brier", "spherical", "power:3", "pseudo-spherical:1.5", "power:1.5", "pseudo-spherical:4"]
+RULES = ["logarithmic", "brier", "spherical", "power:3", "pseudo-spherical:1.5", "power:1.5", "pseudo-spherical:4",
+         "0.5*logarithmic+0.5*spherical", "0.3*brier+0.7*pseudo-spherical:1.5"]
+#: mixtures: the reference is the weighted sum of the components' reference losses
+MIXTURES = ["0.5*logarithmic+0.5*spherical", "0.3*brier+0.7*pseudo-spherical:1.5", "logarithmic+0.1*power:3",
+            "2*brier"]
+
+
+def mixture_components(rule: str) -> list[tuple[float, str]] | None:
+    """``[(w, component spec), ...]`` of a mixture spec written ``W*RULE+W*RULE`` (``None`` for a
+    plain rule). Written independently of properlm's parser (no exponents with ``+``)."""
+    if "+" not in rule and "*" not in rule:
+        return None
+    out = []
+    for term in rule.split("+"):
+        w, star, r = term.partition("*")
+        out.append((float(w), r) if star else (1.0, term))
+    return out
 
 
 def _parse(rule: str) -> tuple[str, float]:
@@ -44,7 +60,19 @@ S_MAX = {"logarithmic": 0.0}
 
 def naive_loss(logits: Tensor, target: Tensor, rule: str, smoothing: float = 0.0, ignore_index: int = -100,
                reduction: str = "mean", num_items_in_batch: float | None = None) -> Tensor:
-    """Per-token ``S_max - S_eps`` in float64 from the formulas, then reduced."""
+    """Per-token ``S_max - S_eps`` in float64 from the formulas, then reduced. A mixture's loss
+    is the weighted sum of its components' losses."""
+    comps = mixture_components(rule)
+    if comps is not None:
+        per_token = sum(w * naive_loss(logits, target, r, smoothing, ignore_index, "none") for w, r in comps)
+        valid = target != ignore_index
+        if reduction == "none":
+            return per_token
+        if reduction == "sum":
+            return per_token.sum()
+        if num_items_in_batch is not None:
+            return per_token.sum() / num_items_in_batch
+        return per_token.sum() / valid.sum().clamp(min=1)
     z = logits.double()
     V = z.shape[-1]
     p = torch.softmax(z, -1)

@@ -32,7 +32,7 @@ from properlm.distributed import (
 
 Group = dist.ProcessGroup | None
 
-RULES = ["logarithmic", "brier", "spherical", "power:3", "pseudo-spherical:1.5"]
+RULES = ["logarithmic", "brier", "spherical", "power:3", "pseudo-spherical:1.5", "0.5*logarithmic+0.5*spherical"]
 SMOOTHINGS = [0.0, 0.1]
 REDUCTIONS = ["mean", "sum", "none"]
 #: shard sizes per world size (uneven); the second layout of world 3 (fewer cases) has an empty shard

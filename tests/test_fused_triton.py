@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-RULES = ["logarithmic", "brier", "spherical", "power:3", "pseudo-spherical:1.5"]
+RULES = ["logarithmic", "brier", "spherical", "power:3", "pseudo-spherical:1.5", "0.5*logarithmic+0.5*spherical"]
 N, H, V = 21, 20, 40  # none a multiple of the 16-wide tiles
 TOL = 1e-5
 

@@ -268,8 +268,8 @@ def test_bad_labels_raise_and_leave_the_model_usable():
 
 def test_refuses_fused_mode_where_it_cannot_express_the_logits():
     model = tiny_model("llama")
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping.*fused=False"):
+    model.lm_head.base_layer = torch.nn.Linear(32, V)  # looks PEFT-wrapped: its weight alone is not the logits
+    with pytest.raises(ValueError, match="wrapped by PEFT.*fused=False"):
         apply_scoring_rule(model, "brier")
     assert not is_scoring_rule_applied(model)
     handle = apply_scoring_rule(model, "brier", fused=False)

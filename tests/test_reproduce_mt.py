@@ -36,7 +36,8 @@ def _write_data(root: str) -> None:
                 f.write("\n".join(lines) + "\n")
 
 
-TINY = ["--seeds", "3", "--t1", "4", "--t2", "2", "--save-every", "2", "--eval-every", "2", "--warmup-steps", "2",
+TINY = ["--seeds", "3", "--arm-seeds", "3", "--t1", "4", "--t2", "2", "--save-every", "2", "--eval-every", "2",
+        "--warmup-steps", "2",
         "--batch-size", "8", "--vocab-size", "300", "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2",
         "--ffn-size", "32", "--max-length", "12", "--num-beams", "2", "--eval-batch-size", "6",
         "--bootstrap-samples", "20"]
@@ -51,7 +52,9 @@ def test_reproduce_mt_end_to_end_and_resume(tmp_path, capsys, in_process):
     data, work = str(tmp_path / "data"), str(tmp_path / "work")
     os.makedirs(data)
     _write_data(data)
-    assert reproduce_mt.main([data, "--work-dir", work, *TINY]) == 0
+    extra = ["--extra-test", f"held={data}/val.en,{data}/val.de"]
+    every = ["--protocols", ",".join(reproduce_mt.PROTOCOLS)]
+    assert reproduce_mt.main([data, "--work-dir", work, *TINY, *every, *extra]) == 0
     out = capsys.readouterr().out
 
     # every protocol has a row with one seed; the report and the curves exist
@@ -62,7 +65,22 @@ def test_reproduce_mt_end_to_end_and_resume(tmp_path, capsys, in_process):
     summary = json.load(open(os.path.join(work, "results.json"), encoding="utf-8"))
     row_b = summary["per_seed"]["b"]["3"]
     assert {"bleu_val_logarithmic", "bleu_test_spherical", "score_brier_test", "ece_test"} <= set(row_b)
-    assert {"b_test", "c_val", "e_test"} <= set(summary["comparisons"])
+    assert {"b_test", "c_val", "e_test", "g_val", "j_test", "k_test", "b_held", "j_held"} <= set(summary["comparisons"])
+    cmp_b = summary["comparisons"]["b_held"]
+    assert cmp_b["seeds"] == [3] and 0 <= cmp_b["sign_test_p"] <= 1 and len(cmp_b["bootstrap_p"]) == 1
+    # the new arms switched to their rules from (a)'s checkpoint; the mixture from scratch ran alone
+    for p, rule in (("f", "power:1.5"), ("i", "pseudo-spherical:3"), ("j", "0.5*logarithmic+0.5*spherical")):
+        res = json.load(open(os.path.join(work, "seed3", p, "results.json"), encoding="utf-8"))
+        assert res["rule_stages"] == [["logarithmic", 4], [rule, 2]] and res["resumed_from"].endswith("checkpoint-4")
+    res_k = json.load(open(os.path.join(work, "seed3", "k", "results.json"), encoding="utf-8"))
+    assert res_k["rule_stages"] == [["0.5*logarithmic+0.5*spherical", 6]]
+    # every model scored under every rule on val; rank correlations over the 11 finals + (a)'s checkpoint-T1
+    assert set(reproduce_mt.SCORE_RULES) <= {k[len("tf_val_"):] for k in row_b if k.startswith("tf_val_")}
+    assert len(summary["models"]) == 12 and "seed3/a/checkpoint-4" in {m["model"] for m in summary["models"]}
+    assert {"logarithmic", "spherical", "ece"} <= set(summary["correlations"])
+    assert all(-1 <= c["tau"] <= 1 or c["tau"] != c["tau"] for c in summary["correlations"].values())
+    assert os.path.getsize(os.path.join(work, "bleu_vs_scores.png")) > 0
+    assert "Kendall's tau" in md and "sign test p" in md
     # temperature scaling: T fitted on val, the test metrics at that T
     assert {"temperature", "ece_test_scaled", "score_brier_test_scaled"} <= set(row_b)
     fit = json.load(open(os.path.join(work, "seed3", "b", "calib_val_fit", "results.json"), encoding="utf-8"))
@@ -85,9 +103,12 @@ def test_reproduce_mt_end_to_end_and_resume(tmp_path, capsys, in_process):
     assert "[run ]" in out
 
     # a rerun skips every finished step and rebuilds the same report
-    assert reproduce_mt.main([data, "--work-dir", work, *TINY]) == 0
+    assert reproduce_mt.main([data, "--work-dir", work, *TINY, *every, *extra]) == 0
     out = capsys.readouterr().out
-    assert "[run ]" not in out and out.count("[skip]") == 5 + 2 * 5 + 2 * 3 + 2 * 5
+    # per protocol: train, calibration (2), val scores, the extra test, the log-beam decodings (2);
+    # a, b, c also decode with the spherical beam (2); a decodes its checkpoint-T1
+    n = len(reproduce_mt.PROTOCOLS)
+    assert "[run ]" not in out and out.count("[skip]") == n * 7 + 3 * 2 + 1
     assert open(os.path.join(work, "results.md"), encoding="utf-8").read() == md
 
 
@@ -95,12 +116,34 @@ def test_reproduce_mt_rejects_bad_arguments(tmp_path):
     with pytest.raises(SystemExit, match="lacks train.en"):
         reproduce_mt.main([str(tmp_path), "--work-dir", str(tmp_path / "w")])
     _write_data(str(tmp_path))
-    with pytest.raises(SystemExit, match="allowed values are a, b, c, d, e"):
+    with pytest.raises(SystemExit, match="allowed values are a, b, c, d, e, f, g, h, i, j, k"):
         reproduce_mt.main([str(tmp_path), "--protocols", "a,x"])
     with pytest.raises(SystemExit, match="include a"):
         reproduce_mt.main([str(tmp_path), "--protocols", "b"])
     with pytest.raises(SystemExit, match="multiple of --save-every"):
         reproduce_mt.main([str(tmp_path), "--t1", "10", "--save-every", "3"])
+    with pytest.raises(SystemExit, match="must be among --seeds"):
+        reproduce_mt.main([str(tmp_path), "--seeds", "1,2", "--arm-seeds", "3"])
+    with pytest.raises(SystemExit, match="expected NAME=SOURCE_FILE,REFERENCE_FILE"):
+        reproduce_mt.main([str(tmp_path), "--extra-test", "held"])
+    with pytest.raises(SystemExit, match="no such file"):
+        reproduce_mt.main([str(tmp_path), "--extra-test", f"held={tmp_path}/nope.en,{tmp_path}/val.de"])
+    with pytest.raises(SystemExit, match="differ in line count"):
+        reproduce_mt.main([str(tmp_path), "--extra-test", f"held={tmp_path}/val.en,{tmp_path}/train.de"])
+
+
+def test_seed_level_statistics():
+    m, lo, hi = _runner.mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and abs(hi - 2.0 - 4.303 * 1.0 / 3 ** 0.5) < 1e-9 and abs((m - lo) - (hi - m)) < 1e-12
+    assert _runner.mean_ci([1.0])[1] != _runner.mean_ci([1.0])[1]  # NaN interval for one seed
+    assert _runner.sign_test([1, 2, 3]) == 0.25 and _runner.sign_test([1, -1]) == 1.0
+    assert _runner.sign_test([0.5] * 6) == 2 / 64 and _runner.sign_test([0, 0]) == 1.0
+    assert _runner.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert _runner.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert abs(_runner.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) - 4 / 6) < 1e-12
+    tau, lo, hi = _runner.kendall_tau_interval(list(range(30)), [x + (7 if x % 5 == 0 else 0) for x in range(30)],
+                                               n_samples=200)
+    assert lo <= tau <= hi and 0.5 < tau < 1
 
 
 def test_run_tasks_respects_dependencies_priority_and_failures():

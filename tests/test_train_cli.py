@@ -362,6 +362,47 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         torch.testing.assert_close(w_ddp[name], t, rtol=1e-4, atol=1e-5, msg=name)
 
 
+#: the FSDP2 options of ``accelerate launch`` that README "Scaling out" shows
+FSDP2_LAUNCH = ["--num_processes", "2", "--use_fsdp", "--fsdp_version", "2",
+                "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+                "--fsdp_state_dict_type", "FULL_STATE_DICT", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def test_accelerate_fsdp2_on_cpu_matches_one_process(tmp_path):
+    """``accelerate launch --use_fsdp --fsdp_version 2`` with 2 CPU processes equals one process
+    with the same global batch. accelerate enables FSDP only on accelerators, so on CPUs it runs
+    DDP over gloo: ``properlm train`` says so (a warning) instead of pretending to shard."""
+    import socket
+
+    data = write_alpaca(tmp_path)
+    common = ["--init", "tiny-gpt", "--train-file", data, "--vocab-size", "300", "--hidden-size", "32",
+              "--dropout", "0", "--num-layers", "2", "--num-heads", "2", "--max-steps", "3", "--rule", "spherical",
+              "--smoothing", "0.1",
+              "--logging-steps", "1", "--learning-rate", "1e-2", "--lr-scheduler", "constant", "--seed", "0",
+              "--no-progress-bar", "--no-tensorboard"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    out = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *FSDP2_LAUNCH, "--main_process_port", port,
+           "-m", "properlm.cli.main", "train", *common, "--per-device-train-batch-size", "4", "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "accelerate shards with FSDP only on accelerators" in proc.stderr
+    assert "DistributedType.MULTI_CPU" in proc.stderr
+
+    single = tmp_path / "single"
+    assert main(["train", *common, "--per-device-train-batch-size", "8", "--output-dir", str(single)]) == 0
+    two, one = train_losses(out), train_losses(single)
+    assert len(two) == len(one) == 3
+    assert two == pytest.approx(one, rel=1e-4)
+    w_two = load_file(str(out / "final" / "model.safetensors"))
+    for name, t in load_file(str(single / "final" / "model.safetensors")).items():
+        torch.testing.assert_close(w_two[name], t, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_train_from_gguf_file(tmp_path):
     from properlm.modeling import load_model_and_tokenizer
     from test_modeling import write_llama_gguf

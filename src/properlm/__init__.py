@@ -10,6 +10,7 @@ from .loss import ScoringRuleLoss, scoring_rule_loss, sequence_scores, token_sco
 from .rules import (
     Brier,
     Logarithmic,
+    Mixture,
     Power,
     PseudoSpherical,
     ScoringRule,
@@ -25,6 +26,7 @@ __all__ = [
     "Brier",
     "LinearScoringRuleLoss",
     "Logarithmic",
+    "Mixture",
     "Power",
     "PseudoSpherical",
     "ScoringRule",

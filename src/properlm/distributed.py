@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .compiled import check_head_transform
 from .loss import (
     CHUNK_ELEMENTS,
     check_reduction,
@@ -52,7 +53,16 @@ from .loss import (
     validate_inputs,
 )
 from .rules import RuleLike, ScoringRule, get_rule
-from .stats import TokenStats, logits_grad, loss_and_partials, masked_log_eps, masked_set, scale_power
+from .stats import (
+    TokenStats,
+    head_transform_,
+    head_transform_factor,
+    logits_grad,
+    loss_and_partials,
+    masked_log_eps,
+    masked_set,
+    scale_power,
+)
 
 __all__ = [
     "fused_linear_vocab_parallel_scoring_rule_loss",
@@ -172,7 +182,8 @@ def _resolve_layout(local_size: int, vocab_start: int | None, target: Tensor, co
             raise ValueError(f"target differs between rank 0 and rank {r}; every rank of the group must pass "
                              f"the same target (only the vocabulary is sharded)")
         if crc != rows[0][4]:
-            raise ValueError(f"rule, smoothing, ignore_index, reduction, chunk_size or hidden size differ between "
+            raise ValueError(f"rule, smoothing, ignore_index, reduction, chunk_size, hidden size, softcap or "
+                             f"logit_scale differ between "
                              f"rank 0 and rank {r}; every rank must pass the same settings")
     given = [r[1] >= 0 for r in rows]
     if all(given):
@@ -262,15 +273,20 @@ def _shard_stats(get_z: Callable[[int, int], Tensor], n: int, step: int, local_t
 
 
 def _shard_grad(z: Tensor, local_target: Tensor, owned: Tensor, stats: TokenStats, partials: TokenStats,
-                smoothing: float, rule: ScoringRule) -> Tensor:
-    """Gradient of ``sum_i loss_i`` with respect to the shard ``z`` (``(n, V_local)``), from the
-    global statistics; the ``z_y`` term only where this rank owns the target."""
+                smoothing: float, rule: ScoringRule, softcap: float | None = None,
+                logit_scale: float | None = None) -> Tensor:
+    """Gradient of ``sum_i loss_i`` with respect to the shard ``z`` (``(n, V_local)``, the logits
+    before the head transform; a scratch tensor, overwritten), from the global statistics; the
+    ``z_y`` term only where this rank owns the target."""
     if z.shape[1] == 0:
         return torch.zeros_like(z)
     partials = replace(partials, z_y=torch.where(owned, partials.z_y, 0.0))
+    head_transform_(z, softcap, logit_scale)
+    factor = head_transform_factor(z, softcap, logit_scale)
     # pass ``finite`` explicitly: logits_grad infers it from num_classes < z.shape[1],
     # which compares the global count with the shard width
-    return logits_grad(z, local_target, stats, partials, smoothing, rule, finite=_local_finite(z))
+    g = logits_grad(z, local_target, stats, partials, smoothing, rule, finite=_local_finite(z))
+    return g if factor is None else g.mul_(factor)
 
 
 def _local_targets(target: Tensor, start: int, size: int) -> tuple[Tensor, Tensor]:
@@ -292,20 +308,23 @@ class _VocabParallelTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: float,
-                ignore_index: int, group: ProcessGroup, start: int) -> Tensor:
+                ignore_index: int, group: ProcessGroup, start: int, softcap: float | None = None,
+                logit_scale: float | None = None) -> Tensor:
         n, size = logits.shape
         cdt = compute_dtype(logits.dtype)
         rows = (target != ignore_index).nonzero().squeeze(1)
         local, owned = _local_targets(target[rows], start, size)
         step = _chunk_rows(size)
-        stats = _shard_stats(lambda a, b: logits[rows[a:b]].to(cdt), rows.numel(), step, local, owned,
-                             rule, smoothing, group, size, cdt, logits.device)
+        # (the gathered rows are a copy: transformed in place, chunk by chunk)
+        stats = _shard_stats(lambda a, b: head_transform_(logits[rows[a:b]].to(cdt), softcap, logit_scale),
+                             rows.numel(), step, local, owned, rule, smoothing, group, size, cdt, logits.device)
         need_grad = ctx.needs_input_grad[0]
         loss_v, partials = loss_and_partials(rule, stats, smoothing, need_grad)
         loss = torch.zeros(n, dtype=cdt, device=logits.device)
         loss[rows] = loss_v
         ctx.rule, ctx.smoothing, ctx.step = rule, smoothing, step
         ctx.stats, ctx.partials = stats, partials
+        ctx.head = (softcap, logit_scale)
         ctx.save_for_backward(logits, rows, local, owned)
         return loss
 
@@ -319,13 +338,14 @@ class _VocabParallelTokenLoss(torch.autograd.Function):
             idx = rows[sl]
             partials = ctx.partials.index(sl).scaled(grad_loss[idx].to(cdt))
             g = _shard_grad(logits[idx].to(cdt), local[sl], owned[sl], ctx.stats.index(sl), partials,
-                            ctx.smoothing, ctx.rule)
+                            ctx.smoothing, ctx.rule, *ctx.head)
             grad[idx] = g.to(grad.dtype)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
-def _config(rule: ScoringRule, smoothing: float, ignore_index: int, reduction: str, extra: str = "") -> str:
-    return f"{rule.spec}|{smoothing!r}|{ignore_index}|{reduction}|{extra}"
+def _config(rule: ScoringRule, smoothing: float, ignore_index: int, reduction: str, extra: str = "",
+            softcap: float | None = None, logit_scale: float | None = None) -> str:
+    return f"{rule.spec}|{smoothing!r}|{ignore_index}|{reduction}|{extra}|{softcap!r}|{logit_scale!r}"
 
 
 def vocab_parallel_scoring_rule_loss(
@@ -338,6 +358,9 @@ def vocab_parallel_scoring_rule_loss(
     num_items_in_batch: int | Tensor | None = None,
     group: ProcessGroup = None,
     vocab_start: int | None = None,
+    *,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> Tensor:
     r"""Scoring-rule loss ``S_max - S_eps(softmax(z), target)`` of logits ``z`` sharded over
     the vocabulary across the ranks of ``group``; a collective: every rank calls it.
@@ -363,6 +386,9 @@ def vocab_parallel_scoring_rule_loss(
         vocab_start: first vocabulary id of this rank's shard. ``None`` on every rank: the
             shards follow rank order (computed from an all-gather of the shard sizes).
             Given on every rank: any order, checked to tile ``[0, V)``.
+        softcap, logit_scale: the output-head transform of :func:`properlm.scoring_rule_loss`
+            (``z'' = softcap * tanh(logit_scale * z / softcap)``), applied to each rank's shard
+            chunk by chunk; the same on every rank.
 
     Returns:
         The same value on every rank: a scalar, or ``target``'s shape for ``"none"``
@@ -383,6 +409,7 @@ def vocab_parallel_scoring_rule_loss(
     rule_obj = get_rule(rule)
     eps = check_smoothing(smoothing)
     check_reduction(reduction)
+    cap, scale = check_head_transform(softcap, logit_scale)
     if not isinstance(local_logits, Tensor):
         raise ValueError(f"local_logits must be a tensor, got {type(local_logits).__name__}")
     if not isinstance(target, Tensor):
@@ -391,12 +418,13 @@ def vocab_parallel_scoring_rule_loss(
                                                  vocab_size=_NO_LIMIT, what="local_logits"))
     local_size = local_logits.shape[-1] if local_logits.dim() else 0
     shard = _resolve_layout(local_size, vocab_start, target,
-                            _config(rule_obj, eps, ignore_index, reduction), group, local_logits.device, error)
+                            _config(rule_obj, eps, ignore_index, reduction, softcap=cap, logit_scale=scale), group,
+                            local_logits.device, error)
     validate_inputs(local_logits.shape, local_logits.dtype, target, ignore_index, vocab_size=shard.vocab_size,
                     what="local_logits")
     size = local_logits.shape[-1]
     flat = _VocabParallelTokenLoss.apply(local_logits.reshape(target.numel(), size), target.reshape(-1), rule_obj, eps,
-                                         ignore_index, group, shard.start)
+                                         ignore_index, group, shard.start, cap, scale)
     per_token = flat.view(target.shape)
     return reduce_loss(per_token, target != ignore_index, reduction, num_items_in_batch)
 
@@ -440,7 +468,7 @@ class _FusedVocabParallelTokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                 rule: ScoringRule, smoothing: float, ignore_index: int, group: ProcessGroup, start: int,
-                chunk: int) -> Tensor:
+                chunk: int, softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
         n = hidden.shape[0]
         size = weight.shape[0]
         cdt = compute_dtype(hidden.dtype)
@@ -454,13 +482,14 @@ class _FusedVocabParallelTokenLoss(torch.autograd.Function):
             idx = rows[sl]
             z_lin = F.linear(hidden[idx], weight, bias)  # under autocast: in its dtype
             ctx.lin_dtype = z_lin.dtype
-            z = z_lin.to(cdt)
+            z = head_transform_(z_lin.to(cdt), softcap, logit_scale)  # z_lin is not used again
             stats = _shard_stats(lambda a2, b2, z=z: z[a2:b2], idx.numel(), idx.numel(), local[sl], owned[sl],
                                  rule, smoothing, group, size, cdt, hidden.device)
             loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad)
             loss[idx] = loss_c
             chunks.append((stats, partials))
         ctx.rule, ctx.smoothing, ctx.chunk, ctx.group, ctx.chunks = rule, smoothing, chunk, group, chunks
+        ctx.head = (softcap, logit_scale)
         ctx.save_for_backward(hidden, weight, bias, rows, local, owned)
         return loss
 
@@ -485,7 +514,7 @@ class _FusedVocabParallelTokenLoss(torch.autograd.Function):
             with torch.autocast(device_type=h.device.type, enabled=False):
                 z = F.linear(h.to(lin_dtype), w_lin, b_lin).to(cdt)
             g = _shard_grad(z, local[sl], owned[sl], stats, partials.scaled(grad_loss[idx].to(cdt)),
-                            ctx.smoothing, ctx.rule)
+                            ctx.smoothing, ctx.rule, *ctx.head)
             if grad_h is not None:
                 grad_h[idx] = g @ w
             if grad_w is not None:
@@ -500,7 +529,7 @@ class _FusedVocabParallelTokenLoss(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_vocab_parallel_scoring_rule_loss(
@@ -516,6 +545,9 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
     group: ProcessGroup = None,
     vocab_start: int | None = None,
     chunk_size: int | None = None,
+    *,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> Tensor:
     r""":func:`vocab_parallel_scoring_rule_loss` of ``hidden @ local_weight.T + bias``, formed
     chunk by chunk over the tokens, so no ``(tokens, V_local)`` logits tensor is ever held.
@@ -534,6 +566,8 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
         chunk_size: tokens per chunk (the same on every rank); default: as many as fit
             ``2**24`` float32 logits of the largest shard. Each chunk costs two or three
             all-reduces in forward.
+        softcap, logit_scale: the output-head transform (as in :func:`vocab_parallel_scoring_rule_loss`),
+            applied to each chunk of the shard's logits where it is formed.
 
     Returns:
         As :func:`vocab_parallel_scoring_rule_loss`. In backward, ``hidden`` receives the full
@@ -557,15 +591,16 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    cap, scale = check_head_transform(softcap, logit_scale)
     error = _local_error(lambda: _check_fused_inputs(hidden, local_weight, bias, target, ignore_index))
     H = hidden.shape[-1] if hidden.dim() else 0
     local_size = local_weight.shape[0] if local_weight.dim() else 0
-    config = _config(rule_obj, eps, ignore_index, reduction, f"{chunk_size}|{H}")
+    config = _config(rule_obj, eps, ignore_index, reduction, f"{chunk_size}|{H}", cap, scale)
     shard = _resolve_layout(local_size, vocab_start, target, config, group, hidden.device, error)
     validate_inputs((*hidden.shape[:-1], local_size), hidden.dtype, target, ignore_index,
                     vocab_size=shard.vocab_size, what="hidden @ local_weight.T")
     chunk = chunk_size if chunk_size is not None else _chunk_rows(shard.max_size)
     flat = _FusedVocabParallelTokenLoss.apply(hidden.reshape(target.numel(), H), local_weight, bias, target.reshape(-1),
-                                              rule_obj, eps, ignore_index, group, shard.start, chunk)
+                                              rule_obj, eps, ignore_index, group, shard.start, chunk, cap, scale)
     per_token = flat.view(target.shape)
     return reduce_loss(per_token, target != ignore_index, reduction, num_items_in_batch)

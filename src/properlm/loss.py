@@ -18,8 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .compiled import check_head_transform
+from .compiled import token_losses as _traceable_token_losses
+from .dtensor import is_dtensor
 from .rules import RuleLike, ScoringRule, get_rule
-from .stats import TokenStats, compute_stats, logits_grad, loss_and_partials
+from .stats import TokenStats, compute_stats, head_transform_, head_transform_factor, logits_grad, loss_and_partials
 
 __all__ = [
     "REDUCTIONS",
@@ -84,7 +87,9 @@ def validate_inputs(logits_shape: torch.Size | tuple[int, ...], logits_dtype: to
             f"shape mismatch: {what} of shape {tuple(logits_shape)} (..., V) need target of shape "
             f"{tuple(logits_shape[:-1])}, got {tuple(target.shape)}"
         )
-    if target.numel():
+    # reading the targets would break a compiled graph: under torch.compile an out-of-range id
+    # gives a NaN loss instead (see properlm.compiled)
+    if target.numel() and not torch.compiler.is_compiling():
         bad = ((target < 0) | (target >= V)) & (target != ignore_index)
         if bool(bad.any()):
             first = target[bad][0].item()
@@ -131,18 +136,23 @@ class _RowBlocks:
     the compute dtype) into reused buffers: no float32 copy of the whole logits is made, and
     no large tensor is allocated per block."""
 
-    def __init__(self, logits: Tensor, rows: Tensor | None, num_rows: int) -> None:
+    def __init__(self, logits: Tensor, rows: Tensor | None, num_rows: int, softcap: float | None = None,
+                 logit_scale: float | None = None, grad: bool = False) -> None:
         self.logits, self.rows, self.num_rows = logits, rows, num_rows
+        self.softcap, self.logit_scale = softcap, logit_scale
+        transformed = softcap is not None or logit_scale is not None
         V = logits.shape[1]
         self.cdt = compute_dtype(logits.dtype)
         self.step = _block_rows(V, logits.device)
-        # a block of the logits themselves (no copy) when the rows are contiguous and already
-        # in the compute dtype; otherwise a gathered / upcast copy in ``z``
-        self.in_place = rows is None and logits.dtype == self.cdt
+        # a block of the logits themselves (no copy) when the rows are contiguous, already in
+        # the compute dtype and not transformed; otherwise a gathered / upcast copy in ``z``
+        self.in_place = rows is None and logits.dtype == self.cdt and not transformed
         size = (min(self.step, max(num_rows, 1)), V)
         new = lambda: torch.empty(size, dtype=self.cdt, device=logits.device)  # noqa: E731
         self.z = None if self.in_place else new()
         self.e, self.work = new(), new()
+        # the chain factor of the soft-cap (backward only; a logit scale alone is a scalar)
+        self.factor = new() if grad and softcap is not None else None
 
     def __iter__(self) -> Iterator[tuple[slice, Tensor]]:
         """``(block slice over the scored rows, float logits of the block (b, V))``."""
@@ -160,7 +170,12 @@ class _RowBlocks:
                 torch.index_select(self.logits, 0, self.rows[sl], out=z)
             else:
                 z.copy_(self.logits.index_select(0, self.rows[sl]))
-            yield sl, z
+            yield sl, head_transform_(z, self.softcap, self.logit_scale)
+
+    def chain_factor(self, z: Tensor) -> Tensor | float | None:
+        """``dz'' / dz`` of the block ``z`` (transformed logits) of :func:`head_transform_`."""
+        out = None if self.factor is None else self.factor[: z.shape[0]]
+        return head_transform_factor(z, self.softcap, self.logit_scale, out=out)
 
 
 class _TokenLoss(torch.autograd.Function):
@@ -169,7 +184,7 @@ class _TokenLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: float,
-                ignore_index: int) -> Tensor:
+                ignore_index: int, softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
         n = logits.shape[0]
         valid = target != ignore_index
         rows: Tensor | None = valid.nonzero().squeeze(1)
@@ -177,7 +192,7 @@ class _TokenLoss(torch.autograd.Function):
             rows, y = None, target
         else:
             y = target.index_select(0, rows)
-        blocks = _RowBlocks(logits, rows, y.numel())
+        blocks = _RowBlocks(logits, rows, y.numel(), softcap, logit_scale)
         parts = []
         for sl, z in blocks:
             b = sl.stop - sl.start
@@ -197,15 +212,16 @@ class _TokenLoss(torch.autograd.Function):
             loss.index_copy_(0, rows, loss_v)
         ctx.rule, ctx.smoothing, ctx.rows, ctx.y = rule, smoothing, rows, y
         ctx.stats, ctx.partials = stats, partials
+        ctx.head = (softcap, logit_scale)
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         (logits,) = ctx.saved_tensors
         if ctx.stats is None:
-            return torch.zeros_like(logits), None, None, None, None
+            return torch.zeros_like(logits), None, None, None, None, None, None
         rows = ctx.rows
-        blocks = _RowBlocks(logits, rows, ctx.y.numel())
+        blocks = _RowBlocks(logits, rows, ctx.y.numel(), *ctx.head, grad=True)
         w = (grad_loss if rows is None else grad_loss.index_select(0, rows)).to(blocks.cdt)
         partials = ctx.partials.scaled(w)
         grad = torch.empty_like(logits) if rows is None else torch.zeros_like(logits)
@@ -213,23 +229,31 @@ class _TokenLoss(torch.autograd.Function):
         for sl, z in blocks:
             b = sl.stop - sl.start
             stats = ctx.stats.index(sl)
+            factor = blocks.chain_factor(z)  # before the gradient overwrites z
             e = torch.sub(z, stats.max_logit[:, None], out=blocks.e[:b]).exp_()
             out = grad[sl] if direct else z  # z is a gathered copy when not in place
             g = logits_grad(z, ctx.y[sl], stats, partials.index(sl), ctx.smoothing, ctx.rule, e=e,
                             out=out, work=blocks.work[:b])
+            if factor is not None:  # the chain rule through the output-head transform
+                g.mul_(factor)
             if direct:
                 continue
             if rows is None:
                 grad[sl].copy_(g)
             else:
                 grad.index_copy_(0, rows[sl], g.to(grad.dtype))
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _token_losses(logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: float,
-                  ignore_index: int) -> Tensor:
+                  ignore_index: int, softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
     V = logits.shape[-1]
-    flat = _TokenLoss.apply(logits.reshape(-1, V), target.reshape(-1), rule, smoothing, ignore_index)
+    if torch.compiler.is_compiling():
+        flat = _traceable_token_losses(logits.reshape(-1, V), target.reshape(-1), rule, smoothing, ignore_index,
+                                       softcap=softcap, logit_scale=logit_scale)
+        return flat.view(target.shape)
+    flat = _TokenLoss.apply(logits.reshape(-1, V), target.reshape(-1), rule, smoothing, ignore_index, softcap,
+                            logit_scale)
     return flat.view(target.shape)
 
 
@@ -241,6 +265,9 @@ def scoring_rule_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items_in_batch: int | Tensor | None = None,
+    *,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> Tensor:
     r"""Scoring-rule loss ``S_max - S_eps(softmax(logits), target)``.
 
@@ -249,6 +276,9 @@ def scoring_rule_loss(
             float64 input is computed in float64).
             Entries of ``-inf`` mark vocabulary entries with probability 0; ``V`` in the
             smoothing terms is then the number of finite logits of the row.
+            A ``DTensor`` sharded over the vocabulary (``Shard(-1)``, tensor parallelism) is
+            scored with the vocabulary-parallel loss (:mod:`properlm.dtensor`); the result is
+            then a replicated ``DTensor``.
         target: ``(...)`` integer token ids in ``[0, V)`` or ``ignore_index``.
         rule: a spec string (``"logarithmic"``, ``"brier"``, ``"spherical"``,
             ``"pseudo-spherical:ALPHA"``, ``"power:ALPHA"``, or a registered name) or a
@@ -261,10 +291,26 @@ def scoring_rule_loss(
             ``"sum"`` or ``"none"`` (shape of ``target``, 0 at ignored positions).
         num_items_in_batch: the number of target tokens of the whole (accumulated) batch,
             as passed by ``transformers.Trainer``; only used with ``reduction="mean"``.
+        softcap: final-logit soft-capping ``c > 0`` (Gemma 2/3): the rule scores
+            ``z'' = c tanh(z' / c)``. ``None``: no capping.
+        logit_scale: a logit multiplier ``s > 0`` applied first, ``z' = s z`` (Cohere's
+            ``logit_scale``; Granite's ``1 / logits_scaling``). ``None``: ``s = 1``.
+            The transform is applied to each block of rows in the compute dtype (no transformed
+            copy of the logits is kept); ``-inf`` logits stay ``-inf``. Value and gradient equal
+            those of the loss of the transformed logits.
 
     Returns:
         A scalar, or a tensor of ``target``'s shape for ``"none"``, in float32 (float64
         for float64 logits).
+
+    Under ``torch.compile`` (``fullgraph=True`` works) the loss is computed by the traceable
+    form in :mod:`properlm.compiled`: the same statistics and score formula, ignored positions
+    masked instead of gathered, gradients by autograd, no host synchronisation. Values and
+    gradients equal eager mode to float32 rounding (tests: relative error ``<= 1e-5``). The
+    argument, dtype and shape checks run while tracing, unchanged; the data check of the
+    targets does not (it would need the values on the host): an id outside ``[0, V)`` other
+    than ``ignore_index`` gives that token a loss of NaN (so a NaN reduced loss) instead of the
+    eager ``ValueError``.
 
     Example::
 
@@ -273,11 +319,17 @@ def scoring_rule_loss(
         >>> loss = properlm.scoring_rule_loss(logits, target, rule="brier", smoothing=0.1)
         >>> loss.backward()
     """
+    if is_dtensor(logits):  # vocabulary-sharded DTensor logits (tensor parallelism): properlm.dtensor
+        from .dtensor import dtensor_scoring_rule_loss
+
+        return dtensor_scoring_rule_loss(logits, target, rule, smoothing, ignore_index, reduction, num_items_in_batch,
+                                         softcap=softcap, logit_scale=logit_scale)
     rule_obj = get_rule(rule)
     eps = check_smoothing(smoothing)
     check_reduction(reduction)
+    cap, scale = check_head_transform(softcap, logit_scale)
     validate_inputs(logits.shape, logits.dtype, target, ignore_index)
-    per_token = _token_losses(logits, target, rule_obj, eps, ignore_index)
+    per_token = _token_losses(logits, target, rule_obj, eps, ignore_index, cap, scale)
     return reduce_loss(per_token, target != ignore_index, reduction, num_items_in_batch)
 
 
@@ -291,20 +343,25 @@ class ScoringRuleLoss(nn.Module):
     """
 
     def __init__(self, rule: RuleLike = "spherical", smoothing: float = 0.0, ignore_index: int = -100,
-                 reduction: str = "mean") -> None:
+                 reduction: str = "mean", *, softcap: float | None = None,
+                 logit_scale: float | None = None) -> None:
         super().__init__()
         self.rule = get_rule(rule)
         self.smoothing = check_smoothing(smoothing)
         self.ignore_index = ignore_index
         self.reduction = check_reduction(reduction)
+        self.softcap, self.logit_scale = check_head_transform(softcap, logit_scale)
 
     def forward(self, logits: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
         return scoring_rule_loss(logits, target, self.rule, self.smoothing, self.ignore_index,
-                                 self.reduction, num_items_in_batch)
+                                 self.reduction, num_items_in_batch, softcap=self.softcap,
+                                 logit_scale=self.logit_scale)
 
     def extra_repr(self) -> str:
+        head = "".join(f", {k}={v}" for k, v in (("softcap", self.softcap), ("logit_scale", self.logit_scale))
+                       if v is not None)
         return (f"rule={self.rule.spec!r}, smoothing={self.smoothing}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}")
+                f"reduction={self.reduction!r}{head}")
 
 
 def token_scores(logits: Tensor, target: Tensor, rule: RuleLike, ignore_index: int = -100) -> Tensor:

@@ -28,6 +28,13 @@ pseudo-spherical:a      a                          exp((a-1) z_y - (a-1)/a L_a)
 power:a                 1, a                       a exp((a-1)(z_y - L_1)) - (a-1) exp(L_a - a L_1)
 ======================  =========================  ====================================================
 
+Mixtures: ``"W1*RULE1+W2*RULE2[+...]"`` (positive weights, any spec as a component, ``W*``
+may be left out for a weight of 1), e.g. ``"0.5*logarithmic+0.5*spherical"`` or
+``"logarithmic+0.1*power:3"``, or :class:`Mixture` directly. A mixture's score is the weighted
+sum of its components' scores, so it is strictly proper (a positive combination of strictly
+proper rules), it needs the union of their scales (one statistics pass serves all of them),
+and every path (unfused, fused, Triton, vocabulary-parallel, evaluation, decoding) takes it.
+
 New rules: subclass :class:`ScoringRule` and decorate it with :func:`register_rule`.
 """
 
@@ -43,6 +50,7 @@ from torch import Tensor
 __all__ = [
     "Brier",
     "Logarithmic",
+    "Mixture",
     "Power",
     "PseudoSpherical",
     "RuleLike",
@@ -75,9 +83,16 @@ class ScoringRule:
     """
 
     name: ClassVar[str] = ""
-    s_max: ClassVar[float] = 1.0
-    masked_log_smoothing: ClassVar[bool] = True
-    uses_logit_sum: ClassVar[bool] = False
+    s_max: float = 1.0
+    masked_log_smoothing: bool = True
+    uses_logit_sum: bool = False
+
+    @property
+    def masked_log_weight(self) -> float:
+        """Weight of the masked-log term in the smoothed score: 1 for a rule with
+        :attr:`masked_log_smoothing`, 0 otherwise (a :class:`Mixture`: the total weight of its
+        components that have the term)."""
+        return 1.0 if self.masked_log_smoothing else 0.0
 
     def score_scales(self) -> tuple[float, ...]:
         """Scales ``c`` whose ``L_c`` :meth:`score` reads."""
@@ -200,6 +215,8 @@ def get_rule(rule: RuleLike) -> ScoringRule:
             f"known rules: {', '.join(available_rules())}"
         )
     spec = rule.strip().lower()
+    if "+" in spec or "*" in spec:
+        return _parse_mixture(rule)
     name, _, arg = spec.partition(":")
     name = _ALIASES.get(name, name)
     if name not in _REGISTRY:
@@ -341,3 +358,134 @@ class Power(ScoringRule):
     def mean_score(self, lse: LSEs, sum_z: Tensor | None, num_classes: Tensor) -> Tensor:
         a = self.alpha
         return a / num_classes * torch.exp(lse[a - 1] - (a - 1) * lse[1.0]) - (a - 1) * self._sum_pa(lse)
+
+
+# ---------------------------------------------------------------------- mixtures
+
+
+class Mixture(ScoringRule):
+    r"""A positive combination of scoring rules, ``S(p, y) = sum_i w_i S_i(p, y)``, ``w_i > 0``.
+
+    Strictly proper when every component is (the expected score is the same combination of
+    expected scores, each maximised only at ``p = q``). Its statistics are the union of the
+    components' scales, so one pass over the logits serves every component:
+
+    * ``score = sum_i w_i S_i``, ``mean_score = sum_i w_i (1/V) sum_k S_i(p, k)``,
+      ``s_max = sum_i w_i s_max_i``;
+    * smoothing is that of each component, weighted: ``S_eps = sum_i w_i S_i,eps``, so the
+      masked-log term ``(eps/V) sum_(p_j < eps/V) log p_j`` enters with weight
+      ``sum_(i bounded) w_i`` (:attr:`masked_log_weight`; the components with the term, i.e.
+      all but the logarithmic score). Its smoothed optimum is therefore the components' one,
+      ``(1 - eps) q + eps / V``.
+
+    Nested mixtures are flattened. ``Mixture([(0.5, "logarithmic"), (0.5, "spherical")])`` has
+    the spec ``"0.5*logarithmic+0.5*spherical"``.
+
+    Args:
+        components: ``(weight, rule)`` pairs; a rule is a spec string or a :class:`ScoringRule`.
+    """
+
+    name = "mixture"
+
+    def __init__(self, components: Sequence[tuple[float, RuleLike]]) -> None:
+        flat: list[tuple[float, ScoringRule]] = []
+        if isinstance(components, (str, ScoringRule)) or not components:
+            raise ValueError("Mixture needs a non-empty sequence of (weight, rule) pairs, "
+                             f"got {components!r}")
+        for i, item in enumerate(components, start=1):
+            try:
+                w, r = item
+            except (TypeError, ValueError):
+                raise ValueError(f"Mixture component {i}: expected a (weight, rule) pair, got {item!r}") from None
+            w = _check_weight(w, f"Mixture component {i}")
+            rule = get_rule(r)
+            if isinstance(rule, Mixture):
+                flat.extend((w * cw, cr) for cw, cr in rule.components)
+            else:
+                flat.append((w, rule))
+        self.components: tuple[tuple[float, ScoringRule], ...] = tuple(flat)
+        self.s_max = sum(w * r.s_max for w, r in flat)
+        self.masked_log_smoothing = any(r.masked_log_smoothing for _, r in flat)
+        self.uses_logit_sum = any(r.uses_logit_sum for _, r in flat)
+
+    @property
+    def masked_log_weight(self) -> float:
+        return sum(w * r.masked_log_weight for w, r in self.components)
+
+    def score_scales(self) -> tuple[float, ...]:
+        return tuple(sorted({float(c) for _, r in self.components for c in r.score_scales()}))
+
+    def mean_score_scales(self) -> tuple[float, ...]:
+        return tuple(sorted({float(c) for _, r in self.components for c in r.mean_score_scales()}))
+
+    def scales(self, smoothing: float = 0.0) -> tuple[float, ...]:
+        return tuple(sorted({float(c) for _, r in self.components for c in r.scales(smoothing)}))
+
+    def score(self, z_y: Tensor, lse: LSEs) -> Tensor:
+        out = None
+        for w, r in self.components:
+            t = w * r.score(z_y, lse)
+            out = t if out is None else out + t
+        assert out is not None
+        return out
+
+    def mean_score(self, lse: LSEs, sum_z: Tensor | None, num_classes: Tensor) -> Tensor:
+        out = None
+        for w, r in self.components:
+            t = w * r.mean_score(lse, sum_z, num_classes)
+            out = t if out is None else out + t
+        assert out is not None
+        return out
+
+    @property
+    def spec(self) -> str:
+        return "+".join(r.spec if w == 1.0 else f"{_fmt(w)}*{r.spec}" for w, r in self.components)
+
+
+def _check_weight(w: object, where: str) -> float:
+    try:
+        weight = float(w)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: the weight must be a number, got {w!r}") from None
+    if not math.isfinite(weight) or weight <= 0:
+        raise ValueError(f"{where}: the weight must be a positive finite number, got {w!r}")
+    return weight
+
+
+def _split_terms(spec: str) -> list[str]:
+    """Split a mixture spec at its ``+`` signs, except those of a number's exponent (``1e+3``)."""
+    parts: list[str] = []
+    for piece in spec.split("+"):
+        if parts and len(parts[-1]) >= 2 and parts[-1][-1] in "eE" and parts[-1][-2].isdigit() \
+                and piece[:1].isdigit() and "*" not in parts[-1]:
+            parts[-1] += "+" + piece
+        else:
+            parts.append(piece)
+    return parts
+
+
+def _parse_mixture(text: str) -> Mixture:
+    """``"W1*RULE1+W2*RULE2"`` -> :class:`Mixture`, with a ``ValueError`` naming the bad term."""
+    example = "e.g. '0.5*logarithmic+0.5*spherical'"
+    comps: list[tuple[float, ScoringRule]] = []
+    for i, term in enumerate(_split_terms(text.strip()), start=1):
+        term = term.strip()
+        where = f"mixture {text!r}, term {i} ({term!r})"
+        if not term:
+            raise ValueError(f"mixture {text!r}: term {i} is empty (terms are 'WEIGHT*RULE' joined by '+', {example})")
+        weight_text, star, rule_text = term.partition("*")
+        if not star:
+            weight_text, rule_text = "1", term
+        if not weight_text.strip():
+            raise ValueError(f"{where}: missing weight before '*' ({example})")
+        if not rule_text.strip():
+            raise ValueError(f"{where}: missing rule after '*' ({example})")
+        if "*" in rule_text:
+            raise ValueError(f"{where}: one '*' per term ({example})")
+        w = _check_weight(weight_text.strip(), where)
+        try:
+            rule = get_rule(rule_text.strip())
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        comps.append((w, rule))
+    return Mixture(comps)

@@ -34,6 +34,8 @@ _LOG = Logarithmic()
 __all__ = [
     "TokenStats",
     "compute_stats",
+    "head_transform_",
+    "head_transform_factor",
     "logits_grad",
     "loss_and_partials",
     "masked_log_eps",
@@ -132,6 +134,48 @@ def scale_power(e: Tensor, c: float, out: Tensor | None = None) -> Tensor:
     return torch.pow(e, c, out=out)
 
 
+def head_transform_(z: Tensor, softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
+    """The output-head transform of float logits ``z`` (``(n, V)``), **in place**:
+
+        z' = s z              (logit scale / multiplier ``s = logit_scale``, Cohere, Granite),
+        z'' = c tanh(z' / c)  (final-logit soft-capping ``c = softcap``, Gemma 2/3),
+
+    each step only when its argument is given (both ``None``: ``z`` unchanged). Entries of
+    ``-inf`` (masked vocabulary) stay ``-inf``: ``tanh`` alone would make them ``-c``, giving
+    them probability and a place in ``V``. Every path applies this to its block, chunk, tile or
+    shard of logits where they are formed, so the statistics and the rule see ``z''``. Returns ``z``.
+    """
+    if softcap is None:
+        if logit_scale is not None:
+            z.mul_(logit_scale)
+        return z
+    # the mask only when a -inf is there (a host read; under torch.compile always the mask instead)
+    if torch.compiler.is_compiling():
+        neg = torch.isneginf(z)
+    else:
+        neg = torch.isneginf(z) if z.numel() and bool(torch.isneginf(z.amin())) else None
+    z.mul_((1.0 if logit_scale is None else logit_scale) / softcap).tanh_().mul_(softcap)
+    return z if neg is None else z.masked_fill_(neg, -math.inf)
+
+
+def head_transform_factor(zt: Tensor, softcap: float | None = None, logit_scale: float | None = None, *,
+                          out: Tensor | None = None) -> Tensor | float | None:
+    """``dz'' / dz`` of :func:`head_transform_`, from the *transformed* logits ``zt = z''``:
+
+        s (1 - (z'' / c)^2) = s (1 - tanh(s z / c)^2)    (``0`` where ``z'' = -inf``),
+
+    a tensor of ``zt``'s shape (written into ``out`` when given) with a softcap, the scalar
+    ``s`` with a logit scale only, ``None`` for the identity. The logit gradient of the
+    transformed loss is the gradient with respect to ``z''`` times this factor, elementwise.
+    """
+    if softcap is None:
+        return logit_scale
+    f = torch.div(zt, softcap, out=out).square_()
+    # 1 - t^2, clamped: -inf entries give -inf (-> 0), rounding of |t| to 1 + ulp a tiny negative
+    f = f.neg_().add_(1.0).clamp_(min=0.0)
+    return f if logit_scale is None else f.mul_(logit_scale)
+
+
 def masked_log_eps(rule: ScoringRule, smoothing: float) -> float | None:
     """``eps`` when the smoothed score of ``rule`` has the masked-log term, else ``None``."""
     return smoothing if (smoothing > 0 and rule.masked_log_smoothing) else None
@@ -212,7 +256,10 @@ def smoothed_score(rule: ScoringRule, stats: TokenStats, smoothing: float = 0.0)
     """The smoothed score per token, from statistics alone (differentiable in them):
 
         S_eps = (1 - eps) S(p, y) + eps (1/V) sum_k S(p, k)
-                [+ eps (1/V) sum_{j in M} log p_j   for rules with masked_log_smoothing]
+                [+ w_M eps (1/V) sum_{j in M} log p_j   for rules with masked_log_smoothing]
+
+    where ``w_M = rule.masked_log_weight`` (1 for a bounded rule; for a mixture the total
+    weight of its bounded components).
 
     with ``sum_{j in M} log p_j = sum_M z - |M| L_1`` (shift-invariant, like every term).
     """
@@ -223,7 +270,8 @@ def smoothed_score(rule: ScoringRule, stats: TokenStats, smoothing: float = 0.0)
     if masked_log_eps(rule, smoothing) is not None:
         assert stats.masked_sum_z is not None and stats.masked_count is not None
         masked = (stats.masked_sum_z - stats.masked_count * stats.lse[1.0]) / stats.num_classes
-        s = s + smoothing * masked
+        weight = rule.masked_log_weight
+        s = s + (smoothing * masked if weight == 1.0 else (smoothing * weight) * masked)
     return s
 
 

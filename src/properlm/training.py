@@ -149,6 +149,10 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 disables)", group="optimisation")
     bf16: bool = _opt(False, "bfloat16 mixed precision (CUDA with bf16 support, or CPU)", group="optimisation")
     fp16: bool = _opt(False, "float16 mixed precision (CUDA only)", group="optimisation")
+    torch_compile: bool = _opt(False, "compile the model with torch.compile (TrainingArguments(torch_compile=True)); "
+                               "the scoring-rule losses trace without graph breaks", group="optimisation")
+    torch_compile_backend: str = _opt("inductor", "torch.compile backend for --torch-compile (aot_eager traces "
+                                      "without generating kernels: for debugging)", group="optimisation")
     # LoRA
     lora: bool = _opt(False, "train LoRA adapters (peft) instead of all weights", group="lora")
     lora_r: int = _opt(8, "LoRA rank", group="lora")
@@ -321,6 +325,11 @@ def validate_config(cfg: TrainConfig) -> None:
             rule.mean_score_scales()
         except NotImplementedError as exc:
             raise ConfigError(f"--smoothing: {exc}") from None
+    if cfg.torch_compile:
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if cfg.torch_compile_backend not in backends:
+            raise ConfigError(f"--torch-compile-backend must be one of {', '.join(backends)}, "
+                              f"got {cfg.torch_compile_backend!r}")
     positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "max_length", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "logging_steps", "lora_r"]
     optional_positive = ["max_steps", "per_device_eval_batch_size", "eval_steps", "save_steps", "save_total_limit",
@@ -664,6 +673,8 @@ def _training_arguments(cfg: TrainConfig, max_steps: int, has_eval: bool) -> Any
         "num_train_epochs": cfg.num_train_epochs,
         "bf16": cfg.bf16,
         "fp16": cfg.fp16,
+        "torch_compile": cfg.torch_compile,
+        **({"torch_compile_backend": cfg.torch_compile_backend} if cfg.torch_compile else {}),
         "seed": cfg.seed,
         "logging_steps": cfg.logging_steps,
         "logging_strategy": "steps",
@@ -756,6 +767,24 @@ def _final_eval(trainer: Any) -> dict[str, Any]:
     return trainer.evaluate()
 
 
+def _warn_if_fsdp_ignored(trainer: Any) -> None:
+    """Warn when ``accelerate launch --use_fsdp`` asked for FSDP but the Trainer does not shard.
+
+    accelerate (checked with 1.15) switches to FSDP only on accelerators (its ``AcceleratorState``
+    keeps ``DistributedType.MULTI_CPU`` for CPU processes over gloo), so on CPUs it trains with
+    plain DDP, full model on every process, and says nothing.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        import warnings
+
+        warnings.warn(
+            "FSDP was requested (accelerate launch --use_fsdp) but accelerate did not enable it for "
+            f"distributed type {trainer.accelerator.distributed_type}: accelerate shards with FSDP only on "
+            "accelerators (GPU, XPU, NPU, ...), so this run trains with DDP, an unsharded model on every process",
+            stacklevel=2,
+        )
+
+
 def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool = False) -> dict[str, Any]:
     """Train as configured by ``cfg``; returns the results dictionary also written to
     ``output_dir/results.json``.
@@ -829,6 +858,7 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
     trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                           data_collator=DataCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                           callbacks=all_callbacks, compute_metrics=_score_metrics(rules) if val_ds else None)
+    _warn_if_fsdp_ignored(trainer)
     if quiet:
         from transformers import PrinterCallback, ProgressCallback
 

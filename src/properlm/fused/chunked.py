@@ -6,11 +6,15 @@ token ``i`` is ``S_max - S_eps(softmax(z_i), y_i)`` with ``z_i = W h_i + b``. Th
 ``(N, V)`` logits are never formed: rows are processed ``chunk_size`` at a time, and for
 each chunk
 
-1. ``z = h_c W^T + b`` (float32, or float64 for float64 inputs; ``(chunk, V)``),
+1. ``z = h_c W^T + b`` (float32, or float64 for float64 inputs; ``(chunk, V)``), soft-capped /
+   scaled in place when ``softcap`` / ``logit_scale`` are given
+   (:func:`~properlm.stats.head_transform_`; the statistics see the transformed logits),
 2. the per-token statistics and their partial derivatives
    (:func:`~properlm.stats.compute_stats`, :func:`~properlm.stats.loss_and_partials`),
 3. the closed-form logit gradient ``g = d loss / d z``
-   (:func:`~properlm.stats.logits_grad`, reusing ``exp(z - m)`` from step 2),
+   (:func:`~properlm.stats.logits_grad`, reusing ``exp(z - m)`` from step 2), times the chain
+   factor of the head transform (:func:`~properlm.stats.head_transform_factor`, elementwise, one
+   block of rows at a time),
 4. ``grad_h_c = g W``, ``grad_W += g^T h_c``, ``grad_b += sum_i g_i`` (float32 accumulators;
    on CUDA with bfloat16/float16 inputs the two matmuls run in the input dtype on the tensor
    cores, accumulating into float32),
@@ -39,7 +43,7 @@ from torch import Tensor
 
 from ..loss import compute_dtype, reduce_loss
 from ..rules import ScoringRule
-from ..stats import TokenStats, compute_stats, logits_grad, loss_and_partials
+from ..stats import TokenStats, compute_stats, head_transform_, head_transform_factor, logits_grad, loss_and_partials
 
 __all__ = [
     "ChunkBackend",
@@ -116,16 +120,21 @@ class ChunkBackend(Protocol):
     """How the statistics and the logit gradient of one chunk of rows are computed."""
 
     def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
-              smoothing: float) -> tuple[TokenStats, Any]:
-        """Statistics of the logits ``h W^T + b`` of ``n`` rows (``h``: ``(n, H)``,
-        ``y``: ``(n,)``) and an opaque cache for :meth:`grad_logits` (may be ``None``)."""
+              smoothing: float, *, softcap: float | None = None,
+              logit_scale: float | None = None) -> tuple[TokenStats, Any]:
+        """Statistics of the logits ``z'' = head(h W^T + b)`` of ``n`` rows (``h``: ``(n, H)``,
+        ``y``: ``(n,)``; ``head`` the output-head transform
+        :func:`~properlm.stats.head_transform_` of ``softcap`` / ``logit_scale``) and an opaque
+        cache for :meth:`grad_logits` (may be ``None``)."""
         ...
 
     def grad_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stats: TokenStats,
-                    partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any) -> Tensor:
-        """``d sum_i loss_i / d z`` as float32 ``(n, V)``; ``partials`` are already scaled
-        by the upstream gradient. ``cache`` is what :meth:`stats` returned, or ``None``
-        (then everything is recomputed from ``h``)."""
+                    partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any, *,
+                    softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
+        """``d sum_i loss_i / d z`` (``z = h W^T + b``, the chain factor of the head transform
+        included) as float32 ``(n, V)``; ``partials`` are already scaled by the upstream
+        gradient. ``cache`` is what :meth:`stats` returned, or ``None`` (then everything is
+        recomputed from ``h``)."""
         ...
 
 
@@ -172,7 +181,8 @@ class TorchChunkBackend:
         return [slice(r, min(r + step, n)) for r in range(0, n, step)], work
 
     def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
-              smoothing: float) -> tuple[TokenStats, Any]:
+              smoothing: float, *, softcap: float | None = None,
+              logit_scale: float | None = None) -> tuple[TokenStats, Any]:
         n, V = h.shape[0], weight.shape[0]
         z = chunk_logits(h, weight, bias, out=self._buf("z", n, h, V))
         ebuf = self._buf("e", n, h, V)
@@ -180,6 +190,7 @@ class TorchChunkBackend:
         blocks, work = self._blocks(n, V, h)
         for sl in blocks:
             wk = None if work is None else work[: sl.stop - sl.start]
+            head_transform_(z[sl], softcap, logit_scale)  # in place: the cache holds z''
             st, e, finite = compute_stats(z[sl], y[sl], rule, smoothing, out=ebuf[sl], work=wk)
             if e.data_ptr() != ebuf[sl].data_ptr():  # with a masked-log term, e is a new tensor
                 ebuf[sl].copy_(e)
@@ -188,7 +199,8 @@ class TorchChunkBackend:
         return TokenStats.cat(parts), (z, ebuf, finites)
 
     def grad_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stats: TokenStats,
-                    partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any) -> Tensor:
+                    partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any, *,
+                    softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
         n, V = h.shape[0], weight.shape[0]
         blocks, work = self._blocks(n, V, h)
         if cache is None:
@@ -196,15 +208,22 @@ class TorchChunkBackend:
             e = self._buf("e", n, h, V)
             finites: list[Tensor | None] = [None] * len(blocks)  # logits_grad finds them if any
         else:
-            z, e, finites = cache
+            z, e, finites = cache  # z holds the transformed logits z''
+        # the chain factor of the soft-cap, one block at a time (a logit scale alone is a scalar)
+        fbuf = self._buf("factor", blocks[0].stop - blocks[0].start, h, V) if softcap is not None else None
         for sl, finite in zip(blocks, finites):
             e_b = e[sl]
             if cache is None:
+                head_transform_(z[sl], softcap, logit_scale)
                 torch.sub(z[sl], stats.max_logit[sl, None], out=e_b).exp_()
+            factor = head_transform_factor(z[sl], softcap, logit_scale,
+                                           out=None if fbuf is None else fbuf[: sl.stop - sl.start])
             # the gradient overwrites the logits (logits_grad allows out=z)
             wk = None if work is None else work[: sl.stop - sl.start]
-            logits_grad(z[sl], y[sl], stats.index(sl), partials.index(sl), smoothing, rule, e=e_b, finite=finite,
-                        out=z[sl], work=wk)
+            g = logits_grad(z[sl], y[sl], stats.index(sl), partials.index(sl), smoothing, rule, e=e_b,
+                            finite=finite, out=z[sl], work=wk)
+            if factor is not None:  # d/dz = d/dz'' * dz''/dz
+                g.mul_(factor)
         return z
 
 
@@ -284,7 +303,8 @@ class FusedLinearLossFunction(torch.autograd.Function):
     """Autograd function of the fused loss on 2-D inputs; see the module docstring.
 
     ``forward(hidden (N, H), weight (V, H), bias (V,) | None, target (N,), rule, smoothing,
-    ignore_index, reduction, num_items_in_batch, chunk_size, backend)`` returns a float32
+    ignore_index, reduction, num_items_in_batch, chunk_size, backend[, softcap, logit_scale])``
+    returns a float32
     scalar (``"mean"``, ``"sum"``) or per-token losses ``(N,)`` (``"none"``, 0 at ignored
     positions). Inputs are assumed validated (see :mod:`properlm.fused.dispatch`).
     """
@@ -292,8 +312,10 @@ class FusedLinearLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                 rule: ScoringRule, smoothing: float, ignore_index: int, reduction: str,
-                num_items_in_batch: Any, chunk_size: int, backend: ChunkBackend) -> Tensor:
+                num_items_in_batch: Any, chunk_size: int, backend: ChunkBackend, softcap: float | None = None,
+                logit_scale: float | None = None) -> Tensor:
         n = hidden.shape[0]
+        head = {"softcap": softcap, "logit_scale": logit_scale}
         need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
         need_grad = any(need)
         valid = target != ignore_index
@@ -321,7 +343,7 @@ class FusedLinearLossFunction(torch.autograd.Function):
         for start in range(0, nv, chunk_size):
             h_c = h_valid[start:start + chunk_size]
             y_c = y_valid[start:start + chunk_size]
-            stats, cache = backend.stats(h_c, weight, bias, y_c, rule, smoothing)
+            stats, cache = backend.stats(h_c, weight, bias, y_c, rule, smoothing, **head)
             loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad)
             losses[start:start + h_c.shape[0]] = loss_c
             if not need_grad:
@@ -332,7 +354,7 @@ class FusedLinearLossFunction(torch.autograd.Function):
             else:
                 assert acc is not None and scale is not None
                 g = backend.grad_logits(h_c, weight, bias, y_c, stats, _scaled(partials, scale), rule,
-                                        smoothing, cache)
+                                        smoothing, cache, **head)
                 del cache
                 acc.add(start, h_c, g)
                 del g
@@ -340,6 +362,7 @@ class FusedLinearLossFunction(torch.autograd.Function):
 
         ctx.rule, ctx.smoothing, ctx.backend, ctx.chunk_size = rule, smoothing, backend, chunk_size
         ctx.num_tokens, ctx.per_token = n, per_token
+        ctx.head = head
         ctx.grads = None
         ctx.saved_chunks = saved
         if per_token:
@@ -354,7 +377,7 @@ class FusedLinearLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        tail = (None,) * 8
+        tail = (None,) * 10
         if not ctx.per_token:
             if ctx.grads is None:
                 raise RuntimeError("the fused loss computes its gradients once, in the forward pass; "
@@ -384,7 +407,7 @@ class FusedLinearLossFunction(torch.autograd.Function):
                 h_c, y_c = hidden.index_select(0, idx), target.index_select(0, idx)
             assert h_c.shape[0] <= cs
             g = ctx.backend.grad_logits(h_c, weight, bias, y_c, stats, _scaled(partials, go[start:stop]),
-                                        ctx.rule, ctx.smoothing, None)
+                                        ctx.rule, ctx.smoothing, None, **ctx.head)
             acc.add(start, h_c, g)
             del g
         _release(ctx.backend)

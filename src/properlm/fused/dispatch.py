@@ -14,6 +14,8 @@ import os
 import torch
 from torch import Tensor, nn
 
+from ..compiled import check_head_transform, fused_token_losses
+from ..dtensor import is_dtensor
 from ..loss import check_reduction, check_smoothing, reduce_loss, validate_inputs
 from ..rules import RuleLike, get_rule
 from .chunked import (
@@ -119,6 +121,9 @@ def fused_linear_scoring_rule_loss(
     num_items_in_batch: int | Tensor | None = None,
     chunk_size: int | None = None,
     impl: str | None = None,
+    *,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> Tensor:
     r"""Scoring-rule loss of the output layer ``logits = hidden @ weight.T + bias``,
     computed without materialising the ``(N, V)`` logits.
@@ -130,7 +135,9 @@ def fused_linear_scoring_rule_loss(
     Args:
         hidden: ``(..., H)`` final hidden states (float32, bfloat16 or float16).
         weight: ``(V, H)`` output projection, as stored by ``nn.Linear`` / ``lm_head``; same
-            dtype and device as ``hidden``.
+            dtype and device as ``hidden``. A ``DTensor`` sharded over the vocabulary
+            (``Shard(0)``, a ``ColwiseParallel`` head) is scored with the vocabulary-parallel
+            loss (:mod:`properlm.dtensor`; ``impl`` is ignored); the result is then a replicated ``DTensor``.
         target: ``(...)`` integer token ids in ``[0, V)`` or ``ignore_index``.
         rule: a rule spec string (``"spherical"``, ``"brier"``, ``"power:3"``, ...) or a
             :class:`~properlm.rules.ScoringRule`.
@@ -148,12 +155,25 @@ def fused_linear_scoring_rule_loss(
         impl: ``None`` (Triton for bfloat16/float16 CUDA tensors, and float32 ones when
             ``torch.backends.cuda.matmul.allow_tf32`` is set, when ``triton`` is installed; the
             chunked PyTorch path otherwise), ``"torch"`` or ``"triton"`` to force one.
+        softcap, logit_scale: the output-head transform ``z'' = softcap * tanh(logit_scale * z /
+            softcap)`` of :func:`properlm.scoring_rule_loss` (Gemma 2/3 soft-capping; Cohere /
+            Granite logit scaling), applied to each chunk (tile, for Triton) of logits where it is
+            formed; the gradients include its chain factor. Equal to
+            ``scoring_rule_loss(hidden @ weight.T + bias, ..., softcap=..., logit_scale=...)``.
 
     Returns:
         A float32 scalar, or float32 per-token losses of ``target``'s shape for ``"none"``.
 
     Memory: besides the float32 gradient accumulator of ``weight`` (``V x H``), a few
     ``chunk_size x V`` float32 tensors at a time.
+
+    Under ``torch.compile`` (``fullgraph=True`` works; ``impl`` is then not used, the compiler
+    generates the kernels) the loss is the traceable chunked form of :mod:`properlm.compiled`:
+    static chunks of ``chunk_size`` rows (default from the number of tokens, ignored ones
+    included), each under activation checkpointing so that its logits are recomputed in
+    backward rather than kept; values and gradients equal eager mode to float32 rounding
+    (relative error ``<= 1e-5`` in the tests). Targets are not range-checked there (see
+    :func:`properlm.scoring_rule_loss`: an out-of-range id gives a NaN loss).
 
     Example::
 
@@ -163,21 +183,37 @@ def fused_linear_scoring_rule_loss(
         >>> loss = properlm.fused_linear_scoring_rule_loss(hidden, lm_head.weight, target, rule="brier")
         >>> loss.backward()
     """
+    if is_dtensor(weight) or is_dtensor(hidden):  # vocabulary-sharded DTensor weight: properlm.dtensor
+        from ..dtensor import dtensor_fused_linear_scoring_rule_loss
+
+        return dtensor_fused_linear_scoring_rule_loss(hidden, weight, target, rule, bias, smoothing, ignore_index,
+                                                      reduction, num_items_in_batch, chunk_size,
+                                                      softcap=softcap, logit_scale=logit_scale)
     rule_obj = get_rule(rule)
     eps = check_smoothing(smoothing)
     check_reduction(reduction)
+    cap, scale = check_head_transform(softcap, logit_scale)
     _validate(hidden, weight, target, bias, ignore_index, chunk_size, impl)
     if reduction == "mean" and num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
         reduce_loss(torch.zeros(()), torch.ones(1, dtype=torch.bool), reduction, num_items_in_batch)  # validates
-    backend = _backend(impl, hidden, len(rule_obj.scales(eps)))
     H = weight.shape[1]
     h2 = hidden.reshape(-1, H)
     y = target.reshape(-1)
+    if torch.compiler.is_compiling():
+        # traceable chunks with recomputed logits (properlm.compiled); the chunk size from the
+        # static number of tokens (counting the valid ones would read the data)
+        if chunk_size is None:
+            chunk_size = default_chunk_size(max(y.numel(), 1), H, weight.shape[0], cuda=hidden.is_cuda)
+        per_token = fused_token_losses(h2, weight, bias, y, rule_obj, eps, ignore_index, chunk_size, softcap=cap,
+                                       logit_scale=scale)
+        out = reduce_loss(per_token, y != ignore_index, reduction, num_items_in_batch)
+        return out.view(target.shape) if reduction == "none" else out
+    backend = _backend(impl, hidden, len(rule_obj.scales(eps)))
     if chunk_size is None:
         chunk_size = default_chunk_size(max(int((y != ignore_index).sum()), 1), H, weight.shape[0],
                                         cuda=hidden.is_cuda)
     out = FusedLinearLossFunction.apply(h2, weight, bias, y, rule_obj, eps, ignore_index, reduction,
-                                        num_items_in_batch, chunk_size, backend)
+                                        num_items_in_batch, chunk_size, backend, cap, scale)
     return out.view(target.shape) if reduction == "none" else out
 
 
@@ -192,9 +228,11 @@ class LinearScoringRuleLoss(nn.Module):
     """
 
     def __init__(self, rule: RuleLike = "spherical", smoothing: float = 0.0, ignore_index: int = -100,
-                 reduction: str = "mean", chunk_size: int | None = None, impl: str | None = None) -> None:
+                 reduction: str = "mean", chunk_size: int | None = None, impl: str | None = None, *,
+                 softcap: float | None = None, logit_scale: float | None = None) -> None:
         super().__init__()
         self.rule = get_rule(rule)
+        self.softcap, self.logit_scale = check_head_transform(softcap, logit_scale)
         self.smoothing = check_smoothing(smoothing)
         self.ignore_index = ignore_index
         self.reduction = check_reduction(reduction)
@@ -210,9 +248,12 @@ class LinearScoringRuleLoss(nn.Module):
                 num_items_in_batch: int | Tensor | None = None) -> Tensor:
         return fused_linear_scoring_rule_loss(hidden, weight, target, self.rule, bias, self.smoothing,
                                               self.ignore_index, self.reduction, num_items_in_batch,
-                                              self.chunk_size, self.impl)
+                                              self.chunk_size, self.impl, softcap=self.softcap,
+                                              logit_scale=self.logit_scale)
 
     def extra_repr(self) -> str:
+        head = "".join(f", {k}={v}" for k, v in (("softcap", self.softcap), ("logit_scale", self.logit_scale))
+                       if v is not None)
         return (f"rule={self.rule.spec!r}, smoothing={self.smoothing}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, impl={self.impl!r}")
+                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, impl={self.impl!r}{head}")
 

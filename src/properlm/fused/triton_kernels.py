@@ -35,6 +35,12 @@ materialised cross-entropy without smoothing, 1.43x for bounded rules with smoot
 one more sweep over the logits), at 0.26x its memory. Exact float32 dots are slow in Triton
 (3.3x), so the dispatcher uses these kernels for 2-byte inputs (and float32 under TF32) only.
 
+Output-head transforms (``softcap`` ``c``, ``logit_scale`` ``s``): every kernel applies
+``z'' = c tanh(s z / c)`` (:func:`_head_transform`) to each logit tile right after
+:func:`_logits_tile`, ``-inf`` kept, so passes 1 and 2 see ``z''``; the gradient kernel multiplies
+its tile by ``s (1 - (z'' / c)^2)`` (by ``s`` without a cap). ``tanh`` is built from ``exp``
+(:func:`_tanh`, a few ulps) because the interpreter has no ``libdevice``.
+
 For float32 inputs ``tl.dot`` runs with ``input_precision="ieee"`` (no TF32) unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set, so the kernels match the float32 reference
 to rounding. ``tests/test_fused_triton.py`` checks them under the interpreter and, where a GPU
@@ -100,10 +106,36 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_siz
 
 
 @triton.jit
+def _tanh(x):
+    """``tanh(x)`` in float32 from ``exp`` (the interpreter has no ``libdevice``): the odd Taylor
+    polynomial to ``x^11`` for ``|x| < 0.3`` (truncation below 1e-9 relative), ``(1 - e) / (1 + e)``
+    with ``e = exp(-2 |x|)`` above (no cancellation there: ``e < 0.55``); ``+-1`` at ``+-inf``."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197)))))
+    return tl.where(a < 0.3, small, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def _head_transform(z, head_mul, cap, HEAD: tl.constexpr):
+    """The output-head transform of a logit tile (:func:`properlm.stats.head_transform_`):
+    ``HEAD`` 0 none, 1 ``z * head_mul`` (logit scale), 2 ``cap * tanh(z * head_mul)`` with
+    ``head_mul = logit_scale / cap`` (soft-cap); ``-inf`` stays ``-inf``."""
+    if HEAD == 1:
+        z = z * head_mul
+    if HEAD == 2:
+        z = tl.where(z > float("-inf"), cap * _tanh(z * head_mul), z)
+    return z
+
+
+@triton.jit
 def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, sumz_ptr, count_ptr, zy_ptr,
-                  n_rows, vocab_size, hidden_size, stride_h, stride_w, split_cols,
+                  n_rows, vocab_size, hidden_size, stride_h, stride_w, split_cols, head_mul, cap, scale,
                   C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
-                  NUM_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  NUM_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HEAD: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr):
     """Pass 1 over the vocabulary slice ``[k split_cols, (k + 1) split_cols)`` of program ``(i, k)``:
@@ -132,6 +164,7 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, sumz_ptr, count_ptr,
         col_mask = cols < v_hi
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_h, stride_w,
                          HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+        z = _head_transform(z, head_mul, cap, HEAD)
         finite = z > float("-inf")
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -165,7 +198,8 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, sumz_ptr, count_ptr,
 
 @triton.jit
 def _masked_kernel(h_ptr, w_ptr, b_ptr, m_ptr, thresh_ptr, msum_ptr, mcount_ptr,
-                   n_rows, vocab_size, hidden_size, stride_h, stride_w, split_cols, HAS_BIAS: tl.constexpr,
+                   n_rows, vocab_size, hidden_size, stride_h, stride_w, split_cols, head_mul, cap, scale,
+                   HAS_BIAS: tl.constexpr, HEAD: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
                    UPCAST: tl.constexpr):
     """Pass 2: ``sum_{j in M} (z_j - m)`` and ``|M|`` with ``M = {j finite : exp(z_j - m) < thresh}``,
@@ -186,6 +220,7 @@ def _masked_kernel(h_ptr, w_ptr, b_ptr, m_ptr, thresh_ptr, msum_ptr, mcount_ptr,
         col_mask = cols < v_hi
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_h, stride_w,
                          HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+        z = _head_transform(z, head_mul, cap, HEAD)
         d = z - m[:, None]
         in_m = (tl.exp(d) < thresh[:, None]) & (z > float("-inf"))
         msum += tl.sum(tl.where(in_m, d, 0.0), axis=1)
@@ -196,9 +231,10 @@ def _masked_kernel(h_ptr, w_ptr, b_ptr, m_ptr, thresh_ptr, msum_ptr, mcount_ptr,
 
 @triton.jit
 def _grad_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, coef_ptr, fsumz_ptr, thresh_ptr, fmsum_ptr, fzy_ptr, g_ptr,
-                 n_rows, vocab_size, hidden_size, stride_h, stride_w, stride_g,
+                 n_rows, vocab_size, hidden_size, stride_h, stride_w, stride_g, head_mul, cap, scale,
                  C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
                  NUM_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SUMZ: tl.constexpr, HAS_MASK: tl.constexpr,
+                 HEAD: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr):
     """Logit-gradient tile ``g[rows, cols]`` from the per-token coefficients (see module docstring)."""
@@ -210,6 +246,7 @@ def _grad_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, coef_ptr, fsumz_ptr, thresh_
     col_mask = cols < vocab_size
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_h, stride_w,
                      HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+    z = _head_transform(z, head_mul, cap, HEAD)
     m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
     d = z - m[:, None]
     c0 = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
@@ -235,6 +272,12 @@ def _grad_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, coef_ptr, fsumz_ptr, thresh_
     y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
     fzy = tl.load(fzy_ptr + rows, mask=row_mask, other=0.0)
     g += tl.where(cols[None, :] == y[:, None], fzy[:, None], 0.0)
+    # the chain rule through the head transform: dz''/dz = scale (1 - (z'' / cap)^2) (0 at -inf)
+    if HEAD == 1:
+        g = g * head_mul
+    if HEAD == 2:
+        t = z / cap
+        g = g * tl.where(finite, tl.maximum(scale * (1.0 - t * t), 0.0), 0.0)
     g_rows = g_ptr + rows.to(tl.int64)[:, None] * stride_g
     tl.store(g_rows + cols[None, :], g, mask=row_mask[:, None] & col_mask[None, :])
 
@@ -322,6 +365,14 @@ class TritonChunkBackend:
         return h, weight, b
 
     @staticmethod
+    def _head(softcap: float | None, logit_scale: float | None) -> dict[str, Any]:
+        """Kernel arguments of the output-head transform (see :func:`_head_transform`)."""
+        scale = 1.0 if logit_scale is None else float(logit_scale)
+        if softcap is not None:
+            return {"HEAD": 2, "head_mul": scale / softcap, "cap": float(softcap), "scale": scale}
+        return {"HEAD": 0 if logit_scale is None else 1, "head_mul": scale, "cap": 1.0, "scale": scale}
+
+    @staticmethod
     def _scales(rule: ScoringRule, smoothing: float) -> tuple[tuple[float, ...], dict[str, float]]:
         scales = rule.scales(smoothing)
         if len(scales) > MAX_SCALES:
@@ -332,8 +383,10 @@ class TritonChunkBackend:
 
     # ------------------------------------------------------------------ backend interface
     def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
-              smoothing: float) -> tuple[TokenStats, Any]:
+              smoothing: float, *, softcap: float | None = None,
+              logit_scale: float | None = None) -> tuple[TokenStats, Any]:
         h, weight, b = self._prep(h, weight, bias)
+        head = self._head(softcap, logit_scale)
         y = y.contiguous()
         n, H = h.shape
         V = weight.shape[0]
@@ -349,7 +402,7 @@ class TritonChunkBackend:
         z_y = torch.empty(splits, n, **f32)
         grid = (n_blocks, splits)
         _stats_kernel[grid](h, weight, b, y, m, s, sum_z, count, z_y, n, V, H, h.stride(0), weight.stride(0),
-                            split_cols, **cs, NUM_SCALES=len(scales), HAS_BIAS=bias is not None,
+                            split_cols, **head, **cs, NUM_SCALES=len(scales), HAS_BIAS=bias is not None,
                             num_warps=self.num_warps, **cfg)
         m, lse, sum_z, count, z_y = self._merge(m, s, sum_z, count, z_y, scales)
         stats = TokenStats(z_y=z_y, lse=lse, num_classes=count, max_logit=m)
@@ -361,7 +414,7 @@ class TritonChunkBackend:
             msum = torch.empty(splits, n, **f32)
             mcount = torch.empty(splits, n, **f32)
             _masked_kernel[grid](h, weight, b, m, thresh, msum, mcount, n, V, H, h.stride(0), weight.stride(0),
-                                 split_cols, HAS_BIAS=bias is not None, num_warps=self.num_warps, **cfg)
+                                 split_cols, **head, HAS_BIAS=bias is not None, num_warps=self.num_warps, **cfg)
             stats.masked_sum_z, stats.masked_count = msum.sum(0), mcount.sum(0)
         return stats, None
 
@@ -371,8 +424,10 @@ class TritonChunkBackend:
         return masked_threshold(stats.lse[1.0], stats.num_classes, eps, torch.float32).contiguous()
 
     def grad_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stats: TokenStats,
-                    partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any) -> Tensor:
+                    partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any, *,
+                    softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
         h, weight, b = self._prep(h, weight, bias)
+        head = self._head(softcap, logit_scale)
         y = y.contiguous()
         n, H = h.shape
         V = weight.shape[0]
@@ -393,7 +448,7 @@ class TritonChunkBackend:
         g = torch.empty(n, V, dtype=logit_grad_dtype(h), device=h.device)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
         _grad_kernel[grid](h, weight, b, y, m, coef, fsumz, thresh, fmsum, fzy, g, n, V, H, h.stride(0),
-                           weight.stride(0), g.stride(0), **cs, NUM_SCALES=len(scales),
+                           weight.stride(0), g.stride(0), **head, **cs, NUM_SCALES=len(scales),
                            HAS_BIAS=bias is not None, HAS_SUMZ=has_sumz, HAS_MASK=has_mask,
                            num_warps=self.num_warps, **cfg)
         return g

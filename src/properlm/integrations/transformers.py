@@ -54,23 +54,38 @@ loss (so TRL's ``-log_probs.sum() / num_items_in_batch`` is the scoring-rule los
 the ``SFTTrainer`` (or the model before, when you wrap it with PEFT yourself).
 
 During a call with labels in fused mode ``outputs.logits`` is therefore an empty tensor of
-shape ``(..., 0, vocab)``; call the model without labels to get logits (generation and
-evaluation do). With ``fused=False`` the model computes its full logits and the loss is
+shape ``(..., 0, vocab)`` (``(..., 1, vocab)`` for a tensor-parallel head whose weight is a
+``DTensor``; its loss is then the vocabulary-parallel loss of :mod:`properlm.dtensor`); call the
+model without labels to get logits (generation and evaluation do). With ``fused=False`` the model
+computes its full logits and the loss is
 :func:`properlm.scoring_rule_loss` on them: use it for heads the fused loss cannot express
-(logit soft-capping as in Gemma 2, logit scaling as in Cohere/Granite, a PEFT-wrapped head).
+(a PEFT-wrapped head).
+
+Output heads of today's models. Some models transform ``hidden @ W.T`` after the output
+embedding; the fused loss applies the same transform to each chunk of logits (``softcap`` and
+``logit_scale`` of :func:`properlm.fused.fused_linear_scoring_rule_loss`), read off the (text)
+config: ``final_logit_softcapping`` ``c`` (Gemma 2/3: ``c tanh(z / c)``), ``logit_scale`` (Cohere:
+``s z``), ``logits_scaling`` (Granite: ``z / s``), ``output_multiplier`` and ``lm_head_multiplier``
+(``s z``, before any soft-cap). A setting counts only where the model's code reads it (the source
+of its class and bases mentions the attribute): Llama ignores a ``final_logit_softcapping`` put
+into its config, and Gemma 3's multimodal model does not soft-cap with its text config's.
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..compiled import check_head_transform
+from ..dtensor import is_dtensor
 from ..loss import check_smoothing, reduce_loss, scoring_rule_loss
 from ..rules import RuleLike, ScoringRule, get_rule
+from ..stats import head_transform_
 
 __all__ = [
     "ScoringRuleHandle",
@@ -82,9 +97,15 @@ __all__ = [
     "scoring_rule_loss_func",
 ]
 
-#: config attributes of heads whose logits are not ``hidden @ W.T + b`` (soft-capping, scaling)
-_UNFUSABLE_CONFIG = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
+#: config attributes of heads whose logits are a transform of ``hidden @ W.T + b``, and how the
+#: models apply them (``transformers`` modeling code): the fused loss applies the same transform
+_HEAD_TRANSFORM_CONFIG = {
+    "final_logit_softcapping": "softcap",  # Gemma 2/3, T5Gemma, Nanochat, ...: c tanh(z / c)
+    "logit_scale": "multiply",  # Cohere, Cohere 2: z * s
+    "output_multiplier": "multiply",  # MuseGlimmer / MuseSpark: z * s, then the soft-cap
+    "lm_head_multiplier": "multiply",  # Falcon-H1: z * s
+    "logits_scaling": "divide",  # Granite, GraniteMoE: z / s
+}
 
 #: float32 elements of one chunk of logits for the TRL metrics (entropy, top-1)
 _METRIC_CHUNK_ELEMENTS = 1 << 24
@@ -105,8 +126,10 @@ def _fused_impl() -> Callable[..., Tensor] | None:
 
 def linear_scoring_rule_loss(hidden: Tensor, weight: Tensor, target: Tensor, rule: RuleLike,
                              bias: Tensor | None = None, smoothing: float = 0.0, ignore_index: int = -100,
-                             reduction: str = "mean", num_items_in_batch: int | Tensor | None = None) -> Tensor:
-    """Scoring-rule loss of the logits ``hidden @ weight.T + bias`` without materialising them.
+                             reduction: str = "mean", num_items_in_batch: int | Tensor | None = None, *,
+                             softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
+    """Scoring-rule loss of the logits ``hidden @ weight.T + bias`` (soft-capped / scaled by
+    ``softcap`` / ``logit_scale`` as in :func:`properlm.scoring_rule_loss`) without materialising them.
 
     Calls :func:`properlm.fused.fused_linear_scoring_rule_loss`; if that module cannot be
     imported it computes the logits with ``F.linear`` and calls :func:`properlm.scoring_rule_loss`
@@ -116,9 +139,11 @@ def linear_scoring_rule_loss(hidden: Tensor, weight: Tensor, target: Tensor, rul
     fused = _fused_impl()
     if fused is not None:
         return fused(hidden, weight, target, rule=rule, bias=bias, smoothing=smoothing, ignore_index=ignore_index,
-                     reduction=reduction, num_items_in_batch=num_items_in_batch)
+                     reduction=reduction, num_items_in_batch=num_items_in_batch, softcap=softcap,
+                     logit_scale=logit_scale)
     logits = nn.functional.linear(hidden, weight, bias)
-    return scoring_rule_loss(logits, target, rule, smoothing, ignore_index, reduction, num_items_in_batch)
+    return scoring_rule_loss(logits, target, rule, smoothing, ignore_index, reduction, num_items_in_batch,
+                             softcap=softcap, logit_scale=logit_scale)
 
 
 def _align(x: Tensor, labels: Tensor, shift: bool, shift_labels: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -279,9 +304,12 @@ class _Call:
 class _PatchState:
     """Settings shared by the hooks of one patched model (picklable; per-call state is not kept)."""
 
-    def __init__(self, rule: ScoringRule, smoothing: float, ignore_index: int, fused: bool, shift: bool) -> None:
+    def __init__(self, rule: ScoringRule, smoothing: float, ignore_index: int, fused: bool, shift: bool,
+                 softcap: float | None = None, logit_scale: float | None = None) -> None:
         self.rule, self.smoothing, self.ignore_index = rule, smoothing, ignore_index
         self.fused, self.shift = fused, shift
+        #: the output-head transform of the fused loss (see the module docstring)
+        self.softcap, self.logit_scale = softcap, logit_scale
         self.calls: list[_Call] = []
         #: instance attributes of the model set by the patch: name -> (previous value,) or ()
         self.saved_attrs: dict[str, tuple[Any, ...]] = {}
@@ -299,7 +327,7 @@ class _PatchState:
         if weight is None:  # x are the logits
             return scoring_rule_loss(x, y, self.rule, self.smoothing, self.ignore_index, reduction, call.num_items)
         return linear_scoring_rule_loss(x, weight, y, self.rule, bias, self.smoothing, self.ignore_index,
-                                        reduction, call.num_items)
+                                        reduction, call.num_items, softcap=self.softcap, logit_scale=self.logit_scale)
 
     def finish(self, call: _Call, x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
         out = self.token_losses(x, y, weight, bias, call)
@@ -308,11 +336,12 @@ class _PatchState:
             return
         valid = y != self.ignore_index
         call.loss = reduce_loss(out, valid, "mean", call.num_items)
-        call.metrics = _trl_metrics(x, y, valid, out, weight, bias)
+        call.metrics = _trl_metrics(x, y, valid, out, weight, bias, self.softcap, self.logit_scale)
 
 
 def _trl_metrics(x: Tensor, y: Tensor, valid: Tensor, token_loss: Tensor, weight: Tensor | None,
-                 bias: Tensor | None) -> dict[str, Tensor]:
+                 bias: Tensor | None, softcap: float | None = None,
+                 logit_scale: float | None = None) -> dict[str, Tensor]:
     """Fields of TRL's ``FusedCausalLMOutput``: ``log_probs`` is minus the per-token loss, so
     TRL's ``-log_probs.sum() / num_items`` is the scoring-rule loss; ``entropy`` and ``is_top1``
     of the model distribution are computed without gradient in row chunks."""
@@ -327,6 +356,8 @@ def _trl_metrics(x: Tensor, y: Tensor, valid: Tensor, token_loss: Tensor, weight
         for start in range(0, n, step):
             rows = x2[start:start + step]
             z = (nn.functional.linear(rows, weight, bias) if weight is not None else rows).float()
+            if weight is not None:  # the model's own logits: its head transform
+                z = head_transform_(z, softcap, logit_scale)
             logp = torch.log_softmax(z, dim=-1)
             entropy[start:start + step] = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
             top1[start:start + step] = z.argmax(-1) == y2[start:start + step]
@@ -410,7 +441,10 @@ class _HeadPreHook:
             extra = call.extra_bias.reshape(-1).to(device=hidden.device)
             bias = extra if bias is None else bias + extra
         self.state.finish(call, x, y, head.weight, bias)
-        return (hidden.narrow(-2, 0, 0), *args[1:]) if hidden.dim() >= 2 else (hidden[:0], *args[1:])
+        # a tensor-parallel head (DTensor weight) gets one position: DTensor cannot propagate its
+        # sharding through the view of an empty (batch, 0, vocab) output (torch 2.13)
+        keep = 1 if is_dtensor(head.weight) else 0
+        return (hidden.narrow(-2, 0, keep), *args[1:]) if hidden.dim() >= 2 else (hidden[:keep], *args[1:])
 
 
 class _ModelPostHook:
@@ -484,15 +518,65 @@ def _output_head(model: nn.Module) -> nn.Module:
     return head
 
 
-def _check_fusable(model: nn.Module, head: nn.Module) -> None:
-    config = _text_config(_base_model(model))
-    for attr in _UNFUSABLE_CONFIG:
+_SOURCE_CACHE: dict[type, str] = {}
+
+
+def _class_source(cls: type) -> str | None:
+    """Source of ``cls`` (cached), or ``None`` when it cannot be read."""
+    if cls not in _SOURCE_CACHE:
+        try:
+            _SOURCE_CACHE[cls] = inspect.getsource(cls)
+        except (OSError, TypeError):
+            return None
+    return _SOURCE_CACHE[cls]
+
+
+def _reads_config(model: nn.Module, attr: str) -> bool:
+    """Whether the code of ``model``'s class or of one of its model bases mentions ``attr``
+    (``True`` when no source can be read). The generic bases of ``torch`` and ``transformers``
+    (``nn.Module``, ``PreTrainedModel``, ``GenerationMixin``, ...) are not model code and are skipped."""
+    sources = []
+    for cls in type(model).__mro__:
+        mod = cls.__module__ or ""
+        if mod == "builtins" or mod.startswith("torch") or (mod.startswith("transformers.")
+                                                             and not mod.startswith("transformers.models.")):
+            continue
+        src = _class_source(cls)
+        if src is not None:
+            sources.append(src)
+    word = re.compile(rf"\b{re.escape(attr)}\b")
+    return not sources or any(word.search(src) for src in sources)
+
+
+def _head_transform(model: nn.Module) -> tuple[float | None, float | None]:
+    """``(softcap, logit_scale)`` of the model's output head from its (text) config
+    (:data:`_HEAD_TRANSFORM_CONFIG`), or ``ValueError`` for a value the fused loss cannot express."""
+    base = _base_model(model)
+    config = _text_config(base)
+    softcap: float | None = None
+    scale = 1.0
+    for attr, kind in _HEAD_TRANSFORM_CONFIG.items():
         value = getattr(config, attr, None)
-        if value is not None and not isinstance(value, bool) and value != 1.0 and not (
-                attr == "final_logit_softcapping" and value == 0):
+        if value is None or isinstance(value, bool) or not _reads_config(base, attr):
+            continue
+        if kind == "softcap" and value == 0:  # "off" (the model itself would divide by zero)
+            continue
+        try:
+            v = check_head_transform(float(value), None)[0]
+        except (TypeError, ValueError):
+            v = None
+        if v is None:
             raise ValueError(
                 f"apply_scoring_rule(fused=True) cannot express this model's logits: config.{attr}={value!r} "
-                "transforms hidden @ W.T after the output embedding; use apply_scoring_rule(..., fused=False)")
+                "is not a finite number > 0; use apply_scoring_rule(..., fused=False)")
+        if kind == "softcap":
+            softcap = v
+        else:
+            scale = scale * v if kind == "multiply" else scale / v
+    return softcap, (None if scale == 1.0 else scale)
+
+
+def _check_fusable(model: nn.Module, head: nn.Module) -> None:
     if hasattr(head, "base_layer") or hasattr(head, "original_module") or hasattr(head, "lora_A"):
         raise ValueError(
             f"apply_scoring_rule(fused=True): the output embedding is wrapped by PEFT ({type(head).__name__}); "
@@ -541,6 +625,16 @@ class ScoringRuleHandle:
         return self._state.shift
 
     @property
+    def softcap(self) -> float | None:
+        """The final-logit soft-cap the fused loss applies (from the model's config), or ``None``."""
+        return self._state.softcap
+
+    @property
+    def logit_scale(self) -> float | None:
+        """The logit multiplier the fused loss applies (from the model's config), or ``None``."""
+        return self._state.logit_scale
+
+    @property
     def ignore_index(self) -> int:
         return self._state.ignore_index
 
@@ -582,7 +676,8 @@ def apply_scoring_rule(model: nn.Module, rule: RuleLike = "spherical", smoothing
     The loss is ``S_max - S_eps(softmax(z), y)`` averaged over the non-ignored targets (or summed
     and divided by ``num_items_in_batch`` when the caller passes it, as ``Trainer`` does), with
     ``z = hidden @ W.T + b`` the logits of the output embedding ``model.get_output_embeddings()``
-    (plus ``final_logits_bias`` for BART-like models). See the module docstring for the mechanism.
+    (plus ``final_logits_bias`` for BART-like models), soft-capped / scaled as the model's config says
+    (Gemma 2/3, Cohere, Granite; see the module docstring). See the module docstring for the mechanism.
 
     Args:
         model: a Hugging Face causal-LM or seq2seq-LM model, or a PEFT model wrapping one. With
@@ -602,7 +697,8 @@ def apply_scoring_rule(model: nn.Module, rule: RuleLike = "spherical", smoothing
 
     Raises:
         ValueError: the model has no output embedding; or ``fused=True`` and the logits are not
-            ``hidden @ W.T + b`` (logit soft-capping or scaling in the config, a PEFT-wrapped head).
+            a transform of ``hidden @ W.T + b`` that the fused loss expresses (a PEFT-wrapped head,
+            a head without a 2-D weight, a soft-cap or scale in the config that is not a number > 0).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -611,11 +707,13 @@ def apply_scoring_rule(model: nn.Module, rule: RuleLike = "spherical", smoothing
     if shift_labels is not None and not isinstance(shift_labels, bool):
         raise ValueError(f"shift_labels must be True, False or None, got {shift_labels!r}")
     head = _output_head(model)
+    softcap = logit_scale = None
     if fused:
         _check_fusable(model, head)
+        softcap, logit_scale = _head_transform(model)
     remove_scoring_rule(model)
     shift = (not _is_encoder_decoder(_base_model(model))) if shift_labels is None else shift_labels
-    state = _PatchState(rule_obj, eps, int(ignore_index), bool(fused), shift)
+    state = _PatchState(rule_obj, eps, int(ignore_index), bool(fused), shift, softcap, logit_scale)
     removables = [
         model.register_forward_pre_hook(_ModelPreHook(state), with_kwargs=True),
         model.register_forward_hook(_ModelPostHook(state), with_kwargs=True, always_call=True),

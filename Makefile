@@ -7,7 +7,7 @@ EXTRAS ?= all,triton,dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint typecheck docs package demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,24 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 
-test: lint
+# mypy on src/ with the settings in pyproject.toml ([tool.mypy])
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+# the documentation site (mkdocs.yml) in strict mode: a warning, broken link or unresolved reference fails;
+# the site goes to build/site
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# build the sdist and the wheel, install the wheel in a fresh venv outside the tree and smoke-test it there
+package: $(STAMP)
+	bash .ci/wheel_smoke.sh $(PY)
+
+test: lint typecheck docs
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory package
 
 demo: $(STAMP)
 	$(VENV)/bin/properlm demo
@@ -31,4 +45,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_loss.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache demo_output
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .mypy_cache demo_output

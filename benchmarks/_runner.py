@@ -6,7 +6,8 @@ Each benchmark is a list of *steps*; a step is one ``properlm`` command (``train
 where it stopped (an interrupted ``train`` step resumes from its newest checkpoint).
 
 Statistics: :func:`mean_std` over seeds, :func:`paired_bootstrap` (sacrebleu's paired
-bootstrap resampling of BLEU and chrF against a baseline system); seeds as the unit of evidence:
+bootstrap resampling of BLEU and chrF against a baseline system), :func:`paired_bootstrap_means`
+(the same over per-document scores such as ROUGE F1); seeds as the unit of evidence:
 :func:`mean_ci` (Student-t 95% interval of a mean difference across seeds) and
 :func:`sign_test`; :func:`kendall_tau` with a bootstrap interval over models.
 """
@@ -24,8 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["IN_PROCESS", "Task", "fmt_mean_std", "kendall_tau", "kendall_tau_interval", "mean_ci", "mean_std",
-           "paired_bootstrap", "read_json", "read_lines", "read_log", "run_step", "run_tasks", "sign_test"]
+__all__ = ["IN_PROCESS", "Task", "checkpoint_steps", "fmt_mean_std", "kendall_tau", "kendall_tau_interval", "mean_ci",
+           "mean_std", "paired_bootstrap", "paired_bootstrap_means", "read_json", "read_lines", "read_log", "run_step",
+           "run_tasks", "sign_test", "start_from_checkpoint"]
 
 
 #: run steps in this process (tests: no interpreter start-up per step) instead of a subprocess
@@ -252,3 +254,60 @@ def kendall_tau_interval(x: Sequence[float], y: Sequence[float], n_samples: int 
         return tau, math.nan, math.nan
     draws.sort()
     return tau, draws[int(0.025 * (len(draws) - 1))], draws[math.ceil(0.975 * (len(draws) - 1))]
+
+
+def paired_bootstrap_means(baseline: Sequence[float], system: Sequence[float], *, n_samples: int = 1000,
+                           seed: int = 0) -> dict[str, Any]:
+    """Paired bootstrap over documents of a mean per-document score (e.g. ROUGE F1).
+
+    With per-document differences ``d_i = system_i - baseline_i`` (``n`` documents), each of
+    ``n_samples`` resamples draws ``n`` documents with replacement and takes the mean of their
+    ``d``. Returns ``{"delta": mean(d), "ci95": [2.5%, 97.5%] percentiles of the resampled means,
+    "p": two-sided p}`` with ``p = min(1, 2 (1 + #{resampled means on the other side of 0 from delta,
+    or at 0}) / (n_samples + 1))`` (1.0 when ``delta`` is 0): small when the difference keeps its
+    sign under resampling.
+    """
+    import numpy as np
+
+    if len(baseline) != len(system) or not baseline:
+        raise ValueError(f"paired scores needed: {len(baseline)} baseline vs {len(system)} system values")
+    d = np.asarray(system, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    delta = float(d.mean())
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_samples)
+    for start in range(0, n_samples, 100):  # 100 resamples at a time: n_docs x 100 indices in memory
+        k = min(100, n_samples - start)
+        means[start:start + k] = d[rng.integers(0, len(d), size=(k, len(d)))].mean(axis=1)
+    if delta == 0:
+        p = 1.0
+    else:
+        other = int((means <= 0).sum()) if delta > 0 else int((means >= 0).sum())
+        p = min(1.0, 2 * (1 + other) / (n_samples + 1))
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"delta": delta, "ci95": [float(lo), float(hi)], "p": p}
+
+
+def checkpoint_steps(run: str) -> list[int]:
+    """Steps of the complete ``checkpoint-N`` directories of a run, ascending."""
+    from properlm.training import find_checkpoints
+
+    return [int(os.path.basename(c).split("-")[1]) for c in find_checkpoints(run)]
+
+
+def start_from_checkpoint(src: str, dst: str, step: int) -> None:
+    """Make run directory ``dst`` continue run ``src`` from its ``checkpoint-STEP``: copy the
+    checkpoint (weights, optimizer, scheduler, RNG and data-order state), the tokenizer and
+    ``src``'s log records up to ``step`` (so the curves are whole). The checkpoint is copied
+    under a temporary name and renamed, so ``dst`` holds it completely or not at all."""
+    import shutil
+
+    ckpt = f"checkpoint-{step}"
+    if not os.path.isfile(os.path.join(src, ckpt, "trainer_state.json")):
+        raise RuntimeError(f"{src}/{ckpt} is missing")
+    os.makedirs(dst, exist_ok=True)
+    shutil.copytree(os.path.join(src, "tokenizer"), os.path.join(dst, "tokenizer"), dirs_exist_ok=True)
+    records = [r for r in read_log(os.path.join(src, "metrics.jsonl")) if r["step"] <= step]
+    with open(os.path.join(dst, "metrics.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    shutil.copytree(os.path.join(src, ckpt), os.path.join(dst, ckpt + ".tmp"), dirs_exist_ok=True)
+    os.replace(os.path.join(dst, ckpt + ".tmp"), os.path.join(dst, ckpt))

@@ -19,6 +19,7 @@ from properlm.data import (
     split_validation,
     tokenize_example,
     tokenize_examples,
+    truncate_source,
 )
 from properlm.modeling import train_bpe_tokenizer
 
@@ -83,6 +84,15 @@ def test_summarization_jsonl(tmp_path):
     assert examples[0].task == "summarization"
 
 
+def test_summarization_annotations_are_further_references(tmp_path):
+    rows = [{**SUMMARIES[0], "id": "x1", "annotations": ["Cat on mat.", "The cat"]}, SUMMARIES[1]]
+    examples = load_examples(write_jsonl(tmp_path / "dev.jsonl", rows))
+    assert examples[0].references == ("A cat sat.", "Cat on mat.", "The cat")
+    assert examples[0].fields["annotations"] == ("Cat on mat.", "The cat")
+    assert examples[1].references == ("Rain.",) and "annotations" not in examples[1].fields
+    assert Example("s", "t", "translation").references == ("t",)
+
+
 def test_parallel_files(tmp_path):
     (tmp_path / "a.src").write_text("one two\nthree\n", encoding="utf-8")
     (tmp_path / "a.tgt").write_text("un deux\ntrois\n", encoding="utf-8")
@@ -116,6 +126,9 @@ def test_malformed_instruction_jsonl(tmp_path, line, message):
     ({"document": "d"}, "field 'summary' is missing"),
     ({"summary": "s"}, "field 'document' is missing"),
     ({"document": "d", "summary": None}, "field 'summary' must be a string, got NoneType"),
+    ({"document": "d", "summary": "s", "annotations": "t"}, "field 'annotations' must be a list of strings, got str"),
+    ({"document": "d", "summary": "s", "annotations": ["t", 3]}, "field 'annotations' item 2 must be a string"),
+    ({"document": "d", "summary": "s", "annotations": ["t", " "]}, "field 'annotations' item 2 is empty"),
 ])
 def test_malformed_summarization(tmp_path, record, message):
     path = write_jsonl(tmp_path / "sum.jsonl", [SUMMARIES[0], SUMMARIES[1], record])
@@ -188,6 +201,40 @@ def test_causal_truncation_keeps_target(causal_tok):
     assert len(out["input_ids"]) == 32
     n_target = sum(1 for t in out["labels"] if t != IGNORE_INDEX)
     assert n_target == len(causal_tok("one two three", add_special_tokens=False)["input_ids"]) + 1
+
+
+def test_truncate_source_cuts_the_text_before_the_template(causal_tok, seq2seq_tok):
+    doc = " ".join(f"the cat sat on mat {i}" for i in range(200))  # > 1024 tokens: past model_max_length
+    ex = Example(doc, "A cat sat.", "summarization", {"document": doc, "summary": "A cat sat."})
+    assert truncate_source(ex, causal_tok, None) is ex
+    short = Example("one two", "un", "translation", {"source": "one two"})
+    assert truncate_source(short, causal_tok, 50) is short
+    causal_tok.deprecation_warnings.clear()
+    cut = truncate_source(ex, causal_tok, 40)
+    # the too-long warning of transformers is not raised: properlm cuts the ids itself
+    assert "sequence-length-is-longer-than-the-specified-maximum" not in causal_tok.deprecation_warnings
+    assert doc.startswith(cut.source) and cut.fields["document"] == cut.source and cut.target == ex.target
+    n = len(causal_tok(cut.source, add_special_tokens=False)["input_ids"])
+    assert 36 <= n <= 40
+    # decoder-only: the template around the document stays whole; the target is untouched
+    prompt = encode_prompt(ex, causal_tok, max_source_length=40)
+    assert prompt == encode_prompt(cut, causal_tok)
+    assert causal_tok.decode(prompt, skip_special_tokens=True).endswith("\n\nSummary:\n")
+    feats = tokenize_example(ex, causal_tok, seq2seq=False, max_length=512, max_source_length=40)
+    assert feats["input_ids"][: len(prompt)] == prompt
+    assert feats["labels"][: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    # seq2seq: the encoder input is the cut document and still ends with EOS
+    enc = tokenize_example(ex, seq2seq_tok, seq2seq=True, max_length=512, max_source_length=25)
+    assert enc["input_ids"][-1] == seq2seq_tok.eos_token_id and len(enc["input_ids"]) <= 26
+    assert doc.startswith(seq2seq_tok.decode(enc["input_ids"], skip_special_tokens=True))
+    # an instruction record: its input is cut, the instruction stays
+    inst = Example("Summarise.\n\n" + doc, "x", "instruction",
+                   {"instruction": "Summarise.", "input": doc, "output": "x"})
+    cut_inst = truncate_source(inst, causal_tok, 10)
+    assert cut_inst.fields["instruction"] == "Summarise." and doc.startswith(cut_inst.fields["input"])
+    assert cut_inst.source == "Summarise.\n\n" + cut_inst.fields["input"]
+    with pytest.raises(ValueError, match="max_source_length must be a positive integer"):
+        truncate_source(ex, causal_tok, 0)
 
 
 def test_seq2seq_tokenisation(seq2seq_tok):

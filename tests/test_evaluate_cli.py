@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -256,3 +257,144 @@ def test_help(command, capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "usage: properlm " + command in text
+
+
+def test_multi_reference_rouge_by_hand():
+    from importlib.metadata import version
+
+    from properlm.generation_eval import rouge_per_example
+
+    # per example and ROUGE type the best F1 over the references: ROUGE-1 from the first, ROUGE-2 from the second
+    hyp, refs = "a b c d", ["d c b a", "a b x y"]
+    per = rouge_per_example([hyp], [refs])
+    assert per["rouge1"] == [pytest.approx(1.0)] and per["rouge2"] == [pytest.approx(1 / 3)]
+    m = summarization_metrics([hyp, "the cat sat"], ["d c b a", "the dog ran"],
+                              multi_references=[refs, ["the dog ran", "the cat sat on the mat"]])
+    assert m["rouge1"] == pytest.approx(100 * (1.0 + 1 / 3) / 2)  # against the first reference only
+    assert m["rouge1_multi"] == pytest.approx(100 * (1.0 + 2 * 1 * 0.5 / 1.5) / 2)
+    assert m["rouge2_multi"] == pytest.approx(100 * (1 / 3 + 2 * 1 * 0.4 / 1.4) / 2)
+    assert m["num_references"] == 2 and m["rouge_version"] == version("rouge-score")
+    assert f"rouge-score {m['rouge_version']}" in m["rouge_settings"]
+    assert "best over each example's references" in m["rouge_multi_settings"]
+    assert "rouge1_multi" not in summarization_metrics(["a"], ["a"])
+    with pytest.raises(ValueError, match="example 0 has no reference"):
+        rouge_per_example(["a"], [[]])
+
+
+def _write_emails(path, n, annotations=False, long_every=3):
+    """Summarization rows; every ``long_every``-th document is about 1,500 characters (past the
+    64 positions of the model below, and past the tokenizer's model_max_length of 1024 tokens)."""
+    rows = []
+    for i in range(n):
+        subject = f"{WORDS_SUBJ[i % len(WORDS_SUBJ)]} meeting"
+        body = f"please come to the {subject} on day {i % 7} thanks"
+        if i % long_every == 0:
+            body = " ".join([body] * 30)
+        row = {"document": body, "summary": subject}
+        if annotations:
+            row["annotations"] = [f"{subject} today", "meeting"]
+        rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+WORDS_SUBJ = ["budget", "gas", "power", "legal", "trading"]
+
+
+@pytest.fixture(scope="module")
+def short_position_run(tmp_path_factory):
+    """`properlm train --init tiny-seq2seq --max-length 64 --max-source-length 40`: a model with 64 positions."""
+    from properlm.training import make_config, run_training
+
+    root = tmp_path_factory.mktemp("summ")
+    train = _write_emails(root / "train.jsonl", 24)
+    cfg = make_config({"init": "tiny-seq2seq", "train_file": train, "vocab_size": 300, "hidden_size": 16,
+                       "num_layers": 1, "num_heads": 2, "max_length": 64, "max_source_length": 40, "max_steps": 2,
+                       "save_steps": 2, "per_device_train_batch_size": 4, "output_dir": str(root / "run"),
+                       "progress_bar": False, "tensorboard": False, "logging_steps": 1})
+    run_training(cfg, quiet=True)
+    dev = _write_emails(root / "dev.jsonl", 6, annotations=True)
+    return str(root / "run"), dev
+
+
+def test_evaluate_takes_the_truncation_of_the_training_run(short_position_run, tmp_path, capsys):
+    """Regression: a tiny-seq2seq trained with --max-length 64 has 64 positions; evaluate's old default
+    --max-length 512 indexed past Marian's position table (IndexError). Now it cuts as training did."""
+    from properlm.modeling import TRAINING_RECORD
+
+    run, dev = short_position_run
+    record = json.loads(open(f"{run}/final/{TRAINING_RECORD}").read())
+    assert record == {"max_length": 64, "max_source_length": 40, "task": "summarization", "seq2seq": True}
+    assert json.loads(open(f"{run}/checkpoint-2/{TRAINING_RECORD}").read()) == record
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", f"{run}/final", "--data-file", dev, "--num-beams", "2", "--max-new-tokens",
+                 "4", "--output-dir", str(out), "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    cut = res["truncation"]
+    assert res["settings"]["max_length"] == 64 and res["settings"]["max_source_length"] == 40
+    assert cut["model_max_positions"] == 64 and cut["position_key"] == "max_position_embeddings"
+    assert cut["max_length_from"].startswith("training run") and TRAINING_RECORD in cut["max_length_from"]
+    assert cut["num_sources_cut"] == 2 and cut["num_prompts_over_max_length"] == 0  # docs 0 and 3 are long
+    assert "| max length (tokens)" in stdout and "2 of 6 sources cut" in stdout
+    gen = res["generation"]
+    assert {"rouge1", "rouge1_multi", "rouge2_multi", "rougeL_multi"} <= set(gen) and gen["num_references"] == 3
+    assert gen["rouge1_multi"] >= gen["rouge1"] - 1e-9 and "ROUGE multi-reference signature" in stdout
+    assert "rouge-score" in gen["rouge_settings"]
+    # a shorter --max-length is taken and said to differ from training's; without a source cut, the
+    # long documents are cut at --max-length
+    assert main(["evaluate", "--model", f"{run}/final", "--data-file", dev, "--max-length", "32",
+                 "--max-source-length", "1000", "--no-generate", "--output-dir", str(tmp_path / "e2"),
+                 "--no-progress"]) == 0
+    cut = json.loads((tmp_path / "e2" / "results.json").read_text())["truncation"]
+    assert cut["max_length"] == 32 and cut["max_length_from"] == "--max-length (training used 64)"
+    assert cut["num_sources_cut"] == 0 and cut["num_prompts_over_max_length"] == 2
+    # a run made before the record existed: the run's results.json tells the lengths
+    os.remove(f"{run}/checkpoint-2/{TRAINING_RECORD}")
+    assert main(["evaluate", "--model", f"{run}/checkpoint-2", "--data-file", dev, "--no-generate",
+                 "--output-dir", str(tmp_path / "e3"), "--no-progress"]) == 0
+    cut = json.loads((tmp_path / "e3" / "results.json").read_text())["truncation"]
+    assert cut["max_length"] == 64 and cut["max_source_length"] == 40 and "results.json" in cut["max_length_from"]
+
+
+def test_too_long_for_the_model_is_refused_before_reading_data(short_position_run, tmp_path, capsys, monkeypatch):
+    import properlm.data
+
+    run, dev = short_position_run
+
+    def boom(*a, **k):
+        raise AssertionError("no data may be read for a length the model cannot take")
+
+    monkeypatch.setattr(properlm.data, "load_examples", boom)
+    assert main(["evaluate", "--model", f"{run}/final", "--data-file", dev, "--max-length", "512",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--max-length 512 exceeds the 64 positions the model takes (max_position_embeddings" in err
+    assert "use --max-length 64 or less (leave it out to use the training run's 64)" in err
+    assert main(["evaluate", "--model", f"{run}/final", "--data-file", dev, "--max-new-tokens", "100",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--max-new-tokens 100 exceeds the 64 decoder positions" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    # generate: the same refusal before the input is read, and the training run's lengths by default
+    inp = tmp_path / "in.txt"
+    inp.write_text(" ".join(["please come to the gas meeting"] * 40) + "\nthe budget\n", encoding="utf-8")
+    assert main(["generate", "--model", f"{run}/final", "--input", str(tmp_path / "missing.txt"),
+                 "--max-length", "65"]) == 2
+    assert "--max-length 65 exceeds the 64 positions" in capsys.readouterr().err
+    out = tmp_path / "out.txt"
+    assert main(["generate", "--model", f"{run}/final", "--task", "summarization", "--input", str(inp),
+                 "--output", str(out), "--max-new-tokens", "3"]) == 0
+    assert "source cut at 40 tokens (training run" in capsys.readouterr().err
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_train_refuses_a_length_beyond_the_model(tiny_models, tmp_path, capsys):
+    cfg_path = os.path.join(tiny_models["tiny-seq2seq"], "config.json")
+    limit = json.loads(open(cfg_path).read())["max_position_embeddings"]
+    data = _write_emails(tmp_path / "t.jsonl", 4)
+    assert main(["train", "--model", tiny_models["tiny-seq2seq"], "--train-file", data, "--max-length",
+                 str(limit + 1), "--output-dir", str(tmp_path / "o")]) == 2
+    assert f"--max-length {limit + 1} exceeds the {limit} positions" in capsys.readouterr().err
+    assert main(["train", "--init", "tiny-seq2seq", "--train-file", data, "--max-source-length", "0",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--max-source-length must be positive" in capsys.readouterr().err

@@ -197,6 +197,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     ({"group_by_length": True}, 13),  # checkpoint-12 ends epoch 2: resume starts a fresh epoch
     ({"group_by_length": True, "gradient_accumulation_steps": 2, "per_device_train_batch_size": 4}, 9),
     ({"group_by_length": False, "dataloader_num_workers": 1}, 9),
+    ({"group_by_length": True, "validation_fraction": 0.25, "eval_steps": 3}, 10),  # evaluations in between
 ])
 def test_resume_past_the_first_epoch_is_exact(tmp_path, sampling, kill_at):
     """48 examples, 8 per step: 6 steps an epoch. Killed in epoch 2 or 3, the resumed run ends with

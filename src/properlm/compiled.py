@@ -70,7 +70,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def check_head_transform(softcap: float | None, logit_scale: float | None) -> tuple[float | None, float | None]:
     """``(softcap, logit_scale)`` as floats (``None`` stays ``None``), or ``ValueError``: each must
     be a finite number ``> 0``."""
-    out = []
+    out: list[float | None] = []
     for name, v in (("softcap", softcap), ("logit_scale", logit_scale)):
         if v is None:
             out.append(None)
@@ -100,7 +100,7 @@ def transform_logits(z: Tensor, softcap: float | None = None, logit_scale: float
 
 def token_losses(logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: float = 0.0,
                  ignore_index: int = -100, *, softcap: float | None = None,
-                 logit_scale: float | None = None) -> Tensor:
+                 logit_scale: float | None = None, smoothing_variant: str = "paper") -> Tensor:
     """Per-token loss ``S_max - S_eps(softmax(z'), y)`` of 2-D logits, traceable.
 
     Args:
@@ -108,6 +108,7 @@ def token_losses(logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: f
         target: ``(n,)`` ids in ``[0, V)`` or ``ignore_index`` (not checked here).
         rule, smoothing, ignore_index: as in :func:`properlm.scoring_rule_loss` (validated).
         softcap, logit_scale: output-head transforms, ``z' = softcap tanh(logit_scale z / softcap)``.
+        smoothing_variant: the masked-log variant (:func:`properlm.stats.smoothed_score`; validated).
 
     Returns:
         ``(n,)`` in the compute dtype, 0 at ignored positions (which also get zero gradient).
@@ -128,13 +129,13 @@ def token_losses(logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: f
         sum_z = torch.where(finite, d, 0.0).sum(-1)
     z_y = d.gather(1, y[:, None]).squeeze(1)
     stats = TokenStats(z_y=z_y, lse=lse, num_classes=num_classes, max_logit=m, sum_z=sum_z)
-    eps = masked_log_eps(rule, smoothing)
+    eps = masked_log_eps(rule, smoothing, smoothing_variant)
     if eps is not None:
         with torch.no_grad():
             mask = masked_set(torch.exp(d.detach()), lse[1.0].detach(), num_classes, eps, finite)
         stats.masked_sum_z = torch.where(mask, d, 0.0).sum(-1)
         stats.masked_count = mask.sum(-1, dtype=cdt)
-    loss = rule.s_max - smoothed_score(rule, stats, smoothing)
+    loss = rule.s_max - smoothed_score(rule, stats, smoothing, smoothing_variant)
     loss = torch.where(valid, loss, 0.0)
     # an id outside [0, V) that is not ignore_index: NaN, not a silently clamped score
     in_range = (target >= 0) & (target < logits.shape[1])
@@ -143,7 +144,7 @@ def token_losses(logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: f
 
 def fused_token_losses(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, rule: ScoringRule,
                        smoothing: float, ignore_index: int, chunk_size: int, *, softcap: float | None = None,
-                       logit_scale: float | None = None) -> Tensor:
+                       logit_scale: float | None = None, smoothing_variant: str = "paper") -> Tensor:
     """Per-token loss of the logits ``hidden @ weight.T + bias``, ``chunk_size`` rows at a time,
     traceable; each chunk's logits are recomputed in backward (activation checkpointing).
 
@@ -157,14 +158,16 @@ def fused_token_losses(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
         h_c = hidden[start:start + chunk_size]
         y_c = target[start:start + chunk_size]
         parts.append(checkpoint(_chunk_losses, h_c, weight, bias, y_c, rule, smoothing, ignore_index, softcap,
-                                logit_scale, use_reentrant=False))
+                                logit_scale, smoothing_variant, use_reentrant=False))
     if not parts:
         return hidden.new_zeros(0, dtype=_compute_dtype(hidden.dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _chunk_losses(h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule, smoothing: float,
-                  ignore_index: int, softcap: float | None, logit_scale: float | None) -> Tensor:
+                  ignore_index: int, softcap: float | None, logit_scale: float | None,
+                  smoothing_variant: str = "paper") -> Tensor:
     # the matmul in the inputs' dtype, as F.linear in the unfused model (and chunk_logits) does
     z = torch.nn.functional.linear(h, weight, bias)
-    return token_losses(z, y, rule, smoothing, ignore_index, softcap=softcap, logit_scale=logit_scale)
+    return token_losses(z, y, rule, smoothing, ignore_index, softcap=softcap, logit_scale=logit_scale,
+                        smoothing_variant=smoothing_variant)

@@ -11,9 +11,14 @@ that a malformed file stops with a :class:`DataError` naming the file, the line 
     Two line-aligned plain-text files, ``source_file`` and ``target_file`` (one sentence per
     line, UTF-8), with optional language names ``source_lang``/``target_lang``.
 ``summarization``
-    JSONL (or a JSON array) of objects with the string fields ``document`` and ``summary``.
+    JSONL (or a JSON array) of objects with the string fields ``document`` and ``summary``,
+    and optionally ``annotations``: a list of further reference summaries (e.g. AESLC's
+    development split), used by multi-reference ROUGE (:attr:`Example.references`).
 
-Every record becomes an :class:`Example` ``(source, target)``. The model sees it as
+Every record becomes an :class:`Example` ``(source, target)``. Long sources can be cut to
+their first ``max_source_length`` tokens (:func:`truncate_source`: the document, the source
+sentence or the instruction's input, before the prompt template), in training and evaluation
+alike. The model sees it as
 
 * seq2seq (encoder-decoder): encoder ``input_ids`` = the source text (for instructions the
   plain prompt), ``labels`` = the target tokens followed by EOS;
@@ -31,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -60,6 +66,7 @@ __all__ = [
     "split_validation",
     "tokenize_example",
     "tokenize_examples",
+    "truncate_source",
 ]
 
 #: the data formats (``task`` values)
@@ -104,6 +111,7 @@ class Example:
         fields: the record's original fields (``instruction``/``input``/``output``,
             ``source``/``target``/``source_lang``/``target_lang``, ``document``/``summary``).
         location: where it came from, e.g. ``"train.jsonl line 7"``.
+        references: (property) the target followed by any further references.
     """
 
     source: str
@@ -111,6 +119,12 @@ class Example:
     task: str
     fields: Mapping[str, Any] = field(default_factory=dict)
     location: str = ""
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """Every reference text: the target, then the record's ``annotations`` (summarization
+        records that have them), in file order."""
+        return (self.target, *self.fields.get("annotations", ()))
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -215,12 +229,12 @@ def _json_array_records(path: str) -> Iterator[tuple[int, Any]]:
         first = False
 
 
-def _record_fields(path: str, lineno: int, value: Any, task: str) -> dict[str, str]:
+def _record_fields(path: str, lineno: int, value: Any, task: str) -> dict[str, Any]:
     where = f"{path} line {lineno}"
     if not isinstance(value, dict):
         raise DataError(f"{where}: expected a JSON object with fields {', '.join(map(repr, _REQUIRED[task]))}, "
                         f"got {type(value).__name__}")
-    out: dict[str, str] = {}
+    out: dict[str, Any] = {}
     for key in _REQUIRED[task]:
         if key not in value:
             raise DataError(f"{where}: field {key!r} is missing")
@@ -237,6 +251,16 @@ def _record_fields(path: str, lineno: int, value: Any, task: str) -> dict[str, s
         if not isinstance(v, str):
             raise DataError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
         out[key] = v
+    if task == "summarization" and value.get("annotations") is not None:
+        refs = value["annotations"]
+        if not isinstance(refs, list):
+            raise DataError(f"{where}: field 'annotations' must be a list of strings, got {type(refs).__name__}")
+        for i, r in enumerate(refs, 1):
+            if not isinstance(r, str):
+                raise DataError(f"{where}: field 'annotations' item {i} must be a string, got {type(r).__name__}")
+            if not r.strip():
+                raise DataError(f"{where}: field 'annotations' item {i} is empty")
+        out["annotations"] = tuple(refs)
     return out
 
 
@@ -402,7 +426,69 @@ def build_prompt(example: Example, tokenizer: Any = None, *, seq2seq: bool = Fal
 
 
 def _ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    # verbose=False: no "longer than the specified maximum" warning, the callers cut the ids themselves
+    return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
+
+
+def _source_field(example: Example) -> str:
+    """The field of ``example.fields`` that :func:`truncate_source` cuts."""
+    if example.task == "summarization":
+        return "document"
+    if example.task == "translation":
+        return "source"
+    return "input" if str(example.fields.get("input", "")).strip() else "instruction"
+
+
+def _cut_text(tokenizer: Any, text: str, max_tokens: int) -> str | None:
+    """``text`` cut after its first ``max_tokens`` tokens (tokenised alone, no special tokens),
+    or ``None`` when it has no more than that. The cut text re-tokenises to at most ``max_tokens``
+    tokens (a cut inside a word can re-tokenise differently; then the cut moves left)."""
+    ids = _ids(tokenizer, text, False)
+    if len(ids) <= max_tokens:
+        return None
+    n = max_tokens
+    offsets = None
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                            verbose=False)["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        offsets = None  # a slow (Python) tokenizer: cut by decoding instead
+    while True:
+        cut = text[: offsets[n - 1][1]] if offsets is not None else \
+            tokenizer.decode(ids[:n], skip_special_tokens=True)
+        cut = cut.rstrip()
+        excess = len(_ids(tokenizer, cut, False)) - max_tokens
+        if excess <= 0 or n <= 1:
+            return cut
+        n = max(1, n - excess)
+
+
+def truncate_source(example: Example, tokenizer: Any, max_source_length: int | None) -> Example:
+    """``example`` with its source text cut to its first ``max_source_length`` tokens.
+
+    The cut applies to the source text itself, before any prompt template or special token: the
+    ``document`` of a summarization record, the ``source`` sentence of a translation pair, the
+    ``input`` of an instruction record (its ``instruction`` when it has no input). The text is
+    tokenised alone (no special tokens) and cut after the character where its ``max_source_length``-th
+    token ends, so the template around it (a decoder-only prompt's "Summary:" line, a seq2seq
+    encoder's EOS) stays whole. Returns ``example`` itself when nothing is cut (or for ``None``).
+    """
+    if max_source_length is None:
+        return example
+    if isinstance(max_source_length, bool) or not isinstance(max_source_length, int) or max_source_length < 1:
+        raise ValueError(f"max_source_length must be a positive integer or None, got {max_source_length!r}")
+    key = _source_field(example)
+    text = example.fields.get(key, example.source) if example.fields else example.source
+    cut = _cut_text(tokenizer, text, max_source_length)
+    if cut is None:
+        return example
+    fields = {**example.fields, key: cut}
+    if example.task == "instruction":
+        instruction, inp = fields.get("instruction", ""), fields.get("input", "")
+        source = instruction if not str(inp).strip() else f"{instruction}\n\n{inp}"
+    else:
+        source = cut
+    return dataclasses.replace(example, source=source, fields=fields)
 
 
 def _prompt_ids(example: Example, tokenizer: Any, seq2seq: bool) -> list[int]:
@@ -433,19 +519,24 @@ def _target_ids(example: Example, tokenizer: Any) -> list[int]:
 
 
 def encode_prompt(example: Example, tokenizer: Any, *, seq2seq: bool = False,
-                  max_length: int | None = None) -> list[int]:
+                  max_length: int | None = None, max_source_length: int | None = None) -> list[int]:
     """Token ids of the prompt for generation, exactly as training tokenises it: for
     seq2seq the encoder input (ending with EOS), for decoder-only the prompt the target
-    follows. With ``max_length`` the encoder input is cut to its first ``max_length`` tokens
-    and a decoder-only prompt to its last ``max_length`` tokens."""
-    ids = _prompt_ids(example, tokenizer, seq2seq)
+    follows. ``max_source_length`` first cuts the source text (:func:`truncate_source`); with
+    ``max_length`` the encoder input is then cut to its first ``max_length`` tokens and a
+    decoder-only prompt to its last ``max_length`` tokens."""
+    ids = _prompt_ids(truncate_source(example, tokenizer, max_source_length), tokenizer, seq2seq)
     if max_length is not None and len(ids) > max_length:
         ids = ids[:max_length] if seq2seq else ids[-max_length:]
     return ids
 
 
-def tokenize_example(example: Example, tokenizer: Any, *, seq2seq: bool, max_length: int) -> dict[str, list[int]]:
+def tokenize_example(example: Example, tokenizer: Any, *, seq2seq: bool, max_length: int,
+                     max_source_length: int | None = None) -> dict[str, list[int]]:
     """``input_ids``, ``attention_mask`` and ``labels`` of one example.
+
+    With ``max_source_length`` the source text is first cut to that many tokens
+    (:func:`truncate_source`); then:
 
     * seq2seq: ``input_ids`` = encoder input (first ``max_length`` tokens), ``labels`` =
       target + EOS (first ``max_length`` tokens); the model builds the decoder input from them.
@@ -456,7 +547,7 @@ def tokenize_example(example: Example, tokenizer: Any, *, seq2seq: bool, max_len
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    prompt = _prompt_ids(example, tokenizer, seq2seq)
+    prompt = _prompt_ids(truncate_source(example, tokenizer, max_source_length), tokenizer, seq2seq)
     target = _target_ids(example, tokenizer)
     if seq2seq:
         input_ids = prompt[:max_length]
@@ -470,12 +561,14 @@ def tokenize_example(example: Example, tokenizer: Any, *, seq2seq: bool, max_len
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
-def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, seq2seq: bool, max_length: int) -> Any:
+def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, seq2seq: bool, max_length: int,
+                      max_source_length: int | None = None) -> Any:
     """Tokenise ``examples`` (see :func:`tokenize_example`) into a ``datasets.Dataset`` with
     the columns ``input_ids``, ``attention_mask`` and ``labels``."""
     import datasets
 
-    rows = [tokenize_example(e, tokenizer, seq2seq=seq2seq, max_length=max_length) for e in examples]
+    rows = [tokenize_example(e, tokenizer, seq2seq=seq2seq, max_length=max_length,
+                             max_source_length=max_source_length) for e in examples]
     return datasets.Dataset.from_list(rows)
 
 

@@ -55,6 +55,7 @@ from .loss import (
 from .rules import RuleLike, ScoringRule, get_rule
 from .stats import (
     TokenStats,
+    check_smoothing_variant,
     head_transform_,
     head_transform_factor,
     logits_grad,
@@ -182,7 +183,8 @@ def _resolve_layout(local_size: int, vocab_start: int | None, target: Tensor, co
             raise ValueError(f"target differs between rank 0 and rank {r}; every rank of the group must pass "
                              f"the same target (only the vocabulary is sharded)")
         if crc != rows[0][4]:
-            raise ValueError(f"rule, smoothing, ignore_index, reduction, chunk_size, hidden size, softcap or "
+            raise ValueError(f"rule, smoothing, smoothing_variant, ignore_index, reduction, chunk_size, hidden "
+                             f"size, softcap or "
                              f"logit_scale differ between "
                              f"rank 0 and rank {r}; every rank must pass the same settings")
     given = [r[1] >= 0 for r in rows]
@@ -220,7 +222,7 @@ def _local_finite(z: Tensor) -> Tensor | None:
 
 def _shard_stats(get_z: Callable[[int, int], Tensor], n: int, step: int, local_target: Tensor,
                  owned: Tensor, rule: ScoringRule, smoothing: float, group: ProcessGroup,
-                 local_size: int, dtype: torch.dtype, device: torch.device) -> TokenStats:
+                 local_size: int, dtype: torch.dtype, device: torch.device, variant: str = "paper") -> TokenStats:
     """Global :class:`TokenStats` of ``n`` token rows from this rank's shard.
 
     ``get_z(a, b)`` returns the compute-dtype logits of rows ``[a, b)`` of the shard
@@ -258,7 +260,7 @@ def _shard_stats(get_z: Callable[[int, int], Tensor], n: int, step: int, local_t
         sum_z=buf[k + 2] if need_sum else None,
     )
 
-    eps = masked_log_eps(rule, smoothing)
+    eps = masked_log_eps(rule, smoothing, variant)
     if eps is not None:
         mbuf = torch.zeros((2, n), dtype=dtype, device=device)
         for a, b in chunks:
@@ -309,7 +311,7 @@ class _VocabParallelTokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: float,
                 ignore_index: int, group: ProcessGroup, start: int, softcap: float | None = None,
-                logit_scale: float | None = None) -> Tensor:
+                logit_scale: float | None = None, smoothing_variant: str = "paper") -> Tensor:
         n, size = logits.shape
         cdt = compute_dtype(logits.dtype)
         rows = (target != ignore_index).nonzero().squeeze(1)
@@ -317,9 +319,10 @@ class _VocabParallelTokenLoss(torch.autograd.Function):
         step = _chunk_rows(size)
         # (the gathered rows are a copy: transformed in place, chunk by chunk)
         stats = _shard_stats(lambda a, b: head_transform_(logits[rows[a:b]].to(cdt), softcap, logit_scale),
-                             rows.numel(), step, local, owned, rule, smoothing, group, size, cdt, logits.device)
+                             rows.numel(), step, local, owned, rule, smoothing, group, size, cdt, logits.device,
+                             smoothing_variant)
         need_grad = ctx.needs_input_grad[0]
-        loss_v, partials = loss_and_partials(rule, stats, smoothing, need_grad)
+        loss_v, partials = loss_and_partials(rule, stats, smoothing, need_grad, smoothing_variant)
         loss = torch.zeros(n, dtype=cdt, device=logits.device)
         loss[rows] = loss_v
         ctx.rule, ctx.smoothing, ctx.step = rule, smoothing, step
@@ -340,7 +343,7 @@ class _VocabParallelTokenLoss(torch.autograd.Function):
             g = _shard_grad(logits[idx].to(cdt), local[sl], owned[sl], ctx.stats.index(sl), partials,
                             ctx.smoothing, ctx.rule, *ctx.head)
             grad[idx] = g.to(grad.dtype)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def _config(rule: ScoringRule, smoothing: float, ignore_index: int, reduction: str, extra: str = "",
@@ -361,6 +364,7 @@ def vocab_parallel_scoring_rule_loss(
     *,
     softcap: float | None = None,
     logit_scale: float | None = None,
+    smoothing_variant: str = "paper",
 ) -> Tensor:
     r"""Scoring-rule loss ``S_max - S_eps(softmax(z), target)`` of logits ``z`` sharded over
     the vocabulary across the ranks of ``group``; a collective: every rank calls it.
@@ -389,6 +393,8 @@ def vocab_parallel_scoring_rule_loss(
         softcap, logit_scale: the output-head transform of :func:`properlm.scoring_rule_loss`
             (``z'' = softcap * tanh(logit_scale * z / softcap)``), applied to each rank's shard
             chunk by chunk; the same on every rank.
+        smoothing_variant: ``"paper"`` (default), ``"gated"`` or ``"none"``, as in
+            :func:`properlm.scoring_rule_loss`; the same on every rank.
 
     Returns:
         The same value on every rank: a scalar, or ``target``'s shape for ``"none"``
@@ -408,6 +414,7 @@ def vocab_parallel_scoring_rule_loss(
     """
     rule_obj = get_rule(rule)
     eps = check_smoothing(smoothing)
+    variant = check_smoothing_variant(smoothing_variant)
     check_reduction(reduction)
     cap, scale = check_head_transform(softcap, logit_scale)
     if not isinstance(local_logits, Tensor):
@@ -418,13 +425,14 @@ def vocab_parallel_scoring_rule_loss(
                                                  vocab_size=_NO_LIMIT, what="local_logits"))
     local_size = local_logits.shape[-1] if local_logits.dim() else 0
     shard = _resolve_layout(local_size, vocab_start, target,
-                            _config(rule_obj, eps, ignore_index, reduction, softcap=cap, logit_scale=scale), group,
+                            _config(rule_obj, eps, ignore_index, reduction, variant, softcap=cap, logit_scale=scale),
+                            group,
                             local_logits.device, error)
     validate_inputs(local_logits.shape, local_logits.dtype, target, ignore_index, vocab_size=shard.vocab_size,
                     what="local_logits")
     size = local_logits.shape[-1]
     flat = _VocabParallelTokenLoss.apply(local_logits.reshape(target.numel(), size), target.reshape(-1), rule_obj, eps,
-                                         ignore_index, group, shard.start, cap, scale)
+                                         ignore_index, group, shard.start, cap, scale, variant)
     per_token = flat.view(target.shape)
     return reduce_loss(per_token, target != ignore_index, reduction, num_items_in_batch)
 
@@ -468,7 +476,8 @@ class _FusedVocabParallelTokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                 rule: ScoringRule, smoothing: float, ignore_index: int, group: ProcessGroup, start: int,
-                chunk: int, softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
+                chunk: int, softcap: float | None = None, logit_scale: float | None = None,
+                smoothing_variant: str = "paper") -> Tensor:
         n = hidden.shape[0]
         size = weight.shape[0]
         cdt = compute_dtype(hidden.dtype)
@@ -483,9 +492,10 @@ class _FusedVocabParallelTokenLoss(torch.autograd.Function):
             z_lin = F.linear(hidden[idx], weight, bias)  # under autocast: in its dtype
             ctx.lin_dtype = z_lin.dtype
             z = head_transform_(z_lin.to(cdt), softcap, logit_scale)  # z_lin is not used again
-            stats = _shard_stats(lambda a2, b2, z=z: z[a2:b2], idx.numel(), idx.numel(), local[sl], owned[sl],
-                                 rule, smoothing, group, size, cdt, hidden.device)
-            loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad)
+            stats = _shard_stats(lambda a2, b2, z=z: z[a2:b2],  # type: ignore[misc]  # (mypy: the default z)
+                                 idx.numel(), idx.numel(), local[sl], owned[sl],
+                                 rule, smoothing, group, size, cdt, hidden.device, smoothing_variant)
+            loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad, smoothing_variant)
             loss[idx] = loss_c
             chunks.append((stats, partials))
         ctx.rule, ctx.smoothing, ctx.chunk, ctx.group, ctx.chunks = rule, smoothing, chunk, group, chunks
@@ -529,7 +539,7 @@ class _FusedVocabParallelTokenLoss(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_vocab_parallel_scoring_rule_loss(
@@ -548,6 +558,7 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
     *,
     softcap: float | None = None,
     logit_scale: float | None = None,
+    smoothing_variant: str = "paper",
 ) -> Tensor:
     r""":func:`vocab_parallel_scoring_rule_loss` of ``hidden @ local_weight.T + bias``, formed
     chunk by chunk over the tokens, so no ``(tokens, V_local)`` logits tensor is ever held.
@@ -568,6 +579,7 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
             all-reduces in forward.
         softcap, logit_scale: the output-head transform (as in :func:`vocab_parallel_scoring_rule_loss`),
             applied to each chunk of the shard's logits where it is formed.
+        smoothing_variant: as in :func:`vocab_parallel_scoring_rule_loss`.
 
     Returns:
         As :func:`vocab_parallel_scoring_rule_loss`. In backward, ``hidden`` receives the full
@@ -582,6 +594,7 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
     """
     rule_obj = get_rule(rule)
     eps = check_smoothing(smoothing)
+    variant = check_smoothing_variant(smoothing_variant)
     check_reduction(reduction)
     for name, t in (("hidden", hidden), ("local_weight", local_weight)):
         if not isinstance(t, Tensor):
@@ -595,12 +608,13 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
     error = _local_error(lambda: _check_fused_inputs(hidden, local_weight, bias, target, ignore_index))
     H = hidden.shape[-1] if hidden.dim() else 0
     local_size = local_weight.shape[0] if local_weight.dim() else 0
-    config = _config(rule_obj, eps, ignore_index, reduction, f"{chunk_size}|{H}", cap, scale)
+    config = _config(rule_obj, eps, ignore_index, reduction, f"{chunk_size}|{H}|{variant}", cap, scale)
     shard = _resolve_layout(local_size, vocab_start, target, config, group, hidden.device, error)
     validate_inputs((*hidden.shape[:-1], local_size), hidden.dtype, target, ignore_index,
                     vocab_size=shard.vocab_size, what="hidden @ local_weight.T")
     chunk = chunk_size if chunk_size is not None else _chunk_rows(shard.max_size)
     flat = _FusedVocabParallelTokenLoss.apply(hidden.reshape(target.numel(), H), local_weight, bias, target.reshape(-1),
-                                              rule_obj, eps, ignore_index, group, shard.start, chunk, cap, scale)
+                                              rule_obj, eps, ignore_index, group, shard.start, chunk, cap, scale,
+                                              variant)
     per_token = flat.view(target.shape)
     return reduce_loss(per_token, target != ignore_index, reduction, num_items_in_batch)

@@ -123,7 +123,7 @@ def dtensor_scoring_rule_loss(
 
     Returns a ``DTensor`` with placements ``Replicate()``: a scalar, or ``target``'s shape for
     ``reduction="none"``; ``logits.grad`` is a ``DTensor`` with the placements of ``logits``.
-    Other keywords (``softcap``, ``logit_scale``) go to the vocabulary-parallel loss when not
+    Other keywords (``softcap``, ``logit_scale``, ``smoothing_variant``) go to the vocabulary-parallel loss when not
     ``None``. A collective: every rank of the mesh calls it, with the same ``target`` and settings.
     """
     from .distributed import vocab_parallel_scoring_rule_loss

@@ -7,6 +7,12 @@ Outputs in ``output_dir``:
 * ``results.json`` -- every figure and every setting (``"kind": "properlm-evaluate"``);
 * ``hypotheses.txt`` -- one hypothesis per line, in the order of the data;
 * ``reliability.png`` -- the reliability diagram of the top-1 token.
+
+Truncation (:func:`resolve_lengths`): unless given, ``max_length`` and ``max_source_length``
+are those the model was trained with (:func:`properlm.modeling.read_training_record`), and a
+``max_length`` (or, for an encoder-decoder, ``max_new_tokens``) beyond the model's position
+table (``config.max_position_embeddings``) is refused before any data is read. The results
+state both lengths, where each came from, and how many sources were cut.
 """
 
 from __future__ import annotations
@@ -24,14 +30,17 @@ from typing import Any
 from .rules import get_rule
 
 __all__ = [
+    "DEFAULT_MAX_LENGTH",
     "DTYPES",
     "RESULTS_KIND",
     "EvalError",
     "EvalSettings",
+    "LengthLimits",
     "format_value",
     "markdown_table",
     "parse_rules",
     "resolve_device",
+    "resolve_lengths",
     "run_evaluation",
     "teacher_forced_metrics",
     "torch_dtype",
@@ -44,6 +53,9 @@ RESULTS_KIND = "properlm-evaluate"
 
 #: accepted ``dtype`` names (``auto``: as stored in the checkpoint)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+#: ``max_length`` when neither the option, the training run nor a smaller position table sets one
+DEFAULT_MAX_LENGTH = 512
 
 
 class EvalError(ValueError):
@@ -64,7 +76,10 @@ class EvalSettings:
     source_lang: str | None = None
     target_lang: str | None = None
     task: str | None = None
-    max_length: int = 512
+    #: ``None``: the training run's (else the model's position limit, at most DEFAULT_MAX_LENGTH)
+    max_length: int | None = None
+    #: ``None``: the training run's (else the source is not cut on its own)
+    max_source_length: int | None = None
     rules: list[str] = field(default_factory=lambda: ["logarithmic", "brier", "spherical"])
     num_bins: int = 15
     temperature: float = 1.0
@@ -167,8 +182,10 @@ def validate_settings(s: EvalSettings, check_model: bool = True) -> EvalSettings
         check_temperature(s.temperature)
     except (TypeError, ValueError):
         raise EvalError(f"--temperature must be a positive finite number, got {s.temperature!r}") from None
-    if s.max_length < 2:
+    if s.max_length is not None and s.max_length < 2:
         raise EvalError(f"--max-length must be at least 2, got {s.max_length}")
+    if s.max_source_length is not None and s.max_source_length < 1:
+        raise EvalError(f"--max-source-length must be positive, got {s.max_source_length}")
     if s.max_examples is not None and s.max_examples < 1:
         raise EvalError(f"--max-examples must be positive, got {s.max_examples}")
     if s.dtype not in DTYPES:
@@ -176,6 +193,99 @@ def validate_settings(s: EvalSettings, check_model: bool = True) -> EvalSettings
     resolve_device(s.device)
     _check_output_dir(s.output_dir)
     return dataclasses.replace(s, rules=rules, objective=objective)
+
+
+@dataclass
+class LengthLimits:
+    """The truncation an evaluation (or ``properlm generate``) applies, and where it came from.
+
+    Attributes:
+        max_length: the most tokens of a tokenised example (seq2seq: of the encoder input and
+            of the labels; decoder-only: of prompt + target), as in training.
+        max_length_from: ``"--max-length"``, ``"training run (PATH)"``, ``"model limit"`` or ``"default"``.
+        max_source_length: the most tokens of the source text (:func:`properlm.data.truncate_source`),
+            ``None`` when only ``max_length`` cuts.
+        max_source_length_from: where it came from (as above; ``"not set"`` for ``None``).
+        model_max_positions: the model's position limit (``None``: unknown or unbounded), and
+            ``position_key``, the config field it was read from.
+        decode_prompt_length: the most prompt tokens for decoding: ``max_length``, and for a
+            decoder-only model with a position limit at most ``limit - max_new_tokens``.
+        trained: the training record (``max_length``, ``max_source_length``, ...) or ``None``.
+    """
+
+    max_length: int
+    max_length_from: str
+    max_source_length: int | None
+    max_source_length_from: str
+    model_max_positions: int | None
+    position_key: str | None
+    decode_prompt_length: int
+    trained: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_lengths(max_length: int | None, max_source_length: int | None, *, config: Any = None,
+                    record: dict[str, Any] | None = None, record_path: str | None = None,
+                    seq2seq: bool | None = None, max_new_tokens: int | None = None) -> LengthLimits:
+    """Choose the truncation from the options, the training record and the model's config.
+
+    An option given (not ``None``) wins; else the training run's value (``record``); else, for
+    ``max_length``, the model's position limit when below :data:`DEFAULT_MAX_LENGTH`, else
+    :data:`DEFAULT_MAX_LENGTH`. Raises :class:`EvalError` when ``max_length`` exceeds the model's
+    position limit (``config.max_position_embeddings`` or ``n_positions``), or when
+    ``max_new_tokens`` (given when decoding) does not fit: an encoder-decoder's decoder takes at
+    most ``limit`` positions; a decoder-only model's prompts are cut to ``limit - max_new_tokens``.
+    """
+    from .modeling import model_max_positions
+
+    limit, key = model_max_positions(config)
+    trained_len = record.get("max_length") if record else None
+    trained_src = record.get("max_source_length") if record else None
+    where = f"training run ({record_path})" if record_path else "training run"
+    if max_length is not None:
+        length, length_from = max_length, "--max-length"
+        if trained_len is not None and trained_len != max_length:
+            length_from += f" (training used {trained_len})"
+    elif isinstance(trained_len, int):
+        length, length_from = trained_len, where
+    elif limit is not None and limit < DEFAULT_MAX_LENGTH:
+        length, length_from = limit, f"model limit ({key})"
+    else:
+        length, length_from = DEFAULT_MAX_LENGTH, "default"
+    if length < 2:
+        raise EvalError(f"--max-length must be at least 2, got {length}")
+    if limit is not None and length > limit:
+        hint = f"use --max-length {limit} or less"
+        if max_length is not None and isinstance(trained_len, int) and trained_len <= limit:
+            hint += f" (leave it out to use the training run's {trained_len})"
+        what = f"--max-length {length}" if max_length is not None else f"max_length {length} of the {length_from}"
+        raise EvalError(f"{what} exceeds the {limit} positions the model takes ({key} in its config): longer "
+                        f"inputs would index past its position table; {hint}")
+    if max_source_length is not None:
+        src, src_from = max_source_length, "--max-source-length"
+        if trained_src != max_source_length:
+            src_from += f" (training used {trained_src if trained_src is not None else 'none'})"
+    elif isinstance(trained_src, int):
+        src, src_from = trained_src, where
+    else:
+        src, src_from = None, "not set"
+    if src is not None and src < 1:
+        raise EvalError(f"--max-source-length must be positive, got {src}")
+    prompt_len = length
+    if limit is not None and max_new_tokens is not None:
+        if seq2seq and max_new_tokens > limit:
+            raise EvalError(f"--max-new-tokens {max_new_tokens} exceeds the {limit} decoder positions the model "
+                            f"takes ({key} in its config); use --max-new-tokens {limit} or less")
+        if seq2seq is False:
+            if max_new_tokens >= limit:
+                raise EvalError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the {limit} "
+                                f"positions the model takes ({key} in its config)")
+            prompt_len = min(length, limit - max_new_tokens)
+    return LengthLimits(max_length=length, max_length_from=length_from, max_source_length=src,
+                        max_source_length_from=src_from, model_max_positions=limit, position_key=key,
+                        decode_prompt_length=prompt_len, trained=dict(record) if record else None)
 
 
 def _check_output_dir(path: str) -> None:
@@ -223,11 +333,13 @@ def _tqdm(total: int, desc: str, enabled: bool) -> Any:
 
 def teacher_forced_metrics(model: Any, tokenizer: Any, examples: Sequence[Any], rules: Sequence[str], *,
                            max_length: int = 512, batch_size: int = 8, num_bins: int = 15,
-                           progress: bool = False, temperature: float = 1.0, scan: Any = None) -> Any:
+                           progress: bool = False, temperature: float = 1.0, scan: Any = None,
+                           max_source_length: int | None = None) -> Any:
     """Score the reference targets of ``examples`` under teacher forcing.
 
-    Examples are tokenised as for training (:func:`properlm.data.tokenize_example`: prompt
-    positions labelled -100), batched (longest first), and the logits of each batch fed to
+    Examples are tokenised as for training (:func:`properlm.data.tokenize_example`, with
+    ``max_length`` and ``max_source_length``: prompt positions labelled -100), batched
+    (longest first), and the logits of each batch fed to
     a :class:`~properlm.metrics.MetricsAccumulator` (with ``temperature``), and to ``scan`` (a
     :class:`~properlm.metrics.TemperatureScan`, unscaled logits) when given. Returns the
     accumulator's :class:`~properlm.metrics.EvalMetrics`.
@@ -240,7 +352,8 @@ def teacher_forced_metrics(model: Any, tokenizer: Any, examples: Sequence[Any], 
 
     seq2seq = is_seq2seq(model)
     device = next(model.parameters()).device
-    features = [tokenize_example(e, tokenizer, seq2seq=seq2seq, max_length=max_length) for e in examples]
+    features = [tokenize_example(e, tokenizer, seq2seq=seq2seq, max_length=max_length,
+                                 max_source_length=max_source_length) for e in examples]
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = DataCollator(pad_token_id=int(pad))
@@ -287,12 +400,30 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
     ``model_and_tokenizer`` skips loading (for callers that already hold the model).
     Returns the results dictionary (also written as JSON).
     """
-    from .data import encode_prompt, load_examples
+    from .data import encode_prompt, load_examples, truncate_source
     from .generation_eval import decode_prompts, generation_metrics, one_line
     from .metrics import TemperatureScan, reliability_diagram
-    from .modeling import is_seq2seq, load_model_and_tokenizer
+    from .modeling import (
+        is_seq2seq,
+        load_model_and_tokenizer,
+        model_config_dict,
+        read_training_record,
+        unwrap_model,
+    )
 
     s = validate_settings(settings, check_model=model_and_tokenizer is None)
+    # the truncation next, from the options, the training run and the model's config.json: a length
+    # the model cannot take stops here, before any data is read
+    if model_and_tokenizer is None:
+        config: Any = model_config_dict(s.model, s.gguf_file)
+        record, record_path = read_training_record(s.model) if s.gguf_file is None else (None, None)
+    else:
+        config = getattr(unwrap_model(model_and_tokenizer[0]), "config", None)
+        record, record_path = None, None
+    length_args = dict(record=record, record_path=record_path,
+                       max_new_tokens=s.max_new_tokens if s.generate else None)
+    limits = resolve_lengths(s.max_length, s.max_source_length, config=config, seq2seq=_config_seq2seq(config),
+                             **length_args)
     # data first: a malformed file stops here, before the model is loaded
     examples = load_examples(s.data_file, task=s.task, source_file=s.source_file, target_file=s.target_file,
                              source_lang=s.source_lang, target_lang=s.target_lang)
@@ -310,10 +441,18 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
         model, tokenizer = model_and_tokenizer
     load_seconds = time.time() - started
     seq2seq = is_seq2seq(model)
+    if config is None:  # a hub id or GGUF file: its limits are known now
+        limits = resolve_lengths(s.max_length, s.max_source_length, config=unwrap_model(model).config,
+                                 seq2seq=seq2seq, **length_args)
+    s = dataclasses.replace(s, max_length=limits.max_length, max_source_length=limits.max_source_length)
+    cut = [truncate_source(e, tokenizer, s.max_source_length) for e in examples]
+    full_prompts = [encode_prompt(e, tokenizer, seq2seq=seq2seq) for e in cut]
+    truncation = {**limits.to_dict(), "num_sources_cut": sum(c is not e for c, e in zip(cut, examples)),
+                  "num_prompts_over_max_length": sum(len(p) > s.max_length for p in full_prompts)}
 
     t0 = time.time()
     scan = TemperatureScan(num_bins=s.num_bins) if s.fit_temperature else None
-    tf = teacher_forced_metrics(model, tokenizer, examples, s.rules, max_length=s.max_length,
+    tf = teacher_forced_metrics(model, tokenizer, cut, s.rules, max_length=s.max_length,
                                 batch_size=s.batch_size, num_bins=s.num_bins, progress=s.progress,
                                 temperature=s.temperature, scan=scan)
     tf_seconds = time.time() - t0
@@ -326,6 +465,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
         "settings": {**dataclasses.asdict(s), "task": task, "seq2seq": seq2seq},
         "num_examples": len(examples),
         "num_examples_in_data": total_examples,
+        "truncation": truncation,
         "teacher_forced": {
             "num_tokens": tf.num_tokens,
             "mean_scores": tf.mean_scores,
@@ -347,7 +487,8 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
         results["temperature_fit"] = scan.compute().to_dict()
 
     if s.generate:
-        prompts = [encode_prompt(e, tokenizer, seq2seq=seq2seq, max_length=s.max_length) for e in examples]
+        n = limits.decode_prompt_length
+        prompts = [p[:n] if seq2seq else p[-n:] for p in full_prompts]  # as encode_prompt(max_length=n)
         bar = _tqdm(len(prompts), "decoding", s.progress)
         t0 = time.time()
         try:
@@ -359,6 +500,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
             bar.close()
         results["seconds"]["decode"] = time.time() - t0
         refs = [e.target for e in examples]
+        multi = [list(e.references) for e in examples] if any(len(e.references) > 1 for e in examples) else None
         hyp_path = os.path.join(s.output_dir, "hypotheses.txt")
         with open(hyp_path, "w", encoding="utf-8") as f:
             for h in hyps:
@@ -367,12 +509,21 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
         results["generation"] = {
             "decoding": "greedy" if s.num_beams == 1 else f"beam search, {s.num_beams} beams",
             "objective": s.objective,
-            **generation_metrics(task, hyps, refs, s.target_lang),
+            **generation_metrics(task, hyps, refs, s.target_lang, multi_references=multi),
         }
 
     with open(os.path.join(s.output_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(_json_safe(results), f, indent=2)
     return results
+
+
+def _config_seq2seq(config: Any) -> bool | None:
+    """``is_encoder_decoder`` of a config (object or dict); ``None`` for no config."""
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return bool(config.get("is_encoder_decoder"))
+    return bool(getattr(config, "is_encoder_decoder", False))
 
 
 def _json_safe(x: Any) -> Any:
@@ -419,6 +570,13 @@ def markdown_table(results: dict[str, Any]) -> str:
     ]
     if tf.get("temperature", 1.0) != 1.0:
         rows.insert(2, ("temperature (scores, ECE)", _fmt(tf["temperature"], 3)))
+    cut = results.get("truncation")
+    if cut:
+        limit = f"; the model takes {cut['model_max_positions']}" if cut.get("model_max_positions") else ""
+        rows.insert(1, ("max length (tokens)", f"{cut['max_length']} ({cut['max_length_from']}{limit})"))
+        if cut.get("max_source_length") is not None:
+            rows.insert(2, ("source cut at (tokens)", f"{cut['max_source_length']} ({cut['max_source_length_from']}); "
+                            f"{cut['num_sources_cut']} of {results['num_examples']} sources cut"))
     fit = results.get("temperature_fit")
     if fit:
         edge = " (grid edge)" if fit["on_boundary"] else ""
@@ -431,11 +589,14 @@ def markdown_table(results: dict[str, Any]) -> str:
     notes: list[str] = []
     if gen:
         rows.append(("decoding", f"{gen['decoding']}, objective {gen['objective']}"))
+        multi = f" (multi-ref, {gen['num_references']:.3g} refs/example)" if "num_references" in gen else ""
         for key, label in (("bleu", "BLEU"), ("chrf", "chrF"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
-                           ("rougeL", "ROUGE-L")):
+                           ("rougeL", "ROUGE-L"), ("rouge1_multi", "ROUGE-1" + multi),
+                           ("rouge2_multi", "ROUGE-2" + multi), ("rougeL_multi", "ROUGE-L" + multi)):
             if key in gen:
                 rows.append((label, _fmt(gen[key], 2)))
-        for key, label in (("bleu_signature", "BLEU"), ("chrf_signature", "chrF"), ("rouge_settings", "ROUGE")):
+        for key, label in (("bleu_signature", "BLEU"), ("chrf_signature", "chrF"), ("rouge_settings", "ROUGE"),
+                           ("rouge_multi_settings", "ROUGE multi-reference")):
             if key in gen:
                 notes.append(f"{label} signature: {gen[key]}")
     width = max(len(r[0]) for r in rows)

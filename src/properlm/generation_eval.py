@@ -6,9 +6,12 @@
   of the prompts.
 * :func:`translation_metrics` -- corpus BLEU and chrF with ``sacrebleu`` metric objects,
   each with its signature string (every setting that the number depends on).
-* :func:`summarization_metrics` -- mean ROUGE-1/2/L F1 with ``rouge-score`` (stemming on).
-  rouge-score's default tokenizer keeps only ASCII letters and digits, so it is meant for
-  English text.
+* :func:`summarization_metrics` -- mean ROUGE-1/2/L F1 with ``rouge-score`` (stemming on)
+  against one reference each, and multi-reference ROUGE when several references per example
+  are given: per example and per ROUGE type the best F1 over its references, then the mean
+  over examples (:func:`rouge_per_example` gives the per-example F1s, e.g. for a paired
+  bootstrap over documents). rouge-score's default tokenizer keeps only ASCII letters and
+  digits, so it is meant for English text.
 
 All scores are percentages (0-100).
 """
@@ -24,12 +27,18 @@ from .decoding import ScoringRuleObjective
 from .rules import RuleLike
 
 __all__ = [
+    "ROUGE_TYPES",
     "decode_prompts",
     "generation_metrics",
     "one_line",
+    "rouge_per_example",
+    "rouge_version",
     "summarization_metrics",
     "translation_metrics",
 ]
+
+#: the ROUGE variants reported (F1 of each)
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 # sacrebleu chooses its tokenizer from the target language code; map a few spelled-out names
 _LANG_CODES = {"chinese": "zh", "japanese": "ja", "korean": "ko"}
@@ -178,35 +187,80 @@ def translation_metrics(hypotheses: Sequence[str], references: Sequence[str],
     }
 
 
-def summarization_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
-    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 (``rouge-score``, Porter stemming) in percent.
+def rouge_version() -> str:
+    """The installed ``rouge-score`` version (``"unknown"`` when its metadata is missing)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    Returns ``{"rouge1", "rouge2", "rougeL", "rouge_settings"}``.
+    try:
+        return version("rouge-score")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def rouge_per_example(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, list[float]]:
+    """Per-example ROUGE-1/2/L F1 (``rouge-score``, Porter stemming), as fractions in [0, 1].
+
+    Args:
+        hypotheses: ``n`` system outputs.
+        references: ``n`` entries, each one reference text or a non-empty sequence of them;
+            with several, an example's score of each ROUGE type is the best F1 over its
+            references (chosen per type, as ``RougeScorer.score_multi`` does).
+
+    Returns ``{"rouge1": [n floats], "rouge2": [...], "rougeL": [...]}``.
     """
     from rouge_score import rouge_scorer
 
     _check_pairs(hypotheses, references)
-    types = ("rouge1", "rouge2", "rougeL")
-    scorer = rouge_scorer.RougeScorer(list(types), use_stemmer=True)
-    sums = dict.fromkeys(types, 0.0)
-    for h, r in zip(hypotheses, references):
-        s = scorer.score(r, h)  # score(target, prediction)
-        for t in types:
-            sums[t] += s[t].fmeasure
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    out: dict[str, list[float]] = {t: [] for t in ROUGE_TYPES}
+    for i, (h, refs) in enumerate(zip(hypotheses, references)):
+        refs = [refs] if isinstance(refs, str) else list(refs)
+        if not refs:
+            raise ValueError(f"example {i} has no reference")
+        scores = [scorer.score(r, h) for r in refs]  # score(target, prediction)
+        for t in ROUGE_TYPES:
+            out[t].append(max(s[t].fmeasure for s in scores))
+    return out
+
+
+def summarization_metrics(hypotheses: Sequence[str], references: Sequence[str],
+                          multi_references: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 (``rouge-score``, Porter stemming) in percent.
+
+    ``references`` holds one reference per example. With ``multi_references`` (per example a
+    sequence of references, e.g. the summary followed by annotators' summaries) the
+    multi-reference scores are added: per example the best F1 over its references, per ROUGE
+    type, then the mean over examples.
+
+    Returns ``{"rouge1", "rouge2", "rougeL", "rouge_settings", "rouge_version"}``, and with
+    ``multi_references`` also ``"rouge1_multi"``, ``"rouge2_multi"``, ``"rougeL_multi"``,
+    ``"rouge_multi_settings"`` and ``"num_references"`` (the mean number per example).
+    """
     n = len(hypotheses)
-    out: dict[str, Any] = {t: 100.0 * sums[t] / n for t in types}
-    out["rouge_settings"] = "rouge-score|F1|mean over examples|stemmer:porter|tok:default"
+    single = rouge_per_example(hypotheses, references)
+    ver = rouge_version()
+    out: dict[str, Any] = {t: 100.0 * sum(single[t]) / n for t in ROUGE_TYPES}
+    out["rouge_settings"] = f"rouge-score {ver}|F1|one reference|mean over examples|stemmer:porter|tok:default"
+    out["rouge_version"] = ver
+    if multi_references is not None:
+        multi = rouge_per_example(hypotheses, multi_references)
+        for t in ROUGE_TYPES:
+            out[f"{t}_multi"] = 100.0 * sum(multi[t]) / n
+        out["num_references"] = sum(len(r) for r in multi_references) / n
+        out["rouge_multi_settings"] = (f"rouge-score {ver}|F1|best over each example's references, per ROUGE type|"
+                                       "mean over examples|stemmer:porter|tok:default")
     return out
 
 
 def generation_metrics(task: str, hypotheses: Sequence[str], references: Sequence[str],
-                       target_lang: str | None = None) -> dict[str, Any]:
-    """Metrics for ``task``: BLEU/chrF for translation, ROUGE for summarization, both for
-    instruction following."""
+                       target_lang: str | None = None,
+                       multi_references: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:
+    """Metrics for ``task``: BLEU/chrF for translation, ROUGE for summarization (with
+    multi-reference ROUGE when ``multi_references`` are given), both for instruction following."""
     if task == "translation":
         return translation_metrics(hypotheses, references, target_lang)
     if task == "summarization":
-        return summarization_metrics(hypotheses, references)
+        return summarization_metrics(hypotheses, references, multi_references)
     if task == "instruction":
         return {**translation_metrics(hypotheses, references), **summarization_metrics(hypotheses, references)}
     raise ValueError(f"unknown task {task!r}; expected translation, summarization or instruction")

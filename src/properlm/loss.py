@@ -22,7 +22,15 @@ from .compiled import check_head_transform
 from .compiled import token_losses as _traceable_token_losses
 from .dtensor import is_dtensor
 from .rules import RuleLike, ScoringRule, get_rule
-from .stats import TokenStats, compute_stats, head_transform_, head_transform_factor, logits_grad, loss_and_partials
+from .stats import (
+    TokenStats,
+    check_smoothing_variant,
+    compute_stats,
+    head_transform_,
+    head_transform_factor,
+    logits_grad,
+    loss_and_partials,
+)
 
 __all__ = [
     "REDUCTIONS",
@@ -184,19 +192,22 @@ class _TokenLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: float,
-                ignore_index: int, softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
+                ignore_index: int, softcap: float | None = None, logit_scale: float | None = None,
+                smoothing_variant: str = "paper") -> Tensor:
         n = logits.shape[0]
         valid = target != ignore_index
-        rows: Tensor | None = valid.nonzero().squeeze(1)
-        if rows.numel() == n:
+        scored = valid.nonzero().squeeze(1)
+        rows: Tensor | None = scored
+        if scored.numel() == n:
             rows, y = None, target
         else:
-            y = target.index_select(0, rows)
+            y = target.index_select(0, scored)
         blocks = _RowBlocks(logits, rows, y.numel(), softcap, logit_scale)
         parts = []
         for sl, z in blocks:
             b = sl.stop - sl.start
-            stats, _, _ = compute_stats(z, y[sl], rule, smoothing, out=blocks.e[:b], work=blocks.work[:b])
+            stats, _, _ = compute_stats(z, y[sl], rule, smoothing, out=blocks.e[:b], work=blocks.work[:b],
+                                        variant=smoothing_variant)
             parts.append(stats)
         loss = torch.zeros(n, dtype=blocks.cdt, device=logits.device)
         ctx.save_for_backward(logits)
@@ -205,7 +216,7 @@ class _TokenLoss(torch.autograd.Function):
             return loss
         stats = TokenStats.cat(parts)
         need_grad = ctx.needs_input_grad[0]
-        loss_v, partials = loss_and_partials(rule, stats, smoothing, need_grad)
+        loss_v, partials = loss_and_partials(rule, stats, smoothing, need_grad, smoothing_variant)
         if rows is None:
             loss = loss_v
         else:
@@ -219,9 +230,10 @@ class _TokenLoss(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         (logits,) = ctx.saved_tensors
         if ctx.stats is None:
-            return torch.zeros_like(logits), None, None, None, None, None, None
+            return torch.zeros_like(logits), None, None, None, None, None, None, None
         rows = ctx.rows
-        blocks = _RowBlocks(logits, rows, ctx.y.numel(), *ctx.head, grad=True)
+        softcap, logit_scale = ctx.head
+        blocks = _RowBlocks(logits, rows, ctx.y.numel(), softcap, logit_scale, grad=True)
         w = (grad_loss if rows is None else grad_loss.index_select(0, rows)).to(blocks.cdt)
         partials = ctx.partials.scaled(w)
         grad = torch.empty_like(logits) if rows is None else torch.zeros_like(logits)
@@ -242,18 +254,20 @@ class _TokenLoss(torch.autograd.Function):
                 grad[sl].copy_(g)
             else:
                 grad.index_copy_(0, rows[sl], g.to(grad.dtype))
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def _token_losses(logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: float,
-                  ignore_index: int, softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
+                  ignore_index: int, softcap: float | None = None, logit_scale: float | None = None,
+                  smoothing_variant: str = "paper") -> Tensor:
     V = logits.shape[-1]
     if torch.compiler.is_compiling():
         flat = _traceable_token_losses(logits.reshape(-1, V), target.reshape(-1), rule, smoothing, ignore_index,
-                                       softcap=softcap, logit_scale=logit_scale)
+                                       softcap=softcap, logit_scale=logit_scale,
+                                       smoothing_variant=smoothing_variant)
         return flat.view(target.shape)
     flat = _TokenLoss.apply(logits.reshape(-1, V), target.reshape(-1), rule, smoothing, ignore_index, softcap,
-                            logit_scale)
+                            logit_scale, smoothing_variant)
     return flat.view(target.shape)
 
 
@@ -268,6 +282,7 @@ def scoring_rule_loss(
     *,
     softcap: float | None = None,
     logit_scale: float | None = None,
+    smoothing_variant: str = "paper",
 ) -> Tensor:
     r"""Scoring-rule loss ``S_max - S_eps(softmax(logits), target)``.
 
@@ -285,7 +300,7 @@ def scoring_rule_loss(
             :class:`~properlm.rules.ScoringRule`.
         smoothing: score smoothing ``eps`` in ``[0, 1)``:
             ``S_eps = (1-eps) S(p, y) + (eps/V) sum_k S(p, k)``, plus for bounded rules
-            ``(eps/V) sum_j 1[p_j < eps/V] log p_j``.
+            ``(eps/V) sum_j 1[p_j < eps/V] log p_j`` (the masked-log term; see ``smoothing_variant``).
         ignore_index: target value whose positions contribute neither loss nor gradient.
         reduction: ``"mean"`` (over non-ignored tokens, or ``sum / num_items_in_batch``),
             ``"sum"`` or ``"none"`` (shape of ``target``, 0 at ignored positions).
@@ -298,6 +313,13 @@ def scoring_rule_loss(
             The transform is applied to each block of rows in the compute dtype (no transformed
             copy of the logits is kept); ``-inf`` logits stay ``-inf``. Value and gradient equal
             those of the loss of the transformed logits.
+        smoothing_variant: the form of the masked-log term of bounded rules
+            (:data:`properlm.stats.SMOOTHING_VARIANTS`): ``"paper"`` (default, the paper's formula),
+            ``"gated"`` (the term times ``g = clamp((p_y - 1 + eps) / eps, 0, 1)``, a constant of the
+            gradient: it acts only where the model is more confident than the smoothed optimum, which
+            keeps it from flattening large vocabularies) or ``"none"`` (no masked-log term). Every
+            variant's expected smoothed score is maximised exactly at ``(1 - eps) q + eps / V``; see
+            :func:`properlm.stats.smoothed_score`. No effect on ``logarithmic`` or without smoothing.
 
     Returns:
         A scalar, or a tensor of ``target``'s shape for ``"none"``, in float32 (float64
@@ -323,13 +345,15 @@ def scoring_rule_loss(
         from .dtensor import dtensor_scoring_rule_loss
 
         return dtensor_scoring_rule_loss(logits, target, rule, smoothing, ignore_index, reduction, num_items_in_batch,
-                                         softcap=softcap, logit_scale=logit_scale)
+                                         softcap=softcap, logit_scale=logit_scale,
+                                         smoothing_variant=smoothing_variant)
     rule_obj = get_rule(rule)
     eps = check_smoothing(smoothing)
+    variant = check_smoothing_variant(smoothing_variant)
     check_reduction(reduction)
     cap, scale = check_head_transform(softcap, logit_scale)
     validate_inputs(logits.shape, logits.dtype, target, ignore_index)
-    per_token = _token_losses(logits, target, rule_obj, eps, ignore_index, cap, scale)
+    per_token = _token_losses(logits, target, rule_obj, eps, ignore_index, cap, scale, variant)
     return reduce_loss(per_token, target != ignore_index, reduction, num_items_in_batch)
 
 
@@ -344,10 +368,11 @@ class ScoringRuleLoss(nn.Module):
 
     def __init__(self, rule: RuleLike = "spherical", smoothing: float = 0.0, ignore_index: int = -100,
                  reduction: str = "mean", *, softcap: float | None = None,
-                 logit_scale: float | None = None) -> None:
+                 logit_scale: float | None = None, smoothing_variant: str = "paper") -> None:
         super().__init__()
         self.rule = get_rule(rule)
         self.smoothing = check_smoothing(smoothing)
+        self.smoothing_variant = check_smoothing_variant(smoothing_variant)
         self.ignore_index = ignore_index
         self.reduction = check_reduction(reduction)
         self.softcap, self.logit_scale = check_head_transform(softcap, logit_scale)
@@ -355,11 +380,13 @@ class ScoringRuleLoss(nn.Module):
     def forward(self, logits: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
         return scoring_rule_loss(logits, target, self.rule, self.smoothing, self.ignore_index,
                                  self.reduction, num_items_in_batch, softcap=self.softcap,
-                                 logit_scale=self.logit_scale)
+                                 logit_scale=self.logit_scale, smoothing_variant=self.smoothing_variant)
 
     def extra_repr(self) -> str:
         head = "".join(f", {k}={v}" for k, v in (("softcap", self.softcap), ("logit_scale", self.logit_scale))
                        if v is not None)
+        if self.smoothing_variant != "paper":
+            head += f", smoothing_variant={self.smoothing_variant!r}"
         return (f"rule={self.rule.spec!r}, smoothing={self.smoothing}, ignore_index={self.ignore_index}, "
                 f"reduction={self.reduction!r}{head}")
 

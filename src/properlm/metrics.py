@@ -173,7 +173,8 @@ def _bins_from_sums(count: Sequence[float], conf_sum: Sequence[float], correct_s
         n = int(count[b])
         conf = conf_sum[b] / n if n else None
         acc = correct_sum[b] / n if n else None
-        table.append(CalibrationBin(b / M, (b + 1) / M, n, conf, acc, None if n == 0 else acc - conf))
+        gap = None if conf is None or acc is None else acc - conf
+        table.append(CalibrationBin(b / M, (b + 1) / M, n, conf, acc, gap))
     return table
 
 

@@ -31,13 +31,18 @@ __all__ = [
     "BASE_RECORD",
     "INIT_CONFIGS",
     "MIN_VOCAB_SIZE",
+    "POSITION_LIMIT_KEYS",
     "SPECIAL_TOKENS",
+    "TRAINING_RECORD",
     "ModelLoadError",
     "check_model_source",
     "gguf_location",
     "is_seq2seq",
     "load_model_and_tokenizer",
     "load_tokenizer",
+    "model_config_dict",
+    "model_max_positions",
+    "read_training_record",
     "record_gguf_base",
     "tiny_config",
     "train_bpe_tokenizer",
@@ -52,6 +57,12 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
 #: file next to a LoRA adapter whose base model is a GGUF file: ``{"gguf_file": NAME}``
 #: (``adapter_config.json`` records only the directory that holds it)
 BASE_RECORD = "properlm_base.json"
+#: file that ``properlm train`` writes into every model directory it saves (``final/``,
+#: ``averaged/``, ``checkpoint-N/``): the data settings the model was trained with, e.g.
+#: ``{"max_length": 256, "max_source_length": 192, "task": "summarization"}``
+TRAINING_RECORD = "properlm_training.json"
+#: config fields that bound the positions a model takes (learned or sinusoidal position tables), in order
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
 #: smallest byte-level BPE vocabulary: 256 byte symbols plus the special tokens
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
@@ -105,6 +116,72 @@ def check_model_source(model: str | None = None, gguf_file: str | None = None, i
             raise ModelLoadError(f"model directory {model!r} holds no config.json (nor adapter_config.json)")
     elif model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelLoadError(f"model directory {model!r} does not exist")
+
+
+def _read_json_file(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def model_config_dict(model: str | None, gguf_file: str | None = None) -> dict[str, Any] | None:
+    """The ``config.json`` of a local model directory as a dict, read without loading anything
+    (for a LoRA adapter directory: its base model's); ``None`` for a hub id, a GGUF file, or a
+    directory without one."""
+    if model is None or gguf_file is not None or not os.path.isdir(model):
+        return None
+    config = _read_json_file(os.path.join(model, "config.json"))
+    if config is None and os.path.isfile(os.path.join(model, "adapter_config.json")):
+        adapter = _read_json_file(os.path.join(model, "adapter_config.json")) or {}
+        base = adapter.get("base_model_name_or_path")
+        if isinstance(base, str):
+            if not os.path.isabs(base) and os.path.isdir(os.path.join(model, base)):
+                base = os.path.join(model, base)
+            config = _read_json_file(os.path.join(base, "config.json")) if os.path.isdir(base) else None
+    return config
+
+
+def model_max_positions(config: Any) -> tuple[int | None, str | None]:
+    """``(limit, field)``: the most token positions a model's position table holds, from the first
+    of :data:`POSITION_LIMIT_KEYS` in ``config`` (a ``PretrainedConfig`` or its dict; a
+    composite config's ``text_config`` is looked into), or ``(None, None)`` when it names none
+    (e.g. T5's relative positions). For an encoder-decoder the limit holds for the encoder input
+    and for the decoder's sequence alike."""
+    if config is None:
+        return None, None
+    get = config.get if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
+    for key in POSITION_LIMIT_KEYS:
+        v = get(key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v, key
+    text = get("text_config", None)
+    if text is not None and text is not config:
+        return model_max_positions(text)
+    return None, None
+
+
+def read_training_record(model: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """``(record, path)``: the data settings a model directory was trained with by ``properlm train``
+    -- :data:`TRAINING_RECORD` in the directory, else (runs made before it existed) the
+    ``config`` of ``results.json`` in the run directory that holds it (``RUN/final`` ->
+    ``RUN/results.json``) -- or ``(None, None)``. The record has ``max_length`` and
+    ``max_source_length`` (``None``: not cut)."""
+    if model is None or not os.path.isdir(model):
+        return None, None
+    path = os.path.join(model, TRAINING_RECORD)
+    record = _read_json_file(path)
+    if record is not None and isinstance(record.get("max_length"), int):
+        return record, path
+    parent = os.path.join(os.path.dirname(os.path.abspath(model)), "results.json")
+    results = _read_json_file(parent)
+    config = results.get("config") if results else None
+    if isinstance(config, dict) and isinstance(config.get("max_length"), int) and "global_step" in results:
+        return {"max_length": config["max_length"], "max_source_length": config.get("max_source_length"),
+                "task": config.get("task")}, parent
+    return None, None
 
 
 # ------------------------------------------------------------------------------ tokenizers

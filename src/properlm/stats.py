@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,7 +33,9 @@ from .rules import Logarithmic, ScoringRule
 _LOG = Logarithmic()
 
 __all__ = [
+    "SMOOTHING_VARIANTS",
     "TokenStats",
+    "check_smoothing_variant",
     "compute_stats",
     "head_transform_",
     "head_transform_factor",
@@ -77,7 +80,7 @@ class TokenStats:
 
     def index(self, idx: Tensor | slice) -> TokenStats:
         """Rows ``idx`` of every statistic."""
-        out = {}
+        out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
@@ -150,6 +153,7 @@ def head_transform_(z: Tensor, softcap: float | None = None, logit_scale: float 
             z.mul_(logit_scale)
         return z
     # the mask only when a -inf is there (a host read; under torch.compile always the mask instead)
+    neg: Tensor | None
     if torch.compiler.is_compiling():
         neg = torch.isneginf(z)
     else:
@@ -176,9 +180,22 @@ def head_transform_factor(zt: Tensor, softcap: float | None = None, logit_scale:
     return f if logit_scale is None else f.mul_(logit_scale)
 
 
-def masked_log_eps(rule: ScoringRule, smoothing: float) -> float | None:
-    """``eps`` when the smoothed score of ``rule`` has the masked-log term, else ``None``."""
-    return smoothing if (smoothing > 0 and rule.masked_log_smoothing) else None
+#: the forms of the masked-log term of score smoothing (see :func:`smoothed_score`)
+SMOOTHING_VARIANTS = ("paper", "gated", "none")
+
+
+def check_smoothing_variant(smoothing_variant: str) -> str:
+    """``smoothing_variant`` if it is one of :data:`SMOOTHING_VARIANTS`, or ``ValueError``."""
+    if not isinstance(smoothing_variant, str) or smoothing_variant not in SMOOTHING_VARIANTS:
+        raise ValueError(f"smoothing_variant must be one of {', '.join(map(repr, SMOOTHING_VARIANTS))}, "
+                         f"got {smoothing_variant!r}")
+    return smoothing_variant
+
+
+def masked_log_eps(rule: ScoringRule, smoothing: float, variant: str = "paper") -> float | None:
+    """``eps`` when the smoothed score of ``rule`` has the masked-log term (a bounded rule,
+    ``smoothing > 0``, ``variant`` other than ``"none"``), else ``None``."""
+    return smoothing if (smoothing > 0 and rule.masked_log_smoothing and variant != "none") else None
 
 
 def masked_threshold(lse1: Tensor, num_classes: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
@@ -204,7 +221,8 @@ def masked_set(e: Tensor, lse1: Tensor, num_classes: Tensor, eps: float, finite:
 
 def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float = 0.0, *,
                   out: Tensor | None = None, work: Tensor | None = None,
-                  scales: Sequence[float] | None = None) -> tuple[TokenStats, Tensor, Tensor | None]:
+                  scales: Sequence[float] | None = None, variant: str = "paper"
+                  ) -> tuple[TokenStats, Tensor, Tensor | None]:
     """Statistics of float32 (or float64) logits ``z`` (``(n, V)``) for targets ``target`` (``(n,)``).
 
     Returns ``(stats, e, finite)`` where ``e = exp(z - m)`` (kept so that a caller that
@@ -213,7 +231,8 @@ def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float
     ``z``), when given, receives ``z - m`` (and then ``e`` when there is no masked-log term),
     and ``work`` (same shape and dtype) holds the powers ``e^c``, so that a caller looping over
     chunks reuses its buffers instead of allocating per chunk. ``scales`` replaces
-    ``rule.scales(smoothing)`` (e.g. the union of the scales of several rules).
+    ``rule.scales(smoothing)`` (e.g. the union of the scales of several rules). ``variant`` is the
+    smoothing variant (:data:`SMOOTHING_VARIANTS`): ``"none"`` needs no masked-set statistics.
     """
     n, V = z.shape
     m = z.amax(dim=-1)
@@ -224,7 +243,7 @@ def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float
     else:
         num_classes = torch.full((n,), float(V), dtype=z.dtype, device=z.device)
     d = torch.sub(z, m[:, None], out=out)
-    eps = masked_log_eps(rule, smoothing)
+    eps = masked_log_eps(rule, smoothing, variant)
     sum_z = None
     if smoothing > 0 and rule.uses_logit_sum:
         sum_z = (d if finite is None else torch.where(finite, d, 0.0)).sum(-1)
@@ -252,25 +271,38 @@ def rule_scores(z: Tensor, target: Tensor, rules: Sequence[ScoringRule]) -> tupl
     return torch.stack([smoothed_score(r, stats, 0.0) for r in rules], dim=-1), stats
 
 
-def smoothed_score(rule: ScoringRule, stats: TokenStats, smoothing: float = 0.0) -> Tensor:
+def smoothed_score(rule: ScoringRule, stats: TokenStats, smoothing: float = 0.0, variant: str = "paper") -> Tensor:
     """The smoothed score per token, from statistics alone (differentiable in them):
 
         S_eps = (1 - eps) S(p, y) + eps (1/V) sum_k S(p, k)
-                [+ w_M eps (1/V) sum_{j in M} log p_j   for rules with masked_log_smoothing]
+                [+ g w_M eps (1/V) sum_{j in M} log p_j   for rules with masked_log_smoothing]
 
     where ``w_M = rule.masked_log_weight`` (1 for a bounded rule; for a mixture the total
-    weight of its bounded components).
+    weight of its bounded components), ``sum_{j in M} log p_j = sum_M z - |M| L_1``
+    (shift-invariant, like every term), and the gate ``g`` depends on ``variant``:
 
-    with ``sum_{j in M} log p_j = sum_M z - |M| L_1`` (shift-invariant, like every term).
+    * ``"paper"``: ``g = 1`` (the paper's formula);
+    * ``"gated"``: ``g = clamp((p_y - (1 - eps)) / eps, 0, 1)`` with ``p_y = exp(z_y - L_1)``, a
+      constant of the gradient like ``M``: the term acts only on tokens the model predicts more
+      confidently than the smoothed optimum of a one-hot target (``1 - eps + eps / V``), at full
+      strength as ``p_y -> 1`` and fading to 0 at ``p_y = 1 - eps``;
+    * ``"none"``: no masked-log term (``g = 0``).
+
+    Whatever ``g >= 0``, the masked term is ``<= 0`` and vanishes when ``M`` is empty, so the
+    expected smoothed score under ``q`` is maximised exactly (and only) at
+    ``q' = (1 - eps) q + eps / V``.
     """
     s = rule.score(stats.z_y, stats.lse)
     if smoothing <= 0:
         return s
     s = (1 - smoothing) * s + smoothing * rule.mean_score(stats.lse, stats.sum_z, stats.num_classes)
-    if masked_log_eps(rule, smoothing) is not None:
+    if masked_log_eps(rule, smoothing, variant) is not None:
         assert stats.masked_sum_z is not None and stats.masked_count is not None
         masked = (stats.masked_sum_z - stats.masked_count * stats.lse[1.0]) / stats.num_classes
         weight = rule.masked_log_weight
+        if variant == "gated":
+            p_y = torch.exp(stats.z_y - stats.lse[1.0]).detach()
+            masked = masked * ((p_y - (1 - smoothing)) / smoothing).clamp(0.0, 1.0)
         s = s + (smoothing * masked if weight == 1.0 else (smoothing * weight) * masked)
     return s
 
@@ -279,16 +311,17 @@ _DIFF_FIELDS = ("z_y", "sum_z", "masked_sum_z")
 
 
 def loss_and_partials(rule: ScoringRule, stats: TokenStats, smoothing: float = 0.0,
-                      need_grad: bool = True) -> tuple[Tensor, TokenStats | None]:
-    """Per-token loss ``s_max - S_eps`` and, if ``need_grad``, its partial derivatives with
-    respect to each differentiable statistic, returned as a :class:`TokenStats` whose
-    fields hold ``d loss / d stat`` (zeros where a statistic is unused)."""
+                      need_grad: bool = True, variant: str = "paper") -> tuple[Tensor, TokenStats | None]:
+    """Per-token loss ``s_max - S_eps`` (smoothing ``variant``, see :func:`smoothed_score`) and,
+    if ``need_grad``, its partial derivatives with respect to each differentiable statistic,
+    returned as a :class:`TokenStats` whose fields hold ``d loss / d stat`` (zeros where a
+    statistic is unused)."""
     if not need_grad:
         with torch.no_grad():
-            return rule.s_max - smoothed_score(rule, stats, smoothing), None
+            return rule.s_max - smoothed_score(rule, stats, smoothing, variant), None
     with torch.enable_grad():
         leaves: dict[str, Tensor] = {}
-        upd: dict[str, object] = {}
+        upd: dict[str, Any] = {}
         for name in _DIFF_FIELDS:
             v = getattr(stats, name)
             if v is not None:
@@ -296,7 +329,7 @@ def loss_and_partials(rule: ScoringRule, stats: TokenStats, smoothing: float = 0
         lse_leaves = {c: v.detach().requires_grad_(True) for c, v in stats.lse.items()}
         upd["lse"] = lse_leaves
         s2 = replace(stats, **upd)
-        loss = rule.s_max - smoothed_score(rule, s2, smoothing)
+        loss = rule.s_max - smoothed_score(rule, s2, smoothing, variant)
         inputs = list(leaves.values()) + list(lse_leaves.values())
         grads = torch.autograd.grad(loss.sum(), inputs, allow_unused=True)
     zero = torch.zeros_like(stats.z_y)

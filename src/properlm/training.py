@@ -38,10 +38,13 @@ from .data import DataError, Example, load_examples, split_validation
 from .modeling import (
     INIT_CONFIGS,
     MIN_VOCAB_SIZE,
+    TRAINING_RECORD,
     ModelLoadError,
     check_model_source,
     gguf_location,
     is_seq2seq,
+    model_config_dict,
+    model_max_positions,
     record_gguf_base,
     unwrap_model,
 )
@@ -60,6 +63,7 @@ __all__ = [
     "make_config",
     "run_training",
     "validate_config",
+    "write_training_record",
 ]
 
 #: accepted ``lr_scheduler`` values (``inverse_sqrt``: linear warm-up, then ``lr * sqrt(warmup / step)``)
@@ -113,7 +117,14 @@ class TrainConfig:
     validation_target_file: str | None = _opt(None, "translation validation: target sentences", group="data")
     validation_fraction: float = _opt(0.0, "split this fraction of the training data off as the validation set "
                                       "(when no validation files are given)", group="data")
+    validation_seed: int | None = _opt(None, "seed of the --validation-fraction split; none means --seed (a fixed "
+                                       "value holds out the same examples in runs with different seeds)",
+                                       group="data")
     max_length: int = _opt(512, "maximum tokens per sequence (longer ones are truncated)", group="data")
+    max_source_length: int | None = _opt(None, "cut each source text (document, source sentence, instruction "
+                                         "input) to its first N tokens before the prompt template; recorded with "
+                                         "the model, and `properlm evaluate` cuts the same way; none means only "
+                                         "--max-length cuts", group="data")
     # objective
     rule: str = _opt("logarithmic", "scoring rule: logarithmic, brier, spherical, power:ALPHA, "
                      "pseudo-spherical:ALPHA", group="objective")
@@ -343,6 +354,13 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.max_length < 2:
         raise ConfigError(f"--max-length must be at least 2, got {cfg.max_length}")
+    if cfg.max_source_length is not None and cfg.max_source_length < 1:
+        raise ConfigError(f"--max-source-length must be positive, got {cfg.max_source_length}")
+    if cfg.init is None:
+        limit, key = model_max_positions(model_config_dict(cfg.model, cfg.gguf_file))
+        if limit is not None and cfg.max_length > limit:
+            raise ConfigError(f"--max-length {cfg.max_length} exceeds the {limit} positions model {cfg.model!r} "
+                              f"takes ({key} in its config.json); use --max-length {limit} or less")
     if not cfg.learning_rate > 0 or not math.isfinite(cfg.learning_rate):
         raise ConfigError(f"--learning-rate must be positive, got {cfg.learning_rate}")
     if cfg.num_train_epochs <= 0:
@@ -635,7 +653,8 @@ def _load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
         if val[0].task != train[0].task:
             raise DataError(f"validation data is {val[0].task} but training data is {train[0].task}")
     elif cfg.validation_fraction > 0:
-        train, val = split_validation(train, cfg.validation_fraction, cfg.seed)
+        seed = cfg.seed if cfg.validation_seed is None else cfg.validation_seed
+        train, val = split_validation(train, cfg.validation_fraction, seed)
     return train, val
 
 
@@ -740,6 +759,29 @@ def _gguf_base_callback(cfg: TrainConfig) -> Any:
     return GGUFBaseRecordCallback()
 
 
+def write_training_record(directory: str, record: Mapping[str, Any]) -> None:
+    """Write :data:`properlm.modeling.TRAINING_RECORD` (the data settings: ``max_length``,
+    ``max_source_length``, ``task``, ``seq2seq``) into a saved model directory, so that
+    ``properlm evaluate`` and ``generate`` truncate as training did."""
+    if os.path.isdir(directory):
+        with open(os.path.join(directory, TRAINING_RECORD), "w", encoding="utf-8") as f:
+            json.dump(dict(record), f, indent=2)
+
+
+def _training_record_callback(record: Mapping[str, Any]) -> Any:
+    from transformers import TrainerCallback
+
+    class TrainingRecordCallback(TrainerCallback):
+        """Write the training record into every ``checkpoint-N`` (an intermediate model evaluates
+        with the truncation of its run, as ``final/`` does)."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                write_training_record(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), record)
+
+    return TrainingRecordCallback()
+
+
 def _apply_lora(cfg: TrainConfig, model: Any, seq2seq: bool) -> Any:
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -834,12 +876,14 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
             model.config._name_or_path = base_dir
             model.name_or_path = base_dir
         model = _apply_lora(cfg, model, seq2seq)
-    train_ds = tokenize_examples(train_examples, tokenizer, seq2seq=seq2seq, max_length=cfg.max_length)
-    val_ds = tokenize_examples(val_examples, tokenizer, seq2seq=seq2seq, max_length=cfg.max_length) \
-        if val_examples else None
+    lengths = {"max_length": cfg.max_length, "max_source_length": cfg.max_source_length}
+    train_ds = tokenize_examples(train_examples, tokenizer, seq2seq=seq2seq, **lengths)
+    val_ds = tokenize_examples(val_examples, tokenizer, seq2seq=seq2seq, **lengths) if val_examples else None
 
     handle = apply_scoring_rule(model, rule_at(0), smoothing=cfg.smoothing, fused=cfg.fused)
-    all_callbacks: list[Any] = [_metrics_callback(os.path.join(cfg.output_dir, "metrics.jsonl"), rule_at)]
+    record = {**lengths, "task": train_examples[0].task, "seq2seq": seq2seq}
+    all_callbacks: list[Any] = [_metrics_callback(os.path.join(cfg.output_dir, "metrics.jsonl"), rule_at),
+                                _training_record_callback(record)]
     if cfg.lora and cfg.gguf_file:
         all_callbacks.append(_gguf_base_callback(cfg))
     if schedule is not None:
@@ -889,6 +933,8 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
     final_dir = os.path.join(cfg.output_dir, "final")
     trainer.save_model(final_dir)
     _record_gguf_base(cfg, final_dir)
+    if trainer.is_world_process_zero():
+        write_training_record(final_dir, record)
     results["final_model"] = final_dir
 
     if cfg.average_last > 0:
@@ -898,6 +944,8 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
         avg_dir = os.path.join(cfg.output_dir, "averaged")
         trainer.save_model(avg_dir)
         _record_gguf_base(cfg, avg_dir)
+        if trainer.is_world_process_zero():
+            write_training_record(avg_dir, record)
         results["averaged_model"] = avg_dir
         results["averaged_checkpoints"] = checkpoints
         if val_ds is not None:

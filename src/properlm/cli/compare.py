@@ -125,7 +125,7 @@ def load_runs(paths: list[str]) -> list[RunRecord]:
                     subs.append((name, res))
         if train is None and evaluation is None and not log and not subs:
             raise CompareError(f"{p!r} holds no results.json, metrics.jsonl or evaluation sub-directory")
-        base = dict(directory=p, train=train, log=log, log_path=log_path if log else None)
+        base: dict[str, Any] = dict(directory=p, train=train, log=log, log_path=log_path if log else None)
         if evaluation is not None or not subs:
             rows.append(RunRecord(label=p, evaluation=evaluation, **base))
         for name, res in subs:

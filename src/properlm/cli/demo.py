@@ -214,7 +214,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         runs[rule] = run_dir
 
     t0 = time.time()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, run_dir, res, steps in [("logarithmic (pre-trained)", pre_dir, pre, args.steps)] + [
             (f"+ {rule}", runs[rule], finals[rule], args.steps + args.finetune_steps) for rule in _RULES]:
         ev = _evaluate(os.path.join(run_dir, "final"), test)
@@ -226,7 +226,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     plot_path = os.path.join(out, "loss_curves.png")
     _plot(runs, pre_dir, plot_path, args.steps)
     table = _table(rows)
-    results = {
+    results: dict[str, Any] = {
         "task": "numbers in digits -> English words (properlm.demo_data)",
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
         "rows": rows, "timings_seconds": {**timings, "total": time.time() - started},

@@ -23,9 +23,27 @@ examples:
   properlm evaluate --model runs/xsum/final --data-file test.jsonl --no-generate --output-dir eval/calib
 
 outputs in --output-dir: results.json, hypotheses.txt (one per line, in data order), reliability.png.
-BLEU and chrF (sacrebleu, with signatures) for translation, ROUGE-1/2/L (rouge-score) for
-summarization, both for instruction data.
+BLEU and chrF (sacrebleu, with signatures) for translation, ROUGE-1/2/L F1 (rouge-score, stemming)
+for summarization, both for instruction data. Summarization rows with "annotations" (a list of
+further reference summaries) also get multi-reference ROUGE: per example and ROUGE type the best
+F1 over the summary and its annotations, then the mean over examples.
+
+truncation: --max-length and --max-source-length default to the training run's (recorded by
+`properlm train` in the model directory), so examples are cut as in training; a length beyond the
+model's position table (config.max_position_embeddings) is refused before any data is read.
+results.json ("truncation") and the table state both lengths and where they came from.
 """
+
+
+def add_length_arguments(group: Any, what: str) -> None:
+    """``--max-length`` and ``--max-source-length`` (both default to the training run's)."""
+    group.add_argument("--max-length", type=int, default=None, metavar="N",
+                       help=f"most tokens per {what}; must fit the model's positions (default: the training "
+                       "run's --max-length, else the model's position limit, at most 512)")
+    group.add_argument("--max-source-length", type=int, default=None, metavar="N",
+                       help="cut each source text (document, source sentence, instruction input) to its first N "
+                       "tokens before the prompt template, as `properlm train --max-source-length` does "
+                       "(default: the training run's; none: only --max-length cuts)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,8 +101,8 @@ def register(subparsers: Any) -> None:
                    "selects sacrebleu's tokenizer for BLEU)")
     d.add_argument("--task", choices=TASKS, default=None,
                    help="data format; inferred from the files when omitted")
-    d.add_argument("--max-length", type=int, default=512, metavar="N",
-                   help="most tokens per tokenised example, as in training (default: 512)")
+    add_length_arguments(d, "tokenised example (seq2seq: encoder input and reference each; decoder-only: "
+                         "prompt + reference)")
     d.add_argument("--max-examples", type=int, default=None, metavar="N",
                    help="evaluate only the first N examples (quick looks)")
     m = parser.add_argument_group("metrics")
@@ -118,6 +136,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         model=args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
         data_file=args.data_file, source_file=args.source_file, target_file=args.target_file,
         source_lang=args.source_lang, target_lang=args.target_lang, task=args.task, max_length=args.max_length,
+        max_source_length=args.max_source_length,
         rules=parse_rules(args.rules), num_bins=args.num_bins, temperature=args.temperature,
         fit_temperature=args.fit_temperature, objective=args.objective, num_beams=args.num_beams,
         length_penalty=args.length_penalty, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

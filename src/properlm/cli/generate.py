@@ -8,9 +8,16 @@ import sys
 from typing import Any
 
 from ..data import DataError, Example, encode_prompt
-from ..evaluation import EvalError, resolve_device, torch_dtype, validate_decoding
-from ..modeling import ModelLoadError, check_model_source, is_seq2seq, load_model_and_tokenizer
-from .evaluate import add_decoding_arguments, add_model_arguments
+from ..evaluation import EvalError, LengthLimits, resolve_device, resolve_lengths, torch_dtype, validate_decoding
+from ..modeling import (
+    ModelLoadError,
+    check_model_source,
+    is_seq2seq,
+    load_model_and_tokenizer,
+    model_config_dict,
+    read_training_record,
+)
+from .evaluate import add_decoding_arguments, add_length_arguments, add_model_arguments
 
 PROMPT_FORMATS = ("raw", "instruction", "translation", "summarization")
 
@@ -21,7 +28,9 @@ examples:
   properlm generate --model runs/alpaca/final --task instruction --input questions.txt --output answers.txt
 
 --task builds the same prompt as training and evaluation (the tokenizer's chat template, else
-properlm's plain template); raw feeds each line to the model as it is.
+properlm's plain template); raw feeds each line to the model as it is. --max-length and
+--max-source-length default to the training run's, and a length beyond the model's position
+table is refused before any input is read; the truncation is reported on stderr.
 """
 
 
@@ -43,23 +52,33 @@ def register(subparsers: Any) -> None:
                    "(line = document) (default: raw)")
     i.add_argument("--source-lang", metavar="LANG", default=None, help="translation prompts: source language")
     i.add_argument("--target-lang", metavar="LANG", default=None, help="translation prompts: target language")
-    i.add_argument("--max-length", type=int, default=512, metavar="N",
-                   help="longest prompt in tokens; longer ones are cut as in evaluation (default: 512)")
+    add_length_arguments(i, "prompt (longer ones are cut as in training and evaluation)")
     add_decoding_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8, metavar="N",
                         help="inputs per generate call (default: 8)")
     parser.set_defaults(func=run)
 
 
-def _validate(args: argparse.Namespace) -> str:
+def _validate(args: argparse.Namespace) -> tuple[str, LengthLimits]:
     if not args.model and not args.gguf_file:
         raise EvalError("no model given: pass --model or --gguf-file")
     check_model_source(args.model, args.gguf_file, None)
+    lengths = {k: v for k, v in (("max_length", args.max_length), ("max_source_length", args.max_source_length))
+               if v is not None}
     objective = validate_decoding(args.objective, args.num_beams, args.length_penalty,
-                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                  max_length=args.max_length)
+                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, **lengths)
     resolve_device(args.device)
-    return objective
+    return objective, _limits(args, model_config_dict(args.model, args.gguf_file))
+
+
+def _limits(args: argparse.Namespace, config: Any) -> LengthLimits:
+    record, path = read_training_record(args.model) if args.gguf_file is None else (None, None)
+    seq2seq = None
+    if config is not None:
+        seq2seq = bool(config.get("is_encoder_decoder") if isinstance(config, dict)
+                       else getattr(config, "is_encoder_decoder", False))
+    return resolve_lengths(args.max_length, args.max_source_length, config=config, record=record,
+                           record_path=path, seq2seq=seq2seq, max_new_tokens=args.max_new_tokens)
 
 
 def _read_inputs(path: str) -> list[str]:
@@ -84,10 +103,13 @@ def _read_inputs(path: str) -> list[str]:
     return lines
 
 
-def _prompt(line: str, args: argparse.Namespace, tokenizer: Any, seq2seq: bool) -> list[int]:
+def _prompt(line: str, args: argparse.Namespace, tokenizer: Any, seq2seq: bool, limits: LengthLimits) -> list[int]:
+    n = limits.decode_prompt_length
     if args.task == "raw":
-        ids = list(tokenizer(line)["input_ids"])
-        return ids[: args.max_length] if seq2seq else ids[-args.max_length:]
+        ids = list(tokenizer(line, verbose=False)["input_ids"])
+        if limits.max_source_length is not None:
+            n = min(n, limits.max_source_length)
+        return ids[:n] if seq2seq else ids[-n:]
     fields: dict[str, str]
     if args.task == "instruction":
         fields = {"instruction": line, "input": "", "output": ""}
@@ -97,23 +119,29 @@ def _prompt(line: str, args: argparse.Namespace, tokenizer: Any, seq2seq: bool) 
     else:
         fields = {"document": line, "summary": ""}
     example = Example(line, "", args.task, fields, "input")
-    return encode_prompt(example, tokenizer, seq2seq=seq2seq, max_length=args.max_length)
+    return encode_prompt(example, tokenizer, seq2seq=seq2seq, max_length=n, max_source_length=limits.max_source_length)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..generation_eval import decode_prompts, one_line
 
     try:
-        objective = _validate(args)
+        objective, limits = _validate(args)
         inputs = _read_inputs(args.input)
         model, tokenizer = load_model_and_tokenizer(args.model, gguf_file=args.gguf_file,
                                                     dtype=torch_dtype(args.dtype))
+        seq2seq = is_seq2seq(model)
+        if limits.model_max_positions is None:  # a hub id or GGUF file: its limits are known now
+            limits = _limits(args, model.config)
     except (EvalError, DataError, ModelLoadError) as exc:
         print(f"properlm generate: error: {exc}", file=sys.stderr)
         return 2
+    src = "" if limits.max_source_length is None else \
+        f", source cut at {limits.max_source_length} tokens ({limits.max_source_length_from})"
+    print(f"properlm generate: prompts cut at {limits.decode_prompt_length} tokens "
+          f"(max length {limits.max_length}: {limits.max_length_from}){src}", file=sys.stderr)
     model.to(resolve_device(args.device))
-    seq2seq = is_seq2seq(model)
-    prompts = [_prompt(line, args, tokenizer, seq2seq) for line in inputs]
+    prompts = [_prompt(line, args, tokenizer, seq2seq, limits) for line in inputs]
     hyps = decode_prompts(model, tokenizer, prompts, num_beams=args.num_beams, length_penalty=args.length_penalty,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                           objective=None if objective == "logarithmic" else objective)

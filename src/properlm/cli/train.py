@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"properlm train: error: {exc}", file=sys.stderr)
         return 2
     if results and os.environ.get("RANK", "0") == "0":
-        summary = {k: results[k] for k in ("global_step", "final_model", "averaged_model") if k in results}
+        summary: dict[str, Any] = {k: results[k] for k in ("global_step", "final_model", "averaged_model")
+                                   if k in results}
         if "eval" in results:
             summary["eval"] = {k: v for k, v in results["eval"].items() if k.startswith(("eval_loss", "eval_score"))}
         print(json.dumps(summary, indent=2))

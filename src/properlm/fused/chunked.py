@@ -121,11 +121,12 @@ class ChunkBackend(Protocol):
 
     def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
               smoothing: float, *, softcap: float | None = None,
-              logit_scale: float | None = None) -> tuple[TokenStats, Any]:
+              logit_scale: float | None = None, smoothing_variant: str = "paper") -> tuple[TokenStats, Any]:
         """Statistics of the logits ``z'' = head(h W^T + b)`` of ``n`` rows (``h``: ``(n, H)``,
         ``y``: ``(n,)``; ``head`` the output-head transform
         :func:`~properlm.stats.head_transform_` of ``softcap`` / ``logit_scale``) and an opaque
-        cache for :meth:`grad_logits` (may be ``None``)."""
+        cache for :meth:`grad_logits` (may be ``None``). ``smoothing_variant`` ``"none"`` needs no
+        masked-set statistics (:func:`~properlm.stats.masked_log_eps`)."""
         ...
 
     def grad_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stats: TokenStats,
@@ -182,7 +183,7 @@ class TorchChunkBackend:
 
     def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
               smoothing: float, *, softcap: float | None = None,
-              logit_scale: float | None = None) -> tuple[TokenStats, Any]:
+              logit_scale: float | None = None, smoothing_variant: str = "paper") -> tuple[TokenStats, Any]:
         n, V = h.shape[0], weight.shape[0]
         z = chunk_logits(h, weight, bias, out=self._buf("z", n, h, V))
         ebuf = self._buf("e", n, h, V)
@@ -191,7 +192,8 @@ class TorchChunkBackend:
         for sl in blocks:
             wk = None if work is None else work[: sl.stop - sl.start]
             head_transform_(z[sl], softcap, logit_scale)  # in place: the cache holds z''
-            st, e, finite = compute_stats(z[sl], y[sl], rule, smoothing, out=ebuf[sl], work=wk)
+            st, e, finite = compute_stats(z[sl], y[sl], rule, smoothing, out=ebuf[sl], work=wk,
+                                          variant=smoothing_variant)
             if e.data_ptr() != ebuf[sl].data_ptr():  # with a masked-log term, e is a new tensor
                 ebuf[sl].copy_(e)
             parts.append(st)
@@ -232,7 +234,7 @@ class _GradAccumulator:
     compute dtype (float32; float64 for float64 inputs)."""
 
     def __init__(self, num_rows: int, weight: Tensor, bias: Tensor | None, hidden_dtype: torch.dtype,
-                 need: tuple[bool, bool, bool]) -> None:
+                 need: tuple[bool, ...]) -> None:
         self.weight = weight
         self.need_h, self.need_w, self.need_b = need[0], need[1], need[2] and bias is not None
         dev = weight.device
@@ -303,7 +305,8 @@ class FusedLinearLossFunction(torch.autograd.Function):
     """Autograd function of the fused loss on 2-D inputs; see the module docstring.
 
     ``forward(hidden (N, H), weight (V, H), bias (V,) | None, target (N,), rule, smoothing,
-    ignore_index, reduction, num_items_in_batch, chunk_size, backend[, softcap, logit_scale])``
+    ignore_index, reduction, num_items_in_batch, chunk_size, backend[, softcap, logit_scale,
+    smoothing_variant])``
     returns a float32
     scalar (``"mean"``, ``"sum"``) or per-token losses ``(N,)`` (``"none"``, 0 at ignored
     positions). Inputs are assumed validated (see :mod:`properlm.fused.dispatch`).
@@ -313,18 +316,19 @@ class FusedLinearLossFunction(torch.autograd.Function):
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                 rule: ScoringRule, smoothing: float, ignore_index: int, reduction: str,
                 num_items_in_batch: Any, chunk_size: int, backend: ChunkBackend, softcap: float | None = None,
-                logit_scale: float | None = None) -> Tensor:
+                logit_scale: float | None = None, smoothing_variant: str = "paper") -> Tensor:
         n = hidden.shape[0]
         head = {"softcap": softcap, "logit_scale": logit_scale}
         need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
         need_grad = any(need)
         valid = target != ignore_index
-        rows: Tensor | None = valid.nonzero().squeeze(1)
-        if rows.numel() == n:
+        scored = valid.nonzero().squeeze(1)
+        rows: Tensor | None = scored
+        if scored.numel() == n:
             rows = None  # every row is scored: slice instead of gathering
             h_valid, y_valid = hidden, target
         else:
-            h_valid, y_valid = hidden.index_select(0, rows), target.index_select(0, rows)
+            h_valid, y_valid = hidden.index_select(0, scored), target.index_select(0, scored)
         nv = h_valid.shape[0]
         per_token = reduction == "none"
         dev = hidden.device
@@ -343,8 +347,9 @@ class FusedLinearLossFunction(torch.autograd.Function):
         for start in range(0, nv, chunk_size):
             h_c = h_valid[start:start + chunk_size]
             y_c = y_valid[start:start + chunk_size]
-            stats, cache = backend.stats(h_c, weight, bias, y_c, rule, smoothing, **head)
-            loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad)
+            stats, cache = backend.stats(h_c, weight, bias, y_c, rule, smoothing, **head,
+                                         smoothing_variant=smoothing_variant)
+            loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad, smoothing_variant)
             losses[start:start + h_c.shape[0]] = loss_c
             if not need_grad:
                 continue
@@ -377,7 +382,7 @@ class FusedLinearLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        tail = (None,) * 10
+        tail = (None,) * 11
         if not ctx.per_token:
             if ctx.grads is None:
                 raise RuntimeError("the fused loss computes its gradients once, in the forward pass; "

@@ -18,6 +18,7 @@ from ..compiled import check_head_transform, fused_token_losses
 from ..dtensor import is_dtensor
 from ..loss import check_reduction, check_smoothing, reduce_loss, validate_inputs
 from ..rules import RuleLike, get_rule
+from ..stats import check_smoothing_variant
 from .chunked import (
     ChunkBackend,
     FusedLinearLossFunction,
@@ -124,6 +125,7 @@ def fused_linear_scoring_rule_loss(
     *,
     softcap: float | None = None,
     logit_scale: float | None = None,
+    smoothing_variant: str = "paper",
 ) -> Tensor:
     r"""Scoring-rule loss of the output layer ``logits = hidden @ weight.T + bias``,
     computed without materialising the ``(N, V)`` logits.
@@ -160,6 +162,8 @@ def fused_linear_scoring_rule_loss(
             Granite logit scaling), applied to each chunk (tile, for Triton) of logits where it is
             formed; the gradients include its chain factor. Equal to
             ``scoring_rule_loss(hidden @ weight.T + bias, ..., softcap=..., logit_scale=...)``.
+        smoothing_variant: the masked-log term of bounded rules: ``"paper"`` (default), ``"gated"``
+            or ``"none"`` (see :func:`properlm.scoring_rule_loss`).
 
     Returns:
         A float32 scalar, or float32 per-token losses of ``target``'s shape for ``"none"``.
@@ -188,9 +192,11 @@ def fused_linear_scoring_rule_loss(
 
         return dtensor_fused_linear_scoring_rule_loss(hidden, weight, target, rule, bias, smoothing, ignore_index,
                                                       reduction, num_items_in_batch, chunk_size,
-                                                      softcap=softcap, logit_scale=logit_scale)
+                                                      softcap=softcap, logit_scale=logit_scale,
+                                                      smoothing_variant=smoothing_variant)
     rule_obj = get_rule(rule)
     eps = check_smoothing(smoothing)
+    variant = check_smoothing_variant(smoothing_variant)
     check_reduction(reduction)
     cap, scale = check_head_transform(softcap, logit_scale)
     _validate(hidden, weight, target, bias, ignore_index, chunk_size, impl)
@@ -205,7 +211,7 @@ def fused_linear_scoring_rule_loss(
         if chunk_size is None:
             chunk_size = default_chunk_size(max(y.numel(), 1), H, weight.shape[0], cuda=hidden.is_cuda)
         per_token = fused_token_losses(h2, weight, bias, y, rule_obj, eps, ignore_index, chunk_size, softcap=cap,
-                                       logit_scale=scale)
+                                       logit_scale=scale, smoothing_variant=variant)
         out = reduce_loss(per_token, y != ignore_index, reduction, num_items_in_batch)
         return out.view(target.shape) if reduction == "none" else out
     backend = _backend(impl, hidden, len(rule_obj.scales(eps)))
@@ -213,7 +219,7 @@ def fused_linear_scoring_rule_loss(
         chunk_size = default_chunk_size(max(int((y != ignore_index).sum()), 1), H, weight.shape[0],
                                         cuda=hidden.is_cuda)
     out = FusedLinearLossFunction.apply(h2, weight, bias, y, rule_obj, eps, ignore_index, reduction,
-                                        num_items_in_batch, chunk_size, backend, cap, scale)
+                                        num_items_in_batch, chunk_size, backend, cap, scale, variant)
     return out.view(target.shape) if reduction == "none" else out
 
 
@@ -229,11 +235,13 @@ class LinearScoringRuleLoss(nn.Module):
 
     def __init__(self, rule: RuleLike = "spherical", smoothing: float = 0.0, ignore_index: int = -100,
                  reduction: str = "mean", chunk_size: int | None = None, impl: str | None = None, *,
-                 softcap: float | None = None, logit_scale: float | None = None) -> None:
+                 softcap: float | None = None, logit_scale: float | None = None,
+                 smoothing_variant: str = "paper") -> None:
         super().__init__()
         self.rule = get_rule(rule)
         self.softcap, self.logit_scale = check_head_transform(softcap, logit_scale)
         self.smoothing = check_smoothing(smoothing)
+        self.smoothing_variant = check_smoothing_variant(smoothing_variant)
         self.ignore_index = ignore_index
         self.reduction = check_reduction(reduction)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -249,11 +257,14 @@ class LinearScoringRuleLoss(nn.Module):
         return fused_linear_scoring_rule_loss(hidden, weight, target, self.rule, bias, self.smoothing,
                                               self.ignore_index, self.reduction, num_items_in_batch,
                                               self.chunk_size, self.impl, softcap=self.softcap,
-                                              logit_scale=self.logit_scale)
+                                              logit_scale=self.logit_scale,
+                                              smoothing_variant=self.smoothing_variant)
 
     def extra_repr(self) -> str:
         head = "".join(f", {k}={v}" for k, v in (("softcap", self.softcap), ("logit_scale", self.logit_scale))
                        if v is not None)
+        if self.smoothing_variant != "paper":
+            head += f", smoothing_variant={self.smoothing_variant!r}"
         return (f"rule={self.rule.spec!r}, smoothing={self.smoothing}, ignore_index={self.ignore_index}, "
                 f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, impl={self.impl!r}{head}")
 

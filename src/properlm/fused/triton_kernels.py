@@ -384,7 +384,7 @@ class TritonChunkBackend:
     # ------------------------------------------------------------------ backend interface
     def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
               smoothing: float, *, softcap: float | None = None,
-              logit_scale: float | None = None) -> tuple[TokenStats, Any]:
+              logit_scale: float | None = None, smoothing_variant: str = "paper") -> tuple[TokenStats, Any]:
         h, weight, b = self._prep(h, weight, bias)
         head = self._head(softcap, logit_scale)
         y = y.contiguous()
@@ -392,7 +392,7 @@ class TritonChunkBackend:
         V = weight.shape[0]
         scales, cs = self._scales(rule, smoothing)
         cfg = self._launch_cfg(h, weight)
-        f32 = {"dtype": torch.float32, "device": h.device}
+        f32: dict[str, Any] = {"dtype": torch.float32, "device": h.device}
         n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
         split_cols, splits = self._split_cols(n_blocks, V, cfg["BLOCK_V"], h.device)
         m = torch.empty(splits, n, **f32)
@@ -408,7 +408,7 @@ class TritonChunkBackend:
         stats = TokenStats(z_y=z_y, lse=lse, num_classes=count, max_logit=m)
         if smoothing > 0 and rule.uses_logit_sum:
             stats.sum_z = sum_z
-        eps = masked_log_eps(rule, smoothing)
+        eps = masked_log_eps(rule, smoothing, smoothing_variant)
         if eps is not None:
             thresh = self._threshold(stats, eps)
             msum = torch.empty(splits, n, **f32)

@@ -85,7 +85,7 @@ from ..compiled import check_head_transform
 from ..dtensor import is_dtensor
 from ..loss import check_smoothing, reduce_loss, scoring_rule_loss
 from ..rules import RuleLike, ScoringRule, get_rule
-from ..stats import head_transform_
+from ..stats import check_smoothing_variant, head_transform_
 
 __all__ = [
     "ScoringRuleHandle",
@@ -127,7 +127,8 @@ def _fused_impl() -> Callable[..., Tensor] | None:
 def linear_scoring_rule_loss(hidden: Tensor, weight: Tensor, target: Tensor, rule: RuleLike,
                              bias: Tensor | None = None, smoothing: float = 0.0, ignore_index: int = -100,
                              reduction: str = "mean", num_items_in_batch: int | Tensor | None = None, *,
-                             softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
+                             softcap: float | None = None, logit_scale: float | None = None,
+                             smoothing_variant: str = "paper") -> Tensor:
     """Scoring-rule loss of the logits ``hidden @ weight.T + bias`` (soft-capped / scaled by
     ``softcap`` / ``logit_scale`` as in :func:`properlm.scoring_rule_loss`) without materialising them.
 
@@ -140,10 +141,10 @@ def linear_scoring_rule_loss(hidden: Tensor, weight: Tensor, target: Tensor, rul
     if fused is not None:
         return fused(hidden, weight, target, rule=rule, bias=bias, smoothing=smoothing, ignore_index=ignore_index,
                      reduction=reduction, num_items_in_batch=num_items_in_batch, softcap=softcap,
-                     logit_scale=logit_scale)
+                     logit_scale=logit_scale, smoothing_variant=smoothing_variant)
     logits = nn.functional.linear(hidden, weight, bias)
     return scoring_rule_loss(logits, target, rule, smoothing, ignore_index, reduction, num_items_in_batch,
-                             softcap=softcap, logit_scale=logit_scale)
+                             softcap=softcap, logit_scale=logit_scale, smoothing_variant=smoothing_variant)
 
 
 def _align(x: Tensor, labels: Tensor, shift: bool, shift_labels: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -195,6 +196,8 @@ class ScoringRuleLossFunc:
         rule: the :class:`~properlm.rules.ScoringRule` in use (assign a spec string or a rule
             to switch, e.g. from :class:`~properlm.integrations.schedule.RuleScheduleCallback`).
         smoothing: score smoothing ``eps`` in ``[0, 1)``.
+        smoothing_variant: the masked-log term of bounded rules, ``"paper"`` (default), ``"gated"``
+            or ``"none"`` (see :func:`properlm.scoring_rule_loss`); assignable.
         ignore_index: label value that is not scored.
         shift_labels: ``True`` for causal LMs (``logits[..., :-1, :]`` vs ``labels[..., 1:]``),
             ``False`` for encoder-decoder models (no shift), ``None`` to decide per call from the
@@ -203,9 +206,10 @@ class ScoringRuleLossFunc:
     """
 
     def __init__(self, rule: RuleLike = "spherical", smoothing: float = 0.0, ignore_index: int = -100,
-                 shift_labels: bool | None = None) -> None:
+                 shift_labels: bool | None = None, *, smoothing_variant: str = "paper") -> None:
         self._rule = get_rule(rule)
         self._smoothing = check_smoothing(smoothing)
+        self._smoothing_variant = check_smoothing_variant(smoothing_variant)
         self.ignore_index = int(ignore_index)
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise ValueError(f"shift_labels must be True, False or None, got {shift_labels!r}")
@@ -226,6 +230,14 @@ class ScoringRuleLossFunc:
     @smoothing.setter
     def smoothing(self, smoothing: float) -> None:
         self._smoothing = check_smoothing(smoothing)
+
+    @property
+    def smoothing_variant(self) -> str:
+        return self._smoothing_variant
+
+    @smoothing_variant.setter
+    def smoothing_variant(self, smoothing_variant: str) -> None:
+        self._smoothing_variant = check_smoothing_variant(smoothing_variant)
 
     def set_rule(self, rule: RuleLike, smoothing: float | None = None) -> None:
         """Switch to ``rule`` (and ``smoothing`` unless None) from the next call on."""
@@ -257,26 +269,31 @@ class ScoringRuleLossFunc:
             shift = True if self.shift_labels is None else self.shift_labels
         z, y = _align(logits, labels, shift, shift_labels)
         _check_aligned(z, y, "logits")
-        return scoring_rule_loss(z, y, self._rule, self._smoothing, self.ignore_index, "mean", num_items_in_batch)
+        return scoring_rule_loss(z, y, self._rule, self._smoothing, self.ignore_index, "mean", num_items_in_batch,
+                                 smoothing_variant=self._smoothing_variant)
 
     def __repr__(self) -> str:
-        return (f"ScoringRuleLossFunc(rule={self._rule.spec!r}, smoothing={self._smoothing}, "
+        variant = "" if self._smoothing_variant == "paper" else f"smoothing_variant={self._smoothing_variant!r}, "
+        return (f"ScoringRuleLossFunc(rule={self._rule.spec!r}, smoothing={self._smoothing}, {variant}"
                 f"ignore_index={self.ignore_index}, shift_labels={self.shift_labels})")
 
 
 def scoring_rule_loss_func(rule: RuleLike = "spherical", smoothing: float = 0.0, ignore_index: int = -100, *,
-                           shift_labels: bool | None = None, model: nn.Module | None = None) -> ScoringRuleLossFunc:
+                           shift_labels: bool | None = None, model: nn.Module | None = None,
+                           smoothing_variant: str = "paper") -> ScoringRuleLossFunc:
     """A :class:`ScoringRuleLossFunc` for ``Trainer(compute_loss_func=...)``.
 
     Args:
         rule: spec string (``"brier"``, ``"power:3"``, ...) or :class:`~properlm.rules.ScoringRule`.
         smoothing: score smoothing ``eps`` in ``[0, 1)``.
+        smoothing_variant: ``"paper"`` (default), ``"gated"`` or ``"none"``: the masked-log term of
+            bounded rules (see :func:`properlm.scoring_rule_loss`).
         ignore_index: label value that is not scored (``-100`` in Hugging Face collators).
         shift_labels: ``True`` causal (shift by one), ``False`` encoder-decoder (no shift),
             ``None``: from ``model`` when given, else decided per call from the outputs.
         model: the model to be trained; sets ``shift_labels = not model.config.is_encoder_decoder``.
     """
-    func = ScoringRuleLossFunc(rule, smoothing, ignore_index, shift_labels)
+    func = ScoringRuleLossFunc(rule, smoothing, ignore_index, shift_labels, smoothing_variant=smoothing_variant)
     if model is not None and shift_labels is None:
         func.for_model(model)
     return func
@@ -304,9 +321,14 @@ class _Call:
 class _PatchState:
     """Settings shared by the hooks of one patched model (picklable; per-call state is not kept)."""
 
+    #: the masked-log variant of score smoothing (a class default for states pickled before it existed)
+    smoothing_variant = "paper"
+
     def __init__(self, rule: ScoringRule, smoothing: float, ignore_index: int, fused: bool, shift: bool,
-                 softcap: float | None = None, logit_scale: float | None = None) -> None:
+                 softcap: float | None = None, logit_scale: float | None = None,
+                 smoothing_variant: str = "paper") -> None:
         self.rule, self.smoothing, self.ignore_index = rule, smoothing, ignore_index
+        self.smoothing_variant = smoothing_variant
         self.fused, self.shift = fused, shift
         #: the output-head transform of the fused loss (see the module docstring)
         self.softcap, self.logit_scale = softcap, logit_scale
@@ -325,9 +347,11 @@ class _PatchState:
         ``x`` are hidden states ``(..., H)`` when ``weight`` is given, else logits ``(..., V)``."""
         reduction = "none" if call.trl else "mean"
         if weight is None:  # x are the logits
-            return scoring_rule_loss(x, y, self.rule, self.smoothing, self.ignore_index, reduction, call.num_items)
+            return scoring_rule_loss(x, y, self.rule, self.smoothing, self.ignore_index, reduction, call.num_items,
+                                     smoothing_variant=self.smoothing_variant)
         return linear_scoring_rule_loss(x, weight, y, self.rule, bias, self.smoothing, self.ignore_index,
-                                        reduction, call.num_items, softcap=self.softcap, logit_scale=self.logit_scale)
+                                        reduction, call.num_items, softcap=self.softcap, logit_scale=self.logit_scale,
+                                        smoothing_variant=self.smoothing_variant)
 
     def finish(self, call: _Call, x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
         out = self.token_losses(x, y, weight, bias, call)
@@ -617,6 +641,15 @@ class ScoringRuleHandle:
         self._state.smoothing = check_smoothing(smoothing)
 
     @property
+    def smoothing_variant(self) -> str:
+        """The masked-log variant of score smoothing (``"paper"``, ``"gated"`` or ``"none"``); assignable."""
+        return self._state.smoothing_variant
+
+    @smoothing_variant.setter
+    def smoothing_variant(self, smoothing_variant: str) -> None:
+        self._state.smoothing_variant = check_smoothing_variant(smoothing_variant)
+
+    @property
     def fused(self) -> bool:
         return self._state.fused
 
@@ -670,7 +703,8 @@ class ScoringRuleHandle:
 
 
 def apply_scoring_rule(model: nn.Module, rule: RuleLike = "spherical", smoothing: float = 0.0, fused: bool = True,
-                       ignore_index: int = -100, *, shift_labels: bool | None = None) -> ScoringRuleHandle:
+                       ignore_index: int = -100, *, shift_labels: bool | None = None,
+                       smoothing_variant: str = "paper") -> ScoringRuleHandle:
     r"""Make ``model(..., labels=labels)`` return the scoring-rule loss.
 
     The loss is ``S_max - S_eps(softmax(z), y)`` averaged over the non-ignored targets (or summed
@@ -690,6 +724,9 @@ def apply_scoring_rule(model: nn.Module, rule: RuleLike = "spherical", smoothing
             its logits as usual and they are scored by :func:`properlm.scoring_rule_loss`.
         ignore_index: label value that is not scored.
         shift_labels: ``None`` (default) shifts unless ``model.config.is_encoder_decoder``.
+        smoothing_variant: the masked-log term of bounded rules with smoothing: ``"paper"``
+            (default, the paper's formula), ``"gated"`` (recommended for large vocabularies) or
+            ``"none"`` (see :func:`properlm.scoring_rule_loss`).
 
     Returns:
         A :class:`ScoringRuleHandle` (``.set_rule``, ``.remove``). Applying again replaces the
@@ -704,6 +741,7 @@ def apply_scoring_rule(model: nn.Module, rule: RuleLike = "spherical", smoothing
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     rule_obj = get_rule(rule)
     eps = check_smoothing(smoothing)
+    variant = check_smoothing_variant(smoothing_variant)
     if shift_labels is not None and not isinstance(shift_labels, bool):
         raise ValueError(f"shift_labels must be True, False or None, got {shift_labels!r}")
     head = _output_head(model)
@@ -713,7 +751,7 @@ def apply_scoring_rule(model: nn.Module, rule: RuleLike = "spherical", smoothing
         softcap, logit_scale = _head_transform(model)
     remove_scoring_rule(model)
     shift = (not _is_encoder_decoder(_base_model(model))) if shift_labels is None else shift_labels
-    state = _PatchState(rule_obj, eps, int(ignore_index), bool(fused), shift, softcap, logit_scale)
+    state = _PatchState(rule_obj, eps, int(ignore_index), bool(fused), shift, softcap, logit_scale, variant)
     removables = [
         model.register_forward_pre_hook(_ModelPreHook(state), with_kwargs=True),
         model.register_forward_hook(_ModelPostHook(state), with_kwargs=True, always_call=True),

@@ -13,7 +13,15 @@ Variants (per rule, plus the cross-entropy baselines):
   default implementation; ``fused-torch`` / ``fused-triton`` force the chunked PyTorch path or
   the Triton kernels;
 * ``ce``      -- ``F.cross_entropy(hidden @ W.T, y)``;
-* ``linear_ce`` -- ``torch.nn.functional.linear_cross_entropy`` where torch has it.
+* ``linear_ce`` -- ``torch.nn.functional.linear_cross_entropy`` where torch has it;
+* ``liger_flce`` -- Liger-Kernel's fused linear cross-entropy
+  (``liger_kernel.transformers.functional.liger_fused_linear_cross_entropy``; ``pip install
+  liger-kernel``), CUDA only;
+* ``cce``     -- Apple's Cut Cross-Entropy (``cut_cross_entropy.linear_cross_entropy``;
+  ``pip install cut-cross-entropy``), CUDA only.
+
+The cross-entropy baselines run once per table (they are log-score losses); a baseline that
+cannot run here (no GPU, package not installed) gets a row that says why.
 
 Peak memory: on CPU the process's peak resident set (``VmHWM``, reset through
 ``/proc/self/clear_refs`` before each call) minus its resident set just before the call; on
@@ -121,6 +129,26 @@ def _make_step(variant: str, rule: str, smoothing: float, hidden, weight, y) -> 
 
         def loss_fn():
             return F.linear_cross_entropy(hidden, weight, y, label_smoothing=smoothing)
+    elif variant in ("liger_flce", "cce"):
+        if hidden.device.type != "cuda":
+            raise SystemExit(f"skipped: {variant} needs a CUDA GPU (Triton kernels)")
+        try:
+            if variant == "liger_flce":
+                from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as fn
+            else:
+                from cut_cross_entropy import linear_cross_entropy as fn
+        except ImportError:
+            package = "liger-kernel" if variant == "liger_flce" else "cut-cross-entropy"
+            raise SystemExit(f"skipped: {variant} is not installed (pip install {package})") from None
+        if variant == "liger_flce":
+            def loss_fn():
+                return fn(hidden, weight, y, label_smoothing=smoothing)
+        else:
+            if smoothing:
+                raise SystemExit("skipped: cce has no label smoothing")
+
+            def loss_fn():
+                return fn(hidden, weight, y)
     elif variant == "naive":
         def loss_fn():
             return _naive_loss(hidden @ weight.T, y, rule, smoothing)
@@ -246,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     ce = _child(args, "ce", "logarithmic")
     results.append(("cross_entropy (materialised)", "logarithmic", ce))
     results.append(("linear_cross_entropy (torch)", "logarithmic", _child(args, "linear_ce", "logarithmic")))
+    results.append(("Liger fused linear CE", "logarithmic", _child(args, "liger_flce", "logarithmic")))
+    results.append(("Cut Cross-Entropy", "logarithmic", _child(args, "cce", "logarithmic")))
     for rule in rules:
         for variant in per_rule:
             results.append((variant, rule, _child(args, variant, rule)))
@@ -257,7 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for variant, rule, r in results:
         if isinstance(r, str):
-            print(f"| {rule} | {variant} | failed: {r} | | | | | |")
+            status = r.partition("SystemExit: ")[2] or r
+            print(f"| {rule} | {variant} | {status if status.startswith('skipped') else 'failed: ' + status} "
+                  "| | | | | |")
             continue
         t_ratio = c_ratio = m_ratio = ""
         if isinstance(ce, dict):

@@ -18,7 +18,7 @@ measured and not adopted: the log score of the masked set as one event,
 
 Usage::
 
-    python benchmarks/smoothing_large_vocab.py                  # the table and benchmarks/figures/smoothing_large_vocab.png
+    python benchmarks/smoothing_large_vocab.py          # tables, and benchmarks/figures/smoothing_large_vocab.png
     python benchmarks/smoothing_large_vocab.py --quick          # smaller sweep
 """
 

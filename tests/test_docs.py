@@ -33,3 +33,11 @@ def test_every_public_submodule_has_a_page():
               "properlm.dtensor", "properlm.integrations.transformers", "properlm.integrations.schedule",
               "properlm.metrics", "properlm.decoding"}
     assert wanted <= set(_documented_modules()), sorted(wanted - set(_documented_modules()))
+
+
+def test_every_example_is_in_the_docs():
+    docs = REFERENCE.parent
+    included = {m for page in docs.rglob("*.md")
+                for m in re.findall(r'--8<-- "examples/([\w.]+\.py)"', page.read_text(encoding="utf-8"))}
+    examples = {p.name for p in (docs.parent / "examples").glob("*.py")}
+    assert examples == included, (sorted(examples - included), sorted(included - examples))

@@ -12,7 +12,6 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,10 +23,10 @@ import torch.nn.functional as F
 
 import properlm
 from properlm import compiled
+from properlm.distributed import fused_linear_vocab_parallel_scoring_rule_loss, vocab_parallel_scoring_rule_loss
+from properlm.integrations.transformers import scoring_rule_loss_func
 from properlm.stats import SMOOTHING_VARIANTS
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference import naive_scores_all, rel_err  # noqa: E402
+from reference import naive_scores_all, rel_err
 
 BOUNDED = ["brier", "spherical", "power:3", "pseudo-spherical:1.5"]
 VARIANTS = list(SMOOTHING_VARIANTS)
@@ -66,7 +65,7 @@ def peaked_logits(n: int, V: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
 def test_value_and_gradient_match_float64_reference(rule: str, variant: str) -> None:
     z, y = peaked_logits(24, 60, seed=1)
     gate = ((torch.softmax(z, -1).gather(1, y[:, None]) - 0.9) / 0.1).clamp(0, 1)
-    assert (gate == 0).any() and (gate == 1).any() and ((gate > 0) & (gate < 1)).any()  # every regime
+    assert (gate == 0).any() and (gate > 0.99).any() and ((gate > 0.1) & (gate < 0.9)).any()  # every regime
     up = torch.randn(24, dtype=torch.float64)
     a = z.clone().requires_grad_(True)
     got = properlm.scoring_rule_loss(a, y, rule, 0.1, reduction="none", smoothing_variant=variant)
@@ -108,7 +107,7 @@ def test_bad_variant_is_a_clear_value_error(bad: object) -> None:
         lambda: properlm.scoring_rule_loss(z, y, "brier", 0.1, smoothing_variant=bad),
         lambda: properlm.ScoringRuleLoss("brier", 0.1, smoothing_variant=bad),
         lambda: properlm.fused_linear_scoring_rule_loss(h, w, y, "brier", smoothing=0.1, smoothing_variant=bad),
-        lambda: properlm.scoring_rule_loss_func("brier", 0.1, smoothing_variant=bad),
+        lambda: scoring_rule_loss_func("brier", 0.1, smoothing_variant=bad),
     ]
     for call in calls:
         with pytest.raises(ValueError, match="smoothing_variant must be one of 'paper', 'gated', 'none'"):
@@ -231,7 +230,8 @@ def test_transformers_integrations_pass_the_variant() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=0, eos_token_id=0)).eval()
     model.lm_head.weight.data.mul_(60)  # peaked predictions, so that the gate is open somewhere
     ids = torch.randint(64, (2, 10))
     with torch.no_grad():
@@ -240,7 +240,7 @@ def test_transformers_integrations_pass_the_variant() -> None:
     z, y = logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1)
     ref = {v: properlm.scoring_rule_loss(z, y, "spherical", 0.1, smoothing_variant=v) for v in ("paper", "gated")}
     assert abs(float(ref["paper"] - ref["gated"])) > 1e-4
-    func = properlm.scoring_rule_loss_func("spherical", 0.1, model=model, smoothing_variant="gated")
+    func = scoring_rule_loss_func("spherical", 0.1, model=model, smoothing_variant="gated")
     assert func.smoothing_variant == "gated" and "gated" in repr(func)
     assert rel_err(func({"logits": logits}, labels), ref["gated"]) < 1e-10
     func.smoothing_variant = "paper"
@@ -269,14 +269,16 @@ triton_kernels.BLOCK_N = triton_kernels.BLOCK_V = triton_kernels.BLOCK_H = 16
 g = torch.Generator().manual_seed(8)
 w = torch.randn(40, 16, generator=g) / 4
 y = torch.randint(40, (9,), generator=g)
-h = torch.linspace(0.5, 12, 9)[:, None] * w[y] / (w[y] ** 2).sum(-1, keepdim=True) + 0.3 * torch.randn(9, 16, generator=g)
+h = torch.linspace(0.5, 12, 9)[:, None] * w[y] / (w[y] ** 2).sum(-1, keepdim=True)
+h = h + 0.3 * torch.randn(9, 16, generator=g)
 out = {}
 for variant in ("gated", "none"):
     res = []
     for impl in ("triton", None):
         hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
         if impl:
-            loss = fused_linear_scoring_rule_loss(hh, ww, y, "brier", smoothing=0.1, impl=impl, smoothing_variant=variant)
+            loss = fused_linear_scoring_rule_loss(hh, ww, y, "brier", smoothing=0.1, impl=impl,
+                                                  smoothing_variant=variant)
         else:
             loss = scoring_rule_loss(F.linear(hh, ww), y, "brier", 0.1, smoothing_variant=variant)
         res.append([loss.detach(), *torch.autograd.grad(loss, [hh, ww])])
@@ -312,11 +314,11 @@ def _vp_worker(rank: int, init_file: str, out_dir: str) -> None:
             ref = properlm.scoring_rule_loss(F.linear(hh, ww, b), y, "spherical", **kw)
             g_ref = torch.autograd.grad(ref, [hh, ww])
             z = F.linear(h, w[a:a + n], b[a:a + n]).requires_grad_(True)
-            got = properlm.distributed.vocab_parallel_scoring_rule_loss(z, y, "spherical", **kw)
+            got = vocab_parallel_scoring_rule_loss(z, y, "spherical", **kw)
             (g_z,) = torch.autograd.grad(got, [z])
             errors[f"{variant}|unfused"] = rel_err(got, ref)
             hh2, wl = h.clone().requires_grad_(True), w[a:a + n].clone().requires_grad_(True)
-            got2 = properlm.distributed.fused_linear_vocab_parallel_scoring_rule_loss(
+            got2 = fused_linear_vocab_parallel_scoring_rule_loss(
                 hh2, wl, y, "spherical", bias=b[a:a + n], chunk_size=5, **kw)
             g_h, g_w = torch.autograd.grad(got2, [hh2, wl])
             errors[f"{variant}|fused"] = max(rel_err(got2, ref), rel_err(g_h, g_ref[0]),
@@ -342,12 +344,13 @@ def test_vocab_parallel_losses_take_the_variant(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- the collapse at V = 49,152
-def _train_head(variant: str, steps: int = 24, V: int = 49152, n: int = 8, H: int = 16, lr: float = 5e-3
+def _train_head(variant: str, steps: int = 30, V: int = 49152, n: int = 4, H: int = 8, lr: float = 0.03
                 ) -> list[float]:
     """Mean target log-probability after each Adam step on an output layer ``W`` (``V x H``) over fixed,
-    anisotropic hidden states, initialised to logits shaped like a trained LM's: targets of
-    probability 0.7, four more head tokens, a tail of log-probabilities N(-20, 2.5^2) (eps / V is
-    2e-6, log -13)."""
+    anisotropic hidden states, initialised to logits shaped like a trained LM's: head probabilities
+    0.70 (the target), 0.12, 0.06, 0.03, 0.02 before normalisation, a tail of log-probabilities
+    N(-20, 2.5^2) (eps / V is 2e-6, log -13). About 0.2 nats of logit change per step (as
+    ``benchmarks/smoothing_large_vocab.py``, part B, at a higher learning rate)."""
     g = torch.Generator().manual_seed(10)
     z0 = torch.randn(n, V, generator=g, dtype=torch.float64) * 2.5 - 20.0
     head = torch.log(torch.tensor([0.70, 0.12, 0.06, 0.03, 0.02], dtype=torch.float64))
@@ -372,12 +375,13 @@ def _train_head(variant: str, steps: int = 24, V: int = 49152, n: int = 8, H: in
 
 def test_paper_formula_collapses_at_large_vocabulary_where_gated_does_not() -> None:
     paper, gated = _train_head("paper"), _train_head("gated")
-    assert abs(paper[0] - math.log(0.7)) < 0.01 and abs(gated[0] - paper[0]) < 1e-9
-    # the paper's masked-log term flattens the distribution: the target loses most of its probability
-    assert paper[-1] < math.log(0.7) - 1.0, paper
-    # the gated variant holds the target near the smoothed optimum 1 - eps + eps / V
+    start = math.log(0.70 / 0.93)
+    assert abs(paper[0] - start) < 0.01 and abs(gated[0] - paper[0]) < 1e-6
+    # the paper's masked-log term flattens the distribution: p_y falls from 0.75 to below 0.3 in 30 steps
+    assert paper[-1] < math.log(0.3), paper
+    # the gated variant moves the target to the smoothed optimum 1 - eps + eps / V and holds it near there
     assert abs(gated[-1] - math.log(0.9)) < 0.1, gated
-    assert min(gated) > math.log(0.7) - 0.05, gated
+    assert min(gated[1:]) > start, gated
 
 
 # ---------------------------------------------------------------------- properlm train

@@ -49,6 +49,7 @@ from .modeling import (
     unwrap_model,
 )
 from .rules import get_rule
+from .stats import SMOOTHING_VARIANTS
 
 __all__ = [
     "EVAL_RULES",
@@ -129,6 +130,10 @@ class TrainConfig:
     rule: str = _opt("logarithmic", "scoring rule: logarithmic, brier, spherical, power:ALPHA, "
                      "pseudo-spherical:ALPHA", group="objective")
     smoothing: float = _opt(0.0, "score smoothing eps in [0, 1)", group="objective")
+    smoothing_variant: str = _opt("paper", "masked-log term of score smoothing for bounded rules: paper (the "
+                                  "paper's formula; it flattens the distribution at large vocabularies), gated (the "
+                                  "term only on tokens predicted with p > 1 - eps: recommended for LLM vocabularies) "
+                                  "or none (no masked-log term)", choices=SMOOTHING_VARIANTS, group="objective")
     schedule: str | None = _opt(None, "rule schedule RULE:STEPS,RULE:STEPS,... e.g. logarithmic:13000,brier:5000 "
                                 "(one optimizer across stages; --max-steps defaults to the total)",
                                 group="objective")
@@ -331,6 +336,9 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--rule: {exc}") from None
     if not 0.0 <= cfg.smoothing < 1.0:
         raise ConfigError(f"--smoothing must be in [0, 1), got {cfg.smoothing}")
+    if cfg.smoothing_variant not in SMOOTHING_VARIANTS:
+        raise ConfigError(f"--smoothing-variant must be one of {', '.join(SMOOTHING_VARIANTS)}, "
+                          f"got {cfg.smoothing_variant!r}")
     if cfg.smoothing > 0:
         try:
             rule.mean_score_scales()
@@ -549,6 +557,7 @@ def _make_trainer_class() -> type:
         properlm_rules: Sequence[str] = ()
         properlm_rule_at: Any = None
         properlm_smoothing: float = 0.0
+        properlm_smoothing_variant: str = "paper"
 
         def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
             """The length-grouped sampler, made a function of (seed, epoch) so that resuming is exact.
@@ -582,7 +591,8 @@ def _make_trainer_class() -> type:
             if not seq2seq:
                 logits, labels = logits[:, :-1], labels[:, 1:]
             rule = self.properlm_rule_at(self.state.global_step)
-            loss = scoring_rule_loss(logits, labels, rule, self.properlm_smoothing).detach()
+            loss = scoring_rule_loss(logits, labels, rule, self.properlm_smoothing,
+                                     smoothing_variant=self.properlm_smoothing_variant).detach()
             sums = _score_sums(logits.detach(), labels, self.properlm_rules)
             counts = (labels != -100).sum(-1, keepdim=True).double()
             return loss, sums, counts
@@ -827,6 +837,36 @@ def _warn_if_fsdp_ignored(trainer: Any) -> None:
         )
 
 
+#: from this vocabulary size on, ``properlm train`` warns about the paper's masked-log smoothing of a
+#: bounded rule: it trained well at V = 6,000 (Multi30k, benchmarks/RESULTS.md) and collapsed SmolLM2
+#: (V = 49,152) within 4 steps; in ``benchmarks/smoothing_large_vocab.py`` the damage grows with V
+#: (README, "Score smoothing")
+PAPER_SMOOTHING_WARN_VOCAB = 16384
+
+
+def _vocab_size(model: Any) -> int:
+    """Rows of the model's output embedding (its vocabulary as the loss sees it)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    return int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+
+
+def smoothing_warning(rule: str, smoothing: float, smoothing_variant: str, vocab_size: int) -> str | None:
+    """The warning for a bounded rule (or a mixture with one) smoothed with the paper's masked-log
+    term at a vocabulary of at least :data:`PAPER_SMOOTHING_WARN_VOCAB` tokens, else ``None``."""
+    rule_obj = get_rule(rule)
+    if smoothing <= 0 or smoothing_variant != "paper" or not rule_obj.masked_log_smoothing \
+            or vocab_size < PAPER_SMOOTHING_WARN_VOCAB:
+        return None
+    return (f"--smoothing {smoothing:g} with the bounded rule {rule_obj.spec!r} uses the paper's masked-log term "
+            f"(--smoothing-variant paper) at a vocabulary of {vocab_size} tokens: it pulls the target's "
+            "probability down by about eps per token until every tail token reaches eps/V, and under Adam this "
+            "flattens the distribution within a few steps (SmolLM2, V = 49152: decoding degenerates). "
+            "Use --smoothing-variant gated (or none); see the README, 'Score smoothing'.")
+
+
 def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool = False) -> dict[str, Any]:
     """Train as configured by ``cfg``; returns the results dictionary also written to
     ``output_dir/results.json``.
@@ -880,7 +920,17 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
     train_ds = tokenize_examples(train_examples, tokenizer, seq2seq=seq2seq, **lengths)
     val_ds = tokenize_examples(val_examples, tokenizer, seq2seq=seq2seq, **lengths) if val_examples else None
 
-    handle = apply_scoring_rule(model, rule_at(0), smoothing=cfg.smoothing, fused=cfg.fused)
+    stage_rules = [r for r, _ in schedule.stages] if schedule is not None else [cfg.rule]
+    vocab = _vocab_size(model)
+    for stage_rule in stage_rules:
+        message = smoothing_warning(stage_rule, cfg.smoothing, cfg.smoothing_variant, vocab)
+        if message is not None:
+            import warnings
+
+            warnings.warn(message, UserWarning, stacklevel=2)
+            break
+    handle = apply_scoring_rule(model, rule_at(0), smoothing=cfg.smoothing, fused=cfg.fused,
+                                smoothing_variant=cfg.smoothing_variant)
     record = {**lengths, "task": train_examples[0].task, "seq2seq": seq2seq}
     all_callbacks: list[Any] = [_metrics_callback(os.path.join(cfg.output_dir, "metrics.jsonl"), rule_at),
                                 _training_record_callback(record)]
@@ -911,6 +961,7 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
     trainer.properlm_rules = rules
     trainer.properlm_rule_at = rule_at
     trainer.properlm_smoothing = cfg.smoothing
+    trainer.properlm_smoothing_variant = cfg.smoothing_variant
 
     resume_from = find_checkpoints(cfg.output_dir)[-1] if cfg.resume else None
     started = time.time()

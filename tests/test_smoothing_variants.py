@@ -396,3 +396,34 @@ def test_train_warns_once_for_the_paper_formula_at_large_vocabularies() -> None:
     assert smoothing_warning("0.5*logarithmic+0.5*brier", 0.1, "paper", 32000) is not None
     assert smoothing_warning("brier", 0.1, "paper", 1000) is None
     assert TrainConfig().smoothing_variant == "paper"
+
+
+def test_train_prints_the_warning_once_and_takes_the_option(tmp_path: Path, monkeypatch, recwarn) -> None:
+    """End to end with a tiny model (vocabulary 270; the threshold lowered to 200 for the test): the CLI
+    option warns once for ``paper``; the YAML key ``smoothing_variant: gated`` trains without it."""
+    import random
+
+    from properlm import training
+    from properlm.cli.main import main
+
+    rng = random.Random(0)
+    src = [str(rng.randint(0, 999)) for _ in range(24)]
+    (tmp_path / "s.txt").write_text("\n".join(src) + "\n", encoding="utf-8")
+    (tmp_path / "t.txt").write_text("\n".join(" ".join("zero one two three four five six seven eight nine".split()[
+        int(c)] for c in s) for s in src) + "\n", encoding="utf-8")
+    monkeypatch.setattr(training, "PAPER_SMOOTHING_WARN_VOCAB", 200)
+    common = ["--init", "tiny-seq2seq", "--source-file", str(tmp_path / "s.txt"), "--target-file",
+              str(tmp_path / "t.txt"), "--vocab-size", "270", "--hidden-size", "16", "--num-layers", "1",
+              "--num-heads", "2", "--max-steps", "1", "--rule", "spherical", "--smoothing", "0.1",
+              "--no-tensorboard", "--no-progress-bar"]
+    assert main(["train", *common, "--output-dir", str(tmp_path / "paper")]) == 0
+    ours = [w for w in recwarn.list if "--smoothing-variant gated" in str(w.message)]
+    assert len(ours) == 1 and "270 tokens" in str(ours[0].message)
+    recwarn.clear()
+    (tmp_path / "run.yaml").write_text("smoothing_variant: gated\n", encoding="utf-8")
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), *common, "--output-dir", str(tmp_path / "g")]) == 0
+    assert not [w for w in recwarn.list if "--smoothing-variant" in str(w.message)]
+    results = json.loads((tmp_path / "g" / "results.json").read_text(encoding="utf-8"))
+    assert results["config"]["smoothing_variant"] == "gated"
+    (tmp_path / "bad.yaml").write_text("smoothing_variant: pooled\n", encoding="utf-8")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml"), *common, "--output-dir", str(tmp_path / "b")]) == 2

@@ -64,7 +64,6 @@ import argparse
 import functools
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Any
@@ -73,6 +72,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _runner import (
     Task,
+    checkpoint_steps,
     fmt_mean_std,
     kendall_tau_interval,
     mean_ci,
@@ -83,6 +83,7 @@ from _runner import (
     run_step,
     run_tasks,
     sign_test,
+    start_from_checkpoint,
 )
 from properlm.training import find_checkpoints
 
@@ -266,44 +267,22 @@ def train_argv(args: argparse.Namespace, seed: int, protocol: str, resume: bool)
     return argv + (["--resume"] if resume else [])
 
 
-def start_from_checkpoint(src: str, dst: str, step: int) -> None:
-    """Make run directory ``dst`` continue ``src`` from its ``checkpoint-STEP``: copy the
-    checkpoint (weights, optimizer, scheduler, RNG and data-order state), the tokenizer and
-    ``src``'s log records up to ``step`` (so the curves are whole). The checkpoint is copied
-    under a temporary name and renamed, so ``dst`` holds it completely or not at all."""
-    ckpt = f"checkpoint-{step}"
-    if not os.path.isfile(os.path.join(src, ckpt, "trainer_state.json")):
-        raise RuntimeError(f"{src}/{ckpt} is missing")
-    os.makedirs(dst, exist_ok=True)
-    shutil.copytree(os.path.join(src, "tokenizer"), os.path.join(dst, "tokenizer"), dirs_exist_ok=True)
-    records = [r for r in read_log(os.path.join(src, "metrics.jsonl")) if r["step"] <= step]
-    with open(os.path.join(dst, "metrics.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    shutil.copytree(os.path.join(src, ckpt), os.path.join(dst, ckpt + ".tmp"), dirs_exist_ok=True)
-    os.replace(os.path.join(dst, ckpt + ".tmp"), os.path.join(dst, ckpt))
-
-
-def _checkpoint_steps(run: str) -> list[int]:
-    """Steps of the complete ``checkpoint-N`` directories of a run, ascending."""
-    return [int(os.path.basename(c).split("-")[1]) for c in find_checkpoints(run)]
-
-
 def prepare_run(args: argparse.Namespace, seed: int, protocol: str) -> None:
     """Before a run's first step: a branch (b, c) starts from (a)'s step-T1 checkpoint; with
     ``--reuse OLD``, a single-rule run (a, d, e) starts from the newest checkpoint of the same
     seed and protocol in OLD that lies within its own stage (at most T1 for a, T for d, e)."""
     dst = run_dir(args, seed, protocol)
-    if _checkpoint_steps(dst) or os.path.isfile(os.path.join(dst, "results.json")):
+    if checkpoint_steps(dst) or os.path.isfile(os.path.join(dst, "results.json")):
         return
     if protocol in BRANCHES:
         src = run_dir(args, seed, "a")
-        if args.t1 not in _checkpoint_steps(src):
+        if args.t1 not in checkpoint_steps(src):
             raise RuntimeError(f"{src}/checkpoint-{args.t1} is missing: protocol a must save a checkpoint at T1")
         start_from_checkpoint(src, dst, args.t1)
     elif args.reuse:
         src = os.path.join(args.reuse, f"seed{seed}", protocol)
         limit = args.t1 if protocol == "a" else args.t1 + args.t2
-        steps = [n for n in _checkpoint_steps(src) if n <= limit]
+        steps = [n for n in checkpoint_steps(src) if n <= limit]
         if steps:
             print(f"[reuse] seed {seed} {protocol}: continuing {src}/checkpoint-{steps[-1]}", flush=True)
             start_from_checkpoint(src, dst, steps[-1])

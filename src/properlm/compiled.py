@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .rules import ScoringRule
-from .stats import TokenStats, masked_log_eps, masked_set, smoothed_score
+from .stats import TokenStats, check_head_transform, compute_dtype, masked_log_eps, masked_set, smoothed_score
 
 __all__ = [
     "check_head_transform",
@@ -60,29 +60,6 @@ __all__ = [
     "token_losses",
     "transform_logits",
 ]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # properlm.loss.compute_dtype, repeated here so that this module does not import properlm.loss
-    return torch.promote_types(dtype, torch.float32)
-
-
-def check_head_transform(softcap: float | None, logit_scale: float | None) -> tuple[float | None, float | None]:
-    """``(softcap, logit_scale)`` as floats (``None`` stays ``None``), or ``ValueError``: each must
-    be a finite number ``> 0``."""
-    out: list[float | None] = []
-    for name, v in (("softcap", softcap), ("logit_scale", logit_scale)):
-        if v is None:
-            out.append(None)
-            continue
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be None or a finite number > 0, got {v!r}") from None
-        if isinstance(v, bool) or not math.isfinite(f) or f <= 0:
-            raise ValueError(f"{name} must be None or a finite number > 0, got {v!r}")
-        out.append(f)
-    return out[0], out[1]
 
 
 def transform_logits(z: Tensor, softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
@@ -113,7 +90,7 @@ def token_losses(logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: f
     Returns:
         ``(n,)`` in the compute dtype, 0 at ignored positions (which also get zero gradient).
     """
-    cdt = _compute_dtype(logits.dtype)
+    cdt = compute_dtype(logits.dtype)
     valid = target != ignore_index
     # clamped so that an out-of-range id (a NaN loss, below) cannot index out of bounds
     y = torch.where(valid, target, 0).clamp(0, logits.shape[1] - 1)
@@ -160,7 +137,7 @@ def fused_token_losses(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
         parts.append(checkpoint(_chunk_losses, h_c, weight, bias, y_c, rule, smoothing, ignore_index, softcap,
                                 logit_scale, smoothing_variant, use_reentrant=False))
     if not parts:
-        return hidden.new_zeros(0, dtype=_compute_dtype(hidden.dtype))
+        return hidden.new_zeros(0, dtype=compute_dtype(hidden.dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -43,7 +43,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .compiled import check_head_transform
 from .loss import (
     CHUNK_ELEMENTS,
     check_reduction,
@@ -55,6 +54,7 @@ from .loss import (
 from .rules import RuleLike, ScoringRule, get_rule
 from .stats import (
     TokenStats,
+    check_head_transform,
     check_smoothing_variant,
     head_transform_,
     head_transform_factor,

@@ -18,13 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .compiled import check_head_transform
 from .compiled import token_losses as _traceable_token_losses
 from .dtensor import is_dtensor
 from .rules import RuleLike, ScoringRule, get_rule
 from .stats import (
     TokenStats,
+    check_head_transform,
     check_smoothing_variant,
+    compute_dtype,
     compute_stats,
     head_transform_,
     head_transform_factor,
@@ -125,11 +126,6 @@ def reduce_loss(loss: Tensor, valid: Tensor, reduction: str, num_items_in_batch:
             raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
         return total / num_items_in_batch
     return total / valid.sum().clamp(min=1).to(total.dtype)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype losses are computed in: float32, or float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _block_rows(vocab_size: int, device: torch.device) -> int:

@@ -35,7 +35,9 @@ _LOG = Logarithmic()
 __all__ = [
     "SMOOTHING_VARIANTS",
     "TokenStats",
+    "check_head_transform",
     "check_smoothing_variant",
+    "compute_dtype",
     "compute_stats",
     "head_transform_",
     "head_transform_factor",
@@ -135,6 +137,29 @@ def scale_power(e: Tensor, c: float, out: Tensor | None = None) -> Tensor:
             r.mul_(e)
         return r
     return torch.pow(e, c, out=out)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype losses are computed in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def check_head_transform(softcap: float | None, logit_scale: float | None) -> tuple[float | None, float | None]:
+    """``(softcap, logit_scale)`` as floats (``None`` stays ``None``), or ``ValueError``: each must
+    be a finite number ``> 0``."""
+    out: list[float | None] = []
+    for name, v in (("softcap", softcap), ("logit_scale", logit_scale)):
+        if v is None:
+            out.append(None)
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be None or a finite number > 0, got {v!r}") from None
+        if isinstance(v, bool) or not math.isfinite(f) or f <= 0:
+            raise ValueError(f"{name} must be None or a finite number > 0, got {v!r}")
+        out.append(f)
+    return out[0], out[1]
 
 
 def head_transform_(z: Tensor, softcap: float | None = None, logit_scale: float | None = None) -> Tensor:

@@ -14,11 +14,11 @@ import os
 import torch
 from torch import Tensor, nn
 
-from ..compiled import check_head_transform, fused_token_losses
+from ..compiled import fused_token_losses
 from ..dtensor import is_dtensor
 from ..loss import check_reduction, check_smoothing, reduce_loss, validate_inputs
 from ..rules import RuleLike, get_rule
-from ..stats import check_smoothing_variant
+from ..stats import check_head_transform, check_smoothing_variant
 from .chunked import (
     ChunkBackend,
     FusedLinearLossFunction,

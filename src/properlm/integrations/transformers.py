@@ -81,11 +81,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..compiled import check_head_transform
 from ..dtensor import is_dtensor
 from ..loss import check_smoothing, reduce_loss, scoring_rule_loss
 from ..rules import RuleLike, ScoringRule, get_rule
-from ..stats import check_smoothing_variant, head_transform_
+from ..stats import check_head_transform, check_smoothing_variant, head_transform_
 
 __all__ = [
     "ScoringRuleHandle",

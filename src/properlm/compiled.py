@@ -1,5 +1,6 @@
-r"""Traceable forms of the losses for ``torch.compile``: no host synchronisation, no
-data-dependent shapes, gradients by autograd.
+r"""Traceable forms of the losses for ``torch.compile``.
+
+No host synchronisation, no data-dependent shapes, gradients by autograd.
 
 :func:`properlm.scoring_rule_loss` and :func:`properlm.fused_linear_scoring_rule_loss` run
 their tuned eager implementations (``torch.autograd.Function`` s that gather the scored rows,
@@ -63,8 +64,10 @@ __all__ = [
 
 
 def transform_logits(z: Tensor, softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
-    """``softcap * tanh(logit_scale * z / softcap)`` (each step only when its argument is given),
-    elementwise and differentiable; ``-inf`` entries stay ``-inf``."""
+    """``softcap * tanh(logit_scale * z / softcap)``, elementwise and differentiable.
+
+    Each step only when its argument is given; ``-inf`` entries stay ``-inf``.
+    """
     if logit_scale is None and softcap is None:
         return z
     out = z
@@ -83,8 +86,11 @@ def token_losses(logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: f
     Args:
         logits: ``(n, V)``, any floating dtype (computed in float32, float64 stays float64).
         target: ``(n,)`` ids in ``[0, V)`` or ``ignore_index`` (not checked here).
-        rule, smoothing, ignore_index: as in :func:`properlm.scoring_rule_loss` (validated).
-        softcap, logit_scale: output-head transforms, ``z' = softcap tanh(logit_scale z / softcap)``.
+        rule: the rule object (validated; as in :func:`properlm.scoring_rule_loss`).
+        smoothing: score smoothing ``eps`` (validated).
+        ignore_index: target value of unscored positions.
+        softcap: output-head soft-capping ``c``, ``z' = c tanh(s z / c)`` (``None``: none).
+        logit_scale: output-head logit scale ``s`` (``None``: 1).
         smoothing_variant: the masked-log variant (:func:`properlm.stats.smoothed_score`; validated).
 
     Returns:
@@ -122,8 +128,9 @@ def token_losses(logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: f
 def fused_token_losses(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, rule: ScoringRule,
                        smoothing: float, ignore_index: int, chunk_size: int, *, softcap: float | None = None,
                        logit_scale: float | None = None, smoothing_variant: str = "paper") -> Tensor:
-    """Per-token loss of the logits ``hidden @ weight.T + bias``, ``chunk_size`` rows at a time,
-    traceable; each chunk's logits are recomputed in backward (activation checkpointing).
+    """Per-token loss of the logits ``hidden @ weight.T + bias``, ``chunk_size`` rows at a time, traceable.
+
+    Each chunk's logits are recomputed in backward (activation checkpointing).
 
     Shapes: ``hidden (N, H)``, ``weight (V, H)``, ``bias (V,)``, ``target (N,)`` -> ``(N,)`` in the
     compute dtype (0 at ignored positions). The chunks are static (``ceil(N / chunk_size)`` of

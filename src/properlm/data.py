@@ -122,8 +122,10 @@ class Example:
 
     @property
     def references(self) -> tuple[str, ...]:
-        """Every reference text: the target, then the record's ``annotations`` (summarization
-        records that have them), in file order."""
+        """Every reference text: the target, then the record's ``annotations``, in file order.
+
+        Only summarization records may have ``annotations``.
+        """
         return (self.target, *self.fields.get("annotations", ()))
 
 
@@ -265,8 +267,10 @@ def _record_fields(path: str, lineno: int, value: Any, task: str) -> dict[str, A
 
 
 def detect_task(path: str | os.PathLike) -> str:
-    """The task of a JSON/JSONL file from its first record's fields:
-    ``instruction`` (has ``instruction``/``output``) or ``summarization`` (``document``/``summary``)."""
+    """The task of a JSON/JSONL file from its first record's fields.
+
+    ``instruction`` (has ``instruction``/``output``) or ``summarization`` (``document``/``summary``).
+    """
     p = _check_file(path, "data file")
     for lineno, value in _json_records(p):
         if isinstance(value, dict):
@@ -339,8 +343,10 @@ def load_examples(data_file: str | os.PathLike | None = None, *, task: str | Non
         data_file: a JSON/JSONL file (instruction or summarization).
         task: ``"instruction"``, ``"translation"`` or ``"summarization"``; detected when ``None``
             (translation when ``source_file``/``target_file`` are given).
-        source_file, target_file: line-aligned parallel text files (translation).
-        source_lang, target_lang: language names used by the decoder-only prompt.
+        source_file: the source sentences, one per line (translation).
+        target_file: the target sentences, line-aligned with ``source_file``.
+        source_lang: the source language name used by the decoder-only prompt.
+        target_lang: the target language name used by the decoder-only prompt.
 
     Returns:
         The examples in file order. Raises :class:`DataError` for a malformed or missing file.
@@ -366,8 +372,10 @@ def load_examples(data_file: str | os.PathLike | None = None, *, task: str | Non
 
 def split_validation(examples: Sequence[Example], fraction: float, seed: int = 0
                      ) -> tuple[list[Example], list[Example]]:
-    """Split off a random ``fraction`` of ``examples`` (at least one, at most all but one) as a
-    validation set, deterministically for a given ``seed``. Returns ``(train, validation)``."""
+    """Split off a random ``fraction`` of ``examples`` as a validation set; returns ``(train, validation)``.
+
+    At least one example and at most all but one; deterministic for a given ``seed``.
+    """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
     if len(examples) < 2:
@@ -440,8 +448,9 @@ def _source_field(example: Example) -> str:
 
 
 def _cut_text(tokenizer: Any, text: str, max_tokens: int) -> str | None:
-    """``text`` cut after its first ``max_tokens`` tokens (tokenised alone, no special tokens),
-    or ``None`` when it has no more than that. The cut text re-tokenises to at most ``max_tokens``
+    """``text`` cut after its first ``max_tokens`` tokens, or ``None`` when it has no more than that.
+
+    The text is tokenised alone, without special tokens. The cut text re-tokenises to at most ``max_tokens``
     tokens (a cut inside a word can re-tokenise differently; then the cut moves left)."""
     ids = _ids(tokenizer, text, False)
     if len(ids) <= max_tokens:
@@ -520,8 +529,9 @@ def _target_ids(example: Example, tokenizer: Any) -> list[int]:
 
 def encode_prompt(example: Example, tokenizer: Any, *, seq2seq: bool = False,
                   max_length: int | None = None, max_source_length: int | None = None) -> list[int]:
-    """Token ids of the prompt for generation, exactly as training tokenises it: for
-    seq2seq the encoder input (ending with EOS), for decoder-only the prompt the target
+    """Token ids of the prompt for generation, exactly as training tokenises it.
+
+    For seq2seq the encoder input (ending with EOS), for decoder-only the prompt the target
     follows. ``max_source_length`` first cuts the source text (:func:`truncate_source`); with
     ``max_length`` the encoder input is then cut to its first ``max_length`` tokens and a
     decoder-only prompt to its last ``max_length`` tokens."""
@@ -563,8 +573,10 @@ def tokenize_example(example: Example, tokenizer: Any, *, seq2seq: bool, max_len
 
 def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, seq2seq: bool, max_length: int,
                       max_source_length: int | None = None) -> Any:
-    """Tokenise ``examples`` (see :func:`tokenize_example`) into a ``datasets.Dataset`` with
-    the columns ``input_ids``, ``attention_mask`` and ``labels``."""
+    """Tokenise ``examples`` (see :func:`tokenize_example`) into a ``datasets.Dataset``.
+
+    Its columns are ``input_ids``, ``attention_mask`` and ``labels``.
+    """
     import datasets
 
     rows = [tokenize_example(e, tokenizer, seq2seq=seq2seq, max_length=max_length,
@@ -597,6 +609,7 @@ class DataCollator:
         return out
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pad a batch of tokenised examples into ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
         if not features:
             raise ValueError("cannot collate an empty batch")
         batch = {"input_ids": self._pad([f["input_ids"] for f in features], self.pad_token_id)}

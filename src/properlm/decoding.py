@@ -53,9 +53,10 @@ __all__ = ["ScoringRuleObjective", "all_token_scores"]
 
 
 def all_token_scores(scores: Tensor, rule: RuleLike) -> Tensor:
-    """``S(softmax(scores), k)`` for every vocabulary entry ``k``: ``(..., V) -> (..., V)``,
-    float32. Entries of ``-inf`` in ``scores`` stay ``-inf`` (as do all entries of a row
-    that is entirely ``-inf``)."""
+    """``S(softmax(scores), k)`` for every vocabulary entry ``k``: ``(..., V) -> (..., V)``, float32.
+
+    Entries of ``-inf`` in ``scores`` stay ``-inf`` (as do all entries of a row that is entirely ``-inf``).
+    """
     rule_obj = get_rule(rule)
     z = scores.float()
     lse = {c: torch.logsumexp(c * z, dim=-1, keepdim=True) for c in rule_obj.score_scales()}
@@ -87,6 +88,7 @@ class ScoringRuleObjective(LogitsProcessor):
         self._identity = type(self.rule) is Logarithmic
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        """The step's token scores ``S(p, k)`` (``- s_max`` with ``subtract_max``) from ``scores`` ``(B, V)``."""
         if self._identity:
             return scores
         out = all_token_scores(scores, self.rule)

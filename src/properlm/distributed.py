@@ -1,5 +1,6 @@
-"""Vocabulary-parallel scoring-rule losses: every rank of a process group holds the logits
-(or the output-layer weight rows) of one contiguous slice of the vocabulary.
+"""Vocabulary-parallel scoring-rule losses: each rank holds one contiguous slice of the vocabulary.
+
+Every rank of a process group holds the logits (or the output-layer weight rows) of its slice.
 
 This is the tensor-parallel loss of Megatron-LM's ``vocab_parallel_cross_entropy`` and
 torchtitan's loss parallelism, for every :class:`~properlm.rules.ScoringRule`. Rank ``r``
@@ -96,8 +97,9 @@ class _Layout:
 
 def vocab_shard(vocab_size: int, rank: int | None = None, world_size: int | None = None,
                 group: ProcessGroup = None) -> tuple[int, int]:
-    """``(start, size)`` of ``rank``'s shard when ``vocab_size`` ids are split as evenly as
-    possible in rank order (the first ``vocab_size % world_size`` ranks get one more id).
+    """``(start, size)`` of ``rank``'s shard when ``vocab_size`` ids are split evenly in rank order.
+
+    As evenly as possible: the first ``vocab_size % world_size`` ranks get one more id.
 
     ``rank`` and ``world_size`` default to those of ``group`` (the default group if ``None``).
     Useful to slice a full output layer: ``weight[start:start + size]``.
@@ -148,9 +150,11 @@ def _local_error(check: Callable[[], None]) -> str | None:
 
 def _resolve_layout(local_size: int, vocab_start: int | None, target: Tensor, config: str,
                     group: ProcessGroup, device: torch.device, error: str | None = None) -> _Layout:
-    """All-gather ``(size, start, #tokens, checksum(target), crc(config), error flag)`` and check
-    that no rank rejected its inputs, that the shards tile ``[0, V)`` and that every rank passed
-    the same tokens and settings. Every rank raises the same way, so none waits in a collective."""
+    """All-gather ``(size, start, #tokens, checksum(target), crc(config), error flag)`` and check them.
+
+    Checks that no rank rejected its inputs, that the shards tile ``[0, V)`` and that every rank passed
+    the same tokens and settings. Every rank raises the same way, so none waits in a collective.
+    """
     _require_initialized()
     if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)
                                     or vocab_start < 0):
@@ -277,9 +281,11 @@ def _shard_stats(get_z: Callable[[int, int], Tensor], n: int, step: int, local_t
 def _shard_grad(z: Tensor, local_target: Tensor, owned: Tensor, stats: TokenStats, partials: TokenStats,
                 smoothing: float, rule: ScoringRule, softcap: float | None = None,
                 logit_scale: float | None = None) -> Tensor:
-    """Gradient of ``sum_i loss_i`` with respect to the shard ``z`` (``(n, V_local)``, the logits
-    before the head transform; a scratch tensor, overwritten), from the global statistics; the
-    ``z_y`` term only where this rank owns the target."""
+    """Gradient of ``sum_i loss_i`` with respect to the shard ``z``, from the global statistics.
+
+    ``z`` (``(n, V_local)``) holds the logits before the head transform (a scratch tensor, overwritten);
+    the ``z_y`` term enters only where this rank owns the target.
+    """
     if z.shape[1] == 0:
         return torch.zeros_like(z)
     partials = replace(partials, z_y=torch.where(owned, partials.z_y, 0.0))
@@ -366,8 +372,9 @@ def vocab_parallel_scoring_rule_loss(
     logit_scale: float | None = None,
     smoothing_variant: str = "paper",
 ) -> Tensor:
-    r"""Scoring-rule loss ``S_max - S_eps(softmax(z), target)`` of logits ``z`` sharded over
-    the vocabulary across the ranks of ``group``; a collective: every rank calls it.
+    r"""Scoring-rule loss ``S_max - S_eps(softmax(z), target)`` of logits sharded over the vocabulary.
+
+    The logits ``z`` are sharded across the ranks of ``group``; a collective: every rank calls it.
 
     Equal to :func:`properlm.scoring_rule_loss` of the concatenated logits
     ``z = cat(shards in vocabulary order, -1)``, and each rank receives the gradient of its
@@ -384,15 +391,19 @@ def vocab_parallel_scoring_rule_loss(
             of all shards.
         target: ``(...)`` global token ids in ``[0, V)`` or ``ignore_index``, identical on
             every rank (``V`` = sum of the shard sizes).
-        rule, smoothing, ignore_index, reduction, num_items_in_batch: as in
-            :func:`properlm.scoring_rule_loss`.
+        rule: as in :func:`properlm.scoring_rule_loss`.
+        smoothing: as in :func:`properlm.scoring_rule_loss`.
+        ignore_index: as in :func:`properlm.scoring_rule_loss`.
+        reduction: as in :func:`properlm.scoring_rule_loss`.
+        num_items_in_batch: as in :func:`properlm.scoring_rule_loss`.
         group: the process group over which the vocabulary is sharded (``None``: the default group).
         vocab_start: first vocabulary id of this rank's shard. ``None`` on every rank: the
             shards follow rank order (computed from an all-gather of the shard sizes).
             Given on every rank: any order, checked to tile ``[0, V)``.
-        softcap, logit_scale: the output-head transform of :func:`properlm.scoring_rule_loss`
+        softcap: the output-head soft-cap of :func:`properlm.scoring_rule_loss`
             (``z'' = softcap * tanh(logit_scale * z / softcap)``), applied to each rank's shard
             chunk by chunk; the same on every rank.
+        logit_scale: the output-head logit scale, as ``softcap``.
         smoothing_variant: ``"paper"`` (default), ``"gated"`` or ``"none"``, as in
             :func:`properlm.scoring_rule_loss`; the same on every rank.
 
@@ -560,8 +571,10 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
     logit_scale: float | None = None,
     smoothing_variant: str = "paper",
 ) -> Tensor:
-    r""":func:`vocab_parallel_scoring_rule_loss` of ``hidden @ local_weight.T + bias``, formed
-    chunk by chunk over the tokens, so no ``(tokens, V_local)`` logits tensor is ever held.
+    r""":func:`vocab_parallel_scoring_rule_loss` of ``hidden @ local_weight.T + bias``, chunk by chunk.
+
+    The logits are formed chunk by chunk over the tokens, so no ``(tokens, V_local)`` logits tensor is
+    ever held.
 
     Equal to ``vocab_parallel_scoring_rule_loss(F.linear(hidden, local_weight, bias), ...)``.
 
@@ -570,15 +583,20 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
         local_weight: ``(V_local, H)`` this rank's rows ``[vocab_start, vocab_start + V_local)``
             of the output layer (``lm_head.weight``), same dtype as ``hidden``.
         target: ``(...)`` global token ids in ``[0, V)`` or ``ignore_index``, identical on every rank.
-        rule, smoothing, ignore_index, reduction, num_items_in_batch: as in
-            :func:`properlm.scoring_rule_loss`.
+        rule: as in :func:`properlm.scoring_rule_loss`.
         bias: ``(V_local,)`` this rank's slice of the output bias, or ``None``.
-        group, vocab_start: as in :func:`vocab_parallel_scoring_rule_loss`.
+        smoothing: as in :func:`properlm.scoring_rule_loss`.
+        ignore_index: as in :func:`properlm.scoring_rule_loss`.
+        reduction: as in :func:`properlm.scoring_rule_loss`.
+        num_items_in_batch: as in :func:`properlm.scoring_rule_loss`.
+        group: as in :func:`vocab_parallel_scoring_rule_loss`.
+        vocab_start: as in :func:`vocab_parallel_scoring_rule_loss`.
         chunk_size: tokens per chunk (the same on every rank); default: as many as fit
             ``2**24`` float32 logits of the largest shard. Each chunk costs two or three
             all-reduces in forward.
-        softcap, logit_scale: the output-head transform (as in :func:`vocab_parallel_scoring_rule_loss`),
-            applied to each chunk of the shard's logits where it is formed.
+        softcap: the output-head soft-cap (as in :func:`vocab_parallel_scoring_rule_loss`), applied
+            to each chunk of the shard's logits where it is formed.
+        logit_scale: the output-head logit scale, as ``softcap``.
         smoothing_variant: as in :func:`vocab_parallel_scoring_rule_loss`.
 
     Returns:

@@ -1,4 +1,4 @@
-"""Scoring-rule losses on PyTorch ``DTensor``\\ s sharded over the vocabulary (tensor parallelism).
+"""Scoring-rule losses on PyTorch ``DTensor`` objects sharded over the vocabulary (tensor parallelism).
 
 With PyTorch's own tensor-parallel engine (``torch.distributed.tensor.parallel``, as torchtitan
 and ``transformers``' ``tp_plan`` use it) a column-parallel output layer,
@@ -41,15 +41,19 @@ __all__ = ["dtensor_fused_linear_scoring_rule_loss", "dtensor_scoring_rule_loss"
 
 
 def is_dtensor(x: Any) -> bool:
-    """Whether ``x`` is a ``torch.distributed.tensor.DTensor``, without importing that module
-    (no ``DTensor`` can exist before it is imported). Free of graph breaks under ``torch.compile``."""
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor``, without importing that module.
+
+    No ``DTensor`` can exist before it is imported. Free of graph breaks under ``torch.compile``.
+    """
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(x, module.DTensor)
 
 
 def _vocab_mesh_dim(t: Any, dim: int, name: str, expected: str) -> int:
-    """The mesh dimension over which tensor dimension ``dim`` of the DTensor ``t`` is sharded; every
-    other mesh dimension must be ``Replicate()``. ``ValueError`` otherwise."""
+    """The mesh dimension over which tensor dimension ``dim`` of the DTensor ``t`` is sharded.
+
+    Every other mesh dimension must be ``Replicate()``; ``ValueError`` otherwise.
+    """
     ndim = t.dim()
     shard_dims = []
     for i, p in enumerate(t.placements):
@@ -76,8 +80,10 @@ def _vocab_start(t: Any, dim: int) -> int:
 
 
 def _replicated_local(x: Any, mesh: Any, name: str) -> Tensor:
-    """The local tensor of ``x`` when it is a plain tensor, or its full value (differentiable)
-    when it is a DTensor on ``mesh``."""
+    """``x`` itself when it is a plain tensor, or its full value (differentiable) when it is a DTensor.
+
+    A DTensor must lie on ``mesh``.
+    """
     if not is_dtensor(x):
         return x
     if x.device_mesh != mesh:
@@ -97,8 +103,10 @@ def _replicated_output(loss: Tensor, mesh: Any) -> Any:
 
 
 def _given(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The keywords that are not ``None`` (``softcap=None`` and the like mean "off", so the
-    vocabulary-parallel loss is called without them)."""
+    """The keywords that are not ``None``.
+
+    ``softcap=None`` and the like mean "off", so the vocabulary-parallel loss is called without them.
+    """
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
@@ -116,10 +124,11 @@ def dtensor_scoring_rule_loss(
     num_items_in_batch: int | Tensor | None = None,
     **kwargs: Any,
 ) -> Any:
-    r""":func:`properlm.scoring_rule_loss` of ``DTensor`` logits ``(..., V)`` with placement
-    ``Shard(-1)``: :func:`properlm.distributed.vocab_parallel_scoring_rule_loss` of the local
-    shard ``(..., V_local)`` over the process group of the sharded mesh dimension, with
-    ``vocab_start`` the shard's global offset.
+    r""":func:`properlm.scoring_rule_loss` of ``DTensor`` logits ``(..., V)`` with placement ``Shard(-1)``.
+
+    It is :func:`properlm.distributed.vocab_parallel_scoring_rule_loss` of the local shard
+    ``(..., V_local)`` over the process group of the sharded mesh dimension, with ``vocab_start`` the
+    shard's global offset.
 
     Returns a ``DTensor`` with placements ``Replicate()``: a scalar, or ``target``'s shape for
     ``reduction="none"``; ``logits.grad`` is a ``DTensor`` with the placements of ``logits``.
@@ -154,8 +163,9 @@ def dtensor_fused_linear_scoring_rule_loss(
     chunk_size: int | None = None,
     **kwargs: Any,
 ) -> Any:
-    r""":func:`properlm.fused_linear_scoring_rule_loss` of ``hidden @ weight.T + bias`` for a
-    ``DTensor`` ``weight`` ``(V, H)`` with placement ``Shard(0)`` (and ``bias`` ``(V,)`` with
+    r""":func:`properlm.fused_linear_scoring_rule_loss` for a ``DTensor`` ``weight`` with placement ``Shard(0)``.
+
+    The loss of ``hidden @ weight.T + bias`` for ``weight`` ``(V, H)`` (and ``bias`` ``(V,)`` with
     ``Shard(0)`` on the same mesh, or ``None``):
     :func:`properlm.distributed.fused_linear_vocab_parallel_scoring_rule_loss` of the local rows.
 

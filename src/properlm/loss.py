@@ -129,16 +129,20 @@ def reduce_loss(loss: Tensor, valid: Tensor, reduction: str, num_items_in_batch:
 
 
 def _block_rows(vocab_size: int, device: torch.device) -> int:
-    """Rows of one block: cache-sized on the CPU, a large chunk on accelerators (where
-    each block costs kernel launches)."""
+    """Rows of one block of logits for the elementwise work.
+
+    Cache-sized on the CPU, a large chunk on accelerators (where each block costs kernel launches).
+    """
     elements = BLOCK_ELEMENTS if device.type == "cpu" else CHUNK_ELEMENTS
     return max(1, elements // max(vocab_size, 1))
 
 
 class _RowBlocks:
-    """The scored rows of 2-D logits, in cache-sized blocks of rows gathered (and upcast to
-    the compute dtype) into reused buffers: no float32 copy of the whole logits is made, and
-    no large tensor is allocated per block."""
+    """The scored rows of 2-D logits, in cache-sized blocks of rows.
+
+    The rows are gathered (and upcast to the compute dtype) into reused buffers: no float32 copy of the
+    whole logits is made, and no large tensor is allocated per block.
+    """
 
     def __init__(self, logits: Tensor, rows: Tensor | None, num_rows: int, softcap: float | None = None,
                  logit_scale: float | None = None, grad: bool = False) -> None:
@@ -183,8 +187,11 @@ class _RowBlocks:
 
 
 class _TokenLoss(torch.autograd.Function):
-    """Per-token loss of 2-D logits ``(n, V)``. The forward pass keeps a few statistics per
-    scored token; the backward pass rebuilds the gradient block by block from them."""
+    """Per-token loss of 2-D logits ``(n, V)``.
+
+    The forward pass keeps a few statistics per scored token; the backward pass rebuilds the gradient
+    block by block from them.
+    """
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: float,
@@ -374,11 +381,13 @@ class ScoringRuleLoss(nn.Module):
         self.softcap, self.logit_scale = check_head_transform(softcap, logit_scale)
 
     def forward(self, logits: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
+        """The loss of ``logits`` ``(..., V)`` for ``target`` ``(...)``, as :func:`scoring_rule_loss`."""
         return scoring_rule_loss(logits, target, self.rule, self.smoothing, self.ignore_index,
                                  self.reduction, num_items_in_batch, softcap=self.softcap,
                                  logit_scale=self.logit_scale, smoothing_variant=self.smoothing_variant)
 
     def extra_repr(self) -> str:
+        """The settings, as shown in ``repr(module)``."""
         head = "".join(f", {k}={v}" for k, v in (("softcap", self.softcap), ("logit_scale", self.logit_scale))
                        if v is not None)
         if self.smoothing_variant != "paper":
@@ -388,9 +397,11 @@ class ScoringRuleLoss(nn.Module):
 
 
 def token_scores(logits: Tensor, target: Tensor, rule: RuleLike, ignore_index: int = -100) -> Tensor:
-    """Unsmoothed token scores ``S(p(. | x, y_<t), y_t)``, float32 (float64 for float64
-    logits) of ``target``'s shape,
-    0 at ignored positions. Differentiable with respect to ``logits``."""
+    """Unsmoothed token scores ``S(p(. | x, y_<t), y_t)``, 0 at ignored positions.
+
+    ``logits`` ``(..., V)``, ``target`` ``(...)`` -> float32 (float64 for float64 logits) of ``target``'s
+    shape. Differentiable with respect to ``logits``.
+    """
     rule_obj = get_rule(rule)
     validate_inputs(logits.shape, logits.dtype, target, ignore_index)
     loss = _token_losses(logits, target, rule_obj, 0.0, ignore_index)
@@ -398,8 +409,10 @@ def token_scores(logits: Tensor, target: Tensor, rule: RuleLike, ignore_index: i
 
 
 def sequence_scores(logits: Tensor, target: Tensor, rule: RuleLike, ignore_index: int = -100) -> Tensor:
-    """Sequence scores: the sum of :func:`token_scores` over the last dimension of
-    ``target`` (time). ``logits`` ``(..., T, V)``, ``target`` ``(..., T)`` -> ``(...)``."""
+    """Sequence scores: the sum of :func:`token_scores` over the last dimension of ``target`` (time).
+
+    ``logits`` ``(..., T, V)``, ``target`` ``(..., T)`` -> ``(...)``.
+    """
     if target.dim() < 1:
         raise ValueError("sequence_scores needs target with a time dimension, got a scalar")
     return token_scores(logits, target, rule, ignore_index).sum(-1)

@@ -1,5 +1,7 @@
-"""Teacher-forced evaluation metrics: mean token score of every scoring rule, perplexity,
-token accuracy and the calibration of the top-1 token (ECE, bin table, reliability diagram).
+"""Teacher-forced evaluation metrics: rule scores, perplexity, accuracy and calibration.
+
+The mean token score of every scoring rule, the perplexity, the token accuracy and the calibration of
+the top-1 token (ECE, bin table, reliability diagram).
 
 For each scored position (label ``y`` not equal to ``ignore_index``) with logits ``z`` of
 length ``V`` and ``p = softmax(z)``:
@@ -95,8 +97,9 @@ def _scored_rows(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Ten
 
 def token_level_outputs(logits: Tensor, labels: Tensor, rules: Sequence[RuleLike], ignore_index: int = -100,
                         temperature: float = 1.0) -> dict[str, Tensor]:
-    """Per-token scores, predictions and confidences of the scored positions, of
-    ``p = softmax(logits / temperature)``.
+    """Per-token scores, predictions and confidences of ``p = softmax(logits / temperature)``.
+
+    Only the scored positions are returned.
 
     Args:
         logits: ``(..., V)`` logits, already aligned with ``labels`` (for a causal LM, shift
@@ -201,8 +204,11 @@ def _check_calibration_inputs(confidence: Tensor, correct: Tensor) -> None:
 
 
 def calibration_bins(confidence: Tensor, correct: Tensor, num_bins: int = DEFAULT_NUM_BINS) -> list[CalibrationBin]:
-    """The reliability table: ``num_bins`` equal-width bins of ``confidence`` (any shape,
-    values in ``[0, 1]``) with their count, mean confidence and accuracy of ``correct``."""
+    """The reliability table: ``num_bins`` equal-width bins of ``confidence``.
+
+    ``confidence`` has any shape and values in ``[0, 1]``; each bin has its count, mean confidence and
+    accuracy of ``correct``.
+    """
     _check_bins(num_bins)
     _check_calibration_inputs(confidence, correct)
     sums = _bin_sums(confidence.reshape(-1), correct.reshape(-1), num_bins)
@@ -253,6 +259,7 @@ class EvalMetrics:
     bins: list[CalibrationBin] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The metrics as a JSON-ready dict (bins included)."""
         return asdict(self)
 
 
@@ -313,6 +320,7 @@ class MetricsAccumulator:
 
     @property
     def num_tokens(self) -> int:
+        """Scored positions seen so far."""
         return self._n
 
     def compute(self) -> EvalMetrics:
@@ -370,12 +378,14 @@ class TemperatureFit:
     eces: list[float]
 
     def to_dict(self) -> dict[str, Any]:
+        """The fit and the whole scan as a JSON-ready dict."""
         return asdict(self)
 
 
 class TemperatureScan:
-    """Mean log score and top-1 ECE of ``softmax(z / T)`` for every ``T`` of a grid, in one
-    streaming pass over the batches (float64 sums only, like :class:`MetricsAccumulator`).
+    """Mean log score and top-1 ECE of ``softmax(z / T)`` for every ``T`` of a grid.
+
+    One streaming pass over the batches (float64 sums only, like :class:`MetricsAccumulator`).
 
     Fit ``T`` on validation data, then evaluate the test data with
     ``MetricsAccumulator(..., temperature=fit.temperature)`` (``properlm evaluate
@@ -420,6 +430,7 @@ class TemperatureScan:
 
     @property
     def num_tokens(self) -> int:
+        """Scored positions seen so far."""
         return self._n
 
     def compute(self) -> TemperatureFit:
@@ -439,8 +450,10 @@ class TemperatureScan:
 
 def reliability_diagram(bins: Sequence[CalibrationBin], path: str | Path, title: str | None = None,
                         ece: float | None = None) -> Path:
-    """Write a reliability diagram (accuracy per confidence bin against the diagonal, with
-    the share of tokens per bin below) as a PNG, using matplotlib's Agg backend."""
+    """Write a reliability diagram as a PNG, using matplotlib's Agg backend.
+
+    Accuracy per confidence bin against the diagonal, with the share of tokens per bin below.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)

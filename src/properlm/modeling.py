@@ -1,5 +1,7 @@
-"""Models and tokenizers: Hugging Face directories and hub ids, GGUF files, LoRA adapter
-directories, and fresh tiny models with a BPE tokenizer trained on the training texts.
+"""Models and tokenizers: directories, hub ids, GGUF files, LoRA adapters and fresh tiny models.
+
+Hugging Face directories and hub ids, GGUF files, LoRA adapter directories, and fresh tiny models with
+a BPE tokenizer trained on the training texts.
 
 Sources (exactly one of them):
 
@@ -128,8 +130,9 @@ def _read_json_file(path: str) -> dict[str, Any] | None:
 
 
 def model_config_dict(model: str | None, gguf_file: str | None = None) -> dict[str, Any] | None:
-    """The ``config.json`` of a local model directory as a dict, read without loading anything
-    (for a LoRA adapter directory: its base model's); ``None`` for a hub id, a GGUF file, or a
+    """The ``config.json`` of a local model directory as a dict, read without loading anything.
+
+    For a LoRA adapter directory: its base model's; ``None`` for a hub id, a GGUF file, or a
     directory without one."""
     if model is None or gguf_file is not None or not os.path.isdir(model):
         return None
@@ -145,8 +148,9 @@ def model_config_dict(model: str | None, gguf_file: str | None = None) -> dict[s
 
 
 def model_max_positions(config: Any) -> tuple[int | None, str | None]:
-    """``(limit, field)``: the most token positions a model's position table holds, from the first
-    of :data:`POSITION_LIMIT_KEYS` in ``config`` (a ``PretrainedConfig`` or its dict; a
+    """``(limit, field)``: the most token positions a model's position table holds.
+
+    Read from the first of :data:`POSITION_LIMIT_KEYS` in ``config`` (a ``PretrainedConfig`` or its dict; a
     composite config's ``text_config`` is looked into), or ``(None, None)`` when it names none
     (e.g. T5's relative positions). For an encoder-decoder the limit holds for the encoder input
     and for the decoder's sequence alike."""
@@ -164,8 +168,9 @@ def model_max_positions(config: Any) -> tuple[int | None, str | None]:
 
 
 def read_training_record(model: str | None) -> tuple[dict[str, Any] | None, str | None]:
-    """``(record, path)``: the data settings a model directory was trained with by ``properlm train``
-    -- :data:`TRAINING_RECORD` in the directory, else (runs made before it existed) the
+    """``(record, path)``: the data settings a model directory was trained with by ``properlm train``.
+
+    Read from :data:`TRAINING_RECORD` in the directory, else (runs made before it existed) the
     ``config`` of ``results.json`` in the run directory that holds it (``RUN/final`` ->
     ``RUN/results.json``) -- or ``(None, None)``. The record has ``max_length`` and
     ``max_source_length`` (``None``: not cut)."""
@@ -200,6 +205,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1000, *, kind: s
         texts: training texts (sources and targets).
         vocab_size: at least 260 (256 bytes + 4 special tokens).
         kind: ``"causal"`` or ``"seq2seq"``.
+        min_frequency: the least count of a pair to be merged.
+        model_max_length: ``model_max_length`` of the wrapped tokenizer.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -230,8 +237,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1000, *, kind: s
 
 
 def load_tokenizer(model: str, gguf_file: str | None = None) -> Any:
-    """``AutoTokenizer`` of a directory / hub id (or of a GGUF file). A pad token is set to
-    the EOS token (or UNK) when the tokenizer has none."""
+    """``AutoTokenizer`` of a directory / hub id (or of a GGUF file).
+
+    A pad token is set to the EOS token (or UNK) when the tokenizer has none.
+    """
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -330,7 +339,9 @@ def _load_pretrained(model: str, gguf_file: str | None, dtype: Any) -> tuple[Any
 
 
 def _drop_gguf_quantizer(net: Any) -> None:
-    """A GGUF model is dequantised on loading (its parameters are ordinary float tensors), but
+    """Clear the quantisation marks of a dequantised GGUF model.
+
+    A GGUF model is dequantised on loading (its parameters are ordinary float tensors), but
     transformers still marks it as quantised, which makes ``Trainer`` refuse full fine-tuning
     and ``save_pretrained`` record a GGUF quantisation config. Clear those marks: the model
     is then an ordinary Hugging Face model, saved and reloaded as such."""
@@ -344,8 +355,9 @@ def _drop_gguf_quantizer(net: Any) -> None:
 
 
 def record_gguf_base(adapter_dir: str, gguf_file: str) -> None:
-    """Write :data:`BASE_RECORD` into a LoRA adapter directory whose base model is the GGUF
-    file ``gguf_file`` (a file name in the directory that ``adapter_config.json`` names), so
+    """Write :data:`BASE_RECORD` into a LoRA adapter directory whose base model is a GGUF file.
+
+    The file is ``gguf_file`` (a file name in the directory that ``adapter_config.json`` names), so
     that :func:`load_model_and_tokenizer` can reload the adapter."""
     with open(os.path.join(adapter_dir, BASE_RECORD), "w", encoding="utf-8") as f:
         json.dump({"gguf_file": gguf_file}, f)
@@ -384,6 +396,7 @@ def load_model_and_tokenizer(model: str | None = None, *, gguf_file: str | None 
         init: ``"tiny-gpt"`` or ``"tiny-seq2seq"``: a fresh model, initialised with ``seed``.
         train_texts: texts to train the BPE tokenizer on (``init`` only, unless ``tokenizer``).
         vocab_size: BPE vocabulary size (``init`` only).
+        seed: the seed of the fresh model's initialisation (``init`` only).
         tokenizer: an existing tokenizer to use with ``init`` instead of training one
             (e.g. the one saved by an earlier run that is being resumed).
         dtype: ``torch_dtype`` for pretrained weights (default: as stored).

@@ -89,9 +89,11 @@ class ScoringRule:
 
     @property
     def masked_log_weight(self) -> float:
-        """Weight of the masked-log term in the smoothed score: 1 for a rule with
-        :attr:`masked_log_smoothing`, 0 otherwise (a :class:`Mixture`: the total weight of its
-        components that have the term)."""
+        """Weight of the masked-log term in the smoothed score.
+
+        1 for a rule with :attr:`masked_log_smoothing`, 0 otherwise (a :class:`Mixture`: the total weight
+        of its components that have the term).
+        """
         return 1.0 if self.masked_log_smoothing else 0.0
 
     def score_scales(self) -> tuple[float, ...]:
@@ -253,34 +255,44 @@ class Logarithmic(ScoringRule):
     uses_logit_sum = True
 
     def score_scales(self) -> tuple[float, ...]:
+        """``(1,)``: ``L_1``."""
         return (1.0,)
 
     def mean_score_scales(self) -> tuple[float, ...]:
+        """``(1,)``: ``L_1`` (and ``sum_z``)."""
         return (1.0,)
 
     def score(self, z_y: Tensor, lse: LSEs) -> Tensor:
+        """``log p_y = z_y - L_1``."""
         return z_y - lse[1.0]
 
     def mean_score(self, lse: LSEs, sum_z: Tensor | None, num_classes: Tensor) -> Tensor:
+        """``(1/V) sum_k log p_k = sum_z / V - L_1``."""
         assert sum_z is not None
         return sum_z / num_classes - lse[1.0]
 
 
 @register_rule("brier", aliases=("quadratic",))
 class Brier(ScoringRule):
-    """Brier (quadratic) score ``S = 2 p_y - sum_j p_j^2``, with
-    ``sum_j p_j^2 = exp(L_2 - 2 L_1)``. Equal to ``power:2``."""
+    """Brier (quadratic) score ``S = 2 p_y - sum_j p_j^2``.
+
+    With ``sum_j p_j^2 = exp(L_2 - 2 L_1)``. Equal to ``power:2``.
+    """
 
     def score_scales(self) -> tuple[float, ...]:
+        """``(1, 2)``: ``L_1`` and ``L_2``."""
         return (1.0, 2.0)
 
     def mean_score_scales(self) -> tuple[float, ...]:
+        """``(1, 2)``: ``L_1`` and ``L_2``."""
         return (1.0, 2.0)
 
     def score(self, z_y: Tensor, lse: LSEs) -> Tensor:
+        """``2 exp(z_y - L_1) - exp(L_2 - 2 L_1)``."""
         return 2 * torch.exp(z_y - lse[1.0]) - torch.exp(lse[2.0] - 2 * lse[1.0])
 
     def mean_score(self, lse: LSEs, sum_z: Tensor | None, num_classes: Tensor) -> Tensor:
+        """``2 / V - exp(L_2 - 2 L_1)``."""
         return 2 / num_classes - torch.exp(lse[2.0] - 2 * lse[1.0])
 
 
@@ -296,12 +308,15 @@ class PseudoSpherical(ScoringRule):
         self.alpha = _check_alpha(self.name, alpha)
 
     def params(self) -> tuple[float, ...]:
+        """``(alpha,)``."""
         return (self.alpha,)
 
     def score_scales(self) -> tuple[float, ...]:
+        """``(alpha,)``: ``L_alpha``."""
         return (self.alpha,)
 
     def mean_score_scales(self) -> tuple[float, ...]:
+        """``(alpha - 1, alpha)``."""
         return (self.alpha - 1, self.alpha)
 
     def _log_norm(self, lse: LSEs) -> Tensor:
@@ -309,9 +324,11 @@ class PseudoSpherical(ScoringRule):
         return (a - 1) / a * lse[a]
 
     def score(self, z_y: Tensor, lse: LSEs) -> Tensor:
+        """``exp((a-1) z_y - (a-1)/a L_a)``."""
         return torch.exp((self.alpha - 1) * z_y - self._log_norm(lse))
 
     def mean_score(self, lse: LSEs, sum_z: Tensor | None, num_classes: Tensor) -> Tensor:
+        """``exp(L_(a-1) - (a-1)/a L_a) / V``."""
         return torch.exp(lse[self.alpha - 1] - self._log_norm(lse)) / num_classes
 
 
@@ -323,13 +340,13 @@ class Spherical(PseudoSpherical):
         super().__init__(2.0)
 
     def params(self) -> tuple[float, ...]:
+        """``()``: the spec is ``"spherical"``."""
         return ()
 
 
 @register_rule("power")
 class Power(ScoringRule):
-    """Power score ``S = a p_y^(a-1) - (a-1) sum_j p_j^a``
-    ``= a exp((a-1)(z_y - L_1)) - (a-1) exp(L_a - a L_1)``.
+    """Power score ``S = a p_y^(a-1) - (a-1) sum_j p_j^a = a exp((a-1)(z_y - L_1)) - (a-1) exp(L_a - a L_1)``.
 
     Smoothing term: ``(a/V) exp(L_(a-1) - (a-1) L_1) - (a-1) exp(L_a - a L_1)``.
     ``alpha = 2`` is :class:`Brier`.
@@ -339,12 +356,15 @@ class Power(ScoringRule):
         self.alpha = _check_alpha(self.name, alpha)
 
     def params(self) -> tuple[float, ...]:
+        """``(alpha,)``."""
         return (self.alpha,)
 
     def score_scales(self) -> tuple[float, ...]:
+        """``(1, alpha)``."""
         return (1.0, self.alpha)
 
     def mean_score_scales(self) -> tuple[float, ...]:
+        """``(1, alpha - 1, alpha)``."""
         return (1.0, self.alpha - 1, self.alpha)
 
     def _sum_pa(self, lse: LSEs) -> Tensor:
@@ -352,10 +372,12 @@ class Power(ScoringRule):
         return torch.exp(lse[a] - a * lse[1.0])
 
     def score(self, z_y: Tensor, lse: LSEs) -> Tensor:
+        """``a exp((a-1)(z_y - L_1)) - (a-1) exp(L_a - a L_1)``."""
         a = self.alpha
         return a * torch.exp((a - 1) * (z_y - lse[1.0])) - (a - 1) * self._sum_pa(lse)
 
     def mean_score(self, lse: LSEs, sum_z: Tensor | None, num_classes: Tensor) -> Tensor:
+        """``(a/V) exp(L_(a-1) - (a-1) L_1) - (a-1) exp(L_a - a L_1)``."""
         a = self.alpha
         return a / num_classes * torch.exp(lse[a - 1] - (a - 1) * lse[1.0]) - (a - 1) * self._sum_pa(lse)
 
@@ -410,18 +432,23 @@ class Mixture(ScoringRule):
 
     @property
     def masked_log_weight(self) -> float:
+        """``sum_i w_i`` over the components with the masked-log term (the bounded ones)."""
         return sum(w * r.masked_log_weight for w, r in self.components)
 
     def score_scales(self) -> tuple[float, ...]:
+        """The union of the components' :meth:`~ScoringRule.score_scales`."""
         return tuple(sorted({float(c) for _, r in self.components for c in r.score_scales()}))
 
     def mean_score_scales(self) -> tuple[float, ...]:
+        """The union of the components' :meth:`~ScoringRule.mean_score_scales`."""
         return tuple(sorted({float(c) for _, r in self.components for c in r.mean_score_scales()}))
 
     def scales(self, smoothing: float = 0.0) -> tuple[float, ...]:
+        """The union of the components' :meth:`~ScoringRule.scales`."""
         return tuple(sorted({float(c) for _, r in self.components for c in r.scales(smoothing)}))
 
     def score(self, z_y: Tensor, lse: LSEs) -> Tensor:
+        """``sum_i w_i S_i(p, y)``."""
         out = None
         for w, r in self.components:
             t = w * r.score(z_y, lse)
@@ -430,6 +457,7 @@ class Mixture(ScoringRule):
         return out
 
     def mean_score(self, lse: LSEs, sum_z: Tensor | None, num_classes: Tensor) -> Tensor:
+        """``sum_i w_i (1/V) sum_k S_i(p, k)``."""
         out = None
         for w, r in self.components:
             t = w * r.mean_score(lse, sum_z, num_classes)
@@ -439,6 +467,7 @@ class Mixture(ScoringRule):
 
     @property
     def spec(self) -> str:
+        """``"W1*RULE1+W2*RULE2..."`` (a weight of 1 left out)."""
         return "+".join(r.spec if w == 1.0 else f"{_fmt(w)}*{r.spec}" for w, r in self.components)
 
 

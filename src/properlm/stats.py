@@ -1,7 +1,7 @@
-"""Per-token statistics of the logits, the smoothed score as a function of them, and the
-gradient with respect to the logits formed from the partial derivatives of that function.
+"""Per-token statistics of the logits, the smoothed score as a function of them, and the logit gradient.
 
-This module is the one place where logits are turned into scores. Every path (unfused,
+The gradient with respect to the logits is formed from the partial derivatives of the score as a
+function of the statistics. This module is the one place where logits are turned into scores. Every path (unfused,
 fused chunked, Triton, vocabulary-parallel, evaluation) computes the same
 :class:`TokenStats`, evaluates :func:`smoothed_score` on them, and -- for training --
 turns the per-token partial derivatives into a logit gradient with :func:`logits_grad`:
@@ -145,8 +145,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_head_transform(softcap: float | None, logit_scale: float | None) -> tuple[float | None, float | None]:
-    """``(softcap, logit_scale)`` as floats (``None`` stays ``None``), or ``ValueError``: each must
-    be a finite number ``> 0``."""
+    """``(softcap, logit_scale)`` as floats (``None`` stays ``None``), or ``ValueError``.
+
+    Each must be ``None`` or a finite number ``> 0``.
+    """
     out: list[float | None] = []
     for name, v in (("softcap", softcap), ("logit_scale", logit_scale)):
         if v is None:
@@ -163,7 +165,9 @@ def check_head_transform(softcap: float | None, logit_scale: float | None) -> tu
 
 
 def head_transform_(z: Tensor, softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
-    """The output-head transform of float logits ``z`` (``(n, V)``), **in place**:
+    """The output-head transform of float logits ``z`` (``(n, V)``), **in place**.
+
+    In order:
 
         z' = s z              (logit scale / multiplier ``s = logit_scale``, Cohere, Granite),
         z'' = c tanh(z' / c)  (final-logit soft-capping ``c = softcap``, Gemma 2/3),
@@ -189,7 +193,9 @@ def head_transform_(z: Tensor, softcap: float | None = None, logit_scale: float 
 
 def head_transform_factor(zt: Tensor, softcap: float | None = None, logit_scale: float | None = None, *,
                           out: Tensor | None = None) -> Tensor | float | None:
-    """``dz'' / dz`` of :func:`head_transform_`, from the *transformed* logits ``zt = z''``:
+    """``dz'' / dz`` of :func:`head_transform_`, from the *transformed* logits ``zt = z''``.
+
+    That is:
 
         s (1 - (z'' / c)^2) = s (1 - tanh(s z / c)^2)    (``0`` where ``z'' = -inf``),
 
@@ -218,14 +224,18 @@ def check_smoothing_variant(smoothing_variant: str) -> str:
 
 
 def masked_log_eps(rule: ScoringRule, smoothing: float, variant: str = "paper") -> float | None:
-    """``eps`` when the smoothed score of ``rule`` has the masked-log term (a bounded rule,
-    ``smoothing > 0``, ``variant`` other than ``"none"``), else ``None``."""
+    """``eps`` when the smoothed score of ``rule`` has the masked-log term, else ``None``.
+
+    It has the term for a bounded rule, ``smoothing > 0`` and a ``variant`` other than ``"none"``.
+    """
     return smoothing if (smoothing > 0 and rule.masked_log_smoothing and variant != "none") else None
 
 
 def masked_threshold(lse1: Tensor, num_classes: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
-    """Per-token threshold ``t`` of the masked set: ``j in M  <=>  exp(z_j - m) < t``, with
-    ``t = (eps / V) exp(lse1) (1 - 64 finfo(dtype).eps)`` (see :func:`masked_set`)."""
+    """Per-token threshold ``t`` of the masked set: ``j in M  <=>  exp(z_j - m) < t``.
+
+    ``t = (eps / V) exp(lse1) (1 - 64 finfo(dtype).eps)`` (see :func:`masked_set`).
+    """
     return (eps / num_classes) * torch.exp(lse1) * (1 - 64 * torch.finfo(dtype).eps)
 
 
@@ -286,9 +296,11 @@ def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float
 
 
 def rule_scores(z: Tensor, target: Tensor, rules: Sequence[ScoringRule]) -> tuple[Tensor, TokenStats]:
-    """Unsmoothed scores ``S(p, y)`` of several rules from one pass over float logits ``z``
-    (``(n, V)``): ``(n, len(rules))``, and the statistics, which always include ``lse[1]``
-    (so ``log p_y = z_y - lse[1]`` and the top-1 probability is ``exp(-lse[1])``)."""
+    """Unsmoothed scores ``S(p, y)`` of several rules from one pass over float logits ``z`` (``(n, V)``).
+
+    Returns the scores ``(n, len(rules))`` and the statistics, which always include ``lse[1]``
+    (so ``log p_y = z_y - lse[1]`` and the top-1 probability is ``exp(-lse[1])``).
+    """
     scales = sorted({1.0, *(float(c) for r in rules for c in r.score_scales())})
     stats, _, _ = compute_stats(z, target, rules[0] if rules else _LOG, 0.0, scales=scales)
     if not rules:
@@ -297,7 +309,9 @@ def rule_scores(z: Tensor, target: Tensor, rules: Sequence[ScoringRule]) -> tupl
 
 
 def smoothed_score(rule: ScoringRule, stats: TokenStats, smoothing: float = 0.0, variant: str = "paper") -> Tensor:
-    """The smoothed score per token, from statistics alone (differentiable in them):
+    """The smoothed score per token, from statistics alone (differentiable in them).
+
+    That is:
 
         S_eps = (1 - eps) S(p, y) + eps (1/V) sum_k S(p, k)
                 [+ g w_M eps (1/V) sum_{j in M} log p_j   for rules with masked_log_smoothing]
@@ -337,10 +351,12 @@ _DIFF_FIELDS = ("z_y", "sum_z", "masked_sum_z")
 
 def loss_and_partials(rule: ScoringRule, stats: TokenStats, smoothing: float = 0.0,
                       need_grad: bool = True, variant: str = "paper") -> tuple[Tensor, TokenStats | None]:
-    """Per-token loss ``s_max - S_eps`` (smoothing ``variant``, see :func:`smoothed_score`) and,
-    if ``need_grad``, its partial derivatives with respect to each differentiable statistic,
-    returned as a :class:`TokenStats` whose fields hold ``d loss / d stat`` (zeros where a
-    statistic is unused)."""
+    """Per-token loss ``s_max - S_eps`` and, if ``need_grad``, its partial derivatives.
+
+    The smoothing ``variant`` is as in :func:`smoothed_score`. The partial derivatives with respect to
+    each differentiable statistic are returned as a :class:`TokenStats` whose fields hold
+    ``d loss / d stat`` (zeros where a statistic is unused).
+    """
     if not need_grad:
         with torch.no_grad():
             return rule.s_max - smoothed_score(rule, stats, smoothing, variant), None

@@ -1,5 +1,6 @@
-"""The training driver behind ``properlm train``: one :class:`TrainConfig` in, a trained model,
-checkpoints, logs and a results JSON out.
+"""The training driver behind ``properlm train``.
+
+One :class:`TrainConfig` in, a trained model, checkpoints, logs and a results JSON out.
 
 Flow (:func:`run_training`)::
 
@@ -8,6 +9,7 @@ Flow (:func:`run_training`)::
     load_model_and_tokenizer (directory / hub id / GGUF / --init + BPE)
     [LoRA]  peft.get_peft_model
     apply_scoring_rule(model, first rule, smoothing, fused)             -- the loss of every forward with labels
+      (apply_improper_loss(model, name, fused) with --improper-loss: an improper baseline, properlm.improper)
     transformers.Trainer  + RuleScheduleCallback (switches the rule at stage boundaries)
                           + MetricsLogCallback   (output_dir/metrics.jsonl)
                           + TensorBoard (when installed)
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 
 from .data import DataError, Example, load_examples, split_validation
+from .improper import IMPROPER_OBJECTIVES
 from .modeling import (
     INIT_CONFIGS,
     MIN_VOCAB_SIZE,
@@ -137,6 +140,11 @@ class TrainConfig:
     schedule: str | None = _opt(None, "rule schedule RULE:STEPS,RULE:STEPS,... e.g. logarithmic:13000,brier:5000 "
                                 "(one optimizer across stages; --max-steps defaults to the total)",
                                 group="objective")
+    improper_loss: str | None = _opt(None, "train with an improper baseline objective instead of the scoring rule: "
+                                     "dft (-log p * stopgrad(p), Wu et al. 2025; TRL's loss_type='dft') or "
+                                     "one-minus-p (1 - p, Li et al. 2025). Not proper: the expected loss is minimised "
+                                     "at the one-hot on the most likely token. Not with --schedule or --smoothing",
+                                     choices=tuple(IMPROPER_OBJECTIVES), group="objective")
     fused: bool = _opt(True, "use the fused (chunked, no full logits) loss; --no-fused computes the loss on the "
                        "model's logits", group="objective", negate="--no-fused")
     # optimisation
@@ -237,6 +245,7 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
 
 def make_config(values: Mapping[str, Any], source: str = "config") -> TrainConfig:
     """A :class:`TrainConfig` from a mapping of option names (``-`` or ``_``) to values.
+
     Unknown names raise :class:`ConfigError` naming the key and the allowed ones."""
     fields = {f.name: f for f in config_fields()}
     kwargs: dict[str, Any] = {}
@@ -300,6 +309,25 @@ def _check_file(path: str | None, option: str) -> None:
         raise ConfigError(f"--{option.replace('_', '-')}: file {path!r} does not exist")
 
 
+def _check_improper(cfg: TrainConfig, rule_spec: str) -> None:
+    """``--improper-loss`` replaces the scoring rule: a known name, and none of the rule's own options."""
+    name = cfg.improper_loss
+    if name not in IMPROPER_OBJECTIVES:
+        raise ConfigError(f"--improper-loss must be one of {', '.join(IMPROPER_OBJECTIVES)}, got {name!r}")
+    if cfg.schedule is not None:
+        raise ConfigError(f"--improper-loss {name} cannot be combined with --schedule: the improper objective "
+                          "replaces the scoring rule for the whole run")
+    if cfg.smoothing > 0:
+        raise ConfigError(f"--improper-loss {name} cannot be combined with --smoothing {cfg.smoothing:g}: score "
+                          "smoothing is defined for scoring rules only")
+    if cfg.smoothing_variant != "paper":
+        raise ConfigError(f"--improper-loss {name} cannot be combined with --smoothing-variant "
+                          f"{cfg.smoothing_variant}: score smoothing is defined for scoring rules only")
+    if rule_spec != "logarithmic":
+        raise ConfigError(f"--improper-loss {name} replaces the scoring rule: give either --rule or "
+                          f"--improper-loss, not both (got --rule {cfg.rule})")
+
+
 def validate_config(cfg: TrainConfig) -> None:
     """Check every argument without loading data or models; raise :class:`ConfigError`."""
     try:
@@ -339,6 +367,8 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.smoothing_variant not in SMOOTHING_VARIANTS:
         raise ConfigError(f"--smoothing-variant must be one of {', '.join(SMOOTHING_VARIANTS)}, "
                           f"got {cfg.smoothing_variant!r}")
+    if cfg.improper_loss is not None:
+        _check_improper(cfg, rule.spec)
     if cfg.smoothing > 0:
         try:
             rule.mean_score_scales()
@@ -436,8 +466,9 @@ def _weights_file(checkpoint: str) -> str:
 
 
 def average_checkpoints(checkpoints: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The element-wise mean of the parameters saved in ``checkpoints`` (accumulated in
-    float64, returned in each tensor's stored dtype). Non-floating tensors are taken from
+    """The element-wise mean of the parameters saved in ``checkpoints``.
+
+    Accumulated in float64, returned in each tensor's stored dtype. Non-floating tensors are taken from
     the last checkpoint. Keys are as stored (full model or PEFT adapter)."""
     from safetensors.torch import load_file
 
@@ -542,6 +573,7 @@ class EpochSeededLengthGroupedSampler(torch.utils.data.Sampler[int]):
 def _make_trainer_class() -> type:
     from transformers import Trainer
 
+    from .improper import get_improper_objective
     from .loss import scoring_rule_loss
 
     class ScoringRuleTrainer(Trainer):
@@ -549,7 +581,8 @@ def _make_trainer_class() -> type:
 
         ``prediction_step`` runs the model without labels (so the logits are materialised
         whatever loss patch is applied), computes the current training rule's loss on them
-        with :func:`properlm.scoring_rule_loss`, and returns per-sequence score sums
+        with :func:`properlm.scoring_rule_loss` (or the improper objective's loss, with
+        ``--improper-loss``), and returns per-sequence score sums
         ``(B, R)`` as predictions and token counts ``(B, 1)`` as labels, which
         :meth:`compute_score_metrics` turns into means over all held-out tokens.
         """
@@ -558,6 +591,7 @@ def _make_trainer_class() -> type:
         properlm_rule_at: Any = None
         properlm_smoothing: float = 0.0
         properlm_smoothing_variant: str = "paper"
+        properlm_improper_loss: str | None = None
 
         def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
             """The length-grouped sampler, made a function of (seed, epoch) so that resuming is exact.
@@ -590,9 +624,12 @@ def _make_trainer_class() -> type:
                 logits = model(**fwd).logits
             if not seq2seq:
                 logits, labels = logits[:, :-1], labels[:, 1:]
-            rule = self.properlm_rule_at(self.state.global_step)
-            loss = scoring_rule_loss(logits, labels, rule, self.properlm_smoothing,
-                                     smoothing_variant=self.properlm_smoothing_variant).detach()
+            if self.properlm_improper_loss is not None:  # the improper objective trained instead of a rule
+                loss = get_improper_objective(self.properlm_improper_loss)(logits, labels).detach()
+            else:
+                rule = self.properlm_rule_at(self.state.global_step)
+                loss = scoring_rule_loss(logits, labels, rule, self.properlm_smoothing,
+                                         smoothing_variant=self.properlm_smoothing_variant).detach()
             sums = _score_sums(logits.detach(), labels, self.properlm_rules)
             counts = (labels != -100).sum(-1, keepdim=True).double()
             return loss, sums, counts
@@ -619,8 +656,9 @@ def _metrics_callback(path: str, rule_at: Any) -> Any:
     from transformers import TrainerCallback
 
     class MetricsLogCallback(TrainerCallback):
-        """Append one JSON record per logging step / evaluation to ``metrics.jsonl``:
-        ``{"step", "epoch", "rule", "time", **logs}`` (``loss``, ``learning_rate``,
+        """Append one JSON record per logging step / evaluation to ``metrics.jsonl``.
+
+        The record is ``{"step", "epoch", "rule", "time", **logs}`` (``loss``, ``learning_rate``,
         ``grad_norm``, ``eval_loss``, ``eval_score_<rule>``, ...). ``rule`` is the rule of
         the last optimizer step taken (``rule_at(step - 1)``)."""
 
@@ -749,8 +787,10 @@ def _build_model(cfg: TrainConfig, train: list[Example], args: Any) -> tuple[Any
 
 
 def _record_gguf_base(cfg: TrainConfig, directory: str) -> None:
-    """Next to a LoRA adapter trained on a GGUF model, record the GGUF file name
-    (:func:`properlm.modeling.record_gguf_base`): ``adapter_config.json`` can only name a directory."""
+    """Next to a LoRA adapter trained on a GGUF model, record the GGUF file name.
+
+    With :func:`properlm.modeling.record_gguf_base`: ``adapter_config.json`` can only name a directory.
+    """
     if cfg.lora and cfg.gguf_file and os.path.isdir(directory):
         record_gguf_base(directory, gguf_location(cfg.model, cfg.gguf_file)[1])
 
@@ -759,8 +799,10 @@ def _gguf_base_callback(cfg: TrainConfig) -> Any:
     from transformers import TrainerCallback
 
     class GGUFBaseRecordCallback(TrainerCallback):
-        """Write the GGUF base record into every ``checkpoint-N`` of a LoRA run on a GGUF model, so
-        that an intermediate adapter reloads as ``final/`` does."""
+        """Write the GGUF base record into every ``checkpoint-N`` of a LoRA run on a GGUF model.
+
+        So an intermediate adapter reloads as ``final/`` does.
+        """
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
@@ -770,9 +812,11 @@ def _gguf_base_callback(cfg: TrainConfig) -> Any:
 
 
 def write_training_record(directory: str, record: Mapping[str, Any]) -> None:
-    """Write :data:`properlm.modeling.TRAINING_RECORD` (the data settings: ``max_length``,
-    ``max_source_length``, ``task``, ``seq2seq``) into a saved model directory, so that
-    ``properlm evaluate`` and ``generate`` truncate as training did."""
+    """Write :data:`properlm.modeling.TRAINING_RECORD` into a saved model directory.
+
+    The record holds the data settings (``max_length``, ``max_source_length``, ``task``, ``seq2seq``), so
+    that ``properlm evaluate`` and ``generate`` truncate as training did.
+    """
     if os.path.isdir(directory):
         with open(os.path.join(directory, TRAINING_RECORD), "w", encoding="utf-8") as f:
             json.dump(dict(record), f, indent=2)
@@ -782,8 +826,10 @@ def _training_record_callback(record: Mapping[str, Any]) -> Any:
     from transformers import TrainerCallback
 
     class TrainingRecordCallback(TrainerCallback):
-        """Write the training record into every ``checkpoint-N`` (an intermediate model evaluates
-        with the truncation of its run, as ``final/`` does)."""
+        """Write the training record into every ``checkpoint-N``.
+
+        An intermediate model then evaluates with the truncation of its run, as ``final/`` does.
+        """
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
@@ -808,8 +854,11 @@ def _apply_lora(cfg: TrainConfig, model: Any, seq2seq: bool) -> Any:
 
 
 def _final_eval(trainer: Any) -> dict[str, Any]:
-    """The validation metrics of the final model: those of the scheduled evaluation when one ran at
-    the last step (same weights), else a fresh ``trainer.evaluate()``."""
+    """The validation metrics of the final model.
+
+    Those of the scheduled evaluation when one ran at the last step (same weights), else a fresh
+    ``trainer.evaluate()``.
+    """
     if getattr(trainer.args, "load_best_model_at_end", False):
         return trainer.evaluate()  # the weights are no longer those of the last evaluation
     step = trainer.state.global_step
@@ -854,8 +903,11 @@ def _vocab_size(model: Any) -> int:
 
 
 def smoothing_warning(rule: str, smoothing: float, smoothing_variant: str, vocab_size: int) -> str | None:
-    """The warning for a bounded rule (or a mixture with one) smoothed with the paper's masked-log
-    term at a vocabulary of at least :data:`PAPER_SMOOTHING_WARN_VOCAB` tokens, else ``None``."""
+    """The warning for the paper's masked-log smoothing of a bounded rule at a large vocabulary, or ``None``.
+
+    It warns for a bounded rule (or a mixture with one) smoothed with the paper's masked-log term at a
+    vocabulary of at least :data:`PAPER_SMOOTHING_WARN_VOCAB` tokens.
+    """
     rule_obj = get_rule(rule)
     if smoothing <= 0 or smoothing_variant != "paper" or not rule_obj.masked_log_smoothing \
             or vocab_size < PAPER_SMOOTHING_WARN_VOCAB:
@@ -868,8 +920,7 @@ def smoothing_warning(rule: str, smoothing: float, smoothing_variant: str, vocab
 
 
 def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool = False) -> dict[str, Any]:
-    """Train as configured by ``cfg``; returns the results dictionary also written to
-    ``output_dir/results.json``.
+    """Train as configured by ``cfg``; returns the results dictionary also written to ``output_dir/results.json``.
 
     ``callbacks`` are extra ``transformers.TrainerCallback`` objects (tests use one to stop
     a run early, as a kill would). ``quiet`` prints nothing to the console (no progress bar,
@@ -881,7 +932,7 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
     from transformers import set_seed
 
     from .data import DataCollator, tokenize_examples
-    from .integrations.transformers import apply_scoring_rule
+    from .integrations.transformers import apply_improper_loss, apply_scoring_rule
 
     schedule = _parse_schedule(cfg.schedule) if cfg.schedule else None
     if schedule is not None:
@@ -895,6 +946,12 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
 
         def rule_at(step: int) -> str:
             return fixed
+
+    improper = cfg.improper_loss
+
+    def label_at(step: int) -> str:
+        """The objective of ``step`` in the logs and results: the rule, or the improper objective's name."""
+        return rule_at(step) if improper is None else improper
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     args = _training_arguments(cfg, max_steps, bool(val_examples))
@@ -929,10 +986,20 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
 
             warnings.warn(message, UserWarning, stacklevel=2)
             break
-    handle = apply_scoring_rule(model, rule_at(0), smoothing=cfg.smoothing, fused=cfg.fused,
-                                smoothing_variant=cfg.smoothing_variant)
-    record = {**lengths, "task": train_examples[0].task, "seq2seq": seq2seq}
-    all_callbacks: list[Any] = [_metrics_callback(os.path.join(cfg.output_dir, "metrics.jsonl"), rule_at),
+    if improper is not None:
+        handle = apply_improper_loss(model, improper, fused=cfg.fused)
+        if not quiet and args.process_index == 0:
+            objective = IMPROPER_OBJECTIVES[improper]
+            print(f"properlm train: training with the improper objective {improper!r} (L = {objective.formula}; "
+                  f"{objective.reference}) instead of a scoring rule: a baseline, not a proper scoring rule",
+                  flush=True)
+    else:
+        handle = apply_scoring_rule(model, rule_at(0), smoothing=cfg.smoothing, fused=cfg.fused,
+                                    smoothing_variant=cfg.smoothing_variant)
+    record: dict[str, Any] = {**lengths, "task": train_examples[0].task, "seq2seq": seq2seq}
+    if improper is not None:
+        record["improper_loss"] = improper
+    all_callbacks: list[Any] = [_metrics_callback(os.path.join(cfg.output_dir, "metrics.jsonl"), label_at),
                                 _training_record_callback(record)]
     if cfg.lora and cfg.gguf_file:
         all_callbacks.append(_gguf_base_callback(cfg))
@@ -962,6 +1029,7 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
     trainer.properlm_rule_at = rule_at
     trainer.properlm_smoothing = cfg.smoothing
     trainer.properlm_smoothing_variant = cfg.smoothing_variant
+    trainer.properlm_improper_loss = improper
 
     resume_from = find_checkpoints(cfg.output_dir)[-1] if cfg.resume else None
     started = time.time()
@@ -969,7 +1037,7 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
     results: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
         "rule_stages": [[get_rule(r).spec, int(n)] for r, n in schedule.stages] if schedule is not None
-        else [[rule_at(0), trainer.state.max_steps]],
+        else [[label_at(0), trainer.state.max_steps]],
         "resumed_from": resume_from,
         "train": dict(train_output.metrics),
         "train_seconds": time.time() - started,

@@ -67,8 +67,10 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def read_metrics_log(path: str) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (blank lines skipped); raises
-    :class:`CompareError` naming the line of a malformed record."""
+    """The records of a ``metrics.jsonl`` file (blank lines skipped).
+
+    Raises :class:`CompareError` naming the line of a malformed record.
+    """
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -239,8 +241,9 @@ def comparison_table(runs: list[RunRecord]) -> str:
 
 
 def plot_curves(runs: list[RunRecord], path: str, max_panels: int = 6) -> str | None:
-    """Plot the training curves of every run that has a ``metrics.jsonl``: training loss,
-    validation loss and validation scores against the step, one panel per quantity, rule
+    """Plot the training curves of every run that has a ``metrics.jsonl``.
+
+    Training loss, validation loss and validation scores against the step, one panel per quantity, rule
     switches of a schedule marked by dotted lines. Returns the PNG path, or ``None`` when no
     run has a log."""
     logged = []
@@ -301,6 +304,7 @@ def plot_curves(runs: list[RunRecord], path: str, max_panels: int = 6) -> str | 
 
 
 def register(subparsers: Any) -> None:
+    """Add the ``compare`` command to the ``properlm`` sub-command parsers."""
     parser = subparsers.add_parser(
         "compare", help="one table across runs and a PNG of their training curves",
         description="Compare runs: print one markdown table with a row per run (training rule, steps, final "
@@ -319,6 +323,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``properlm compare`` with parsed arguments; returns the exit code."""
     try:
         runs = load_runs(list(args.runs))
     except CompareError as exc:

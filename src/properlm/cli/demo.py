@@ -28,6 +28,7 @@ _RULES = ("logarithmic", "brier", "spherical")
 
 
 def register(subparsers: Any) -> None:
+    """Add the ``demo`` command to the ``properlm`` sub-command parsers."""
     parser = subparsers.add_parser(
         "demo", help="offline demo: train a tiny translation model with each scoring rule and compare",
         description="Generate a numbers-to-words data set, pre-train a tiny seq2seq model with the logarithmic "
@@ -251,6 +252,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``properlm demo`` with parsed arguments; returns the exit code."""
     try:
         run_demo(args)
     except ValueError as exc:

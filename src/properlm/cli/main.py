@@ -17,6 +17,7 @@ COMMANDS = ("train", "evaluate", "generate", "compare", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``properlm`` parser with one sub-command per module of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="properlm",
         description="Train and evaluate language-generation models with strictly proper scoring rules "
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``properlm`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -20,7 +20,7 @@ from ..training import ConfigError, config_fields, load_yaml_config, make_config
 _GROUP_TITLES = {
     "model": "model (exactly one of --model, --gguf-file, --init)",
     "data": "data",
-    "objective": "scoring rule",
+    "objective": "scoring rule (or an improper baseline objective)",
     "optimisation": "optimisation",
     "lora": "LoRA (peft)",
     "checkpoints": "evaluation, checkpoints and logs",
@@ -33,6 +33,8 @@ examples:
   properlm train --model ./SmolLM2-135M-Instruct --train-file alpaca.json --lora --bf16 \\
       --schedule logarithmic:13000,brier:5000 --lr-scheduler inverse_sqrt --warmup-steps 4000 \\
       --save-steps 1000 --average-last 5 --output-dir runs/alpaca
+  properlm train --model ./SmolLM2-135M-Instruct --train-file alpaca.json --improper-loss dft \\
+      --output-dir runs/dft                                  # an improper baseline (DFT), not a scoring rule
   properlm train --config run.yaml --learning-rate 3e-4        # flags override the YAML file
   properlm train --config run.yaml --resume                    # continue a stopped run
   torchrun --nproc_per_node 4 -m properlm.cli.main train --config run.yaml   # data parallel
@@ -87,6 +89,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def register(subparsers: Any) -> None:
+    """Add the ``train`` command to the ``properlm`` sub-command parsers."""
     parser = subparsers.add_parser(
         "train", help="train or fine-tune a model with a scoring rule",
         description="Train or fine-tune a Hugging Face model (or a fresh tiny one) with a strictly proper "
@@ -109,6 +112,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``properlm train`` with parsed arguments; returns the exit code."""
     try:
         source = f"config file {args.config}" if getattr(args, "config", None) else "arguments"
         cfg = make_config(options_from_args(args), source=source)

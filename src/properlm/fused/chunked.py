@@ -66,10 +66,11 @@ CUDA_MIN_CHUNK_ELEMENTS = 1 << 28
 
 
 def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int, cuda: bool = False) -> int:
-    """Rows per chunk such that a chunk of logits (``rows x V``) holds about as many
-    elements as the hidden input (``N x H``), i.e. ``rows ~ N H / V``, but at least
-    ``MIN_CHUNK_ELEMENTS / V`` (``CUDA_MIN_CHUNK_ELEMENTS / V`` on a GPU), at least
-    ``MIN_CHUNK_ROWS``, at most ``MAX_CHUNK_ROWS`` on the CPU, and never more than ``N``.
+    """Rows per chunk such that a chunk of logits (``rows x V``) holds about as many elements as ``hidden``.
+
+    That is ``rows ~ N H / V`` for hidden states ``N x H``, but at least ``MIN_CHUNK_ELEMENTS / V``
+    (``CUDA_MIN_CHUNK_ELEMENTS / V`` on a GPU), at least ``MIN_CHUNK_ROWS``, at most ``MAX_CHUNK_ROWS``
+    on the CPU, and never more than ``N``.
 
     On a GPU every chunk costs a pass over the ``V x H`` float32 gradient accumulator of the
     weight (2 GiB for 128k x 4k), as much memory traffic as the chunk's matmuls take time when
@@ -84,23 +85,29 @@ def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int, cuda:
 
 
 def tensor_core_inputs(h: Tensor) -> bool:
-    """Whether matmuls of ``h`` run on a GPU's tensor cores: bfloat16/float16 CUDA tensors, and
-    float32 ones while ``torch.backends.cuda.matmul.allow_tf32`` is set."""
+    """Whether matmuls of ``h`` run on a GPU's tensor cores.
+
+    They do for bfloat16/float16 CUDA tensors, and for float32 ones while
+    ``torch.backends.cuda.matmul.allow_tf32`` is set.
+    """
     return h.is_cuda and (h.dtype in (torch.bfloat16, torch.float16)
                           or (h.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32))
 
 
 def logit_grad_dtype(h: Tensor) -> torch.dtype:
-    """dtype of the logit gradient that the backward matmuls take: the input dtype for
-    bfloat16/float16 CUDA tensors (tensor-core matmuls, as the unfused path's logit gradient),
-    the compute dtype otherwise (float32 matmuls on the CPU are as fast and exact)."""
+    """The dtype of the logit gradient that the backward matmuls take.
+
+    The input dtype for bfloat16/float16 CUDA tensors (tensor-core matmuls, as the unfused path's logit
+    gradient), the compute dtype otherwise (float32 matmuls on the CPU are as fast and exact).
+    """
     if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
         return h.dtype
     return compute_dtype(h.dtype)
 
 
 def chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
-    """``h W^T + b`` in the compute dtype (float32, float64 for float64 inputs),
+    """``h W^T + b`` in the compute dtype (float32, float64 for float64 inputs).
+
     ``(n, H) x (V, H) -> (n, V)``, written into ``out`` when given.
 
     The matmul runs in the inputs' dtype (float32 accumulation inside), exactly as the
@@ -122,8 +129,9 @@ class ChunkBackend(Protocol):
     def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
               smoothing: float, *, softcap: float | None = None,
               logit_scale: float | None = None, smoothing_variant: str = "paper") -> tuple[TokenStats, Any]:
-        """Statistics of the logits ``z'' = head(h W^T + b)`` of ``n`` rows (``h``: ``(n, H)``,
-        ``y``: ``(n,)``; ``head`` the output-head transform
+        """Statistics of the logits ``z'' = head(h W^T + b)`` of ``n`` rows, and a cache.
+
+        ``h``: ``(n, H)``, ``y``: ``(n,)``; ``head`` is the output-head transform
         :func:`~properlm.stats.head_transform_` of ``softcap`` / ``logit_scale``) and an opaque
         cache for :meth:`grad_logits` (may be ``None``). ``smoothing_variant`` ``"none"`` needs no
         masked-set statistics (:func:`~properlm.stats.masked_log_eps`)."""
@@ -132,9 +140,10 @@ class ChunkBackend(Protocol):
     def grad_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stats: TokenStats,
                     partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any, *,
                     softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
-        """``d sum_i loss_i / d z`` (``z = h W^T + b``, the chain factor of the head transform
-        included) as float32 ``(n, V)``; ``partials`` are already scaled by the upstream
-        gradient. ``cache`` is what :meth:`stats` returned, or ``None`` (then everything is
+        """``d sum_i loss_i / d z`` as float32 ``(n, V)``.
+
+        ``z = h W^T + b``, the chain factor of the head transform included; ``partials`` are already
+        scaled by the upstream gradient. ``cache`` is what :meth:`stats` returned, or ``None`` (then everything is
         recomputed from ``h``)."""
         ...
 
@@ -184,6 +193,7 @@ class TorchChunkBackend:
     def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
               smoothing: float, *, softcap: float | None = None,
               logit_scale: float | None = None, smoothing_variant: str = "paper") -> tuple[TokenStats, Any]:
+        """See :meth:`ChunkBackend.stats`; the cache holds the transformed logits and ``exp(z - m)``."""
         n, V = h.shape[0], weight.shape[0]
         z = chunk_logits(h, weight, bias, out=self._buf("z", n, h, V))
         ebuf = self._buf("e", n, h, V)
@@ -203,6 +213,7 @@ class TorchChunkBackend:
     def grad_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stats: TokenStats,
                     partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any, *,
                     softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
+        """See :meth:`ChunkBackend.grad_logits`."""
         n, V = h.shape[0], weight.shape[0]
         blocks, work = self._blocks(n, V, h)
         if cache is None:
@@ -230,8 +241,10 @@ class TorchChunkBackend:
 
 
 class _GradAccumulator:
-    """Accumulators of ``grad_h`` (rows of the valid tokens), ``grad_W`` and ``grad_b`` in the
-    compute dtype (float32; float64 for float64 inputs)."""
+    """Accumulators of ``grad_h`` (rows of the valid tokens), ``grad_W`` and ``grad_b``.
+
+    In the compute dtype (float32; float64 for float64 inputs).
+    """
 
     def __init__(self, num_rows: int, weight: Tensor, bias: Tensor | None, hidden_dtype: torch.dtype,
                  need: tuple[bool, ...]) -> None:
@@ -281,8 +294,9 @@ class _GradAccumulator:
 
 
 def _addmm_float32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """``acc += a @ b`` for low-precision CUDA matrices ``a``, ``b`` and a float32 ``acc``, in place:
-    one tensor-core matmul that reads and writes ``acc`` in float32 (``torch.addmm(...,
+    """``acc += a @ b`` for low-precision CUDA matrices ``a``, ``b`` and a float32 ``acc``, in place.
+
+    One tensor-core matmul that reads and writes ``acc`` in float32 (``torch.addmm(...,
     out_dtype=torch.float32)``); where this torch lacks it, the product is formed in the inputs'
     dtype and added."""
     try:
@@ -317,6 +331,7 @@ class FusedLinearLossFunction(torch.autograd.Function):
                 rule: ScoringRule, smoothing: float, ignore_index: int, reduction: str,
                 num_items_in_batch: Any, chunk_size: int, backend: ChunkBackend, softcap: float | None = None,
                 logit_scale: float | None = None, smoothing_variant: str = "paper") -> Tensor:
+        """The reduced loss (per-token losses for ``"none"``); with a reduction, also the gradients."""
         n = hidden.shape[0]
         head = {"softcap": softcap, "logit_scale": logit_scale}
         need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
@@ -382,6 +397,7 @@ class FusedLinearLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        """The gradients of ``hidden``, ``weight`` and ``bias``, scaled by ``grad_out``."""
         tail = (None,) * 11
         if not ctx.per_token:
             if ctx.grads is None:

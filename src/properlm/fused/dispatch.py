@@ -1,5 +1,4 @@
-"""The fused linear + scoring-rule loss: input validation, choice of implementation, and
-the ``nn.Module``.
+"""The fused linear + scoring-rule loss: input validation, choice of implementation, and the ``nn.Module``.
 
 ``fused_linear_scoring_rule_loss(hidden, weight, target, ...)`` equals
 ``scoring_rule_loss(hidden @ weight.T + bias, target, ...)`` in value and in its gradients
@@ -127,8 +126,9 @@ def fused_linear_scoring_rule_loss(
     logit_scale: float | None = None,
     smoothing_variant: str = "paper",
 ) -> Tensor:
-    r"""Scoring-rule loss of the output layer ``logits = hidden @ weight.T + bias``,
-    computed without materialising the ``(N, V)`` logits.
+    r"""Scoring-rule loss of the output layer ``logits = hidden @ weight.T + bias``, without the logits.
+
+    The ``(N, V)`` logits are never materialised.
 
     Equal in value and gradients (``hidden``, ``weight``, ``bias``) to
     ``scoring_rule_loss(hidden @ weight.T + bias, target, rule, smoothing, ignore_index,
@@ -157,11 +157,11 @@ def fused_linear_scoring_rule_loss(
         impl: ``None`` (Triton for bfloat16/float16 CUDA tensors, and float32 ones when
             ``torch.backends.cuda.matmul.allow_tf32`` is set, when ``triton`` is installed; the
             chunked PyTorch path otherwise), ``"torch"`` or ``"triton"`` to force one.
-        softcap, logit_scale: the output-head transform ``z'' = softcap * tanh(logit_scale * z /
-            softcap)`` of :func:`properlm.scoring_rule_loss` (Gemma 2/3 soft-capping; Cohere /
-            Granite logit scaling), applied to each chunk (tile, for Triton) of logits where it is
-            formed; the gradients include its chain factor. Equal to
+        softcap: the soft-cap ``c`` of the output-head transform ``z'' = c * tanh(s * z / c)`` of
+            :func:`properlm.scoring_rule_loss` (Gemma 2/3 soft-capping), applied to each chunk (tile,
+            for Triton) of logits where it is formed; the gradients include its chain factor. Equal to
             ``scoring_rule_loss(hidden @ weight.T + bias, ..., softcap=..., logit_scale=...)``.
+        logit_scale: the logit scale ``s`` of the same transform (Cohere / Granite logit scaling).
         smoothing_variant: the masked-log term of bounded rules: ``"paper"`` (default), ``"gated"``
             or ``"none"`` (see :func:`properlm.scoring_rule_loss`).
 
@@ -224,8 +224,9 @@ def fused_linear_scoring_rule_loss(
 
 
 class LinearScoringRuleLoss(nn.Module):
-    """Module form of :func:`fused_linear_scoring_rule_loss`: the loss of an output layer
-    given its hidden states, never forming the full logits.
+    """Module form of :func:`fused_linear_scoring_rule_loss`.
+
+    The loss of an output layer given its hidden states, never forming the full logits.
 
     Example::
 
@@ -254,6 +255,7 @@ class LinearScoringRuleLoss(nn.Module):
 
     def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
                 num_items_in_batch: int | Tensor | None = None) -> Tensor:
+        """The loss of ``hidden @ weight.T + bias`` for ``target``, as :func:`fused_linear_scoring_rule_loss`."""
         return fused_linear_scoring_rule_loss(hidden, weight, target, self.rule, bias, self.smoothing,
                                               self.ignore_index, self.reduction, num_items_in_batch,
                                               self.chunk_size, self.impl, softcap=self.softcap,
@@ -261,6 +263,7 @@ class LinearScoringRuleLoss(nn.Module):
                                               smoothing_variant=self.smoothing_variant)
 
     def extra_repr(self) -> str:
+        """The settings, as shown in ``repr(module)``."""
         head = "".join(f", {k}={v}" for k, v in (("softcap", self.softcap), ("logit_scale", self.logit_scale))
                        if v is not None)
         if self.smoothing_variant != "paper":

@@ -107,8 +107,9 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_siz
 
 @triton.jit
 def _tanh(x):
-    """``tanh(x)`` in float32 from ``exp`` (the interpreter has no ``libdevice``): the odd Taylor
-    polynomial to ``x^11`` for ``|x| < 0.3`` (truncation below 1e-9 relative), ``(1 - e) / (1 + e)``
+    """``tanh(x)`` in float32 from ``exp`` (the interpreter has no ``libdevice``).
+
+    The odd Taylor polynomial to ``x^11`` for ``|x| < 0.3`` (truncation below 1e-9 relative), ``(1 - e) / (1 + e)``
     with ``e = exp(-2 |x|)`` above (no cancellation there: ``e < 0.55``); ``+-1`` at ``+-inf``."""
     a = tl.abs(x)
     e = tl.exp(-2.0 * a)
@@ -121,7 +122,8 @@ def _tanh(x):
 
 @triton.jit
 def _head_transform(z, head_mul, cap, HEAD: tl.constexpr):
-    """The output-head transform of a logit tile (:func:`properlm.stats.head_transform_`):
+    """The output-head transform of a logit tile (:func:`properlm.stats.head_transform_`).
+
     ``HEAD`` 0 none, 1 ``z * head_mul`` (logit scale), 2 ``cap * tanh(z * head_mul)`` with
     ``head_mul = logit_scale / cap`` (soft-cap); ``-inf`` stays ``-inf``."""
     if HEAD == 1:
@@ -138,8 +140,9 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, sumz_ptr, count_ptr,
                   NUM_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HEAD: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr):
-    """Pass 1 over the vocabulary slice ``[k split_cols, (k + 1) split_cols)`` of program ``(i, k)``:
-    per token and slice ``m_k``, ``s_c,k`` relative to ``m_k``, ``sum (z - m_k)``, count and the raw
+    """Pass 1 over the vocabulary slice ``[k split_cols, (k + 1) split_cols)`` of program ``(i, k)``.
+
+    Per token and slice ``m_k``, ``s_c,k`` relative to ``m_k``, ``sum (z - m_k)``, count and the raw
     ``z_y`` (0 when ``y`` lies outside the slice). Every output has shape ``(splits, n_rows)``
     (``s_ptr``: ``(NUM_SCALES, splits, n_rows)``); :meth:`TritonChunkBackend._merge` combines them."""
     pid = tl.program_id(0)
@@ -202,8 +205,9 @@ def _masked_kernel(h_ptr, w_ptr, b_ptr, m_ptr, thresh_ptr, msum_ptr, mcount_ptr,
                    HAS_BIAS: tl.constexpr, HEAD: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
                    UPCAST: tl.constexpr):
-    """Pass 2: ``sum_{j in M} (z_j - m)`` and ``|M|`` with ``M = {j finite : exp(z_j - m) < thresh}``,
-    per vocabulary slice as in :func:`_stats_kernel` (outputs ``(splits, n_rows)``, to be summed)."""
+    """Pass 2: ``sum_{j in M} (z_j - m)`` and ``|M|`` with ``M = {j finite : exp(z_j - m) < thresh}``.
+
+    Per vocabulary slice as in :func:`_stats_kernel` (outputs ``(splits, n_rows)``, to be summed)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     v_lo = split * split_cols
@@ -343,7 +347,9 @@ class TritonChunkBackend:
     @staticmethod
     def _merge(m: Tensor, s: Tensor, sum_z: Tensor, count: Tensor, z_y: Tensor, scales: tuple[float, ...]
                ) -> tuple[Tensor, dict[float, Tensor], Tensor, Tensor, Tensor]:
-        """Combine per-slice statistics ``(splits, n)`` into per-token ones (``lse`` relative to the max):
+        """Combine per-slice statistics ``(splits, n)`` into per-token ones (``lse`` relative to the max).
+
+        That is:
 
             m = max_k m_k,  s_c = sum_k s_c,k exp(c (m_k - m)),
             sum (z - m) = sum_k [sum_k (z - m_k) + count_k (m_k - m)],  z_y - m = sum_k z_y,k - m.
@@ -385,6 +391,7 @@ class TritonChunkBackend:
     def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
               smoothing: float, *, softcap: float | None = None,
               logit_scale: float | None = None, smoothing_variant: str = "paper") -> tuple[TokenStats, Any]:
+        """See :meth:`properlm.fused.chunked.ChunkBackend.stats`: online over vocabulary tiles."""
         h, weight, b = self._prep(h, weight, bias)
         head = self._head(softcap, logit_scale)
         y = y.contiguous()
@@ -426,6 +433,7 @@ class TritonChunkBackend:
     def grad_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stats: TokenStats,
                     partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any, *,
                     softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
+        """See :meth:`properlm.fused.chunked.ChunkBackend.grad_logits`: written tile by tile."""
         h, weight, b = self._prep(h, weight, bias)
         head = self._head(softcap, logit_scale)
         y = y.contiguous()

@@ -26,13 +26,20 @@ __all__ = ["RuleSchedule", "RuleScheduleCallback", "RuleSwitchable"]
 
 
 class RuleSwitchable(Protocol):
-    """What a schedule drives: a :class:`~properlm.integrations.transformers.ScoringRuleHandle`
-    or a :class:`~properlm.integrations.transformers.ScoringRuleLossFunc`."""
+    """What a schedule drives.
+
+    A :class:`~properlm.integrations.transformers.ScoringRuleHandle` or a
+    :class:`~properlm.integrations.transformers.ScoringRuleLossFunc`.
+    """
 
     @property
-    def rule(self) -> ScoringRule: ...
+    def rule(self) -> ScoringRule:
+        """The rule in use."""
+        ...
 
-    def set_rule(self, rule: RuleLike, smoothing: float | None = None) -> None: ...
+    def set_rule(self, rule: RuleLike, smoothing: float | None = None) -> None:
+        """Switch to ``rule`` (and ``smoothing``, unless ``None``)."""
+        ...
 
 
 def _is_number(text: str) -> bool:
@@ -155,8 +162,10 @@ class RuleSchedule:
         return tuple(starts)
 
     def stage_at(self, step: int) -> int:
-        """0-based index of the stage that step ``step`` (0-based) belongs to; the last stage
-        for steps past :attr:`total_steps`."""
+        """0-based index of the stage that step ``step`` (0-based) belongs to.
+
+        The last stage for steps past :attr:`total_steps`.
+        """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         return bisect.bisect_right(self.boundaries, step) - 1
@@ -225,13 +234,16 @@ class RuleScheduleCallback(_trainer_callback_base()):  # type: ignore[misc]
             self.switches.append((step, rule.spec))
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Set the rule of the step training starts (or resumes) at."""
         self._sync(int(state.global_step))
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Switch the rule when this step begins a new stage."""
         self._sync(int(state.global_step))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kwargs: Any) -> None:
+        """Add ``rule`` and ``rule_stage`` to the logged record."""
         step = max(int(state.global_step) - 1, 0)
         stage = self.schedule.stage_at(step)
         extra = {"rule": self.schedule.stages[stage][0].spec, "rule_stage": stage}

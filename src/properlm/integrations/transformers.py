@@ -19,6 +19,9 @@ Two ways in, both exact under gradient accumulation (they divide by ``num_items_
        Trainer(model=model, args=args, train_dataset=ds).train()
        handle.remove()            # or remove_scoring_rule(model): the model's own loss again
 
+   :func:`apply_improper_loss` installs the same patch with an improper baseline objective
+   (:mod:`properlm.improper`: DFT or ``1 - p``) in place of the rule.
+
 Alignment of labels and predictions. Causal LMs predict token ``t+1`` at position ``t``:
 the loss pairs ``hidden[..., :-1, :]`` (or ``logits[..., :-1, :]``) with ``labels[..., 1:]``, as
 ``transformers.loss.loss_utils.ForCausalLMLoss`` does. Encoder-decoder models
@@ -82,6 +85,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dtensor import is_dtensor
+from ..improper import ImproperObjective, get_improper_objective
 from ..loss import check_smoothing, reduce_loss, scoring_rule_loss
 from ..rules import RuleLike, ScoringRule, get_rule
 from ..stats import check_head_transform, check_smoothing_variant, head_transform_
@@ -89,6 +93,7 @@ from ..stats import check_head_transform, check_smoothing_variant, head_transfor
 __all__ = [
     "ScoringRuleHandle",
     "ScoringRuleLossFunc",
+    "apply_improper_loss",
     "apply_scoring_rule",
     "is_scoring_rule_applied",
     "linear_scoring_rule_loss",
@@ -109,6 +114,9 @@ _HEAD_TRANSFORM_CONFIG = {
 #: float32 elements of one chunk of logits for the TRL metrics (entropy, top-1)
 _METRIC_CHUNK_ELEMENTS = 1 << 24
 
+#: the rule whose per-token loss (-log p_y) the improper objectives are computed from
+_LOGARITHMIC = get_rule("logarithmic")
+
 
 # --------------------------------------------------------------------------------------------
 # shared helpers
@@ -128,8 +136,9 @@ def linear_scoring_rule_loss(hidden: Tensor, weight: Tensor, target: Tensor, rul
                              reduction: str = "mean", num_items_in_batch: int | Tensor | None = None, *,
                              softcap: float | None = None, logit_scale: float | None = None,
                              smoothing_variant: str = "paper") -> Tensor:
-    """Scoring-rule loss of the logits ``hidden @ weight.T + bias`` (soft-capped / scaled by
-    ``softcap`` / ``logit_scale`` as in :func:`properlm.scoring_rule_loss`) without materialising them.
+    """Scoring-rule loss of the logits ``hidden @ weight.T + bias`` without materialising them.
+
+    The logits are soft-capped / scaled by ``softcap`` / ``logit_scale`` as in :func:`properlm.scoring_rule_loss`.
 
     Calls :func:`properlm.fused.fused_linear_scoring_rule_loss`; if that module cannot be
     imported it computes the logits with ``F.linear`` and calls :func:`properlm.scoring_rule_loss`
@@ -216,6 +225,7 @@ class ScoringRuleLossFunc:
 
     @property
     def rule(self) -> ScoringRule:
+        """The rule of the loss; assignable (a spec or a rule)."""
         return self._rule
 
     @rule.setter
@@ -224,6 +234,7 @@ class ScoringRuleLossFunc:
 
     @property
     def smoothing(self) -> float:
+        """Score smoothing ``eps``; assignable."""
         return self._smoothing
 
     @smoothing.setter
@@ -232,6 +243,7 @@ class ScoringRuleLossFunc:
 
     @property
     def smoothing_variant(self) -> str:
+        """The masked-log variant of score smoothing (``"paper"``, ``"gated"`` or ``"none"``); assignable."""
         return self._smoothing_variant
 
     @smoothing_variant.setter
@@ -253,6 +265,7 @@ class ScoringRuleLossFunc:
 
     def __call__(self, outputs: Any, labels: Tensor | None, num_items_in_batch: int | Tensor | None = None,
                  shift_labels: Tensor | None = None, **_: Any) -> Tensor:
+        """The loss of a model's ``outputs`` for ``labels``, as ``Trainer(compute_loss_func=...)`` calls it."""
         if labels is None and shift_labels is None:
             raise ValueError("the scoring-rule loss needs labels: the batch has no 'labels' field")
         if isinstance(outputs, Mapping):
@@ -322,6 +335,8 @@ class _PatchState:
 
     #: the masked-log variant of score smoothing (a class default for states pickled before it existed)
     smoothing_variant = "paper"
+    #: an improper objective (:mod:`properlm.improper`) trained instead of the rule, or None
+    improper: ImproperObjective | None = None
 
     def __init__(self, rule: ScoringRule, smoothing: float, ignore_index: int, fused: bool, shift: bool,
                  softcap: float | None = None, logit_scale: float | None = None,
@@ -343,14 +358,26 @@ class _PatchState:
     def token_losses(self, x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None,
                      call: _Call) -> Tensor:
         """Loss of the call: reduced (``mean`` / ``num_items_in_batch``), or per token for TRL.
+
         ``x`` are hidden states ``(..., H)`` when ``weight`` is given, else logits ``(..., V)``."""
+        improper = self.improper
+        if improper is not None:  # -log p_y per token (the logarithmic loss), mapped to the improper loss
+            nll = self._rule_losses(x, y, weight, bias, call, _LOGARITHMIC, 0.0, "paper", "none")
+            valid = y != self.ignore_index
+            out = improper.token_losses(-nll, valid)
+            return out if call.trl else reduce_loss(out, valid, "mean", call.num_items)
         reduction = "none" if call.trl else "mean"
+        return self._rule_losses(x, y, weight, bias, call, self.rule, self.smoothing, self.smoothing_variant,
+                                 reduction)
+
+    def _rule_losses(self, x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None, call: _Call,
+                     rule: ScoringRule, smoothing: float, variant: str, reduction: str) -> Tensor:
         if weight is None:  # x are the logits
-            return scoring_rule_loss(x, y, self.rule, self.smoothing, self.ignore_index, reduction, call.num_items,
-                                     smoothing_variant=self.smoothing_variant)
-        return linear_scoring_rule_loss(x, weight, y, self.rule, bias, self.smoothing, self.ignore_index,
+            return scoring_rule_loss(x, y, rule, smoothing, self.ignore_index, reduction, call.num_items,
+                                     smoothing_variant=variant)
+        return linear_scoring_rule_loss(x, weight, y, rule, bias, smoothing, self.ignore_index,
                                         reduction, call.num_items, softcap=self.softcap, logit_scale=self.logit_scale,
-                                        smoothing_variant=self.smoothing_variant)
+                                        smoothing_variant=variant)
 
     def finish(self, call: _Call, x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
         out = self.token_losses(x, y, weight, bias, call)
@@ -365,9 +392,12 @@ class _PatchState:
 def _trl_metrics(x: Tensor, y: Tensor, valid: Tensor, token_loss: Tensor, weight: Tensor | None,
                  bias: Tensor | None, softcap: float | None = None,
                  logit_scale: float | None = None) -> dict[str, Tensor]:
-    """Fields of TRL's ``FusedCausalLMOutput``: ``log_probs`` is minus the per-token loss, so
-    TRL's ``-log_probs.sum() / num_items`` is the scoring-rule loss; ``entropy`` and ``is_top1``
-    of the model distribution are computed without gradient in row chunks."""
+    """Fields of TRL's ``FusedCausalLMOutput``.
+
+    ``log_probs`` is minus the per-token loss, so TRL's ``-log_probs.sum() / num_items`` is the
+    scoring-rule loss; ``entropy`` and ``is_top1`` of the model distribution are computed without
+    gradient in row chunks.
+    """
     with torch.no_grad():
         x2 = x.reshape(-1, x.shape[-1])
         y2 = y.reshape(-1)
@@ -444,8 +474,10 @@ class _ModelPreHook:
 
 
 class _HeadPreHook:
-    """Forward pre-hook of the output embedding: computes the fused loss from its input and
-    lets the head project an empty slice of the time dimension."""
+    """Forward pre-hook of the output embedding: computes the fused loss from its input.
+
+    It then lets the head project an empty slice of the time dimension.
+    """
 
     def __init__(self, state: _PatchState) -> None:
         self.state = state
@@ -555,8 +587,9 @@ def _class_source(cls: type) -> str | None:
 
 
 def _reads_config(model: nn.Module, attr: str) -> bool:
-    """Whether the code of ``model``'s class or of one of its model bases mentions ``attr``
-    (``True`` when no source can be read). The generic bases of ``torch`` and ``transformers``
+    """Whether the code of ``model``'s class or of one of its model bases mentions ``attr``.
+
+    ``True`` when no source can be read. The generic bases of ``torch`` and ``transformers``
     (``nn.Module``, ``PreTrainedModel``, ``GenerationMixin``, ...) are not model code and are skipped."""
     sources = []
     for cls in type(model).__mro__:
@@ -572,8 +605,10 @@ def _reads_config(model: nn.Module, attr: str) -> bool:
 
 
 def _head_transform(model: nn.Module) -> tuple[float | None, float | None]:
-    """``(softcap, logit_scale)`` of the model's output head from its (text) config
-    (:data:`_HEAD_TRANSFORM_CONFIG`), or ``ValueError`` for a value the fused loss cannot express."""
+    """``(softcap, logit_scale)`` of the model's output head from its (text) config.
+
+    Read as :data:`_HEAD_TRANSFORM_CONFIG` says; ``ValueError`` for a value the fused loss cannot express.
+    """
     base = _base_model(model)
     config = _text_config(base)
     softcap: float | None = None
@@ -625,6 +660,7 @@ class ScoringRuleHandle:
 
     @property
     def rule(self) -> ScoringRule:
+        """The rule of the patched loss; assignable (a spec or a rule)."""
         return self._state.rule
 
     @rule.setter
@@ -633,6 +669,7 @@ class ScoringRuleHandle:
 
     @property
     def smoothing(self) -> float:
+        """Score smoothing ``eps``; assignable."""
         return self._state.smoothing
 
     @smoothing.setter
@@ -650,10 +687,12 @@ class ScoringRuleHandle:
 
     @property
     def fused(self) -> bool:
+        """Whether the loss is the fused one (computed from the hidden states, no logits)."""
         return self._state.fused
 
     @property
     def shift_labels(self) -> bool:
+        """Whether the labels are shifted by one (causal LMs) before scoring."""
         return self._state.shift
 
     @property
@@ -668,11 +707,22 @@ class ScoringRuleHandle:
 
     @property
     def ignore_index(self) -> int:
+        """The label value that is not scored."""
         return self._state.ignore_index
 
     @property
     def active(self) -> bool:
+        """Whether the patch is still applied (``False`` after :meth:`remove`)."""
         return bool(self._removables)
+
+    @property
+    def improper_loss(self) -> str | None:
+        """The name of the improper objective trained instead of the rule, or ``None``.
+
+        Set by :func:`apply_improper_loss`.
+        """
+        improper = self._state.improper
+        return None if improper is None else improper.name
 
     def set_rule(self, rule: RuleLike, smoothing: float | None = None) -> None:
         """Switch to ``rule`` (and ``smoothing`` unless None) from the next forward on."""
@@ -696,6 +746,9 @@ class ScoringRuleHandle:
         self.remove()
 
     def __repr__(self) -> str:
+        if self.improper_loss is not None:
+            return (f"ScoringRuleHandle(model={type(self.model).__name__}, improper_loss={self.improper_loss!r}, "
+                    f"fused={self.fused}, shift_labels={self.shift_labels}, active={self.active})")
         return (f"ScoringRuleHandle(model={type(self.model).__name__}, rule={self.rule.spec!r}, "
                 f"smoothing={self.smoothing}, fused={self.fused}, shift_labels={self.shift_labels}, "
                 f"active={self.active})")
@@ -771,6 +824,35 @@ def apply_scoring_rule(model: nn.Module, rule: RuleLike = "spherical", smoothing
     return ScoringRuleHandle(model, head, state, removables, lambda: _restore_attrs(base, state))
 
 
+def apply_improper_loss(model: nn.Module, objective: str | ImproperObjective = "dft", fused: bool = True,
+                        ignore_index: int = -100, *, shift_labels: bool | None = None) -> ScoringRuleHandle:
+    r"""Make ``model(..., labels=labels)`` return an **improper** baseline loss (:mod:`properlm.improper`).
+
+    The objective is ``"dft"`` (``-log p_y * stopgrad(p_y)``, TRL's ``loss_type="dft"``) or
+    ``"one-minus-p"`` (``1 - p_y``).
+
+    The patch of :func:`apply_scoring_rule` (same hooks, alignment, ``num_items_in_batch`` and TRL
+    handling, fused or not): the per-token ``-log p_y`` of the logarithmic rule is computed (fused:
+    from the hidden states, without logits) and mapped to the objective's per-token loss, then
+    averaged over the non-ignored targets (or summed and divided by ``num_items_in_batch``).
+    These objectives are not scoring rules: the handle's ``improper_loss`` names the objective, and
+    its rule (logarithmic) and smoothing (0) are ignored while it is set. Remove the patch with
+    :meth:`ScoringRuleHandle.remove` or :func:`remove_scoring_rule`.
+
+    Args:
+        model: as :func:`apply_scoring_rule`.
+        objective: a name of :data:`properlm.improper.IMPROPER_OBJECTIVES` or an
+            :class:`~properlm.improper.ImproperObjective`.
+        fused: as :func:`apply_scoring_rule`.
+        ignore_index: as :func:`apply_scoring_rule`.
+        shift_labels: as :func:`apply_scoring_rule`.
+    """
+    obj = get_improper_objective(objective)
+    handle = apply_scoring_rule(model, _LOGARITHMIC, 0.0, fused, ignore_index, shift_labels=shift_labels)
+    handle._state.improper = obj
+    return handle
+
+
 def _restore_attrs(base: nn.Module, state: _PatchState) -> None:
     """Undo the instance attributes set by :func:`apply_scoring_rule`."""
     for name, previous in state.saved_attrs.items():
@@ -799,8 +881,10 @@ def _strip_hooks(module: nn.Module) -> _PatchState | None:
 
 
 def remove_scoring_rule(model: nn.Module) -> bool:
-    """Remove every :func:`apply_scoring_rule` patch from ``model`` (also one carried into a
-    ``deepcopy`` or an unpickled copy). Returns whether anything was removed."""
+    """Remove every :func:`apply_scoring_rule` patch from ``model``; returns whether anything was removed.
+
+    Also a patch carried into a ``deepcopy`` or an unpickled copy.
+    """
     states = [state for module in model.modules() if (state := _strip_hooks(module)) is not None]
     if states:
         _restore_attrs(_base_model(model), states[0])

@@ -1,12 +1,24 @@
-"""The evaluation pipeline behind ``properlm evaluate``: validate the settings, load data and
-model, compute the teacher-forced metrics (:mod:`properlm.metrics`) and the generation
-metrics (:mod:`properlm.generation_eval`), and write the results.
+"""The evaluation pipeline behind ``properlm evaluate``.
+
+Validate the settings, load data and model, compute the teacher-forced metrics
+(:mod:`properlm.metrics`) and the generation metrics (:mod:`properlm.generation_eval`), and write the
+results.
 
 Outputs in ``output_dir``:
 
 * ``results.json`` -- every figure and every setting (``"kind": "properlm-evaluate"``);
 * ``hypotheses.txt`` -- one hypothesis per line, in the order of the data;
 * ``reliability.png`` -- the reliability diagram of the top-1 token.
+
+Temperature: the teacher-forced metrics are of ``softmax(logits / temperature)``;
+``also_temperature`` adds them at a second temperature from the same forward passes
+(``"teacher_forced_scaled"``: e.g. before and after temperature scaling with a temperature
+fitted on validation data by ``fit_temperature``). Decoding is never affected.
+
+Decoding length: at most ``max_new_tokens`` new tokens, and with ``max_new_tokens_ratio`` at most
+``ceil(ratio * L + max_new_tokens_offset)`` per batch, ``L`` the longest source text of the batch
+in tokens (:func:`properlm.generation_eval.new_token_cap`); ``generation.new_token_cap`` in the
+results counts the hypotheses that stopped at their cap.
 
 Truncation (:func:`resolve_lengths`): unless given, ``max_length`` and ``max_source_length``
 are those the model was trained with (:func:`properlm.modeling.read_training_record`), and a
@@ -45,6 +57,7 @@ __all__ = [
     "teacher_forced_metrics",
     "torch_dtype",
     "validate_decoding",
+    "validate_new_token_cap",
     "validate_settings",
 ]
 
@@ -88,6 +101,11 @@ class EvalSettings:
     num_beams: int = 1
     length_penalty: float = 1.0
     max_new_tokens: int = 128
+    #: cap each batch at ceil(ratio * longest source tokens + offset) new tokens (None: max_new_tokens only)
+    max_new_tokens_ratio: float | None = None
+    max_new_tokens_offset: int = 0
+    #: also report the teacher-forced metrics at this temperature, from the same forward passes
+    also_temperature: float | None = None
     batch_size: int = 8
     max_examples: int | None = None
     generate: bool = True
@@ -130,9 +148,11 @@ def parse_rules(spec: str | Sequence[str]) -> list[str]:
 
 def validate_decoding(objective: str, num_beams: int, length_penalty: float, generate: bool = True,
                       **positive: int) -> str:
-    """Check the decoding options shared by ``evaluate`` and ``generate`` (and the positive
-    integers named in ``positive``, e.g. ``batch_size=8``); return the objective's canonical
-    rule spec. Raises :class:`EvalError`."""
+    """Check the decoding options shared by ``evaluate`` and ``generate``; return the objective's rule spec.
+
+    Also checks the positive integers named in ``positive`` (e.g. ``batch_size=8``). The spec returned is
+    the canonical one. Raises :class:`EvalError`.
+    """
     try:
         spec = get_rule(objective).spec
     except ValueError as exc:
@@ -150,9 +170,21 @@ def validate_decoding(objective: str, num_beams: int, length_penalty: float, gen
     return spec
 
 
+def validate_new_token_cap(max_new_tokens_ratio: float | None, max_new_tokens_offset: int) -> None:
+    """Check ``--max-new-tokens-ratio`` / ``--max-new-tokens-offset``; raises :class:`EvalError`."""
+    from .generation_eval import check_new_token_cap
+
+    try:
+        check_new_token_cap(max_new_tokens_ratio, max_new_tokens_offset)
+    except ValueError as exc:
+        raise EvalError("--" + str(exc).replace("max_new_tokens_ratio", "max-new-tokens-ratio")
+                        .replace("max_new_tokens_offset", "max-new-tokens-offset")) from None
+
+
 def validate_settings(s: EvalSettings, check_model: bool = True) -> EvalSettings:
-    """Check every setting without loading anything; returns a copy with canonical rule
-    specs. ``check_model=False`` skips the model source (a model given in memory).
+    """Check every setting without loading anything; returns a copy with canonical rule specs.
+
+    ``check_model=False`` skips the model source (a model given in memory).
     Raises :class:`EvalError`."""
     from .metrics import check_temperature
     from .modeling import ModelLoadError, check_model_source
@@ -178,10 +210,14 @@ def validate_settings(s: EvalSettings, check_model: bool = True) -> EvalSettings
     rules = parse_rules(s.rules)
     objective = validate_decoding(s.objective, s.num_beams, s.length_penalty, s.generate,
                                   max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, num_bins=s.num_bins)
-    try:
-        check_temperature(s.temperature)
-    except (TypeError, ValueError):
-        raise EvalError(f"--temperature must be a positive finite number, got {s.temperature!r}") from None
+    validate_new_token_cap(s.max_new_tokens_ratio, s.max_new_tokens_offset)
+    for flag, t in (("--temperature", s.temperature), ("--also-temperature", s.also_temperature)):
+        if flag == "--also-temperature" and t is None:
+            continue
+        try:
+            check_temperature(t)
+        except (TypeError, ValueError):
+            raise EvalError(f"{flag} must be a positive finite number, got {t!r}") from None
     if s.max_length is not None and s.max_length < 2:
         raise EvalError(f"--max-length must be at least 2, got {s.max_length}")
     if s.max_source_length is not None and s.max_source_length < 1:
@@ -223,6 +259,7 @@ class LengthLimits:
     trained: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The limits and their sources as a JSON-ready dict."""
         return dataclasses.asdict(self)
 
 
@@ -334,15 +371,16 @@ def _tqdm(total: int, desc: str, enabled: bool) -> Any:
 def teacher_forced_metrics(model: Any, tokenizer: Any, examples: Sequence[Any], rules: Sequence[str], *,
                            max_length: int = 512, batch_size: int = 8, num_bins: int = 15,
                            progress: bool = False, temperature: float = 1.0, scan: Any = None,
-                           max_source_length: int | None = None) -> Any:
+                           max_source_length: int | None = None, extra_consumers: Sequence[Any] = ()) -> Any:
     """Score the reference targets of ``examples`` under teacher forcing.
 
     Examples are tokenised as for training (:func:`properlm.data.tokenize_example`, with
     ``max_length`` and ``max_source_length``: prompt positions labelled -100), batched
     (longest first), and the logits of each batch fed to
     a :class:`~properlm.metrics.MetricsAccumulator` (with ``temperature``), and to ``scan`` (a
-    :class:`~properlm.metrics.TemperatureScan`, unscaled logits) when given. Returns the
-    accumulator's :class:`~properlm.metrics.EvalMetrics`.
+    :class:`~properlm.metrics.TemperatureScan`, unscaled logits) when given, and to each of
+    ``extra_consumers`` (objects with ``update(logits, labels)``, e.g. a second accumulator at another
+    temperature). Returns the accumulator's :class:`~properlm.metrics.EvalMetrics`.
     """
     import torch
 
@@ -358,7 +396,7 @@ def teacher_forced_metrics(model: Any, tokenizer: Any, examples: Sequence[Any], 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = DataCollator(pad_token_id=int(pad))
     acc = MetricsAccumulator(rules, num_bins=num_bins, temperature=temperature)
-    consumers = [acc] if scan is None else [acc, scan]
+    consumers = [acc, *([] if scan is None else [scan]), *extra_consumers]
     was_training = model.training
     model.eval()
     bar = _tqdm(len(features), "teacher-forced", progress)
@@ -401,8 +439,8 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
     Returns the results dictionary (also written as JSON).
     """
     from .data import encode_prompt, load_examples, truncate_source
-    from .generation_eval import decode_prompts, generation_metrics, one_line
-    from .metrics import TemperatureScan, reliability_diagram
+    from .generation_eval import decode_prompts_with_stats, generation_metrics, one_line
+    from .metrics import MetricsAccumulator, TemperatureScan, reliability_diagram
     from .modeling import (
         is_seq2seq,
         load_model_and_tokenizer,
@@ -452,9 +490,11 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
 
     t0 = time.time()
     scan = TemperatureScan(num_bins=s.num_bins) if s.fit_temperature else None
+    also = None if s.also_temperature is None else \
+        MetricsAccumulator(s.rules, num_bins=s.num_bins, temperature=s.also_temperature)
     tf = teacher_forced_metrics(model, tokenizer, cut, s.rules, max_length=s.max_length,
                                 batch_size=s.batch_size, num_bins=s.num_bins, progress=s.progress,
-                                temperature=s.temperature, scan=scan)
+                                temperature=s.temperature, scan=scan, extra_consumers=[] if also is None else [also])
     tf_seconds = time.time() - t0
     rel_path = os.path.join(s.output_dir, "reliability.png")
     name = "/".join(os.path.normpath(s.model or s.gguf_file or "model").split(os.sep)[-2:])
@@ -466,18 +506,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
         "num_examples": len(examples),
         "num_examples_in_data": total_examples,
         "truncation": truncation,
-        "teacher_forced": {
-            "num_tokens": tf.num_tokens,
-            "mean_scores": tf.mean_scores,
-            "mean_log_prob": tf.mean_log_prob,
-            "perplexity": tf.perplexity,
-            "token_accuracy": tf.accuracy,
-            "ece": tf.ece,
-            "mce": tf.mce,
-            "num_bins": s.num_bins,
-            "temperature": s.temperature,
-            "bins": [dataclasses.asdict(b) for b in tf.bins],
-        },
+        "teacher_forced": _tf_dict(tf, s.num_bins, s.temperature),
         "files": {"results": os.path.join(s.output_dir, "results.json"), "reliability_diagram": rel_path},
         "versions": _versions(),
         "seconds": {"load": load_seconds, "teacher_forced": tf_seconds},
@@ -485,17 +514,23 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
 
     if scan is not None:
         results["temperature_fit"] = scan.compute().to_dict()
+    if also is not None:
+        results["teacher_forced_scaled"] = _tf_dict(also.compute(), s.num_bins, s.also_temperature)
 
     if s.generate:
         n = limits.decode_prompt_length
         prompts = [p[:n] if seq2seq else p[-n:] for p in full_prompts]  # as encode_prompt(max_length=n)
+        # the source text alone (after --max-source-length), for the new-token cap
+        source_lengths = [len(tokenizer(e.source, add_special_tokens=False, verbose=False)["input_ids"]) for e in cut]
         bar = _tqdm(len(prompts), "decoding", s.progress)
         t0 = time.time()
         try:
-            hyps = decode_prompts(model, tokenizer, prompts, num_beams=s.num_beams, length_penalty=s.length_penalty,
-                                  max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-                                  objective=None if s.objective == "logarithmic" else s.objective,
-                                  progress=bar.update)
+            hyps, stats = decode_prompts_with_stats(
+                model, tokenizer, prompts, num_beams=s.num_beams, length_penalty=s.length_penalty,
+                max_new_tokens=s.max_new_tokens, max_new_tokens_ratio=s.max_new_tokens_ratio,
+                max_new_tokens_offset=s.max_new_tokens_offset, source_lengths=source_lengths,
+                batch_size=s.batch_size, objective=None if s.objective == "logarithmic" else s.objective,
+                progress=bar.update)
         finally:
             bar.close()
         results["seconds"]["decode"] = time.time() - t0
@@ -510,11 +545,31 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
             "decoding": "greedy" if s.num_beams == 1 else f"beam search, {s.num_beams} beams",
             "objective": s.objective,
             **generation_metrics(task, hyps, refs, s.target_lang, multi_references=multi),
+            "new_token_cap": {"max_new_tokens": s.max_new_tokens, "ratio": s.max_new_tokens_ratio,
+                              "offset": s.max_new_tokens_offset, "source_lengths": "source text tokens",
+                              "mean_source_tokens": sum(source_lengths) / len(source_lengths),
+                              **stats.to_dict()},
         }
 
     with open(os.path.join(s.output_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(_json_safe(results), f, indent=2)
     return results
+
+
+def _tf_dict(tf: Any, num_bins: int, temperature: float) -> dict[str, Any]:
+    """The ``teacher_forced`` entry of the results: an :class:`~properlm.metrics.EvalMetrics` at ``temperature``."""
+    return {
+        "num_tokens": tf.num_tokens,
+        "mean_scores": tf.mean_scores,
+        "mean_log_prob": tf.mean_log_prob,
+        "perplexity": tf.perplexity,
+        "token_accuracy": tf.accuracy,
+        "ece": tf.ece,
+        "mce": tf.mce,
+        "num_bins": num_bins,
+        "temperature": temperature,
+        "bins": [dataclasses.asdict(b) for b in tf.bins],
+    }
 
 
 def _config_seq2seq(config: Any) -> bool | None:
@@ -538,8 +593,10 @@ def _json_safe(x: Any) -> Any:
 
 
 def format_value(v: Any, spec: str = ".4f") -> str:
-    """One markdown table cell: ``-`` for missing, numbers with ``spec`` (floats only),
-    ``|`` escaped in text."""
+    """One markdown table cell.
+
+    ``-`` for missing, numbers with ``spec`` (floats only), ``|`` escaped in text.
+    """
     if v is None:
         return "-"
     if isinstance(v, bool | int):
@@ -558,8 +615,10 @@ def _pct(v: Any) -> Any:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The headline figures of a results dictionary as a two-column markdown table (with the
-    sacrebleu signatures below it)."""
+    """The headline figures of a results dictionary as a two-column markdown table.
+
+    The sacrebleu signatures follow it.
+    """
     tf = results["teacher_forced"]
     rows: list[tuple[str, str]] = [
         ("examples", _fmt(results["num_examples"])),
@@ -585,10 +644,23 @@ def markdown_table(results: dict[str, Any]) -> str:
                  ("ECE at it (%)", _fmt(_pct(fit["ece"]), 2))]
     for spec, v in tf["mean_scores"].items():
         rows.append((f"mean score {spec}", f"{v:.5g}" if isinstance(v, float) else _fmt(v)))
+    scaled = results.get("teacher_forced_scaled")
+    if scaled:
+        t = _fmt(scaled["temperature"], 3)
+        rows += [(f"ECE at T={t} (%)", _fmt(_pct(scaled["ece"]), 2)),
+                 (f"mean log score at T={t}", _fmt(scaled["mean_log_prob"], 4))]
+        for spec, v in scaled["mean_scores"].items():
+            rows.append((f"mean score {spec} at T={t}", f"{v:.5g}" if isinstance(v, float) else _fmt(v)))
     gen = results.get("generation")
     notes: list[str] = []
     if gen:
         rows.append(("decoding", f"{gen['decoding']}, objective {gen['objective']}"))
+        cap = gen.get("new_token_cap")
+        if cap:
+            rule = "" if cap["ratio"] is None else \
+                f", per batch ceil({cap['ratio']:g} x longest source + {cap['offset']}): mean {cap['mean_cap']:.1f}"
+            rows.append(("new-token cap", f"{cap['max_new_tokens']}{rule}; {cap['num_at_cap']} of "
+                         f"{cap['num_hypotheses']} hypotheses stopped at it"))
         multi = f" (multi-ref, {gen['num_references']:.3g} refs/example)" if "num_references" in gen else ""
         for key, label in (("bleu", "BLEU"), ("chrf", "chrF"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
                            ("rougeL", "ROUGE-L"), ("rouge1_multi", "ROUGE-1" + multi),

@@ -32,6 +32,14 @@ truncation: --max-length and --max-source-length default to the training run's (
 `properlm train` in the model directory), so examples are cut as in training; a length beyond the
 model's position table (config.max_position_embeddings) is refused before any data is read.
 results.json ("truncation") and the table state both lengths and where they came from.
+
+decoding length: --max-new-tokens caps every output; --max-new-tokens-ratio A --max-new-tokens-offset B
+also caps each batch at ceil(A x L + B) new tokens, L its longest source text in tokens (batches hold
+inputs of similar length), so a run-away output stops near its source's length; results.json
+(generation.new_token_cap) says how many outputs stopped at their cap.
+
+temperature scaling: fit T on validation data (--fit-temperature --no-generate), then evaluate the
+test set with --also-temperature T: the teacher-forced metrics at T = 1 and at T from one pass.
 """
 
 
@@ -62,7 +70,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser, group: Any = None) -> None:
-    """``--objective``, ``--num-beams``, ``--length-penalty``, ``--max-new-tokens``."""
+    """Add the decoding options to ``parser``.
+
+    ``--objective``, ``--num-beams``, ``--length-penalty``, ``--max-new-tokens``,
+    ``--max-new-tokens-ratio``, ``--max-new-tokens-offset``.
+    """
     g = group or parser.add_argument_group("decoding")
     g.add_argument("--objective", default="logarithmic", metavar="RULE",
                    help="beam search objective: the sum of token scores S(p(.|prefix), y_t) of this rule "
@@ -76,9 +88,21 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, group: Any = None) -
                    "long outputs) (default: 1.0)")
     g.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                    help="most tokens generated per input (default: 128)")
+    g.add_argument("--max-new-tokens-ratio", type=float, default=None, metavar="A",
+                   help="also cap the new tokens by source length: a batch generates at most min(--max-new-tokens, "
+                   "ceil(A x L + B)) tokens, L the most tokens of a source text in the batch (the source sentence, "
+                   "document or instruction tokenised alone, without the prompt template) and B "
+                   "--max-new-tokens-offset. Inputs are batched longest first, so the cap follows each source's "
+                   "length and a run-away output cannot hold its batch for --max-new-tokens steps; results.json "
+                   "counts the outputs that stopped at the cap (generation.new_token_cap.num_at_cap). E.g. "
+                   "--max-new-tokens-ratio 1.0 --max-new-tokens-offset 10 (default: none, --max-new-tokens only)")
+    g.add_argument("--max-new-tokens-offset", type=int, default=None, metavar="B",
+                   help="the B of --max-new-tokens-ratio: tokens allowed beyond A x source length; needs "
+                   "--max-new-tokens-ratio (default: 0)")
 
 
 def register(subparsers: Any) -> None:
+    """Add the ``evaluate`` command to the ``properlm`` sub-command parsers."""
     parser = subparsers.add_parser(
         "evaluate", help="teacher-forced scores, calibration (ECE), and BLEU/chrF/ROUGE of decoded outputs",
         description="Evaluate a model on a data set: the mean token score of every requested scoring rule "
@@ -115,6 +139,10 @@ def register(subparsers: Any) -> None:
                    help="score softmax(logits / T) in the teacher-forced metrics (temperature scaling: token "
                    "scores, perplexity, ECE); decoding is unaffected. Use a T fitted with --fit-temperature on "
                    "validation data, never on the test set itself (default: 1)")
+    m.add_argument("--also-temperature", type=float, default=None, metavar="T",
+                   help="also report the teacher-forced metrics at temperature T (results.json "
+                   "\"teacher_forced_scaled\"), from the same forward passes: metrics before and after temperature "
+                   "scaling in one run, e.g. with T fitted by --fit-temperature on validation data (default: none)")
     m.add_argument("--fit-temperature", action="store_true",
                    help="also scan 81 temperatures from 0.2 to 5 and report the one with the best mean log "
                    "score of the references, with the log score and ECE at it (run this on validation data)")
@@ -131,7 +159,16 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def new_token_offset(args: argparse.Namespace) -> int:
+    """``--max-new-tokens-offset`` (0 when not given); refused without ``--max-new-tokens-ratio``."""
+    if args.max_new_tokens_offset is not None and args.max_new_tokens_ratio is None:
+        raise EvalError(f"--max-new-tokens-offset {args.max_new_tokens_offset} needs --max-new-tokens-ratio (the cap "
+                        "is ceil(ratio x source tokens + offset))")
+    return 0 if args.max_new_tokens_offset is None else args.max_new_tokens_offset
+
+
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    """The :class:`~properlm.evaluation.EvalSettings` of parsed ``properlm evaluate`` arguments."""
     return EvalSettings(
         model=args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
         data_file=args.data_file, source_file=args.source_file, target_file=args.target_file,
@@ -139,12 +176,15 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         max_source_length=args.max_source_length,
         rules=parse_rules(args.rules), num_bins=args.num_bins, temperature=args.temperature,
         fit_temperature=args.fit_temperature, objective=args.objective, num_beams=args.num_beams,
-        length_penalty=args.length_penalty, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        length_penalty=args.length_penalty, max_new_tokens=args.max_new_tokens,
+        max_new_tokens_ratio=args.max_new_tokens_ratio, max_new_tokens_offset=new_token_offset(args),
+        also_temperature=args.also_temperature, batch_size=args.batch_size,
         max_examples=args.max_examples, generate=args.generate, output_dir=args.output_dir, progress=args.progress,
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``properlm evaluate`` with parsed arguments; returns the exit code."""
     try:
         results = run_evaluation(settings_from_args(args))
     except (EvalError, DataError, ModelLoadError) as exc:

@@ -1,5 +1,7 @@
-"""``properlm generate``: decode inputs (one per line, from a file or stdin) with a chosen
-beam-search objective; one output line per input line, in input order."""
+"""``properlm generate``: decode inputs with a chosen beam-search objective.
+
+The inputs are read one per line, from a file or stdin; one output line per input line, in input order.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +10,15 @@ import sys
 from typing import Any
 
 from ..data import DataError, Example, encode_prompt
-from ..evaluation import EvalError, LengthLimits, resolve_device, resolve_lengths, torch_dtype, validate_decoding
+from ..evaluation import (
+    EvalError,
+    LengthLimits,
+    resolve_device,
+    resolve_lengths,
+    torch_dtype,
+    validate_decoding,
+    validate_new_token_cap,
+)
 from ..modeling import (
     ModelLoadError,
     check_model_source,
@@ -17,7 +27,7 @@ from ..modeling import (
     model_config_dict,
     read_training_record,
 )
-from .evaluate import add_decoding_arguments, add_length_arguments, add_model_arguments
+from .evaluate import add_decoding_arguments, add_length_arguments, add_model_arguments, new_token_offset
 
 PROMPT_FORMATS = ("raw", "instruction", "translation", "summarization")
 
@@ -31,10 +41,13 @@ examples:
 properlm's plain template); raw feeds each line to the model as it is. --max-length and
 --max-source-length default to the training run's, and a length beyond the model's position
 table is refused before any input is read; the truncation is reported on stderr.
+--max-new-tokens-ratio A --max-new-tokens-offset B caps each batch at ceil(A x L + B) new tokens,
+L the longest input line of the batch in tokens (inputs are batched longest first).
 """
 
 
 def register(subparsers: Any) -> None:
+    """Add the ``generate`` command to the ``properlm`` sub-command parsers."""
     parser = subparsers.add_parser(
         "generate", help="decode inputs from a file or stdin, optionally with a scoring rule as beam objective",
         description="Decode each input line with greedy or beam search; with --objective RULE beam search "
@@ -67,6 +80,7 @@ def _validate(args: argparse.Namespace) -> tuple[str, LengthLimits]:
                if v is not None}
     objective = validate_decoding(args.objective, args.num_beams, args.length_penalty,
                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, **lengths)
+    validate_new_token_cap(args.max_new_tokens_ratio, new_token_offset(args))
     resolve_device(args.device)
     return objective, _limits(args, model_config_dict(args.model, args.gguf_file))
 
@@ -123,6 +137,7 @@ def _prompt(line: str, args: argparse.Namespace, tokenizer: Any, seq2seq: bool, 
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``properlm generate`` with parsed arguments; returns the exit code."""
     from ..generation_eval import decode_prompts, one_line
 
     try:
@@ -142,9 +157,14 @@ def run(args: argparse.Namespace) -> int:
           f"(max length {limits.max_length}: {limits.max_length_from}){src}", file=sys.stderr)
     model.to(resolve_device(args.device))
     prompts = [_prompt(line, args, tokenizer, seq2seq, limits) for line in inputs]
+    # the input line alone (the source text, without the prompt template), for the new-token cap
+    source_lengths = [len(tokenizer(line, add_special_tokens=False, verbose=False)["input_ids"]) for line in inputs]
+    if limits.max_source_length is not None:  # sources are cut to it in the prompts
+        source_lengths = [min(n, limits.max_source_length) for n in source_lengths]
     hyps = decode_prompts(model, tokenizer, prompts, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          objective=None if objective == "logarithmic" else objective)
+                          max_new_tokens=args.max_new_tokens, max_new_tokens_ratio=args.max_new_tokens_ratio,
+                          max_new_tokens_offset=new_token_offset(args), source_lengths=source_lengths,
+                          batch_size=args.batch_size, objective=None if objective == "logarithmic" else objective)
     out = "".join(one_line(h) + "\n" for h in hyps)
     if args.output == "-":
         sys.stdout.write(out)

@@ -11,6 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import properlm.integrations.transformers as integ  # noqa: E402
+import properlm.integrations.transformers.linear as integ_linear  # noqa: E402
 from properlm import scoring_rule_loss  # noqa: E402
 from properlm.integrations.transformers import (  # noqa: E402
     ScoringRuleLossFunc,
@@ -189,20 +190,20 @@ def test_fallback_without_the_fused_module(monkeypatch):
     model = tiny_model("bart")
     inputs = batch("bart")
     calls = []
-    real = integ._fused_impl()
+    real = integ_linear._fused_impl()
     assert real is not None, "properlm.fused should be importable in this checkout"
 
     def spy(hidden, weight, target, **kw):
         calls.append((tuple(hidden.shape), tuple(weight.shape), kw["bias"] is not None))
         return real(hidden, weight, target, **kw)
 
-    monkeypatch.setattr(integ, "_fused_impl", lambda: spy)
+    monkeypatch.setattr(integ_linear, "_fused_impl", lambda: spy)  # the module linear_scoring_rule_loss reads
     with apply_scoring_rule(model, "spherical", 0.1):
         loss_fused = model(**inputs).loss
         loss_fused.backward()
     g_fused = grads(model)
     assert calls == [((3, 7, 32), (V, 32), True)]  # hidden states, not logits; BART's final_logits_bias
-    monkeypatch.setattr(integ, "_fused_impl", lambda: None)
+    monkeypatch.setattr(integ_linear, "_fused_impl", lambda: None)
     with apply_scoring_rule(model, "spherical", 0.1):
         loss_fallback = model(**inputs).loss
         loss_fallback.backward()

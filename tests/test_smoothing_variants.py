@@ -403,15 +403,15 @@ def test_train_prints_the_warning_once_and_takes_the_option(tmp_path: Path, monk
     option warns once for ``paper``; the YAML key ``smoothing_variant: gated`` trains without it."""
     import random
 
-    from properlm import training
     from properlm.cli.main import main
+    from properlm.training import validation
 
     rng = random.Random(0)
     src = [str(rng.randint(0, 999)) for _ in range(24)]
     (tmp_path / "s.txt").write_text("\n".join(src) + "\n", encoding="utf-8")
     (tmp_path / "t.txt").write_text("\n".join(" ".join("zero one two three four five six seven eight nine".split()[
         int(c)] for c in s) for s in src) + "\n", encoding="utf-8")
-    monkeypatch.setattr(training, "PAPER_SMOOTHING_WARN_VOCAB", 200)
+    monkeypatch.setattr(validation, "PAPER_SMOOTHING_WARN_VOCAB", 200)  # the module smoothing_warning reads
     common = ["--init", "tiny-seq2seq", "--source-file", str(tmp_path / "s.txt"), "--target-file",
               str(tmp_path / "t.txt"), "--vocab-size", "270", "--hidden-size", "16", "--num-layers", "1",
               "--num-heads", "2", "--max-steps", "1", "--rule", "spherical", "--smoothing", "0.1",

@@ -460,17 +460,17 @@ def test_tensorboard_logs_in_output_dir(tmp_path):
 
 
 def test_eval_score_sums_match_token_scores(monkeypatch):
-    import properlm.training as training
     from properlm import token_scores
+    from properlm.training import scores
 
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 11) * 3
     labels = torch.randint(11, (3, 5))
     labels[0, :2] = -100
     labels[2] = -100
-    monkeypatch.setattr(training, "_EVAL_CHUNK_ELEMENTS", 30)  # 2 rows per chunk
+    monkeypatch.setattr(scores, "_EVAL_CHUNK_ELEMENTS", 30)  # 2 rows per chunk (the module _score_sums reads)
     rules = ["logarithmic", "brier", "spherical", "power:3"]
-    sums = training._score_sums(logits, labels, rules)
+    sums = scores._score_sums(logits, labels, rules)
     assert sums.shape == (3, 4)
     for j, rule in enumerate(rules):
         torch.testing.assert_close(sums[:, j].float(), token_scores(logits, labels, rule).sum(-1))

@@ -1,0 +1,97 @@
+"""What a run writes beside the ``Trainer``'s own files, and the ``TrainerCallback`` objects that write it.
+
+* ``output_dir/metrics.jsonl``: one record per logging step and evaluation (``_metrics_callback``);
+* :data:`properlm.modeling.TRAINING_RECORD` in ``final/``, ``averaged/`` and every ``checkpoint-N``: the data
+  settings that ``properlm evaluate`` and ``generate`` reuse (:func:`write_training_record`,
+  ``_training_record_callback``);
+* for a LoRA adapter trained on a GGUF model, the GGUF file name next to every saved adapter
+  (``_record_gguf_base``, ``_gguf_base_callback``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ..modeling import TRAINING_RECORD, gguf_location, record_gguf_base
+from .config import TrainConfig
+
+__all__ = ["write_training_record"]
+
+
+def _metrics_callback(path: str, rule_at: Any) -> Any:
+    from transformers import TrainerCallback
+
+    class MetricsLogCallback(TrainerCallback):
+        """Append one JSON record per logging step / evaluation to ``metrics.jsonl``.
+
+        The record is ``{"step", "epoch", "rule", "time", **logs}`` (``loss``, ``learning_rate``,
+        ``grad_norm``, ``eval_loss``, ``eval_score_<rule>``, ...). ``rule`` is the rule of
+        the last optimizer step taken (``rule_at(step - 1)``)."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                   **kwargs: Any) -> None:
+            if not state.is_world_process_zero or not logs:
+                return
+            step = state.global_step
+            record = {"step": step, "epoch": state.epoch, "rule": rule_at(max(step - 1, 0)), "time": time.time()}
+            record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str, bool)) or v is None})
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    return MetricsLogCallback()
+
+
+def write_training_record(directory: str, record: Mapping[str, Any]) -> None:
+    """Write :data:`properlm.modeling.TRAINING_RECORD` into a saved model directory.
+
+    The record holds the data settings (``max_length``, ``max_source_length``, ``task``, ``seq2seq``), so
+    that ``properlm evaluate`` and ``generate`` truncate as training did.
+    """
+    if os.path.isdir(directory):
+        with open(os.path.join(directory, TRAINING_RECORD), "w", encoding="utf-8") as f:
+            json.dump(dict(record), f, indent=2)
+
+
+def _training_record_callback(record: Mapping[str, Any]) -> Any:
+    from transformers import TrainerCallback
+
+    class TrainingRecordCallback(TrainerCallback):
+        """Write the training record into every ``checkpoint-N``.
+
+        An intermediate model then evaluates with the truncation of its run, as ``final/`` does.
+        """
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                write_training_record(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), record)
+
+    return TrainingRecordCallback()
+
+
+def _record_gguf_base(cfg: TrainConfig, directory: str) -> None:
+    """Next to a LoRA adapter trained on a GGUF model, record the GGUF file name.
+
+    With :func:`properlm.modeling.record_gguf_base`: ``adapter_config.json`` can only name a directory.
+    """
+    if cfg.lora and cfg.gguf_file and os.path.isdir(directory):
+        record_gguf_base(directory, gguf_location(cfg.model, cfg.gguf_file)[1])
+
+
+def _gguf_base_callback(cfg: TrainConfig) -> Any:
+    from transformers import TrainerCallback
+
+    class GGUFBaseRecordCallback(TrainerCallback):
+        """Write the GGUF base record into every ``checkpoint-N`` of a LoRA run on a GGUF model.
+
+        So an intermediate adapter reloads as ``final/`` does.
+        """
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                _record_gguf_base(cfg, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+    return GGUFBaseRecordCallback()

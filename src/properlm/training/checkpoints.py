@@ -1,0 +1,82 @@
+"""The ``checkpoint-N`` directories of a run: finding them (resuming) and averaging their parameters.
+
+:func:`find_checkpoints` lists the complete checkpoints of an output directory by step; :func:`average_checkpoints`
+is the element-wise mean of their saved parameters (``--average-last K``), which ``_load_averaged`` loads into the
+trained model (full model or PEFT adapter).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..modeling import unwrap_model
+
+__all__ = ["average_checkpoints", "find_checkpoints"]
+
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def find_checkpoints(output_dir: str | os.PathLike) -> list[str]:
+    """``checkpoint-N`` directories in ``output_dir`` that hold a ``trainer_state.json``, by step."""
+    d = os.fspath(output_dir)
+    if not os.path.isdir(d):
+        return []
+    found = []
+    for name in os.listdir(d):
+        m = _CHECKPOINT_RE.match(name)
+        if m and os.path.isfile(os.path.join(d, name, "trainer_state.json")):
+            found.append((int(m.group(1)), os.path.join(d, name)))
+    return [p for _, p in sorted(found)]
+
+
+def _weights_file(checkpoint: str) -> str:
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        path = os.path.join(checkpoint, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"{checkpoint} holds no model.safetensors / adapter_model.safetensors "
+                            "(sharded checkpoints are not supported for averaging)")
+
+
+def average_checkpoints(checkpoints: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of the parameters saved in ``checkpoints``.
+
+    Accumulated in float64, returned in each tensor's stored dtype. Non-floating tensors are taken from
+    the last checkpoint. Keys are as stored (full model or PEFT adapter)."""
+    from safetensors.torch import load_file
+
+    if not checkpoints:
+        raise ValueError("average_checkpoints needs at least one checkpoint")
+    total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for path in checkpoints:
+        state = load_file(_weights_file(path))
+        if total and set(state) != set(total):
+            raise ValueError(f"{path} holds different parameters from {checkpoints[0]}")
+        for k, v in state.items():
+            dtypes[k] = v.dtype
+            if v.is_floating_point():
+                total[k] = total.get(k, 0) + v.to(torch.float64)
+            else:
+                total[k] = v
+    n = len(checkpoints)
+    return {k: (v / n).to(dtypes[k]) if dtypes[k].is_floating_point else v for k, v in total.items()}
+
+
+def _load_averaged(model: Any, state: dict[str, torch.Tensor], lora: bool) -> None:
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        unexpected = getattr(result, "unexpected_keys", [])
+    else:
+        result = unwrap_model(model).load_state_dict(state, strict=False)
+        unexpected = result.unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"averaged checkpoint has parameters the model lacks: {unexpected[:5]}")

@@ -1,0 +1,191 @@
+"""The training driver: :func:`run_training`.
+
+One :class:`~properlm.training.config.TrainConfig` in; a trained model, checkpoints, logs and ``results.json``
+out (the steps are listed in :mod:`properlm.training`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..improper import IMPROPER_OBJECTIVES
+from ..modeling import gguf_location, is_seq2seq
+from ..rules import get_rule
+from .arguments import _training_arguments
+from .callbacks import (
+    _gguf_base_callback,
+    _metrics_callback,
+    _record_gguf_base,
+    _training_record_callback,
+    write_training_record,
+)
+from .checkpoints import _load_averaged, average_checkpoints, find_checkpoints
+from .config import TrainConfig
+from .loading import _apply_lora, _build_model, _load_data, _vocab_size
+from .scores import _final_eval, _score_metrics, eval_rules
+from .trainer import _make_trainer_class
+from .validation import _parse_schedule, _warn_if_fsdp_ignored, smoothing_warning, validate_config
+
+__all__ = ["run_training"]
+
+
+def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool = False) -> dict[str, Any]:
+    """Train as configured by ``cfg``; returns the results dictionary also written to ``output_dir/results.json``.
+
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects (tests use one to stop
+    a run early, as a kill would). ``quiet`` prints nothing to the console (no progress bar,
+    no log lines; ``metrics.jsonl`` is still written).
+    """
+    validate_config(cfg)
+    train_examples, val_examples = _load_data(cfg)
+
+    from transformers import set_seed
+
+    from ..data import DataCollator, tokenize_examples
+    from ..integrations.transformers import apply_improper_loss, apply_scoring_rule
+
+    schedule = _parse_schedule(cfg.schedule) if cfg.schedule else None
+    if schedule is not None:
+        max_steps = schedule.total_steps
+
+        def rule_at(step: int) -> str:
+            return get_rule(schedule.rule_at(step)).spec
+    else:
+        max_steps = cfg.max_steps if cfg.max_steps is not None else -1
+        fixed = get_rule(cfg.rule).spec
+
+        def rule_at(step: int) -> str:
+            return fixed
+
+    improper = cfg.improper_loss
+
+    def label_at(step: int) -> str:
+        """The objective of ``step`` in the logs and results: the rule, or the improper objective's name."""
+        return rule_at(step) if improper is None else improper
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    args = _training_arguments(cfg, max_steps, bool(val_examples))
+    set_seed(cfg.seed)
+    model, tokenizer = _build_model(cfg, train_examples, args)
+    seq2seq = is_seq2seq(model)
+    if cfg.lora:
+        if cfg.init is not None:
+            base_dir = os.path.abspath(os.path.join(cfg.output_dir, "base"))
+            if args.process_index == 0 and not os.path.isfile(os.path.join(base_dir, "config.json")):
+                model.save_pretrained(base_dir)
+                tokenizer.save_pretrained(base_dir)
+            model.config._name_or_path = base_dir
+            model.name_or_path = base_dir
+        elif cfg.gguf_file is not None:
+            # the adapter's base is the GGUF file: record its directory (absolute), and the file
+            # name in BASE_RECORD next to every saved adapter, so that the adapter reloads
+            base_dir = gguf_location(cfg.model, cfg.gguf_file)[0]
+            model.config._name_or_path = base_dir
+            model.name_or_path = base_dir
+        model = _apply_lora(cfg, model, seq2seq)
+    lengths = {"max_length": cfg.max_length, "max_source_length": cfg.max_source_length}
+    train_ds = tokenize_examples(train_examples, tokenizer, seq2seq=seq2seq, **lengths)
+    val_ds = tokenize_examples(val_examples, tokenizer, seq2seq=seq2seq, **lengths) if val_examples else None
+
+    stage_rules = [r for r, _ in schedule.stages] if schedule is not None else [cfg.rule]
+    vocab = _vocab_size(model)
+    for stage_rule in stage_rules:
+        message = smoothing_warning(stage_rule, cfg.smoothing, cfg.smoothing_variant, vocab)
+        if message is not None:
+            import warnings
+
+            warnings.warn(message, UserWarning, stacklevel=2)
+            break
+    if improper is not None:
+        handle = apply_improper_loss(model, improper, fused=cfg.fused)
+        if not quiet and args.process_index == 0:
+            objective = IMPROPER_OBJECTIVES[improper]
+            print(f"properlm train: training with the improper objective {improper!r} (L = {objective.formula}; "
+                  f"{objective.reference}) instead of a scoring rule: a baseline, not a proper scoring rule",
+                  flush=True)
+    else:
+        handle = apply_scoring_rule(model, rule_at(0), smoothing=cfg.smoothing, fused=cfg.fused,
+                                    smoothing_variant=cfg.smoothing_variant)
+    record: dict[str, Any] = {**lengths, "task": train_examples[0].task, "seq2seq": seq2seq}
+    if improper is not None:
+        record["improper_loss"] = improper
+    all_callbacks: list[Any] = [_metrics_callback(os.path.join(cfg.output_dir, "metrics.jsonl"), label_at),
+                                _training_record_callback(record)]
+    if cfg.lora and cfg.gguf_file:
+        all_callbacks.append(_gguf_base_callback(cfg))
+    if schedule is not None:
+        from ..integrations.schedule import RuleScheduleCallback
+
+        all_callbacks.insert(0, RuleScheduleCallback(schedule, handle, cfg.smoothing))
+    all_callbacks.extend(callbacks)
+
+    rules = eval_rules(cfg.rule)
+    if schedule is not None:
+        for stage_rule, _ in schedule.stages:
+            spec = get_rule(stage_rule).spec
+            if spec not in rules:
+                rules.append(spec)
+    trainer_cls = _make_trainer_class()
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                          data_collator=DataCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                          callbacks=all_callbacks, compute_metrics=_score_metrics(rules) if val_ds else None)
+    _warn_if_fsdp_ignored(trainer)
+    if quiet:
+        from transformers import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+    trainer.properlm_rules = rules
+    trainer.properlm_rule_at = rule_at
+    trainer.properlm_smoothing = cfg.smoothing
+    trainer.properlm_smoothing_variant = cfg.smoothing_variant
+    trainer.properlm_improper_loss = improper
+
+    resume_from = find_checkpoints(cfg.output_dir)[-1] if cfg.resume else None
+    started = time.time()
+    train_output = trainer.train(resume_from_checkpoint=resume_from)
+    results: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg),
+        "rule_stages": [[get_rule(r).spec, int(n)] for r, n in schedule.stages] if schedule is not None
+        else [[label_at(0), trainer.state.max_steps]],
+        "resumed_from": resume_from,
+        "train": dict(train_output.metrics),
+        "train_seconds": time.time() - started,
+        "global_step": trainer.state.global_step,
+        "num_train_examples": len(train_examples),
+        "num_validation_examples": len(val_examples),
+        "seq2seq": seq2seq,
+    }
+    if val_ds is not None:
+        results["eval"] = _final_eval(trainer)
+
+    final_dir = os.path.join(cfg.output_dir, "final")
+    trainer.save_model(final_dir)
+    _record_gguf_base(cfg, final_dir)
+    if trainer.is_world_process_zero():
+        write_training_record(final_dir, record)
+    results["final_model"] = final_dir
+
+    if cfg.average_last > 0:
+        checkpoints = find_checkpoints(cfg.output_dir)[-cfg.average_last:]
+        state = average_checkpoints(checkpoints)
+        _load_averaged(trainer.model, state, cfg.lora)
+        avg_dir = os.path.join(cfg.output_dir, "averaged")
+        trainer.save_model(avg_dir)
+        _record_gguf_base(cfg, avg_dir)
+        if trainer.is_world_process_zero():
+            write_training_record(avg_dir, record)
+        results["averaged_model"] = avg_dir
+        results["averaged_checkpoints"] = checkpoints
+        if val_ds is not None:
+            results["eval_averaged"] = trainer.evaluate(metric_key_prefix="eval_averaged")
+    handle.remove()
+    if trainer.is_world_process_zero():
+        with open(os.path.join(cfg.output_dir, "results.json"), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2, default=str)
+    return results

@@ -1,0 +1,85 @@
+"""The ``transformers.Trainer`` subclass of ``properlm train``.
+
+``_make_trainer_class`` builds it when ``transformers`` is imported: its evaluation reports every rule's mean token
+score (:mod:`properlm.training.scores`) and its length-grouped sampler is
+:class:`~properlm.training.sampler.EpochSeededLengthGroupedSampler`. Training itself is the ``Trainer``'s: the loss
+is the patched model's own (:func:`properlm.integrations.transformers.apply_scoring_rule`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..modeling import is_seq2seq, unwrap_model
+from .sampler import EpochSeededLengthGroupedSampler
+from .scores import _score_sums
+
+
+def _make_trainer_class() -> type:
+    from transformers import Trainer
+
+    from ..improper import get_improper_objective
+    from ..loss import scoring_rule_loss
+
+    class ScoringRuleTrainer(Trainer):
+        """``Trainer`` whose evaluation reports every rule's mean token score.
+
+        ``prediction_step`` runs the model without labels (so the logits are materialised
+        whatever loss patch is applied), computes the current training rule's loss on them
+        with :func:`properlm.scoring_rule_loss` (or the improper objective's loss, with
+        ``--improper-loss``), and returns per-sequence score sums
+        ``(B, R)`` as predictions and token counts ``(B, 1)`` as labels, which
+        :meth:`compute_score_metrics` turns into means over all held-out tokens.
+        """
+
+        properlm_rules: Sequence[str] = ()
+        properlm_rule_at: Any = None
+        properlm_smoothing: float = 0.0
+        properlm_smoothing_variant: str = "paper"
+        properlm_improper_loss: str | None = None
+
+        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+            """The length-grouped sampler, made a function of (seed, epoch) so that resuming is exact.
+
+            ``transformers``' ``LengthGroupedSampler`` draws each epoch's permutation from the global
+            torch RNG, whose state at an epoch start depends on everything drawn before (dropout).
+            A run resumed past its first epoch restores that RNG only after the permutation is
+            drawn, so it saw another data order. :class:`EpochSeededLengthGroupedSampler` seeds
+            each epoch from ``data_seed`` (or ``seed``) and the epoch, like accelerate's seedable
+            random sampler does for the plain shuffle.
+            """
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            sampler = super()._get_train_sampler(*args, **kwargs)
+            if type(sampler) is LengthGroupedSampler:
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+            return sampler
+
+        def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                            ignore_keys: Any = None) -> tuple[Any, Any, Any]:
+            inputs = self._prepare_inputs(inputs)
+            labels = inputs["labels"]
+            fwd = {k: v for k, v in inputs.items() if k != "labels"}
+            base = unwrap_model(model)
+            seq2seq = is_seq2seq(base)
+            if seq2seq:
+                fwd["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                logits = model(**fwd).logits
+            if not seq2seq:
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            if self.properlm_improper_loss is not None:  # the improper objective trained instead of a rule
+                loss = get_improper_objective(self.properlm_improper_loss)(logits, labels).detach()
+            else:
+                rule = self.properlm_rule_at(self.state.global_step)
+                loss = scoring_rule_loss(logits, labels, rule, self.properlm_smoothing,
+                                         smoothing_variant=self.properlm_smoothing_variant).detach()
+            sums = _score_sums(logits.detach(), labels, self.properlm_rules)
+            counts = (labels != -100).sum(-1, keepdim=True).double()
+            return loss, sums, counts
+
+    return ScoringRuleTrainer

@@ -1,0 +1,221 @@
+"""Checking a :class:`~properlm.training.config.TrainConfig` before anything is loaded, and the warnings after.
+
+:func:`validate_config` checks every argument, the files, the rule, the schedule, the precision and the output
+directory without loading data or models, and raises :class:`~properlm.training.config.ConfigError` naming the
+option. Once the model and the ``Trainer`` exist, :func:`smoothing_warning` (the paper's masked-log smoothing at a
+large vocabulary) and ``_warn_if_fsdp_ignored`` (FSDP asked for but not enabled) warn about settings that are valid
+but likely not what was meant.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+from ..improper import IMPROPER_OBJECTIVES
+from ..modeling import MIN_VOCAB_SIZE, ModelLoadError, check_model_source, model_config_dict, model_max_positions
+from ..rules import get_rule
+from ..stats import SMOOTHING_VARIANTS
+from .checkpoints import find_checkpoints
+from .config import LR_SCHEDULERS, ConfigError, TrainConfig
+
+__all__ = ["PAPER_SMOOTHING_WARN_VOCAB", "smoothing_warning", "validate_config"]
+
+
+def _parse_schedule(spec: str) -> Any:
+    from ..integrations.schedule import RuleSchedule
+
+    try:
+        return RuleSchedule.parse(spec)
+    except ValueError as exc:
+        raise ConfigError(f"--schedule {spec!r}: {exc}") from None
+
+
+def _check_precision(cfg: TrainConfig) -> None:
+    if cfg.bf16 and cfg.fp16:
+        raise ConfigError("choose at most one of --bf16 and --fp16")
+    if cfg.fp16 and not torch.cuda.is_available():
+        raise ConfigError("--fp16 needs a CUDA GPU (none is available); use --bf16 on CPU or train in float32")
+    if cfg.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--bf16: this GPU does not support bfloat16; use --fp16")
+
+
+def _check_file(path: str | None, option: str) -> None:
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(f"--{option.replace('_', '-')}: file {path!r} does not exist")
+
+
+def _check_improper(cfg: TrainConfig, rule_spec: str) -> None:
+    """``--improper-loss`` replaces the scoring rule: a known name, and none of the rule's own options."""
+    name = cfg.improper_loss
+    if name not in IMPROPER_OBJECTIVES:
+        raise ConfigError(f"--improper-loss must be one of {', '.join(IMPROPER_OBJECTIVES)}, got {name!r}")
+    if cfg.schedule is not None:
+        raise ConfigError(f"--improper-loss {name} cannot be combined with --schedule: the improper objective "
+                          "replaces the scoring rule for the whole run")
+    if cfg.smoothing > 0:
+        raise ConfigError(f"--improper-loss {name} cannot be combined with --smoothing {cfg.smoothing:g}: score "
+                          "smoothing is defined for scoring rules only")
+    if cfg.smoothing_variant != "paper":
+        raise ConfigError(f"--improper-loss {name} cannot be combined with --smoothing-variant "
+                          f"{cfg.smoothing_variant}: score smoothing is defined for scoring rules only")
+    if rule_spec != "logarithmic":
+        raise ConfigError(f"--improper-loss {name} replaces the scoring rule: give either --rule or "
+                          f"--improper-loss, not both (got --rule {cfg.rule})")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Check every argument without loading data or models; raise :class:`ConfigError`."""
+    try:
+        check_model_source(cfg.model, cfg.gguf_file, cfg.init)
+    except ModelLoadError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.train_file is None and cfg.source_file is None and cfg.target_file is None:
+        raise ConfigError("no training data: pass --train-file (JSON/JSONL) or --source-file and --target-file")
+    if cfg.train_file is not None and (cfg.source_file or cfg.target_file):
+        raise ConfigError("give either --train-file or --source-file/--target-file, not both")
+    if cfg.task == "translation" and cfg.train_file is not None:
+        raise ConfigError("--task translation reads --source-file/--target-file, not --train-file")
+    if cfg.task in ("instruction", "summarization") and cfg.source_file is not None:
+        raise ConfigError(f"--task {cfg.task} reads --train-file (JSON/JSONL), not --source-file/--target-file")
+    if (cfg.source_file is None) != (cfg.target_file is None):
+        raise ConfigError("translation data needs both --source-file and --target-file")
+    if (cfg.validation_source_file is None) != (cfg.validation_target_file is None):
+        raise ConfigError("translation validation data needs both --validation-source-file and "
+                          "--validation-target-file")
+    for name in ("train_file", "source_file", "target_file", "validation_file", "validation_source_file",
+                 "validation_target_file"):
+        _check_file(getattr(cfg, name), name)
+    has_val_files = cfg.validation_file is not None or cfg.validation_source_file is not None
+    if not 0.0 <= cfg.validation_fraction < 1.0:
+        raise ConfigError(f"--validation-fraction must be in [0, 1), got {cfg.validation_fraction}")
+    if has_val_files and cfg.validation_fraction > 0:
+        raise ConfigError("give either validation files or --validation-fraction, not both")
+    if cfg.eval_steps is not None and not has_val_files and cfg.validation_fraction == 0:
+        raise ConfigError("--eval-steps needs a validation set: --validation-file, --validation-source-file/"
+                          "--validation-target-file or --validation-fraction")
+    try:
+        rule = get_rule(cfg.rule)
+    except ValueError as exc:
+        raise ConfigError(f"--rule: {exc}") from None
+    if not 0.0 <= cfg.smoothing < 1.0:
+        raise ConfigError(f"--smoothing must be in [0, 1), got {cfg.smoothing}")
+    if cfg.smoothing_variant not in SMOOTHING_VARIANTS:
+        raise ConfigError(f"--smoothing-variant must be one of {', '.join(SMOOTHING_VARIANTS)}, "
+                          f"got {cfg.smoothing_variant!r}")
+    if cfg.improper_loss is not None:
+        _check_improper(cfg, rule.spec)
+    if cfg.smoothing > 0:
+        try:
+            rule.mean_score_scales()
+        except NotImplementedError as exc:
+            raise ConfigError(f"--smoothing: {exc}") from None
+    if cfg.torch_compile:
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if cfg.torch_compile_backend not in backends:
+            raise ConfigError(f"--torch-compile-backend must be one of {', '.join(backends)}, "
+                              f"got {cfg.torch_compile_backend!r}")
+    positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "max_length", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "logging_steps", "lora_r"]
+    optional_positive = ["max_steps", "per_device_eval_batch_size", "eval_steps", "save_steps", "save_total_limit",
+                         "ffn_size"]
+    for name in positive + optional_positive:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("warmup_steps", "average_last", "dataloader_num_workers", "weight_decay", "max_grad_norm"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.max_length < 2:
+        raise ConfigError(f"--max-length must be at least 2, got {cfg.max_length}")
+    if cfg.max_source_length is not None and cfg.max_source_length < 1:
+        raise ConfigError(f"--max-source-length must be positive, got {cfg.max_source_length}")
+    if cfg.init is None:
+        limit, key = model_max_positions(model_config_dict(cfg.model, cfg.gguf_file))
+        if limit is not None and cfg.max_length > limit:
+            raise ConfigError(f"--max-length {cfg.max_length} exceeds the {limit} positions model {cfg.model!r} "
+                              f"takes ({key} in its config.json); use --max-length {limit} or less")
+    if not cfg.learning_rate > 0 or not math.isfinite(cfg.learning_rate):
+        raise ConfigError(f"--learning-rate must be positive, got {cfg.learning_rate}")
+    if cfg.num_train_epochs <= 0:
+        raise ConfigError(f"--num-train-epochs must be positive, got {cfg.num_train_epochs}")
+    if cfg.lr_scheduler not in LR_SCHEDULERS:
+        raise ConfigError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {cfg.lr_scheduler!r}")
+    if not 0.0 <= cfg.dropout < 1.0 or not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError("--dropout and --lora-dropout must be in [0, 1)")
+    if cfg.init is not None and cfg.vocab_size < MIN_VOCAB_SIZE:
+        raise ConfigError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + special tokens) for the "
+                          f"byte-level BPE of --init, got {cfg.vocab_size}")
+    if cfg.init is not None and cfg.hidden_size % cfg.num_heads:
+        raise ConfigError(f"--hidden-size {cfg.hidden_size} is not divisible by --num-heads {cfg.num_heads}")
+    if cfg.schedule is not None:
+        schedule = _parse_schedule(cfg.schedule)
+        if cfg.max_steps is not None and cfg.max_steps != schedule.total_steps:
+            raise ConfigError(f"--max-steps {cfg.max_steps} differs from the schedule's total of "
+                              f"{schedule.total_steps} steps ({cfg.schedule}); omit --max-steps")
+        if cfg.rule != "logarithmic" and get_rule(cfg.rule) != schedule.rule_at(0):
+            raise ConfigError("give either --rule or --schedule, not both")
+    if cfg.average_last > 0 and cfg.save_steps is None:
+        raise ConfigError("--average-last needs checkpoints: set --save-steps")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < cfg.average_last:
+        raise ConfigError(f"--save-total-limit {cfg.save_total_limit} keeps fewer checkpoints than --average-last "
+                          f"{cfg.average_last}")
+    _check_precision(cfg)
+    if cfg.lora:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ConfigError("--lora needs the 'peft' package: pip install peft") from None
+    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        raise ConfigError(f"--output-dir {cfg.output_dir!r} is a file")
+    checkpoints = find_checkpoints(cfg.output_dir)
+    if cfg.resume and not checkpoints:
+        raise ConfigError(f"--resume: no checkpoint-N directory in {cfg.output_dir!r} to resume from")
+    if not cfg.resume and checkpoints and not cfg.overwrite_output_dir:
+        raise ConfigError(f"--output-dir {cfg.output_dir!r} already holds checkpoints; pass --resume to continue "
+                          "that run or --overwrite-output-dir to start afresh")
+
+
+#: from this vocabulary size on, ``properlm train`` warns about the paper's masked-log smoothing of a
+#: bounded rule: it trained well at V = 6,000 (Multi30k, benchmarks/RESULTS.md) and collapsed SmolLM2
+#: (V = 49,152) within 4 steps; in ``benchmarks/smoothing_large_vocab.py`` the damage grows with V
+#: (README, "Score smoothing")
+PAPER_SMOOTHING_WARN_VOCAB = 16384
+
+
+def smoothing_warning(rule: str, smoothing: float, smoothing_variant: str, vocab_size: int) -> str | None:
+    """The warning for the paper's masked-log smoothing of a bounded rule at a large vocabulary, or ``None``.
+
+    It warns for a bounded rule (or a mixture with one) smoothed with the paper's masked-log term at a
+    vocabulary of at least :data:`PAPER_SMOOTHING_WARN_VOCAB` tokens.
+    """
+    rule_obj = get_rule(rule)
+    if smoothing <= 0 or smoothing_variant != "paper" or not rule_obj.masked_log_smoothing \
+            or vocab_size < PAPER_SMOOTHING_WARN_VOCAB:
+        return None
+    return (f"--smoothing {smoothing:g} with the bounded rule {rule_obj.spec!r} uses the paper's masked-log term "
+            f"(--smoothing-variant paper) at a vocabulary of {vocab_size} tokens: it pulls the target's "
+            "probability down by about eps per token until every tail token reaches eps/V, and under Adam this "
+            "flattens the distribution within a few steps (SmolLM2, V = 49152: decoding degenerates). "
+            "Use --smoothing-variant gated (or none); see the README, 'Score smoothing'.")
+
+
+def _warn_if_fsdp_ignored(trainer: Any) -> None:
+    """Warn when ``accelerate launch --use_fsdp`` asked for FSDP but the Trainer does not shard.
+
+    accelerate (checked with 1.15) switches to FSDP only on accelerators (its ``AcceleratorState``
+    keeps ``DistributedType.MULTI_CPU`` for CPU processes over gloo), so on CPUs it trains with
+    plain DDP, full model on every process, and says nothing.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        import warnings
+
+        warnings.warn(
+            "FSDP was requested (accelerate launch --use_fsdp) but accelerate did not enable it for "
+            f"distributed type {trainer.accelerator.distributed_type}: accelerate shards with FSDP only on "
+            "accelerators (GPU, XPU, NPU, ...), so this run trains with DDP, an unsharded model on every process",
+            stacklevel=2,
+        )

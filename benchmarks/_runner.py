@@ -1,9 +1,17 @@
-"""Shared plumbing of the reproduction benchmarks (``reproduce_mt.py``, ``reproduce_llm.py``).
+"""Shared plumbing of the reproduction benchmarks (``reproduce_mt.py``, ``reproduce_summ.py``, ``reproduce_llm.py``).
 
 Each benchmark is a list of *steps*; a step is one ``properlm`` command (``train`` or
 ``evaluate``) run in a subprocess, with its console output in a log file. A step whose
 ``results.json`` exists is finished and skipped, so a benchmark killed at any point resumes
 where it stopped (an interrupted ``train`` step resumes from its newest checkpoint).
+
+Scaffolding of the seq2seq scripts (``reproduce_mt.py``, ``reproduce_summ.py``), which keep only their
+protocols: the shared command-line :data:`OPTIONS` (:func:`add_options`), argument checks
+(:func:`check_data_dir`, :func:`int_list`, :func:`parse_protocols`, :func:`check_stages`), one set of
+settings per work directory (:func:`check_settings`), run directories and branches
+(:func:`run_dir`, :func:`branch_from`), the ``properlm train`` command (:func:`seq2seq_train_argv`),
+the task list (:class:`Plan`), the main flow (:func:`run_benchmark`) and report helpers
+(:func:`seed_table`, :func:`plateau`, :func:`plot_curves`, :func:`write_report`).
 
 Statistics: :func:`mean_std` over seeds, :func:`paired_bootstrap` (sacrebleu's paired
 bootstrap resampling of BLEU and chrF against a baseline system), :func:`paired_bootstrap_means`
@@ -14,6 +22,7 @@ bootstrap resampling of BLEU and chrF against a baseline system), :func:`paired_
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -21,13 +30,16 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["IN_PROCESS", "Task", "checkpoint_steps", "fmt_mean_std", "kendall_tau", "kendall_tau_interval", "mean_ci",
-           "mean_std", "paired_bootstrap", "paired_bootstrap_means", "read_json", "read_lines", "read_log", "run_step",
-           "run_tasks", "sign_test", "start_from_checkpoint"]
+__all__ = ["IN_PROCESS", "OPTIONS", "PAPER_PROTOCOLS", "Plan", "Task", "add_options", "branch_from", "check_data_dir",
+           "check_settings", "check_stages", "checkpoint_steps", "eval_name", "fmt_ci", "fmt_mean_std", "int_list",
+           "kendall_tau", "kendall_tau_interval", "mean_ci", "mean_std", "paired_bootstrap", "paired_bootstrap_means",
+           "parse_protocols", "plateau", "plot_curves", "protocols_help", "read_json", "read_json_if", "read_lines",
+           "read_log", "run_benchmark", "run_dir", "run_step", "run_tasks", "seed_differences", "seed_table",
+           "seed_values", "seq2seq_train_argv", "sign_test", "start_from_checkpoint", "started", "write_report"]
 
 
 #: run steps in this process (tests: no interpreter start-up per step) instead of a subprocess
@@ -311,3 +323,357 @@ def start_from_checkpoint(src: str, dst: str, step: int) -> None:
         f.writelines(json.dumps(r) + "\n" for r in records)
     shutil.copytree(os.path.join(src, ckpt), os.path.join(dst, ckpt + ".tmp"), dirs_exist_ok=True)
     os.replace(os.path.join(dst, ckpt + ".tmp"), os.path.join(dst, ckpt))
+
+
+# ------------------------------------------------------------------------------ protocols
+
+#: the paper's fine-tuning protocols, with T = T1 + T2 steps each: protocol -> (label, rule schedule
+#: as a function of (T1, T2)); (b) and (c) branch from (a)'s checkpoint at T1
+PAPER_PROTOCOLS: dict[str, tuple[str, Callable[[int, int], str]]] = {
+    "a": ("(a) log → log", lambda t1, t2: f"logarithmic:{t1 + t2}"),
+    "b": ("(b) log → brier", lambda t1, t2: f"logarithmic:{t1},brier:{t2}"),
+    "c": ("(c) log → spherical", lambda t1, t2: f"logarithmic:{t1},spherical:{t2}"),
+}
+
+
+def protocols_help(protocols: dict[str, tuple[str, Any]], branches: str) -> str:
+    """The ``--protocols`` help: each protocol's label, and which (``branches``) start from (a)."""
+    return ("protocols to run: " + "; ".join(f"{k} = {v[0][4:]}" for k, v in protocols.items())
+            + f"; {branches} branch from a's step-T1 checkpoint and need a")
+
+
+# ------------------------------------------------------------------------------ command-line options
+
+#: options shared by the seq2seq reproduction scripts: name -> ``add_argument`` keywords; a script
+#: names the ones it takes with :func:`add_options`, in its own order, overriding defaults and help
+OPTIONS: dict[str, dict[str, Any]] = {
+    "work_dir": {"help": "where runs, evaluations and the summary go"},
+    "t1": {"type": int, "help": "T1: steps of the logarithmic stage before the switch"},
+    "t2": {"type": int, "help": "T2: steps after the switch (every protocol runs T1 + T2)"},
+    "batch_size": {"type": int, "help": "examples per step"},
+    "learning_rate": {"type": float, "help": "peak learning rate"},
+    "warmup_steps": {"type": int, "help": "linear warm-up steps before inverse-sqrt decay"},
+    "smoothing": {"type": float, "default": 0.1, "help": "score smoothing eps of every protocol"},
+    "vocab_size": {"type": int, "help": "joint BPE vocabulary size"},
+    "hidden_size": {"type": int, "default": 128, "help": "model width"},
+    "num_layers": {"type": int, "default": 2, "help": "encoder and decoder layers (each)"},
+    "num_heads": {"type": int, "default": 4, "help": "attention heads"},
+    "ffn_size": {"type": int, "default": 512, "help": "feed-forward width"},
+    "dropout": {"type": float, "default": 0.1, "help": "dropout"},
+    "eval_every": {"type": int, "default": 250, "help": "validation scores every N steps (the curves)"},
+    "save_every": {"type": int, "default": 500,
+                   "help": "checkpoint every N steps (T1 must be a multiple: the branches start from it)"},
+    "num_beams": {"type": int, "help": "beam width of every decoding"},
+    "eval_batch_size": {"type": int, "default": 50, "help": "sentences per decoding batch"},
+    "bootstrap_samples": {"type": int, "default": 1000, "help": "paired bootstrap resamples"},
+    "threads": {"type": int, "default": 1, "help": "torch threads of each step"},
+    "jobs": {"type": int, "default": 1, "help": "steps run at the same time (independent runs in parallel)"},
+    "report_only": {"action": "store_true", "help": "only aggregate what has finished"},
+    "dry_run": {"action": "store_true", "help": "print the commands that would run"},
+}
+
+
+def add_options(parser: Any, options: dict[str, Any]) -> None:
+    """Add the shared :data:`OPTIONS` named in ``options`` to an ``argparse`` parser, in that order.
+
+    ``options`` maps an option name (``"batch_size"`` for ``--batch-size``) to its default, or to a
+    dict of ``add_argument`` keywords that override the shared ones (``{}``: as they are).
+    """
+    for name, value in options.items():
+        kwargs = {**OPTIONS[name], **(value if isinstance(value, dict) else {"default": value})}
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+# ------------------------------------------------------------------------------ argument checks
+
+
+def check_data_dir(prog: str, data_dir: str, files: Sequence[str], expected: str) -> None:
+    """Exit (``SystemExit`` naming ``prog``) unless ``data_dir`` holds every one of ``files``."""
+    missing = [f for f in files if not os.path.isfile(os.path.join(data_dir, f))]
+    if missing:
+        raise SystemExit(f"{prog}: data directory {data_dir!r} lacks {', '.join(missing)} "
+                         f"(expected {expected}: {', '.join(files)})")
+
+
+def int_list(text: str) -> list[int]:
+    """``"1,2, 3"`` -> ``[1, 2, 3]`` (empty items skipped); ``ValueError`` on a non-integer."""
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def parse_protocols(prog: str, text: str, protocols: Sequence[str], branches: Sequence[str],
+                    root: str = "a") -> list[str]:
+    """The comma-separated protocol names of ``text``, each one of ``protocols``; exit when there is
+    none, one is unknown, or one of ``branches`` (which start from a checkpoint of ``root``) is named
+    without ``root``."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names or any(p not in protocols for p in names):
+        raise SystemExit(f"{prog}: --protocols {text!r}: allowed values are {', '.join(protocols)}")
+    if any(p in branches for p in names) and root not in names:
+        raise SystemExit(f"{prog}: protocols {', '.join(branches)} branch from {root}'s checkpoint; include {root}")
+    return names
+
+
+def check_stages(prog: str, args: Any, positive: Sequence[str]) -> None:
+    """Exit unless the options named in ``positive`` are positive and ``args.t1`` is a multiple of
+    ``args.save_every`` (the branches start from the checkpoint at T1)."""
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"{prog}: --{name.replace('_', '-')} must be positive")
+    if args.t1 % args.save_every:
+        raise SystemExit(f"{prog}: --t1 {args.t1} must be a multiple of --save-every {args.save_every}")
+
+
+def check_settings(prog: str, work_dir: str, settings: dict[str, Any], *, record: bool, reuse: str | None = None,
+                   reuse_keys: Sequence[str] = ()) -> None:
+    """Keep one set of ``settings`` per work directory, in ``WORK_DIR/settings.json``.
+
+    Exits when ``work_dir`` holds runs made with other settings (or when ``reuse``, a work directory
+    whose runs are continued, differs from ``settings`` in one of ``reuse_keys``), then records
+    ``settings`` there if ``record`` and none are recorded yet.
+    """
+    path = os.path.join(work_dir, "settings.json")
+    if os.path.isfile(path):
+        saved = read_json(path)
+        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if diff:
+            raise SystemExit(f"{prog}: {work_dir} holds runs made with other settings "
+                             f"(option: (saved, now)) {diff}; use the same options or another --work-dir")
+    if reuse:
+        other = os.path.join(reuse, "settings.json")
+        if not os.path.isfile(other):
+            raise SystemExit(f"{prog}: --reuse {reuse!r} holds no settings.json")
+        saved = read_json(other)
+        diff = {k: (saved.get(k), settings[k]) for k in reuse_keys if saved.get(k) != settings[k]}
+        if diff:
+            raise SystemExit(f"{prog}: --reuse {reuse}: its runs used other settings (option: (theirs, now)) {diff}")
+    if record and not os.path.isfile(path):
+        os.makedirs(work_dir, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=2)
+
+
+# ------------------------------------------------------------------------------ runs and steps
+
+
+def run_dir(work_dir: str, seed: int, protocol: str) -> str:
+    """The ``properlm train`` directory of one seed and protocol: ``WORK_DIR/seedS/PROTOCOL``."""
+    return os.path.join(work_dir, f"seed{seed}", protocol)
+
+
+def eval_name(split: str, objective: str) -> str:
+    """The directory (inside a run) of the beam-search evaluation of ``split`` with ``objective``."""
+    return f"eval_{split}_beam_{objective}"
+
+
+def started(run: str) -> bool:
+    """Whether a run directory has begun (holds a checkpoint) or finished (holds ``results.json``)."""
+    return bool(checkpoint_steps(run)) or os.path.isfile(os.path.join(run, "results.json"))
+
+
+def branch_from(root: str, run: str, step: int) -> None:
+    """Start ``run`` from ``checkpoint-STEP`` of the root protocol's run ``root``
+    (:func:`start_from_checkpoint`); ``RuntimeError`` when that checkpoint is missing."""
+    if step not in checkpoint_steps(root):
+        raise RuntimeError(f"{root}/checkpoint-{step} is missing: protocol a must save a checkpoint at T1")
+    start_from_checkpoint(root, run, step)
+
+
+def seq2seq_train_argv(args: Any, seed: int, schedule: str, data: Sequence[str], output_dir: str, *,
+                       eval_batch_size: int, resume: bool) -> list[str]:
+    """``properlm train`` of a Transformer encoder-decoder from scratch (``--init tiny-seq2seq``).
+
+    Model (``vocab_size``, ``hidden_size``, ``num_layers``, ``num_heads``, ``ffn_size``, ``dropout``)
+    and optimisation (``smoothing``, ``batch_size``, ``learning_rate``, ``warmup_steps``,
+    ``eval_every``, ``save_every``) come from ``args``; ``data`` are the data options (files and
+    lengths), ``schedule`` the rule schedule (``--schedule``). AdamW(0.9, 0.98), linear warm-up
+    then inverse-sqrt decay, batches grouped by length; ``--resume`` when ``resume``.
+    """
+    argv = [
+        "train", "--init", "tiny-seq2seq", "--vocab-size", str(args.vocab_size),
+        "--hidden-size", str(args.hidden_size), "--num-layers", str(args.num_layers),
+        "--num-heads", str(args.num_heads), "--ffn-size", str(args.ffn_size), "--dropout", str(args.dropout),
+        *data,
+        "--schedule", schedule, "--smoothing", str(args.smoothing),
+        "--seed", str(seed), "--per-device-train-batch-size", str(args.batch_size),
+        "--per-device-eval-batch-size", str(eval_batch_size),
+        "--learning-rate", str(args.learning_rate), "--lr-scheduler", "inverse_sqrt",
+        "--warmup-steps", str(args.warmup_steps), "--adam-beta2", "0.98",
+        "--group-by-length", "--eval-steps", str(args.eval_every), "--save-steps", str(args.save_every),
+        "--logging-steps", "50",
+        "--output-dir", output_dir, "--no-progress-bar", "--no-tensorboard",
+    ]
+    return argv + (["--resume"] if resume else [])
+
+
+@dataclass
+class Plan:
+    """The :class:`Task` list of a benchmark, built step by step: each step is one :func:`run_step`
+    with the plan's ``threads`` and ``dry_run``; the list order is the priority of :func:`run_tasks`."""
+
+    threads: int = 1
+    dry_run: bool = False
+    tasks: list[Task] = field(default_factory=list)
+
+    def step(self, task: str, name: str, argv: Sequence[str] | Callable[[], Sequence[str]], output_dir: str,
+             deps: Iterable[str] = ()) -> str:
+        """Add task ``task``: ``run_step(name, argv, output_dir)`` (``argv()`` called when the task runs,
+        for an argument only known then) once ``deps`` are done; returns ``task``."""
+        self.tasks.append(Task(task, functools.partial(self._run, name, argv, output_dir), set(deps)))
+        return task
+
+    def train(self, task: str, name: str, output_dir: str, argv: Callable[[bool], Sequence[str]],
+              prepare: Callable[[], None] | None = None, deps: Iterable[str] = ()) -> str:
+        """Add training task ``task``: ``prepare()`` (not in a dry run; e.g. start from another run's
+        checkpoint), then ``run_step(name, argv(resume), output_dir)`` with ``resume`` whether
+        ``output_dir`` holds a checkpoint by then; returns ``task``."""
+        self.tasks.append(Task(task, functools.partial(self._train, name, output_dir, argv, prepare), set(deps)))
+        return task
+
+    def _run(self, name: str, argv: Sequence[str] | Callable[[], Sequence[str]], output_dir: str) -> bool:
+        return run_step(name, argv() if callable(argv) else argv, output_dir, threads=self.threads,
+                        dry_run=self.dry_run)
+
+    def _train(self, name: str, output_dir: str, argv: Callable[[bool], Sequence[str]],
+               prepare: Callable[[], None] | None) -> bool:
+        if prepare is not None and not self.dry_run:
+            prepare()
+        return self._run(name, argv(bool(checkpoint_steps(output_dir))), output_dir)
+
+
+def run_benchmark(args: Any, check: Callable[[Any], None], settings: Callable[[Any], None],
+                  tasks: Callable[[Any], Sequence[Task]], report: Callable[[Any, float | None], str]) -> int:
+    """The main flow of a benchmark, for its parsed ``args``: ``check(args)`` (fail on a bad argument
+    before any work), ``settings(args)`` (the settings check), run ``tasks(args)`` with ``args.jobs``
+    at a time (not with ``--report-only``; a ``--dry-run`` stops there), then print
+    ``report(args, wall_seconds)`` (``None`` with ``--report-only``) and the wall time; returns the
+    exit status 0."""
+    check(args)
+    t0 = time.time()
+    settings(args)
+    if not args.report_only:
+        run_tasks(tasks(args), jobs=args.jobs)
+    if args.dry_run:
+        return 0
+    md = report(args, None if args.report_only else time.time() - t0)
+    print(md)
+    if not args.report_only:
+        print(f"\nwall time of this invocation: {(time.time() - t0) / 60:.1f} min")
+    return 0
+
+
+# ------------------------------------------------------------------------------ the report
+
+
+def read_json_if(path: str) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or ``None`` when there is no such file (a step not run yet)."""
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def seed_values(per: dict[str, dict[int, dict[str, Any]]], protocol: str, key: str) -> list[Any]:
+    """``per[protocol][seed][key]`` over the seeds that have it (not ``None``)."""
+    return [r[key] for r in per.get(protocol, {}).values() if r.get(key) is not None]
+
+
+def seed_differences(per: dict[str, dict[int, dict[str, Any]]], protocol: str, key: str, seeds: Sequence[int],
+                     baseline: str = "a") -> tuple[list[int], list[float]]:
+    """The seeds (of ``seeds``) where both ``protocol`` and ``baseline`` have ``key``, and per seed the
+    difference ``per[protocol][seed][key] - per[baseline][seed][key]``."""
+    both = [s for s in seeds if per[protocol].get(s, {}).get(key) is not None
+            and per[baseline].get(s, {}).get(key) is not None]
+    return both, [per[protocol][s][key] - per[baseline][s][key] for s in both]
+
+
+def fmt_ci(m: float, lo: float, hi: float, digits: int = 2) -> str:
+    """``"+m [+lo, +hi]"``, or ``"+m"`` when the interval is NaN (fewer than two seeds)."""
+    return f"{m:+.{digits}f}" if lo != lo else f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def seed_table(per: dict[str, dict[int, dict[str, Any]]], protocols: Sequence[str], labels: dict[str, str],
+               cols: Sequence[tuple[str, str, int, float]], count_key: str | None = None) -> str:
+    """Markdown table, a row per protocol: its label, its number of seeds (those with ``count_key``,
+    or all of its seeds) and per column ``(title, key, digits, scale)`` :func:`fmt_mean_std` of
+    ``key`` over the seeds."""
+    lines = ["| protocol | seeds | " + " | ".join(c[0] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for p in protocols:
+        n = len(per.get(p, {})) if count_key is None else len(seed_values(per, p, count_key))
+        cells = [fmt_mean_std(seed_values(per, p, key), digits, scale) for _, key, digits, scale in cols]
+        lines.append(f"| {labels[p]} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plateau(runs: dict[int, str], t1: int, t2: int, *, what: str, end_note: str = "",
+            best: bool = False) -> tuple[str, dict[int, dict[str, Any]]]:
+    """How much each seed's root run (``runs``: seed -> run directory) still moved its evaluated log
+    score (``eval_score_logarithmic``) over the last quarter of stage 1: the score at the last
+    evaluation at or before ``0.75 T1``, at T1 and at T = T1 + T2; with ``best``, also the best
+    score and its step. Returns text lines (``what`` names the evaluation set, ``end_note`` follows
+    the score at T) and ``{seed: values}``."""
+    rows: dict[int, dict[str, Any]] = {}
+    lines = []
+    for s, run in runs.items():
+        log = [r for r in read_log(os.path.join(run, "metrics.jsonl")) if "eval_score_logarithmic" in r]
+        by_step = {r["step"]: r["eval_score_logarithmic"] for r in log}
+        early = max((st for st in by_step if st <= 0.75 * t1), default=None)
+        if early is None or t1 not in by_step:
+            continue
+        rows[s] = {"step_early": early, "early": by_step[early], "t1": by_step[t1], "end": by_step.get(t1 + t2)}
+        line = (f"seed {s}: {what} log score {by_step[early]:.4f} at step {early}, {by_step[t1]:.4f} at T1={t1}"
+                + (f", {by_step[t1 + t2]:.4f} at T={t1 + t2}{end_note}" if t1 + t2 in by_step else ""))
+        if best:
+            top = max(by_step, key=lambda st: by_step[st])
+            rows[s].update({"best_step": top, "best": by_step[top]})
+            line += f"; best {by_step[top]:.4f} at step {top}"
+        lines.append(line)
+    return "\n".join(lines), rows
+
+
+def plot_curves(path: str, series: Sequence[tuple[str, Sequence[str], dict[str, Any]]], t1: int, title: str, *,
+                what: str = "validation") -> str | None:
+    """Training curves from the runs' ``metrics.jsonl``: the log, Brier and spherical scores on the
+    evaluation set (``what`` names it) and the training loss against the step, a line per ``(label,
+    run directories, plot keywords)`` of ``series`` (the mean over its runs at each step), a dotted
+    line at ``t1``. Writes ``path`` and returns it, or ``None`` when there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("eval_score_logarithmic", f"{what} log score"), ("eval_score_brier", f"{what} Brier score"),
+              ("eval_score_spherical", f"{what} spherical score"), ("loss", "training loss")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    drawn = False
+    for label, runs, style in series:
+        logs = [read_log(os.path.join(run, "metrics.jsonl")) for run in runs]
+        for ax, (key, panel) in zip(axes, panels):
+            by_step: dict[int, list[float]] = {}
+            for log in logs:
+                for r in log:
+                    if key in r and r[key] is not None:
+                        by_step.setdefault(r["step"], []).append(r[key])
+            if not by_step:
+                continue
+            steps = sorted(by_step)
+            ax.plot(steps, [sum(by_step[t]) / len(by_step[t]) for t in steps], label=label, **style)
+            ax.set_title(panel)
+            ax.set_xlabel("step")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax in axes:
+        ax.axvline(t1, color="grey", linewidth=0.8, linestyle=":")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(work_dir: str, md: str, summary: dict[str, Any]) -> None:
+    """Write ``WORK_DIR/results.md`` (``md``) and ``WORK_DIR/results.json`` (``summary``)."""
+    os.makedirs(work_dir, exist_ok=True)
+    with open(os.path.join(work_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(md + "\n")
+    with open(os.path.join(work_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, default=str)

@@ -62,36 +62,20 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
-import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _runner import (
-    Task,
-    checkpoint_steps,
-    fmt_mean_std,
-    kendall_tau_interval,
-    mean_ci,
-    paired_bootstrap,
-    read_json,
-    read_lines,
-    read_log,
-    run_step,
-    run_tasks,
-    sign_test,
-    start_from_checkpoint,
-)
-from properlm.training import find_checkpoints
+import _runner
+from _runner import Task, eval_name, fmt_ci, fmt_mean_std, read_json, read_json_if, read_lines
+
+PROG = "reproduce_mt.py"
 
 #: protocol -> (label, rule schedule as a function of (T1, T2))
 PROTOCOLS: dict[str, tuple[str, Any]] = {
-    "a": ("(a) log → log", lambda t1, t2: f"logarithmic:{t1 + t2}"),
-    "b": ("(b) log → brier", lambda t1, t2: f"logarithmic:{t1},brier:{t2}"),
-    "c": ("(c) log → spherical", lambda t1, t2: f"logarithmic:{t1},spherical:{t2}"),
+    **_runner.PAPER_PROTOCOLS,
     "d": ("(d) brier from scratch", lambda t1, t2: f"brier:{t1 + t2}"),
     "e": ("(e) spherical from scratch", lambda t1, t2: f"spherical:{t1 + t2}"),
     # beyond the paper: the alpha families and a mixture as the rule switched to (issue 17)
@@ -114,97 +98,70 @@ SCORE_RULES = ("logarithmic", "brier", "spherical", "power:1.5", "power:3", "pse
 SPLITS = {"val": "val", "test": "test_2016_flickr"}
 REQUIRED_FILES = [f"{stem}.{lang}" for stem in ("train", *SPLITS.values()) for lang in ("en", "de")]
 RULES = ("logarithmic", "brier", "spherical")
+LABELS = {k: v[0] for k, v in PROTOCOLS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="reproduce_mt.py", description=__doc__.split("\n\n")[0],
+        prog=PROG, description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data_dir", help="directory with train, val and test_2016_flickr .en/.de (Multi30k task 1, raw)")
-    p.add_argument("--work-dir", default="runs/reproduce_mt", help="where runs, evaluations and the summary go")
+    _runner.add_options(p, {"work_dir": "runs/reproduce_mt"})
     p.add_argument("--seeds", default="1,2,3,4,5,6",
                    help="comma-separated seeds of the paper's protocols a, b, c (the unit of evidence)")
     p.add_argument("--arm-seeds", default="1,2,3",
                    help="seeds of the other protocols (d-k), a subset of --seeds for the branches f-j")
     p.add_argument("--protocols", default="a,b,c,f,g,h,i,j",
-                   help="protocols to run: " + "; ".join(f"{k} = {v[0][4:]}" for k, v in PROTOCOLS.items())
-                   + f"; {', '.join(BRANCHES)} branch from a's step-T1 checkpoint and need a")
+                   help=_runner.protocols_help(PROTOCOLS, ", ".join(BRANCHES)))
     p.add_argument("--extra-test", action="append", default=[], metavar="NAME=SOURCE_FILE,REFERENCE_FILE",
                    help="also decode every final model (beam, log objective) on this English source file and "
                    "score it against the German references (repeatable); no retraining")
-    p.add_argument("--t1", type=int, default=10000,
-                   help="T1: steps of the logarithmic stage before the switch (the default model's validation "
-                   "log score gains under 0.01 nats per 1,000 steps there: its plateau, see benchmarks/RESULTS.md)")
-    p.add_argument("--t2", type=int, default=2500, help="T2: steps after the switch (every protocol runs T1 + T2)")
-    p.add_argument("--batch-size", type=int, default=64, help="sentence pairs per step")
-    p.add_argument("--learning-rate", type=float, default=1.5e-3, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int, default=300, help="linear warm-up steps before inverse-sqrt decay")
-    p.add_argument("--smoothing", type=float, default=0.1, help="score smoothing eps of every protocol")
-    p.add_argument("--vocab-size", type=int, default=6000, help="joint BPE vocabulary size")
-    p.add_argument("--hidden-size", type=int, default=128, help="model width")
-    p.add_argument("--num-layers", type=int, default=2, help="encoder and decoder layers (each)")
-    p.add_argument("--num-heads", type=int, default=4, help="attention heads")
-    p.add_argument("--ffn-size", type=int, default=512, help="feed-forward width")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout")
+    _runner.add_options(p, {
+        "t1": {"default": 10000, "help": "T1: steps of the logarithmic stage before the switch (the default model's "
+               "validation log score gains under 0.01 nats per 1,000 steps there: its plateau, see "
+               "benchmarks/RESULTS.md)"},
+        "t2": 2500, "batch_size": {"default": 64, "help": "sentence pairs per step"}, "learning_rate": 1.5e-3,
+        "warmup_steps": 300, "smoothing": {}, "vocab_size": 6000, "hidden_size": {}, "num_layers": {},
+        "num_heads": {}, "ffn_size": {}, "dropout": {}})
     p.add_argument("--max-length", type=int, default=64, help="most BPE tokens per sentence")
-    p.add_argument("--eval-every", type=int, default=250, help="validation scores every N steps (the curves)")
-    p.add_argument("--save-every", type=int, default=500,
-                   help="checkpoint every N steps (T1 must be a multiple: the branches start from it)")
-    p.add_argument("--num-beams", type=int, default=5, help="beam width of every decoding")
-    p.add_argument("--eval-batch-size", type=int, default=50, help="sentences per decoding batch")
-    p.add_argument("--bootstrap-samples", type=int, default=1000, help="paired bootstrap resamples")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of each step")
-    p.add_argument("--jobs", type=int, default=1, help="steps run at the same time (independent runs in parallel)")
+    _runner.add_options(p, {"eval_every": {}, "save_every": {}, "num_beams": 5, "eval_batch_size": {},
+                    "bootstrap_samples": {}, "threads": {}, "jobs": {}})
     p.add_argument("--reuse", metavar="OLD_WORK_DIR", default=None,
                    help="continue the single-rule runs (a, d, e) from the checkpoints of a work directory made "
                    "with the same settings but smaller T1/T2 (e.g. to lengthen stage 1 without retraining it)")
-    p.add_argument("--report-only", action="store_true", help="only aggregate what has finished")
-    p.add_argument("--dry-run", action="store_true", help="print the commands that would run")
+    _runner.add_options(p, {"report_only": {}, "dry_run": {}})
     return p
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Fail before any work on a bad argument or a missing data file."""
-    missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(args.data_dir, f))]
-    if missing:
-        raise SystemExit(f"reproduce_mt.py: data directory {args.data_dir!r} lacks {', '.join(missing)} "
-                         f"(expected Multi30k task 1: {', '.join(REQUIRED_FILES)})")
+    _runner.check_data_dir(PROG, args.data_dir, REQUIRED_FILES, "Multi30k task 1")
     try:
-        args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
-        args.arm_seed_list = [int(s) for s in args.arm_seeds.split(",") if s.strip()]
+        args.seed_list = _runner.int_list(args.seeds)
+        args.arm_seed_list = _runner.int_list(args.arm_seeds)
     except ValueError:
-        raise SystemExit(f"reproduce_mt.py: --seeds {args.seeds!r} / --arm-seeds {args.arm_seeds!r}: "
+        raise SystemExit(f"{PROG}: --seeds {args.seeds!r} / --arm-seeds {args.arm_seeds!r}: "
                          "comma-separated integers expected") from None
-    args.protocol_list = [p.strip() for p in args.protocols.split(",") if p.strip()]
-    bad = [p for p in args.protocol_list if p not in PROTOCOLS]
-    if bad or not args.protocol_list:
-        raise SystemExit(f"reproduce_mt.py: --protocols {args.protocols!r}: allowed values are "
-                         f"{', '.join(PROTOCOLS)}")
-    if any(p in args.protocol_list for p in BRANCHES) and "a" not in args.protocol_list:
-        raise SystemExit(f"reproduce_mt.py: protocols {', '.join(BRANCHES)} branch from a's checkpoint; include a")
+    args.protocol_list = _runner.parse_protocols(PROG, args.protocols, list(PROTOCOLS), BRANCHES)
     if any(p in BRANCHES for p in args.protocol_list) and not set(args.arm_seed_list) <= set(args.seed_list):
-        raise SystemExit(f"reproduce_mt.py: --arm-seeds {args.arm_seeds!r} must be among --seeds {args.seeds!r}: "
+        raise SystemExit(f"{PROG}: --arm-seeds {args.arm_seeds!r} must be among --seeds {args.seeds!r}: "
                          "the branches start from (a) of the same seed")
     args.extra_tests = {}
     for spec in args.extra_test:
         name, eq, files = spec.partition("=")
         src, comma, ref = files.partition(",")
         if not (eq and comma and name.strip() and src and ref) or not name.replace("_", "").replace("-", "").isalnum():
-            raise SystemExit(f"reproduce_mt.py: --extra-test {spec!r}: expected NAME=SOURCE_FILE,REFERENCE_FILE "
+            raise SystemExit(f"{PROG}: --extra-test {spec!r}: expected NAME=SOURCE_FILE,REFERENCE_FILE "
                              "(NAME: letters, digits, - and _)")
         if name in SPLITS or name in args.extra_tests:
-            raise SystemExit(f"reproduce_mt.py: --extra-test {spec!r}: the name {name!r} is taken")
+            raise SystemExit(f"{PROG}: --extra-test {spec!r}: the name {name!r} is taken")
         for f in (src, ref):
             if not os.path.isfile(f):
-                raise SystemExit(f"reproduce_mt.py: --extra-test {spec!r}: no such file {f!r}")
+                raise SystemExit(f"{PROG}: --extra-test {spec!r}: no such file {f!r}")
         if len(read_lines(src)) != len(read_lines(ref)):
-            raise SystemExit(f"reproduce_mt.py: --extra-test {spec!r}: {src} and {ref} differ in line count")
+            raise SystemExit(f"{PROG}: --extra-test {spec!r}: {src} and {ref} differ in line count")
         args.extra_tests[name] = (src, ref)
-    for name in ("t1", "t2", "batch_size", "eval_every", "save_every", "num_beams"):
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"reproduce_mt.py: --{name.replace('_', '-')} must be positive")
-    if args.t1 % args.save_every:
-        raise SystemExit(f"reproduce_mt.py: --t1 {args.t1} must be a multiple of --save-every {args.save_every}")
+    _runner.check_stages(PROG, args, ("t1", "t2", "batch_size", "eval_every", "save_every", "num_beams"))
 
 
 #: options that determine a training trajectory up to any step (the inverse-sqrt schedule and
@@ -219,52 +176,22 @@ def check_settings(args: argparse.Namespace) -> None:
     """Record the settings in ``WORK/settings.json``; refuse to mix settings in one work
     directory (or to report its runs under other settings), and to ``--reuse`` a work directory
     whose runs followed another trajectory."""
-    mine = {k: getattr(args, k) for k in RESULT_KEYS}
-    path = os.path.join(args.work_dir, "settings.json")
-    if os.path.isfile(path):
-        saved = read_json(path)
-        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
-        if diff:
-            raise SystemExit(f"reproduce_mt.py: {args.work_dir} holds runs made with other settings "
-                             f"(option: (saved, now)) {diff}; use the same options or another --work-dir")
-    if args.reuse:
-        other = os.path.join(args.reuse, "settings.json")
-        if not os.path.isfile(other):
-            raise SystemExit(f"reproduce_mt.py: --reuse {args.reuse!r} holds no settings.json")
-        saved = read_json(other)
-        diff = {k: (saved.get(k), mine[k]) for k in TRAJECTORY_KEYS if saved.get(k) != mine[k]}
-        if diff:
-            raise SystemExit(f"reproduce_mt.py: --reuse {args.reuse}: its runs used other settings "
-                             f"(option: (theirs, now)) {diff}")
-    if not (args.dry_run or args.report_only) and not os.path.isfile(path):
-        os.makedirs(args.work_dir, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(mine, f, indent=2)
+    _runner.check_settings(PROG, args.work_dir, {k: getattr(args, k) for k in RESULT_KEYS},
+                           record=not (args.dry_run or args.report_only), reuse=args.reuse,
+                           reuse_keys=TRAJECTORY_KEYS)
 
 
 def run_dir(args: argparse.Namespace, seed: int, protocol: str) -> str:
-    return os.path.join(args.work_dir, f"seed{seed}", protocol)
+    return _runner.run_dir(args.work_dir, seed, protocol)
 
 
 def train_argv(args: argparse.Namespace, seed: int, protocol: str, resume: bool) -> list[str]:
     d = os.path.join(args.data_dir, "")
-    argv = [
-        "train", "--init", "tiny-seq2seq", "--vocab-size", str(args.vocab_size),
-        "--hidden-size", str(args.hidden_size), "--num-layers", str(args.num_layers),
-        "--num-heads", str(args.num_heads), "--ffn-size", str(args.ffn_size), "--dropout", str(args.dropout),
-        "--source-file", d + "train.en", "--target-file", d + "train.de",
-        "--validation-source-file", d + "val.en", "--validation-target-file", d + "val.de",
-        "--max-length", str(args.max_length),
-        "--schedule", PROTOCOLS[protocol][1](args.t1, args.t2), "--smoothing", str(args.smoothing),
-        "--seed", str(seed), "--per-device-train-batch-size", str(args.batch_size),
-        "--per-device-eval-batch-size", "128",
-        "--learning-rate", str(args.learning_rate), "--lr-scheduler", "inverse_sqrt",
-        "--warmup-steps", str(args.warmup_steps), "--adam-beta2", "0.98",
-        "--group-by-length", "--eval-steps", str(args.eval_every), "--save-steps", str(args.save_every),
-        "--logging-steps", "50",
-        "--output-dir", run_dir(args, seed, protocol), "--no-progress-bar", "--no-tensorboard",
-    ]
-    return argv + (["--resume"] if resume else [])
+    data = ["--source-file", d + "train.en", "--target-file", d + "train.de",
+            "--validation-source-file", d + "val.en", "--validation-target-file", d + "val.de",
+            "--max-length", str(args.max_length)]
+    return _runner.seq2seq_train_argv(args, seed, PROTOCOLS[protocol][1](args.t1, args.t2), data,
+                                      run_dir(args, seed, protocol), eval_batch_size=128, resume=resume)
 
 
 def prepare_run(args: argparse.Namespace, seed: int, protocol: str) -> None:
@@ -272,24 +199,17 @@ def prepare_run(args: argparse.Namespace, seed: int, protocol: str) -> None:
     ``--reuse OLD``, a single-rule run (a, d, e) starts from the newest checkpoint of the same
     seed and protocol in OLD that lies within its own stage (at most T1 for a, T for d, e)."""
     dst = run_dir(args, seed, protocol)
-    if checkpoint_steps(dst) or os.path.isfile(os.path.join(dst, "results.json")):
+    if _runner.started(dst):
         return
     if protocol in BRANCHES:
-        src = run_dir(args, seed, "a")
-        if args.t1 not in checkpoint_steps(src):
-            raise RuntimeError(f"{src}/checkpoint-{args.t1} is missing: protocol a must save a checkpoint at T1")
-        start_from_checkpoint(src, dst, args.t1)
+        _runner.branch_from(run_dir(args, seed, "a"), dst, args.t1)
     elif args.reuse:
         src = os.path.join(args.reuse, f"seed{seed}", protocol)
         limit = args.t1 if protocol == "a" else args.t1 + args.t2
-        steps = [n for n in checkpoint_steps(src) if n <= limit]
+        steps = [n for n in _runner.checkpoint_steps(src) if n <= limit]
         if steps:
             print(f"[reuse] seed {seed} {protocol}: continuing {src}/checkpoint-{steps[-1]}", flush=True)
-            start_from_checkpoint(src, dst, steps[-1])
-
-
-def eval_name(split: str, objective: str) -> str:
-    return f"eval_{split}_beam_{objective}"
+            _runner.start_from_checkpoint(src, dst, steps[-1])
 
 
 def eval_argv(args: argparse.Namespace, seed: int, protocol: str, split: str, objective: str) -> list[str]:
@@ -319,12 +239,11 @@ def calib_argv(args: argparse.Namespace, seed: int, protocol: str, split: str,
     return argv + (["--fit-temperature"] if temperature is None else ["--temperature", str(temperature)])
 
 
-def _calibrate_test(args: argparse.Namespace, seed: int, protocol: str) -> None:
+def calib_test_argv(args: argparse.Namespace, seed: int, protocol: str) -> list[str]:
+    """:func:`calib_argv` on test at the temperature fitted on val (read when the step starts)."""
     fit_path = os.path.join(run_dir(args, seed, protocol), CALIB_DIRS["val"], "results.json")
     t: float | str = "T_FITTED_ON_VAL" if args.dry_run else read_json(fit_path)["temperature_fit"]["temperature"]
-    run_step(f"seed {seed} {protocol} test at the val temperature", calib_argv(args, seed, protocol, "test", t),
-             os.path.join(run_dir(args, seed, protocol), CALIB_DIRS["test"]), threads=args.threads,
-             dry_run=args.dry_run)
+    return calib_argv(args, seed, protocol, "test", t)
 
 
 def evaluations(args: argparse.Namespace, protocol: str, seed: int) -> list[tuple[str, str]]:
@@ -379,63 +298,47 @@ def tasks(args: argparse.Namespace) -> list[Task]:
     """Every training and evaluation step, in priority order: (a), (b), (c) of the first three
     seeds (the fine-tuning question), then the other protocols of --arm-seeds, then the further
     seeds of (a)-(c); each evaluation after its training."""
-    out: list[Task] = []
+    plan = _runner.Plan(args.threads, args.dry_run)
     core = [p for p in args.protocol_list if p in CORE]
     arms = [p for p in args.protocol_list if p not in CORE]
     order = [(s, core) for s in args.seed_list[:3]] + [(s, arms) for s in args.arm_seed_list] \
         + [(s, core) for s in args.seed_list[3:]]
     for seed, group in order:
         for protocol in group:
-            train = f"train {seed}{protocol}"
-            out.append(Task(train, functools.partial(_train, args, seed, protocol),
-                            {f"train {seed}a"} if protocol in BRANCHES else set()))
-            for split, objective in evaluations(args, protocol, seed):
-                out.append(Task(f"eval {seed}{protocol} {split} {objective}", functools.partial(
-                    run_step, f"seed {seed} {protocol} {split} beam-{objective}",
-                    eval_argv(args, seed, protocol, split, objective),
-                    os.path.join(run_dir(args, seed, protocol), eval_name(split, objective)),
-                    threads=args.threads, dry_run=args.dry_run), {train}))
-            fit = f"calib {seed}{protocol} val"
-            out.append(Task(fit, functools.partial(
-                run_step, f"seed {seed} {protocol} val fit-temperature", calib_argv(args, seed, protocol, "val"),
-                os.path.join(run_dir(args, seed, protocol), CALIB_DIRS["val"]), threads=args.threads,
-                dry_run=args.dry_run), {train}))
-            out.append(Task(f"calib {seed}{protocol} test",
-                            functools.partial(_calibrate_test, args, seed, protocol), {fit}))
             run = run_dir(args, seed, protocol)
-            out.append(Task(f"scores {seed}{protocol}", functools.partial(
-                run_step, f"seed {seed} {protocol} val scores", scores_argv(args, os.path.join(run, "final"),
-                                                                           os.path.join(run, SCORES_DIR)),
-                os.path.join(run, SCORES_DIR), threads=args.threads, dry_run=args.dry_run), {train}))
+            train = plan.train(f"train {seed}{protocol}", f"seed {seed} {PROTOCOLS[protocol][0]} train", run,
+                               functools.partial(train_argv, args, seed, protocol),
+                               functools.partial(prepare_run, args, seed, protocol),
+                               {f"train {seed}a"} if protocol in BRANCHES else ())
+            for split, objective in evaluations(args, protocol, seed):
+                plan.step(f"eval {seed}{protocol} {split} {objective}",
+                          f"seed {seed} {protocol} {split} beam-{objective}",
+                          eval_argv(args, seed, protocol, split, objective),
+                          os.path.join(run, eval_name(split, objective)), {train})
+            fit = plan.step(f"calib {seed}{protocol} val", f"seed {seed} {protocol} val fit-temperature",
+                            calib_argv(args, seed, protocol, "val"), os.path.join(run, CALIB_DIRS["val"]), {train})
+            plan.step(f"calib {seed}{protocol} test", f"seed {seed} {protocol} test at the val temperature",
+                      functools.partial(calib_test_argv, args, seed, protocol), os.path.join(run, CALIB_DIRS["test"]),
+                      {fit})
+            plan.step(f"scores {seed}{protocol}", f"seed {seed} {protocol} val scores",
+                      scores_argv(args, os.path.join(run, "final"), os.path.join(run, SCORES_DIR)),
+                      os.path.join(run, SCORES_DIR), {train})
             for name in args.extra_tests:
-                out.append(Task(f"extra {seed}{protocol} {name}", functools.partial(
-                    run_step, f"seed {seed} {protocol} {name} beam-logarithmic",
-                    extra_argv(args, seed, protocol, name),
-                    os.path.join(run, f"eval_{name}_beam_logarithmic"), threads=args.threads,
-                    dry_run=args.dry_run), {train}))
+                plan.step(f"extra {seed}{protocol} {name}", f"seed {seed} {protocol} {name} beam-logarithmic",
+                          extra_argv(args, seed, protocol, name), os.path.join(run, f"eval_{name}_beam_logarithmic"),
+                          {train})
             if protocol == "a":
-                out.append(Task(f"checkpoint {seed}a", functools.partial(
-                    run_step, f"seed {seed} (a) checkpoint-{args.t1} val beam-logarithmic",
-                    checkpoint_eval_argv(args, seed), os.path.join(run, f"eval_val_checkpoint_{args.t1}"),
-                    threads=args.threads, dry_run=args.dry_run), {train}))
-    return out
-
-
-def _train(args: argparse.Namespace, seed: int, protocol: str) -> None:
-    out = run_dir(args, seed, protocol)
-    if not args.dry_run:
-        prepare_run(args, seed, protocol)
-    resume = bool(find_checkpoints(out))
-    run_step(f"seed {seed} {PROTOCOLS[protocol][0]} train", train_argv(args, seed, protocol, resume), out,
-             threads=args.threads, dry_run=args.dry_run)
+                plan.step(f"checkpoint {seed}a", f"seed {seed} (a) checkpoint-{args.t1} val beam-logarithmic",
+                          checkpoint_eval_argv(args, seed), os.path.join(run, f"eval_val_checkpoint_{args.t1}"),
+                          {train})
+    return plan.tasks
 
 
 # ------------------------------------------------------------------------------ the report
 
 
 def _eval(args: argparse.Namespace, seed: int, protocol: str, split: str, objective: str) -> dict[str, Any] | None:
-    path = os.path.join(run_dir(args, seed, protocol), eval_name(split, objective), "results.json")
-    return read_json(path) if os.path.isfile(path) else None
+    return read_json_if(os.path.join(run_dir(args, seed, protocol), eval_name(split, objective), "results.json"))
 
 
 def collect(args: argparse.Namespace) -> dict[str, Any]:
@@ -481,22 +384,12 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     return per
 
 
-def _values(per: dict[str, dict[int, dict[str, Any]]], protocol: str, key: str) -> list[float]:
-    return [r[key] for r in per.get(protocol, {}).values() if r.get(key) is not None]
-
-
 def main_table(per: dict[str, Any], protocols: list[str]) -> str:
     cols = [("BLEU val", "bleu_val_logarithmic", 2, 1), ("BLEU test", "bleu_test_logarithmic", 2, 1),
             ("chrF val", "chrf_val_logarithmic", 2, 1), ("chrF test", "chrf_test_logarithmic", 2, 1),
             ("log score test", "score_logarithmic_test", 3, 1), ("Brier test", "score_brier_test", 4, 1),
             ("spherical test", "score_spherical_test", 4, 1), ("ECE test (%)", "ece_test", 2, 100)]
-    lines = ["| protocol | seeds | " + " | ".join(c[0] for c in cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
-    for p in protocols:
-        n = len(per.get(p, {}))
-        cells = [fmt_mean_std(_values(per, p, key), digits, scale) for _, key, digits, scale in cols]
-        lines.append(f"| {PROTOCOLS[p][0]} | {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _runner.seed_table(per, protocols, LABELS, cols)
 
 
 def calibration_table(per: dict[str, Any], protocols: list[str]) -> str:
@@ -506,13 +399,7 @@ def calibration_table(per: dict[str, Any], protocols: list[str]) -> str:
             ("log score test", "score_logarithmic_test", 3, 1),
             ("log score test, scaled", "score_logarithmic_test_scaled", 3, 1),
             ("Brier test", "score_brier_test", 4, 1), ("Brier test, scaled", "score_brier_test_scaled", 4, 1)]
-    lines = ["| protocol | seeds | " + " | ".join(c[0] for c in cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
-    for p in protocols:
-        n = len(_values(per, p, "temperature"))
-        cells = [fmt_mean_std(_values(per, p, key), digits, scale) for _, key, digits, scale in cols]
-        lines.append(f"| {PROTOCOLS[p][0]} | {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _runner.seed_table(per, protocols, LABELS, cols, count_key="temperature")
 
 
 def objective_table(per: dict[str, Any], protocols: list[str]) -> str:
@@ -522,7 +409,7 @@ def objective_table(per: dict[str, Any], protocols: list[str]) -> str:
     for p in protocols:
         if p not in ("a", "b", "c"):
             continue
-        cells = [fmt_mean_std(_values(per, p, k)) for k in (
+        cells = [fmt_mean_std(_runner.seed_values(per, p, k)) for k in (
             "bleu_val_logarithmic", "bleu_val_spherical", "bleu_test_logarithmic", "bleu_test_spherical",
             "chrf_test_logarithmic", "chrf_test_spherical")]
         lines.append(f"| {PROTOCOLS[p][0]} | " + " | ".join(cells) + " |")
@@ -548,32 +435,26 @@ def comparisons(args: argparse.Namespace, per: dict[str, Any]) -> tuple[str, dic
             continue
         for split in refs:
             key = f"bleu_{split}_logarithmic"
-            seeds = [s for s in args.seed_list if per[p].get(s, {}).get(key) is not None
-                     and per["a"].get(s, {}).get(key) is not None]
+            seeds, d_bleu = _runner.seed_differences(per, p, key, args.seed_list)
             if not seeds:
                 continue
-            d_bleu = [per[p][s][key] - per["a"][s][key] for s in seeds]
             d_chrf = [per[p][s][f"chrf_{split}_logarithmic"] - per["a"][s][f"chrf_{split}_logarithmic"]
                       for s in seeds]
             pvals = []
             for s in seeds:
                 base, system = (_hypotheses(args, s, q, split) for q in ("a", p))
-                bs = paired_bootstrap(base, {p: system}, refs[split], n_samples=args.bootstrap_samples)
+                bs = _runner.paired_bootstrap(base, {p: system}, refs[split], n_samples=args.bootstrap_samples)
                 pvals.append(bs[p]["bleu_p"])
-            m, lo, hi = mean_ci(d_bleu)
-            mc, loc, hic = mean_ci(d_chrf)
-            better, p_sign = sum(d > 0 for d in d_bleu), sign_test(d_bleu)
+            m, lo, hi = _runner.mean_ci(d_bleu)
+            mc, loc, hic = _runner.mean_ci(d_chrf)
+            better, p_sign = sum(d > 0 for d in d_bleu), _runner.sign_test(d_bleu)
             out[f"{p}_{split}"] = {"seeds": seeds, "delta_bleu": d_bleu, "delta_chrf": d_chrf, "bootstrap_p": pvals,
                                    "mean_delta_bleu": m, "ci95_bleu": [lo, hi], "mean_delta_chrf": mc,
                                    "ci95_chrf": [loc, hic], "sign_test_p": p_sign}
             lines.append(f"| {PROTOCOLS[p][0]} | {split} | {', '.join(f'{d:+.2f}' for d in d_bleu)} | "
-                         f"{_ci(m, lo, hi)} | {better}/{len(seeds)} | {p_sign:.3f} | {_ci(mc, loc, hic)} | "
+                         f"{fmt_ci(m, lo, hi)} | {better}/{len(seeds)} | {p_sign:.3f} | {fmt_ci(mc, loc, hic)} | "
                          f"{', '.join(f'{v:.3f}' for v in pvals)} |")
     return "\n".join(lines), out
-
-
-def _ci(m: float, lo: float, hi: float) -> str:
-    return f"{m:+.2f}" if lo != lo else f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 
 def score_models(args: argparse.Namespace, per: dict[str, Any]) -> list[dict[str, Any]]:
@@ -586,9 +467,8 @@ def score_models(args: argparse.Namespace, per: dict[str, Any]) -> list[dict[str
                 models.append({"model": f"seed{seed}/{p}/final", "bleu": row["bleu_val_logarithmic"],
                                **{r: row[f"tf_val_{r}"] for r in SCORE_RULES}, "ece": row["tf_val_ece"]})
     for seed in seeds_of(args, "a"):
-        path = os.path.join(run_dir(args, seed, "a"), f"eval_val_checkpoint_{args.t1}", "results.json")
-        if os.path.isfile(path):
-            ev = read_json(path)
+        ev = read_json_if(os.path.join(run_dir(args, seed, "a"), f"eval_val_checkpoint_{args.t1}", "results.json"))
+        if ev is not None:
             tf = ev["teacher_forced"]
             models.append({"model": f"seed{seed}/a/checkpoint-{args.t1}", "bleu": ev["generation"]["bleu"],
                            **{r: tf["mean_scores"].get(r) for r in SCORE_RULES}, "ece": tf["ece"]})
@@ -605,7 +485,7 @@ def correlations(args: argparse.Namespace, models: list[dict[str, Any]]) -> tupl
         pairs = [(m[key], m["bleu"]) for m in models if m.get(key) is not None]
         if len(pairs) < 3:
             continue
-        tau, lo, hi = kendall_tau_interval([x for x, _ in pairs], [y for _, y in pairs],
+        tau, lo, hi = _runner.kendall_tau_interval([x for x, _ in pairs], [y for _, y in pairs],
                                            n_samples=args.bootstrap_samples)
         out[key] = {"tau": tau, "ci95": [lo, hi], "n": len(pairs)}
         label = "ECE (lower is better)" if key == "ece" else key
@@ -644,69 +524,20 @@ def plot_scatter(models: list[dict[str, Any]], path: str) -> str | None:
     return path
 
 
-def plateau(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """How much (a)'s validation log score still moved over the last quarter of stage 1."""
-    rows, lines = {}, []
-    for s in args.seed_list:
-        log = [r for r in read_log(os.path.join(run_dir(args, s, "a"), "metrics.jsonl"))
-               if "eval_score_logarithmic" in r]
-        by_step = {r["step"]: r["eval_score_logarithmic"] for r in log}
-        early = max((st for st in by_step if st <= 0.75 * args.t1), default=None)
-        if early is None or args.t1 not in by_step:
-            continue
-        rows[s] = {"step_early": early, "early": by_step[early], "t1": by_step[args.t1],
-                   "end": by_step.get(args.t1 + args.t2)}
-        lines.append(f"seed {s}: validation log score {by_step[early]:.4f} at step {early}, "
-                     f"{by_step[args.t1]:.4f} at T1={args.t1}"
-                     + (f", {by_step[args.t1 + args.t2]:.4f} at T={args.t1 + args.t2} (protocol a)"
-                        if args.t1 + args.t2 in by_step else ""))
-    return "\n".join(lines), rows
-
-
 def plot_curves(args: argparse.Namespace, path: str) -> str | None:
     """Validation log score, Brier and spherical score and training loss vs step, mean over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("eval_score_logarithmic", "validation log score"), ("eval_score_brier", "validation Brier score"),
-              ("eval_score_spherical", "validation spherical score"), ("loss", "training loss")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    drawn = False
-    for p in args.protocol_list:
-        logs = [read_log(os.path.join(run_dir(args, s, p), "metrics.jsonl")) for s in seeds_of(args, p)]
-        for ax, (key, title) in zip(axes, panels):
-            by_step: dict[int, list[float]] = {}
-            for log in logs:
-                for r in log:
-                    if key in r and r[key] is not None:
-                        by_step.setdefault(r["step"], []).append(r[key])
-            if not by_step:
-                continue
-            steps = sorted(by_step)
-            ax.plot(steps, [sum(by_step[t]) / len(by_step[t]) for t in steps], label=PROTOCOLS[p][0],
-                    linestyle="-" if p in CORE else ":" if p in BRANCHES else "--")
-            ax.set_title(title)
-            ax.set_xlabel("step")
-            drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    for ax in axes:
-        ax.axvline(args.t1, color="grey", linewidth=0.8, linestyle=":")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Multi30k en-de, mean over seeds {args.seeds}; dotted line: T1 = {args.t1}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    series = [(PROTOCOLS[p][0], [run_dir(args, s, p) for s in seeds_of(args, p)],
+               {"linestyle": "-" if p in CORE else ":" if p in BRANCHES else "--"}) for p in args.protocol_list]
+    return _runner.plot_curves(path, series, args.t1,
+                               f"Multi30k en-de, mean over seeds {args.seeds}; dotted line: T1 = {args.t1}")
 
 
 def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
     per = collect(args)
     cmp_md, cmp = comparisons(args, per)
-    plateau_md, plateau_rows = plateau(args)
+    # how much (a)'s validation log score still moved over the last quarter of stage 1
+    plateau_md, plateau_rows = _runner.plateau({s: run_dir(args, s, "a") for s in args.seed_list}, args.t1, args.t2,
+                                               what="validation", end_note=" (protocol a)")
     png = plot_curves(args, os.path.join(args.work_dir, "training_curves.png"))
     models = score_models(args, per)
     corr_md, corr = correlations(args, models)
@@ -730,30 +561,14 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
         f"(bootstrap over models, {args.bootstrap_samples} resamples):",
         corr_md,
     ])
-    os.makedirs(args.work_dir, exist_ok=True)
-    with open(os.path.join(args.work_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(md + "\n")
-    with open(os.path.join(args.work_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"settings": vars(args), "per_seed": per, "comparisons": cmp,
-                   "plateau": plateau_rows, "curves_png": png, "models": models, "correlations": corr,
-                   "scatter_png": scatter, "wall_seconds": wall_seconds}, f, indent=2, default=str)
+    _runner.write_report(args.work_dir, md, {
+        "settings": vars(args), "per_seed": per, "comparisons": cmp, "plateau": plateau_rows, "curves_png": png,
+        "models": models, "correlations": corr, "scatter_png": scatter, "wall_seconds": wall_seconds})
     return md
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    check_args(args)
-    started = time.time()
-    check_settings(args)
-    if not args.report_only:
-        run_tasks(tasks(args), jobs=args.jobs)
-    if args.dry_run:
-        return 0
-    md = report(args, None if args.report_only else time.time() - started)
-    print(md)
-    if not args.report_only:
-        print(f"\nwall time of this invocation: {(time.time() - started) / 60:.1f} min")
-    return 0
+    return _runner.run_benchmark(build_parser().parse_args(argv), check_args, check_settings, tasks, report)
 
 
 if __name__ == "__main__":

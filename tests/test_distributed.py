@@ -10,19 +10,15 @@ single-process ``properlm.scoring_rule_loss`` of the concatenated logits.
 from __future__ import annotations
 
 import functools
-import json
-import traceback
-from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import properlm.distributed as pl_distributed
+from _multiprocess import Checker, run_ranks
 from properlm import scoring_rule_loss
 from properlm.distributed import (
     fused_linear_vocab_parallel_scoring_rule_loss,
@@ -41,41 +37,6 @@ RTOL = 1e-5
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class Checker:
-    def __init__(self) -> None:
-        self.failures: list[str] = []
-        self.count = 0
-
-    def close(self, what: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> None:
-        """``|actual - expected| <= rtol * (|expected| + max|expected|)`` elementwise: relative to the
-        entry, with a floor relative to the tensor's scale (gradient entries that are differences
-        of O(max) terms, such as the target's, carry float32 rounding of that size)."""
-        self.count += 1
-        scale = float(expected.abs().max()) if expected.numel() else 0.0
-        try:
-            torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
-        except AssertionError as exc:
-            self.failures.append(f"{what}: {exc}")
-
-    def true(self, what: str, ok: bool) -> None:
-        self.count += 1
-        if not ok:
-            self.failures.append(what)
-
-    def raises(self, what: str, fn: Callable[[], object], match: str) -> None:
-        self.count += 1
-        try:
-            fn()
-        except ValueError as exc:
-            if match not in str(exc):
-                self.failures.append(f"{what}: ValueError without {match!r}: {exc}")
-            return
-        except Exception as exc:
-            self.failures.append(f"{what}: expected ValueError, got {type(exc).__name__}: {exc}")
-            return
-        self.failures.append(f"{what}: no ValueError")
 
 
 def _make_case(seed: int, V: int, sizes: tuple[int, ...], with_inf: bool, dtype: torch.dtype = torch.float32,
@@ -299,36 +260,19 @@ def _run_all(chk: Checker, group: Group, rank: int, world: int) -> None:
     _error_cases(chk, group, rank, sizes)
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _worker(chk: Checker, rank: int) -> None:
     """Rank ``rank`` of 3: every case on the default group (world 3), then on the subgroup of
     ranks 0 and 1 (world 2, passed as ``group=``) while rank 2 waits."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3,
-                            timeout=timedelta(seconds=30))
     pair = dist.new_group([0, 1])
-    chk = Checker()
-    try:
-        _run_all(chk, None, rank, 3)
-        if rank < 2:
-            _run_all(chk, pair, rank, 2)
-        dist.barrier()
-    except Exception:
-        chk.failures.append(f"rank {rank}: " + traceback.format_exc())
-    finally:
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"failures": chk.failures, "count": chk.count}))
-        dist.destroy_process_group()
+    _run_all(chk, None, rank, 3)
+    if rank < 2:
+        _run_all(chk, pair, rank, 2)
 
 
 def test_vocab_parallel_matches_single_process(tmp_path: Path) -> None:
     """Worlds of 3 (default group) and 2 (a subgroup) in one spawn: the loss and every shard's
     gradient equal those of the single-process loss on the concatenated logits."""
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=3, join=True)
-    failures: list[str] = []
-    counts: list[int] = []
-    for rank in range(3):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        failures += result["failures"]
-        counts.append(result["count"])
+    failures, counts = run_ranks(tmp_path, _worker, 3, checker=Checker(rtol=RTOL), timeout_s=30)
     assert not failures, f"{len(failures)} failure(s):\n" + "\n".join(failures[:20])
     assert min(counts[:2]) > 600 and counts[2] > 300, f"the ranks ran only {counts} checks"
 

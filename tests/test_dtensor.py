@@ -8,19 +8,14 @@ gradients are compared with the float64 reference of ``tests/reference.py`` on t
 
 from __future__ import annotations
 
-import json
-import traceback
-from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import properlm
+from _multiprocess import Checker, run_ranks
 from properlm.dtensor import is_dtensor
 from reference import naive_loss
 
@@ -29,40 +24,6 @@ RULES = ["logarithmic", "brier", "spherical", "power:3", "pseudo-spherical:1.5"]
 REDUCTIONS = ["mean", "sum", "none"]
 #: float32 results against the float64 reference
 RTOL = 2e-5
-
-
-class Checker:
-    def __init__(self) -> None:
-        self.failures: list[str] = []
-        self.count = 0
-
-    def close(self, what: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> None:
-        """``|actual - expected| <= rtol * (|expected| + max|expected|)``, in float64."""
-        self.count += 1
-        actual, expected = actual.detach().double(), expected.detach().double()
-        scale = float(expected.abs().max()) if expected.numel() else 0.0
-        try:
-            torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
-        except AssertionError as exc:
-            self.failures.append(f"{what}: {exc}")
-
-    def true(self, what: str, ok: bool) -> None:
-        self.count += 1
-        if not ok:
-            self.failures.append(what)
-
-    def raises(self, what: str, fn: Callable[[], object], match: str) -> None:
-        self.count += 1
-        try:
-            fn()
-        except ValueError as exc:
-            if match not in str(exc):
-                self.failures.append(f"{what}: ValueError without {match!r}: {exc}")
-            return
-        except Exception as exc:
-            self.failures.append(f"{what}: expected ValueError, got {type(exc).__name__}: {exc}")
-            return
-        self.failures.append(f"{what}: no ValueError")
 
 
 def _backward(loss: torch.Tensor, seed: int) -> None:
@@ -301,51 +262,34 @@ def _tp_llama_case(chk: Checker, mesh, rank: int) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
+def _worker(chk: Checker, rank: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    chk = Checker()
-    try:
-        seed = 0
-        for i, rule in enumerate(RULES):
-            for eps in (0.0, 0.1):
-                for j, reduction in enumerate(REDUCTIONS):
-                    seed += 1
-                    V = (13, 8, 301)[(i + j) % 3]  # uneven (7 | 6), even, and 151 | 150
-                    _logits_case(chk, mesh, rank, seed, V, rule, eps, reduction, dtensor_target=(seed % 2 == 0))
-            seed += 1
-            _fused_case(chk, mesh, rank, seed, 11, rule, 0.1, REDUCTIONS[i % 3], use_bias=i % 2 == 0,
-                        hidden_placement=("plain", "replicate", "seq")[i % 3])
-            seed += 1
-            _fused_case(chk, mesh, rank, seed, 8, rule, 0.0, "mean", use_bias=True, hidden_placement="plain")
-        for rule in ("brier", "spherical", "logarithmic"):
-            seed += 1
-            _head_transform_case(chk, mesh, rank, seed, rule)
-        _error_cases(chk, mesh)
-        _tp_llama_case(chk, mesh, rank)
-        dist.barrier()
-    except Exception:
-        chk.failures.append(f"rank {rank}: " + traceback.format_exc())
-    finally:
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"failures": chk.failures, "count": chk.count}))
-        dist.destroy_process_group()
+    seed = 0
+    for i, rule in enumerate(RULES):
+        for eps in (0.0, 0.1):
+            for j, reduction in enumerate(REDUCTIONS):
+                seed += 1
+                V = (13, 8, 301)[(i + j) % 3]  # uneven (7 | 6), even, and 151 | 150
+                _logits_case(chk, mesh, rank, seed, V, rule, eps, reduction, dtensor_target=(seed % 2 == 0))
+        seed += 1
+        _fused_case(chk, mesh, rank, seed, 11, rule, 0.1, REDUCTIONS[i % 3], use_bias=i % 2 == 0,
+                    hidden_placement=("plain", "replicate", "seq")[i % 3])
+        seed += 1
+        _fused_case(chk, mesh, rank, seed, 8, rule, 0.0, "mean", use_bias=True, hidden_placement="plain")
+    for rule in ("brier", "spherical", "logarithmic"):
+        seed += 1
+        _head_transform_case(chk, mesh, rank, seed, rule)
+    _error_cases(chk, mesh)
+    _tp_llama_case(chk, mesh, rank)
 
 
 def test_dtensor_losses_and_tensor_parallel_llama(tmp_path: Path) -> None:
     """Vocabulary-sharded DTensor logits and weights (uneven shards, ignored tokens, every rule,
     smoothing, every reduction) equal the float64 reference in loss and gradients, with the
     gradients' placements those of the inputs; a TP = 2 Llama trained 4 steps matches one process."""
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
-    failures: list[str] = []
-    counts = []
-    for rank in range(WORLD):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        failures += result["failures"]
-        counts.append(result["count"])
+    failures, counts = run_ranks(tmp_path, _worker, WORLD, checker=Checker(rtol=RTOL, float64=True))
     assert not failures, f"{len(failures)} failure(s):\n" + "\n".join(failures[:20])
     assert min(counts) > 250, f"the ranks ran only {counts} checks"
 

@@ -12,16 +12,12 @@ the test reads, so a failing comparison never leaves a rank waiting in a collect
 from __future__ import annotations
 
 import copy
-import json
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import properlm
+from _multiprocess import Checker, run_ranks
 from properlm.dtensor import is_dtensor
 
 WORLD = 2
@@ -103,30 +99,12 @@ def _case(failures: list[str], rank: int, rule: str, eps: float, fused: bool, ti
     return checks
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    failures: list[str] = []
-    count = 0
-    try:
-        for case in CASES:
-            count += _case(failures, rank, *case)
-        dist.barrier()
-    except Exception:
-        failures.append(f"rank {rank}: " + traceback.format_exc())
-    finally:
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"failures": failures, "count": count}))
-        dist.destroy_process_group()
+def _worker(chk: Checker, rank: int) -> None:
+    for case in CASES:
+        chk.count += _case(chk.failures, rank, *case)
 
 
 def test_fully_shard_matches_one_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
-    failures: list[str] = []
-    counts = []
-    for rank in range(WORLD):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        failures += result["failures"]
-        counts.append(result["count"])
+    failures, counts = run_ranks(tmp_path, _worker, WORLD)
     assert not failures, f"{len(failures)} failure(s):\n" + "\n".join(failures[:20])
     assert min(counts) >= len(CASES) * 20, f"the ranks ran only {counts} checks"

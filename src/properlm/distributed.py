@@ -46,8 +46,7 @@ from torch import Tensor
 
 from .loss import (
     CHUNK_ELEMENTS,
-    check_reduction,
-    check_smoothing,
+    check_loss_options,
     compute_dtype,
     reduce_loss,
     validate_inputs,
@@ -56,7 +55,6 @@ from .rules import RuleLike, ScoringRule, get_rule
 from .stats import (
     TokenStats,
     check_head_transform,
-    check_smoothing_variant,
     head_transform_,
     head_transform_factor,
     logits_grad,
@@ -424,9 +422,7 @@ def vocab_parallel_scoring_rule_loss(
         >>> loss.backward()                                              # grads of this shard only
     """
     rule_obj = get_rule(rule)
-    eps = check_smoothing(smoothing)
-    variant = check_smoothing_variant(smoothing_variant)
-    check_reduction(reduction)
+    eps, variant = check_loss_options(smoothing, smoothing_variant, reduction)
     cap, scale = check_head_transform(softcap, logit_scale)
     if not isinstance(local_logits, Tensor):
         raise ValueError(f"local_logits must be a tensor, got {type(local_logits).__name__}")
@@ -611,9 +607,7 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
         >>> loss = fused_linear_vocab_parallel_scoring_rule_loss(hidden, w_local, labels, "spherical")
     """
     rule_obj = get_rule(rule)
-    eps = check_smoothing(smoothing)
-    variant = check_smoothing_variant(smoothing_variant)
-    check_reduction(reduction)
+    eps, variant = check_loss_options(smoothing, smoothing_variant, reduction)
     for name, t in (("hidden", hidden), ("local_weight", local_weight)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")

@@ -36,6 +36,7 @@ from .stats import (
 __all__ = [
     "REDUCTIONS",
     "ScoringRuleLoss",
+    "check_loss_options",
     "check_reduction",
     "check_smoothing",
     "compute_dtype",
@@ -70,6 +71,43 @@ def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
     return reduction
+
+
+def check_loss_options(smoothing: float, smoothing_variant: str, reduction: str) -> tuple[float, str]:
+    """Check the options every loss takes, in this order, before any work.
+
+    The head transform (``softcap``, ``logit_scale``) is checked apart, by
+    :func:`properlm.stats.check_head_transform`.
+
+    Args:
+        smoothing: score smoothing ``eps`` in ``[0, 1)`` (:func:`check_smoothing`).
+        smoothing_variant: one of :data:`properlm.stats.SMOOTHING_VARIANTS`.
+        reduction: one of :data:`REDUCTIONS` (:func:`check_reduction`).
+
+    Returns:
+        ``(eps, smoothing_variant)``: ``smoothing`` as a float, and the variant.
+
+    Raises:
+        ValueError: naming the first invalid option of ``smoothing``, ``smoothing_variant``, ``reduction``.
+    """
+    eps = check_smoothing(smoothing)
+    variant = check_smoothing_variant(smoothing_variant)
+    check_reduction(reduction)
+    return eps, variant
+
+
+def _options_repr(module: Any, extra: str = "") -> str:
+    """The ``extra_repr`` of a loss module.
+
+    Its rule, smoothing, ``ignore_index`` and reduction, then ``extra``, then the head transform and
+    the smoothing variant where they are not the defaults.
+    """
+    head = "".join(f", {k}={v}" for k, v in (("softcap", module.softcap), ("logit_scale", module.logit_scale))
+                   if v is not None)
+    if module.smoothing_variant != "paper":
+        head += f", smoothing_variant={module.smoothing_variant!r}"
+    return (f"rule={module.rule.spec!r}, smoothing={module.smoothing}, ignore_index={module.ignore_index}, "
+            f"reduction={module.reduction!r}{extra}{head}")
 
 
 def validate_inputs(logits_shape: torch.Size | tuple[int, ...], logits_dtype: torch.dtype,
@@ -351,9 +389,7 @@ def scoring_rule_loss(
                                          softcap=softcap, logit_scale=logit_scale,
                                          smoothing_variant=smoothing_variant)
     rule_obj = get_rule(rule)
-    eps = check_smoothing(smoothing)
-    variant = check_smoothing_variant(smoothing_variant)
-    check_reduction(reduction)
+    eps, variant = check_loss_options(smoothing, smoothing_variant, reduction)
     cap, scale = check_head_transform(softcap, logit_scale)
     validate_inputs(logits.shape, logits.dtype, target, ignore_index)
     per_token = _token_losses(logits, target, rule_obj, eps, ignore_index, cap, scale, variant)
@@ -374,10 +410,9 @@ class ScoringRuleLoss(nn.Module):
                  logit_scale: float | None = None, smoothing_variant: str = "paper") -> None:
         super().__init__()
         self.rule = get_rule(rule)
-        self.smoothing = check_smoothing(smoothing)
-        self.smoothing_variant = check_smoothing_variant(smoothing_variant)
+        self.smoothing, self.smoothing_variant = check_loss_options(smoothing, smoothing_variant, reduction)
         self.ignore_index = ignore_index
-        self.reduction = check_reduction(reduction)
+        self.reduction = reduction
         self.softcap, self.logit_scale = check_head_transform(softcap, logit_scale)
 
     def forward(self, logits: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
@@ -388,12 +423,7 @@ class ScoringRuleLoss(nn.Module):
 
     def extra_repr(self) -> str:
         """The settings, as shown in ``repr(module)``."""
-        head = "".join(f", {k}={v}" for k, v in (("softcap", self.softcap), ("logit_scale", self.logit_scale))
-                       if v is not None)
-        if self.smoothing_variant != "paper":
-            head += f", smoothing_variant={self.smoothing_variant!r}"
-        return (f"rule={self.rule.spec!r}, smoothing={self.smoothing}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}{head}")
+        return _options_repr(self)
 
 
 def token_scores(logits: Tensor, target: Tensor, rule: RuleLike, ignore_index: int = -100) -> Tensor:

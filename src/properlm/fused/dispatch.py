@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from ..compiled import fused_token_losses
 from ..dtensor import is_dtensor
-from ..loss import check_reduction, check_smoothing, reduce_loss, validate_inputs
+from ..loss import _options_repr, check_loss_options, reduce_loss, validate_inputs
 from ..rules import RuleLike, get_rule
-from ..stats import check_head_transform, check_smoothing_variant
+from ..stats import check_head_transform
 from .chunked import (
     ChunkBackend,
     FusedLinearLossFunction,
@@ -72,6 +72,10 @@ def _validate(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | Non
     if isinstance(target, Tensor) and target.device != hidden.device:
         raise ValueError(f"device mismatch: target is on {target.device} but hidden is on {hidden.device}")
     validate_inputs((*hidden.shape[:-1], V), hidden.dtype, target, ignore_index, what="logits (hidden @ weight.T)")
+    _check_chunking(chunk_size, impl)
+
+
+def _check_chunking(chunk_size: int | None, impl: str | None) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
@@ -195,9 +199,7 @@ def fused_linear_scoring_rule_loss(
                                                       softcap=softcap, logit_scale=logit_scale,
                                                       smoothing_variant=smoothing_variant)
     rule_obj = get_rule(rule)
-    eps = check_smoothing(smoothing)
-    variant = check_smoothing_variant(smoothing_variant)
-    check_reduction(reduction)
+    eps, variant = check_loss_options(smoothing, smoothing_variant, reduction)
     cap, scale = check_head_transform(softcap, logit_scale)
     _validate(hidden, weight, target, bias, ignore_index, chunk_size, impl)
     if reduction == "mean" and num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
@@ -241,15 +243,10 @@ class LinearScoringRuleLoss(nn.Module):
         super().__init__()
         self.rule = get_rule(rule)
         self.softcap, self.logit_scale = check_head_transform(softcap, logit_scale)
-        self.smoothing = check_smoothing(smoothing)
-        self.smoothing_variant = check_smoothing_variant(smoothing_variant)
+        self.smoothing, self.smoothing_variant = check_loss_options(smoothing, smoothing_variant, reduction)
         self.ignore_index = ignore_index
-        self.reduction = check_reduction(reduction)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-        if impl is not None and impl not in IMPLS:
-            raise ValueError(f"impl must be None, 'torch' or 'triton', got {impl!r}")
+        self.reduction = reduction
+        _check_chunking(chunk_size, impl)
         self.chunk_size = chunk_size
         self.impl = impl
 
@@ -264,10 +261,5 @@ class LinearScoringRuleLoss(nn.Module):
 
     def extra_repr(self) -> str:
         """The settings, as shown in ``repr(module)``."""
-        head = "".join(f", {k}={v}" for k, v in (("softcap", self.softcap), ("logit_scale", self.logit_scale))
-                       if v is not None)
-        if self.smoothing_variant != "paper":
-            head += f", smoothing_variant={self.smoothing_variant!r}"
-        return (f"rule={self.rule.spec!r}, smoothing={self.smoothing}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, impl={self.impl!r}{head}")
+        return _options_repr(self, f", chunk_size={self.chunk_size}, impl={self.impl!r}")
 

@@ -1,8 +1,12 @@
-"""End-to-end test of benchmarks/reproduce_summ.py on tiny generated email data with a tiny model:
-(a), (b), (c) train and evaluate (ROUGE single- and multi-reference, token scores, ECE, both beam
-objectives), the branches start from (a)'s step-T1 checkpoint, every run holds out the same slice
-of train, a rerun skips every finished step, and --test-file scores the final models later
-without retraining."""
+"""Tests of benchmarks/reproduce_summ.py on tiny generated email data with a tiny model.
+
+End to end: (a), (b), (c) train and evaluate (ROUGE single- and multi-reference, token scores,
+ECE, both beam objectives), the branches start from (a)'s step-T1 checkpoint, their smoothing is
+selected on the held-out slice of train (the chosen candidate is the seed's run), every run holds
+out the same slice of train, a rerun skips every finished step, and --test-file scores the final
+models later without retraining. Without training: the chooser, the planned commands before and
+after a (fake) finished selection, an explicit --smoothing that skips it, the selection slice
+disjoint from what properlm train trains on, and a report of partial results."""
 
 from __future__ import annotations
 
@@ -71,13 +75,39 @@ def test_reproduce_summ_end_to_end_resume_and_later_test_file(tmp_path, capsys, 
     assert reproduce_summ.main([data, "--work-dir", work, *TINY]) == 0
     assert "[run ]" in capsys.readouterr().out
 
+    # the selection: seed 3 branched once per eps of the default grid, each decoded on the held-out slice
+    chosen = {}
+    for p in ("b", "c"):
+        sel = _json(work, f"selection_{p}.json")
+        assert sel["seed"] == 3 and sel["grid"] == [0.0, 0.1] and [r["smoothing"] for r in sel["rows"]] == [0.0, 0.1]
+        for r in sel["rows"]:
+            ev = _json(work, "seed3", f"{p}_eps{r['smoothing']:g}", "eval_heldout_beam_logarithmic", "results.json")
+            assert r["selection_score"] == pytest.approx(sum(ev["generation"][k] for k in ("rouge1", "rouge2",
+                                                                                           "rougeL")) / 3)
+            assert ev["num_examples"] == r["num_examples"]
+        scores = {r["smoothing"]: r["selection_score"] for r in sel["rows"]}
+        assert sel["chosen"] == reproduce_summ.choose_smoothing(scores)
+        chosen[p] = sel["chosen"]
+        other = 0.1 if sel["chosen"] == 0.0 else 0.0
+        # the chosen candidate is seed 3's run (decoded on dev); the other one is not
+        assert os.path.isfile(os.path.join(work, "seed3", f"{p}_eps{chosen[p]:g}", "eval_dev_beam_logarithmic",
+                                           "results.json"))
+        assert not os.path.exists(os.path.join(work, "seed3", f"{p}_eps{other:g}", "eval_dev_beam_logarithmic"))
+        assert _json(work, "seed3", f"{p}_eps{other:g}", "results.json")["config"]["smoothing"] == other
+    run = {"a": "a", "b": f"b_eps{chosen['b']:g}", "c": f"c_eps{chosen['c']:g}"}
+
     md = open(os.path.join(work, "results.md"), encoding="utf-8").read()
     for label, _ in reproduce_summ.PROTOCOLS.values():
         assert f"| {label} | 1 |" in md
     assert "R-L multi" in md and "best over each example's references" in md and "sign test p" in md
     assert os.path.getsize(os.path.join(work, "training_curves.png")) > 0
+    assert "smoothing chosen on the held-out training slice" in md and "**chosen**" in md
     summary = _json(work, "results.json")
+    assert summary["smoothing"]["a"] == 0.1
+    assert {p: summary["smoothing"][p] for p in "bc"} == chosen
+    assert summary["smoothing"]["selection_examples"] == len(open(os.path.join(work, "heldout.jsonl")).readlines())
     row_b = summary["per_seed"]["b"]["3"]
+    assert row_b["smoothing"] == chosen["b"]
     assert {"rouge1_dev_logarithmic", "rougeL_multi_dev_logarithmic", "rouge2_dev_spherical",
             "rougeL_multi_dev_spherical", "score_logarithmic_dev", "score_brier_dev", "score_spherical_dev",
             "ece_dev"} <= set(row_b)
@@ -95,26 +125,28 @@ def test_reproduce_summ_end_to_end_resume_and_later_test_file(tmp_path, capsys, 
     assert summary["checkpoint_t1"]["3"]["rouge1"] is not None
 
     # the branches trained T1 steps of log (copied from a), then T2 of their rule, from a's checkpoint
-    res = {p: _json(work, "seed3", p, "results.json") for p in "abc"}
+    res = {p: _json(work, "seed3", run[p], "results.json") for p in "abc"}
+    assert {p: r["config"]["smoothing"] for p, r in res.items()} == {"a": 0.1, **chosen}
     assert res["b"]["rule_stages"] == [["logarithmic", 4], ["brier", 2]]
     assert res["c"]["rule_stages"] == [["logarithmic", 4], ["spherical", 2]]
     assert res["b"]["resumed_from"].endswith("checkpoint-4") and res["c"]["global_step"] == 6
-    log_a, log_b = (_runner.read_log(os.path.join(work, "seed3", p, "metrics.jsonl")) for p in "ab")
+    log_a, log_b = (_runner.read_log(os.path.join(work, "seed3", run[p], "metrics.jsonl")) for p in "ab")
     assert [r for r in log_b if r["step"] <= 4] == [r for r in log_a if r["step"] <= 4]
     assert {r["rule"] for r in log_b if r["step"] > 4} == {"brier"}
     # every run holds out the same slice of train (5 of 48) and cuts documents at 24 tokens, as evaluate does
     assert {r["num_validation_examples"] for r in res.values()} == {5}
     assert res["a"]["config"]["validation_seed"] == 0 and res["a"]["config"]["max_source_length"] == 24
-    ev = _json(work, "seed3", "b", "eval_dev_beam_logarithmic", "results.json")
+    ev = _json(work, "seed3", run["b"], "eval_dev_beam_logarithmic", "results.json")
     assert ev["truncation"]["max_source_length"] == 24 and ev["truncation"]["max_length"] == 25
     assert ev["truncation"]["max_source_length_from"].startswith("training run")
     assert ev["truncation"]["num_sources_cut"] >= 1
-    assert os.path.isfile(os.path.join(work, "seed3", "c", "final", "model.safetensors"))
+    assert os.path.isfile(os.path.join(work, "seed3", run["c"], "final", "model.safetensors"))
 
-    # a rerun skips every finished step and rebuilds the same report
+    # a rerun skips every finished step and rebuilds the same report: the slice, 1 + 2 x 2 trains, 4 held-out
+    # decodings, 2 selections, 3 x 2 dev decodings, a's checkpoint
     assert reproduce_summ.main([data, "--work-dir", work, *TINY]) == 0
     out = capsys.readouterr().out
-    assert "[run ]" not in out and out.count("[skip]") == 3 + 3 * 2 + 1  # trains, dev decodings, a's checkpoint
+    assert "[run ]" not in out and out.count("[skip]") == 1 + 5 + 4 + 2 + 3 * 2 + 1
     assert open(os.path.join(work, "results.md"), encoding="utf-8").read() == md
 
     # --test-file later: only the new decodings run; the final models are reused
@@ -162,3 +194,153 @@ def test_paired_bootstrap_means():
     assert worse["delta"] < 0 and worse["p"] == pytest.approx(2 / 101)
     with pytest.raises(ValueError, match="paired scores needed"):
         _runner.paired_bootstrap_means([1.0], [1.0, 2.0])
+
+
+def test_choose_smoothing_best_score_ties_to_the_smaller_eps():
+    choose = reproduce_summ.choose_smoothing
+    assert choose({0.0: 10.0, 0.1: 12.5}) == 0.1
+    assert choose({0.1: 12.5, 0.0: 13.0, 0.05: 12.9}) == 0.0
+    assert choose({0.1: 11.0, 0.0: 11.0}) == 0.0  # a tie: the smaller eps, whatever the order
+    assert choose({0.2: 11.0, 0.05: 11.0 - 1e-12, 0.0: 10.0}) == 0.05  # within the tolerance is a tie
+    assert choose({0.0: float("nan"), 0.1: 3.0}) == 0.1  # a NaN never wins
+    with pytest.raises(ValueError, match="no finite selection score"):
+        choose({0.0: float("nan")})
+    assert reproduce_summ.parse_grid("0.1, 0") == [0.0, 0.1]
+    for bad, msg in (("0,x", "numbers expected"), ("", "names no value"), ("0,1", r"in \[0, 1\)"),
+                     ("0.1,0.10", "repeats")):
+        with pytest.raises(ValueError, match=msg):
+            reproduce_summ.parse_grid(bad)
+
+
+def _dry_run(data: str, work: str, capsys, *extra: str) -> list[str]:
+    capsys.readouterr()
+    assert reproduce_summ.main([data, "--work-dir", work, *TINY, "--seeds", "1,2", *extra, "--dry-run"]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def _line(lines: list[str], start: str) -> str:
+    found = [line for line in lines if line.startswith(start)]
+    assert len(found) == 1, (start, lines)
+    return found[0]
+
+
+def _fake_selection(work: str, protocol: str, chosen: float, scores: dict[float, float]) -> None:
+    rows = [{"smoothing": e, "rouge1": s, "rouge2": s, "rougeL": s, "selection_score": s, "score_logarithmic": -2.0,
+             "score_brier": -0.5, "score_spherical": 0.4, "num_examples": 5} for e, s in scores.items()]
+    os.makedirs(work, exist_ok=True)
+    _write(os.path.join(work, f"selection_{protocol}.json"), [{"seed": 1, "grid": sorted(scores), "rows": rows,
+                                                               "chosen": chosen}])
+
+
+def test_reproduce_summ_plans_the_selection_before_the_seed_runs(tmp_path, capsys):
+    data, work = str(tmp_path / "data"), str(tmp_path / "work")
+    os.makedirs(data)
+    _write_data(data)
+    lines = _dry_run(data, work, capsys)
+    # seed 1 branches once per candidate eps and decodes each on the held-out slice; seed 2 waits for the choice
+    assert _line(lines, "[dry-run] heldout slice:")
+    for p, label in (("b", "(b) log → brier"), ("c", "(c) log → spherical")):
+        for eps in ("0", "0.1"):
+            train = _line(lines, f"[dry-run] seed 1 {label} train, smoothing {eps} (selection):")
+            assert f"--smoothing {eps} " in train and f"--output-dir {work}/seed1/{p}_eps{eps} " in train
+            assert "--validation-fraction 0.1 --validation-seed 0" in train
+            ev = _line(lines, f"[dry-run] seed 1 {p} smoothing {eps} heldout beam-logarithmic:")
+            assert f"--data-file {work}/heldout.jsonl" in ev and f"{work}/seed1/{p}_eps{eps}/final" in ev
+        assert _line(lines, f"[dry-run] select {p}:")
+        seed2 = _line(lines, f"[dry-run] seed 2 {label} train:")
+        assert "--smoothing CHOSEN" in seed2 and f"seed2/{p}_epsCHOSEN" in seed2
+    a = _line(lines, "[dry-run] seed 2 (a) log → log train:")
+    assert "--smoothing 0.1 " in a and f"--output-dir {work}/seed2/a " in a
+    assert not any("dev.jsonl" in line for line in lines if "heldout" in line or "selection" in line)
+    assert not os.path.exists(work)  # a dry run writes nothing
+
+    # the dependencies: the seed runs of a branch and the first seed's decodings wait for its selection
+    args = reproduce_summ.build_parser().parse_args([data, "--work-dir", work, *TINY, "--seeds", "1,2"])
+    reproduce_summ.check_args(args)
+    deps = {t.name: t.deps for t in reproduce_summ.tasks(args)}
+    assert deps["select b"] == {"heldout 1b eps0", "heldout 1b eps0.1"}
+    assert deps["heldout 1b eps0.1"] == {"train 1b eps0.1", "heldout slice"}
+    assert deps["train 1b eps0"] == {"train 1a"}
+    assert deps["train 2b"] == {"train 2a", "select b"} and deps["train 2c"] == {"train 2a", "select c"}
+    assert deps["eval 1b dev logarithmic"] == {"select b"} and deps["eval 2c dev spherical"] == {"train 2c"}
+    assert "train 1b" not in deps  # the first seed's run is the chosen candidate, not another training
+
+    # once the selection has chosen, the seed runs (and the first seed's decodings) use its eps
+    _fake_selection(work, "b", 0.0, {0.0: 12.0, 0.1: 11.0})
+    _fake_selection(work, "c", 0.1, {0.0: 9.0, 0.1: 9.5})
+    lines = _dry_run(data, work, capsys)
+    assert _line(lines, "[skip] select b:").endswith("(smoothing 0)")
+    seed2 = _line(lines, "[dry-run] seed 2 (b) log → brier train:")
+    assert "--smoothing 0 " in seed2 and f"--output-dir {work}/seed2/b_eps0 " in seed2
+    seed2 = _line(lines, "[dry-run] seed 2 (c) log → spherical train:")
+    assert "--smoothing 0.1 " in seed2 and f"--output-dir {work}/seed2/c_eps0.1 " in seed2
+    assert f"--model {work}/seed1/b_eps0/final " in _line(lines, "[dry-run] seed 1 b dev beam-logarithmic:")
+    assert not any("CHOSEN" in line for line in lines)
+
+    # a selection made with another first seed is refused
+    with pytest.raises(SystemExit, match=r"selected with seed 1 \(.*\); list that seed first"):
+        _dry_run(data, work, capsys, "--seeds", "2,1")
+
+    # --report-only on these partial results: the selection table, no seed results yet
+    assert reproduce_summ.main([data, "--work-dir", work, *TINY, "--seeds", "1,2", "--report-only"]) == 0
+    md = open(os.path.join(work, "results.md"), encoding="utf-8").read()
+    assert "smoothing chosen on the held-out training slice: (b) 0, (c) 0.1" in md
+    assert "| (b) log → brier | 0 | 12.00 |" in md and "**chosen**" in md
+    assert "| (a) log → log | 0 |" in md  # no seed has finished
+    summary = _json(work, "results.json")
+    assert summary["smoothing"]["b"] == 0.0 and summary["smoothing"]["c"] == 0.1
+    assert summary["smoothing"]["selection"]["c"]["rows"][1]["selection_score"] == 9.5
+
+
+def test_reproduce_summ_explicit_smoothing_skips_the_selection(tmp_path, capsys):
+    data, work = str(tmp_path / "data"), str(tmp_path / "work")
+    os.makedirs(data)
+    _write_data(data)
+    lines = _dry_run(data, work, capsys, "--smoothing", "0.05")
+    assert not any("select" in line or "heldout" in line for line in lines)
+    trains = [line for line in lines if " train" in line.split(":")[0]]
+    assert len(trains) == 2 * 3
+    for seed in (1, 2):
+        for p in ("b", "c"):
+            train = next(line for line in trains if line.startswith(f"[dry-run] seed {seed} ({p})"))
+            assert "--smoothing 0.05 " in train and f"--output-dir {work}/seed{seed}/{p}_eps0.05 " in train
+        assert "--smoothing 0.1 " in next(line for line in trains if line.startswith(f"[dry-run] seed {seed} (a)"))
+    args = reproduce_summ.build_parser().parse_args([data, "--work-dir", work, *TINY, "--smoothing", "0.05"])
+    reproduce_summ.check_args(args)
+    assert {t.name: t.deps for t in reproduce_summ.tasks(args)}["train 3b"] == {"train 3a"}
+    assert reproduce_summ.smoothing_report(args)[1]["b"] == 0.05
+
+
+def test_reproduce_summ_selection_slice_is_disjoint_from_the_training_data(tmp_path, capsys):
+    import argparse
+
+    from properlm.cli.train import build_parser, options_from_args
+    from properlm.training import make_config
+    from properlm.training.loading import _load_data
+
+    data, work = str(tmp_path / "data"), str(tmp_path / "work")
+    os.makedirs(data)
+    rows = _rows(60, random.Random(1), False)
+    for i in range(0, 60, 4):  # verbatim duplicates, some of which land on both sides of the split
+        rows[i + 1] = {**rows[i], "id": f"dup{i}"}
+    _write(os.path.join(data, "train.jsonl"), rows)
+    _write(os.path.join(data, "dev.jsonl"), _rows(4, random.Random(2), True))
+    args = reproduce_summ.build_parser().parse_args([data, "--work-dir", work, *TINY, "--heldout-fraction", "0.25"])
+    reproduce_summ.check_args(args)
+    reproduce_summ.write_heldout(args)
+    assert "[done] heldout slice:" in capsys.readouterr().out
+    heldout = [json.loads(line) for line in open(os.path.join(work, "heldout.jsonl"), encoding="utf-8")]
+
+    # what properlm train itself trains on and holds out, with the command the benchmark runs
+    argv = reproduce_summ.train_argv(args, 3, "a", 0.1, str(tmp_path / "run"), False)
+    cfg = make_config(options_from_args(build_parser(argparse.ArgumentParser()).parse_args(argv[1:])))
+    trained, validation = _load_data(cfg)
+    assert len(trained) + len(validation) == 60 and len(validation) == 15
+    trained_docs = {e.source for e in trained}
+    assert heldout and not any(r["document"] in trained_docs for r in heldout)
+    validation_pairs = [(e.source, e.target) for e in validation]
+    assert [(r["document"], r["summary"]) for r in heldout] == [p for p in validation_pairs
+                                                                 if p[0] not in trained_docs]
+    assert len(heldout) < len(validation)  # this data has duplicates across the split, and they were dropped
+    kept, dropped = reproduce_summ.heldout_examples(args)
+    assert len(kept) == len(heldout) and dropped == len(validation) - len(heldout)

@@ -123,19 +123,71 @@ def test_fit_temperature_then_apply_it(tiny_models, parallel, tmp_path, capsys):
     base = ["evaluate", "--model", tiny_models["tiny-seq2seq"], "--source-file", parallel[0], "--target-file",
             parallel[1], "--no-generate", "--no-progress"]
     assert main([*base, "--fit-temperature", "--output-dir", str(tmp_path / "fit")]) == 0
-    assert "| fitted temperature" in capsys.readouterr().out
+    out = capsys.readouterr().out
     res = json.loads((tmp_path / "fit" / "results.json").read_text())
     fit = res["temperature_fit"]
-    assert len(fit["temperatures"]) == 81 and fit["temperature"] in fit["temperatures"]
-    # the fit is the best of the scan, at least as good as T = 1
-    assert fit["mean_log_prob"] == max(fit["mean_log_probs"]) >= res["teacher_forced"]["mean_log_prob"] - 1e-6
+    grid = fit["temperatures"]
+    assert len(grid) == 81 and not fit["on_boundary"] and fit["measured"]
+    # the grid's best value, then the fit refined between its neighbours
+    k = grid.index(fit["grid_temperature"])
+    assert fit["grid_mean_log_prob"] == max(fit["mean_log_probs"]) >= res["teacher_forced"]["mean_log_prob"] - 1e-6
+    assert grid[k - 1] < fit["temperature"] < grid[k + 1] and fit["temperature"] != fit["grid_temperature"]
+    assert "| fitted temperature" in out and f"refined from the grid's {fit['grid_temperature']:.4f}" in out
+    # measured at the fitted T by a second pass: at least as good as the best grid value
+    assert fit["mean_log_prob"] >= fit["grid_mean_log_prob"] - 1e-7
+    assert sum(b["count"] for b in fit["bins"]) == fit["num_tokens"] == res["teacher_forced"]["num_tokens"]
+    assert fit["mean_scores"]["logarithmic"] == pytest.approx(fit["mean_log_prob"], rel=1e-6)
+    assert os.path.isfile(res["files"]["reliability_diagram_fitted"])
+    assert "teacher_forced_at_fitted_temperature" in res["seconds"]
+    # applying the fitted T gives exactly the fit's metrics
     t = fit["temperature"]
-    assert main([*base, "--temperature", str(t), "--output-dir", str(tmp_path / "apply")]) == 0
+    assert main([*base, "--temperature", repr(t), "--output-dir", str(tmp_path / "apply")]) == 0
     assert "| temperature (scores, ECE)" in capsys.readouterr().out
     tf = json.loads((tmp_path / "apply" / "results.json").read_text())["teacher_forced"]
     assert tf["temperature"] == t
-    assert tf["mean_log_prob"] == pytest.approx(fit["mean_log_prob"], rel=1e-5)
-    assert tf["ece"] == pytest.approx(fit["ece"], rel=1e-5, abs=1e-7)
+    assert tf["mean_log_prob"] == fit["mean_log_prob"] and tf["ece"] == fit["ece"]
+    assert [b["count"] for b in tf["bins"]] == [b["count"] for b in fit["bins"]]
+    # the fitted T is the optimum of the stored logits, in float64: bisection on the slope
+    # dL/dbeta = mean(z_y - E_p[z]), decreasing in beta = 1/T
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from properlm.data import DataCollator, load_examples, tokenize_example
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_models["tiny-seq2seq"])
+    tok = AutoTokenizer.from_pretrained(tiny_models["tiny-seq2seq"])
+    ex = load_examples(None, source_file=parallel[0], target_file=parallel[1])
+    batch = DataCollator(tok.pad_token_id)([tokenize_example(e, tok, seq2seq=True, max_length=64) for e in ex])
+    with torch.no_grad():
+        logits = model(**batch).logits.double()
+    keep = batch["labels"] != -100
+    z, y = logits[keep], batch["labels"][keep]
+    assert len(y) == fit["num_tokens"]
+    lo, hi = 0.05, 20.0
+    for _ in range(100):
+        beta = (lo + hi) / 2
+        slope = float((z.gather(1, y[:, None]).squeeze(1) - (torch.softmax(beta * z, -1) * z).sum(-1)).mean())
+        lo, hi = (beta, hi) if slope > 0 else (lo, beta)
+    t_ref = 2 / (lo + hi)
+    assert abs(t / t_ref - 1) < 1e-3 < abs(fit["grid_temperature"] / t_ref - 1)
+    want = float(torch.log_softmax(z / t, -1).gather(1, y[:, None]).mean())
+    assert fit["mean_log_prob"] == pytest.approx(want, rel=1e-6)
+
+
+def test_markdown_table_temperature_fit_rows():
+    from properlm.evaluation import markdown_table
+
+    tf = {"num_tokens": 10, "perplexity": 2.0, "token_accuracy": 0.5, "ece": 0.1, "num_bins": 15,
+          "temperature": 1.0, "mean_scores": {}}
+    refined = {"temperature": 0.93771, "grid_temperature": 0.9227, "on_boundary": False, "mean_log_prob": -1.5,
+               "ece": 0.02}
+    table = markdown_table({"num_examples": 3, "teacher_forced": tf, "temperature_fit": refined})
+    assert "| 0.9377 (refined from the grid's 0.9227) |" in table and "| -1.5000 |" in table
+    edge = {**refined, "temperature": 5.0, "grid_temperature": 5.0, "on_boundary": True}
+    assert "5.0000 (grid edge: the optimum may lie beyond)" in markdown_table(
+        {"num_examples": 3, "teacher_forced": tf, "temperature_fit": edge})
+    # results.json written before the refinement (no grid_temperature) still print
+    old = {"temperature": 0.9227, "on_boundary": False, "mean_log_prob": -1.5, "ece": 0.02}
+    assert "| 0.9227 |" in markdown_table({"num_examples": 3, "teacher_forced": tf, "temperature_fit": old})
 
 
 def test_bad_data_line_is_reported_before_loading(tiny_models, tmp_path, capsys, monkeypatch):

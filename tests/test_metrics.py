@@ -160,6 +160,32 @@ def _overconfident(n=4000, V=12, sharpen=2.5, seed=0):
     return (z0 * sharpen).float(), y
 
 
+def _mean_log_prob64(z: torch.Tensor, y: torch.Tensor, t: float) -> float:
+    """(1/N) sum_i log softmax(z_i / t)_{y_i}, in float64 from the stored logits."""
+    return float(torch.log_softmax(z.double() / t, -1).gather(1, y[:, None]).mean())
+
+
+def _reference_temperature(z: torch.Tensor, y: torch.Tensor) -> float:
+    """The optimal T of the stored logits: golden-section search on log T in [0.05, 20], float64."""
+    def f(u: float) -> float:
+        return -_mean_log_prob64(z, y, math.exp(u))
+
+    a, b = math.log(0.05), math.log(20.0)
+    r = (math.sqrt(5) - 1) / 2
+    c, d = b - r * (b - a), a + r * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > 1e-9:
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - r * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + r * (b - a)
+            fd = f(d)
+    return math.exp((a + b) / 2)
+
+
 def test_temperature_scan_recovers_the_true_temperature():
     logits, y = _overconfident()
     y[::7] = -100  # ignored positions take no part
@@ -167,19 +193,100 @@ def test_temperature_scan_recovers_the_true_temperature():
     for a in range(0, 4000, 1000):  # streaming equals one shot
         scan.update(logits[a:a + 1000], y[a:a + 1000])
     fit = scan.compute()
-    assert scan.num_tokens == int((y != -100).sum())
+    assert scan.num_tokens == fit.num_tokens == int((y != -100).sum())
     assert abs(math.log(fit.temperature / 2.5)) < 0.1 and not fit.on_boundary
     one = MetricsAccumulator(["logarithmic"])
     one.update(logits, y)
     at_1 = one.compute()
-    assert fit.mean_log_prob > at_1.mean_log_prob and fit.ece < at_1.ece / 3
-    # the scan's value at its T equals MetricsAccumulator with that temperature
-    scaled = MetricsAccumulator(["logarithmic"], temperature=fit.temperature)
-    scaled.update(logits, y)
-    m = scaled.compute()
-    assert m.mean_log_prob == pytest.approx(fit.mean_log_prob, rel=1e-6)
-    assert m.ece == pytest.approx(fit.ece, rel=1e-6)
+    assert fit.grid_mean_log_prob > at_1.mean_log_prob and fit.grid_ece < at_1.ece / 3
+    # the scan's values at its best grid T equal MetricsAccumulator with that temperature
+    at_grid = MetricsAccumulator(["logarithmic"], temperature=fit.grid_temperature)
+    at_grid.update(logits, y)
+    m = at_grid.compute()
+    assert m.mean_log_prob == pytest.approx(fit.grid_mean_log_prob, rel=1e-6)
+    assert m.ece == pytest.approx(fit.grid_ece, rel=1e-6)
     assert m.accuracy == at_1.accuracy  # scaling keeps the ranking
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_temperature_scan_refines_between_grid_values(dtype, monkeypatch):
+    """The fit is the optimum of a float64 reference that stores the logits, not the nearest grid value."""
+    import properlm.metrics
+
+    grid = TemperatureScan().temperatures
+    target = math.sqrt(grid[44] * grid[45])  # half-way (in log T) between two grid values
+    z0, y = _overconfident(n=3000, V=12, sharpen=1.0, seed=3)
+    z = (z0.double() * target / _reference_temperature(z0, y)).to(dtype)  # its optimum: T = target
+    y[::9] = -100
+    keep = y != -100
+    z_kept, y_kept = z[keep], y[keep]
+    t_ref = _reference_temperature(z_kept, y_kept)  # of the logits as the scan sees them
+    assert abs(t_ref / target - 1) < 2e-2
+    monkeypatch.setattr(properlm.metrics, "_CHUNK_ELEMENTS", 12 * 333)  # several chunks per batch
+    scan = TemperatureScan()
+    for a in range(0, 3000, 1000):
+        scan.update(z[a:a + 1000], y[a:a + 1000])
+    fit = scan.compute()
+    assert not fit.on_boundary and fit.grid_temperature in (grid[44], grid[45])
+    assert abs(fit.temperature / t_ref - 1) < 1e-4  # refined
+    assert abs(fit.grid_temperature / t_ref - 1) > 1e-2  # the grid alone is 2% off
+    # L'(1/T) = mean(z_y - E_p[z]) at the grid, against float64
+    for i in (0, 44, 80):
+        p = torch.softmax(z_kept.double() / grid[i], -1)
+        want = float((z_kept.double().gather(1, y_kept[:, None]).squeeze(1) - (p * z_kept.double()).sum(-1)).mean())
+        assert fit.slopes[i] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    # between grid values the scan has measured nothing; one pass at T gives the exact values
+    assert not fit.measured and math.isnan(fit.mean_log_prob) and math.isnan(fit.ece) and fit.bins == []
+    acc = MetricsAccumulator(["logarithmic"], temperature=fit.temperature)
+    for a in range(0, 3000, 1000):
+        acc.update(z[a:a + 1000], y[a:a + 1000])
+    done = fit.with_metrics(acc.compute(), fit.temperature)
+    p = torch.softmax(z_kept.double() / fit.temperature, -1)
+    assert done.measured and done.temperature == fit.temperature
+    assert done.mean_log_prob == pytest.approx(_mean_log_prob64(z_kept, y_kept, fit.temperature), rel=1e-6)
+    assert done.ece == pytest.approx(expected_calibration_error(p.amax(-1), p.argmax(-1) == y_kept), abs=1e-6)
+    assert sum(b.count for b in done.bins) == fit.num_tokens
+    # at the optimum: better than the best grid value, as good as the reference's optimum
+    assert done.mean_log_prob > fit.grid_mean_log_prob
+    assert done.mean_log_prob == pytest.approx(_mean_log_prob64(z_kept, y_kept, t_ref), abs=1e-7)
+    with pytest.raises(ValueError, match="cannot complete a fit at temperature"):
+        fit.with_metrics(acc.compute(), 1.0)
+    with pytest.raises(ValueError, match="scored positions cannot complete a fit"):
+        one = MetricsAccumulator(["logarithmic"], temperature=fit.temperature)
+        one.update(z[:10], y[:10])
+        fit.with_metrics(one.compute(), fit.temperature)
+
+
+def test_temperature_scan_masked_vocabulary():
+    """-inf logits (masked-out vocabulary) take no part: the fit equals that of the finite columns."""
+    z, y = _overconfident(n=600, V=12, sharpen=1.7, seed=4)
+    y = y.clamp(max=9)
+    masked = z.clone()
+    masked[:, 10:] = -math.inf  # columns 10 and 11 masked out
+    a, b = TemperatureScan(), TemperatureScan()
+    a.update(masked, y)
+    b.update(z[:, :10].contiguous(), y)
+    fa, fb = a.compute(), b.compute()
+    assert all(math.isfinite(v) for v in fa.mean_log_probs + fa.slopes + fa.eces)
+    assert fa.temperature == pytest.approx(fb.temperature, rel=1e-6)
+    torch.testing.assert_close(torch.tensor(fa.slopes), torch.tensor(fb.slopes), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(fa.mean_log_probs), torch.tensor(fb.mean_log_probs), rtol=1e-6, atol=0)
+
+
+def test_hermite_refinement_is_exact_on_cubics():
+    from properlm.metrics import _hermite_max
+
+    def f(x):  # f'(x) = -(x - 0.37)(x + 1.5): a maximum at 0.37
+        return -(x ** 3 / 3 + (1.5 - 0.37) * x ** 2 / 2 - 0.555 * x)
+
+    def df(x):
+        return -(x - 0.37) * (x + 1.5)
+
+    for lo, hi in ((0.0, 1.0), (1.0, 0.0), (0.2, 0.5)):
+        x, v = _hermite_max(lo, hi, f(lo), f(hi), df(lo), df(hi))
+        assert x == pytest.approx(0.37, abs=1e-12) and v == pytest.approx(f(0.37), abs=1e-14)
+    x, _ = _hermite_max(0.5, 1.0, f(0.5), f(1.0), df(0.5), df(1.0))  # decreasing on the segment: its start
+    assert x == 0.5
 
 
 def test_token_level_outputs_temperature_scales_each_chunk():
@@ -200,8 +307,21 @@ def test_temperature_scan_boundary_and_errors():
     scan = TemperatureScan(temperatures=[0.5, 1.0, 2.0])
     scan.update(logits, y)
     fit = scan.compute()
-    assert fit.temperature == 2.0 and fit.on_boundary
-    assert math.isnan(TemperatureScan().compute().temperature)
+    # at the grid's edge: no refinement (the optimum may lie beyond), values measured by the scan
+    assert fit.temperature == fit.grid_temperature == 2.0 and fit.on_boundary and fit.measured
+    assert fit.mean_log_prob == fit.grid_mean_log_prob == max(fit.mean_log_probs)
+    assert fit.ece == fit.grid_ece and sum(b.count for b in fit.bins) == 500
+    under = TemperatureScan(temperatures=[0.5, 1.0, 2.0])
+    under.update(logits / 40, y)  # under-confident: the optimum T is below 0.5
+    low = under.compute()
+    assert low.temperature == 0.5 and low.on_boundary and low.measured
+    single = TemperatureScan(temperatures=[1.3])  # nothing to refine between
+    single.update(logits, y)
+    one = single.compute()
+    assert one.temperature == 1.3 and not one.on_boundary and one.measured
+    assert one.mean_log_prob == pytest.approx(_mean_log_prob64(logits, y, 1.3), rel=1e-6)
+    empty = TemperatureScan().compute()
+    assert math.isnan(empty.temperature) and empty.num_tokens == 0 and not empty.measured
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="temperature must be a positive finite number"):
             TemperatureScan(temperatures=[1.0, bad])

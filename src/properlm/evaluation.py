@@ -8,12 +8,21 @@ Outputs in ``output_dir``:
 
 * ``results.json`` -- every figure and every setting (``"kind": "properlm-evaluate"``);
 * ``hypotheses.txt`` -- one hypothesis per line, in the order of the data;
-* ``reliability.png`` -- the reliability diagram of the top-1 token.
+* ``reliability.png`` -- the reliability diagram of the top-1 token;
+* ``reliability_fitted.png`` -- with ``fit_temperature``, the same at the fitted temperature.
 
 Temperature: the teacher-forced metrics are of ``softmax(logits / temperature)``;
 ``also_temperature`` adds them at a second temperature from the same forward passes
 (``"teacher_forced_scaled"``: e.g. before and after temperature scaling with a temperature
 fitted on validation data by ``fit_temperature``). Decoding is never affected.
+
+``fit_temperature``: a :class:`~properlm.metrics.TemperatureScan` rides along the teacher-forced
+pass and fits ``T`` (grid, then refined between grid values); one more teacher-forced pass at that
+``T`` measures the metrics there. ``"temperature_fit"`` holds ``temperature`` (the fitted ``T``, for
+``--temperature``), ``mean_log_prob``, ``ece``, ``bins``, ``mean_scores`` and ``perplexity``
+measured at it, ``grid_temperature``, ``grid_mean_log_prob`` and ``grid_ece`` (the best grid value
+and the scan's values there), ``on_boundary``, and the whole scan (``temperatures``,
+``mean_log_probs``, ``eces``, ``slopes``).
 
 Decoding length: at most ``max_new_tokens`` new tokens, and with ``max_new_tokens_ratio`` at most
 ``ceil(ratio * L + max_new_tokens_offset)`` per batch, ``L`` the longest source text of the batch
@@ -513,7 +522,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
     }
 
     if scan is not None:
-        results["temperature_fit"] = scan.compute().to_dict()
+        results["temperature_fit"] = _fit_temperature(scan, tf, results, model, tokenizer, cut, s, name)
     if also is not None:
         results["teacher_forced_scaled"] = _tf_dict(also.compute(), s.num_bins, s.also_temperature)
 
@@ -554,6 +563,35 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
     with open(os.path.join(s.output_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(_json_safe(results), f, indent=2)
     return results
+
+
+def _fit_temperature(scan: Any, tf: Any, results: dict[str, Any], model: Any, tokenizer: Any,
+                     examples: Sequence[Any], s: EvalSettings, name: str) -> dict[str, Any]:
+    """The ``temperature_fit`` entry: the scan's fit, with its metrics measured at the fitted ``T``.
+
+    The scan refines ``T`` between its grid values, where it has no measured metrics; one more
+    teacher-forced pass at ``T`` (the cost of a plain scoring pass) gives the exact mean log score,
+    ECE, reliability table (and ``reliability_fitted.png``) and rule scores at ``T``. No pass when
+    ``T`` is the temperature of the first pass (its metrics are reused) or no position was scored.
+    """
+    from .metrics import reliability_diagram
+
+    fit = scan.compute()
+    if fit.num_tokens == 0:
+        return {**fit.to_dict(), "mean_scores": {}, "perplexity": float("nan")}
+    if fit.temperature == s.temperature:
+        at = tf
+    else:
+        t0 = time.time()
+        at = teacher_forced_metrics(model, tokenizer, examples, s.rules, max_length=s.max_length,
+                                    batch_size=s.batch_size, num_bins=s.num_bins, progress=s.progress,
+                                    temperature=fit.temperature)
+        results["seconds"]["teacher_forced_at_fitted_temperature"] = time.time() - t0
+    fit = fit.with_metrics(at, fit.temperature)
+    path = os.path.join(s.output_dir, "reliability_fitted.png")
+    reliability_diagram(fit.bins, path, title=f"{name}, T = {fit.temperature:.4f}", ece=fit.ece)
+    results["files"]["reliability_diagram_fitted"] = path
+    return {**fit.to_dict(), "mean_scores": at.mean_scores, "perplexity": at.perplexity}
 
 
 def _tf_dict(tf: Any, num_bins: int, temperature: float) -> dict[str, Any]:
@@ -638,8 +676,13 @@ def markdown_table(results: dict[str, Any]) -> str:
                             f"{cut['num_sources_cut']} of {results['num_examples']} sources cut"))
     fit = results.get("temperature_fit")
     if fit:
-        edge = " (grid edge)" if fit["on_boundary"] else ""
-        rows += [("fitted temperature", _fmt(fit["temperature"], 3) + edge),
+        if fit["on_boundary"]:
+            where = " (grid edge: the optimum may lie beyond)"
+        elif "grid_temperature" in fit and fit["grid_temperature"] != fit["temperature"]:
+            where = f" (refined from the grid's {_fmt(fit['grid_temperature'], 4)})"
+        else:
+            where = ""
+        rows += [("fitted temperature", _fmt(fit["temperature"], 4) + where),
                  ("mean log score at it", _fmt(fit["mean_log_prob"], 4)),
                  ("ECE at it (%)", _fmt(_pct(fit["ece"]), 2))]
     for spec, v in tf["mean_scores"].items():

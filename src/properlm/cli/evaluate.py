@@ -144,8 +144,10 @@ def register(subparsers: Any) -> None:
                    "\"teacher_forced_scaled\"), from the same forward passes: metrics before and after temperature "
                    "scaling in one run, e.g. with T fitted by --fit-temperature on validation data (default: none)")
     m.add_argument("--fit-temperature", action="store_true",
-                   help="also scan 81 temperatures from 0.2 to 5 and report the one with the best mean log "
-                   "score of the references, with the log score and ECE at it (run this on validation data)")
+                   help="also fit temperature scaling: the T with the best mean log score of the references "
+                   "(81 temperatures from 0.2 to 5 scanned in the teacher-forced pass, the best refined between "
+                   "its neighbours), then one more teacher-forced pass at T for the log score, ECE and "
+                   "reliability_fitted.png at it (results.json \"temperature_fit\"; run this on validation data)")
     g = parser.add_argument_group("decoding")
     add_decoding_arguments(parser, g)
     g.add_argument("--no-generate", dest="generate", action="store_false",

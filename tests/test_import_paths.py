@@ -1,6 +1,8 @@
 """Every documented import path works: the names of ``properlm.__all__``, every public submodule, and every name that
-``properlm.training`` and ``properlm.integrations.transformers`` held when each was a single module (issue 18 split
-them into subpackages; the package ``__init__`` files re-export the names, private helpers included)."""
+``properlm.training``, ``properlm.integrations.transformers`` and ``properlm.evaluation`` held when each was a single
+module (issue 18 split them into subpackages; the package ``__init__`` files re-export the names, private helpers
+included), and every name of the former top-level modules ``properlm.metrics``, ``properlm.decoding`` and
+``properlm.generation_eval`` (now the modules of ``properlm.evaluation`` under their old names)."""
 
 from __future__ import annotations
 
@@ -40,6 +42,42 @@ TRANSFORMERS_PRIVATE = [
     "_strip_hooks",
 ]
 
+#: the same for src/properlm/evaluation.py
+EVALUATION_ALL = [
+    "DEFAULT_MAX_LENGTH", "DTYPES", "RESULTS_KIND", "EvalError", "EvalSettings", "LengthLimits", "format_value",
+    "markdown_table", "parse_rules", "resolve_device", "resolve_lengths", "run_evaluation", "teacher_forced_metrics",
+    "torch_dtype", "validate_decoding", "validate_new_token_cap", "validate_settings",
+]
+EVALUATION_PRIVATE = [
+    "_check_output_dir", "_tqdm", "_versions", "_fit_temperature", "_tf_dict", "_config_seq2seq", "_json_safe", "_fmt",
+    "_pct",
+]
+
+#: the same for src/properlm/metrics.py, src/properlm/decoding.py and src/properlm/generation_eval.py
+METRICS_ALL = [
+    "DEFAULT_NUM_BINS", "DEFAULT_TEMPERATURES", "CalibrationBin", "EvalMetrics", "MetricsAccumulator", "TemperatureFit",
+    "TemperatureScan", "calibration_bins", "check_temperature", "expected_calibration_error", "perplexity",
+    "reliability_diagram", "token_level_outputs",
+]
+METRICS_PRIVATE = [
+    "_CHUNK_ELEMENTS", "_LOG", "_unique_rules", "_scored_rows", "_bin_index", "_check_bins", "_bins_from_sums",
+    "_ece_from_sums", "_bin_sums", "_check_calibration_inputs", "_FLOAT32_MIN", "_hermite_max",
+]
+DECODING_ALL = ["ScoringRuleObjective", "all_token_scores"]
+GENERATION_EVAL_ALL = [
+    "ROUGE_TYPES", "DecodeStats", "check_new_token_cap", "decode_prompts", "decode_prompts_with_stats",
+    "generation_metrics", "new_token_cap", "one_line", "rouge_per_example", "rouge_version", "summarization_metrics",
+    "translation_metrics",
+]
+GENERATION_EVAL_PRIVATE = ["_LANG_CODES", "_pad_id", "_check_pairs"]
+
+#: each former top-level module and the module of properlm.evaluation that it now is
+FORMER_MODULES = {
+    "properlm.metrics": "properlm.evaluation.metrics",
+    "properlm.decoding": "properlm.evaluation.decoding",
+    "properlm.generation_eval": "properlm.evaluation.generation",
+}
+
 #: properlm.integrations: its __all__ and the lazily resolved names
 INTEGRATIONS = [
     "RuleSchedule", "RuleScheduleCallback", "ScoringRuleHandle", "ScoringRuleLossFunc", "apply_scoring_rule",
@@ -68,7 +106,12 @@ def test_every_public_submodule_imports():
                    if not any(part.startswith("_") for part in m.name.split(".")))
     # the discovery finds the subpackages and their modules
     assert {"properlm.training", "properlm.training.run", "properlm.integrations.transformers",
-            "properlm.integrations.transformers.patch", "properlm.cli.train", "properlm.fused.chunked"} <= set(names)
+            "properlm.integrations.transformers.patch", "properlm.cli.train", "properlm.fused.chunked",
+            "properlm.evaluation", "properlm.evaluation.settings", "properlm.evaluation.lengths",
+            "properlm.evaluation.teacher_forced", "properlm.evaluation.metrics", "properlm.evaluation.calibration",
+            "properlm.evaluation.temperature", "properlm.evaluation.decoding", "properlm.evaluation.generation",
+            "properlm.evaluation.text_metrics", "properlm.evaluation.run", "properlm.evaluation.report",
+            *FORMER_MODULES} <= set(names)
     failed = []
     for name in names:
         try:
@@ -83,6 +126,10 @@ def test_every_public_submodule_imports():
     ("properlm.training", TRAINING_ALL + TRAINING_OTHER_PUBLIC + TRAINING_PRIVATE),
     ("properlm.integrations.transformers", TRANSFORMERS_ALL + TRANSFORMERS_PRIVATE),
     ("properlm.integrations", INTEGRATIONS),
+    ("properlm.evaluation", EVALUATION_ALL + EVALUATION_PRIVATE),
+    ("properlm.metrics", METRICS_ALL + METRICS_PRIVATE),
+    ("properlm.decoding", DECODING_ALL),
+    ("properlm.generation_eval", GENERATION_EVAL_ALL + GENERATION_EVAL_PRIVATE),
 ])
 def test_names_of_the_former_modules_import(module, names):
     missing = []
@@ -139,3 +186,68 @@ def test_pickles_naming_the_former_modules_still_load():
         ("properlm.training", "EpochSeededLengthGroupedSampler", sampler.EpochSeededLengthGroupedSampler),
     ]:
         assert pickle.loads(f"c{module}\n{name}\n.".encode()) is obj
+
+
+def test_the_evaluation_package_and_the_former_modules_keep_their_all():
+    import properlm.evaluation as evaluation
+
+    assert evaluation.__all__ == EVALUATION_ALL
+    for module, names in [("properlm.evaluation", EVALUATION_ALL), ("properlm.metrics", METRICS_ALL),
+                          ("properlm.decoding", DECODING_ALL), ("properlm.generation_eval", GENERATION_EVAL_ALL)]:
+        assert importlib.import_module(module).__all__ == names
+        star: dict[str, object] = {}
+        exec(f"from {module} import *", star)
+        assert set(star) - {"__builtins__"} == set(names), module
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(FORMER_MODULES.items()))
+def test_a_former_module_is_the_new_module(old, new):
+    """``import properlm.metrics``, the attribute ``properlm.metrics`` and ``importlib`` give the module of
+    ``properlm.evaluation`` itself, not a copy of its names."""
+    module = importlib.import_module(new)
+    assert importlib.import_module(old) is module
+    assert getattr(properlm, old.rsplit(".", 1)[1]) is module
+    namespace: dict[str, object] = {}
+    exec(f"import {old}", namespace)
+    assert namespace["properlm"] is properlm and getattr(properlm, old.rsplit(".", 1)[1]) is module
+
+
+def test_patching_a_former_module_reaches_the_code(monkeypatch):
+    """``monkeypatch.setattr`` through an old name changes what the code reads: the chunk size of the metrics
+    module is the one the temperature scan (now in its own module) uses; a function patched through
+    ``properlm.generation_eval`` is the one its module's callers see."""
+    import torch
+
+    import properlm.metrics
+    from properlm.evaluation import generation, metrics, temperature
+
+    seen: list[int] = []
+    original = temperature._scored_rows
+
+    def spy(logits, labels, ignore_index):
+        seen.append(temperature._metrics._CHUNK_ELEMENTS)
+        return original(logits, labels, ignore_index)
+
+    monkeypatch.setattr(temperature, "_scored_rows", spy)
+    monkeypatch.setattr(properlm.metrics, "_CHUNK_ELEMENTS", 7)
+    assert metrics._CHUNK_ELEMENTS == 7
+    scan = temperature.TemperatureScan(temperatures=[0.5, 1.0, 2.0])
+    scan.update(torch.randn(5, 3), torch.tensor([0, 1, 2, 1, 0]))
+    assert seen == [7] and scan.compute().num_tokens == 5
+    monkeypatch.setattr("properlm.generation_eval._pad_id", lambda tokenizer: 123)
+    assert generation._pad_id(None) == 123
+
+
+def test_pickles_naming_the_former_evaluation_modules_still_load():
+    from properlm.evaluation import calibration, generation, metrics, settings, temperature
+
+    for module, name, obj in [
+        ("properlm.metrics", "CalibrationBin", calibration.CalibrationBin),
+        ("properlm.metrics", "EvalMetrics", metrics.EvalMetrics),
+        ("properlm.metrics", "TemperatureFit", temperature.TemperatureFit),
+        ("properlm.generation_eval", "DecodeStats", generation.DecodeStats),
+        ("properlm.evaluation", "EvalSettings", settings.EvalSettings),
+    ]:
+        assert pickle.loads(f"c{module}\n{name}\n.".encode()) is obj
+    b = calibration.CalibrationBin(lower=0.0, upper=0.5, count=2, confidence=0.25, accuracy=0.5, gap=0.25)
+    assert pickle.loads(pickle.dumps(b)) == b

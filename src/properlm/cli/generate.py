@@ -138,7 +138,7 @@ def _prompt(line: str, args: argparse.Namespace, tokenizer: Any, seq2seq: bool, 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``properlm generate`` with parsed arguments; returns the exit code."""
-    from ..generation_eval import decode_prompts, one_line
+    from ..evaluation.generation import decode_prompts, one_line
 
     try:
         objective, limits = _validate(args)

@@ -1,0 +1,88 @@
+"""The evaluation pipeline behind ``properlm evaluate``.
+
+Validate the settings, load data and model, compute the teacher-forced metrics and the generation metrics, and
+write the results (``results.json``, ``hypotheses.txt``, reliability diagrams: see
+:mod:`properlm.evaluation.run`).
+
+Flow (:func:`~properlm.evaluation.run.run_evaluation`), with the module of each step::
+
+    validate_settings (flags, files, rules, decoding, temperatures)   -- settings: fails fast, loads nothing
+    resolve_lengths (options, training record, position table)        -- lengths: refuses a length the model cannot take
+    load_examples, load_model_and_tokenizer                           -- properlm.data, properlm.modeling
+    teacher_forced_metrics                                            -- teacher_forced
+      -> MetricsAccumulator (rule scores, perplexity, accuracy)       -- metrics
+      -> calibration bins, ECE, reliability_diagram                   -- calibration
+      -> TemperatureScan with fit_temperature                         -- temperature
+    decode_prompts_with_stats (greedy / beam, new-token cap)          -- generation
+      + ScoringRuleObjective (the scoring-rule beam objective)        -- decoding
+    generation_metrics (BLEU, chrF, ROUGE)                            -- text_metrics
+    results.json; markdown_table for the terminal                     -- run, report
+
+Modules, one job each:
+
+* :mod:`~properlm.evaluation.settings` -- :class:`~properlm.evaluation.settings.EvalSettings` and their checks;
+* :mod:`~properlm.evaluation.lengths` -- the truncation and where it came from;
+* :mod:`~properlm.evaluation.teacher_forced` -- the teacher-forced pass over the examples;
+* :mod:`~properlm.evaluation.metrics` -- token-level outputs, rule scores, perplexity, the streaming accumulator;
+* :mod:`~properlm.evaluation.calibration` -- confidence bins, ECE, the reliability diagram;
+* :mod:`~properlm.evaluation.temperature` -- the temperature scan and its fit;
+* :mod:`~properlm.evaluation.decoding` -- the scoring-rule beam-search objective;
+* :mod:`~properlm.evaluation.generation` -- batched decoding with the new-token cap;
+* :mod:`~properlm.evaluation.text_metrics` -- BLEU, chrF, ROUGE;
+* :mod:`~properlm.evaluation.run` -- :func:`~properlm.evaluation.run.run_evaluation`, the driver;
+* :mod:`~properlm.evaluation.report` -- the markdown table of a results dictionary.
+
+Every name is importable from ``properlm.evaluation`` itself, as before the package was split. The former
+top-level modules ``properlm.metrics``, ``properlm.decoding`` and ``properlm.generation_eval`` are the modules
+:mod:`~properlm.evaluation.metrics`, :mod:`~properlm.evaluation.decoding` and
+:mod:`~properlm.evaluation.generation` under their old names (the same module objects).
+"""
+
+from __future__ import annotations
+
+from .lengths import LengthLimits, resolve_lengths
+from .lengths import _config_seq2seq as _config_seq2seq
+from .report import _fmt as _fmt
+from .report import _pct as _pct
+from .report import format_value, markdown_table
+from .run import _fit_temperature as _fit_temperature
+from .run import _json_safe as _json_safe
+from .run import _tf_dict as _tf_dict
+from .run import _versions as _versions
+from .run import run_evaluation
+from .settings import (
+    DEFAULT_MAX_LENGTH,
+    DTYPES,
+    RESULTS_KIND,
+    EvalError,
+    EvalSettings,
+    parse_rules,
+    resolve_device,
+    torch_dtype,
+    validate_decoding,
+    validate_new_token_cap,
+    validate_settings,
+)
+from .settings import _check_output_dir as _check_output_dir
+from .teacher_forced import _tqdm as _tqdm
+from .teacher_forced import teacher_forced_metrics
+
+__all__ = [
+    "DEFAULT_MAX_LENGTH",
+    "DTYPES",
+    "RESULTS_KIND",
+    "EvalError",
+    "EvalSettings",
+    "LengthLimits",
+    "format_value",
+    "markdown_table",
+    "parse_rules",
+    "resolve_device",
+    "resolve_lengths",
+    "run_evaluation",
+    "teacher_forced_metrics",
+    "torch_dtype",
+    "validate_decoding",
+    "validate_new_token_cap",
+    "validate_settings",
+]

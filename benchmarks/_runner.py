@@ -306,18 +306,21 @@ def checkpoint_steps(run: str) -> list[int]:
     return [int(os.path.basename(c).split("-")[1]) for c in find_checkpoints(run)]
 
 
-def start_from_checkpoint(src: str, dst: str, step: int) -> None:
+def start_from_checkpoint(src: str, dst: str, step: int, *, tokenizer: bool = True, missing_hint: str = "") -> None:
     """Make run directory ``dst`` continue run ``src`` from its ``checkpoint-STEP``: copy the
-    checkpoint (weights, optimizer, scheduler, RNG and data-order state), the tokenizer and
-    ``src``'s log records up to ``step`` (so the curves are whole). The checkpoint is copied
-    under a temporary name and renamed, so ``dst`` holds it completely or not at all."""
+    checkpoint (weights, optimizer, scheduler, RNG and data-order state), the tokenizer (``src/tokenizer``,
+    unless not ``tokenizer``: a pretrained model's run has none) and ``src``'s log records up to ``step``
+    (so the curves are whole). The checkpoint is copied under a temporary name and renamed, so ``dst``
+    holds it completely or not at all. ``RuntimeError`` (``"SRC/checkpoint-STEP is missing"`` +
+    ``missing_hint``) when that checkpoint is missing."""
     import shutil
 
     ckpt = f"checkpoint-{step}"
     if not os.path.isfile(os.path.join(src, ckpt, "trainer_state.json")):
-        raise RuntimeError(f"{src}/{ckpt} is missing")
+        raise RuntimeError(f"{src}/{ckpt} is missing{missing_hint}")
     os.makedirs(dst, exist_ok=True)
-    shutil.copytree(os.path.join(src, "tokenizer"), os.path.join(dst, "tokenizer"), dirs_exist_ok=True)
+    if tokenizer:
+        shutil.copytree(os.path.join(src, "tokenizer"), os.path.join(dst, "tokenizer"), dirs_exist_ok=True)
     records = [r for r in read_log(os.path.join(src, "metrics.jsonl")) if r["step"] <= step]
     with open(os.path.join(dst, "metrics.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -583,8 +586,11 @@ def seed_differences(per: dict[str, dict[int, dict[str, Any]]], protocol: str, k
     return both, [per[protocol][s][key] - per[baseline][s][key] for s in both]
 
 
-def fmt_ci(m: float, lo: float, hi: float, digits: int = 2) -> str:
-    """``"+m [+lo, +hi]"``, or ``"+m"`` when the interval is NaN (fewer than two seeds)."""
+def fmt_ci(m: float, lo: float, hi: float, digits: int = 2, *, missing: str | None = None) -> str:
+    """``"+m [+lo, +hi]"``, or ``"+m"`` when the interval is NaN (fewer than two seeds); ``missing``
+    (when given) instead of ``"+nan"`` when the mean itself is NaN (no seeds)."""
+    if missing is not None and m != m:
+        return missing
     return f"{m:+.{digits}f}" if lo != lo else f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 

@@ -266,14 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A: a batch generates at most min(--max-new-tokens, ceil(A x L + B)) tokens, L its longest "
                    "source in tokens; 0 disables the cap")
     g.add_argument("--max-new-tokens-offset", type=int, default=10, help="B of --max-new-tokens-ratio")
-    g.add_argument("--eval-batch-size", type=int, default=32, help="sentences per forward pass / generate call")
+    _runner.add_options(g, {"eval_batch_size": {"default": 32, "help": "sentences per forward pass / generate call"}})
     g.add_argument("--decode-dev", action="store_true",
                    help="also decode the dev sentences of every model (BLEU/chrF dev; about 1.1 h more wall with "
                    "the defaults and --jobs 2)")
-    g.add_argument("--bootstrap-samples", type=int, default=1000, help="paired bootstrap resamples")
+    _runner.add_options(g, {"bootstrap_samples": {}})
     g = p.add_argument_group("run")
-    g.add_argument("--jobs", type=int, default=1, help="steps run at the same time (one --threads each)")
-    g.add_argument("--threads", type=int, default=1, help="OMP/torch threads of each step")
+    _runner.add_options(g, {"jobs": {"help": "steps run at the same time (one --threads each)"},
+                            "threads": {"help": "OMP/torch threads of each step"}})
     g.add_argument("--estimate", action="store_true",
                    help="print the planned steps (finished ones marked) and the estimated hours; write nothing")
     g.add_argument("--est-step-seconds", type=float, default=12.0,
@@ -281,9 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--est-decode-seconds", type=float, default=2.0,
                    help=f"estimate: seconds per sentence of greedy decoding at batch 32 and {MEASURED_NEW_TOKENS} "
                    "new tokens, one thread")
-    g.add_argument("--dry-run", action="store_true",
-                   help="print the commands of the unfinished steps and the estimate; write nothing")
-    g.add_argument("--report-only", action="store_true", help="only aggregate the finished steps into the report")
+    _runner.add_options(g, {"dry_run": {"help": "print the commands of the unfinished steps and the estimate; "
+                                        "write nothing"},
+                            "report_only": {"help": "only aggregate the finished steps into the report"}})
     return p
 
 
@@ -315,7 +315,7 @@ def _parse_extra(spec: str, taken: dict[str, Any]) -> tuple[str, tuple[str, str]
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     try:
-        args.seed_list = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+        args.seed_list = _runner.int_list(str(args.seeds))
     except ValueError:
         raise SetupError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list):
@@ -512,8 +512,8 @@ def prepare_data(args: argparse.Namespace, work: str) -> dict[str, Any]:
     existing manifest with the same settings is reused."""
     d = os.path.join(work, "data")
     manifest_path = os.path.join(d, "manifest.json")
-    if os.path.isfile(manifest_path):
-        manifest = _runner.read_json(manifest_path)
+    manifest = _runner.read_json_if(manifest_path)
+    if manifest is not None:
         if manifest["settings"] == _data_settings(args):
             return manifest
         raise SetupError(f"{work} holds data subsets made with other settings ({manifest['settings']}); use a new "
@@ -610,19 +610,12 @@ def train_argv(args: argparse.Namespace, base: str, work: str, arm: Arm, seed: i
 
 def branch_from(src: str, dst: str, step: int) -> None:
     """Start run directory ``dst`` from ``src``'s ``checkpoint-STEP`` (weights, optimizer,
-    scheduler, RNG and data order) and its log records up to ``step`` (whole curves). The copy is
-    made under a temporary name and renamed, so ``dst`` holds it completely or not at all."""
-    ckpt = f"checkpoint-{step}"
-    if not os.path.isfile(os.path.join(src, ckpt, "trainer_state.json")):
-        raise RuntimeError(f"{src}/{ckpt} is missing: the switch arms branch from it (was the logarithmic run "
-                           "finished, and its checkpoints deleted, before they were requested? use "
-                           "--keep-checkpoints or a new --work-dir)")
-    os.makedirs(dst, exist_ok=True)
-    records = [r for r in _runner.read_log(os.path.join(src, "metrics.jsonl")) if r["step"] <= step]
-    with open(os.path.join(dst, "metrics.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    shutil.copytree(os.path.join(src, ckpt), os.path.join(dst, ckpt + ".tmp"), dirs_exist_ok=True)
-    os.replace(os.path.join(dst, ckpt + ".tmp"), os.path.join(dst, ckpt))
+    scheduler, RNG and data order) and its log records up to ``step`` (whole curves), by
+    :func:`_runner.start_from_checkpoint` (no tokenizer copy: the run of a pretrained model has
+    none; ``final`` holds it)."""
+    _runner.start_from_checkpoint(src, dst, step, tokenizer=False, missing_hint=(
+        ": the switch arms branch from it (was the logarithmic run finished, and its checkpoints deleted, before "
+        "they were requested? use --keep-checkpoints or a new --work-dir)"))
 
 
 @dataclass
@@ -692,7 +685,7 @@ def plan(args: argparse.Namespace, work: str, base: str) -> list[Step]:
                 deps = (f"seed{seed}/{BASELINE}/train",)
 
                 def prepare(src: str = src, tdir: str = tdir) -> None:
-                    if not _runner.checkpoint_steps(tdir) and not os.path.isfile(os.path.join(tdir, "results.json")):
+                    if not _runner.started(tdir):
                         branch_from(src, tdir, args.switch_at)
 
             steps.append(Step(f"seed{seed}/{name}/train", "train", name, seed, tdir,
@@ -710,7 +703,7 @@ class _Timings:
     def __init__(self, path: str) -> None:
         self.path = path
         self.lock = threading.Lock()
-        self.data: dict[str, float] = _runner.read_json(path) if os.path.isfile(path) else {}
+        self.data: dict[str, float] = _runner.read_json_if(path) or {}
 
     def add(self, name: str, seconds: float) -> None:
         with self.lock:
@@ -851,8 +844,7 @@ def _measured(timings: dict[str, float], steps: list[Step]) -> dict[str, float]:
 
 
 def _read(path: str) -> dict[str, Any] | None:
-    f = os.path.join(path, "results.json")
-    return _runner.read_json(f) if os.path.isfile(f) else None
+    return _runner.read_json_if(os.path.join(path, "results.json"))
 
 
 def _hypotheses(path: str) -> list[str] | None:
@@ -914,12 +906,6 @@ def collect(args: argparse.Namespace, work: str) -> dict[str, Any]:
 
 def _vals(per: dict[int, dict[str, Any]], key: str) -> list[float]:
     return [r[key] for r in per.values() if isinstance(r.get(key), (int, float))]
-
-
-def _ci(m: float, lo: float, hi: float, digits: int = 2) -> str:
-    if m != m:
-        return "-"
-    return f"{m:+.{digits}f}" if lo != lo else f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def _refs(args: argparse.Namespace, work: str, split: str) -> list[str] | None:
@@ -995,8 +981,8 @@ def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tu
             pc = "-" if pooled is None else \
                 f"{pooled['chrf'] - pooled['chrf_baseline']:+.2f} (p={pooled['chrf_p']:.3f})"
             lines.append(f"| {ARMS[arm].label} | {split} | {len(seeds)} | {', '.join(f'{d:+.2f}' for d in d_bleu)} | "
-                         f"{_ci(m, lo, hi)} | {sum(d > 0 for d in d_bleu)}/{len(seeds)} | {p_sign:.3f} | "
-                         f"{_ci(mc, loc, hic)} | {bs_cells} | {pb} | {pc} |")
+                         f"{_runner.fmt_ci(m, lo, hi, missing='-')} | {sum(d > 0 for d in d_bleu)}/{len(seeds)} | "
+                         f"{p_sign:.3f} | {_runner.fmt_ci(mc, loc, hic, missing='-')} | {bs_cells} | {pb} | {pc} |")
     return lines, out
 
 
@@ -1010,7 +996,7 @@ def _tf_comparison_lines(args: argparse.Namespace, comps: dict[str, Any]) -> lis
 
         def cell(key: str, digits: int, scale: float = 1.0, tf: dict[str, Any] = tf) -> str:
             m, lo, hi = tf[key]["mean_ci"]
-            return _ci(m * scale, lo * scale, hi * scale, digits)
+            return _runner.fmt_ci(m * scale, lo * scale, hi * scale, digits, missing="-")
 
         lines.append(f"| {ARMS[c['arm']].label} | {cell('logarithmic', 4)} | {cell('brier', 4)} | "
                      f"{cell('spherical', 4)} | {cell('ece', 2, 100)} | {cell('ece_scaled', 2, 100)} |")
@@ -1234,7 +1220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_settings(args, work, write=False)
     manifest_path = os.path.join(work, "data", "manifest.json")
     if args.report_only:
-        manifest = _runner.read_json(manifest_path) if os.path.isfile(manifest_path) else None
+        manifest = _runner.read_json_if(manifest_path)
     elif writes:
         model = locate_model(args)
         os.makedirs(work, exist_ok=True)
@@ -1242,7 +1228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = prepare_data(args, work)
     else:  # --dry-run / --estimate write nothing
         model = locate_model(args) if args.dry_run else "MODEL"
-        manifest = _runner.read_json(manifest_path) if os.path.isfile(manifest_path) else make_subsets(args)[1]
+        manifest = _runner.read_json_if(manifest_path)
+        if manifest is None:
+            manifest = make_subsets(args)[1]
         if manifest["settings"] != _data_settings(args):
             raise SetupError(f"{work} holds data subsets made with other settings ({manifest['settings']})")
     if manifest and not args.report_only:

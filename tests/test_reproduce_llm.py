@@ -322,7 +322,7 @@ def test_report_on_fake_partial_results(tmp_path, script):
     pooled = c["bootstrap_pooled"]
     assert pooled["seeds"] == 2 and pooled["sentences"] == 24 and pooled["bleu"] > pooled["bleu_baseline"]
     assert "dft/test" not in results["comparisons"]  # nothing of dft finished
-    assert f"| Brier | test | 2 | +1.00, +2.00 | {script._ci(m, lo, hi)} | 2/2 | 0.500 |" in md
+    assert f"| Brier | test | 2 | +1.00, +2.00 | {script._runner.fmt_ci(m, lo, hi)} | 2/2 | 0.500 |" in md
     # the tables: mean ± std over the finished seeds, "-" where nothing finished
     table = results["table"]
     assert table["logarithmic"]["figures"]["bleu_test"]["mean"] == pytest.approx(11.0)
@@ -333,6 +333,26 @@ def test_report_on_fake_partial_results(tmp_path, script):
     assert "| logarithmic | 3 | 1.200 ± 0.100 | 4.00 ± 0.00 | 2.00 ± 0.00 |" in md  # T, ECE before / after
     assert "sacrebleu signatures: `nrefs:1|case:mixed|eff:no|tok:13a" in md
     assert results["hypotheses_at_cap_test"] == {"untuned": 1, "logarithmic": 3, "brier": 2, "dft": 0}
+
+
+def test_branch_copies_the_checkpoint_and_early_log_but_no_tokenizer(tmp_path, script):
+    src, dst = tmp_path / "log" / "train", tmp_path / "switch" / "train"
+    (src / "checkpoint-2").mkdir(parents=True)
+    (src / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (src / "checkpoint-2" / "model.safetensors").write_text("weights")
+    (src / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)))
+    script.branch_from(str(src), str(dst), 2)  # a pretrained model's run has no tokenizer/ to copy
+    assert (dst / "checkpoint-2" / "model.safetensors").read_text() == "weights"
+    assert sorted(os.listdir(dst)) == ["checkpoint-2", "metrics.jsonl"]
+    assert [json.loads(x)["step"] for x in (dst / "metrics.jsonl").open()] == [1, 2]
+    with pytest.raises(RuntimeError, match=r"checkpoint-3 is missing: the switch arms branch from it .*"
+                       "--keep-checkpoints"):
+        script.branch_from(str(src), str(tmp_path / "other"), 3)
+    nan = math.nan  # a comparison cell: "-" when no seed has the figure, the mean alone for one seed
+    assert script._runner.fmt_ci(nan, nan, nan, missing="-") == "-"
+    assert script._runner.fmt_ci(nan, nan, nan) == "+nan"  # the seq2seq scripts' output is unchanged
+    assert script._runner.fmt_ci(1.5, nan, nan, 3, missing="-") == "+1.500"
+    assert script._runner.fmt_ci(1.5, 0.5, 2.5, missing="-") == "+1.50 [+0.50, +2.50]"
 
 
 def test_estimate_printout_and_arithmetic(tmp_path, script, capsys):

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..improper import IMPROPER_OBJECTIVES
@@ -32,6 +32,16 @@ from .trainer import _make_trainer_class
 from .validation import _parse_schedule, _warn_if_fsdp_ignored, smoothing_warning, validate_config
 
 __all__ = ["run_training"]
+
+
+def _save(trainer: Any, cfg: TrainConfig, name: str, record: Mapping[str, Any]) -> str:
+    """Save the trainer's model as ``OUTPUT_DIR/NAME`` with its GGUF base and training record; the path."""
+    directory = os.path.join(cfg.output_dir, name)
+    trainer.save_model(directory)
+    _record_gguf_base(cfg, directory)
+    if trainer.is_world_process_zero():
+        write_training_record(directory, record)
+    return directory
 
 
 def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool = False) -> dict[str, Any]:
@@ -164,23 +174,13 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
     if val_ds is not None:
         results["eval"] = _final_eval(trainer)
 
-    final_dir = os.path.join(cfg.output_dir, "final")
-    trainer.save_model(final_dir)
-    _record_gguf_base(cfg, final_dir)
-    if trainer.is_world_process_zero():
-        write_training_record(final_dir, record)
-    results["final_model"] = final_dir
+    results["final_model"] = _save(trainer, cfg, "final", record)
 
     if cfg.average_last > 0:
         checkpoints = find_checkpoints(cfg.output_dir)[-cfg.average_last:]
         state = average_checkpoints(checkpoints)
         _load_averaged(trainer.model, state, cfg.lora)
-        avg_dir = os.path.join(cfg.output_dir, "averaged")
-        trainer.save_model(avg_dir)
-        _record_gguf_base(cfg, avg_dir)
-        if trainer.is_world_process_zero():
-            write_training_record(avg_dir, record)
-        results["averaged_model"] = avg_dir
+        results["averaged_model"] = _save(trainer, cfg, "averaged", record)
         results["averaged_checkpoints"] = checkpoints
         if val_ds is not None:
             results["eval_averaged"] = trainer.evaluate(metric_key_prefix="eval_averaged")

@@ -139,3 +139,23 @@ def test_readme_is_a_landing_page_with_working_links():
     assert len(links) >= 20, links
     broken = [t for t in links if not (ROOT / t.split("#")[0]).exists()]
     assert not broken, f"README links to missing files: {broken}"
+
+
+def test_no_page_repeats_a_section():
+    """A heading appears once per page: a results section edited in place, not appended twice."""
+    pages = [ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md", ROOT / "benchmarks" / "README.md",
+             *sorted(DOCS.rglob("*.md"))]
+    repeated = {}
+    for page in pages:
+        lines = page.read_text(encoding="utf-8").splitlines()
+        fence = False
+        headings = []
+        for line in lines:
+            if line.startswith("```"):
+                fence = not fence
+            elif not fence and re.match(r"#{1,3} ", line):
+                headings.append(line.strip())
+        dup = sorted({h for h in headings if headings.count(h) > 1})
+        if dup:
+            repeated[str(page.relative_to(ROOT))] = dup
+    assert not repeated, f"sections that appear twice: {repeated}"

@@ -1,8 +1,9 @@
 """Every documented import path works: the names of ``properlm.__all__``, every public submodule, and every name that
-``properlm.training``, ``properlm.integrations.transformers`` and ``properlm.evaluation`` held when each was a single
-module (issue 18 split them into subpackages; the package ``__init__`` files re-export the names, private helpers
-included), and every name of the former top-level modules ``properlm.metrics``, ``properlm.decoding`` and
-``properlm.generation_eval`` (now the modules of ``properlm.evaluation`` under their old names)."""
+``properlm.training``, ``properlm.integrations.transformers``, ``properlm.evaluation``, ``properlm.data`` and
+``properlm.distributed`` held when each was a single module (issue 18 split them into subpackages; the package
+``__init__`` files re-export the names, private helpers included), and every name of the former top-level modules
+``properlm.metrics``, ``properlm.decoding`` and ``properlm.generation_eval`` (now the modules of
+``properlm.evaluation`` under their old names)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,49 @@ GENERATION_EVAL_ALL = [
 ]
 GENERATION_EVAL_PRIVATE = ["_LANG_CODES", "_pad_id", "_check_pairs"]
 
+#: the same for src/properlm/data.py (now the package properlm.data)
+DATA_ALL = [
+    "IGNORE_INDEX", "INSTRUCTION_TEMPLATE", "INSTRUCTION_TEMPLATE_NO_INPUT", "SUMMARIZATION_TEMPLATE", "TASKS",
+    "TRANSLATION_TEMPLATE", "DataCollator", "DataError", "Example", "build_prompt", "detect_task", "encode_prompt",
+    "load_examples", "read_instruction_file", "read_parallel_files", "read_summarization_file", "split_validation",
+    "tokenize_example", "tokenize_examples", "truncate_source",
+]
+DATA_PRIVATE = [
+    "_REQUIRED", "_OPTIONAL", "_name", "_check_file", "_lines", "_json_records", "_json_array_records",
+    "_record_fields", "_read_json_task", "_has_chat_template", "_plain_prompt", "_user_message", "_ids",
+    "_source_field", "_cut_text", "_prompt_ids", "_target_ids",
+]
+#: the submodule of properlm.data that defines each of its names
+DATA_MODULES = {
+    "reading": ["TASKS", "DataError", "Example", "detect_task", "load_examples", "read_instruction_file",
+                "read_parallel_files", "read_summarization_file", "split_validation", "_REQUIRED", "_OPTIONAL",
+                "_name", "_check_file", "_lines", "_json_records", "_json_array_records", "_record_fields",
+                "_read_json_task"],
+    "prompts": ["INSTRUCTION_TEMPLATE", "INSTRUCTION_TEMPLATE_NO_INPUT", "SUMMARIZATION_TEMPLATE",
+                "TRANSLATION_TEMPLATE", "build_prompt", "truncate_source", "_has_chat_template", "_plain_prompt",
+                "_user_message", "_ids", "_source_field", "_cut_text"],
+    "tokenization": ["IGNORE_INDEX", "encode_prompt", "tokenize_example", "tokenize_examples", "_prompt_ids",
+                     "_target_ids"],
+    "collate": ["DataCollator"],
+}
+
+#: the same for src/properlm/distributed.py (now the package properlm.distributed); CHUNK_ELEMENTS (imported there
+#: from properlm.loss) is the chunk size the tests set through it
+DISTRIBUTED_ALL = ["fused_linear_vocab_parallel_scoring_rule_loss", "vocab_parallel_scoring_rule_loss", "vocab_shard"]
+DISTRIBUTED_OTHER = ["CHUNK_ELEMENTS", "ProcessGroup"]
+DISTRIBUTED_PRIVATE = [
+    "_Layout", "_require_initialized", "_target_checksum", "_NO_LIMIT", "_local_error", "_resolve_layout",
+    "_all_reduce", "_local_finite", "_shard_stats", "_shard_grad", "_local_targets", "_chunk_rows",
+    "_VocabParallelTokenLoss", "_config", "_check_fused_inputs", "_FusedVocabParallelTokenLoss",
+]
+DISTRIBUTED_MODULES = {
+    "layout": ["vocab_shard", "ProcessGroup", "_Layout", "_require_initialized", "_target_checksum", "_NO_LIMIT",
+               "_local_error", "_resolve_layout", "_local_targets", "_chunk_rows", "_config"],
+    "stats": ["_all_reduce", "_local_finite", "_shard_stats", "_shard_grad"],
+    "unfused": ["vocab_parallel_scoring_rule_loss", "_VocabParallelTokenLoss"],
+    "fused": ["fused_linear_vocab_parallel_scoring_rule_loss", "_check_fused_inputs", "_FusedVocabParallelTokenLoss"],
+}
+
 #: each former top-level module and the module of properlm.evaluation that it now is
 FORMER_MODULES = {
     "properlm.metrics": "properlm.evaluation.metrics",
@@ -111,6 +155,8 @@ def test_every_public_submodule_imports():
             "properlm.evaluation.teacher_forced", "properlm.evaluation.metrics", "properlm.evaluation.calibration",
             "properlm.evaluation.temperature", "properlm.evaluation.decoding", "properlm.evaluation.generation",
             "properlm.evaluation.text_metrics", "properlm.evaluation.run", "properlm.evaluation.report",
+            "properlm.data", *(f"properlm.data.{m}" for m in DATA_MODULES),
+            "properlm.distributed", *(f"properlm.distributed.{m}" for m in DISTRIBUTED_MODULES),
             *FORMER_MODULES} <= set(names)
     failed = []
     for name in names:
@@ -130,6 +176,8 @@ def test_every_public_submodule_imports():
     ("properlm.metrics", METRICS_ALL + METRICS_PRIVATE),
     ("properlm.decoding", DECODING_ALL),
     ("properlm.generation_eval", GENERATION_EVAL_ALL + GENERATION_EVAL_PRIVATE),
+    ("properlm.data", DATA_ALL + DATA_PRIVATE),
+    ("properlm.distributed", DISTRIBUTED_ALL + DISTRIBUTED_OTHER + DISTRIBUTED_PRIVATE),
 ])
 def test_names_of_the_former_modules_import(module, names):
     missing = []
@@ -251,3 +299,55 @@ def test_pickles_naming_the_former_evaluation_modules_still_load():
         assert pickle.loads(f"c{module}\n{name}\n.".encode()) is obj
     b = calibration.CalibrationBin(lower=0.0, upper=0.5, count=2, confidence=0.25, accuracy=0.5, gap=0.25)
     assert pickle.loads(pickle.dumps(b)) == b
+
+
+@pytest.mark.parametrize(("package", "names", "modules"), [
+    ("properlm.data", DATA_ALL, DATA_MODULES),
+    ("properlm.distributed", DISTRIBUTED_ALL, DISTRIBUTED_MODULES),
+])
+def test_data_and_distributed_keep_their_names_and_all(package, names, modules):
+    """``properlm.data`` and ``properlm.distributed`` keep the ``__all__`` of the former modules, and each name (private
+    helpers included) is the object of the submodule that now defines it, not a copy; every name of the former
+    module is in one submodule."""
+    pkg = importlib.import_module(package)
+    assert pkg.__all__ == names
+    star: dict[str, object] = {}
+    exec(f"from {package} import *", star)
+    assert set(star) - {"__builtins__"} == set(names)
+    private = DATA_PRIVATE if package == "properlm.data" else [*DISTRIBUTED_PRIVATE, "ProcessGroup"]
+    assert sorted(n for ns in modules.values() for n in ns) == sorted(names + private)
+    for module, defined in modules.items():
+        sub = importlib.import_module(f"{package}.{module}")
+        for name in defined:
+            assert _from_import(package, name) is getattr(sub, name), f"{package}.{name} is not {sub.__name__}.{name}"
+            obj = getattr(sub, name)
+            if callable(obj) and hasattr(obj, "__module__") and name != "ProcessGroup":
+                assert obj.__module__ == sub.__name__, name
+        assert set(getattr(sub, "__all__", ())) <= set(names), sub.__name__
+
+
+def test_setting_chunk_elements_on_properlm_distributed_reaches_both_losses(monkeypatch):
+    """``properlm.distributed.CHUNK_ELEMENTS`` (a module global before the split) still sets the rows per chunk
+    that both vocabulary-parallel losses use (``_chunk_rows``, which the unfused and fused modules call)."""
+    import properlm.distributed as pl_distributed
+    from properlm.distributed import fused, layout, unfused
+    from properlm.loss import CHUNK_ELEMENTS
+
+    assert pl_distributed.CHUNK_ELEMENTS == CHUNK_ELEMENTS
+    assert unfused._chunk_rows is fused._chunk_rows is layout._chunk_rows is pl_distributed._chunk_rows
+    assert layout._chunk_rows(1000) == max(1, CHUNK_ELEMENTS // 1000)
+    monkeypatch.setattr(pl_distributed, "CHUNK_ELEMENTS", 3 * 7)
+    assert layout._chunk_rows(7) == 3 and layout._chunk_rows(100) == 1 and layout._chunk_rows(0) == 21
+
+
+def test_pickles_naming_the_former_data_module_still_load():
+    """An ``Example`` or a ``DataCollator`` pickled before the split names ``properlm.data``: it still loads."""
+    from properlm.data import collate, reading
+
+    for name, obj in [("Example", reading.Example), ("DataError", reading.DataError),
+                      ("DataCollator", collate.DataCollator)]:
+        assert pickle.loads(f"cproperlm.data\n{name}\n.".encode()) is obj
+    e = reading.Example("a", "b", "translation", {"source": "a"}, "x line 1")
+    assert pickle.loads(pickle.dumps(e)) == e
+    c = collate.DataCollator(pad_token_id=0, pad_to_multiple_of=8)
+    assert pickle.loads(pickle.dumps(c)) == c

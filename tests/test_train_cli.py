@@ -147,6 +147,22 @@ def test_schedule_switches_rule_at_the_right_step(tmp_path):
     assert all(r["loss"] > 3 for r in records[:3]) and all(r["loss"] < 2 for r in records[3:])
 
 
+@pytest.mark.parametrize("scheduler", ["constant", "linear", "cosine", "inverse_sqrt"])
+def test_every_lr_scheduler_warms_up(tmp_path, scheduler):
+    """--warmup-steps W: the learning rate rises linearly over the first W steps whatever the schedule (regression:
+    ``constant`` went to transformers' ``"constant"``, which ignores the warm-up)."""
+    cfg = tiny(tmp_path, lr_scheduler=scheduler, warmup_steps=4, max_steps=8)
+    run_training(cfg)
+    lrs = [r["learning_rate"] for r in read_metrics(cfg.output_dir) if "loss" in r]
+    assert len(lrs) == 8
+    peak = cfg.learning_rate
+    # the rate step s ran at (transformers' convention: step 1 at 0): (s - 1) / W of the peak up to step W + 1
+    assert lrs[:5] == pytest.approx([peak * (s - 1) / 4 for s in range(1, 6)], rel=1e-6, abs=1e-12), lrs
+    assert max(lrs) == pytest.approx(peak, rel=1e-6)
+    if scheduler == "constant":
+        assert lrs[4:] == pytest.approx([peak] * 4, rel=1e-6)
+
+
 class Kill(Exception):
     pass
 

@@ -33,6 +33,13 @@ def _sampling_arguments(group_by_length: bool) -> dict[str, Any]:
     return {"group_by_length": True}
 
 
+#: ``lr_scheduler`` -> the ``transformers`` scheduler type. Every schedule starts with ``warmup_steps`` of linear
+#: warm-up; transformers' ``"constant"`` ignores ``warmup_steps``, its ``"constant_with_warmup"`` is our
+#: ``constant`` (the same as ``"constant"`` when ``warmup_steps`` is 0).
+_HF_SCHEDULERS = {"inverse_sqrt": "inverse_sqrt", "cosine": "cosine", "linear": "linear",
+                  "constant": "constant_with_warmup"}
+
+
 def _training_arguments(cfg: TrainConfig, max_steps: int, has_eval: bool) -> Any:
     from transformers import TrainingArguments
 
@@ -44,7 +51,7 @@ def _training_arguments(cfg: TrainConfig, max_steps: int, has_eval: bool) -> Any
         "per_device_eval_batch_size": cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "learning_rate": cfg.learning_rate,
-        "lr_scheduler_type": cfg.lr_scheduler,
+        "lr_scheduler_type": _HF_SCHEDULERS[cfg.lr_scheduler],
         "warmup_steps": cfg.warmup_steps,
         "weight_decay": cfg.weight_decay,
         "adam_beta1": cfg.adam_beta1,

@@ -22,7 +22,8 @@ from ..stats import SMOOTHING_VARIANTS
 __all__ = ["LR_SCHEDULERS", "ConfigError", "TrainConfig", "config_fields", "load_yaml_config", "make_config"]
 
 
-#: accepted ``lr_scheduler`` values (``inverse_sqrt``: linear warm-up, then ``lr * sqrt(warmup / step)``)
+#: accepted ``lr_scheduler`` values, each after ``warmup_steps`` of linear warm-up from 0 to the peak learning rate
+#: (``inverse_sqrt``: then ``lr * sqrt(warmup / step)``; ``constant``: then the peak)
 LR_SCHEDULERS = ("inverse_sqrt", "cosine", "linear", "constant")
 
 

@@ -450,3 +450,81 @@ def test_train_refuses_a_length_beyond_the_model(tiny_models, tmp_path, capsys):
     assert main(["train", "--init", "tiny-seq2seq", "--train-file", data, "--max-source-length", "0",
                  "--output-dir", str(tmp_path / "o")]) == 2
     assert "--max-source-length must be positive" in capsys.readouterr().err
+
+
+def test_no_generate_warns_about_the_decoding_options(parallel, tmp_path):
+    """With --no-generate the decoding options change nothing: validate_settings warns and names them; without
+    them (the calibration runs of the benchmark studies) nothing warns."""
+    import warnings
+
+    from properlm.evaluation import EvalSettings, validate_settings
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}", encoding="utf-8")
+    base = {"model": str(model), "source_file": parallel[0], "target_file": parallel[1], "generate": False,
+            "output_dir": str(tmp_path / "o")}
+    with pytest.warns(UserWarning, match=r"--num-beams 4, --objective spherical, --max-new-tokens-ratio 1\.0: no "
+                      r"effect with --no-generate"):
+        validate_settings(EvalSettings(**base, num_beams=4, objective="spherical", max_new_tokens_ratio=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_settings(EvalSettings(**base, fit_temperature=True, max_length=64, batch_size=4, dtype="float32",
+                                       device="cpu", progress=False))
+        validate_settings(EvalSettings(**{**base, "generate": True}, num_beams=4, objective="spherical"))
+        validate_settings(EvalSettings(**base, num_beams=4), warn=False)
+
+
+def test_a_training_output_dir_as_model_points_to_its_model(parallel, tmp_path, capsys):
+    """`--model runs/NAME` (the output directory of `properlm train`) names the model inside it."""
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}", encoding="utf-8")
+    assert main(["evaluate", "--model", str(run), "--source-file", parallel[0], "--target-file", parallel[1],
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no config.json" in err and f"pass the model it saved, --model {run / 'final'}" in err
+    assert main(["generate", "--model", str(run), "--input", parallel[0]]) == 2
+    assert f"--model {run / 'final'}" in capsys.readouterr().err
+
+
+def test_generate_warns_about_language_names_without_translation(tmp_path):
+    """--source-lang/--target-lang go into --task translation prompts only; with another --task they warn."""
+    import warnings
+
+    from properlm.cli import generate
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}", encoding="utf-8")
+    args = build_parser().parse_args(["generate", "--model", str(model), "--source-lang", "German"])
+    with pytest.warns(UserWarning, match="--source-lang German: no effect with --task raw"):
+        generate._validate(args)
+    args = build_parser().parse_args(["generate", "--model", str(model), "--task", "translation", "--source-lang",
+                                      "German", "--target-lang", "English"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate._validate(args)
+
+
+def test_compare_writes_the_table_into_a_new_directory(tmp_path, capsys):
+    """--output-md in a directory that does not exist yet is created, as --plot's is (it was a traceback)."""
+    run = tmp_path / "run"
+    _fake_train_run(run, "logarithmic", [3.0, 2.5])
+    md = tmp_path / "report" / "table.md"
+    assert main(["compare", str(run), "--no-plot", "--output-md", str(md)]) == 0
+    assert md.read_text(encoding="utf-8").startswith("| run")
+
+
+def test_generate_refuses_an_output_it_cannot_write_before_loading(tmp_path, capsys):
+    """--output in a missing directory (or a directory) is refused before the model is loaded and the inputs
+    decoded, not with a traceback after them."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}", encoding="utf-8")
+    inp = tmp_path / "in.txt"
+    inp.write_text("a\n", encoding="utf-8")
+    for output, message in [(tmp_path / "nope" / "out.txt", "does not exist"), (tmp_path, "a directory, not a file")]:
+        assert main(["generate", "--model", str(model), "--input", str(inp), "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {str(output)!r}: " in err and message in err

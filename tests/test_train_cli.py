@@ -516,3 +516,108 @@ def test_group_by_length_selects_the_length_grouped_sampler(tmp_path):
     grouped, shuffled = list(samplers[True]), list(samplers[False])
     assert sorted(grouped) == list(range(len(lengths)))
     assert padded(grouped) < 0.7 * padded(shuffled)  # about half the padded tokens
+
+
+def test_bad_optimiser_values_fail_fast(tmp_path):
+    """Out-of-range AdamW betas and non-finite values are refused by validate_config, before any model is built
+    (a beta of 1.5 used to pass and fail in torch's Adam constructor, a NaN weight decay to train to NaN)."""
+    from properlm.training import validate_config
+
+    for options, message in [({"adam_beta2": 1.5}, "--adam-beta2 must be in [0, 1), got 1.5"),
+                             ({"adam_beta1": -0.1}, "--adam-beta1 must be in [0, 1)"),
+                             ({"adam_beta2": float("nan")}, "--adam-beta2 must be in [0, 1)"),
+                             ({"weight_decay": float("nan")}, "--weight-decay must be a finite number"),
+                             ({"max_grad_norm": float("nan")}, "--max-grad-norm must be a number >= 0"),
+                             ({"num_train_epochs": float("nan")}, "--num-train-epochs must be positive"),
+                             ({"lora_alpha": float("nan")}, "--lora-alpha must be a finite number")]:
+        with pytest.raises(ConfigError) as exc:
+            validate_config(tiny(tmp_path, **options))
+        assert message in str(exc.value), options
+    validate_config(tiny(tmp_path, adam_beta1=0.0, adam_beta2=0.98, weight_decay=0.01, max_grad_norm=0.0))
+
+
+def test_ignored_options_warn(tmp_path):
+    """Valid options that the configuration ignores warn (named, with the reason); the configurations of the
+    benchmark studies and the tests' tiny run warn nothing."""
+    import warnings
+
+    from properlm.training import validate_config
+    from properlm.training.validation import ignored_option_warnings
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}", encoding="utf-8")
+    pretrained = {"init": None, "model": str(model_dir), "vocab_size": 1000, "hidden_size": 128, "num_layers": 2,
+                  "num_heads": 4}
+    cases = [
+        ({**pretrained, "hidden_size": 64, "dropout": 0.3},
+         "--hidden-size, --dropout only configure a fresh --init model and have no effect on --model"),
+        ({**pretrained, "num_layers": 6}, "--num-layers only configures a fresh --init model and has no effect"),
+        ({"lora_r": 4}, "--lora-r has no effect without --lora"),
+        ({"torch_compile_backend": "aot_eager"}, "--torch-compile-backend aot_eager has no effect without"),
+        ({"validation_seed": 3}, "--validation-seed 3 has no effect without --validation-fraction"),
+        ({"smoothing_variant": "gated"}, "--smoothing-variant gated has no effect without --smoothing"),
+        ({"save_total_limit": 1}, "--save-total-limit 1 has no effect without --save-steps"),
+        ({"num_train_epochs": 3.0}, "--num-train-epochs 3 has no effect: the run takes 6 steps (--max-steps)"),
+        ({"warmup_steps": 6}, "--warmup-steps 6 is not below the run's 6 steps"),
+        ({"max_steps": None, "schedule": "logarithmic:3,brier:3", "warmup_steps": 10},
+         "--warmup-steps 10 is not below the run's 6 steps"),
+        ({"average_last": 3, "save_steps": 4}, "--average-last 3: the run saves only 2 checkpoint(s)"),
+        ({"source_file": None, "target_file": None, "train_file": write_alpaca(tmp_path), "source_lang": "German"},
+         "--source-lang only names a language of --source-file/--target-file translation prompts"),
+    ]
+    for options, message in cases:
+        cfg = tiny(tmp_path, **options)
+        with pytest.warns(UserWarning, match=r".*") as caught:
+            validate_config(cfg)
+        assert any(message in str(w.message) for w in caught), (message, [str(w.message) for w in caught])
+        assert ignored_option_warnings(cfg)
+    src, tgt = write_parallel(tmp_path)
+    quiet = [tiny(tmp_path),
+             tiny(tmp_path, warmup_steps=5, save_steps=2, average_last=3, save_total_limit=3, smoothing=0.1,
+                  smoothing_variant="gated", validation_fraction=0.2, validation_seed=1),
+             # the options of the benchmark studies' runs (reproduce_mt: --init; reproduce_llm: --model)
+             tiny(tmp_path, lr_scheduler="inverse_sqrt", warmup_steps=4, adam_beta2=0.98, dropout=0.3, ffn_size=64,
+                  validation_source_file=src, validation_target_file=tgt, eval_steps=2, save_steps=2),
+             tiny(tmp_path, **pretrained, source_lang="German", target_lang="English", rule="brier",
+                  smoothing=0.1, smoothing_variant="gated", warmup_steps=2, save_steps=2, save_total_limit=1)]
+    for cfg in quiet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            validate_config(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_config(tiny(tmp_path, lora_r=4), warn=False)
+
+
+def test_help_names_the_model_sources(capsys):
+    """--gguf-file goes with --model (its directory), so the model group does not say 'exactly one of'."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "exactly one of" not in out and "--model and/or --gguf-file, or --init" in out
+
+
+def test_what_an_earlier_run_left_in_the_output_dir_warns(tmp_path):
+    """A new run (not --resume) in a used --output-dir warns: an --init run takes up the old tokenizer (so
+    --vocab-size does not change it), metrics.jsonl is appended to, --overwrite-output-dir leaves the old
+    checkpoints in place."""
+    import warnings
+
+    from properlm.training import validate_config
+
+    out = tmp_path / "run"
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / "tokenizer.json").write_text("{}", encoding="utf-8")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n', encoding="utf-8")
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}", encoding="utf-8")
+    with pytest.warns(UserWarning) as caught:
+        validate_config(tiny(tmp_path, vocab_size=300, overwrite_output_dir=True))
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "holds the tokenizer of an earlier run (tokenizer/): this --init run uses it as it is" in messages
+    assert "holds the metrics.jsonl of an earlier run: this run appends" in messages
+    assert "--overwrite-output-dir keeps the 1 checkpoint-N directories of the earlier run" in messages
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_config(tiny(tmp_path, resume=True))  # continuing the run takes all of it up, as it should

@@ -332,6 +332,7 @@ def run(args: argparse.Namespace) -> int:
     table = comparison_table(runs)
     print(table)
     if args.output_md:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_md)), exist_ok=True)  # as --plot does
         with open(args.output_md, "w", encoding="utf-8") as f:
             f.write(table + "\n")
     if args.plot:

@@ -6,6 +6,7 @@ The inputs are read one per line, from a file or stdin; one output line per inpu
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -19,6 +20,7 @@ from ..evaluation import (
     validate_decoding,
     validate_new_token_cap,
 )
+from ..evaluation.settings import training_run_hint
 from ..modeling import (
     ModelLoadError,
     check_model_source,
@@ -75,13 +77,28 @@ def register(subparsers: Any) -> None:
 def _validate(args: argparse.Namespace) -> tuple[str, LengthLimits]:
     if not args.model and not args.gguf_file:
         raise EvalError("no model given: pass --model or --gguf-file")
-    check_model_source(args.model, args.gguf_file, None)
+    try:
+        check_model_source(args.model, args.gguf_file, None)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{exc}{training_run_hint(args.model)}") from None
     lengths = {k: v for k, v in (("max_length", args.max_length), ("max_source_length", args.max_source_length))
                if v is not None}
     objective = validate_decoding(args.objective, args.num_beams, args.length_penalty,
                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, **lengths)
     validate_new_token_cap(args.max_new_tokens_ratio, new_token_offset(args))
     resolve_device(args.device)
+    if args.output != "-":
+        parent = os.path.dirname(os.path.abspath(args.output))
+        if os.path.isdir(args.output) or not os.path.isdir(parent):
+            raise EvalError(f"--output {args.output!r}: " + ("a directory, not a file" if os.path.isdir(args.output)
+                            else f"directory {parent!r} does not exist"))
+    langs = [f"--{n.replace('_', '-')} {getattr(args, n)}" for n in ("source_lang", "target_lang")
+             if getattr(args, n) is not None]
+    if langs and args.task != "translation":
+        import warnings
+
+        warnings.warn(f"{', '.join(langs)}: no effect with --task {args.task} (the language names go into "
+                      "--task translation prompts only)", UserWarning, stacklevel=2)
     return objective, _limits(args, model_config_dict(args.model, args.gguf_file))
 
 

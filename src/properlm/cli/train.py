@@ -18,7 +18,7 @@ from ..modeling import ModelLoadError
 from ..training import ConfigError, config_fields, load_yaml_config, make_config, run_training
 
 _GROUP_TITLES = {
-    "model": "model (exactly one of --model, --gguf-file, --init)",
+    "model": "model (--model and/or --gguf-file, or --init; the other options here configure --init only)",
     "data": "data",
     "objective": "scoring rule (or an improper baseline objective)",
     "optimisation": "optimisation",

@@ -23,9 +23,11 @@ __all__ = [
     "RESULTS_KIND",
     "EvalError",
     "EvalSettings",
+    "ignored_decoding_options",
     "parse_rules",
     "resolve_device",
     "torch_dtype",
+    "training_run_hint",
     "validate_decoding",
     "validate_new_token_cap",
     "validate_settings",
@@ -151,10 +153,45 @@ def validate_new_token_cap(max_new_tokens_ratio: float | None, max_new_tokens_of
                         .replace("max_new_tokens_offset", "max-new-tokens-offset")) from None
 
 
-def validate_settings(s: EvalSettings, check_model: bool = True) -> EvalSettings:
+def ignored_decoding_options(s: EvalSettings) -> list[str]:
+    """Messages for the decoding options that ``--no-generate`` makes void (none, or decoding on: ``[]``).
+
+    An option counts as given when it differs from its :class:`EvalSettings` default (``--num-beams``,
+    ``--objective``, ``--length-penalty``, ``--max-new-tokens``, ``--max-new-tokens-ratio``,
+    ``--max-new-tokens-offset``)."""
+    if s.generate:
+        return []
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalSettings)}
+    names = ("num_beams", "objective", "length_penalty", "max_new_tokens", "max_new_tokens_ratio",
+             "max_new_tokens_offset")
+    given = [f"--{n.replace('_', '-')} {getattr(s, n)}" for n in names if getattr(s, n) != defaults[n]]
+    if not given:
+        return []
+    return [f"{', '.join(given)}: no effect with --no-generate (no decoding; only the teacher-forced metrics)"]
+
+
+def training_run_hint(model: str | None) -> str:
+    """For a ``model`` that is a ``properlm train`` output directory, the hint to pass its model; else ``""``.
+
+    An output directory holds ``final/`` (and perhaps ``averaged/``, ``checkpoint-N/``), each a model
+    directory, but no ``config.json`` of its own."""
+    if not model or not os.path.isdir(model):
+        return ""
+    names = ("config.json", "adapter_config.json")
+    if any(os.path.isfile(os.path.join(model, n)) for n in names):
+        return ""
+    models = [d for d in ("final", "averaged") if any(os.path.isfile(os.path.join(model, d, n)) for n in names)]
+    if not models:
+        return ""
+    return (f" (it looks like the output directory of `properlm train`: pass the model it saved, "
+            f"{' or '.join('--model ' + os.path.join(model, d) for d in models)})")
+
+
+def validate_settings(s: EvalSettings, check_model: bool = True, warn: bool = True) -> EvalSettings:
     """Check every setting without loading anything; returns a copy with canonical rule specs.
 
-    ``check_model=False`` skips the model source (a model given in memory).
+    ``check_model=False`` skips the model source (a model given in memory). With ``warn``, decoding
+    options that ``--no-generate`` makes void (:func:`ignored_decoding_options`) give a ``UserWarning``.
     Raises :class:`EvalError`."""
     from ..modeling import ModelLoadError, check_model_source
     from .metrics import check_temperature
@@ -166,7 +203,7 @@ def validate_settings(s: EvalSettings, check_model: bool = True) -> EvalSettings
         try:
             check_model_source(s.model, s.gguf_file, None)
         except ModelLoadError as exc:
-            raise EvalError(str(exc)) from None
+            raise EvalError(f"{exc}{training_run_hint(s.model)}") from None
     if s.data_file is None and s.source_file is None and s.target_file is None:
         raise EvalError("no data: pass --data-file (JSON/JSONL) or --source-file and --target-file")
     if s.data_file is not None and (s.source_file or s.target_file):
@@ -181,6 +218,11 @@ def validate_settings(s: EvalSettings, check_model: bool = True) -> EvalSettings
     objective = validate_decoding(s.objective, s.num_beams, s.length_penalty, s.generate,
                                   max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, num_bins=s.num_bins)
     validate_new_token_cap(s.max_new_tokens_ratio, s.max_new_tokens_offset)
+    if warn:
+        import warnings
+
+        for message in ignored_decoding_options(s):
+            warnings.warn(message, UserWarning, stacklevel=2)
     for flag, t in (("--temperature", s.temperature), ("--also-temperature", s.also_temperature)):
         if flag == "--also-temperature" and t is None:
             continue

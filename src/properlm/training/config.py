@@ -23,7 +23,8 @@ __all__ = ["LR_SCHEDULERS", "ConfigError", "TrainConfig", "config_fields", "load
 
 
 #: accepted ``lr_scheduler`` values, each after ``warmup_steps`` of linear warm-up from 0 to the peak learning rate
-#: (``inverse_sqrt``: then ``lr * sqrt(warmup / step)``; ``constant``: then the peak)
+#: (``inverse_sqrt``: then ``lr * sqrt(W / step)`` for ``W = warmup_steps``; with no warm-up transformers' timescale
+#: of 10,000 steps, ``lr * sqrt(10000 / (step + 10000))``, nearly constant for short runs; ``constant``: the peak)
 LR_SCHEDULERS = ("inverse_sqrt", "cosine", "linear", "constant")
 
 
@@ -109,7 +110,9 @@ class TrainConfig:
                                  "on short, varied sentences; the order stays random across batches)",
                                  group="optimisation")
     learning_rate: float = _opt(5e-5, "peak learning rate", group="optimisation")
-    lr_scheduler: str = _opt("inverse_sqrt", "learning-rate schedule after warm-up", choices=LR_SCHEDULERS,
+    lr_scheduler: str = _opt("inverse_sqrt", "learning-rate schedule after warm-up (inverse_sqrt: lr*sqrt(W/step) "
+                             "after W = --warmup-steps; with W = 0, lr*sqrt(10000/(step+10000)))",
+                             choices=LR_SCHEDULERS,
                              group="optimisation")
     warmup_steps: int = _opt(0, "linear warm-up steps", group="optimisation")
     weight_decay: float = _opt(0.0, "AdamW weight decay", group="optimisation")

@@ -2,13 +2,15 @@
 
 :func:`validate_config` checks every argument, the files, the rule, the schedule, the precision and the output
 directory without loading data or models, and raises :class:`~properlm.training.config.ConfigError` naming the
-option. Once the model and the ``Trainer`` exist, :func:`smoothing_warning` (the paper's masked-log smoothing at a
-large vocabulary) and ``_warn_if_fsdp_ignored`` (FSDP asked for but not enabled) warn about settings that are valid
-but likely not what was meant.
+option; it warns about valid options that the configuration ignores (:func:`ignored_option_warnings`). Once the
+model and the ``Trainer`` exist, :func:`smoothing_warning` (the paper's masked-log smoothing at a large vocabulary)
+and ``_warn_if_fsdp_ignored`` (FSDP asked for but not enabled) warn about settings that are valid but likely not
+what was meant.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any
@@ -22,7 +24,7 @@ from ..stats import SMOOTHING_VARIANTS
 from .checkpoints import find_checkpoints
 from .config import LR_SCHEDULERS, ConfigError, TrainConfig
 
-__all__ = ["PAPER_SMOOTHING_WARN_VOCAB", "smoothing_warning", "validate_config"]
+__all__ = ["PAPER_SMOOTHING_WARN_VOCAB", "ignored_option_warnings", "smoothing_warning", "validate_config"]
 
 
 def _parse_schedule(spec: str) -> Any:
@@ -67,8 +69,11 @@ def _check_improper(cfg: TrainConfig, rule_spec: str) -> None:
                           f"--improper-loss, not both (got --rule {cfg.rule})")
 
 
-def validate_config(cfg: TrainConfig) -> None:
-    """Check every argument without loading data or models; raise :class:`ConfigError`."""
+def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
+    """Check every argument without loading data or models; raise :class:`ConfigError`.
+
+    With ``warn``, a valid option that has no effect in ``cfg`` (:func:`ignored_option_warnings`) gives a
+    ``UserWarning``."""
     try:
         check_model_source(cfg.model, cfg.gguf_file, cfg.init)
     except ModelLoadError as exc:
@@ -129,6 +134,14 @@ def validate_config(cfg: TrainConfig) -> None:
     for name in ("warmup_steps", "average_last", "dataloader_num_workers", "weight_decay", "max_grad_norm"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("weight_decay", "lora_alpha"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(cfg, name)}")
+    if math.isnan(cfg.max_grad_norm):
+        raise ConfigError("--max-grad-norm must be a number >= 0 (0 disables clipping), got nan")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
     if cfg.max_length < 2:
         raise ConfigError(f"--max-length must be at least 2, got {cfg.max_length}")
     if cfg.max_source_length is not None and cfg.max_source_length < 1:
@@ -140,7 +153,7 @@ def validate_config(cfg: TrainConfig) -> None:
                               f"takes ({key} in its config.json); use --max-length {limit} or less")
     if not cfg.learning_rate > 0 or not math.isfinite(cfg.learning_rate):
         raise ConfigError(f"--learning-rate must be positive, got {cfg.learning_rate}")
-    if cfg.num_train_epochs <= 0:
+    if not cfg.num_train_epochs > 0 or not math.isfinite(cfg.num_train_epochs):
         raise ConfigError(f"--num-train-epochs must be positive, got {cfg.num_train_epochs}")
     if cfg.lr_scheduler not in LR_SCHEDULERS:
         raise ConfigError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {cfg.lr_scheduler!r}")
@@ -177,6 +190,105 @@ def validate_config(cfg: TrainConfig) -> None:
     if not cfg.resume and checkpoints and not cfg.overwrite_output_dir:
         raise ConfigError(f"--output-dir {cfg.output_dir!r} already holds checkpoints; pass --resume to continue "
                           "that run or --overwrite-output-dir to start afresh")
+    if warn:
+        import warnings
+
+        for message in [*ignored_option_warnings(cfg), *_earlier_run_warnings(cfg, checkpoints)]:
+            warnings.warn(message, UserWarning, stacklevel=2)
+
+
+def _earlier_run_warnings(cfg: TrainConfig, checkpoints: list[str]) -> list[str]:
+    """Messages for what an earlier run left in ``--output-dir`` that a new (not ``--resume``) run takes up.
+
+    The tokenizer of ``OUTPUT_DIR/tokenizer`` (an ``--init`` run loads it instead of training one), the
+    records of ``metrics.jsonl`` (appended to) and, with ``--overwrite-output-dir``, the ``checkpoint-N``
+    directories (not removed: ``--average-last`` and ``--save-total-limit`` count them)."""
+    if cfg.resume:
+        return []
+    out: list[str] = []
+    if cfg.init is not None and os.path.isfile(os.path.join(cfg.output_dir, "tokenizer", "tokenizer.json")):
+        out.append(f"--output-dir {cfg.output_dir!r} holds the tokenizer of an earlier run (tokenizer/): this --init "
+                   "run uses it as it is, so --vocab-size and the training data do not change it; remove that "
+                   "directory (or choose another --output-dir) to train a new tokenizer")
+    if os.path.isfile(os.path.join(cfg.output_dir, "metrics.jsonl")):
+        out.append(f"--output-dir {cfg.output_dir!r} holds the metrics.jsonl of an earlier run: this run appends its "
+                   "records to it, after the earlier run's")
+    if checkpoints and cfg.overwrite_output_dir:
+        out.append(f"--overwrite-output-dir keeps the {len(checkpoints)} checkpoint-N directories of the earlier run "
+                   f"in {cfg.output_dir!r}: those this run does not save over remain, and --average-last and "
+                   "--save-total-limit count them")
+    return out
+
+
+#: the options that only configure a fresh ``--init`` model, and those that only configure ``--lora``
+_INIT_OPTIONS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "dropout")
+_LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
+def _flags(names: list[str]) -> tuple[str, bool]:
+    """``("--a, --b", plural)`` for option names ``["a", "b"]``."""
+    return ", ".join("--" + n.replace("_", "-") for n in names), len(names) > 1
+
+
+def ignored_option_warnings(cfg: TrainConfig) -> list[str]:
+    """Messages for valid options that this ``cfg`` ignores or that do less than asked (none: ``[]``).
+
+    An option counts as given when it differs from its default: the ``--init`` model options without
+    ``--init``, the LoRA options without ``--lora``, ``--torch-compile-backend`` without ``--torch-compile``,
+    ``--validation-seed`` without ``--validation-fraction``, ``--smoothing-variant`` without ``--smoothing``,
+    ``--save-total-limit`` without ``--save-steps``, ``--num-train-epochs`` with a step count, the language
+    names with ``--train-file`` data; and, with a known step count N (``--max-steps`` or ``--schedule``),
+    ``--warmup-steps`` >= N (the peak learning rate is never reached) and ``--average-last`` K above the
+    ceil(N / --save-steps) checkpoints the run saves.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+    def given(name: str) -> bool:
+        return getattr(cfg, name) != defaults[name]
+
+    out: list[str] = []
+    if cfg.init is None:
+        flags, plural = _flags([n for n in _INIT_OPTIONS if given(n)])
+        if flags:
+            out.append(f"{flags} only configure{'' if plural else 's'} a fresh --init model and "
+                       f"{'have' if plural else 'has'} no effect on --model/--gguf-file, whose own configuration "
+                       "is used")
+    if not cfg.lora:
+        flags, plural = _flags([n for n in _LORA_OPTIONS if given(n)])
+        if flags:
+            out.append(f"{flags} {'have' if plural else 'has'} no effect without --lora")
+    if not cfg.torch_compile and given("torch_compile_backend"):
+        out.append(f"--torch-compile-backend {cfg.torch_compile_backend} has no effect without --torch-compile")
+    if cfg.validation_seed is not None and cfg.validation_fraction == 0:
+        out.append(f"--validation-seed {cfg.validation_seed} has no effect without --validation-fraction")
+    if cfg.smoothing == 0 and given("smoothing_variant"):
+        out.append(f"--smoothing-variant {cfg.smoothing_variant} has no effect without --smoothing")
+    if cfg.save_total_limit is not None and cfg.save_steps is None:
+        out.append(f"--save-total-limit {cfg.save_total_limit} has no effect without --save-steps (no checkpoints "
+                   "are saved)")
+    steps = None
+    if cfg.schedule is not None:
+        steps = _parse_schedule(cfg.schedule).total_steps
+    elif cfg.max_steps is not None:
+        steps = cfg.max_steps
+    if steps is not None and given("num_train_epochs"):
+        out.append(f"--num-train-epochs {cfg.num_train_epochs:g} has no effect: the run takes {steps} steps "
+                   f"({'--schedule' if cfg.schedule is not None else '--max-steps'})")
+    if cfg.train_file is not None:
+        flags, plural = _flags([n for n in ("source_lang", "target_lang") if getattr(cfg, n) is not None])
+        if flags:
+            out.append(f"{flags} only name{'' if plural else 's'} a language of --source-file/--target-file "
+                       f"translation prompts and {'have' if plural else 'has'} no effect on --train-file data")
+    if steps is not None and cfg.warmup_steps >= steps:
+        out.append(f"--warmup-steps {cfg.warmup_steps} is not below the run's {steps} steps: the learning rate "
+                   f"rises linearly for the whole run and never reaches --learning-rate {cfg.learning_rate:g}")
+    if steps is not None and cfg.save_steps is not None and cfg.average_last > 0:
+        saved = -(-steps // cfg.save_steps)
+        if cfg.average_last > saved:
+            out.append(f"--average-last {cfg.average_last}: the run saves only {saved} checkpoint(s) (every "
+                       f"{cfg.save_steps} of {steps} steps, and the last), so OUTPUT_DIR/averaged averages "
+                       f"{saved}")
+    return out
 
 
 #: from this vocabulary size on, ``properlm train`` warns about the paper's masked-log smoothing of a

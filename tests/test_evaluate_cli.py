@@ -476,7 +476,8 @@ def test_no_generate_warns_about_the_decoding_options(parallel, tmp_path):
 
 
 def test_a_training_output_dir_as_model_points_to_its_model(parallel, tmp_path, capsys):
-    """`--model runs/NAME` (the output directory of `properlm train`) names the model inside it."""
+    """`--model runs/NAME` (the output directory of `properlm train`) names the model inside it, in evaluate, generate
+    and train."""
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
     (run / "final" / "config.json").write_text("{}", encoding="utf-8")
@@ -485,6 +486,10 @@ def test_a_training_output_dir_as_model_points_to_its_model(parallel, tmp_path, 
     err = capsys.readouterr().err
     assert "holds no config.json" in err and f"pass the model it saved, --model {run / 'final'}" in err
     assert main(["generate", "--model", str(run), "--input", parallel[0]]) == 2
+    assert f"--model {run / 'final'}" in capsys.readouterr().err
+    # train fine-tunes from --model: the same check (properlm.modeling.check_model_source), the same hint
+    assert main(["train", "--model", str(run), "--source-file", parallel[0], "--target-file", parallel[1],
+                 "--output-dir", str(tmp_path / "t")]) == 2
     assert f"--model {run / 'final'}" in capsys.readouterr().err
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "TRAINING_RECORD",
     "ModelLoadError",
     "check_model_source",
+    "training_run_hint",
     "gguf_location",
     "is_seq2seq",
     "load_model_and_tokenizer",
@@ -115,9 +116,27 @@ def check_model_source(model: str | None = None, gguf_file: str | None = None, i
             raise ModelLoadError(f"model {model!r} is a file; pass the directory that holds config.json "
                                  "(or use --gguf-file for a GGUF file)")
         if not any(os.path.isfile(os.path.join(model, f)) for f in ("config.json", "adapter_config.json")):
-            raise ModelLoadError(f"model directory {model!r} holds no config.json (nor adapter_config.json)")
+            raise ModelLoadError(f"model directory {model!r} holds no config.json (nor adapter_config.json)"
+                                 f"{training_run_hint(model)}")
     elif model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelLoadError(f"model directory {model!r} does not exist")
+
+
+def training_run_hint(model: str | None) -> str:
+    """For a ``model`` that is a ``properlm train`` output directory, the hint to pass its model; else ``""``.
+
+    An output directory holds ``final/`` (and perhaps ``averaged/``, ``checkpoint-N/``), each a model
+    directory, but no ``config.json`` of its own."""
+    if not model or not os.path.isdir(model):
+        return ""
+    names = ("config.json", "adapter_config.json")
+    if any(os.path.isfile(os.path.join(model, n)) for n in names):
+        return ""
+    models = [d for d in ("final", "averaged") if any(os.path.isfile(os.path.join(model, d, n)) for n in names)]
+    if not models:
+        return ""
+    return (f" (it looks like the output directory of `properlm train`: pass the model it saved, "
+            f"{' or '.join('--model ' + os.path.join(model, d) for d in models)})")
 
 
 def _read_json_file(path: str) -> dict[str, Any] | None:

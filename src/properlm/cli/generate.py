@@ -20,7 +20,6 @@ from ..evaluation import (
     validate_decoding,
     validate_new_token_cap,
 )
-from ..evaluation.settings import training_run_hint
 from ..modeling import (
     ModelLoadError,
     check_model_source,
@@ -77,10 +76,7 @@ def register(subparsers: Any) -> None:
 def _validate(args: argparse.Namespace) -> tuple[str, LengthLimits]:
     if not args.model and not args.gguf_file:
         raise EvalError("no model given: pass --model or --gguf-file")
-    try:
-        check_model_source(args.model, args.gguf_file, None)
-    except ModelLoadError as exc:
-        raise ModelLoadError(f"{exc}{training_run_hint(args.model)}") from None
+    check_model_source(args.model, args.gguf_file, None)
     lengths = {k: v for k, v in (("max_length", args.max_length), ("max_source_length", args.max_source_length))
                if v is not None}
     objective = validate_decoding(args.objective, args.num_beams, args.length_penalty,

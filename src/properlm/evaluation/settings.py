@@ -27,7 +27,6 @@ __all__ = [
     "parse_rules",
     "resolve_device",
     "torch_dtype",
-    "training_run_hint",
     "validate_decoding",
     "validate_new_token_cap",
     "validate_settings",
@@ -170,23 +169,6 @@ def ignored_decoding_options(s: EvalSettings) -> list[str]:
     return [f"{', '.join(given)}: no effect with --no-generate (no decoding; only the teacher-forced metrics)"]
 
 
-def training_run_hint(model: str | None) -> str:
-    """For a ``model`` that is a ``properlm train`` output directory, the hint to pass its model; else ``""``.
-
-    An output directory holds ``final/`` (and perhaps ``averaged/``, ``checkpoint-N/``), each a model
-    directory, but no ``config.json`` of its own."""
-    if not model or not os.path.isdir(model):
-        return ""
-    names = ("config.json", "adapter_config.json")
-    if any(os.path.isfile(os.path.join(model, n)) for n in names):
-        return ""
-    models = [d for d in ("final", "averaged") if any(os.path.isfile(os.path.join(model, d, n)) for n in names)]
-    if not models:
-        return ""
-    return (f" (it looks like the output directory of `properlm train`: pass the model it saved, "
-            f"{' or '.join('--model ' + os.path.join(model, d) for d in models)})")
-
-
 def validate_settings(s: EvalSettings, check_model: bool = True, warn: bool = True) -> EvalSettings:
     """Check every setting without loading anything; returns a copy with canonical rule specs.
 
@@ -203,7 +185,7 @@ def validate_settings(s: EvalSettings, check_model: bool = True, warn: bool = Tr
         try:
             check_model_source(s.model, s.gguf_file, None)
         except ModelLoadError as exc:
-            raise EvalError(f"{exc}{training_run_hint(s.model)}") from None
+            raise EvalError(str(exc)) from None
     if s.data_file is None and s.source_file is None and s.target_file is None:
         raise EvalError("no data: pass --data-file (JSON/JSONL) or --source-file and --target-file")
     if s.data_file is not None and (s.source_file or s.target_file):

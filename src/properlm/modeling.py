@@ -38,7 +38,6 @@ __all__ = [
     "TRAINING_RECORD",
     "ModelLoadError",
     "check_model_source",
-    "training_run_hint",
     "gguf_location",
     "is_seq2seq",
     "load_model_and_tokenizer",
@@ -49,6 +48,7 @@ __all__ = [
     "record_gguf_base",
     "tiny_config",
     "train_bpe_tokenizer",
+    "training_run_hint",
     "unwrap_model",
 ]
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -205,6 +206,48 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     after = [r for r in read_metrics(killed.output_dir) if "loss" in r and r["step"] > 4]
     assert [(r["step"], r["rule"]) for r in after][-4:] == [(5, "spherical"), (6, "spherical"), (7, "spherical"),
                                                            (8, "spherical")]
+
+
+def test_resume_names_the_options_that_changed(tmp_path, monkeypatch):
+    """--resume with other options than the checkpoint's run (a new learning rate, more steps) used to continue
+    silently; it now warns before training, naming each changed option with its old value. Logging and saving
+    options, and running from another working directory, are not changes of the run."""
+    from properlm.training.resume import RUN_CONFIG, read_run_config, resume_differences
+    from properlm.training.validation import validate_config
+
+    cfg = tiny(tmp_path, max_steps=4, save_steps=2)
+    run_training(cfg)
+    checkpoint = find_checkpoints(cfg.output_dir)[-1]
+    assert os.path.isfile(os.path.join(checkpoint, RUN_CONFIG))
+    assert read_run_config(checkpoint)["learning_rate"] == cfg.learning_rate
+    same = dataclasses.replace(cfg, resume=True, logging_steps=5, save_steps=3, save_total_limit=2)
+    assert resume_differences(same, checkpoint) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_config(same)
+    monkeypatch.chdir(tmp_path)  # relative paths to the same files: the same run
+    rel = dataclasses.replace(same, source_file=os.path.relpath(cfg.source_file, tmp_path))
+    assert resume_differences(rel, checkpoint) == []
+    changed = dataclasses.replace(same, learning_rate=1e-3, max_steps=8, rule="brier")
+    assert resume_differences(changed, checkpoint) == [  # a constant rate: the longer run is not a change
+        f"--rule brier (the run had {cfg.rule})", f"--learning-rate 0.001 (the run had {cfg.learning_rate})"]
+    with pytest.warns(UserWarning, match=r"--resume: 2 option\(s\) differ from the run saved in .*checkpoint-4.*"
+                      r"--rule brier.*not the run that the original command would have produced"):
+        validate_config(changed)
+    # what only shapes the steps still to come is a continuation: the paper's switch (the checkpoint's rule for its
+    # steps, then another) and a longer constant-rate run; a longer run does move a linear decay's past rates
+    switch = dataclasses.replace(same, max_steps=None, schedule=f"{cfg.rule}:4,brier:4")
+    assert resume_differences(switch, checkpoint) == []
+    assert resume_differences(dataclasses.replace(same, max_steps=8), checkpoint) == []
+    assert resume_differences(dataclasses.replace(same, schedule="brier:2,logarithmic:6", max_steps=None),
+                              checkpoint) == ["--schedule brier:2,logarithmic:6 (the run had unset)"]
+    linear = tiny(tmp_path, name="linear", max_steps=4, save_steps=2, lr_scheduler="linear")
+    run_training(linear)
+    assert resume_differences(dataclasses.replace(linear, resume=True, max_steps=8),
+                              find_checkpoints(linear.output_dir)[-1]) == ["--max-steps 8 (the run had 4)"]
+    # a checkpoint saved before the options were recorded: nothing to compare, no warning
+    os.remove(os.path.join(checkpoint, RUN_CONFIG))
+    assert read_run_config(checkpoint) is None and resume_differences(changed, checkpoint) == []
 
 
 @pytest.mark.parametrize("sampling, kill_at", [

@@ -119,10 +119,11 @@ def register(subparsers: Any) -> None:
     d.add_argument("--target-file", metavar="FILE", default=None,
                    help="translation: reference translations, line-aligned with --source-file")
     d.add_argument("--source-lang", metavar="LANG", default=None,
-                   help="translation: source language (used in decoder-only prompts)")
+                   help="translation: source language (used in decoder-only prompts; default: the training "
+                   "run's, else 'source')")
     d.add_argument("--target-lang", metavar="LANG", default=None,
                    help="translation: target language (decoder-only prompts; a code such as zh/ja/ko also "
-                   "selects sacrebleu's tokenizer for BLEU)")
+                   "selects sacrebleu's tokenizer for BLEU; default: the training run's, else 'target')")
     d.add_argument("--task", choices=TASKS, default=None,
                    help="data format; inferred from the files when omitted")
     add_length_arguments(d, "tokenised example (seq2seq: encoder input and reference each; decoder-only: "

@@ -15,6 +15,7 @@ from ..evaluation import (
     EvalError,
     LengthLimits,
     resolve_device,
+    resolve_languages,
     resolve_lengths,
     torch_dtype,
     validate_decoding,
@@ -60,12 +61,15 @@ def register(subparsers: Any) -> None:
                    help="inputs, one per line (UTF-8); '-' reads stdin (default: -)")
     i.add_argument("--output", default="-", metavar="FILE",
                    help="outputs, one per line in input order; '-' writes stdout (default: -)")
-    i.add_argument("--task", choices=PROMPT_FORMATS, default="raw",
+    i.add_argument("--task", choices=PROMPT_FORMATS, default=None,
                    help="prompt format: raw (the line as it is), or the training prompt of instruction "
                    "(line = instruction), translation (line = source sentence) or summarization "
-                   "(line = document) (default: raw)")
-    i.add_argument("--source-lang", metavar="LANG", default=None, help="translation prompts: source language")
-    i.add_argument("--target-lang", metavar="LANG", default=None, help="translation prompts: target language")
+                   "(line = document) (default: the task the model was trained on by properlm train, "
+                   "else raw)")
+    i.add_argument("--source-lang", metavar="LANG", default=None,
+                   help="translation prompts: source language (default: the training run's, else 'source')")
+    i.add_argument("--target-lang", metavar="LANG", default=None,
+                   help="translation prompts: target language (default: the training run's, else 'target')")
     add_length_arguments(i, "prompt (longer ones are cut as in training and evaluation)")
     add_decoding_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8, metavar="N",
@@ -88,6 +92,13 @@ def _validate(args: argparse.Namespace) -> tuple[str, LengthLimits]:
         if os.path.isdir(args.output) or not os.path.isdir(parent):
             raise EvalError(f"--output {args.output!r}: " + ("a directory, not a file" if os.path.isdir(args.output)
                             else f"directory {parent!r} does not exist"))
+    record, path = read_training_record(args.model) if args.gguf_file is None else (None, None)
+    if args.task is None:
+        trained = (record or {}).get("task")
+        args.task = trained if trained in PROMPT_FORMATS else "raw"
+        if trained in PROMPT_FORMATS:
+            print(f"properlm generate: {trained} prompts, as in the training run ({path}); --task raw feeds "
+                  "the lines as they are", file=sys.stderr)
     langs = [f"--{n.replace('_', '-')} {getattr(args, n)}" for n in ("source_lang", "target_lang")
              if getattr(args, n) is not None]
     if langs and args.task != "translation":
@@ -95,6 +106,12 @@ def _validate(args: argparse.Namespace) -> tuple[str, LengthLimits]:
 
         warnings.warn(f"{', '.join(langs)}: no effect with --task {args.task} (the language names go into "
                       "--task translation prompts only)", UserWarning, stacklevel=2)
+    if args.task == "translation":  # the prompt's language names default to the training run's
+        src, tgt, origin = resolve_languages(args.source_lang, args.target_lang, record, path)
+        if origin is not None:
+            args.source_lang, args.target_lang = src, tgt
+            print(f"properlm generate: language names {src or 'source'} -> {tgt or 'target'} from the {origin}",
+                  file=sys.stderr)
     return objective, _limits(args, model_config_dict(args.model, args.gguf_file))
 
 

@@ -8,6 +8,7 @@ Flow (:func:`~properlm.evaluation.run.run_evaluation`), with the module of each 
 
     validate_settings (flags, files, rules, decoding, temperatures)   -- settings: fails fast, loads nothing
     resolve_lengths (options, training record, position table)        -- lengths: refuses a length the model cannot take
+    resolve_languages (options, training record)                      -- settings: the translation prompt's languages
     load_examples, load_model_and_tokenizer                           -- properlm.data, properlm.modeling
     teacher_forced_metrics                                            -- teacher_forced
       -> MetricsAccumulator (rule scores, perplexity, accuracy)       -- metrics
@@ -58,6 +59,7 @@ from .settings import (
     EvalSettings,
     parse_rules,
     resolve_device,
+    resolve_languages,
     torch_dtype,
     validate_decoding,
     validate_new_token_cap,
@@ -78,6 +80,7 @@ __all__ = [
     "markdown_table",
     "parse_rules",
     "resolve_device",
+    "resolve_languages",
     "resolve_lengths",
     "run_evaluation",
     "teacher_forced_metrics",

@@ -38,12 +38,13 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from .lengths import _config_seq2seq, resolve_lengths
-from .settings import RESULTS_KIND, EvalSettings, resolve_device, torch_dtype, validate_settings
+from .settings import RESULTS_KIND, EvalSettings, resolve_device, resolve_languages, torch_dtype, validate_settings
 from .teacher_forced import _tqdm, teacher_forced_metrics
 
 __all__ = ["run_evaluation"]
@@ -90,6 +91,15 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
                        max_new_tokens=s.max_new_tokens if s.generate else None)
     limits = resolve_lengths(s.max_length, s.max_source_length, config=config, seq2seq=_config_seq2seq(config),
                              **length_args)
+    languages = None
+    if s.source_file is not None:  # translation: the prompt's language names default to the training run's
+        src_lang, tgt_lang, origin = resolve_languages(s.source_lang, s.target_lang, record, record_path)
+        if origin is not None:
+            s = dataclasses.replace(s, source_lang=src_lang, target_lang=tgt_lang)
+            languages = {"source_lang": src_lang, "target_lang": tgt_lang, "from": origin}
+            if s.progress:
+                print(f"properlm evaluate: language names {src_lang or 'source'} -> {tgt_lang or 'target'} "
+                      f"from the {origin}", file=sys.stderr, flush=True)
     # data first: a malformed file stops here, before the model is loaded
     examples = load_examples(s.data_file, task=s.task, source_file=s.source_file, target_file=s.target_file,
                              source_lang=s.source_lang, target_lang=s.target_lang)
@@ -134,6 +144,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
         "num_examples": len(examples),
         "num_examples_in_data": total_examples,
         "truncation": truncation,
+        **({"languages": languages} if languages else {}),
         "teacher_forced": _tf_dict(tf, s.num_bins, s.temperature),
         "files": {"results": os.path.join(s.output_dir, "results.json"), "reliability_diagram": rel_path},
         "versions": _versions(),

@@ -26,6 +26,7 @@ __all__ = [
     "ignored_decoding_options",
     "parse_rules",
     "resolve_device",
+    "resolve_languages",
     "torch_dtype",
     "validate_decoding",
     "validate_new_token_cap",
@@ -82,6 +83,25 @@ class EvalSettings:
     generate: bool = True
     output_dir: str = "eval"
     progress: bool = True
+
+
+def resolve_languages(source_lang: str | None, target_lang: str | None, record: dict[str, Any] | None,
+                      record_path: str | None = None) -> tuple[str | None, str | None, str | None]:
+    """``(source_lang, target_lang, origin)``: the language names of translation prompts.
+
+    A name given (not ``None``) wins; else the training run's (``record``, from
+    :func:`properlm.modeling.read_training_record`), so a decoder-only model is prompted
+    with the ``Translate from {source_lang} to {target_lang}`` it was trained on and BLEU
+    picks the target language's tokenizer. ``origin`` names the record when any name came
+    from it, else ``None``.
+    """
+    rec = record or {}
+    taken = [n for n, v in (("source_lang", source_lang), ("target_lang", target_lang))
+             if v is None and isinstance(rec.get(n), str)]
+    src = rec["source_lang"] if "source_lang" in taken else source_lang
+    tgt = rec["target_lang"] if "target_lang" in taken else target_lang
+    origin = f"training run ({record_path})" if taken and record_path else "training run" if taken else None
+    return src, tgt, origin
 
 
 def parse_rules(spec: str | Sequence[str]) -> list[str]:

@@ -69,7 +69,13 @@ def translation_metrics(hypotheses: Sequence[str], references: Sequence[str],
     try:
         bleu = BLEU(trg_lang=lang) if lang else BLEU()
         bleu_score = bleu.corpus_score(hyps, refs)
-    except Exception:  # e.g. ja-mecab not installed: fall back to the default tokenizer
+    except Exception as exc:  # e.g. ja-mecab not installed: the default tokenizer, said out loud
+        import warnings
+
+        reason = " ".join(str(exc).split())
+        warnings.warn(f"BLEU: sacrebleu's tokenizer for target language {lang!r} is unavailable ({reason}); "
+                      "scored with the default 13a tokenizer instead, which splits this language poorly "
+                      "(bleu_signature names the tokenizer used)", UserWarning, stacklevel=2)
         bleu = BLEU()
         bleu_score = bleu.corpus_score(hyps, refs)
     chrf = CHRF()

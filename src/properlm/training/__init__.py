@@ -19,7 +19,8 @@ Flow (:func:`~properlm.training.run.run_training`), with the module of each step
 
 Resuming (``resume=True``) continues from the newest ``checkpoint-N`` in ``output_dir`` with
 the optimizer, scheduler, RNG and data-order state of the Trainer; the rule schedule is
-indexed by the global step, so it resumes in the right stage.
+indexed by the global step, so it resumes in the right stage. Options that differ from the
+checkpoint's run are named in a warning before training (:mod:`~properlm.training.resume`).
 
 Modules, one job each:
 
@@ -32,6 +33,7 @@ Modules, one job each:
 * :mod:`~properlm.training.scores` -- every rule's mean held-out token score;
 * :mod:`~properlm.training.callbacks` -- ``metrics.jsonl`` and the records saved with every model;
 * :mod:`~properlm.training.checkpoints` -- finding and averaging ``checkpoint-N`` directories;
+* :mod:`~properlm.training.resume` -- the options saved with each checkpoint and what ``--resume`` changed;
 * :mod:`~properlm.training.run` -- :func:`~properlm.training.run.run_training`, the driver.
 
 Every name is importable from ``properlm.training`` itself, as before the package was split.

@@ -4,6 +4,7 @@
 * :data:`properlm.modeling.TRAINING_RECORD` in ``final/``, ``averaged/`` and every ``checkpoint-N``: the data
   settings that ``properlm evaluate`` and ``generate`` reuse (:func:`write_training_record`,
   ``_training_record_callback``);
+* :data:`properlm.training.resume.RUN_CONFIG` in every ``checkpoint-N``: the run's options, for ``--resume``;
 * for a LoRA adapter trained on a GGUF model, the GGUF file name next to every saved adapter
   (``_record_gguf_base``, ``_gguf_base_callback``).
 """
@@ -56,18 +57,24 @@ def write_training_record(directory: str, record: Mapping[str, Any]) -> None:
             json.dump(dict(record), f, indent=2)
 
 
-def _training_record_callback(record: Mapping[str, Any]) -> Any:
+def _training_record_callback(record: Mapping[str, Any], cfg: TrainConfig | None = None) -> Any:
     from transformers import TrainerCallback
 
-    class TrainingRecordCallback(TrainerCallback):
-        """Write the training record into every ``checkpoint-N``.
+    from .resume import write_run_config
 
-        An intermediate model then evaluates with the truncation of its run, as ``final/`` does.
+    class TrainingRecordCallback(TrainerCallback):
+        """Write the training record (and, given ``cfg``, the run's options) into every ``checkpoint-N``.
+
+        An intermediate model then evaluates with the truncation of its run, as ``final/`` does, and
+        ``--resume`` can say which options changed since the checkpoint (:mod:`properlm.training.resume`).
         """
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
-                write_training_record(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), record)
+                directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                write_training_record(directory, record)
+                if cfg is not None:
+                    write_run_config(directory, cfg)
 
     return TrainingRecordCallback()
 

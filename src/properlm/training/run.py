@@ -122,10 +122,12 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
         handle = apply_scoring_rule(model, rule_at(0), smoothing=cfg.smoothing, fused=cfg.fused,
                                     smoothing_variant=cfg.smoothing_variant)
     record: dict[str, Any] = {**lengths, "task": train_examples[0].task, "seq2seq": seq2seq}
+    if cfg.source_file is not None:  # the language names of the prompts (they apply to parallel files only)
+        record.update({n: getattr(cfg, n) for n in ("source_lang", "target_lang") if getattr(cfg, n) is not None})
     if improper is not None:
         record["improper_loss"] = improper
     all_callbacks: list[Any] = [_metrics_callback(os.path.join(cfg.output_dir, "metrics.jsonl"), label_at),
-                                _training_record_callback(record)]
+                                _training_record_callback(record, cfg)]
     if cfg.lora and cfg.gguf_file:
         all_callbacks.append(_gguf_base_callback(cfg))
     if schedule is not None:

@@ -193,8 +193,23 @@ def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
     if warn:
         import warnings
 
-        for message in [*ignored_option_warnings(cfg), *_earlier_run_warnings(cfg, checkpoints)]:
+        for message in [*ignored_option_warnings(cfg), *_earlier_run_warnings(cfg, checkpoints),
+                        *_resume_warnings(cfg, checkpoints)]:
             warnings.warn(message, UserWarning, stacklevel=2)
+
+
+def _resume_warnings(cfg: TrainConfig, checkpoints: list[str]) -> list[str]:
+    """With ``--resume``: one message naming the options that differ from the newest checkpoint's run."""
+    from .resume import resume_differences
+
+    if not cfg.resume or not checkpoints:
+        return []
+    changed = resume_differences(cfg, checkpoints[-1])
+    if not changed:
+        return []
+    return [f"--resume: {len(changed)} option(s) differ from the run saved in {checkpoints[-1]!r}: "
+            f"{'; '.join(changed)}. Training continues with the new values, so the result is not the run "
+            "that the original command would have produced without the interruption"]
 
 
 def _earlier_run_warnings(cfg: TrainConfig, checkpoints: list[str]) -> list[str]:

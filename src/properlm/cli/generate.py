@@ -1,6 +1,8 @@
 """``properlm generate``: decode inputs with a chosen beam-search objective.
 
 The inputs are read one per line, from a file or stdin; one output line per input line, in input order.
+With ``--output FILE``, finished batches go to ``FILE.journal.jsonl`` while decoding, and the same command
+run again after a kill decodes only the rest (:mod:`properlm.evaluation.journal`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from ..modeling import (
 from .evaluate import add_decoding_arguments, add_length_arguments, add_model_arguments, new_token_offset
 
 PROMPT_FORMATS = ("raw", "instruction", "translation", "summarization")
+#: next to ``--output FILE`` while decoding: the journal an interrupted run resumes from (removed when done)
+JOURNAL_SUFFIX = ".journal.jsonl"
 
 EPILOG = """\
 examples:
@@ -60,7 +64,9 @@ def register(subparsers: Any) -> None:
     i.add_argument("--input", default="-", metavar="FILE",
                    help="inputs, one per line (UTF-8); '-' reads stdin (default: -)")
     i.add_argument("--output", default="-", metavar="FILE",
-                   help="outputs, one per line in input order; '-' writes stdout (default: -)")
+                   help="outputs, one per line in input order; '-' writes stdout (default: -). A file is "
+                   "written at the end; meanwhile FILE.journal.jsonl keeps the finished batches, so the same "
+                   "command after a kill decodes only the rest")
     i.add_argument("--task", choices=PROMPT_FORMATS, default=None,
                    help="prompt format: raw (the line as it is), or the training prompt of instruction "
                    "(line = instruction), translation (line = source sentence) or summarization "
@@ -168,7 +174,8 @@ def _prompt(line: str, args: argparse.Namespace, tokenizer: Any, seq2seq: bool, 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``properlm generate`` with parsed arguments; returns the exit code."""
-    from ..evaluation.generation import decode_prompts, one_line
+    from ..evaluation.generation import decode_prompts_with_stats, one_line
+    from ..evaluation.journal import DecodeJournal, model_fingerprint
 
     try:
         objective, limits = _validate(args)
@@ -191,14 +198,25 @@ def run(args: argparse.Namespace) -> int:
     source_lengths = [len(tokenizer(line, add_special_tokens=False, verbose=False)["input_ids"]) for line in inputs]
     if limits.max_source_length is not None:  # sources are cut to it in the prompts
         source_lengths = [min(n, limits.max_source_length) for n in source_lengths]
-    hyps = decode_prompts(model, tokenizer, prompts, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                          max_new_tokens=args.max_new_tokens, max_new_tokens_ratio=args.max_new_tokens_ratio,
-                          max_new_tokens_offset=new_token_offset(args), source_lengths=source_lengths,
-                          batch_size=args.batch_size, objective=None if objective == "logarithmic" else objective)
+    journal = None
+    if args.output != "-":  # an interrupted run with the same command resumes from OUTPUT.journal.jsonl
+        journal = DecodeJournal(args.output + JOURNAL_SUFFIX, key={
+            "model": model_fingerprint(args.model, args.gguf_file), "dtype": args.dtype,
+            "device": str(next(model.parameters()).device)})
+    hyps, _ = decode_prompts_with_stats(
+        model, tokenizer, prompts, num_beams=args.num_beams, length_penalty=args.length_penalty,
+        max_new_tokens=args.max_new_tokens, max_new_tokens_ratio=args.max_new_tokens_ratio,
+        max_new_tokens_offset=new_token_offset(args), source_lengths=source_lengths, batch_size=args.batch_size,
+        objective=None if objective == "logarithmic" else objective, journal=journal)
+    if journal is not None and journal.resumed:
+        print(f"properlm generate: {journal.resumed} of {len(hyps)} outputs from the interrupted run's journal "
+              f"{journal.path}", file=sys.stderr)
     out = "".join(one_line(h) + "\n" for h in hyps)
     if args.output == "-":
         sys.stdout.write(out)
     else:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(out)
+    if journal is not None:
+        journal.finish()
     return 0

@@ -15,6 +15,7 @@ Flow (:func:`~properlm.evaluation.run.run_evaluation`), with the module of each 
       -> calibration bins, ECE, reliability_diagram                   -- calibration
       -> TemperatureScan with fit_temperature                         -- temperature
     decode_prompts_with_stats (greedy / beam, new-token cap)          -- generation
+      + DecodeJournal (resume an interrupted decoding)                -- journal
       + ScoringRuleObjective (the scoring-rule beam objective)        -- decoding
     generation_metrics (BLEU, chrF, ROUGE)                            -- text_metrics
     results.json; markdown_table for the terminal                     -- run, report
@@ -29,6 +30,7 @@ Modules, one job each:
 * :mod:`~properlm.evaluation.temperature` -- the temperature scan and its fit;
 * :mod:`~properlm.evaluation.decoding` -- the scoring-rule beam-search objective;
 * :mod:`~properlm.evaluation.generation` -- batched decoding with the new-token cap;
+* :mod:`~properlm.evaluation.journal` -- the journal of decoded batches that an interrupted decoding resumes from;
 * :mod:`~properlm.evaluation.text_metrics` -- BLEU, chrF, ROUGE;
 * :mod:`~properlm.evaluation.run` -- :func:`~properlm.evaluation.run.run_evaluation`, the driver;
 * :mod:`~properlm.evaluation.report` -- the markdown table of a results dictionary.

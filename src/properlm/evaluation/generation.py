@@ -5,7 +5,8 @@
   (:class:`properlm.decoding.ScoringRuleObjective`) and an optional cap of the new tokens by
   source length (:func:`new_token_cap`); the hypotheses come back in the order of the prompts.
   :func:`decode_prompts_with_stats` also returns each prompt's cap and whether its hypothesis
-  stopped there (:class:`DecodeStats`).
+  stopped there (:class:`DecodeStats`), and with a :class:`~properlm.evaluation.journal.DecodeJournal`
+  resumes an interrupted decoding batch by batch.
 
 The scores of the hypotheses (BLEU, chrF, ROUGE) are in :mod:`properlm.evaluation.text_metrics`; every name of the
 former ``properlm.generation_eval`` is importable from here (and from ``properlm.generation_eval``, which is this
@@ -21,8 +22,9 @@ from typing import Any
 
 import torch
 
-from ..rules import RuleLike
+from ..rules import RuleLike, get_rule
 from .decoding import ScoringRuleObjective
+from .journal import DecodeJournal
 from .text_metrics import _LANG_CODES as _LANG_CODES
 from .text_metrics import ROUGE_TYPES as ROUGE_TYPES
 from .text_metrics import _check_pairs as _check_pairs
@@ -182,10 +184,16 @@ def decode_prompts_with_stats(
     objective: RuleLike | None = None,
     progress: Callable[[int], None] | None = None,
     generate_kwargs: dict[str, Any] | None = None,
+    journal: DecodeJournal | None = None,
 ) -> tuple[list[str], DecodeStats]:
     """:func:`decode_prompts` (same arguments), returning ``(hypotheses, stats)``.
 
     The hypotheses are in prompt order; the :class:`DecodeStats` records the cap each one had.
+    With ``journal`` (:class:`~properlm.evaluation.journal.DecodeJournal`), every finished batch is
+    written to it, and the batches it already holds from an interrupted decoding of the same
+    prompts and settings are taken from it instead of decoded again (the same batches, so the
+    same hypotheses as without the interruption). The caller removes it when done
+    (:meth:`~properlm.evaluation.journal.DecodeJournal.finish`).
     """
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
@@ -227,11 +235,26 @@ def decode_prompts_with_stats(
     out: list[str | None] = [None] * len(prompts)
     caps = [0] * len(prompts)
     at_cap = [False] * len(prompts)
+    done: dict[int, dict[str, Any]] = {}
+    if journal is not None:
+        settings = {"num_beams": num_beams, "length_penalty": length_penalty, "max_new_tokens": max_new_tokens,
+                    "ratio": max_new_tokens_ratio, "offset": max_new_tokens_offset, "source_lengths": src_len,
+                    "batch_size": batch_size, "seq2seq": seq2seq, "pad": pad, "eos": eos_ids,
+                    "objective": None if objective is None else get_rule(objective).spec,
+                    "generate_kwargs": {k: v for k, v in kwargs.items() if k != "logits_processor"}}
+        done = journal.begin(prompts, settings)
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
+            rec = done.get(start)
+            if rec is not None and rec["indices"] == idx:  # decoded before the interruption
+                for i, t, a in zip(idx, rec["texts"], rec["at_cap"]):
+                    out[i], caps[i], at_cap[i] = t, int(rec["cap"]), bool(a)
+                if progress is not None:
+                    progress(len(idx))
+                continue
             rows = [list(prompts[i]) for i in idx]
             if any(len(r) == 0 for r in rows):
                 raise ValueError("cannot decode an empty prompt")
@@ -258,8 +281,12 @@ def decode_prompts_with_stats(
                 out[i] = t.strip()
                 caps[i] = cap
                 at_cap[i] = generated.shape[1] >= cap and int(generated[j, -1]) not in stop_ids
+            if journal is not None:
+                journal.record(start, idx, [out[i] or "" for i in idx], cap, [at_cap[i] for i in idx])
             if progress is not None:
                 progress(len(idx))
     finally:
         model.train(was_training)
+        if journal is not None:
+            journal.close()
     return [t if t is not None else "" for t in out], DecodeStats(caps=caps, at_cap=at_cap)

@@ -43,11 +43,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .journal import DecodeJournal, model_fingerprint
 from .lengths import _config_seq2seq, resolve_lengths
 from .settings import RESULTS_KIND, EvalSettings, resolve_device, resolve_languages, torch_dtype, validate_settings
 from .teacher_forced import _tqdm, teacher_forced_metrics
 
-__all__ = ["run_evaluation"]
+__all__ = ["DECODE_JOURNAL", "run_evaluation"]
+
+#: the decoding journal in ``output_dir`` while ``properlm evaluate`` decodes (removed when it is done)
+DECODE_JOURNAL = "decode_journal.jsonl"
 
 def _versions() -> dict[str, str]:
     import torch
@@ -156,11 +160,18 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
     if also is not None:
         results["teacher_forced_scaled"] = _tf_dict(also.compute(), s.num_bins, s.also_temperature)
 
+    journal: DecodeJournal | None = None
     if s.generate:
         n = limits.decode_prompt_length
         prompts = [p[:n] if seq2seq else p[-n:] for p in full_prompts]  # as encode_prompt(max_length=n)
         # the source text alone (after --max-source-length), for the new-token cap
         source_lengths = [len(tokenizer(e.source, add_special_tokens=False, verbose=False)["input_ids"]) for e in cut]
+        # a model loaded here is known by its files: an interrupted decoding resumes from the journal
+        if model_and_tokenizer is None:
+            journal = DecodeJournal(
+                os.path.join(s.output_dir, DECODE_JOURNAL),
+                key={"model": model_fingerprint(s.model, s.gguf_file), "dtype": s.dtype,
+                     "device": str(next(model.parameters()).device)})
         bar = _tqdm(len(prompts), "decoding", s.progress)
         t0 = time.time()
         try:
@@ -169,7 +180,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
                 max_new_tokens=s.max_new_tokens, max_new_tokens_ratio=s.max_new_tokens_ratio,
                 max_new_tokens_offset=s.max_new_tokens_offset, source_lengths=source_lengths,
                 batch_size=s.batch_size, objective=None if s.objective == "logarithmic" else s.objective,
-                progress=bar.update)
+                progress=_resume_note(bar, journal, s.progress), journal=journal)
         finally:
             bar.close()
         results["seconds"]["decode"] = time.time() - t0
@@ -188,11 +199,33 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
                               "offset": s.max_new_tokens_offset, "source_lengths": "source text tokens",
                               "mean_source_tokens": sum(source_lengths) / len(source_lengths),
                               **stats.to_dict()},
+            # hypotheses taken from the journal of an interrupted run ("seconds" -> "decode" is the rest's)
+            "resumed_hypotheses": 0 if journal is None else journal.resumed,
         }
 
     with open(os.path.join(s.output_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(_json_safe(results), f, indent=2)
+    if journal is not None:
+        journal.finish()  # the hypotheses and results are written: nothing left to resume
     return results
+
+
+def _resume_note(bar: Any, journal: DecodeJournal | None, progress: bool) -> Any:
+    """``bar.update``, saying once (on stderr) how many hypotheses came from an interrupted run's journal."""
+    said = [False]
+
+    def update(n: int) -> None:
+        if not said[0] and journal is not None and progress:
+            said[0] = True
+            if journal.resumed:
+                print(f"properlm evaluate: {journal.resumed} hypotheses from the interrupted decoding in "
+                      f"{journal.path} (same model and settings); decoding the rest", file=sys.stderr, flush=True)
+            elif journal.discarded:
+                print(f"properlm evaluate: {journal.path} is from another model or other settings; decoding afresh",
+                      file=sys.stderr, flush=True)
+        bar.update(n)
+
+    return update
 
 
 def _fit_temperature(scan: Any, tf: Any, results: dict[str, Any], model: Any, tokenizer: Any,

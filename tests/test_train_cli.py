@@ -643,24 +643,52 @@ def test_help_names_the_model_sources(capsys):
 
 def test_what_an_earlier_run_left_in_the_output_dir_warns(tmp_path):
     """A new run (not --resume) in a used --output-dir warns: an --init run takes up the old tokenizer (so
-    --vocab-size does not change it), metrics.jsonl is appended to, --overwrite-output-dir leaves the old
-    checkpoints in place."""
-    import warnings
-
+    --vocab-size does not change it) and metrics.jsonl is appended to. With --overwrite-output-dir the earlier
+    run is removed first, so there is nothing to warn about."""
     from properlm.training import validate_config
 
     out = tmp_path / "run"
     (out / "tokenizer").mkdir(parents=True)
     (out / "tokenizer" / "tokenizer.json").write_text("{}", encoding="utf-8")
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n', encoding="utf-8")
-    (out / "checkpoint-4").mkdir()
-    (out / "checkpoint-4" / "trainer_state.json").write_text("{}", encoding="utf-8")
     with pytest.warns(UserWarning) as caught:
-        validate_config(tiny(tmp_path, vocab_size=300, overwrite_output_dir=True))
+        validate_config(tiny(tmp_path, vocab_size=300))
     messages = " | ".join(str(w.message) for w in caught)
     assert "holds the tokenizer of an earlier run (tokenizer/): this --init run uses it as it is" in messages
     assert "holds the metrics.jsonl of an earlier run: this run appends" in messages
-    assert "--overwrite-output-dir keeps the 1 checkpoint-N directories of the earlier run" in messages
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}", encoding="utf-8")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        validate_config(tiny(tmp_path, vocab_size=300, overwrite_output_dir=True))
         validate_config(tiny(tmp_path, resume=True))  # continuing the run takes all of it up, as it should
+
+
+def test_overwrite_output_dir_starts_afresh_and_keeps_other_files(tmp_path, capsys):
+    """--overwrite-output-dir used to leave the earlier run's checkpoints, logs and tokenizer in place, so
+    --average-last could average an old run's checkpoints into the new model. Now they are removed before
+    training; what properlm train did not write stays."""
+    from properlm.training.checkpoints import remove_earlier_run
+
+    old = tiny(tmp_path, max_steps=8, save_steps=2, vocab_size=300)
+    run_training(old)
+    out = tmp_path / "run"
+    vocab = len(json.loads((out / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"])
+    assert vocab > 280
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    (out / "runs").mkdir()
+    (out / "runs" / "plan.md").write_text("not TensorBoard", encoding="utf-8")
+    (out / "final_thoughts").mkdir()
+    new = dataclasses.replace(old, max_steps=4, vocab_size=280, overwrite_output_dir=True, average_last=2)
+    results = run_training(new)
+    printed = capsys.readouterr().out
+    assert "--overwrite-output-dir removed the earlier run's checkpoint-2, checkpoint-4, checkpoint-6, checkpoint-8" \
+        in printed and "metrics.jsonl" in printed and "tokenizer" in printed
+    assert [os.path.basename(c) for c in find_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert [os.path.basename(c) for c in results["averaged_checkpoints"]] == ["checkpoint-2", "checkpoint-4"]
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4]  # not appended to the old ones
+    tok = json.loads((out / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8"))
+    assert len(tok["model"]["vocab"]) <= 280  # trained anew with the new --vocab-size
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert (out / "runs" / "plan.md").is_file() and (out / "final_thoughts").is_dir()
+    assert remove_earlier_run(tmp_path / "missing") == []

@@ -1,4 +1,4 @@
-"""The ``checkpoint-N`` directories of a run: finding them (resuming) and averaging their parameters.
+"""The ``checkpoint-N`` directories of a run: finding them (resuming), averaging their parameters, clearing them.
 
 :func:`find_checkpoints` lists the complete checkpoints of an output directory by step; :func:`average_checkpoints`
 is the element-wise mean of their saved parameters (``--average-last K``), which ``_load_averaged`` loads into the
@@ -16,7 +16,11 @@ import torch
 
 from ..modeling import unwrap_model
 
-__all__ = ["average_checkpoints", "find_checkpoints"]
+__all__ = ["average_checkpoints", "find_checkpoints", "remove_earlier_run"]
+
+#: what ``properlm train`` writes into its output directory besides ``checkpoint-N``, each with the test that
+#: tells it is the earlier run's (an ``--overwrite-output-dir`` run removes only what passes)
+RUN_OUTPUTS = ("final", "averaged", "tokenizer", "base", "runs", "metrics.jsonl", "results.json")
 
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -80,3 +84,55 @@ def _load_averaged(model: Any, state: dict[str, torch.Tensor], lora: bool) -> No
         unexpected = result.unexpected_keys
     if unexpected:
         raise RuntimeError(f"averaged checkpoint has parameters the model lacks: {unexpected[:5]}")
+
+
+def remove_earlier_run(output_dir: str | os.PathLike) -> list[str]:
+    """Remove what an earlier ``properlm train`` left in ``output_dir``; the names removed.
+
+    That is every complete ``checkpoint-N`` (with its ``trainer_state.json``) and those entries of
+    :data:`RUN_OUTPUTS` that are recognisably a run's: ``final/`` and ``averaged/`` holding
+    :data:`properlm.modeling.TRAINING_RECORD`, ``tokenizer/`` holding ``tokenizer.json``, ``base/``
+    holding ``config.json``, ``runs/`` holding only TensorBoard event files, ``metrics.jsonl``, and a
+    ``results.json`` with a ``global_step``. Anything else stays, so an output directory that also
+    holds other work loses none of it. ``--overwrite-output-dir`` calls it (without ``--resume``), so
+    a new run neither averages an old run's checkpoints nor appends to its logs.
+    """
+    import json
+    import shutil
+
+    from ..modeling import TRAINING_RECORD
+
+    d = os.fspath(output_dir)
+    if not os.path.isdir(d):
+        return []
+
+    def has(name: str, inner: str) -> bool:
+        return os.path.isfile(os.path.join(d, name, inner))
+
+    def only_tensorboard(name: str) -> bool:
+        files = [f for _, _, fs in os.walk(os.path.join(d, name)) for f in fs]
+        return bool(files) and all(f.startswith("events.out.tfevents") for f in files)
+
+    def run_results(name: str) -> bool:
+        try:
+            with open(os.path.join(d, name), encoding="utf-8") as f:
+                return "global_step" in json.load(f)
+        except (OSError, ValueError, TypeError):
+            return False
+
+    tests = {"final": lambda n: has(n, TRAINING_RECORD), "averaged": lambda n: has(n, TRAINING_RECORD),
+             "tokenizer": lambda n: has(n, "tokenizer.json"), "base": lambda n: has(n, "config.json"),
+             "runs": only_tensorboard, "metrics.jsonl": lambda n: os.path.isfile(os.path.join(d, n)),
+             "results.json": run_results}
+    checkpoints = {os.path.basename(p) for p in find_checkpoints(d)}
+    removed = []
+    for name in sorted(os.listdir(d)):
+        path = os.path.join(d, name)
+        if os.path.islink(path) or not (name in checkpoints or (name in tests and tests[name](name))):
+            continue
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+        removed.append(name)
+    return removed

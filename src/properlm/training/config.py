@@ -96,8 +96,10 @@ class TrainConfig:
     # optimisation
     output_dir: str = _opt("properlm_output", "directory for checkpoints, logs and the final model",
                            group="optimisation")
-    overwrite_output_dir: bool = _opt(False, "allow an output directory that already holds checkpoints "
-                                      "(without --resume)", group="optimisation")
+    overwrite_output_dir: bool = _opt(False, "start afresh in an output directory that holds an earlier run "
+                                      "(without --resume): its checkpoint-N, final, averaged, tokenizer, base, "
+                                      "runs, metrics.jsonl and results.json are removed first; other files stay",
+                                      group="optimisation")
     seed: int = _opt(42, "random seed (model init, data order, dropout)", group="optimisation")
     max_steps: int | None = _opt(None, "number of optimizer steps; none means --num-train-epochs decides",
                                  group="optimisation")

@@ -24,7 +24,7 @@ from .callbacks import (
     _training_record_callback,
     write_training_record,
 )
-from .checkpoints import _load_averaged, average_checkpoints, find_checkpoints
+from .checkpoints import _load_averaged, average_checkpoints, find_checkpoints, remove_earlier_run
 from .config import TrainConfig
 from .loading import _apply_lora, _build_model, _load_data, _vocab_size
 from .scores import _final_eval, _score_metrics, eval_rules
@@ -80,6 +80,13 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     args = _training_arguments(cfg, max_steps, bool(val_examples))
+    if cfg.overwrite_output_dir and not cfg.resume:  # start afresh: nothing of the earlier run is taken up
+        with args.main_process_first(desc="removing the earlier run"):
+            if args.process_index == 0:
+                removed = remove_earlier_run(cfg.output_dir)
+                if removed and not quiet:
+                    print(f"properlm train: --overwrite-output-dir removed the earlier run's {', '.join(removed)} "
+                          f"from {cfg.output_dir}", flush=True)
     set_seed(cfg.seed)
     model, tokenizer = _build_model(cfg, train_examples, args)
     seq2seq = is_seq2seq(model)

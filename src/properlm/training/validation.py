@@ -216,22 +216,19 @@ def _earlier_run_warnings(cfg: TrainConfig, checkpoints: list[str]) -> list[str]
     """Messages for what an earlier run left in ``--output-dir`` that a new (not ``--resume``) run takes up.
 
     The tokenizer of ``OUTPUT_DIR/tokenizer`` (an ``--init`` run loads it instead of training one), the
-    records of ``metrics.jsonl`` (appended to) and, with ``--overwrite-output-dir``, the ``checkpoint-N``
-    directories (not removed: ``--average-last`` and ``--save-total-limit`` count them)."""
-    if cfg.resume:
+    records of ``metrics.jsonl`` (appended to). None with ``--overwrite-output-dir``, which removes the earlier
+    run first (:func:`properlm.training.checkpoints.remove_earlier_run`)."""
+    if cfg.resume or cfg.overwrite_output_dir:  # continued, or removed before training
         return []
     out: list[str] = []
     if cfg.init is not None and os.path.isfile(os.path.join(cfg.output_dir, "tokenizer", "tokenizer.json")):
         out.append(f"--output-dir {cfg.output_dir!r} holds the tokenizer of an earlier run (tokenizer/): this --init "
-                   "run uses it as it is, so --vocab-size and the training data do not change it; remove that "
-                   "directory (or choose another --output-dir) to train a new tokenizer")
+                   "run uses it as it is, so --vocab-size and the training data do not change it; to train a new "
+                   "tokenizer, remove that directory, choose another --output-dir, or pass --overwrite-output-dir "
+                   "(which removes the earlier run)")
     if os.path.isfile(os.path.join(cfg.output_dir, "metrics.jsonl")):
         out.append(f"--output-dir {cfg.output_dir!r} holds the metrics.jsonl of an earlier run: this run appends its "
-                   "records to it, after the earlier run's")
-    if checkpoints and cfg.overwrite_output_dir:
-        out.append(f"--overwrite-output-dir keeps the {len(checkpoints)} checkpoint-N directories of the earlier run "
-                   f"in {cfg.output_dir!r}: those this run does not save over remain, and --average-last and "
-                   "--save-total-limit count them")
+                   "records to it, after the earlier run's (--overwrite-output-dir removes the earlier run first)")
     return out
 
 

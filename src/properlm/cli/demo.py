@@ -34,7 +34,8 @@ def register(subparsers: Any) -> None:
         description="Generate a numbers-to-words data set, pre-train a tiny seq2seq model with the logarithmic "
         "score, fine-tune copies with Brier, spherical and continued logarithmic training for the same number "
         "of steps, and compare exact match, BLEU and every rule's held-out score. No network; CPU is enough.")
-    parser.add_argument("--output-dir", default="demo_output", help="where to write runs, results and the plot "
+    parser.add_argument("--output-dir", default="demo_output", help="where to write runs, results and the plot; "
+                        "an earlier demo's pretrain/ and finetune_*/ runs there are replaced, other files are kept "
                         "(default: demo_output)")
     parser.add_argument("--steps", type=int, default=350, help="pre-training steps with the logarithmic score "
                         "(default: 350)")

@@ -517,19 +517,34 @@ def plot_scatter(models: list[dict[str, Any]], path: str) -> str | None:
         ax.set_ylabel("val BLEU")
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.suptitle("Multi30k: val BLEU against each score, one point per model (colour: protocol; x: checkpoint T1)")
-    fig.tight_layout()
+    kinds = sorted({m["model"].split("/")[1] for m in models})
+    handles = [plt.Line2D([], [], linestyle="", marker="o", color=f"C{ord(k) - ord('a')}",
+                          label=PROTOCOLS[k][0] if k in PROTOCOLS else k) for k in kinds]
+    if any("checkpoint" in m["model"] for m in models):
+        handles.append(plt.Line2D([], [], linestyle="", marker="x", color="C0", label="(a) at step T1"))
+    fig.suptitle("Multi30k: val BLEU against each score, one point per model")
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
 def plot_curves(args: argparse.Namespace, path: str) -> str | None:
-    """Validation log score, Brier and spherical score and training loss vs step, mean over seeds."""
-    series = [(PROTOCOLS[p][0], [run_dir(args, s, p) for s in seeds_of(args, p)],
-               {"linestyle": "-" if p in CORE else ":" if p in BRANCHES else "--"}) for p in args.protocol_list]
+    """Validation log score, Brier and spherical score and training loss vs step, mean over the finished seeds.
+
+    Only finished runs (with ``results.json``) are drawn, so a study in progress does not average
+    runs of different lengths; the title names the seeds drawn."""
+    finished = {p: [s for s in seeds_of(args, p) if os.path.isfile(os.path.join(run_dir(args, s, p), "results.json"))]
+                for p in args.protocol_list}
+    series = [(PROTOCOLS[p][0], [run_dir(args, s, p) for s in finished[p]],
+               {"linestyle": "-" if p in CORE else ":" if p in BRANCHES else "--"}) for p in args.protocol_list
+              if finished[p]]
+    drawn = {",".join(map(str, v)) for v in finished.values() if v}
+    seeds = f"seeds {drawn.pop()}" if len(drawn) == 1 else \
+        "finished seeds (" + "; ".join(f"{p}: {','.join(map(str, v))}" for p, v in finished.items() if v) + ")"
     return _runner.plot_curves(path, series, args.t1,
-                               f"Multi30k en-de, mean over seeds {args.seeds}; dotted line: T1 = {args.t1}")
+                               f"Multi30k en-de, mean over {seeds}; dotted line: T1 = {args.t1}")
 
 
 def report(args: argparse.Namespace, wall_seconds: float | None) -> str:

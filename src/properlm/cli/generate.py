@@ -175,7 +175,7 @@ def _prompt(line: str, args: argparse.Namespace, tokenizer: Any, seq2seq: bool, 
 def run(args: argparse.Namespace) -> int:
     """Run ``properlm generate`` with parsed arguments; returns the exit code."""
     from ..evaluation.generation import decode_prompts_with_stats, one_line
-    from ..evaluation.journal import DecodeJournal, model_fingerprint
+    from ..evaluation.journal import DecodeJournal, journal_key
 
     try:
         objective, limits = _validate(args)
@@ -200,9 +200,8 @@ def run(args: argparse.Namespace) -> int:
         source_lengths = [min(n, limits.max_source_length) for n in source_lengths]
     journal = None
     if args.output != "-":  # an interrupted run with the same command resumes from OUTPUT.journal.jsonl
-        journal = DecodeJournal(args.output + JOURNAL_SUFFIX, key={
-            "model": model_fingerprint(args.model, args.gguf_file), "dtype": args.dtype,
-            "device": str(next(model.parameters()).device)})
+        journal = DecodeJournal(args.output + JOURNAL_SUFFIX,
+                                key=journal_key(args.model, args.gguf_file, args.dtype, model))
     hyps, _ = decode_prompts_with_stats(
         model, tokenizer, prompts, num_beams=args.num_beams, length_penalty=args.length_penalty,
         max_new_tokens=args.max_new_tokens, max_new_tokens_ratio=args.max_new_tokens_ratio,

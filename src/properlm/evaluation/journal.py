@@ -25,7 +25,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["JOURNAL_KIND", "DecodeJournal", "model_fingerprint"]
+__all__ = ["JOURNAL_KIND", "DecodeJournal", "journal_key", "model_fingerprint"]
 
 #: ``kind`` of the journal's header line
 JOURNAL_KIND = "properlm-decode-journal"
@@ -58,6 +58,16 @@ def model_fingerprint(model: str | None, gguf_file: str | None = None) -> dict[s
             files.append([os.path.basename(p), st.st_size, st.st_mtime_ns])
     name = os.path.abspath(model) if model is not None and os.path.exists(model) else model
     return {"model": name, "gguf_file": gguf_file, "files": files}
+
+
+def journal_key(model: str | None, gguf_file: str | None, dtype: str, module: Any) -> dict[str, Any]:
+    """The key of a loaded model's journal.
+
+    :func:`model_fingerprint`, the ``dtype`` option and the device of ``module``'s parameters (another
+    dtype or device decodes other hypotheses).
+    """
+    return {"model": model_fingerprint(model, gguf_file), "dtype": dtype,
+            "device": str(next(module.parameters()).device)}
 
 
 class DecodeJournal:

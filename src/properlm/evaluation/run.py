@@ -43,7 +43,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .journal import DecodeJournal, model_fingerprint
+from .journal import DecodeJournal, journal_key
 from .lengths import _config_seq2seq, resolve_lengths
 from .settings import RESULTS_KIND, EvalSettings, resolve_device, resolve_languages, torch_dtype, validate_settings
 from .teacher_forced import _tqdm, teacher_forced_metrics
@@ -170,8 +170,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
         if model_and_tokenizer is None:
             journal = DecodeJournal(
                 os.path.join(s.output_dir, DECODE_JOURNAL),
-                key={"model": model_fingerprint(s.model, s.gguf_file), "dtype": s.dtype,
-                     "device": str(next(model.parameters()).device)})
+                key=journal_key(s.model, s.gguf_file, s.dtype, model))
         bar = _tqdm(len(prompts), "decoding", s.progress)
         t0 = time.time()
         try:

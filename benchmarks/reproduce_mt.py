@@ -297,12 +297,14 @@ def seeds_of(args: argparse.Namespace, protocol: str) -> list[int]:
 def tasks(args: argparse.Namespace) -> list[Task]:
     """Every training and evaluation step, in priority order: (a), (b), (c) of the first three
     seeds (the fine-tuning question), then the other protocols of --arm-seeds, then the further
-    seeds of (a)-(c); each evaluation after its training."""
+    seeds: their (a) runs first (the longest, on which the rest wait), then their (b), (c); each
+    evaluation after its training."""
     plan = _runner.Plan(args.threads, args.dry_run)
     core = [p for p in args.protocol_list if p in CORE]
     arms = [p for p in args.protocol_list if p not in CORE]
     order = [(s, core) for s in args.seed_list[:3]] + [(s, arms) for s in args.arm_seed_list] \
         + [(s, core) for s in args.seed_list[3:]]
+    later = {f"train {s}{p}" for s in args.seed_list[3:] for p in core if p not in BRANCHES}
     for seed, group in order:
         for protocol in group:
             run = run_dir(args, seed, protocol)
@@ -331,7 +333,12 @@ def tasks(args: argparse.Namespace) -> list[Task]:
                 plan.step(f"checkpoint {seed}a", f"seed {seed} (a) checkpoint-{args.t1} val beam-logarithmic",
                           checkpoint_eval_argv(args, seed), os.path.join(run, f"eval_val_checkpoint_{args.t1}"),
                           {train})
-    return plan.tasks
+    # The further seeds' (a) runs are the longest and everything of theirs waits on them: start them first.
+    first = [i for i, t in enumerate(plan.tasks) if t.name in later]
+    if not first:
+        return plan.tasks
+    head, block = plan.tasks[:first[0]], plan.tasks[first[0]:]
+    return head + [t for t in block if t.name in later] + [t for t in block if t.name not in later]
 
 
 # ------------------------------------------------------------------------------ the report

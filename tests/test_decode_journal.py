@@ -147,6 +147,29 @@ def test_model_fingerprint_follows_the_weights_not_what_is_written_beside_them(t
     assert model_fingerprint(str(copy)) != before
 
 
+def test_model_fingerprint_of_an_adapter_follows_its_base_model(tiny, tmp_path):
+    """A LoRA adapter is decoded merged into its base model: retraining the base in place (same adapter files)
+    must change the fingerprint, so that a journal of the old base is not resumed."""
+    import shutil
+
+    _, _, path, _, _ = tiny
+    base = tmp_path / "base"
+    shutil.copytree(path, base)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "../base"}),
+                                                 encoding="utf-8")
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    before = model_fingerprint(str(adapter))
+    assert before["base"]["model"] == str(base) and before["base"]["files"]
+    assert [name for name, _, _ in before["files"]] == ["adapter_config.json", "adapter_model.safetensors"]
+    weights = base / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # base retrained
+    assert model_fingerprint(str(adapter)) != before
+    (adapter / "properlm_base.json").write_text(json.dumps({"gguf_file": "model.gguf"}), encoding="utf-8")
+    assert model_fingerprint(str(adapter))["base"]["gguf_file"] == "model.gguf"
+
+
 def test_evaluate_resumes_an_interrupted_decoding(tiny, tmp_path, monkeypatch, capsys):
     """`properlm evaluate` killed while decoding, run again with the same command: the hypotheses decoded before
     the kill are taken from OUTPUT_DIR/decode_journal.jsonl, the results equal an uninterrupted run's, and the

@@ -156,14 +156,29 @@ def model_config_dict(model: str | None, gguf_file: str | None = None) -> dict[s
     if model is None or gguf_file is not None or not os.path.isdir(model):
         return None
     config = _read_json_file(os.path.join(model, "config.json"))
-    if config is None and os.path.isfile(os.path.join(model, "adapter_config.json")):
-        adapter = _read_json_file(os.path.join(model, "adapter_config.json")) or {}
-        base = adapter.get("base_model_name_or_path")
-        if isinstance(base, str):
-            if not os.path.isabs(base) and os.path.isdir(os.path.join(model, base)):
-                base = os.path.join(model, base)
-            config = _read_json_file(os.path.join(base, "config.json")) if os.path.isdir(base) else None
+    if config is None:
+        base = adapter_base(model)
+        if base is not None and os.path.isdir(base[0]):
+            config = _read_json_file(os.path.join(base[0], "config.json"))
     return config
+
+
+def adapter_base(directory: str) -> tuple[str, str | None] | None:
+    """``(base, gguf_file)`` of a PEFT adapter directory, read without loading anything.
+
+    ``base`` is ``adapter_config.json``'s ``base_model_name_or_path`` (a path relative to the
+    adapter directory when one exists there, else as written: a directory or a hub id), ``gguf_file``
+    the GGUF file in it that :data:`BASE_RECORD` names (``None`` without one). ``None`` when
+    ``directory`` holds no adapter config or the config names no base."""
+    adapter = _read_json_file(os.path.join(directory, "adapter_config.json"))
+    base = adapter.get("base_model_name_or_path") if isinstance(adapter, dict) else None
+    if not isinstance(base, str) or not base:
+        return None
+    if not os.path.isabs(base) and os.path.isdir(os.path.join(directory, base)):
+        base = os.path.join(directory, base)
+    record = _read_json_file(os.path.join(directory, BASE_RECORD))
+    gguf_file = record.get("gguf_file") if isinstance(record, dict) else None
+    return base, gguf_file if isinstance(gguf_file, str) else None
 
 
 def model_max_positions(config: Any) -> tuple[int | None, str | None]:
@@ -385,17 +400,10 @@ def record_gguf_base(adapter_dir: str, gguf_file: str) -> None:
 def _load_adapter(directory: str, dtype: Any) -> tuple[Any, Any]:
     from peft import PeftModel
 
-    with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as f:
-        base = json.load(f).get("base_model_name_or_path")
-    if not base:
-        raise ModelLoadError(f"{directory}/adapter_config.json names no base_model_name_or_path")
-    if not os.path.isabs(base) and os.path.isdir(os.path.join(directory, base)):
-        base = os.path.join(directory, base)
-    gguf_file = None
-    record = os.path.join(directory, BASE_RECORD)
-    if os.path.isfile(record):
-        with open(record, encoding="utf-8") as f:
-            gguf_file = json.load(f).get("gguf_file")
+    found = adapter_base(directory)
+    if found is None:
+        raise ModelLoadError(f"{directory}/adapter_config.json is not a JSON object naming base_model_name_or_path")
+    base, gguf_file = found
     net, tokenizer = _load_pretrained(base, gguf_file, dtype)
     net = PeftModel.from_pretrained(net, directory).merge_and_unload()
     if any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json")):

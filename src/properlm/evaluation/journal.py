@@ -25,6 +25,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ..modeling import BASE_RECORD, adapter_base
+
 __all__ = ["JOURNAL_KIND", "DecodeJournal", "journal_key", "model_fingerprint"]
 
 #: ``kind`` of the journal's header line
@@ -33,7 +35,7 @@ _VERSION = 1
 
 
 #: the files of a model directory that decide its outputs: weights, configs, tokenizer
-_MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json", "tokenizer.json",
+_MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json", BASE_RECORD, "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -43,7 +45,9 @@ def model_fingerprint(model: str | None, gguf_file: str | None = None) -> dict[s
 
     For a directory, its weight files (``*.safetensors``, ``*.bin``, ...), configs and tokenizer
     files (not what an evaluation may write beside them); for a GGUF file, that file (relative to
-    ``model`` when given so). A hub id or a missing path gives only the name.
+    ``model`` when given so). A hub id or a missing path gives only the name. For a PEFT adapter
+    directory, also its base model's fingerprint under ``"base"`` (the adapter is decoded merged
+    into it, so another base decodes other hypotheses).
     """
     paths = []
     if gguf_file is not None:
@@ -57,7 +61,11 @@ def model_fingerprint(model: str | None, gguf_file: str | None = None) -> dict[s
             st = os.stat(p)
             files.append([os.path.basename(p), st.st_size, st.st_mtime_ns])
     name = os.path.abspath(model) if model is not None and os.path.exists(model) else model
-    return {"model": name, "gguf_file": gguf_file, "files": files}
+    found: dict[str, Any] = {"model": name, "gguf_file": gguf_file, "files": files}
+    base = adapter_base(model) if gguf_file is None and model is not None and os.path.isdir(model) else None
+    if base is not None:
+        found["base"] = model_fingerprint(*base)
+    return found
 
 
 def journal_key(model: str | None, gguf_file: str | None, dtype: str, module: Any) -> dict[str, Any]:

@@ -209,3 +209,17 @@ def test_reuse_continues_shorter_runs_exactly(tmp_path, capsys, in_process):
     # runs made with another trajectory cannot be reused
     with pytest.raises(SystemExit, match="used other settings"):
         reproduce_mt.main([data, "--work-dir", str(tmp_path / "x"), "--reuse", short, *argv[:-2], "--ffn-size", "64"])
+
+
+def test_further_seeds_start_with_their_longest_runs(tmp_path):
+    """Seeds beyond the first three: every (a) run is queued before their branches and evaluations, so with
+    --jobs 2 the last seed's 12,500-step stage 1 does not wait behind the earlier seeds' short work."""
+    _write_data(str(tmp_path))
+    args = reproduce_mt.build_parser().parse_args([str(tmp_path), "--work-dir", str(tmp_path / "w"),
+                                                   "--protocols", "a,b,c,f", "--dry-run"])
+    reproduce_mt.check_args(args)
+    names = [t.name for t in reproduce_mt.tasks(args)]
+    later_a = [names.index(f"train {s}a") for s in (4, 5, 6)]
+    assert later_a == sorted(later_a) and later_a[-1] < names.index("train 4b")
+    assert names.index("train 3f") < later_a[0]  # the first three seeds and their arms keep their priority
+    assert names.index("train 1a") < names.index("eval 1a val logarithmic") < names.index("train 1b")

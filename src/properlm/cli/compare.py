@@ -7,6 +7,9 @@ A run directory may hold
 * ``results.json`` written by ``properlm evaluate`` (``"kind": "properlm-evaluate"``);
 * sub-directories holding evaluate results (``runs/sph/eval/results.json``): each gives
   one row, labelled ``RUN_DIR/SUBDIR``, with the run's training figures.
+
+With ``--baseline NAME`` the evaluations are also compared with the baseline's, per seed and over
+seeds (``NAME=DIR,DIR,...`` groups a configuration's seeds; :mod:`properlm.evaluation.comparison`).
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..evaluation import RESULTS_KIND, format_value
+from ..evaluation.comparison import ComparisonError, read_json_object
 
 __all__ = [
     "CompareError",
     "RunRecord",
+    "baseline_comparison",
     "comparison_rows",
     "comparison_table",
     "load_runs",
+    "parse_run_groups",
     "plot_curves",
     "read_metrics_log",
     "register",
@@ -55,15 +61,9 @@ class RunRecord:
 
 def _read_json(path: str) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise CompareError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
-    except OSError as exc:
-        raise CompareError(f"cannot read {path}: {exc}") from None
-    if not isinstance(value, dict):
-        raise CompareError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+        return read_json_object(path)
+    except ComparisonError as exc:
+        raise CompareError(str(exc)) from None
 
 
 def read_metrics_log(path: str) -> list[dict[str, Any]]:
@@ -303,6 +303,50 @@ def plot_curves(runs: list[RunRecord], path: str, max_panels: int = 6) -> str | 
     return path
 
 
+def parse_run_groups(items: list[str]) -> list[tuple[str, list[str]]]:
+    """``[(name, paths)]`` of the ``RUN_DIR`` arguments.
+
+    An existing path is a group of its own, named by it; otherwise ``NAME=PATH[,PATH...]`` names the
+    runs of one configuration, one per seed. Raises :class:`CompareError` for an empty name or path,
+    or a name given twice.
+    """
+    groups: list[tuple[str, list[str]]] = []
+    for item in items:
+        if os.path.exists(item) or "=" not in item:
+            name, paths = item, [item]
+        else:
+            name, _, rest = item.partition("=")
+            paths = rest.split(",")
+            if not name or not all(paths):
+                raise CompareError(f"{item!r}: expected RUN_DIR or NAME=RUN_DIR[,RUN_DIR...] "
+                                   "(a name, then comma-separated run directories)")
+        if any(name == g for g, _ in groups):
+            raise CompareError(f"{name!r} is given twice")
+        groups.append((name, paths))
+    return groups
+
+
+def baseline_comparison(groups: list[tuple[str, list[str]]], baseline: str, n_samples: int) -> tuple[str, dict]:
+    """``(markdown, result)`` of every group against the group named ``baseline``.
+
+    See :func:`properlm.evaluation.comparison.compare_to_baseline`.
+    """
+    from ..evaluation.comparison import compare_to_baseline, comparison_markdown, load_evaluated_run
+
+    names = [g for g, _ in groups]
+    if baseline not in names:
+        raise CompareError(f"--baseline {baseline!r} is none of the runs given; choose one of {', '.join(names)}")
+    if len(groups) < 2:
+        raise CompareError("--baseline needs at least one other run to compare with it")
+    try:
+        loaded = {name: [load_evaluated_run(p) for p in paths] for name, paths in groups}
+        result = compare_to_baseline(loaded[baseline], {k: v for k, v in loaded.items() if k != baseline},
+                                     n_samples=n_samples)
+    except ComparisonError as exc:
+        raise CompareError(str(exc)) from None
+    return comparison_markdown(result, baseline), result
+
+
 def register(subparsers: Any) -> None:
     """Add the ``compare`` command to the ``properlm`` sub-command parsers."""
     parser = subparsers.add_parser(
@@ -310,11 +354,28 @@ def register(subparsers: Any) -> None:
         description="Compare runs: print one markdown table with a row per run (training rule, steps, final "
         "losses and validation scores from `properlm train`'s results.json; perplexity, accuracy, ECE, "
         "mean scores, BLEU/chrF/ROUGE from `properlm evaluate`'s results.json, also when it sits in a "
-        "sub-directory of the run), and plot the training curves of the runs' metrics.jsonl logs.",
-        epilog="example:\n  properlm compare runs/log runs/brier runs/sph --plot curves.png --output-md table.md",
+        "sub-directory of the run), and plot the training curves of the runs' metrics.jsonl logs. With "
+        "--baseline, also whether each run (or group of seeds) beat the baseline: per seed with a paired "
+        "bootstrap, over seeds with an interval and a sign test.",
+        epilog="examples:\n"
+        "  properlm compare runs/log runs/brier runs/sph --plot curves.png --output-md table.md\n"
+        "  # did it help? three seeds each, decoded on the same test set, against the log-score runs:\n"
+        "  properlm compare log=runs/log1/test,runs/log2/test,runs/log3/test \\\n"
+        "      sph=runs/sph1/test,runs/sph2/test,runs/sph3/test --baseline log",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="run directories (or results.json files) of `properlm train` / `properlm evaluate`")
+                        help="run directories (or results.json files) of `properlm train` / `properlm evaluate`; "
+                        "NAME=DIR1,DIR2,... names the runs of one configuration, one per seed (for --baseline)")
+    parser.add_argument("--baseline", default=None, metavar="NAME",
+                        help="also compare every other run (or NAME=... group) with this one on the generation "
+                        "metrics of `properlm evaluate` (BLEU and chrF, or ROUGE-1/2/L): per seed the difference "
+                        "with a paired bootstrap p over the test examples; with several seeds (groups paired by "
+                        "position: the i-th directory of each group trained with the same seed) the mean "
+                        "difference with its 95%% Student-t interval over seeds, the seeds ahead and the sign test")
+    parser.add_argument("--bootstrap-samples", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples per seed for --baseline (default: 1000)")
+    parser.add_argument("--output-json", default=None, metavar="FILE",
+                        help="write the --baseline comparison (every per-seed and over-seed figure) as JSON")
     parser.add_argument("--plot", default="comparison.png", metavar="PNG",
                         help="where to write the training-curve plot (default: comparison.png)")
     parser.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="do not plot")
@@ -324,12 +385,28 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``properlm compare`` with parsed arguments; returns the exit code."""
+    if args.bootstrap_samples < 1:
+        print(f"properlm compare: error: --bootstrap-samples must be at least 1, got {args.bootstrap_samples}",
+              file=sys.stderr)
+        return 2
+    if args.output_json and not args.baseline:
+        print("properlm compare: error: --output-json writes the --baseline comparison: give --baseline",
+              file=sys.stderr)
+        return 2
     try:
-        runs = load_runs(list(args.runs))
+        groups = parse_run_groups(list(args.runs))
+        runs = load_runs([p for _, paths in groups for p in paths])
+        against = baseline_comparison(groups, args.baseline, args.bootstrap_samples) if args.baseline else None
     except CompareError as exc:
         print(f"properlm compare: error: {exc}", file=sys.stderr)
         return 2
     table = comparison_table(runs)
+    if against is not None:
+        table += "\n\n" + against[0]
+        if args.output_json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+            with open(args.output_json, "w", encoding="utf-8") as f:
+                json.dump(against[1], f, indent=2)
     print(table)
     if args.output_md:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_md)), exist_ok=True)  # as --plot does

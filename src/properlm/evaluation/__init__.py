@@ -33,7 +33,9 @@ Modules, one job each:
 * :mod:`~properlm.evaluation.journal` -- the journal of decoded batches that an interrupted decoding resumes from;
 * :mod:`~properlm.evaluation.text_metrics` -- BLEU, chrF, ROUGE;
 * :mod:`~properlm.evaluation.run` -- :func:`~properlm.evaluation.run.run_evaluation`, the driver;
-* :mod:`~properlm.evaluation.report` -- the markdown table of a results dictionary.
+* :mod:`~properlm.evaluation.report` -- the markdown table of a results dictionary;
+* :mod:`~properlm.evaluation.significance` -- paired bootstrap over examples, intervals and sign test over seeds;
+* :mod:`~properlm.evaluation.comparison` -- evaluated runs against a baseline (``properlm compare --baseline``).
 
 Every name is importable from ``properlm.evaluation`` itself, as before the package was split. The former
 top-level modules ``properlm.metrics``, ``properlm.decoding`` and ``properlm.generation_eval`` are the modules

@@ -19,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "ROUGE_TYPES",
+    "bleu_metric",
     "generation_metrics",
     "one_line",
     "rouge_per_example",
@@ -49,6 +50,33 @@ def _check_pairs(hypotheses: Sequence[str], references: Sequence[str]) -> None:
         raise ValueError("no hypotheses to score")
 
 
+def bleu_metric(target_lang: str | None = None) -> Any:
+    """The ``sacrebleu`` ``BLEU`` metric object for ``target_lang``.
+
+    ``target_lang`` is a code such as ``"de"`` or ``"zh"``, or ``None``; the tokenizer is
+    ``zh``/``ja-mecab``/``ko-mecab`` for those languages, ``13a`` otherwise. When the language's
+    tokenizer is unavailable (e.g. mecab not installed) it warns and returns the 13a one (the
+    signature names the tokenizer used).
+    """
+    from sacrebleu.metrics import BLEU
+
+    lang = _LANG_CODES.get(target_lang.strip().lower(), target_lang.strip().lower()) if target_lang else None
+    if not lang:
+        return BLEU()
+    try:
+        bleu = BLEU(trg_lang=lang)
+        bleu.corpus_score(["a"], [["a"]])  # a tokenizer that imports lazily fails here, not mid-evaluation
+        return bleu
+    except Exception as exc:  # e.g. ja-mecab not installed: the default tokenizer, said out loud
+        import warnings
+
+        reason = " ".join(str(exc).split())
+        warnings.warn(f"BLEU: sacrebleu's tokenizer for target language {lang!r} is unavailable ({reason}); "
+                      "scored with the default 13a tokenizer instead, which splits this language poorly "
+                      "(bleu_signature names the tokenizer used)", UserWarning, stacklevel=3)
+        return BLEU()
+
+
 def translation_metrics(hypotheses: Sequence[str], references: Sequence[str],
                         target_lang: str | None = None) -> dict[str, Any]:
     """Corpus BLEU and chrF (``sacrebleu``) of ``hypotheses`` against one reference each.
@@ -58,26 +86,13 @@ def translation_metrics(hypotheses: Sequence[str], references: Sequence[str],
 
     Returns ``{"bleu", "bleu_signature", "chrf", "chrf_signature"}``.
     """
-    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.metrics import CHRF
 
     _check_pairs(hypotheses, references)
     hyps = [one_line(h) for h in hypotheses]
     refs = [[one_line(r) for r in references]]
-    lang = None
-    if target_lang:
-        lang = _LANG_CODES.get(target_lang.strip().lower(), target_lang.strip().lower())
-    try:
-        bleu = BLEU(trg_lang=lang) if lang else BLEU()
-        bleu_score = bleu.corpus_score(hyps, refs)
-    except Exception as exc:  # e.g. ja-mecab not installed: the default tokenizer, said out loud
-        import warnings
-
-        reason = " ".join(str(exc).split())
-        warnings.warn(f"BLEU: sacrebleu's tokenizer for target language {lang!r} is unavailable ({reason}); "
-                      "scored with the default 13a tokenizer instead, which splits this language poorly "
-                      "(bleu_signature names the tokenizer used)", UserWarning, stacklevel=2)
-        bleu = BLEU()
-        bleu_score = bleu.corpus_score(hyps, refs)
+    bleu = bleu_metric(target_lang)
+    bleu_score = bleu.corpus_score(hyps, refs)
     chrf = CHRF()
     chrf_score = chrf.corpus_score(hyps, refs)
     return {

@@ -1,0 +1,278 @@
+"""Evaluated runs against a baseline: the tables of ``properlm compare --baseline``.
+
+Each system is a list of evaluations (``properlm evaluate`` output directories), one per seed, and
+so is the baseline; the ``s``-th evaluation of each was trained with the same seed ``s`` (paired by
+position) and decoded the same examples. For every generation metric of the task (BLEU and chrF for
+translation, ROUGE-1/2/L F1 for summarisation, all five for instructions) it reports, per seed, the
+difference against the baseline with a paired bootstrap p over the examples
+(:func:`~properlm.evaluation.significance.paired_bootstrap` /
+:func:`~properlm.evaluation.significance.paired_bootstrap_means`), and over seeds the mean
+difference with its 95% interval, the seeds ahead and the sign test
+(:func:`~properlm.evaluation.significance.compare_seeds`).
+
+The hypotheses are read from the evaluation's ``hypotheses.txt``, the references from the data
+files its ``results.json`` names (resolved as ``properlm evaluate`` was given them: relative to the
+working directory, else to the evaluation directory's parents).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .significance import SeedComparison, compare_seeds, paired_bootstrap, paired_bootstrap_means
+from .text_metrics import ROUGE_TYPES, rouge_per_example
+
+__all__ = ["ComparisonError", "EvaluatedRun", "compare_to_baseline", "comparison_markdown", "load_evaluated_run",
+           "metrics_of_task", "read_json_object"]
+
+#: generation metrics compared, per task: (results key, label)
+_TRANSLATION = (("bleu", "BLEU"), ("chrf", "chrF"))
+_SUMMARIZATION = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))
+
+
+class ComparisonError(ValueError):
+    """An evaluation cannot be read or paired with its baseline."""
+
+
+def metrics_of_task(task: str) -> tuple[tuple[str, str], ...]:
+    """``(key, label)`` of the metrics compared for ``task``."""
+    if task == "translation":
+        return _TRANSLATION
+    if task == "summarization":
+        return _SUMMARIZATION
+    if task == "instruction":
+        return _TRANSLATION + _SUMMARIZATION
+    raise ComparisonError(f"unknown task {task!r}; expected translation, summarization or instruction")
+
+
+@dataclass
+class EvaluatedRun:
+    """One ``properlm evaluate`` output: its hypotheses and the references they were scored against.
+
+    Attributes:
+        label: how tables name it.
+        directory: the evaluation's output directory.
+        task: the evaluated task.
+        hypotheses: ``n`` hypotheses, in data order.
+        references: ``n`` references (the data's target field).
+        target_lang: the target language given to evaluate (picks the BLEU tokenizer).
+        data: what identifies the examples: the data files (absolute) and ``n``.
+        generation: the ``generation`` block of its ``results.json`` (the metrics as evaluate scored them).
+    """
+
+    label: str
+    directory: str
+    task: str
+    hypotheses: list[str]
+    references: list[str]
+    target_lang: str | None
+    data: tuple[Any, ...]
+    generation: dict[str, Any] = field(default_factory=dict)
+
+
+def _results_path(path: str) -> str:
+    """``path``'s evaluate ``results.json``.
+
+    The file itself, the directory's, or that of its one evaluation sub-directory with hypotheses.
+    """
+    from .settings import RESULTS_KIND
+
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise ComparisonError(f"{path!r} does not exist")
+    top = os.path.join(path, "results.json")
+    if os.path.isfile(top) and read_json_object(top).get("kind") == RESULTS_KIND:
+        return top
+    subs = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n, "hypotheses.txt"))
+                  and os.path.isfile(os.path.join(path, n, "results.json")))
+    if len(subs) == 1:
+        return os.path.join(path, subs[0], "results.json")
+    if not subs:
+        raise ComparisonError(f"{path!r} holds no `properlm evaluate` results with hypotheses "
+                              "(results.json and hypotheses.txt; evaluate without --no-generate writes them)")
+    raise ComparisonError(f"{path!r} holds several evaluations ({', '.join(subs)}): name the one to compare, "
+                          f"e.g. {os.path.join(path, subs[0])}")
+
+
+def read_json_object(path: str) -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`ComparisonError` naming the file (and line) otherwise."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ComparisonError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    except OSError as exc:
+        raise ComparisonError(f"cannot read {path}: {exc}") from None
+    if not isinstance(value, dict):
+        raise ComparisonError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _locate(name: str, directory: str, results_path: str) -> str:
+    """The absolute path of a data file named in ``results.json``.
+
+    As given (relative to the working directory), else relative to one of the evaluation
+    directory's parents (evaluate may have run elsewhere).
+    """
+    if os.path.isabs(name) or os.path.isfile(name):
+        if not os.path.isfile(name):
+            raise ComparisonError(f"{results_path}: its data file {name!r} does not exist")
+        return os.path.abspath(name)
+    here = os.path.abspath(directory)
+    while True:
+        candidate = os.path.join(here, name)
+        if os.path.isfile(candidate):
+            return candidate
+        parent = os.path.dirname(here)
+        if parent == here:
+            raise ComparisonError(f"{results_path}: its data file {name!r} is not found from the working directory "
+                                  "(run compare where evaluate ran)")
+        here = parent
+
+
+def load_evaluated_run(path: str, label: str | None = None) -> EvaluatedRun:
+    """Read an evaluation with the references it was scored against.
+
+    ``path`` is an output directory of ``properlm evaluate``, its ``results.json``, or a run directory
+    holding exactly one evaluation with hypotheses. Raises :class:`ComparisonError` naming the file
+    when it holds no hypotheses, its data files are missing, or their examples do not match the
+    hypotheses in number.
+    """
+    from ..data import DataError, load_examples
+
+    results_path = _results_path(path)
+    results = read_json_object(results_path)
+    directory = os.path.dirname(results_path) or "."
+    gen = results.get("generation")
+    hyp_path = os.path.join(directory, "hypotheses.txt")
+    if not isinstance(gen, dict) or not os.path.isfile(hyp_path):
+        raise ComparisonError(f"{results_path}: no generated hypotheses (evaluated with --no-generate?)")
+    st = results.get("settings") or {}
+    files = {k: _locate(st[k], directory, results_path) if st.get(k) else None
+             for k in ("data_file", "source_file", "target_file")}
+    try:
+        examples = load_examples(files["data_file"], task=st.get("task"), source_file=files["source_file"],
+                                 target_file=files["target_file"], source_lang=st.get("source_lang"),
+                                 target_lang=st.get("target_lang"))
+    except DataError as exc:
+        raise ComparisonError(f"{results_path}: its data: {exc}") from None
+    if st.get("max_examples") is not None:
+        examples = examples[: int(st["max_examples"])]
+    with open(hyp_path, encoding="utf-8") as f:
+        hyps = f.read().split("\n")
+    if hyps and hyps[-1] == "":
+        hyps.pop()
+    if len(hyps) != len(examples):
+        raise ComparisonError(f"{hyp_path}: {len(hyps)} hypotheses but {len(examples)} examples in its data "
+                              "(the data files changed since it was evaluated?)")
+    task = examples[0].task if examples else str(st.get("task"))
+    return EvaluatedRun(label=label or path, directory=directory, task=task, hypotheses=hyps,
+                        references=[e.target for e in examples], target_lang=st.get("target_lang"),
+                        data=(files["data_file"], files["source_file"], files["target_file"], len(examples)),
+                        generation=gen)
+
+
+def _check_pair(base: EvaluatedRun, run: EvaluatedRun) -> None:
+    if run.data != base.data or run.task != base.task:
+        raise ComparisonError(f"{run.label} and the baseline {base.label} were not evaluated on the same examples "
+                              f"({run.task}, {run.data[:3]}, n = {run.data[3]} against {base.task}, "
+                              f"{base.data[:3]}, n = {base.data[3]})")
+
+
+def _per_seed(base: EvaluatedRun, run: EvaluatedRun, n_samples: int) -> dict[str, dict[str, float]]:
+    """Per metric ``{"baseline", "system", "delta", "p"}`` of one seed's pair (scores in percent)."""
+    out: dict[str, dict[str, float]] = {}
+    keys = dict(metrics_of_task(run.task))
+    if "bleu" in keys:
+        bs = paired_bootstrap(base.hypotheses, {"system": run.hypotheses}, base.references,
+                              target_lang=base.target_lang, n_samples=n_samples)["system"]
+        for k in ("bleu", "chrf"):
+            out[k] = {"baseline": bs[f"{k}_baseline"], "system": bs[k], "delta": bs[k] - bs[f"{k}_baseline"],
+                      "p": bs[f"{k}_p"]}
+    if "rouge1" in keys:
+        fb = rouge_per_example(base.hypotheses, base.references)
+        fs = rouge_per_example(run.hypotheses, base.references)
+        for t in ROUGE_TYPES:
+            r = paired_bootstrap_means([100 * v for v in fb[t]], [100 * v for v in fs[t]], n_samples=n_samples)
+            out[t] = {"baseline": 100 * sum(fb[t]) / len(fb[t]), "system": 100 * sum(fs[t]) / len(fs[t]),
+                      "delta": r["delta"], "p": r["p"]}
+    return out
+
+
+def compare_to_baseline(baseline: Sequence[EvaluatedRun], systems: Mapping[str, Sequence[EvaluatedRun]], *,
+                        n_samples: int = 1000) -> dict[str, Any]:
+    """Every system against the baseline, per seed and over seeds.
+
+    Args:
+        baseline: the baseline's evaluations, one per seed.
+        systems: name -> evaluations, as many as the baseline's, paired by position (the same seeds).
+        n_samples: bootstrap resamples per seed.
+
+    Returns ``{"baseline": [labels], "n_samples", "systems": {name: {"runs": [labels], "metrics": {key:
+    {"label", "per_seed": [{"baseline", "system", "delta", "p"}], "over_seeds": SeedComparison.to_dict()}}}}}``.
+    Raises :class:`ComparisonError` when the numbers of seeds differ or a pair was not evaluated on
+    the same examples (checked for all before any bootstrap)."""
+    if not baseline:
+        raise ComparisonError("the baseline has no evaluation")
+    for name, runs in systems.items():
+        if len(runs) != len(baseline):
+            raise ComparisonError(f"{name} has {len(runs)} evaluations but the baseline {len(baseline)}: "
+                                  "give one per seed for each, in the same seed order")
+        for base, run in zip(baseline, runs):
+            _check_pair(base, run)
+    out: dict[str, Any] = {"baseline": [b.label for b in baseline], "n_samples": n_samples, "systems": {}}
+    for name, runs in systems.items():
+        seeds = [_per_seed(b, r, n_samples) for b, r in zip(baseline, runs)]
+        metrics = {}
+        for key, label in metrics_of_task(baseline[0].task):
+            per = [s[key] for s in seeds]
+            over: SeedComparison = compare_seeds([p["baseline"] for p in per], [p["system"] for p in per])
+            metrics[key] = {"label": label, "per_seed": per, "over_seeds": over.to_dict()}
+        out["systems"][name] = {"runs": [r.label for r in runs], "metrics": metrics}
+    return out
+
+
+def _signed(x: float) -> str:
+    return "n/a" if x != x else f"{x:+.2f}"
+
+
+def _p(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def comparison_markdown(result: Mapping[str, Any], baseline_name: str = "baseline") -> str:
+    """The result of :func:`compare_to_baseline` as a markdown table.
+
+    A row per system and metric, with the per-seed differences (bootstrap p), and with two or more
+    seeds the mean difference [95% interval over seeds], the seeds ahead and the sign test p.
+    """
+    n_seeds = len(result["baseline"])
+    head = ["system", "metric", "baseline", "system score", "Δ per seed (bootstrap p)"]
+    if n_seeds > 1:
+        head += ["mean Δ [95% CI over seeds]", "seeds ahead", "sign test p"]
+    lines = [f"Against {baseline_name} ({n_seeds} seed{'s' if n_seeds > 1 else ''}; paired bootstrap over examples, "
+             f"{result['n_samples']} resamples per seed):", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for name, sys_result in result["systems"].items():
+        for m in sys_result["metrics"].values():
+            per = m["per_seed"]
+            cells = [name, m["label"], ", ".join(f"{p['baseline']:.2f}" for p in per),
+                     ", ".join(f"{p['system']:.2f}" for p in per),
+                     ", ".join(f"{_signed(p['delta'])} ({_p(p['p'])})" for p in per)]
+            if n_seeds > 1:
+                o = m["over_seeds"]
+                lo, hi = o["ci95"]
+                ci = "" if math.isnan(lo) else f" [{_signed(lo)}, {_signed(hi)}]"
+                cells += [f"{_signed(o['mean'])}{ci}", f"{o['seeds_ahead']}/{o['num_seeds']}", _p(o["sign_test_p"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    if n_seeds < 3:
+        lines += ["", "With fewer than 3 seeds a difference may be the seeds' luck: one training run per seed is "
+                  "the unit of evidence, and the bootstrap sees only the test set's noise."]
+    return "\n".join(lines)

@@ -195,3 +195,23 @@ def test_compare_baseline_on_summaries_uses_rouge(tmp_path, monkeypatch):
     with pytest.raises(ComparisonError, match="no generated hypotheses"):
         os.remove(os.path.join(base, "hypotheses.txt"))
         load_evaluated_run(os.path.join(base, "results.json"))
+
+
+def test_compare_baseline_refuses_pairs_of_different_training_seeds(translation_runs, tmp_path, capsys):
+    """Groups are paired by position; when the models' runs name their seeds, a pair of two seeds is refused."""
+    _, runs = translation_runs
+    for name, seed in (("log1", 1), ("log2", 2), ("sph1", 1), ("sph2", 2)):
+        run = tmp_path / f"train_{name}"
+        (run / "final").mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps({"config": {"seed": seed}}), encoding="utf-8")
+        res = json.loads(open(os.path.join(runs[name], "results.json"), encoding="utf-8").read())
+        res["settings"]["model"] = str(run / "final")
+        with open(os.path.join(runs[name], "results.json"), "w", encoding="utf-8") as f:
+            json.dump(res, f)
+    assert load_evaluated_run(runs["sph2"]).seed == 2 and load_evaluated_run(runs["log3"]).seed is None
+    assert main(["compare", f"log={runs['log1']},{runs['log2']}", f"sph={runs['sph2']},{runs['sph1']}",
+                 "--baseline", "log", "--no-plot"]) == 2
+    assert "(trained with seed 2) is paired with the baseline's" in capsys.readouterr().err
+    assert main(["compare", f"log={runs['log1']},{runs['log2']}", f"sph={runs['sph1']},{runs['sph2']}",
+                 "--baseline", "log", "--no-plot", "--bootstrap-samples", "20", "--output-json", "o.json"]) == 0
+    assert json.loads((tmp_path / "o.json").read_text(encoding="utf-8"))["seeds"] == [1, 2]

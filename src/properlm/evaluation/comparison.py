@@ -62,6 +62,8 @@ class EvaluatedRun:
         target_lang: the target language given to evaluate (picks the BLEU tokenizer).
         data: what identifies the examples: the data files (absolute) and ``n``.
         generation: the ``generation`` block of its ``results.json`` (the metrics as evaluate scored them).
+        seed: the training seed of the evaluated model when its run says it (``properlm train``'s
+            ``results.json`` beside the model's ``final/``, ``averaged/`` or ``checkpoint-N/``), else ``None``.
     """
 
     label: str
@@ -72,6 +74,7 @@ class EvaluatedRun:
     target_lang: str | None
     data: tuple[Any, ...]
     generation: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
 
 
 def _results_path(path: str) -> str:
@@ -137,6 +140,18 @@ def _locate(name: str, directory: str, results_path: str) -> str:
         here = parent
 
 
+def _training_seed(model: Any) -> int | None:
+    """The ``--seed`` of the ``properlm train`` run whose output directory holds ``model``, if known."""
+    if not isinstance(model, str) or not os.path.isdir(model):
+        return None
+    run_results = os.path.join(os.path.dirname(os.path.abspath(model)), "results.json")
+    try:
+        seed = read_json_object(run_results).get("config", {}).get("seed")
+    except (ComparisonError, AttributeError):
+        return None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def load_evaluated_run(path: str, label: str | None = None) -> EvaluatedRun:
     """Read an evaluation with the references it was scored against.
 
@@ -176,10 +191,13 @@ def load_evaluated_run(path: str, label: str | None = None) -> EvaluatedRun:
     return EvaluatedRun(label=label or path, directory=directory, task=task, hypotheses=hyps,
                         references=[e.target for e in examples], target_lang=st.get("target_lang"),
                         data=(files["data_file"], files["source_file"], files["target_file"], len(examples)),
-                        generation=gen)
+                        generation=gen, seed=_training_seed(st.get("model")))
 
 
 def _check_pair(base: EvaluatedRun, run: EvaluatedRun) -> None:
+    if base.seed is not None and run.seed is not None and base.seed != run.seed:
+        raise ComparisonError(f"{run.label} (trained with seed {run.seed}) is paired with the baseline's {base.label} "
+                              f"(seed {base.seed}): list each group's directories in the same seed order")
     if run.data != base.data or run.task != base.task:
         raise ComparisonError(f"{run.label} and the baseline {base.label} were not evaluated on the same examples "
                               f"({run.task}, {run.data[:3]}, n = {run.data[3]} against {base.task}, "
@@ -215,10 +233,12 @@ def compare_to_baseline(baseline: Sequence[EvaluatedRun], systems: Mapping[str, 
         systems: name -> evaluations, as many as the baseline's, paired by position (the same seeds).
         n_samples: bootstrap resamples per seed.
 
-    Returns ``{"baseline": [labels], "n_samples", "systems": {name: {"runs": [labels], "metrics": {key:
-    {"label", "per_seed": [{"baseline", "system", "delta", "p"}], "over_seeds": SeedComparison.to_dict()}}}}}``.
-    Raises :class:`ComparisonError` when the numbers of seeds differ or a pair was not evaluated on
-    the same examples (checked for all before any bootstrap)."""
+    Returns ``{"baseline": [labels], "seeds": [training seeds or None], "n_samples", "systems": {name:
+    {"runs": [labels], "metrics": {key: {"label", "per_seed": [{"baseline", "system", "delta", "p"}],
+    "over_seeds": SeedComparison.to_dict()}}}}}``.
+    Raises :class:`ComparisonError` when the numbers of seeds differ, a pair was not evaluated on
+    the same examples, or its models' runs name different training seeds (checked for all before any
+    bootstrap)."""
     if not baseline:
         raise ComparisonError("the baseline has no evaluation")
     for name, runs in systems.items():
@@ -227,7 +247,8 @@ def compare_to_baseline(baseline: Sequence[EvaluatedRun], systems: Mapping[str, 
                                   "give one per seed for each, in the same seed order")
         for base, run in zip(baseline, runs):
             _check_pair(base, run)
-    out: dict[str, Any] = {"baseline": [b.label for b in baseline], "n_samples": n_samples, "systems": {}}
+    out: dict[str, Any] = {"baseline": [b.label for b in baseline], "seeds": [b.seed for b in baseline],
+                           "n_samples": n_samples, "systems": {}}
     for name, runs in systems.items():
         seeds = [_per_seed(b, r, n_samples) for b, r in zip(baseline, runs)]
         metrics = {}

@@ -154,8 +154,13 @@ def run_tasks(tasks: Sequence[Task], jobs: int = 1) -> None:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
                 name = running.pop(fut)
-                if fut.exception() is not None and error is None:
-                    error = fut.exception()
+                exc = fut.exception()
+                if exc is not None:
+                    # said at once: the running tasks may take hours before the error is raised
+                    print(f"[fail] {name}: {type(exc).__name__}: {exc}"
+                          + (f"; no new task starts, waiting for {len(running)} running"
+                             if running and error is None else ""), flush=True)
+                    error = error or exc
                 done.add(name)
     if error is not None:
         raise error

@@ -146,7 +146,7 @@ def test_seed_level_statistics():
     assert lo <= tau <= hi and 0.5 < tau < 1
 
 
-def test_run_tasks_respects_dependencies_priority_and_failures():
+def test_run_tasks_respects_dependencies_priority_and_failures(capsys):
     import threading
     import time
 
@@ -174,6 +174,13 @@ def test_run_tasks_respects_dependencies_priority_and_failures():
     with pytest.raises(RuntimeError, match="step failed"):
         _runner.run_tasks([_runner.Task("x", boom), _runner.Task("y", note("y"), {"x"})], jobs=2)
     assert order == []  # nothing starts after a failure
+    # a failure is said when it happens, not only once the tasks still running (hours, in a study) end
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match="step failed"):
+        _runner.run_tasks([_runner.Task("slow", note("slow", 0.3)), _runner.Task("x", boom),
+                           _runner.Task("z", note("z"))], jobs=2)
+    assert "[fail] x: RuntimeError: step failed; no new task starts, waiting for 1 running" in capsys.readouterr().out
+    assert order == ["slow"]  # the running task finishes, z never starts
     with pytest.raises(ValueError, match="unknown tasks"):
         _runner.run_tasks([_runner.Task("y", note("y"), {"zz"})])
 

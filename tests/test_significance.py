@@ -10,7 +10,12 @@ import random
 import pytest
 
 from properlm.cli.main import main
-from properlm.evaluation.comparison import ComparisonError, compare_to_baseline, load_evaluated_run
+from properlm.evaluation.comparison import (
+    ComparisonError,
+    compare_to_baseline,
+    comparison_markdown,
+    load_evaluated_run,
+)
 from properlm.evaluation.significance import (
     compare_seeds,
     mean_ci,
@@ -81,7 +86,7 @@ def test_paired_bootstrap_means():
 # ---------------------------------------------------------------------------- properlm compare --baseline
 
 
-def _evaluation(root, name, hyps, data, task="translation", max_examples=None):
+def _evaluation(root, name, hyps, data, task="translation", max_examples=None, tf=None):
     """An output directory as `properlm evaluate` writes it (results.json with its settings, hypotheses.txt)."""
     out = os.path.join(root, name)
     os.makedirs(out)
@@ -90,7 +95,7 @@ def _evaluation(root, name, hyps, data, task="translation", max_examples=None):
     settings = {"task": task, "target_lang": "de" if task == "translation" else None, "source_lang": None,
                 "max_examples": max_examples, "data_file": None, "source_file": None, "target_file": None, **data}
     results = {"kind": "properlm-evaluate", "settings": settings, "num_examples": len(hyps),
-               "generation": {"bleu": 0.0}}
+               "generation": {"bleu": 0.0}, **({"teacher_forced": tf} if tf else {})}
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f)
     return out
@@ -215,3 +220,25 @@ def test_compare_baseline_refuses_pairs_of_different_training_seeds(translation_
     assert main(["compare", f"log={runs['log1']},{runs['log2']}", f"sph={runs['sph1']},{runs['sph2']}",
                  "--baseline", "log", "--no-plot", "--bootstrap-samples", "20", "--output-json", "o.json"]) == 0
     assert json.loads((tmp_path / "o.json").read_text(encoding="utf-8"))["seeds"] == [1, 2]
+
+
+def test_compare_baseline_compares_teacher_forced_scores_over_seeds(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refs = _sentences(20, 0)
+    (tmp_path / "t.en").write_text("s\n" * 20, encoding="utf-8")
+    (tmp_path / "t.de").write_text("".join(r + "\n" for r in refs), encoding="utf-8")
+    data = {"source_file": "t.en", "target_file": "t.de"}
+    base, sph = [], []
+    for seed, (b_ece, s_ece) in enumerate(((0.02, 0.30), (0.03, 0.33))):
+        base.append(load_evaluated_run(_evaluation(str(tmp_path), f"b{seed}", refs, data, tf={
+            "mean_scores": {"logarithmic": -1.8, "spherical": 0.69}, "ece": b_ece})))
+        sph.append(load_evaluated_run(_evaluation(str(tmp_path), f"s{seed}", refs, data, tf={
+            "mean_scores": {"logarithmic": -2.4 + 0.1 * seed, "spherical": 0.70, "brier": 0.4}, "ece": s_ece})))
+    result = compare_to_baseline(base, {"sph": sph}, n_samples=20)
+    metrics = result["systems"]["sph"]["metrics"]
+    assert list(metrics) == ["bleu", "chrf", "score logarithmic", "score spherical", "ece"]  # brier: one side only
+    log = metrics["score logarithmic"]
+    assert [p["delta"] for p in log["per_seed"]] == pytest.approx([-0.6, -0.5]) and log["per_seed"][0]["p"] is None
+    assert metrics["ece"]["over_seeds"]["mean"] == pytest.approx(29.0)
+    md = comparison_markdown(result, "log")
+    assert "| sph | ECE % (lower is better) | 2.00, 3.00 | 30.00, 33.00 | +28.00, +30.00 |" in md

@@ -8,7 +8,9 @@ difference against the baseline with a paired bootstrap p over the examples
 (:func:`~properlm.evaluation.significance.paired_bootstrap` /
 :func:`~properlm.evaluation.significance.paired_bootstrap_means`), and over seeds the mean
 difference with its 95% interval, the seeds ahead and the sign test
-(:func:`~properlm.evaluation.significance.compare_seeds`).
+(:func:`~properlm.evaluation.significance.compare_seeds`). The teacher-forced figures every evaluation
+holds (each rule's mean token score, the ECE) are compared over seeds too (no bootstrap: the
+token-level values are not kept).
 
 The hypotheses are read from the evaluation's ``hypotheses.txt``, the references from the data
 files its ``results.json`` names (resolved as ``properlm evaluate`` was given them: relative to the
@@ -62,6 +64,7 @@ class EvaluatedRun:
         target_lang: the target language given to evaluate (picks the BLEU tokenizer).
         data: what identifies the examples: the data files (absolute) and ``n``.
         generation: the ``generation`` block of its ``results.json`` (the metrics as evaluate scored them).
+        teacher_forced: the ``teacher_forced`` block of its ``results.json`` (mean rule scores, ECE).
         seed: the training seed of the evaluated model when its run says it (``properlm train``'s
             ``results.json`` beside the model's ``final/``, ``averaged/`` or ``checkpoint-N/``), else ``None``.
     """
@@ -75,6 +78,7 @@ class EvaluatedRun:
     data: tuple[Any, ...]
     generation: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
+    teacher_forced: dict[str, Any] = field(default_factory=dict)
 
 
 def _results_path(path: str) -> str:
@@ -191,7 +195,8 @@ def load_evaluated_run(path: str, label: str | None = None) -> EvaluatedRun:
     return EvaluatedRun(label=label or path, directory=directory, task=task, hypotheses=hyps,
                         references=[e.target for e in examples], target_lang=st.get("target_lang"),
                         data=(files["data_file"], files["source_file"], files["target_file"], len(examples)),
-                        generation=gen, seed=_training_seed(st.get("model")))
+                        generation=gen, seed=_training_seed(st.get("model")),
+                        teacher_forced=results.get("teacher_forced") or {})
 
 
 def _check_pair(base: EvaluatedRun, run: EvaluatedRun) -> None:
@@ -235,7 +240,8 @@ def compare_to_baseline(baseline: Sequence[EvaluatedRun], systems: Mapping[str, 
 
     Returns ``{"baseline": [labels], "seeds": [training seeds or None], "n_samples", "systems": {name:
     {"runs": [labels], "metrics": {key: {"label", "per_seed": [{"baseline", "system", "delta", "p"}],
-    "over_seeds": SeedComparison.to_dict()}}}}}``.
+    "over_seeds": SeedComparison.to_dict()}}}}}``; the keys are the generation metrics, then
+    ``"score RULE"`` and ``"ece"`` (percent) of the teacher-forced pass, whose ``p`` is ``None``.
     Raises :class:`ComparisonError` when the numbers of seeds differ, a pair was not evaluated on
     the same examples, or its models' runs name different training seeds (checked for all before any
     bootstrap)."""
@@ -251,13 +257,37 @@ def compare_to_baseline(baseline: Sequence[EvaluatedRun], systems: Mapping[str, 
                            "n_samples": n_samples, "systems": {}}
     for name, runs in systems.items():
         seeds = [_per_seed(b, r, n_samples) for b, r in zip(baseline, runs)]
-        metrics = {}
+        metrics: dict[str, Any] = {}
         for key, label in metrics_of_task(baseline[0].task):
-            per = [s[key] for s in seeds]
+            per: list[dict[str, Any]] = [s[key] for s in seeds]
             over: SeedComparison = compare_seeds([p["baseline"] for p in per], [p["system"] for p in per])
+            metrics[key] = {"label": label, "per_seed": per, "over_seeds": over.to_dict()}
+        for key, label, values in _teacher_forced_rows(baseline, runs):
+            per = [{"baseline": b, "system": v, "delta": v - b, "p": None} for b, v in values]
+            over = compare_seeds([b for b, _ in values], [v for _, v in values])
             metrics[key] = {"label": label, "per_seed": per, "over_seeds": over.to_dict()}
         out["systems"][name] = {"runs": [r.label for r in runs], "metrics": metrics}
     return out
+
+
+def _teacher_forced_rows(baseline: Sequence[EvaluatedRun], runs: Sequence[EvaluatedRun]) -> list[tuple[str, str, list]]:
+    """``(key, label, [(baseline, system) per seed])`` of the teacher-forced figures every pair has.
+
+    Each rule's mean token score (higher is better) and the ECE in percent (lower is better); no
+    bootstrap (the token-level values are not kept), only the comparison over seeds.
+    """
+    pairs = list(zip(baseline, runs))
+    rows = []
+    rules = [r for r in baseline[0].teacher_forced.get("mean_scores", {})
+             if all(isinstance(x.teacher_forced.get("mean_scores", {}).get(r), (int, float)) for p in pairs for x in p)]
+    for rule in rules:
+        values = [(float(b.teacher_forced["mean_scores"][rule]), float(r.teacher_forced["mean_scores"][rule]))
+                  for b, r in pairs]
+        rows.append((f"score {rule}", f"score {rule}", values))
+    if all(isinstance(x.teacher_forced.get("ece"), (int, float)) for p in pairs for x in p):
+        rows.append(("ece", "ECE % (lower is better)",
+                     [(100 * float(b.teacher_forced["ece"]), 100 * float(r.teacher_forced["ece"])) for b, r in pairs]))
+    return rows
 
 
 def _signed(x: float) -> str:
@@ -286,7 +316,7 @@ def comparison_markdown(result: Mapping[str, Any], baseline_name: str = "baselin
             per = m["per_seed"]
             cells = [name, m["label"], ", ".join(f"{p['baseline']:.2f}" for p in per),
                      ", ".join(f"{p['system']:.2f}" for p in per),
-                     ", ".join(f"{_signed(p['delta'])} ({_p(p['p'])})" for p in per)]
+                     ", ".join(_signed(p["delta"]) + ("" if p["p"] is None else f" ({_p(p['p'])})") for p in per)]
             if n_seeds > 1:
                 o = m["over_seeds"]
                 lo, hi = o["ci95"]

@@ -63,7 +63,6 @@ class EvaluatedRun:
         references: ``n`` references (the data's target field).
         target_lang: the target language given to evaluate (picks the BLEU tokenizer).
         data: what identifies the examples: the data files (absolute) and ``n``.
-        generation: the ``generation`` block of its ``results.json`` (the metrics as evaluate scored them).
         teacher_forced: the ``teacher_forced`` block of its ``results.json`` (mean rule scores, ECE).
         seed: the training seed of the evaluated model when its run says it (``properlm train``'s
             ``results.json`` beside the model's ``final/``, ``averaged/`` or ``checkpoint-N/``), else ``None``.
@@ -76,7 +75,6 @@ class EvaluatedRun:
     references: list[str]
     target_lang: str | None
     data: tuple[Any, ...]
-    generation: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
     teacher_forced: dict[str, Any] = field(default_factory=dict)
 
@@ -195,7 +193,7 @@ def load_evaluated_run(path: str, label: str | None = None) -> EvaluatedRun:
     return EvaluatedRun(label=label or path, directory=directory, task=task, hypotheses=hyps,
                         references=[e.target for e in examples], target_lang=st.get("target_lang"),
                         data=(files["data_file"], files["source_file"], files["target_file"], len(examples)),
-                        generation=gen, seed=_training_seed(st.get("model")),
+                        seed=_training_seed(st.get("model")),
                         teacher_forced=results.get("teacher_forced") or {})
 
 
@@ -209,23 +207,27 @@ def _check_pair(base: EvaluatedRun, run: EvaluatedRun) -> None:
                               f"{base.data[:3]}, n = {base.data[3]})")
 
 
-def _per_seed(base: EvaluatedRun, run: EvaluatedRun, n_samples: int) -> dict[str, dict[str, float]]:
-    """Per metric ``{"baseline", "system", "delta", "p"}`` of one seed's pair (scores in percent)."""
-    out: dict[str, dict[str, float]] = {}
-    keys = dict(metrics_of_task(run.task))
+def _per_seed(base: EvaluatedRun, runs: Mapping[str, EvaluatedRun], n_samples: int) -> dict[str, dict[str, Any]]:
+    """``{system: {metric: {"baseline", "system", "delta", "p"}}}`` of one seed (scores in percent).
+
+    The baseline is scored once for all systems (one sacrebleu paired test, one ROUGE pass)."""
+    out: dict[str, dict[str, Any]] = {name: {} for name in runs}
+    keys = dict(metrics_of_task(base.task))
     if "bleu" in keys:
-        bs = paired_bootstrap(base.hypotheses, {"system": run.hypotheses}, base.references,
-                              target_lang=base.target_lang, n_samples=n_samples)["system"]
-        for k in ("bleu", "chrf"):
-            out[k] = {"baseline": bs[f"{k}_baseline"], "system": bs[k], "delta": bs[k] - bs[f"{k}_baseline"],
-                      "p": bs[f"{k}_p"]}
+        tests = paired_bootstrap(base.hypotheses, {n: r.hypotheses for n, r in runs.items()}, base.references,
+                                 target_lang=base.target_lang, n_samples=n_samples)
+        for name, bs in tests.items():
+            for k in ("bleu", "chrf"):
+                out[name][k] = {"baseline": bs[f"{k}_baseline"], "system": bs[k],
+                                "delta": bs[k] - bs[f"{k}_baseline"], "p": bs[f"{k}_p"]}
     if "rouge1" in keys:
         fb = rouge_per_example(base.hypotheses, base.references)
-        fs = rouge_per_example(run.hypotheses, base.references)
-        for t in ROUGE_TYPES:
-            r = paired_bootstrap_means([100 * v for v in fb[t]], [100 * v for v in fs[t]], n_samples=n_samples)
-            out[t] = {"baseline": 100 * sum(fb[t]) / len(fb[t]), "system": 100 * sum(fs[t]) / len(fs[t]),
-                      "delta": r["delta"], "p": r["p"]}
+        for name, run in runs.items():
+            fs = rouge_per_example(run.hypotheses, base.references)
+            for t in ROUGE_TYPES:
+                r = paired_bootstrap_means([100 * v for v in fb[t]], [100 * v for v in fs[t]], n_samples=n_samples)
+                out[name][t] = {"baseline": 100 * sum(fb[t]) / len(fb[t]), "system": 100 * sum(fs[t]) / len(fs[t]),
+                                "delta": r["delta"], "p": r["p"]}
     return out
 
 
@@ -255,11 +257,12 @@ def compare_to_baseline(baseline: Sequence[EvaluatedRun], systems: Mapping[str, 
             _check_pair(base, run)
     out: dict[str, Any] = {"baseline": [b.label for b in baseline], "seeds": [b.seed for b in baseline],
                            "n_samples": n_samples, "systems": {}}
+    seeds = [_per_seed(b, {name: runs[i] for name, runs in systems.items()}, n_samples)
+             for i, b in enumerate(baseline)]
     for name, runs in systems.items():
-        seeds = [_per_seed(b, r, n_samples) for b, r in zip(baseline, runs)]
         metrics: dict[str, Any] = {}
         for key, label in metrics_of_task(baseline[0].task):
-            per: list[dict[str, Any]] = [s[key] for s in seeds]
+            per: list[dict[str, Any]] = [s[name][key] for s in seeds]
             over: SeedComparison = compare_seeds([p["baseline"] for p in per], [p["system"] for p in per])
             metrics[key] = {"label": label, "per_seed": per, "over_seeds": over.to_dict()}
         for key, label, values in _teacher_forced_rows(baseline, runs):

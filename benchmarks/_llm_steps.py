@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import _runner
+from _archive import ResultsArchive
 from _llm_common import ARMS, BASELINE, EXTRA_MAX_LENGTH, EXTRA_MAX_NEW_TOKENS, Arm
 
 
@@ -198,12 +199,16 @@ class _Timings:
                 json.dump(self.data, f, indent=2)
 
 
-def _run(step: Step, args: argparse.Namespace, timings: _Timings) -> None:
+def _run(step: Step, args: argparse.Namespace, timings: _Timings, archive: ResultsArchive | None = None) -> None:
     if step.prepare is not None and not args.dry_run and not step.done:
         step.prepare()
     started = time.time()
     if _runner.run_step(step.name, step.argv(), step.out, threads=args.threads, dry_run=args.dry_run):
         timings.add(step.name, time.time() - started)
+        if archive is not None:
+            archive.save(step.out)
+            with timings.lock:
+                archive.save_file("timings.json")
 
 
 def _cleanup(train_dir: str, args: argparse.Namespace) -> None:
@@ -215,12 +220,13 @@ def _cleanup(train_dir: str, args: argparse.Namespace) -> None:
             shutil.rmtree(os.path.join(train_dir, entry), ignore_errors=True)
 
 
-def run_all(args: argparse.Namespace, steps: list[Step], timings: _Timings) -> None:
-    """Run the plan with ``--jobs`` steps at a time; each run's checkpoints go once it and the
-    runs that branch from it have finished."""
+def run_all(args: argparse.Namespace, steps: list[Step], timings: _Timings,
+            archive: ResultsArchive | None = None) -> None:
+    """Run the plan with ``--jobs`` steps at a time, archiving each finished step in ``archive``
+    (``--archive``); each run's checkpoints go once it and the runs that branch from it have finished."""
     tasks = []
     for s in steps:
-        tasks.append(_runner.Task(s.name, lambda s=s: _run(s, args, timings), set(s.deps)))
+        tasks.append(_runner.Task(s.name, lambda s=s: _run(s, args, timings, archive), set(s.deps)))
         if s.kind == "train":  # right after its run in the list: it runs as soon as it may
             after = {s.name} | {t.name for t in steps if t.kind == "train" and s.name in t.deps}
             tasks.append(_runner.Task(f"cleanup {s.name}", lambda s=s: _cleanup(s.out, args), after))

@@ -252,6 +252,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "jobs": {"type": int, "default": 1, "help": "steps run at the same time (independent runs in parallel)"},
     "report_only": {"action": "store_true", "help": "only aggregate what has finished"},
     "dry_run": {"action": "store_true", "help": "print the commands that would run"},
+    "archive": {"metavar": "DIR", "default": None,
+                "help": "also keep the small outputs of every finished step (results, hypotheses, metric logs; no "
+                "weights) in DIR, and restore finished steps from DIR into a new --work-dir, so a study that "
+                "outlives its machine continues on the next one (commit DIR; see _archive.py)"},
 }
 
 

@@ -122,6 +122,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _runner
+from _archive import ResultsArchive
 from _llm_common import (
     ARMS,
     BASELINE,
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     _runner.add_options(g, {"bootstrap_samples": {}})
     g = p.add_argument_group("run")
     _runner.add_options(g, {"jobs": {"help": "steps run at the same time (one --threads each)"},
-                            "threads": {"help": "OMP/torch threads of each step"}})
+                            "threads": {"help": "OMP/torch threads of each step"}, "archive": {}})
     g.add_argument("--estimate", action="store_true",
                    help="print the planned steps (finished ones marked) and the estimated hours; write nothing")
     g.add_argument("--est-step-seconds", type=float, default=12.0,
@@ -439,6 +440,29 @@ def _widen(args: argparse.Namespace, saved: dict[str, Any]) -> None:
         args.extra_tests.setdefault(name, tuple(files))
 
 
+def _open_archive(args: argparse.Namespace, work: str) -> ResultsArchive:
+    """The ``--archive`` of ``work``: refuse one made with other settings, restore its finished
+    steps (each with all the steps after it, see :mod:`_archive`) and the timings into ``work``,
+    and save the finished steps of ``work`` it does not hold yet."""
+    try:
+        archive = ResultsArchive(args.archive, work)
+        settings = _runner.read_json_if(os.path.join(work, "settings.json")) or _settings(args)
+        archive.check_settings(settings, [k for k in RESULT_KEYS if k != "switch_at"])
+        theirs = (_runner.read_json_if(os.path.join(archive.root, "settings.json")) or {}).get("switch_at")
+        if None not in (theirs, args.switch_at) and theirs != args.switch_at:
+            raise ValueError(f"the archive {archive.root} holds switch arms branched at step {theirs}, not "
+                             f"{args.switch_at} (--switch-at)")
+    except ValueError as exc:
+        raise SetupError(f"--archive: {exc}") from None
+    steps = [(s.name, s.out, s.deps) for s in plan(args, work, os.path.join(work, "base"))]
+    restored = archive.restore(steps)
+    archive.restore_file("timings.json")
+    saved = archive.save_all(steps)
+    print(f"archive {archive.root}: {len(restored)} finished step(s) restored into {work}, {len(saved)} saved",
+          flush=True)
+    return archive
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     args = parse_args(argv)
@@ -476,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if manifest and not args.report_only:
         print(f"data: {json.dumps(manifest['counts'])} (train pool {manifest['train_pool_after_filter']} of "
               f"{manifest['train_pool']} pairs after the length filter)", flush=True)
+    archive = _open_archive(args, work) if args.archive and (writes or args.report_only) else None
     timings = _Timings(os.path.join(work, "timings.json"))
     if args.report_only:
         base = os.path.join(work, "base")
@@ -491,10 +516,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text, flush=True)
         if args.estimate:
             return 0
-        run_all(args, steps, timings)
+        run_all(args, steps, timings, archive)
         if args.dry_run:
             return 0
     md = report(args, work, steps, manifest, timings.data, None if args.report_only else time.time() - started)
+    if archive is not None:
+        saved = archive.save_all([(s.name, s.out, s.deps) for s in steps])
+        for name in ("timings.json", "results.md", "results.json", "training_curves.png"):
+            archive.save_file(name)
+        print(f"archive {archive.root}: {len(saved)} more finished step(s) saved, with the report")
     print()
     print(md)
     print(f"written: {work}/results.md, {work}/results.json" + (

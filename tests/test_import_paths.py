@@ -45,7 +45,8 @@ TRANSFORMERS_PRIVATE = [
 
 #: the same for src/properlm/evaluation.py
 EVALUATION_ALL = [
-    "DEFAULT_MAX_LENGTH", "DTYPES", "RESULTS_KIND", "EvalError", "EvalSettings", "LengthLimits", "format_value",
+    "DEFAULT_MAX_LENGTH", "DTYPES", "RESULTS_KIND", "EvalError", "EvalSettings", "LengthLimits", "ScoredHiddenStates",
+    "format_value",
     "markdown_table", "parse_rules", "resolve_device", "resolve_languages", "resolve_lengths", "run_evaluation",
     "teacher_forced_metrics",
     "torch_dtype", "validate_decoding", "validate_new_token_cap", "validate_settings",

@@ -10,7 +10,7 @@ Flow (:func:`~properlm.evaluation.run.run_evaluation`), with the module of each 
     resolve_lengths (options, training record, position table)        -- lengths: refuses a length the model cannot take
     resolve_languages (options, training record)                      -- settings: the translation prompt's languages
     load_examples, load_model_and_tokenizer                           -- properlm.data, properlm.modeling
-    teacher_forced_metrics                                            -- teacher_forced
+    teacher_forced_metrics (logits at the scored positions only)      -- teacher_forced
       -> MetricsAccumulator (rule scores, perplexity, accuracy)       -- metrics
       -> calibration bins, ECE, reliability_diagram                   -- calibration
       -> TemperatureScan with fit_temperature                         -- temperature
@@ -70,8 +70,8 @@ from .settings import (
     validate_settings,
 )
 from .settings import _check_output_dir as _check_output_dir
+from .teacher_forced import ScoredHiddenStates, teacher_forced_metrics
 from .teacher_forced import _tqdm as _tqdm
-from .teacher_forced import teacher_forced_metrics
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",
@@ -80,6 +80,7 @@ __all__ = [
     "EvalError",
     "EvalSettings",
     "LengthLimits",
+    "ScoredHiddenStates",
     "format_value",
     "markdown_table",
     "parse_rules",

@@ -46,7 +46,7 @@ from typing import Any
 from .journal import DecodeJournal, journal_key
 from .lengths import _config_seq2seq, resolve_lengths
 from .settings import RESULTS_KIND, EvalSettings, resolve_device, resolve_languages, torch_dtype, validate_settings
-from .teacher_forced import _tqdm, teacher_forced_metrics
+from .teacher_forced import ScoredHiddenStates, _tqdm, teacher_forced_metrics
 
 __all__ = ["DECODE_JOURNAL", "run_evaluation"]
 
@@ -132,11 +132,14 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
 
     t0 = time.time()
     scan = TemperatureScan(num_bins=s.num_bins) if s.fit_temperature else None
+    # the scored positions' hidden states: the metrics at the fitted temperature then cost the head alone
+    store = ScoredHiddenStates() if s.fit_temperature else None
     also = None if s.also_temperature is None else \
         MetricsAccumulator(s.rules, num_bins=s.num_bins, temperature=s.also_temperature)
     tf = teacher_forced_metrics(model, tokenizer, cut, s.rules, max_length=s.max_length,
                                 batch_size=s.batch_size, num_bins=s.num_bins, progress=s.progress,
-                                temperature=s.temperature, scan=scan, extra_consumers=[] if also is None else [also])
+                                temperature=s.temperature, scan=scan, extra_consumers=[] if also is None else [also],
+                                hidden_store=store)
     tf_seconds = time.time() - t0
     rel_path = os.path.join(s.output_dir, "reliability.png")
     name = "/".join(os.path.normpath(s.model or s.gguf_file or "model").split(os.sep)[-2:])
@@ -156,7 +159,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
     }
 
     if scan is not None:
-        results["temperature_fit"] = _fit_temperature(scan, tf, results, model, tokenizer, cut, s, name)
+        results["temperature_fit"] = _fit_temperature(scan, tf, results, model, tokenizer, cut, s, name, store)
     if also is not None:
         results["teacher_forced_scaled"] = _tf_dict(also.compute(), s.num_bins, s.also_temperature)
 
@@ -228,13 +231,16 @@ def _resume_note(bar: Any, journal: DecodeJournal | None, progress: bool) -> Any
 
 
 def _fit_temperature(scan: Any, tf: Any, results: dict[str, Any], model: Any, tokenizer: Any,
-                     examples: Sequence[Any], s: EvalSettings, name: str) -> dict[str, Any]:
+                     examples: Sequence[Any], s: EvalSettings, name: str,
+                     store: ScoredHiddenStates | None = None) -> dict[str, Any]:
     """The ``temperature_fit`` entry: the scan's fit, with its metrics measured at the fitted ``T``.
 
-    The scan refines ``T`` between its grid values, where it has no measured metrics; one more
-    teacher-forced pass at ``T`` (the cost of a plain scoring pass) gives the exact mean log score,
-    ECE, reliability table (and ``reliability_fitted.png``) and rule scores at ``T``. No pass when
-    ``T`` is the temperature of the first pass (its metrics are reused) or no position was scored.
+    The scan refines ``T`` between its grid values, where it has no measured metrics; the exact mean
+    log score, ECE, reliability table (and ``reliability_fitted.png``) and rule scores at ``T`` come
+    from the scored positions' hidden states of the first pass through the output head
+    (``store``, a complete :class:`ScoredHiddenStates`: decoder-only models), else from one more
+    teacher-forced pass at ``T``. Neither when ``T`` is the temperature of the first pass (its
+    metrics are reused) or no position was scored.
     """
     from .calibration import reliability_diagram
 
@@ -245,15 +251,21 @@ def _fit_temperature(scan: Any, tf: Any, results: dict[str, Any], model: Any, to
         at = tf
     else:
         t0 = time.time()
-        at = teacher_forced_metrics(model, tokenizer, examples, s.rules, max_length=s.max_length,
-                                    batch_size=s.batch_size, num_bins=s.num_bins, progress=s.progress,
-                                    temperature=fit.temperature)
+        if store is not None and store.complete:
+            at = store.metrics(s.rules, temperature=fit.temperature, num_bins=s.num_bins)
+        else:
+            at = teacher_forced_metrics(model, tokenizer, examples, s.rules, max_length=s.max_length,
+                                        batch_size=s.batch_size, num_bins=s.num_bins, progress=s.progress,
+                                        temperature=fit.temperature)
         results["seconds"]["teacher_forced_at_fitted_temperature"] = time.time() - t0
+
     fit = fit.with_metrics(at, fit.temperature)
     path = os.path.join(s.output_dir, "reliability_fitted.png")
     reliability_diagram(fit.bins, path, title=f"{name}, T = {fit.temperature:.4f}", ece=fit.ece)
     results["files"]["reliability_diagram_fitted"] = path
-    return {**fit.to_dict(), "mean_scores": at.mean_scores, "perplexity": at.perplexity}
+    source = "the first pass" if at is tf else "the scored hidden states of the first pass" \
+        if store is not None and store.complete else "a second teacher-forced pass"
+    return {**fit.to_dict(), "mean_scores": at.mean_scores, "perplexity": at.perplexity, "metrics_from": source}
 
 
 def _tf_dict(tf: Any, num_bins: int, temperature: float) -> dict[str, Any]:

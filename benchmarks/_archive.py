@@ -39,8 +39,10 @@ MAX_FILE_BYTES = 4 * 1024 * 1024
 #: per-step figures (reliability diagrams), which their ``results.json`` can redraw
 SKIPPED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".npz", ".tfevents", ".png")
 
-#: (step name, output directory, names of the steps it depends on)
-ArchivedStep = tuple[str, str, Iterable[str]]
+#: (step name, output directory, names of the steps it depends on); ``None`` for a step with no
+#: output directory of its own (a choice recorded in a file of the work directory): it is never
+#: restored itself, and the steps depending on it count as depending on its own dependencies
+ArchivedStep = tuple[str, "str | None", Iterable[str]]
 
 
 def _skipped_dir(name: str) -> bool:
@@ -154,32 +156,41 @@ class ResultsArchive:
         return True
 
     def restorable(self, steps: Sequence[ArchivedStep]) -> list[str]:
-        """The names of the steps (plan order) that :meth:`restore` would copy back: archived as
-        finished, not finished in the work directory, and every step depending on them
-        (transitively) archived as finished too."""
-        outs = {name: out for name, out, _ in steps}
-        dependents: dict[str, set[str]] = {name: set() for name in outs}
-        for name, _, deps in steps:
-            for d in deps:
-                if d in dependents:
-                    dependents[d].add(name)
+        """The names of the steps (plan order) that :meth:`restore` would copy back.
 
-        def closure(name: str) -> set[str]:
+        A step is restored when it is archived as finished and not finished in the work directory,
+        every step depending on it (transitively) is archived as finished (or finished in the work
+        directory), and so is every step it depends on (transitively) that the work directory has
+        not finished: so a run that must run again (its weights are not archived) brings back none
+        of the evaluations of its earlier self, which it would then contradict.
+        """
+        outs = {name: out for name, out, _ in steps}
+        parents = {name: {d for d in deps if d in outs} for name, _, deps in steps}
+        children: dict[str, set[str]] = {name: set() for name in outs}
+        for name, ps in parents.items():
+            for d in ps:
+                children[d].add(name)
+
+        def reach(name: str, edges: dict[str, set[str]]) -> set[str]:
             seen, todo = set(), [name]
             while todo:
-                for n in dependents[todo.pop()]:
+                for n in edges[todo.pop()]:
                     if n not in seen:
                         seen.add(n)
                         todo.append(n)
             return seen
 
-        chosen = []
-        for name, out in outs.items():
-            if os.path.isfile(os.path.join(out, "results.json")) or not self.finished(out):
-                continue
-            if all(self.finished(outs[n]) for n in closure(name)):
-                chosen.append(name)
-        return chosen
+        def in_work(name: str) -> bool:
+            out = outs[name]
+            return out is not None and os.path.isfile(os.path.join(out, "results.json"))
+
+        def whole(name: str) -> bool:  # archived, with everything after it archived or finished
+            out = outs[name]
+            return out is not None and self.finished(out) and all(
+                outs[n] is None or in_work(n) or self.finished(outs[n]) for n in reach(name, children))
+
+        return [name for name in outs if not in_work(name) and whole(name) and all(
+            outs[a] is None or in_work(a) or whole(a) for a in reach(name, parents))]
 
     def restore(self, steps: Sequence[ArchivedStep]) -> list[str]:
         """Copy the :meth:`restorable` steps back into the work directory (``results.json``
@@ -187,7 +198,9 @@ class ResultsArchive:
         outs = {name: out for name, out, _ in steps}
         chosen = self.restorable(steps)
         for name in chosen:
-            src, out = self._archived(outs[name]), outs[name]
+            out = outs[name]
+            assert out is not None
+            src = self._archived(out)
             for rel in sorted(small_files(src), key=lambda r: r == "results.json"):
                 _copy(os.path.join(src, rel), os.path.join(out, rel))
         return chosen
@@ -197,6 +210,6 @@ class ResultsArchive:
         without an archive); returns their names."""
         saved = []
         for name, out, _ in steps:
-            if not self.finished(out) and self.save(out):
+            if out is not None and not self.finished(out) and self.save(out):
                 saved.append(name)
         return saved

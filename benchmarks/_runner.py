@@ -125,6 +125,9 @@ class Task:
     name: str
     fn: Callable[[], Any]
     deps: set[str] = field(default_factory=set)
+    #: the task's output directory (``results.json`` there once it has finished; for ``--archive``),
+    #: or a function giving it when it is only known later (``None`` until then); ``None``: it has none
+    out: str | Callable[[], str | None] | None = None
 
 
 def run_tasks(tasks: Sequence[Task], jobs: int = 1) -> None:
@@ -404,7 +407,7 @@ class Plan:
              deps: Iterable[str] = ()) -> str:
         """Add task ``task``: ``run_step(name, argv, output_dir)`` (``argv()`` called when the task runs,
         for an argument only known then) once ``deps`` are done; returns ``task``."""
-        self.tasks.append(Task(task, functools.partial(self._run, name, argv, output_dir), set(deps)))
+        self.tasks.append(Task(task, functools.partial(self._run, name, argv, output_dir), set(deps), output_dir))
         return task
 
     def train(self, task: str, name: str, output_dir: str, argv: Callable[[bool], Sequence[str]],
@@ -412,7 +415,8 @@ class Plan:
         """Add training task ``task``: ``prepare()`` (not in a dry run; e.g. start from another run's
         checkpoint), then ``run_step(name, argv(resume), output_dir)`` with ``resume`` whether
         ``output_dir`` holds a checkpoint by then; returns ``task``."""
-        self.tasks.append(Task(task, functools.partial(self._train, name, output_dir, argv, prepare), set(deps)))
+        self.tasks.append(Task(task, functools.partial(self._train, name, output_dir, argv, prepare), set(deps),
+                               output_dir))
         return task
 
     def _run(self, name: str, argv: Sequence[str] | Callable[[], Sequence[str]], output_dir: str) -> bool:
@@ -426,21 +430,83 @@ class Plan:
         return self._run(name, argv(bool(checkpoint_steps(output_dir))), output_dir)
 
 
+def _task_out(work_dir: str, task: Task) -> str | None:
+    """The output directory of ``task`` for the archive: a placeholder that never finishes while a
+    late-known directory is not known yet."""
+    out = task.out() if callable(task.out) else task.out
+    if out is None and callable(task.out):
+        return os.path.join(work_dir, ".not-known-yet", task.name.replace(os.sep, "_"))
+    return out
+
+
+def _open_archive(args: Any, files: Sequence[str], tasks: Callable[[Any], Sequence[Task]]) -> Any:
+    """``--archive DIR`` of ``args.work_dir``: refuse one made with other settings (those of
+    ``WORK/settings.json``), restore the work-level ``files`` (e.g. a selection record), then the
+    finished tasks (each with all the tasks after it, :mod:`_archive`), and save what the work
+    directory has finished that the archive lacks."""
+    from _archive import ResultsArchive
+
+    try:
+        archive = ResultsArchive(args.archive, args.work_dir)
+        settings = read_json_if(os.path.join(args.work_dir, "settings.json"))
+        if settings is not None:
+            archive.check_settings(settings)
+    except ValueError as exc:
+        raise SystemExit(f"--archive: {exc}") from None
+    for rel in files:
+        archive.restore_file(rel)
+    steps = [(t.name, _task_out(args.work_dir, t), t.deps) for t in tasks(args)]
+    restored = archive.restore(steps)
+    saved = archive.save_all(steps)
+    print(f"archive {archive.root}: {len(restored)} finished step(s) restored into {args.work_dir}, "
+          f"{len(saved)} saved", flush=True)
+    return archive
+
+
+def _archiving(task: Task, work_dir: str, archive: Any, files: Sequence[str]) -> Task:
+    """``task`` that, once it has run, archives its output directory and the work-level ``files``."""
+    def fn() -> Any:
+        result = task.fn()
+        out = _task_out(work_dir, task)
+        if out is not None:
+            archive.save(out)
+        for rel in files:
+            archive.save_file(rel)
+        return result
+
+    return Task(task.name, fn, task.deps, task.out)
+
+
 def run_benchmark(args: Any, check: Callable[[Any], None], settings: Callable[[Any], None],
-                  tasks: Callable[[Any], Sequence[Task]], report: Callable[[Any, float | None], str]) -> int:
+                  tasks: Callable[[Any], Sequence[Task]], report: Callable[[Any, float | None], str], *,
+                  archive_files: Sequence[str] = ()) -> int:
     """The main flow of a benchmark, for its parsed ``args``: ``check(args)`` (fail on a bad argument
     before any work), ``settings(args)`` (the settings check), run ``tasks(args)`` with ``args.jobs``
     at a time (not with ``--report-only``; a ``--dry-run`` stops there), then print
     ``report(args, wall_seconds)`` (``None`` with ``--report-only``) and the wall time; returns the
-    exit status 0."""
+    exit status 0.
+
+    With ``args.archive`` (``--archive DIR``, not in a dry run), finished steps are restored from
+    ``DIR`` first and archived there as they finish, with the work-level files ``archive_files``
+    (relative to the work directory) and the report (``results.md``, ``results.json``, ``*.png``)."""
     check(args)
     t0 = time.time()
     settings(args)
+    archive = None
+    if getattr(args, "archive", None) and not args.dry_run:
+        archive = _open_archive(args, archive_files, tasks)
     if not args.report_only:
-        run_tasks(tasks(args), jobs=args.jobs)
+        todo = list(tasks(args))
+        if archive is not None:
+            todo = [_archiving(t, args.work_dir, archive, archive_files) for t in todo]
+        run_tasks(todo, jobs=args.jobs)
     if args.dry_run:
         return 0
     md = report(args, None if args.report_only else time.time() - t0)
+    if archive is not None:
+        archive.save_all([(t.name, _task_out(args.work_dir, t), t.deps) for t in tasks(args)])
+        for rel in [*archive_files, "results.md", "results.json", "training_curves.png", "bleu_vs_scores.png"]:
+            archive.save_file(rel)
     print(md)
     if not args.report_only:
         print(f"\nwall time of this invocation: {(time.time() - t0) / 60:.1f} min")

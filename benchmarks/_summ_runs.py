@@ -234,6 +234,11 @@ def eval_branch(args: argparse.Namespace, seed: int, protocol: str, split: str, 
                             d, threads=args.threads, dry_run=args.dry_run)
 
 
+def _eval_dir(args: argparse.Namespace, seed: int, protocol: str, split: str, objective: str) -> str | None:
+    run = run_dir(args, seed, protocol)
+    return None if run is None else os.path.join(run, eval_name(split, objective))
+
+
 def evaluations(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(split, beam objective) pairs every final model is decoded with."""
     return [("dev", o) for o in OBJECTIVES] + [(name, "logarithmic") for name in args.tests]
@@ -290,11 +295,12 @@ def tasks(args: argparse.Namespace) -> list[Task]:
                 train = f"train {seed}{protocol}"
                 deps = {f"train {seed}a"} | ({f"select {protocol}"} if select else set())
                 plan.tasks.append(Task(train, functools.partial(train_branch, args, seed, protocol,
-                                                                f"seed {seed} {label} train"), deps))
+                                                                f"seed {seed} {label} train"), deps,
+                                       functools.partial(run_dir, args, seed, protocol)))
             for split, objective in evaluations(args):
                 plan.tasks.append(Task(f"eval {seed}{protocol} {split} {objective}",
                                        functools.partial(eval_branch, args, seed, protocol, split, objective,
                                                          f"seed {seed} {protocol} {split} beam-{objective}"),
-                                       {train}))
+                                       {train}, functools.partial(_eval_dir, args, seed, protocol, split, objective)))
     roots = {f"train {seed}{p}" for seed in args.seed_list for p in args.protocol_list if p not in BRANCHES}
     return sorted(plan.tasks, key=lambda t: t.name not in roots)  # stable: otherwise the order above

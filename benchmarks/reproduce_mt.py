@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", metavar="OLD_WORK_DIR", default=None,
                    help="continue the single-rule runs (a, d, e) from the checkpoints of a work directory made "
                    "with the same settings but smaller T1/T2 (e.g. to lengthen stage 1 without retraining it)")
-    _runner.add_options(p, {"report_only": {}, "dry_run": {}})
+    _runner.add_options(p, {"report_only": {}, "dry_run": {}, "archive": {}})
     return p
 
 

@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most tokens per decoded subject line (the training subjects: 99%% have at most 29 BPE "
                    "tokens)")
     _runner.add_options(p, {"eval_batch_size": {"help": "documents per decoding batch"}, "bootstrap_samples": {},
-                    "threads": {}, "jobs": {}, "report_only": {}, "dry_run": {}})
+                    "threads": {}, "jobs": {}, "report_only": {}, "dry_run": {}, "archive": {}})
     return p
 
 
@@ -279,7 +279,8 @@ def check_settings(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _runner.run_benchmark(build_parser().parse_args(argv), check_args, check_settings, tasks, report)
+    return _runner.run_benchmark(build_parser().parse_args(argv), check_args, check_settings, tasks, report,
+                                 archive_files=[f"selection_{p}.json" for p in BRANCHES])
 
 
 if __name__ == "__main__":

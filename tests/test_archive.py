@@ -53,13 +53,34 @@ def test_restore_only_steps_whose_dependents_are_all_archived(tmp_path):
     new = tmp_path / "new"
     fresh = ResultsArchive(str(root), str(new))
     new_steps = [(n, o.replace(str(work), str(new)), d) for n, o, d in steps]
-    # b/train and b/fit are finished, but b/test is not: b's model is needed, so b runs again
+    # b/train and b/fit are finished, but b/test is not: b's model is needed, so b runs again, and
+    # b/fit, though archived, is not restored (it would be the fit of b's earlier self)
     assert fresh.restorable(new_steps) == ["a/train", "a/fit", "a/test", "u/test"]
     assert fresh.restore(new_steps) == ["a/train", "a/fit", "a/test", "u/test"]
     assert (new / "a" / "test" / "hypotheses.txt").read_text() == "a/test"
     assert json.loads((new / "a" / "train" / "results.json").read_text()) == {"done": "train"}
     assert not (new / "b").exists()
     assert fresh.restore(new_steps) == []  # finished in the work directory now
+
+
+def test_steps_without_an_output_directory_pass_dependencies_through(tmp_path):
+    """A choice recorded in a work-level file (``out`` None) is never restored itself; what depends
+    on it depends on what it depends on."""
+    work, root = tmp_path / "work", tmp_path / "archive"
+    outs = {name: str(work / name) for name in ("a", "b1", "b2", "e2")}
+    steps = [("a", outs["a"], ()), ("cand", outs["b1"], ("a",)), ("select", None, ("cand",)),
+             ("branch", outs["b2"], ("a", "select")), ("eval", outs["e2"], ("branch",))]
+    archive = ResultsArchive(str(root), str(work))
+    for name in ("a", "b1", "b2"):
+        _finish(outs[name])
+    archive.save_all(steps)
+    new = tmp_path / "new"
+    moved = [(n, None if o is None else o.replace(str(work), str(new)), d) for n, o, d in steps]
+    fresh = ResultsArchive(str(root), str(new))
+    assert fresh.restorable(moved) == []  # the branch's evaluation is missing: a must run again, and all after it
+    _finish(outs["e2"])
+    archive.save_all(steps)
+    assert fresh.restorable(moved) == ["a", "cand", "branch", "eval"]
 
 
 def test_settings_are_recorded_then_checked(tmp_path):

@@ -159,6 +159,21 @@ def test_reproduce_summ_end_to_end_resume_and_later_test_file(tmp_path, capsys, 
     assert "b_extra_emails_rougeL_multi" not in summary["comparisons"]  # that file has no annotations
     assert f"--test-file {extra}" in open(os.path.join(work, "results.md"), encoding="utf-8").read()
 
+    # --archive: the finished steps' small outputs (no weights) go to DIR; a new work directory gets
+    # them back (with the selection records), so nothing trains or decodes again
+    archive, work2 = str(tmp_path / "archive"), str(tmp_path / "work2")
+    assert reproduce_summ.main([data, "--work-dir", work, *TINY, "--test-file", extra, "--archive", archive]) == 0
+    out = capsys.readouterr().out
+    assert "0 finished step(s) restored" in out and "[run ]" not in out
+    assert os.path.isfile(os.path.join(archive, "selection_b.json"))
+    assert os.path.isfile(os.path.join(archive, "seed3", run["b"], "eval_dev_beam_logarithmic", "hypotheses.txt"))
+    assert not [f for _, _, fs in os.walk(archive) for f in fs if f.endswith(".safetensors")]
+    assert reproduce_summ.main([data, "--work-dir", work2, *TINY, "--test-file", extra, "--archive", archive]) == 0
+    out = capsys.readouterr().out
+    assert "[run ]" not in out and "finished step(s) restored" in out
+    before = _json(work, "results.json")["per_seed"]
+    assert _json(work2, "results.json")["per_seed"] == before
+
 
 def test_reproduce_summ_rejects_bad_arguments(tmp_path):
     with pytest.raises(SystemExit, match="lacks train.jsonl, dev.jsonl"):

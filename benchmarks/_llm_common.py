@@ -56,7 +56,7 @@ BASELINE = "logarithmic"
 #: settings that change the results: a work directory may only be resumed with the same ones
 RESULT_KEYS = ("gguf_file", "steps", "train_examples", "dev_examples", "test_examples", "val_examples",
                "max_source_words", "max_length", "batch_size", "learning_rate", "lr_scheduler", "warmup_steps",
-               "group_by_length", "lora", "lora_r", "lora_alpha", "smoothing", "switch_at", "num_beams",
+               "group_by_length", "bf16", "lora", "lora_r", "lora_alpha", "smoothing", "switch_at", "num_beams",
                "max_new_tokens", "max_new_tokens_ratio", "max_new_tokens_offset", "eval_batch_size", "eval_steps")
 #: work-directory settings that may grow between invocations (the report covers their union)
 UNION_KEYS = ("arms", "seeds", "extra_tests", "decode_dev", "switch_at")

@@ -39,11 +39,16 @@ def _cap_argv(args: argparse.Namespace) -> list[str]:
             "--max-new-tokens-offset", str(args.max_new_tokens_offset)]
 
 
+def _bf16(args: argparse.Namespace) -> list[str]:
+    """``--bf16`` (bfloat16 mixed precision over float32 weights) for every command, or nothing."""
+    return ["--bf16"] if getattr(args, "bf16", False) else []
+
+
 def fit_argv(args: argparse.Namespace, model: str, work: str, out: str) -> list[str]:
     """Teacher-forced scores of the dev sentences and the temperature that maximises their log score."""
     return ["evaluate", "--model", model, *_data(work, "dev"), "--max-length", str(args.max_length),
             "--no-generate", "--fit-temperature", "--batch-size", str(args.eval_batch_size),
-            "--dtype", "float32", "--device", "cpu", "--output-dir", out, "--no-progress"]
+            "--dtype", "float32", *_bf16(args), "--device", "cpu", "--output-dir", out, "--no-progress"]
 
 
 def decode_argv(args: argparse.Namespace, model: str, work: str, split: str, out: str,
@@ -58,7 +63,7 @@ def decode_argv(args: argparse.Namespace, model: str, work: str, split: str, out
         data, length, new = _data(work, split), args.max_length, args.max_new_tokens
     argv = ["evaluate", "--model", model, *data, "--max-length", str(length), "--num-beams", str(args.num_beams),
             "--max-new-tokens", str(new), *_cap_argv(args), "--batch-size", str(args.eval_batch_size),
-            "--dtype", "float32", "--device", "cpu", "--output-dir", out, "--no-progress"]
+            "--dtype", "float32", *_bf16(args), "--device", "cpu", "--output-dir", out, "--no-progress"]
     if temperature is not None:
         argv += ["--also-temperature", str(temperature)]
     return argv
@@ -85,7 +90,7 @@ def train_argv(args: argparse.Namespace, base: str, work: str, arm: Arm, seed: i
             "--eval-steps", str(args.eval_steps), "--save-steps", str(args.save_steps),
             *([] if keep_all_checkpoints else ["--save-total-limit", "1"]),
             *(["--group-by-length"] if args.group_by_length else []),
-            "--logging-steps", "1", "--no-progress-bar", "--no-tensorboard", "--output-dir", out]
+            "--logging-steps", "1", "--no-progress-bar", "--no-tensorboard", "--output-dir", out, *_bf16(args)]
     if args.lora:
         argv += ["--lora", "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha)]
     from properlm.training import find_checkpoints

@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False,
                    help="train LoRA adapters (all linear layers) instead of all weights (full fine-tuning, the "
                    "default: see the module docstring)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bfloat16 mixed precision in training and evaluation (float32 weights; matrix products in "
+                   "bfloat16; evaluation's output head, logits and scores in float32): 2-3x faster on CPUs with "
+                   "AVX512-BF16 or AMX; --no-bf16 runs everything in float32")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank (with --lora)")
     g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (with --lora)")
     g = p.add_argument_group("arms")

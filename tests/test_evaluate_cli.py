@@ -302,6 +302,30 @@ def test_generate_from_file(tiny_models, tmp_path, capsys):
     assert "line 2: empty line" in capsys.readouterr().err
 
 
+def test_generate_bf16_runs_under_mixed_precision(tiny_models, tmp_path, capsys, monkeypatch):
+    """``generate --bf16``: decoding inside :func:`properlm.evaluation.mixed_precision` (the body's matrix
+    products in bfloat16); with half-precision weights it is refused before loading anything."""
+    import properlm.evaluation.precision as precision
+
+    entered = []
+    real = precision.mixed_precision
+
+    def spy(model, *a, **k):
+        entered.append(type(model).__name__)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(precision, "mixed_precision", spy)
+    inp, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    inp.write_text("das haus ist klein\nich trinke wasser\n", encoding="utf-8")
+    base = ["generate", "--model", tiny_models["tiny-gpt"], "--input", str(inp), "--task", "translation",
+            "--max-new-tokens", "3", "--batch-size", "2"]
+    assert main([*base, "--output", str(out), "--bf16"]) == 0
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2 and len(entered) == 1
+    capsys.readouterr()
+    assert main([*base, "--bf16", "--dtype", "bfloat16"]) == 2
+    assert "already half precision" in capsys.readouterr().err and len(entered) == 1
+
+
 @pytest.mark.parametrize("command", ["evaluate", "generate", "compare"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exc:

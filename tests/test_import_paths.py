@@ -47,7 +47,8 @@ TRANSFORMERS_PRIVATE = [
 EVALUATION_ALL = [
     "DEFAULT_MAX_LENGTH", "DTYPES", "RESULTS_KIND", "EvalError", "EvalSettings", "LengthLimits", "ScoredHiddenStates",
     "format_value",
-    "markdown_table", "parse_rules", "resolve_device", "resolve_languages", "resolve_lengths", "run_evaluation",
+    "markdown_table", "mixed_precision", "parse_rules", "resolve_device", "resolve_languages", "resolve_lengths",
+    "run_evaluation",
     "teacher_forced_metrics",
     "torch_dtype", "validate_decoding", "validate_new_token_cap", "validate_settings",
 ]

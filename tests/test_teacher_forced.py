@@ -168,3 +168,74 @@ def test_fit_temperature_reads_the_fitted_metrics_off_the_first_pass(tmp_path):
                                    batch_size=3, temperature=fit["temperature"])
     assert math.isclose(fit["mean_scores"]["brier"], again.mean_scores["brier"], abs_tol=1e-5)
     assert math.isclose(fit["ece"], again.ece, abs_tol=1e-5)
+
+
+# ---------------------------------------------------------------------- --bf16: mixed precision, float32 head
+
+
+def test_mixed_precision_runs_the_body_in_bfloat16_and_the_head_in_float32():
+    from properlm.evaluation import mixed_precision
+
+    model = _model("gemma2")
+    seen = {}
+
+    def record(name):
+        def hook(module, args, out):
+            seen[name] = (args[0].dtype, out.dtype)
+        return hook
+
+    handles = [model.model.layers[0].mlp.down_proj.register_forward_hook(record("body")),
+               model.get_output_embeddings().register_forward_hook(record("head"))]
+    x = torch.randint(3, V, (2, 9))
+    with torch.no_grad():
+        full = model(input_ids=x).logits
+        with mixed_precision(model):
+            mixed = model(input_ids=x).logits
+    for h in handles:
+        h.remove()
+    assert seen["body"] == (torch.bfloat16, torch.bfloat16)
+    assert seen["head"] == (torch.float32, torch.float32) and mixed.dtype == torch.float32
+    # bfloat16 body: close to float32, not equal; the soft-cap still bounds the logits
+    assert 0 < (mixed - full).abs().max() < 0.15 and mixed.abs().max() <= 2.0
+    with torch.no_grad():  # the hooks are gone and autocast is off after the block
+        assert torch.equal(model(input_ids=x).logits, full)
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_mixed_precision_leaves_autocast_even_when_the_head_raises():
+    from properlm.evaluation import mixed_precision
+
+    model = _model("llama")
+    head = model.get_output_embeddings()
+    boom = head.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"), mixed_precision(model):
+        model(input_ids=torch.randint(3, V, (1, 4)))
+    boom.remove()
+    assert not torch.is_autocast_enabled("cpu") and not head._forward_pre_hooks and not head._forward_hooks
+
+
+def test_evaluate_bf16_is_close_to_float32_and_says_so(tmp_path, capsys):
+    import json
+
+    from properlm.cli.main import main
+
+    model, tok, ex = _model("llama"), _tokenizer(), _examples()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    src, tgt = tmp_path / "s.txt", tmp_path / "t.txt"
+    src.write_text("".join(e.source + "\n" for e in ex))
+    tgt.write_text("".join(e.target + "\n" for e in ex))
+    base = ["evaluate", "--model", str(tmp_path / "m"), "--source-file", str(src), "--target-file", str(tgt),
+            "--fit-temperature", "--batch-size", "3", "--max-length", "64", "--max-new-tokens", "4", "--no-progress"]
+    assert main([*base, "--output-dir", str(tmp_path / "fp32")]) == 0
+    assert main([*base, "--bf16", "--output-dir", str(tmp_path / "bf16")]) == 0
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("fp32", "bf16"))
+    assert b["settings"]["bf16"] is True and a["settings"]["bf16"] is False
+    for r in RULES:
+        assert b["teacher_forced"]["mean_scores"][r] == pytest.approx(a["teacher_forced"]["mean_scores"][r], abs=0.05)
+    assert b["temperature_fit"]["temperature"] == pytest.approx(a["temperature_fit"]["temperature"], rel=0.1)
+    assert len((tmp_path / "bf16" / "hypotheses.txt").read_text().splitlines()) == len(ex)
+    capsys.readouterr()
+    assert main([*base, "--bf16", "--dtype", "bfloat16", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "--bf16 is mixed precision over float32 weights" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before any work

@@ -8,6 +8,7 @@ run again after a kill decodes only the rest (:mod:`properlm.evaluation.journal`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any
@@ -176,9 +177,13 @@ def run(args: argparse.Namespace) -> int:
     """Run ``properlm generate`` with parsed arguments; returns the exit code."""
     from ..evaluation.generation import decode_prompts_with_stats, one_line
     from ..evaluation.journal import DecodeJournal, journal_key
+    from ..evaluation.precision import mixed_precision
 
     try:
         objective, limits = _validate(args)
+        if args.bf16 and args.dtype in ("bfloat16", "float16"):
+            raise EvalError(f"--bf16 is mixed precision over float32 weights; with --dtype {args.dtype} the weights "
+                            "are already half precision (drop one of the two)")
         inputs = _read_inputs(args.input)
         model, tokenizer = load_model_and_tokenizer(args.model, gguf_file=args.gguf_file,
                                                     dtype=torch_dtype(args.dtype))
@@ -201,12 +206,14 @@ def run(args: argparse.Namespace) -> int:
     journal = None
     if args.output != "-":  # an interrupted run with the same command resumes from OUTPUT.journal.jsonl
         journal = DecodeJournal(args.output + JOURNAL_SUFFIX,
-                                key=journal_key(args.model, args.gguf_file, args.dtype, model))
-    hyps, _ = decode_prompts_with_stats(
-        model, tokenizer, prompts, num_beams=args.num_beams, length_penalty=args.length_penalty,
-        max_new_tokens=args.max_new_tokens, max_new_tokens_ratio=args.max_new_tokens_ratio,
-        max_new_tokens_offset=new_token_offset(args), source_lengths=source_lengths, batch_size=args.batch_size,
-        objective=None if objective == "logarithmic" else objective, journal=journal)
+                                key=journal_key(args.model, args.gguf_file,
+                                                args.dtype + ("+bf16-autocast" if args.bf16 else ""), model))
+    with mixed_precision(model) if args.bf16 else contextlib.nullcontext():
+        hyps, _ = decode_prompts_with_stats(
+            model, tokenizer, prompts, num_beams=args.num_beams, length_penalty=args.length_penalty,
+            max_new_tokens=args.max_new_tokens, max_new_tokens_ratio=args.max_new_tokens_ratio,
+            max_new_tokens_offset=new_token_offset(args), source_lengths=source_lengths, batch_size=args.batch_size,
+            objective=None if objective == "logarithmic" else objective, journal=journal)
     if journal is not None and journal.resumed:
         print(f"properlm generate: {journal.resumed} of {len(hyps)} outputs from the interrupted run's journal "
               f"{journal.path}", file=sys.stderr)

@@ -25,6 +25,7 @@ Modules, one job each:
 * :mod:`~properlm.evaluation.settings` -- :class:`~properlm.evaluation.settings.EvalSettings` and their checks;
 * :mod:`~properlm.evaluation.lengths` -- the truncation and where it came from;
 * :mod:`~properlm.evaluation.teacher_forced` -- the teacher-forced pass over the examples;
+* :mod:`~properlm.evaluation.precision` -- bfloat16 mixed precision with a float32 output head (``--bf16``);
 * :mod:`~properlm.evaluation.metrics` -- token-level outputs, rule scores, perplexity, the streaming accumulator;
 * :mod:`~properlm.evaluation.calibration` -- confidence bins, ECE, the reliability diagram;
 * :mod:`~properlm.evaluation.temperature` -- the temperature scan and its fit;
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 from .lengths import LengthLimits, resolve_lengths
 from .lengths import _config_seq2seq as _config_seq2seq
+from .precision import mixed_precision
 from .report import _fmt as _fmt
 from .report import _pct as _pct
 from .report import format_value, markdown_table
@@ -83,6 +85,7 @@ __all__ = [
     "ScoredHiddenStates",
     "format_value",
     "markdown_table",
+    "mixed_precision",
     "parse_rules",
     "resolve_device",
     "resolve_languages",

@@ -33,6 +33,7 @@ Truncation: :mod:`properlm.evaluation.lengths`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -45,6 +46,7 @@ from typing import Any
 
 from .journal import DecodeJournal, journal_key
 from .lengths import _config_seq2seq, resolve_lengths
+from .precision import mixed_precision
 from .settings import RESULTS_KIND, EvalSettings, resolve_device, resolve_languages, torch_dtype, validate_settings
 from .teacher_forced import ScoredHiddenStates, _tqdm, teacher_forced_metrics
 
@@ -136,10 +138,12 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
     store = ScoredHiddenStates() if s.fit_temperature else None
     also = None if s.also_temperature is None else \
         MetricsAccumulator(s.rules, num_bins=s.num_bins, temperature=s.also_temperature)
-    tf = teacher_forced_metrics(model, tokenizer, cut, s.rules, max_length=s.max_length,
-                                batch_size=s.batch_size, num_bins=s.num_bins, progress=s.progress,
-                                temperature=s.temperature, scan=scan, extra_consumers=[] if also is None else [also],
-                                hidden_store=store)
+    precision = (lambda: mixed_precision(model)) if s.bf16 else contextlib.nullcontext
+    with precision():
+        tf = teacher_forced_metrics(model, tokenizer, cut, s.rules, max_length=s.max_length,
+                                    batch_size=s.batch_size, num_bins=s.num_bins, progress=s.progress,
+                                    temperature=s.temperature, scan=scan,
+                                    extra_consumers=[] if also is None else [also], hidden_store=store)
     tf_seconds = time.time() - t0
     rel_path = os.path.join(s.output_dir, "reliability.png")
     name = "/".join(os.path.normpath(s.model or s.gguf_file or "model").split(os.sep)[-2:])
@@ -159,7 +163,8 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
     }
 
     if scan is not None:
-        results["temperature_fit"] = _fit_temperature(scan, tf, results, model, tokenizer, cut, s, name, store)
+        with precision():
+            results["temperature_fit"] = _fit_temperature(scan, tf, results, model, tokenizer, cut, s, name, store)
     if also is not None:
         results["teacher_forced_scaled"] = _tf_dict(also.compute(), s.num_bins, s.also_temperature)
 
@@ -173,16 +178,17 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
         if model_and_tokenizer is None:
             journal = DecodeJournal(
                 os.path.join(s.output_dir, DECODE_JOURNAL),
-                key=journal_key(s.model, s.gguf_file, s.dtype, model))
+                key=journal_key(s.model, s.gguf_file, s.dtype + ("+bf16-autocast" if s.bf16 else ""), model))
         bar = _tqdm(len(prompts), "decoding", s.progress)
         t0 = time.time()
         try:
-            hyps, stats = decode_prompts_with_stats(
-                model, tokenizer, prompts, num_beams=s.num_beams, length_penalty=s.length_penalty,
-                max_new_tokens=s.max_new_tokens, max_new_tokens_ratio=s.max_new_tokens_ratio,
-                max_new_tokens_offset=s.max_new_tokens_offset, source_lengths=source_lengths,
-                batch_size=s.batch_size, objective=None if s.objective == "logarithmic" else s.objective,
-                progress=_resume_note(bar, journal, s.progress), journal=journal)
+            with precision():
+                hyps, stats = decode_prompts_with_stats(
+                    model, tokenizer, prompts, num_beams=s.num_beams, length_penalty=s.length_penalty,
+                    max_new_tokens=s.max_new_tokens, max_new_tokens_ratio=s.max_new_tokens_ratio,
+                    max_new_tokens_offset=s.max_new_tokens_offset, source_lengths=source_lengths,
+                    batch_size=s.batch_size, objective=None if s.objective == "logarithmic" else s.objective,
+                    progress=_resume_note(bar, journal, s.progress), journal=journal)
         finally:
             bar.close()
         results["seconds"]["decode"] = time.time() - t0

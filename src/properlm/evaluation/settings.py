@@ -55,6 +55,8 @@ class EvalSettings:
     gguf_file: str | None = None
     dtype: str = "auto"
     device: str = "auto"
+    #: bfloat16 mixed precision: the body's matrix products in bfloat16, the output head in float32
+    bf16: bool = False
     data_file: str | None = None
     source_file: str | None = None
     target_file: str | None = None
@@ -240,6 +242,9 @@ def validate_settings(s: EvalSettings, check_model: bool = True, warn: bool = Tr
         raise EvalError(f"--max-examples must be positive, got {s.max_examples}")
     if s.dtype not in DTYPES:
         raise EvalError(f"--dtype must be one of {', '.join(DTYPES)}, got {s.dtype!r}")
+    if s.bf16 and s.dtype in ("bfloat16", "float16"):
+        raise EvalError(f"--bf16 is mixed precision over float32 weights; with --dtype {s.dtype} the weights are "
+                        "already half precision (drop one of the two)")
     resolve_device(s.device)
     _check_output_dir(s.output_dir)
     return dataclasses.replace(s, rules=rules, objective=objective)

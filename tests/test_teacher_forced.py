@@ -239,3 +239,16 @@ def test_evaluate_bf16_is_close_to_float32_and_says_so(tmp_path, capsys):
     assert main([*base, "--bf16", "--dtype", "bfloat16", "--output-dir", str(tmp_path / "x")]) == 2
     assert "--bf16 is mixed precision over float32 weights" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before any work
+
+
+def test_a_peft_model_with_a_lora_head_scores_as_its_full_logits():
+    peft = pytest.importorskip("peft")
+    model = _model("llama")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    wrapped = peft.get_peft_model(model, config).eval()
+    tok, ex = _tokenizer(), _examples()
+    store = ScoredHiddenStates()
+    got = teacher_forced_metrics(wrapped, tok, ex, RULES, max_length=64, batch_size=3, hidden_store=store)
+    _close(got, _reference(wrapped, tok, ex))
+    assert store.complete
+    _close(store.metrics(RULES, temperature=1.3), _reference(wrapped, tok, ex, temperature=1.3))

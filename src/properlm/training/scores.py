@@ -39,18 +39,26 @@ def _score_sums(logits: torch.Tensor, labels: torch.Tensor, rules: Sequence[str]
     The statistics are computed once per chunk of scored rows for all rules
     (:func:`properlm.stats.rule_scores`), and each rule's score comes from its rule object.
     """
-    from ..stats import rule_scores
-
     B, T, V = logits.shape
-    valid = labels != -100
-    rows = valid.reshape(-1).nonzero().squeeze(1)
+    rows = (labels != -100).reshape(-1).nonzero().squeeze(1)
     z = logits.reshape(-1, V).index_select(0, rows)
     y = labels.reshape(-1).index_select(0, rows)
-    seq = rows // T
-    out = torch.zeros(B, len(rules), dtype=torch.float64, device=logits.device)
+    return _row_score_sums(z, y, rows // T, B, rules)
+
+
+def _row_score_sums(z: torch.Tensor, y: torch.Tensor, seq: torch.Tensor, batch: int,
+                    rules: Sequence[str]) -> torch.Tensor:
+    """Per-sequence sums of each rule's token score from scored rows -> ``(batch, R)`` (float64).
+
+    Logits ``z (N, V)``, targets ``y (N,)`` and the sequence ``seq (N,)`` of each row.
+    """
+    from ..stats import rule_scores
+
+    V = z.shape[-1]
+    out = torch.zeros(batch, len(rules), dtype=torch.float64, device=z.device)
     chunk = max(1, _EVAL_CHUNK_ELEMENTS // max(V, 1))  # rows per chunk: bounded float32 temporaries
     rule_objs = [get_rule(spec) for spec in rules]
-    for start in range(0, rows.numel(), chunk):
+    for start in range(0, y.numel(), chunk):
         scores, _ = rule_scores(z[start:start + chunk].float(), y[start:start + chunk], rule_objs)
         out.index_add_(0, seq[start:start + chunk], scores.double())
     return out

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
+from ..evaluation.teacher_forced import _output_head, _ScoredRowsHook
 from ..modeling import is_seq2seq, unwrap_model
 from .sampler import EpochSeededLengthGroupedSampler
-from .scores import _score_sums
+from .scores import _row_score_sums, _score_sums
 
 
 def _make_trainer_class() -> type:
@@ -68,18 +69,44 @@ def _make_trainer_class() -> type:
             seq2seq = is_seq2seq(base)
             if seq2seq:
                 fwd["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
-            with torch.no_grad(), self.compute_loss_context_manager():
-                logits = model(**fwd).logits
+            # decoder-only: the head forms logits at the scored positions only (see
+            # properlm.evaluation.teacher_forced); (B, T, V) over the prompts is never materialised
+            head = None if seq2seq else _output_head(base)
+            hook = _ScoredRowsHook() if head is not None else None
+            shifted = None
+            if hook is not None and head is not None:
+                shifted = torch.full_like(labels, -100)
+                shifted[:, :-1] = labels[:, 1:]
+                hook.arm(shifted != -100)
+                handle = head.register_forward_pre_hook(hook)
+            try:
+                with torch.no_grad(), self.compute_loss_context_manager():
+                    logits = model(**fwd).logits
+            finally:
+                if hook is not None:
+                    handle.remove()
+            counts = (labels[:, 0 if seq2seq else 1:] != -100).sum(-1, keepdim=True).double()
+            if hook is not None and hook.hidden is not None and shifted is not None:
+                mask = shifted != -100
+                if tuple(logits.shape[:2]) != (1, int(mask.sum())):
+                    raise RuntimeError(f"evaluation: the model returned logits of shape {tuple(logits.shape)} from "
+                                       f"{int(mask.sum())} scored positions")
+                logits, targets = logits[0], shifted[mask]
+                seq = mask.nonzero()[:, 0]
+                loss = self._properlm_eval_loss(logits, targets)
+                return loss, _row_score_sums(logits.detach(), targets, seq, labels.shape[0], self.properlm_rules), \
+                    counts
             if not seq2seq:
                 logits, labels = logits[:, :-1], labels[:, 1:]
+            loss = self._properlm_eval_loss(logits, labels)
+            return loss, _score_sums(logits.detach(), labels, self.properlm_rules), counts
+
+        def _properlm_eval_loss(self, logits: Any, labels: Any) -> Any:
+            """The training objective's mean loss over the scored positions of ``logits (..., V)``."""
             if self.properlm_improper_loss is not None:  # the improper objective trained instead of a rule
-                loss = get_improper_objective(self.properlm_improper_loss)(logits, labels).detach()
-            else:
-                rule = self.properlm_rule_at(self.state.global_step)
-                loss = scoring_rule_loss(logits, labels, rule, self.properlm_smoothing,
-                                         smoothing_variant=self.properlm_smoothing_variant).detach()
-            sums = _score_sums(logits.detach(), labels, self.properlm_rules)
-            counts = (labels != -100).sum(-1, keepdim=True).double()
-            return loss, sums, counts
+                return get_improper_objective(self.properlm_improper_loss)(logits, labels).detach()
+            rule = self.properlm_rule_at(self.state.global_step)
+            return scoring_rule_loss(logits, labels, rule, self.properlm_smoothing,
+                                     smoothing_variant=self.properlm_smoothing_variant).detach()
 
     return ScoringRuleTrainer

@@ -77,28 +77,31 @@ model's evaluations right after its training). Re-running the same command after
 Checkpoints are deleted once a run and the runs that branch from it have finished
 (``--keep-checkpoints`` keeps them); ``final`` stays.
 
-Budget (``--estimate`` prints the plan and this arithmetic for any options). Measured here, one
-thread: a training step of 8 examples of at most 128 tokens takes about 12 s (``--est-step-seconds``;
-full fine-tuning and LoRA alike), greedy decoding about 2 s per sentence at batch 32 and at most 96
-new tokens (``--est-decode-seconds``). The cost model: a forward pass costs a third of a training
-step per token, r = 12 / (8 x 128 x 3) = 3.9 ms per token; the 2 s of decoding are the prefill of
-a 76-token prompt (0.30 s) and 96 generated tokens, g = 17.7 ms each; a mean sentence has 38
-template + 2.65 tokens per German word of prompt and 1.3 tokens per English word of response. With
-the defaults (20-word filter: 2,000 training pairs of the 7,218 that pass; test sentences of 12.3
-German and 13.9 English words: prompt 71 tokens, example 90, cap ceil(1.0 x 32.6 + 10) = 43):
+Budget (``--estimate`` prints the plan and this arithmetic for any options). Every command runs in
+bfloat16 mixed precision by default (``--bf16``: float32 weights, matrix products in bfloat16,
+evaluation's output head and scores in float32), 2-3x faster than float32 on this CPU (AVX512-BF16).
+Measured here, one thread, the other core busy: a training step of 8 examples of at most 128 tokens
+takes about 4.5 s (12 s in float32; ``--est-step-seconds``; full fine-tuning and LoRA alike), greedy
+decoding of the untuned model, which runs to the cap, about 0.9 s per sentence at batch 32 and 96
+new tokens (2 s in float32; ``--est-decode-seconds``). The cost model: a forward pass costs a third
+of a training step per token, r = 4.5 / (8 x 128 x 3) = 1.46 ms per token; the 0.9 s of decoding are
+the prefill of a 76-token prompt (0.11 s) and 96 generated tokens, g = 8.2 ms each; a mean sentence
+has 38 template + 2.65 tokens per German word of prompt and 1.3 tokens per English word of
+response. With the defaults (20-word filter: 2,000 training pairs of the 7,218 that pass; test
+sentences of 12.3 German and 13.9 English words: prompt 71 tokens, example 90, cap
+ceil(1.0 x 32.6 + 10) = 43):
 
 * training: 3 seeds x 6 arms = 18 runs of 100 steps x 8 examples (800 examples, 0.4 epochs of
-  the 2,000 distinct pairs: each run sees 800 of them, the three seeds about 1,570) x 12 s
-  = 1,200 s, plus 5 validations of 48 sentences (85 s): 18 x 1,285 s = 23,100 s;
-* per model (18 final + untuned = 19): dev fit 300 x 0.35 s = 105 s; test 1,000 x (0.35 s
-  teacher-forced + 0.28 s prefill + 43 x 17.7 ms generated = 1.39 s) = 1,389 s; 19 x 1,494 s
-  = 28,400 s;
-* in all 51,500 core-seconds = 14.3 h on one core: about 7.2 h wall with ``--jobs 2`` on this
-  2-core machine (plus the one-minute dequantisation; the last step may run alone).
-  ``--decode-dev`` adds 19 x 422 s (8.3 h wall); without the cap (``--max-new-tokens-ratio 0``)
-  it is 9.6 h; the switch arms add 1.7 h. A full epoch of the 2,000 pairs (``--batch-size 16
-  --steps 125``) would need about 11.7 h. ``--estimate`` also prints the measured seconds of the
-  steps already finished, to re-size with ``--est-step-seconds`` / ``--est-decode-seconds``.
+  the 2,000 distinct pairs: each run sees 800 of them, the three seeds about 1,570): 18 x 482 s
+  with the validations = 2.4 core-hours;
+* per model (18 final + untuned = 19): the dev fit and the test evaluation (teacher-forced + prefill +
+  43 generated tokens per sentence), 19 x 627 s = 3.3 core-hours;
+* in all 5.7 core-hours: about 2.9 h wall with ``--jobs 2`` on this 2-core machine (the float32 study,
+  ``--no-bf16``, 14.3 core-hours, 7.2 h). Measured in the study itself (2026-12-02): training runs
+  433-560 s, dev fits 129-215 s (the temperature scan over 81 temperatures, which the model leaves
+  out), test evaluations 329-595 s. ``--decode-dev``, the cap off (``--max-new-tokens-ratio 0``) and
+  the switch arms add to it; ``--estimate`` prints those too and the measured seconds of the steps
+  already finished, to re-size with ``--est-step-seconds`` / ``--est-decode-seconds``.
 
 Usage::
 
@@ -163,6 +166,11 @@ __all__ = ["ARMS", "BASELINE", "DEFAULT_ARMS", "DEFAULT_GGUF", "DEV_SET", "DE_TO
 
 
 # ------------------------------------------------------------------------------ arguments
+
+#: measured here, one thread (the other core busy): seconds per training step of 8 examples, and per
+#: sentence of greedy decoding at batch 32 and 96 new tokens (the untuned model, which runs to the cap)
+EST_STEP_SECONDS = {"bf16": 4.5, "fp32": 12.0}
+EST_DECODE_SECONDS = {"bf16": 0.9, "fp32": 2.0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,11 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "threads": {"help": "OMP/torch threads of each step"}, "archive": {}})
     g.add_argument("--estimate", action="store_true",
                    help="print the planned steps (finished ones marked) and the estimated hours; write nothing")
-    g.add_argument("--est-step-seconds", type=float, default=12.0,
-                   help="estimate: seconds of one training step of 8 examples of at most 128 tokens, one thread")
-    g.add_argument("--est-decode-seconds", type=float, default=2.0,
+    g.add_argument("--est-step-seconds", type=float, default=None,
+                   help="estimate: seconds of one training step of 8 examples of at most 128 tokens, one thread "
+                   f"(default: measured here, {EST_STEP_SECONDS['bf16']:g} with --bf16, "
+                   f"{EST_STEP_SECONDS['fp32']:g} in float32)")
+    g.add_argument("--est-decode-seconds", type=float, default=None,
                    help=f"estimate: seconds per sentence of greedy decoding at batch 32 and {MEASURED_NEW_TOKENS} "
-                   "new tokens, one thread")
+                   f"new tokens, one thread (default: measured here, {EST_DECODE_SECONDS['bf16']:g} with --bf16, "
+                   f"{EST_DECODE_SECONDS['fp32']:g} in float32)")
     _runner.add_options(g, {"dry_run": {"help": "print the commands of the unfinished steps and the estimate; "
                                         "write nothing"},
                             "report_only": {"help": "only aggregate the finished steps into the report"}})
@@ -320,6 +331,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise SetupError(f"--smoothing must be in (0, 1), got {args.smoothing}")
     if args.learning_rate is None:
         args.learning_rate = 3e-4 if args.lora else 5e-5
+    precision = "bf16" if args.bf16 else "fp32"
+    if args.est_step_seconds is None:
+        args.est_step_seconds = EST_STEP_SECONDS[precision]
+    if args.est_decode_seconds is None:
+        args.est_decode_seconds = EST_DECODE_SECONDS[precision]
     if not args.learning_rate > 0:
         raise SetupError(f"--learning-rate must be positive, got {args.learning_rate}")
     if any(ARMS[a].switch for a in args.arm_list):

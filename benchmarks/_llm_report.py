@@ -234,8 +234,10 @@ def report(args: argparse.Namespace, work: str, steps: list[Step], manifest: dic
     if curves:
         plot_curves(args, curves, png)
     splits = _splits(args)
-    mode = f"LoRA (r={args.lora_r}, alpha={args.lora_alpha:g}, all linear layers)" if args.lora \
-        else "full fine-tuning (all weights, float32)"
+    precision = "bfloat16 mixed precision over float32 weights (evaluation's output head and scores in float32)" \
+        if getattr(args, "bf16", False) else "float32"
+    mode = (f"LoRA (r={args.lora_r}, alpha={args.lora_alpha:g}, all linear layers)" if args.lora
+            else "full fine-tuning (all weights)") + f", {precision}"
     counts = manifest["counts"] if manifest else {}
     n_train = counts.get("train", args.train_examples)
     decoding = "greedy" if args.num_beams == 1 else f"beam search ({args.num_beams} beams)"

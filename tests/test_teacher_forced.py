@@ -64,6 +64,18 @@ def _examples(n: int = 7) -> list[Example]:
     return out
 
 
+def _saved_data(tmp_path, kind):
+    """A tiny model of ``kind`` saved to ``tmp_path/m`` and its examples as parallel files:
+    ``(model dir, source file, target file, tokenizer, examples)``."""
+    model, tok, ex = _model(kind), _tokenizer(), _examples()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    src, tgt = tmp_path / "s.txt", tmp_path / "t.txt"
+    src.write_text("".join(e.source + "\n" for e in ex))
+    tgt.write_text("".join(e.target + "\n" for e in ex))
+    return tmp_path / "m", src, tgt, tok, ex
+
+
 def _reference(model, tok, examples, temperature=1.0, batch_size=3):
     """The metrics from the full ``(B, T, V)`` logits, batched as the pass batches them."""
     feats = [tokenize_example(e, tok, seq2seq=False, max_length=64) for e in examples]
@@ -149,12 +161,7 @@ def test_fit_temperature_reads_the_fitted_metrics_off_the_first_pass(tmp_path):
     come from the kept hidden states and equal a pass at that temperature."""
     from properlm.cli.main import main
 
-    model, tok, ex = _model("gemma2"), _tokenizer(), _examples()
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    src, tgt = tmp_path / "s.txt", tmp_path / "t.txt"
-    src.write_text("".join(e.source + "\n" for e in ex))
-    tgt.write_text("".join(e.target + "\n" for e in ex))
+    _, src, tgt, tok, ex = _saved_data(tmp_path, "gemma2")
     out = tmp_path / "fit"
     assert main(["evaluate", "--model", str(tmp_path / "m"), "--source-file", str(src), "--target-file", str(tgt),
                  "--no-generate", "--fit-temperature", "--batch-size", "3", "--max-length", "64",
@@ -219,12 +226,7 @@ def test_evaluate_bf16_is_close_to_float32_and_says_so(tmp_path, capsys):
 
     from properlm.cli.main import main
 
-    model, tok, ex = _model("llama"), _tokenizer(), _examples()
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    src, tgt = tmp_path / "s.txt", tmp_path / "t.txt"
-    src.write_text("".join(e.source + "\n" for e in ex))
-    tgt.write_text("".join(e.target + "\n" for e in ex))
+    _, src, tgt, _, ex = _saved_data(tmp_path, "llama")
     base = ["evaluate", "--model", str(tmp_path / "m"), "--source-file", str(src), "--target-file", str(tgt),
             "--fit-temperature", "--batch-size", "3", "--max-length", "64", "--max-new-tokens", "4", "--no-progress"]
     assert main([*base, "--output-dir", str(tmp_path / "fp32")]) == 0

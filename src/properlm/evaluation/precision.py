@@ -61,11 +61,12 @@ def mixed_precision(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> It
     its weight's dtype (float32 weights: float32 logits). A model without an output embedding runs
     entirely under autocast. Hooks are removed on exit.
     """
+    from .teacher_forced import _output_head
+
     device_type = next(model.parameters()).device.type
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
+    head = _output_head(model)
     handles = []
-    if isinstance(head, nn.Module):
+    if head is not None:
         hook = _HeadOutsideAutocast(device_type, _head_weight_dtype(head))
         handles = [head.register_forward_pre_hook(hook.pre),
                    head.register_forward_hook(hook.post, always_call=True)]

@@ -698,10 +698,10 @@ def test_overwrite_output_dir_starts_afresh_and_keeps_other_files(tmp_path, caps
 def test_eval_forms_logits_at_scored_positions_only_with_the_same_metrics(tmp_path, monkeypatch, improper):
     """Decoder-only validation: the output head sees only the scored positions' hidden states
     (``(1, N, H)``), and every eval metric equals the full-logits path's (forced here by hiding the head)."""
-    from properlm.training import trainer as trainer_module
+    from properlm.evaluation import teacher_forced as tf_module
 
     seen = []
-    real = trainer_module._ScoredRowsHook.__call__
+    real = tf_module._ScoredRowsHook.__call__
 
     def spy(self, module, args):
         out = real(self, module, args)
@@ -709,13 +709,13 @@ def test_eval_forms_logits_at_scored_positions_only_with_the_same_metrics(tmp_pa
             seen.append(tuple(out[0].shape))
         return out
 
-    monkeypatch.setattr(trainer_module._ScoredRowsHook, "__call__", spy)
+    monkeypatch.setattr(tf_module._ScoredRowsHook, "__call__", spy)
     kw = dict(init="tiny-gpt", validation_fraction=0.25, eval_steps=2, save_steps=100, max_steps=2, rule="brier")
     if improper:
         kw.update(rule="logarithmic", improper_loss=improper)
     fast = run_training(tiny(tmp_path, "fast", **kw))["eval"]
     assert seen and all(s[0] == 1 for s in seen)  # (1, N, H) reached the head
-    monkeypatch.setattr(trainer_module, "_output_head", lambda model: None)
+    monkeypatch.setattr(tf_module, "_output_head", lambda model: None)
     full = run_training(tiny(tmp_path, "full", **kw))["eval"]
     keys = [k for k in full if k.startswith("eval_score_") or k in ("eval_loss", "eval_tokens")]
     assert "eval_score_brier" in keys and "eval_loss" in keys

@@ -16,7 +16,8 @@ the metrics at a second temperature (the fitted one) cost the head alone, not an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -35,9 +36,11 @@ class _ScoredRowsHook:
     """Forward pre-hook on the output head: its input ``(B, T, H)`` becomes the armed rows ``(1, N, H)``.
 
     The rows are those of the armed ``mask (B, T)``; only the first call after arming (the call of the pass).
+    Registered on ``head`` by :func:`_scored_rows`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, head: nn.Module) -> None:
+        self.head = head
         self.mask: Tensor | None = None
         self.hidden: Tensor | None = None
 
@@ -53,6 +56,38 @@ class _ScoredRowsHook:
             return None  # not the (batch, time, hidden) input of the pass: left alone
         self.hidden = h[mask]
         return (self.hidden.unsqueeze(0), *args[1:])
+
+    def rows(self, logits: Tensor, where: str) -> Tensor | None:
+        """The logits ``(N, V)`` of the armed rows from the pass's ``logits (1, N, V)``.
+
+        ``None`` when the head never saw the hook (``logits`` are then the full ``(B, T, V)``); disarms.
+        """
+        self.mask = None
+        if self.hidden is None:
+            return None
+        n = int(self.hidden.shape[0])
+        if tuple(logits.shape[:2]) != (1, n):
+            raise RuntimeError(f"{where}: the model returned logits of shape {tuple(logits.shape)} from {n} "
+                               f"scored positions; expected (1, {n}, V)")
+        return logits[0]
+
+
+@contextmanager
+def _scored_rows(model: nn.Module, seq2seq: bool) -> Iterator[_ScoredRowsHook | None]:
+    """A :class:`_ScoredRowsHook` on the output head of a decoder-only ``model`` while the block runs.
+
+    ``None`` for encoder-decoder models and models without an output embedding (full logits then).
+    """
+    head = None if seq2seq else _output_head(model)
+    if head is None:
+        yield None
+        return
+    hook = _ScoredRowsHook(head)
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield hook
+    finally:
+        handle.remove()
 
 
 class ScoredHiddenStates:
@@ -175,21 +210,18 @@ def teacher_forced_metrics(model: Any, tokenizer: Any, examples: Sequence[Any], 
     collate = DataCollator(pad_token_id=int(pad))
     acc = MetricsAccumulator(rules, num_bins=num_bins, temperature=temperature)
     consumers = [acc, *([] if scan is None else [scan]), *extra_consumers]
-    head = None if seq2seq else _output_head(model)
-    hook = _ScoredRowsHook() if head is not None else None
-    handle = head.register_forward_pre_hook(hook) if hook is not None and head is not None else None
-    store = hidden_store
-    if store is not None:
-        if hook is None or head is None:
-            store._drop("encoder-decoder model" if seq2seq else "no output embedding")
-            store = None
-        elif not store._start(head, model):
-            store = None
     was_training = model.training
     model.eval()
     bar = _tqdm(len(features), "teacher-forced", progress)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _scored_rows(model, seq2seq) as hook:
+            store = hidden_store
+            if store is not None:
+                if hook is None:
+                    store._drop("encoder-decoder model" if seq2seq else "no output embedding")
+                    store = None
+                elif not store._start(hook.head, model):
+                    store = None
             for start in range(0, len(order), batch_size):
                 batch = collate([features[i] for i in order[start:start + batch_size]])
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -204,27 +236,18 @@ def teacher_forced_metrics(model: Any, tokenizer: Any, examples: Sequence[Any], 
                     if hook is not None:
                         hook.arm(scored)
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    if hook is not None and hook.hidden is not None:
-                        n = int(hook.hidden.shape[0])
-                        if tuple(logits.shape[:2]) != (1, n):
-                            raise RuntimeError(f"teacher_forced_metrics: the model returned logits of shape "
-                                               f"{tuple(logits.shape)} from {n} scored positions; expected "
-                                               f"(1, {n}, V)")
-                        logits, labels = logits[0], labels[scored]
+                    rows = None if hook is None else hook.rows(logits, "teacher_forced_metrics")
+                    if rows is not None and hook is not None and hook.hidden is not None:
+                        logits, labels = rows, labels[scored]
                         if store is not None:
                             store._add(hook.hidden, labels)
-                    else:  # the head never saw the hook: full logits
-                        if store is not None:
-                            store._drop("the output head did not see the scored-rows hook")
-                            store = None
-                        if hook is not None:
-                            hook.mask = None
+                    elif store is not None:  # the head never saw the hook: full logits
+                        store._drop("the output head did not see the scored-rows hook")
+                        store = None
                 for consumer in consumers:
                     consumer.update(logits, labels)
                 bar.update(len(batch["input_ids"]))
     finally:
         bar.close()
-        if handle is not None:
-            handle.remove()
         model.train(was_training)
     return acc.compute()

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..evaluation.teacher_forced import _output_head, _ScoredRowsHook
+from ..evaluation.teacher_forced import _scored_rows
 from ..modeling import is_seq2seq, unwrap_model
 from .sampler import EpochSeededLengthGroupedSampler
 from .scores import _row_score_sums, _score_sums
@@ -71,30 +71,21 @@ def _make_trainer_class() -> type:
                 fwd["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
             # decoder-only: the head forms logits at the scored positions only (see
             # properlm.evaluation.teacher_forced); (B, T, V) over the prompts is never materialised
-            head = None if seq2seq else _output_head(base)
-            hook = _ScoredRowsHook() if head is not None else None
-            shifted = None
-            if hook is not None and head is not None:
-                shifted = torch.full_like(labels, -100)
-                shifted[:, :-1] = labels[:, 1:]
-                hook.arm(shifted != -100)
-                handle = head.register_forward_pre_hook(hook)
-            try:
-                with torch.no_grad(), self.compute_loss_context_manager():
-                    logits = model(**fwd).logits
-            finally:
+            with torch.no_grad(), _scored_rows(base, seq2seq) as hook, self.compute_loss_context_manager():
+                shifted = None
                 if hook is not None:
-                    handle.remove()
+                    shifted = torch.full_like(labels, -100)
+                    shifted[:, :-1] = labels[:, 1:]
+                    hook.arm(shifted != -100)
+                logits = model(**fwd).logits
+                rows = None if hook is None else hook.rows(logits, "evaluation")
             counts = (labels[:, 0 if seq2seq else 1:] != -100).sum(-1, keepdim=True).double()
-            if hook is not None and hook.hidden is not None and shifted is not None:
+            if rows is not None and shifted is not None:
                 mask = shifted != -100
-                if tuple(logits.shape[:2]) != (1, int(mask.sum())):
-                    raise RuntimeError(f"evaluation: the model returned logits of shape {tuple(logits.shape)} from "
-                                       f"{int(mask.sum())} scored positions")
-                logits, targets = logits[0], shifted[mask]
+                targets = shifted[mask]
                 seq = mask.nonzero()[:, 0]
-                loss = self._properlm_eval_loss(logits, targets)
-                return loss, _row_score_sums(logits.detach(), targets, seq, labels.shape[0], self.properlm_rules), \
+                loss = self._properlm_eval_loss(rows, targets)
+                return loss, _row_score_sums(rows.detach(), targets, seq, labels.shape[0], self.properlm_rules), \
                     counts
             if not seq2seq:
                 logits, labels = logits[:, :-1], labels[:, 1:]

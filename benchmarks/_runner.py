@@ -25,6 +25,7 @@ bootstrap resampling of BLEU and chrF against a baseline system), :func:`paired_
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -260,6 +261,15 @@ OPTIONS: dict[str, dict[str, Any]] = {
                 "weights) in DIR, and restore finished steps from DIR into a new --work-dir, so a study that "
                 "outlives its machine continues on the next one (commit DIR; see _archive.py)"},
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, except where it is ``None`` (the help text then says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_options(parser: Any, options: dict[str, Any]) -> None:

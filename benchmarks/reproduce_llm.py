@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "untuned model, with seeds as the unit of evidence; write WORK/results.md, results.json and "
         "training_curves.png. Resumable: re-run the same command to continue. --estimate prints the plan "
         "and its estimated hours.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_runner.HelpFormatter)
     p.add_argument("data_dir", metavar="DATA_DIR",
                    help="directory with news-test2008.{de,en} and newstest2009..newstest2014.{de,en}")
     p.add_argument("--work-dir", default="runs/reproduce_llm",

@@ -104,7 +104,7 @@ LABELS = {k: v[0] for k, v in PROTOCOLS.items()}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_runner.HelpFormatter)
     p.add_argument("data_dir", help="directory with train, val and test_2016_flickr .en/.de (Multi30k task 1, raw)")
     _runner.add_options(p, {"work_dir": "runs/reproduce_mt"})
     p.add_argument("--seeds", default="1,2,3,4,5,6",

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0],
         epilog=next(part for part in __doc__.split("\n\n") if part.startswith("Cost")),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_runner.HelpFormatter)
     p.add_argument("data_dir", help="directory with train.jsonl and dev.jsonl (AESLC: document, summary, "
                    "annotations on dev)")
     _runner.add_options(p, {"work_dir": "runs/reproduce_summ"})

@@ -40,8 +40,11 @@ MAX_FILE_BYTES = 4 * 1024 * 1024
 SKIPPED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".npz", ".tfevents", ".png")
 
 #: (step name, output directory, names of the steps it depends on); ``None`` for a step with no
-#: output directory of its own (a choice recorded in a file of the work directory): it is never
-#: restored itself, and the steps depending on it count as depending on its own dependencies
+#: output directory of its own (a choice recorded in a file of the work directory, which
+#: :meth:`ResultsArchive.restore_file` brings back first): it is never restored itself, and it cuts
+#: the lineage: the steps after it need its record, not the outputs of the steps before it (a choice
+#: once recorded is not made again), so a step that also needs those outputs (an evaluation of the
+#: chosen candidate) names them among its own dependencies
 ArchivedStep = tuple[str, "str | None", Iterable[str]]
 
 
@@ -162,10 +165,13 @@ class ResultsArchive:
         every step depending on it (transitively) is archived as finished (or finished in the work
         directory), and so is every step it depends on (transitively) that the work directory has
         not finished: so a run that must run again (its weights are not archived) brings back none
-        of the evaluations of its earlier self, which it would then contradict.
+        of the evaluations of its earlier self, which it would then contradict. Lineages pass
+        through steps with an output directory only (see :data:`ArchivedStep`): a branch trained
+        on a recorded choice is restored whatever becomes of the runs the choice was made from.
         """
         outs = {name: out for name, out, _ in steps}
-        parents = {name: {d for d in deps if d in outs} for name, _, deps in steps}
+        # a step without an output directory (a recorded choice) is no link of any lineage
+        parents = {name: {d for d in deps if outs.get(d) is not None} for name, _, deps in steps}
         children: dict[str, set[str]] = {name: set() for name in outs}
         for name, ps in parents.items():
             for d in ps:

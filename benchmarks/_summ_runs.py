@@ -291,16 +291,21 @@ def tasks(args: argparse.Namespace) -> list[Task]:
                                                     "logarithmic", d), d, {cand, "heldout slice"}))
                 train = f"select {protocol}"  # the chosen candidate is this seed's run
                 plan.tasks.append(Task(train, functools.partial(select_smoothing, args, protocol, seed), decoded))
+                # its decodings need the candidates' weights too, not only the record of the choice
+                # (which cuts the lineage for --archive: _archive.ArchivedStep)
+                candidates = {f"train {seed}{protocol} eps{_eps_name(eps)}" for eps in args.smoothing_grid}
             else:
                 train = f"train {seed}{protocol}"
                 deps = {f"train {seed}a"} | ({f"select {protocol}"} if select else set())
                 plan.tasks.append(Task(train, functools.partial(train_branch, args, seed, protocol,
                                                                 f"seed {seed} {label} train"), deps,
                                        functools.partial(run_dir, args, seed, protocol)))
+                candidates = set()
             for split, objective in evaluations(args):
                 plan.tasks.append(Task(f"eval {seed}{protocol} {split} {objective}",
                                        functools.partial(eval_branch, args, seed, protocol, split, objective,
                                                          f"seed {seed} {protocol} {split} beam-{objective}"),
-                                       {train}, functools.partial(_eval_dir, args, seed, protocol, split, objective)))
+                                       {train} | candidates,
+                                       functools.partial(_eval_dir, args, seed, protocol, split, objective)))
     roots = {f"train {seed}{p}" for seed in args.seed_list for p in args.protocol_list if p not in BRANCHES}
     return sorted(plan.tasks, key=lambda t: t.name not in roots)  # stable: otherwise the order above

@@ -63,24 +63,31 @@ def test_restore_only_steps_whose_dependents_are_all_archived(tmp_path):
     assert fresh.restore(new_steps) == []  # finished in the work directory now
 
 
-def test_steps_without_an_output_directory_pass_dependencies_through(tmp_path):
-    """A choice recorded in a work-level file (``out`` None) is never restored itself; what depends
-    on it depends on what it depends on."""
+def test_a_recorded_choice_cuts_the_lineage(tmp_path):
+    """A choice recorded in a work-level file (``out`` None) is never restored itself, and the steps
+    after it need its record, not the runs before it: a branch of another seed trained on the choice
+    is restored without the candidates it was chosen from, and they without it; a step that also
+    needs the candidates' outputs names them."""
     work, root = tmp_path / "work", tmp_path / "archive"
-    outs = {name: str(work / name) for name in ("a", "b1", "b2", "e2")}
-    steps = [("a", outs["a"], ()), ("cand", outs["b1"], ("a",)), ("select", None, ("cand",)),
-             ("branch", outs["b2"], ("a", "select")), ("eval", outs["e2"], ("branch",))]
+    outs = {name: str(work / name) for name in ("a1", "cand", "e1", "a2", "b2", "e2")}
+    steps = [("a1", outs["a1"], ()), ("cand", outs["cand"], ("a1",)), ("select", None, ("cand",)),
+             ("e1", outs["e1"], ("select", "cand")),  # the chosen candidate's evaluation
+             ("a2", outs["a2"], ()), ("b2", outs["b2"], ("a2", "select")), ("e2", outs["e2"], ("b2",))]
     archive = ResultsArchive(str(root), str(work))
-    for name in ("a", "b1", "b2"):
+    for name in ("a1", "cand", "e1", "a2", "b2"):
         _finish(outs[name])
     archive.save_all(steps)
     new = tmp_path / "new"
     moved = [(n, None if o is None else o.replace(str(work), str(new)), d) for n, o, d in steps]
     fresh = ResultsArchive(str(root), str(new))
-    assert fresh.restorable(moved) == []  # the branch's evaluation is missing: a must run again, and all after it
+    # b2's evaluation is missing: a2 and b2 run again; seed 1's lineage is whole, whatever b2 becomes
+    assert fresh.restorable(moved) == ["a1", "cand", "e1"]
     _finish(outs["e2"])
     archive.save_all(steps)
-    assert fresh.restorable(moved) == ["a", "cand", "branch", "eval"]
+    assert fresh.restorable(moved) == ["a1", "cand", "e1", "a2", "b2", "e2"]
+    # without the candidate's weights (not archived, so it trains again) its evaluation is not restored
+    (root / "cand" / "results.json").unlink()
+    assert fresh.restorable(moved) == ["a2", "b2", "e2"]
 
 
 def test_settings_are_recorded_then_checked(tmp_path):

@@ -175,6 +175,45 @@ def test_reproduce_summ_end_to_end_resume_and_later_test_file(tmp_path, capsys, 
     assert _json(work2, "results.json")["per_seed"] == before
 
 
+def test_archive_restores_a_finished_seed_while_a_later_seed_runs(tmp_path):
+    """The plan's lineages for ``--archive``: the first seed (its (a), the candidates the smoothing
+    was chosen from, the chosen one's decodings) comes back while the second seed's branches have
+    not run; the recorded choice, not the candidates' weights, is what the later branches need."""
+    from _archive import ResultsArchive
+
+    data, work, root = tmp_path / "data", tmp_path / "work", tmp_path / "archive"
+    os.makedirs(data)
+    _write_data(str(data))
+    args = reproduce_summ.build_parser().parse_args([str(data), "--work-dir", str(work), *TINY, "--seeds", "1,2"])
+    reproduce_summ.check_args(args)
+    os.makedirs(root)
+    for p in "bc":
+        _write(os.path.join(root, f"selection_{p}.json"), [{"protocol": p, "seed": 1, "chosen": 0.0}])
+    archive = ResultsArchive(str(root), str(work))
+    for p in "bc":
+        assert archive.restore_file(f"selection_{p}.json")
+    steps = [(t.name, _runner._task_out(str(work), t), t.deps) for t in reproduce_summ.tasks(args)]
+    later = {n for n, _, _ in steps if n.startswith(("train 2b", "train 2c", "eval 2b", "eval 2c"))}
+    assert len(later) == 2 * (1 + 2)  # seed 2: (b), (c) and their two dev decodings each
+    for name, out, _ in steps:
+        if out is not None and name not in later:
+            _finish_archived(root, work, out)
+    restored = set(archive.restorable(steps))
+    second_a = {"train 2a", "eval 2a dev logarithmic", "eval 2a dev spherical", "checkpoint 2a"}
+    assert restored == {n for n, out, _ in steps if out is not None} - later - second_a
+    assert {"train 1a", "train 1b eps0", "eval 1b dev logarithmic", "eval 1c dev spherical"} <= restored
+    # a candidate that must train again takes the chosen branch's decodings with it (they are of its weights)
+    os.remove(os.path.join(root, "seed1", "b_eps0.1", "results.json"))
+    restored = set(archive.restorable(steps))
+    assert not {n for n in restored if n.startswith(("train 1", "eval 1", "checkpoint 1", "heldout 1"))}
+
+
+def _finish_archived(root, work, out) -> None:
+    d = os.path.join(str(root), os.path.relpath(out, str(work)))
+    os.makedirs(d, exist_ok=True)
+    _write(os.path.join(d, "results.json"), [{"done": True}])
+
+
 def test_reproduce_summ_rejects_bad_arguments(tmp_path):
     with pytest.raises(SystemExit, match="lacks train.jsonl, dev.jsonl"):
         reproduce_summ.main([str(tmp_path), "--work-dir", str(tmp_path / "w")])
@@ -277,7 +316,9 @@ def test_reproduce_summ_plans_the_selection_before_the_seed_runs(tmp_path, capsy
     assert deps["heldout 1b eps0.1"] == {"train 1b eps0.1", "heldout slice"}
     assert deps["train 1b eps0"] == {"train 1a"}
     assert deps["train 2b"] == {"train 2a", "select b"} and deps["train 2c"] == {"train 2a", "select c"}
-    assert deps["eval 1b dev logarithmic"] == {"select b"} and deps["eval 2c dev spherical"] == {"train 2c"}
+    # the chosen candidate's decodings need its weights as well as the choice
+    assert deps["eval 1b dev logarithmic"] == {"select b", "train 1b eps0", "train 1b eps0.1"}
+    assert deps["eval 2c dev spherical"] == {"train 2c"}
     assert "train 1b" not in deps  # the first seed's run is the chosen candidate, not another training
 
     # once the selection has chosen, the seed runs (and the first seed's decodings) use its eps

@@ -76,6 +76,19 @@ def read_metrics(output_dir):
         return [json.loads(line) for line in f]
 
 
+def assert_same_weights(got: dict, want: dict, lr: float) -> None:
+    """Two runs' weights equal up to summation order. Adam moves every element by about ``lr`` a
+    step whatever its gradient's size, so an element whose gradient is near zero moves by an amount
+    that rounding in the gradient's sum (two all-reduced half batches against one batch) can change
+    by far more than float32 precision: allow a few such elements (at most 1 in 500 beyond 1e-5)
+    and none beyond 1% of one step."""
+    assert got.keys() == want.keys()
+    for name, t in want.items():
+        diff = (got[name].float() - t.float()).abs()
+        assert float(diff.max()) <= lr / 100, (name, float(diff.max()))
+        assert int((diff > 1e-5 + 1e-4 * t.abs()).sum()) <= max(1, t.numel() // 500), name
+
+
 def train_losses(output_dir):
     return [r["loss"] for r in read_metrics(output_dir) if "loss" in r]
 
@@ -418,8 +431,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert ddp_losses[-1] < ddp_losses[0]
     w_ddp = load_file(str(out / "final" / "model.safetensors"))
     w_one = load_file(str(single / "final" / "model.safetensors"))
-    for name, t in w_one.items():
-        torch.testing.assert_close(w_ddp[name], t, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_weights(w_ddp, w_one, lr=1e-2)
 
 
 #: the FSDP2 options of ``accelerate launch`` that README "Scaling out" shows
@@ -458,9 +470,8 @@ def test_accelerate_fsdp2_on_cpu_matches_one_process(tmp_path):
     two, one = train_losses(out), train_losses(single)
     assert len(two) == len(one) == 3
     assert two == pytest.approx(one, rel=1e-4)
-    w_two = load_file(str(out / "final" / "model.safetensors"))
-    for name, t in load_file(str(single / "final" / "model.safetensors")).items():
-        torch.testing.assert_close(w_two[name], t, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_weights(load_file(str(out / "final" / "model.safetensors")),
+                        load_file(str(single / "final" / "model.safetensors")), lr=1e-2)
 
 
 def test_train_from_gguf_file(tmp_path):

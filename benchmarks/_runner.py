@@ -560,7 +560,7 @@ def plateau(runs: dict[int, str], t1: int, t2: int, *, what: str, end_note: str 
         if early is None or t1 not in by_step:
             continue
         rows[s] = {"step_early": early, "early": by_step[early], "t1": by_step[t1], "end": by_step.get(t1 + t2)}
-        line = (f"seed {s}: {what} log score {by_step[early]:.4f} at step {early}, {by_step[t1]:.4f} at T1={t1}"
+        line = (f"- seed {s}: {what} log score {by_step[early]:.4f} at step {early}, {by_step[t1]:.4f} at T1={t1}"
                 + (f", {by_step[t1 + t2]:.4f} at T={t1 + t2}{end_note}" if t1 + t2 in by_step else ""))
         if best:
             top = max(by_step, key=lambda st: by_step[st])

@@ -276,13 +276,14 @@ def tasks(args: argparse.Namespace) -> list[Task]:
                 continue
             if select and seed == args.seed_list[0]:
                 # the selection: one branch per candidate eps, each decoded on the held-out slice
-                decoded = set()
+                decoded, candidates = set(), set()
                 for eps in args.smoothing_grid:
                     run = grid_dir(args, seed, protocol, eps)
                     cand = plan.train(f"train {seed}{protocol} eps{_eps_name(eps)}",
                                       f"seed {seed} {label} train, smoothing {_eps_name(eps)} (selection)", run,
                                       functools.partial(train_argv, args, seed, protocol, eps, run),
                                       functools.partial(prepare_branch, args, seed, run), {f"train {seed}a"})
+                    candidates.add(cand)
                     d = os.path.join(run, eval_name(HELDOUT, "logarithmic"))
                     decoded.add(plan.step(f"{HELDOUT} {seed}{protocol} eps{_eps_name(eps)}",
                                           f"seed {seed} {protocol} smoothing {_eps_name(eps)} {HELDOUT} "
@@ -291,9 +292,8 @@ def tasks(args: argparse.Namespace) -> list[Task]:
                                                     "logarithmic", d), d, {cand, "heldout slice"}))
                 train = f"select {protocol}"  # the chosen candidate is this seed's run
                 plan.tasks.append(Task(train, functools.partial(select_smoothing, args, protocol, seed), decoded))
-                # its decodings need the candidates' weights too, not only the record of the choice
-                # (which cuts the lineage for --archive: _archive.ArchivedStep)
-                candidates = {f"train {seed}{protocol} eps{_eps_name(eps)}" for eps in args.smoothing_grid}
+                # its decodings (below) need the candidates' weights too, not only the record of the
+                # choice, which cuts the lineage for --archive (_archive.ArchivedStep)
             else:
                 train = f"train {seed}{protocol}"
                 deps = {f"train {seed}a"} | ({f"select {protocol}"} if select else set())

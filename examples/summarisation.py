@@ -16,7 +16,7 @@ With a pretrained summariser replace the tiny model by ``AutoModelForSeq2SeqLM.f
 and its tokenizer. The same on the command line::
 
     properlm train --init tiny-seq2seq --train-file train.jsonl --max-source-length 192 \\
-        --schedule logarithmic:5000,spherical:1250 --output-dir run
+        --schedule logarithmic:5000,spherical:1250 --smoothing 0 --output-dir run
     properlm evaluate --model run/final --data-file dev.jsonl --num-beams 4
 
     python examples/summarisation.py

@@ -12,6 +12,7 @@ import _runner
 from _runner import eval_name, fmt_ci, fmt_mean_std, read_json_if, seed_values
 from _summ_runs import (
     BRANCHES,
+    CONTROLS,
     LABELS,
     OBJECTIVES,
     PROTOCOLS,
@@ -92,15 +93,16 @@ def _references(path: str, multi: bool) -> list[Any]:
     return [list(e.references) if multi else e.target for e in examples]
 
 
-def comparisons(args: argparse.Namespace, per: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(b), (c) against (a) of the same seed, per split and ROUGE variant: the seed-level mean
-    difference with its 95% Student-t interval and sign test, and the per-seed paired bootstrap
-    over documents (p and the document-resampled interval of the difference)."""
+def comparisons(args: argparse.Namespace, per: dict[str, Any], baseline: str = "a",
+                systems: tuple[str, ...] = BRANCHES) -> tuple[str, dict[str, Any]]:
+    """``systems`` (the branches (b), (c)) against ``baseline`` ((a), or the control (a0)) of the same seed, per
+    split and ROUGE variant: the seed-level mean difference with its 95% Student-t interval and sign test, and
+    the per-seed paired bootstrap over documents (p and the document-resampled interval of the difference)."""
     from properlm.generation_eval import rouge_per_example
 
     out: dict[str, Any] = {}
-    lines = ["| vs (a) | split | ROUGE | Δ per seed | mean Δ [95% CI over seeds] | seeds better | sign test p | "
-             "bootstrap p per seed |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| vs ({baseline}) | split | ROUGE | Δ per seed | mean Δ [95% CI over seeds] | seeds better | "
+             "sign test p | bootstrap p per seed |", "|---|---|---|---|---|---|---|---|"]
     splits = ["dev", *args.tests]
     cache: dict[tuple[int, str, str, bool], dict[str, list[float]]] = {}
 
@@ -117,20 +119,20 @@ def comparisons(args: argparse.Namespace, per: dict[str, Any]) -> tuple[str, dic
         single_refs = _references(split_file(args, split), multi=False)
         multi_refs = _references(split_file(args, split), multi=True)
         variants = [False] + ([True] if any(len(r) > 1 for r in multi_refs) else [])
-        for p in BRANCHES:
-            if p not in per or "a" not in per:
+        for p in systems:
+            if p not in per or baseline not in per:
                 continue
             for multi in variants:
                 for metric in ROUGE:
                     name = metric + ("_multi" if multi else "")
                     key = f"{name}_{split}_logarithmic"
-                    seeds, deltas = _runner.seed_differences(per, p, key, args.seed_list)
+                    seeds, deltas = _runner.seed_differences(per, p, key, args.seed_list, baseline=baseline)
                     if not seeds:
                         continue
                     boots = []
                     for s in seeds:
                         refs = multi_refs if multi else single_refs
-                        base = doc_scores(s, "a", split, refs, multi)[metric]
+                        base = doc_scores(s, baseline, split, refs, multi)[metric]
                         system = doc_scores(s, p, split, refs, multi)[metric]
                         b = _runner.paired_bootstrap_means(base, system, n_samples=args.bootstrap_samples, seed=s)
                         boots.append({"p": b["p"], "delta": 100 * b["delta"], "ci95": [100 * v for v in b["ci95"]]})
@@ -170,7 +172,8 @@ def smoothing_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """How every protocol's smoothing was set: (a)'s fixed value, the branches' fixed value or their
     selection on the held-out slice of train (every candidate's held-out scores, the choice)."""
     branches = [p for p in args.protocol_list if p in BRANCHES]
-    out: dict[str, Any] = {"a": args.smoothing_a, "a_how": "fixed (--smoothing-a), not selected"}
+    out: dict[str, Any] = {"a": args.smoothing_a, "a_how": "fixed (--smoothing-a), not selected",
+                           **{p: eps for p, eps in CONTROLS.items() if p in args.protocol_list}}
     text = (f"Score smoothing: (a) {args.smoothing_a:g} in all its T steps (--smoothing-a, fixed, not selected; "
             "so also the branches' first T1 steps)")
     if not branches:
@@ -218,6 +221,7 @@ def smoothing_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
     per = collect(args)
     cmp_md, cmp = comparisons(args, per)
+    controls = [(c, comparisons(args, per, baseline=c, systems=("a", *BRANCHES))) for c in CONTROLS if c in per]
     a_runs = {s: _runner.run_dir(args.work_dir, s, "a") for s in args.seed_list}
     # how much (a)'s held-out log score still moved over the last quarter of stage 1, and its best step
     plateau_md, plateau_rows = _runner.plateau(a_runs, args.t1, args.t2, what="held-out", best=True)
@@ -256,6 +260,11 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
         f"{args.bootstrap_samples} resamples, one p per seed):",
         cmp_md,
     ]
+    for c, (c_md, c_cmp) in controls:
+        parts += [f"The control {PROTOCOLS[c][0]}: (a) continued from its own step-T1 checkpoint with smoothing "
+                  f"{CONTROLS[c]:g}, the smoothing the branches switch to; (a), (b) and (c) against it (a gain over "
+                  "it is the rule's, not the change of smoothing):", c_md]
+        cmp.update({f"vs_{c}_{k}": v for k, v in c_cmp.items()})
     for name in args.tests:
         parts += [f"--test-file {args.tests[name]} (log beam):", main_table(per, args.protocol_list, split=name)]
     parts.append(smoothing_md)

@@ -20,6 +20,10 @@ PROG = "reproduce_summ.py"
 PROTOCOLS: dict[str, tuple[str, Any]] = dict(_runner.PAPER_PROTOCOLS)
 #: protocols that branch from (a)'s step-T1 checkpoint
 BRANCHES = ("b", "c")
+#: the control of the switch (issue 28): (a) continued from its own step-T1 checkpoint with the smoothing the
+#: branches chose (0), so that a gain of (b), (c) over it is the rule's, not the change of smoothing
+CONTROLS = {"a0": 0.0}
+PROTOCOLS["a0"] = ("(a0) log → log, smoothing 0 after T1", lambda t1, t2: f"logarithmic:{t1 + t2}")
 #: the rule each branch switches to at T1
 BRANCH_RULES = {"b": "brier", "c": "spherical"}
 #: teacher-forced token scores reported for every model
@@ -68,6 +72,8 @@ def heldout_path(args: argparse.Namespace) -> str:
 def protocol_eps(args: argparse.Namespace, protocol: str) -> float | None:
     """The smoothing of a protocol's run: (a)'s ``--smoothing-a``, a branch's ``--smoothing`` or the
     selection's choice (``None`` until the selection has run)."""
+    if protocol in CONTROLS:
+        return CONTROLS[protocol]
     if protocol not in BRANCHES:
         return args.smoothing_a
     if args.smoothing is not None:
@@ -84,7 +90,7 @@ def grid_dir(args: argparse.Namespace, seed: int, protocol: str, eps: float | st
 def run_dir(args: argparse.Namespace, seed: int, protocol: str) -> str | None:
     """The run of a seed and protocol that the report counts: ``WORK/seedS/a``, or the branch with its
     smoothing (``None`` while the selection has not chosen it)."""
-    if protocol not in BRANCHES:
+    if protocol not in BRANCHES and protocol not in CONTROLS:
         return _runner.run_dir(args.work_dir, seed, protocol)
     eps = protocol_eps(args, protocol)
     return None if eps is None else grid_dir(args, seed, protocol, eps)
@@ -257,6 +263,18 @@ def tasks(args: argparse.Namespace) -> list[Task]:
     for seed in args.seed_list:
         for protocol in args.protocol_list:
             label = PROTOCOLS[protocol][0]
+            if protocol in CONTROLS:  # from (a)'s checkpoint at T1 with a fixed smoothing: no selection
+                run = grid_dir(args, seed, protocol, CONTROLS[protocol])
+                train = plan.train(f"train {seed}{protocol}", f"seed {seed} {label} train", run,
+                                   functools.partial(train_argv, args, seed, protocol, CONTROLS[protocol], run),
+                                   functools.partial(prepare_branch, args, seed, run), {f"train {seed}a"})
+                for split, objective in evaluations(args):
+                    d = os.path.join(run, eval_name(split, objective))
+                    plan.step(f"eval {seed}{protocol} {split} {objective}",
+                              f"seed {seed} {protocol} {split} beam-{objective}",
+                              eval_argv(args, os.path.join(run, "final"), split_file(args, split), objective, d), d,
+                              {train})
+                continue
             if protocol not in BRANCHES:
                 run = _runner.run_dir(args.work_dir, seed, protocol)
                 train = plan.train(f"train {seed}{protocol}", f"seed {seed} {label} train", run,
@@ -267,7 +285,7 @@ def tasks(args: argparse.Namespace) -> list[Task]:
                               f"seed {seed} {protocol} {split} beam-{objective}",
                               eval_argv(args, os.path.join(run, "final"), split_file(args, split), objective, d), d,
                               {train})
-                if any(p in BRANCHES for p in args.protocol_list):
+                if any(p in BRANCHES or p in CONTROLS for p in args.protocol_list):
                     d = os.path.join(run, f"eval_dev_checkpoint_{args.t1}")
                     plan.step(f"checkpoint {seed}{protocol}",
                               f"seed {seed} {label[:3]} checkpoint-{args.t1} dev beam-logarithmic",
@@ -307,5 +325,6 @@ def tasks(args: argparse.Namespace) -> list[Task]:
                                                          f"seed {seed} {protocol} {split} beam-{objective}"),
                                        {train} | candidates,
                                        functools.partial(_eval_dir, args, seed, protocol, split, objective)))
-    roots = {f"train {seed}{p}" for seed in args.seed_list for p in args.protocol_list if p not in BRANCHES}
+    roots = {f"train {seed}{p}" for seed in args.seed_list for p in args.protocol_list
+             if p not in BRANCHES and p not in CONTROLS}
     return sorted(plan.tasks, key=lambda t: t.name not in roots)  # stable: otherwise the order above

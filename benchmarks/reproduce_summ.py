@@ -100,6 +100,7 @@ from _summ_report import (
 from _summ_runs import (
     BRANCH_RULES,
     BRANCHES,
+    CONTROLS,
     HELDOUT,
     LABELS,
     OBJECTIVES,
@@ -157,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (the unit of evidence); the first also "
                    "selects the branches' smoothing")
     p.add_argument("--protocols", default="a,b,c",
-                   help=_runner.protocols_help(PROTOCOLS, "b and c"))
+                   help=_runner.protocols_help(PROTOCOLS, "b, c and a0") + "; a0 is the control of the switch "
+                   "(issue 28), not a default")
     p.add_argument("--test-file", action="append", default=[], metavar="FILE",
                    help="also decode every final model (beam, log objective) on this JSONL file (document, "
                    "summary, optional annotations) and score it; repeatable; no retraining")
@@ -228,7 +230,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"{PROG}: --seeds {args.seeds!r}: comma-separated integers expected") from None
     if not args.seed_list:
         raise SystemExit(f"{PROG}: --seeds names no seed")
-    args.protocol_list = _runner.parse_protocols(PROG, args.protocols, list(PROTOCOLS), BRANCHES)
+    args.protocol_list = _runner.parse_protocols(PROG, args.protocols, list(PROTOCOLS), (*BRANCHES, *CONTROLS))
     _runner.check_stages(PROG, args, ("t1", "t2", "batch_size", "eval_every", "save_every", "num_beams",
                                       "max_new_tokens", "max_source_length", "eval_batch_size", "bootstrap_samples"))
     if not 0.0 < args.heldout_fraction < 0.5:

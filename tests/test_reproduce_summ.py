@@ -97,8 +97,9 @@ def test_reproduce_summ_end_to_end_resume_and_later_test_file(tmp_path, capsys, 
     run = {"a": "a", "b": f"b_eps{chosen['b']:g}", "c": f"c_eps{chosen['c']:g}"}
 
     md = open(os.path.join(work, "results.md"), encoding="utf-8").read()
-    for label, _ in reproduce_summ.PROTOCOLS.values():
-        assert f"| {label} | 1 |" in md
+    for p in "abc":  # the default protocols (a0, the control, is not one)
+        assert f"| {reproduce_summ.PROTOCOLS[p][0]} | 1 |" in md
+    assert "(a0)" not in md
     assert "R-L multi" in md and "best over each example's references" in md and "sign test p" in md
     assert os.path.getsize(os.path.join(work, "training_curves.png")) > 0
     assert "smoothing chosen on the held-out training slice" in md and "**chosen**" in md
@@ -173,6 +174,31 @@ def test_reproduce_summ_end_to_end_resume_and_later_test_file(tmp_path, capsys, 
     assert "[run ]" not in out and "finished step(s) restored" in out
     before = _json(work, "results.json")["per_seed"]
     assert _json(work2, "results.json")["per_seed"] == before
+
+
+def test_control_a0_continues_a_with_smoothing_0_from_its_checkpoint(tmp_path, capsys, in_process):
+    """(a0), the control of the switch: (a) continued from its own step-T1 checkpoint with the branches' smoothing
+    (0), no selection; (a), (b), (c) are compared against it too."""
+    data, work = str(tmp_path / "data"), str(tmp_path / "work")
+    os.makedirs(data)
+    _write_data(data)
+    argv = [data, "--work-dir", work, *TINY, "--smoothing", "0", "--protocols", "a,a0,c"]
+    assert reproduce_summ.main(argv) == 0
+    a0 = _json(work, "seed3", "a0_eps0", "results.json")
+    assert a0["config"]["smoothing"] == 0.0 and a0["resumed_from"].endswith("checkpoint-4")
+    assert a0["rule_stages"] == [["logarithmic", 6]] and a0["global_step"] == 6
+    log_a, log_a0 = (_runner.read_log(os.path.join(work, "seed3", d, "metrics.jsonl")) for d in ("a", "a0_eps0"))
+    assert [r for r in log_a0 if r["step"] <= 4] == [r for r in log_a if r["step"] <= 4]
+    summary = _json(work, "results.json")
+    assert summary["smoothing"]["a0"] == 0.0
+    cmp = summary["comparisons"]["vs_a0_c_dev_rouge1"]
+    assert cmp["delta"][0] == pytest.approx(summary["per_seed"]["c"]["3"]["rouge1_dev_logarithmic"]
+                                            - summary["per_seed"]["a0"]["3"]["rouge1_dev_logarithmic"])
+    assert "vs_a0_a_dev_rouge1" in summary["comparisons"] and "c_dev_rouge1" in summary["comparisons"]
+    md = open(os.path.join(work, "results.md"), encoding="utf-8").read()
+    assert "| (a0) log → log, smoothing 0 after T1 | 1 |" in md and "| vs (a0) |" in md
+    with pytest.raises(SystemExit, match="include a"):
+        reproduce_summ.main([data, "--work-dir", str(tmp_path / "w2"), *TINY, "--protocols", "a0"])
 
 
 def test_archive_restores_a_finished_seed_while_a_later_seed_runs(tmp_path):

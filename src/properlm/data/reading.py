@@ -5,7 +5,8 @@ Every file is validated before anything expensive happens, so that a malformed o
 
 ``instruction``
     Alpaca-style JSON (an array of objects) or JSONL, one object per record with the string
-    fields ``instruction`` (required), ``input`` (optional) and ``output`` (required)
+    fields ``instruction`` (required), ``input`` (optional) and ``output`` (required), and
+    optionally ``annotations``: a list of further reference outputs (multi-reference ROUGE)
     (:func:`read_instruction_file`).
 ``translation``
     Two line-aligned plain-text files, ``source_file`` and ``target_file`` (one sentence per
@@ -79,7 +80,7 @@ class Example:
     def references(self) -> tuple[str, ...]:
         """Every reference text: the target, then the record's ``annotations``, in file order.
 
-        Only summarization records may have ``annotations``.
+        Summarization and instruction records may have ``annotations``; translation pairs have one reference.
         """
         return (self.target, *self.fields.get("annotations", ()))
 
@@ -205,7 +206,7 @@ def _record_fields(path: str, lineno: int, value: Any, task: str) -> dict[str, A
         if not isinstance(v, str):
             raise DataError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
         out[key] = v
-    if task == "summarization" and value.get("annotations") is not None:
+    if value.get("annotations") is not None:
         refs = value["annotations"]
         if not isinstance(refs, list):
             raise DataError(f"{where}: field 'annotations' must be a list of strings, got {type(refs).__name__}")
@@ -255,7 +256,10 @@ def _read_json_task(path: str | os.PathLike, task: str) -> list[Example]:
 
 
 def read_instruction_file(path: str | os.PathLike) -> list[Example]:
-    """Read an Alpaca JSON/JSONL file (``instruction``, optional ``input``, ``output``)."""
+    """Read an Alpaca JSON/JSONL file.
+
+    Fields: ``instruction``, optional ``input``, ``output``, optional ``annotations`` (further reference outputs).
+    """
     return _read_json_task(path, "instruction")
 
 

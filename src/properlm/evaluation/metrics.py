@@ -163,6 +163,9 @@ class EvalMetrics:
         mean_log_prob: ``(1/N) sum_i log p_i(y_i)``.
         perplexity: ``exp(-mean_log_prob)``.
         accuracy: fraction of positions whose top-1 token is the label.
+        mean_target_prob: ``(1/N) sum_i p_i(y_i)``, the mean probability of the reference token (how strong
+            the model's prior on the targets is).
+        target_prob_above_half: fraction of positions with ``p_i(y_i) > 0.5``.
         ece: expected calibration error of the top-1 token.
         mce: maximum calibration error, ``max_b |acc(B_b) - conf(B_b)|`` over non-empty bins.
         bins: the reliability table.
@@ -173,6 +176,8 @@ class EvalMetrics:
     mean_log_prob: float
     perplexity: float
     accuracy: float
+    mean_target_prob: float
+    target_prob_above_half: float
     ece: float
     mce: float
     bins: list[CalibrationBin] = field(default_factory=list)
@@ -216,6 +221,8 @@ class MetricsAccumulator:
         self._n = 0
         self._score_sums = {r.spec: 0.0 for r in self.rules}
         self._log_sum = 0.0
+        self._prob_sum = 0.0
+        self._above_half = 0
         self._correct = 0
         self._count = torch.zeros(self.num_bins, dtype=torch.float64)
         self._conf_sum = torch.zeros(self.num_bins, dtype=torch.float64)
@@ -231,6 +238,8 @@ class MetricsAccumulator:
         for r in self.rules:
             self._score_sums[r.spec] += float(out[f"score:{r.spec}"].double().sum())
         self._log_sum += float(out["log_prob"].double().sum())
+        self._prob_sum += float(out["log_prob"].double().exp().sum())
+        self._above_half += int((out["log_prob"] > -math.log(2.0)).sum())
         self._correct += int(out["correct"].sum())
         count, conf_sum, corr_sum = _bin_sums(out["confidence"].cpu(), out["correct"].cpu(), self.num_bins)
         self._count += count
@@ -256,6 +265,8 @@ class MetricsAccumulator:
             mean_log_prob=mean_log,
             perplexity=perplexity(mean_log) if n else nan,
             accuracy=self._correct / n if n else nan,
+            mean_target_prob=self._prob_sum / n if n else nan,
+            target_prob_above_half=self._above_half / n if n else nan,
             ece=_ece_from_sums(count, conf, corr),
             mce=max(gaps) if gaps else nan,
             bins=bins,

@@ -282,6 +282,8 @@ def _tf_dict(tf: Any, num_bins: int, temperature: float) -> dict[str, Any]:
         "mean_log_prob": tf.mean_log_prob,
         "perplexity": tf.perplexity,
         "token_accuracy": tf.accuracy,
+        "mean_target_prob": tf.mean_target_prob,
+        "target_prob_above_half": tf.target_prob_above_half,
         "ece": tf.ece,
         "mce": tf.mce,
         "num_bins": num_bins,

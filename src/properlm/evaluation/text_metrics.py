@@ -173,12 +173,14 @@ def generation_metrics(task: str, hypotheses: Sequence[str], references: Sequenc
                        multi_references: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:
     """Metrics for ``task``: BLEU/chrF for translation, ROUGE for summarization, both for instructions.
 
-    Summarization gets multi-reference ROUGE as well when ``multi_references`` are given.
+    Summarization and instructions get multi-reference ROUGE as well when ``multi_references`` are given
+    (BLEU and chrF stay against the first reference).
     """
     if task == "translation":
         return translation_metrics(hypotheses, references, target_lang)
     if task == "summarization":
         return summarization_metrics(hypotheses, references, multi_references)
     if task == "instruction":
-        return {**translation_metrics(hypotheses, references), **summarization_metrics(hypotheses, references)}
+        return {**translation_metrics(hypotheses, references),
+                **summarization_metrics(hypotheses, references, multi_references)}
     raise ValueError(f"unknown task {task!r}; expected translation, summarization or instruction")

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import properlm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,3 +161,29 @@ def test_no_page_repeats_a_section():
         if dup:
             repeated[str(page.relative_to(ROOT))] = dup
     assert not repeated, f"sections that appear twice: {repeated}"
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/index.md"])
+def test_the_first_example_runs_without_the_collapsing_smoothing(page, monkeypatch):
+    """The five-line example a new user copies first runs, and is not the paper's masked-log smoothing of a bounded
+    rule at V = 32,000 (which flattens the distribution; the library warns about it)."""
+    import re
+    import warnings
+
+    from properlm import stats
+
+    monkeypatch.setattr(stats, "_WARNED_PAPER_SMOOTHING", set())
+    text = (ROOT / page).read_text(encoding="utf-8")
+    code = re.search(r"```python\n(import torch, properlm\n.*?)```", text, re.S)
+    assert code is not None, f"{page}: the first example is missing"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        namespace: dict = {}
+        exec(compile(code.group(1), page, "exec"), namespace)
+    assert namespace["loss"].ndim == 0 and namespace["logits"].grad is not None
+    assert not [w for w in caught if "masked-log" in str(w.message)]
+    bad = code.group(1).replace('rule="spherical")', 'rule="spherical", smoothing=0.1)')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(bad, page, "exec"), {})
+    assert [w for w in caught if "masked-log" in str(w.message)]  # the warning the example avoids

@@ -404,14 +404,16 @@ def test_train_prints_the_warning_once_and_takes_the_option(tmp_path: Path, monk
     import random
 
     from properlm.cli.main import main
-    from properlm.training import validation
 
     rng = random.Random(0)
     src = [str(rng.randint(0, 999)) for _ in range(24)]
     (tmp_path / "s.txt").write_text("\n".join(src) + "\n", encoding="utf-8")
     (tmp_path / "t.txt").write_text("\n".join(" ".join("zero one two three four five six seven eight nine".split()[
         int(c)] for c in s) for s in src) + "\n", encoding="utf-8")
-    monkeypatch.setattr(validation, "PAPER_SMOOTHING_WARN_VOCAB", 200)  # the module smoothing_warning reads
+    from properlm import stats
+
+    monkeypatch.setattr(stats, "PAPER_SMOOTHING_WARN_VOCAB", 200)  # the threshold smoothing_warning applies
+    monkeypatch.setattr(stats, "_WARNED_PAPER_SMOOTHING", set())
     common = ["--init", "tiny-seq2seq", "--source-file", str(tmp_path / "s.txt"), "--target-file",
               str(tmp_path / "t.txt"), "--vocab-size", "270", "--hidden-size", "16", "--num-layers", "1",
               "--num-heads", "2", "--max-steps", "1", "--rule", "spherical", "--smoothing", "0.1",
@@ -427,3 +429,36 @@ def test_train_prints_the_warning_once_and_takes_the_option(tmp_path: Path, monk
     assert results["config"]["smoothing_variant"] == "gated"
     (tmp_path / "bad.yaml").write_text("smoothing_variant: pooled\n", encoding="utf-8")
     assert main(["train", "--config", str(tmp_path / "bad.yaml"), *common, "--output-dir", str(tmp_path / "b")]) == 2
+
+
+def test_api_warns_once_about_paper_smoothing_at_a_large_vocabulary(monkeypatch):
+    """The functional, Module and fused losses warn once per rule and vocabulary size when a bounded rule takes the
+    paper's masked-log smoothing at V >= 16384; gated, none, logarithmic and small vocabularies stay silent; the
+    CLI's own warning of it silences the library's."""
+    import warnings
+
+    import properlm
+    from properlm import stats
+    from properlm.training.validation import smoothing_warning
+
+    monkeypatch.setattr(stats, "_WARNED_PAPER_SMOOTHING", set())
+    y = torch.tensor([0, 1])
+    big = torch.randn(2, stats.PAPER_SMOOTHING_WARN_VOCAB)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        properlm.scoring_rule_loss(big, y, rule="spherical", smoothing=0.1)
+        properlm.ScoringRuleLoss("spherical", smoothing=0.1)(big, y)  # the same rule and V: not again
+        properlm.scoring_rule_loss(big, y, rule="spherical", smoothing=0.1, smoothing_variant="gated")
+        properlm.scoring_rule_loss(big, y, rule="logarithmic", smoothing=0.1)
+        properlm.scoring_rule_loss(big[:, :1000], y, rule="brier", smoothing=0.1)
+        h, w = torch.randn(2, 8), torch.randn(stats.PAPER_SMOOTHING_WARN_VOCAB, 8)
+        properlm.fused_linear_scoring_rule_loss(h, w, y, rule="brier", smoothing=0.1)
+    texts = [str(c.message) for c in caught if "masked-log" in str(c.message)]
+    assert len(texts) == 2 and "'spherical'" in texts[0] and "'brier'" in texts[1]
+    assert "smoothing_variant='gated'" in texts[0] and f"{stats.PAPER_SMOOTHING_WARN_VOCAB} tokens" in texts[0]
+    monkeypatch.setattr(stats, "_WARNED_PAPER_SMOOTHING", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert "--smoothing-variant gated" in smoothing_warning("power:3", 0.1, "paper", 50000)
+        properlm.scoring_rule_loss(torch.randn(2, 50000), y, rule="power:3", smoothing=0.1)
+    assert not [c for c in caught if "masked-log" in str(c.message)]

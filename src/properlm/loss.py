@@ -31,6 +31,7 @@ from .stats import (
     head_transform_factor,
     logits_grad,
     loss_and_partials,
+    warn_paper_smoothing,
 )
 
 __all__ = [
@@ -361,6 +362,8 @@ def scoring_rule_loss(
             keeps it from flattening large vocabularies) or ``"none"`` (no masked-log term). Every
             variant's expected smoothed score is maximised exactly at ``(1 - eps) q + eps / V``; see
             :func:`properlm.stats.smoothed_score`. No effect on ``logarithmic`` or without smoothing.
+            ``"paper"`` with a bounded rule at ``V >= 16384`` warns once
+            (:func:`properlm.stats.warn_paper_smoothing`): it flattens large vocabularies; take ``"gated"``.
 
     Returns:
         A scalar, or a tensor of ``target``'s shape for ``"none"``, in float32 (float64
@@ -392,6 +395,7 @@ def scoring_rule_loss(
     eps, variant = check_loss_options(smoothing, smoothing_variant, reduction)
     cap, scale = check_head_transform(softcap, logit_scale)
     validate_inputs(logits.shape, logits.dtype, target, ignore_index)
+    warn_paper_smoothing(rule_obj, eps, variant, logits.shape[-1])
     per_token = _token_losses(logits, target, rule_obj, eps, ignore_index, cap, scale, variant)
     return reduce_loss(per_token, target != ignore_index, reduction, num_items_in_batch)
 

@@ -33,6 +33,7 @@ from .rules import Logarithmic, ScoringRule
 _LOG = Logarithmic()
 
 __all__ = [
+    "PAPER_SMOOTHING_WARN_VOCAB",
     "SMOOTHING_VARIANTS",
     "TokenStats",
     "check_head_transform",
@@ -213,6 +214,37 @@ def head_transform_factor(zt: Tensor, softcap: float | None = None, logit_scale:
 
 #: the forms of the masked-log term of score smoothing (see :func:`smoothed_score`)
 SMOOTHING_VARIANTS = ("paper", "gated", "none")
+
+#: from this vocabulary size on, the paper's masked-log smoothing of a bounded rule is warned about: it
+#: trained well at V = 6,000 (Multi30k, benchmarks/RESULTS.md) and collapsed SmolLM2 (V = 49,152) within 4
+#: steps; in ``benchmarks/smoothing_large_vocab.py`` the damage grows with V (README, "Score smoothing")
+PAPER_SMOOTHING_WARN_VOCAB = 16384
+_WARNED_PAPER_SMOOTHING: set[tuple[str, int]] = set()
+
+
+def warn_paper_smoothing(rule: Any, smoothing: float, smoothing_variant: str, vocab_size: int) -> bool:
+    """Warn once per rule and vocabulary size when the paper's masked-log smoothing meets a large vocabulary.
+
+    The combination: a bounded ``rule`` (``masked_log_smoothing``) smoothed with ``smoothing > 0`` and
+    ``smoothing_variant="paper"`` at ``vocab_size >= PAPER_SMOOTHING_WARN_VOCAB``. Returns whether it is that
+    combination (warned now or before); silent while ``torch.compile`` traces (no graph break).
+
+    The term pulls the target's probability down by about ``eps`` per token until every tail token reaches
+    ``eps / V``; under Adam that flattens a large vocabulary's distribution within a few steps.
+    ``smoothing_variant="gated"`` keeps the smoothed optimum without the collapse.
+    """
+    risky = smoothing > 0 and smoothing_variant == "paper" and bool(getattr(rule, "masked_log_smoothing", False)) \
+        and vocab_size >= PAPER_SMOOTHING_WARN_VOCAB
+    key = (str(getattr(rule, "spec", rule)), int(vocab_size))
+    if risky and key not in _WARNED_PAPER_SMOOTHING and not torch.compiler.is_compiling():
+        import warnings
+
+        _WARNED_PAPER_SMOOTHING.add(key)
+        warnings.warn(f"smoothing={smoothing:g} of the bounded rule {key[0]!r} with the paper's masked-log term "
+                      f"(smoothing_variant='paper') at a vocabulary of {vocab_size} tokens flattens the predicted "
+                      "distribution within a few steps under Adam (SmolLM2, V = 49152: decoding degenerates); use "
+                      "smoothing_variant='gated' (or 'none'). README, 'Score smoothing'.", UserWarning, stacklevel=3)
+    return risky
 
 
 def check_smoothing_variant(smoothing_variant: str) -> str:

@@ -17,7 +17,7 @@ from ..compiled import fused_token_losses
 from ..dtensor import is_dtensor
 from ..loss import _options_repr, check_loss_options, reduce_loss, validate_inputs
 from ..rules import RuleLike, get_rule
-from ..stats import check_head_transform
+from ..stats import check_head_transform, warn_paper_smoothing
 from .chunked import (
     ChunkBackend,
     FusedLinearLossFunction,
@@ -202,6 +202,7 @@ def fused_linear_scoring_rule_loss(
     eps, variant = check_loss_options(smoothing, smoothing_variant, reduction)
     cap, scale = check_head_transform(softcap, logit_scale)
     _validate(hidden, weight, target, bias, ignore_index, chunk_size, impl)
+    warn_paper_smoothing(rule_obj, eps, variant, weight.shape[0])
     if reduction == "mean" and num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
         reduce_loss(torch.zeros(()), torch.ones(1, dtype=torch.bool), reduction, num_items_in_batch)  # validates
     H = weight.shape[1]

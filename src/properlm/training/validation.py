@@ -20,7 +20,7 @@ import torch
 from ..improper import IMPROPER_OBJECTIVES
 from ..modeling import MIN_VOCAB_SIZE, ModelLoadError, check_model_source, model_config_dict, model_max_positions
 from ..rules import get_rule
-from ..stats import SMOOTHING_VARIANTS
+from ..stats import PAPER_SMOOTHING_WARN_VOCAB, SMOOTHING_VARIANTS, warn_paper_smoothing
 from .checkpoints import find_checkpoints
 from .config import LR_SCHEDULERS, ConfigError, TrainConfig
 
@@ -303,11 +303,6 @@ def ignored_option_warnings(cfg: TrainConfig) -> list[str]:
     return out
 
 
-#: from this vocabulary size on, ``properlm train`` warns about the paper's masked-log smoothing of a
-#: bounded rule: it trained well at V = 6,000 (Multi30k, benchmarks/RESULTS.md) and collapsed SmolLM2
-#: (V = 49,152) within 4 steps; in ``benchmarks/smoothing_large_vocab.py`` the damage grows with V
-#: (README, "Score smoothing")
-PAPER_SMOOTHING_WARN_VOCAB = 16384
 
 
 def smoothing_warning(rule: str, smoothing: float, smoothing_variant: str, vocab_size: int) -> str | None:
@@ -316,10 +311,13 @@ def smoothing_warning(rule: str, smoothing: float, smoothing_variant: str, vocab
     It warns for a bounded rule (or a mixture with one) smoothed with the paper's masked-log term at a
     vocabulary of at least :data:`PAPER_SMOOTHING_WARN_VOCAB` tokens.
     """
+    import warnings
+
     rule_obj = get_rule(rule)
-    if smoothing <= 0 or smoothing_variant != "paper" or not rule_obj.masked_log_smoothing \
-            or vocab_size < PAPER_SMOOTHING_WARN_VOCAB:
-        return None
+    with warnings.catch_warnings():  # the library's warning of the same thing (properlm.stats) stays silent then
+        warnings.simplefilter("ignore")
+        if not warn_paper_smoothing(rule_obj, smoothing, smoothing_variant, vocab_size):
+            return None
     return (f"--smoothing {smoothing:g} with the bounded rule {rule_obj.spec!r} uses the paper's masked-log term "
             f"(--smoothing-variant paper) at a vocabulary of {vocab_size} tokens: it pulls the target's "
             "probability down by about eps per token until every tail token reaches eps/V, and under Adam this "

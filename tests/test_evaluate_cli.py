@@ -252,6 +252,10 @@ def _fake_train_run(path, rule, losses):
         "eval": {"eval_loss": losses[-1] + 0.1, "eval_score_spherical": 0.3, "eval_runtime": 1.0}}))
 
 
+def _table_lines(out: str) -> list[list[str]]:
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in out.splitlines() if ln.startswith("| ")]
+
+
 def test_compare_two_runs(tmp_path, capsys):
     a, b = tmp_path / "run_a", tmp_path / "run_b"
     _fake_train_run(a, "logarithmic", [3.0, 2.5, 2.2, 2.0])
@@ -264,16 +268,71 @@ def test_compare_two_runs(tmp_path, capsys):
     png, md = tmp_path / "curves.png", tmp_path / "table.md"
     assert main(["compare", str(a), str(b), "--plot", str(png), "--output-md", str(md)]) == 0
     out = capsys.readouterr().out
-    lines = [ln for ln in out.splitlines() if ln.startswith("|")]
-    assert len(lines) == 4  # header, rule, two runs
-    header = lines[0]
-    for col in ("run", "train rule", "steps", "train loss", "eval_loss", "eval_score_spherical", "ppl", "ECE %",
-                "BLEU", "chrF"):
-        assert f" {col} |" in header
-    assert "eval_runtime" not in header
-    assert str(a) in lines[2] and "logarithmic:20,brier:20" in lines[2] and "12.5" not in lines[2]
-    assert str(b / "eval") in lines[3] and "| 12.5 |" in lines[3] and "beam4 spherical" in lines[3]
+    rows = _table_lines(out)
+    header = rows[0]
+    assert header[:3] == ["run", "split", "train rule"]
+    for col in ("steps", "train loss", "S spherical", "ppl", "ECE %", "BLEU", "chrF", "S brier"):
+        assert col in header, col
+    assert not [c for c in header if c.startswith("eval_")]  # raw Trainer keys stay in the JSON
+    cell = {(r[0], r[1]): dict(zip(header, r)) for r in rows[1:]}
+    # a's validation row; b's validation row and its labelled evaluation folder
+    assert set(cell) == {(str(a), "validation"), (str(b), "validation"), (str(b), "eval")}
+    assert cell[(str(a), "validation")]["train rule"] == "logarithmic:20,brier:20"
+    assert cell[(str(a), "validation")]["S spherical"] == "0.3000"
+    assert cell[(str(b), "eval")]["BLEU"] == "12.50" and cell[(str(b), "eval")]["decoding"] == "beam 4, spherical"
+    assert cell[(str(b), "eval")]["ECE %"] == "5.00" and cell[(str(b), "validation")]["BLEU"] == "-"
     assert png.read_bytes()[:4] == b"\x89PNG" and md.read_text().startswith("| run")
+
+
+def test_compare_names_rows_keeps_units_and_writes_every_figure(tmp_path, capsys):
+    """Rows carry the names given (NAME=DIR, #i for seeds), BLEU has two decimals in every row, --output-json
+    holds the raw figures, and a directory as an output file is one clear error before any work."""
+    runs = []
+    for name, bleu in (("log", 0.09925), ("sph", 2.515)):
+        d = tmp_path / name
+        _fake_train_run(d, "logarithmic", [3.0, 2.5])
+        (d / "test").mkdir()
+        (d / "test" / "results.json").write_text(json.dumps({
+            "kind": "properlm-evaluate", "num_examples": 3, "settings": {"num_beams": 1},
+            "teacher_forced": {"perplexity": 12460.3, "mean_scores": {"logarithmic": -9.43}},
+            "generation": {"bleu": bleu, "chrf": 10.0}}))
+        runs.append(d)
+    js = tmp_path / "all.json"
+    argv = ["compare", f"log={runs[0]}", f"sph={runs[1]}", "--no-plot", "--output-json", str(js)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = _table_lines(out)
+    header = rows[0]
+    cell = {(r[0], r[1]): dict(zip(header, r)) for r in rows[1:]}
+    assert cell[("log", "test")]["BLEU"] == "0.10" and cell[("sph", "test")]["BLEU"] == "2.52"
+    assert cell[("log", "test")]["ppl"] == "12,460.30" and cell[("log", "test")]["log score"] == "-9.4300"
+    assert f"every figure: {js}" in out
+    saved = json.loads(js.read_text())
+    assert [r["run"] for r in saved["runs"]] == ["log", "log", "sph", "sph"]
+    assert saved["runs"][0]["train_results"]["eval"]["eval_loss"] == 2.6  # the raw keys are kept there
+    # seeds of one configuration: NAME #i
+    assert main(["compare", f"cfg={runs[0]},{runs[1]}", "--no-plot"]) == 0
+    assert {r[0] for r in _table_lines(capsys.readouterr().out)[1:]} == {"cfg #1", "cfg #2"}
+    for option in ("--output-json", "--output-md", "--plot"):
+        assert main(["compare", str(runs[0]), option, str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{option} {str(tmp_path)!r} is a directory; give a file name" in err and "Traceback" not in err
+
+
+def test_compare_plot_has_a_panel_per_quantity_and_says_its_file(tmp_path, capsys):
+    """A log-score loss and a spherical loss are not one quantity: each rule's loss gets its own panel; --plot
+    without an extension writes NAME.png and says so."""
+    from properlm.cli.compare import _panels, load_runs
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    _fake_train_run(a, "logarithmic", [3.0, 2.5, 2.2])
+    _fake_train_run(b, "spherical", [0.9, 0.8, 0.7])
+    panels = _panels(load_runs([str(a), str(b)]))
+    assert ("loss", "logarithmic") in panels and ("loss", "spherical") in panels and ("loss", "brier") in panels
+    assert ("eval_score_spherical", None) in panels and ("eval_loss", "brier") in panels
+    assert main(["compare", str(a), str(b), "--plot", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert f"training curves: {tmp_path / 'out.png'}" in out and (tmp_path / "out.png").is_file()
 
 
 def test_compare_errors(tmp_path, capsys):

@@ -160,7 +160,7 @@ def test_compare_baseline_refuses_what_it_cannot_pair(translation_runs, tmp_path
                                                                                  "--baseline", "nope")
     assert "sph has 1 evaluations but the baseline 2" in error(f"log={runs['log1']},{runs['log2']}",
                                                                f"sph={runs['sph1']}", "--baseline", "log")
-    assert "--output-json writes the --baseline comparison" in error(runs["log1"], "--output-json", "x.json")
+    assert "is a directory; give a file name" in error(runs["log1"], "--output-json", str(tmp_path))
     assert "expected RUN_DIR or NAME=RUN_DIR" in error("log=", runs["sph1"], "--baseline", "log")
     other = _evaluation(str(tmp_path), "other", ["x"] * 40, {"source_file": "test.en", "target_file": "test.de"},
                         max_examples=None)

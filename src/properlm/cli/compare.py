@@ -26,6 +26,8 @@ from ..evaluation import RESULTS_KIND, format_value
 from ..evaluation.comparison import ComparisonError, read_json_object
 
 __all__ = [
+    "COLUMNS",
+    "SCORE_PREFIX",
     "CompareError",
     "RunRecord",
     "baseline_comparison",
@@ -37,11 +39,8 @@ __all__ = [
     "read_metrics_log",
     "register",
     "run",
+    "run_figures",
 ]
-
-#: Trainer bookkeeping keys left out of the table
-_SKIP_EVAL_KEYS = ("runtime", "samples_per_second", "steps_per_second", "epoch")
-
 
 class CompareError(ValueError):
     """A run directory is missing or holds nothing readable."""
@@ -49,7 +48,12 @@ class CompareError(ValueError):
 
 @dataclass
 class RunRecord:
-    """What one row of the comparison is built from."""
+    """What one row of the comparison is built from.
+
+    ``label`` names the run (the ``NAME`` of ``NAME=DIR``, with ``#i`` for the i-th seed of a group, or the
+    directory given), ``split`` what the row's figures were measured on: ``"validation"`` (the training run's
+    own validation set) or the evaluation's folder name (``"test"``, ``"eval_dev"``, ...).
+    """
 
     label: str
     directory: str
@@ -57,6 +61,7 @@ class RunRecord:
     evaluation: dict[str, Any] | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
     log_path: str | None = None
+    split: str | None = None
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -90,21 +95,29 @@ def _is_eval(results: dict[str, Any]) -> bool:
     return results.get("kind") == RESULTS_KIND
 
 
-def load_runs(paths: list[str]) -> list[RunRecord]:
-    """Read every run directory (or a ``results.json`` path) into :class:`RunRecord` rows."""
+def _split_name(directory: str) -> str:
+    return os.path.basename(os.path.normpath(directory)) or "evaluation"
+
+
+def load_runs(paths: list[str], labels: list[str] | None = None) -> list[RunRecord]:
+    """Read every run directory (or a ``results.json`` path) into :class:`RunRecord` rows.
+
+    A training run gives a ``"validation"`` row when its ``results.json`` holds validation figures, and one row
+    per evaluation sub-directory, labelled with the sub-directory's name; an evaluation directory gives one row.
+    ``labels`` (one per path; default: the paths) name the rows.
+    """
     if not paths:
         raise CompareError("give at least one run directory")
+    labels = list(paths) if labels is None else labels
     rows: list[RunRecord] = []
-    for p in paths:
+    for p, label in zip(paths, labels):
         if os.path.isfile(p):
             res = _read_json(p)
             d = os.path.dirname(p) or "."
-            rec = RunRecord(label=p, directory=d)
             if _is_eval(res):
-                rec.evaluation = res
+                rows.append(RunRecord(label=label, directory=d, evaluation=res, split=_split_name(d)))
             else:
-                rec.train = res
-            rows.append(rec)
+                rows.append(RunRecord(label=label, directory=d, train=res, split="validation"))
             continue
         if not os.path.isdir(p):
             raise CompareError(f"run directory {p!r} does not exist")
@@ -127,12 +140,37 @@ def load_runs(paths: list[str]) -> list[RunRecord]:
                     subs.append((name, res))
         if train is None and evaluation is None and not log and not subs:
             raise CompareError(f"{p!r} holds no results.json, metrics.jsonl or evaluation sub-directory")
-        base: dict[str, Any] = dict(directory=p, train=train, log=log, log_path=log_path if log else None)
-        if evaluation is not None or not subs:
-            rows.append(RunRecord(label=p, evaluation=evaluation, **base))
+        base: dict[str, Any] = dict(label=label, directory=p, train=train, log=log, log_path=log_path if log else None)
+        if evaluation is not None:
+            rows.append(RunRecord(evaluation=evaluation, split=_split_name(p), **base))
+        elif (train is not None and isinstance(train.get("eval"), dict)) or not subs:
+            rows.append(RunRecord(split="validation" if train is not None or log else None, **base))
         for name, res in subs:
-            rows.append(RunRecord(label=os.path.join(p, name), evaluation=res, **base))
+            rows.append(RunRecord(evaluation=res, split=name, **base))
     return rows
+
+
+#: the table's columns in order, with each one's format (a person reads these; every figure is in the JSON)
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("run", "s"), ("split", "s"), ("train rule", "s"), ("steps", "d"), ("train loss", ".4f"), ("examples", "d"),
+    ("decoding", "s"), ("BLEU", ".2f"), ("chrF", ".2f"), ("R-1", ".2f"), ("R-2", ".2f"), ("R-L", ".2f"),
+    ("log score", ".4f"), ("ppl", ",.2f"), ("acc %", ".2f"), ("ECE %", ".2f"),
+)
+#: columns of the other rules' mean token scores, after the fixed ones
+SCORE_PREFIX = "S "
+
+
+def _num(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _pct(v: Any) -> Any:
+    return 100 * v if isinstance(v, float) else v
 
 
 def _train_columns(train: dict[str, Any]) -> dict[str, Any]:
@@ -147,42 +185,50 @@ def _train_columns(train: dict[str, Any]) -> dict[str, Any]:
     t = train.get("train")
     if isinstance(t, dict) and "train_loss" in t:
         out["train loss"] = t["train_loss"]
-    for key in ("eval", "eval_averaged"):
-        ev = train.get(key)
-        if isinstance(ev, dict):
-            for k, v in ev.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith(_SKIP_EVAL_KEYS):
-                    out[k] = v
     return out
 
 
-def _num(v: Any) -> Any:
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
+def _validation_columns(train: dict[str, Any]) -> dict[str, Any]:
+    """The training run's validation figures under the evaluation's column names.
+
+    ``eval_score_brier`` becomes ``S brier``; ``eval_loss`` (the loss of the run's last rule) stays in the JSON.
+    """
+    out: dict[str, Any] = {}
+    ev = train.get("eval_averaged") if isinstance(train.get("eval_averaged"), dict) else train.get("eval")
+    if not isinstance(ev, dict):
+        return out
+    for k, v in ev.items():
+        if not k.startswith("eval_score_") or not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        rule = k[len("eval_score_"):]
+        if rule == "logarithmic":
+            out["log score"] = v
+            out["ppl"] = math.exp(-v) if -v < 700 else math.inf
+        else:
+            out[SCORE_PREFIX + rule] = v
+    if isinstance(ev.get("eval_tokens"), (int, float)):
+        out["tokens"] = ev["eval_tokens"]
+    return out
 
 
 def _eval_columns(ev: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     tf = ev.get("teacher_forced", {})
     st = ev.get("settings", {})
-    out["task"] = st.get("task")
     out["examples"] = ev.get("num_examples")
     if tf:
         out["ppl"] = _num(tf.get("perplexity"))
-        acc, ece = _num(tf.get("token_accuracy")), _num(tf.get("ece"))
-        out["acc %"] = 100 * acc if isinstance(acc, float) else acc
-        out["ECE %"] = 100 * ece if isinstance(ece, float) else ece
+        out["acc %"] = _pct(_num(tf.get("token_accuracy")))
+        out["ECE %"] = _pct(_num(tf.get("ece")))
         for spec, v in tf.get("mean_scores", {}).items():
-            if spec != "logarithmic":  # perplexity carries it
-                out[f"S {spec}"] = _num(v)
+            if spec == "logarithmic":
+                out["log score"] = _num(v)
+            else:
+                out[SCORE_PREFIX + spec] = _num(v)
     gen = ev.get("generation")
     if gen:
         beams = st.get("num_beams", 1)
-        out["decoding"] = "greedy" if beams == 1 else f"beam{beams} {gen.get('objective', 'logarithmic')}"
+        out["decoding"] = "greedy" if beams == 1 else f"beam {beams}, {gen.get('objective', 'logarithmic')}"
         for key, label in (("bleu", "BLEU"), ("chrf", "chrF"), ("rouge1", "R-1"), ("rouge2", "R-2"),
                            ("rougeL", "R-L")):
             if key in gen:
@@ -191,10 +237,14 @@ def _eval_columns(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 def comparison_rows(runs: list[RunRecord]) -> tuple[list[str], list[dict[str, Any]]]:
-    """``(columns, rows)``: the union of the figures of every run, in a stable order."""
+    """``(columns, rows)`` of the comparison table.
+
+    The columns are those of :data:`COLUMNS` that some row fills, then the other rules' scores; a row per run
+    holds its figures under those names.
+    """
     rows = []
     for r in runs:
-        row: dict[str, Any] = {"run": r.label}
+        row: dict[str, Any] = {"run": r.label, "split": r.split}
         if r.train:
             row.update(_train_columns(r.train))
         elif r.log:
@@ -205,47 +255,84 @@ def comparison_rows(runs: list[RunRecord]) -> tuple[list[str], list[dict[str, An
                 row["steps"] = last["step"]
         if r.evaluation:
             row.update(_eval_columns(r.evaluation))
-        rows.append(row)
-    columns: list[str] = []
-    for row in rows:
-        for k in row:
-            if k not in columns:
-                columns.append(k)
-    first_seen = {k: i for i, k in enumerate(columns)}
-    columns.sort(key=lambda k: (_column_group(k), first_seen[k]))
-    return columns, rows
+        elif r.train and r.split == "validation":
+            row.update(_validation_columns(r.train))
+        rows.append({k: v for k, v in row.items() if v is not None})
+    fixed = [c for c, _ in COLUMNS if c == "run" or any(c in row for row in rows)]
+    scores = sorted({k for row in rows for k in row if k.startswith(SCORE_PREFIX)})
+    return fixed + scores, rows
 
 
-_GROUPS = (("run",), ("train rule", "steps", "train loss"), ("eval_",), ("task", "examples", "ppl", "acc %", "ECE %"),
-           ("S ",), ("decoding", "BLEU", "chrF", "R-1", "R-2", "R-L"))
-
-
-def _column_group(column: str) -> int:
-    for i, names in enumerate(_GROUPS):
-        if column in names or any(n.endswith(("_", " ")) and column.startswith(n) for n in names):
-            return i
-    return len(_GROUPS)
-
-
-def _cell(v: Any) -> str:
-    return format_value(v, ".4g")
+def _cell(column: str, v: Any) -> str:
+    spec = dict(COLUMNS).get(column, ".4f")
+    if isinstance(v, float) and spec == "d":
+        spec = ".4g"
+    if isinstance(v, int) and not isinstance(v, bool) and spec not in ("d", "s"):
+        v = float(v)
+    return format_value(v, spec if spec not in ("d", "s") else ".4g")
 
 
 def comparison_table(runs: list[RunRecord]) -> str:
-    """A markdown table with one row per run and one column per figure ("-" where absent)."""
+    """A markdown table, a row per run and split, the key figures in fixed units ("-" where absent).
+
+    BLEU, chrF and ROUGE in points with 2 decimals, ECE and accuracy in percent, token scores with 4 decimals.
+    """
     columns, rows = comparison_rows(runs)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(_cell(c, row.get(c)) for c in columns) + " |")
     return "\n".join(lines)
 
 
-def plot_curves(runs: list[RunRecord], path: str, max_panels: int = 6) -> str | None:
+def run_figures(runs: list[RunRecord]) -> list[dict[str, Any]]:
+    """Every figure of every run, for ``--output-json``.
+
+    Each entry: the table's row, the directory, and the raw ``results.json`` of its training run and evaluation.
+    """
+    _, rows = comparison_rows(runs)
+    return [{**row, "directory": r.directory, "train_results": r.train, "evaluation_results": r.evaluation}
+            for r, row in zip(runs, rows)]
+
+
+def _panels(logged: list[RunRecord]) -> list[tuple[str, str | None]]:
+    """The quantities to plot, ``(key, rule)``.
+
+    A loss is the loss of the rule it was computed with, so each rule's training (and validation) loss is a
+    panel of its own; ``eval_score_*`` are common to every run.
+    """
+    panels: list[tuple[str, str | None]] = []
+    for r in logged:
+        for rec in r.log:
+            for k, v in rec.items():
+                if not isinstance(v, (int, float)) or isinstance(v, bool):
+                    continue
+                if k in ("loss", "eval_loss"):
+                    key: tuple[str, str | None] = (k, str(rec.get("rule", "?")))
+                elif k.startswith("eval_score_"):
+                    key = (k, None)
+                else:
+                    continue
+                if key not in panels:
+                    panels.append(key)
+    panels.sort(key=lambda kr: (kr[0] != "loss", kr[0] != "eval_loss", kr[0], kr[1] or ""))
+    return panels
+
+
+def _panel_title(key: str, rule: str | None) -> str:
+    if key == "loss":
+        return f"training loss, {rule}"
+    if key == "eval_loss":
+        return f"validation loss, {rule}"
+    return f"validation {key[len('eval_score_'):]} score (higher is better)"
+
+
+def plot_curves(runs: list[RunRecord], path: str, max_panels: int = 9) -> str | None:
     """Plot the training curves of every run that has a ``metrics.jsonl``.
 
-    Training loss, validation loss and validation scores against the step, one panel per quantity, rule
-    switches of a schedule marked by dotted lines. Returns the PNG path, or ``None`` when no
-    run has a log."""
+    Returns the PNG path written (``.png`` added when ``path`` has no extension), or ``None`` when no run has
+    a log. One panel per quantity against the step: each rule's training loss (and validation loss) on a panel of its
+    own (the loss of a schedule's stages on their rules' panels), and each validation score, which every run
+    shares; rule switches of a schedule are marked by dotted lines. Lines are named by the runs' labels."""
     logged = []
     seen: set[str] = set()
     for r in runs:
@@ -259,42 +346,35 @@ def plot_curves(runs: list[RunRecord], path: str, max_panels: int = 6) -> str | 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    names = [os.path.basename(os.path.normpath(r.directory)) for r in logged]
-    if len(set(names)) < len(names):
-        names = [r.directory for r in logged]
-    keys: list[str] = []
-    for r in logged:
-        for rec in r.log:
-            for k, v in rec.items():
-                if k in keys or not isinstance(v, (int, float)) or isinstance(v, bool):
-                    continue
-                if k == "loss" or (k.startswith("eval_") and not k.endswith((*_SKIP_EVAL_KEYS, "tokens"))):
-                    keys.append(k)
-    keys.sort(key=lambda k: (k != "loss", k != "eval_loss", k))
-    keys = keys[:max_panels] or ["loss"]
-    ncols = min(3, len(keys))
-    nrows = math.ceil(len(keys) / ncols)
+    if not os.path.splitext(path)[1]:
+        path += ".png"
+    names = [r.label for r in logged]
+    panels = _panels(logged)[:max_panels] or [("loss", None)]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
     try:
-        for ax, key in zip(axes.flat, keys):
+        for ax, (key, rule) in zip(axes.flat, panels):
             for r, name in zip(logged, names):
                 pts = [(rec["step"], rec[key]) for rec in r.log
-                       if isinstance(rec.get(key), (int, float)) and isinstance(rec.get("step"), (int, float))]
+                       if isinstance(rec.get(key), (int, float)) and isinstance(rec.get("step"), (int, float))
+                       and (rule is None or str(rec.get("rule", "?")) == rule)]
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, markersize=3, label=name)
                 prev = None
                 for rec in r.log:
-                    rule = rec.get("rule")
-                    if prev is not None and rule != prev and isinstance(rec.get("step"), (int, float)):
+                    current = rec.get("rule")
+                    if prev is not None and current != prev and isinstance(rec.get("step"), (int, float)):
                         ax.axvline(rec["step"], linestyle=":", color="gray", linewidth=1)
-                    prev = rule
-            ax.set_title("training loss" if key == "loss" else key)
+                    prev = current
+            ax.set_title(_panel_title(key, rule), fontsize=10)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(keys):]:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        axes.flat[0].legend(fontsize=8)
         fig.tight_layout()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fig.savefig(path, dpi=100)
@@ -351,10 +431,12 @@ def register(subparsers: Any) -> None:
     """Add the ``compare`` command to the ``properlm`` sub-command parsers."""
     parser = subparsers.add_parser(
         "compare", help="one table across runs and a PNG of their training curves",
-        description="Compare runs: print one markdown table with a row per run (training rule, steps, final "
-        "losses and validation scores from `properlm train`'s results.json; perplexity, accuracy, ECE, "
-        "mean scores, BLEU/chrF/ROUGE from `properlm evaluate`'s results.json, also when it sits in a "
-        "sub-directory of the run), and plot the training curves of the runs' metrics.jsonl logs. With "
+        description="Compare runs: print one markdown table with a row per run and split (named by NAME of "
+        "NAME=DIR, or by the directory; split: the training run's validation set or the evaluation folder's "
+        "name): training rule, steps, final training loss; BLEU/chrF/ROUGE, log score, perplexity, accuracy, "
+        "ECE and each rule's mean token score from `properlm evaluate`'s results.json (also in a sub-directory "
+        "of the run) or the training run's validation figures; --output-json keeps every figure. Plot the "
+        "training curves of the runs' metrics.jsonl logs, one panel per quantity. With "
         "--baseline, also whether each run (or group of seeds) beat the baseline: per seed with a paired "
         "bootstrap, over seeds with an interval and a sign test.",
         epilog="examples:\n"
@@ -375,38 +457,59 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--bootstrap-samples", type=int, default=1000, metavar="N",
                         help="bootstrap resamples per seed for --baseline (default: 1000)")
     parser.add_argument("--output-json", default=None, metavar="FILE",
-                        help="write the --baseline comparison (every per-seed and over-seed figure) as JSON")
+                        help="write every figure as JSON: each run's row with the raw results.json of its training "
+                        "run and evaluation (\"runs\"), and with --baseline the whole comparison (every per-seed and "
+                        "over-seed figure)")
     parser.add_argument("--plot", default="comparison.png", metavar="PNG",
-                        help="where to write the training-curve plot (default: comparison.png)")
+                        help="where to write the training-curve plot, one panel per quantity (each rule's loss on "
+                        "its own panel; the validation scores every run shares); .png is added to a name without "
+                        "an extension (default: comparison.png)")
     parser.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="do not plot")
     parser.add_argument("--output-md", default=None, metavar="FILE", help="also write the table to this file")
     parser.set_defaults(func=run)
 
 
+def _check_output_file(option: str, path: str | None) -> str | None:
+    """An error line when ``path`` (of ``option``) names a directory, else ``None``."""
+    if path is not None and os.path.isdir(path):
+        return f"{option} {path!r} is a directory; give a file name, e.g. {os.path.join(path, 'comparison')}" \
+            + (".json" if option == "--output-json" else ".md" if option == "--output-md" else ".png")
+    return None
+
+
+def _row_labels(groups: list[tuple[str, list[str]]]) -> list[str]:
+    """A label per path: the group's name, with ``#i`` for the i-th of several (seeds)."""
+    return [name if len(paths) == 1 else f"{name} #{i}" for name, paths in groups
+            for i, _ in enumerate(paths, 1)]
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``properlm compare`` with parsed arguments; returns the exit code."""
+    def error(message: str) -> int:
+        print(f"properlm compare: error: {message}", file=sys.stderr)
+        return 2
+
     if args.bootstrap_samples < 1:
-        print(f"properlm compare: error: --bootstrap-samples must be at least 1, got {args.bootstrap_samples}",
-              file=sys.stderr)
-        return 2
-    if args.output_json and not args.baseline:
-        print("properlm compare: error: --output-json writes the --baseline comparison: give --baseline",
-              file=sys.stderr)
-        return 2
+        return error(f"--bootstrap-samples must be at least 1, got {args.bootstrap_samples}")
+    for option, path in (("--output-json", args.output_json), ("--output-md", args.output_md),
+                         ("--plot", args.plot)):
+        message = _check_output_file(option, path)
+        if message:
+            return error(message)
     try:
         groups = parse_run_groups(list(args.runs))
-        runs = load_runs([p for _, paths in groups for p in paths])
+        runs = load_runs([p for _, paths in groups for p in paths], _row_labels(groups))
         against = baseline_comparison(groups, args.baseline, args.bootstrap_samples) if args.baseline else None
     except CompareError as exc:
-        print(f"properlm compare: error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc))
     table = comparison_table(runs)
     if against is not None:
         table += "\n\n" + against[0]
-        if args.output_json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-            with open(args.output_json, "w", encoding="utf-8") as f:
-                json.dump(against[1], f, indent=2)
+    if args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+        payload = {**(against[1] if against is not None else {}), "runs": run_figures(runs)}
+        with open(args.output_json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, default=str)
     print(table)
     if args.output_md:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_md)), exist_ok=True)  # as --plot does
@@ -418,4 +521,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"\ntraining curves: {written}")
         else:
             print("\nno metrics.jsonl in these runs: no training curves plotted", file=sys.stderr)
+    if args.output_json:
+        print(f"every figure: {args.output_json}")
     return 0

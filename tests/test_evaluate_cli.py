@@ -616,3 +616,30 @@ def test_generate_refuses_an_output_it_cannot_write_before_loading(tmp_path, cap
         assert main(["generate", "--model", str(model), "--input", str(inp), "--output", str(output)]) == 2
         err = capsys.readouterr().err
         assert f"--output {str(output)!r}: " in err and message in err
+
+
+def test_generate_says_what_it_cut_only_when_it_cut(tiny_models, tmp_path, capsys):
+    """No truncation line on a run that cuts nothing; with a long input, how many inputs were cut."""
+    inp = tmp_path / "in.txt"
+    inp.write_text("das haus\nich trinke wasser\n", encoding="utf-8")
+    common = ["generate", "--model", tiny_models["tiny-seq2seq"], "--input", str(inp), "--output",
+              str(tmp_path / "out.txt"), "--task", "translation", "--max-new-tokens", "2"]
+    assert main(common) == 0
+    assert "cut" not in capsys.readouterr().err
+    inp.write_text("das haus\n" + " ".join(["wasser"] * 40) + "\n", encoding="utf-8")
+    assert main([*common, "--max-length", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 2 input(s) cut: prompts at 8 tokens (max length 8: --max-length)" in err
+
+
+def test_evaluate_table_counts_prompts_cut_at_max_length():
+    from properlm.evaluation.report import markdown_table
+
+    results = {"num_examples": 10, "teacher_forced": {"num_tokens": 5, "perplexity": 2.0, "token_accuracy": 0.5,
+                                                      "ece": 0.1, "num_bins": 15, "mean_scores": {}},
+               "truncation": {"max_length": 64, "max_length_from": "--max-length", "max_source_length": None,
+                              "num_sources_cut": 0, "num_prompts_over_max_length": 3}}
+    table = markdown_table(results)
+    assert "| prompts cut at max length | 3 of 10 examples" in table
+    results["truncation"]["num_prompts_over_max_length"] = 0
+    assert "prompts cut" not in markdown_table(results)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -193,12 +194,15 @@ def run(args: argparse.Namespace) -> int:
     except (EvalError, DataError, ModelLoadError) as exc:
         print(f"properlm generate: error: {exc}", file=sys.stderr)
         return 2
-    src = "" if limits.max_source_length is None else \
-        f", source cut at {limits.max_source_length} tokens ({limits.max_source_length_from})"
-    print(f"properlm generate: prompts cut at {limits.decode_prompt_length} tokens "
-          f"(max length {limits.max_length}: {limits.max_length_from}){src}", file=sys.stderr)
     model.to(resolve_device(args.device))
     prompts = [_prompt(line, args, tokenizer, seq2seq, limits) for line in inputs]
+    uncut = dataclasses.replace(limits, max_source_length=None, decode_prompt_length=sys.maxsize)
+    n_cut = sum(len(p) < len(_prompt(line, args, tokenizer, seq2seq, uncut)) for p, line in zip(prompts, inputs))
+    if n_cut:  # said only when something was cut
+        src = "" if limits.max_source_length is None else \
+            f", sources at {limits.max_source_length} tokens ({limits.max_source_length_from})"
+        print(f"properlm generate: {n_cut} of {len(inputs)} input(s) cut: prompts at {limits.decode_prompt_length} "
+              f"tokens (max length {limits.max_length}: {limits.max_length_from}){src}", file=sys.stderr)
     # the input line alone (the source text, without the prompt template), for the new-token cap
     source_lengths = [len(tokenizer(line, add_special_tokens=False, verbose=False)["input_ids"]) for line in inputs]
     if limits.max_source_length is not None:  # sources are cut to it in the prompts

@@ -51,6 +51,10 @@ def markdown_table(results: dict[str, Any]) -> str:
         if cut.get("max_source_length") is not None:
             rows.insert(2, ("source cut at (tokens)", f"{cut['max_source_length']} ({cut['max_source_length_from']}); "
                             f"{cut['num_sources_cut']} of {results['num_examples']} sources cut"))
+        if cut.get("num_prompts_over_max_length"):
+            rows.insert(2, ("prompts cut at max length", f"{cut['num_prompts_over_max_length']} of "
+                            f"{results['num_examples']} examples (their prompt alone exceeds {cut['max_length']} "
+                            "tokens)"))
     fit = results.get("temperature_fit")
     if fit:
         if fit["on_boundary"]:

@@ -643,3 +643,40 @@ def test_evaluate_table_counts_prompts_cut_at_max_length():
     assert "| prompts cut at max length | 3 of 10 examples" in table
     results["truncation"]["num_prompts_over_max_length"] = 0
     assert "prompts cut" not in markdown_table(results)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_says_so_before_the_work(tiny_models, tmp_path, monkeypatch, parallel):
+    """--bf16 where the CPU emulates bfloat16 (about 27x slower than float32, measured) is said before the work
+    starts, in train, evaluate and generate (the capability check mocked); a CPU with it stays silent."""
+    import warnings
+
+    import torch
+
+    from properlm.evaluation import precision
+    from properlm.evaluation.settings import EvalSettings, validate_settings
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    message = precision.slow_bf16_warning("cpu", "training")
+    assert message is not None and "27x slower than float32" in message and "drop --bf16" in message
+    assert torch.backends.cpu.get_cpu_capability() in message
+    assert precision.slow_bf16_warning(torch.device("meta")) is None
+    settings = EvalSettings(model=tiny_models["tiny-gpt"], source_file=parallel[0], target_file=parallel[1],
+                            device="cpu", bf16=True, output_dir=str(tmp_path / "e"))
+    with pytest.warns(UserWarning, match="no native bfloat16 matrix multiply"):
+        validate_settings(settings)
+    inp = tmp_path / "in.txt"
+    inp.write_text("das haus\n", encoding="utf-8")
+    gen = ["generate", "--model", tiny_models["tiny-gpt"], "--input", str(inp), "--output", str(tmp_path / "o.txt"),
+           "--task", "translation", "--max-new-tokens", "1", "--device", "cpu", "--bf16"]
+    with pytest.warns(UserWarning, match="drop --bf16 to run generate in float32"):
+        assert main(gen) == 0
+    train = ["train", "--init", "tiny-gpt", "--source-file", parallel[0], "--target-file", parallel[1],
+             "--vocab-size", "260", "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2", "--max-steps",
+             "1", "--bf16", "--output-dir", str(tmp_path / "t"), "--no-tensorboard", "--no-progress-bar"]
+    with pytest.warns(UserWarning, match="drop --bf16 to run training in float32"):
+        assert main(train) == 0
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert precision.slow_bf16_warning("cpu") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        validate_settings(settings)

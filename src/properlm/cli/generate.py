@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import warnings
 from typing import Any
 
 from ..data import DataError, Example, encode_prompt
@@ -178,13 +179,16 @@ def run(args: argparse.Namespace) -> int:
     """Run ``properlm generate`` with parsed arguments; returns the exit code."""
     from ..evaluation.generation import decode_prompts_with_stats, one_line
     from ..evaluation.journal import DecodeJournal, journal_key
-    from ..evaluation.precision import mixed_precision
+    from ..evaluation.precision import mixed_precision, slow_bf16_warning
 
     try:
         objective, limits = _validate(args)
         if args.bf16 and args.dtype in ("bfloat16", "float16"):
             raise EvalError(f"--bf16 is mixed precision over float32 weights; with --dtype {args.dtype} the weights "
                             "are already half precision (drop one of the two)")
+        slow = slow_bf16_warning(args.device, "generate") if args.bf16 else None
+        if slow:
+            warnings.warn(slow, UserWarning, stacklevel=1)
         inputs = _read_inputs(args.input)
         model, tokenizer = load_model_and_tokenizer(args.model, gguf_file=args.gguf_file,
                                                     dtype=torch_dtype(args.dtype))

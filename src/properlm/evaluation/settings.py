@@ -225,7 +225,10 @@ def validate_settings(s: EvalSettings, check_model: bool = True, warn: bool = Tr
     if warn:
         import warnings
 
-        for message in ignored_decoding_options(s):
+        from .precision import slow_bf16_warning
+
+        slow = slow_bf16_warning(s.device, "evaluate") if s.bf16 else None
+        for message in [*ignored_decoding_options(s), *([slow] if slow else [])]:
             warnings.warn(message, UserWarning, stacklevel=2)
     for flag, t in (("--temperature", s.temperature), ("--also-temperature", s.also_temperature)):
         if flag == "--also-temperature" and t is None:

@@ -193,8 +193,11 @@ def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
     if warn:
         import warnings
 
+        from ..evaluation.precision import slow_bf16_warning
+
+        slow = slow_bf16_warning("auto", "training") if cfg.bf16 else None
         for message in [*ignored_option_warnings(cfg), *_earlier_run_warnings(cfg, checkpoints),
-                        *_resume_warnings(cfg, checkpoints)]:
+                        *_resume_warnings(cfg, checkpoints), *([slow] if slow else [])]:
             warnings.warn(message, UserWarning, stacklevel=2)
 
 

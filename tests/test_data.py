@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -293,3 +294,48 @@ def test_chat_template_prompt_is_masked(causal_tok):
     assert out["input_ids"][: len(prompt)] == prompt
     assert out["labels"] == [IGNORE_INDEX] * len(prompt) + out["input_ids"][len(prompt):]
     assert tok.decode(out["input_ids"][len(prompt):], skip_special_tokens=True) == "hello"
+
+
+def test_text_files_may_end_in_blank_lines_as_jsonl_may(tmp_path):
+    """A trailing blank line ends a text file as it may end a JSONL file; one before the last sentence is an
+    error naming its line; a directory is named as one."""
+    (tmp_path / "s.txt").write_text("a\nb\n\n", encoding="utf-8")
+    (tmp_path / "t.txt").write_text("x\ny\n\n\n", encoding="utf-8")
+    examples = load_examples(source_file=tmp_path / "s.txt", target_file=tmp_path / "t.txt")
+    assert [(e.source, e.target) for e in examples] == [("a", "x"), ("b", "y")]
+    (tmp_path / "s.txt").write_text("a\n\n", encoding="utf-8")
+    (tmp_path / "t.txt").write_text("x\n\ny\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"different numbers of lines \(1 vs 3\)"):
+        load_examples(source_file=tmp_path / "s.txt", target_file=tmp_path / "t.txt")
+    (tmp_path / "s.txt").write_text("a\n\nb\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"s.txt line 2: empty line"):
+        load_examples(source_file=tmp_path / "s.txt", target_file=tmp_path / "t.txt")
+    with pytest.raises(DataError, match="is a directory, not a file"):
+        load_examples(source_file=tmp_path, target_file=tmp_path / "t.txt")
+
+
+def test_a_pipe_is_read_as_a_text_file(tmp_path):
+    """The shell's ``--target-file <(command)`` hands over a pipe (/dev/fd/N): it is read, not refused as
+    missing, by the library and by train's and evaluate's checks."""
+    import threading
+
+    from properlm.evaluation.settings import EvalSettings, validate_settings
+    from properlm.training import TrainConfig, validate_config
+
+    fifo = tmp_path / "targets"
+    os.mkfifo(fifo)
+    (tmp_path / "s.txt").write_text("a\nb\n", encoding="utf-8")
+
+    def write() -> None:
+        with open(fifo, "w", encoding="utf-8") as f:
+            f.write("x\ny\n")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    examples = load_examples(source_file=tmp_path / "s.txt", target_file=fifo)
+    writer.join(timeout=10)
+    assert [e.target for e in examples] == ["x", "y"]
+    validate_config(TrainConfig(init="tiny-gpt", source_file=str(tmp_path / "s.txt"), target_file=str(fifo),
+                                output_dir=str(tmp_path / "run")), warn=False)
+    validate_settings(EvalSettings(model=str(tmp_path), source_file=str(tmp_path / "s.txt"), target_file=str(fifo),
+                                   output_dir=str(tmp_path / "e")), check_model=False, warn=False)

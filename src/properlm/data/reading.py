@@ -95,9 +95,9 @@ def _check_file(path: str | os.PathLike | None, what: str) -> str:
     p = os.fspath(path)
     if not os.path.exists(p):
         raise DataError(f"{what} {p!r} does not exist")
-    if not os.path.isfile(p):
-        raise DataError(f"{what} {p!r} is not a file")
-    return p
+    if os.path.isdir(p):
+        raise DataError(f"{what} {p!r} is a directory, not a file")
+    return p  # a regular file, or a pipe such as the shell's <(command) (/dev/fd/N), read once
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
@@ -111,6 +111,16 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
             if lineno == 1 and text.startswith("\ufeff"):
                 text = text[1:]
             yield lineno, text.rstrip("\r\n")
+
+
+def _strip_trailing_blank(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """``lines`` without the blank lines at the end of the file, as JSONL files may end.
+
+    A blank line before the last sentence stays (and is an error of the text formats).
+    """
+    while lines and not lines[-1][1].strip():
+        lines.pop()
+    return lines
 
 
 def _json_records(path: str) -> Iterator[tuple[int, Any]]:
@@ -273,8 +283,7 @@ def read_parallel_files(source_file: str | os.PathLike, target_file: str | os.Pa
     """Read line-aligned source/target text files (one sentence per line, no empty lines)."""
     src = _check_file(source_file, "source file")
     tgt = _check_file(target_file, "target file")
-    src_lines = [(n, t) for n, t in _lines(src)]
-    tgt_lines = [(n, t) for n, t in _lines(tgt)]
+    src_lines, tgt_lines = _strip_trailing_blank(list(_lines(src))), _strip_trailing_blank(list(_lines(tgt)))
     if len(src_lines) != len(tgt_lines):
         raise DataError(f"source and target files have different numbers of lines ({len(src_lines)} vs "
                         f"{len(tgt_lines)}): {src}, {tgt}")

@@ -216,8 +216,9 @@ def validate_settings(s: EvalSettings, check_model: bool = True, warn: bool = Tr
         raise EvalError("translation data needs both --source-file and --target-file")
     for name in ("data_file", "source_file", "target_file"):
         path = getattr(s, name)
-        if path is not None and not os.path.isfile(path):
-            raise EvalError(f"--{name.replace('_', '-')}: file {path!r} does not exist")
+        if path is not None and (not os.path.exists(path) or os.path.isdir(path)):  # a pipe (<(command)) is fine
+            what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+            raise EvalError(f"--{name.replace('_', '-')}: file {path!r} {what}")
     rules = parse_rules(s.rules)
     objective = validate_decoding(s.objective, s.num_beams, s.length_penalty, s.generate,
                                   max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, num_bins=s.num_bins)

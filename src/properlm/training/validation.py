@@ -46,8 +46,9 @@ def _check_precision(cfg: TrainConfig) -> None:
 
 
 def _check_file(path: str | None, option: str) -> None:
-    if path is not None and not os.path.isfile(path):
-        raise ConfigError(f"--{option.replace('_', '-')}: file {path!r} does not exist")
+    if path is not None and (not os.path.exists(path) or os.path.isdir(path)):  # a pipe (<(command)) is fine
+        what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+        raise ConfigError(f"--{option.replace('_', '-')}: file {path!r} {what}")
 
 
 def _check_improper(cfg: TrainConfig, rule_spec: str) -> None:

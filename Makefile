@@ -7,7 +7,7 @@ EXTRAS ?= all,triton,dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test lint typecheck docs package demo bench clean
+.PHONY: install test lint typecheck docs docs-sync package demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ typecheck: $(STAMP)
 # the site goes to build/site
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# rewrite the generated regions of docs/ (the examples, every command's --help, the train options table) from the
+# code; tests/test_docs.py fails when they are out of date
+docs-sync: $(STAMP)
+	$(PY) docs/hooks.py --sync
 
 # build the sdist and the wheel, install the wheel in a fresh venv outside the tree and smoke-test it there
 package: $(STAMP)

@@ -5,10 +5,18 @@
    committed figures ``benchmarks/figures/*.png`` are served at the same paths. A page links to them as
    ``benchmarks/RESULTS.md`` relative to docs/ (``../benchmarks/...`` from a sub-folder), and the links inside
    those files (``figures/x.png``, ``README.md``) resolve as they do in the repository.
-2. The command-line reference is generated from the parsers, so it cannot drift from the code:
-   ``<!-- properlm-help: COMMAND -->`` becomes the ``--help`` text of ``properlm COMMAND``, and
-   ``<!-- properlm-train-options -->`` a table of every ``properlm train`` option and YAML key
-   (:func:`properlm.training.config_fields`).
+2. Generated regions, written into the pages themselves so that they read whole in the repository too (not only
+   on the site), and refreshed by ``make docs-sync`` (``python docs/hooks.py --sync``; ``tests/test_docs.py``
+   fails when a page is out of date). A region is
+
+       <!-- generated: WHAT -->
+       ...the generated text...
+       <!-- end generated -->
+
+   with WHAT one of ``include examples/NAME.py`` (the script, as a python block), ``properlm-help COMMAND``
+   (the ``--help`` text of ``properlm COMMAND``, from the parsers, so it cannot drift from the code) and
+   ``properlm-train-options`` (a table of every ``properlm train`` option and YAML key,
+   :func:`properlm.training.config_fields`). The build expands them again (the same text when in sync).
 """
 
 from __future__ import annotations
@@ -25,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: repository files served by the site, as globs relative to the repository root
 REPOSITORY_FILES = ("benchmarks/README.md", "benchmarks/RESULTS.md", "benchmarks/figures/*.png")
 
-_HELP = re.compile(r"<!-- properlm-help: ([a-z]+) -->")
-_OPTIONS = "<!-- properlm-train-options -->"
+#: a generated region: its WHAT and its body
+REGION = re.compile(r"<!-- generated: ([^>]+?) -->\n.*?<!-- end generated -->", re.S)
 
 
 def on_files(files: Files, config: Any) -> Files:
@@ -78,8 +86,55 @@ def _train_options() -> str:
     return "\n".join(rows)
 
 
+def generated_text(what: str) -> str:
+    """The body of the generated region ``what`` (see the module docstring)."""
+    kind, _, arg = what.partition(" ")
+    if kind == "include":
+        code = (ROOT / arg).read_text(encoding="utf-8")
+        return f"```python\n{code.rstrip()}\n```"
+    if kind == "properlm-help":
+        return "```text\n" + _command_help(arg).rstrip() + "\n```"
+    if kind == "properlm-train-options":
+        return _train_options()
+    raise ValueError(f"docs: unknown generated region {what!r} (include PATH, properlm-help COMMAND, "
+                     "properlm-train-options)")
+
+
+def expand(markdown: str) -> str:
+    """``markdown`` with every generated region's body regenerated."""
+    return REGION.sub(lambda m: f"<!-- generated: {m.group(1)} -->\n{generated_text(m.group(1))}\n"
+                      "<!-- end generated -->", markdown)
+
+
+def pages() -> list[Path]:
+    """The markdown pages that may hold generated regions."""
+    return sorted((ROOT / "docs").rglob("*.md"))
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
-    """Replace the command-line placeholders of a page by the generated help and option table."""
-    if _OPTIONS in markdown:
-        markdown = markdown.replace(_OPTIONS, _train_options())
-    return _HELP.sub(lambda m: "```text\n" + _command_help(m.group(1)).rstrip() + "\n```", markdown)
+    """Regenerate the page's generated regions (the same text when the page is in sync)."""
+    return expand(markdown)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python docs/hooks.py --sync`` rewrites the out-of-date pages; ``--check`` lists them (exit 1)."""
+    parser = argparse.ArgumentParser(description="Refresh the generated regions of the documentation pages.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--sync", dest="mode", action="store_const", const="--sync", help="rewrite stale pages")
+    group.add_argument("--check", dest="mode", action="store_const", const="--check", help="list stale pages")
+    mode = parser.parse_args(argv).mode
+    stale = []
+    for path in pages():
+        text = path.read_text(encoding="utf-8")
+        new = expand(text)
+        if new != text:
+            stale.append(path.relative_to(ROOT).as_posix())
+            if mode == "--sync":
+                path.write_text(new, encoding="utf-8")
+    verb = "rewrote" if mode == "--sync" else "out of date (run `make docs-sync`)"
+    print(f"{verb}: {', '.join(stale)}" if stale else "generated regions are up to date")
+    return 1 if stale and mode == "--check" else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

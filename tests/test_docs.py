@@ -71,8 +71,8 @@ def test_every_public_submodule_has_a_page():
 
 
 def test_every_example_is_in_the_docs():
-    included = {m for page in DOCS.rglob("*.md")
-                for m in re.findall(r'--8<-- "examples/([\w.]+\.py)"', page.read_text(encoding="utf-8"))}
+    pattern = r"<!-- generated: include examples/([\w.]+\.py) -->"
+    included = {m for page in DOCS.rglob("*.md") for m in re.findall(pattern, page.read_text(encoding="utf-8"))}
     examples = {p.name for p in (ROOT / "examples").glob("*.py")}
     assert examples == included, (sorted(examples - included), sorted(included - examples))
 
@@ -80,6 +80,7 @@ def test_every_example_is_in_the_docs():
 #: a python block, optionally preceded by the marker that exempts it (a torchrun script, a fragment, a slow compile)
 _BLOCK = re.compile(r"(<!-- snippet: not run[^\n]*-->\n)?```python\n(.*?)```", re.S)
 _SNIPPET_PAGES = ("concepts", "how-to")
+_GENERATED = re.compile(r"<!-- generated: [^>]+ -->\n.*?<!-- end generated -->", re.S)
 
 _RUNNER = r"""
 import json, sys, traceback
@@ -102,9 +103,9 @@ def _snippets() -> tuple[dict[str, list[str]], list[str]]:
     exempt: list[str] = []
     for folder in _SNIPPET_PAGES:
         for page in sorted((DOCS / folder).glob("*.md")):
-            for marker, code in _BLOCK.findall(page.read_text(encoding="utf-8")):
-                if code.lstrip().startswith("--8<--"):     # an included examples/ script: tests/test_examples.py
-                    continue
+            # an included examples/ script runs in tests/test_examples.py, the generated help is text
+            text = _GENERATED.sub("", page.read_text(encoding="utf-8"))
+            for marker, code in _BLOCK.findall(text):
                 if marker:
                     exempt.append(f"{page.relative_to(DOCS)}: {marker.strip()}")
                 else:
@@ -187,3 +188,15 @@ def test_the_first_example_runs_without_the_collapsing_smoothing(page, monkeypat
         warnings.simplefilter("always")
         exec(compile(bad, page, "exec"), {})
     assert [w for w in caught if "masked-log" in str(w.message)]  # the warning the example avoids
+
+
+def test_generated_regions_are_up_to_date():
+    """The pages carry the examples, every command's --help and the train options table themselves (they read
+    whole in the repository, not only on the site); `make docs-sync` refreshes them, and this fails until it ran."""
+    result = subprocess.run([sys.executable, str(DOCS / "hooks.py"), "--check"], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    trainer = (DOCS / "how-to" / "transformers-trainer.md").read_text(encoding="utf-8")
+    assert (ROOT / "examples" / "hf_trainer.py").read_text(encoding="utf-8").strip() in trainer
+    options = (DOCS / "how-to" / "command-line.md").read_text(encoding="utf-8")
+    assert "usage: properlm train" in options and "| `smoothing_variant` |" in options

@@ -296,3 +296,24 @@ def test_many_row_blocks_match_one_block(monkeypatch, dtype, ignore_frac, rule):
     ref = naive_loss(logits.double(), target, rule, 0.1, reduction="none")
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
     assert rel_err(many[0], ref) < tol
+
+
+def test_the_default_rule_is_logarithmic_everywhere():
+    """Without ``rule=`` every entry point is the logarithmic score (cross-entropy), as ``properlm train``'s
+    default: one default for the API and the CLI."""
+    import inspect
+
+    import torch.nn.functional as F
+
+    import properlm
+    from properlm.training import TrainConfig
+
+    z, y = torch.randn(6, 11, dtype=torch.float64), torch.randint(11, (6,))
+    assert torch.allclose(properlm.scoring_rule_loss(z, y), F.cross_entropy(z, y))
+    assert torch.allclose(properlm.ScoringRuleLoss()(z, y), F.cross_entropy(z, y))
+    h, w = torch.randn(6, 4, dtype=torch.float64), torch.randn(11, 4, dtype=torch.float64)
+    assert torch.allclose(properlm.fused_linear_scoring_rule_loss(h, w, y), F.cross_entropy(h @ w.T, y))
+    for fn in (properlm.scoring_rule_loss, properlm.ScoringRuleLoss, properlm.fused_linear_scoring_rule_loss,
+               properlm.LinearScoringRuleLoss, properlm.apply_scoring_rule):
+        assert inspect.signature(fn).parameters["rule"].default == "logarithmic", fn
+    assert TrainConfig().rule == "logarithmic"

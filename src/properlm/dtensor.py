@@ -117,7 +117,7 @@ def _plain_num_items(num_items_in_batch: Any) -> Any:
 def dtensor_scoring_rule_loss(
     logits: Any,
     target: Any,
-    rule: RuleLike = "spherical",
+    rule: RuleLike = "logarithmic",
     smoothing: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -154,7 +154,7 @@ def dtensor_fused_linear_scoring_rule_loss(
     hidden: Any,
     weight: Any,
     target: Any,
-    rule: RuleLike = "spherical",
+    rule: RuleLike = "logarithmic",
     bias: Any = None,
     smoothing: float = 0.0,
     ignore_index: int = -100,

@@ -316,7 +316,7 @@ def _token_losses(logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: 
 def scoring_rule_loss(
     logits: Tensor,
     target: Tensor,
-    rule: RuleLike = "spherical",
+    rule: RuleLike = "logarithmic",
     smoothing: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -409,7 +409,7 @@ class ScoringRuleLoss(nn.Module):
         >>> loss = criterion(logits.view(-1, V), labels.view(-1))
     """
 
-    def __init__(self, rule: RuleLike = "spherical", smoothing: float = 0.0, ignore_index: int = -100,
+    def __init__(self, rule: RuleLike = "logarithmic", smoothing: float = 0.0, ignore_index: int = -100,
                  reduction: str = "mean", *, softcap: float | None = None,
                  logit_scale: float | None = None, smoothing_variant: str = "paper") -> None:
         super().__init__()

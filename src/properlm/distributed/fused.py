@@ -130,7 +130,7 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
     hidden: Tensor,
     local_weight: Tensor,
     target: Tensor,
-    rule: RuleLike = "spherical",
+    rule: RuleLike = "logarithmic",
     bias: Tensor | None = None,
     smoothing: float = 0.0,
     ignore_index: int = -100,

@@ -65,7 +65,7 @@ class _VocabParallelTokenLoss(torch.autograd.Function):
 def vocab_parallel_scoring_rule_loss(
     local_logits: Tensor,
     target: Tensor,
-    rule: RuleLike = "spherical",
+    rule: RuleLike = "logarithmic",
     smoothing: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",

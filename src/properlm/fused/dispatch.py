@@ -117,7 +117,7 @@ def fused_linear_scoring_rule_loss(
     hidden: Tensor,
     weight: Tensor,
     target: Tensor,
-    rule: RuleLike = "spherical",
+    rule: RuleLike = "logarithmic",
     bias: Tensor | None = None,
     smoothing: float = 0.0,
     ignore_index: int = -100,
@@ -237,7 +237,7 @@ class LinearScoringRuleLoss(nn.Module):
         >>> loss = criterion(hidden, model.lm_head.weight, labels)
     """
 
-    def __init__(self, rule: RuleLike = "spherical", smoothing: float = 0.0, ignore_index: int = -100,
+    def __init__(self, rule: RuleLike = "logarithmic", smoothing: float = 0.0, ignore_index: int = -100,
                  reduction: str = "mean", chunk_size: int | None = None, impl: str | None = None, *,
                  softcap: float | None = None, logit_scale: float | None = None,
                  smoothing_variant: str = "paper") -> None:

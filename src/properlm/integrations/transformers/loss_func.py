@@ -41,7 +41,7 @@ class ScoringRuleLossFunc:
             anything else is. Set it with :meth:`for_model` or ``scoring_rule_loss_func(model=...)``.
     """
 
-    def __init__(self, rule: RuleLike = "spherical", smoothing: float = 0.0, ignore_index: int = -100,
+    def __init__(self, rule: RuleLike = "logarithmic", smoothing: float = 0.0, ignore_index: int = -100,
                  shift_labels: bool | None = None, *, smoothing_variant: str = "paper") -> None:
         self._rule = get_rule(rule)
         self._smoothing = check_smoothing(smoothing)
@@ -118,7 +118,7 @@ class ScoringRuleLossFunc:
                 f"ignore_index={self.ignore_index}, shift_labels={self.shift_labels})")
 
 
-def scoring_rule_loss_func(rule: RuleLike = "spherical", smoothing: float = 0.0, ignore_index: int = -100, *,
+def scoring_rule_loss_func(rule: RuleLike = "logarithmic", smoothing: float = 0.0, ignore_index: int = -100, *,
                            shift_labels: bool | None = None, model: nn.Module | None = None,
                            smoothing_variant: str = "paper") -> ScoringRuleLossFunc:
     """A :class:`ScoringRuleLossFunc` for ``Trainer(compute_loss_func=...)``.

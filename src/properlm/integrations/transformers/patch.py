@@ -24,7 +24,7 @@ from .models import _base_model, _is_encoder_decoder, _output_head
 __all__ = ["apply_improper_loss", "apply_scoring_rule", "is_scoring_rule_applied", "remove_scoring_rule"]
 
 
-def apply_scoring_rule(model: nn.Module, rule: RuleLike = "spherical", smoothing: float = 0.0, fused: bool = True,
+def apply_scoring_rule(model: nn.Module, rule: RuleLike = "logarithmic", smoothing: float = 0.0, fused: bool = True,
                        ignore_index: int = -100, *, shift_labels: bool | None = None,
                        smoothing_variant: str = "paper") -> ScoringRuleHandle:
     r"""Make ``model(..., labels=labels)`` return the scoring-rule loss.

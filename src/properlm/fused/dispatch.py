@@ -127,13 +127,13 @@ def fused_linear_scoring_rule_loss(
     Memory: besides the float32 gradient accumulator of ``weight`` (``V x H``), a few
     ``chunk_size x V`` float32 tensors at a time.
 
-    Under ``torch.compile`` (``fullgraph=True`` works; ``impl`` is then not used, the compiler
-    generates the kernels) the loss is the traceable chunked form of :mod:`properlm.compiled`:
-    static chunks of ``chunk_size`` rows (default from the number of tokens, ignored ones
-    included), each under activation checkpointing so that its logits are recomputed in
-    backward rather than kept; values and gradients equal eager mode to float32 rounding
-    (relative error ``<= 1e-5`` in the tests). Targets are not range-checked there (see
-    :func:`properlm.scoring_rule_loss`: an out-of-range id gives a NaN loss).
+    Under ``torch.compile`` (``fullgraph=True`` works) the loss is one opaque ``torch.library`` operator,
+    ``torch.ops.properlm.fused_linear_loss`` (:mod:`properlm.fused.op`), that runs this same eager
+    computation: the gradients are formed in the forward pass (``"mean"``, ``"sum"``), no logits are
+    recomputed in backward, values and gradients equal eager mode's and an out-of-range target raises the
+    eager ``ValueError``. A rule object that its spec does not name (:func:`properlm.fused.op.spec_names_rule`)
+    falls back to the traceable chunked form of :mod:`properlm.compiled` (activation checkpointing; ``impl``
+    unused; an out-of-range id gives a NaN loss).
 
     Example::
 

@@ -216,3 +216,27 @@ def test_operator_registration_opcheck():
                  [True, True, False])
     torch.library.opcheck(torch.ops.properlm.fused_linear_loss.default, args_none)
     assert math.isfinite(float(torch.ops.properlm.fused_linear_loss(*args)[0].detach()))
+
+
+def test_dynamic_shapes_and_bfloat16_equal_eager_exactly():
+    """``dynamic=True`` (two numbers of tokens, one graph) and bfloat16 inputs: the operator runs the eager code,
+    so values and gradients are bitwise equal to eager mode's."""
+    def f(h, w, y, reduction):
+        return properlm.fused_linear_scoring_rule_loss(h, w, y, "spherical", smoothing=0.1, reduction=reduction,
+                                                       chunk_size=16)
+
+    compiled = torch.compile(f, dynamic=True, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, reduction in ((40, "mean"), (56, "none")):
+            h0, w0 = torch.randn(n, 16, generator=g).to(dtype), torch.randn(100, 16, generator=g).to(dtype)
+            y = torch.randint(100, (n,), generator=g)
+            y[3] = -100
+            res = []
+            for fn in (f, compiled):
+                h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+                out = fn(h, w, y, reduction)
+                (out.sum() if reduction == "none" else out).backward()
+                res.append((out.detach(), h.grad, w.grad))
+            for a, b, what in zip(*res, ("loss", "grad hidden", "grad weight")):
+                assert a.dtype == b.dtype and torch.equal(a, b), (dtype, n, reduction, what)

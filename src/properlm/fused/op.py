@@ -117,7 +117,11 @@ def _need(need: list[bool]) -> tuple[bool, bool, bool]:
     return bool(need[0]), bool(need[1]), bool(need[2])
 
 
-@torch.library.custom_op("properlm::fused_linear_loss", mutates_args=())
+#: the operators synchronise with the host (the scored rows, the target check): no CUDA graph may capture them
+_TAGS: dict[str, Any] = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
+
+
+@torch.library.custom_op("properlm::fused_linear_loss", mutates_args=(), **_TAGS)
 def _fused_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                        num_items_tensor: Tensor | None, rule: str, smoothing: float, ignore_index: int,
                        reduction: str, num_items: float | None, chunk_size: int, impl: str, softcap: float | None,
@@ -151,7 +155,7 @@ def _(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, num_i
             bias.new_empty(bias.shape) if nb and bias is not None else _empty(weight))
 
 
-@torch.library.custom_op("properlm::fused_linear_loss_backward", mutates_args=())
+@torch.library.custom_op("properlm::fused_linear_loss_backward", mutates_args=(), **_TAGS)
 def _fused_linear_loss_backward(grad_out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
                                 target: Tensor, rule: str, smoothing: float, ignore_index: int, chunk_size: int,
                                 impl: str, softcap: float | None, logit_scale: float | None, smoothing_variant: str,

@@ -152,9 +152,9 @@ def _graphs(reduction: str) -> dict[str, dict[str, int]]:
 def test_compiled_graph_recomputes_no_logits(reduction, monkeypatch):
     """The loss is one operator node in the forward graph and no N x V matmul is traced: for a reduced loss the
     backward graph has no matmul at all (the gradients were formed in the forward pass), for per-token losses it
-    is the backward operator (the eager path's own recomputation). The checkpointed traceable form, used before
-    the operator existed (and now for rules that their spec cannot name), has matmuls in both graphs: the
-    check fails on it."""
+    is the backward operator (the eager path's own recomputation of the logits, from the kept statistics). The
+    checkpointed traceable form, used before the operator existed (and now for rules that their spec cannot name),
+    has matmuls in both graphs: the check fails on it."""
     graphs = _graphs(reduction)
     assert graphs["forward"] == {"matmul": 0, "fused_linear_loss": 1, "fused_linear_loss_backward": 0}
     expected_bw = {"matmul": 0, "fused_linear_loss": 0, "fused_linear_loss_backward": int(reduction == "none")}
@@ -240,3 +240,21 @@ def test_dynamic_shapes_and_bfloat16_equal_eager_exactly():
                 res.append((out.detach(), h.grad, w.grad))
             for a, b, what in zip(*res, ("loss", "grad hidden", "grad weight")):
                 assert a.dtype == b.dtype and torch.equal(a, b), (dtype, n, reduction, what)
+
+
+def test_every_token_ignored():
+    """No scored token: loss 0 and zero gradients, eager and compiled, reduced and per token."""
+    h0, w0, b0, y = _data()
+    y = torch.full_like(y, -100)
+
+    def f(h, w, b, y):
+        return (properlm.fused_linear_scoring_rule_loss(h, w, y, "brier", bias=b, smoothing=0.1),
+                properlm.fused_linear_scoring_rule_loss(h, w, y, "spherical", bias=b, smoothing=0.1,
+                                                        reduction="none"))
+
+    for fn in (f, torch.compile(f, fullgraph=True, dynamic=False, backend="aot_eager")):
+        h, w, b = (t.clone().requires_grad_() for t in (h0, w0, b0))
+        mean, per_token = fn(h, w, b, y)
+        (mean + per_token.sum()).backward()
+        assert mean == 0 and torch.all(per_token == 0)
+        assert all(torch.all(t.grad == 0) for t in (h, w, b))

@@ -353,16 +353,16 @@ def fused_linear_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
                          smoothing: float, ignore_index: int, reduction: str, num_items_in_batch: Any,
                          chunk_size: int | None, backend: ChunkBackend, need: tuple[bool, bool, bool], *,
                          softcap: float | None = None, logit_scale: float | None = None,
-                         smoothing_variant: str = "paper", keep_stats: bool = True) -> FusedForward:
+                         smoothing_variant: str = "paper") -> FusedForward:
     """The forward pass of the fused loss on 2-D inputs, chunk by chunk (the module docstring's steps 1 to 4).
 
     Shapes: ``hidden (N, H)``, ``weight (V, H)``, ``bias (V,)`` or ``None``, ``target (N,)``; inputs validated
     (:mod:`properlm.fused.dispatch`). ``need`` says which of ``(hidden, weight, bias)`` need a gradient.
 
     With ``reduction`` ``"mean"`` or ``"sum"`` and any gradient needed, the gradients of the *reduced* loss are
-    formed here (``grad_out = 1``). With ``"none"`` the per-token upstream gradient is unknown: with
-    ``keep_stats`` the per-token statistics and partial derivatives of each chunk are kept for
-    :func:`fused_linear_backward`; without, nothing is kept (the backward recomputes them).
+    formed here (``grad_out = 1``). With ``"none"`` the per-token upstream gradient is unknown: the per-token
+    statistics and partial derivatives of each chunk (a few numbers per token) are kept for
+    :func:`fused_linear_backward`.
 
     ``chunk_size`` ``None``: :func:`default_chunk_size` of the number of scored tokens.
     """
@@ -370,7 +370,6 @@ def fused_linear_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     head = {"softcap": softcap, "logit_scale": logit_scale}
     per_token = reduction == "none"
     need_grad = any(need)
-    partials_needed = need_grad and (keep_stats or not per_token)
     valid = target != ignore_index
     h_valid, y_valid, rows = _scored_rows(hidden, target, ignore_index)
     nv = h_valid.shape[0]
@@ -387,15 +386,15 @@ def fused_linear_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
         acc = _GradAccumulator(nv, weight, bias, hidden.dtype, need)
 
     losses = torch.zeros(nv, dtype=cdt, device=dev)
-    saved: list[tuple[int, TokenStats, TokenStats]] | None = [] if per_token and partials_needed else None
+    saved: list[tuple[int, TokenStats, TokenStats]] | None = [] if per_token and need_grad else None
     for start in range(0, nv, chunk_size):
         h_c = h_valid[start:start + chunk_size]
         y_c = y_valid[start:start + chunk_size]
         stats, cache = backend.stats(h_c, weight, bias, y_c, rule, smoothing, **head,
                                      smoothing_variant=smoothing_variant)
-        loss_c, partials = loss_and_partials(rule, stats, smoothing, partials_needed, smoothing_variant)
+        loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad, smoothing_variant)
         losses[start:start + h_c.shape[0]] = loss_c
-        if not partials_needed:
+        if not need_grad:
             continue
         assert partials is not None
         if saved is not None:
@@ -418,59 +417,34 @@ def fused_linear_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
 
 
 def fused_linear_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, grad_out: Tensor,
-                          rule: ScoringRule, smoothing: float, ignore_index: int, chunk_size: int | None,
-                          backend: ChunkBackend, need: tuple[bool, bool, bool], *, softcap: float | None = None,
-                          logit_scale: float | None = None, smoothing_variant: str = "paper",
-                          rows: Tensor | None = None,
-                          saved: list[tuple[int, TokenStats, TokenStats]] | None = None
+                          rule: ScoringRule, smoothing: float, backend: ChunkBackend, need: tuple[bool, bool, bool],
+                          rows: Tensor | None, saved: list[tuple[int, TokenStats, TokenStats]], *,
+                          softcap: float | None = None, logit_scale: float | None = None
                           ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The gradients of ``sum_i grad_out_i loss_i`` (per-token losses, ``reduction="none"``).
 
     ``(grad_hidden (N, H), grad_weight (V, H), grad_bias (V,))`` in the parameters' dtypes, each ``None`` where
-    ``need`` says so. ``grad_out``: ``(N,)``, 0 or anything at ignored positions (they get no gradient).
-
-    With ``saved`` (and ``rows``) from :func:`fused_linear_forward` each chunk's logits are recomputed and its
-    gradient formed from the kept statistics and partial derivatives (three matmul-sized passes: logits,
-    ``g W``, ``g^T h``); without, each chunk's statistics are recomputed too (the same matmuls, and the
-    elementwise statistics pass once more). ``chunk_size`` ``None``: :func:`default_chunk_size`.
+    ``need`` says so. ``grad_out``: ``(N,)`` (ignored positions get no gradient whatever it holds there).
+    ``rows`` and ``saved`` are those of :func:`fused_linear_forward`: each chunk's logits are recomputed and its
+    gradient formed from the kept statistics and partial derivatives (three matmul-sized passes: the logits,
+    ``g W`` and ``g^T h``).
     """
     head = {"softcap": softcap, "logit_scale": logit_scale}
     cdt = compute_dtype(hidden.dtype)
-    if saved is None:
-        h_valid, y_valid, rows = _scored_rows(hidden, target, ignore_index)
-        nv = h_valid.shape[0]
-        if chunk_size is None:
-            chunk_size = default_chunk_size(max(nv, 1), hidden.shape[1], weight.shape[0], cuda=hidden.is_cuda)
-    else:
-        nv = hidden.shape[0] if rows is None else rows.numel()
+    nv = hidden.shape[0] if rows is None else rows.numel()
     acc = _GradAccumulator(nv, weight, bias, hidden.dtype, need)
     go = grad_out.to(cdt) if rows is None else grad_out.to(cdt).index_select(0, rows)
-    if saved is None:
-        assert chunk_size is not None
-        for start in range(0, nv, chunk_size):
-            h_c = h_valid[start:start + chunk_size]
-            y_c = y_valid[start:start + chunk_size]
-            stats, cache = backend.stats(h_c, weight, bias, y_c, rule, smoothing, **head,
-                                         smoothing_variant=smoothing_variant)
-            _, partials = loss_and_partials(rule, stats, smoothing, True, smoothing_variant)
-            assert partials is not None
-            g = backend.grad_logits(h_c, weight, bias, y_c, stats, _scaled(partials, go[start:start + h_c.shape[0]]),
-                                    rule, smoothing, cache, **head)
-            del cache
-            acc.add(start, h_c, g)
-            del g
-    else:
-        for start, stats, partials in saved:
-            stop = start + stats.z_y.shape[0]
-            if rows is None:
-                h_c, y_c = hidden[start:stop], target[start:stop]
-            else:
-                idx = rows[start:stop]
-                h_c, y_c = hidden.index_select(0, idx), target.index_select(0, idx)
-            g = backend.grad_logits(h_c, weight, bias, y_c, stats, _scaled(partials, go[start:stop]), rule,
-                                    smoothing, None, **head)
-            acc.add(start, h_c, g)
-            del g
+    for start, stats, partials in saved:
+        stop = start + stats.z_y.shape[0]
+        if rows is None:
+            h_c, y_c = hidden[start:stop], target[start:stop]
+        else:
+            idx = rows[start:stop]
+            h_c, y_c = hidden.index_select(0, idx), target.index_select(0, idx)
+        g = backend.grad_logits(h_c, weight, bias, y_c, stats, _scaled(partials, go[start:stop]), rule,
+                                smoothing, None, **head)
+        acc.add(start, h_c, g)
+        del g
     _release(backend)
     return acc.result(rows, hidden.shape[0], weight, bias)
 
@@ -498,10 +472,9 @@ class FusedLinearLossFunction(torch.autograd.Function):
         res = fused_linear_forward(hidden, weight, bias, target, rule, smoothing, ignore_index, reduction,
                                    num_items_in_batch, chunk_size, backend, need, softcap=softcap,
                                    logit_scale=logit_scale, smoothing_variant=smoothing_variant)
-        ctx.rule, ctx.smoothing, ctx.backend, ctx.chunk_size = rule, smoothing, backend, res.chunk_size
-        ctx.ignore_index, ctx.per_token, ctx.need = ignore_index, reduction == "none", need
+        ctx.rule, ctx.smoothing, ctx.backend = rule, smoothing, backend
+        ctx.per_token, ctx.need = reduction == "none", need
         ctx.head = {"softcap": softcap, "logit_scale": logit_scale}
-        ctx.smoothing_variant = smoothing_variant
         ctx.grads = res.grads
         ctx.saved_chunks = res.saved
         if ctx.per_token and any(need):
@@ -529,6 +502,5 @@ class FusedLinearLossFunction(torch.autograd.Function):
         saved = ctx.saved_chunks
         ctx.saved_chunks = None
         gh, gw, gb = fused_linear_backward(hidden, weight, bias, target, grad_out, ctx.rule, ctx.smoothing,
-                                           ctx.ignore_index, ctx.chunk_size, ctx.backend, ctx.need, **ctx.head,
-                                           smoothing_variant=ctx.smoothing_variant, rows=rows, saved=saved)
+                                           ctx.backend, ctx.need, rows, saved, **ctx.head)
         return (gh, gw, gb, *tail)

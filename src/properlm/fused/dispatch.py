@@ -129,9 +129,10 @@ def fused_linear_scoring_rule_loss(
 
     Under ``torch.compile`` (``fullgraph=True`` works) the loss is one opaque ``torch.library`` operator,
     ``torch.ops.properlm.fused_linear_loss`` (:mod:`properlm.fused.op`), that runs this same eager
-    computation: the gradients are formed in the forward pass (``"mean"``, ``"sum"``), no logits are
-    recomputed in backward, values and gradients equal eager mode's and an out-of-range target raises the
-    eager ``ValueError``. A rule object that its spec does not name (:func:`properlm.fused.op.spec_names_rule`)
+    computation: with ``"mean"`` / ``"sum"`` the gradients are formed in the forward pass and no logits are
+    recomputed in backward (``"none"``: as in eager mode, the backward recomputes them from kept per-token
+    statistics); values and gradients equal eager mode's and an out-of-range target raises the eager
+    ``ValueError``. A rule object that its spec does not name (:func:`properlm.fused.op.spec_names_rule`)
     falls back to the traceable chunked form of :mod:`properlm.compiled` (activation checkpointing; ``impl``
     unused; an out-of-range id gives a NaN loss).
 

@@ -87,12 +87,12 @@ def test_automatic_choice_of_fused_implementation():
     """Triton for 2-byte inputs (and float32 under TF32), the chunked torch path for exact float32:
     the faster of the two on an H100 (benchmarks/README.md)."""
     pytest.importorskip("triton")
+    from properlm.fused.backends import select_backend
     from properlm.fused.chunked import TorchChunkBackend
-    from properlm.fused.dispatch import _backend
     from properlm.fused.triton_kernels import TritonChunkBackend
 
     def pick(dtype):
-        return _backend(None, torch.zeros(2, 2, device="cuda", dtype=dtype), 2)
+        return select_backend(None, torch.zeros(2, 2, device="cuda", dtype=dtype), 2)
 
     assert isinstance(pick(torch.bfloat16), TritonChunkBackend)
     assert isinstance(pick(torch.float16), TritonChunkBackend)

@@ -24,7 +24,10 @@ Values and gradients equal the eager paths to float32 rounding (the tests assert
 error of at most ``1e-5``, float64 at most ``1e-12``): the operations are the same up to the
 order of the summations and ``exp(c d)`` in place of ``exp(d) ** c``.
 
-The fused form (:func:`fused_token_losses`) splits the tokens into chunks of a static size and
+The fused loss under compilation is normally not traced at all: it is the ``torch.library`` operator of
+:mod:`properlm.fused.op`, which runs the eager computation (gradients formed in the forward pass). The
+traceable fused form here (:func:`fused_token_losses`) is its fallback for a rule object that its spec string
+does not name (which the operator cannot be given). It splits the tokens into chunks of a static size and
 runs each chunk's ``h W^T + b`` and its loss under
 ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: only the inputs of a chunk are
 kept for backward, and its logits are recomputed there (as Cut Cross-Entropy does), so memory

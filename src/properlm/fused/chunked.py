@@ -36,6 +36,7 @@ derivatives (a few numbers per token) and the backward recomputes each chunk's l
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -47,10 +48,13 @@ from ..stats import TokenStats, compute_stats, head_transform_, head_transform_f
 
 __all__ = [
     "ChunkBackend",
+    "FusedForward",
     "FusedLinearLossFunction",
     "TorchChunkBackend",
     "chunk_logits",
     "default_chunk_size",
+    "fused_linear_backward",
+    "fused_linear_forward",
     "logit_grad_dtype",
     "tensor_core_inputs",
 ]
@@ -315,6 +319,136 @@ def _release(backend: ChunkBackend) -> None:
         release()
 
 
+@dataclass
+class FusedForward:
+    """What :func:`fused_linear_forward` returns.
+
+    Attributes:
+        out: the reduced float32 loss (``"mean"``, ``"sum"``), or the per-token losses ``(N,)`` (``"none"``,
+            0 at ignored positions).
+        grads: ``(grad_hidden, grad_weight, grad_bias)`` formed in the forward pass (a reduction and a gradient
+            needed), each ``None`` where not needed; else ``None``.
+        rows: indices of the scored rows, or ``None`` when every row is scored.
+        chunk_size: the rows per chunk that were used (the default resolved).
+        saved: for ``"none"`` with ``keep_stats``: ``(start, stats, partials)`` of each chunk, for
+            :func:`fused_linear_backward`; else ``None``.
+    """
+
+    out: Tensor
+    grads: tuple[Tensor | None, Tensor | None, Tensor | None] | None
+    rows: Tensor | None
+    chunk_size: int
+    saved: list[tuple[int, TokenStats, TokenStats]] | None
+
+
+def _scored_rows(hidden: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(hidden rows, targets, row indices)`` of the scored positions (indices ``None``: every row is scored)."""
+    scored = (target != ignore_index).nonzero().squeeze(1)
+    if scored.numel() == hidden.shape[0]:
+        return hidden, target, None  # every row is scored: slice instead of gathering
+    return hidden.index_select(0, scored), target.index_select(0, scored), scored
+
+
+def fused_linear_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, rule: ScoringRule,
+                         smoothing: float, ignore_index: int, reduction: str, num_items_in_batch: Any,
+                         chunk_size: int | None, backend: ChunkBackend, need: tuple[bool, bool, bool], *,
+                         softcap: float | None = None, logit_scale: float | None = None,
+                         smoothing_variant: str = "paper") -> FusedForward:
+    """The forward pass of the fused loss on 2-D inputs, chunk by chunk (the module docstring's steps 1 to 4).
+
+    Shapes: ``hidden (N, H)``, ``weight (V, H)``, ``bias (V,)`` or ``None``, ``target (N,)``; inputs validated
+    (:mod:`properlm.fused.dispatch`). ``need`` says which of ``(hidden, weight, bias)`` need a gradient.
+
+    With ``reduction`` ``"mean"`` or ``"sum"`` and any gradient needed, the gradients of the *reduced* loss are
+    formed here (``grad_out = 1``). With ``"none"`` the per-token upstream gradient is unknown: the per-token
+    statistics and partial derivatives of each chunk (a few numbers per token) are kept for
+    :func:`fused_linear_backward`.
+
+    ``chunk_size`` ``None``: :func:`default_chunk_size` of the number of scored tokens.
+    """
+    n = hidden.shape[0]
+    head = {"softcap": softcap, "logit_scale": logit_scale}
+    per_token = reduction == "none"
+    need_grad = any(need)
+    valid = target != ignore_index
+    h_valid, y_valid, rows = _scored_rows(hidden, target, ignore_index)
+    nv = h_valid.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(max(nv, 1), hidden.shape[1], weight.shape[0], cuda=hidden.is_cuda)
+    dev = hidden.device
+    cdt = compute_dtype(hidden.dtype)
+
+    scale: Tensor | None = None
+    acc: _GradAccumulator | None = None
+    if need_grad and not per_token:
+        # d(reduced loss)/d(loss_i): 1 for "sum", 1/denominator for "mean"
+        scale = reduce_loss(torch.ones((), dtype=cdt, device=dev), valid, reduction, num_items_in_batch)
+        acc = _GradAccumulator(nv, weight, bias, hidden.dtype, need)
+
+    losses = torch.zeros(nv, dtype=cdt, device=dev)
+    saved: list[tuple[int, TokenStats, TokenStats]] | None = [] if per_token and need_grad else None
+    for start in range(0, nv, chunk_size):
+        h_c = h_valid[start:start + chunk_size]
+        y_c = y_valid[start:start + chunk_size]
+        stats, cache = backend.stats(h_c, weight, bias, y_c, rule, smoothing, **head,
+                                     smoothing_variant=smoothing_variant)
+        loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad, smoothing_variant)
+        losses[start:start + h_c.shape[0]] = loss_c
+        if not need_grad:
+            continue
+        assert partials is not None
+        if saved is not None:
+            saved.append((start, stats, partials))
+        else:
+            assert acc is not None and scale is not None
+            g = backend.grad_logits(h_c, weight, bias, y_c, stats, _scaled(partials, scale), rule,
+                                    smoothing, cache, **head)
+            del cache
+            acc.add(start, h_c, g)
+            del g
+    _release(backend)
+
+    if per_token:
+        out = losses if rows is None else torch.zeros(n, dtype=cdt, device=dev).index_copy_(0, rows, losses)
+        return FusedForward(out, None, rows, chunk_size, saved)
+    grads = None if acc is None else acc.result(rows, n, weight, bias)
+    return FusedForward(reduce_loss(losses.sum(), valid, reduction, num_items_in_batch), grads, rows, chunk_size,
+                        None)
+
+
+def fused_linear_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, grad_out: Tensor,
+                          rule: ScoringRule, smoothing: float, backend: ChunkBackend, need: tuple[bool, bool, bool],
+                          rows: Tensor | None, saved: list[tuple[int, TokenStats, TokenStats]], *,
+                          softcap: float | None = None, logit_scale: float | None = None
+                          ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of ``sum_i grad_out_i loss_i`` (per-token losses, ``reduction="none"``).
+
+    ``(grad_hidden (N, H), grad_weight (V, H), grad_bias (V,))`` in the parameters' dtypes, each ``None`` where
+    ``need`` says so. ``grad_out``: ``(N,)`` (ignored positions get no gradient whatever it holds there).
+    ``rows`` and ``saved`` are those of :func:`fused_linear_forward`: each chunk's logits are recomputed and its
+    gradient formed from the kept statistics and partial derivatives (three matmul-sized passes: the logits,
+    ``g W`` and ``g^T h``).
+    """
+    head = {"softcap": softcap, "logit_scale": logit_scale}
+    cdt = compute_dtype(hidden.dtype)
+    nv = hidden.shape[0] if rows is None else rows.numel()
+    acc = _GradAccumulator(nv, weight, bias, hidden.dtype, need)
+    go = grad_out.to(cdt) if rows is None else grad_out.to(cdt).index_select(0, rows)
+    for start, stats, partials in saved:
+        stop = start + stats.z_y.shape[0]
+        if rows is None:
+            h_c, y_c = hidden[start:stop], target[start:stop]
+        else:
+            idx = rows[start:stop]
+            h_c, y_c = hidden.index_select(0, idx), target.index_select(0, idx)
+        g = backend.grad_logits(h_c, weight, bias, y_c, stats, _scaled(partials, go[start:stop]), rule,
+                                smoothing, None, **head)
+        acc.add(start, h_c, g)
+        del g
+    _release(backend)
+    return acc.result(rows, hidden.shape[0], weight, bias)
+
+
 class FusedLinearLossFunction(torch.autograd.Function):
     """Autograd function of the fused loss on 2-D inputs; see the module docstring.
 
@@ -323,77 +457,29 @@ class FusedLinearLossFunction(torch.autograd.Function):
     smoothing_variant])``
     returns a float32
     scalar (``"mean"``, ``"sum"``) or per-token losses ``(N,)`` (``"none"``, 0 at ignored
-    positions). Inputs are assumed validated (see :mod:`properlm.fused.dispatch`).
+    positions). Inputs are assumed validated (see :mod:`properlm.fused.dispatch`); ``chunk_size``
+    ``None`` is :func:`default_chunk_size` of the scored tokens. The work is :func:`fused_linear_forward`
+    and :func:`fused_linear_backward`.
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                 rule: ScoringRule, smoothing: float, ignore_index: int, reduction: str,
-                num_items_in_batch: Any, chunk_size: int, backend: ChunkBackend, softcap: float | None = None,
+                num_items_in_batch: Any, chunk_size: int | None, backend: ChunkBackend, softcap: float | None = None,
                 logit_scale: float | None = None, smoothing_variant: str = "paper") -> Tensor:
         """The reduced loss (per-token losses for ``"none"``); with a reduction, also the gradients."""
-        n = hidden.shape[0]
-        head = {"softcap": softcap, "logit_scale": logit_scale}
-        need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
-        need_grad = any(need)
-        valid = target != ignore_index
-        scored = valid.nonzero().squeeze(1)
-        rows: Tensor | None = scored
-        if scored.numel() == n:
-            rows = None  # every row is scored: slice instead of gathering
-            h_valid, y_valid = hidden, target
-        else:
-            h_valid, y_valid = hidden.index_select(0, scored), target.index_select(0, scored)
-        nv = h_valid.shape[0]
-        per_token = reduction == "none"
-        dev = hidden.device
-        cdt = compute_dtype(hidden.dtype)
-
-        scale: Tensor | None = None
-        acc: _GradAccumulator | None = None
-        if need_grad and not per_token:
-            # d(reduced loss)/d(loss_i): 1 for "sum", 1/denominator for "mean"
-            scale = reduce_loss(torch.ones((), dtype=cdt, device=dev), valid, reduction,
-                                num_items_in_batch)
-            acc = _GradAccumulator(nv, weight, bias, hidden.dtype, need)
-
-        losses = torch.zeros(nv, dtype=cdt, device=dev)
-        saved: list[tuple[int, TokenStats, TokenStats]] = []
-        for start in range(0, nv, chunk_size):
-            h_c = h_valid[start:start + chunk_size]
-            y_c = y_valid[start:start + chunk_size]
-            stats, cache = backend.stats(h_c, weight, bias, y_c, rule, smoothing, **head,
-                                         smoothing_variant=smoothing_variant)
-            loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad, smoothing_variant)
-            losses[start:start + h_c.shape[0]] = loss_c
-            if not need_grad:
-                continue
-            assert partials is not None
-            if per_token:
-                saved.append((start, stats, partials))
-            else:
-                assert acc is not None and scale is not None
-                g = backend.grad_logits(h_c, weight, bias, y_c, stats, _scaled(partials, scale), rule,
-                                        smoothing, cache, **head)
-                del cache
-                acc.add(start, h_c, g)
-                del g
-        _release(backend)
-
-        ctx.rule, ctx.smoothing, ctx.backend, ctx.chunk_size = rule, smoothing, backend, chunk_size
-        ctx.num_tokens, ctx.per_token = n, per_token
-        ctx.head = head
-        ctx.grads = None
-        ctx.saved_chunks = saved
-        if per_token:
-            if need_grad:
-                ctx.save_for_backward(hidden, weight, bias, target, rows)
-            out = losses if rows is None else torch.zeros(n, dtype=cdt, device=dev).index_copy_(
-                0, rows, losses)
-            return out
-        if acc is not None:
-            ctx.grads = acc.result(rows, n, weight, bias)
-        return reduce_loss(losses.sum(), valid, reduction, num_items_in_batch)
+        need = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2]))
+        res = fused_linear_forward(hidden, weight, bias, target, rule, smoothing, ignore_index, reduction,
+                                   num_items_in_batch, chunk_size, backend, need, softcap=softcap,
+                                   logit_scale=logit_scale, smoothing_variant=smoothing_variant)
+        ctx.rule, ctx.smoothing, ctx.backend = rule, smoothing, backend
+        ctx.per_token, ctx.need = reduction == "none", need
+        ctx.head = {"softcap": softcap, "logit_scale": logit_scale}
+        ctx.grads = res.grads
+        ctx.saved_chunks = res.saved
+        if ctx.per_token and any(need):
+            ctx.save_for_backward(hidden, weight, bias, target, res.rows)
+        return res.out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
@@ -413,25 +499,8 @@ class FusedLinearLossFunction(torch.autograd.Function):
             return (gh, gw, gb, *tail)
 
         hidden, weight, bias, target, rows = ctx.saved_tensors
-        need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
-        nv = hidden.shape[0] if rows is None else rows.numel()
-        acc = _GradAccumulator(nv, weight, bias, hidden.dtype, need)
-        cdt = compute_dtype(hidden.dtype)
-        go = grad_out.to(cdt) if rows is None else grad_out.to(cdt).index_select(0, rows)
-        cs = ctx.chunk_size
-        for start, stats, partials in ctx.saved_chunks:
-            stop = start + stats.z_y.shape[0]
-            if rows is None:
-                h_c, y_c = hidden[start:stop], target[start:stop]
-            else:
-                idx = rows[start:stop]
-                h_c, y_c = hidden.index_select(0, idx), target.index_select(0, idx)
-            assert h_c.shape[0] <= cs
-            g = ctx.backend.grad_logits(h_c, weight, bias, y_c, stats, _scaled(partials, go[start:stop]),
-                                        ctx.rule, ctx.smoothing, None, **ctx.head)
-            acc.add(start, h_c, g)
-            del g
-        _release(ctx.backend)
+        saved = ctx.saved_chunks
         ctx.saved_chunks = None
-        gh, gw, gb = acc.result(rows, ctx.num_tokens, weight, bias)
+        gh, gw, gb = fused_linear_backward(hidden, weight, bias, target, grad_out, ctx.rule, ctx.smoothing,
+                                           ctx.backend, ctx.need, rows, saved, **ctx.head)
         return (gh, gw, gb, *tail)

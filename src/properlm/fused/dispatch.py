@@ -7,9 +7,6 @@ with respect to ``hidden``, ``weight`` and ``bias``, without forming the ``(N, V
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 from torch import Tensor, nn
 
@@ -18,26 +15,11 @@ from ..dtensor import is_dtensor
 from ..loss import _options_repr, check_loss_options, reduce_loss, validate_inputs
 from ..rules import RuleLike, get_rule
 from ..stats import check_head_transform, warn_paper_smoothing
-from .chunked import (
-    ChunkBackend,
-    FusedLinearLossFunction,
-    TorchChunkBackend,
-    default_chunk_size,
-    tensor_core_inputs,
-)
+from .backends import IMPLS, select_backend, triton_is_available
+from .chunked import FusedLinearLossFunction, default_chunk_size
+from .op import fused_linear_loss, spec_names_rule
 
 __all__ = ["IMPLS", "LinearScoringRuleLoss", "fused_linear_scoring_rule_loss", "triton_is_available"]
-
-IMPLS = ("torch", "triton")
-
-
-def triton_is_available() -> bool:
-    """Whether the ``triton`` package can be imported (``pip install properlm[triton]``)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _validate(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, ignore_index: int,
@@ -81,36 +63,6 @@ def _check_chunking(chunk_size: int | None, impl: str | None) -> None:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     if impl is not None and impl not in IMPLS:
         raise ValueError(f"impl must be None, 'torch' or 'triton', got {impl!r}")
-
-
-def _backend(impl: str | None, hidden: Tensor, num_scales: int) -> ChunkBackend:
-    if impl == "torch":
-        return TorchChunkBackend()
-    if impl == "triton":
-        if not triton_is_available():
-            raise ValueError("impl='triton' needs the triton package: pip install 'properlm[triton]'")
-        if not hidden.is_cuda and not _interpreting():
-            raise ValueError(
-                f"impl='triton' needs CUDA tensors (got device {hidden.device}); on the CPU it only runs "
-                "under the Triton interpreter (TRITON_INTERPRET=1)"
-            )
-        from .triton_kernels import MAX_SCALES, TritonChunkBackend
-
-        if hidden.dtype == torch.float64:
-            raise ValueError("impl='triton' supports float32, bfloat16 and float16 inputs, not float64")
-        if num_scales > MAX_SCALES:
-            raise ValueError(f"impl='triton' supports rules needing at most {MAX_SCALES} scales, got {num_scales}")
-        return TritonChunkBackend()
-    # automatic: Triton for 2-byte CUDA tensors (and float32 ones when TF32 matmuls are allowed),
-    # the chunked torch path otherwise. Exact float32 dots are slow in Triton: on an H100 the
-    # Triton path took 3.3x and the torch path 1.07x the time of materialised cross-entropy
-    # (benchmarks/README.md, "GPU")
-    if tensor_core_inputs(hidden) and triton_is_available():
-        from .triton_kernels import MAX_SCALES, TritonChunkBackend
-
-        if num_scales <= MAX_SCALES:
-            return TritonChunkBackend()
-    return TorchChunkBackend()
 
 
 def fused_linear_scoring_rule_loss(
@@ -175,13 +127,14 @@ def fused_linear_scoring_rule_loss(
     Memory: besides the float32 gradient accumulator of ``weight`` (``V x H``), a few
     ``chunk_size x V`` float32 tensors at a time.
 
-    Under ``torch.compile`` (``fullgraph=True`` works; ``impl`` is then not used, the compiler
-    generates the kernels) the loss is the traceable chunked form of :mod:`properlm.compiled`:
-    static chunks of ``chunk_size`` rows (default from the number of tokens, ignored ones
-    included), each under activation checkpointing so that its logits are recomputed in
-    backward rather than kept; values and gradients equal eager mode to float32 rounding
-    (relative error ``<= 1e-5`` in the tests). Targets are not range-checked there (see
-    :func:`properlm.scoring_rule_loss`: an out-of-range id gives a NaN loss).
+    Under ``torch.compile`` (``fullgraph=True`` works) the loss is one opaque ``torch.library`` operator,
+    ``torch.ops.properlm.fused_linear_loss`` (:mod:`properlm.fused.op`), that runs this same eager
+    computation: with ``"mean"`` / ``"sum"`` the gradients are formed in the forward pass and no logits are
+    recomputed in backward (``"none"``: as in eager mode, the backward recomputes them from kept per-token
+    statistics); values and gradients equal eager mode's and an out-of-range target raises the eager
+    ``ValueError``. A rule object that its spec does not name (:func:`properlm.fused.op.spec_names_rule`)
+    falls back to the traceable chunked form of :mod:`properlm.compiled` (activation checkpointing; ``impl``
+    unused; an out-of-range id gives a NaN loss).
 
     Example::
 
@@ -208,19 +161,21 @@ def fused_linear_scoring_rule_loss(
     H = weight.shape[1]
     h2 = hidden.reshape(-1, H)
     y = target.reshape(-1)
-    if torch.compiler.is_compiling():
-        # traceable chunks with recomputed logits (properlm.compiled); the chunk size from the
-        # static number of tokens (counting the valid ones would read the data)
+    if torch.compiler.is_compiling() and not spec_names_rule(rule_obj):
+        # a rule that its spec cannot name: traceable chunks with recomputed logits (properlm.compiled); the chunk
+        # size from the static number of tokens (counting the valid ones would read the data)
         if chunk_size is None:
             chunk_size = default_chunk_size(max(y.numel(), 1), H, weight.shape[0], cuda=hidden.is_cuda)
         per_token = fused_token_losses(h2, weight, bias, y, rule_obj, eps, ignore_index, chunk_size, softcap=cap,
                                        logit_scale=scale, smoothing_variant=variant)
         out = reduce_loss(per_token, y != ignore_index, reduction, num_items_in_batch)
         return out.view(target.shape) if reduction == "none" else out
-    backend = _backend(impl, hidden, len(rule_obj.scales(eps)))
-    if chunk_size is None:
-        chunk_size = default_chunk_size(max(int((y != ignore_index).sum()), 1), H, weight.shape[0],
-                                        cuda=hidden.is_cuda)
+    if torch.compiler.is_compiling():
+        # the eager computation as one opaque operator (properlm.fused.op): gradients formed in the forward pass
+        out = fused_linear_loss(h2, weight, bias, y, rule_obj, eps, ignore_index, reduction, num_items_in_batch,
+                                chunk_size, impl, softcap=cap, logit_scale=scale, smoothing_variant=variant)
+        return out.view(target.shape) if reduction == "none" else out
+    backend = select_backend(impl, hidden, len(rule_obj.scales(eps)))
     out = FusedLinearLossFunction.apply(h2, weight, bias, y, rule_obj, eps, ignore_index, reduction,
                                         num_items_in_batch, chunk_size, backend, cap, scale, variant)
     return out.view(target.shape) if reduction == "none" else out

@@ -221,6 +221,78 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
                                                            (8, "spherical")]
 
 
+class KillAtLog(KillAt):
+    """Raises once step ``step`` is logged: a run stopped after its last checkpoint, with later steps in its log."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        pass
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.global_step == self.step:
+            raise Kill(f"killed at step {self.step}")
+
+
+def run_cli(*args, cwd=None, timeout=240, **popen):
+    """``properlm ARGS`` as a user runs it (``python -m properlm.cli.main``), with this checkout's package."""
+    import properlm
+
+    src = os.path.dirname(os.path.dirname(properlm.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "properlm.cli.main", *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **popen)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def test_resume_says_where_it_resumes_and_takes_the_run_options(tmp_path):
+    """`properlm train --resume` used to say nothing of where it resumed; the one line a user saw was transformers'
+    "There were missing keys in the checkpoint model loaded: [...embed_tokens.weight ... lm_head.weight]" (weights
+    tied to the saved embedding, so nothing is lost). `--resume --output-dir DIR` alone needed every option again,
+    and metrics.jsonl logged the steps after the checkpoint twice. Now it says "resuming from checkpoint-4 (step 4
+    of 6)", takes the options saved with the checkpoint, logs each step once and ends with the uninterrupted
+    run's weights."""
+    opts = {"max_steps": 6, "save_steps": 2, "dropout": 0.1}
+    full = tiny(tmp_path, name="full", **opts)
+    run_training(full, quiet=True)
+    killed = tiny(tmp_path, name="killed", **opts)
+    with pytest.raises(Kill):
+        run_training(killed, callbacks=[KillAtLog(5)], quiet=True)  # checkpoint-4 saved, step 5 logged
+    assert [r["step"] for r in read_metrics(killed.output_dir) if "loss" in r] == [1, 2, 3, 4, 5]
+    proc = run_cli("train", "--resume", "--output-dir", "killed", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming from checkpoint-4 (step 4 of 6)" in proc.stdout
+    assert "the options not given are the run's" in proc.stdout
+    assert "missing keys" not in proc.stderr + proc.stdout
+    assert [r["step"] for r in read_metrics(killed.output_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    a = final_weights(os.path.join(full.output_dir, "final"))
+    b = final_weights(os.path.join(killed.output_dir, "final"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_resume_takes_given_options_over_the_saved_ones(tmp_path):
+    """A flag given with --resume overrides the saved option and drops the saved ones it is an alternative to:
+    --schedule (the paper's switch) replaces the saved --rule and --max-steps."""
+    from properlm.training.checkpoints import missing_weights
+    from properlm.training.resume import options_to_resume
+
+    cfg = tiny(tmp_path, max_steps=4, save_steps=2)
+    run_training(cfg, quiet=True)
+    assert options_to_resume({"output_dir": cfg.output_dir}) == (None, {"output_dir": cfg.output_dir})
+    given = {"output_dir": cfg.output_dir, "resume": True, "schedule": "logarithmic:4,brier:2"}
+    path, merged = options_to_resume(given)
+    assert path.endswith(os.path.join("checkpoint-4", "properlm_config.json"))
+    assert "max_steps" not in merged and "rule" not in merged and merged["learning_rate"] == cfg.learning_rate
+    resumed = make_config(merged)
+    assert resumed.source_file == os.path.abspath(cfg.source_file) and resumed.output_dir == cfg.output_dir
+    from properlm.modeling import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(os.path.join(cfg.output_dir, "final"))
+    tied = ["model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"]
+    assert missing_weights(model, [*tied, "model.encoder.embed_positions.weight"]) == []  # sinusoidal: not saved
+    assert missing_weights(model, ["model.shared.weight", *tied]) == ["model.shared.weight", *tied]  # all lost
+
+
 def test_resume_names_the_options_that_changed(tmp_path, monkeypatch):
     """--resume with other options than the checkpoint's run (a new learning rate, more steps) used to continue
     silently; it now warns before training, naming each changed option with its old value. Logging and saving

@@ -16,6 +16,7 @@ from typing import Any
 from ..data import DataError
 from ..modeling import ModelLoadError
 from ..training import ConfigError, config_fields, load_yaml_config, make_config, run_training
+from ..training.resume import options_to_resume
 
 _GROUP_TITLES = {
     "model": "model (--model and/or --gguf-file, or --init; the other options here configure --init only)",
@@ -37,6 +38,7 @@ examples:
       --output-dir runs/dft                                  # an improper baseline (DFT), not a scoring rule
   properlm train --config run.yaml --learning-rate 3e-4        # flags override the YAML file
   properlm train --config run.yaml --resume                    # continue a stopped run
+  properlm train --resume --output-dir runs/sph                # the same, with the options saved in the run
   torchrun --nproc_per_node 4 -m properlm.cli.main train --config run.yaml   # data parallel
 
 outputs in --output-dir: checkpoint-N/, final/ (model + tokenizer), averaged/ (with --average-last),
@@ -111,11 +113,22 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def with_saved_options(values: dict[str, Any]) -> dict[str, Any]:
+    """With ``resume``: the options saved with the run's newest checkpoint, overridden by ``values``.
+
+    See :func:`properlm.training.resume.options_to_resume`; says which file the options came from.
+    """
+    path, merged = options_to_resume(values)
+    if path is not None and os.environ.get("RANK", "0") == "0":
+        print(f"properlm train: --resume: the options not given are the run's, from {path}", flush=True)
+    return merged
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``properlm train`` with parsed arguments; returns the exit code."""
     try:
         source = f"config file {args.config}" if getattr(args, "config", None) else "arguments"
-        cfg = make_config(options_from_args(args), source=source)
+        cfg = make_config(with_saved_options(options_from_args(args)), source=source)
         results = run_training(cfg)
     except (ConfigError, DataError, ModelLoadError) as exc:
         print(f"properlm train: error: {exc}", file=sys.stderr)

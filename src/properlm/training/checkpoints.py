@@ -7,6 +7,7 @@ trained model (full model or PEFT adapter).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ import torch
 
 from ..modeling import unwrap_model
 
-__all__ = ["average_checkpoints", "find_checkpoints", "remove_earlier_run"]
+__all__ = ["average_checkpoints", "checkpoint_step", "find_checkpoints", "missing_weights", "remove_earlier_run"]
 
 #: what ``properlm train`` writes into its output directory besides ``checkpoint-N``, each with the test that
 #: tells it is the earlier run's (an ``--overwrite-output-dir`` run removes only what passes)
@@ -37,6 +38,34 @@ def find_checkpoints(output_dir: str | os.PathLike) -> list[str]:
         if m and os.path.isfile(os.path.join(d, name, "trainer_state.json")):
             found.append((int(m.group(1)), os.path.join(d, name)))
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The global step a checkpoint was saved at (its ``trainer_state.json``, else its name)."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            return int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        tail = os.path.basename(os.path.normpath(checkpoint)).rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+
+def missing_weights(model: Any, missing_keys: Sequence[str]) -> list[str]:
+    """The keys of ``missing_keys`` (absent from a loaded checkpoint) whose values the checkpoint did lose.
+
+    A checkpoint stores each tied parameter once (``model.shared.weight`` stands for the embeddings and
+    ``lm_head.weight`` tied to it) and leaves out what the model rebuilds itself (``_keys_to_ignore_on_save``,
+    e.g. sinusoidal positions); loading it reports those as missing, although nothing is lost. The keys
+    returned are the others: neither tied to a parameter that was loaded nor left out by design.
+    """
+    base = unwrap_model(model)
+    missing = set(missing_keys)
+    tied: dict[int, list[str]] = {}
+    for name, param in base.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    loaded_with = {name for names in tied.values() if any(n not in missing for n in names) for name in names}
+    by_design = set(getattr(base, "_keys_to_ignore_on_save", None) or ())
+    return [k for k in missing_keys if k not in loaded_with and k not in by_design]
 
 
 def _weights_file(checkpoint: str) -> str:
@@ -97,7 +126,6 @@ def remove_earlier_run(output_dir: str | os.PathLike) -> list[str]:
     holds other work loses none of it. ``--overwrite-output-dir`` calls it (without ``--resume``), so
     a new run neither averages an old run's checkpoints nor appends to its logs.
     """
-    import json
     import shutil
 
     from ..modeling import TRAINING_RECORD

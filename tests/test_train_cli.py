@@ -293,6 +293,35 @@ def test_resume_takes_given_options_over_the_saved_ones(tmp_path):
     assert missing_weights(model, ["model.shared.weight", *tied]) == ["model.shared.weight", *tied]  # all lost
 
 
+def test_ctrl_c_says_what_was_saved_and_how_to_continue(tmp_path):
+    """Ctrl-C used to print a KeyboardInterrupt traceback of 10-19 frames. Now one line says which checkpoint
+    was saved and the command that continues the run, with exit status 130."""
+    import signal
+
+    src, tgt = write_parallel(tmp_path)
+    args = ["train", "--init", "tiny-seq2seq", "--source-file", src, "--target-file", tgt, "--vocab-size", "270",
+            "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2", "--max-length", "32",
+            "--max-steps", "100000", "--save-steps", "2", "--save-total-limit", "2", "--no-progress-bar",
+            "--no-tensorboard", "--output-dir", str(tmp_path / "run")]
+    proc = run_cli(*args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while not find_checkpoints(tmp_path / "run") and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert find_checkpoints(tmp_path / "run"), proc.poll()
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("properlm train: interrupted")]
+    assert len(lines) == 1, err[-3000:]
+    assert "; saved: " in lines[0] and "checkpoint-" in lines[0]
+    assert lines[0].endswith(f"continue with: properlm train --resume --output-dir {tmp_path / 'run'}")
+
+
 def test_resume_names_the_options_that_changed(tmp_path, monkeypatch):
     """--resume with other options than the checkpoint's run (a new learning rate, more steps) used to continue
     silently; it now warns before training, naming each changed option with its old value. Logging and saving

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 from .. import __version__
@@ -36,14 +37,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: exit status of a command stopped by Ctrl-C (128 + SIGINT), as a shell reports it
+EXIT_INTERRUPTED = 130
+
+
+def interrupted_message(args: argparse.Namespace, command: str) -> str:
+    """The line printed when Ctrl-C stops ``command``: what was saved and how to continue.
+
+    A command module may define ``interrupted(args, command) -> str`` for it; otherwise the line says only
+    that the command was interrupted.
+    """
+    module = importlib.import_module(f"properlm.cli.{args.command}")
+    describe = getattr(module, "interrupted", None)
+    if describe is None:
+        return f"properlm {args.command}: interrupted"
+    return str(describe(args, command))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``properlm`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    """Run ``properlm`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+
+    Ctrl-C prints one line (:func:`interrupted_message`) instead of a traceback and returns
+    :data:`EXIT_INTERRUPTED`.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    command = shlex.join(["properlm", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(interrupted_message(args, command), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -10,12 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import Any
 
 from ..data import DataError
 from ..modeling import ModelLoadError
-from ..training import ConfigError, config_fields, load_yaml_config, make_config, run_training
+from ..training import (
+    ConfigError,
+    TrainConfig,
+    config_fields,
+    find_checkpoints,
+    load_yaml_config,
+    make_config,
+    run_training,
+)
+from ..training.checkpoints import checkpoint_step
 from ..training.resume import options_to_resume
 
 _GROUP_TITLES = {
@@ -122,6 +132,21 @@ def with_saved_options(values: dict[str, Any]) -> dict[str, Any]:
     if path is not None and os.environ.get("RANK", "0") == "0":
         print(f"properlm train: --resume: the options not given are the run's, from {path}", flush=True)
     return merged
+
+
+def interrupted(args: argparse.Namespace, command: str) -> str:
+    """What Ctrl-C leaves of a ``properlm train`` run: its newest checkpoint and the command that continues it."""
+    try:
+        output_dir = str(options_from_args(args).get("output_dir") or TrainConfig.output_dir)
+    except ConfigError:
+        output_dir = str(getattr(args, "output_dir", TrainConfig.output_dir))
+    checkpoints = find_checkpoints(output_dir)
+    if not checkpoints:
+        return (f"properlm train: interrupted before a checkpoint was saved in {output_dir} (--save-steps N saves "
+                f"one every N steps); nothing to resume: run the command again to start afresh")
+    step = checkpoint_step(checkpoints[-1])
+    return (f"properlm train: interrupted; saved: {checkpoints[-1]} (step {step}); continue with: "
+            f"properlm train --resume --output-dir {shlex.quote(output_dir)}")
 
 
 def run(args: argparse.Namespace) -> int:

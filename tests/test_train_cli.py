@@ -833,3 +833,28 @@ def test_eval_forms_logits_at_scored_positions_only_with_the_same_metrics(tmp_pa
     assert "eval_score_brier" in keys and "eval_loss" in keys
     for k in keys:
         assert fast[k] == pytest.approx(full[k], abs=1e-5), k
+
+
+def test_a_finished_run_is_not_trained_over(tmp_path, capsys):
+    """A new run into a finished run's --output-dir (no checkpoints left, but final/ and results.json) used to
+    append to its metrics.jsonl, take up its tokenizer and overwrite final/. It is now refused, as a directory
+    with checkpoints is, unless --overwrite-output-dir is given."""
+    src, tgt = write_parallel(tmp_path)
+    argv = ["train", "--init", "tiny-seq2seq", "--source-file", src, "--target-file", tgt, "--vocab-size", "270",
+            "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2", "--max-length", "32", "--max-steps", "2",
+            "--logging-steps", "1", "--no-progress-bar", "--no-tensorboard", "--output-dir", str(tmp_path / "run")]
+    assert main(argv) == 0
+    out = tmp_path / "run"
+    assert not find_checkpoints(out) and (out / "final").is_dir() and (out / "results.json").is_file()
+    before = {p: p.stat().st_mtime_ns for p in [out / "metrics.jsonl", *(out / "final").iterdir()]}
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"properlm train: error: --output-dir {str(out)!r} holds a finished run (final, "
+                                "results.json); pass --overwrite-output-dir to replace it, or choose another "
+                                "--output-dir"]
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert main([*argv, "--resume"]) == 2
+    assert "no checkpoint-N directory in" in capsys.readouterr().err
+    assert main([*argv, "--overwrite-output-dir"]) == 0
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]

@@ -17,7 +17,8 @@ import torch
 
 from ..modeling import unwrap_model
 
-__all__ = ["average_checkpoints", "checkpoint_step", "find_checkpoints", "missing_weights", "remove_earlier_run"]
+__all__ = ["average_checkpoints", "checkpoint_step", "find_checkpoints", "finished_run", "is_run_output",
+           "missing_weights", "remove_earlier_run"]
 
 #: what ``properlm train`` writes into its output directory besides ``checkpoint-N``, each with the test that
 #: tells it is the earlier run's (an ``--overwrite-output-dir`` run removes only what passes)
@@ -115,6 +116,40 @@ def _load_averaged(model: Any, state: dict[str, torch.Tensor], lora: bool) -> No
         raise RuntimeError(f"averaged checkpoint has parameters the model lacks: {unexpected[:5]}")
 
 
+def is_run_output(output_dir: str, name: str) -> bool:
+    """Whether ``output_dir/name`` is one of :data:`RUN_OUTPUTS` as ``properlm train`` writes it.
+
+    ``final/`` and ``averaged/`` holding :data:`properlm.modeling.TRAINING_RECORD`, ``tokenizer/`` holding
+    ``tokenizer.json``, ``base/`` holding ``config.json``, ``runs/`` holding only TensorBoard event files,
+    ``metrics.jsonl``, and a ``results.json`` with a ``global_step``.
+    """
+    from ..modeling import TRAINING_RECORD
+
+    path = os.path.join(output_dir, name)
+    inner = {"final": TRAINING_RECORD, "averaged": TRAINING_RECORD, "tokenizer": "tokenizer.json",
+             "base": "config.json"}
+    if name in inner:
+        return os.path.isfile(os.path.join(path, inner[name]))
+    if name == "runs":
+        files = [f for _, _, fs in os.walk(path) for f in fs]
+        return bool(files) and all(f.startswith("events.out.tfevents") for f in files)
+    if name == "metrics.jsonl":
+        return os.path.isfile(path)
+    if name == "results.json":
+        try:
+            with open(path, encoding="utf-8") as f:
+                return "global_step" in json.load(f)
+        except (OSError, ValueError, TypeError):
+            return False
+    return False
+
+
+def finished_run(output_dir: str | os.PathLike) -> list[str]:
+    """What of a finished ``properlm train`` run ``output_dir`` holds: ``final``, ``averaged``, ``results.json``."""
+    d = os.fspath(output_dir)
+    return [name for name in ("final", "averaged", "results.json") if is_run_output(d, name)]
+
+
 def remove_earlier_run(output_dir: str | os.PathLike) -> list[str]:
     """Remove what an earlier ``properlm train`` left in ``output_dir``; the names removed.
 
@@ -128,35 +163,14 @@ def remove_earlier_run(output_dir: str | os.PathLike) -> list[str]:
     """
     import shutil
 
-    from ..modeling import TRAINING_RECORD
-
     d = os.fspath(output_dir)
     if not os.path.isdir(d):
         return []
-
-    def has(name: str, inner: str) -> bool:
-        return os.path.isfile(os.path.join(d, name, inner))
-
-    def only_tensorboard(name: str) -> bool:
-        files = [f for _, _, fs in os.walk(os.path.join(d, name)) for f in fs]
-        return bool(files) and all(f.startswith("events.out.tfevents") for f in files)
-
-    def run_results(name: str) -> bool:
-        try:
-            with open(os.path.join(d, name), encoding="utf-8") as f:
-                return "global_step" in json.load(f)
-        except (OSError, ValueError, TypeError):
-            return False
-
-    tests = {"final": lambda n: has(n, TRAINING_RECORD), "averaged": lambda n: has(n, TRAINING_RECORD),
-             "tokenizer": lambda n: has(n, "tokenizer.json"), "base": lambda n: has(n, "config.json"),
-             "runs": only_tensorboard, "metrics.jsonl": lambda n: os.path.isfile(os.path.join(d, n)),
-             "results.json": run_results}
     checkpoints = {os.path.basename(p) for p in find_checkpoints(d)}
     removed = []
     for name in sorted(os.listdir(d)):
         path = os.path.join(d, name)
-        if os.path.islink(path) or not (name in checkpoints or (name in tests and tests[name](name))):
+        if os.path.islink(path) or not (name in checkpoints or is_run_output(d, name)):
             continue
         if os.path.isdir(path):
             shutil.rmtree(path)

@@ -858,3 +858,25 @@ def test_a_finished_run_is_not_trained_over(tmp_path, capsys):
     assert "no checkpoint-N directory in" in capsys.readouterr().err
     assert main([*argv, "--overwrite-output-dir"]) == 0
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
+
+
+def test_rule_errors_and_warnings_read_as_the_command_s_own(tmp_path, capsys):
+    """`--rule spherical:2` used to end in "Spherical.__init__() takes 1 positional argument but 2 were given",
+    `--rule brie` got no suggestion, and warnings printed with a source path and line (".../training/run.py:54:
+    UserWarning"). Now the rule errors say what is wrong, and a warning prints as `properlm: warning: MESSAGE`."""
+    src, tgt = write_parallel(tmp_path)
+    data = ["--init", "tiny-seq2seq", "--source-file", src, "--target-file", tgt]
+    assert main(["train", *data, "--rule", "spherical:2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("properlm train: error: --rule: rule 'spherical:2': wrong number of parameters: spherical "
+                          "takes no parameter") and "power:ALPHA, pseudo-spherical:ALPHA" in err
+    assert main(["train", *data, "--rule", "brie"]) == 2
+    assert "unknown scoring rule 'brie' (did you mean 'brier'?)" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "input": "", "output": "b"}\nnot json\n', encoding="utf-8")
+    proc = run_cli("train", "--init", "tiny-gpt", "--train-file", str(bad), "--lora-r", "4", "--output-dir",
+                   str(tmp_path / "w"), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["properlm: warning: --lora-r has no effect without --lora",
+                                        f"properlm train: error: {bad} line 2: not valid JSON (Expecting value at "
+                                        "column 1)"], proc.stderr

@@ -271,14 +271,17 @@ def test_resume_says_where_it_resumes_and_takes_the_run_options(tmp_path):
 
 
 def test_resume_takes_given_options_over_the_saved_ones(tmp_path):
-    """A flag given with --resume overrides the saved option and drops the saved ones it is an alternative to:
-    --schedule (the paper's switch) replaces the saved --rule and --max-steps."""
+    """A flag given with --resume (without the data) overrides the saved option and drops the saved ones it is an
+    alternative to: --schedule (the paper's switch) replaces the saved --rule and --max-steps. A command that gives
+    the data (one that ran before) takes nothing saved."""
     from properlm.training.checkpoints import missing_weights
     from properlm.training.resume import options_to_resume
 
     cfg = tiny(tmp_path, max_steps=4, save_steps=2)
     run_training(cfg, quiet=True)
     assert options_to_resume({"output_dir": cfg.output_dir}) == (None, {"output_dir": cfg.output_dir})
+    with_data = {"output_dir": cfg.output_dir, "resume": True, "source_file": "a", "target_file": "b"}
+    assert options_to_resume(with_data) == (None, with_data)  # a command that ran before is taken as it is
     given = {"output_dir": cfg.output_dir, "resume": True, "schedule": "logarithmic:4,brier:2"}
     path, merged = options_to_resume(given)
     assert path.endswith(os.path.join("checkpoint-4", "properlm_config.json"))

@@ -124,7 +124,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def with_saved_options(values: dict[str, Any]) -> dict[str, Any]:
-    """With ``resume``: the options saved with the run's newest checkpoint, overridden by ``values``.
+    """With ``resume`` and no data options: the options saved with the run's newest checkpoint, under ``values``.
 
     See :func:`properlm.training.resume.options_to_resume`; says which file the options came from.
     """

@@ -98,18 +98,23 @@ _REPLACES: dict[str, frozenset[str]] = {
 }
 
 
-def options_to_resume(given: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
-    """``(path, options)``: the options of a ``--resume`` run, the given ones over those saved with the run.
+#: the options that give the training data: a ``--resume`` command without any of them takes the saved ones
+_DATA_OPTIONS = ("train_file", "source_file", "target_file")
 
-    ``given`` maps option names to the values given (flags, YAML file). With ``resume`` among them and
-    options saved with the newest checkpoint of their ``output_dir`` (:func:`saved_options`), those saved
-    options are the base and ``given`` overrides them, so ``--resume --output-dir DIR`` alone continues
-    the run with its own options. A given option also drops the saved ones that are its alternatives
-    (``--schedule`` the saved ``--rule`` and ``--max-steps``; ``--train-file`` the saved ``--source-file``;
-    ...). ``path`` is the file the saved options came from; ``(None, given)`` when none were taken.
+
+def options_to_resume(given: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """``(path, options)``: the options of a ``--resume`` run given without its data, the saved ones under them.
+
+    ``given`` maps option names to the values given (flags, YAML file). With ``resume`` among them but none
+    of the data options (``train_file``, ``source_file``, ``target_file``), such as ``--resume --output-dir
+    DIR``, the options saved with the newest checkpoint of their ``output_dir`` (:func:`saved_options`) are
+    the base and ``given`` overrides them; a given option also drops the saved ones that are its
+    alternatives (``--schedule`` the saved ``--rule`` and ``--max-steps``). A command that gives the data is
+    taken as it is, as before (without the data it could not run), so no command that ran before trains
+    differently. ``path`` is the file the saved options came from; ``(None, given)`` when none were taken.
     """
     values = dict(given)
-    if not values.get("resume"):
+    if not values.get("resume") or any(values.get(name) is not None for name in _DATA_OPTIONS):
         return None, values
     found = saved_options(str(values.get("output_dir") or TrainConfig.output_dir))
     if found is None:

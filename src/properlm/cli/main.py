@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         with console_warnings():
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(interrupted_message(args, command), file=sys.stderr, flush=True)
+        start = "\n" if sys.stderr.isatty() else ""  # off the line of a progress bar and the echoed ^C
+        print(start + interrupted_message(args, command), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
 
 

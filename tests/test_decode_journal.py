@@ -248,3 +248,44 @@ def test_generate_resumes_into_its_output_file(tiny, tmp_path, monkeypatch, caps
     assert len(calls) == 2 and "6 of 10 outputs from the interrupted run's journal" in capsys.readouterr().err
     assert out.read_text(encoding="utf-8") == (tmp_path / "whole.txt").read_text(encoding="utf-8")
     assert not journal.exists()
+
+
+def test_ctrl_c_in_evaluate_and_generate_says_what_was_kept(tiny, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while decoding used to print a KeyboardInterrupt traceback. Now one line says how many outputs the
+    journal keeps and which command continues from them; the exit status is 130."""
+    import properlm.evaluation.generation as generation
+
+    _, _, path, src, tgt = tiny
+    real = generation.new_token_cap
+    calls = []
+
+    def ctrl_c_at_third(*a, **k):  # called once per decoded batch, before it is decoded
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(generation, "new_token_cap", ctrl_c_at_third)
+    out = tmp_path / "out.txt"
+    gen = ["generate", "--model", path, "--input", src, "--task", "translation", "--max-new-tokens", "6",
+           "--batch-size", "3"]
+    capsys.readouterr()
+    assert main([*gen, "--output", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"properlm generate: interrupted; 6 decoded outputs saved in {out}.journal.jsonl; the same command " \
+           f"continues: properlm {' '.join(gen)} --output {out}" in err
+    calls.clear()
+    assert main([*gen, "--output", "-"]) == 130
+    assert "properlm generate: interrupted; nothing was saved (with --output FILE" in capsys.readouterr().err
+    calls.clear()
+    ev = ["evaluate", "--model", path, "--source-file", src, "--target-file", tgt, "--max-new-tokens", "6",
+          "--batch-size", "3", "--rules", "logarithmic", "--no-progress", "--output-dir", str(tmp_path / "ev")]
+    assert main(ev) == 130
+    err = capsys.readouterr().err
+    assert f"properlm evaluate: interrupted; 6 decoded outputs saved in {tmp_path / 'ev' / 'decode_journal.jsonl'}" \
+        in err and err.rstrip().endswith(f"the same command continues: properlm {' '.join(ev)}")
+    calls.clear()
+    calls.extend([1, 1])  # Ctrl-C before the first batch
+    assert main([*ev[:-1], str(tmp_path / "ev2")]) == 130
+    assert "properlm evaluate: interrupted before any output was decoded, so nothing was saved; run it again: " \
+        "properlm evaluate" in capsys.readouterr().err

@@ -680,3 +680,35 @@ def test_bf16_on_a_cpu_without_native_bf16_says_so_before_the_work(tiny_models, 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         validate_settings(settings)
+@pytest.mark.parametrize("command", [
+    ["train", "--train-file", "data.jsonl"],
+    ["evaluate", "--data-file", "data.jsonl", "--output-dir", "eval"],
+    ["generate", "--input", "data.jsonl"],
+])
+def test_a_mistyped_model_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, capsys, command):
+    """`--model runs/smol` (a typo: `runs/` exists here) used to be taken as a hub id: half a minute of retries,
+    then "Check your internet connection". A path-like --model that does not exist is now one line, exit 2,
+    before anything is loaded; a near name in its directory is suggested."""
+    import properlm.modeling as modeling
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "small").mkdir(parents=True)
+    (tmp_path / "data.jsonl").write_text('{"instruction": "Say one.", "input": "", "output": "one"}\n',
+                                         encoding="utf-8")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(modeling, "load_model_and_tokenizer", no_loading)
+    monkeypatch.setattr(modeling, "model_config_dict", no_loading)
+    monkeypatch.setattr("properlm.cli.generate.load_model_and_tokenizer", no_loading)
+    assert main([*command, "--model", "runs/smol"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"properlm {command[0]}: error: model directory 'runs/smol' does not exist "
+                                "(did you mean 'runs/small'?)"]
+    assert main([*command, "--model", str(tmp_path / "runs" / "gone" / "final")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    from properlm.modeling import looks_like_a_path
+
+    assert looks_like_a_path("runs/smol") and looks_like_a_path("./smol") and looks_like_a_path("a/b/c")
+    assert not looks_like_a_path("HuggingFaceTB/SmolLM2-135M") and not looks_like_a_path("gpt2")

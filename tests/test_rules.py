@@ -105,3 +105,21 @@ def test_scales():
     assert properlm.get_rule("pseudo-spherical:1.5").scales(0.1) == (0.5, 1.0, 1.5)
     assert properlm.get_rule("power:3").scales(0.1) == (1.0, 2.0, 3.0)
     assert properlm.get_rule("log").scales(0.1) == (1.0,)
+
+
+def test_rule_spec_errors_say_what_each_rule_takes():
+    """'spherical:2' used to leak "Spherical.__init__() takes 1 positional argument but 2 were given", and a typo
+    ('brie') got no suggestion. Now the message says that spherical takes no parameter, lists the rules that take
+    one, and suggests the nearest name."""
+    with pytest.raises(ValueError) as exc:
+        properlm.get_rule("spherical:2")
+    message = str(exc.value)
+    assert "spherical takes no parameter" in message and "positional argument" not in message
+    assert "the rules that take a parameter: power:ALPHA, pseudo-spherical:ALPHA" in message
+    with pytest.raises(ValueError, match=r"power takes one parameter \(power:ALPHA\)"):
+        properlm.get_rule("power:2,3")
+    with pytest.raises(ValueError, match=r"unknown scoring rule 'brie' \(did you mean 'brier'\?\); known rules"):
+        properlm.get_rule("brie")
+    with pytest.raises(ValueError, match=r"\(did you mean 'pseudospherical'\?\)"):
+        properlm.get_rule("pseudosphericl:3")
+    assert properlm.get_rule("power").spec == "power:2" and properlm.get_rule("pseudo-spherical:3").params() == (3.0,)

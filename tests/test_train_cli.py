@@ -221,6 +221,114 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
                                                            (8, "spherical")]
 
 
+class KillAtLog(KillAt):
+    """Raises once step ``step`` is logged: a run stopped after its last checkpoint, with later steps in its log."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        pass
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.global_step == self.step:
+            raise Kill(f"killed at step {self.step}")
+
+
+def run_cli(*args, cwd=None, timeout=240, **popen):
+    """``properlm ARGS`` as a user runs it (``python -m properlm.cli.main``), with this checkout's package.
+
+    With ``popen`` keywords (``stdout=subprocess.PIPE``, ...) the started ``Popen``; else the finished run."""
+    import properlm
+
+    src = os.path.dirname(os.path.dirname(properlm.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "properlm.cli.main", *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **popen)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def test_resume_says_where_it_resumes_and_takes_the_run_options(tmp_path):
+    """`properlm train --resume` used to say nothing of where it resumed; the one line a user saw was transformers'
+    "There were missing keys in the checkpoint model loaded: [...embed_tokens.weight ... lm_head.weight]" (weights
+    tied to the saved embedding, so nothing is lost). `--resume --output-dir DIR` alone needed every option again,
+    and metrics.jsonl logged the steps after the checkpoint twice. Now it says "resuming from checkpoint-4 (step 4
+    of 6)", takes the options saved with the checkpoint and logs each step once. (That a resumed run ends with the
+    uninterrupted run's weights is test_resume_after_kill_matches_uninterrupted_run.)"""
+    opts = {"max_steps": 6, "save_steps": 2, "dropout": 0.1}
+    killed = tiny(tmp_path, name="killed", **opts)
+    with pytest.raises(Kill):
+        run_training(killed, callbacks=[KillAtLog(5)], quiet=True)  # checkpoint-4 saved, step 5 logged
+    assert [r["step"] for r in read_metrics(killed.output_dir) if "loss" in r] == [1, 2, 3, 4, 5]
+    proc = run_cli("train", "--resume", "--output-dir", "killed", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming from checkpoint-4 (step 4 of 6)" in proc.stdout
+    assert "the options not given are the run's" in proc.stdout
+    assert "missing keys" not in proc.stderr + proc.stdout
+    assert [r["step"] for r in read_metrics(killed.output_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    with open(os.path.join(killed.output_dir, "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    assert results["global_step"] == 6 and results["resumed_from"].endswith("checkpoint-4")
+    ignored = ("resume", "source_file", "target_file", "output_dir")
+    assert {k: v for k, v in results["config"].items() if k not in ignored} == \
+        {k: v for k, v in dataclasses.asdict(killed).items() if k not in ignored}
+    assert results["config"]["source_file"] == os.path.abspath(killed.source_file)
+
+
+def test_resume_takes_given_options_over_the_saved_ones(tmp_path):
+    """A flag given with --resume (without the data) overrides the saved option and drops the saved ones it is an
+    alternative to: --schedule (the paper's switch) replaces the saved --rule and --max-steps. A command that gives
+    the data (one that ran before) takes nothing saved."""
+    from properlm.training.checkpoints import missing_weights
+    from properlm.training.resume import options_to_resume
+
+    cfg = tiny(tmp_path, max_steps=4, save_steps=2)
+    run_training(cfg, quiet=True)
+    assert options_to_resume({"output_dir": cfg.output_dir}) == (None, {"output_dir": cfg.output_dir})
+    with_data = {"output_dir": cfg.output_dir, "resume": True, "source_file": "a", "target_file": "b"}
+    assert options_to_resume(with_data) == (None, with_data)  # a command that ran before is taken as it is
+    given = {"output_dir": cfg.output_dir, "resume": True, "schedule": "logarithmic:4,brier:2"}
+    path, merged = options_to_resume(given)
+    assert path.endswith(os.path.join("checkpoint-4", "properlm_config.json"))
+    assert "max_steps" not in merged and "rule" not in merged and merged["learning_rate"] == cfg.learning_rate
+    resumed = make_config(merged)
+    assert resumed.source_file == os.path.abspath(cfg.source_file) and resumed.output_dir == cfg.output_dir
+    from properlm.modeling import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(os.path.join(cfg.output_dir, "final"))
+    tied = ["model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"]
+    assert missing_weights(model, [*tied, "model.encoder.embed_positions.weight"]) == []  # sinusoidal: not saved
+    assert missing_weights(model, ["model.shared.weight", *tied]) == ["model.shared.weight", *tied]  # all lost
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_continue(tmp_path):
+    """Ctrl-C used to print a KeyboardInterrupt traceback of 10-19 frames. Now one line says which checkpoint
+    was saved and the command that continues the run, with exit status 130."""
+    import signal
+
+    src, tgt = write_parallel(tmp_path)
+    args = ["train", "--init", "tiny-seq2seq", "--source-file", src, "--target-file", tgt, "--vocab-size", "270",
+            "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2", "--max-length", "32",
+            "--max-steps", "100000", "--save-steps", "2", "--save-total-limit", "2", "--no-progress-bar",
+            "--no-tensorboard", "--output-dir", str(tmp_path / "run")]
+    proc = run_cli(*args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while not find_checkpoints(tmp_path / "run") and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert find_checkpoints(tmp_path / "run"), proc.poll()
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("properlm train: interrupted")]
+    assert len(lines) == 1, err[-3000:]
+    assert "; saved: " in lines[0] and "checkpoint-" in lines[0]
+    assert lines[0].endswith(f"continue with: properlm train --resume --output-dir {tmp_path / 'run'}")
+
+
 def test_resume_names_the_options_that_changed(tmp_path, monkeypatch):
     """--resume with other options than the checkpoint's run (a new learning rate, more steps) used to continue
     silently; it now warns before training, naming each changed option with its old value. Logging and saving
@@ -732,3 +840,50 @@ def test_eval_forms_logits_at_scored_positions_only_with_the_same_metrics(tmp_pa
     assert "eval_score_brier" in keys and "eval_loss" in keys
     for k in keys:
         assert fast[k] == pytest.approx(full[k], abs=1e-5), k
+
+
+def test_a_finished_run_is_not_trained_over(tmp_path, capsys):
+    """A new run into a finished run's --output-dir (no checkpoints left, but final/ and results.json) used to
+    append to its metrics.jsonl, take up its tokenizer and overwrite final/. It is now refused, as a directory
+    with checkpoints is, unless --overwrite-output-dir is given."""
+    src, tgt = write_parallel(tmp_path)
+    argv = ["train", "--init", "tiny-seq2seq", "--source-file", src, "--target-file", tgt, "--vocab-size", "270",
+            "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2", "--max-length", "32", "--max-steps", "2",
+            "--logging-steps", "1", "--no-progress-bar", "--no-tensorboard", "--output-dir", str(tmp_path / "run")]
+    assert main(argv) == 0
+    out = tmp_path / "run"
+    assert not find_checkpoints(out) and (out / "final").is_dir() and (out / "results.json").is_file()
+    before = {p: p.stat().st_mtime_ns for p in [out / "metrics.jsonl", *(out / "final").iterdir()]}
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"properlm train: error: --output-dir {str(out)!r} holds a finished run (final, "
+                                "results.json); pass --overwrite-output-dir to replace it, or choose another "
+                                "--output-dir"]
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert main([*argv, "--resume"]) == 2
+    assert "no checkpoint-N directory in" in capsys.readouterr().err
+    assert main([*argv, "--overwrite-output-dir"]) == 0
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
+
+
+def test_rule_errors_and_warnings_read_as_the_command_s_own(tmp_path, capsys):
+    """`--rule spherical:2` used to end in "Spherical.__init__() takes 1 positional argument but 2 were given",
+    `--rule brie` got no suggestion, and warnings printed with a source path and line (".../training/run.py:54:
+    UserWarning"). Now the rule errors say what is wrong, and a warning prints as `properlm: warning: MESSAGE`."""
+    src, tgt = write_parallel(tmp_path)
+    data = ["--init", "tiny-seq2seq", "--source-file", src, "--target-file", tgt]
+    assert main(["train", *data, "--rule", "spherical:2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("properlm train: error: --rule: rule 'spherical:2': wrong number of parameters: spherical "
+                          "takes no parameter") and "power:ALPHA, pseudo-spherical:ALPHA" in err
+    assert main(["train", *data, "--rule", "brie"]) == 2
+    assert "unknown scoring rule 'brie' (did you mean 'brier'?)" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "input": "", "output": "b"}\nnot json\n', encoding="utf-8")
+    proc = run_cli("train", "--init", "tiny-gpt", "--train-file", str(bad), "--lora-r", "4", "--output-dir",
+                   str(tmp_path / "w"), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["properlm: warning: --lora-r has no effect without --lora",
+                                        f"properlm train: error: {bad} line 2: not valid JSON (Expecting value at "
+                                        "column 1)"], proc.stderr

@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -42,6 +43,7 @@ __all__ = [
     "is_seq2seq",
     "load_model_and_tokenizer",
     "load_tokenizer",
+    "looks_like_a_path",
     "model_config_dict",
     "model_max_positions",
     "read_training_record",
@@ -118,8 +120,33 @@ def check_model_source(model: str | None = None, gguf_file: str | None = None, i
         if not any(os.path.isfile(os.path.join(model, f)) for f in ("config.json", "adapter_config.json")):
             raise ModelLoadError(f"model directory {model!r} holds no config.json (nor adapter_config.json)"
                                  f"{training_run_hint(model)}")
-    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelLoadError(f"model directory {model!r} does not exist")
+    elif looks_like_a_path(model):
+        raise ModelLoadError(f"model directory {model!r} does not exist{_missing_path_hint(model)}")
+
+
+def looks_like_a_path(model: str) -> bool:
+    """Whether ``model`` (that names nothing local) is a mistyped local path rather than a hub id.
+
+    It is when it starts with ``.``, ``~`` or a separator, holds a backslash or more than one ``/`` (a hub
+    id is ``NAME`` or ``OWNER/NAME``), or its parent directory exists here (``runs/smol`` beside ``runs/``).
+    Such a path is refused at once, instead of trying the hub (retries, then a network error).
+    """
+    seps = tuple({"/", os.sep, os.altsep or "/"})
+    if model.startswith((".", "~", *seps)) or "\\" in model or model.count("/") > 1:
+        return True
+    parent = os.path.dirname(model)
+    return bool(parent) and os.path.isdir(parent)
+
+
+def _missing_path_hint(model: str) -> str:
+    """`` (did you mean 'runs/small'?)`` for a near name in the parent directory of a missing ``model``."""
+    parent = os.path.dirname(model.rstrip("/" + os.sep)) or "."
+    if not os.path.isdir(parent):
+        return ""
+    close = difflib.get_close_matches(os.path.basename(model.rstrip("/" + os.sep)), sorted(os.listdir(parent)), n=1)
+    if not close:
+        return ""
+    return f" (did you mean {os.path.join(os.path.dirname(model.rstrip('/' + os.sep)), close[0])!r}?)"
 
 
 def training_run_hint(model: str | None) -> str:

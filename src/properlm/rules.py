@@ -40,6 +40,8 @@ New rules: subclass :class:`ScoringRule` and decorate it with :func:`register_ru
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, TypeVar
@@ -223,8 +225,10 @@ def get_rule(rule: RuleLike) -> ScoringRule:
     name = _ALIASES.get(name, name)
     if name not in _REGISTRY:
         aliases = ", ".join(f"{a} (= {t})" for a, t in sorted(_ALIASES.items()))
+        close = difflib.get_close_matches(name, [*_REGISTRY, *_ALIASES], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(
-            f"unknown scoring rule {rule!r}; known rules: {', '.join(available_rules())}; "
+            f"unknown scoring rule {rule!r}{hint}; known rules: {', '.join(available_rules())}; "
             f"aliases: {aliases}; parameterised rules take ':ALPHA', e.g. 'power:3'"
         )
     cls = _REGISTRY[name]
@@ -237,10 +241,52 @@ def get_rule(rule: RuleLike) -> ScoringRule:
                 raise ValueError(
                     f"rule {rule!r}: parameter {part!r} is not a number (expected e.g. '{name}:1.5')"
                 ) from None
+    _check_parameter_count(rule, name, len(args))
     try:
         return cls(*args)
     except TypeError as exc:
         raise ValueError(f"rule {rule!r}: wrong number of parameters for {name!r} ({exc})") from None
+
+
+def _parameters(name: str) -> list[inspect.Parameter] | None:
+    """The numeric parameters a registered rule's constructor takes, in spec order (``None``: any number)."""
+    try:
+        params = list(inspect.signature(_REGISTRY[name]).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p for p in params if p.kind in kinds]
+
+
+def _usage(name: str) -> str:
+    """``"power:ALPHA"``: a registered rule's spec with its parameters named."""
+    params = _parameters(name) or []
+    return name + (":" + ",".join(p.name.upper() for p in params) if params else "")
+
+
+def _check_parameter_count(rule: str, name: str, given: int) -> None:
+    """Raise ``ValueError`` when ``rule`` gives the registered rule ``name`` too many or too few parameters.
+
+    The message says what ``name`` takes and lists the rules that take parameters (``power:ALPHA``, ...).
+    """
+    params = _parameters(name)
+    if params is None:
+        return
+    required = sum(p.default is inspect.Parameter.empty for p in params)
+    if required <= given <= len(params):
+        return
+    if not params:
+        takes = f"{name} takes no parameter (write {name!r})"
+    elif len(params) == 1:
+        takes = f"{name} takes one parameter ({_usage(name)})"
+    else:
+        count = f"{required} to {len(params)}" if required < len(params) else str(len(params))
+        takes = f"{name} takes {count} parameters ({_usage(name)})"
+    with_params = [_usage(n) for n in available_rules() if _parameters(n)]
+    raise ValueError(f"rule {rule!r}: wrong number of parameters: {takes}; the rules that take a parameter: "
+                     f"{', '.join(with_params)}")
 
 
 # ---------------------------------------------------------------------- the rules

@@ -7,6 +7,7 @@ Writes ``results.json`` (every figure and setting), ``hypotheses.txt`` and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -188,6 +189,22 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         also_temperature=args.also_temperature, batch_size=args.batch_size,
         max_examples=args.max_examples, generate=args.generate, output_dir=args.output_dir, progress=args.progress,
     )
+
+
+def interrupted(args: argparse.Namespace, command: str) -> str:
+    """What Ctrl-C leaves of ``properlm evaluate``: the decoded outputs in its journal, and the command to rerun."""
+    from ..evaluation.journal import journaled_outputs
+    from ..evaluation.run import DECODE_JOURNAL
+
+    journal = os.path.join(args.output_dir, DECODE_JOURNAL)
+    return "properlm evaluate: " + interrupted_decoding(journal, journaled_outputs(journal), command)
+
+
+def interrupted_decoding(journal: str, outputs: int, command: str) -> str:
+    """``interrupted; ...``: the decoded outputs kept in ``journal`` (if any) and the ``command`` that continues."""
+    if outputs:
+        return f"interrupted; {outputs} decoded outputs saved in {journal}; the same command continues: {command}"
+    return f"interrupted before any output was decoded, so nothing was saved; run it again: {command}"
 
 
 def run(args: argparse.Namespace) -> int:

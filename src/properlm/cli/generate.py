@@ -34,7 +34,13 @@ from ..modeling import (
     model_config_dict,
     read_training_record,
 )
-from .evaluate import add_decoding_arguments, add_length_arguments, add_model_arguments, new_token_offset
+from .evaluate import (
+    add_decoding_arguments,
+    add_length_arguments,
+    add_model_arguments,
+    interrupted_decoding,
+    new_token_offset,
+)
 
 PROMPT_FORMATS = ("raw", "instruction", "translation", "summarization")
 #: next to ``--output FILE`` while decoding: the journal an interrupted run resumes from (removed when done)
@@ -173,6 +179,17 @@ def _prompt(line: str, args: argparse.Namespace, tokenizer: Any, seq2seq: bool, 
         fields = {"document": line, "summary": ""}
     example = Example(line, "", args.task, fields, "input")
     return encode_prompt(example, tokenizer, seq2seq=seq2seq, max_length=n, max_source_length=limits.max_source_length)
+
+
+def interrupted(args: argparse.Namespace, command: str) -> str:
+    """What Ctrl-C leaves of ``properlm generate``: with ``--output FILE``, the outputs in its journal."""
+    from ..evaluation.journal import journaled_outputs
+
+    if args.output == "-":
+        return ("properlm generate: interrupted; nothing was saved (with --output FILE the decoded outputs are kept "
+                "and the same command continues from them)")
+    journal = args.output + JOURNAL_SUFFIX
+    return "properlm generate: " + interrupted_decoding(journal, journaled_outputs(journal), command)
 
 
 def run(args: argparse.Namespace) -> int:

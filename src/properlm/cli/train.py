@@ -10,12 +10,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import Any
 
 from ..data import DataError
 from ..modeling import ModelLoadError
-from ..training import ConfigError, config_fields, load_yaml_config, make_config, run_training
+from ..training import (
+    ConfigError,
+    TrainConfig,
+    config_fields,
+    find_checkpoints,
+    load_yaml_config,
+    make_config,
+    run_training,
+)
+from ..training.checkpoints import checkpoint_step
+from ..training.resume import options_to_resume
 
 _GROUP_TITLES = {
     "model": "model (--model and/or --gguf-file, or --init; the other options here configure --init only)",
@@ -37,6 +48,7 @@ examples:
       --output-dir runs/dft                                  # an improper baseline (DFT), not a scoring rule
   properlm train --config run.yaml --learning-rate 3e-4        # flags override the YAML file
   properlm train --config run.yaml --resume                    # continue a stopped run
+  properlm train --resume --output-dir runs/sph                # the same, with the options saved in the run
   torchrun --nproc_per_node 4 -m properlm.cli.main train --config run.yaml   # data parallel
 
 outputs in --output-dir: checkpoint-N/, final/ (model + tokenizer), averaged/ (with --average-last),
@@ -111,11 +123,37 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def with_saved_options(values: dict[str, Any]) -> dict[str, Any]:
+    """With ``resume`` and no data options: the options saved with the run's newest checkpoint, under ``values``.
+
+    See :func:`properlm.training.resume.options_to_resume`; says which file the options came from.
+    """
+    path, merged = options_to_resume(values)
+    if path is not None and os.environ.get("RANK", "0") == "0":
+        print(f"properlm train: --resume: the options not given are the run's, from {path}", flush=True)
+    return merged
+
+
+def interrupted(args: argparse.Namespace, command: str) -> str:
+    """What Ctrl-C leaves of a ``properlm train`` run: its newest checkpoint and the command that continues it."""
+    try:
+        output_dir = str(options_from_args(args).get("output_dir") or TrainConfig.output_dir)
+    except ConfigError:
+        output_dir = str(getattr(args, "output_dir", TrainConfig.output_dir))
+    checkpoints = find_checkpoints(output_dir)
+    if not checkpoints:
+        return (f"properlm train: interrupted before a checkpoint was saved in {output_dir} (--save-steps N saves "
+                f"one every N steps); nothing to resume: run the command again to start afresh")
+    step = checkpoint_step(checkpoints[-1])
+    return (f"properlm train: interrupted; saved: {checkpoints[-1]} (step {step}); continue with: "
+            f"properlm train --resume --output-dir {shlex.quote(output_dir)}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``properlm train`` with parsed arguments; returns the exit code."""
     try:
         source = f"config file {args.config}" if getattr(args, "config", None) else "arguments"
-        cfg = make_config(options_from_args(args), source=source)
+        cfg = make_config(with_saved_options(options_from_args(args)), source=source)
         results = run_training(cfg)
     except (ConfigError, DataError, ModelLoadError) as exc:
         print(f"properlm train: error: {exc}", file=sys.stderr)

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..modeling import BASE_RECORD, adapter_base
 
-__all__ = ["JOURNAL_KIND", "DecodeJournal", "journal_key", "model_fingerprint"]
+__all__ = ["JOURNAL_KIND", "DecodeJournal", "journal_key", "journaled_outputs", "model_fingerprint"]
 
 #: ``kind`` of the journal's header line
 JOURNAL_KIND = "properlm-decode-journal"
@@ -141,6 +141,18 @@ class DecodeJournal:
         self._file.write(json.dumps(obj, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
+
+
+def journaled_outputs(path: str | os.PathLike) -> int:
+    """How many decoded outputs the journal at ``path`` holds (0: no journal, or not one)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = json.loads(f.readline())
+        fingerprint = header.get("fingerprint") if isinstance(header, dict) else None
+        done, _ = _read(os.fspath(path), fingerprint) if isinstance(fingerprint, str) else ({}, False)
+    except (OSError, ValueError):
+        return 0
+    return sum(len(rec["indices"]) for rec in done.values())
 
 
 def _read(path: str, fingerprint: str) -> tuple[dict[int, dict[str, Any]], bool]:

@@ -20,7 +20,7 @@ from typing import Any
 from ..modeling import TRAINING_RECORD, gguf_location, record_gguf_base
 from .config import TrainConfig
 
-__all__ = ["write_training_record"]
+__all__ = ["drop_records_after", "write_training_record"]
 
 
 def _metrics_callback(path: str, rule_at: Any) -> Any:
@@ -31,7 +31,12 @@ def _metrics_callback(path: str, rule_at: Any) -> Any:
 
         The record is ``{"step", "epoch", "rule", "time", **logs}`` (``loss``, ``learning_rate``,
         ``grad_norm``, ``eval_loss``, ``eval_score_<rule>``, ...). ``rule`` is the rule of
-        the last optimizer step taken (``rule_at(step - 1)``)."""
+        the last optimizer step taken (``rule_at(step - 1)``). A resumed run first drops the records of the
+        steps after its checkpoint, which it takes again, so that no step is logged twice."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero and state.global_step > 0:
+                drop_records_after(path, state.global_step)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                    **kwargs: Any) -> None:
@@ -44,6 +49,47 @@ def _metrics_callback(path: str, rule_at: Any) -> Any:
                 f.write(json.dumps(record) + "\n")
 
     return MetricsLogCallback()
+
+
+def drop_records_after(path: str, step: int) -> int:
+    """Remove the records of ``metrics.jsonl`` at ``path`` logged after ``step``; how many were removed.
+
+    A run stopped after its last checkpoint logged steps that its resumed run takes (and logs) again.
+    Lines that are not JSON records with a ``step`` stay as they are.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError:
+        return 0
+    kept = [line for line in lines if _record_step(line) <= step]
+    if len(kept) < len(lines):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+    return len(lines) - len(kept)
+
+
+def _record_step(line: str) -> float:
+    """The ``step`` of one ``metrics.jsonl`` line (``-inf`` for a line without one)."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return float("-inf")
+    return float(step) if isinstance(step, (int, float)) else float("-inf")
+
+
+def _resume_callback(checkpoint: str) -> Any:
+    from transformers import TrainerCallback
+
+    class ResumeMessageCallback(TrainerCallback):
+        """Say, once the checkpoint is loaded, which one the run continues from and how far it is."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                print(f"properlm train: resuming from {os.path.basename(os.path.normpath(checkpoint))} "
+                      f"(step {state.global_step} of {state.max_steps}) in {args.output_dir}", flush=True)
+
+    return ResumeMessageCallback()
 
 
 def write_training_record(directory: str, record: Mapping[str, Any]) -> None:

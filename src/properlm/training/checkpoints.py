@@ -7,6 +7,7 @@ trained model (full model or PEFT adapter).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -16,7 +17,8 @@ import torch
 
 from ..modeling import unwrap_model
 
-__all__ = ["average_checkpoints", "find_checkpoints", "remove_earlier_run"]
+__all__ = ["average_checkpoints", "checkpoint_step", "find_checkpoints", "finished_run", "is_run_output",
+           "missing_weights", "remove_earlier_run"]
 
 #: what ``properlm train`` writes into its output directory besides ``checkpoint-N``, each with the test that
 #: tells it is the earlier run's (an ``--overwrite-output-dir`` run removes only what passes)
@@ -37,6 +39,34 @@ def find_checkpoints(output_dir: str | os.PathLike) -> list[str]:
         if m and os.path.isfile(os.path.join(d, name, "trainer_state.json")):
             found.append((int(m.group(1)), os.path.join(d, name)))
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The global step a checkpoint was saved at (its ``trainer_state.json``, else its name)."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            return int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        tail = os.path.basename(os.path.normpath(checkpoint)).rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+
+def missing_weights(model: Any, missing_keys: Sequence[str]) -> list[str]:
+    """The keys of ``missing_keys`` (absent from a loaded checkpoint) whose values the checkpoint did lose.
+
+    A checkpoint stores each tied parameter once (``model.shared.weight`` stands for the embeddings and
+    ``lm_head.weight`` tied to it) and leaves out what the model rebuilds itself (``_keys_to_ignore_on_save``,
+    e.g. sinusoidal positions); loading it reports those as missing, although nothing is lost. The keys
+    returned are the others: neither tied to a parameter that was loaded nor left out by design.
+    """
+    base = unwrap_model(model)
+    missing = set(missing_keys)
+    tied: dict[int, list[str]] = {}
+    for name, param in base.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    loaded_with = {name for names in tied.values() if any(n not in missing for n in names) for name in names}
+    by_design = set(getattr(base, "_keys_to_ignore_on_save", None) or ())
+    return [k for k in missing_keys if k not in loaded_with and k not in by_design]
 
 
 def _weights_file(checkpoint: str) -> str:
@@ -86,6 +116,40 @@ def _load_averaged(model: Any, state: dict[str, torch.Tensor], lora: bool) -> No
         raise RuntimeError(f"averaged checkpoint has parameters the model lacks: {unexpected[:5]}")
 
 
+def is_run_output(output_dir: str, name: str) -> bool:
+    """Whether ``output_dir/name`` is one of :data:`RUN_OUTPUTS` as ``properlm train`` writes it.
+
+    ``final/`` and ``averaged/`` holding :data:`properlm.modeling.TRAINING_RECORD`, ``tokenizer/`` holding
+    ``tokenizer.json``, ``base/`` holding ``config.json``, ``runs/`` holding only TensorBoard event files,
+    ``metrics.jsonl``, and a ``results.json`` with a ``global_step``.
+    """
+    from ..modeling import TRAINING_RECORD
+
+    path = os.path.join(output_dir, name)
+    inner = {"final": TRAINING_RECORD, "averaged": TRAINING_RECORD, "tokenizer": "tokenizer.json",
+             "base": "config.json"}
+    if name in inner:
+        return os.path.isfile(os.path.join(path, inner[name]))
+    if name == "runs":
+        files = [f for _, _, fs in os.walk(path) for f in fs]
+        return bool(files) and all(f.startswith("events.out.tfevents") for f in files)
+    if name == "metrics.jsonl":
+        return os.path.isfile(path)
+    if name == "results.json":
+        try:
+            with open(path, encoding="utf-8") as f:
+                return "global_step" in json.load(f)
+        except (OSError, ValueError, TypeError):
+            return False
+    return False
+
+
+def finished_run(output_dir: str | os.PathLike) -> list[str]:
+    """What of a finished ``properlm train`` run ``output_dir`` holds: ``final``, ``averaged``, ``results.json``."""
+    d = os.fspath(output_dir)
+    return [name for name in ("final", "averaged", "results.json") if is_run_output(d, name)]
+
+
 def remove_earlier_run(output_dir: str | os.PathLike) -> list[str]:
     """Remove what an earlier ``properlm train`` left in ``output_dir``; the names removed.
 
@@ -97,38 +161,16 @@ def remove_earlier_run(output_dir: str | os.PathLike) -> list[str]:
     holds other work loses none of it. ``--overwrite-output-dir`` calls it (without ``--resume``), so
     a new run neither averages an old run's checkpoints nor appends to its logs.
     """
-    import json
     import shutil
-
-    from ..modeling import TRAINING_RECORD
 
     d = os.fspath(output_dir)
     if not os.path.isdir(d):
         return []
-
-    def has(name: str, inner: str) -> bool:
-        return os.path.isfile(os.path.join(d, name, inner))
-
-    def only_tensorboard(name: str) -> bool:
-        files = [f for _, _, fs in os.walk(os.path.join(d, name)) for f in fs]
-        return bool(files) and all(f.startswith("events.out.tfevents") for f in files)
-
-    def run_results(name: str) -> bool:
-        try:
-            with open(os.path.join(d, name), encoding="utf-8") as f:
-                return "global_step" in json.load(f)
-        except (OSError, ValueError, TypeError):
-            return False
-
-    tests = {"final": lambda n: has(n, TRAINING_RECORD), "averaged": lambda n: has(n, TRAINING_RECORD),
-             "tokenizer": lambda n: has(n, "tokenizer.json"), "base": lambda n: has(n, "config.json"),
-             "runs": only_tensorboard, "metrics.jsonl": lambda n: os.path.isfile(os.path.join(d, n)),
-             "results.json": run_results}
     checkpoints = {os.path.basename(p) for p in find_checkpoints(d)}
     removed = []
     for name in sorted(os.listdir(d)):
         path = os.path.join(d, name)
-        if os.path.islink(path) or not (name in checkpoints or (name in tests and tests[name](name))):
+        if os.path.islink(path) or not (name in checkpoints or is_run_output(d, name)):
             continue
         if os.path.isdir(path):
             shutil.rmtree(path)

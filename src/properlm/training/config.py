@@ -142,7 +142,8 @@ class TrainConfig:
                                         group="checkpoints")
     average_last: int = _opt(0, "average the parameters of the last K checkpoints into OUTPUT_DIR/averaged",
                              group="checkpoints")
-    resume: bool = _opt(False, "continue a stopped run from the newest checkpoint in --output-dir",
+    resume: bool = _opt(False, "continue a stopped run from the newest checkpoint in --output-dir; given without "
+                        "the data options, the options not given are those saved with the run",
                         group="checkpoints")
     logging_steps: int = _opt(10, "log the training loss and learning rate every N steps", group="checkpoints")
     tensorboard: bool = _opt(True, "write TensorBoard logs to OUTPUT_DIR/runs (when tensorboard is installed)",

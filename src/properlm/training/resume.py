@@ -22,11 +22,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from .config import TrainConfig
+from .checkpoints import checkpoint_step, find_checkpoints
+from .config import TrainConfig, config_fields
 
-__all__ = ["RUN_CONFIG", "read_run_config", "resume_differences", "write_run_config"]
+__all__ = ["RUN_CONFIG", "options_to_resume", "read_run_config", "resume_differences", "saved_options",
+           "write_run_config"]
 
 #: file in every ``checkpoint-N``: the run's options (``dataclasses.asdict(TrainConfig)``)
 RUN_CONFIG = "properlm_config.json"
@@ -58,6 +61,67 @@ def read_run_config(checkpoint: str) -> dict[str, Any] | None:
     return saved if isinstance(saved, dict) else None
 
 
+def saved_options(output_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """``(path, options)``: the options saved with the newest checkpoint of ``output_dir``, for ``--resume``.
+
+    ``path`` is the :data:`RUN_CONFIG` file read; ``options`` leaves out where the run is and how it starts
+    (``output_dir``, ``resume``, ``overwrite_output_dir``) and names this version does not know. ``None``
+    when there is no checkpoint, or its options were not saved.
+    """
+    checkpoints = find_checkpoints(output_dir)
+    saved = read_run_config(checkpoints[-1]) if checkpoints else None
+    if saved is None:
+        return None
+    known = {f.name for f in config_fields()} - {"output_dir", "resume", "overwrite_output_dir"}
+    return os.path.join(checkpoints[-1], RUN_CONFIG), {k: v for k, v in saved.items() if k in known}
+
+
+#: an option given to ``--resume`` -> the saved options it replaces (they are alternatives to it)
+_REPLACES: dict[str, frozenset[str]] = {
+    "schedule": frozenset({"rule", "improper_loss", "max_steps", "num_train_epochs"}),
+    "rule": frozenset({"schedule", "improper_loss"}),
+    "improper_loss": frozenset({"rule", "schedule"}),
+    "max_steps": frozenset({"num_train_epochs"}),
+    "num_train_epochs": frozenset({"max_steps"}),
+    "model": frozenset({"init", "gguf_file"}),
+    "gguf_file": frozenset({"init", "model"}),
+    "init": frozenset({"model", "gguf_file"}),
+    "validation_file": frozenset({"validation_source_file", "validation_target_file", "validation_fraction"}),
+    "validation_source_file": frozenset({"validation_file", "validation_fraction"}),
+    "validation_target_file": frozenset({"validation_file", "validation_fraction"}),
+    "validation_fraction": frozenset({"validation_file", "validation_source_file", "validation_target_file"}),
+    "bf16": frozenset({"fp16"}),
+    "fp16": frozenset({"bf16"}),
+}
+
+
+#: the options that give the training data: a ``--resume`` command without any of them takes the saved ones
+_DATA_OPTIONS = ("train_file", "source_file", "target_file")
+
+
+def options_to_resume(given: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """``(path, options)``: the options of a ``--resume`` run given without its data, the saved ones under them.
+
+    ``given`` maps option names to the values given (flags, YAML file). With ``resume`` among them but none
+    of the data options (``train_file``, ``source_file``, ``target_file``), such as ``--resume --output-dir
+    DIR``, the options saved with the newest checkpoint of their ``output_dir`` (:func:`saved_options`) are
+    the base and ``given`` overrides them; a given option also drops the saved ones that are its
+    alternatives (``--schedule`` the saved ``--rule`` and ``--max-steps``). A command that gives the data is
+    taken as it is, as before (without the data it could not run), so no command that ran before trains
+    differently. ``path`` is the file the saved options came from; ``(None, given)`` when none were taken.
+    """
+    values = dict(given)
+    if not values.get("resume") or any(values.get(name) is not None for name in _DATA_OPTIONS):
+        return None, values
+    found = saved_options(str(values.get("output_dir") or TrainConfig.output_dir))
+    if found is None:
+        return None, values
+    path, saved = found
+    dropped = set(values).union(*(_REPLACES.get(name, frozenset()) for name in values))
+    taken = {k: v for k, v in saved.items() if k not in dropped}
+    return (path if taken else None), {**taken, **values}
+
+
 def resume_differences(cfg: TrainConfig, checkpoint: str) -> list[str]:
     """``["--flag NEW (the run had OLD)", ...]``: how ``cfg`` changes the steps ``checkpoint`` holds.
 
@@ -69,7 +133,7 @@ def resume_differences(cfg: TrainConfig, checkpoint: str) -> list[str]:
     if saved is None:
         return []
     now = _canonical(dataclasses.asdict(cfg))
-    steps = _checkpoint_step(checkpoint)
+    steps = checkpoint_step(checkpoint)
     objective_changed = _objective(saved, steps) != _objective(now, steps)
     length_matters = (saved.get("lr_scheduler") not in _LENGTH_FREE_SCHEDULERS
                       or now.get("lr_scheduler") not in _LENGTH_FREE_SCHEDULERS)
@@ -93,16 +157,6 @@ _OBJECTIVE = frozenset({"rule", "schedule", "improper_loss"})
 _LENGTH = frozenset({"max_steps", "num_train_epochs", "schedule"})
 #: learning-rate schedules whose value at a step does not depend on the run's length
 _LENGTH_FREE_SCHEDULERS = frozenset({"constant", "inverse_sqrt"})
-
-
-def _checkpoint_step(checkpoint: str) -> int:
-    """The global step a checkpoint was saved at (its ``trainer_state.json``, else its name)."""
-    try:
-        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
-            return int(json.load(f)["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        tail = os.path.basename(os.path.normpath(checkpoint)).rsplit("-", 1)[-1]
-        return int(tail) if tail.isdigit() else 0
 
 
 def _stages(config: dict[str, Any]) -> list[tuple[str, int | None]]:

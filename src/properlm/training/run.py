@@ -21,6 +21,7 @@ from .callbacks import (
     _gguf_base_callback,
     _metrics_callback,
     _record_gguf_base,
+    _resume_callback,
     _training_record_callback,
     write_training_record,
 )
@@ -166,6 +167,8 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
     trainer.properlm_improper_loss = improper
 
     resume_from = find_checkpoints(cfg.output_dir)[-1] if cfg.resume else None
+    if resume_from is not None and not quiet:
+        trainer.add_callback(_resume_callback(resume_from))
     started = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     results: dict[str, Any] = {

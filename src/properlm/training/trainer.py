@@ -9,12 +9,14 @@ is the patched model's own (:func:`properlm.integrations.transformers.apply_scor
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from ..evaluation.teacher_forced import _scored_rows
 from ..modeling import is_seq2seq, unwrap_model
+from .checkpoints import missing_weights
 from .sampler import EpochSeededLengthGroupedSampler
 from .scores import _row_score_sums, _score_sums
 
@@ -59,6 +61,21 @@ def _make_trainer_class() -> type:
                 seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
                 sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
             return sampler
+
+        def _issue_warnings_after_load(self, load_result: Any) -> None:
+            """``Trainer``'s warnings after loading a checkpoint, without the alarm for tied weights.
+
+            A checkpoint holds each tied parameter once, so loading it reports the embeddings and the
+            output head tied to it as missing keys ("There were missing keys in the checkpoint model
+            loaded: [...embed_tokens.weight, ... lm_head.weight]"), which reads as lost weights. When
+            every missing key is of that kind (:func:`~properlm.training.checkpoints.missing_weights`),
+            that warning is left out; any other missing key warns as before.
+            """
+            missing = list(load_result.missing_keys)
+            ignored = set(getattr(self.model, "_keys_to_ignore_on_save", None) or ())
+            if missing and set(missing) != ignored and not missing_weights(self.model, missing):
+                load_result = SimpleNamespace(missing_keys=[], unexpected_keys=list(load_result.unexpected_keys))
+            super()._issue_warnings_after_load(load_result)
 
         def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                             ignore_keys: Any = None) -> tuple[Any, Any, Any]:

@@ -21,7 +21,7 @@ from ..improper import IMPROPER_OBJECTIVES
 from ..modeling import MIN_VOCAB_SIZE, ModelLoadError, check_model_source, model_config_dict, model_max_positions
 from ..rules import get_rule
 from ..stats import PAPER_SMOOTHING_WARN_VOCAB, SMOOTHING_VARIANTS, warn_paper_smoothing
-from .checkpoints import find_checkpoints
+from .checkpoints import find_checkpoints, finished_run
 from .config import LR_SCHEDULERS, ConfigError, TrainConfig
 
 __all__ = ["PAPER_SMOOTHING_WARN_VOCAB", "ignored_option_warnings", "smoothing_warning", "validate_config"]
@@ -186,11 +186,7 @@ def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
     if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
         raise ConfigError(f"--output-dir {cfg.output_dir!r} is a file")
     checkpoints = find_checkpoints(cfg.output_dir)
-    if cfg.resume and not checkpoints:
-        raise ConfigError(f"--resume: no checkpoint-N directory in {cfg.output_dir!r} to resume from")
-    if not cfg.resume and checkpoints and not cfg.overwrite_output_dir:
-        raise ConfigError(f"--output-dir {cfg.output_dir!r} already holds checkpoints; pass --resume to continue "
-                          "that run or --overwrite-output-dir to start afresh")
+    _check_earlier_run(cfg, checkpoints)
     if warn:
         import warnings
 
@@ -200,6 +196,27 @@ def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
         for message in [*ignored_option_warnings(cfg), *_earlier_run_warnings(cfg, checkpoints),
                         *_resume_warnings(cfg, checkpoints), *([slow] if slow else [])]:
             warnings.warn(message, UserWarning, stacklevel=2)
+
+
+def _check_earlier_run(cfg: TrainConfig, checkpoints: list[str]) -> None:
+    """Refuse to train into an earlier run's ``--output-dir`` unless told what to do with it.
+
+    Its checkpoints need ``--resume`` (continue) or ``--overwrite-output-dir`` (start afresh); a finished run
+    with no checkpoint left (``final/``, ``results.json``) needs ``--overwrite-output-dir``: a new run would
+    append to its ``metrics.jsonl``, take up its tokenizer and overwrite its ``final/``.
+    """
+    finished = finished_run(cfg.output_dir)
+    if cfg.resume and not checkpoints:
+        held = f" (it holds a finished run: {', '.join(finished)})" if finished else ""
+        raise ConfigError(f"--resume: no checkpoint-N directory in {cfg.output_dir!r} to resume from{held}")
+    if cfg.resume or cfg.overwrite_output_dir:
+        return
+    if checkpoints:
+        raise ConfigError(f"--output-dir {cfg.output_dir!r} already holds checkpoints; pass --resume to continue "
+                          "that run or --overwrite-output-dir to start afresh")
+    if finished:
+        raise ConfigError(f"--output-dir {cfg.output_dir!r} holds a finished run ({', '.join(finished)}); pass "
+                          "--overwrite-output-dir to replace it, or choose another --output-dir")
 
 
 def _resume_warnings(cfg: TrainConfig, checkpoints: list[str]) -> list[str]:

@@ -712,3 +712,22 @@ def test_a_mistyped_model_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, 
 
     assert looks_like_a_path("runs/smol") and looks_like_a_path("./smol") and looks_like_a_path("a/b/c")
     assert not looks_like_a_path("HuggingFaceTB/SmolLM2-135M") and not looks_like_a_path("gpt2")
+
+
+def test_generate_from_a_terminal_says_how_the_input_ends(tiny_models, tmp_path, monkeypatch, capsys):
+    """Reading stdin from a terminal, generate says that it waits for lines ending with Ctrl-D; from a pipe it
+    says nothing."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    argv = ["generate", "--model", tiny_models["tiny-gpt"], "--task", "translation", "--max-new-tokens", "1",
+            "--output", str(tmp_path / "out.txt")]
+    monkeypatch.setattr("sys.stdin", Terminal("das haus\n"))
+    assert main(argv) == 0
+    assert "end with Ctrl-D" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("das haus\n"))
+    assert main(argv) == 0
+    assert "Ctrl-D" not in capsys.readouterr().err

@@ -887,3 +887,54 @@ def test_rule_errors_and_warnings_read_as_the_command_s_own(tmp_path, capsys):
     assert proc.stderr.splitlines() == ["properlm: warning: --lora-r has no effect without --lora",
                                         f"properlm train: error: {bad} line 2: not valid JSON (Expecting value at "
                                         "column 1)"], proc.stderr
+
+
+def test_what_training_cut_and_its_bars_are_said_where_a_user_reads(tmp_path):
+    """As a user runs it with its output going to a log: the examples cut at --max-length are counted in one
+    line (and in results.json); no progress bar, not even transformers' loading or saving bars, floods the
+    log with carriage returns; a run that cuts nothing says nothing about it."""
+    src, tgt = write_parallel(tmp_path, n=24)
+    long_src = tmp_path / "long.src"
+    lines = (tmp_path / "train.src").read_text(encoding="utf-8").splitlines()
+    lines[0] = " ".join(["123"] * 30)
+    long_src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    common = ["train", "--init", "tiny-seq2seq", "--target-file", tgt, "--vocab-size", "270", "--hidden-size", "16",
+              "--num-layers", "1", "--num-heads", "2", "--max-steps", "1", "--no-tensorboard"]
+    proc = run_cli(*common, "--source-file", str(long_src), "--max-length", "16", "--output-dir",
+                   str(tmp_path / "cut"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "properlm train: 1 of 24 training examples cut at --max-length 16" in proc.stdout
+    assert "\r" not in proc.stdout + proc.stderr  # no bar in a log
+    results = json.loads((tmp_path / "cut" / "results.json").read_text(encoding="utf-8"))
+    assert results["truncation"]["num_cut_at_max_length"] == 1 and results["truncation"]["max_length"] == 16
+    proc = run_cli(*common, "--source-file", src, "--output-dir", str(tmp_path / "whole"), cwd=tmp_path)
+    assert proc.returncode == 0 and "cut at" not in proc.stdout
+
+
+def test_paper_smoothing_is_warned_before_the_model_loads(tmp_path, monkeypatch):
+    """The collapsing combination (a bounded rule, the paper's smoothing, a large vocabulary) is said by the
+    checks, from the model directory's config.json, before anything is loaded; once."""
+    import warnings
+
+    from properlm import stats
+    from properlm.training import TrainConfig, validate_config
+    from properlm.training.validation import expected_vocab_size
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 49152}), encoding="utf-8")
+    src, tgt = write_parallel(tmp_path, n=4)
+    monkeypatch.setattr(stats, "_WARNED_PAPER_SMOOTHING", set())
+    cfg = TrainConfig(model=str(model), source_file=src, target_file=tgt, rule="spherical", smoothing=0.1,
+                      output_dir=str(tmp_path / "run"))
+    assert expected_vocab_size(cfg) == 49152
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        validate_config(cfg)
+    texts = [str(w.message) for w in caught if "--smoothing-variant gated" in str(w.message)]
+    assert len(texts) == 1 and "49152 tokens" in texts[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        validate_config(TrainConfig(model=str(model), source_file=src, target_file=tgt, rule="spherical",
+                                    smoothing=0.1, smoothing_variant="gated", output_dir=str(tmp_path / "run")))
+    assert not [w for w in caught if "--smoothing-variant" in str(w.message)]

@@ -142,6 +142,9 @@ def _limits(args: argparse.Namespace, config: Any) -> LengthLimits:
 
 def _read_inputs(path: str) -> list[str]:
     if path == "-":
+        if sys.stdin.isatty():  # a user typing: say how the input ends
+            print("properlm generate: reading inputs from the terminal, one per line; end with Ctrl-D (or give "
+                  "--input FILE)", file=sys.stderr, flush=True)
         text = sys.stdin.read()
         name = "stdin"
     else:

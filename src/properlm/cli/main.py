@@ -14,7 +14,6 @@ import shlex
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import TextIO
 
 from .. import __version__
 
@@ -62,20 +61,18 @@ def interrupted_message(args: argparse.Namespace, command: str) -> str:
     return str(describe(args, command))
 
 
-def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                 file: TextIO | None = None, line: str | None = None) -> None:
-    """``warnings.showwarning`` of the console script: ``properlm: warning: MESSAGE``, one line per warning.
+def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   line: str | None = None) -> str:
+    """``warnings.formatwarning`` of the console script: ``properlm: warning: MESSAGE``, one line per warning.
 
     No source path and line (``.../training/run.py:54: UserWarning``): properlm's warnings are about the
     command's options and data. A warning from another package is named with it and its category
-    (``properlm: warning: FutureWarning from transformers: ...``).
+    (``properlm: warning: FutureWarning from transformers: ...``). Only the format changes: a recorder of
+    warnings (``warnings.catch_warnings(record=True)``, pytest) still receives them.
     """
     origin = _package_of(filename)
     where = "" if origin == "properlm" else f"{category.__name__} from {origin}: "
-    try:
-        print(f"properlm: warning: {where}{message}", file=file or sys.stderr, flush=True)
-    except OSError:  # stderr closed: nothing to tell
-        pass
+    return f"properlm: warning: {where}{message}\n"
 
 
 def _package_of(filename: str) -> str:
@@ -92,13 +89,13 @@ def _package_of(filename: str) -> str:
 
 @contextlib.contextmanager
 def console_warnings() -> Iterator[None]:
-    """Print Python warnings with :func:`show_warning` while a command runs (the console script only)."""
-    previous = warnings.showwarning
-    warnings.showwarning = show_warning
+    """Format Python warnings with :func:`format_warning` while a command runs (the console script only)."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = format_warning
     try:
         yield
     finally:
-        warnings.showwarning = previous
+        warnings.formatwarning = previous
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,31 +79,52 @@ def tokenize_example(example: Example, tokenizer: Any, *, seq2seq: bool, max_len
       prompt is cut first (its beginning kept), so that at least ``min(len(target),
       max_length // 2)`` target tokens remain; then the sequence is cut at ``max_length``.
     """
+    return _tokenize(example, tokenizer, seq2seq, max_length, max_source_length)[0]
+
+
+def _tokenize(example: Example, tokenizer: Any, seq2seq: bool, max_length: int,
+              max_source_length: int | None) -> tuple[dict[str, list[int]], bool, bool]:
+    """:func:`tokenize_example`'s row, and whether the source and the sequence were cut.
+
+    The second value: ``max_source_length`` cut the source; the third: ``max_length`` cut the sequence.
+    """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    prompt = _prompt_ids(truncate_source(example, tokenizer, max_source_length), tokenizer, seq2seq)
+    source = truncate_source(example, tokenizer, max_source_length)
+    prompt = _prompt_ids(source, tokenizer, seq2seq)
     target = _target_ids(example, tokenizer)
     if seq2seq:
         input_ids = prompt[:max_length]
         labels = target[:max_length]
-        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+        cut = len(prompt) > max_length or len(target) > max_length
+        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}, \
+            source is not example, cut
+    cut = len(prompt) + len(target) > max_length
     keep_target = min(len(target), max(1, max_length // 2))
-    if len(prompt) + len(target) > max_length and len(prompt) > max_length - keep_target:
+    if cut and len(prompt) > max_length - keep_target:
         prompt = prompt[: max_length - keep_target]
     input_ids = (prompt + target)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + target)[:max_length]
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}, \
+        source is not example, cut
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, seq2seq: bool, max_length: int,
-                      max_source_length: int | None = None) -> Any:
+                      max_source_length: int | None = None, truncation: dict[str, int] | None = None) -> Any:
     """Tokenise ``examples`` (see :func:`tokenize_example`) into a ``datasets.Dataset``.
 
-    Its columns are ``input_ids``, ``attention_mask`` and ``labels``.
+    Its columns are ``input_ids``, ``attention_mask`` and ``labels``. A ``truncation`` dict receives the counts
+    ``num_examples``, ``num_sources_cut`` (cut by ``max_source_length``) and ``num_cut_at_max_length``.
     """
     import datasets
 
-    rows = [tokenize_example(e, tokenizer, seq2seq=seq2seq, max_length=max_length,
-                             max_source_length=max_source_length) for e in examples]
+    rows, sources_cut, cut = [], 0, 0
+    for e in examples:
+        row, source_cut, sequence_cut = _tokenize(e, tokenizer, seq2seq, max_length, max_source_length)
+        rows.append(row)
+        sources_cut += source_cut
+        cut += sequence_cut
+    if truncation is not None:
+        truncation.update(num_examples=len(rows), num_sources_cut=sources_cut, num_cut_at_max_length=cut)
     return datasets.Dataset.from_list(rows)
 

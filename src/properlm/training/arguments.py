@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -72,7 +73,7 @@ def _training_arguments(cfg: TrainConfig, max_steps: int, has_eval: bool) -> Any
         "save_steps": cfg.save_steps or 500,
         "save_total_limit": cfg.save_total_limit,
         "report_to": report,
-        "disable_tqdm": not cfg.progress_bar,
+        "disable_tqdm": not show_progress_bar(cfg),
         "remove_unused_columns": False,
         "label_names": ["labels"],
         "dataloader_num_workers": cfg.dataloader_num_workers,
@@ -81,3 +82,11 @@ def _training_arguments(cfg: TrainConfig, max_steps: int, has_eval: bool) -> Any
         "ddp_find_unused_parameters": False,
     }
     return TrainingArguments(**kwargs)
+
+
+def show_progress_bar(cfg: TrainConfig) -> bool:
+    """Whether training shows progress bars: ``--progress-bar`` (the default) and a terminal on stderr.
+
+    Redirected to a file, a bar's carriage-return updates flood the log; the periodic log lines stay.
+    """
+    return bool(cfg.progress_bar) and sys.stderr.isatty()

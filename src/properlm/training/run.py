@@ -16,7 +16,7 @@ from typing import Any
 from ..improper import IMPROPER_OBJECTIVES
 from ..modeling import gguf_location, is_seq2seq
 from ..rules import get_rule
-from .arguments import _training_arguments
+from .arguments import _training_arguments, show_progress_bar
 from .callbacks import (
     _gguf_base_callback,
     _metrics_callback,
@@ -30,9 +30,15 @@ from .config import TrainConfig
 from .loading import _apply_lora, _build_model, _load_data, _vocab_size
 from .scores import _final_eval, _score_metrics, eval_rules
 from .trainer import _make_trainer_class
-from .validation import _parse_schedule, _warn_if_fsdp_ignored, smoothing_warning, validate_config
+from .validation import (
+    _parse_schedule,
+    _warn_if_fsdp_ignored,
+    expected_vocab_size,
+    run_smoothing_warning,
+    validate_config,
+)
 
-__all__ = ["run_training"]
+__all__ = ["run_training", "truncation_line"]
 
 
 def _save(trainer: Any, cfg: TrainConfig, name: str, record: Mapping[str, Any]) -> str:
@@ -45,6 +51,21 @@ def _save(trainer: Any, cfg: TrainConfig, name: str, record: Mapping[str, Any]) 
     return directory
 
 
+def truncation_line(counts: dict[str, int], cfg: TrainConfig) -> str:
+    """What the training data lost to the length limits, as one line.
+
+    E.g. ``"12 of 4498 training examples cut at --max-length 384"``, and the sources cut at ``--max-source-length``.
+    """
+    parts = []
+    if counts["num_cut_at_max_length"]:
+        parts.append(f"{counts['num_cut_at_max_length']} of {counts['num_examples']} training examples cut at "
+                     f"--max-length {cfg.max_length}")
+    if counts["num_sources_cut"]:
+        parts.append(f"{counts['num_sources_cut']} of {counts['num_examples']} sources cut at --max-source-length "
+                     f"{cfg.max_source_length}")
+    return "; ".join(parts)
+
+
 def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool = False) -> dict[str, Any]:
     """Train as configured by ``cfg``; returns the results dictionary also written to ``output_dir/results.json``.
 
@@ -53,6 +74,20 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
     no log lines; ``metrics.jsonl`` is still written).
     """
     validate_config(cfg)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if bars and (quiet or not show_progress_bar(cfg)):  # transformers' loading and saving bars too
+        hf_logging.disable_progress_bar()
+    try:
+        return _train(cfg, callbacks, quiet)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str, Any]:
+    """:func:`run_training` after the checks."""
     train_examples, val_examples = _load_data(cfg)
 
     from transformers import set_seed
@@ -107,18 +142,19 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
             model.name_or_path = base_dir
         model = _apply_lora(cfg, model, seq2seq)
     lengths = {"max_length": cfg.max_length, "max_source_length": cfg.max_source_length}
-    train_ds = tokenize_examples(train_examples, tokenizer, seq2seq=seq2seq, **lengths)
+    truncation: dict[str, int] = {}
+    train_ds = tokenize_examples(train_examples, tokenizer, seq2seq=seq2seq, truncation=truncation, **lengths)
+    if not quiet and args.process_index == 0 and (truncation["num_sources_cut"] or truncation["num_cut_at_max_length"]):
+        print("properlm train: " + truncation_line(truncation, cfg), flush=True)
     val_ds = tokenize_examples(val_examples, tokenizer, seq2seq=seq2seq, **lengths) if val_examples else None
 
-    stage_rules = [r for r, _ in schedule.stages] if schedule is not None else [cfg.rule]
     vocab = _vocab_size(model)
-    for stage_rule in stage_rules:
-        message = smoothing_warning(stage_rule, cfg.smoothing, cfg.smoothing_variant, vocab)
+    if vocab != expected_vocab_size(cfg):  # not known, or other than validate_config warned for before loading
+        message = run_smoothing_warning(cfg, vocab)
         if message is not None:
             import warnings
 
             warnings.warn(message, UserWarning, stacklevel=2)
-            break
     if improper is not None:
         handle = apply_improper_loss(model, improper, fused=cfg.fused)
         if not quiet and args.process_index == 0:
@@ -180,6 +216,7 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
         "train_seconds": time.time() - started,
         "global_step": trainer.state.global_step,
         "num_train_examples": len(train_examples),
+        "truncation": {**lengths, **truncation},
         "num_validation_examples": len(val_examples),
         "seq2seq": seq2seq,
     }

@@ -24,7 +24,8 @@ from ..stats import PAPER_SMOOTHING_WARN_VOCAB, SMOOTHING_VARIANTS, warn_paper_s
 from .checkpoints import find_checkpoints, finished_run
 from .config import LR_SCHEDULERS, ConfigError, TrainConfig
 
-__all__ = ["PAPER_SMOOTHING_WARN_VOCAB", "ignored_option_warnings", "smoothing_warning", "validate_config"]
+__all__ = ["PAPER_SMOOTHING_WARN_VOCAB", "expected_vocab_size", "ignored_option_warnings", "run_smoothing_warning",
+           "smoothing_warning", "validate_config"]
 
 
 def _parse_schedule(spec: str) -> Any:
@@ -193,8 +194,10 @@ def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
         from ..evaluation.precision import slow_bf16_warning
 
         slow = slow_bf16_warning("auto", "training") if cfg.bf16 else None
+        smoothing = run_smoothing_warning(cfg, expected_vocab_size(cfg))
         for message in [*ignored_option_warnings(cfg), *_earlier_run_warnings(cfg, checkpoints),
-                        *_resume_warnings(cfg, checkpoints), *([slow] if slow else [])]:
+                        *_resume_warnings(cfg, checkpoints), *([slow] if slow else []),
+                        *([smoothing] if smoothing else [])]:
             warnings.warn(message, UserWarning, stacklevel=2)
 
 
@@ -344,6 +347,31 @@ def smoothing_warning(rule: str, smoothing: float, smoothing_variant: str, vocab
             "probability down by about eps per token until every tail token reaches eps/V, and under Adam this "
             "flattens the distribution within a few steps (SmolLM2, V = 49152: decoding degenerates). "
             "Use --smoothing-variant gated (or none); see the README, 'Score smoothing'.")
+
+
+def expected_vocab_size(cfg: TrainConfig) -> int | None:
+    """The vocabulary size the run will have, known before loading anything.
+
+    ``--vocab-size`` of ``--init`` (an upper bound: the trained tokenizer may be smaller), or the local model
+    directory's ``config.json`` (also a nested ``text_config``); ``None`` for a hub id or a GGUF file.
+    """
+    if cfg.init is not None:
+        return cfg.vocab_size
+    config = model_config_dict(cfg.model, cfg.gguf_file) or {}
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(vocab) if isinstance(vocab, int) else None
+
+
+def run_smoothing_warning(cfg: TrainConfig, vocab_size: int | None) -> str | None:
+    """:func:`smoothing_warning` for the run's rules (every stage of a schedule) at ``vocab_size``, or ``None``."""
+    if vocab_size is None or cfg.improper_loss is not None:
+        return None
+    rules = [r for r, _ in _parse_schedule(cfg.schedule).stages] if cfg.schedule else [cfg.rule]
+    for rule in rules:
+        message = smoothing_warning(rule, cfg.smoothing, cfg.smoothing_variant, vocab_size)
+        if message is not None:
+            return message
+    return None
 
 
 def _warn_if_fsdp_ignored(trainer: Any) -> None:

@@ -30,7 +30,10 @@ relative difference of the step losses from the eager HF CE ones, ``max_t |L_t -
 to float rounding). Ratios are ``x / x(HF CE)`` of the **same mode** (eager against eager HF CE, compiled against
 compiled HF CE).
 
-Peak memory (``--memory``, on by default) of one step, each variant and mode in its **own fresh subprocess**
+Peak memory (``--memory``, on by default) of one step, of its forward + backward and of the whole step
+(with the AdamW update, whose temporaries, e.g. of the size of the 49,152 x 576 tied embedding, can dominate at
+few layers),
+each variant and mode in its **own fresh subprocess**
 (``--peak-of``), which builds the model and runs ``max(--warmup, 1)`` untimed steps (the compile) first. On the
 CPU: ``peak = VmHWM_after - VmRSS_before`` from ``/proc/self/status``, where ``VmRSS_before`` is read just
 before the step (after ``gc.collect()`` and glibc ``malloc_trim(0)``) and the high-water mark ``VmHWM`` is reset
@@ -245,12 +248,13 @@ def _trim() -> None:
         pass
 
 
-def measure_peak(variant: str, mode: str, shape: str, args: argparse.Namespace) -> int:
+def measure_peak(variant: str, mode: str, shape: str, args: argparse.Namespace) -> tuple[int, int]:
     """Peak memory (bytes) of one training step of ``variant`` / ``mode``, after ``max(warmup, 1)`` untimed steps
-    (the first compiles): on the CPU ``VmHWM`` after the step minus ``VmRSS`` before it, ``VmHWM`` reset by writing
-    5 to ``/proc/self/clear_refs`` just before the step; on CUDA ``max_memory_allocated`` over the step (after
-    ``reset_peak_memory_stats``) minus ``memory_allocated`` before it. Meant for a fresh process per variant
-    (``--peak-of``), so that no other variant's memory is in the picture."""
+    (the first compiles): of the forward + backward, and of the whole step (with the AdamW update). On the CPU
+    ``VmHWM`` after minus ``VmRSS`` before the step, ``VmHWM`` reset by writing 5 to ``/proc/self/clear_refs`` just
+    before it; on CUDA ``max_memory_allocated`` (after ``reset_peak_memory_stats``) minus ``memory_allocated``
+    before it. Meant for a fresh process per variant (``--peak-of``), so that no other variant's memory is in the
+    picture."""
     model, opt = make_variant(variant, mode, shape, args)
     V = SHAPES[shape]["config"]["vocab_size"]
     warm = max(args.warmup, 1)
@@ -262,18 +266,26 @@ def measure_peak(variant: str, mode: str, shape: str, args: argparse.Namespace) 
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        train_step(model, opt, ids, labels)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    _trim()
-    before = _vm("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    train_step(model, opt, ids, labels)
-    return _vm("VmHWM") - before
+
+        def peak() -> int:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - before
+    else:
+        _trim()
+        before = _vm("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+        def peak() -> int:
+            return _vm("VmHWM") - before
+    model(ids, labels).backward()
+    fwd_bwd = peak()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return fwd_bwd, peak()
 
 
-def peak_in_subprocess(variant: str, mode: str, shape: str, args: argparse.Namespace) -> int | None:
+def peak_in_subprocess(variant: str, mode: str, shape: str, args: argparse.Namespace) -> tuple[int | None, int | None]:
     """``measure_peak`` in a fresh Python process running this script with ``--peak-of``; ``None`` on failure."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--peak-of", f"{variant}:{mode}:{shape}",
            "--layers", str(args.layers), "--warmup", str(args.warmup), "--smoothing", str(args.smoothing),
@@ -282,9 +294,10 @@ def peak_in_subprocess(variant: str, mode: str, shape: str, args: argparse.Names
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("PEAK "):
-            return int(line.split()[1])
+            fwd_bwd, step = line.split()[1:3]
+            return int(fwd_bwd), int(step)
     print(f"peak memory of {variant} {mode} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-    return None
+    return None, None
 
 
 def run_steps(shape: str, args: argparse.Namespace) -> dict[tuple[str, str], dict]:
@@ -307,7 +320,7 @@ def run_steps(shape: str, args: argparse.Namespace) -> dict[tuple[str, str], dic
         out[(variant, mode)] = s
     del runs
     for key in out:
-        out[key]["peak"] = peak_in_subprocess(*key, shape, args) if args.memory else None
+        out[key]["peak_fb"], out[key]["peak"] = peak_in_subprocess(*key, shape, args) if args.memory else (None, None)
     return out
 
 
@@ -325,9 +338,10 @@ def print_steps(shape: str, r: dict[tuple[str, str], dict], args: argparse.Names
     print(f"\n{shape}: {layers_of(shape, args)} layers, batch {b} x {t}, {args.steps} interleaved rounds after "
           f"{args.warmup} warm-up; ratios to HF cross-entropy of the same mode")
     print("| shape | variant | mode | median step (s) | spread (min - max) | step / HF CE | median CPU (s) "
-          "| CPU / HF CE | first step (s) | peak step memory (MiB) | memory / HF CE | loss rel. diff vs HF CE "
+          "| CPU / HF CE | first step (s) | peak fwd+bwd (MiB) | fwd+bwd memory / HF CE | peak step (MiB) "
+          "| step memory / HF CE | loss rel. diff vs HF CE "
           "| fullgraph |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     ref_eager = r.get(("hf-ce", "eager"), {}).get("losses")
     for (variant, mode), s in r.items():
         base = r.get(("hf-ce", mode))
@@ -339,7 +353,8 @@ def print_steps(shape: str, r: dict[tuple[str, str], dict], args: argparse.Names
         base = base or {}
         print(f"| {shape} | {VARIANTS[variant]} | {mode} | {s['wall']:.4f} | {_spread(s)} "
               f"| {_ratio(s['wall'], base.get('wall'))} | {s['cpu']:.4f} | {_ratio(s['cpu'], base.get('cpu'))} "
-              f"| {s['first']:.1f} | {_mib(s['peak'])} | {_ratio(s['peak'], base.get('peak'))} | {diff} | {fg} |",
+              f"| {s['first']:.1f} | {_mib(s['peak_fb'])} | {_ratio(s['peak_fb'], base.get('peak_fb'))} "
+              f"| {_mib(s['peak'])} | {_ratio(s['peak'], base.get('peak'))} | {diff} | {fg} |",
               flush=True)
 
 
@@ -435,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loss-shape", default="2048,512,32000", help="N,H,V of --loss-only")
     args = p.parse_args(argv)
     if args.peak_of:
-        print(f"PEAK {measure_peak(*args.peak_of.split(':'), args)}")
+        print("PEAK {} {}".format(*measure_peak(*args.peak_of.split(":"), args)))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, device {args.device}, smoothing {args.smoothing}, "

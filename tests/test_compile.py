@@ -295,8 +295,7 @@ def test_train_cli_torch_compile(tmp_path):
         validate_config(tiny(tmp_path, name="bad", torch_compile=True, torch_compile_backend="nope"))
 
 
-def test_bench_compile_prints_its_table(capsys):
-    """benchmarks/bench_compile.py end to end on the tiny shape (aot_eager, one step each)."""
+def _bench_compile():
     import importlib.util
     from pathlib import Path
 
@@ -304,7 +303,36 @@ def test_bench_compile_prints_its_table(capsys):
     spec = importlib.util.spec_from_file_location("bench_compile", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--shapes", "tiny", "--steps", "1", "--warmup", "0", "--backend", "aot_eager"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
-    assert len(rows) == 1
-    assert float(rows[0].split("|")[-2]) <= TOL  # max loss rel. diff
+    return bench
+
+
+def test_bench_compile_prints_its_table(capsys):
+    """benchmarks/bench_compile.py end to end on the tiny shape (aot_eager, one warm-up and one timed step each,
+    no memory subprocesses): a row per variant and mode, the HF CE rows at ratio 1.00, the log variants' losses
+    equal to HF cross-entropy's."""
+    bench = _bench_compile()
+    bench.main(["--shapes", "tiny", "--steps", "1", "--warmup", "1", "--backend", "aot_eager", "--no-memory"])
+    lines = capsys.readouterr().out.splitlines()
+    col = {c.strip(): i for i, c in enumerate(next(x for x in lines if x.startswith("| shape |")).split("|")[1:-1])}
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| tiny |")]
+    variants = bench.available_variants()
+    assert [(r[1], r[2]) for r in rows] == [(bench.VARIANTS[v], m) for m in ("eager", "compiled") for v in variants]
+    for r in rows:
+        if r[1] == bench.VARIANTS["hf-ce"]:
+            assert r[col["step / HF CE"]] == "1.00" and r[col["CPU / HF CE"]] == "1.00"
+        if r[1] in {bench.VARIANTS[v] for v in bench.LOG_VARIANTS}:
+            assert float(r[col["loss rel. diff vs HF CE"]]) <= 1e-5
+        else:
+            assert r[col["loss rel. diff vs HF CE"]] == "-"
+        assert r[col["fullgraph"]] == ("-" if r[2] == "eager" else "yes")
+
+
+def test_bench_compile_peak_memory():
+    """The peak memory of one step (VmHWM after minus VmRSS before, here in this process): byte counts, of the
+    forward + backward and of the whole step (at least as large: VmHWM only grows)."""
+    import argparse
+
+    bench = _bench_compile()
+    args = argparse.Namespace(layers=2, warmup=1, smoothing=0.0, fused=True, backend="aot_eager", device="cpu")
+    fwd_bwd, step = bench.measure_peak("spherical", "eager", "tiny", args)
+    assert isinstance(fwd_bwd, int) and 0 <= fwd_bwd <= step < 2**30

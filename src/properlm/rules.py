@@ -241,10 +241,10 @@ def get_rule(rule: RuleLike) -> ScoringRule:
                 raise ValueError(
                     f"rule {rule!r}: parameter {part!r} is not a number (expected e.g. '{name}:1.5')"
                 ) from None
-    _check_parameter_count(rule, name, len(args))
     try:
         return cls(*args)
-    except TypeError as exc:
+    except TypeError as exc:  # the count is checked only here: the happy path stays traceable (torch.compile)
+        _check_parameter_count(rule, name, len(args))
         raise ValueError(f"rule {rule!r}: wrong number of parameters for {name!r} ({exc})") from None
 
 

@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     per_rule = [v.strip() for v in args.variants.split(",") if v.strip()]
     import torch
 
-    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
+        f"cpu, capability {torch.backends.cpu.get_cpu_capability()}"
     print(f"device={args.device} ({name}) N={args.n} H={args.h} V={args.v} dtype={args.dtype} "
           f"smoothing={args.smoothing} "
           f"repeats={args.repeats} torch={torch.__version__} threads={torch.get_num_threads()} "

@@ -230,7 +230,8 @@ def report(args: argparse.Namespace, work: str, steps: list[Step], manifest: dic
     n_train = counts.get("alpaca_train", 0)
     lines += [
         f"- model: SmolLM2-135M-Instruct (already instruction-tuned, unlike the paper's base LLaMA), full fine-tuning, "
-        f"chat template, loss on the response; {'bfloat16 mixed precision' if args.precision == 'bf16' else 'float32'}",
+        f"chat template, loss on the response; {'bfloat16 mixed precision' if args.precision == 'bf16' else 'float32'}"
+        f" (CPU: {(_runner.read_json_if(os.path.join(work, 'settings.json')) or {}).get('cpu_capability', 'unknown')})",
         f"- training: {args.steps} steps x {args.batch_size} = {args.steps * args.batch_size} examples of "
         f"{n_train} Alpaca records ({args.steps * args.batch_size / max(n_train, 1):.2f} epochs), AdamW lr "
         f"{args.learning_rate:g} ({args.lr_scheduler}, {args.warmup_steps} warm-up steps), max length "

@@ -189,6 +189,14 @@ def resolve_precision(choice: str) -> str:
     return "fp32"
 
 
+def cpu_capability() -> str:
+    """``torch.backends.cpu.get_cpu_capability()`` of this machine, and whether it multiplies bf16 natively."""
+    import torch
+
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return f"{torch.backends.cpu.get_cpu_capability()}, {'native' if native else 'no native'} bf16"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     try:
@@ -454,7 +462,8 @@ def check_settings(args: argparse.Namespace, work: str, write: bool) -> None:
         os.makedirs(work, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             json.dump({**current, "arms": args.arm_list, "seeds": args.seed_list,
-                       "arm_seeds": args.arm_seeds, "extra_tests": args.extra_tests}, f, indent=2)
+                       "arm_seeds": args.arm_seeds, "extra_tests": args.extra_tests,
+                       "cpu_capability": saved.get("cpu_capability") or cpu_capability()}, f, indent=2)
 
 
 def widen(args: argparse.Namespace, saved: dict[str, Any]) -> None:

@@ -519,7 +519,7 @@ def test_too_long_for_the_model_is_refused_before_reading_data(short_position_ru
     out = tmp_path / "out.txt"
     assert main(["generate", "--model", f"{run}/final", "--task", "summarization", "--input", str(inp),
                  "--output", str(out), "--max-new-tokens", "3"]) == 0
-    assert "source cut at 40 tokens (training run" in capsys.readouterr().err
+    assert "sources at 40 tokens (training run" in capsys.readouterr().err
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2
 
 

@@ -310,17 +310,23 @@ def test_ctrl_c_says_what_was_saved_and_how_to_continue(tmp_path):
             "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2", "--max-length", "32",
             "--max-steps", "100000", "--save-steps", "2", "--save-total-limit", "2", "--no-progress-bar",
             "--no-tensorboard", "--output-dir", str(tmp_path / "run")]
-    proc = run_cli(*args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 180
-        while not find_checkpoints(tmp_path / "run") and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert find_checkpoints(tmp_path / "run"), proc.poll()
-        proc.send_signal(signal.SIGINT)
-        err = proc.communicate(timeout=120)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # stderr to a file (a pipe nobody reads while the run logs could fill and block it); SIGINT at its default in
+    # the child whatever this process inherited (Python installs its KeyboardInterrupt handler only then)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w", encoding="utf-8") as stderr:
+        proc = run_cli(*args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.time() + 180
+            while not find_checkpoints(tmp_path / "run") and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            assert find_checkpoints(tmp_path / "run"), proc.poll()
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    err = log.read_text(encoding="utf-8")
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("properlm train: interrupted")]

@@ -50,6 +50,7 @@ __all__ = [
     "rule_scores",
     "scale_power",
     "smoothed_score",
+    "warn_paper_smoothing",
 ]
 
 
@@ -235,8 +236,10 @@ def warn_paper_smoothing(rule: Any, smoothing: float, smoothing_variant: str, vo
     """
     risky = smoothing > 0 and smoothing_variant == "paper" and bool(getattr(rule, "masked_log_smoothing", False)) \
         and vocab_size >= PAPER_SMOOTHING_WARN_VOCAB
+    if not risky or torch.compiler.is_compiling():
+        return risky
     key = (str(getattr(rule, "spec", rule)), int(vocab_size))
-    if risky and key not in _WARNED_PAPER_SMOOTHING and not torch.compiler.is_compiling():
+    if key not in _WARNED_PAPER_SMOOTHING:
         import warnings
 
         _WARNED_PAPER_SMOOTHING.add(key)

@@ -40,19 +40,12 @@ def check_data_root(root: str) -> None:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file, one a line (blank lines skipped); ``SetupError`` names a bad line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SetupError(f"{path} line {n}: not JSON ({exc.msg})") from None
-            if not isinstance(value, dict):
-                raise SetupError(f"{path} line {n}: expected a JSON object")
-            out.append(value)
-    return out
+    from properlm.cli.compare import CompareError, read_metrics_log
+
+    try:
+        return read_metrics_log(path)
+    except CompareError as exc:
+        raise SetupError(str(exc)) from None
 
 
 def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:

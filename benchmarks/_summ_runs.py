@@ -260,6 +260,13 @@ def tasks(args: argparse.Namespace) -> list[Task]:
     select = selecting(args)
     if select:
         plan.tasks.append(Task("heldout slice", functools.partial(write_heldout, args)))
+    def decodings(seed: int, protocol: str, run: str, train: str) -> None:
+        """The decodings of a run whose directory is known now (a root run or a control)."""
+        for split, objective in evaluations(args):
+            d = os.path.join(run, eval_name(split, objective))
+            plan.step(f"eval {seed}{protocol} {split} {objective}", f"seed {seed} {protocol} {split} beam-{objective}",
+                      eval_argv(args, os.path.join(run, "final"), split_file(args, split), objective, d), d, {train})
+
     for seed in args.seed_list:
         for protocol in args.protocol_list:
             label = PROTOCOLS[protocol][0]
@@ -268,23 +275,13 @@ def tasks(args: argparse.Namespace) -> list[Task]:
                 train = plan.train(f"train {seed}{protocol}", f"seed {seed} {label} train", run,
                                    functools.partial(train_argv, args, seed, protocol, CONTROLS[protocol], run),
                                    functools.partial(prepare_branch, args, seed, run), {f"train {seed}a"})
-                for split, objective in evaluations(args):
-                    d = os.path.join(run, eval_name(split, objective))
-                    plan.step(f"eval {seed}{protocol} {split} {objective}",
-                              f"seed {seed} {protocol} {split} beam-{objective}",
-                              eval_argv(args, os.path.join(run, "final"), split_file(args, split), objective, d), d,
-                              {train})
+                decodings(seed, protocol, run, train)
                 continue
             if protocol not in BRANCHES:
                 run = _runner.run_dir(args.work_dir, seed, protocol)
                 train = plan.train(f"train {seed}{protocol}", f"seed {seed} {label} train", run,
                                    functools.partial(train_argv, args, seed, protocol, args.smoothing_a, run))
-                for split, objective in evaluations(args):
-                    d = os.path.join(run, eval_name(split, objective))
-                    plan.step(f"eval {seed}{protocol} {split} {objective}",
-                              f"seed {seed} {protocol} {split} beam-{objective}",
-                              eval_argv(args, os.path.join(run, "final"), split_file(args, split), objective, d), d,
-                              {train})
+                decodings(seed, protocol, run, train)
                 if any(p in BRANCHES or p in CONTROLS for p in args.protocol_list):
                     d = os.path.join(run, f"eval_dev_checkpoint_{args.t1}")
                     plan.step(f"checkpoint {seed}{protocol}",

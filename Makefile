@@ -7,7 +7,7 @@ EXTRAS ?= all,triton,dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test lint typecheck docs docs-sync package demo bench clean
+.PHONY: install check test lint format typecheck docs docs-sync package demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# ruff's lint rules and its formatter (check only; `make format` rewrites)
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks examples docs
+	$(PY) -m ruff format --check src tests benchmarks examples docs
+
+format: $(STAMP)
+	$(PY) -m ruff format src tests benchmarks examples docs
+	$(PY) -m ruff check --fix src tests benchmarks examples docs
 
 # mypy on src/ with the settings in pyproject.toml ([tool.mypy])
 typecheck: $(STAMP)
@@ -39,6 +45,11 @@ docs-sync: $(STAMP)
 package: $(STAMP)
 	bash .ci/wheel_smoke.sh $(PY)
 
+# the fast loop while editing: lint, format check, types and the tests not marked slow (the end-to-end ones)
+check: lint typecheck
+	$(PY) -m pytest -q -m "not slow"
+
+# the full gate (.ci/run): everything in `check`, the strict docs build, every test, the wheel
 test: lint typecheck docs
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory package

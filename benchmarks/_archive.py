@@ -61,8 +61,12 @@ def small_files(directory: str) -> list[str]:
         dirs[:] = sorted(d for d in dirs if not _skipped_dir(d))
         for name in files:
             path = os.path.join(root, name)
-            if (name.endswith(SKIPPED_SUFFIXES) or ".tfevents." in name or os.path.islink(path)
-                    or os.path.getsize(path) > MAX_FILE_BYTES):
+            if (
+                name.endswith(SKIPPED_SUFFIXES)
+                or ".tfevents." in name
+                or os.path.islink(path)
+                or os.path.getsize(path) > MAX_FILE_BYTES
+            ):
                 continue
             out.append(os.path.relpath(path, directory))
     return sorted(out)
@@ -92,8 +96,11 @@ class ResultsArchive:
     def __init__(self, root: str, work: str) -> None:
         self.root = os.path.abspath(root)
         self.work = os.path.abspath(work)
-        if self.root == self.work or self.root.startswith(self.work + os.sep) \
-                or self.work.startswith(self.root + os.sep):
+        if (
+            self.root == self.work
+            or self.root.startswith(self.work + os.sep)
+            or self.work.startswith(self.root + os.sep)
+        ):
             raise ValueError(f"the archive {self.root} and the work directory {self.work} must not contain each other")
 
     def _rel(self, out: str) -> str:
@@ -122,8 +129,10 @@ class ResultsArchive:
                 saved = json.load(f)
             diff = {k: (saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)}
             if diff:
-                raise ValueError(f"the archive {self.root} holds results made with other settings "
-                                 f"(option: (archived, now)) {diff}; use the same options or another archive")
+                raise ValueError(
+                    f"the archive {self.root} holds results made with other settings "
+                    f"(option: (archived, now)) {diff}; use the same options or another archive"
+                )
             return
         os.makedirs(self.root, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
@@ -192,11 +201,19 @@ class ResultsArchive:
 
         def whole(name: str) -> bool:  # archived, with everything after it archived or finished
             out = outs[name]
-            return out is not None and self.finished(out) and all(
-                outs[n] is None or in_work(n) or self.finished(outs[n]) for n in reach(name, children))
+            return (
+                out is not None
+                and self.finished(out)
+                and all(outs[n] is None or in_work(n) or self.finished(outs[n]) for n in reach(name, children))
+            )
 
-        return [name for name in outs if not in_work(name) and whole(name) and all(
-            outs[a] is None or in_work(a) or whole(a) for a in reach(name, parents))]
+        return [
+            name
+            for name in outs
+            if not in_work(name)
+            and whole(name)
+            and all(outs[a] is None or in_work(a) or whole(a) for a in reach(name, parents))
+        ]
 
     def restore(self, steps: Sequence[ArchivedStep]) -> list[str]:
         """Copy the :meth:`restorable` steps back into the work directory (``results.json``

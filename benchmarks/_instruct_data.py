@@ -22,20 +22,28 @@ SUBJECT_INSTRUCTION = "Write a short subject line for the following email."
 #: the data kinds of --extra-test
 EXTRA_KINDS = ("instruction", "translation", "summarization")
 #: files each data folder of DATA_ROOT must hold
-REQUIRED = {"alpaca": ("train.jsonl",), "newstest-de-en": tuple(f"{n}.{lang}" for n in (*TRAIN_SETS, TEST_SET)
-                                                                 for lang in ("de", "en")),
-            "aeslc": ("train.jsonl", "dev.jsonl")}
+REQUIRED = {
+    "alpaca": ("train.jsonl",),
+    "newstest-de-en": tuple(f"{n}.{lang}" for n in (*TRAIN_SETS, TEST_SET) for lang in ("de", "en")),
+    "aeslc": ("train.jsonl", "dev.jsonl"),
+}
 
 
 def check_data_root(root: str) -> None:
     """``SetupError`` naming the missing folder or file of ``DATA_ROOT``."""
     if not os.path.isdir(root):
         raise SetupError(f"data directory {root!r} does not exist")
-    missing = [os.path.join(d, f) for d, files in REQUIRED.items() for f in files
-               if not os.path.isfile(os.path.join(root, d, f))]
+    missing = [
+        os.path.join(d, f)
+        for d, files in REQUIRED.items()
+        for f in files
+        if not os.path.isfile(os.path.join(root, d, f))
+    ]
     if missing:
-        raise SetupError(f"data directory {root!r} lacks {', '.join(missing)} (expected the folders alpaca/, "
-                         "newstest-de-en/ and aeslc/ of ../shared/data)")
+        raise SetupError(
+            f"data directory {root!r} lacks {', '.join(missing)} (expected the folders alpaca/, "
+            "newstest-de-en/ and aeslc/ of ../shared/data)"
+        )
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -73,10 +81,16 @@ def spread(items: list[Any], k: int) -> list[Any]:
 
 
 def data_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {"data_root": os.path.abspath(args.data_root), "dev_examples": args.dev_examples,
-            "decode_examples": args.decode_examples, "val_examples": args.val_examples,
-            "test_examples": args.test_examples, "summ_examples": args.summ_examples,
-            "prior_examples": args.prior_examples, "train_fraction": args.train_fraction}
+    return {
+        "data_root": os.path.abspath(args.data_root),
+        "dev_examples": args.dev_examples,
+        "decode_examples": args.decode_examples,
+        "val_examples": args.val_examples,
+        "test_examples": args.test_examples,
+        "summ_examples": args.summ_examples,
+        "prior_examples": args.prior_examples,
+        "train_fraction": args.train_fraction,
+    }
 
 
 def _reference_tokens(rows: list[dict[str, Any]], quantile: float) -> int:
@@ -96,42 +110,51 @@ def make_data(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]
     random.Random(0).shuffle(order)
     if args.dev_examples >= len(usable):
         raise SetupError(f"--dev-examples {args.dev_examples}: Alpaca has only {len(usable)} usable records")
-    dev = [usable[i] for i in sorted(order[:args.dev_examples])]
-    train_all = [usable[i] for i in sorted(order[args.dev_examples:])]
+    dev = [usable[i] for i in sorted(order[: args.dev_examples])]
+    train_all = [usable[i] for i in sorted(order[args.dev_examples :])]
     n_train = max(1, round(args.train_fraction * len(train_all)))
     train = [train_all[i] for i in sorted(random.Random(1).sample(range(len(train_all)), n_train))]
     # the LLM study's 1,000 newstest2014 sentences and its 2,000 training pairs (reproduce_llm.py's defaults:
     # the 20-word filter, random.Random(2) for the test subset, random.Random(0) for the training pairs)
     deen = os.path.join(root, "newstest-de-en")
-    pool = [p for name in TRAIN_SETS if os.path.isfile(os.path.join(deen, f"{name}.de"))
-            for p in read_pair(deen, name)]
+    pool = [p for name in TRAIN_SETS if os.path.isfile(os.path.join(deen, f"{name}.de")) for p in read_pair(deen, name)]
     kept = [p for p in pool if keep_pair(p, 20)]
     deen_train = random.Random(0).sample(kept, min(2000, len(kept)))
     deen_test = subset(read_pair(deen, TEST_SET), args.test_examples, 2, 20)
     if len(deen_test) < args.test_examples:
-        raise SetupError(f"--test-examples {args.test_examples}: only {len(deen_test)} newstest2014 sentences pass "
-                         "the LLM study's 20-word filter")
+        raise SetupError(
+            f"--test-examples {args.test_examples}: only {len(deen_test)} newstest2014 sentences pass "
+            "the LLM study's 20-word filter"
+        )
     aeslc_dev = read_jsonl(os.path.join(root, "aeslc", "dev.jsonl"))
     aeslc_train = read_jsonl(os.path.join(root, "aeslc", "train.jsonl"))
-    summ = [aeslc_dev[i] for i in sorted(random.Random(3).sample(range(len(aeslc_dev)),
-                                                                    min(args.summ_examples, len(aeslc_dev))))]
-    prior_aeslc = [aeslc_train[i] for i in sorted(random.Random(4).sample(range(len(aeslc_train)),
-                                                                          min(args.prior_examples, len(aeslc_train))))]
+    summ = [
+        aeslc_dev[i]
+        for i in sorted(random.Random(3).sample(range(len(aeslc_dev)), min(args.summ_examples, len(aeslc_dev))))
+    ]
+    prior_aeslc = [
+        aeslc_train[i]
+        for i in sorted(random.Random(4).sample(range(len(aeslc_train)), min(args.prior_examples, len(aeslc_train))))
+    ]
     data: dict[str, Any] = {
         "alpaca_train": train,
         "alpaca_dev": dev,
         "alpaca_val": spread(dev, args.val_examples),
-        "alpaca_decode": dev[:args.decode_examples],
+        "alpaca_decode": dev[: args.decode_examples],
         "deen_test": deen_test,
         "aeslc_dev": [subject_record(r) for r in summ],
         "prior_alpaca": spread(train, args.prior_examples),
         "prior_deen": spread(deen_train, args.prior_examples),
         "prior_aeslc": [subject_record(r) for r in prior_aeslc],
     }
-    manifest = {"settings": data_settings(args), "alpaca_records": len(raw),
-                "alpaca_dropped_empty": len(raw) - len(usable), "alpaca_train_pool": len(train_all),
-                "counts": {k: len(v) for k, v in data.items()},
-                "alpaca_response_cap": _reference_tokens(dev, 0.975)}
+    manifest = {
+        "settings": data_settings(args),
+        "alpaca_records": len(raw),
+        "alpaca_dropped_empty": len(raw) - len(usable),
+        "alpaca_train_pool": len(train_all),
+        "counts": {k: len(v) for k, v in data.items()},
+        "alpaca_response_cap": _reference_tokens(dev, 0.975),
+    }
     return data, manifest
 
 
@@ -144,8 +167,10 @@ def prepare_data(args: argparse.Namespace, work: str) -> dict[str, Any]:
     if manifest is not None:
         if manifest["settings"] == data_settings(args):
             return manifest
-        raise SetupError(f"{work} holds data made with other settings ({manifest['settings']}); use the same "
-                         "options or a new --work-dir")
+        raise SetupError(
+            f"{work} holds data made with other settings ({manifest['settings']}); use the same "
+            "options or a new --work-dir"
+        )
     data, manifest = make_data(args)
     os.makedirs(d, exist_ok=True)
     for name, rows in data.items():
@@ -208,8 +233,16 @@ def prepare_extra(work: str, name: str, spec: dict[str, Any]) -> list[str]:
     """The ``properlm evaluate`` data options of an extra test set; a summarization file is written once as
     ``WORK/data/extra_NAME.jsonl`` in the subject-line instruction form."""
     if spec["kind"] == "translation":
-        return ["--source-file", spec["files"][0], "--target-file", spec["files"][1], "--source-lang", "German",
-                "--target-lang", "English"]
+        return [
+            "--source-file",
+            spec["files"][0],
+            "--target-file",
+            spec["files"][1],
+            "--source-lang",
+            "German",
+            "--target-lang",
+            "English",
+        ]
     if spec["kind"] == "instruction":
         return ["--data-file", spec["files"][0], "--task", "instruction"]
     out = os.path.join(work, "data", f"extra_{name}.jsonl")

@@ -14,13 +14,22 @@ from _llm_steps import Step
 
 RULES = ("logarithmic", "brier", "spherical")
 #: (split, result key, column title): the generation metrics compared against logarithmic
-METRICS = [("alpaca", "rougeL", "Alpaca ROUGE-L"), ("alpaca", "bleu", "Alpaca BLEU"),
-           ("deen", "bleu", "de-en BLEU"), ("deen", "chrf", "de-en chrF"),
-           ("aeslc", "rouge1", "AESLC R-1"), ("aeslc", "rouge2", "AESLC R-2"), ("aeslc", "rougeL", "AESLC R-L"),
-           ("aeslc", "rouge1_multi", "AESLC R-1 multi"), ("aeslc", "rougeL_multi", "AESLC R-L multi")]
-PRIOR_LABELS = {"alpaca": "Alpaca (instruction tuning, this study)",
-                "deen": "news de-en pairs (reproduce_llm.py: task fine-tuning)",
-                "aeslc": "AESLC emails -> subject (as instructions)"}
+METRICS = [
+    ("alpaca", "rougeL", "Alpaca ROUGE-L"),
+    ("alpaca", "bleu", "Alpaca BLEU"),
+    ("deen", "bleu", "de-en BLEU"),
+    ("deen", "chrf", "de-en chrF"),
+    ("aeslc", "rouge1", "AESLC R-1"),
+    ("aeslc", "rouge2", "AESLC R-2"),
+    ("aeslc", "rougeL", "AESLC R-L"),
+    ("aeslc", "rouge1_multi", "AESLC R-1 multi"),
+    ("aeslc", "rougeL_multi", "AESLC R-L multi"),
+]
+PRIOR_LABELS = {
+    "alpaca": "Alpaca (instruction tuning, this study)",
+    "deen": "news de-en pairs (reproduce_llm.py: task fine-tuning)",
+    "aeslc": "AESLC emails -> subject (as instructions)",
+}
 
 
 def _dir(work: str, arm: str, seed: int | None) -> str:
@@ -62,8 +71,9 @@ def collect_run(args: argparse.Namespace, rdir: str) -> dict[str, Any]:
         for k, v in gen.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 row[f"{split}_{k}"] = v
-        row[f"{split}_signatures"] = [gen.get(k) for k in ("bleu_signature", "chrf_signature", "rouge_settings")
-                                      if gen.get(k)]
+        row[f"{split}_signatures"] = [
+            gen.get(k) for k in ("bleu_signature", "chrf_signature", "rouge_settings") if gen.get(k)
+        ]
         row[f"{split}_at_cap"] = gen.get("new_token_cap", {}).get("num_at_cap")
         for suffix, tf in (("", ev.get("teacher_forced")), ("_scaled", ev.get("teacher_forced_scaled"))):
             if tf is None:
@@ -81,8 +91,11 @@ def collect(args: argparse.Namespace, work: str) -> dict[str, Any]:
     """``{"untuned": row, ARM: {seed: row}}`` of what has finished."""
     out: dict[str, Any] = {"untuned": collect_run(args, _dir(work, "untuned", None))}
     for arm in args.arm_list:
-        out[arm] = {s: r for s in args.arm_seeds.get(arm, args.seed_list)
-                    if (r := collect_run(args, _dir(work, arm, s))) and set(r) != {"train_seconds"}}
+        out[arm] = {
+            s: r
+            for s in args.arm_seeds.get(arm, args.seed_list)
+            if (r := collect_run(args, _dir(work, arm, s))) and set(r) != {"train_seconds"}
+        }
     return out
 
 
@@ -93,10 +106,14 @@ def priors(work: str) -> dict[str, Any]:
         res = _read(os.path.join(work, "untuned", f"prior_{what}"))
         if res is not None:
             tf = res["teacher_forced"]
-            out[what] = {"mean_target_prob": tf.get("mean_target_prob"),
-                         "target_prob_above_half": tf.get("target_prob_above_half"),
-                         "mean_log_prob": tf.get("mean_log_prob"), "accuracy": tf.get("accuracy"),
-                         "num_tokens": tf.get("num_tokens"), "examples": res.get("num_examples")}
+            out[what] = {
+                "mean_target_prob": tf.get("mean_target_prob"),
+                "target_prob_above_half": tf.get("target_prob_above_half"),
+                "mean_log_prob": tf.get("mean_log_prob"),
+                "accuracy": tf.get("accuracy"),
+                "num_tokens": tf.get("num_tokens"),
+                "examples": res.get("num_examples"),
+            }
     return out
 
 
@@ -123,8 +140,9 @@ def _references(work: str, split: str) -> tuple[list[str], list[list[str]]] | No
     return [r["output"] for r in rows], [[r["output"], *r.get("annotations", [])] for r in rows]
 
 
-def _bootstrap(metric: str, base: list[str], system: list[str], refs: tuple[list[str], list[list[str]]],
-               n_samples: int) -> dict[str, Any]:
+def _bootstrap(
+    metric: str, base: list[str], system: list[str], refs: tuple[list[str], list[list[str]]], n_samples: int
+) -> dict[str, Any]:
     """Paired bootstrap over examples of one metric: sacrebleu's for BLEU/chrF, the mean per-example F1's for
     ROUGE (``_multi``: against all references)."""
     if metric in ("bleu", "chrf"):
@@ -144,8 +162,11 @@ def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tu
     Student-t interval over seeds, seeds better, a sign test, the paired bootstrap per seed and pooled over the
     seeds (hypotheses concatenated)."""
     out: dict[str, Any] = {}
-    lines = ["| arm vs logarithmic | metric | seeds | Δ per seed | mean Δ [95% CI] | seeds better | "
-             "bootstrap p per seed | pooled Δ (p) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arm vs logarithmic | metric | seeds | Δ per seed | mean Δ [95% CI] | seeds better | "
+        "bootstrap p per seed | pooled Δ (p) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     base = rows.get(BASELINE, {})
     refs_cache: dict[str, Any] = {}
     for arm in args.arm_list:
@@ -153,8 +174,11 @@ def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tu
             continue
         for split, metric, title in METRICS:
             key = f"{split}_{metric}"
-            seeds = [s for s in sorted(rows[arm]) if rows[arm][s].get(key) is not None
-                     and base.get(s, {}).get(key) is not None]
+            seeds = [
+                s
+                for s in sorted(rows[arm])
+                if rows[arm][s].get(key) is not None and base.get(s, {}).get(key) is not None
+            ]
             if not seeds:
                 continue
             diffs = [rows[arm][s][key] - base[s][key] for s in seeds]
@@ -174,13 +198,24 @@ def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tu
                 pooled = _bootstrap(metric, pooled_b, pooled_a, (refs[0] * k, refs[1] * k), args.bootstrap_samples)
             m, lo, hi = _runner.mean_ci(diffs)
             better = sum(d > 0 for d in diffs)
-            out[f"{arm}/{key}"] = {"arm": arm, "metric": key, "seeds": seeds, "diffs": diffs, "mean": m,
-                                   "ci95": [lo, hi], "seeds_better": better, "sign_test_p": _runner.sign_test(diffs),
-                                   "bootstrap_per_seed": per_seed, "bootstrap_pooled": pooled}
+            out[f"{arm}/{key}"] = {
+                "arm": arm,
+                "metric": key,
+                "seeds": seeds,
+                "diffs": diffs,
+                "mean": m,
+                "ci95": [lo, hi],
+                "seeds_better": better,
+                "sign_test_p": _runner.sign_test(diffs),
+                "bootstrap_per_seed": per_seed,
+                "bootstrap_pooled": pooled,
+            }
             cells = ", ".join("-" if b is None else f"{b['p']:.3f}" for b in per_seed)
             pc = "-" if pooled is None else f"{pooled['delta']:+.2f} ({pooled['p']:.3f})"
-            lines.append(f"| {ARMS[arm].label} | {title} | {len(seeds)} | {', '.join(f'{d:+.2f}' for d in diffs)} | "
-                         f"{_runner.fmt_ci(m, lo, hi, missing='-')} | {better}/{len(seeds)} | {cells} | {pc} |")
+            lines.append(
+                f"| {ARMS[arm].label} | {title} | {len(seeds)} | {', '.join(f'{d:+.2f}' for d in diffs)} | "
+                f"{_runner.fmt_ci(m, lo, hi, missing='-')} | {better}/{len(seeds)} | {cells} | {pc} |"
+            )
     return lines, out
 
 
@@ -208,13 +243,18 @@ def plot_curves(args: argparse.Namespace, work: str, path: str) -> str | None:
             series.append((ARMS[arm].label, runs, {"color": f"C{i}", "linestyle": "--" if ARMS[arm].switch else "-"}))
     if not series:
         return None
-    return _runner.plot_curves(path, series, args.switch_at or args.steps,
-                               f"SmolLM2-135M-Instruct on Alpaca: {args.steps} steps x {args.batch_size}, mean over "
-                               "seeds; dotted: the switch", what=f"Alpaca dev ({args.val_examples})")
+    return _runner.plot_curves(
+        path,
+        series,
+        args.switch_at or args.steps,
+        f"SmolLM2-135M-Instruct on Alpaca: {args.steps} steps x {args.batch_size}, mean over seeds; dotted: the switch",
+        what=f"Alpaca dev ({args.val_examples})",
+    )
 
 
-def report(args: argparse.Namespace, work: str, steps: list[Step], manifest: dict[str, Any] | None,
-           wall_seconds: float | None) -> str:
+def report(
+    args: argparse.Namespace, work: str, steps: list[Step], manifest: dict[str, Any] | None, wall_seconds: float | None
+) -> str:
     rows = collect(args, work)
     comp_lines, comps = comparisons(args, work, rows)
     prior = priors(work)
@@ -224,9 +264,14 @@ def report(args: argparse.Namespace, work: str, steps: list[Step], manifest: dic
     counts = (manifest or {}).get("counts", {})
     lines = ["# Instruction tuning with each scoring rule, then zero-shot (SmolLM2-135M-Instruct on Alpaca)", ""]
     if missing:
-        lines += [f"**Partial**: {len(steps) - len(missing)} of {len(steps)} steps finished; missing: "
-                  + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "") + ". The figures cover what has "
-                  "finished.", ""]
+        lines += [
+            f"**Partial**: {len(steps) - len(missing)} of {len(steps)} steps finished; missing: "
+            + ", ".join(missing[:8])
+            + (" ..." if len(missing) > 8 else "")
+            + ". The figures cover what has "
+            "finished.",
+            "",
+        ]
     n_train = counts.get("alpaca_train", 0)
     lines += [
         f"- model: SmolLM2-135M-Instruct (already instruction-tuned, unlike the paper's base LLaMA), full fine-tuning, "
@@ -235,49 +280,102 @@ def report(args: argparse.Namespace, work: str, steps: list[Step], manifest: dic
         f"- training: {args.steps} steps x {args.batch_size} = {args.steps * args.batch_size} examples of "
         f"{n_train} Alpaca records ({args.steps * args.batch_size / max(n_train, 1):.2f} epochs), AdamW lr "
         f"{args.learning_rate:g} ({args.lr_scheduler}, {args.warmup_steps} warm-up steps), max length "
-        f"{args.max_length}; the same for every arm" + (f"; the switch at step {args.switch_at}" if args.switch_at
-                                                        else ""),
+        f"{args.max_length}; the same for every arm"
+        + (f"; the switch at step {args.switch_at}" if args.switch_at else ""),
         f"- dev: {counts.get('alpaca_dev', args.dev_examples)} held-out Alpaca records (all scored teacher-forced; T "
         f"fitted on the first {args.fit_examples}; "
         f"{counts.get('alpaca_decode', args.decode_examples)} answered greedily, at most "
         f"{(manifest or {}).get('alpaca_response_cap', '?')} new tokens); de-en: "
         f"{counts.get('deen_test', args.test_examples)} newstest2014 sentences (the LLM study's); AESLC: "
         f"{counts.get('aeslc_dev', args.summ_examples)} dev emails as subject-line instructions",
-        "- seeds per arm: " + ", ".join(f"{ARMS[a].label} {len(rows.get(a, {}))}" for a in args.arm_list), "",
-        "## Zero-shot generation: mean ± std over seeds", ""]
+        "- seeds per arm: " + ", ".join(f"{ARMS[a].label} {len(rows.get(a, {}))}" for a in args.arm_list),
+        "",
+        "## Zero-shot generation: mean ± std over seeds",
+        "",
+    ]
     gen_cols = [(title, f"{split}_{metric}", 2, 1.0) for split, metric, title in METRICS]
     lines += _table(args, rows, gen_cols)
-    tf_cols = [("dev log score", "tf_logarithmic_dev", 4, 1.0), ("dev Brier", "tf_brier_dev", 4, 1.0),
-               ("dev spherical", "tf_spherical_dev", 4, 1.0), ("dev ECE %", "ece_dev", 2, 100.0),
-               ("T", "temperature", 3, 1.0), ("dev ECE % at T", "ece_dev_scaled", 2, 100.0),
-               ("de-en log score", "tf_logarithmic_deen", 4, 1.0), ("de-en ECE %", "ece_deen", 2, 100.0),
-               ("de-en ECE % at T", "ece_deen_scaled", 2, 100.0)]
-    lines += ["", "## Teacher-forced scores and calibration (T fitted on the Alpaca dev slice)", "",
-              *_table(args, rows, tf_cols),
-              "", "## Each arm against logarithmic instruction tuning (same seed)", "",
-              "The seed is the unit of evidence: the mean difference over seeds with its 95% Student-t interval and "
-              "the seeds better; beside it the paired bootstrap over examples (sacrebleu's for BLEU/chrF, of the "
-              f"per-example F1 for ROUGE; {args.bootstrap_samples} resamples) per seed and pooled over the seeds.", "",
-              *comp_lines, "", "## The prior axis: the untuned model's probability of the targets", "",
-              "| training set | mean p(target token) | share with p > 0.5 | mean log p | tokens |",
-              "|---|---|---|---|---|"]
+    tf_cols = [
+        ("dev log score", "tf_logarithmic_dev", 4, 1.0),
+        ("dev Brier", "tf_brier_dev", 4, 1.0),
+        ("dev spherical", "tf_spherical_dev", 4, 1.0),
+        ("dev ECE %", "ece_dev", 2, 100.0),
+        ("T", "temperature", 3, 1.0),
+        ("dev ECE % at T", "ece_dev_scaled", 2, 100.0),
+        ("de-en log score", "tf_logarithmic_deen", 4, 1.0),
+        ("de-en ECE %", "ece_deen", 2, 100.0),
+        ("de-en ECE % at T", "ece_deen_scaled", 2, 100.0),
+    ]
+    lines += [
+        "",
+        "## Teacher-forced scores and calibration (T fitted on the Alpaca dev slice)",
+        "",
+        *_table(args, rows, tf_cols),
+        "",
+        "## Each arm against logarithmic instruction tuning (same seed)",
+        "",
+        "The seed is the unit of evidence: the mean difference over seeds with its 95% Student-t interval and "
+        "the seeds better; beside it the paired bootstrap over examples (sacrebleu's for BLEU/chrF, of the "
+        f"per-example F1 for ROUGE; {args.bootstrap_samples} resamples) per seed and pooled over the seeds.",
+        "",
+        *comp_lines,
+        "",
+        "## The prior axis: the untuned model's probability of the targets",
+        "",
+        "| training set | mean p(target token) | share with p > 0.5 | mean log p | tokens |",
+        "|---|---|---|---|---|",
+    ]
     for what, p in prior.items():
-        lines.append(f"| {PRIOR_LABELS[what]} | {p['mean_target_prob']:.3f} | {p['target_prob_above_half']:.3f} | "
-                     f"{p['mean_log_prob']:.3f} | {p['num_tokens']} |")
-    sigs = sorted({s for per in [{0: rows["untuned"]}, *[rows.get(a, {}) for a in args.arm_list]]
-                   for r in per.values() for k, v in r.items() if k.endswith("_signatures") for s in v})
+        lines.append(
+            f"| {PRIOR_LABELS[what]} | {p['mean_target_prob']:.3f} | {p['target_prob_above_half']:.3f} | "
+            f"{p['mean_log_prob']:.3f} | {p['num_tokens']} |"
+        )
+    sigs = sorted(
+        {
+            s
+            for per in [{0: rows["untuned"]}, *[rows.get(a, {}) for a in args.arm_list]]
+            for r in per.values()
+            for k, v in r.items()
+            if k.endswith("_signatures")
+            for s in v
+        }
+    )
     compute = sum(timings.values())
-    lines += ["", "Signatures: " + ("; ".join(f"`{s}`" for s in sigs) if sigs else "-"), "",
-              f"Training curves: `{os.path.basename(png)}`" if png else "No training curves yet.", "",
-              f"Compute of the finished steps: {compute / 3600:.2f} core-hours"
-              + ("" if wall_seconds is None else f"; this invocation {wall_seconds / 3600:.2f} h wall, --jobs "
-                 f"{args.jobs}") + "."]
+    lines += [
+        "",
+        "Signatures: " + ("; ".join(f"`{s}`" for s in sigs) if sigs else "-"),
+        "",
+        f"Training curves: `{os.path.basename(png)}`" if png else "No training curves yet.",
+        "",
+        f"Compute of the finished steps: {compute / 3600:.2f} core-hours"
+        + ("" if wall_seconds is None else f"; this invocation {wall_seconds / 3600:.2f} h wall, --jobs {args.jobs}")
+        + ".",
+    ]
     md = "\n".join(lines) + "\n"
-    settings = {k: getattr(args, k, None) for k in ("precision", "steps", "batch_size", "learning_rate",
-                                                    "lr_scheduler", "warmup_steps", "max_length", "switch_at")}
+    settings = {
+        k: getattr(args, k, None)
+        for k in (
+            "precision",
+            "steps",
+            "batch_size",
+            "learning_rate",
+            "lr_scheduler",
+            "warmup_steps",
+            "max_length",
+            "switch_at",
+        )
+    }
     settings.update(arms=args.arm_list, seeds=args.seed_list, arm_seeds=args.arm_seeds, extra_tests=args.extra_tests)
-    summary = {"status": {"complete": not missing, "missing": missing}, "settings": settings, "data": manifest,
-               "per_seed": rows, "comparisons": comps, "priors": prior, "timings_seconds": timings,
-               "compute_seconds": compute, "wall_seconds_this_invocation": wall_seconds}
+    summary = {
+        "status": {"complete": not missing, "missing": missing},
+        "settings": settings,
+        "data": manifest,
+        "per_seed": rows,
+        "comparisons": comps,
+        "priors": prior,
+        "timings_seconds": timings,
+        "compute_seconds": compute,
+        "wall_seconds_this_invocation": wall_seconds,
+    }
     _runner.write_report(work, md.rstrip("\n"), summary)
     return md

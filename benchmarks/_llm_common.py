@@ -37,27 +37,53 @@ class Arm:
     switch: bool = False
 
 
-ARMS: dict[str, Arm] = {a.name: a for a in (
-    Arm("logarithmic", "logarithmic"),
-    Arm("brier", "Brier", "brier"),
-    Arm("spherical", "spherical", "spherical"),
-    Arm("brier-gated", "Brier, gated smoothing", "brier", "gated"),
-    Arm("spherical-gated", "spherical, gated smoothing", "spherical", "gated"),
-    Arm("dft", "DFT (improper)", improper="dft"),
-    Arm("one-minus-p", "1 - p (improper)", improper="one-minus-p"),
-    Arm("logarithmic-smoothed", "logarithmic, smoothed", "logarithmic", "paper"),
-    Arm("brier-paper", "Brier, paper smoothing", "brier", "paper"),
-    Arm("spherical-paper", "spherical, paper smoothing", "spherical", "paper"),
-    Arm("switch-brier", "log → Brier (switch)", "brier", switch=True),
-    Arm("switch-spherical", "log → spherical (switch)", "spherical", switch=True),
-)}
+ARMS: dict[str, Arm] = {
+    a.name: a
+    for a in (
+        Arm("logarithmic", "logarithmic"),
+        Arm("brier", "Brier", "brier"),
+        Arm("spherical", "spherical", "spherical"),
+        Arm("brier-gated", "Brier, gated smoothing", "brier", "gated"),
+        Arm("spherical-gated", "spherical, gated smoothing", "spherical", "gated"),
+        Arm("dft", "DFT (improper)", improper="dft"),
+        Arm("one-minus-p", "1 - p (improper)", improper="one-minus-p"),
+        Arm("logarithmic-smoothed", "logarithmic, smoothed", "logarithmic", "paper"),
+        Arm("brier-paper", "Brier, paper smoothing", "brier", "paper"),
+        Arm("spherical-paper", "spherical, paper smoothing", "spherical", "paper"),
+        Arm("switch-brier", "log → Brier (switch)", "brier", switch=True),
+        Arm("switch-spherical", "log → spherical (switch)", "spherical", switch=True),
+    )
+}
 DEFAULT_ARMS = "logarithmic,brier,spherical,brier-gated,spherical-gated,dft"
 BASELINE = "logarithmic"
 #: settings that change the results: a work directory may only be resumed with the same ones
-RESULT_KEYS = ("gguf_file", "steps", "train_examples", "dev_examples", "test_examples", "val_examples",
-               "max_source_words", "max_length", "batch_size", "learning_rate", "lr_scheduler", "warmup_steps",
-               "group_by_length", "bf16", "lora", "lora_r", "lora_alpha", "smoothing", "switch_at", "num_beams",
-               "max_new_tokens", "max_new_tokens_ratio", "max_new_tokens_offset", "eval_batch_size", "eval_steps")
+RESULT_KEYS = (
+    "gguf_file",
+    "steps",
+    "train_examples",
+    "dev_examples",
+    "test_examples",
+    "val_examples",
+    "max_source_words",
+    "max_length",
+    "batch_size",
+    "learning_rate",
+    "lr_scheduler",
+    "warmup_steps",
+    "group_by_length",
+    "bf16",
+    "lora",
+    "lora_r",
+    "lora_alpha",
+    "smoothing",
+    "switch_at",
+    "num_beams",
+    "max_new_tokens",
+    "max_new_tokens_ratio",
+    "max_new_tokens_offset",
+    "eval_batch_size",
+    "eval_steps",
+)
 #: work-directory settings that may grow between invocations (the report covers their union)
 UNION_KEYS = ("arms", "seeds", "extra_tests", "decode_dev", "switch_at")
 RESERVED_NAMES = ("train", "dev", "test", "fit_dev", "val", "untuned")

@@ -17,11 +17,17 @@ from _llm_common import DEV_SET, TEST_SET, TRAIN_SETS, SetupError
 def check_data_dir(data_dir: str) -> None:
     if not os.path.isdir(data_dir):
         raise SetupError(f"data directory {data_dir!r} does not exist")
-    missing = [f"{name}.{lang}" for name in (*TRAIN_SETS, DEV_SET, TEST_SET) for lang in ("de", "en")
-               if not os.path.isfile(os.path.join(data_dir, f"{name}.{lang}"))]
+    missing = [
+        f"{name}.{lang}"
+        for name in (*TRAIN_SETS, DEV_SET, TEST_SET)
+        for lang in ("de", "en")
+        if not os.path.isfile(os.path.join(data_dir, f"{name}.{lang}"))
+    ]
     if missing:
-        raise SetupError(f"data directory {data_dir!r} lacks {', '.join(missing)} (expected the WMT newstest "
-                         f"files {', '.join(TRAIN_SETS)}, {DEV_SET}, {TEST_SET} as NAME.de / NAME.en)")
+        raise SetupError(
+            f"data directory {data_dir!r} lacks {', '.join(missing)} (expected the WMT newstest "
+            f"files {', '.join(TRAIN_SETS)}, {DEV_SET}, {TEST_SET} as NAME.de / NAME.en)"
+        )
 
 
 def _read_pair(data_dir: str, name: str) -> list[tuple[str, str]]:
@@ -58,9 +64,14 @@ def _write(directory: str, name: str, pairs: list[tuple[str, str]]) -> None:
 
 
 def _data_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {"data_dir": os.path.abspath(args.data_dir), "train_examples": args.train_examples,
-            "max_source_words": args.max_source_words, "dev_examples": args.dev_examples,
-            "val_examples": args.val_examples, "test_examples": args.test_examples}
+    return {
+        "data_dir": os.path.abspath(args.data_dir),
+        "train_examples": args.train_examples,
+        "max_source_words": args.max_source_words,
+        "dev_examples": args.dev_examples,
+        "val_examples": args.val_examples,
+        "test_examples": args.test_examples,
+    }
 
 
 def make_subsets(args: argparse.Namespace) -> tuple[dict[str, list[tuple[str, str]]], dict[str, Any]]:
@@ -71,25 +82,35 @@ def make_subsets(args: argparse.Namespace) -> tuple[dict[str, list[tuple[str, st
         pool.extend(_read_pair(args.data_dir, name))
     kept = [p for p in pool if _keep(p, args.max_source_words)]
     if len(kept) < args.train_examples:
-        raise SetupError(f"only {len(kept)} training pairs have at most {args.max_source_words} source words; "
-                         f"lower --train-examples ({args.train_examples}) or raise --max-source-words")
+        raise SetupError(
+            f"only {len(kept)} training pairs have at most {args.max_source_words} source words; "
+            f"lower --train-examples ({args.train_examples}) or raise --max-source-words"
+        )
     dev_all, test_all = _read_pair(args.data_dir, DEV_SET), _read_pair(args.data_dir, TEST_SET)
-    splits = {"train": random.Random(0).sample(kept, args.train_examples),
-              "dev": _subset(dev_all, args.dev_examples, 1, args.max_source_words),
-              "test": _subset(test_all, args.test_examples, 2, args.max_source_words)}
+    splits = {
+        "train": random.Random(0).sample(kept, args.train_examples),
+        "dev": _subset(dev_all, args.dev_examples, 1, args.max_source_words),
+        "test": _subset(test_all, args.test_examples, 2, args.max_source_words),
+    }
     for split, n in (("dev", args.dev_examples), ("test", args.test_examples)):
         if len(splits[split]) < n:
-            raise SetupError(f"--{split}-examples {n}: only {len(splits[split])} sentences of "
-                             f"{DEV_SET if split == 'dev' else TEST_SET} pass the {args.max_source_words}-word filter")
+            raise SetupError(
+                f"--{split}-examples {n}: only {len(splits[split])} sentences of "
+                f"{DEV_SET if split == 'dev' else TEST_SET} pass the {args.max_source_words}-word filter"
+            )
     splits["val"] = _spread(splits["dev"], args.val_examples)
 
     def words(pairs: list[tuple[str, str]], col: int) -> float:
         return sum(len(p[col].split()) for p in pairs) / max(len(pairs), 1)
 
-    manifest = {"settings": _data_settings(args), "train_pool": len(pool), "train_pool_after_filter": len(kept),
-                "counts": {k: len(v) for k, v in splits.items()},
-                "distinct_train_pairs": len(set(splits["train"])),
-                "mean_words": {k: [round(words(v, 0), 2), round(words(v, 1), 2)] for k, v in splits.items()}}
+    manifest = {
+        "settings": _data_settings(args),
+        "train_pool": len(pool),
+        "train_pool_after_filter": len(kept),
+        "counts": {k: len(v) for k, v in splits.items()},
+        "distinct_train_pairs": len(set(splits["train"])),
+        "mean_words": {k: [round(words(v, 0), 2), round(words(v, 1), 2)] for k, v in splits.items()},
+    }
     return splits, manifest
 
 
@@ -102,8 +123,10 @@ def prepare_data(args: argparse.Namespace, work: str) -> dict[str, Any]:
     if manifest is not None:
         if manifest["settings"] == _data_settings(args):
             return manifest
-        raise SetupError(f"{work} holds data subsets made with other settings ({manifest['settings']}); use a new "
-                         "--work-dir or the same options")
+        raise SetupError(
+            f"{work} holds data subsets made with other settings ({manifest['settings']}); use a new "
+            "--work-dir or the same options"
+        )
     splits, manifest = make_subsets(args)
     os.makedirs(d, exist_ok=True)
     for name, pairs in splits.items():

@@ -25,8 +25,9 @@ def _extra_words(args: argparse.Namespace, name: str) -> tuple[int, float, float
     return len(s), sum(len(x.split()) for x in s) / len(s), sum(len(x.split()) for x in r) / len(r)
 
 
-def estimate(args: argparse.Namespace, steps: list[Step], manifest: dict[str, Any],
-             timings: dict[str, float] | None = None) -> tuple[str, dict[str, Any]]:
+def estimate(
+    args: argparse.Namespace, steps: list[Step], manifest: dict[str, Any], timings: dict[str, float] | None = None
+) -> tuple[str, dict[str, Any]]:
     """The estimated seconds of every step (the module docstring's cost model) and a printout:
     per kind of step the count, how many are finished, seconds each and hours in all, then the
     remaining hours on one core and with ``--jobs``."""
@@ -49,14 +50,18 @@ def estimate(args: argparse.Namespace, steps: list[Step], manifest: dict[str, An
         new = max(EXTRA_MAX_NEW_TOKENS, args.max_new_tokens) if split in args.extra_tests else args.max_new_tokens
         if args.max_new_tokens_ratio == 0:
             return new
-        return min(new, math.ceil(args.max_new_tokens_ratio * DE_TOKENS_PER_WORD * words[split][0]
-                                  + args.max_new_tokens_offset))
+        return min(
+            new,
+            math.ceil(args.max_new_tokens_ratio * DE_TOKENS_PER_WORD * words[split][0] + args.max_new_tokens_offset),
+        )
 
     def seconds(s: Step) -> float:
         if s.kind == "train":
             evals = s.train_steps // args.eval_steps + 1
-            return s.train_steps * args.est_step_seconds * args.batch_size / 8 + \
-                evals * counts["val"] * r * tokens("val")[1]
+            return (
+                s.train_steps * args.est_step_seconds * args.batch_size / 8
+                + evals * counts["val"] * r * tokens("val")[1]
+            )
         n = counts[s.split]
         prompt, example = tokens(s.split)
         if s.kind == "fit":
@@ -75,32 +80,48 @@ def estimate(args: argparse.Namespace, steps: list[Step], manifest: dict[str, An
             k["remaining_seconds"] += seconds(s)
     total = sum(k["seconds"] for k in kinds.values())
     remaining = sum(k["remaining_seconds"] for k in kinds.values())
-    what = {"train": f"training runs ({args.batch_size} examples per step)", "fit": "dev fits (teacher-forced)",
-            "test": "test decodings (+ teacher-forced)", "dev": "dev decodings (+ teacher-forced)",
-            "extra": "extra-test decodings (+ teacher-forced)"}
-    lines = [f"plan: {len(args.seed_list)} seed(s) x {len(args.arm_list)} arm(s) ({', '.join(args.arm_list)}) "
-             f"+ the untuned model; {args.steps} steps x {args.batch_size} examples per run = "
-             f"{args.steps * args.batch_size} examples, {args.steps * args.batch_size / counts['train']:.2f} epochs "
-             f"of {counts['train']} distinct pairs",
-             f"cost model: training step {args.est_step_seconds:g} s per 8 examples; forward {r * 1000:.2f} ms/token; "
-             f"decoding {args.est_decode_seconds:g} s/sentence at {MEASURED_NEW_TOKENS} new tokens -> "
-             f"{g * 1000:.1f} ms per generated token; test cap {cap('test')} new tokens "
-             f"(mean {words['test'][0]:.1f} German words)",
-             "| steps | count | finished | est. seconds each | est. hours in all | est. hours left |",
-             "|---|---|---|---|---|---|"]
+    what = {
+        "train": f"training runs ({args.batch_size} examples per step)",
+        "fit": "dev fits (teacher-forced)",
+        "test": "test decodings (+ teacher-forced)",
+        "dev": "dev decodings (+ teacher-forced)",
+        "extra": "extra-test decodings (+ teacher-forced)",
+    }
+    lines = [
+        f"plan: {len(args.seed_list)} seed(s) x {len(args.arm_list)} arm(s) ({', '.join(args.arm_list)}) "
+        f"+ the untuned model; {args.steps} steps x {args.batch_size} examples per run = "
+        f"{args.steps * args.batch_size} examples, {args.steps * args.batch_size / counts['train']:.2f} epochs "
+        f"of {counts['train']} distinct pairs",
+        f"cost model: training step {args.est_step_seconds:g} s per 8 examples; forward {r * 1000:.2f} ms/token; "
+        f"decoding {args.est_decode_seconds:g} s/sentence at {MEASURED_NEW_TOKENS} new tokens -> "
+        f"{g * 1000:.1f} ms per generated token; test cap {cap('test')} new tokens "
+        f"(mean {words['test'][0]:.1f} German words)",
+        "| steps | count | finished | est. seconds each | est. hours in all | est. hours left |",
+        "|---|---|---|---|---|---|",
+    ]
     for kind, k in kinds.items():
-        lines.append(f"| {what[kind]} | {k['count']} | {k['done']} | {k['seconds_each']:.0f} | "
-                     f"{k['seconds'] / 3600:.2f} | {k['remaining_seconds'] / 3600:.2f} |")
-    lines.append(f"estimated: {total / 3600:.1f} core-hours in all, {remaining / 3600:.1f} left = about "
-                 f"{remaining / 3600 / args.jobs:.1f} h wall with --jobs {args.jobs} ({args.threads} thread(s) each; "
-                 "perfect packing)")
+        lines.append(
+            f"| {what[kind]} | {k['count']} | {k['done']} | {k['seconds_each']:.0f} | "
+            f"{k['seconds'] / 3600:.2f} | {k['remaining_seconds'] / 3600:.2f} |"
+        )
+    lines.append(
+        f"estimated: {total / 3600:.1f} core-hours in all, {remaining / 3600:.1f} left = about "
+        f"{remaining / 3600 / args.jobs:.1f} h wall with --jobs {args.jobs} ({args.threads} thread(s) each; "
+        "perfect packing)"
+    )
     measured = _measured(timings or {}, steps)
     if measured:
         lines.append("measured so far: " + "; ".join(f"{k} {v:.1f}" for k, v in measured.items()))
-    return "\n".join(lines), {"kinds": kinds, "total_seconds": total, "remaining_seconds": remaining,
-                              "wall_hours_left": remaining / 3600 / args.jobs, "measured": measured,
-                              "forward_seconds_per_token": r, "seconds_per_generated_token": g,
-                              "test_cap": cap("test")}
+    return "\n".join(lines), {
+        "kinds": kinds,
+        "total_seconds": total,
+        "remaining_seconds": remaining,
+        "wall_hours_left": remaining / 3600 / args.jobs,
+        "measured": measured,
+        "forward_seconds_per_token": r,
+        "seconds_per_generated_token": g,
+        "test_cap": cap("test"),
+    }
 
 
 def _measured(timings: dict[str, float], steps: list[Step]) -> dict[str, float]:

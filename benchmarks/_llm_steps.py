@@ -28,15 +28,27 @@ def model_dir(work: str, base: str, arm: str, seed: int | None) -> str:
 
 def _data(work: str, split: str) -> list[str]:
     d = os.path.join(work, "data")
-    return ["--source-file", os.path.join(d, f"{split}.de"), "--target-file", os.path.join(d, f"{split}.en"),
-            "--source-lang", "German", "--target-lang", "English"]
+    return [
+        "--source-file",
+        os.path.join(d, f"{split}.de"),
+        "--target-file",
+        os.path.join(d, f"{split}.en"),
+        "--source-lang",
+        "German",
+        "--target-lang",
+        "English",
+    ]
 
 
 def _cap_argv(args: argparse.Namespace) -> list[str]:
     if args.max_new_tokens_ratio == 0:
         return []
-    return ["--max-new-tokens-ratio", f"{args.max_new_tokens_ratio:g}",
-            "--max-new-tokens-offset", str(args.max_new_tokens_offset)]
+    return [
+        "--max-new-tokens-ratio",
+        f"{args.max_new_tokens_ratio:g}",
+        "--max-new-tokens-offset",
+        str(args.max_new_tokens_offset),
+    ]
 
 
 def _bf16(args: argparse.Namespace) -> list[str]:
@@ -46,13 +58,31 @@ def _bf16(args: argparse.Namespace) -> list[str]:
 
 def fit_argv(args: argparse.Namespace, model: str, work: str, out: str) -> list[str]:
     """Teacher-forced scores of the dev sentences and the temperature that maximises their log score."""
-    return ["evaluate", "--model", model, *_data(work, "dev"), "--max-length", str(args.max_length),
-            "--no-generate", "--fit-temperature", "--batch-size", str(args.eval_batch_size),
-            "--dtype", "float32", *_bf16(args), "--device", "cpu", "--output-dir", out, "--no-progress"]
+    return [
+        "evaluate",
+        "--model",
+        model,
+        *_data(work, "dev"),
+        "--max-length",
+        str(args.max_length),
+        "--no-generate",
+        "--fit-temperature",
+        "--batch-size",
+        str(args.eval_batch_size),
+        "--dtype",
+        "float32",
+        *_bf16(args),
+        "--device",
+        "cpu",
+        "--output-dir",
+        out,
+        "--no-progress",
+    ]
 
 
-def decode_argv(args: argparse.Namespace, model: str, work: str, split: str, out: str,
-                temperature: float | str | None) -> list[str]:
+def decode_argv(
+    args: argparse.Namespace, model: str, work: str, split: str, out: str, temperature: float | str | None
+) -> list[str]:
     """Decode a split (dev, test or an --extra-test name) and score it teacher-forced at T = 1 and
     at ``temperature`` (the dev fit)."""
     if split in args.extra_tests:
@@ -61,16 +91,37 @@ def decode_argv(args: argparse.Namespace, model: str, work: str, split: str, out
         length, new = EXTRA_MAX_LENGTH, max(EXTRA_MAX_NEW_TOKENS, args.max_new_tokens)
     else:
         data, length, new = _data(work, split), args.max_length, args.max_new_tokens
-    argv = ["evaluate", "--model", model, *data, "--max-length", str(length), "--num-beams", str(args.num_beams),
-            "--max-new-tokens", str(new), *_cap_argv(args), "--batch-size", str(args.eval_batch_size),
-            "--dtype", "float32", *_bf16(args), "--device", "cpu", "--output-dir", out, "--no-progress"]
+    argv = [
+        "evaluate",
+        "--model",
+        model,
+        *data,
+        "--max-length",
+        str(length),
+        "--num-beams",
+        str(args.num_beams),
+        "--max-new-tokens",
+        str(new),
+        *_cap_argv(args),
+        "--batch-size",
+        str(args.eval_batch_size),
+        "--dtype",
+        "float32",
+        *_bf16(args),
+        "--device",
+        "cpu",
+        "--output-dir",
+        out,
+        "--no-progress",
+    ]
     if temperature is not None:
         argv += ["--also-temperature", str(temperature)]
     return argv
 
 
-def train_argv(args: argparse.Namespace, base: str, work: str, arm: Arm, seed: int, out: str,
-               keep_all_checkpoints: bool = False) -> list[str]:
+def train_argv(
+    args: argparse.Namespace, base: str, work: str, arm: Arm, seed: int, out: str, keep_all_checkpoints: bool = False
+) -> list[str]:
     d = os.path.join(work, "data")
     if arm.switch:
         objective = ["--schedule", f"logarithmic:{args.switch_at},{arm.rule}:{args.steps - args.switch_at}"]
@@ -80,17 +131,46 @@ def train_argv(args: argparse.Namespace, base: str, work: str, arm: Arm, seed: i
         objective = ["--rule", arm.rule]
         if arm.smoothing != "none":
             objective += ["--smoothing", str(args.smoothing), "--smoothing-variant", arm.smoothing]
-    argv = ["train", "--model", base, *_data(work, "train"),
-            "--validation-source-file", os.path.join(d, "val.de"), "--validation-target-file",
-            os.path.join(d, "val.en"), *objective, "--seed", str(seed),
-            "--max-steps", str(args.steps), "--per-device-train-batch-size", str(args.batch_size),
-            "--per-device-eval-batch-size", str(args.eval_batch_size),
-            "--max-length", str(args.max_length), "--learning-rate", str(args.learning_rate),
-            "--lr-scheduler", args.lr_scheduler, "--warmup-steps", str(args.warmup_steps),
-            "--eval-steps", str(args.eval_steps), "--save-steps", str(args.save_steps),
-            *([] if keep_all_checkpoints else ["--save-total-limit", "1"]),
-            *(["--group-by-length"] if args.group_by_length else []),
-            "--logging-steps", "1", "--no-progress-bar", "--no-tensorboard", "--output-dir", out, *_bf16(args)]
+    argv = [
+        "train",
+        "--model",
+        base,
+        *_data(work, "train"),
+        "--validation-source-file",
+        os.path.join(d, "val.de"),
+        "--validation-target-file",
+        os.path.join(d, "val.en"),
+        *objective,
+        "--seed",
+        str(seed),
+        "--max-steps",
+        str(args.steps),
+        "--per-device-train-batch-size",
+        str(args.batch_size),
+        "--per-device-eval-batch-size",
+        str(args.eval_batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--learning-rate",
+        str(args.learning_rate),
+        "--lr-scheduler",
+        args.lr_scheduler,
+        "--warmup-steps",
+        str(args.warmup_steps),
+        "--eval-steps",
+        str(args.eval_steps),
+        "--save-steps",
+        str(args.save_steps),
+        *([] if keep_all_checkpoints else ["--save-total-limit", "1"]),
+        *(["--group-by-length"] if args.group_by_length else []),
+        "--logging-steps",
+        "1",
+        "--no-progress-bar",
+        "--no-tensorboard",
+        "--output-dir",
+        out,
+        *_bf16(args),
+    ]
     if args.lora:
         argv += ["--lora", "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha)]
     from properlm.training import find_checkpoints
@@ -105,9 +185,16 @@ def branch_from(src: str, dst: str, step: int) -> None:
     scheduler, RNG and data order) and its log records up to ``step`` (whole curves), by
     :func:`_runner.start_from_checkpoint` (no tokenizer copy: the run of a pretrained model has
     none; ``final`` holds it)."""
-    _runner.start_from_checkpoint(src, dst, step, tokenizer=False, missing_hint=(
-        ": the switch arms branch from it (was the logarithmic run finished, and its checkpoints deleted, before "
-        "they were requested? use --keep-checkpoints or a new --work-dir)"))
+    _runner.start_from_checkpoint(
+        src,
+        dst,
+        step,
+        tokenizer=False,
+        missing_hint=(
+            ": the switch arms branch from it (was the logarithmic run finished, and its checkpoints deleted, before "
+            "they were requested? use --keep-checkpoints or a new --work-dir)"
+        ),
+    )
 
 
 @dataclass
@@ -149,8 +236,18 @@ def plan(args: argparse.Namespace, work: str, base: str) -> list[Step]:
         model = model_dir(work, base, arm, seed)
         prefix = "untuned" if seed is None else f"seed{seed}/{arm}"
         fit_out = os.path.join(rdir, "fit_dev")
-        steps.append(Step(f"{prefix}/fit_dev", "fit", arm, seed, fit_out,
-                          lambda: fit_argv(args, model, work, fit_out), after, "dev"))
+        steps.append(
+            Step(
+                f"{prefix}/fit_dev",
+                "fit",
+                arm,
+                seed,
+                fit_out,
+                lambda: fit_argv(args, model, work, fit_out),
+                after,
+                "dev",
+            )
+        )
         splits = ["test", *(["dev"] if args.decode_dev else []), *args.extra_tests]
         for split in splits:
             out = os.path.join(rdir, split if split in ("test", "dev") else f"extra_{split}")
@@ -161,8 +258,18 @@ def plan(args: argparse.Namespace, work: str, base: str) -> list[Step]:
                 t = _temperature(args, fit_out) if temperature else None
                 return decode_argv(args, model, work, split, out, t)
 
-            steps.append(Step(f"{prefix}/{split}", kind, arm, seed, out, argv,
-                              (f"{prefix}/fit_dev",) if temperature else after, split))
+            steps.append(
+                Step(
+                    f"{prefix}/{split}",
+                    kind,
+                    arm,
+                    seed,
+                    out,
+                    argv,
+                    (f"{prefix}/fit_dev",) if temperature else after,
+                    split,
+                )
+            )
 
     evaluations("untuned", None, ())
     for seed in args.seed_list:
@@ -180,11 +287,21 @@ def plan(args: argparse.Namespace, work: str, base: str) -> list[Step]:
                     if not _runner.started(tdir):
                         branch_from(src, tdir, args.switch_at)
 
-            steps.append(Step(f"seed{seed}/{name}/train", "train", name, seed, tdir,
-                              lambda arm=arm, seed=seed, tdir=tdir, keep=keep: train_argv(
-                                  args, base, work, arm, seed, tdir, keep_all_checkpoints=keep),
-                              deps, train_steps=args.steps - args.switch_at if arm.switch else args.steps,
-                              prepare=prepare))
+            steps.append(
+                Step(
+                    f"seed{seed}/{name}/train",
+                    "train",
+                    name,
+                    seed,
+                    tdir,
+                    lambda arm=arm, seed=seed, tdir=tdir, keep=keep: train_argv(
+                        args, base, work, arm, seed, tdir, keep_all_checkpoints=keep
+                    ),
+                    deps,
+                    train_steps=args.steps - args.switch_at if arm.switch else args.steps,
+                    prepare=prepare,
+                )
+            )
             evaluations(name, seed, (f"seed{seed}/{name}/train",))
     return steps
 
@@ -225,8 +342,9 @@ def _cleanup(train_dir: str, args: argparse.Namespace) -> None:
             shutil.rmtree(os.path.join(train_dir, entry), ignore_errors=True)
 
 
-def run_all(args: argparse.Namespace, steps: list[Step], timings: _Timings,
-            archive: ResultsArchive | None = None) -> None:
+def run_all(
+    args: argparse.Namespace, steps: list[Step], timings: _Timings, archive: ResultsArchive | None = None
+) -> None:
     """Run the plan with ``--jobs`` steps at a time, archiving each finished step in ``archive``
     (``--archive``); each run's checkpoints go once it and the runs that branch from it have finished."""
     tasks = []

@@ -51,12 +51,49 @@ from _stats import (
     sign_test,
 )
 
-__all__ = ["IN_PROCESS", "OPTIONS", "PAPER_PROTOCOLS", "Plan", "Task", "add_options", "branch_from", "check_data_dir",
-           "check_settings", "check_stages", "checkpoint_steps", "eval_name", "fmt_ci", "fmt_mean_std", "int_list",
-           "kendall_tau", "kendall_tau_interval", "mean_ci", "mean_std", "paired_bootstrap", "paired_bootstrap_means",
-           "parse_protocols", "plateau", "plot_curves", "protocols_help", "read_json", "read_json_if", "read_lines",
-           "read_log", "run_benchmark", "run_dir", "run_step", "run_tasks", "seed_differences", "seed_table",
-           "seed_values", "seq2seq_train_argv", "sign_test", "start_from_checkpoint", "started", "write_report"]
+__all__ = [
+    "IN_PROCESS",
+    "OPTIONS",
+    "PAPER_PROTOCOLS",
+    "Plan",
+    "Task",
+    "add_options",
+    "branch_from",
+    "check_data_dir",
+    "check_settings",
+    "check_stages",
+    "checkpoint_steps",
+    "eval_name",
+    "fmt_ci",
+    "fmt_mean_std",
+    "int_list",
+    "kendall_tau",
+    "kendall_tau_interval",
+    "mean_ci",
+    "mean_std",
+    "paired_bootstrap",
+    "paired_bootstrap_means",
+    "parse_protocols",
+    "plateau",
+    "plot_curves",
+    "protocols_help",
+    "read_json",
+    "read_json_if",
+    "read_lines",
+    "read_log",
+    "run_benchmark",
+    "run_dir",
+    "run_step",
+    "run_tasks",
+    "seed_differences",
+    "seed_table",
+    "seed_values",
+    "seq2seq_train_argv",
+    "sign_test",
+    "start_from_checkpoint",
+    "started",
+    "write_report",
+]
 
 
 #: run steps in this process (tests: no interpreter start-up per step) instead of a subprocess
@@ -102,16 +139,24 @@ def run_step(name: str, argv: Sequence[str], output_dir: str, *, threads: int = 
         print(f"[dry-run] {name}: {shlex.join(cmd)}", flush=True)
         return False
     os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "TQDM_DISABLE": "1",
+    }
     log = output_dir.rstrip("/") + ".log"
     started = time.time()
     print(f"[run ] {name} ...", flush=True)
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        returncode = _run_in_process(argv, f) if IN_PROCESS else \
-            subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        returncode = (
+            _run_in_process(argv, f)
+            if IN_PROCESS
+            else subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        )
     if returncode != 0:
         tail = "\n".join(read_lines(log)[-25:])
         raise RuntimeError(f"step {name} failed (exit {returncode}); log {log}:\n{tail}")
@@ -161,9 +206,15 @@ def run_tasks(tasks: Sequence[Task], jobs: int = 1) -> None:
                 exc = fut.exception()
                 if exc is not None:
                     # said at once: the running tasks may take hours before the error is raised
-                    print(f"[fail] {name}: {type(exc).__name__}: {exc}"
-                          + (f"; no new task starts, waiting for {len(running)} running"
-                             if running and error is None else ""), flush=True)
+                    print(
+                        f"[fail] {name}: {type(exc).__name__}: {exc}"
+                        + (
+                            f"; no new task starts, waiting for {len(running)} running"
+                            if running and error is None
+                            else ""
+                        ),
+                        flush=True,
+                    )
                     error = error or exc
                 done.add(name)
     if error is not None:
@@ -224,8 +275,11 @@ PAPER_PROTOCOLS: dict[str, tuple[str, Callable[[int, int], str]]] = {
 
 def protocols_help(protocols: dict[str, tuple[str, Any]], branches: str) -> str:
     """The ``--protocols`` help: each protocol's label, and which (``branches``) start from (a)."""
-    return ("protocols to run: " + "; ".join(f"{k} = {v[0][4:]}" for k, v in protocols.items())
-            + f"; {branches} branch from a's step-T1 checkpoint and need a")
+    return (
+        "protocols to run: "
+        + "; ".join(f"{k} = {v[0][4:]}" for k, v in protocols.items())
+        + f"; {branches} branch from a's step-T1 checkpoint and need a"
+    )
 
 
 # ------------------------------------------------------------------------------ command-line options
@@ -247,8 +301,11 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "ffn_size": {"type": int, "default": 512, "help": "feed-forward width"},
     "dropout": {"type": float, "default": 0.1, "help": "dropout"},
     "eval_every": {"type": int, "default": 250, "help": "validation scores every N steps (the curves)"},
-    "save_every": {"type": int, "default": 500,
-                   "help": "checkpoint every N steps (T1 must be a multiple: the branches start from it)"},
+    "save_every": {
+        "type": int,
+        "default": 500,
+        "help": "checkpoint every N steps (T1 must be a multiple: the branches start from it)",
+    },
     "num_beams": {"type": int, "help": "beam width of every decoding"},
     "eval_batch_size": {"type": int, "default": 50, "help": "sentences per decoding batch"},
     "bootstrap_samples": {"type": int, "default": 1000, "help": "paired bootstrap resamples"},
@@ -256,10 +313,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "jobs": {"type": int, "default": 1, "help": "steps run at the same time (independent runs in parallel)"},
     "report_only": {"action": "store_true", "help": "only aggregate what has finished"},
     "dry_run": {"action": "store_true", "help": "print the commands that would run"},
-    "archive": {"metavar": "DIR", "default": None,
-                "help": "also keep the small outputs of every finished step (results, hypotheses, metric logs; no "
-                "weights) in DIR, and restore finished steps from DIR into a new --work-dir, so a study that "
-                "outlives its machine continues on the next one (commit DIR; see _archive.py)"},
+    "archive": {
+        "metavar": "DIR",
+        "default": None,
+        "help": "also keep the small outputs of every finished step (results, hypotheses, metric logs; no "
+        "weights) in DIR, and restore finished steps from DIR into a new --work-dir, so a study that "
+        "outlives its machine continues on the next one (commit DIR; see _archive.py)",
+    },
 }
 
 
@@ -290,8 +350,9 @@ def check_data_dir(prog: str, data_dir: str, files: Sequence[str], expected: str
     """Exit (``SystemExit`` naming ``prog``) unless ``data_dir`` holds every one of ``files``."""
     missing = [f for f in files if not os.path.isfile(os.path.join(data_dir, f))]
     if missing:
-        raise SystemExit(f"{prog}: data directory {data_dir!r} lacks {', '.join(missing)} "
-                         f"(expected {expected}: {', '.join(files)})")
+        raise SystemExit(
+            f"{prog}: data directory {data_dir!r} lacks {', '.join(missing)} (expected {expected}: {', '.join(files)})"
+        )
 
 
 def int_list(text: str) -> list[int]:
@@ -299,8 +360,9 @@ def int_list(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s.strip()]
 
 
-def parse_protocols(prog: str, text: str, protocols: Sequence[str], branches: Sequence[str],
-                    root: str = "a") -> list[str]:
+def parse_protocols(
+    prog: str, text: str, protocols: Sequence[str], branches: Sequence[str], root: str = "a"
+) -> list[str]:
     """The comma-separated protocol names of ``text``, each one of ``protocols``; exit when there is
     none, one is unknown, or one of ``branches`` (which start from a checkpoint of ``root``) is named
     without ``root``."""
@@ -322,8 +384,15 @@ def check_stages(prog: str, args: Any, positive: Sequence[str]) -> None:
         raise SystemExit(f"{prog}: --t1 {args.t1} must be a multiple of --save-every {args.save_every}")
 
 
-def check_settings(prog: str, work_dir: str, settings: dict[str, Any], *, record: bool, reuse: str | None = None,
-                   reuse_keys: Sequence[str] = ()) -> None:
+def check_settings(
+    prog: str,
+    work_dir: str,
+    settings: dict[str, Any],
+    *,
+    record: bool,
+    reuse: str | None = None,
+    reuse_keys: Sequence[str] = (),
+) -> None:
     """Keep one set of ``settings`` per work directory, in ``WORK_DIR/settings.json``.
 
     Exits when ``work_dir`` holds runs made with other settings (or when ``reuse``, a work directory
@@ -335,8 +404,10 @@ def check_settings(prog: str, work_dir: str, settings: dict[str, Any], *, record
         saved = read_json(path)
         diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
         if diff:
-            raise SystemExit(f"{prog}: {work_dir} holds runs made with other settings "
-                             f"(option: (saved, now)) {diff}; use the same options or another --work-dir")
+            raise SystemExit(
+                f"{prog}: {work_dir} holds runs made with other settings "
+                f"(option: (saved, now)) {diff}; use the same options or another --work-dir"
+            )
     if reuse:
         other = os.path.join(reuse, "settings.json")
         if not os.path.isfile(other):
@@ -377,8 +448,9 @@ def branch_from(root: str, run: str, step: int) -> None:
     start_from_checkpoint(root, run, step)
 
 
-def seq2seq_train_argv(args: Any, seed: int, schedule: str, data: Sequence[str], output_dir: str, *,
-                       eval_batch_size: int, resume: bool) -> list[str]:
+def seq2seq_train_argv(
+    args: Any, seed: int, schedule: str, data: Sequence[str], output_dir: str, *, eval_batch_size: int, resume: bool
+) -> list[str]:
     """``properlm train`` of a Transformer encoder-decoder from scratch (``--init tiny-seq2seq``).
 
     Model (``vocab_size``, ``hidden_size``, ``num_layers``, ``num_heads``, ``ffn_size``, ``dropout``)
@@ -388,18 +460,51 @@ def seq2seq_train_argv(args: Any, seed: int, schedule: str, data: Sequence[str],
     then inverse-sqrt decay, batches grouped by length; ``--resume`` when ``resume``.
     """
     argv = [
-        "train", "--init", "tiny-seq2seq", "--vocab-size", str(args.vocab_size),
-        "--hidden-size", str(args.hidden_size), "--num-layers", str(args.num_layers),
-        "--num-heads", str(args.num_heads), "--ffn-size", str(args.ffn_size), "--dropout", str(args.dropout),
+        "train",
+        "--init",
+        "tiny-seq2seq",
+        "--vocab-size",
+        str(args.vocab_size),
+        "--hidden-size",
+        str(args.hidden_size),
+        "--num-layers",
+        str(args.num_layers),
+        "--num-heads",
+        str(args.num_heads),
+        "--ffn-size",
+        str(args.ffn_size),
+        "--dropout",
+        str(args.dropout),
         *data,
-        "--schedule", schedule, "--smoothing", str(args.smoothing),
-        "--seed", str(seed), "--per-device-train-batch-size", str(args.batch_size),
-        "--per-device-eval-batch-size", str(eval_batch_size),
-        "--learning-rate", str(args.learning_rate), "--lr-scheduler", "inverse_sqrt",
-        "--warmup-steps", str(args.warmup_steps), "--adam-beta2", "0.98",
-        "--group-by-length", "--eval-steps", str(args.eval_every), "--save-steps", str(args.save_every),
-        "--logging-steps", "50",
-        "--output-dir", output_dir, "--no-progress-bar", "--no-tensorboard",
+        "--schedule",
+        schedule,
+        "--smoothing",
+        str(args.smoothing),
+        "--seed",
+        str(seed),
+        "--per-device-train-batch-size",
+        str(args.batch_size),
+        "--per-device-eval-batch-size",
+        str(eval_batch_size),
+        "--learning-rate",
+        str(args.learning_rate),
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-steps",
+        str(args.warmup_steps),
+        "--adam-beta2",
+        "0.98",
+        "--group-by-length",
+        "--eval-steps",
+        str(args.eval_every),
+        "--save-steps",
+        str(args.save_every),
+        "--logging-steps",
+        "50",
+        "--output-dir",
+        output_dir,
+        "--no-progress-bar",
+        "--no-tensorboard",
     ]
     return argv + (["--resume"] if resume else [])
 
@@ -413,28 +518,44 @@ class Plan:
     dry_run: bool = False
     tasks: list[Task] = field(default_factory=list)
 
-    def step(self, task: str, name: str, argv: Sequence[str] | Callable[[], Sequence[str]], output_dir: str,
-             deps: Iterable[str] = ()) -> str:
+    def step(
+        self,
+        task: str,
+        name: str,
+        argv: Sequence[str] | Callable[[], Sequence[str]],
+        output_dir: str,
+        deps: Iterable[str] = (),
+    ) -> str:
         """Add task ``task``: ``run_step(name, argv, output_dir)`` (``argv()`` called when the task runs,
         for an argument only known then) once ``deps`` are done; returns ``task``."""
         self.tasks.append(Task(task, functools.partial(self._run, name, argv, output_dir), set(deps), output_dir))
         return task
 
-    def train(self, task: str, name: str, output_dir: str, argv: Callable[[bool], Sequence[str]],
-              prepare: Callable[[], None] | None = None, deps: Iterable[str] = ()) -> str:
+    def train(
+        self,
+        task: str,
+        name: str,
+        output_dir: str,
+        argv: Callable[[bool], Sequence[str]],
+        prepare: Callable[[], None] | None = None,
+        deps: Iterable[str] = (),
+    ) -> str:
         """Add training task ``task``: ``prepare()`` (not in a dry run; e.g. start from another run's
         checkpoint), then ``run_step(name, argv(resume), output_dir)`` with ``resume`` whether
         ``output_dir`` holds a checkpoint by then; returns ``task``."""
-        self.tasks.append(Task(task, functools.partial(self._train, name, output_dir, argv, prepare), set(deps),
-                               output_dir))
+        self.tasks.append(
+            Task(task, functools.partial(self._train, name, output_dir, argv, prepare), set(deps), output_dir)
+        )
         return task
 
     def _run(self, name: str, argv: Sequence[str] | Callable[[], Sequence[str]], output_dir: str) -> bool:
-        return run_step(name, argv() if callable(argv) else argv, output_dir, threads=self.threads,
-                        dry_run=self.dry_run)
+        return run_step(
+            name, argv() if callable(argv) else argv, output_dir, threads=self.threads, dry_run=self.dry_run
+        )
 
-    def _train(self, name: str, output_dir: str, argv: Callable[[bool], Sequence[str]],
-               prepare: Callable[[], None] | None) -> bool:
+    def _train(
+        self, name: str, output_dir: str, argv: Callable[[bool], Sequence[str]], prepare: Callable[[], None] | None
+    ) -> bool:
         if prepare is not None and not self.dry_run:
             prepare()
         return self._run(name, argv(bool(checkpoint_steps(output_dir))), output_dir)
@@ -468,13 +589,16 @@ def _open_archive(args: Any, files: Sequence[str], tasks: Callable[[Any], Sequen
     steps = [(t.name, _task_out(args.work_dir, t), t.deps) for t in tasks(args)]
     restored = archive.restore(steps)
     saved = archive.save_all(steps)
-    print(f"archive {archive.root}: {len(restored)} finished step(s) restored into {args.work_dir}, "
-          f"{len(saved)} saved", flush=True)
+    print(
+        f"archive {archive.root}: {len(restored)} finished step(s) restored into {args.work_dir}, {len(saved)} saved",
+        flush=True,
+    )
     return archive
 
 
 def _archiving(task: Task, work_dir: str, archive: Any, files: Sequence[str]) -> Task:
     """``task`` that, once it has run, archives its output directory and the work-level ``files``."""
+
     def fn() -> Any:
         result = task.fn()
         out = _task_out(work_dir, task)
@@ -487,9 +611,15 @@ def _archiving(task: Task, work_dir: str, archive: Any, files: Sequence[str]) ->
     return Task(task.name, fn, task.deps, task.out)
 
 
-def run_benchmark(args: Any, check: Callable[[Any], None], settings: Callable[[Any], None],
-                  tasks: Callable[[Any], Sequence[Task]], report: Callable[[Any, float | None], str], *,
-                  archive_files: Sequence[str] = ()) -> int:
+def run_benchmark(
+    args: Any,
+    check: Callable[[Any], None],
+    settings: Callable[[Any], None],
+    tasks: Callable[[Any], Sequence[Task]],
+    report: Callable[[Any, float | None], str],
+    *,
+    archive_files: Sequence[str] = (),
+) -> int:
     """The main flow of a benchmark, for its parsed ``args``: ``check(args)`` (fail on a bad argument
     before any work), ``settings(args)`` (the settings check), run ``tasks(args)`` with ``args.jobs``
     at a time (not with ``--report-only``; a ``--dry-run`` stops there), then print
@@ -531,8 +661,13 @@ def read_json_if(path: str) -> dict[str, Any] | None:
     return read_json(path) if os.path.isfile(path) else None
 
 
-def seed_table(per: dict[str, dict[int, dict[str, Any]]], protocols: Sequence[str], labels: dict[str, str],
-               cols: Sequence[tuple[str, str, int, float]], count_key: str | None = None) -> str:
+def seed_table(
+    per: dict[str, dict[int, dict[str, Any]]],
+    protocols: Sequence[str],
+    labels: dict[str, str],
+    cols: Sequence[tuple[str, str, int, float]],
+    count_key: str | None = None,
+) -> str:
     """Markdown table, a row per protocol: its label, its number of seeds (those with ``count_key``,
     or all of its seeds) and per column ``(title, key, digits, scale)`` :func:`fmt_mean_std` of
     ``key`` over the seeds."""
@@ -544,8 +679,9 @@ def seed_table(per: dict[str, dict[int, dict[str, Any]]], protocols: Sequence[st
     return "\n".join(lines)
 
 
-def plateau(runs: dict[int, str], t1: int, t2: int, *, what: str, end_note: str = "",
-            best: bool = False) -> tuple[str, dict[int, dict[str, Any]]]:
+def plateau(
+    runs: dict[int, str], t1: int, t2: int, *, what: str, end_note: str = "", best: bool = False
+) -> tuple[str, dict[int, dict[str, Any]]]:
     """How much each seed's root run (``runs``: seed -> run directory) still moved its evaluated log
     score (``eval_score_logarithmic``) over the last quarter of stage 1: the score at the last
     evaluation at or before ``0.75 T1``, at T1 and at T = T1 + T2; with ``best``, also the best
@@ -560,8 +696,9 @@ def plateau(runs: dict[int, str], t1: int, t2: int, *, what: str, end_note: str 
         if early is None or t1 not in by_step:
             continue
         rows[s] = {"step_early": early, "early": by_step[early], "t1": by_step[t1], "end": by_step.get(t1 + t2)}
-        line = (f"- seed {s}: {what} log score {by_step[early]:.4f} at step {early}, {by_step[t1]:.4f} at T1={t1}"
-                + (f", {by_step[t1 + t2]:.4f} at T={t1 + t2}{end_note}" if t1 + t2 in by_step else ""))
+        line = f"- seed {s}: {what} log score {by_step[early]:.4f} at step {early}, {by_step[t1]:.4f} at T1={t1}" + (
+            f", {by_step[t1 + t2]:.4f} at T={t1 + t2}{end_note}" if t1 + t2 in by_step else ""
+        )
         if best:
             top = max(by_step, key=lambda st: by_step[st])
             rows[s].update({"best_step": top, "best": by_step[top]})
@@ -570,8 +707,14 @@ def plateau(runs: dict[int, str], t1: int, t2: int, *, what: str, end_note: str 
     return "\n".join(lines), rows
 
 
-def plot_curves(path: str, series: Sequence[tuple[str, Sequence[str], dict[str, Any]]], t1: int, title: str, *,
-                what: str = "validation") -> str | None:
+def plot_curves(
+    path: str,
+    series: Sequence[tuple[str, Sequence[str], dict[str, Any]]],
+    t1: int,
+    title: str,
+    *,
+    what: str = "validation",
+) -> str | None:
     """Training curves from the runs' ``metrics.jsonl``: the log, Brier and spherical scores on the
     evaluation set (``what`` names it) and the training loss against the step, a line per ``(label,
     run directories, plot keywords)`` of ``series`` (the mean over its runs at each step), a dotted
@@ -581,8 +724,12 @@ def plot_curves(path: str, series: Sequence[tuple[str, Sequence[str], dict[str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("eval_score_logarithmic", f"{what} log score"), ("eval_score_brier", f"{what} Brier score"),
-              ("eval_score_spherical", f"{what} spherical score"), ("loss", "training loss")]
+    panels = [
+        ("eval_score_logarithmic", f"{what} log score"),
+        ("eval_score_brier", f"{what} Brier score"),
+        ("eval_score_spherical", f"{what} spherical score"),
+        ("loss", "training loss"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     drawn = False
     for label, runs, style in series:

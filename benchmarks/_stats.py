@@ -51,8 +51,19 @@ from typing import Any
 # the statistics a user of properlm gets too (``properlm compare --baseline``): one implementation
 from properlm.evaluation.significance import mean_ci, mean_std, paired_bootstrap, paired_bootstrap_means, sign_test
 
-__all__ = ["fmt_ci", "fmt_mean_std", "kendall_tau", "kendall_tau_interval", "mean_ci", "mean_std", "paired_bootstrap",
-           "paired_bootstrap_means", "seed_differences", "seed_values", "sign_test"]
+__all__ = [
+    "fmt_ci",
+    "fmt_mean_std",
+    "kendall_tau",
+    "kendall_tau_interval",
+    "mean_ci",
+    "mean_std",
+    "paired_bootstrap",
+    "paired_bootstrap_means",
+    "seed_differences",
+    "seed_values",
+    "sign_test",
+]
 
 
 def fmt_mean_std(values: Sequence[float], digits: int = 2, scale: float = 1.0) -> str:
@@ -86,8 +97,9 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
     return (concordant - discordant) / denom if denom else math.nan
 
 
-def kendall_tau_interval(x: Sequence[float], y: Sequence[float], n_samples: int = 1000,
-                         seed: int = 0) -> tuple[float, float, float]:
+def kendall_tau_interval(
+    x: Sequence[float], y: Sequence[float], n_samples: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
     """Kendall's tau and a 95% percentile bootstrap interval, resampling the models (pairs)."""
     import random
 
@@ -111,12 +123,16 @@ def seed_values(per: dict[str, dict[int, dict[str, Any]]], protocol: str, key: s
     return [r[key] for r in per.get(protocol, {}).values() if r.get(key) is not None]
 
 
-def seed_differences(per: dict[str, dict[int, dict[str, Any]]], protocol: str, key: str, seeds: Sequence[int],
-                     baseline: str = "a") -> tuple[list[int], list[float]]:
+def seed_differences(
+    per: dict[str, dict[int, dict[str, Any]]], protocol: str, key: str, seeds: Sequence[int], baseline: str = "a"
+) -> tuple[list[int], list[float]]:
     """The seeds (of ``seeds``) where both ``protocol`` and ``baseline`` have ``key``, and per seed the
     difference ``per[protocol][seed][key] - per[baseline][seed][key]``."""
-    both = [s for s in seeds if per[protocol].get(s, {}).get(key) is not None
-            and per[baseline].get(s, {}).get(key) is not None]
+    both = [
+        s
+        for s in seeds
+        if per[protocol].get(s, {}).get(key) is not None and per[baseline].get(s, {}).get(key) is not None
+    ]
     return both, [per[protocol][s][key] - per[baseline][s][key] for s in both]
 
 

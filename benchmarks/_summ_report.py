@@ -70,16 +70,26 @@ def main_table(per: dict[str, Any], protocols: list[str], split: str = "dev") ->
     cols = [(f"{ROUGE_LABELS[k]}", f"{k}_{split}_logarithmic", 2, 1) for k in ROUGE]
     if any(seed_values(per, p, f"rouge1_multi_{split}_logarithmic") for p in protocols):
         cols += [(f"{ROUGE_LABELS[k]} multi", f"{k}_multi_{split}_logarithmic", 2, 1) for k in ROUGE]
-    cols += [("log score", f"score_logarithmic_{split}", 3, 1), ("Brier", f"score_brier_{split}", 4, 1),
-             ("spherical", f"score_spherical_{split}", 4, 1), ("ECE (%)", f"ece_{split}", 2, 100)]
+    cols += [
+        ("log score", f"score_logarithmic_{split}", 3, 1),
+        ("Brier", f"score_brier_{split}", 4, 1),
+        ("spherical", f"score_spherical_{split}", 4, 1),
+        ("ECE (%)", f"ece_{split}", 2, 100),
+    ]
     return _runner.seed_table(per, protocols, LABELS, cols, count_key=f"rouge1_{split}_logarithmic")
 
 
 def objective_table(per: dict[str, Any], protocols: list[str]) -> str:
-    keys = [(f"{ROUGE_LABELS[k]}{m} ({o[:3]} beam)", f"{k}{m}_dev_{o}") for k in ("rouge1", "rougeL")
-            for m in ("", "_multi") for o in OBJECTIVES]
-    lines = ["| protocol | " + " | ".join(k[0].replace("_multi", " multi") for k in keys) + " |",
-             "|---|" + "---|" * len(keys)]
+    keys = [
+        (f"{ROUGE_LABELS[k]}{m} ({o[:3]} beam)", f"{k}{m}_dev_{o}")
+        for k in ("rouge1", "rougeL")
+        for m in ("", "_multi")
+        for o in OBJECTIVES
+    ]
+    lines = [
+        "| protocol | " + " | ".join(k[0].replace("_multi", " multi") for k in keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
     for p in protocols:
         cells = [fmt_mean_std(seed_values(per, p, k)) for _, k in keys]
         lines.append(f"| {PROTOCOLS[p][0]} | " + " | ".join(cells) + " |")
@@ -93,16 +103,20 @@ def _references(path: str, multi: bool) -> list[Any]:
     return [list(e.references) if multi else e.target for e in examples]
 
 
-def comparisons(args: argparse.Namespace, per: dict[str, Any], baseline: str = "a",
-                systems: tuple[str, ...] = BRANCHES) -> tuple[str, dict[str, Any]]:
+def comparisons(
+    args: argparse.Namespace, per: dict[str, Any], baseline: str = "a", systems: tuple[str, ...] = BRANCHES
+) -> tuple[str, dict[str, Any]]:
     """``systems`` (the branches (b), (c)) against ``baseline`` ((a), or the control (a0)) of the same seed, per
     split and ROUGE variant: the seed-level mean difference with its 95% Student-t interval and sign test, and
     the per-seed paired bootstrap over documents (p and the document-resampled interval of the difference)."""
     from properlm.generation_eval import rouge_per_example
 
     out: dict[str, Any] = {}
-    lines = [f"| vs ({baseline}) | split | ROUGE | Δ per seed | mean Δ [95% CI over seeds] | seeds better | "
-             "sign test p | bootstrap p per seed |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| vs ({baseline}) | split | ROUGE | Δ per seed | mean Δ [95% CI over seeds] | seeds better | "
+        "sign test p | bootstrap p per seed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     splits = ["dev", *args.tests]
     cache: dict[tuple[int, str, str, bool], dict[str, list[float]]] = {}
 
@@ -138,13 +152,21 @@ def comparisons(args: argparse.Namespace, per: dict[str, Any], baseline: str = "
                         boots.append({"p": b["p"], "delta": 100 * b["delta"], "ci95": [100 * v for v in b["ci95"]]})
                     m, lo, hi = _runner.mean_ci(deltas)
                     better, p_sign = sum(d > 0 for d in deltas), _runner.sign_test(deltas)
-                    out[f"{p}_{split}_{name}"] = {"seeds": seeds, "delta": deltas, "mean_delta": m, "ci95": [lo, hi],
-                                                  "sign_test_p": p_sign, "bootstrap": boots}
+                    out[f"{p}_{split}_{name}"] = {
+                        "seeds": seeds,
+                        "delta": deltas,
+                        "mean_delta": m,
+                        "ci95": [lo, hi],
+                        "sign_test_p": p_sign,
+                        "bootstrap": boots,
+                    }
                     label = ROUGE_LABELS[metric] + (" multi" if multi else "")
                     per_seed = ", ".join(f"{d:+.2f}" for d in deltas)
                     boot_p = ", ".join(f"{b['p']:.3f}" for b in boots)
-                    lines.append(f"| {PROTOCOLS[p][0]} | {split} | {label} | {per_seed} | {fmt_ci(m, lo, hi)} | "
-                                 f"{better}/{len(seeds)} | {p_sign:.3f} | {boot_p} |")
+                    lines.append(
+                        f"| {PROTOCOLS[p][0]} | {split} | {label} | {per_seed} | {fmt_ci(m, lo, hi)} | "
+                        f"{better}/{len(seeds)} | {p_sign:.3f} | {boot_p} |"
+                    )
     return "\n".join(lines), out
 
 
@@ -152,19 +174,29 @@ def checkpoint_rows(args: argparse.Namespace) -> tuple[str, dict[int, dict[str, 
     """(a)'s step-T1 checkpoint on dev: where (b) and (c) start."""
     rows: dict[int, dict[str, Any]] = {}
     for s in args.seed_list:
-        ev = read_json_if(os.path.join(_runner.run_dir(args.work_dir, s, "a"), f"eval_dev_checkpoint_{args.t1}",
-                                       "results.json"))
+        ev = read_json_if(
+            os.path.join(_runner.run_dir(args.work_dir, s, "a"), f"eval_dev_checkpoint_{args.t1}", "results.json")
+        )
         if ev is not None:
             rows[s] = {k: ev["generation"].get(k) for k in (*ROUGE, *(f"{k}_multi" for k in ROUGE))}
             rows[s]["score_logarithmic"] = ev["teacher_forced"]["mean_scores"].get("logarithmic")
     if not rows:
         return "", rows
-    keys = [k for k in ("rouge1", "rougeL", "rouge1_multi", "rougeL_multi", "score_logarithmic")
-            if any(r.get(k) is not None for r in rows.values())]
-    lines = ["| model | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys),
-             f"| (a) at T1 = {args.t1} | {len(rows)} | "
-             + " | ".join(fmt_mean_std([r[k] for r in rows.values() if r.get(k) is not None],
-                                       3 if k.startswith("score") else 2) for k in keys) + " |"]
+    keys = [
+        k
+        for k in ("rouge1", "rougeL", "rouge1_multi", "rougeL_multi", "score_logarithmic")
+        if any(r.get(k) is not None for r in rows.values())
+    ]
+    lines = [
+        "| model | seeds | " + " | ".join(keys) + " |",
+        "|---|---|" + "---|" * len(keys),
+        f"| (a) at T1 = {args.t1} | {len(rows)} | "
+        + " | ".join(
+            fmt_mean_std([r[k] for r in rows.values() if r.get(k) is not None], 3 if k.startswith("score") else 2)
+            for k in keys
+        )
+        + " |",
+    ]
     return "\n".join(lines), rows
 
 
@@ -172,21 +204,32 @@ def smoothing_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """How every protocol's smoothing was set: (a)'s fixed value, the branches' fixed value or their
     selection on the held-out slice of train (every candidate's held-out scores, the choice)."""
     branches = [p for p in args.protocol_list if p in BRANCHES]
-    out: dict[str, Any] = {"a": args.smoothing_a, "a_how": "fixed (--smoothing-a), not selected",
-                           **{p: eps for p, eps in CONTROLS.items() if p in args.protocol_list}}
-    text = (f"Score smoothing: (a) {args.smoothing_a:g} in all its T steps (--smoothing-a, fixed, not selected; "
-            "so also the branches' first T1 steps)")
+    out: dict[str, Any] = {
+        "a": args.smoothing_a,
+        "a_how": "fixed (--smoothing-a), not selected",
+        **{p: eps for p, eps in CONTROLS.items() if p in args.protocol_list},
+    }
+    text = (
+        f"Score smoothing: (a) {args.smoothing_a:g} in all its T steps (--smoothing-a, fixed, not selected; "
+        "so also the branches' first T1 steps)"
+    )
     if not branches:
         return text + ".", out
     if not selecting(args):
         out.update({p: args.smoothing for p in branches}, branches_how="fixed (--smoothing), no selection")
-        return text + f"; {', '.join(f'({p})' for p in branches)} {args.smoothing:g} after the switch " \
-            "(--smoothing, fixed: no selection).", out
+        return (
+            text + f"; {', '.join(f'({p})' for p in branches)} {args.smoothing:g} after the switch "
+            "(--smoothing, fixed: no selection).",
+            out,
+        )
     seed = args.seed_list[0]
     heldout = heldout_path(args)
     n = sum(1 for _ in open(heldout, encoding="utf-8")) if os.path.isfile(heldout) else None
-    lines = ["| protocol | eps | held-out R-1 | R-2 | R-L | mean (selection score) | log score | Brier | spherical "
-             "| chosen |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| protocol | eps | held-out R-1 | R-2 | R-L | mean (selection score) | log score | Brier | spherical "
+        "| chosen |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     selection: dict[str, Any] = {}
     chosen_text = []
     for p in branches:
@@ -203,18 +246,27 @@ def smoothing_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                 lines.append(f"| {PROTOCOLS[p][0]} | {eps:g} | - | - | - | - | - | - | - | pending |")
                 continue
             mark = "pending" if chosen is None else ("**chosen**" if eps == chosen else "")
-            lines.append(f"| {PROTOCOLS[p][0]} | {eps:g} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | {r['rougeL']:.2f} | "
-                         f"{r['selection_score']:.2f} | {r['score_logarithmic']:.3f} | {r['score_brier']:.4f} | "
-                         f"{r['score_spherical']:.4f} | {mark} |")
-    out.update(branches_how="selected on the held-out training slice", selection=selection,
-               selection_metric=SELECTION_METRIC, selection_slice=heldout, selection_examples=n)
+            lines.append(
+                f"| {PROTOCOLS[p][0]} | {eps:g} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | {r['rougeL']:.2f} | "
+                f"{r['selection_score']:.2f} | {r['score_logarithmic']:.3f} | {r['score_brier']:.4f} | "
+                f"{r['score_spherical']:.4f} | {mark} |"
+            )
+    out.update(
+        branches_how="selected on the held-out training slice",
+        selection=selection,
+        selection_metric=SELECTION_METRIC,
+        selection_slice=heldout,
+        selection_examples=n,
+    )
     size = f"{n} emails" if n is not None else "not written yet"
-    text += (f"; after the switch, smoothing chosen on the held-out training slice: {', '.join(chosen_text)}, "
-             f"from {', '.join(map(_eps_name, args.smoothing_grid))} (the paper's formula), by the "
-             f"{SELECTION_METRIC} ({size}: the held-out {args.heldout_fraction:g} of train.jsonl that no run trains "
-             f"on, less verbatim duplicates of training emails; not dev, the split reported here), seed {seed}; "
-             "ties go to the smaller eps. The chosen candidate is that seed's run; the other seeds use the choice "
-             "((a) gets no such choice).")
+    text += (
+        f"; after the switch, smoothing chosen on the held-out training slice: {', '.join(chosen_text)}, "
+        f"from {', '.join(map(_eps_name, args.smoothing_grid))} (the paper's formula), by the "
+        f"{SELECTION_METRIC} ({size}: the held-out {args.heldout_fraction:g} of train.jsonl that no run trains "
+        f"on, less verbatim duplicates of training emails; not dev, the split reported here), seed {seed}; "
+        "ties go to the smaller eps. The chosen candidate is that seed's run; the other seeds use the choice "
+        "((a) gets no such choice)."
+    )
     return text + "\n\n" + "\n".join(lines), out
 
 
@@ -233,26 +285,45 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
         runs = [r for r in (run_dir(args, s, p) for s in args.seed_list) if r is not None]
         if runs:
             series.append((PROTOCOLS[p][0], runs, {}))
-    png = _runner.plot_curves(os.path.join(args.work_dir, "training_curves.png"), series, args.t1,
-                              f"AESLC email -> subject, mean over seeds {args.seeds}; dotted line: T1 = "
-                              f"{args.t1}", what="held-out")
-    settings = next((r.get("rouge_settings") for rows in per.values() for r in rows.values()
-                     if r.get("rouge_settings")), None)
-    multi_settings = next((r.get("rouge_multi_settings") for rows in per.values() for r in rows.values()
-                           if r.get("rouge_multi_settings")), None)
-    trunc = next((r.get("truncation_dev") for rows in per.values() for r in rows.values()
-                  if r.get("truncation_dev")), None)
-    cut = (f" Documents cut to their first {args.max_source_length} BPE tokens in training and evaluation"
-           + (f" ({trunc['num_sources_cut']} of the dev documents cut)." if trunc else "."))
-    eps = ", ".join(f"({p}) {'pending' if smoothing.get(p) is None else format(smoothing[p], 'g')}"
-                    for p in args.protocol_list)
+    png = _runner.plot_curves(
+        os.path.join(args.work_dir, "training_curves.png"),
+        series,
+        args.t1,
+        f"AESLC email -> subject, mean over seeds {args.seeds}; dotted line: T1 = {args.t1}",
+        what="held-out",
+    )
+    settings = next(
+        (r.get("rouge_settings") for rows in per.values() for r in rows.values() if r.get("rouge_settings")), None
+    )
+    multi_settings = next(
+        (
+            r.get("rouge_multi_settings")
+            for rows in per.values()
+            for r in rows.values()
+            if r.get("rouge_multi_settings")
+        ),
+        None,
+    )
+    trunc = next(
+        (r.get("truncation_dev") for rows in per.values() for r in rows.values() if r.get("truncation_dev")), None
+    )
+    cut = f" Documents cut to their first {args.max_source_length} BPE tokens in training and evaluation" + (
+        f" ({trunc['num_sources_cut']} of the dev documents cut)." if trunc else "."
+    )
+    eps = ", ".join(
+        f"({p}) {'pending' if smoothing.get(p) is None else format(smoothing[p], 'g')}" for p in args.protocol_list
+    )
     parts = [
         f"AESLC dev ({'ROUGE F1, rouge-score with stemming' if settings is None else settings}); beam "
         f"{args.num_beams}, at most {args.max_new_tokens} new tokens; token scores and ECE (15 bins, top-1) under "
         f"teacher forcing on dev; mean ± std over seeds. T1 = {args.t1}, T2 = {args.t2}, batch {args.batch_size}, "
-        f"smoothing {eps} (below)." + cut
-        + (f" Multi-reference ROUGE: {multi_settings} (the summary and the three annotations)."
-           if multi_settings else ""),
+        f"smoothing {eps} (below)."
+        + cut
+        + (
+            f" Multi-reference ROUGE: {multi_settings} (the summary and the three annotations)."
+            if multi_settings
+            else ""
+        ),
         main_table(per, args.protocol_list),
         "Beam objective: logarithmic (sum of log-probabilities) vs the spherical score, dev:",
         objective_table(per, args.protocol_list),
@@ -261,9 +332,12 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
         cmp_md,
     ]
     for c, (c_md, c_cmp) in controls:
-        parts += [f"The control {PROTOCOLS[c][0]}: (a) continued from its own step-T1 checkpoint with smoothing "
-                  f"{CONTROLS[c]:g}, the smoothing the branches switch to; (a), (b) and (c) against it (a gain over "
-                  "it is the rule's, not the change of smoothing):", c_md]
+        parts += [
+            f"The control {PROTOCOLS[c][0]}: (a) continued from its own step-T1 checkpoint with smoothing "
+            f"{CONTROLS[c]:g}, the smoothing the branches switch to; (a), (b) and (c) against it (a gain over "
+            "it is the rule's, not the change of smoothing):",
+            c_md,
+        ]
         cmp.update({f"vs_{c}_{k}": v for k, v in c_cmp.items()})
     for name in args.tests:
         parts += [f"--test-file {args.tests[name]} (log beam):", main_table(per, args.protocol_list, split=name)]
@@ -273,7 +347,18 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
     if plateau_md:
         parts += ["Plateau of stage 1 (protocol a, held-out slice of train):\n\n" + plateau_md]
     md = "\n\n".join(parts)
-    _runner.write_report(args.work_dir, md, {
-        "settings": vars(args), "per_seed": per, "smoothing": smoothing, "comparisons": cmp,
-        "checkpoint_t1": ckpt_rows, "plateau": plateau_rows, "curves_png": png, "wall_seconds": wall_seconds})
+    _runner.write_report(
+        args.work_dir,
+        md,
+        {
+            "settings": vars(args),
+            "per_seed": per,
+            "smoothing": smoothing,
+            "comparisons": cmp,
+            "checkpoint_t1": ckpt_rows,
+            "plateau": plateau_rows,
+            "curves_png": png,
+            "wall_seconds": wall_seconds,
+        },
+    )
     return md

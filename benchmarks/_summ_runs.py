@@ -96,15 +96,26 @@ def run_dir(args: argparse.Namespace, seed: int, protocol: str) -> str | None:
     return None if eps is None else grid_dir(args, seed, protocol, eps)
 
 
-def train_argv(args: argparse.Namespace, seed: int, protocol: str, eps: float | str, output_dir: str,
-               resume: bool) -> list[str]:
+def train_argv(
+    args: argparse.Namespace, seed: int, protocol: str, eps: float | str, output_dir: str, resume: bool
+) -> list[str]:
     """``properlm train`` of one seed and protocol with score smoothing ``eps`` into ``output_dir``."""
-    data = ["--train-file", os.path.join(args.data_dir, "train.jsonl"),
-            "--validation-fraction", str(args.heldout_fraction), "--validation-seed", str(VALIDATION_SEED),
-            "--max-length", str(args.max_length), "--max-source-length", str(args.max_source_length)]
+    data = [
+        "--train-file",
+        os.path.join(args.data_dir, "train.jsonl"),
+        "--validation-fraction",
+        str(args.heldout_fraction),
+        "--validation-seed",
+        str(VALIDATION_SEED),
+        "--max-length",
+        str(args.max_length),
+        "--max-source-length",
+        str(args.max_source_length),
+    ]
     with_eps = argparse.Namespace(**{**vars(args), "smoothing": _eps_name(eps)})
-    return _runner.seq2seq_train_argv(with_eps, seed, PROTOCOLS[protocol][1](args.t1, args.t2), data, output_dir,
-                                      eval_batch_size=64, resume=resume)
+    return _runner.seq2seq_train_argv(
+        with_eps, seed, PROTOCOLS[protocol][1](args.t1, args.t2), data, output_dir, eval_batch_size=64, resume=resume
+    )
 
 
 def prepare_branch(args: argparse.Namespace, seed: int, run: str) -> None:
@@ -133,17 +144,22 @@ def write_heldout(args: argparse.Namespace) -> None:
         print(f"[skip] heldout slice: {path} exists", flush=True)
         return
     if args.dry_run:
-        print(f"[dry-run] heldout slice: write {path} (the held-out {args.heldout_fraction:g} of train.jsonl, "
-              "split seed 0, less documents also in the training part)", flush=True)
+        print(
+            f"[dry-run] heldout slice: write {path} (the held-out {args.heldout_fraction:g} of train.jsonl, "
+            "split seed 0, less documents also in the training part)",
+            flush=True,
+        )
         return
     kept, dropped = heldout_examples(args)
     os.makedirs(args.work_dir, exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"document": e.source, "summary": e.target}, ensure_ascii=False) + "\n"
-                     for e in kept)
+        f.writelines(json.dumps({"document": e.source, "summary": e.target}, ensure_ascii=False) + "\n" for e in kept)
     os.replace(path + ".tmp", path)
-    print(f"[done] heldout slice: {len(kept)} emails ({dropped} dropped: their body also occurs in the training "
-          f"part) -> {path}", flush=True)
+    print(
+        f"[done] heldout slice: {len(kept)} emails ({dropped} dropped: their body also occurs in the training "
+        f"part) -> {path}",
+        flush=True,
+    )
 
 
 def choose_smoothing(scores: Mapping[float, float]) -> float:
@@ -162,8 +178,9 @@ def selection_rows(args: argparse.Namespace, protocol: str, seed: int) -> list[d
     score) and the held-out token scores."""
     rows = []
     for eps in args.smoothing_grid or ():
-        ev = read_json_if(os.path.join(grid_dir(args, seed, protocol, eps), eval_name(HELDOUT, "logarithmic"),
-                                       "results.json"))
+        ev = read_json_if(
+            os.path.join(grid_dir(args, seed, protocol, eps), eval_name(HELDOUT, "logarithmic"), "results.json")
+        )
         if ev is None:
             continue
         gen, tf = ev["generation"], ev["teacher_forced"]
@@ -184,17 +201,27 @@ def select_smoothing(args: argparse.Namespace, protocol: str, seed: int) -> None
         return
     grid = ", ".join(map(_eps_name, args.smoothing_grid))
     if args.dry_run:
-        print(f"[dry-run] select {protocol}: choose the smoothing of ({protocol}) from {grid}, seed {seed}, by the "
-              f"{SELECTION_METRIC} -> {path}; the other seeds' ({protocol}) use it ({PENDING} below)", flush=True)
+        print(
+            f"[dry-run] select {protocol}: choose the smoothing of ({protocol}) from {grid}, seed {seed}, by the "
+            f"{SELECTION_METRIC} -> {path}; the other seeds' ({protocol}) use it ({PENDING} below)",
+            flush=True,
+        )
         return
     rows = selection_rows(args, protocol, seed)
     if len(rows) != len(args.smoothing_grid):
-        raise RuntimeError(f"select {protocol}: {len(rows)} of the {len(args.smoothing_grid)} held-out decodings "
-                           "exist")
+        raise RuntimeError(f"select {protocol}: {len(rows)} of the {len(args.smoothing_grid)} held-out decodings exist")
     chosen = choose_smoothing({r["smoothing"]: r["selection_score"] for r in rows})
-    record = {"protocol": protocol, "rule": BRANCH_RULES[protocol], "seed": seed, "grid": args.smoothing_grid,
-              "metric": SELECTION_METRIC, "tie_rule": "scores within 1e-9 tie; the smaller eps wins",
-              "slice": heldout_path(args), "rows": rows, "chosen": chosen}
+    record = {
+        "protocol": protocol,
+        "rule": BRANCH_RULES[protocol],
+        "seed": seed,
+        "grid": args.smoothing_grid,
+        "metric": SELECTION_METRIC,
+        "tie_rule": "scores within 1e-9 tie; the smaller eps wins",
+        "slice": heldout_path(args),
+        "rows": rows,
+        "chosen": chosen,
+    }
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
     os.replace(path + ".tmp", path)
@@ -211,8 +238,7 @@ def train_branch(args: argparse.Namespace, seed: int, protocol: str, name: str) 
     run = grid_dir(args, seed, protocol, PENDING if eps is None else eps)
     if not args.dry_run:
         prepare_branch(args, seed, run)
-    argv = train_argv(args, seed, protocol, PENDING if eps is None else eps, run,
-                      bool(_runner.checkpoint_steps(run)))
+    argv = train_argv(args, seed, protocol, PENDING if eps is None else eps, run, bool(_runner.checkpoint_steps(run)))
     return _runner.run_step(name, argv, run, threads=args.threads, dry_run=args.dry_run)
 
 
@@ -225,10 +251,26 @@ def split_file(args: argparse.Namespace, split: str) -> str:
 def eval_argv(args: argparse.Namespace, model: str, data_file: str, objective: str, out: str) -> list[str]:
     """``properlm evaluate``: teacher-forced scores of every rule and ECE, then beam search with
     ``objective`` and ROUGE (the truncation is the training run's, read from the model directory)."""
-    return ["evaluate", "--model", model, "--data-file", data_file, "--rules", ",".join(RULES),
-            "--num-beams", str(args.num_beams), "--objective", objective,
-            "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.eval_batch_size),
-            "--output-dir", out, "--no-progress"]
+    return [
+        "evaluate",
+        "--model",
+        model,
+        "--data-file",
+        data_file,
+        "--rules",
+        ",".join(RULES),
+        "--num-beams",
+        str(args.num_beams),
+        "--objective",
+        objective,
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--batch-size",
+        str(args.eval_batch_size),
+        "--output-dir",
+        out,
+        "--no-progress",
+    ]
 
 
 def eval_branch(args: argparse.Namespace, seed: int, protocol: str, split: str, objective: str, name: str) -> bool:
@@ -236,8 +278,13 @@ def eval_branch(args: argparse.Namespace, seed: int, protocol: str, split: str, 
     eps = protocol_eps(args, protocol)
     run = grid_dir(args, seed, protocol, PENDING if eps is None else eps)
     d = os.path.join(run, eval_name(split, objective))
-    return _runner.run_step(name, eval_argv(args, os.path.join(run, "final"), split_file(args, split), objective, d),
-                            d, threads=args.threads, dry_run=args.dry_run)
+    return _runner.run_step(
+        name,
+        eval_argv(args, os.path.join(run, "final"), split_file(args, split), objective, d),
+        d,
+        threads=args.threads,
+        dry_run=args.dry_run,
+    )
 
 
 def _eval_dir(args: argparse.Namespace, seed: int, protocol: str, split: str, objective: str) -> str | None:
@@ -260,51 +307,79 @@ def tasks(args: argparse.Namespace) -> list[Task]:
     select = selecting(args)
     if select:
         plan.tasks.append(Task("heldout slice", functools.partial(write_heldout, args)))
+
     def decodings(seed: int, protocol: str, run: str, train: str) -> None:
         """The decodings of a run whose directory is known now (a root run or a control)."""
         for split, objective in evaluations(args):
             d = os.path.join(run, eval_name(split, objective))
-            plan.step(f"eval {seed}{protocol} {split} {objective}", f"seed {seed} {protocol} {split} beam-{objective}",
-                      eval_argv(args, os.path.join(run, "final"), split_file(args, split), objective, d), d, {train})
+            plan.step(
+                f"eval {seed}{protocol} {split} {objective}",
+                f"seed {seed} {protocol} {split} beam-{objective}",
+                eval_argv(args, os.path.join(run, "final"), split_file(args, split), objective, d),
+                d,
+                {train},
+            )
 
     for seed in args.seed_list:
         for protocol in args.protocol_list:
             label = PROTOCOLS[protocol][0]
             if protocol in CONTROLS:  # from (a)'s checkpoint at T1 with a fixed smoothing: no selection
                 run = grid_dir(args, seed, protocol, CONTROLS[protocol])
-                train = plan.train(f"train {seed}{protocol}", f"seed {seed} {label} train", run,
-                                   functools.partial(train_argv, args, seed, protocol, CONTROLS[protocol], run),
-                                   functools.partial(prepare_branch, args, seed, run), {f"train {seed}a"})
+                train = plan.train(
+                    f"train {seed}{protocol}",
+                    f"seed {seed} {label} train",
+                    run,
+                    functools.partial(train_argv, args, seed, protocol, CONTROLS[protocol], run),
+                    functools.partial(prepare_branch, args, seed, run),
+                    {f"train {seed}a"},
+                )
                 decodings(seed, protocol, run, train)
                 continue
             if protocol not in BRANCHES:
                 run = _runner.run_dir(args.work_dir, seed, protocol)
-                train = plan.train(f"train {seed}{protocol}", f"seed {seed} {label} train", run,
-                                   functools.partial(train_argv, args, seed, protocol, args.smoothing_a, run))
+                train = plan.train(
+                    f"train {seed}{protocol}",
+                    f"seed {seed} {label} train",
+                    run,
+                    functools.partial(train_argv, args, seed, protocol, args.smoothing_a, run),
+                )
                 decodings(seed, protocol, run, train)
                 if any(p in BRANCHES or p in CONTROLS for p in args.protocol_list):
                     d = os.path.join(run, f"eval_dev_checkpoint_{args.t1}")
-                    plan.step(f"checkpoint {seed}{protocol}",
-                              f"seed {seed} {label[:3]} checkpoint-{args.t1} dev beam-logarithmic",
-                              eval_argv(args, os.path.join(run, f"checkpoint-{args.t1}"), split_file(args, "dev"),
-                                        "logarithmic", d), d, {train})
+                    plan.step(
+                        f"checkpoint {seed}{protocol}",
+                        f"seed {seed} {label[:3]} checkpoint-{args.t1} dev beam-logarithmic",
+                        eval_argv(
+                            args, os.path.join(run, f"checkpoint-{args.t1}"), split_file(args, "dev"), "logarithmic", d
+                        ),
+                        d,
+                        {train},
+                    )
                 continue
             if select and seed == args.seed_list[0]:
                 # the selection: one branch per candidate eps, each decoded on the held-out slice
                 decoded, candidates = set(), set()
                 for eps in args.smoothing_grid:
                     run = grid_dir(args, seed, protocol, eps)
-                    cand = plan.train(f"train {seed}{protocol} eps{_eps_name(eps)}",
-                                      f"seed {seed} {label} train, smoothing {_eps_name(eps)} (selection)", run,
-                                      functools.partial(train_argv, args, seed, protocol, eps, run),
-                                      functools.partial(prepare_branch, args, seed, run), {f"train {seed}a"})
+                    cand = plan.train(
+                        f"train {seed}{protocol} eps{_eps_name(eps)}",
+                        f"seed {seed} {label} train, smoothing {_eps_name(eps)} (selection)",
+                        run,
+                        functools.partial(train_argv, args, seed, protocol, eps, run),
+                        functools.partial(prepare_branch, args, seed, run),
+                        {f"train {seed}a"},
+                    )
                     candidates.add(cand)
                     d = os.path.join(run, eval_name(HELDOUT, "logarithmic"))
-                    decoded.add(plan.step(f"{HELDOUT} {seed}{protocol} eps{_eps_name(eps)}",
-                                          f"seed {seed} {protocol} smoothing {_eps_name(eps)} {HELDOUT} "
-                                          "beam-logarithmic",
-                                          eval_argv(args, os.path.join(run, "final"), heldout_path(args),
-                                                    "logarithmic", d), d, {cand, "heldout slice"}))
+                    decoded.add(
+                        plan.step(
+                            f"{HELDOUT} {seed}{protocol} eps{_eps_name(eps)}",
+                            f"seed {seed} {protocol} smoothing {_eps_name(eps)} {HELDOUT} beam-logarithmic",
+                            eval_argv(args, os.path.join(run, "final"), heldout_path(args), "logarithmic", d),
+                            d,
+                            {cand, "heldout slice"},
+                        )
+                    )
                 train = f"select {protocol}"  # the chosen candidate is this seed's run
                 plan.tasks.append(Task(train, functools.partial(select_smoothing, args, protocol, seed), decoded))
                 # its decodings (below) need the candidates' weights too, not only the record of the
@@ -312,16 +387,36 @@ def tasks(args: argparse.Namespace) -> list[Task]:
             else:
                 train = f"train {seed}{protocol}"
                 deps = {f"train {seed}a"} | ({f"select {protocol}"} if select else set())
-                plan.tasks.append(Task(train, functools.partial(train_branch, args, seed, protocol,
-                                                                f"seed {seed} {label} train"), deps,
-                                       functools.partial(run_dir, args, seed, protocol)))
+                plan.tasks.append(
+                    Task(
+                        train,
+                        functools.partial(train_branch, args, seed, protocol, f"seed {seed} {label} train"),
+                        deps,
+                        functools.partial(run_dir, args, seed, protocol),
+                    )
+                )
                 candidates = set()
             for split, objective in evaluations(args):
-                plan.tasks.append(Task(f"eval {seed}{protocol} {split} {objective}",
-                                       functools.partial(eval_branch, args, seed, protocol, split, objective,
-                                                         f"seed {seed} {protocol} {split} beam-{objective}"),
-                                       {train} | candidates,
-                                       functools.partial(_eval_dir, args, seed, protocol, split, objective)))
-    roots = {f"train {seed}{p}" for seed in args.seed_list for p in args.protocol_list
-             if p not in BRANCHES and p not in CONTROLS}
+                plan.tasks.append(
+                    Task(
+                        f"eval {seed}{protocol} {split} {objective}",
+                        functools.partial(
+                            eval_branch,
+                            args,
+                            seed,
+                            protocol,
+                            split,
+                            objective,
+                            f"seed {seed} {protocol} {split} beam-{objective}",
+                        ),
+                        {train} | candidates,
+                        functools.partial(_eval_dir, args, seed, protocol, split, objective),
+                    )
+                )
+    roots = {
+        f"train {seed}{p}"
+        for seed in args.seed_list
+        for p in args.protocol_list
+        if p not in BRANCHES and p not in CONTROLS
+    }
     return sorted(plan.tasks, key=lambda t: t.name not in roots)  # stable: otherwise the order above

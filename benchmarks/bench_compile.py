@@ -74,11 +74,27 @@ import torch
 import properlm
 
 SHAPES = {
-    "tiny": {"config": {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
-                        "num_key_value_heads": 2}, "batch": (2, 16)},
-    "smollm2": {"config": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-                           "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
-                "batch": (4, 128)},
+    "tiny": {
+        "config": {
+            "vocab_size": 300,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        "batch": (2, 16),
+    },
+    "smollm2": {
+        "config": {
+            "vocab_size": 49152,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "tie_word_embeddings": True,
+        },
+        "batch": (4, 128),
+    },
 }
 
 
@@ -112,8 +128,13 @@ class Timer:
         """``first`` (the first call's wall time), median ``wall`` and ``cpu``, ``lo`` / ``hi`` (wall min / max) over
         the rounds after ``warmup``."""
         wall, cpu = self.wall[name][warmup:], self.cpu[name][warmup:]
-        return {"first": self.wall[name][0], "wall": statistics.median(wall), "cpu": statistics.median(cpu),
-                "lo": min(wall), "hi": max(wall)}
+        return {
+            "first": self.wall[name][0],
+            "wall": statistics.median(wall),
+            "cpu": statistics.median(cpu),
+            "lo": min(wall),
+            "hi": max(wall),
+        }
 
 
 def _spread(s: dict[str, float]) -> str:
@@ -278,6 +299,7 @@ def measure_peak(variant: str, mode: str, shape: str, args: argparse.Namespace) 
 
         def peak() -> int:
             return _vm("VmHWM") - before
+
     model(ids, labels).backward()
     fwd_bwd = peak()
     opt.step()
@@ -287,9 +309,23 @@ def measure_peak(variant: str, mode: str, shape: str, args: argparse.Namespace) 
 
 def peak_in_subprocess(variant: str, mode: str, shape: str, args: argparse.Namespace) -> tuple[int | None, int | None]:
     """``measure_peak`` in a fresh Python process running this script with ``--peak-of``; ``None`` on failure."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--peak-of", f"{variant}:{mode}:{shape}",
-           "--layers", str(args.layers), "--warmup", str(args.warmup), "--smoothing", str(args.smoothing),
-           "--backend", args.backend, "--device", args.device, "--fused" if args.fused else "--no-fused"]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--peak-of",
+        f"{variant}:{mode}:{shape}",
+        "--layers",
+        str(args.layers),
+        "--warmup",
+        str(args.warmup),
+        "--smoothing",
+        str(args.smoothing),
+        "--backend",
+        args.backend,
+        "--device",
+        args.device,
+        "--fused" if args.fused else "--no-fused",
+    ]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # large blocks mmapped, unmapped when freed
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
@@ -335,12 +371,16 @@ def _mib(x: float | None) -> str:
 def print_steps(shape: str, r: dict[tuple[str, str], dict], args: argparse.Namespace) -> None:
     """The markdown table of ``run_steps``: ratios to the HF CE step of the same mode."""
     b, t = SHAPES[shape]["batch"]
-    print(f"\n{shape}: {layers_of(shape, args)} layers, batch {b} x {t}, {args.steps} interleaved rounds after "
-          f"{args.warmup} warm-up; ratios to HF cross-entropy of the same mode")
-    print("| shape | variant | mode | median step (s) | spread (min - max) | step / HF CE | median CPU (s) "
-          "| CPU / HF CE | first step (s) | peak fwd+bwd (MiB) | fwd+bwd memory / HF CE | peak step (MiB) "
-          "| step memory / HF CE | loss rel. diff vs HF CE "
-          "| fullgraph |")
+    print(
+        f"\n{shape}: {layers_of(shape, args)} layers, batch {b} x {t}, {args.steps} interleaved rounds after "
+        f"{args.warmup} warm-up; ratios to HF cross-entropy of the same mode"
+    )
+    print(
+        "| shape | variant | mode | median step (s) | spread (min - max) | step / HF CE | median CPU (s) "
+        "| CPU / HF CE | first step (s) | peak fwd+bwd (MiB) | fwd+bwd memory / HF CE | peak step (MiB) "
+        "| step memory / HF CE | loss rel. diff vs HF CE "
+        "| fullgraph |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     ref_eager = r.get(("hf-ce", "eager"), {}).get("losses")
     for (variant, mode), s in r.items():
@@ -351,11 +391,13 @@ def print_steps(shape: str, r: dict[tuple[str, str], dict], args: argparse.Names
             diff = f"{max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(s['losses'], ref)):.1e}"
         fg = {None: "-", True: "yes", False: "no"}[s["fullgraph"]]
         base = base or {}
-        print(f"| {shape} | {VARIANTS[variant]} | {mode} | {s['wall']:.4f} | {_spread(s)} "
-              f"| {_ratio(s['wall'], base.get('wall'))} | {s['cpu']:.4f} | {_ratio(s['cpu'], base.get('cpu'))} "
-              f"| {s['first']:.1f} | {_mib(s['peak_fb'])} | {_ratio(s['peak_fb'], base.get('peak_fb'))} "
-              f"| {_mib(s['peak'])} | {_ratio(s['peak'], base.get('peak'))} | {diff} | {fg} |",
-              flush=True)
+        print(
+            f"| {shape} | {VARIANTS[variant]} | {mode} | {s['wall']:.4f} | {_spread(s)} "
+            f"| {_ratio(s['wall'], base.get('wall'))} | {s['cpu']:.4f} | {_ratio(s['cpu'], base.get('cpu'))} "
+            f"| {s['first']:.1f} | {_mib(s['peak_fb'])} | {_ratio(s['peak_fb'], base.get('peak_fb'))} "
+            f"| {_mib(s['peak'])} | {_ratio(s['peak'], base.get('peak'))} | {diff} | {fg} |",
+            flush=True,
+        )
 
 
 def loss_variants(args: argparse.Namespace, N: int, H: int, V: int) -> dict[str, Callable]:
@@ -388,6 +430,7 @@ def loss_variants(args: argparse.Namespace, N: int, H: int, V: int) -> dict[str,
     }
     linear_ce = getattr(torch.nn.functional, "linear_cross_entropy", None)
     if linear_ce is not None:
+
         def lce(h, w, y):
             return linear_ce(h, w, y, ignore_index=-100)
 
@@ -410,32 +453,48 @@ def loss_only(args: argparse.Namespace) -> None:
     losses: dict[str, float] = {}
     for _ in range(args.warmup + args.steps):
         for name, f in variants.items():
+
             def call(f=f) -> float:
                 loss = f(h, w, y)
                 loss.backward()
                 return float(loss.detach())
+
             losses[name] = timer.time(name, call)  # type: ignore[assignment]
             h.grad = w.grad = None
-    print(f"loss alone: N={N} scored {int((y != -100).sum())}, H={H}, V={V}, rule {args.rule}, smoothing "
-          f"{args.smoothing}; {args.steps} interleaved rounds after {args.warmup} warm-up")
-    print("| loss variant | median fwd+bwd (s) | spread (min - max) | / eager fused | median CPU (s) "
-          "| first call (s) | loss |")
+    print(
+        f"loss alone: N={N} scored {int((y != -100).sum())}, H={H}, V={V}, rule {args.rule}, smoothing "
+        f"{args.smoothing}; {args.steps} interleaved rounds after {args.warmup} warm-up"
+    )
+    print(
+        "| loss variant | median fwd+bwd (s) | spread (min - max) | / eager fused | median CPU (s) "
+        "| first call (s) | loss |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     base = timer.summary("eager fused", args.warmup)["wall"]
     for name in variants:
         s = timer.summary(name, args.warmup)
-        print(f"| {name} | {s['wall']:.4f} | {_spread(s)} | {s['wall'] / base:.2f} | {s['cpu']:.4f} "
-              f"| {s['first']:.1f} | {losses[name]:.6g} |", flush=True)
+        print(
+            f"| {name} | {s['wall']:.4f} | {_spread(s)} | {s['wall'] / base:.2f} | {s['cpu']:.4f} "
+            f"| {s['first']:.1f} | {losses[name]:.6g} |",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="tiny,smollm2", help="comma-separated: " + ", ".join(SHAPES))
-    p.add_argument("--variants", default=",".join(available_variants()),
-                   help="comma-separated training-step variants: " + ", ".join(VARIANTS))
+    p.add_argument(
+        "--variants",
+        default=",".join(available_variants()),
+        help="comma-separated training-step variants: " + ", ".join(VARIANTS),
+    )
     p.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
-    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure the peak memory of one step of each variant in its own subprocess")
+    p.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the peak memory of one step of each variant in its own subprocess",
+    )
     p.add_argument("--peak-of", help=argparse.SUPPRESS)  # VARIANT:MODE:SHAPE, the subprocess of --memory
     p.add_argument("--rule", default="spherical", help="the rule of --loss-only")
     p.add_argument("--smoothing", type=float, default=0.0)
@@ -445,16 +504,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (the first one compiles)")
     p.add_argument("--backend", default="inductor")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--loss-only", action="store_true", help="time the output-layer loss alone instead of training "
-                   "steps")
+    p.add_argument(
+        "--loss-only", action="store_true", help="time the output-layer loss alone instead of training steps"
+    )
     p.add_argument("--loss-shape", default="2048,512,32000", help="N,H,V of --loss-only")
     args = p.parse_args(argv)
     if args.peak_of:
         print("PEAK {} {}".format(*measure_peak(*args.peak_of.split(":"), args)))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, device {args.device}, smoothing {args.smoothing}, "
-          f"fused {args.fused}, backend {args.backend}" + (f", rule {args.rule}" if args.loss_only else ""))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, device {args.device}, smoothing {args.smoothing}, "
+        f"fused {args.fused}, backend {args.backend}" + (f", rule {args.rule}" if args.loss_only else "")
+    )
     if args.loss_only:
         loss_only(args)
         return

@@ -121,6 +121,7 @@ def _make_step(variant: str, rule: str, smoothing: float, hidden, weight, y) -> 
     from properlm.fused import fused_linear_scoring_rule_loss
 
     if variant == "ce":
+
         def loss_fn():
             return F.cross_entropy((hidden @ weight.T).float(), y, label_smoothing=smoothing)
     elif variant == "linear_ce":
@@ -141,6 +142,7 @@ def _make_step(variant: str, rule: str, smoothing: float, hidden, weight, y) -> 
             package = "liger-kernel" if variant == "liger_flce" else "cut-cross-entropy"
             raise SystemExit(f"skipped: {variant} is not installed (pip install {package})") from None
         if variant == "liger_flce":
+
             def loss_fn():
                 return fn(hidden, weight, y, label_smoothing=smoothing)
         else:
@@ -150,9 +152,11 @@ def _make_step(variant: str, rule: str, smoothing: float, hidden, weight, y) -> 
             def loss_fn():
                 return fn(hidden, weight, y)
     elif variant == "naive":
+
         def loss_fn():
             return _naive_loss(hidden @ weight.T, y, rule, smoothing)
     elif variant == "unfused":
+
         def loss_fn():
             return properlm.scoring_rule_loss(hidden @ weight.T, y, rule, smoothing)
     elif variant in ("fused", "fused-torch", "fused-triton"):
@@ -212,15 +216,38 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
         peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
         peaks.append(peak - base)
         hidden.grad = weight.grad = None
-    return {"time_s": min(times), "time_median_s": sorted(times)[len(times) // 2], "cpu_s": min(cpu_times),
-            "peak_bytes": max(peaks)}
+    return {
+        "time_s": min(times),
+        "time_median_s": sorted(times)[len(times) // 2],
+        "cpu_s": min(cpu_times),
+        "peak_bytes": max(peaks),
+    }
 
 
 # ---------------------------------------------------------------------- the driver
 def _child(args: argparse.Namespace, variant: str, rule: str) -> dict[str, float] | str:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--rule", rule,
-           "--device", args.device, "--n", str(args.n), "--h", str(args.h), "--v", str(args.v),
-           "--dtype", args.dtype, "--repeats", str(args.repeats), "--smoothing", str(args.smoothing)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--variant",
+        variant,
+        "--rule",
+        rule,
+        "--device",
+        args.device,
+        "--n",
+        str(args.n),
+        "--h",
+        str(args.h),
+        "--v",
+        str(args.v),
+        "--dtype",
+        args.dtype,
+        "--repeats",
+        str(args.repeats),
+        "--smoothing",
+        str(args.smoothing),
+    ]
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -248,8 +275,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default float32 / bfloat16)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (min time reported)")
     p.add_argument("--smoothing", type=float, default=0.0)
-    p.add_argument("--variants", default="naive,unfused,fused",
-                   help="per-rule variants to run: naive, unfused, fused, fused-torch, fused-triton")
+    p.add_argument(
+        "--variants",
+        default="naive,unfused,fused",
+        help="per-rule variants to run: naive, unfused, fused, fused-torch, fused-triton",
+    )
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--rule", default="spherical", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -265,12 +295,18 @@ def main(argv: list[str] | None = None) -> None:
     per_rule = [v.strip() for v in args.variants.split(",") if v.strip()]
     import torch
 
-    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
-        f"cpu, capability {torch.backends.cpu.get_cpu_capability()}"
-    print(f"device={args.device} ({name}) N={args.n} H={args.h} V={args.v} dtype={args.dtype} "
-          f"smoothing={args.smoothing} "
-          f"repeats={args.repeats} torch={torch.__version__} threads={torch.get_num_threads()} "
-          "(times: min over repeats, wall and process CPU; peak memory: max over repeats)", flush=True)
+    name = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else f"cpu, capability {torch.backends.cpu.get_cpu_capability()}"
+    )
+    print(
+        f"device={args.device} ({name}) N={args.n} H={args.h} V={args.v} dtype={args.dtype} "
+        f"smoothing={args.smoothing} "
+        f"repeats={args.repeats} torch={torch.__version__} threads={torch.get_num_threads()} "
+        "(times: min over repeats, wall and process CPU; peak memory: max over repeats)",
+        flush=True,
+    )
     results: list[tuple[str, str, dict[str, float] | str]] = []
     ce = _child(args, "ce", "logarithmic")
     results.append(("cross_entropy (materialised)", "logarithmic", ce))
@@ -283,21 +319,27 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  done {variant} {rule}", file=sys.stderr, flush=True)
 
     print()
-    print("| rule | variant | fwd+bwd time (s) | time / CE | CPU time (s) | CPU time / CE | peak memory (MiB) "
-          "| memory / CE |")
+    print(
+        "| rule | variant | fwd+bwd time (s) | time / CE | CPU time (s) | CPU time / CE | peak memory (MiB) "
+        "| memory / CE |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for variant, rule, r in results:
         if isinstance(r, str):
             status = r.partition("SystemExit: ")[2] or r
-            print(f"| {rule} | {variant} | {status if status.startswith('skipped') else 'failed: ' + status} "
-                  "| | | | | |")
+            print(
+                f"| {rule} | {variant} | {status if status.startswith('skipped') else 'failed: ' + status} | | | | | |"
+            )
             continue
         t_ratio = c_ratio = m_ratio = ""
         if isinstance(ce, dict):
-            t_ratio, c_ratio, m_ratio = (_ratio(r[k], ce[k], digits) for k, digits in
-                                         (("time_s", 2), ("cpu_s", 2), ("peak_bytes", 3)))
-        print(f"| {rule} | {variant} | {r['time_s']:.3f} | {t_ratio} | {r['cpu_s']:.3f} | {c_ratio} "
-              f"| {_fmt_mib(r['peak_bytes'])} | {m_ratio} |")
+            t_ratio, c_ratio, m_ratio = (
+                _ratio(r[k], ce[k], digits) for k, digits in (("time_s", 2), ("cpu_s", 2), ("peak_bytes", 3))
+            )
+        print(
+            f"| {rule} | {variant} | {r['time_s']:.3f} | {t_ratio} | {r['cpu_s']:.3f} | {c_ratio} "
+            f"| {_fmt_mib(r['peak_bytes'])} | {m_ratio} |"
+        )
 
 
 if __name__ == "__main__":

@@ -64,28 +64,41 @@ def main(argv: list[str] | None = None) -> None:
         def run():
             hidden.grad = weight.grad = None
             fn().backward()
+
         return run
 
-    ce = _time(step(lambda: F.cross_entropy((hidden @ weight.T).float(), y, label_smoothing=args.smoothing)),
-               args.repeats)
-    fused_torch = _time(step(lambda: fused_linear_scoring_rule_loss(
-        hidden, weight, y, args.rule, smoothing=args.smoothing, impl="torch")), args.repeats)
-    print(f"{torch.cuda.get_device_name()} N={args.n} H={args.h} V={args.v} {args.dtype} rule={args.rule} "
-          f"smoothing={args.smoothing} torch={torch.__version__}")
-    print(f"materialised cross_entropy: {ce * 1e3:.1f} ms; fused impl=torch: {fused_torch * 1e3:.1f} ms "
-          f"({fused_torch / ce:.2f}x)")
+    ce = _time(
+        step(lambda: F.cross_entropy((hidden @ weight.T).float(), y, label_smoothing=args.smoothing)), args.repeats
+    )
+    fused_torch = _time(
+        step(
+            lambda: fused_linear_scoring_rule_loss(hidden, weight, y, args.rule, smoothing=args.smoothing, impl="torch")
+        ),
+        args.repeats,
+    )
+    print(
+        f"{torch.cuda.get_device_name()} N={args.n} H={args.h} V={args.v} {args.dtype} rule={args.rule} "
+        f"smoothing={args.smoothing} torch={torch.__version__}"
+    )
+    print(
+        f"materialised cross_entropy: {ce * 1e3:.1f} ms; fused impl=torch: {fused_torch * 1e3:.1f} ms "
+        f"({fused_torch / ce:.2f}x)"
+    )
     print("| BLOCK_N | BLOCK_V | BLOCK_H | warps | time (ms) | / CE |")
     print("|---:|---:|---:|---:|---:|---:|")
     rule = get_rule(args.rule)
     chunk = default_chunk_size(args.n, args.h, args.v, cuda=True)
-    grid = itertools.product(*(map(int, s.split(",")) for s in (args.blocks_n, args.blocks_v, args.blocks_h,
-                                                                  args.warps)))
+    grid = itertools.product(
+        *(map(int, s.split(",")) for s in (args.blocks_n, args.blocks_v, args.blocks_h, args.warps))
+    )
     for bn, bv, bh, warps in grid:
         backend = tk.TritonChunkBackend(block_n=bn, block_v=bv, block_h=bh, num_warps=warps)
 
         def fn(backend=backend, rule=rule, chunk=chunk):
-            return FusedLinearLossFunction.apply(hidden, weight, None, y, rule, args.smoothing, -100, "mean", None,
-                                                 chunk, backend)
+            return FusedLinearLossFunction.apply(
+                hidden, weight, None, y, rule, args.smoothing, -100, "mean", None, chunk, backend
+            )
+
         try:
             t = _time(step(fn), args.repeats)
             print(f"| {bn} | {bv} | {bh} | {warps} | {t * 1e3:.1f} | {t / ce:.2f} |", flush=True)

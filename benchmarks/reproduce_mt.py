@@ -92,8 +92,16 @@ BRANCHES = ("b", "c", "f", "g", "h", "i", "j")
 #: the paper's fine-tuning question, run for every seed of --seeds; the other protocols run for --arm-seeds
 CORE = ("a", "b", "c")
 #: teacher-forced token scores reported for every model (and correlated with BLEU)
-SCORE_RULES = ("logarithmic", "brier", "spherical", "power:1.5", "power:3", "pseudo-spherical:1.5",
-               "pseudo-spherical:3", MIXTURE)
+SCORE_RULES = (
+    "logarithmic",
+    "brier",
+    "spherical",
+    "power:1.5",
+    "power:3",
+    "pseudo-spherical:1.5",
+    "pseudo-spherical:3",
+    MIXTURE,
+)
 #: the evaluation sets: name -> file stem in the data directory
 SPLITS = {"val": "val", "test": "test_2016_flickr"}
 REQUIRED_FILES = [f"{stem}.{lang}" for stem in ("train", *SPLITS.values()) for lang in ("en", "de")]
@@ -102,33 +110,72 @@ LABELS = {k: v[0] for k, v in PROTOCOLS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0],
-        formatter_class=_runner.HelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=_runner.HelpFormatter)
     p.add_argument("data_dir", help="directory with train, val and test_2016_flickr .en/.de (Multi30k task 1, raw)")
     _runner.add_options(p, {"work_dir": "runs/reproduce_mt"})
-    p.add_argument("--seeds", default="1,2,3,4,5,6",
-                   help="comma-separated seeds of the paper's protocols a, b, c (the unit of evidence)")
-    p.add_argument("--arm-seeds", default="1,2,3",
-                   help="seeds of the other protocols (d-k), a subset of --seeds for the branches f-j")
-    p.add_argument("--protocols", default="a,b,c,f,g,h,i,j",
-                   help=_runner.protocols_help(PROTOCOLS, ", ".join(BRANCHES)))
-    p.add_argument("--extra-test", action="append", default=[], metavar="NAME=SOURCE_FILE,REFERENCE_FILE",
-                   help="also decode every final model (beam, log objective) on this English source file and "
-                   "score it against the German references (repeatable); no retraining")
-    _runner.add_options(p, {
-        "t1": {"default": 10000, "help": "T1: steps of the logarithmic stage before the switch (the default model's "
-               "validation log score gains under 0.01 nats per 1,000 steps there: its plateau, see "
-               "benchmarks/RESULTS.md)"},
-        "t2": 2500, "batch_size": {"default": 64, "help": "sentence pairs per step"}, "learning_rate": 1.5e-3,
-        "warmup_steps": 300, "smoothing": {}, "vocab_size": 6000, "hidden_size": {}, "num_layers": {},
-        "num_heads": {}, "ffn_size": {}, "dropout": {}})
+    p.add_argument(
+        "--seeds",
+        default="1,2,3,4,5,6",
+        help="comma-separated seeds of the paper's protocols a, b, c (the unit of evidence)",
+    )
+    p.add_argument(
+        "--arm-seeds",
+        default="1,2,3",
+        help="seeds of the other protocols (d-k), a subset of --seeds for the branches f-j",
+    )
+    p.add_argument(
+        "--protocols", default="a,b,c,f,g,h,i,j", help=_runner.protocols_help(PROTOCOLS, ", ".join(BRANCHES))
+    )
+    p.add_argument(
+        "--extra-test",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE_FILE,REFERENCE_FILE",
+        help="also decode every final model (beam, log objective) on this English source file and "
+        "score it against the German references (repeatable); no retraining",
+    )
+    _runner.add_options(
+        p,
+        {
+            "t1": {
+                "default": 10000,
+                "help": "T1: steps of the logarithmic stage before the switch (the default model's "
+                "validation log score gains under 0.01 nats per 1,000 steps there: its plateau, see "
+                "benchmarks/RESULTS.md)",
+            },
+            "t2": 2500,
+            "batch_size": {"default": 64, "help": "sentence pairs per step"},
+            "learning_rate": 1.5e-3,
+            "warmup_steps": 300,
+            "smoothing": {},
+            "vocab_size": 6000,
+            "hidden_size": {},
+            "num_layers": {},
+            "num_heads": {},
+            "ffn_size": {},
+            "dropout": {},
+        },
+    )
     p.add_argument("--max-length", type=int, default=64, help="most BPE tokens per sentence")
-    _runner.add_options(p, {"eval_every": {}, "save_every": {}, "num_beams": 5, "eval_batch_size": {},
-                    "bootstrap_samples": {}, "threads": {}, "jobs": {}})
-    p.add_argument("--reuse", metavar="OLD_WORK_DIR", default=None,
-                   help="continue the single-rule runs (a, d, e) from the checkpoints of a work directory made "
-                   "with the same settings but smaller T1/T2 (e.g. to lengthen stage 1 without retraining it)")
+    _runner.add_options(
+        p,
+        {
+            "eval_every": {},
+            "save_every": {},
+            "num_beams": 5,
+            "eval_batch_size": {},
+            "bootstrap_samples": {},
+            "threads": {},
+            "jobs": {},
+        },
+    )
+    p.add_argument(
+        "--reuse",
+        metavar="OLD_WORK_DIR",
+        default=None,
+        help="continue the single-rule runs (a, d, e) from the checkpoints of a work directory made "
+        "with the same settings but smaller T1/T2 (e.g. to lengthen stage 1 without retraining it)",
+    )
     _runner.add_options(p, {"report_only": {}, "dry_run": {}, "archive": {}})
     return p
 
@@ -140,19 +187,24 @@ def check_args(args: argparse.Namespace) -> None:
         args.seed_list = _runner.int_list(args.seeds)
         args.arm_seed_list = _runner.int_list(args.arm_seeds)
     except ValueError:
-        raise SystemExit(f"{PROG}: --seeds {args.seeds!r} / --arm-seeds {args.arm_seeds!r}: "
-                         "comma-separated integers expected") from None
+        raise SystemExit(
+            f"{PROG}: --seeds {args.seeds!r} / --arm-seeds {args.arm_seeds!r}: comma-separated integers expected"
+        ) from None
     args.protocol_list = _runner.parse_protocols(PROG, args.protocols, list(PROTOCOLS), BRANCHES)
     if any(p in BRANCHES for p in args.protocol_list) and not set(args.arm_seed_list) <= set(args.seed_list):
-        raise SystemExit(f"{PROG}: --arm-seeds {args.arm_seeds!r} must be among --seeds {args.seeds!r}: "
-                         "the branches start from (a) of the same seed")
+        raise SystemExit(
+            f"{PROG}: --arm-seeds {args.arm_seeds!r} must be among --seeds {args.seeds!r}: "
+            "the branches start from (a) of the same seed"
+        )
     args.extra_tests = {}
     for spec in args.extra_test:
         name, eq, files = spec.partition("=")
         src, comma, ref = files.partition(",")
         if not (eq and comma and name.strip() and src and ref) or not name.replace("_", "").replace("-", "").isalnum():
-            raise SystemExit(f"{PROG}: --extra-test {spec!r}: expected NAME=SOURCE_FILE,REFERENCE_FILE "
-                             "(NAME: letters, digits, - and _)")
+            raise SystemExit(
+                f"{PROG}: --extra-test {spec!r}: expected NAME=SOURCE_FILE,REFERENCE_FILE "
+                "(NAME: letters, digits, - and _)"
+            )
         if name in SPLITS or name in args.extra_tests:
             raise SystemExit(f"{PROG}: --extra-test {spec!r}: the name {name!r} is taken")
         for f in (src, ref):
@@ -166,8 +218,20 @@ def check_args(args: argparse.Namespace) -> None:
 
 #: options that determine a training trajectory up to any step (the inverse-sqrt schedule and
 #: the data order do not depend on the total number of steps, so T1 and T2 are not among them)
-TRAJECTORY_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "dropout", "max_length",
-                   "batch_size", "learning_rate", "warmup_steps", "smoothing", "save_every")
+TRAJECTORY_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "ffn_size",
+    "dropout",
+    "max_length",
+    "batch_size",
+    "learning_rate",
+    "warmup_steps",
+    "smoothing",
+    "save_every",
+)
 #: options whose change makes the results of a work directory incomparable
 RESULT_KEYS = (*TRAJECTORY_KEYS, "t1", "t2", "num_beams", "eval_every")
 
@@ -176,9 +240,14 @@ def check_settings(args: argparse.Namespace) -> None:
     """Record the settings in ``WORK/settings.json``; refuse to mix settings in one work
     directory (or to report its runs under other settings), and to ``--reuse`` a work directory
     whose runs followed another trajectory."""
-    _runner.check_settings(PROG, args.work_dir, {k: getattr(args, k) for k in RESULT_KEYS},
-                           record=not (args.dry_run or args.report_only), reuse=args.reuse,
-                           reuse_keys=TRAJECTORY_KEYS)
+    _runner.check_settings(
+        PROG,
+        args.work_dir,
+        {k: getattr(args, k) for k in RESULT_KEYS},
+        record=not (args.dry_run or args.report_only),
+        reuse=args.reuse,
+        reuse_keys=TRAJECTORY_KEYS,
+    )
 
 
 def run_dir(args: argparse.Namespace, seed: int, protocol: str) -> str:
@@ -187,11 +256,27 @@ def run_dir(args: argparse.Namespace, seed: int, protocol: str) -> str:
 
 def train_argv(args: argparse.Namespace, seed: int, protocol: str, resume: bool) -> list[str]:
     d = os.path.join(args.data_dir, "")
-    data = ["--source-file", d + "train.en", "--target-file", d + "train.de",
-            "--validation-source-file", d + "val.en", "--validation-target-file", d + "val.de",
-            "--max-length", str(args.max_length)]
-    return _runner.seq2seq_train_argv(args, seed, PROTOCOLS[protocol][1](args.t1, args.t2), data,
-                                      run_dir(args, seed, protocol), eval_batch_size=128, resume=resume)
+    data = [
+        "--source-file",
+        d + "train.en",
+        "--target-file",
+        d + "train.de",
+        "--validation-source-file",
+        d + "val.en",
+        "--validation-target-file",
+        d + "val.de",
+        "--max-length",
+        str(args.max_length),
+    ]
+    return _runner.seq2seq_train_argv(
+        args,
+        seed,
+        PROTOCOLS[protocol][1](args.t1, args.t2),
+        data,
+        run_dir(args, seed, protocol),
+        eval_batch_size=128,
+        resume=resume,
+    )
 
 
 def prepare_run(args: argparse.Namespace, seed: int, protocol: str) -> None:
@@ -215,11 +300,30 @@ def prepare_run(args: argparse.Namespace, seed: int, protocol: str) -> None:
 def eval_argv(args: argparse.Namespace, seed: int, protocol: str, split: str, objective: str) -> list[str]:
     stem = os.path.join(args.data_dir, SPLITS[split])
     out = os.path.join(run_dir(args, seed, protocol), eval_name(split, objective))
-    argv = ["evaluate", "--model", os.path.join(run_dir(args, seed, protocol), "final"),
-            "--source-file", stem + ".en", "--target-file", stem + ".de", "--target-lang", "de",
-            "--max-length", str(args.max_length), "--num-beams", str(args.num_beams),
-            "--objective", objective, "--max-new-tokens", str(args.max_length),
-            "--batch-size", str(args.eval_batch_size), "--output-dir", out, "--no-progress"]
+    argv = [
+        "evaluate",
+        "--model",
+        os.path.join(run_dir(args, seed, protocol), "final"),
+        "--source-file",
+        stem + ".en",
+        "--target-file",
+        stem + ".de",
+        "--target-lang",
+        "de",
+        "--max-length",
+        str(args.max_length),
+        "--num-beams",
+        str(args.num_beams),
+        "--objective",
+        objective,
+        "--max-new-tokens",
+        str(args.max_length),
+        "--batch-size",
+        str(args.eval_batch_size),
+        "--output-dir",
+        out,
+        "--no-progress",
+    ]
     return argv
 
 
@@ -227,15 +331,29 @@ def eval_argv(args: argparse.Namespace, seed: int, protocol: str, split: str, ob
 CALIB_DIRS = {"val": "calib_val_fit", "test": "calib_test_scaled"}
 
 
-def calib_argv(args: argparse.Namespace, seed: int, protocol: str, split: str,
-               temperature: float | str | None = None) -> list[str]:
+def calib_argv(
+    args: argparse.Namespace, seed: int, protocol: str, split: str, temperature: float | str | None = None
+) -> list[str]:
     """``properlm evaluate`` under teacher forcing only: ``--fit-temperature`` on val, or
     ``--temperature T`` (the val fit) on test."""
     stem = os.path.join(args.data_dir, SPLITS[split])
-    argv = ["evaluate", "--model", os.path.join(run_dir(args, seed, protocol), "final"),
-            "--source-file", stem + ".en", "--target-file", stem + ".de", "--max-length", str(args.max_length),
-            "--batch-size", str(args.eval_batch_size), "--no-generate", "--no-progress",
-            "--output-dir", os.path.join(run_dir(args, seed, protocol), CALIB_DIRS[split])]
+    argv = [
+        "evaluate",
+        "--model",
+        os.path.join(run_dir(args, seed, protocol), "final"),
+        "--source-file",
+        stem + ".en",
+        "--target-file",
+        stem + ".de",
+        "--max-length",
+        str(args.max_length),
+        "--batch-size",
+        str(args.eval_batch_size),
+        "--no-generate",
+        "--no-progress",
+        "--output-dir",
+        os.path.join(run_dir(args, seed, protocol), CALIB_DIRS[split]),
+    ]
     return argv + (["--fit-temperature"] if temperature is None else ["--temperature", str(temperature)])
 
 
@@ -261,32 +379,87 @@ SCORES_DIR = "scores_val"
 
 def scores_argv(args: argparse.Namespace, model: str, out: str) -> list[str]:
     stem = os.path.join(args.data_dir, SPLITS["val"])
-    return ["evaluate", "--model", model, "--source-file", stem + ".en", "--target-file", stem + ".de",
-            "--max-length", str(args.max_length), "--batch-size", str(args.eval_batch_size), "--no-generate",
-            "--rules", ",".join(SCORE_RULES), "--no-progress", "--output-dir", out]
+    return [
+        "evaluate",
+        "--model",
+        model,
+        "--source-file",
+        stem + ".en",
+        "--target-file",
+        stem + ".de",
+        "--max-length",
+        str(args.max_length),
+        "--batch-size",
+        str(args.eval_batch_size),
+        "--no-generate",
+        "--rules",
+        ",".join(SCORE_RULES),
+        "--no-progress",
+        "--output-dir",
+        out,
+    ]
 
 
 def extra_argv(args: argparse.Namespace, seed: int, protocol: str, name: str) -> list[str]:
     src, ref = args.extra_tests[name]
-    return ["evaluate", "--model", os.path.join(run_dir(args, seed, protocol), "final"),
-            "--source-file", src, "--target-file", ref, "--target-lang", "de",
-            "--max-length", str(args.max_length), "--num-beams", str(args.num_beams),
-            "--objective", "logarithmic", "--max-new-tokens", str(args.max_length),
-            "--batch-size", str(args.eval_batch_size), "--rules", ",".join(SCORE_RULES),
-            "--output-dir", os.path.join(run_dir(args, seed, protocol), f"eval_{name}_beam_logarithmic"),
-            "--no-progress"]
+    return [
+        "evaluate",
+        "--model",
+        os.path.join(run_dir(args, seed, protocol), "final"),
+        "--source-file",
+        src,
+        "--target-file",
+        ref,
+        "--target-lang",
+        "de",
+        "--max-length",
+        str(args.max_length),
+        "--num-beams",
+        str(args.num_beams),
+        "--objective",
+        "logarithmic",
+        "--max-new-tokens",
+        str(args.max_length),
+        "--batch-size",
+        str(args.eval_batch_size),
+        "--rules",
+        ",".join(SCORE_RULES),
+        "--output-dir",
+        os.path.join(run_dir(args, seed, protocol), f"eval_{name}_beam_logarithmic"),
+        "--no-progress",
+    ]
 
 
 def checkpoint_eval_argv(args: argparse.Namespace, seed: int) -> list[str]:
     """(a)'s step-T1 checkpoint (the model every branch starts from), decoded on val."""
     stem = os.path.join(args.data_dir, SPLITS["val"])
     run = run_dir(args, seed, "a")
-    return ["evaluate", "--model", os.path.join(run, f"checkpoint-{args.t1}"),
-            "--source-file", stem + ".en", "--target-file", stem + ".de", "--target-lang", "de",
-            "--max-length", str(args.max_length), "--num-beams", str(args.num_beams),
-            "--objective", "logarithmic", "--max-new-tokens", str(args.max_length),
-            "--batch-size", str(args.eval_batch_size), "--rules", ",".join(SCORE_RULES),
-            "--output-dir", os.path.join(run, f"eval_val_checkpoint_{args.t1}"), "--no-progress"]
+    return [
+        "evaluate",
+        "--model",
+        os.path.join(run, f"checkpoint-{args.t1}"),
+        "--source-file",
+        stem + ".en",
+        "--target-file",
+        stem + ".de",
+        "--target-lang",
+        "de",
+        "--max-length",
+        str(args.max_length),
+        "--num-beams",
+        str(args.num_beams),
+        "--objective",
+        "logarithmic",
+        "--max-new-tokens",
+        str(args.max_length),
+        "--batch-size",
+        str(args.eval_batch_size),
+        "--rules",
+        ",".join(SCORE_RULES),
+        "--output-dir",
+        os.path.join(run, f"eval_val_checkpoint_{args.t1}"),
+        "--no-progress",
+    ]
 
 
 def seeds_of(args: argparse.Namespace, protocol: str) -> list[int]:
@@ -302,42 +475,73 @@ def tasks(args: argparse.Namespace) -> list[Task]:
     plan = _runner.Plan(args.threads, args.dry_run)
     core = [p for p in args.protocol_list if p in CORE]
     arms = [p for p in args.protocol_list if p not in CORE]
-    order = [(s, core) for s in args.seed_list[:3]] + [(s, arms) for s in args.arm_seed_list] \
+    order = (
+        [(s, core) for s in args.seed_list[:3]]
+        + [(s, arms) for s in args.arm_seed_list]
         + [(s, core) for s in args.seed_list[3:]]
+    )
     later = {f"train {s}{p}" for s in args.seed_list[3:] for p in core if p not in BRANCHES}
     for seed, group in order:
         for protocol in group:
             run = run_dir(args, seed, protocol)
-            train = plan.train(f"train {seed}{protocol}", f"seed {seed} {PROTOCOLS[protocol][0]} train", run,
-                               functools.partial(train_argv, args, seed, protocol),
-                               functools.partial(prepare_run, args, seed, protocol),
-                               {f"train {seed}a"} if protocol in BRANCHES else ())
+            train = plan.train(
+                f"train {seed}{protocol}",
+                f"seed {seed} {PROTOCOLS[protocol][0]} train",
+                run,
+                functools.partial(train_argv, args, seed, protocol),
+                functools.partial(prepare_run, args, seed, protocol),
+                {f"train {seed}a"} if protocol in BRANCHES else (),
+            )
             for split, objective in evaluations(args, protocol, seed):
-                plan.step(f"eval {seed}{protocol} {split} {objective}",
-                          f"seed {seed} {protocol} {split} beam-{objective}",
-                          eval_argv(args, seed, protocol, split, objective),
-                          os.path.join(run, eval_name(split, objective)), {train})
-            fit = plan.step(f"calib {seed}{protocol} val", f"seed {seed} {protocol} val fit-temperature",
-                            calib_argv(args, seed, protocol, "val"), os.path.join(run, CALIB_DIRS["val"]), {train})
-            plan.step(f"calib {seed}{protocol} test", f"seed {seed} {protocol} test at the val temperature",
-                      functools.partial(calib_test_argv, args, seed, protocol), os.path.join(run, CALIB_DIRS["test"]),
-                      {fit})
-            plan.step(f"scores {seed}{protocol}", f"seed {seed} {protocol} val scores",
-                      scores_argv(args, os.path.join(run, "final"), os.path.join(run, SCORES_DIR)),
-                      os.path.join(run, SCORES_DIR), {train})
+                plan.step(
+                    f"eval {seed}{protocol} {split} {objective}",
+                    f"seed {seed} {protocol} {split} beam-{objective}",
+                    eval_argv(args, seed, protocol, split, objective),
+                    os.path.join(run, eval_name(split, objective)),
+                    {train},
+                )
+            fit = plan.step(
+                f"calib {seed}{protocol} val",
+                f"seed {seed} {protocol} val fit-temperature",
+                calib_argv(args, seed, protocol, "val"),
+                os.path.join(run, CALIB_DIRS["val"]),
+                {train},
+            )
+            plan.step(
+                f"calib {seed}{protocol} test",
+                f"seed {seed} {protocol} test at the val temperature",
+                functools.partial(calib_test_argv, args, seed, protocol),
+                os.path.join(run, CALIB_DIRS["test"]),
+                {fit},
+            )
+            plan.step(
+                f"scores {seed}{protocol}",
+                f"seed {seed} {protocol} val scores",
+                scores_argv(args, os.path.join(run, "final"), os.path.join(run, SCORES_DIR)),
+                os.path.join(run, SCORES_DIR),
+                {train},
+            )
             for name in args.extra_tests:
-                plan.step(f"extra {seed}{protocol} {name}", f"seed {seed} {protocol} {name} beam-logarithmic",
-                          extra_argv(args, seed, protocol, name), os.path.join(run, f"eval_{name}_beam_logarithmic"),
-                          {train})
+                plan.step(
+                    f"extra {seed}{protocol} {name}",
+                    f"seed {seed} {protocol} {name} beam-logarithmic",
+                    extra_argv(args, seed, protocol, name),
+                    os.path.join(run, f"eval_{name}_beam_logarithmic"),
+                    {train},
+                )
             if protocol == "a":
-                plan.step(f"checkpoint {seed}a", f"seed {seed} (a) checkpoint-{args.t1} val beam-logarithmic",
-                          checkpoint_eval_argv(args, seed), os.path.join(run, f"eval_val_checkpoint_{args.t1}"),
-                          {train})
+                plan.step(
+                    f"checkpoint {seed}a",
+                    f"seed {seed} (a) checkpoint-{args.t1} val beam-logarithmic",
+                    checkpoint_eval_argv(args, seed),
+                    os.path.join(run, f"eval_val_checkpoint_{args.t1}"),
+                    {train},
+                )
     # The further seeds' (a) runs are the longest and everything of theirs waits on them: start them first.
     first = [i for i, t in enumerate(plan.tasks) if t.name in later]
     if not first:
         return plan.tasks
-    head, block = plan.tasks[:first[0]], plan.tasks[first[0]:]
+    head, block = plan.tasks[: first[0]], plan.tasks[first[0] :]
     return head + [t for t in block if t.name in later] + [t for t in block if t.name not in later]
 
 
@@ -378,8 +582,9 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                         row[f"score_{r}_{split}"] = tf["mean_scores"].get(r)
                     row[f"ece_{split}"] = tf["ece"]
                     row[f"perplexity_{split}"] = tf["perplexity"]
-            calib = {split: os.path.join(run_dir(args, seed, protocol), d, "results.json")
-                     for split, d in CALIB_DIRS.items()}
+            calib = {
+                split: os.path.join(run_dir(args, seed, protocol), d, "results.json") for split, d in CALIB_DIRS.items()
+            }
             if os.path.isfile(calib["val"]) and os.path.isfile(calib["test"]):
                 tf = read_json(calib["test"])["teacher_forced"]
                 row["temperature"] = read_json(calib["val"])["temperature_fit"]["temperature"]
@@ -392,33 +597,53 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main_table(per: dict[str, Any], protocols: list[str]) -> str:
-    cols = [("BLEU val", "bleu_val_logarithmic", 2, 1), ("BLEU test", "bleu_test_logarithmic", 2, 1),
-            ("chrF val", "chrf_val_logarithmic", 2, 1), ("chrF test", "chrf_test_logarithmic", 2, 1),
-            ("log score test", "score_logarithmic_test", 3, 1), ("Brier test", "score_brier_test", 4, 1),
-            ("spherical test", "score_spherical_test", 4, 1), ("ECE test (%)", "ece_test", 2, 100)]
+    cols = [
+        ("BLEU val", "bleu_val_logarithmic", 2, 1),
+        ("BLEU test", "bleu_test_logarithmic", 2, 1),
+        ("chrF val", "chrf_val_logarithmic", 2, 1),
+        ("chrF test", "chrf_test_logarithmic", 2, 1),
+        ("log score test", "score_logarithmic_test", 3, 1),
+        ("Brier test", "score_brier_test", 4, 1),
+        ("spherical test", "score_spherical_test", 4, 1),
+        ("ECE test (%)", "ece_test", 2, 100),
+    ]
     return _runner.seed_table(per, protocols, LABELS, cols)
 
 
 def calibration_table(per: dict[str, Any], protocols: list[str]) -> str:
     """Test metrics before and after temperature scaling with the T fitted on val."""
-    cols = [("T (val fit)", "temperature", 3, 1), ("ECE test (%)", "ece_test", 2, 100),
-            ("ECE test, scaled (%)", "ece_test_scaled", 2, 100),
-            ("log score test", "score_logarithmic_test", 3, 1),
-            ("log score test, scaled", "score_logarithmic_test_scaled", 3, 1),
-            ("Brier test", "score_brier_test", 4, 1), ("Brier test, scaled", "score_brier_test_scaled", 4, 1)]
+    cols = [
+        ("T (val fit)", "temperature", 3, 1),
+        ("ECE test (%)", "ece_test", 2, 100),
+        ("ECE test, scaled (%)", "ece_test_scaled", 2, 100),
+        ("log score test", "score_logarithmic_test", 3, 1),
+        ("log score test, scaled", "score_logarithmic_test_scaled", 3, 1),
+        ("Brier test", "score_brier_test", 4, 1),
+        ("Brier test, scaled", "score_brier_test_scaled", 4, 1),
+    ]
     return _runner.seed_table(per, protocols, LABELS, cols, count_key="temperature")
 
 
 def objective_table(per: dict[str, Any], protocols: list[str]) -> str:
-    lines = ["| protocol | BLEU val (log beam) | BLEU val (spherical beam) | BLEU test (log beam) | "
-             "BLEU test (spherical beam) | chrF test (log beam) | chrF test (spherical beam) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| protocol | BLEU val (log beam) | BLEU val (spherical beam) | BLEU test (log beam) | "
+        "BLEU test (spherical beam) | chrF test (log beam) | chrF test (spherical beam) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in protocols:
         if p not in ("a", "b", "c"):
             continue
-        cells = [fmt_mean_std(_runner.seed_values(per, p, k)) for k in (
-            "bleu_val_logarithmic", "bleu_val_spherical", "bleu_test_logarithmic", "bleu_test_spherical",
-            "chrf_test_logarithmic", "chrf_test_spherical")]
+        cells = [
+            fmt_mean_std(_runner.seed_values(per, p, k))
+            for k in (
+                "bleu_val_logarithmic",
+                "bleu_val_spherical",
+                "bleu_test_logarithmic",
+                "bleu_test_spherical",
+                "chrf_test_logarithmic",
+                "chrf_test_spherical",
+            )
+        ]
         lines.append(f"| {PROTOCOLS[p][0]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -433,8 +658,11 @@ def comparisons(args: argparse.Namespace, per: dict[str, Any]) -> tuple[str, dic
     the unit of evidence: the mean difference with its 95% Student-t interval across seeds and a
     two-sided sign test; beside them the per-seed paired bootstrap p (resampling sentences)."""
     out: dict[str, Any] = {}
-    lines = ["| vs (a) | split | ΔBLEU per seed | mean ΔBLEU [95% CI over seeds] | seeds better | sign test p | "
-             "ΔchrF mean [95% CI] | bootstrap p (BLEU) per seed |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| vs (a) | split | ΔBLEU per seed | mean ΔBLEU [95% CI over seeds] | seeds better | sign test p | "
+        "ΔchrF mean [95% CI] | bootstrap p (BLEU) per seed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     refs = {s: read_lines(os.path.join(args.data_dir, SPLITS[s] + ".de")) for s in SPLITS}
     refs.update({name: read_lines(ref) for name, (_, ref) in args.extra_tests.items()})
     for p in PROTOCOLS:
@@ -445,8 +673,7 @@ def comparisons(args: argparse.Namespace, per: dict[str, Any]) -> tuple[str, dic
             seeds, d_bleu = _runner.seed_differences(per, p, key, args.seed_list)
             if not seeds:
                 continue
-            d_chrf = [per[p][s][f"chrf_{split}_logarithmic"] - per["a"][s][f"chrf_{split}_logarithmic"]
-                      for s in seeds]
+            d_chrf = [per[p][s][f"chrf_{split}_logarithmic"] - per["a"][s][f"chrf_{split}_logarithmic"] for s in seeds]
             pvals = []
             for s in seeds:
                 base, system = (_hypotheses(args, s, q, split) for q in ("a", p))
@@ -455,12 +682,22 @@ def comparisons(args: argparse.Namespace, per: dict[str, Any]) -> tuple[str, dic
             m, lo, hi = _runner.mean_ci(d_bleu)
             mc, loc, hic = _runner.mean_ci(d_chrf)
             better, p_sign = sum(d > 0 for d in d_bleu), _runner.sign_test(d_bleu)
-            out[f"{p}_{split}"] = {"seeds": seeds, "delta_bleu": d_bleu, "delta_chrf": d_chrf, "bootstrap_p": pvals,
-                                   "mean_delta_bleu": m, "ci95_bleu": [lo, hi], "mean_delta_chrf": mc,
-                                   "ci95_chrf": [loc, hic], "sign_test_p": p_sign}
-            lines.append(f"| {PROTOCOLS[p][0]} | {split} | {', '.join(f'{d:+.2f}' for d in d_bleu)} | "
-                         f"{fmt_ci(m, lo, hi)} | {better}/{len(seeds)} | {p_sign:.3f} | {fmt_ci(mc, loc, hic)} | "
-                         f"{', '.join(f'{v:.3f}' for v in pvals)} |")
+            out[f"{p}_{split}"] = {
+                "seeds": seeds,
+                "delta_bleu": d_bleu,
+                "delta_chrf": d_chrf,
+                "bootstrap_p": pvals,
+                "mean_delta_bleu": m,
+                "ci95_bleu": [lo, hi],
+                "mean_delta_chrf": mc,
+                "ci95_chrf": [loc, hic],
+                "sign_test_p": p_sign,
+            }
+            lines.append(
+                f"| {PROTOCOLS[p][0]} | {split} | {', '.join(f'{d:+.2f}' for d in d_bleu)} | "
+                f"{fmt_ci(m, lo, hi)} | {better}/{len(seeds)} | {p_sign:.3f} | {fmt_ci(mc, loc, hic)} | "
+                f"{', '.join(f'{v:.3f}' for v in pvals)} |"
+            )
     return "\n".join(lines), out
 
 
@@ -471,14 +708,26 @@ def score_models(args: argparse.Namespace, per: dict[str, Any]) -> list[dict[str
     for p, seeds in per.items():
         for seed, row in seeds.items():
             if row.get("bleu_val_logarithmic") is not None and row.get("tf_val_logarithmic") is not None:
-                models.append({"model": f"seed{seed}/{p}/final", "bleu": row["bleu_val_logarithmic"],
-                               **{r: row[f"tf_val_{r}"] for r in SCORE_RULES}, "ece": row["tf_val_ece"]})
+                models.append(
+                    {
+                        "model": f"seed{seed}/{p}/final",
+                        "bleu": row["bleu_val_logarithmic"],
+                        **{r: row[f"tf_val_{r}"] for r in SCORE_RULES},
+                        "ece": row["tf_val_ece"],
+                    }
+                )
     for seed in seeds_of(args, "a"):
         ev = read_json_if(os.path.join(run_dir(args, seed, "a"), f"eval_val_checkpoint_{args.t1}", "results.json"))
         if ev is not None:
             tf = ev["teacher_forced"]
-            models.append({"model": f"seed{seed}/a/checkpoint-{args.t1}", "bleu": ev["generation"]["bleu"],
-                           **{r: tf["mean_scores"].get(r) for r in SCORE_RULES}, "ece": tf["ece"]})
+            models.append(
+                {
+                    "model": f"seed{seed}/a/checkpoint-{args.t1}",
+                    "bleu": ev["generation"]["bleu"],
+                    **{r: tf["mean_scores"].get(r) for r in SCORE_RULES},
+                    "ece": tf["ece"],
+                }
+            )
     return models
 
 
@@ -486,14 +735,17 @@ def correlations(args: argparse.Namespace, models: list[dict[str, Any]]) -> tupl
     """Kendall's tau between val BLEU and each teacher-forced val score over the models, with a
     95% bootstrap interval (resampling models)."""
     out: dict[str, Any] = {}
-    lines = ["| teacher-forced val score | Kendall's tau with val BLEU | 95% bootstrap CI | models |",
-             "|---|---|---|---|"]
+    lines = [
+        "| teacher-forced val score | Kendall's tau with val BLEU | 95% bootstrap CI | models |",
+        "|---|---|---|---|",
+    ]
     for key in (*SCORE_RULES, "ece"):
         pairs = [(m[key], m["bleu"]) for m in models if m.get(key) is not None]
         if len(pairs) < 3:
             continue
-        tau, lo, hi = _runner.kendall_tau_interval([x for x, _ in pairs], [y for _, y in pairs],
-                                           n_samples=args.bootstrap_samples)
+        tau, lo, hi = _runner.kendall_tau_interval(
+            [x for x, _ in pairs], [y for _, y in pairs], n_samples=args.bootstrap_samples
+        )
         out[key] = {"tau": tau, "ci95": [lo, hi], "n": len(pairs)}
         label = "ECE (lower is better)" if key == "ece" else key
         lines.append(f"| {label} | {tau:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {len(pairs)} |")
@@ -522,11 +774,20 @@ def plot_scatter(models: list[dict[str, Any]], path: str) -> str | None:
             ax.scatter(m[key], m["bleu"], s=18, marker=marker, color=f"C{ord(kind) - ord('a')}")
         ax.set_xlabel(f"teacher-forced val {key}")
         ax.set_ylabel("val BLEU")
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     kinds = sorted({m["model"].split("/")[1] for m in models})
-    handles = [plt.Line2D([], [], linestyle="", marker="o", color=f"C{ord(k) - ord('a')}",
-                          label=PROTOCOLS[k][0] if k in PROTOCOLS else k) for k in kinds]
+    handles = [
+        plt.Line2D(
+            [],
+            [],
+            linestyle="",
+            marker="o",
+            color=f"C{ord(k) - ord('a')}",
+            label=PROTOCOLS[k][0] if k in PROTOCOLS else k,
+        )
+        for k in kinds
+    ]
     if any("checkpoint" in m["model"] for m in models):
         handles.append(plt.Line2D([], [], linestyle="", marker="x", color="C0", label="(a) at step T1"))
     fig.suptitle("Multi30k: val BLEU against each score, one point per model")
@@ -542,50 +803,79 @@ def plot_curves(args: argparse.Namespace, path: str) -> str | None:
 
     Only finished runs (with ``results.json``) are drawn, so a study in progress does not average
     runs of different lengths; the title names the seeds drawn."""
-    finished = {p: [s for s in seeds_of(args, p) if os.path.isfile(os.path.join(run_dir(args, s, p), "results.json"))]
-                for p in args.protocol_list}
-    series = [(PROTOCOLS[p][0], [run_dir(args, s, p) for s in finished[p]],
-               {"linestyle": "-" if p in CORE else ":" if p in BRANCHES else "--"}) for p in args.protocol_list
-              if finished[p]]
+    finished = {
+        p: [s for s in seeds_of(args, p) if os.path.isfile(os.path.join(run_dir(args, s, p), "results.json"))]
+        for p in args.protocol_list
+    }
+    series = [
+        (
+            PROTOCOLS[p][0],
+            [run_dir(args, s, p) for s in finished[p]],
+            {"linestyle": "-" if p in CORE else ":" if p in BRANCHES else "--"},
+        )
+        for p in args.protocol_list
+        if finished[p]
+    ]
     drawn = {",".join(map(str, v)) for v in finished.values() if v}
-    seeds = f"seeds {drawn.pop()}" if len(drawn) == 1 else \
-        "finished seeds (" + "; ".join(f"{p}: {','.join(map(str, v))}" for p, v in finished.items() if v) + ")"
-    return _runner.plot_curves(path, series, args.t1,
-                               f"Multi30k en-de, mean over {seeds}; dotted line: T1 = {args.t1}")
+    seeds = (
+        f"seeds {drawn.pop()}"
+        if len(drawn) == 1
+        else "finished seeds (" + "; ".join(f"{p}: {','.join(map(str, v))}" for p, v in finished.items() if v) + ")"
+    )
+    return _runner.plot_curves(path, series, args.t1, f"Multi30k en-de, mean over {seeds}; dotted line: T1 = {args.t1}")
 
 
 def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
     per = collect(args)
     cmp_md, cmp = comparisons(args, per)
     # how much (a)'s validation log score still moved over the last quarter of stage 1
-    plateau_md, plateau_rows = _runner.plateau({s: run_dir(args, s, "a") for s in args.seed_list}, args.t1, args.t2,
-                                               what="validation", end_note=" (protocol a)")
+    plateau_md, plateau_rows = _runner.plateau(
+        {s: run_dir(args, s, "a") for s in args.seed_list},
+        args.t1,
+        args.t2,
+        what="validation",
+        end_note=" (protocol a)",
+    )
     png = plot_curves(args, os.path.join(args.work_dir, "training_curves.png"))
     models = score_models(args, per)
     corr_md, corr = correlations(args, models)
     scatter = plot_scatter(models, os.path.join(args.work_dir, "bleu_vs_scores.png"))
-    md = "\n\n".join([
-        f"Beam {args.num_beams}, sacrebleu BLEU/chrF; token scores and ECE (15 bins, top-1) under teacher forcing "
-        f"on test_2016_flickr; mean ± std over seeds. T1 = {args.t1}, T2 = {args.t2}, batch {args.batch_size}, "
-        f"smoothing {args.smoothing}.",
-        main_table(per, args.protocol_list),
-        "Beam objective: logarithmic (sum of log-probabilities) vs the spherical score:",
-        objective_table(per, args.protocol_list),
-        "Each protocol against (a) with the same seed (paired bootstrap: sacrebleu, "
-        f"{args.bootstrap_samples} resamples, one p per seed):",
-        cmp_md,
-        "Temperature scaling (teacher forcing): T fitted on val (`properlm evaluate --fit-temperature`), "
-        "applied to test_2016_flickr (`--temperature T`):",
-        calibration_table(per, args.protocol_list),
-        "Plateau of stage 1 (protocol a):\n\n" + plateau_md,
-        f"Which score predicts generation quality: Kendall's tau over {len(models)} models (final models and "
-        f"(a)'s checkpoint-{args.t1}) between val BLEU and each teacher-forced val score "
-        f"(bootstrap over models, {args.bootstrap_samples} resamples):",
-        corr_md,
-    ])
-    _runner.write_report(args.work_dir, md, {
-        "settings": vars(args), "per_seed": per, "comparisons": cmp, "plateau": plateau_rows, "curves_png": png,
-        "models": models, "correlations": corr, "scatter_png": scatter, "wall_seconds": wall_seconds})
+    md = "\n\n".join(
+        [
+            f"Beam {args.num_beams}, sacrebleu BLEU/chrF; token scores and ECE (15 bins, top-1) under teacher forcing "
+            f"on test_2016_flickr; mean ± std over seeds. T1 = {args.t1}, T2 = {args.t2}, batch {args.batch_size}, "
+            f"smoothing {args.smoothing}.",
+            main_table(per, args.protocol_list),
+            "Beam objective: logarithmic (sum of log-probabilities) vs the spherical score:",
+            objective_table(per, args.protocol_list),
+            "Each protocol against (a) with the same seed (paired bootstrap: sacrebleu, "
+            f"{args.bootstrap_samples} resamples, one p per seed):",
+            cmp_md,
+            "Temperature scaling (teacher forcing): T fitted on val (`properlm evaluate --fit-temperature`), "
+            "applied to test_2016_flickr (`--temperature T`):",
+            calibration_table(per, args.protocol_list),
+            "Plateau of stage 1 (protocol a):\n\n" + plateau_md,
+            f"Which score predicts generation quality: Kendall's tau over {len(models)} models (final models and "
+            f"(a)'s checkpoint-{args.t1}) between val BLEU and each teacher-forced val score "
+            f"(bootstrap over models, {args.bootstrap_samples} resamples):",
+            corr_md,
+        ]
+    )
+    _runner.write_report(
+        args.work_dir,
+        md,
+        {
+            "settings": vars(args),
+            "per_seed": per,
+            "comparisons": cmp,
+            "plateau": plateau_rows,
+            "curves_png": png,
+            "models": models,
+            "correlations": corr,
+            "scatter_png": scatter,
+            "wall_seconds": wall_seconds,
+        },
+    )
     return md
 
 

@@ -138,60 +138,160 @@ from _summ_runs import (
 
 #: this script's names, with those of the private modules it is split into (``_summ_runs``,
 #: ``_summ_report``): ``reproduce_summ.NAME`` keeps working
-__all__ = ["BRANCHES", "BRANCH_RULES", "HELDOUT", "LABELS", "OBJECTIVES", "PENDING", "PROG", "PROTOCOLS",
-           "REQUIRED_FILES", "RESULT_KEYS", "ROUGE", "ROUGE_LABELS", "RULES", "SELECTION_METRIC", "TIE_TOLERANCE",
-           "VALIDATION_SEED", "build_parser", "check_args", "check_settings", "checkpoint_rows", "choose_smoothing",
-           "collect", "comparisons", "eval_argv", "eval_branch", "evaluations", "grid_dir", "heldout_examples",
-           "heldout_path", "main", "main_table", "objective_table", "parse_grid", "prepare_branch", "protocol_eps",
-           "report", "run_dir", "select_smoothing", "selecting", "selection_path", "selection_rows",
-           "smoothing_report", "split_file", "tasks", "train_argv", "train_branch", "write_heldout"]
+__all__ = [
+    "BRANCHES",
+    "BRANCH_RULES",
+    "HELDOUT",
+    "LABELS",
+    "OBJECTIVES",
+    "PENDING",
+    "PROG",
+    "PROTOCOLS",
+    "REQUIRED_FILES",
+    "RESULT_KEYS",
+    "ROUGE",
+    "ROUGE_LABELS",
+    "RULES",
+    "SELECTION_METRIC",
+    "TIE_TOLERANCE",
+    "VALIDATION_SEED",
+    "build_parser",
+    "check_args",
+    "check_settings",
+    "checkpoint_rows",
+    "choose_smoothing",
+    "collect",
+    "comparisons",
+    "eval_argv",
+    "eval_branch",
+    "evaluations",
+    "grid_dir",
+    "heldout_examples",
+    "heldout_path",
+    "main",
+    "main_table",
+    "objective_table",
+    "parse_grid",
+    "prepare_branch",
+    "protocol_eps",
+    "report",
+    "run_dir",
+    "select_smoothing",
+    "selecting",
+    "selection_path",
+    "selection_rows",
+    "smoothing_report",
+    "split_file",
+    "tasks",
+    "train_argv",
+    "train_branch",
+    "write_heldout",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0],
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
         epilog=next(part for part in __doc__.split("\n\n") if part.startswith("Cost")),
-        formatter_class=_runner.HelpFormatter)
-    p.add_argument("data_dir", help="directory with train.jsonl and dev.jsonl (AESLC: document, summary, "
-                   "annotations on dev)")
+        formatter_class=_runner.HelpFormatter,
+    )
+    p.add_argument(
+        "data_dir", help="directory with train.jsonl and dev.jsonl (AESLC: document, summary, annotations on dev)"
+    )
     _runner.add_options(p, {"work_dir": "runs/reproduce_summ"})
-    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (the unit of evidence); the first also "
-                   "selects the branches' smoothing")
-    p.add_argument("--protocols", default="a,b,c",
-                   help=_runner.protocols_help(PROTOCOLS, "b, c and a0") + "; a0 is the control of the switch "
-                   "(issue 28), not a default")
-    p.add_argument("--test-file", action="append", default=[], metavar="FILE",
-                   help="also decode every final model (beam, log objective) on this JSONL file (document, "
-                   "summary, optional annotations) and score it; repeatable; no retraining")
-    _runner.add_options(p, {
-        "t1": {"default": 5000, "help": "T1: steps of the logarithmic stage before the switch (about 11.5 epochs of "
-               "the 13,931 training emails at batch 32; sized from a measured step, see benchmarks/README.md)"},
-        "t2": 1250, "batch_size": {"default": 32, "help": "emails per step"}, "learning_rate": 1e-3,
-        "warmup_steps": 400,
-        "smoothing": {"default": None, "metavar": "EPS",
-                      "help": "score smoothing of (b) and (c) after the switch, fixed: skips the selection; "
-                      "none: chosen per rule from --smoothing-grid on the held-out slice of train"}})
-    p.add_argument("--smoothing-a", type=float, default=0.1, metavar="EPS",
-                   help="score smoothing of (a), all its T steps (so also of the branches' first T1 steps); fixed")
-    p.add_argument("--smoothing-grid", default="0,0.1", metavar="EPS,...",
-                   help="candidate smoothings of (b), (c) after the switch: the first seed branches once per "
-                   "candidate, the best mean ROUGE-1/2/L F1 on the held-out slice of train wins (ties: the smaller)")
-    _runner.add_options(p, {
-        "vocab_size": 8000, "hidden_size": {}, "num_layers": {}, "num_heads": {}, "ffn_size": {}, "dropout": {}})
-    p.add_argument("--max-source-length", type=int, default=192,
-                   help="most BPE tokens of each email body (cut in training and evaluation alike); the model "
-                   "takes this + 1 positions (the body and EOS), summaries are cut there too")
-    p.add_argument("--heldout-fraction", type=float, default=0.035,
-                   help="fraction of train.jsonl held out (the same examples for every seed) as the validation "
-                   "set (the curves, the plateau) and, less verbatim duplicates of training emails, the "
-                   "selection slice")
-    _runner.add_options(p, {"eval_every": {"help": "held-out scores every N steps (the curves)"}, "save_every": {},
-                    "num_beams": 4})
-    p.add_argument("--max-new-tokens", type=int, default=32,
-                   help="most tokens per decoded subject line (the training subjects: 99%% have at most 29 BPE "
-                   "tokens)")
-    _runner.add_options(p, {"eval_batch_size": {"help": "documents per decoding batch"}, "bootstrap_samples": {},
-                    "threads": {}, "jobs": {}, "report_only": {}, "dry_run": {}, "archive": {}})
+    p.add_argument(
+        "--seeds",
+        default="1,2,3",
+        help="comma-separated seeds (the unit of evidence); the first also selects the branches' smoothing",
+    )
+    p.add_argument(
+        "--protocols",
+        default="a,b,c",
+        help=_runner.protocols_help(PROTOCOLS, "b, c and a0") + "; a0 is the control of the switch "
+        "(issue 28), not a default",
+    )
+    p.add_argument(
+        "--test-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="also decode every final model (beam, log objective) on this JSONL file (document, "
+        "summary, optional annotations) and score it; repeatable; no retraining",
+    )
+    _runner.add_options(
+        p,
+        {
+            "t1": {
+                "default": 5000,
+                "help": "T1: steps of the logarithmic stage before the switch (about 11.5 epochs of "
+                "the 13,931 training emails at batch 32; sized from a measured step, see benchmarks/README.md)",
+            },
+            "t2": 1250,
+            "batch_size": {"default": 32, "help": "emails per step"},
+            "learning_rate": 1e-3,
+            "warmup_steps": 400,
+            "smoothing": {
+                "default": None,
+                "metavar": "EPS",
+                "help": "score smoothing of (b) and (c) after the switch, fixed: skips the selection; "
+                "none: chosen per rule from --smoothing-grid on the held-out slice of train",
+            },
+        },
+    )
+    p.add_argument(
+        "--smoothing-a",
+        type=float,
+        default=0.1,
+        metavar="EPS",
+        help="score smoothing of (a), all its T steps (so also of the branches' first T1 steps); fixed",
+    )
+    p.add_argument(
+        "--smoothing-grid",
+        default="0,0.1",
+        metavar="EPS,...",
+        help="candidate smoothings of (b), (c) after the switch: the first seed branches once per "
+        "candidate, the best mean ROUGE-1/2/L F1 on the held-out slice of train wins (ties: the smaller)",
+    )
+    _runner.add_options(
+        p, {"vocab_size": 8000, "hidden_size": {}, "num_layers": {}, "num_heads": {}, "ffn_size": {}, "dropout": {}}
+    )
+    p.add_argument(
+        "--max-source-length",
+        type=int,
+        default=192,
+        help="most BPE tokens of each email body (cut in training and evaluation alike); the model "
+        "takes this + 1 positions (the body and EOS), summaries are cut there too",
+    )
+    p.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.035,
+        help="fraction of train.jsonl held out (the same examples for every seed) as the validation "
+        "set (the curves, the plateau) and, less verbatim duplicates of training emails, the "
+        "selection slice",
+    )
+    _runner.add_options(
+        p, {"eval_every": {"help": "held-out scores every N steps (the curves)"}, "save_every": {}, "num_beams": 4}
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="most tokens per decoded subject line (the training subjects: 99%% have at most 29 BPE tokens)",
+    )
+    _runner.add_options(
+        p,
+        {
+            "eval_batch_size": {"help": "documents per decoding batch"},
+            "bootstrap_samples": {},
+            "threads": {},
+            "jobs": {},
+            "report_only": {},
+            "dry_run": {},
+            "archive": {},
+        },
+    )
     return p
 
 
@@ -201,7 +301,6 @@ def _test_name(path: str) -> str:
         if stem.endswith(ext):
             stem = stem[: -len(ext)]
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in stem) or "test"
-
 
 
 def parse_grid(text: str) -> list[float]:
@@ -231,8 +330,22 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.seed_list:
         raise SystemExit(f"{PROG}: --seeds names no seed")
     args.protocol_list = _runner.parse_protocols(PROG, args.protocols, list(PROTOCOLS), (*BRANCHES, *CONTROLS))
-    _runner.check_stages(PROG, args, ("t1", "t2", "batch_size", "eval_every", "save_every", "num_beams",
-                                      "max_new_tokens", "max_source_length", "eval_batch_size", "bootstrap_samples"))
+    _runner.check_stages(
+        PROG,
+        args,
+        (
+            "t1",
+            "t2",
+            "batch_size",
+            "eval_every",
+            "save_every",
+            "num_beams",
+            "max_new_tokens",
+            "max_source_length",
+            "eval_batch_size",
+            "bootstrap_samples",
+        ),
+    )
     if not 0.0 < args.heldout_fraction < 0.5:
         raise SystemExit(f"{PROG}: --heldout-fraction must be in (0, 0.5), got {args.heldout_fraction}")
     for name in ("smoothing", "smoothing_a"):
@@ -247,8 +360,10 @@ def check_args(args: argparse.Namespace) -> None:
     else:
         args.smoothing_grid = None  # fixed: no selection
     if args.max_new_tokens > args.max_source_length + 1:
-        raise SystemExit(f"{PROG}: --max-new-tokens {args.max_new_tokens} exceeds the model's "
-                         f"{args.max_source_length + 1} positions (--max-source-length + 1)")
+        raise SystemExit(
+            f"{PROG}: --max-new-tokens {args.max_new_tokens} exceeds the model's "
+            f"{args.max_source_length + 1} positions (--max-source-length + 1)"
+        )
     args.tests = {}
     for path in args.test_file:
         if not os.path.isfile(path):
@@ -261,28 +376,55 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 #: options whose change makes the results of a work directory incomparable
-RESULT_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "dropout", "max_source_length",
-               "heldout_fraction", "batch_size", "learning_rate", "warmup_steps", "smoothing", "smoothing_a",
-               "smoothing_grid", "save_every", "t1", "t2", "num_beams", "max_new_tokens", "eval_every")
+RESULT_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "ffn_size",
+    "dropout",
+    "max_source_length",
+    "heldout_fraction",
+    "batch_size",
+    "learning_rate",
+    "warmup_steps",
+    "smoothing",
+    "smoothing_a",
+    "smoothing_grid",
+    "save_every",
+    "t1",
+    "t2",
+    "num_beams",
+    "max_new_tokens",
+    "eval_every",
+)
 
 
 def check_settings(args: argparse.Namespace) -> None:
     """Record the settings in ``WORK/settings.json``; refuse to mix settings in one work directory
     (or to report its runs under other settings), and a first seed other than the one a finished
     selection used."""
-    _runner.check_settings(PROG, args.work_dir, {k: getattr(args, k) for k in RESULT_KEYS},
-                           record=not (args.dry_run or args.report_only))
+    _runner.check_settings(
+        PROG, args.work_dir, {k: getattr(args, k) for k in RESULT_KEYS}, record=not (args.dry_run or args.report_only)
+    )
     for protocol in BRANCHES:
         sel = read_json_if(selection_path(args, protocol))
         if sel is not None and selecting(args) and sel["seed"] != args.seed_list[0]:
-            raise SystemExit(f"{PROG}: the smoothing of ({protocol}) was selected with seed {sel['seed']} "
-                             f"({selection_path(args, protocol)}); list that seed first in --seeds")
-
+            raise SystemExit(
+                f"{PROG}: the smoothing of ({protocol}) was selected with seed {sel['seed']} "
+                f"({selection_path(args, protocol)}); list that seed first in --seeds"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _runner.run_benchmark(build_parser().parse_args(argv), check_args, check_settings, tasks, report,
-                                 archive_files=[f"selection_{p}.json" for p in BRANCHES])
+    return _runner.run_benchmark(
+        build_parser().parse_args(argv),
+        check_args,
+        check_settings,
+        tasks,
+        report,
+        archive_files=[f"selection_{p}.json" for p in BRANCHES],
+    )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def pooled_loss(z: torch.Tensor, y: torch.Tensor, rule: str, eps: float) -> torc
     V = z.shape[-1]
     base = properlm.scoring_rule_loss(z, y, rule, eps, reduction="none", smoothing_variant="none")
     logp = torch.log_softmax(z.float(), -1)
-    mask = (logp.detach() < math.log(eps / V))
+    mask = logp.detach() < math.log(eps / V)
     count = mask.sum(-1).to(logp.dtype)
     log_pm = torch.logsumexp(torch.where(mask, logp, -math.inf), -1)
     term = torch.where(count > 0, count / V * (log_pm - torch.log(count.clamp(min=1))), 0.0)
@@ -87,8 +87,9 @@ def gradient_mass(rule: str, vocab: int, eps: float, n: int = 16) -> dict[str, f
     return out
 
 
-def adam_run(rule: str, vocab: int, eps: float, variant: str, steps: int, lr: float, n: int = 16,
-             hidden: int = 64, seed: int = 1) -> list[tuple[float, float]]:
+def adam_run(
+    rule: str, vocab: int, eps: float, variant: str, steps: int, lr: float, n: int = 16, hidden: int = 64, seed: int = 1
+) -> list[tuple[float, float]]:
     """Part B: ``(mean log p_y, top-1 accuracy)`` after each Adam step on the output layer ``W``."""
     z0, y = synthetic_logits(n, vocab, seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -122,22 +123,31 @@ def main() -> None:
     vocabs = [1024, 8192, 49152] if args.quick else [1024, 4096, 16384, 49152, 152064]
     print(f"properlm {properlm.__version__}, torch {torch.__version__}; head {HEAD}, tail N({TAIL_MEAN}, {TAIL_SD}^2)")
 
-    print("\nA. per-token logit-gradient mass of the masked-log term on the tail vs the rule's own gradient on the "
-          "target (no training)\n")
-    print("| rule | V | eps | share of V in M | rule |g_y| | paper: tail mass | paper: |g_y| | pooled: tail mass "
-          "| pooled: |g_y| |")
+    print(
+        "\nA. per-token logit-gradient mass of the masked-log term on the tail vs the rule's own gradient on the "
+        "target (no training)\n"
+    )
+    print(
+        "| rule | V | eps | share of V in M | rule |g_y| | paper: tail mass | paper: |g_y| | pooled: tail mass "
+        "| pooled: |g_y| |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for rule in ("brier", "spherical"):
         for vocab in vocabs:
             for eps in (0.01, 0.1):
                 r = gradient_mass(rule, vocab, eps)
-                print(f"| {rule} | {vocab} | {eps} | {r['masked_share']:.4f} | {r['rule_grad_y']:.4f} | "
-                      f"{r['paper_tail_mass']:.4f} | {r['paper_grad_y']:.4f} | {r['pooled_tail_mass']:.4f} | "
-                      f"{r['pooled_grad_y']:.4f} |", flush=True)
+                print(
+                    f"| {rule} | {vocab} | {eps} | {r['masked_share']:.4f} | {r['rule_grad_y']:.4f} | "
+                    f"{r['paper_tail_mass']:.4f} | {r['paper_grad_y']:.4f} | {r['pooled_tail_mass']:.4f} | "
+                    f"{r['pooled_grad_y']:.4f} |",
+                    flush=True,
+                )
 
-    print(f"\nB. Adam (lr {args.lr}) on a tiny output layer, eps {args.eps}: mean target log-probability (start -> "
-          f"end of {args.steps} steps) and top-1 accuracy at the end; log(1 - eps) = {math.log(1 - args.eps):.3f} "
-          "is the smoothed optimum\n")
+    print(
+        f"\nB. Adam (lr {args.lr}) on a tiny output layer, eps {args.eps}: mean target log-probability (start -> "
+        f"end of {args.steps} steps) and top-1 accuracy at the end; log(1 - eps) = {math.log(1 - args.eps):.3f} "
+        "is the smoothed optimum\n"
+    )
     print("| rule | V | " + " | ".join(VARIANTS) + " |")
     print("|---|---|" + "---|" * len(VARIANTS))
     curves: dict[tuple[str, str], list[tuple[int, float]]] = {}

@@ -96,14 +96,16 @@ def generated_text(what: str) -> str:
         return "```text\n" + _command_help(arg).rstrip() + "\n```"
     if kind == "properlm-train-options":
         return _train_options()
-    raise ValueError(f"docs: unknown generated region {what!r} (include PATH, properlm-help COMMAND, "
-                     "properlm-train-options)")
+    raise ValueError(
+        f"docs: unknown generated region {what!r} (include PATH, properlm-help COMMAND, properlm-train-options)"
+    )
 
 
 def expand(markdown: str) -> str:
     """``markdown`` with every generated region's body regenerated."""
-    return REGION.sub(lambda m: f"<!-- generated: {m.group(1)} -->\n{generated_text(m.group(1))}\n"
-                      "<!-- end generated -->", markdown)
+    return REGION.sub(
+        lambda m: f"<!-- generated: {m.group(1)} -->\n{generated_text(m.group(1))}\n<!-- end generated -->", markdown
+    )
 
 
 def pages() -> list[Path]:

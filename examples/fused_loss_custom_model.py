@@ -27,9 +27,9 @@ class TinyLM(nn.Module):
         self.loss_fn = properlm.LinearScoringRuleLoss("brier", smoothing=0.1)
 
     def forward(self, ids, labels=None):
-        hidden = self.body(self.embed(ids))                   # (batch, time, H)
+        hidden = self.body(self.embed(ids))  # (batch, time, H)
         if labels is None:
-            return self.lm_head(hidden)                       # logits for generation / evaluation
+            return self.lm_head(hidden)  # logits for generation / evaluation
         # the loss from hidden states and the head's weight: no logits tensor
         return self.loss_fn(hidden, self.lm_head.weight, labels)
 

@@ -18,8 +18,15 @@ import properlm
 
 torch.manual_seed(0)
 V = 64
-config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+config = transformers.LlamaConfig(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 model = transformers.LlamaForCausalLM(config)
 
 
@@ -34,15 +41,24 @@ train_data = [example(i) for i in range(64)]
 handle = properlm.apply_scoring_rule(model, "brier", smoothing=0.1)
 
 with tempfile.TemporaryDirectory() as out:
-    args = transformers.TrainingArguments(output_dir=out, max_steps=4, per_device_train_batch_size=8,
-                                          gradient_accumulation_steps=2, learning_rate=5e-3, logging_steps=1,
-                                          save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    args = transformers.TrainingArguments(
+        output_dir=out,
+        max_steps=4,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=train_data)
     trainer.train()
 
 print("Brier losses:", [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h])
-handle.set_rule("spherical")   # switch rules at any time (see rule_schedule.py)
-handle.remove()                # the model's own cross-entropy again
+handle.set_rule("spherical")  # switch rules at any time (see rule_schedule.py)
+handle.remove()  # the model's own cross-entropy again
 
 # Alternative without patching: a loss function for Trainer(compute_loss_func=...) that scores the
 # model's full logits:

@@ -30,6 +30,7 @@ loss.backward()
 # with smoothing each component is smoothed as on its own (the masked-log term gets the weight of
 # the bounded components, here 0.5), and the fused loss takes the spec string like any rule
 hidden, weight = torch.randn(96, 16), torch.randn(50, 16)
-fused = properlm.fused_linear_scoring_rule_loss(hidden, weight, labels.reshape(-1),
-                                                rule="0.5*logarithmic+0.5*spherical", smoothing=0.1)
+fused = properlm.fused_linear_scoring_rule_loss(
+    hidden, weight, labels.reshape(-1), rule="0.5*logarithmic+0.5*spherical", smoothing=0.1
+)
 print(f"fused mixture loss with smoothing 0.1: {fused.item():.4f}")

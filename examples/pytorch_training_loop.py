@@ -34,10 +34,10 @@ loss_fn = properlm.ScoringRuleLoss("spherical", smoothing=0.1)
 
 for step in range(20):
     start = torch.randint(V, (8, 1))
-    tokens = (start + 3 * torch.arange(25)) % V       # a sequence the model can learn: +3 each step
+    tokens = (start + 3 * torch.arange(25)) % V  # a sequence the model can learn: +3 each step
     inputs, labels = tokens[:, :-1], tokens[:, 1:].clone()
-    labels[:, :4] = -100                               # e.g. prompt tokens: no loss there
-    loss = loss_fn(model(inputs), labels)              # mean of S_max - S over the scored tokens
+    labels[:, :4] = -100  # e.g. prompt tokens: no loss there
+    loss = loss_fn(model(inputs), labels)  # mean of S_max - S over the scored tokens
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

@@ -37,8 +37,8 @@ from properlm.evaluation.text_metrics import summarization_metrics
 from properlm.integrations.schedule import RuleSchedule, RuleScheduleCallback
 from properlm.modeling import load_model_and_tokenizer
 
-MAX_SOURCE_LENGTH = 24   # tokens of each document kept, in training and in decoding alike
-MAX_LENGTH = MAX_SOURCE_LENGTH + 1   # + the encoder's EOS; also the cap on a summary's tokens
+MAX_SOURCE_LENGTH = 24  # tokens of each document kept, in training and in decoding alike
+MAX_LENGTH = MAX_SOURCE_LENGTH + 1  # + the encoder's EOS; also the cap on a summary's tokens
 
 rng = random.Random(0)
 topics = ["gas", "power", "budget", "legal", "trading", "meeting"]
@@ -47,8 +47,7 @@ filler = "please review the attached file thanks call me today about the numbers
 
 def email(topic: str) -> dict:
     body = " ".join([topic, *rng.choices(filler, k=rng.randint(5, 25)), topic, "report"])
-    return {"document": body, "summary": f"{topic} report",
-            "annotations": [f"{topic} update", f"the {topic} report"]}
+    return {"document": body, "summary": f"{topic} report", "annotations": [f"{topic} update", f"the {topic} report"]}
 
 
 with tempfile.TemporaryDirectory() as work:
@@ -62,21 +61,45 @@ with tempfile.TemporaryDirectory() as work:
 
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer(
-        init="tiny-seq2seq", train_texts=[t for e in train for t in (e.source, e.target)], vocab_size=500,
-        init_options={"hidden_size": 64, "num_layers": 1, "num_heads": 4, "ffn_size": 128, "dropout": 0.0,
-                      "max_positions": MAX_LENGTH})
-    features = tokenize_examples(train, tokenizer, seq2seq=True, max_length=MAX_LENGTH,
-                                 max_source_length=MAX_SOURCE_LENGTH)
+        init="tiny-seq2seq",
+        train_texts=[t for e in train for t in (e.source, e.target)],
+        vocab_size=500,
+        init_options={
+            "hidden_size": 64,
+            "num_layers": 1,
+            "num_heads": 4,
+            "ffn_size": 128,
+            "dropout": 0.0,
+            "max_positions": MAX_LENGTH,
+        },
+    )
+    features = tokenize_examples(
+        train, tokenizer, seq2seq=True, max_length=MAX_LENGTH, max_source_length=MAX_SOURCE_LENGTH
+    )
 
-    schedule = RuleSchedule.parse("logarithmic:40,spherical:10")   # the switch at step 40 of 50
+    schedule = RuleSchedule.parse("logarithmic:40,spherical:10")  # the switch at step 40 of 50
     handle = properlm.apply_scoring_rule(model, schedule.rule_at(0))
     callback = RuleScheduleCallback(schedule, handle)
     args = transformers.Seq2SeqTrainingArguments(
-        output_dir=os.path.join(work, "run"), max_steps=schedule.total_steps, per_device_train_batch_size=16,
-        learning_rate=1e-2, warmup_steps=5, logging_steps=10, save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True, remove_unused_columns=False)
-    trainer = transformers.Seq2SeqTrainer(model=model, args=args, train_dataset=features, callbacks=[callback],
-                                          data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id))
+        output_dir=os.path.join(work, "run"),
+        max_steps=schedule.total_steps,
+        per_device_train_batch_size=16,
+        learning_rate=1e-2,
+        warmup_steps=5,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    trainer = transformers.Seq2SeqTrainer(
+        model=model,
+        args=args,
+        train_dataset=features,
+        callbacks=[callback],
+        data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
+    )
     trainer.train()
     handle.remove()
     print("switches (step, rule):", callback.switches)
@@ -85,14 +108,19 @@ with tempfile.TemporaryDirectory() as work:
             print(f"step {record['step']:>2}  {record['rule']:<12} loss {record['loss']:.4f}")
 
     model.eval()
-    prompts = [encode_prompt(e, tokenizer, seq2seq=True, max_length=MAX_LENGTH, max_source_length=MAX_SOURCE_LENGTH)
-               for e in dev]
+    prompts = [
+        encode_prompt(e, tokenizer, seq2seq=True, max_length=MAX_LENGTH, max_source_length=MAX_SOURCE_LENGTH)
+        for e in dev
+    ]
     refs = [e.target for e in dev]
     for objective in ("logarithmic", "spherical"):
-        hyps = decode_prompts(model, tokenizer, prompts, num_beams=4, max_new_tokens=12, batch_size=8,
-                              objective=objective)
+        hyps = decode_prompts(
+            model, tokenizer, prompts, num_beams=4, max_new_tokens=12, batch_size=8, objective=objective
+        )
         rouge = summarization_metrics(hyps, refs, multi_references=[e.references for e in dev])
-        print(f"beam 4, {objective} objective: ROUGE-1 {rouge['rouge1']:.1f}  ROUGE-2 {rouge['rouge2']:.1f}  "
-              f"ROUGE-L {rouge['rougeL']:.1f}  multi-reference ROUGE-1 {rouge['rouge1_multi']:.1f}  "
-              f"({rouge['rouge_settings']})")
+        print(
+            f"beam 4, {objective} objective: ROUGE-1 {rouge['rouge1']:.1f}  ROUGE-2 {rouge['rouge2']:.1f}  "
+            f"ROUGE-L {rouge['rougeL']:.1f}  multi-reference ROUGE-1 {rouge['rouge1_multi']:.1f}  "
+            f"({rouge['rouge_settings']})"
+        )
     print(f"first dev email: {dev[0].source[:60]}... -> {hyps[0]!r} (reference {refs[0]!r})")

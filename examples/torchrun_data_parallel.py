@@ -27,22 +27,23 @@ model = DistributedDataParallel(model)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 for step in range(5):
-    g = torch.Generator().manual_seed(step)            # the global batch, the same on every rank
+    g = torch.Generator().manual_seed(step)  # the global batch, the same on every rank
     tokens = (torch.randint(V, (8, 1), generator=g) + 7 * torch.arange(17)) % V
     labels = tokens[:, 1:].clone()
-    labels[torch.rand(labels.shape, generator=g) < 0.2] = -100   # some positions without a loss
-    mine = slice(rank * 8 // world, (rank + 1) * 8 // world)      # this rank's rows
+    labels[torch.rand(labels.shape, generator=g) < 0.2] = -100  # some positions without a loss
+    mine = slice(rank * 8 // world, (rank + 1) * 8 // world)  # this rank's rows
     inputs, labels = tokens[mine, :-1].to(device), labels[mine].to(device)
 
     num_items = (labels != -100).sum()
-    dist.all_reduce(num_items)                         # target tokens of the whole global batch
-    loss = properlm.scoring_rule_loss(model(inputs), labels, rule="brier", smoothing=0.1,
-                                      num_items_in_batch=num_items)   # sum over my tokens / global count
+    dist.all_reduce(num_items)  # target tokens of the whole global batch
+    loss = properlm.scoring_rule_loss(
+        model(inputs), labels, rule="brier", smoothing=0.1, num_items_in_batch=num_items
+    )  # sum over my tokens / global count
     optimizer.zero_grad()
-    (loss * world).backward()                          # DDP averages over ranks: undo the 1/world
+    (loss * world).backward()  # DDP averages over ranks: undo the 1/world
     optimizer.step()
     total = loss.detach().clone()
-    dist.all_reduce(total)                             # the global batch's mean loss
+    dist.all_reduce(total)  # the global batch's mean loss
     if rank == 0:
         print(f"step {step}  brier loss of the global batch {total.item():.4f}")
 

@@ -23,24 +23,46 @@ words = "zero one two three four five six seven eight nine".split()
 vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *words, "plus", "is"])}
 backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
 backend.pre_tokenizer = pre_tokenizers.Whitespace()
-tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                                 unk_token="<unk>")
+tokenizer = transformers.PreTrainedTokenizerFast(
+    tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+)
 
-config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                  pad_token_id=0, eos_token_id=1)
+config = transformers.LlamaConfig(
+    vocab_size=len(vocab),
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    eos_token_id=1,
+)
 model = transformers.LlamaForCausalLM(config)
 
 # prompt-completion data: SFTTrainer puts the loss on the completion only
-rows = [{"prompt": f"{words[a]} plus {words[b]} is", "completion": f" {words[(a + b) % 10]}"}
-        for a in range(10) for b in range(4)]
+rows = [
+    {"prompt": f"{words[a]} plus {words[b]} is", "completion": f" {words[(a + b) % 10]}"}
+    for a in range(10)
+    for b in range(4)
+]
 
 with tempfile.TemporaryDirectory() as out:
-    args = trl.SFTConfig(output_dir=out, max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
-                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                         max_length=32)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tokenizer)
+    args = trl.SFTConfig(
+        output_dir=out,
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        max_length=32,
+    )
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer
+    )
     handle = properlm.apply_scoring_rule(trainer.model, "spherical", smoothing=0.1)
     trainer.train()
     handle.remove()

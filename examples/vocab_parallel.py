@@ -19,18 +19,18 @@ from properlm.distributed import (
     vocab_shard,
 )
 
-dist.init_process_group("gloo")   # nccl on GPUs
+dist.init_process_group("gloo")  # nccl on GPUs
 rank = dist.get_rank()
 V, H, N = 1000, 32, 48
 
-torch.manual_seed(0)                               # the same full tensors on every rank, for the check
+torch.manual_seed(0)  # the same full tensors on every rank, for the check
 full_weight = torch.randn(V, H) / H**0.5
-hidden = torch.randn(N, H)                         # replicated over the tensor-parallel group
+hidden = torch.randn(N, H)  # replicated over the tensor-parallel group
 labels = torch.randint(V, (N,))
 labels[:5] = -100
 
-start, size = vocab_shard(V)                       # this rank's rows, in rank order
-weight = full_weight[start:start + size].clone().requires_grad_(True)
+start, size = vocab_shard(V)  # this rank's rows, in rank order
+weight = full_weight[start : start + size].clone().requires_grad_(True)
 
 # 1. this rank's logits, materialised (N, size)
 loss = vocab_parallel_scoring_rule_loss(hidden @ weight.T, labels, rule="spherical", smoothing=0.1)
@@ -47,8 +47,10 @@ reference = properlm.scoring_rule_loss(hidden @ w_ref.T, labels, rule="spherical
 reference.backward()
 for x in (loss, fused):
     torch.testing.assert_close(x, reference, rtol=1e-5, atol=1e-6)
-torch.testing.assert_close(weight.grad, w_ref.grad[start:start + size], rtol=1e-4, atol=1e-7)
-torch.testing.assert_close(w2.grad, w_ref.grad[start:start + size], rtol=1e-4, atol=1e-7)
-print(f"rank {rank}: ids [{start}, {start + size}), loss {loss.item():.6f} = fused {fused.item():.6f} "
-      f"= one process {reference.item():.6f}")
+torch.testing.assert_close(weight.grad, w_ref.grad[start : start + size], rtol=1e-4, atol=1e-7)
+torch.testing.assert_close(w2.grad, w_ref.grad[start : start + size], rtol=1e-4, atol=1e-7)
+print(
+    f"rank {rank}: ids [{start}, {start + size}), loss {loss.item():.6f} = fused {fused.item():.6f} "
+    f"= one process {reference.item():.6f}"
+)
 dist.destroy_process_group()

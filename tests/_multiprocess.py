@@ -63,8 +63,15 @@ class Checker:
         self.failures.append(f"{what}: no ValueError")
 
 
-def _rank_main(rank: int, body: Callable[[Checker, int], None], world: int, chk: Checker, timeout: timedelta,
-               init_file: str, out_dir: str) -> None:
+def _rank_main(
+    rank: int,
+    body: Callable[[Checker, int], None],
+    world: int,
+    chk: Checker,
+    timeout: timedelta,
+    init_file: str,
+    out_dir: str,
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
     try:
@@ -77,14 +84,24 @@ def _rank_main(rank: int, body: Callable[[Checker, int], None], world: int, chk:
         dist.destroy_process_group()
 
 
-def run_ranks(tmp_path: Path, body: Callable[[Checker, int], None], world: int, *, checker: Checker | None = None,
-              timeout_s: float = 60.0) -> tuple[list[str], list[int]]:
+def run_ranks(
+    tmp_path: Path,
+    body: Callable[[Checker, int], None],
+    world: int,
+    *,
+    checker: Checker | None = None,
+    timeout_s: float = 60.0,
+) -> tuple[list[str], list[int]]:
     """Run ``body(chk, rank)`` on every rank of a gloo group of ``world`` spawned processes (one
     thread each), then a barrier; returns every rank's failures (in rank order) and each rank's
     number of checks. ``body`` must be a module-level function (the processes are spawned);
     ``checker`` (a fresh :class:`Checker` by default) is each rank's starting copy."""
-    mp.spawn(_rank_main, args=(body, world, checker or Checker(), timedelta(seconds=timeout_s),
-                               str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(
+        _rank_main,
+        args=(body, world, checker or Checker(), timedelta(seconds=timeout_s), str(tmp_path / "store"), str(tmp_path)),
+        nprocs=world,
+        join=True,
+    )
     failures: list[str] = []
     counts: list[int] = []
     for rank in range(world):

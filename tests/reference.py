@@ -9,11 +9,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-RULES = ["logarithmic", "brier", "spherical", "power:3", "pseudo-spherical:1.5", "power:1.5", "pseudo-spherical:4",
-         "0.5*logarithmic+0.5*spherical", "0.3*brier+0.7*pseudo-spherical:1.5"]
+RULES = [
+    "logarithmic",
+    "brier",
+    "spherical",
+    "power:3",
+    "pseudo-spherical:1.5",
+    "power:1.5",
+    "pseudo-spherical:4",
+    "0.5*logarithmic+0.5*spherical",
+    "0.3*brier+0.7*pseudo-spherical:1.5",
+]
 #: mixtures: the reference is the weighted sum of the components' reference losses
-MIXTURES = ["0.5*logarithmic+0.5*spherical", "0.3*brier+0.7*pseudo-spherical:1.5", "logarithmic+0.1*power:3",
-            "2*brier"]
+MIXTURES = ["0.5*logarithmic+0.5*spherical", "0.3*brier+0.7*pseudo-spherical:1.5", "logarithmic+0.1*power:3", "2*brier"]
 
 
 def mixture_components(rule: str) -> list[tuple[float, str]] | None:
@@ -58,8 +66,15 @@ def rel_err(a: Tensor, b: Tensor) -> float:
 S_MAX = {"logarithmic": 0.0}
 
 
-def naive_loss(logits: Tensor, target: Tensor, rule: str, smoothing: float = 0.0, ignore_index: int = -100,
-               reduction: str = "mean", num_items_in_batch: float | None = None) -> Tensor:
+def naive_loss(
+    logits: Tensor,
+    target: Tensor,
+    rule: str,
+    smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: float | None = None,
+) -> Tensor:
     """Per-token ``S_max - S_eps`` in float64 from the formulas, then reduced. A mixture's loss
     is the weighted sum of its components' losses."""
     comps = mixture_components(rule)

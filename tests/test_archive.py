@@ -25,9 +25,17 @@ def _finish(out, **files):
 
 def test_small_files_leave_out_weights_checkpoints_and_large_files(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    for rel in ("results.json", "metrics.jsonl", "sub/hypotheses.txt", "final/config.json",
-                "checkpoint-5/trainer_state.json", "model.safetensors", "runs/x/events.out.tfevents.1.host",
-                "big.txt", "reliability.png"):
+    for rel in (
+        "results.json",
+        "metrics.jsonl",
+        "sub/hypotheses.txt",
+        "final/config.json",
+        "checkpoint-5/trainer_state.json",
+        "model.safetensors",
+        "runs/x/events.out.tfevents.1.host",
+        "big.txt",
+        "reliability.png",
+    ):
         (run / rel).parent.mkdir(parents=True, exist_ok=True)
         (run / rel).write_text("x" * (100 if rel == "big.txt" else 3))
     monkeypatch.setattr(_archive, "MAX_FILE_BYTES", 50)
@@ -37,10 +45,15 @@ def test_small_files_leave_out_weights_checkpoints_and_large_files(tmp_path, mon
 def test_restore_only_steps_whose_dependents_are_all_archived(tmp_path):
     work, root = tmp_path / "work", tmp_path / "archive"
     outs = {name: str(work / name) for name in ("a/train", "a/fit", "a/test", "b/train", "b/fit", "b/test", "u/test")}
-    steps = [("a/train", outs["a/train"], ()), ("a/fit", outs["a/fit"], ("a/train",)),
-             ("a/test", outs["a/test"], ("a/fit",)), ("b/train", outs["b/train"], ()),
-             ("b/fit", outs["b/fit"], ("b/train",)), ("b/test", outs["b/test"], ("b/fit",)),
-             ("u/test", outs["u/test"], ())]
+    steps = [
+        ("a/train", outs["a/train"], ()),
+        ("a/fit", outs["a/fit"], ("a/train",)),
+        ("a/test", outs["a/test"], ("a/fit",)),
+        ("b/train", outs["b/train"], ()),
+        ("b/fit", outs["b/fit"], ("b/train",)),
+        ("b/test", outs["b/test"], ("b/fit",)),
+        ("u/test", outs["u/test"], ()),
+    ]
     archive = ResultsArchive(str(root), str(work))
     for name in ("a/train", "a/fit", "a/test", "b/train", "b/fit", "u/test"):  # b/test never finished
         _finish(outs[name], **{"hypotheses.txt": name})
@@ -70,9 +83,15 @@ def test_a_recorded_choice_cuts_the_lineage(tmp_path):
     needs the candidates' outputs names them."""
     work, root = tmp_path / "work", tmp_path / "archive"
     outs = {name: str(work / name) for name in ("a1", "cand", "e1", "a2", "b2", "e2")}
-    steps = [("a1", outs["a1"], ()), ("cand", outs["cand"], ("a1",)), ("select", None, ("cand",)),
-             ("e1", outs["e1"], ("select", "cand")),  # the chosen candidate's evaluation
-             ("a2", outs["a2"], ()), ("b2", outs["b2"], ("a2", "select")), ("e2", outs["e2"], ("b2",))]
+    steps = [
+        ("a1", outs["a1"], ()),
+        ("cand", outs["cand"], ("a1",)),
+        ("select", None, ("cand",)),
+        ("e1", outs["e1"], ("select", "cand")),  # the chosen candidate's evaluation
+        ("a2", outs["a2"], ()),
+        ("b2", outs["b2"], ("a2", "select")),
+        ("e2", outs["e2"], ("b2",)),
+    ]
     archive = ResultsArchive(str(root), str(work))
     for name in ("a1", "cand", "e1", "a2", "b2"):
         _finish(outs[name])

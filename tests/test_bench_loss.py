@@ -15,15 +15,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
-                          text=True, env=env, timeout=900)
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True, env=env, timeout=900
+    )
 
 
 def test_bench_loss_prints_a_row_per_variant():
-    proc = _run("bench_loss.py", "--n", "64", "--h", "16", "--v", "100", "--repeats", "1",
-                "--rules", "brier,spherical", "--variants", "naive,unfused,fused-torch", "--smoothing", "0.1")
+    proc = _run(
+        "bench_loss.py",
+        "--n",
+        "64",
+        "--h",
+        "16",
+        "--v",
+        "100",
+        "--repeats",
+        "1",
+        "--rules",
+        "brier,spherical",
+        "--variants",
+        "naive,unfused,fused-torch",
+        "--smoothing",
+        "0.1",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     variants = [(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows]

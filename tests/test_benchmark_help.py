@@ -13,8 +13,9 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("script", ["reproduce_llm.py", "reproduce_summ.py", "reproduce_mt.py"])
 def test_help_gives_defaults_but_not_none(script):
-    out = subprocess.run([sys.executable, os.path.join(BENCH, script), "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, os.path.join(BENCH, script), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     flat = " ".join(out.split())
     assert "(default: None)" not in flat
     assert "--threads THREADS" in flat and "(default: 1)" in flat  # defaults still shown

@@ -69,8 +69,9 @@ def test_no_graph_breaks():
             out.append(properlm.scoring_rule_loss(z, y, rule, 0.1))
             out.append(properlm.fused_linear_scoring_rule_loss(h, w, yf, rule, smoothing=0.1, chunk_size=12))
         out.append(properlm.scoring_rule_loss(z, y, "brier", 0.1, reduction="none", softcap=5.0, logit_scale=0.5))
-        out.append(properlm.fused_linear_scoring_rule_loss(h, w, yf, "spherical", chunk_size=8, softcap=5.0,
-                                                           reduction="sum"))
+        out.append(
+            properlm.fused_linear_scoring_rule_loss(h, w, yf, "spherical", chunk_size=8, softcap=5.0, reduction="sum")
+        )
         return out
 
     out = torch._dynamo.explain(fn)(z.requires_grad_(), y, h, w, yf)
@@ -133,8 +134,8 @@ def test_compiled_equals_eager_reductions_and_head():
     b = properlm.scoring_rule_loss(z64, y, "power:1.5", 0.1, reduction="none")
     assert a.dtype == torch.float64
     assert rel_err(a, b) < 1e-12
-    ga, = torch.autograd.grad(a.sum(), z64)
-    gb, = torch.autograd.grad(b.sum(), z64)
+    (ga,) = torch.autograd.grad(a.sum(), z64)
+    (gb,) = torch.autograd.grad(b.sum(), z64)
     assert rel_err(ga, gb) < 1e-12
 
 
@@ -174,10 +175,13 @@ def test_compiled_fused_equals_eager_every_rule():
     def fn(y, *params):
         outs = []
         for i, (r, red) in enumerate(cases):
-            hi, wi, bi = params[3 * i:3 * i + 3]
+            hi, wi, bi = params[3 * i : 3 * i + 3]
             head = {"softcap": 3.0, "logit_scale": 0.7} if i % 3 == 0 else {}
-            outs.append(properlm.fused_linear_scoring_rule_loss(hi, wi, y, r, bias=bi, smoothing=0.1, reduction=red,
-                                                                num_items_in_batch=11, chunk_size=12, **head))
+            outs.append(
+                properlm.fused_linear_scoring_rule_loss(
+                    hi, wi, y, r, bias=bi, smoothing=0.1, reduction=red, num_items_in_batch=11, chunk_size=12, **head
+                )
+            )
         return tuple(outs)
 
     upstream = [torch.rand(N, generator=g) if red == "none" else torch.tensor(1.3) for _, red in cases]
@@ -198,8 +202,10 @@ def test_compiled_fused_inductor_equals_eager_and_keeps_no_logits():
     y = torch.randint(V, (N,), generator=g)
     y[[2, 40]] = -100
     results, saved = [], []
-    for f in (properlm.fused_linear_scoring_rule_loss,
-              torch.compile(properlm.fused_linear_scoring_rule_loss, fullgraph=True, dynamic=False)):
+    for f in (
+        properlm.fused_linear_scoring_rule_loss,
+        torch.compile(properlm.fused_linear_scoring_rule_loss, fullgraph=True, dynamic=False),
+    ):
         h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
         total = [0]
 
@@ -233,8 +239,15 @@ def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -281,12 +294,45 @@ def test_train_cli_torch_compile(tmp_path):
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--torch-compile", "--torch-compile-backend", "aot_eager"])):
         cfg = tiny(tmp_path, name=name, init="tiny-gpt")
-        args = ["train", "--init", "tiny-gpt", "--source-file", cfg.source_file, "--target-file", cfg.target_file,
-                "--source-lang", "digits", "--target-lang", "English", "--vocab-size", "270", "--hidden-size", "32",
-                "--num-layers", "1", "--num-heads", "2", "--max-length", "32", "--per-device-train-batch-size", "8",
-                "--learning-rate", "3e-3", "--lr-scheduler", "constant", "--logging-steps", "1",
-                "--output-dir", cfg.output_dir, "--no-progress-bar", "--no-tensorboard", "--seed", "0",
-                *common, *extra]
+        args = [
+            "train",
+            "--init",
+            "tiny-gpt",
+            "--source-file",
+            cfg.source_file,
+            "--target-file",
+            cfg.target_file,
+            "--source-lang",
+            "digits",
+            "--target-lang",
+            "English",
+            "--vocab-size",
+            "270",
+            "--hidden-size",
+            "32",
+            "--num-layers",
+            "1",
+            "--num-heads",
+            "2",
+            "--max-length",
+            "32",
+            "--per-device-train-batch-size",
+            "8",
+            "--learning-rate",
+            "3e-3",
+            "--lr-scheduler",
+            "constant",
+            "--logging-steps",
+            "1",
+            "--output-dir",
+            cfg.output_dir,
+            "--no-progress-bar",
+            "--no-tensorboard",
+            "--seed",
+            "0",
+            *common,
+            *extra,
+        ]
         assert main(args) == 0
         runs[name] = train_losses(cfg.output_dir)
     assert len(runs["compiled"]) == 2

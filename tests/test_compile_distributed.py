@@ -43,7 +43,7 @@ def _vocab_parallel(chk: Checker, rank: int) -> None:
             compiled = torch.compile(unfused, backend="aot_eager")
             grads = []
             for fn in (unfused, compiled):
-                local = logits[..., start:start + n].clone().requires_grad_()
+                local = logits[..., start : start + n].clone().requires_grad_()
                 loss = fn(local, target)
                 loss.backward()
                 grads.append((loss.detach(), local.grad))
@@ -54,16 +54,18 @@ def _vocab_parallel(chk: Checker, rank: int) -> None:
             g = torch.Generator().manual_seed(20 + i)
             hidden, weight = torch.randn(3, 4, 6, generator=g), torch.randn(V, 6, generator=g)
 
-            def fused(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, rule: str = rule,
-                      reduction: str = reduction) -> torch.Tensor:
-                return _reduce(fused_linear_vocab_parallel_scoring_rule_loss(h, w, y, rule, smoothing=0.1,
-                                                                              reduction=reduction))
+            def fused(
+                h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, rule: str = rule, reduction: str = reduction
+            ) -> torch.Tensor:
+                return _reduce(
+                    fused_linear_vocab_parallel_scoring_rule_loss(h, w, y, rule, smoothing=0.1, reduction=reduction)
+                )
 
             compiled_fused = torch.compile(fused, backend="aot_eager")
             out = []
             for fn in (fused, compiled_fused):
                 h = hidden.clone().requires_grad_()
-                w = weight[start:start + n].clone().requires_grad_()
+                w = weight[start : start + n].clone().requires_grad_()
                 loss = fn(h, w, target)
                 loss.backward()
                 out.append((loss.detach(), h.grad, w.grad))

@@ -49,9 +49,19 @@ def _data(seed: int = 0) -> tuple[torch.Tensor, ...]:
 def _loss(case, h, w, b, y, n_items_tensor):
     rule, eps, variant, red, n_items, head, _ = case
     n_items = n_items_tensor if n_items == "tensor" else n_items
-    return properlm.fused_linear_scoring_rule_loss(h, w, y, rule, bias=b, smoothing=eps, reduction=red,
-                                                   num_items_in_batch=n_items, chunk_size=8,
-                                                   smoothing_variant=variant, **head)
+    return properlm.fused_linear_scoring_rule_loss(
+        h,
+        w,
+        y,
+        rule,
+        bias=b,
+        smoothing=eps,
+        reduction=red,
+        num_items_in_batch=n_items,
+        chunk_size=8,
+        smoothing_variant=variant,
+        **head,
+    )
 
 
 def _run(fn, cases, backend="aot_eager", seed=0):
@@ -64,8 +74,11 @@ def _run(fn, cases, backend="aot_eager", seed=0):
     for f in (fn, torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)):
         params = []
         for case in cases:
-            params += [h0.clone().requires_grad_(), w0.clone().requires_grad_(),
-                       b0.clone().requires_grad_() if case[6] else None]
+            params += [
+                h0.clone().requires_grad_(),
+                w0.clone().requires_grad_(),
+                b0.clone().requires_grad_() if case[6] else None,
+            ]
         outs = f(y, n_items, *params)
         sum((o * u).sum() for o, u in zip(outs, upstream)).backward()
         results.append(([o.detach() for o in outs], [None if p is None else p.grad for p in params]))
@@ -73,7 +86,7 @@ def _run(fn, cases, backend="aot_eager", seed=0):
 
 
 def _all_cases(y, n_items, *params):
-    return tuple(_loss(case, *params[3 * i:3 * i + 3], y, n_items) for i, case in enumerate(CASES))
+    return tuple(_loss(case, *params[3 * i : 3 * i + 3], y, n_items) for i, case in enumerate(CASES))
 
 
 def _assert_close(a, b, what, tol=TOL):
@@ -99,7 +112,7 @@ def test_compiled_op_inductor_equals_eager():
     cases = [CASES[2], CASES[3]]
 
     def fn(y, n_items, *params):
-        return tuple(_loss(c, *params[3 * i:3 * i + 3], y, n_items) for i, c in enumerate(cases))
+        return tuple(_loss(c, *params[3 * i : 3 * i + 3], y, n_items) for i, c in enumerate(cases))
 
     # no cached graphs: the AOT autograd cache keys on the traced graph, which holds the operator only
     with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
@@ -116,8 +129,13 @@ def _op_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
     for node in gm.graph.nodes:
         if node.op == "placeholder" and isinstance(node.meta.get("val"), torch.Tensor):
             counts["largest input"] = max(counts["largest input"], node.meta["val"].numel())
-    matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-               torch.ops.aten.matmul.default, torch.ops.aten.linear.default}
+    matmuls = {
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten.bmm.default,
+        torch.ops.aten.matmul.default,
+        torch.ops.aten.linear.default,
+    }
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -138,6 +156,7 @@ def _graphs(reduction: str) -> dict[str, dict[str, int]]:
         def compiler(gm, example_inputs):
             graphs[name] = _op_counts(gm)
             return make_boxed_func(gm.forward)
+
         return compiler
 
     backend = aot_autograd(fw_compiler=capture("forward"), bw_compiler=capture("backward"))
@@ -187,10 +206,12 @@ def test_no_graph_break_and_fallback_for_unnamed_rules():
     h, w, b, y = _data()
 
     def fn(h, w, b, y):
-        return (properlm.fused_linear_scoring_rule_loss(h, w, y, "0.5*logarithmic+0.5*spherical", bias=b,
-                                                        smoothing=0.1, chunk_size=8),
-                properlm.fused_linear_scoring_rule_loss(h, w, y, rule, smoothing=0.1, chunk_size=8,
-                                                        reduction="none"))
+        return (
+            properlm.fused_linear_scoring_rule_loss(
+                h, w, y, "0.5*logarithmic+0.5*spherical", bias=b, smoothing=0.1, chunk_size=8
+            ),
+            properlm.fused_linear_scoring_rule_loss(h, w, y, rule, smoothing=0.1, chunk_size=8, reduction="none"),
+        )
 
     out = torch._dynamo.explain(fn)(h.requires_grad_(), w, b, y)
     assert (out.graph_count, out.graph_break_count) == (1, 0), out.break_reasons
@@ -206,8 +227,7 @@ def test_compiled_op_checks_targets_and_runs_without_grad():
     h, w, b, y = _data()
     f = torch.compile(properlm.fused_linear_scoring_rule_loss, fullgraph=True, dynamic=False, backend="aot_eager")
     with torch.no_grad():
-        assert f(h, w, y, "spherical", bias=b) == properlm.fused_linear_scoring_rule_loss(h, w, y, "spherical",
-                                                                                          bias=b)
+        assert f(h, w, y, "spherical", bias=b) == properlm.fused_linear_scoring_rule_loss(h, w, y, "spherical", bias=b)
     bad = y.clone()
     bad[4] = V
     with pytest.raises(ValueError, match="outside"):
@@ -217,11 +237,43 @@ def test_compiled_op_checks_targets_and_runs_without_grad():
 def test_operator_registration_opcheck():
     """``torch.library.opcheck``: schema, fake implementation, autograd registration, AOT dispatch."""
     h, w, b, y = _data()
-    args = (h.requires_grad_(), w.requires_grad_(), b, y, None, "brier", 0.1, -100, "mean", None, 8, "", 3.0, None,
-            "paper", [True, True, False])
+    args = (
+        h.requires_grad_(),
+        w.requires_grad_(),
+        b,
+        y,
+        None,
+        "brier",
+        0.1,
+        -100,
+        "mean",
+        None,
+        8,
+        "",
+        3.0,
+        None,
+        "paper",
+        [True, True, False],
+    )
     torch.library.opcheck(torch.ops.properlm.fused_linear_loss.default, args)
-    args_none = (h, w, b, y, None, "spherical", 0.0, -100, "none", None, 0, "", None, None, "paper",
-                 [True, True, False])
+    args_none = (
+        h,
+        w,
+        b,
+        y,
+        None,
+        "spherical",
+        0.0,
+        -100,
+        "none",
+        None,
+        0,
+        "",
+        None,
+        None,
+        "paper",
+        [True, True, False],
+    )
     torch.library.opcheck(torch.ops.properlm.fused_linear_loss.default, args_none)
     assert math.isfinite(float(torch.ops.properlm.fused_linear_loss(*args)[0].detach()))
 
@@ -229,9 +281,11 @@ def test_operator_registration_opcheck():
 def test_dynamic_shapes_and_bfloat16_equal_eager_exactly():
     """``dynamic=True`` (two numbers of tokens, one graph) and bfloat16 inputs: the operator runs the eager code,
     so values and gradients are bitwise equal to eager mode's."""
+
     def f(h, w, y, reduction):
-        return properlm.fused_linear_scoring_rule_loss(h, w, y, "spherical", smoothing=0.1, reduction=reduction,
-                                                       chunk_size=16)
+        return properlm.fused_linear_scoring_rule_loss(
+            h, w, y, "spherical", smoothing=0.1, reduction=reduction, chunk_size=16
+        )
 
     compiled = torch.compile(f, dynamic=True, fullgraph=True, backend="aot_eager")
     g = torch.Generator().manual_seed(5)
@@ -256,9 +310,10 @@ def test_every_token_ignored():
     y = torch.full_like(y, -100)
 
     def f(h, w, b, y):
-        return (properlm.fused_linear_scoring_rule_loss(h, w, y, "brier", bias=b, smoothing=0.1),
-                properlm.fused_linear_scoring_rule_loss(h, w, y, "spherical", bias=b, smoothing=0.1,
-                                                        reduction="none"))
+        return (
+            properlm.fused_linear_scoring_rule_loss(h, w, y, "brier", bias=b, smoothing=0.1),
+            properlm.fused_linear_scoring_rule_loss(h, w, y, "spherical", bias=b, smoothing=0.1, reduction="none"),
+        )
 
     for fn in (f, torch.compile(f, fullgraph=True, dynamic=False, backend="aot_eager")):
         h, w, b = (t.clone().requires_grad_() for t in (h0, w0, b0))

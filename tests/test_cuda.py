@@ -20,7 +20,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 WORDS = "zero one two three four five six seven eight nine".split()
 
 
-
 def _logits(n: int, V: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, V, generator=g, dtype=torch.float64) * 3.0
@@ -50,8 +49,12 @@ def test_unfused_loss_on_gpu_matches_float64(rule, smoothing, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_integration_fused_and_unfused_agree_on_gpu(dtype):
-    model, _tok = load_model_and_tokenizer(init="tiny-gpt", train_texts=[" ".join(WORDS)] * 5, vocab_size=270,
-                                          init_options={"hidden_size": 32, "num_layers": 1, "num_heads": 2})
+    model, _tok = load_model_and_tokenizer(
+        init="tiny-gpt",
+        train_texts=[" ".join(WORDS)] * 5,
+        vocab_size=270,
+        init_options={"hidden_size": 32, "num_layers": 1, "num_heads": 2},
+    )
     model = model.to("cuda", dtype).eval()  # no dropout: both passes see the same network
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 270, (3, 12), generator=g).cuda()

@@ -29,8 +29,10 @@ ALPACA = [
     {"instruction": "Say hello.", "output": "hello"},
     {"instruction": "Name a colour.", "input": "", "output": "blue"},
 ]
-SUMMARIES = [{"document": "The cat sat on the mat all day long.", "summary": "A cat sat."},
-             {"document": "It rained in the city for a week.", "summary": "Rain."}]
+SUMMARIES = [
+    {"document": "The cat sat on the mat all day long.", "summary": "A cat sat."},
+    {"document": "It rained in the city for a week.", "summary": "Rain."},
+]
 
 
 def write_jsonl(path, records):
@@ -97,8 +99,9 @@ def test_summarization_annotations_are_further_references(tmp_path):
 def test_parallel_files(tmp_path):
     (tmp_path / "a.src").write_text("one two\nthree\n", encoding="utf-8")
     (tmp_path / "a.tgt").write_text("un deux\ntrois\n", encoding="utf-8")
-    examples = load_examples(source_file=tmp_path / "a.src", target_file=tmp_path / "a.tgt",
-                             source_lang="English", target_lang="French")
+    examples = load_examples(
+        source_file=tmp_path / "a.src", target_file=tmp_path / "a.tgt", source_lang="English", target_lang="French"
+    )
     assert [(e.source, e.target) for e in examples] == [("one two", "un deux"), ("three", "trois")]
     assert examples[0].task == "translation" and examples[0].fields["target_lang"] == "French"
 
@@ -106,16 +109,19 @@ def test_parallel_files(tmp_path):
 # ---------------------------------------------------------------------- malformed files
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"instruction": "x"}', r"line 2: field 'output' is missing"),
-    ('{"output": "x"}', r"line 2: field 'instruction' is missing"),
-    ('{"instruction": "x", "output": 5}', r"line 2: field 'output' must be a string, got int"),
-    ('{"instruction": "x", "input": [1], "output": "y"}', r"line 2: field 'input' must be a string, got list"),
-    ('{"instruction": "x", "output": "  "}', r"line 2: field 'output' is empty"),
-    ('{"instruction": "x", "output": "y"', r"line 2: not valid JSON"),
-    ('["x", "y"]', r"line 2: expected a JSON object"),
-    ("", r"line 2: empty line"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"instruction": "x"}', r"line 2: field 'output' is missing"),
+        ('{"output": "x"}', r"line 2: field 'instruction' is missing"),
+        ('{"instruction": "x", "output": 5}', r"line 2: field 'output' must be a string, got int"),
+        ('{"instruction": "x", "input": [1], "output": "y"}', r"line 2: field 'input' must be a string, got list"),
+        ('{"instruction": "x", "output": "  "}', r"line 2: field 'output' is empty"),
+        ('{"instruction": "x", "output": "y"', r"line 2: not valid JSON"),
+        ('["x", "y"]', r"line 2: expected a JSON object"),
+        ("", r"line 2: empty line"),
+    ],
+)
 def test_malformed_instruction_jsonl(tmp_path, line, message):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps(ALPACA[0]) + "\n" + line + "\n" + json.dumps(ALPACA[1]) + "\n", encoding="utf-8")
@@ -123,14 +129,20 @@ def test_malformed_instruction_jsonl(tmp_path, line, message):
         load_examples(path, task="instruction")
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"document": "d"}, "field 'summary' is missing"),
-    ({"summary": "s"}, "field 'document' is missing"),
-    ({"document": "d", "summary": None}, "field 'summary' must be a string, got NoneType"),
-    ({"document": "d", "summary": "s", "annotations": "t"}, "field 'annotations' must be a list of strings, got str"),
-    ({"document": "d", "summary": "s", "annotations": ["t", 3]}, "field 'annotations' item 2 must be a string"),
-    ({"document": "d", "summary": "s", "annotations": ["t", " "]}, "field 'annotations' item 2 is empty"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"document": "d"}, "field 'summary' is missing"),
+        ({"summary": "s"}, "field 'document' is missing"),
+        ({"document": "d", "summary": None}, "field 'summary' must be a string, got NoneType"),
+        (
+            {"document": "d", "summary": "s", "annotations": "t"},
+            "field 'annotations' must be a list of strings, got str",
+        ),
+        ({"document": "d", "summary": "s", "annotations": ["t", 3]}, "field 'annotations' item 2 must be a string"),
+        ({"document": "d", "summary": "s", "annotations": ["t", " "]}, "field 'annotations' item 2 is empty"),
+    ],
+)
 def test_malformed_summarization(tmp_path, record, message):
     path = write_jsonl(tmp_path / "sum.jsonl", [SUMMARIES[0], SUMMARIES[1], record])
     with pytest.raises(DataError, match=f"sum.jsonl line 3: {message}"):
@@ -229,8 +241,9 @@ def test_truncate_source_cuts_the_text_before_the_template(causal_tok, seq2seq_t
     assert enc["input_ids"][-1] == seq2seq_tok.eos_token_id and len(enc["input_ids"]) <= 26
     assert doc.startswith(seq2seq_tok.decode(enc["input_ids"], skip_special_tokens=True))
     # an instruction record: its input is cut, the instruction stays
-    inst = Example("Summarise.\n\n" + doc, "x", "instruction",
-                   {"instruction": "Summarise.", "input": doc, "output": "x"})
+    inst = Example(
+        "Summarise.\n\n" + doc, "x", "instruction", {"instruction": "Summarise.", "input": doc, "output": "x"}
+    )
     cut_inst = truncate_source(inst, causal_tok, 10)
     assert cut_inst.fields["instruction"] == "Summarise." and doc.startswith(cut_inst.fields["input"])
     assert cut_inst.source == "Summarise.\n\n" + cut_inst.fields["input"]
@@ -274,9 +287,9 @@ def test_tokenize_examples_and_collator(causal_tok):
     lengths = [len(ds[0]["input_ids"]), len(ds[1]["input_ids"])]
     assert batch["input_ids"].shape == (2, max(lengths)) and batch["input_ids"].dtype == torch.long
     short = lengths.index(min(lengths))
-    assert (batch["labels"][short, min(lengths):] == IGNORE_INDEX).all()
-    assert (batch["attention_mask"][short, min(lengths):] == 0).all()
-    assert (batch["input_ids"][short, min(lengths):] == causal_tok.pad_token_id).all()
+    assert (batch["labels"][short, min(lengths) :] == IGNORE_INDEX).all()
+    assert (batch["attention_mask"][short, min(lengths) :] == 0).all()
+    assert (batch["input_ids"][short, min(lengths) :] == causal_tok.pad_token_id).all()
     assert batch["attention_mask"].sum().item() == sum(lengths)
 
 
@@ -284,16 +297,18 @@ def test_chat_template_prompt_is_masked(causal_tok):
     import copy
 
     tok = copy.deepcopy(causal_tok)
-    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     ex = Example("Say hello.", "hello", "instruction", {"instruction": "Say hello.", "input": "", "output": "hello"})
     assert build_prompt(ex, tok) == "<|user|>Say hello.\n<|assistant|>"
     out = tokenize_example(ex, tok, seq2seq=False, max_length=128)
     prompt = encode_prompt(ex, tok)
     assert prompt == tok("<|user|>Say hello.\n<|assistant|>", add_special_tokens=False)["input_ids"]
     assert out["input_ids"][: len(prompt)] == prompt
-    assert out["labels"] == [IGNORE_INDEX] * len(prompt) + out["input_ids"][len(prompt):]
-    assert tok.decode(out["input_ids"][len(prompt):], skip_special_tokens=True) == "hello"
+    assert out["labels"] == [IGNORE_INDEX] * len(prompt) + out["input_ids"][len(prompt) :]
+    assert tok.decode(out["input_ids"][len(prompt) :], skip_special_tokens=True) == "hello"
 
 
 def test_text_files_may_end_in_blank_lines_as_jsonl_may(tmp_path):
@@ -335,7 +350,22 @@ def test_a_pipe_is_read_as_a_text_file(tmp_path):
     examples = load_examples(source_file=tmp_path / "s.txt", target_file=fifo)
     writer.join(timeout=10)
     assert [e.target for e in examples] == ["x", "y"]
-    validate_config(TrainConfig(init="tiny-gpt", source_file=str(tmp_path / "s.txt"), target_file=str(fifo),
-                                output_dir=str(tmp_path / "run")), warn=False)
-    validate_settings(EvalSettings(model=str(tmp_path), source_file=str(tmp_path / "s.txt"), target_file=str(fifo),
-                                   output_dir=str(tmp_path / "e")), check_model=False, warn=False)
+    validate_config(
+        TrainConfig(
+            init="tiny-gpt",
+            source_file=str(tmp_path / "s.txt"),
+            target_file=str(fifo),
+            output_dir=str(tmp_path / "run"),
+        ),
+        warn=False,
+    )
+    validate_settings(
+        EvalSettings(
+            model=str(tmp_path),
+            source_file=str(tmp_path / "s.txt"),
+            target_file=str(fifo),
+            output_dir=str(tmp_path / "e"),
+        ),
+        check_model=False,
+        warn=False,
+    )

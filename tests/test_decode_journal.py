@@ -14,10 +14,30 @@ from properlm.cli.main import main
 from properlm.evaluation.generation import decode_prompts_with_stats
 from properlm.evaluation.journal import JOURNAL_KIND, DecodeJournal, model_fingerprint
 
-SRC = ["das haus ist klein", "der hund ist gross", "die katze schläft", "ich trinke wasser", "wir gehen nach hause",
-       "das ist gut", "der tag ist lang", "ich bin hier", "wir sind da", "es regnet heute"]
-TGT = ["the house is small", "the dog is big", "the cat sleeps", "i drink water", "we go home", "that is good",
-       "the day is long", "i am here", "we are there", "it rains today"]
+SRC = [
+    "das haus ist klein",
+    "der hund ist gross",
+    "die katze schläft",
+    "ich trinke wasser",
+    "wir gehen nach hause",
+    "das ist gut",
+    "der tag ist lang",
+    "ich bin hier",
+    "wir sind da",
+    "es regnet heute",
+]
+TGT = [
+    "the house is small",
+    "the dog is big",
+    "the cat sleeps",
+    "i drink water",
+    "we go home",
+    "that is good",
+    "the day is long",
+    "i am here",
+    "we are there",
+    "it rains today",
+]
 
 
 class Interrupt(Exception):
@@ -29,8 +49,13 @@ def tiny(tmp_path_factory):
     from properlm.modeling import load_model_and_tokenizer
 
     root = tmp_path_factory.mktemp("journal")
-    model, tok = load_model_and_tokenizer(init="tiny-gpt", train_texts=SRC + TGT, vocab_size=300, seed=0,
-                                          init_options={"hidden_size": 32, "num_layers": 1, "num_heads": 2})
+    model, tok = load_model_and_tokenizer(
+        init="tiny-gpt",
+        train_texts=SRC + TGT,
+        vocab_size=300,
+        seed=0,
+        init_options={"hidden_size": 32, "num_layers": 1, "num_heads": 2},
+    )
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     src, tgt = root / "test.de", root / "test.en"
@@ -44,8 +69,14 @@ def _prompts(tok):
 
 
 def _decode(model, tok, prompts, journal=None, progress=None, **kw):
-    opts = {"num_beams": 2, "max_new_tokens": 6, "batch_size": 3, "max_new_tokens_ratio": 1.0,
-            "max_new_tokens_offset": 1, **kw}
+    opts = {
+        "num_beams": 2,
+        "max_new_tokens": 6,
+        "batch_size": 3,
+        "max_new_tokens_ratio": 1.0,
+        "max_new_tokens_offset": 1,
+        **kw,
+    }
     return decode_prompts_with_stats(model, tok, prompts, journal=journal, progress=progress, **opts)
 
 
@@ -78,8 +109,7 @@ def test_an_interrupted_decoding_resumes_with_the_same_hypotheses(tiny, tmp_path
     hyps, stats = _decode(model, tok, prompts)
     jpath = tmp_path / "journal.jsonl"
     with pytest.raises(Interrupt):
-        _decode(model, tok, prompts, journal=DecodeJournal(jpath, key=model_fingerprint(path)),
-                progress=_stop_after(2))
+        _decode(model, tok, prompts, journal=DecodeJournal(jpath, key=model_fingerprint(path)), progress=_stop_after(2))
     lines = jpath.read_text(encoding="utf-8").splitlines()
     assert json.loads(lines[0])["kind"] == JOURNAL_KIND and len(lines) == 3  # header and two batches of 3
     calls = _counting(model, monkeypatch)
@@ -157,8 +187,7 @@ def test_model_fingerprint_of_an_adapter_follows_its_base_model(tiny, tmp_path):
     shutil.copytree(path, base)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "../base"}),
-                                                 encoding="utf-8")
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "../base"}), encoding="utf-8")
     (adapter / "adapter_model.safetensors").write_bytes(b"weights")
     before = model_fingerprint(str(adapter))
     assert before["base"]["model"] == str(base) and before["base"]["files"]
@@ -177,8 +206,23 @@ def test_evaluate_resumes_an_interrupted_decoding(tiny, tmp_path, monkeypatch, c
     import properlm.evaluation.run as run_module
 
     _, _, path, src, tgt = tiny
-    cmd = ["evaluate", "--model", path, "--source-file", src, "--target-file", tgt, "--num-beams", "2",
-           "--max-new-tokens", "6", "--batch-size", "3", "--rules", "logarithmic"]
+    cmd = [
+        "evaluate",
+        "--model",
+        path,
+        "--source-file",
+        src,
+        "--target-file",
+        tgt,
+        "--num-beams",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "3",
+        "--rules",
+        "logarithmic",
+    ]
     assert main([*cmd, "--output-dir", str(tmp_path / "whole"), "--no-progress"]) == 0
     whole = json.loads((tmp_path / "whole" / "results.json").read_text(encoding="utf-8"))
     assert whole["generation"]["resumed_hypotheses"] == 0
@@ -209,10 +253,13 @@ def test_evaluate_resumes_an_interrupted_decoding(tiny, tmp_path, monkeypatch, c
     resumed = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert resumed["generation"]["resumed_hypotheses"] == 6
     assert not (out / run_module.DECODE_JOURNAL).exists()
-    assert (out / "hypotheses.txt").read_text(encoding="utf-8") == \
-        (tmp_path / "whole" / "hypotheses.txt").read_text(encoding="utf-8")
-    assert (resumed["generation"]["bleu"], resumed["generation"]["chrf"]) == \
-        (whole["generation"]["bleu"], whole["generation"]["chrf"])
+    assert (out / "hypotheses.txt").read_text(encoding="utf-8") == (tmp_path / "whole" / "hypotheses.txt").read_text(
+        encoding="utf-8"
+    )
+    assert (resumed["generation"]["bleu"], resumed["generation"]["chrf"]) == (
+        whole["generation"]["bleu"],
+        whole["generation"]["chrf"],
+    )
     assert resumed["generation"]["new_token_cap"]["num_at_cap"] == whole["generation"]["new_token_cap"]["num_at_cap"]
 
 
@@ -223,8 +270,21 @@ def test_generate_resumes_into_its_output_file(tiny, tmp_path, monkeypatch, caps
     from properlm.cli.generate import JOURNAL_SUFFIX
 
     _, _, path, src, _ = tiny
-    cmd = ["generate", "--model", path, "--input", src, "--task", "translation", "--num-beams", "2",
-           "--max-new-tokens", "6", "--batch-size", "3"]
+    cmd = [
+        "generate",
+        "--model",
+        path,
+        "--input",
+        src,
+        "--task",
+        "translation",
+        "--num-beams",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "3",
+    ]
     assert main([*cmd, "--output", str(tmp_path / "whole.txt")]) == 0
     out = tmp_path / "out.txt"
     real = generation.new_token_cap
@@ -267,25 +327,58 @@ def test_ctrl_c_in_evaluate_and_generate_says_what_was_kept(tiny, tmp_path, monk
 
     monkeypatch.setattr(generation, "new_token_cap", ctrl_c_at_third)
     out = tmp_path / "out.txt"
-    gen = ["generate", "--model", path, "--input", src, "--task", "translation", "--max-new-tokens", "6",
-           "--batch-size", "3"]
+    gen = [
+        "generate",
+        "--model",
+        path,
+        "--input",
+        src,
+        "--task",
+        "translation",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "3",
+    ]
     capsys.readouterr()
     assert main([*gen, "--output", str(out)]) == 130
     err = capsys.readouterr().err
-    assert f"properlm generate: interrupted; 6 decoded outputs saved in {out}.journal.jsonl; the same command " \
-           f"continues: properlm {' '.join(gen)} --output {out}" in err
+    assert (
+        f"properlm generate: interrupted; 6 decoded outputs saved in {out}.journal.jsonl; the same command "
+        f"continues: properlm {' '.join(gen)} --output {out}" in err
+    )
     calls.clear()
     assert main([*gen, "--output", "-"]) == 130
     assert "properlm generate: interrupted; nothing was saved (with --output FILE" in capsys.readouterr().err
     calls.clear()
-    ev = ["evaluate", "--model", path, "--source-file", src, "--target-file", tgt, "--max-new-tokens", "6",
-          "--batch-size", "3", "--rules", "logarithmic", "--no-progress", "--output-dir", str(tmp_path / "ev")]
+    ev = [
+        "evaluate",
+        "--model",
+        path,
+        "--source-file",
+        src,
+        "--target-file",
+        tgt,
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "3",
+        "--rules",
+        "logarithmic",
+        "--no-progress",
+        "--output-dir",
+        str(tmp_path / "ev"),
+    ]
     assert main(ev) == 130
     err = capsys.readouterr().err
-    assert f"properlm evaluate: interrupted; 6 decoded outputs saved in {tmp_path / 'ev' / 'decode_journal.jsonl'}" \
-        in err and err.rstrip().endswith(f"the same command continues: properlm {' '.join(ev)}")
+    assert (
+        f"properlm evaluate: interrupted; 6 decoded outputs saved in {tmp_path / 'ev' / 'decode_journal.jsonl'}" in err
+        and err.rstrip().endswith(f"the same command continues: properlm {' '.join(ev)}")
+    )
     calls.clear()
     calls.extend([1, 1])  # Ctrl-C before the first batch
     assert main([*ev[:-1], str(tmp_path / "ev2")]) == 130
-    assert "properlm evaluate: interrupted before any output was decoded, so nothing was saved; run it again: " \
+    assert (
+        "properlm evaluate: interrupted before any output was decoded, so nothing was saved; run it again: "
         "properlm evaluate" in capsys.readouterr().err
+    )

@@ -51,7 +51,7 @@ class TableLM(PreTrainedModel, GenerationMixin):
         for b in range(B):
             start = 0 if attention_mask is None else int((attention_mask[b] == 0).sum())  # left padding
             ids = input_ids[b].tolist()
-            rows.append(torch.stack([self.next_logits(ids[start:t + 1]) for t in range(L)]))
+            rows.append(torch.stack([self.next_logits(ids[start : t + 1]) for t in range(L)]))
         return CausalLMOutput(logits=torch.stack(rows))
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
@@ -65,9 +65,17 @@ def _model(**kw) -> TableLM:
 def _generate(model, prompt, rule, num_beams, steps, **kw):
     procs = kw.pop("logits_processor", [] if rule is None else [ScoringRuleObjective(rule)])
     ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=num_beams, do_sample=False,
-                         max_new_tokens=steps, logits_processor=procs, use_cache=False, **kw)
-    return tuple(out[0, len(prompt):].tolist())
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        num_beams=num_beams,
+        do_sample=False,
+        max_new_tokens=steps,
+        logits_processor=procs,
+        use_cache=False,
+        **kw,
+    )
+    return tuple(out[0, len(prompt) :].tolist())
 
 
 def _brute_force(model, prompt, rule, steps):
@@ -158,8 +166,16 @@ def test_logarithmic_equals_ordinary_beam_search():
     model = TableLM(TableConfig(vocab_size=6, seed=3, pad_token_id=0, eos_token_id=5, bos_token_id=None))
     ids = torch.tensor([[1, 2], [0, 4]])  # second row left-padded
     mask = torch.tensor([[1, 1], [0, 1]])
-    kw = dict(num_beams=3, do_sample=False, max_new_tokens=6, use_cache=False, num_return_sequences=3,
-              return_dict_in_generate=True, output_scores=True, length_penalty=0.7)
+    kw = dict(
+        num_beams=3,
+        do_sample=False,
+        max_new_tokens=6,
+        use_cache=False,
+        num_return_sequences=3,
+        return_dict_in_generate=True,
+        output_scores=True,
+        length_penalty=0.7,
+    )
     plain = model.generate(ids, attention_mask=mask, **kw)
     ours = model.generate(ids, attention_mask=mask, logits_processor=[ScoringRuleObjective("logarithmic")], **kw)
     assert torch.equal(plain.sequences, ours.sequences)

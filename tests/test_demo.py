@@ -11,12 +11,23 @@ from properlm.cli.main import main
 from properlm.demo_data import make_number_dataset, number_to_words, write_parallel
 
 
-@pytest.mark.parametrize("n, words", [
-    (0, "zero"), (7, "seven"), (13, "thirteen"), (40, "forty"), (21, "twenty-one"), (100, "one hundred"),
-    (105, "one hundred five"), (4721, "four thousand seven hundred twenty-one"), (10000, "ten thousand"),
-    (100005, "one hundred thousand five"), (999999, "nine hundred ninety-nine thousand nine hundred ninety-nine"),
-    (2000001, "two million one"),
-])
+@pytest.mark.parametrize(
+    "n, words",
+    [
+        (0, "zero"),
+        (7, "seven"),
+        (13, "thirteen"),
+        (40, "forty"),
+        (21, "twenty-one"),
+        (100, "one hundred"),
+        (105, "one hundred five"),
+        (4721, "four thousand seven hundred twenty-one"),
+        (10000, "ten thousand"),
+        (100005, "one hundred thousand five"),
+        (999999, "nine hundred ninety-nine thousand nine hundred ninety-nine"),
+        (2000001, "two million one"),
+    ],
+)
 def test_number_to_words(n, words):
     assert number_to_words(n) == words
 
@@ -37,8 +48,27 @@ def test_number_dataset(tmp_path):
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--output-dir", str(out), "--steps", "12", "--finetune-steps", "6", "--train-size", "120",
-            "--test-size", "16", "--hidden-size", "16", "--num-layers", "1", "--batch-size", "16", "--max-digits", "3"]
+    argv = [
+        "demo",
+        "--output-dir",
+        str(out),
+        "--steps",
+        "12",
+        "--finetune-steps",
+        "6",
+        "--train-size",
+        "120",
+        "--test-size",
+        "16",
+        "--hidden-size",
+        "16",
+        "--num-layers",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-digits",
+        "3",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     for name in ("logarithmic (pre-trained)", "+ logarithmic", "+ brier", "+ spherical", "exact match", "BLEU"):

@@ -39,8 +39,14 @@ RTOL = 1e-5
 # --------------------------------------------------------------------------- helpers
 
 
-def _make_case(seed: int, V: int, sizes: tuple[int, ...], with_inf: bool, dtype: torch.dtype = torch.float32,
-               shape: tuple[int, ...] = (3, 4)) -> tuple[torch.Tensor, torch.Tensor]:
+def _make_case(
+    seed: int,
+    V: int,
+    sizes: tuple[int, ...],
+    with_inf: bool,
+    dtype: torch.dtype = torch.float32,
+    shape: tuple[int, ...] = (3, 4),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``shape + (V,)`` and targets with ignored positions (every 5th), the same on every rank.
 
     With ``with_inf``: logits of -inf in columns 1 and 2 (in the first shard) for the first
@@ -75,10 +81,23 @@ def _starts(sizes: tuple[int, ...]) -> list[int]:
 # --------------------------------------------------------------------------- cases
 
 
-def _unfused_case(chk: Checker, group: Group, rank: int, sizes: tuple[int, ...], seed: int, rule: str, eps: float,
-                  reduction: str, with_inf: bool, *, dtype: torch.dtype = torch.float32,
-                  num_items: int | None = None, perm: list[int] | None = None, shape: tuple[int, ...] = (3, 4),
-                  all_ignored: bool = False) -> None:
+def _unfused_case(
+    chk: Checker,
+    group: Group,
+    rank: int,
+    sizes: tuple[int, ...],
+    seed: int,
+    rule: str,
+    eps: float,
+    reduction: str,
+    with_inf: bool,
+    *,
+    dtype: torch.dtype = torch.float32,
+    num_items: int | None = None,
+    perm: list[int] | None = None,
+    shape: tuple[int, ...] = (3, 4),
+    all_ignored: bool = False,
+) -> None:
     """``perm``: rank r holds shard ``perm[r]`` of the vocabulary (passes vocab_start)."""
     V = sum(sizes)
     logits, target = _make_case(seed, V, sizes, with_inf, dtype, shape)
@@ -90,21 +109,39 @@ def _unfused_case(chk: Checker, group: Group, rank: int, sizes: tuple[int, ...],
 
     shard = rank if perm is None else perm[rank]
     a, n = _starts(sizes)[shard], sizes[shard]
-    local = logits[..., a:a + n].clone().requires_grad_()
-    loss = vocab_parallel_scoring_rule_loss(local, target, rule, eps, reduction=reduction,
-                                            num_items_in_batch=num_items, group=group,
-                                            vocab_start=None if perm is None else a)
+    local = logits[..., a : a + n].clone().requires_grad_()
+    loss = vocab_parallel_scoring_rule_loss(
+        local,
+        target,
+        rule,
+        eps,
+        reduction=reduction,
+        num_items_in_batch=num_items,
+        group=group,
+        vocab_start=None if perm is None else a,
+    )
     _backward(loss, reduction, seed)
     tag = f"unfused {rule} eps={eps} {reduction} inf={with_inf} sizes={sizes} perm={perm} {dtype} rank={rank}"
     chk.close(f"{tag} loss", loss.detach(), ref.detach())
     # bfloat16 gradients: the same float32 values rounded, at most one bfloat16 ulp apart
-    chk.close(f"{tag} grad", local.grad, full.grad[..., a:a + n], rtol=8e-3 if dtype == torch.bfloat16 else RTOL)
+    chk.close(f"{tag} grad", local.grad, full.grad[..., a : a + n], rtol=8e-3 if dtype == torch.bfloat16 else RTOL)
     chk.true(f"{tag} dtype {loss.dtype}", loss.dtype == ref.dtype and local.grad.dtype == dtype)
 
 
-def _fused_case(chk: Checker, group: Group, rank: int, sizes: tuple[int, ...], seed: int, rule: str, eps: float,
-                reduction: str, with_inf: bool, use_bias: bool, chunk_size: int | None,
-                train_weight: bool = True) -> None:
+def _fused_case(
+    chk: Checker,
+    group: Group,
+    rank: int,
+    sizes: tuple[int, ...],
+    seed: int,
+    rule: str,
+    eps: float,
+    reduction: str,
+    with_inf: bool,
+    use_bias: bool,
+    chunk_size: int | None,
+    train_weight: bool = True,
+) -> None:
     """``train_weight=False``: a frozen output layer (as with LoRA), only ``hidden`` gets a gradient."""
     V, H = sum(sizes), 6
     g = torch.Generator().manual_seed(seed)
@@ -118,30 +155,33 @@ def _fused_case(chk: Checker, group: Group, rank: int, sizes: tuple[int, ...], s
         target = torch.where(target == 1, 0, target)
 
     leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if use_bias else ())]
-    ref = scoring_rule_loss(F.linear(leaves[0], leaves[1], leaves[2] if use_bias else None), target, rule, eps,
-                            reduction=reduction)
+    ref = scoring_rule_loss(
+        F.linear(leaves[0], leaves[1], leaves[2] if use_bias else None), target, rule, eps, reduction=reduction
+    )
     _backward(ref, reduction, seed)
 
     a, n = _starts(sizes)[rank], sizes[rank]
     h = hidden.clone().requires_grad_()
-    w = weight[a:a + n].clone().requires_grad_(train_weight)
-    b = bias[a:a + n].clone().requires_grad_() if use_bias else None
-    loss = fused_linear_vocab_parallel_scoring_rule_loss(h, w, target, rule, bias=b, smoothing=eps,
-                                                         reduction=reduction, chunk_size=chunk_size, group=group)
+    w = weight[a : a + n].clone().requires_grad_(train_weight)
+    b = bias[a : a + n].clone().requires_grad_() if use_bias else None
+    loss = fused_linear_vocab_parallel_scoring_rule_loss(
+        h, w, target, rule, bias=b, smoothing=eps, reduction=reduction, chunk_size=chunk_size, group=group
+    )
     _backward(loss, reduction, seed)
     tag = f"fused {rule} eps={eps} {reduction} inf={with_inf} bias={use_bias} chunk={chunk_size} rank={rank}"
     chk.close(f"{tag} loss", loss.detach(), ref.detach())
     chk.close(f"{tag} grad hidden", h.grad, leaves[0].grad)
     if train_weight:
-        chk.close(f"{tag} grad weight", w.grad, leaves[1].grad[a:a + n])
+        chk.close(f"{tag} grad weight", w.grad, leaves[1].grad[a : a + n])
     else:
         chk.true(f"{tag} frozen weight has no grad", w.grad is None)
     if use_bias:
-        chk.close(f"{tag} grad bias", b.grad, leaves[2].grad[a:a + n])
+        chk.close(f"{tag} grad bias", b.grad, leaves[2].grad[a : a + n])
 
 
-def _fused_autocast_case(chk: Checker, group: Group, rank: int, sizes: tuple[int, ...], seed: int, rule: str,
-                         chunk_size: int | None) -> None:
+def _fused_autocast_case(
+    chk: Checker, group: Group, rank: int, sizes: tuple[int, ...], seed: int, rule: str, chunk_size: int | None
+) -> None:
     """Under bfloat16 autocast the fused loss equals the unfused one on the bfloat16 logits, and its
     backward (outside autocast) rebuilds those same logits: the gradients equal the chain rule
     through float32 logit gradients."""
@@ -151,7 +191,7 @@ def _fused_autocast_case(chk: Checker, group: Group, rank: int, sizes: tuple[int
     target = torch.randint(V, (12,), generator=g)
     target[::4] = -100
     a, n = _starts(sizes)[rank], sizes[rank]
-    w_loc, b_loc = weight[a:a + n], bias[a:a + n]
+    w_loc, b_loc = weight[a : a + n], bias[a : a + n]
 
     z = F.linear(hidden.bfloat16(), w_loc.bfloat16(), b_loc.bfloat16()).float().requires_grad_()
     ref = vocab_parallel_scoring_rule_loss(z, target, rule, 0.1, group=group)
@@ -161,8 +201,9 @@ def _fused_autocast_case(chk: Checker, group: Group, rank: int, sizes: tuple[int
 
     h, w, b = (t.clone().requires_grad_() for t in (hidden, w_loc, b_loc))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = fused_linear_vocab_parallel_scoring_rule_loss(h, w, target, rule, bias=b, smoothing=0.1,
-                                                             chunk_size=chunk_size, group=group)
+        loss = fused_linear_vocab_parallel_scoring_rule_loss(
+            h, w, target, rule, bias=b, smoothing=0.1, chunk_size=chunk_size, group=group
+        )
     loss.backward()
     tag = f"fused autocast {rule} chunk={chunk_size} sizes={sizes} rank={rank}"
     chk.close(f"{tag} loss", loss.detach(), ref.detach())
@@ -178,46 +219,49 @@ def _error_cases(chk: Checker, group: Group, rank: int, sizes: tuple[int, ...]) 
     V = sum(sizes)
     logits, target = _make_case(0, V, sizes, False)
     a, n = _starts(sizes)[rank], sizes[rank]
-    local = logits[..., a:a + n]
+    local = logits[..., a : a + n]
     bad_target = target.clone()
     bad_target[0, 0] = V
     chk.raises("target >= V", lambda: loss_fn(local, bad_target), f"[0, {V})")
     chk.raises("bad rule", lambda: loss_fn(local, target, "nope"), "unknown scoring rule")
     chk.raises("bad smoothing", lambda: loss_fn(local, target, smoothing=1.5), "smoothing")
-    chk.raises("bad reduction", lambda: loss_fn(local, target, reduction="avg"),
-               "reduction")
+    chk.raises("bad reduction", lambda: loss_fn(local, target, reduction="avg"), "reduction")
     # only rank 1 has a wrong shape: every rank raises
     wrong = local[:, :3] if rank == 1 else local
-    chk.raises("shape on one rank", lambda: loss_fn(wrong, target),
-               "shape mismatch" if rank == 1 else "rejected their inputs")
+    chk.raises(
+        "shape on one rank", lambda: loss_fn(wrong, target), "shape mismatch" if rank == 1 else "rejected their inputs"
+    )
     # ranks disagree on the settings or the targets
-    chk.raises("smoothing differs", lambda: loss_fn(local, target, smoothing=0.01 * rank),
-               "differ between rank 0 and rank 1")
+    chk.raises(
+        "smoothing differs", lambda: loss_fn(local, target, smoothing=0.01 * rank), "differ between rank 0 and rank 1"
+    )
     other = target.clone()
     if rank == 1:
         other[2, 3] = (int(other[2, 3]) + 1) % V
-    chk.raises("target differs", lambda: loss_fn(local, other),
-               "target differs between rank 0 and rank 1")
+    chk.raises("target differs", lambda: loss_fn(local, other), "target differs between rank 0 and rank 1")
     # overlapping shards and a vocab_start on only some ranks
     chk.raises("overlap", lambda: loss_fn(local, target, vocab_start=0), "tile [0, V)")
-    chk.raises("start on some ranks",
-               lambda: loss_fn(local, target, vocab_start=a if rank == 0 else None),
-               "on every rank or on none")
-    chk.raises("negative start", lambda: loss_fn(local, target, vocab_start=-1),
-               "vocab_start must be")
+    chk.raises(
+        "start on some ranks",
+        lambda: loss_fn(local, target, vocab_start=a if rank == 0 else None),
+        "on every rank or on none",
+    )
+    chk.raises("negative start", lambda: loss_fn(local, target, vocab_start=-1), "vocab_start must be")
     H = 6
     hidden = torch.randn(3, 4, H)
     w = torch.randn(n, H)
-    chk.raises("fused H mismatch", lambda: fused_fn(hidden, w[:, :5], target),
-               "local_weight must have shape")
-    chk.raises("fused bias shape", lambda: fused_fn(
-        hidden, w, target, bias=torch.zeros(n + 1)), "bias must have shape")
-    chk.raises("fused chunk differs", lambda: fused_fn(
-        hidden, w, target, chunk_size=2 + rank), "differ between rank 0 and rank 1")
-    chk.raises("fused dtype", lambda: fused_fn(hidden.double(), w, target),
-               "dtype")
-    chk.true("vocab_shard of the group",
-             vocab_shard(10, group=group) == vocab_shard(10, dist.get_rank(group), dist.get_world_size(group)))
+    chk.raises("fused H mismatch", lambda: fused_fn(hidden, w[:, :5], target), "local_weight must have shape")
+    chk.raises("fused bias shape", lambda: fused_fn(hidden, w, target, bias=torch.zeros(n + 1)), "bias must have shape")
+    chk.raises(
+        "fused chunk differs",
+        lambda: fused_fn(hidden, w, target, chunk_size=2 + rank),
+        "differ between rank 0 and rank 1",
+    )
+    chk.raises("fused dtype", lambda: fused_fn(hidden.double(), w, target), "dtype")
+    chk.true(
+        "vocab_shard of the group",
+        vocab_shard(10, group=group) == vocab_shard(10, dist.get_rank(group), dist.get_world_size(group)),
+    )
 
 
 def _run_all(chk: Checker, group: Group, rank: int, world: int) -> None:
@@ -241,8 +285,19 @@ def _run_all(chk: Checker, group: Group, rank: int, world: int) -> None:
         for eps in SMOOTHINGS:
             for j, reduction in enumerate(REDUCTIONS):
                 seed += 1
-                _fused_case(chk, group, rank, sizes, seed, rule, eps, reduction, with_inf=j != 1, use_bias=j != 2,
-                            chunk_size=(None, 2, 5)[j])
+                _fused_case(
+                    chk,
+                    group,
+                    rank,
+                    sizes,
+                    seed,
+                    rule,
+                    eps,
+                    reduction,
+                    with_inf=j != 1,
+                    use_bias=j != 2,
+                    chunk_size=(None, 2, 5)[j],
+                )
     for i, rule in enumerate(RULES):
         seed += 1
         _fused_autocast_case(chk, group, rank, sizes, seed, rule, (None, 4)[i % 2])

@@ -23,8 +23,11 @@ PACKAGE = ROOT / "src" / "properlm"
 
 
 def _documented_modules() -> list[str]:
-    return [m for page in sorted(REFERENCE.glob("*.md"))
-            for m in re.findall(r"^::: ([\w.]+)", page.read_text(encoding="utf-8"), re.M)]
+    return [
+        m
+        for page in sorted(REFERENCE.glob("*.md"))
+        for m in re.findall(r"^::: ([\w.]+)", page.read_text(encoding="utf-8"), re.M)
+    ]
 
 
 def _public_modules() -> list[str]:
@@ -51,8 +54,11 @@ def test_every_public_name_is_in_the_reference():
     missing = []
     for name in properlm.__all__:
         obj = getattr(properlm, name)
-        if not any(getattr(obj, "__module__", None) == m.__name__ or name in getattr(m, "__all__", ())
-                   for m in modules if m is not properlm):
+        if not any(
+            getattr(obj, "__module__", None) == m.__name__ or name in getattr(m, "__all__", ())
+            for m in modules
+            if m is not properlm
+        ):
             missing.append(name)
     assert not missing, f"not in docs/reference: {missing}"
 
@@ -60,13 +66,21 @@ def test_every_public_name_is_in_the_reference():
 def test_every_public_submodule_has_a_page():
     wanted = set(_public_modules())
     # a sanity check of the discovery itself
-    assert {"properlm", "properlm.rules", "properlm.fused.chunked", "properlm.cli.train", "properlm.evaluation",
-            "properlm.evaluation.metrics", "properlm.evaluation.run"} <= wanted
+    assert {
+        "properlm",
+        "properlm.rules",
+        "properlm.fused.chunked",
+        "properlm.cli.train",
+        "properlm.evaluation",
+        "properlm.evaluation.metrics",
+        "properlm.evaluation.run",
+    } <= wanted
     # the former names are aliases of the modules documented under their new names, not pages of their own
     assert not {"properlm.metrics", "properlm.decoding", "properlm.generation_eval"} & wanted
     documented = set(_documented_modules())
-    assert wanted <= documented, f"public modules without a '::: module' block in docs/reference: " \
-                                 f"{sorted(wanted - documented)}"
+    assert wanted <= documented, (
+        f"public modules without a '::: module' block in docs/reference: {sorted(wanted - documented)}"
+    )
     assert documented <= wanted, f"docs/reference names modules that do not exist: {sorted(documented - wanted)}"
 
 
@@ -124,8 +138,9 @@ def test_snippets_run(tmp_path):
     spec = tmp_path / "snippets.json"
     spec.write_text(json.dumps(blocks), encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, str(spec)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER, str(spec)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not result["failures"], "\n".join(result["failures"])
@@ -146,8 +161,12 @@ def test_readme_is_a_landing_page_with_working_links():
 
 def test_no_page_repeats_a_section():
     """A heading appears once per page: a results section edited in place, not appended twice."""
-    pages = [ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md", ROOT / "benchmarks" / "README.md",
-             *sorted(DOCS.rglob("*.md"))]
+    pages = [
+        ROOT / "README.md",
+        ROOT / "benchmarks" / "RESULTS.md",
+        ROOT / "benchmarks" / "README.md",
+        *sorted(DOCS.rglob("*.md")),
+    ]
     repeated = {}
     for page in pages:
         lines = page.read_text(encoding="utf-8").splitlines()
@@ -193,8 +212,9 @@ def test_the_first_example_runs_without_the_collapsing_smoothing(page, monkeypat
 def test_generated_regions_are_up_to_date():
     """The pages carry the examples, every command's --help and the train options table themselves (they read
     whole in the repository, not only on the site); `make docs-sync` refreshes them, and this fails until it ran."""
-    result = subprocess.run([sys.executable, str(DOCS / "hooks.py"), "--check"], capture_output=True, text=True,
-                            cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(DOCS / "hooks.py"), "--check"], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     trainer = (DOCS / "how-to" / "transformers-trainer.md").read_text(encoding="utf-8")
     assert (ROOT / "examples" / "hf_trainer.py").read_text(encoding="utf-8").strip() in trainer

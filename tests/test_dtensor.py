@@ -43,8 +43,9 @@ def _is_replicated(t: object) -> bool:
 # --------------------------------------------------------------------------- loss cases
 
 
-def _logits_case(chk: Checker, mesh, rank: int, seed: int, V: int, rule: str, eps: float, reduction: str,
-                 dtensor_target: bool) -> None:
+def _logits_case(
+    chk: Checker, mesh, rank: int, seed: int, V: int, rule: str, eps: float, reduction: str, dtensor_target: bool
+) -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     g = torch.Generator().manual_seed(seed)
@@ -63,16 +64,28 @@ def _logits_case(chk: Checker, mesh, rank: int, seed: int, V: int, rule: str, ep
     chk.true(f"{tag}: loss shape {tuple(loss.shape)}", tuple(loss.shape) == tuple(ref.shape))
     _backward(loss, seed)
     chk.close(f"{tag} loss", loss.full_tensor(), ref)
-    chk.true(f"{tag}: grad placements {z.grad.placements}", is_dtensor(z.grad) and z.grad.placements == z.placements
-             and z.placements[0].is_shard(dim=z.dim() - 1))
+    chk.true(
+        f"{tag}: grad placements {z.grad.placements}",
+        is_dtensor(z.grad) and z.grad.placements == z.placements and z.placements[0].is_shard(dim=z.dim() - 1),
+    )
     chk.close(f"{tag} grad", z.grad.full_tensor(), ref_z.grad)
     # the local gradient is the rank's slice of the reference gradient (torch.chunk layout)
     local = ref_z.grad.chunk(WORLD, dim=-1)[rank]
     chk.close(f"{tag} local grad", z.grad.to_local(), local)
 
 
-def _fused_case(chk: Checker, mesh, rank: int, seed: int, V: int, rule: str, eps: float, reduction: str,
-                use_bias: bool, hidden_placement: str) -> None:
+def _fused_case(
+    chk: Checker,
+    mesh,
+    rank: int,
+    seed: int,
+    V: int,
+    rule: str,
+    eps: float,
+    reduction: str,
+    use_bias: bool,
+    hidden_placement: str,
+) -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     H = 6
@@ -83,8 +96,9 @@ def _fused_case(chk: Checker, mesh, rank: int, seed: int, V: int, rule: str, eps
     target = torch.randint(V, (2, 6), generator=g)
     target.view(-1)[1::5] = -100
     leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
-    ref = naive_loss(F.linear(leaves[0], leaves[1], leaves[2] if use_bias else None), target, rule, eps,
-                     reduction=reduction)
+    ref = naive_loss(
+        F.linear(leaves[0], leaves[1], leaves[2] if use_bias else None), target, rule, eps, reduction=reduction
+    )
     _backward(ref, seed)
 
     if hidden_placement == "plain":
@@ -94,8 +108,9 @@ def _fused_case(chk: Checker, mesh, rank: int, seed: int, V: int, rule: str, eps
         h.requires_grad_()
     w = distribute_tensor(weight.clone(), mesh, [Shard(0)]).requires_grad_()
     b = distribute_tensor(bias.clone(), mesh, [Shard(0)]).requires_grad_() if use_bias else None
-    loss = properlm.fused_linear_scoring_rule_loss(h, w, target, rule, bias=b, smoothing=eps, reduction=reduction,
-                                                   chunk_size=5)
+    loss = properlm.fused_linear_scoring_rule_loss(
+        h, w, target, rule, bias=b, smoothing=eps, reduction=reduction, chunk_size=5
+    )
     tag = f"fused {rule} eps={eps} {reduction} V={V} bias={use_bias} hidden={hidden_placement} rank={rank}"
     chk.true(f"{tag}: loss is a replicated DTensor", _is_replicated(loss))
     _backward(loss, seed)
@@ -130,8 +145,7 @@ def _head_transform_case(chk: Checker, mesh, rank: int, seed: int, rule: str) ->
     chk.close(f"{tag} grad", zd.grad.full_tensor(), z.grad)
     h = hidden.clone().requires_grad_()
     w = distribute_tensor(weight.clone(), mesh, [Shard(0)]).requires_grad_()
-    fused = properlm.fused_linear_scoring_rule_loss(h, w, target, rule, smoothing=0.1, softcap=cap,
-                                                    logit_scale=scale)
+    fused = properlm.fused_linear_scoring_rule_loss(h, w, target, rule, smoothing=0.1, softcap=cap, logit_scale=scale)
     fused.backward()
     chk.close(f"{tag} fused loss", fused.full_tensor(), ref)
     chk.close(f"{tag} fused grad hidden", h.grad, leaves[0].grad)
@@ -154,8 +168,9 @@ def _error_cases(chk: Checker, mesh) -> None:
     chk.raises("target out of range", lambda: properlm.scoring_rule_loss(cols, bad), "[0, 7)")
     chk.raises("bad rule", lambda: properlm.scoring_rule_loss(cols, target, "nope"), "unknown scoring rule")
     w = distribute_tensor(torch.randn(7, 3), mesh, [Shard(1)])
-    chk.raises("weight sharded on H", lambda: properlm.fused_linear_scoring_rule_loss(torch.randn(4, 3), w, target),
-               "Shard(0)")
+    chk.raises(
+        "weight sharded on H", lambda: properlm.fused_linear_scoring_rule_loss(torch.randn(4, 3), w, target), "Shard(0)"
+    )
 
 
 # --------------------------------------------------------------------------- tensor-parallel Llama
@@ -164,9 +179,16 @@ def _error_cases(chk: Checker, mesh) -> None:
 def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=301,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).float()
 
@@ -209,12 +231,19 @@ def _tp_llama_case(chk: Checker, mesh, rank: int) -> None:
 
     model = _tiny_llama()
     for layer in model.model.layers:
-        parallelize_module(layer, mesh, {
-            "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
-            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(),
-        })
+        parallelize_module(
+            layer,
+            mesh,
+            {
+                "self_attn.q_proj": ColwiseParallel(),
+                "self_attn.k_proj": ColwiseParallel(),
+                "self_attn.v_proj": ColwiseParallel(),
+                "self_attn.o_proj": RowwiseParallel(),
+                "mlp.gate_proj": ColwiseParallel(),
+                "mlp.up_proj": ColwiseParallel(),
+                "mlp.down_proj": RowwiseParallel(),
+            },
+        )
     parallelize_module(model, mesh, {"lm_head": ColwiseParallel(use_local_output=False)})
 
     seen: list[object] = []
@@ -225,8 +254,10 @@ def _tp_llama_case(chk: Checker, mesh, rank: int) -> None:
         return properlm.scoring_rule_loss(logits, target, "spherical", 0.1)
 
     tp_losses = _train(model, batches, tp_loss)
-    chk.true(f"TP logits are DTensors sharded on the vocabulary: {type(seen[0]).__name__}",
-             is_dtensor(seen[0]) and seen[0].placements[0].is_shard(dim=seen[0].dim() - 1))
+    chk.true(
+        f"TP logits are DTensors sharded on the vocabulary: {type(seen[0]).__name__}",
+        is_dtensor(seen[0]) and seen[0].placements[0].is_shard(dim=seen[0].dim() - 1),
+    )
     chk.close(f"TP losses rank={rank}", torch.tensor(tp_losses), torch.tensor(ref_losses), rtol=1e-5)
     chk.true(f"TP loss decreases {tp_losses}", tp_losses[-1] < tp_losses[0])
     ref_state = ref_model.state_dict()
@@ -251,8 +282,12 @@ def _tp_llama_case(chk: Checker, mesh, rank: int) -> None:
         ref_out.backward()
         chk.true(f"patched TP loss is a DTensor (fused={fused_patch})", is_dtensor(tp_out))
         chk.close(f"patched TP loss fused={fused_patch} rank={rank}", tp_out.full_tensor(), ref_out, rtol=1e-5)
-        chk.close(f"patched TP grad lm_head fused={fused_patch} rank={rank}", model.lm_head.weight.grad.full_tensor(),
-                  ref_model.lm_head.weight.grad, rtol=1e-4)
+        chk.close(
+            f"patched TP grad lm_head fused={fused_patch} rank={rank}",
+            model.lm_head.weight.grad.full_tensor(),
+            ref_model.lm_head.weight.grad,
+            rtol=1e-4,
+        )
         model.zero_grad()
         ref_model.zero_grad()
         ref_handle.remove()
@@ -274,8 +309,18 @@ def _worker(chk: Checker, rank: int) -> None:
                 V = (13, 8, 301)[(i + j) % 3]  # uneven (7 | 6), even, and 151 | 150
                 _logits_case(chk, mesh, rank, seed, V, rule, eps, reduction, dtensor_target=(seed % 2 == 0))
         seed += 1
-        _fused_case(chk, mesh, rank, seed, 11, rule, 0.1, REDUCTIONS[i % 3], use_bias=i % 2 == 0,
-                    hidden_placement=("plain", "replicate", "seq")[i % 3])
+        _fused_case(
+            chk,
+            mesh,
+            rank,
+            seed,
+            11,
+            rule,
+            0.1,
+            REDUCTIONS[i % 3],
+            use_bias=i % 2 == 0,
+            hidden_placement=("plain", "replicate", "seq")[i % 3],
+        )
         seed += 1
         _fused_case(chk, mesh, rank, seed, 8, rule, 0.0, "mean", use_bias=True, hidden_placement="plain")
     for rule in ("brier", "spherical", "logarithmic"):

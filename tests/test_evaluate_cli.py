@@ -49,8 +49,13 @@ def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     paths = {}
     for init in ("tiny-gpt", "tiny-seq2seq"):
-        model, tok = load_model_and_tokenizer(init=init, train_texts=SRC + TGT, vocab_size=300, seed=0,
-                                              init_options={"hidden_size": 32, "num_layers": 1, "num_heads": 2})
+        model, tok = load_model_and_tokenizer(
+            init=init,
+            train_texts=SRC + TGT,
+            vocab_size=300,
+            seed=0,
+            init_options={"hidden_size": 32, "num_layers": 1, "num_heads": 2},
+        )
         model.save_pretrained(root / init)
         tok.save_pretrained(root / init)
         paths[init] = str(root / init)
@@ -67,10 +72,34 @@ def parallel(tmp_path):
 
 def test_evaluate_end_to_end_decoder_only(tiny_models, parallel, tmp_path, capsys):
     out = tmp_path / "eval"
-    rc = main(["evaluate", "--model", tiny_models["tiny-gpt"], "--source-file", parallel[0], "--target-file",
-               parallel[1], "--target-lang", "en", "--rules", "logarithmic,brier,spherical,power:3",
-               "--objective", "spherical", "--num-beams", "2", "--max-new-tokens", "4", "--batch-size", "2",
-               "--max-examples", "4", "--output-dir", str(out), "--no-progress"])
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            tiny_models["tiny-gpt"],
+            "--source-file",
+            parallel[0],
+            "--target-file",
+            parallel[1],
+            "--target-lang",
+            "en",
+            "--rules",
+            "logarithmic,brier,spherical,power:3",
+            "--objective",
+            "spherical",
+            "--num-beams",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "2",
+            "--max-examples",
+            "4",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "| perplexity" in stdout and "| BLEU" in stdout and "BLEU signature: nrefs:1" in stdout
@@ -90,11 +119,25 @@ def test_evaluate_end_to_end_decoder_only(tiny_models, parallel, tmp_path, capsy
 
 def test_evaluate_end_to_end_seq2seq_summarization(tiny_models, tmp_path, capsys):
     data = tmp_path / "summ.jsonl"
-    data.write_text("".join(json.dumps({"document": s + " and " + t, "summary": t}) + "\n"
-                            for s, t in zip(SRC[:3], TGT[:3])), encoding="utf-8")
+    data.write_text(
+        "".join(json.dumps({"document": s + " and " + t, "summary": t}) + "\n" for s, t in zip(SRC[:3], TGT[:3])),
+        encoding="utf-8",
+    )
     out = tmp_path / "eval"
-    rc = main(["evaluate", "--model", tiny_models["tiny-seq2seq"], "--data-file", str(data), "--max-new-tokens", "3",
-               "--output-dir", str(out), "--no-progress"])
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            tiny_models["tiny-seq2seq"],
+            "--data-file",
+            str(data),
+            "--max-new-tokens",
+            "3",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["settings"]["seq2seq"] is True and res["settings"]["task"] == "summarization"
@@ -120,8 +163,17 @@ def test_teacher_forced_perplexity_matches_model_loss(tiny_models, parallel):
 
 
 def test_fit_temperature_then_apply_it(tiny_models, parallel, tmp_path, capsys):
-    base = ["evaluate", "--model", tiny_models["tiny-seq2seq"], "--source-file", parallel[0], "--target-file",
-            parallel[1], "--no-generate", "--no-progress"]
+    base = [
+        "evaluate",
+        "--model",
+        tiny_models["tiny-seq2seq"],
+        "--source-file",
+        parallel[0],
+        "--target-file",
+        parallel[1],
+        "--no-generate",
+        "--no-progress",
+    ]
     assert main([*base, "--fit-temperature", "--output-dir", str(tmp_path / "fit")]) == 0
     out = capsys.readouterr().out
     res = json.loads((tmp_path / "fit" / "results.json").read_text())
@@ -176,15 +228,28 @@ def test_fit_temperature_then_apply_it(tiny_models, parallel, tmp_path, capsys):
 def test_markdown_table_temperature_fit_rows():
     from properlm.evaluation import markdown_table
 
-    tf = {"num_tokens": 10, "perplexity": 2.0, "token_accuracy": 0.5, "ece": 0.1, "num_bins": 15,
-          "temperature": 1.0, "mean_scores": {}}
-    refined = {"temperature": 0.93771, "grid_temperature": 0.9227, "on_boundary": False, "mean_log_prob": -1.5,
-               "ece": 0.02}
+    tf = {
+        "num_tokens": 10,
+        "perplexity": 2.0,
+        "token_accuracy": 0.5,
+        "ece": 0.1,
+        "num_bins": 15,
+        "temperature": 1.0,
+        "mean_scores": {},
+    }
+    refined = {
+        "temperature": 0.93771,
+        "grid_temperature": 0.9227,
+        "on_boundary": False,
+        "mean_log_prob": -1.5,
+        "ece": 0.02,
+    }
     table = markdown_table({"num_examples": 3, "teacher_forced": tf, "temperature_fit": refined})
     assert "| 0.9377 (refined from the grid's 0.9227) |" in table and "| -1.5000 |" in table
     edge = {**refined, "temperature": 5.0, "grid_temperature": 5.0, "on_boundary": True}
     assert "5.0000 (grid edge: the optimum may lie beyond)" in markdown_table(
-        {"num_examples": 3, "teacher_forced": tf, "temperature_fit": edge})
+        {"num_examples": 3, "teacher_forced": tf, "temperature_fit": edge}
+    )
     # results.json written before the refinement (no grid_temperature) still print
     old = {"temperature": 0.9227, "on_boundary": False, "mean_log_prob": -1.5, "ece": 0.02}
     assert "| 0.9227 |" in markdown_table({"num_examples": 3, "teacher_forced": tf, "temperature_fit": old})
@@ -199,8 +264,9 @@ def test_bad_data_line_is_reported_before_loading(tiny_models, tmp_path, capsys,
     monkeypatch.setattr(properlm.modeling, "load_model_and_tokenizer", boom)
     data = tmp_path / "bad.jsonl"
     data.write_text('{"instruction": "say hi", "output": "hi"}\n{"instruction": "say bye"}\n', encoding="utf-8")
-    rc = main(["evaluate", "--model", tiny_models["tiny-gpt"], "--data-file", str(data), "--output-dir",
-               str(tmp_path / "o")])
+    rc = main(
+        ["evaluate", "--model", tiny_models["tiny-gpt"], "--data-file", str(data), "--output-dir", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert "bad.jsonl line 2" in err and "'output'" in err
@@ -219,22 +285,62 @@ def test_bad_data_line_is_reported_before_loading(tiny_models, tmp_path, capsys,
     ],
 )
 def test_bad_options(tiny_models, parallel, tmp_path, capsys, extra, message):
-    rc = main(["evaluate", "--model", tiny_models["tiny-gpt"], "--source-file", parallel[0], "--target-file",
-               parallel[1], "--output-dir", str(tmp_path / "o"), *extra])
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            tiny_models["tiny-gpt"],
+            "--source-file",
+            parallel[0],
+            "--target-file",
+            parallel[1],
+            "--output-dir",
+            str(tmp_path / "o"),
+            *extra,
+        ]
+    )
     assert rc == 2
     assert message in capsys.readouterr().err
 
 
 def test_missing_model_and_train_results_dir(parallel, tmp_path, capsys):
-    assert main(["evaluate", "--model", str(tmp_path / "nope"), "--source-file", parallel[0], "--target-file",
-                 parallel[1], "--output-dir", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tmp_path / "nope"),
+                "--source-file",
+                parallel[0],
+                "--target-file",
+                parallel[1],
+                "--output-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     run = tmp_path / "run"
     run.mkdir()
     (run / "results.json").write_text(json.dumps({"config": {}, "train": {}}))
     (run / "config.json").write_text("{}")
-    assert main(["evaluate", "--model", str(run), "--source-file", parallel[0], "--target-file", parallel[1],
-                 "--output-dir", str(run)]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(run),
+                "--source-file",
+                parallel[0],
+                "--target-file",
+                parallel[1],
+                "--output-dir",
+                str(run),
+            ]
+        )
+        == 2
+    )
     assert "already holds a results.json" in capsys.readouterr().err
 
 
@@ -242,14 +348,32 @@ def _fake_train_run(path, rule, losses):
     path.mkdir()
     with open(path / "metrics.jsonl", "w") as f:
         for i, loss in enumerate(losses, 1):
-            f.write(json.dumps({"step": 10 * i, "epoch": i / 10, "rule": rule if i < 3 else "brier", "loss": loss})
-                    + "\n")
-        f.write(json.dumps({"step": 10 * len(losses), "rule": "brier", "eval_loss": losses[-1] + 0.1,
-                            "eval_score_spherical": 0.3, "eval_runtime": 1.0}) + "\n")
-    (path / "results.json").write_text(json.dumps({
-        "config": {"rule": rule}, "rule_stages": [[rule, 20], ["brier", 20]], "global_step": 10 * len(losses),
-        "train": {"train_loss": losses[-1], "train_runtime": 3.0},
-        "eval": {"eval_loss": losses[-1] + 0.1, "eval_score_spherical": 0.3, "eval_runtime": 1.0}}))
+            f.write(
+                json.dumps({"step": 10 * i, "epoch": i / 10, "rule": rule if i < 3 else "brier", "loss": loss}) + "\n"
+            )
+        f.write(
+            json.dumps(
+                {
+                    "step": 10 * len(losses),
+                    "rule": "brier",
+                    "eval_loss": losses[-1] + 0.1,
+                    "eval_score_spherical": 0.3,
+                    "eval_runtime": 1.0,
+                }
+            )
+            + "\n"
+        )
+    (path / "results.json").write_text(
+        json.dumps(
+            {
+                "config": {"rule": rule},
+                "rule_stages": [[rule, 20], ["brier", 20]],
+                "global_step": 10 * len(losses),
+                "train": {"train_loss": losses[-1], "train_runtime": 3.0},
+                "eval": {"eval_loss": losses[-1] + 0.1, "eval_score_spherical": 0.3, "eval_runtime": 1.0},
+            }
+        )
+    )
 
 
 def _table_lines(out: str) -> list[list[str]]:
@@ -261,10 +385,22 @@ def test_compare_two_runs(tmp_path, capsys):
     _fake_train_run(a, "logarithmic", [3.0, 2.5, 2.2, 2.0])
     _fake_train_run(b, "spherical", [0.9, 0.8, 0.7, 0.65])
     (b / "eval").mkdir()
-    (b / "eval" / "results.json").write_text(json.dumps({
-        "kind": "properlm-evaluate", "num_examples": 5, "settings": {"task": "translation", "num_beams": 4},
-        "teacher_forced": {"perplexity": 7.5, "token_accuracy": 0.4, "ece": 0.05, "mean_scores": {"brier": 0.2}},
-        "generation": {"objective": "spherical", "bleu": 12.5, "chrf": 30.0}}))
+    (b / "eval" / "results.json").write_text(
+        json.dumps(
+            {
+                "kind": "properlm-evaluate",
+                "num_examples": 5,
+                "settings": {"task": "translation", "num_beams": 4},
+                "teacher_forced": {
+                    "perplexity": 7.5,
+                    "token_accuracy": 0.4,
+                    "ece": 0.05,
+                    "mean_scores": {"brier": 0.2},
+                },
+                "generation": {"objective": "spherical", "bleu": 12.5, "chrf": 30.0},
+            }
+        )
+    )
     png, md = tmp_path / "curves.png", tmp_path / "table.md"
     assert main(["compare", str(a), str(b), "--plot", str(png), "--output-md", str(md)]) == 0
     out = capsys.readouterr().out
@@ -292,10 +428,17 @@ def test_compare_names_rows_keeps_units_and_writes_every_figure(tmp_path, capsys
         d = tmp_path / name
         _fake_train_run(d, "logarithmic", [3.0, 2.5])
         (d / "test").mkdir()
-        (d / "test" / "results.json").write_text(json.dumps({
-            "kind": "properlm-evaluate", "num_examples": 3, "settings": {"num_beams": 1},
-            "teacher_forced": {"perplexity": 12460.3, "mean_scores": {"logarithmic": -9.43}},
-            "generation": {"bleu": bleu, "chrf": 10.0}}))
+        (d / "test" / "results.json").write_text(
+            json.dumps(
+                {
+                    "kind": "properlm-evaluate",
+                    "num_examples": 3,
+                    "settings": {"num_beams": 1},
+                    "teacher_forced": {"perplexity": 12460.3, "mean_scores": {"logarithmic": -9.43}},
+                    "generation": {"bleu": bleu, "chrf": 10.0},
+                }
+            )
+        )
         runs.append(d)
     js = tmp_path / "all.json"
     argv = ["compare", f"log={runs[0]}", f"sph={runs[1]}", "--no-plot", "--output-json", str(js)]
@@ -351,9 +494,27 @@ def test_compare_errors(tmp_path, capsys):
 def test_generate_from_file(tiny_models, tmp_path, capsys):
     inp, out = tmp_path / "in.txt", tmp_path / "out.txt"
     inp.write_text("das haus ist klein\nich trinke wasser\nder hund\n", encoding="utf-8")
-    rc = main(["generate", "--model", tiny_models["tiny-seq2seq"], "--input", str(inp), "--output", str(out),
-               "--task", "translation", "--num-beams", "2", "--objective", "brier", "--max-new-tokens", "3",
-               "--batch-size", "2"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            tiny_models["tiny-seq2seq"],
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--task",
+            "translation",
+            "--num-beams",
+            "2",
+            "--objective",
+            "brier",
+            "--max-new-tokens",
+            "3",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert rc == 0
     assert len(out.read_text(encoding="utf-8").splitlines()) == 3
     inp.write_text("a\n\nb\n", encoding="utf-8")
@@ -376,8 +537,19 @@ def test_generate_bf16_runs_under_mixed_precision(tiny_models, tmp_path, capsys,
     monkeypatch.setattr(precision, "mixed_precision", spy)
     inp, out = tmp_path / "in.txt", tmp_path / "out.txt"
     inp.write_text("das haus ist klein\nich trinke wasser\n", encoding="utf-8")
-    base = ["generate", "--model", tiny_models["tiny-gpt"], "--input", str(inp), "--task", "translation",
-            "--max-new-tokens", "3", "--batch-size", "2"]
+    base = [
+        "generate",
+        "--model",
+        tiny_models["tiny-gpt"],
+        "--input",
+        str(inp),
+        "--task",
+        "translation",
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "2",
+    ]
     assert main([*base, "--output", str(out), "--bf16"]) == 0
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2 and len(entered) == 1
     capsys.readouterr()
@@ -403,8 +575,11 @@ def test_multi_reference_rouge_by_hand():
     hyp, refs = "a b c d", ["d c b a", "a b x y"]
     per = rouge_per_example([hyp], [refs])
     assert per["rouge1"] == [pytest.approx(1.0)] and per["rouge2"] == [pytest.approx(1 / 3)]
-    m = summarization_metrics([hyp, "the cat sat"], ["d c b a", "the dog ran"],
-                              multi_references=[refs, ["the dog ran", "the cat sat on the mat"]])
+    m = summarization_metrics(
+        [hyp, "the cat sat"],
+        ["d c b a", "the dog ran"],
+        multi_references=[refs, ["the dog ran", "the cat sat on the mat"]],
+    )
     assert m["rouge1"] == pytest.approx(100 * (1.0 + 1 / 3) / 2)  # against the first reference only
     assert m["rouge1_multi"] == pytest.approx(100 * (1.0 + 2 * 1 * 0.5 / 1.5) / 2)
     assert m["rouge2_multi"] == pytest.approx(100 * (1 / 3 + 2 * 1 * 0.4 / 1.4) / 2)
@@ -443,10 +618,25 @@ def short_position_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("summ")
     train = _write_emails(root / "train.jsonl", 24)
-    cfg = make_config({"init": "tiny-seq2seq", "train_file": train, "vocab_size": 300, "hidden_size": 16,
-                       "num_layers": 1, "num_heads": 2, "max_length": 64, "max_source_length": 40, "max_steps": 2,
-                       "save_steps": 2, "per_device_train_batch_size": 4, "output_dir": str(root / "run"),
-                       "progress_bar": False, "tensorboard": False, "logging_steps": 1})
+    cfg = make_config(
+        {
+            "init": "tiny-seq2seq",
+            "train_file": train,
+            "vocab_size": 300,
+            "hidden_size": 16,
+            "num_layers": 1,
+            "num_heads": 2,
+            "max_length": 64,
+            "max_source_length": 40,
+            "max_steps": 2,
+            "save_steps": 2,
+            "per_device_train_batch_size": 4,
+            "output_dir": str(root / "run"),
+            "progress_bar": False,
+            "tensorboard": False,
+            "logging_steps": 1,
+        }
+    )
     run_training(cfg, quiet=True)
     dev = _write_emails(root / "dev.jsonl", 6, annotations=True)
     return str(root / "run"), dev
@@ -462,8 +652,25 @@ def test_evaluate_takes_the_truncation_of_the_training_run(short_position_run, t
     assert record == {"max_length": 64, "max_source_length": 40, "task": "summarization", "seq2seq": True}
     assert json.loads(open(f"{run}/checkpoint-2/{TRAINING_RECORD}").read()) == record
     out = tmp_path / "eval"
-    assert main(["evaluate", "--model", f"{run}/final", "--data-file", dev, "--num-beams", "2", "--max-new-tokens",
-                 "4", "--output-dir", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                f"{run}/final",
+                "--data-file",
+                dev,
+                "--num-beams",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     cut = res["truncation"]
@@ -478,16 +685,47 @@ def test_evaluate_takes_the_truncation_of_the_training_run(short_position_run, t
     assert "rouge-score" in gen["rouge_settings"]
     # a shorter --max-length is taken and said to differ from training's; without a source cut, the
     # long documents are cut at --max-length
-    assert main(["evaluate", "--model", f"{run}/final", "--data-file", dev, "--max-length", "32",
-                 "--max-source-length", "1000", "--no-generate", "--output-dir", str(tmp_path / "e2"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                f"{run}/final",
+                "--data-file",
+                dev,
+                "--max-length",
+                "32",
+                "--max-source-length",
+                "1000",
+                "--no-generate",
+                "--output-dir",
+                str(tmp_path / "e2"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     cut = json.loads((tmp_path / "e2" / "results.json").read_text())["truncation"]
     assert cut["max_length"] == 32 and cut["max_length_from"] == "--max-length (training used 64)"
     assert cut["num_sources_cut"] == 0 and cut["num_prompts_over_max_length"] == 2
     # a run made before the record existed: the run's results.json tells the lengths
     os.remove(f"{run}/checkpoint-2/{TRAINING_RECORD}")
-    assert main(["evaluate", "--model", f"{run}/checkpoint-2", "--data-file", dev, "--no-generate",
-                 "--output-dir", str(tmp_path / "e3"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                f"{run}/checkpoint-2",
+                "--data-file",
+                dev,
+                "--no-generate",
+                "--output-dir",
+                str(tmp_path / "e3"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     cut = json.loads((tmp_path / "e3" / "results.json").read_text())["truncation"]
     assert cut["max_length"] == 64 and cut["max_source_length"] == 40 and "results.json" in cut["max_length_from"]
 
@@ -501,24 +739,70 @@ def test_too_long_for_the_model_is_refused_before_reading_data(short_position_ru
         raise AssertionError("no data may be read for a length the model cannot take")
 
     monkeypatch.setattr(properlm.data, "load_examples", boom)
-    assert main(["evaluate", "--model", f"{run}/final", "--data-file", dev, "--max-length", "512",
-                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                f"{run}/final",
+                "--data-file",
+                dev,
+                "--max-length",
+                "512",
+                "--output-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--max-length 512 exceeds the 64 positions the model takes (max_position_embeddings" in err
     assert "use --max-length 64 or less (leave it out to use the training run's 64)" in err
-    assert main(["evaluate", "--model", f"{run}/final", "--data-file", dev, "--max-new-tokens", "100",
-                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                f"{run}/final",
+                "--data-file",
+                dev,
+                "--max-new-tokens",
+                "100",
+                "--output-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "--max-new-tokens 100 exceeds the 64 decoder positions" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     # generate: the same refusal before the input is read, and the training run's lengths by default
     inp = tmp_path / "in.txt"
     inp.write_text(" ".join(["please come to the gas meeting"] * 40) + "\nthe budget\n", encoding="utf-8")
-    assert main(["generate", "--model", f"{run}/final", "--input", str(tmp_path / "missing.txt"),
-                 "--max-length", "65"]) == 2
+    assert (
+        main(["generate", "--model", f"{run}/final", "--input", str(tmp_path / "missing.txt"), "--max-length", "65"])
+        == 2
+    )
     assert "--max-length 65 exceeds the 64 positions" in capsys.readouterr().err
     out = tmp_path / "out.txt"
-    assert main(["generate", "--model", f"{run}/final", "--task", "summarization", "--input", str(inp),
-                 "--output", str(out), "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                f"{run}/final",
+                "--task",
+                "summarization",
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert "sources at 40 tokens (training run" in capsys.readouterr().err
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2
 
@@ -527,11 +811,39 @@ def test_train_refuses_a_length_beyond_the_model(tiny_models, tmp_path, capsys):
     cfg_path = os.path.join(tiny_models["tiny-seq2seq"], "config.json")
     limit = json.loads(open(cfg_path).read())["max_position_embeddings"]
     data = _write_emails(tmp_path / "t.jsonl", 4)
-    assert main(["train", "--model", tiny_models["tiny-seq2seq"], "--train-file", data, "--max-length",
-                 str(limit + 1), "--output-dir", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                tiny_models["tiny-seq2seq"],
+                "--train-file",
+                data,
+                "--max-length",
+                str(limit + 1),
+                "--output-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert f"--max-length {limit + 1} exceeds the {limit} positions" in capsys.readouterr().err
-    assert main(["train", "--init", "tiny-seq2seq", "--train-file", data, "--max-source-length", "0",
-                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--init",
+                "tiny-seq2seq",
+                "--train-file",
+                data,
+                "--max-source-length",
+                "0",
+                "--output-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "--max-source-length must be positive" in capsys.readouterr().err
 
 
@@ -545,15 +857,26 @@ def test_no_generate_warns_about_the_decoding_options(parallel, tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}", encoding="utf-8")
-    base = {"model": str(model), "source_file": parallel[0], "target_file": parallel[1], "generate": False,
-            "output_dir": str(tmp_path / "o")}
-    with pytest.warns(UserWarning, match=r"--num-beams 4, --objective spherical, --max-new-tokens-ratio 1\.0: no "
-                      r"effect with --no-generate"):
+    base = {
+        "model": str(model),
+        "source_file": parallel[0],
+        "target_file": parallel[1],
+        "generate": False,
+        "output_dir": str(tmp_path / "o"),
+    }
+    with pytest.warns(
+        UserWarning,
+        match=r"--num-beams 4, --objective spherical, --max-new-tokens-ratio 1\.0: no "
+        r"effect with --no-generate",
+    ):
         validate_settings(EvalSettings(**base, num_beams=4, objective="spherical", max_new_tokens_ratio=1.0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        validate_settings(EvalSettings(**base, fit_temperature=True, max_length=64, batch_size=4, dtype="float32",
-                                       device="cpu", progress=False))
+        validate_settings(
+            EvalSettings(
+                **base, fit_temperature=True, max_length=64, batch_size=4, dtype="float32", device="cpu", progress=False
+            )
+        )
         validate_settings(EvalSettings(**{**base, "generate": True}, num_beams=4, objective="spherical"))
         validate_settings(EvalSettings(**base, num_beams=4), warn=False)
 
@@ -564,15 +887,43 @@ def test_a_training_output_dir_as_model_points_to_its_model(parallel, tmp_path, 
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
     (run / "final" / "config.json").write_text("{}", encoding="utf-8")
-    assert main(["evaluate", "--model", str(run), "--source-file", parallel[0], "--target-file", parallel[1],
-                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(run),
+                "--source-file",
+                parallel[0],
+                "--target-file",
+                parallel[1],
+                "--output-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "holds no config.json" in err and f"pass the model it saved, --model {run / 'final'}" in err
     assert main(["generate", "--model", str(run), "--input", parallel[0]]) == 2
     assert f"--model {run / 'final'}" in capsys.readouterr().err
     # train fine-tunes from --model: the same check (properlm.modeling.check_model_source), the same hint
-    assert main(["train", "--model", str(run), "--source-file", parallel[0], "--target-file", parallel[1],
-                 "--output-dir", str(tmp_path / "t")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(run),
+                "--source-file",
+                parallel[0],
+                "--target-file",
+                parallel[1],
+                "--output-dir",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 2
+    )
     assert f"--model {run / 'final'}" in capsys.readouterr().err
 
 
@@ -588,8 +939,19 @@ def test_generate_warns_about_language_names_without_translation(tmp_path):
     args = build_parser().parse_args(["generate", "--model", str(model), "--source-lang", "German"])
     with pytest.warns(UserWarning, match="--source-lang German: no effect with --task raw"):
         generate._validate(args)
-    args = build_parser().parse_args(["generate", "--model", str(model), "--task", "translation", "--source-lang",
-                                      "German", "--target-lang", "English"])
+    args = build_parser().parse_args(
+        [
+            "generate",
+            "--model",
+            str(model),
+            "--task",
+            "translation",
+            "--source-lang",
+            "German",
+            "--target-lang",
+            "English",
+        ]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generate._validate(args)
@@ -622,8 +984,19 @@ def test_generate_says_what_it_cut_only_when_it_cut(tiny_models, tmp_path, capsy
     """No truncation line on a run that cuts nothing; with a long input, how many inputs were cut."""
     inp = tmp_path / "in.txt"
     inp.write_text("das haus\nich trinke wasser\n", encoding="utf-8")
-    common = ["generate", "--model", tiny_models["tiny-seq2seq"], "--input", str(inp), "--output",
-              str(tmp_path / "out.txt"), "--task", "translation", "--max-new-tokens", "2"]
+    common = [
+        "generate",
+        "--model",
+        tiny_models["tiny-seq2seq"],
+        "--input",
+        str(inp),
+        "--output",
+        str(tmp_path / "out.txt"),
+        "--task",
+        "translation",
+        "--max-new-tokens",
+        "2",
+    ]
     assert main(common) == 0
     assert "cut" not in capsys.readouterr().err
     inp.write_text("das haus\n" + " ".join(["wasser"] * 40) + "\n", encoding="utf-8")
@@ -635,10 +1008,24 @@ def test_generate_says_what_it_cut_only_when_it_cut(tiny_models, tmp_path, capsy
 def test_evaluate_table_counts_prompts_cut_at_max_length():
     from properlm.evaluation.report import markdown_table
 
-    results = {"num_examples": 10, "teacher_forced": {"num_tokens": 5, "perplexity": 2.0, "token_accuracy": 0.5,
-                                                      "ece": 0.1, "num_bins": 15, "mean_scores": {}},
-               "truncation": {"max_length": 64, "max_length_from": "--max-length", "max_source_length": None,
-                              "num_sources_cut": 0, "num_prompts_over_max_length": 3}}
+    results = {
+        "num_examples": 10,
+        "teacher_forced": {
+            "num_tokens": 5,
+            "perplexity": 2.0,
+            "token_accuracy": 0.5,
+            "ece": 0.1,
+            "num_bins": 15,
+            "mean_scores": {},
+        },
+        "truncation": {
+            "max_length": 64,
+            "max_length_from": "--max-length",
+            "max_source_length": None,
+            "num_sources_cut": 0,
+            "num_prompts_over_max_length": 3,
+        },
+    }
     table = markdown_table(results)
     assert "| prompts cut at max length | 3 of 10 examples" in table
     results["truncation"]["num_prompts_over_max_length"] = 0
@@ -660,19 +1047,60 @@ def test_bf16_on_a_cpu_without_native_bf16_says_so_before_the_work(tiny_models, 
     assert message is not None and "27x slower than float32" in message and "drop --bf16" in message
     assert torch.backends.cpu.get_cpu_capability() in message
     assert precision.slow_bf16_warning(torch.device("meta")) is None
-    settings = EvalSettings(model=tiny_models["tiny-gpt"], source_file=parallel[0], target_file=parallel[1],
-                            device="cpu", bf16=True, output_dir=str(tmp_path / "e"))
+    settings = EvalSettings(
+        model=tiny_models["tiny-gpt"],
+        source_file=parallel[0],
+        target_file=parallel[1],
+        device="cpu",
+        bf16=True,
+        output_dir=str(tmp_path / "e"),
+    )
     with pytest.warns(UserWarning, match="no native bfloat16 matrix multiply"):
         validate_settings(settings)
     inp = tmp_path / "in.txt"
     inp.write_text("das haus\n", encoding="utf-8")
-    gen = ["generate", "--model", tiny_models["tiny-gpt"], "--input", str(inp), "--output", str(tmp_path / "o.txt"),
-           "--task", "translation", "--max-new-tokens", "1", "--device", "cpu", "--bf16"]
+    gen = [
+        "generate",
+        "--model",
+        tiny_models["tiny-gpt"],
+        "--input",
+        str(inp),
+        "--output",
+        str(tmp_path / "o.txt"),
+        "--task",
+        "translation",
+        "--max-new-tokens",
+        "1",
+        "--device",
+        "cpu",
+        "--bf16",
+    ]
     with pytest.warns(UserWarning, match="drop --bf16 to run generate in float32"):
         assert main(gen) == 0
-    train = ["train", "--init", "tiny-gpt", "--source-file", parallel[0], "--target-file", parallel[1],
-             "--vocab-size", "260", "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2", "--max-steps",
-             "1", "--bf16", "--output-dir", str(tmp_path / "t"), "--no-tensorboard", "--no-progress-bar"]
+    train = [
+        "train",
+        "--init",
+        "tiny-gpt",
+        "--source-file",
+        parallel[0],
+        "--target-file",
+        parallel[1],
+        "--vocab-size",
+        "260",
+        "--hidden-size",
+        "16",
+        "--num-layers",
+        "1",
+        "--num-heads",
+        "2",
+        "--max-steps",
+        "1",
+        "--bf16",
+        "--output-dir",
+        str(tmp_path / "t"),
+        "--no-tensorboard",
+        "--no-progress-bar",
+    ]
     with pytest.warns(UserWarning, match="drop --bf16 to run training in float32"):
         assert main(train) == 0
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
@@ -680,11 +1108,16 @@ def test_bf16_on_a_cpu_without_native_bf16_says_so_before_the_work(tiny_models, 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         validate_settings(settings)
-@pytest.mark.parametrize("command", [
-    ["train", "--train-file", "data.jsonl"],
-    ["evaluate", "--data-file", "data.jsonl", "--output-dir", "eval"],
-    ["generate", "--input", "data.jsonl"],
-])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--train-file", "data.jsonl"],
+        ["evaluate", "--data-file", "data.jsonl", "--output-dir", "eval"],
+        ["generate", "--input", "data.jsonl"],
+    ],
+)
 def test_a_mistyped_model_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, capsys, command):
     """`--model runs/smol` (a typo: `runs/` exists here) used to be taken as a hub id: half a minute of retries,
     then "Check your internet connection". A path-like --model that does not exist is now one line, exit 2,
@@ -693,8 +1126,9 @@ def test_a_mistyped_model_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, 
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "small").mkdir(parents=True)
-    (tmp_path / "data.jsonl").write_text('{"instruction": "Say one.", "input": "", "output": "one"}\n',
-                                         encoding="utf-8")
+    (tmp_path / "data.jsonl").write_text(
+        '{"instruction": "Say one.", "input": "", "output": "one"}\n', encoding="utf-8"
+    )
 
     def no_loading(*args, **kwargs):
         raise AssertionError("loaded a model")
@@ -704,8 +1138,9 @@ def test_a_mistyped_model_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, 
     monkeypatch.setattr("properlm.cli.generate.load_model_and_tokenizer", no_loading)
     assert main([*command, "--model", "runs/smol"]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == [f"properlm {command[0]}: error: model directory 'runs/smol' does not exist "
-                                "(did you mean 'runs/small'?)"]
+    assert err.splitlines() == [
+        f"properlm {command[0]}: error: model directory 'runs/smol' does not exist (did you mean 'runs/small'?)"
+    ]
     assert main([*command, "--model", str(tmp_path / "runs" / "gone" / "final")]) == 2
     assert "does not exist" in capsys.readouterr().err
     from properlm.modeling import looks_like_a_path
@@ -723,8 +1158,17 @@ def test_generate_from_a_terminal_says_how_the_input_ends(tiny_models, tmp_path,
         def isatty(self) -> bool:
             return True
 
-    argv = ["generate", "--model", tiny_models["tiny-gpt"], "--task", "translation", "--max-new-tokens", "1",
-            "--output", str(tmp_path / "out.txt")]
+    argv = [
+        "generate",
+        "--model",
+        tiny_models["tiny-gpt"],
+        "--task",
+        "translation",
+        "--max-new-tokens",
+        "1",
+        "--output",
+        str(tmp_path / "out.txt"),
+    ]
     monkeypatch.setattr("sys.stdin", Terminal("das haus\n"))
     assert main(argv) == 0
     assert "end with Ctrl-D" in capsys.readouterr().err

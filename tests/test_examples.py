@@ -26,9 +26,11 @@ EXPECTED = {
     "rule_schedule.py": r"switches \(step, rule\): \[\(0, 'logarithmic'\), \(4, 'brier'\)\].*step 6  brier",
     "evaluation_calibration.py": r"fitted on validation: T = 2\.[3-7].*wrote .*reliability\.png",
     # a seq2seq model learns the made-up subjects (ROUGE-1 above 20 with either beam objective)
-    "summarisation.py": (r"switches \(step, rule\): \[\(0, 'logarithmic'\), \(40, 'spherical'\)\]"
-                         r".*logarithmic objective: ROUGE-1 ([2-9][0-9]|100)\.[0-9].*multi-reference"
-                         r".*spherical objective: ROUGE-1 ([2-9][0-9]|100)\.[0-9]"),
+    "summarisation.py": (
+        r"switches \(step, rule\): \[\(0, 'logarithmic'\), \(40, 'spherical'\)\]"
+        r".*logarithmic objective: ROUGE-1 ([2-9][0-9]|100)\.[0-9].*multi-reference"
+        r".*spherical objective: ROUGE-1 ([2-9][0-9]|100)\.[0-9]"
+    ),
     "mixture_rule.py": r"mixture loss ([0-9.]+) = sum of weighted component losses \1",
     "torchrun_data_parallel.py": r"2 processes, replicas identical after training",
     "vocab_parallel.py": r"(?=.*rank 0: ids \[0, 500\), loss)(?=.*rank 1: ids \[500, 1000\), loss)",
@@ -55,8 +57,7 @@ def test_example(name, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(n for n in EXPECTED if _is_torchrun(EXAMPLES / n)))
 def test_torchrun_example(name, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(EXAMPLES / name)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXAMPLES / name)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

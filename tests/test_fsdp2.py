@@ -22,19 +22,31 @@ from properlm.dtensor import is_dtensor
 
 WORLD = 2
 #: (rule, smoothing, fused, tied embeddings, lm_head its own FSDP unit)
-CASES = [("brier", 0.1, True, False, False), ("brier", 0.1, False, False, False),
-         ("spherical", 0.1, True, False, False), ("spherical", 0.0, False, False, False),
-         ("spherical", 0.1, True, True, False), ("brier", 0.1, True, False, True),
-         ("spherical", 0.1, False, False, True)]
+CASES = [
+    ("brier", 0.1, True, False, False),
+    ("brier", 0.1, False, False, False),
+    ("spherical", 0.1, True, False, False),
+    ("spherical", 0.0, False, False, False),
+    ("spherical", 0.1, True, True, False),
+    ("brier", 0.1, True, False, True),
+    ("spherical", 0.1, False, False, True),
+]
 TOL = 1e-5
 
 
 def _tiny_llama(tied: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tied)
+    config = LlamaConfig(
+        vocab_size=301,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).float()
 
@@ -87,8 +99,9 @@ def _case(failures: list[str], rank: int, rule: str, eps: float, fused: bool, ti
     for name, p in model.named_parameters():
         checks += 1
         if p.grad is None or ref_grads[name] is None:
-            failures.append(f"{tag} {name}: gradient missing (FSDP {p.grad is None}, reference "
-                            f"{ref_grads[name] is None})")
+            failures.append(
+                f"{tag} {name}: gradient missing (FSDP {p.grad is None}, reference {ref_grads[name] is None})"
+            )
             continue
         grad = p.grad.full_tensor()
         scale = float(ref_grads[name].abs().max())

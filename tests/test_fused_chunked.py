@@ -29,7 +29,6 @@ def _data(n=N, h=H, v=V, seed=0, scale=1.0, ignore_frac=0.2, bias=True, lead=Non
     return hidden, weight, b, target
 
 
-
 def _leaves(hidden, weight, bias, dtype):
     out = [t.detach().to(dtype).clone().requires_grad_(True) for t in (hidden, weight)]
     out.append(None if bias is None else bias.detach().to(dtype).clone().requires_grad_(True))
@@ -86,8 +85,19 @@ def test_matches_unfused(rule, smoothing, reduction, bias):
 def test_float64_is_exact_and_matches_naive_reference(rule, smoothing):
     hidden, weight, b, target = _data(seed=11)
     w = _upstream(target, "none")
-    loss, grads = _run(_fused, hidden, weight, b, target, torch.float64, w, rule=rule, smoothing=smoothing,
-                       reduction="none", chunk_size=5)
+    loss, grads = _run(
+        _fused,
+        hidden,
+        weight,
+        b,
+        target,
+        torch.float64,
+        w,
+        rule=rule,
+        smoothing=smoothing,
+        reduction="none",
+        chunk_size=5,
+    )
     assert loss.dtype == torch.float64
 
     def naive(h, W, b_, t, **kw):
@@ -120,8 +130,9 @@ def test_row_blocks_and_masked_vocabulary(rule, reduction, monkeypatch):
 
 def test_leading_dimensions_and_reduction_none_shape():
     hidden, weight, b, target = _data(lead=(3, 7))
-    out = fused_linear_scoring_rule_loss(hidden.float(), weight.float(), target, "brier", bias=b.float(),
-                                         reduction="none", chunk_size=4)
+    out = fused_linear_scoring_rule_loss(
+        hidden.float(), weight.float(), target, "brier", bias=b.float(), reduction="none", chunk_size=4
+    )
     ref = scoring_rule_loss(hidden.float() @ weight.float().T + b.float(), target, "brier", reduction="none")
     assert out.shape == target.shape == (3, 7)
     assert bool((out[target == -100] == 0).all())
@@ -138,8 +149,9 @@ def test_num_items_in_batch(num_items):
     assert rel_err(loss, ref) <= 1e-5
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r) <= 1e-5
-    total, _ = _run(_fused, hidden, weight, b, target, torch.float32, w, rule="spherical", smoothing=0.1,
-                    reduction="sum")
+    total, _ = _run(
+        _fused, hidden, weight, b, target, torch.float32, w, rule="spherical", smoothing=0.1, reduction="sum"
+    )
     assert rel_err(loss, total / 17) <= 1e-6
 
 
@@ -215,8 +227,7 @@ def test_module_matches_functional():
     crit = LinearScoringRuleLoss("pseudo-spherical:1.5", smoothing=0.1, reduction="sum", chunk_size=3)
     assert "pseudo-spherical:1.5" in repr(crit) and "chunk_size=3" in repr(crit)
     out = crit(h, W, target, bias=bb)
-    ref = fused_linear_scoring_rule_loss(h, W, target, "pseudo-spherical:1.5", bias=bb, smoothing=0.1,
-                                         reduction="sum")
+    ref = fused_linear_scoring_rule_loss(h, W, target, "pseudo-spherical:1.5", bias=bb, smoothing=0.1, reduction="sum")
     assert rel_err(out, ref) <= 1e-6
     assert properlm.fused.fused_linear_scoring_rule_loss is fused_linear_scoring_rule_loss
 

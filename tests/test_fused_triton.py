@@ -50,7 +50,7 @@ def _worker(device: str = "cpu") -> dict[str, dict[str, float]]:
         w = torch.randn(V, H, generator=g, dtype=torch.float64) * (2.0 / H**0.5)
         b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
         if masked_vocab:
-            b[V - 3:] = -float("inf")  # vocabulary entries with probability 0
+            b[V - 3 :] = -float("inf")  # vocabulary entries with probability 0
         y = torch.randint(V - 3, (N,), generator=g)
         y[torch.rand(N, generator=g) < 0.25] = -100
         return h, w, b, y
@@ -135,8 +135,11 @@ def _worker(device: str = "cpu") -> dict[str, dict[str, float]]:
         stats, _ = TritonChunkBackend().stats(h32, w32, b32, y.to(dev), spec, 0.1)
         ref, _, _ = compute_stats(chunk_logits(h, w, b), y, spec, 0.1)
         key = f"{rule}|statistics"
-        out[key] = {"z_y": rel_err(stats.z_y, ref.z_y), "max_logit": rel_err(stats.max_logit, ref.max_logit),
-                    "num_classes": rel_err(stats.num_classes, ref.num_classes)}
+        out[key] = {
+            "z_y": rel_err(stats.z_y, ref.z_y),
+            "max_logit": rel_err(stats.max_logit, ref.max_logit),
+            "num_classes": rel_err(stats.num_classes, ref.num_classes),
+        }
         for c in ref.lse:
             out[key][f"lse[{c}]"] = rel_err(stats.lse[c], ref.lse[c])
         for f in ("sum_z", "masked_sum_z", "masked_count"):
@@ -172,10 +175,13 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-@pytest.fixture(scope="module", params=[
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not _has_cuda(), reason="compiled kernels need a CUDA GPU")),
-])
+@pytest.fixture(
+    scope="module",
+    params=[
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not _has_cuda(), reason="compiled kernels need a CUDA GPU")),
+    ],
+)
 def results(request) -> dict[str, dict[str, float]]:
     """The worker's comparisons: under the interpreter on the CPU, and compiled on a GPU when there is one."""
     pytest.importorskip("triton", reason="triton is an optional dependency (pip install properlm[triton])")
@@ -184,8 +190,13 @@ def results(request) -> dict[str, dict[str, float]]:
     env.pop("TRITON_INTERPRET", None)
     if request.param == "cpu":
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), request.param], capture_output=True,
-                          text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), request.param],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["_device"] = request.param

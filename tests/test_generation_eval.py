@@ -33,8 +33,14 @@ class EchoModel(torch.nn.Module):
         self.calls: list[dict] = []
 
     def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
-        self.calls.append({"rows": input_ids.shape[0], "width": input_ids.shape[1], "max_new_tokens": max_new_tokens,
-                           "lengths": attention_mask.sum(1).tolist()})
+        self.calls.append(
+            {
+                "rows": input_ids.shape[0],
+                "width": input_ids.shape[1],
+                "max_new_tokens": max_new_tokens,
+                "lengths": attention_mask.sum(1).tolist(),
+            }
+        )
         assert bool((attention_mask[:, -1] == 1).all()), "decoder-only prompts must be left padded"
         new = []
         for row in input_ids:
@@ -66,9 +72,16 @@ def test_batches_stop_at_the_cap_and_come_back_in_input_order():
     lengths = [3, 9, 5, 7, 2, 8]
     prompts = [[5] * (n - 1) + [10 + 2 * i] for i, n in enumerate(lengths)]
     sources = [n - 1 for n in lengths]
-    hyps, stats = decode_prompts_with_stats(model, tok, prompts, batch_size=2, max_new_tokens=50,
-                                            max_new_tokens_ratio=0.5, max_new_tokens_offset=1,
-                                            source_lengths=sources)
+    hyps, stats = decode_prompts_with_stats(
+        model,
+        tok,
+        prompts,
+        batch_size=2,
+        max_new_tokens=50,
+        max_new_tokens_ratio=0.5,
+        max_new_tokens_offset=1,
+        source_lengths=sources,
+    )
     # batches of similar length, longest first: prompts (1, 5), (3, 2), (0, 4)
     assert [c["lengths"] for c in model.calls] == [[9, 8], [7, 5], [3, 2]]
     expected_caps = [math.ceil(0.5 * max(sources[a], sources[b]) + 1) for a, b in ((1, 5), (3, 2), (0, 4))]
@@ -81,8 +94,9 @@ def test_batches_stop_at_the_cap_and_come_back_in_input_order():
     assert stats.to_dict()["num_at_cap"] == 6 and stats.to_dict()["max_cap"] == 5
     # without a ratio every batch may use max_new_tokens; the plain function returns the same order
     model.calls.clear()
-    assert decode_prompts(model, tok, prompts, batch_size=4, max_new_tokens=3) == \
-        [" ".join([str(10 + 2 * i)] * 3) for i in range(len(prompts))]
+    assert decode_prompts(model, tok, prompts, batch_size=4, max_new_tokens=3) == [
+        " ".join([str(10 + 2 * i)] * 3) for i in range(len(prompts))
+    ]
     assert [c["max_new_tokens"] for c in model.calls] == [3, 3]
 
 
@@ -94,13 +108,16 @@ def test_hypotheses_that_end_with_eos_are_not_at_the_cap():
     assert stats.at_cap == [False, True, False] and stats.caps == [6, 6, 6]
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"max_new_tokens_ratio": 0.0}, "max_new_tokens_ratio must be a positive finite number"),
-    ({"max_new_tokens_ratio": float("inf")}, "max_new_tokens_ratio must be a positive finite number"),
-    ({"max_new_tokens_offset": 3}, "max_new_tokens_offset .3. only applies with max_new_tokens_ratio"),
-    ({"max_new_tokens_ratio": 1.0, "max_new_tokens_offset": -1}, "max_new_tokens_offset must be a non-negative"),
-    ({"max_new_tokens_ratio": 1.0, "source_lengths": [1]}, "source_lengths has 1 entries but there are 2 prompts"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_new_tokens_ratio": 0.0}, "max_new_tokens_ratio must be a positive finite number"),
+        ({"max_new_tokens_ratio": float("inf")}, "max_new_tokens_ratio must be a positive finite number"),
+        ({"max_new_tokens_offset": 3}, "max_new_tokens_offset .3. only applies with max_new_tokens_ratio"),
+        ({"max_new_tokens_ratio": 1.0, "max_new_tokens_offset": -1}, "max_new_tokens_offset must be a non-negative"),
+        ({"max_new_tokens_ratio": 1.0, "source_lengths": [1]}, "source_lengths has 1 entries but there are 2 prompts"),
+    ],
+)
 def test_bad_cap_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         decode_prompts(EchoModel(), EchoTokenizer(), [[2], [3]], **kwargs)
@@ -117,8 +134,13 @@ def tiny(tmp_path_factory):
     from properlm.modeling import load_model_and_tokenizer
 
     root = tmp_path_factory.mktemp("tiny")
-    model, tok = load_model_and_tokenizer(init="tiny-gpt", train_texts=SRC + TGT, vocab_size=300, seed=0,
-                                          init_options={"hidden_size": 16, "num_layers": 1, "num_heads": 2})
+    model, tok = load_model_and_tokenizer(
+        init="tiny-gpt",
+        train_texts=SRC + TGT,
+        vocab_size=300,
+        seed=0,
+        init_options={"hidden_size": 16, "num_layers": 1, "num_heads": 2},
+    )
     model.save_pretrained(root / "m")
     tok.save_pretrained(root / "m")
     src, tgt = root / "s.de", root / "s.en"
@@ -131,10 +153,38 @@ def test_evaluate_caps_by_source_length_and_scores_two_temperatures(tiny, tmp_pa
     from transformers import AutoTokenizer
 
     model, src, tgt = tiny
-    base = ["evaluate", "--model", model, "--source-file", src, "--target-file", tgt, "--batch-size", "2",
-            "--max-length", "64", "--no-progress"]
-    assert main([*base, "--max-new-tokens", "40", "--max-new-tokens-ratio", "0.5", "--max-new-tokens-offset", "1",
-                 "--also-temperature", "2.0", "--output-dir", str(tmp_path / "a")]) == 0
+    base = [
+        "evaluate",
+        "--model",
+        model,
+        "--source-file",
+        src,
+        "--target-file",
+        tgt,
+        "--batch-size",
+        "2",
+        "--max-length",
+        "64",
+        "--no-progress",
+    ]
+    assert (
+        main(
+            [
+                *base,
+                "--max-new-tokens",
+                "40",
+                "--max-new-tokens-ratio",
+                "0.5",
+                "--max-new-tokens-offset",
+                "1",
+                "--also-temperature",
+                "2.0",
+                "--output-dir",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| new-token cap" in out and "| ECE at T=2.000 (%)" in out
     res = json.loads((tmp_path / "a" / "results.json").read_text())
@@ -164,16 +214,34 @@ def test_evaluate_caps_by_source_length_and_scores_two_temperatures(tiny, tmp_pa
     assert scaled["mean_log_prob"] != pytest.approx(t1["mean_log_prob"], rel=1e-3)
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--max-new-tokens-offset", "5"], "--max-new-tokens-offset 5 needs --max-new-tokens-ratio"),
-    (["--max-new-tokens-ratio", "-1"], "--max-new-tokens-ratio must be a positive finite number"),
-    (["--max-new-tokens-ratio", "1", "--max-new-tokens-offset", "-2"], "--max-new-tokens-offset must be a non-neg"),
-    (["--also-temperature", "0"], "--also-temperature must be a positive finite number"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max-new-tokens-offset", "5"], "--max-new-tokens-offset 5 needs --max-new-tokens-ratio"),
+        (["--max-new-tokens-ratio", "-1"], "--max-new-tokens-ratio must be a positive finite number"),
+        (["--max-new-tokens-ratio", "1", "--max-new-tokens-offset", "-2"], "--max-new-tokens-offset must be a non-neg"),
+        (["--also-temperature", "0"], "--also-temperature must be a positive finite number"),
+    ],
+)
 def test_bad_cap_and_temperature_options(tiny, tmp_path, capsys, extra, message):
     model, src, tgt = tiny
-    assert main(["evaluate", "--model", model, "--source-file", src, "--target-file", tgt,
-                 "--output-dir", str(tmp_path / "o"), *extra]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                model,
+                "--source-file",
+                src,
+                "--target-file",
+                tgt,
+                "--output-dir",
+                str(tmp_path / "o"),
+                *extra,
+            ]
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -182,15 +250,40 @@ def test_generate_with_a_cap_keeps_the_input_order(tiny, tmp_path, capsys):
     model, _, _ = tiny
     inp, out = tmp_path / "in.txt", tmp_path / "out.txt"
     inp.write_text("\n".join(SRC) + "\n", encoding="utf-8")
-    common = ["generate", "--model", model, "--input", str(inp), "--task", "translation", "--max-new-tokens", "6",
-              "--max-length", "64"]
+    common = [
+        "generate",
+        "--model",
+        model,
+        "--input",
+        str(inp),
+        "--task",
+        "translation",
+        "--max-new-tokens",
+        "6",
+        "--max-length",
+        "64",
+    ]
     assert main([*common, "--output", str(out), "--batch-size", "1"]) == 0
     one_by_one = out.read_text(encoding="utf-8").splitlines()
     assert main([*common, "--output", str(out), "--batch-size", "1", "--max-new-tokens-ratio", "10"]) == 0
     assert out.read_text(encoding="utf-8").splitlines() == one_by_one  # a cap above 6 changes nothing
     # cap ceil(0.01 * L + 2) = 3 tokens: greedy search gives the first 3 of the 6 tokens of each input
-    assert main([*common, "--output", str(out), "--batch-size", "1", "--max-new-tokens-ratio", "0.01",
-                 "--max-new-tokens-offset", "2"]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--output",
+                str(out),
+                "--batch-size",
+                "1",
+                "--max-new-tokens-ratio",
+                "0.01",
+                "--max-new-tokens-offset",
+                "2",
+            ]
+        )
+        == 0
+    )
     capped = out.read_text(encoding="utf-8").splitlines()
     assert len(capped) == 4 and capped != one_by_one
     for full, short in zip(one_by_one, capped):

@@ -18,86 +18,259 @@ import properlm
 #: the names defined in src/properlm/training.py before the split (its __all__, the other public names, then the
 #: private helpers that tests and scripts may reach for)
 TRAINING_ALL = [
-    "EVAL_RULES", "LR_SCHEDULERS", "ConfigError", "TrainConfig", "average_checkpoints", "config_fields", "eval_rules",
-    "find_checkpoints", "load_yaml_config", "make_config", "run_training", "validate_config", "write_training_record",
+    "EVAL_RULES",
+    "LR_SCHEDULERS",
+    "ConfigError",
+    "TrainConfig",
+    "average_checkpoints",
+    "config_fields",
+    "eval_rules",
+    "find_checkpoints",
+    "load_yaml_config",
+    "make_config",
+    "run_training",
+    "validate_config",
+    "write_training_record",
 ]
 TRAINING_OTHER_PUBLIC = ["EpochSeededLengthGroupedSampler", "PAPER_SMOOTHING_WARN_VOCAB", "smoothing_warning"]
 TRAINING_PRIVATE = [
-    "_EVAL_CHUNK_ELEMENTS", "_CHECKPOINT_RE", "_opt", "_coerce", "_parse_schedule", "_check_precision", "_check_file",
-    "_check_improper", "_weights_file", "_load_averaged", "_score_sums", "_make_trainer_class", "_score_metrics",
-    "_metrics_callback", "_tensorboard_available", "_load_data", "_sampling_arguments", "_training_arguments",
-    "_build_model", "_record_gguf_base", "_gguf_base_callback", "_training_record_callback", "_apply_lora",
-    "_final_eval", "_warn_if_fsdp_ignored", "_vocab_size",
+    "_EVAL_CHUNK_ELEMENTS",
+    "_CHECKPOINT_RE",
+    "_opt",
+    "_coerce",
+    "_parse_schedule",
+    "_check_precision",
+    "_check_file",
+    "_check_improper",
+    "_weights_file",
+    "_load_averaged",
+    "_score_sums",
+    "_make_trainer_class",
+    "_score_metrics",
+    "_metrics_callback",
+    "_tensorboard_available",
+    "_load_data",
+    "_sampling_arguments",
+    "_training_arguments",
+    "_build_model",
+    "_record_gguf_base",
+    "_gguf_base_callback",
+    "_training_record_callback",
+    "_apply_lora",
+    "_final_eval",
+    "_warn_if_fsdp_ignored",
+    "_vocab_size",
 ]
 
 #: the same for src/properlm/integrations/transformers.py
 TRANSFORMERS_ALL = [
-    "ScoringRuleHandle", "ScoringRuleLossFunc", "apply_improper_loss", "apply_scoring_rule", "is_scoring_rule_applied",
-    "linear_scoring_rule_loss", "remove_scoring_rule", "scoring_rule_loss_func",
+    "ScoringRuleHandle",
+    "ScoringRuleLossFunc",
+    "apply_improper_loss",
+    "apply_scoring_rule",
+    "is_scoring_rule_applied",
+    "linear_scoring_rule_loss",
+    "remove_scoring_rule",
+    "scoring_rule_loss_func",
 ]
 TRANSFORMERS_PRIVATE = [
-    "_HEAD_TRANSFORM_CONFIG", "_METRIC_CHUNK_ELEMENTS", "_LOGARITHMIC", "_fused_impl", "_align", "_check_aligned",
-    "_config_of", "_is_encoder_decoder", "_text_config", "_Call", "_PatchState", "_trl_metrics", "_kwargs_from_args",
-    "_ModelPreHook", "_HeadPreHook", "_ModelPostHook", "_with_loss", "_base_model", "_output_head", "_SOURCE_CACHE",
-    "_class_source", "_reads_config", "_head_transform", "_check_fusable", "_restore_attrs", "_HOOK_TYPES",
+    "_HEAD_TRANSFORM_CONFIG",
+    "_METRIC_CHUNK_ELEMENTS",
+    "_LOGARITHMIC",
+    "_fused_impl",
+    "_align",
+    "_check_aligned",
+    "_config_of",
+    "_is_encoder_decoder",
+    "_text_config",
+    "_Call",
+    "_PatchState",
+    "_trl_metrics",
+    "_kwargs_from_args",
+    "_ModelPreHook",
+    "_HeadPreHook",
+    "_ModelPostHook",
+    "_with_loss",
+    "_base_model",
+    "_output_head",
+    "_SOURCE_CACHE",
+    "_class_source",
+    "_reads_config",
+    "_head_transform",
+    "_check_fusable",
+    "_restore_attrs",
+    "_HOOK_TYPES",
     "_strip_hooks",
 ]
 
 #: the same for src/properlm/evaluation.py
 EVALUATION_ALL = [
-    "DEFAULT_MAX_LENGTH", "DTYPES", "RESULTS_KIND", "EvalError", "EvalSettings", "LengthLimits", "ScoredHiddenStates",
+    "DEFAULT_MAX_LENGTH",
+    "DTYPES",
+    "RESULTS_KIND",
+    "EvalError",
+    "EvalSettings",
+    "LengthLimits",
+    "ScoredHiddenStates",
     "format_value",
-    "markdown_table", "mixed_precision", "parse_rules", "resolve_device", "resolve_languages", "resolve_lengths",
+    "markdown_table",
+    "mixed_precision",
+    "parse_rules",
+    "resolve_device",
+    "resolve_languages",
+    "resolve_lengths",
     "run_evaluation",
     "teacher_forced_metrics",
-    "torch_dtype", "validate_decoding", "validate_new_token_cap", "validate_settings",
+    "torch_dtype",
+    "validate_decoding",
+    "validate_new_token_cap",
+    "validate_settings",
 ]
 EVALUATION_PRIVATE = [
-    "_check_output_dir", "_tqdm", "_versions", "_fit_temperature", "_tf_dict", "_config_seq2seq", "_json_safe", "_fmt",
+    "_check_output_dir",
+    "_tqdm",
+    "_versions",
+    "_fit_temperature",
+    "_tf_dict",
+    "_config_seq2seq",
+    "_json_safe",
+    "_fmt",
     "_pct",
 ]
 
 #: the same for src/properlm/metrics.py, src/properlm/decoding.py and src/properlm/generation_eval.py
 METRICS_ALL = [
-    "DEFAULT_NUM_BINS", "DEFAULT_TEMPERATURES", "CalibrationBin", "EvalMetrics", "MetricsAccumulator", "TemperatureFit",
-    "TemperatureScan", "calibration_bins", "check_temperature", "expected_calibration_error", "perplexity",
-    "reliability_diagram", "token_level_outputs",
+    "DEFAULT_NUM_BINS",
+    "DEFAULT_TEMPERATURES",
+    "CalibrationBin",
+    "EvalMetrics",
+    "MetricsAccumulator",
+    "TemperatureFit",
+    "TemperatureScan",
+    "calibration_bins",
+    "check_temperature",
+    "expected_calibration_error",
+    "perplexity",
+    "reliability_diagram",
+    "token_level_outputs",
 ]
 METRICS_PRIVATE = [
-    "_CHUNK_ELEMENTS", "_LOG", "_unique_rules", "_scored_rows", "_bin_index", "_check_bins", "_bins_from_sums",
-    "_ece_from_sums", "_bin_sums", "_check_calibration_inputs", "_FLOAT32_MIN", "_hermite_max",
+    "_CHUNK_ELEMENTS",
+    "_LOG",
+    "_unique_rules",
+    "_scored_rows",
+    "_bin_index",
+    "_check_bins",
+    "_bins_from_sums",
+    "_ece_from_sums",
+    "_bin_sums",
+    "_check_calibration_inputs",
+    "_FLOAT32_MIN",
+    "_hermite_max",
 ]
 DECODING_ALL = ["ScoringRuleObjective", "all_token_scores"]
 GENERATION_EVAL_ALL = [
-    "ROUGE_TYPES", "DecodeStats", "check_new_token_cap", "decode_prompts", "decode_prompts_with_stats",
-    "generation_metrics", "new_token_cap", "one_line", "rouge_per_example", "rouge_version", "summarization_metrics",
+    "ROUGE_TYPES",
+    "DecodeStats",
+    "check_new_token_cap",
+    "decode_prompts",
+    "decode_prompts_with_stats",
+    "generation_metrics",
+    "new_token_cap",
+    "one_line",
+    "rouge_per_example",
+    "rouge_version",
+    "summarization_metrics",
     "translation_metrics",
 ]
 GENERATION_EVAL_PRIVATE = ["_LANG_CODES", "_pad_id", "_check_pairs"]
 
 #: the same for src/properlm/data.py (now the package properlm.data)
 DATA_ALL = [
-    "IGNORE_INDEX", "INSTRUCTION_TEMPLATE", "INSTRUCTION_TEMPLATE_NO_INPUT", "SUMMARIZATION_TEMPLATE", "TASKS",
-    "TRANSLATION_TEMPLATE", "DataCollator", "DataError", "Example", "build_prompt", "detect_task", "encode_prompt",
-    "load_examples", "read_instruction_file", "read_parallel_files", "read_summarization_file", "split_validation",
-    "tokenize_example", "tokenize_examples", "truncate_source",
+    "IGNORE_INDEX",
+    "INSTRUCTION_TEMPLATE",
+    "INSTRUCTION_TEMPLATE_NO_INPUT",
+    "SUMMARIZATION_TEMPLATE",
+    "TASKS",
+    "TRANSLATION_TEMPLATE",
+    "DataCollator",
+    "DataError",
+    "Example",
+    "build_prompt",
+    "detect_task",
+    "encode_prompt",
+    "load_examples",
+    "read_instruction_file",
+    "read_parallel_files",
+    "read_summarization_file",
+    "split_validation",
+    "tokenize_example",
+    "tokenize_examples",
+    "truncate_source",
 ]
 DATA_PRIVATE = [
-    "_REQUIRED", "_OPTIONAL", "_name", "_check_file", "_lines", "_json_records", "_json_array_records",
-    "_record_fields", "_read_json_task", "_has_chat_template", "_plain_prompt", "_user_message", "_ids",
-    "_source_field", "_cut_text", "_prompt_ids", "_target_ids",
+    "_REQUIRED",
+    "_OPTIONAL",
+    "_name",
+    "_check_file",
+    "_lines",
+    "_json_records",
+    "_json_array_records",
+    "_record_fields",
+    "_read_json_task",
+    "_has_chat_template",
+    "_plain_prompt",
+    "_user_message",
+    "_ids",
+    "_source_field",
+    "_cut_text",
+    "_prompt_ids",
+    "_target_ids",
 ]
 #: the submodule of properlm.data that defines each of its names
 DATA_MODULES = {
-    "reading": ["TASKS", "DataError", "Example", "detect_task", "load_examples", "read_instruction_file",
-                "read_parallel_files", "read_summarization_file", "split_validation", "_REQUIRED", "_OPTIONAL",
-                "_name", "_check_file", "_lines", "_json_records", "_json_array_records", "_record_fields",
-                "_read_json_task"],
-    "prompts": ["INSTRUCTION_TEMPLATE", "INSTRUCTION_TEMPLATE_NO_INPUT", "SUMMARIZATION_TEMPLATE",
-                "TRANSLATION_TEMPLATE", "build_prompt", "truncate_source", "_has_chat_template", "_plain_prompt",
-                "_user_message", "_ids", "_source_field", "_cut_text"],
-    "tokenization": ["IGNORE_INDEX", "encode_prompt", "tokenize_example", "tokenize_examples", "_prompt_ids",
-                     "_target_ids"],
+    "reading": [
+        "TASKS",
+        "DataError",
+        "Example",
+        "detect_task",
+        "load_examples",
+        "read_instruction_file",
+        "read_parallel_files",
+        "read_summarization_file",
+        "split_validation",
+        "_REQUIRED",
+        "_OPTIONAL",
+        "_name",
+        "_check_file",
+        "_lines",
+        "_json_records",
+        "_json_array_records",
+        "_record_fields",
+        "_read_json_task",
+    ],
+    "prompts": [
+        "INSTRUCTION_TEMPLATE",
+        "INSTRUCTION_TEMPLATE_NO_INPUT",
+        "SUMMARIZATION_TEMPLATE",
+        "TRANSLATION_TEMPLATE",
+        "build_prompt",
+        "truncate_source",
+        "_has_chat_template",
+        "_plain_prompt",
+        "_user_message",
+        "_ids",
+        "_source_field",
+        "_cut_text",
+    ],
+    "tokenization": [
+        "IGNORE_INDEX",
+        "encode_prompt",
+        "tokenize_example",
+        "tokenize_examples",
+        "_prompt_ids",
+        "_target_ids",
+    ],
     "collate": ["DataCollator"],
 }
 
@@ -106,13 +279,37 @@ DATA_MODULES = {
 DISTRIBUTED_ALL = ["fused_linear_vocab_parallel_scoring_rule_loss", "vocab_parallel_scoring_rule_loss", "vocab_shard"]
 DISTRIBUTED_OTHER = ["CHUNK_ELEMENTS", "ProcessGroup"]
 DISTRIBUTED_PRIVATE = [
-    "_Layout", "_require_initialized", "_target_checksum", "_NO_LIMIT", "_local_error", "_resolve_layout",
-    "_all_reduce", "_local_finite", "_shard_stats", "_shard_grad", "_local_targets", "_chunk_rows",
-    "_VocabParallelTokenLoss", "_config", "_check_fused_inputs", "_FusedVocabParallelTokenLoss",
+    "_Layout",
+    "_require_initialized",
+    "_target_checksum",
+    "_NO_LIMIT",
+    "_local_error",
+    "_resolve_layout",
+    "_all_reduce",
+    "_local_finite",
+    "_shard_stats",
+    "_shard_grad",
+    "_local_targets",
+    "_chunk_rows",
+    "_VocabParallelTokenLoss",
+    "_config",
+    "_check_fused_inputs",
+    "_FusedVocabParallelTokenLoss",
 ]
 DISTRIBUTED_MODULES = {
-    "layout": ["vocab_shard", "ProcessGroup", "_Layout", "_require_initialized", "_target_checksum", "_NO_LIMIT",
-               "_local_error", "_resolve_layout", "_local_targets", "_chunk_rows", "_config"],
+    "layout": [
+        "vocab_shard",
+        "ProcessGroup",
+        "_Layout",
+        "_require_initialized",
+        "_target_checksum",
+        "_NO_LIMIT",
+        "_local_error",
+        "_resolve_layout",
+        "_local_targets",
+        "_chunk_rows",
+        "_config",
+    ],
     "stats": ["_all_reduce", "_local_finite", "_shard_stats", "_shard_grad"],
     "unfused": ["vocab_parallel_scoring_rule_loss", "_VocabParallelTokenLoss"],
     "fused": ["fused_linear_vocab_parallel_scoring_rule_loss", "_check_fused_inputs", "_FusedVocabParallelTokenLoss"],
@@ -127,8 +324,14 @@ FORMER_MODULES = {
 
 #: properlm.integrations: its __all__ and the lazily resolved names
 INTEGRATIONS = [
-    "RuleSchedule", "RuleScheduleCallback", "ScoringRuleHandle", "ScoringRuleLossFunc", "apply_scoring_rule",
-    "remove_scoring_rule", "scoring_rule_loss_func", "is_scoring_rule_applied",
+    "RuleSchedule",
+    "RuleScheduleCallback",
+    "ScoringRuleHandle",
+    "ScoringRuleLossFunc",
+    "apply_scoring_rule",
+    "remove_scoring_rule",
+    "scoring_rule_loss_func",
+    "is_scoring_rule_applied",
 ]
 
 #: a module that needs an optional package, and that package: it may be missing where the extra is not installed
@@ -149,18 +352,37 @@ def test_every_name_of_properlm_all_imports():
 
 
 def test_every_public_submodule_imports():
-    names = sorted(m.name for m in pkgutil.walk_packages(properlm.__path__, "properlm.")
-                   if not any(part.startswith("_") for part in m.name.split(".")))
+    names = sorted(
+        m.name
+        for m in pkgutil.walk_packages(properlm.__path__, "properlm.")
+        if not any(part.startswith("_") for part in m.name.split("."))
+    )
     # the discovery finds the subpackages and their modules
-    assert {"properlm.training", "properlm.training.run", "properlm.integrations.transformers",
-            "properlm.integrations.transformers.patch", "properlm.cli.train", "properlm.fused.chunked",
-            "properlm.evaluation", "properlm.evaluation.settings", "properlm.evaluation.lengths",
-            "properlm.evaluation.teacher_forced", "properlm.evaluation.metrics", "properlm.evaluation.calibration",
-            "properlm.evaluation.temperature", "properlm.evaluation.decoding", "properlm.evaluation.generation",
-            "properlm.evaluation.text_metrics", "properlm.evaluation.run", "properlm.evaluation.report",
-            "properlm.data", *(f"properlm.data.{m}" for m in DATA_MODULES),
-            "properlm.distributed", *(f"properlm.distributed.{m}" for m in DISTRIBUTED_MODULES),
-            *FORMER_MODULES} <= set(names)
+    assert {
+        "properlm.training",
+        "properlm.training.run",
+        "properlm.integrations.transformers",
+        "properlm.integrations.transformers.patch",
+        "properlm.cli.train",
+        "properlm.fused.chunked",
+        "properlm.evaluation",
+        "properlm.evaluation.settings",
+        "properlm.evaluation.lengths",
+        "properlm.evaluation.teacher_forced",
+        "properlm.evaluation.metrics",
+        "properlm.evaluation.calibration",
+        "properlm.evaluation.temperature",
+        "properlm.evaluation.decoding",
+        "properlm.evaluation.generation",
+        "properlm.evaluation.text_metrics",
+        "properlm.evaluation.run",
+        "properlm.evaluation.report",
+        "properlm.data",
+        *(f"properlm.data.{m}" for m in DATA_MODULES),
+        "properlm.distributed",
+        *(f"properlm.distributed.{m}" for m in DISTRIBUTED_MODULES),
+        *FORMER_MODULES,
+    } <= set(names)
     failed = []
     for name in names:
         try:
@@ -171,17 +393,20 @@ def test_every_public_submodule_imports():
     assert not failed, failed
 
 
-@pytest.mark.parametrize(("module", "names"), [
-    ("properlm.training", TRAINING_ALL + TRAINING_OTHER_PUBLIC + TRAINING_PRIVATE),
-    ("properlm.integrations.transformers", TRANSFORMERS_ALL + TRANSFORMERS_PRIVATE),
-    ("properlm.integrations", INTEGRATIONS),
-    ("properlm.evaluation", EVALUATION_ALL + EVALUATION_PRIVATE),
-    ("properlm.metrics", METRICS_ALL + METRICS_PRIVATE),
-    ("properlm.decoding", DECODING_ALL),
-    ("properlm.generation_eval", GENERATION_EVAL_ALL + GENERATION_EVAL_PRIVATE),
-    ("properlm.data", DATA_ALL + DATA_PRIVATE),
-    ("properlm.distributed", DISTRIBUTED_ALL + DISTRIBUTED_OTHER + DISTRIBUTED_PRIVATE),
-])
+@pytest.mark.parametrize(
+    ("module", "names"),
+    [
+        ("properlm.training", TRAINING_ALL + TRAINING_OTHER_PUBLIC + TRAINING_PRIVATE),
+        ("properlm.integrations.transformers", TRANSFORMERS_ALL + TRANSFORMERS_PRIVATE),
+        ("properlm.integrations", INTEGRATIONS),
+        ("properlm.evaluation", EVALUATION_ALL + EVALUATION_PRIVATE),
+        ("properlm.metrics", METRICS_ALL + METRICS_PRIVATE),
+        ("properlm.decoding", DECODING_ALL),
+        ("properlm.generation_eval", GENERATION_EVAL_ALL + GENERATION_EVAL_PRIVATE),
+        ("properlm.data", DATA_ALL + DATA_PRIVATE),
+        ("properlm.distributed", DISTRIBUTED_ALL + DISTRIBUTED_OTHER + DISTRIBUTED_PRIVATE),
+    ],
+)
 def test_names_of_the_former_modules_import(module, names):
     missing = []
     for name in names:
@@ -243,8 +468,12 @@ def test_the_evaluation_package_and_the_former_modules_keep_their_all():
     import properlm.evaluation as evaluation
 
     assert evaluation.__all__ == EVALUATION_ALL
-    for module, names in [("properlm.evaluation", EVALUATION_ALL), ("properlm.metrics", METRICS_ALL),
-                          ("properlm.decoding", DECODING_ALL), ("properlm.generation_eval", GENERATION_EVAL_ALL)]:
+    for module, names in [
+        ("properlm.evaluation", EVALUATION_ALL),
+        ("properlm.metrics", METRICS_ALL),
+        ("properlm.decoding", DECODING_ALL),
+        ("properlm.generation_eval", GENERATION_EVAL_ALL),
+    ]:
         assert importlib.import_module(module).__all__ == names
         star: dict[str, object] = {}
         exec(f"from {module} import *", star)
@@ -304,10 +533,13 @@ def test_pickles_naming_the_former_evaluation_modules_still_load():
     assert pickle.loads(pickle.dumps(b)) == b
 
 
-@pytest.mark.parametrize(("package", "names", "modules"), [
-    ("properlm.data", DATA_ALL, DATA_MODULES),
-    ("properlm.distributed", DISTRIBUTED_ALL, DISTRIBUTED_MODULES),
-])
+@pytest.mark.parametrize(
+    ("package", "names", "modules"),
+    [
+        ("properlm.data", DATA_ALL, DATA_MODULES),
+        ("properlm.distributed", DISTRIBUTED_ALL, DISTRIBUTED_MODULES),
+    ],
+)
 def test_data_and_distributed_keep_their_names_and_all(package, names, modules):
     """``properlm.data`` and ``properlm.distributed`` keep the ``__all__`` of the former modules, and each name (private
     helpers included) is the object of the submodule that now defines it, not a copy; every name of the former
@@ -347,8 +579,11 @@ def test_pickles_naming_the_former_data_module_still_load():
     """An ``Example`` or a ``DataCollator`` pickled before the split names ``properlm.data``: it still loads."""
     from properlm.data import collate, reading
 
-    for name, obj in [("Example", reading.Example), ("DataError", reading.DataError),
-                      ("DataCollator", collate.DataCollator)]:
+    for name, obj in [
+        ("Example", reading.Example),
+        ("DataError", reading.DataError),
+        ("DataCollator", collate.DataCollator),
+    ]:
         assert pickle.loads(f"cproperlm.data\n{name}\n.".encode()) is obj
     e = reading.Example("a", "b", "translation", {"source": "a"}, "x line 1")
     assert pickle.loads(pickle.dumps(e)) == e

@@ -56,8 +56,9 @@ def _inputs(shape, V=11, seed=0, ignore_index=-100, dtype=torch.float64):
 
 @pytest.mark.parametrize("name", list(LOSSES))
 @pytest.mark.parametrize("shape", [(7,), (2, 5)], ids=["2d", "3d"])
-@pytest.mark.parametrize("reduction, num_items", [("mean", None), ("mean", 9), ("mean", "tensor"), ("sum", None),
-                                                  ("none", None)])
+@pytest.mark.parametrize(
+    "reduction, num_items", [("mean", None), ("mean", 9), ("mean", "tensor"), ("sum", None), ("none", None)]
+)
 @pytest.mark.parametrize("ignore_index", [-100, 0])
 def test_value_and_gradient_match_the_float64_reference(name, shape, reduction, num_items, ignore_index):
     logits, target = _inputs(shape, ignore_index=ignore_index)
@@ -82,8 +83,9 @@ def test_value_and_gradient_match_the_float64_reference(name, shape, reduction, 
 def test_modules_and_the_name_table():
     logits, target = _inputs((2, 5), dtype=torch.float32)
     torch.testing.assert_close(DFTLoss()(logits, target), dft_loss(logits, target))
-    torch.testing.assert_close(OneMinusPLoss(reduction="sum")(logits, target, 4),
-                               one_minus_p_loss(logits, target, reduction="sum"))
+    torch.testing.assert_close(
+        OneMinusPLoss(reduction="sum")(logits, target, 4), one_minus_p_loss(logits, target, reduction="sum")
+    )
     torch.testing.assert_close(DFTLoss()(logits, target, 4), dft_loss(logits, target, num_items_in_batch=4))
     assert repr(OneMinusPLoss(ignore_index=0)) == "OneMinusPLoss(ignore_index=0, reduction='mean')"
     assert set(IMPROPER_OBJECTIVES) == {"dft", "one-minus-p"}
@@ -100,10 +102,13 @@ def test_modules_and_the_name_table():
         assert name not in properlm.available_rules()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"reduction": "avg"}, "reduction must be one of"),
-    ({"num_items_in_batch": 0}, "num_items_in_batch must be positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"reduction": "avg"}, "reduction must be one of"),
+        ({"num_items_in_batch": 0}, "num_items_in_batch must be positive"),
+    ],
+)
 def test_bad_arguments_raise(kwargs, message):
     logits, target = _inputs((4,), dtype=torch.float32)
     for fn in LOSSES.values():
@@ -211,17 +216,33 @@ V = 50
 def _tiny_llama(seed=0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                                   pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        pad_token_id=0,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def _tiny_t5(seed=0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    cfg = transformers.T5Config(vocab_size=V, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    cfg = transformers.T5Config(
+        vocab_size=V,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return transformers.T5ForConditionalGeneration(cfg).eval()
 
 
@@ -284,8 +305,9 @@ def _word_tokenizer():
         vocab[w] = 3 + i
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def test_dft_equals_trl_sft_trainer_loss_type_dft(tmp_path):
@@ -294,12 +316,27 @@ def test_dft_equals_trl_sft_trainer_loss_type_dft(tmp_path):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     words = "zero one two three four five six seven eight nine".split()
-    rows = [{"prompt": f"{words[i % 10]} plus {words[(i * 3) % 10]} is",
-             "completion": f" {words[(i + i * 3) % 10]} ten"} for i in range(8)]
-    args = trl.SFTConfig(output_dir=str(tmp_path), loss_type="dft", max_steps=1, per_device_train_batch_size=4,
-                         save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, max_length=32)
-    trainer = trl.SFTTrainer(model=_tiny_llama(), args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=_word_tokenizer())
+    rows = [
+        {"prompt": f"{words[i % 10]} plus {words[(i * 3) % 10]} is", "completion": f" {words[(i + i * 3) % 10]} ten"}
+        for i in range(8)
+    ]
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        loss_type="dft",
+        max_steps=1,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        max_length=32,
+    )
+    trainer = trl.SFTTrainer(
+        model=_tiny_llama(),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=_word_tokenizer(),
+    )
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     labels = inputs["labels"]
     n_items = labels[:, 1:].ne(-100).sum()
@@ -314,8 +351,9 @@ def test_dft_equals_trl_sft_trainer_loss_type_dft(tmp_path):
     trainer.args.loss_type = "nll"
     with apply_improper_loss(trainer.model, "dft"):
         patched = trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=n_items)
-    torch.testing.assert_close(patched.detach(), dft_loss(logits[:, :-1], labels[:, 1:], num_items_in_batch=n_items),
-                               rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(
+        patched.detach(), dft_loss(logits[:, :-1], labels[:, 1:], num_items_in_batch=n_items), rtol=2e-6, atol=2e-6
+    )
 
 
 # ------------------------------------------------------------------------------------- properlm train
@@ -328,17 +366,49 @@ def _alpaca(directory, n=16):
     path = directory / "train.jsonl"
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
-            f.write(json.dumps({"instruction": "Spell the number.", "input": str(i % 10), "output": WORDS[i % 10]})
-                    + "\n")
+            f.write(
+                json.dumps({"instruction": "Spell the number.", "input": str(i % 10), "output": WORDS[i % 10]}) + "\n"
+            )
     return str(path)
 
 
 def _train_args(data, out, *extra):
-    return ["train", "--init", "tiny-gpt", "--train-file", data, "--vocab-size", "270", "--hidden-size", "16",
-            "--num-layers", "1", "--num-heads", "2", "--max-length", "32", "--per-device-train-batch-size", "4",
-            "--max-steps", "2", "--logging-steps", "1", "--learning-rate", "1e-2", "--lr-scheduler", "constant",
-            "--dropout", "0", "--seed", "0", "--no-progress-bar", "--no-tensorboard", "--output-dir", str(out),
-            *extra]
+    return [
+        "train",
+        "--init",
+        "tiny-gpt",
+        "--train-file",
+        data,
+        "--vocab-size",
+        "270",
+        "--hidden-size",
+        "16",
+        "--num-layers",
+        "1",
+        "--num-heads",
+        "2",
+        "--max-length",
+        "32",
+        "--per-device-train-batch-size",
+        "4",
+        "--max-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--learning-rate",
+        "1e-2",
+        "--lr-scheduler",
+        "constant",
+        "--dropout",
+        "0",
+        "--seed",
+        "0",
+        "--no-progress-bar",
+        "--no-tensorboard",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_train_cli_improper_loss_records_it_and_matches_the_gradient_identity(tmp_path, capsys):
@@ -351,8 +421,10 @@ def test_train_cli_improper_loss_records_it_and_matches_the_gradient_identity(tm
     runs = {}
     for name in ("dft", "one-minus-p"):
         out = tmp_path / name
-        assert main(_train_args(data, out, "--improper-loss", name, "--validation-fraction", "0.25",
-                                "--eval-steps", "2")) == 0
+        assert (
+            main(_train_args(data, out, "--improper-loss", name, "--validation-fraction", "0.25", "--eval-steps", "2"))
+            == 0
+        )
         stdout = capsys.readouterr().out
         notice = [line for line in stdout.splitlines() if "improper objective" in line]
         assert len(notice) == 1 and f"'{name}'" in notice[0] and "not a proper scoring rule" in notice[0]
@@ -384,24 +456,43 @@ def test_train_yaml_improper_loss_seq2seq(tmp_path):
     src, tgt = tmp_path / "train.src", tmp_path / "train.tgt"
     src.write_text("\n".join(str(i) for i in range(16)) + "\n", encoding="utf-8")
     tgt.write_text("\n".join(WORDS[i % 10] for i in range(16)) + "\n", encoding="utf-8")
-    cfg = make_config({"init": "tiny-seq2seq", "source-file": str(src), "target-file": str(tgt), "vocab_size": 270,
-                       "hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_length": 16, "max_steps": 2,
-                       "per_device_train_batch_size": 4, "logging_steps": 1, "improper_loss": "one-minus-p",
-                       "fused": False, "output_dir": str(tmp_path / "s2s"), "tensorboard": False,
-                       "progress_bar": False})
+    cfg = make_config(
+        {
+            "init": "tiny-seq2seq",
+            "source-file": str(src),
+            "target-file": str(tgt),
+            "vocab_size": 270,
+            "hidden_size": 16,
+            "num_layers": 1,
+            "num_heads": 2,
+            "max_length": 16,
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "logging_steps": 1,
+            "improper_loss": "one-minus-p",
+            "fused": False,
+            "output_dir": str(tmp_path / "s2s"),
+            "tensorboard": False,
+            "progress_bar": False,
+        }
+    )
     results = run_training(cfg, quiet=True)
     assert results["seq2seq"] and results["rule_stages"] == [["one-minus-p", 2]]
-    losses = [json.loads(line)["loss"] for line in open(os.path.join(cfg.output_dir, "metrics.jsonl"))
-              if '"loss"' in line]
+    losses = [
+        json.loads(line)["loss"] for line in open(os.path.join(cfg.output_dir, "metrics.jsonl")) if '"loss"' in line
+    ]
     assert len(losses) == 2 and all(0 < x < 1 for x in losses)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--schedule", "logarithmic:1,brier:1"], "--improper-loss dft cannot be combined with --schedule"),
-    (["--smoothing", "0.1"], "--improper-loss dft cannot be combined with --smoothing 0.1"),
-    (["--smoothing-variant", "gated"], "--improper-loss dft cannot be combined with --smoothing-variant gated"),
-    (["--rule", "brier"], "give either --rule or --improper-loss, not both"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--schedule", "logarithmic:1,brier:1"], "--improper-loss dft cannot be combined with --schedule"),
+        (["--smoothing", "0.1"], "--improper-loss dft cannot be combined with --smoothing 0.1"),
+        (["--smoothing-variant", "gated"], "--improper-loss dft cannot be combined with --smoothing-variant gated"),
+        (["--rule", "brier"], "give either --rule or --improper-loss, not both"),
+    ],
+)
 def test_bad_combinations_fail_before_anything_is_loaded(tmp_path, capsys, extra, message):
     from properlm.cli.main import main
 

@@ -29,27 +29,59 @@ CAUSAL = {"llama", "gpt2"}
 def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if kind == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                       pad_token_id=0)
+        cfg = transformers.LlamaConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
         model = transformers.LlamaForCausalLM(cfg)
     elif kind == "llama-untied":
-        cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                       tie_word_embeddings=False)
+        cfg = transformers.LlamaConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
         model = transformers.LlamaForCausalLM(cfg)
     elif kind == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                      bos_token_id=1, eos_token_id=2)
+        cfg = transformers.GPT2Config(
+            vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2
+        )
         model = transformers.GPT2LMHeadModel(cfg)
     elif kind == "t5":
-        cfg = transformers.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        cfg = transformers.T5Config(
+            vocab_size=V,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
         model = transformers.T5ForConditionalGeneration(cfg)
     elif kind == "bart":
-        cfg = transformers.BartConfig(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2,
-                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                                      decoder_ffn_dim=64, max_position_embeddings=64)
+        cfg = transformers.BartConfig(
+            vocab_size=V,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+        )
         model = transformers.BartForConditionalGeneration(cfg)
         with torch.no_grad():  # a non-zero final_logits_bias must be part of the fused loss
             model.final_logits_bias.normal_()
@@ -100,6 +132,7 @@ def assert_grads_close(a, b, rtol=1e-4, atol=1e-6):
 # values: patched == compute_loss_func == unfused reference
 # ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_all_paths_give_the_same_loss(kind):
     model = tiny_model(kind)
@@ -108,10 +141,17 @@ def test_all_paths_give_the_same_loss(kind):
         for smoothing in (0.0, 0.1):
             ref = reference_loss(model, kind, inputs, rule, smoothing)
             func = scoring_rule_loss_func(rule, smoothing, model=model)
-            via_func = func(model(**{k: v for k, v in inputs.items() if k != "labels"},
-                                  **({} if kind in CAUSAL else {"decoder_input_ids": model.
-                                     prepare_decoder_input_ids_from_labels(labels=inputs["labels"])})),
-                            inputs["labels"])
+            via_func = func(
+                model(
+                    **{k: v for k, v in inputs.items() if k != "labels"},
+                    **(
+                        {}
+                        if kind in CAUSAL
+                        else {"decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])}
+                    ),
+                ),
+                inputs["labels"],
+            )
             # shift inferred from the outputs when the model is not given
             via_func_inferred = scoring_rule_loss_func(rule, smoothing)(model(**inputs), inputs["labels"])
             with apply_scoring_rule(model, rule, smoothing) as handle:
@@ -232,12 +272,12 @@ def test_generation_and_pre_shifted_labels():
     prompt = inputs["input_ids"][:, :3]
     expected = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
     with apply_scoring_rule(model, "brier"):
-        torch.testing.assert_close(model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0),
-                                   expected)
+        torch.testing.assert_close(model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0), expected)
         # context-parallel collators pass labels already shifted (padded with -100 at the end)
         shifted = torch.nn.functional.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
-        torch.testing.assert_close(model(input_ids=inputs["input_ids"], shift_labels=shifted).loss,
-                                   model(**inputs).loss)
+        torch.testing.assert_close(
+            model(input_ids=inputs["input_ids"], shift_labels=shifted).loss, model(**inputs).loss
+        )
 
 
 def test_autocast_bfloat16():
@@ -320,6 +360,7 @@ def test_state_dict_save_pretrained_deepcopy_and_pickle(tmp_path):
 # gradient accumulation: one batch of 8 == 8 accumulated batches of 1 (num_items_in_batch)
 # ----------------------------------------------------------------------------------------------
 
+
 def test_trainer_sees_a_causal_loss_that_accepts_num_items(tmp_path):
     """GPT-2 has loss_type None: unpatched, Trainer would count position 0 into num_items_in_batch."""
     model = tiny_model("gpt2")
@@ -330,8 +371,9 @@ def test_trainer_sees_a_causal_loss_that_accepts_num_items(tmp_path):
     trainer = transformers.Trainer(model=model, args=args)
     assert trainer._loss_shifts_labels and trainer.model_accepts_loss_kwargs
     handle.remove()
-    assert {k: v for k, v in model.__dict__.items() if k in ("loss_type", "accepts_loss_kwargs")} == \
-        {k: v for k, v in before.items() if k in ("loss_type", "accepts_loss_kwargs")}
+    assert {k: v for k, v in model.__dict__.items() if k in ("loss_type", "accepts_loss_kwargs")} == {
+        k: v for k, v in before.items() if k in ("loss_type", "accepts_loss_kwargs")
+    }
     t5 = tiny_model("t5")
     apply_scoring_rule(t5, "brier")
     assert not transformers.Trainer(model=t5, args=args)._loss_shifts_labels  # seq2seq: every label counts
@@ -353,8 +395,9 @@ def _pad(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     out = {}
     for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", -100)):
         width = max(e[key].shape[1] for e in examples)
-        out[key] = torch.cat([torch.nn.functional.pad(e[key], (0, width - e[key].shape[1]), value=fill)
-                              for e in examples])
+        out[key] = torch.cat(
+            [torch.nn.functional.pad(e[key], (0, width - e[key].shape[1]), value=fill) for e in examples]
+        )
     return out
 
 
@@ -402,15 +445,30 @@ def _trainer_grads(tmp_path, model, data, batch_size, accumulation, compute_loss
 
     capture = Capture()
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation, learning_rate=1e-3, save_strategy="no", report_to=[],
-        use_cpu=True, disable_tqdm=True, max_grad_norm=0.0, dataloader_drop_last=False)
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=1e-3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        max_grad_norm=0.0,
+        dataloader_drop_last=False,
+    )
 
     def collate(rows):
         return _pad([{k: torch.tensor([v]) for k, v in r.items()} for r in rows])
 
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
-                                   callbacks=[capture], compute_loss_func=compute_loss_func)
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=collate,
+        callbacks=[capture],
+        compute_loss_func=compute_loss_func,
+    )
     trainer.train()
     return capture.grads
 
@@ -436,12 +494,17 @@ def test_trainer_gradient_accumulation_matches_big_batch(tmp_path, path):
 # PEFT and TRL
 # ----------------------------------------------------------------------------------------------
 
+
 def test_lora_model():
     peft = pytest.importorskip("peft")
     base = tiny_model("llama")
     inputs = batch("llama")
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                      lora_dropout=0.0, init_lora_weights=False))
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False
+        ),
+    )
     ref = reference_loss(model, "llama", inputs, "spherical", 0.1)
     ref.backward()
     g_ref = grads(model)
@@ -480,8 +543,9 @@ def _word_tokenizer():
         vocab[w] = 3 + i
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 @pytest.mark.filterwarnings("ignore:.*compute_loss_func.*:FutureWarning")
@@ -489,15 +553,27 @@ def test_sft_trainer_trains_with_the_scoring_rule(tmp_path):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     words = "zero one two three four five six seven eight nine".split()
-    rows = [{"prompt": f"{words[i % 10]} plus {words[(i * 3) % 10]} is",
-             "completion": f" {words[(i + i * 3) % 10]} ten"} for i in range(16)]
+    rows = [
+        {"prompt": f"{words[i % 10]} plus {words[(i * 3) % 10]} is", "completion": f" {words[(i + i * 3) % 10]} ten"}
+        for i in range(16)
+    ]
     model = tiny_model("llama")
     model.train()
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                         max_length=32)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=_word_tokenizer())
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        max_length=32,
+    )
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=_word_tokenizer()
+    )
     handle = apply_scoring_rule(trainer.model, "spherical", 0.1)
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     n_items = inputs["labels"][:, 1:].ne(-100).sum()
@@ -513,9 +589,13 @@ def test_sft_trainer_trains_with_the_scoring_rule(tmp_path):
         unfused = trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=n_items)
     torch.testing.assert_close(unfused.detach(), ref, rtol=2e-6, atol=2e-6)
     # the compute_loss_func path of SFTTrainer
-    func_trainer = trl.SFTTrainer(model=tiny_model("llama"), args=args, processing_class=_word_tokenizer(),
-                                  train_dataset=datasets.Dataset.from_list(rows),
-                                  compute_loss_func=scoring_rule_loss_func("spherical", 0.1))
+    func_trainer = trl.SFTTrainer(
+        model=tiny_model("llama"),
+        args=args,
+        processing_class=_word_tokenizer(),
+        train_dataset=datasets.Dataset.from_list(rows),
+        compute_loss_func=scoring_rule_loss_func("spherical", 0.1),
+    )
     func_trainer.model.load_state_dict(trainer.model.state_dict())
     via_func = func_trainer.compute_loss(func_trainer.model, dict(inputs), num_items_in_batch=n_items)
     torch.testing.assert_close(via_func.detach(), ref, rtol=2e-6, atol=2e-6)

@@ -19,7 +19,6 @@ def _data(shape=(3, 5), V=37, seed=0, scale=3.0, ignore_frac=0.2, dtype=torch.fl
     return logits, target
 
 
-
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -313,7 +312,12 @@ def test_the_default_rule_is_logarithmic_everywhere():
     assert torch.allclose(properlm.ScoringRuleLoss()(z, y), F.cross_entropy(z, y))
     h, w = torch.randn(6, 4, dtype=torch.float64), torch.randn(11, 4, dtype=torch.float64)
     assert torch.allclose(properlm.fused_linear_scoring_rule_loss(h, w, y), F.cross_entropy(h @ w.T, y))
-    for fn in (properlm.scoring_rule_loss, properlm.ScoringRuleLoss, properlm.fused_linear_scoring_rule_loss,
-               properlm.LinearScoringRuleLoss, properlm.apply_scoring_rule):
+    for fn in (
+        properlm.scoring_rule_loss,
+        properlm.ScoringRuleLoss,
+        properlm.fused_linear_scoring_rule_loss,
+        properlm.LinearScoringRuleLoss,
+        properlm.apply_scoring_rule,
+    ):
         assert inspect.signature(fn).parameters["rule"].default == "logarithmic", fn
     assert TrainConfig().rule == "logarithmic"

@@ -167,6 +167,7 @@ def _mean_log_prob64(z: torch.Tensor, y: torch.Tensor, t: float) -> float:
 
 def _reference_temperature(z: torch.Tensor, y: torch.Tensor) -> float:
     """The optimal T of the stored logits: golden-section search on log T in [0.05, 20], float64."""
+
     def f(u: float) -> float:
         return -_mean_log_prob64(z, y, math.exp(u))
 
@@ -191,7 +192,7 @@ def test_temperature_scan_recovers_the_true_temperature():
     y[::7] = -100  # ignored positions take no part
     scan = TemperatureScan()
     for a in range(0, 4000, 1000):  # streaming equals one shot
-        scan.update(logits[a:a + 1000], y[a:a + 1000])
+        scan.update(logits[a : a + 1000], y[a : a + 1000])
     fit = scan.compute()
     assert scan.num_tokens == fit.num_tokens == int((y != -100).sum())
     assert abs(math.log(fit.temperature / 2.5)) < 0.1 and not fit.on_boundary
@@ -225,7 +226,7 @@ def test_temperature_scan_refines_between_grid_values(dtype, monkeypatch):
     monkeypatch.setattr(properlm.metrics, "_CHUNK_ELEMENTS", 12 * 333)  # several chunks per batch
     scan = TemperatureScan()
     for a in range(0, 3000, 1000):
-        scan.update(z[a:a + 1000], y[a:a + 1000])
+        scan.update(z[a : a + 1000], y[a : a + 1000])
     fit = scan.compute()
     assert not fit.on_boundary and fit.grid_temperature in (grid[44], grid[45])
     assert abs(fit.temperature / t_ref - 1) < 1e-4  # refined
@@ -239,7 +240,7 @@ def test_temperature_scan_refines_between_grid_values(dtype, monkeypatch):
     assert not fit.measured and math.isnan(fit.mean_log_prob) and math.isnan(fit.ece) and fit.bins == []
     acc = MetricsAccumulator(["logarithmic"], temperature=fit.temperature)
     for a in range(0, 3000, 1000):
-        acc.update(z[a:a + 1000], y[a:a + 1000])
+        acc.update(z[a : a + 1000], y[a : a + 1000])
     done = fit.with_metrics(acc.compute(), fit.temperature)
     p = torch.softmax(z_kept.double() / fit.temperature, -1)
     assert done.measured and done.temperature == fit.temperature
@@ -277,7 +278,7 @@ def test_hermite_refinement_is_exact_on_cubics():
     from properlm.metrics import _hermite_max
 
     def f(x):  # f'(x) = -(x - 0.37)(x + 1.5): a maximum at 0.37
-        return -(x ** 3 / 3 + (1.5 - 0.37) * x ** 2 / 2 - 0.555 * x)
+        return -(x**3 / 3 + (1.5 - 0.37) * x**2 / 2 - 0.555 * x)
 
     def df(x):
         return -(x - 0.37) * (x + 1.5)

@@ -48,19 +48,22 @@ def test_spec_round_trip_and_attributes():
     assert Mixture([(0.5, "logarithmic"), (0.5, "spherical")]) == r
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("0.5*", "missing rule after '\\*'"),
-    ("-1*brier", "weight must be a positive finite number, got '-1'"),
-    ("0*log", "weight must be a positive finite number, got '0'"),
-    ("brier+", "term 2 is empty"),
-    ("+brier", "term 1 is empty"),
-    ("*brier", "missing weight before"),
-    ("x*brier", "weight must be a number, got 'x'"),
-    ("0.5*brier*2", "one '\\*' per term"),
-    ("inf*brier", "positive finite"),
-    ("0.5*nope+0.5*brier", "term 1 .*unknown scoring rule 'nope'"),
-    ("0.5*power:1", "term 1 .*alpha > 1"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("0.5*", "missing rule after '\\*'"),
+        ("-1*brier", "weight must be a positive finite number, got '-1'"),
+        ("0*log", "weight must be a positive finite number, got '0'"),
+        ("brier+", "term 2 is empty"),
+        ("+brier", "term 1 is empty"),
+        ("*brier", "missing weight before"),
+        ("x*brier", "weight must be a number, got 'x'"),
+        ("0.5*brier*2", "one '\\*' per term"),
+        ("inf*brier", "positive finite"),
+        ("0.5*nope+0.5*brier", "term 1 .*unknown scoring rule 'nope'"),
+        ("0.5*power:1", "term 1 .*alpha > 1"),
+    ],
+)
 def test_malformed_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         get_rule(spec)
@@ -126,8 +129,9 @@ def test_fused_chunked_equals_unfused(spec, smoothing, reduction):
     y = torch.randint(V, (N,), generator=g)
     y[::4] = -100
     up = torch.randn(N, dtype=torch.float64) if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
-    fused = fused_linear_scoring_rule_loss(h, w, y, rule=spec, smoothing=smoothing, reduction=reduction,
-                                           chunk_size=5, impl="torch")
+    fused = fused_linear_scoring_rule_loss(
+        h, w, y, rule=spec, smoothing=smoothing, reduction=reduction, chunk_size=5, impl="torch"
+    )
     gf = torch.autograd.grad((fused * up).sum(), (h, w))
     ref = naive_loss(h @ w.T, y, spec, smoothing, reduction=reduction)
     gr = torch.autograd.grad((ref * up).sum(), (h, w))
@@ -147,15 +151,26 @@ def _expected_score(p: torch.Tensor, q: torch.Tensor, rule: str, smoothing: floa
 
 
 @settings(max_examples=60, deadline=None)
-@given(V=st.integers(2, 6), w=st.lists(st.floats(0.05, 3.0), min_size=2, max_size=2),
-       comps=st.sampled_from([("logarithmic", "spherical"), ("brier", "pseudo-spherical:3"),
-                              ("power:1.5", "spherical"), ("logarithmic", "power:3")]),
-       data=st.data())
+@given(
+    V=st.integers(2, 6),
+    w=st.lists(st.floats(0.05, 3.0), min_size=2, max_size=2),
+    comps=st.sampled_from(
+        [
+            ("logarithmic", "spherical"),
+            ("brier", "pseudo-spherical:3"),
+            ("power:1.5", "spherical"),
+            ("logarithmic", "power:3"),
+        ]
+    ),
+    data=st.data(),
+)
 def test_mixture_is_strictly_proper(V, w, comps, data):
     spec = f"{w[0]!r}*{comps[0]}+{w[1]!r}*{comps[1]}"
+
     def dist():
         x = torch.tensor(data.draw(st.lists(st.floats(0.02, 1.0), min_size=V, max_size=V)), dtype=torch.float64)
         return x / x.sum()
+
     q, p = dist(), dist()
     if (p - q).abs().max() < 0.02:
         p = (p + torch.nn.functional.one_hot(torch.tensor(0), V)) / 2
@@ -163,9 +178,14 @@ def test_mixture_is_strictly_proper(V, w, comps, data):
 
 
 @settings(max_examples=30, deadline=None)
-@given(V=st.integers(3, 8), y=st.integers(0, 7), eps=st.sampled_from([0.05, 0.1, 0.3]),
-       spec=st.sampled_from(MIXTURES), noise=st.lists(st.floats(-1.0, 1.0), min_size=8, max_size=8),
-       size=st.sampled_from([0.02, 0.1, 0.5]))
+@given(
+    V=st.integers(3, 8),
+    y=st.integers(0, 7),
+    eps=st.sampled_from([0.05, 0.1, 0.3]),
+    spec=st.sampled_from(MIXTURES),
+    noise=st.lists(st.floats(-1.0, 1.0), min_size=8, max_size=8),
+    size=st.sampled_from([0.02, 0.1, 0.5]),
+)
 def test_smoothed_mixture_optimum_is_smoothed_one_hot(V, y, eps, spec, noise, size):
     """With smoothing the expected score of a one-hot target is maximised exactly at
     ``(1 - eps) onehot + eps / V``, as for each component."""
@@ -185,8 +205,7 @@ def test_evaluation_and_decoding_scores_are_weighted_sums():
     logits, target = _data(11, dtype=torch.float32)
     spec = "0.25*logarithmic+0.75*brier"
     out = token_level_outputs(logits, target, [spec, "logarithmic", "brier"])
-    torch.testing.assert_close(out[f"score:{spec}"],
-                               0.25 * out["score:logarithmic"] + 0.75 * out["score:brier"])
+    torch.testing.assert_close(out[f"score:{spec}"], 0.25 * out["score:logarithmic"] + 0.75 * out["score:brier"])
     scores = torch.randn(3, 11)
     expected_all = 0.25 * all_token_scores(scores, "logarithmic") + 0.75 * all_token_scores(scores, "brier")
     torch.testing.assert_close(all_token_scores(scores, spec), expected_all)

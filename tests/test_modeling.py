@@ -154,8 +154,9 @@ def write_llama_gguf(model, tokenizer, path):
 
 
 def test_gguf_file_loads_with_the_same_logits(tmp_path):
-    model, tok = load_model_and_tokenizer(init="tiny-gpt", train_texts=TEXTS, vocab_size=280,
-                                          init_options={**SMALL, "dropout": 0.0})
+    model, tok = load_model_and_tokenizer(
+        init="tiny-gpt", train_texts=TEXTS, vocab_size=280, init_options={**SMALL, "dropout": 0.0}
+    )
     write_llama_gguf(model, tok, tmp_path / "tiny.gguf")
     loaded, tok2 = load_model_and_tokenizer(str(tmp_path), gguf_file="tiny.gguf")
     also, _ = load_model_and_tokenizer(gguf_file=str(tmp_path / "tiny.gguf"))

@@ -40,8 +40,13 @@ def test_cli_version(capsys):
 
 
 def test_console_module_version():
-    out = subprocess.run([sys.executable, "-m", "properlm.cli.main", "--version"], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "properlm.cli.main", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     assert out.strip() == f"properlm {properlm.__version__}"
 
 

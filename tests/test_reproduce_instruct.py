@@ -16,11 +16,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "reproduce_instruct.py")
 WORDS = "the a house cat dog tree city water sun moon good small big old new is".split()
 WORDS_DE = "der die das haus katze hund baum stadt wasser sonne mond gut klein gross alt neu".split()
-NEWS = ("news-test2008", "newstest2009", "newstest2010", "newstest2011", "newstest2012", "newstest2013",
-        "newstest2014")
-SMALL = ["--dev-examples", "6", "--decode-examples", "3", "--fit-examples", "4", "--val-examples", "2",
-         "--test-examples", "3", "--summ-examples", "3", "--prior-examples", "3", "--summ-source-tokens", "16",
-         "--max-length", "64"]
+NEWS = ("news-test2008", "newstest2009", "newstest2010", "newstest2011", "newstest2012", "newstest2013", "newstest2014")
+SMALL = [
+    "--dev-examples",
+    "6",
+    "--decode-examples",
+    "3",
+    "--fit-examples",
+    "4",
+    "--val-examples",
+    "2",
+    "--test-examples",
+    "3",
+    "--summ-examples",
+    "3",
+    "--prior-examples",
+    "3",
+    "--summ-source-tokens",
+    "16",
+    "--max-length",
+    "64",
+]
 
 
 def _load_script():
@@ -47,8 +63,10 @@ def write_data_root(root, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     texts: list[str] = []
     os.makedirs(os.path.join(root, "alpaca"))
-    rows = [{"instruction": _text(rng, WORDS), "input": _text(rng, WORDS) if i % 2 else "",
-             "output": _text(rng, WORDS)} for i in range(24)]
+    rows = [
+        {"instruction": _text(rng, WORDS), "input": _text(rng, WORDS) if i % 2 else "", "output": _text(rng, WORDS)}
+        for i in range(24)
+    ]
     rows[5]["output"] = ""
     _write_jsonl(os.path.join(root, "alpaca", "train.jsonl"), rows)
     texts += [r[k] for r in rows for k in ("instruction", "input", "output") if r[k]]
@@ -62,8 +80,10 @@ def write_data_root(root, seed: int = 0) -> list[str]:
         texts += [t for p in pairs for t in p]
     os.makedirs(os.path.join(root, "aeslc"))
     for split, n in (("train", 8), ("dev", 6)):
-        recs = [{"id": f"{split}{i}", "document": _text(rng, WORDS, 8, 30), "summary": _text(rng, WORDS, 2, 4)}
-                for i in range(n)]
+        recs = [
+            {"id": f"{split}{i}", "document": _text(rng, WORDS, 8, 30), "summary": _text(rng, WORDS, 2, 4)}
+            for i in range(n)
+        ]
         if split == "dev":
             for r in recs:
                 r["annotations"] = [_text(rng, WORDS, 2, 4) for _ in range(3)]
@@ -95,9 +115,12 @@ def in_process(script, monkeypatch):
 def _tiny_model(tmp_path, texts):
     from properlm.modeling import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(init="tiny-gpt", train_texts=texts, vocab_size=300,
-                                          init_options={"hidden_size": 16, "num_layers": 1, "num_heads": 2,
-                                                        "ffn_size": 32})
+    model, tok = load_model_and_tokenizer(
+        init="tiny-gpt",
+        train_texts=texts,
+        vocab_size=300,
+        init_options={"hidden_size": 16, "num_layers": 1, "num_heads": 2, "ffn_size": 32},
+    )
     out = tmp_path / "tiny"
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
@@ -112,20 +135,53 @@ def test_end_to_end_with_every_evaluation_resumes_and_reports(tmp_path, script, 
     texts = write_data_root(str(root))
     model_dir = _tiny_model(tmp_path, texts)
     mail = tmp_path / "mail.jsonl"
-    _write_jsonl(mail, [{"document": "the cat is in the house", "summary": "cat", "annotations": ["a cat"]},
-                        {"document": "the sun is big", "summary": "sun"}])
+    _write_jsonl(
+        mail,
+        [
+            {"document": "the cat is in the house", "summary": "cat", "annotations": ["a cat"]},
+            {"document": "the sun is big", "summary": "sun"},
+        ],
+    )
     work = tmp_path / "work"
-    argv = [str(root), "--work-dir", str(work), "--model-dir", str(model_dir), "--gguf-file", "none",
-            "--arms", "logarithmic,switch-spherical,dft", "--seeds", "1", "--steps", "2", "--save-steps", "1",
-            "--eval-steps", "1", "--warmup-steps", "0", "--batch-size", "2", "--eval-batch-size", "2",
-            "--bootstrap-samples", "20", "--precision", "fp32", *SMALL,
-            "--extra-test", f"summarization:mail={mail}"]
+    argv = [
+        str(root),
+        "--work-dir",
+        str(work),
+        "--model-dir",
+        str(model_dir),
+        "--gguf-file",
+        "none",
+        "--arms",
+        "logarithmic,switch-spherical,dft",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--save-steps",
+        "1",
+        "--eval-steps",
+        "1",
+        "--warmup-steps",
+        "0",
+        "--batch-size",
+        "2",
+        "--eval-batch-size",
+        "2",
+        "--bootstrap-samples",
+        "20",
+        "--precision",
+        "fp32",
+        *SMALL,
+        "--extra-test",
+        f"summarization:mail={mail}",
+    ]
     assert script.main(argv) == 0
     # 3 prior passes; untuned: fit, dev + 3 evaluations + 1 extra; per arm: train, fit, dev, 3 + 1
     assert len(in_process) == 3 + 6 + 3 * 7
     trains = {c[c.index("--output-dir") + 1].split(os.sep)[-2]: c for c in in_process if c[0] == "train"}
-    assert trains["switch-spherical"][trains["switch-spherical"].index("--schedule") + 1] == \
-        "logarithmic:1,spherical:1"  # 80% of 2 steps, rounded to a checkpoint
+    assert (
+        trains["switch-spherical"][trains["switch-spherical"].index("--schedule") + 1] == "logarithmic:1,spherical:1"
+    )  # 80% of 2 steps, rounded to a checkpoint
     assert "--improper-loss" in trains["dft"] and "--task" in trains["dft"]
     manifest = json.loads((work / "data" / "manifest.json").read_text())
     assert manifest["alpaca_dropped_empty"] == 1
@@ -134,8 +190,7 @@ def test_end_to_end_with_every_evaluation_resumes_and_reports(tmp_path, script, 
     train = [json.loads(x)["instruction"] for x in (work / "data" / "alpaca_train.jsonl").open()]
     assert not set(dev) & set(train) or len(set(dev)) < 6  # disjoint slices (identical texts aside)
     aeslc = [json.loads(x) for x in (work / "data" / "aeslc_dev.jsonl").open()]
-    assert all(r["instruction"].startswith("Write a short subject line") and len(r["annotations"]) == 3
-               for r in aeslc)
+    assert all(r["instruction"].startswith("Write a short subject line") and len(r["annotations"]) == 3 for r in aeslc)
     # the AESLC evaluation is an instruction task with multi-reference ROUGE
     ev = json.loads((work / "seed1" / "dft" / "aeslc" / "results.json").read_text())
     assert "rouge1_multi" in ev["generation"] and ev["num_examples"] == 3
@@ -167,18 +222,21 @@ def test_end_to_end_with_every_evaluation_resumes_and_reports(tmp_path, script, 
         script.main([*argv, "--steps", "3"])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--arms", "logarithmic,brie"], "unknown arm"),
-    (["--arms", "switch-spherical"], "add it"),
-    (["--arms", "logarithmic,brier", "--arm-seeds", "dft=1"], "ARM one of --arms"),
-    (["--arm-seeds", "brier=4"], "outside --seeds"),
-    (["--switch-at", "100"], "multiple of --save-steps"),
-    (["--decode-examples", "900"], "cannot exceed"),
-    (["--train-fraction", "0"], "--train-fraction"),
-    (["--extra-test", "speech:x=a.txt"], "unknown kind"),
-    (["--extra-test", "translation:x=missing.de"], "SOURCE_FILE,REFERENCE_FILE"),
-    (["--extra-test", "instruction:alpaca=" + SCRIPT], "reserved"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--arms", "logarithmic,brie"], "unknown arm"),
+        (["--arms", "switch-spherical"], "add it"),
+        (["--arms", "logarithmic,brier", "--arm-seeds", "dft=1"], "ARM one of --arms"),
+        (["--arm-seeds", "brier=4"], "outside --seeds"),
+        (["--switch-at", "100"], "multiple of --save-steps"),
+        (["--decode-examples", "900"], "cannot exceed"),
+        (["--train-fraction", "0"], "--train-fraction"),
+        (["--extra-test", "speech:x=a.txt"], "unknown kind"),
+        (["--extra-test", "translation:x=missing.de"], "SOURCE_FILE,REFERENCE_FILE"),
+        (["--extra-test", "instruction:alpaca=" + SCRIPT], "reserved"),
+    ],
+)
 def test_bad_arguments_are_named(tmp_path, script, argv, message):
     with pytest.raises(script.SetupError, match=message):
         script.parse_args([str(tmp_path), *argv])
@@ -213,8 +271,26 @@ def test_dry_run_plans_the_budget_choice(tmp_path, script, capsys):
     write_data_root(str(root))
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
-    assert script.main([str(root), "--work-dir", str(tmp_path / "w"), "--gguf-file", "none", "--model-dir",
-                        str(tmp_path / "m"), "--precision", "fp32", *SMALL, "--arm-seeds", "brier=1", "--dry-run"]) == 0
+    assert (
+        script.main(
+            [
+                str(root),
+                "--work-dir",
+                str(tmp_path / "w"),
+                "--gguf-file",
+                "none",
+                "--model-dir",
+                str(tmp_path / "m"),
+                "--precision",
+                "fp32",
+                *SMALL,
+                "--arm-seeds",
+                "brier=1",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     trains = [line.split(":")[0] for line in out.splitlines() if line.startswith("[dry-run]") and "/train:" in line]
     assert "[dry-run] seed1/brier/train" in trains and "[dry-run] seed2/brier/train" not in trains

@@ -19,8 +19,15 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "reproduce_llm.py")
 
 WORDS_DE = "der die das haus katze hund baum stadt wasser sonne mond gut klein gross alt neu".split()
 WORDS_EN = "the a house cat dog tree city water sun moon good small big old new is".split()
-FILES = ("news-test2008", "newstest2009", "newstest2010", "newstest2011", "newstest2012", "newstest2013",
-         "newstest2014")
+FILES = (
+    "news-test2008",
+    "newstest2009",
+    "newstest2010",
+    "newstest2011",
+    "newstest2012",
+    "newstest2013",
+    "newstest2014",
+)
 SMALL = ["--train-examples", "6", "--dev-examples", "3", "--val-examples", "2", "--test-examples", "3"]
 
 
@@ -84,7 +91,7 @@ def _commands(out: str) -> dict[str, str]:
     cmds = {}
     for line in out.splitlines():
         if line.startswith("[dry-run] ") and ": " in line:
-            name, cmd = line[len("[dry-run] "):].split(": ", 1)
+            name, cmd = line[len("[dry-run] ") :].split(": ", 1)
             cmds[name] = cmd
     return cmds
 
@@ -100,18 +107,50 @@ def test_pipeline_end_to_end_resumes_and_keeps_the_final_models(tmp_path, script
     extra = tmp_path / "extra"
     extra.mkdir()
     _write_pair(str(extra), "set", _pairs(random.Random(5), 2))
-    model, tok = load_model_and_tokenizer(init="tiny-gpt", train_texts=texts, vocab_size=300,
-                                          init_options={"hidden_size": 16, "num_layers": 1, "num_heads": 2,
-                                                        "ffn_size": 32})
+    model, tok = load_model_and_tokenizer(
+        init="tiny-gpt",
+        train_texts=texts,
+        vocab_size=300,
+        init_options={"hidden_size": 16, "num_layers": 1, "num_heads": 2, "ffn_size": 32},
+    )
     model_dir = tmp_path / "tiny"
     model.save_pretrained(str(model_dir))
     tok.save_pretrained(str(model_dir))
     work = tmp_path / "work"
-    argv = [str(data), "--work-dir", str(work), "--model-dir", str(model_dir), "--gguf-file", "none",
-            "--arms", "logarithmic,dft,switch-brier", "--seeds", "1", "--steps", "2", "--batch-size", "2",
-            *SMALL, "--max-new-tokens", "4", "--eval-steps", "1", "--save-steps", "1", "--warmup-steps", "0",
-            "--max-length", "48", "--eval-batch-size", "2", "--bootstrap-samples", "20",
-            "--extra-test", f"held={extra / 'set.de'},{extra / 'set.en'}"]
+    argv = [
+        str(data),
+        "--work-dir",
+        str(work),
+        "--model-dir",
+        str(model_dir),
+        "--gguf-file",
+        "none",
+        "--arms",
+        "logarithmic,dft,switch-brier",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        *SMALL,
+        "--max-new-tokens",
+        "4",
+        "--eval-steps",
+        "1",
+        "--save-steps",
+        "1",
+        "--warmup-steps",
+        "0",
+        "--max-length",
+        "48",
+        "--eval-batch-size",
+        "2",
+        "--bootstrap-samples",
+        "20",
+        "--extra-test",
+        f"held={extra / 'set.de'},{extra / 'set.en'}",
+    ]
     assert script.main(argv) == 0
     # untuned: fit, test, extra; per arm: train, fit, test, extra
     assert len(in_process) == 3 + 3 * 4
@@ -119,9 +158,18 @@ def test_pipeline_end_to_end_resumes_and_keeps_the_final_models(tmp_path, script
     assert "--improper-loss" in trains["dft"] and "--rule" not in trains["dft"] and "--smoothing" not in trains["dft"]
     assert trains["switch-brier"][trains["switch-brier"].index("--schedule") + 1] == "logarithmic:1,brier:1"
     assert "--resume" in trains["switch-brier"] and "--save-total-limit" not in trains["logarithmic"]
-    for name in ("results.json", "results.md", "training_curves.png", "timings.json", "data/train.de",
-                 "data/test.en", "seed1/dft/test/hypotheses.txt", "seed1/dft/extra_held/hypotheses.txt",
-                 "seed1/dft/train/final/config.json", "untuned/fit_dev/results.json"):
+    for name in (
+        "results.json",
+        "results.md",
+        "training_curves.png",
+        "timings.json",
+        "data/train.de",
+        "data/test.en",
+        "seed1/dft/test/hypotheses.txt",
+        "seed1/dft/extra_held/hypotheses.txt",
+        "seed1/dft/train/final/config.json",
+        "untuned/fit_dev/results.json",
+    ):
         assert (work / name).is_file(), name
     for arm in ("logarithmic", "dft", "switch-brier"):  # checkpoints removed once finished, final kept
         assert not list((work / "seed1" / arm / "train").glob("checkpoint-*")), arm
@@ -137,8 +185,11 @@ def test_pipeline_end_to_end_resumes_and_keeps_the_final_models(tmp_path, script
     assert test["generation"]["new_token_cap"]["ratio"] == 1.0 and test["num_examples"] == 3
     md = (work / "results.md").read_text()
     assert "Partial" not in md and "sacrebleu signatures: `nrefs:1" in md
-    labels = [line.split("|")[1].strip() for line in md.split("## Calibration")[0].splitlines()
-              if line.startswith("| ") and not line.startswith("| arm")]
+    labels = [
+        line.split("|")[1].strip()
+        for line in md.split("## Calibration")[0].splitlines()
+        if line.startswith("| ") and not line.startswith("| arm")
+    ]
     assert labels == ["untuned", "logarithmic", "DFT (improper)", "log → Brier (switch)"]
     results = json.loads((work / "results.json").read_text())
     assert results["status"]["complete"] and results["status"]["planned_steps"] == 15
@@ -178,16 +229,17 @@ def test_planned_commands_of_every_arm(tmp_path, script, capsys):
     cmds = _commands(capsys.readouterr().out)
     assert not work.exists()  # a dry run writes nothing
     assert len(cmds) == 19 * 2 + 18  # fit + test per model (18 final + untuned), 18 trainings
-    train = {a: cmds[f"seed2/{a}/train"] for a in ("logarithmic", "brier", "spherical", "brier-gated",
-                                                   "spherical-gated", "dft")}
+    train = {
+        a: cmds[f"seed2/{a}/train"]
+        for a in ("logarithmic", "brier", "spherical", "brier-gated", "spherical-gated", "dft")
+    }
     assert "--rule logarithmic " in train["logarithmic"] and "--smoothing" not in train["logarithmic"]
     assert "--rule brier " in train["brier"] and "--smoothing" not in train["brier"]
     assert "--rule brier --smoothing 0.1 --smoothing-variant gated " in train["brier-gated"]
     assert "--rule spherical --smoothing 0.1 --smoothing-variant gated " in train["spherical-gated"]
     assert "--improper-loss dft " in train["dft"] and "--rule" not in train["dft"]
     assert all("--seed 2 --max-steps 100 --per-device-train-batch-size 8 " in c for c in train.values())
-    assert all("--save-total-limit 1" in c and "--group-by-length" in c and "--resume" not in c
-               for c in train.values())
+    assert all("--save-total-limit 1" in c and "--group-by-length" in c and "--resume" not in c for c in train.values())
     fit, test = cmds["seed1/dft/fit_dev"], cmds["seed1/dft/test"]
     assert "--no-generate --fit-temperature" in fit and "dev.de" in fit and os.path.join("dft", "train", "final") in fit
     assert "test.de" in test and "--max-new-tokens 96 --max-new-tokens-ratio 1 --max-new-tokens-offset 10" in test
@@ -195,9 +247,22 @@ def test_planned_commands_of_every_arm(tmp_path, script, capsys):
     assert f"--model {model}" in cmds["untuned/test"]
 
     # the other arms by name; the switch protocol branches from logarithmic at --switch-at
-    assert script.main([*common, "--dry-run", "--seeds", "1", "--arms",
-                        "logarithmic,one-minus-p,brier-paper,logarithmic-smoothed,switch-spherical",
-                        "--switch-at", "50", "--decode-dev"]) == 0
+    assert (
+        script.main(
+            [
+                *common,
+                "--dry-run",
+                "--seeds",
+                "1",
+                "--arms",
+                "logarithmic,one-minus-p,brier-paper,logarithmic-smoothed,switch-spherical",
+                "--switch-at",
+                "50",
+                "--decode-dev",
+            ]
+        )
+        == 0
+    )
     cmds = _commands(capsys.readouterr().out)
     assert "--improper-loss one-minus-p " in cmds["seed1/one-minus-p/train"]
     assert "--rule brier --smoothing 0.1 --smoothing-variant paper " in cmds["seed1/brier-paper/train"]
@@ -224,20 +289,27 @@ def test_planned_commands_of_every_arm(tmp_path, script, capsys):
     assert "| training runs (8 examples per step) | 2 | 1 |" in out  # the estimate counts the finished run
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ("heldout", "no '=': expected NAME=SOURCE_FILE,REFERENCE_FILE"),
-    ("=SRC,REF", "NAME must be letters, digits, - and _"),
-    ("my set=SRC,REF", "NAME must be letters, digits, - and _"),
-    ("test=SRC,REF", "the name 'test' is taken .reserved."),
-    ("held=SRC", "expected two files after '=', SOURCE_FILE,REFERENCE_FILE"),
-    ("held=SRC,", "expected two files"),
-    ("held=MISSING,REF", "source file .*missing.de' does not exist"),
-    ("held=SRC,MISSING", "reference file .*missing.de' does not exist"),
-    ("held=SRC,SHORT", "has 3 lines but .*short.en has 2"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("heldout", "no '=': expected NAME=SOURCE_FILE,REFERENCE_FILE"),
+        ("=SRC,REF", "NAME must be letters, digits, - and _"),
+        ("my set=SRC,REF", "NAME must be letters, digits, - and _"),
+        ("test=SRC,REF", "the name 'test' is taken .reserved."),
+        ("held=SRC", "expected two files after '=', SOURCE_FILE,REFERENCE_FILE"),
+        ("held=SRC,", "expected two files"),
+        ("held=MISSING,REF", "source file .*missing.de' does not exist"),
+        ("held=SRC,MISSING", "reference file .*missing.de' does not exist"),
+        ("held=SRC,SHORT", "has 3 lines but .*short.en has 2"),
+    ],
+)
 def test_extra_test_errors_name_the_problem(tmp_path, script, spec, message):
-    files = {"SRC": tmp_path / "src.de", "REF": tmp_path / "ref.en", "SHORT": tmp_path / "short.en",
-             "MISSING": tmp_path / "missing.de"}
+    files = {
+        "SRC": tmp_path / "src.de",
+        "REF": tmp_path / "ref.en",
+        "SHORT": tmp_path / "short.en",
+        "MISSING": tmp_path / "missing.de",
+    }
     files["SRC"].write_text("a\nb\nc\n")
     files["REF"].write_text("x\ny\nz\n")
     files["SHORT"].write_text("x\ny\n")
@@ -248,20 +320,24 @@ def test_extra_test_errors_name_the_problem(tmp_path, script, spec, message):
     ok = f"held={files['SRC']},{files['REF']}"
     with pytest.raises(script.SetupError, match="the name 'held' is taken .twice."):
         script.parse_args(["data", "--extra-test", ok, "--extra-test", ok])
-    assert script.parse_args(["data", "--extra-test", ok]).extra_tests == {"held": (str(files["SRC"]),
-                                                                                  str(files["REF"]))}
+    assert script.parse_args(["data", "--extra-test", ok]).extra_tests == {
+        "held": (str(files["SRC"]), str(files["REF"]))
+    }
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--arms", "logarithmic,nope"], r"unknown arm\(s\) nope; allowed: logarithmic, brier"),
-    (["--arms", "brier,brier"], "names an arm twice"),
-    (["--arms", "brier,switch-brier"], "switch arms branch from the logarithmic run .* add logarithmic"),
-    (["--arms", "logarithmic,switch-brier", "--switch-at", "30"], "multiple of --save-steps 25"),
-    (["--arms", "logarithmic,switch-brier", "--switch-at", "100"], "strictly between 0 and --steps 100"),
-    (["--switch-at", "50"], "--switch-at only applies with a switch-. arm"),
-    (["--max-new-tokens-ratio", "-1"], "--max-new-tokens-ratio must be >= 0"),
-    (["--seeds", "1,1"], "distinct seeds"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--arms", "logarithmic,nope"], r"unknown arm\(s\) nope; allowed: logarithmic, brier"),
+        (["--arms", "brier,brier"], "names an arm twice"),
+        (["--arms", "brier,switch-brier"], "switch arms branch from the logarithmic run .* add logarithmic"),
+        (["--arms", "logarithmic,switch-brier", "--switch-at", "30"], "multiple of --save-steps 25"),
+        (["--arms", "logarithmic,switch-brier", "--switch-at", "100"], "strictly between 0 and --steps 100"),
+        (["--switch-at", "50"], "--switch-at only applies with a switch-. arm"),
+        (["--max-new-tokens-ratio", "-1"], "--max-new-tokens-ratio must be >= 0"),
+        (["--seeds", "1,1"], "distinct seeds"),
+    ],
+)
 def test_bad_arguments_are_named(script, argv, message):
     with pytest.raises(script.SetupError, match=message):
         script.parse_args(["data", *argv])
@@ -270,10 +346,16 @@ def test_bad_arguments_are_named(script, argv, message):
 def _fake_eval(path, bleu, chrf, log_score, ece, hyps, temperature=None):
     path.mkdir(parents=True, exist_ok=True)
     scores = {"logarithmic": log_score, "brier": 0.3 + log_score / 100, "spherical": 0.5 + log_score / 100}
-    res = {"teacher_forced": {"mean_scores": scores, "ece": ece}, "generation": {
-        "bleu": bleu, "chrf": chrf, "bleu_signature": "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.x",
-        "chrf_signature": "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.x",
-        "new_token_cap": {"num_at_cap": 1}}}
+    res = {
+        "teacher_forced": {"mean_scores": scores, "ece": ece},
+        "generation": {
+            "bleu": bleu,
+            "chrf": chrf,
+            "bleu_signature": "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.x",
+            "chrf_signature": "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.x",
+            "new_token_cap": {"num_at_cap": 1},
+        },
+    }
     if temperature is not None:
         res["teacher_forced_scaled"] = {"mean_scores": scores, "ece": ece / 2, "temperature": temperature}
     (path / "results.json").write_text(json.dumps(res))
@@ -285,8 +367,19 @@ def test_report_on_fake_partial_results(tmp_path, script):
     (work / "data").mkdir(parents=True)
     refs = [f"the small house number {i} is old" for i in range(12)]
     (work / "data" / "test.en").write_text("".join(r + "\n" for r in refs))
-    args = script.parse_args([str(tmp_path), "--work-dir", str(work), "--arms", "logarithmic,brier,dft",
-                              "--seeds", "1,2,3", "--bootstrap-samples", "50"])
+    args = script.parse_args(
+        [
+            str(tmp_path),
+            "--work-dir",
+            str(work),
+            "--arms",
+            "logarithmic,brier,dft",
+            "--seeds",
+            "1,2,3",
+            "--bootstrap-samples",
+            "50",
+        ]
+    )
     rng = random.Random(0)
 
     def hyps(quality):  # each word of the reference kept with probability `quality`
@@ -297,11 +390,23 @@ def test_report_on_fake_partial_results(tmp_path, script):
         for seed, b in per.items():
             run = work / f"seed{seed}" / arm
             (run / "fit_dev").mkdir(parents=True)
-            (run / "fit_dev" / "results.json").write_text(json.dumps({
-                "temperature_fit": {"temperature": 1.0 + seed / 10},
-                "teacher_forced": {"mean_scores": {"logarithmic": -2.0}, "ece": 0.05}}))
-            _fake_eval(run / "test", b, 40 + b, -2.0 - seed / 10 - (arm == "brier") * 0.05, 0.04,
-                       hyps(0.9 if arm == "brier" else 0.6), temperature=1.0 + seed / 10)
+            (run / "fit_dev" / "results.json").write_text(
+                json.dumps(
+                    {
+                        "temperature_fit": {"temperature": 1.0 + seed / 10},
+                        "teacher_forced": {"mean_scores": {"logarithmic": -2.0}, "ece": 0.05},
+                    }
+                )
+            )
+            _fake_eval(
+                run / "test",
+                b,
+                40 + b,
+                -2.0 - seed / 10 - (arm == "brier") * 0.05,
+                0.04,
+                hyps(0.9 if arm == "brier" else 0.6),
+                temperature=1.0 + seed / 10,
+            )
     _fake_eval(work / "untuned" / "test", 5.0, 30.0, -3.0, 0.08, hyps(0.3))
     steps = script.plan(args, str(work), str(tmp_path / "base"))
     md = script.report(args, str(work), steps, None, {}, None)
@@ -345,8 +450,11 @@ def test_branch_copies_the_checkpoint_and_early_log_but_no_tokenizer(tmp_path, s
     assert (dst / "checkpoint-2" / "model.safetensors").read_text() == "weights"
     assert sorted(os.listdir(dst)) == ["checkpoint-2", "metrics.jsonl"]
     assert [json.loads(x)["step"] for x in (dst / "metrics.jsonl").open()] == [1, 2]
-    with pytest.raises(RuntimeError, match=r"checkpoint-3 is missing: the switch arms branch from it .*"
-                       "--keep-checkpoints"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"checkpoint-3 is missing: the switch arms branch from it .*"
+        "--keep-checkpoints",
+    ):
         script.branch_from(str(src), str(tmp_path / "other"), 3)
     nan = math.nan  # a comparison cell: "-" when no seed has the figure, the mean alone for one seed
     assert script._runner.fmt_ci(nan, nan, nan, missing="-") == "-"
@@ -359,8 +467,20 @@ def test_estimate_printout_and_arithmetic(tmp_path, script, capsys):
     data = tmp_path / "newstest"
     _write_data(str(data))
     work = tmp_path / "work"
-    common = [str(data), "--work-dir", str(work), *SMALL, "--seeds", "1,2", "--arms", "logarithmic,dft",
-              "--steps", "10", "--eval-steps", "5"]
+    common = [
+        str(data),
+        "--work-dir",
+        str(work),
+        *SMALL,
+        "--seeds",
+        "1,2",
+        "--arms",
+        "logarithmic,dft",
+        "--steps",
+        "10",
+        "--eval-steps",
+        "5",
+    ]
     assert script.main([*common, "--estimate", "--jobs", "2"]) == 0  # no model needed, nothing written
     out = capsys.readouterr().out
     assert not work.exists()
@@ -394,11 +514,13 @@ def test_estimate_printout_and_arithmetic(tmp_path, script, capsys):
     est2 = script.estimate(args, steps, manifest, {"seed1/logarithmic/train": 150.0})[1]
     assert est2["kinds"]["train"]["done"] == 1 and est2["kinds"]["test"]["done"] == 1
     assert est2["remaining_seconds"] == pytest.approx(
-        est["total_seconds"] - est["kinds"]["train"]["seconds_each"] - est["kinds"]["test"]["seconds_each"])
+        est["total_seconds"] - est["kinds"]["train"]["seconds_each"] - est["kinds"]["test"]["seconds_each"]
+    )
     assert est2["measured"] == {"s per training step (incl. validation)": 15.0}
     args.jobs = 2
-    assert script.estimate(args, steps, manifest)[1]["wall_hours_left"] == pytest.approx(est2["remaining_seconds"]
-                                                                                         / 3600 / 2)
+    assert script.estimate(args, steps, manifest)[1]["wall_hours_left"] == pytest.approx(
+        est2["remaining_seconds"] / 3600 / 2
+    )
 
 
 def test_missing_data_file_is_named(tmp_path, script, in_process):
@@ -406,8 +528,7 @@ def test_missing_data_file_is_named(tmp_path, script, in_process):
     _write_data(str(data))
     os.remove(data / "newstest2014.de")
     with pytest.raises(script.SetupError, match=r"lacks newstest2014\.de"):
-        script.main([str(data), "--work-dir", str(tmp_path / "w"), "--model-dir", str(tmp_path),
-                     "--gguf-file", "none"])
+        script.main([str(data), "--work-dir", str(tmp_path / "w"), "--model-dir", str(tmp_path), "--gguf-file", "none"])
     assert in_process == [] and not (tmp_path / "w").exists()
 
 
@@ -431,20 +552,58 @@ def test_archive_carries_finished_steps_to_a_new_work_directory(tmp_path, script
     torch.set_num_threads(1)
     data = tmp_path / "newstest"
     texts = _write_data(str(data))
-    model, tok = load_model_and_tokenizer(init="tiny-gpt", train_texts=texts, vocab_size=300,
-                                          init_options={"hidden_size": 16, "num_layers": 1, "num_heads": 2,
-                                                        "ffn_size": 32})
+    model, tok = load_model_and_tokenizer(
+        init="tiny-gpt",
+        train_texts=texts,
+        vocab_size=300,
+        init_options={"hidden_size": 16, "num_layers": 1, "num_heads": 2, "ffn_size": 32},
+    )
     model.save_pretrained(str(tmp_path / "tiny"))
     tok.save_pretrained(str(tmp_path / "tiny"))
     archive = tmp_path / "archive"
-    common = [str(data), "--model-dir", str(tmp_path / "tiny"), "--gguf-file", "none", "--arms", "logarithmic,dft",
-              "--seeds", "1", "--steps", "2", "--batch-size", "2", *SMALL, "--max-new-tokens", "4",
-              "--eval-steps", "1", "--save-steps", "1", "--warmup-steps", "0", "--max-length", "48",
-              "--eval-batch-size", "2", "--bootstrap-samples", "20", "--archive", str(archive)]
+    common = [
+        str(data),
+        "--model-dir",
+        str(tmp_path / "tiny"),
+        "--gguf-file",
+        "none",
+        "--arms",
+        "logarithmic,dft",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        *SMALL,
+        "--max-new-tokens",
+        "4",
+        "--eval-steps",
+        "1",
+        "--save-steps",
+        "1",
+        "--warmup-steps",
+        "0",
+        "--max-length",
+        "48",
+        "--eval-batch-size",
+        "2",
+        "--bootstrap-samples",
+        "20",
+        "--archive",
+        str(archive),
+    ]
     assert script.main([*common, "--work-dir", str(tmp_path / "w1")]) == 0
     assert len(in_process) == 2 + 2 * 3  # untuned: fit, test; per arm: train, fit, test
-    for rel in ("settings.json", "timings.json", "results.md", "untuned/test/hypotheses.txt",
-                "seed1/dft/train/metrics.jsonl", "seed1/dft/train/results.json", "seed1/dft/test/results.json"):
+    for rel in (
+        "settings.json",
+        "timings.json",
+        "results.md",
+        "untuned/test/hypotheses.txt",
+        "seed1/dft/train/metrics.jsonl",
+        "seed1/dft/train/results.json",
+        "seed1/dft/test/results.json",
+    ):
         assert (archive / rel).is_file(), rel
     assert not list(archive.rglob("*.safetensors")) and not (archive / "seed1" / "dft" / "train" / "final").exists()
     first = (tmp_path / "w1" / "results.md").read_text()

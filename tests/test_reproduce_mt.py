@@ -36,11 +36,42 @@ def _write_data(root: str) -> None:
                 f.write("\n".join(lines) + "\n")
 
 
-TINY = ["--seeds", "3", "--arm-seeds", "3", "--t1", "4", "--t2", "2", "--save-every", "2", "--eval-every", "2",
-        "--warmup-steps", "2",
-        "--batch-size", "8", "--vocab-size", "300", "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2",
-        "--ffn-size", "32", "--max-length", "12", "--num-beams", "2", "--eval-batch-size", "6",
-        "--bootstrap-samples", "20"]
+TINY = [
+    "--seeds",
+    "3",
+    "--arm-seeds",
+    "3",
+    "--t1",
+    "4",
+    "--t2",
+    "2",
+    "--save-every",
+    "2",
+    "--eval-every",
+    "2",
+    "--warmup-steps",
+    "2",
+    "--batch-size",
+    "8",
+    "--vocab-size",
+    "300",
+    "--hidden-size",
+    "16",
+    "--num-layers",
+    "1",
+    "--num-heads",
+    "2",
+    "--ffn-size",
+    "32",
+    "--max-length",
+    "12",
+    "--num-beams",
+    "2",
+    "--eval-batch-size",
+    "6",
+    "--bootstrap-samples",
+    "20",
+]
 
 
 @pytest.fixture
@@ -75,7 +106,7 @@ def test_reproduce_mt_end_to_end_and_resume(tmp_path, capsys, in_process):
     res_k = json.load(open(os.path.join(work, "seed3", "k", "results.json"), encoding="utf-8"))
     assert res_k["rule_stages"] == [["0.5*logarithmic+0.5*spherical", 6]]
     # every model scored under every rule on val; rank correlations over the 11 finals + (a)'s checkpoint-T1
-    assert set(reproduce_mt.SCORE_RULES) <= {k[len("tf_val_"):] for k in row_b if k.startswith("tf_val_")}
+    assert set(reproduce_mt.SCORE_RULES) <= {k[len("tf_val_") :] for k in row_b if k.startswith("tf_val_")}
     assert len(summary["models"]) == 12 and "seed3/a/checkpoint-4" in {m["model"] for m in summary["models"]}
     assert {"logarithmic", "spherical", "ece"} <= set(summary["correlations"])
     assert all(-1 <= c["tau"] <= 1 or c["tau"] != c["tau"] for c in summary["correlations"].values())
@@ -98,8 +129,9 @@ def test_reproduce_mt_end_to_end_and_resume(tmp_path, capsys, in_process):
     assert [r for r in log_b if r["step"] <= 4] == [r for r in log_a if r["step"] <= 4]
     assert {r["rule"] for r in log_b if r["step"] > 4} == {"brier"}
     # both continue from the same state, so they differ only after the switch
-    assert [r.get("eval_score_brier") for r in log_b if r["step"] == 6 and "eval_score_brier" in r] != \
-        [r.get("eval_score_brier") for r in log_a if r["step"] == 6 and "eval_score_brier" in r]
+    assert [r.get("eval_score_brier") for r in log_b if r["step"] == 6 and "eval_score_brier" in r] != [
+        r.get("eval_score_brier") for r in log_a if r["step"] == 6 and "eval_score_brier" in r
+    ]
     assert "[run ]" in out
 
     # a rerun skips every finished step and rebuilds the same report
@@ -134,15 +166,16 @@ def test_reproduce_mt_rejects_bad_arguments(tmp_path):
 
 def test_seed_level_statistics():
     m, lo, hi = _runner.mean_ci([1.0, 2.0, 3.0])
-    assert m == 2.0 and abs(hi - 2.0 - 4.303 * 1.0 / 3 ** 0.5) < 1e-9 and abs((m - lo) - (hi - m)) < 1e-12
+    assert m == 2.0 and abs(hi - 2.0 - 4.303 * 1.0 / 3**0.5) < 1e-9 and abs((m - lo) - (hi - m)) < 1e-12
     assert _runner.mean_ci([1.0])[1] != _runner.mean_ci([1.0])[1]  # NaN interval for one seed
     assert _runner.sign_test([1, 2, 3]) == 0.25 and _runner.sign_test([1, -1]) == 1.0
     assert _runner.sign_test([0.5] * 6) == 2 / 64 and _runner.sign_test([0, 0]) == 1.0
     assert _runner.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert _runner.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
     assert abs(_runner.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) - 4 / 6) < 1e-12
-    tau, lo, hi = _runner.kendall_tau_interval(list(range(30)), [x + (7 if x % 5 == 0 else 0) for x in range(30)],
-                                               n_samples=200)
+    tau, lo, hi = _runner.kendall_tau_interval(
+        list(range(30)), [x + (7 if x % 5 == 0 else 0) for x in range(30)], n_samples=200
+    )
     assert lo <= tau <= hi and 0.5 < tau < 1
 
 
@@ -157,10 +190,15 @@ def test_run_tasks_respects_dependencies_priority_and_failures(capsys):
             time.sleep(delay)
             with lock:
                 order.append(name)
+
         return fn
 
-    tasks = [_runner.Task("a", note("a", 0.05)), _runner.Task("b", note("b"), {"a"}),
-             _runner.Task("c", note("c", 0.01)), _runner.Task("d", note("d"), {"b", "c"})]
+    tasks = [
+        _runner.Task("a", note("a", 0.05)),
+        _runner.Task("b", note("b"), {"a"}),
+        _runner.Task("c", note("c", 0.01)),
+        _runner.Task("d", note("d"), {"b", "c"}),
+    ]
     _runner.run_tasks(tasks, jobs=2)
     assert order.index("a") < order.index("b") < order.index("d") and order.index("c") < order.index("d")
     assert order[0] == "c"  # a and c start together; c is shorter
@@ -170,6 +208,7 @@ def test_run_tasks_respects_dependencies_priority_and_failures(capsys):
 
     def boom():
         raise RuntimeError("step failed")
+
     order.clear()
     with pytest.raises(RuntimeError, match="step failed"):
         _runner.run_tasks([_runner.Task("x", boom), _runner.Task("y", note("y"), {"x"})], jobs=2)
@@ -177,8 +216,9 @@ def test_run_tasks_respects_dependencies_priority_and_failures(capsys):
     # a failure is said when it happens, not only once the tasks still running (hours, in a study) end
     capsys.readouterr()
     with pytest.raises(RuntimeError, match="step failed"):
-        _runner.run_tasks([_runner.Task("slow", note("slow", 0.3)), _runner.Task("x", boom),
-                           _runner.Task("z", note("z"))], jobs=2)
+        _runner.run_tasks(
+            [_runner.Task("slow", note("slow", 0.3)), _runner.Task("x", boom), _runner.Task("z", note("z"))], jobs=2
+        )
     assert "[fail] x: RuntimeError: step failed; no new task starts, waiting for 1 running" in capsys.readouterr().out
     assert order == ["slow"]  # the running task finishes, z never starts
     with pytest.raises(ValueError, match="unknown tasks"):
@@ -222,8 +262,9 @@ def test_further_seeds_start_with_their_longest_runs(tmp_path):
     """Seeds beyond the first three: every (a) run is queued before their branches and evaluations, so with
     --jobs 2 the last seed's 12,500-step stage 1 does not wait behind the earlier seeds' short work."""
     _write_data(str(tmp_path))
-    args = reproduce_mt.build_parser().parse_args([str(tmp_path), "--work-dir", str(tmp_path / "w"),
-                                                   "--protocols", "a,b,c,f", "--dry-run"])
+    args = reproduce_mt.build_parser().parse_args(
+        [str(tmp_path), "--work-dir", str(tmp_path / "w"), "--protocols", "a,b,c,f", "--dry-run"]
+    )
     reproduce_mt.check_args(args)
     names = [t.name for t in reproduce_mt.tasks(args)]
     later_a = [names.index(f"train {s}a") for s in (4, 5, 6)]

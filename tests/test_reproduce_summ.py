@@ -52,10 +52,44 @@ def _write_data(root: str) -> str:
     return _write(os.path.join(root, "extra_emails.jsonl"), _rows(5, rng, False))
 
 
-TINY = ["--seeds", "3", "--t1", "4", "--t2", "2", "--save-every", "2", "--eval-every", "2", "--warmup-steps", "2",
-        "--batch-size", "8", "--vocab-size", "300", "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2",
-        "--ffn-size", "32", "--max-source-length", "24", "--heldout-fraction", "0.1", "--num-beams", "2",
-        "--max-new-tokens", "4", "--eval-batch-size", "6", "--bootstrap-samples", "20"]
+TINY = [
+    "--seeds",
+    "3",
+    "--t1",
+    "4",
+    "--t2",
+    "2",
+    "--save-every",
+    "2",
+    "--eval-every",
+    "2",
+    "--warmup-steps",
+    "2",
+    "--batch-size",
+    "8",
+    "--vocab-size",
+    "300",
+    "--hidden-size",
+    "16",
+    "--num-layers",
+    "1",
+    "--num-heads",
+    "2",
+    "--ffn-size",
+    "32",
+    "--max-source-length",
+    "24",
+    "--heldout-fraction",
+    "0.1",
+    "--num-beams",
+    "2",
+    "--max-new-tokens",
+    "4",
+    "--eval-batch-size",
+    "6",
+    "--bootstrap-samples",
+    "20",
+]
 
 
 @pytest.fixture
@@ -82,16 +116,18 @@ def test_reproduce_summ_end_to_end_resume_and_later_test_file(tmp_path, capsys, 
         assert sel["seed"] == 3 and sel["grid"] == [0.0, 0.1] and [r["smoothing"] for r in sel["rows"]] == [0.0, 0.1]
         for r in sel["rows"]:
             ev = _json(work, "seed3", f"{p}_eps{r['smoothing']:g}", "eval_heldout_beam_logarithmic", "results.json")
-            assert r["selection_score"] == pytest.approx(sum(ev["generation"][k] for k in ("rouge1", "rouge2",
-                                                                                           "rougeL")) / 3)
+            assert r["selection_score"] == pytest.approx(
+                sum(ev["generation"][k] for k in ("rouge1", "rouge2", "rougeL")) / 3
+            )
             assert ev["num_examples"] == r["num_examples"]
         scores = {r["smoothing"]: r["selection_score"] for r in sel["rows"]}
         assert sel["chosen"] == reproduce_summ.choose_smoothing(scores)
         chosen[p] = sel["chosen"]
         other = 0.1 if sel["chosen"] == 0.0 else 0.0
         # the chosen candidate is seed 3's run (decoded on dev); the other one is not
-        assert os.path.isfile(os.path.join(work, "seed3", f"{p}_eps{chosen[p]:g}", "eval_dev_beam_logarithmic",
-                                           "results.json"))
+        assert os.path.isfile(
+            os.path.join(work, "seed3", f"{p}_eps{chosen[p]:g}", "eval_dev_beam_logarithmic", "results.json")
+        )
         assert not os.path.exists(os.path.join(work, "seed3", f"{p}_eps{other:g}", "eval_dev_beam_logarithmic"))
         assert _json(work, "seed3", f"{p}_eps{other:g}", "results.json")["config"]["smoothing"] == other
     run = {"a": "a", "b": f"b_eps{chosen['b']:g}", "c": f"c_eps{chosen['c']:g}"}
@@ -109,9 +145,16 @@ def test_reproduce_summ_end_to_end_resume_and_later_test_file(tmp_path, capsys, 
     assert summary["smoothing"]["selection_examples"] == len(open(os.path.join(work, "heldout.jsonl")).readlines())
     row_b = summary["per_seed"]["b"]["3"]
     assert row_b["smoothing"] == chosen["b"]
-    assert {"rouge1_dev_logarithmic", "rougeL_multi_dev_logarithmic", "rouge2_dev_spherical",
-            "rougeL_multi_dev_spherical", "score_logarithmic_dev", "score_brier_dev", "score_spherical_dev",
-            "ece_dev"} <= set(row_b)
+    assert {
+        "rouge1_dev_logarithmic",
+        "rougeL_multi_dev_logarithmic",
+        "rouge2_dev_spherical",
+        "rougeL_multi_dev_spherical",
+        "score_logarithmic_dev",
+        "score_brier_dev",
+        "score_spherical_dev",
+        "ece_dev",
+    } <= set(row_b)
     assert row_b["rouge1_multi_dev_logarithmic"] >= row_b["rouge1_dev_logarithmic"] - 1e-9
     assert "rouge-score" in row_b["rouge_settings"]
     for p in ("b", "c"):
@@ -119,8 +162,10 @@ def test_reproduce_summ_end_to_end_resume_and_later_test_file(tmp_path, capsys, 
             cmp = summary["comparisons"][f"{p}_dev_{name}"]
             assert cmp["seeds"] == [3] and 0 <= cmp["sign_test_p"] <= 1
             assert len(cmp["bootstrap"]) == 1 and 0 < cmp["bootstrap"][0]["p"] <= 1
-            assert cmp["delta"][0] == pytest.approx(summary["per_seed"][p]["3"][f"{name}_dev_logarithmic"]
-                                                    - summary["per_seed"]["a"]["3"][f"{name}_dev_logarithmic"])
+            assert cmp["delta"][0] == pytest.approx(
+                summary["per_seed"][p]["3"][f"{name}_dev_logarithmic"]
+                - summary["per_seed"]["a"]["3"][f"{name}_dev_logarithmic"]
+            )
             # the bootstrap's document-level mean difference is the ROUGE difference itself
             assert cmp["bootstrap"][0]["delta"] == pytest.approx(cmp["delta"][0], abs=1e-9)
     assert summary["checkpoint_t1"]["3"]["rouge1"] is not None
@@ -192,8 +237,10 @@ def test_control_a0_continues_a_with_smoothing_0_from_its_checkpoint(tmp_path, c
     summary = _json(work, "results.json")
     assert summary["smoothing"]["a0"] == 0.0
     cmp = summary["comparisons"]["vs_a0_c_dev_rouge1"]
-    assert cmp["delta"][0] == pytest.approx(summary["per_seed"]["c"]["3"]["rouge1_dev_logarithmic"]
-                                            - summary["per_seed"]["a0"]["3"]["rouge1_dev_logarithmic"])
+    assert cmp["delta"][0] == pytest.approx(
+        summary["per_seed"]["c"]["3"]["rouge1_dev_logarithmic"]
+        - summary["per_seed"]["a0"]["3"]["rouge1_dev_logarithmic"]
+    )
     assert "vs_a0_a_dev_rouge1" in summary["comparisons"] and "c_dev_rouge1" in summary["comparisons"]
     md = open(os.path.join(work, "results.md"), encoding="utf-8").read()
     assert "| (a0) log → log, smoothing 0 after T1 | 1 |" in md and "| vs (a0) |" in md
@@ -286,8 +333,12 @@ def test_choose_smoothing_best_score_ties_to_the_smaller_eps():
     with pytest.raises(ValueError, match="no finite selection score"):
         choose({0.0: float("nan")})
     assert reproduce_summ.parse_grid("0.1, 0") == [0.0, 0.1]
-    for bad, msg in (("0,x", "numbers expected"), ("", "names no value"), ("0,1", r"in \[0, 1\)"),
-                     ("0.1,0.10", "repeats")):
+    for bad, msg in (
+        ("0,x", "numbers expected"),
+        ("", "names no value"),
+        ("0,1", r"in \[0, 1\)"),
+        ("0.1,0.10", "repeats"),
+    ):
         with pytest.raises(ValueError, match=msg):
             reproduce_summ.parse_grid(bad)
 
@@ -305,11 +356,25 @@ def _line(lines: list[str], start: str) -> str:
 
 
 def _fake_selection(work: str, protocol: str, chosen: float, scores: dict[float, float]) -> None:
-    rows = [{"smoothing": e, "rouge1": s, "rouge2": s, "rougeL": s, "selection_score": s, "score_logarithmic": -2.0,
-             "score_brier": -0.5, "score_spherical": 0.4, "num_examples": 5} for e, s in scores.items()]
+    rows = [
+        {
+            "smoothing": e,
+            "rouge1": s,
+            "rouge2": s,
+            "rougeL": s,
+            "selection_score": s,
+            "score_logarithmic": -2.0,
+            "score_brier": -0.5,
+            "score_spherical": 0.4,
+            "num_examples": 5,
+        }
+        for e, s in scores.items()
+    ]
     os.makedirs(work, exist_ok=True)
-    _write(os.path.join(work, f"selection_{protocol}.json"), [{"seed": 1, "grid": sorted(scores), "rows": rows,
-                                                               "chosen": chosen}])
+    _write(
+        os.path.join(work, f"selection_{protocol}.json"),
+        [{"seed": 1, "grid": sorted(scores), "rows": rows, "chosen": chosen}],
+    )
 
 
 def test_reproduce_summ_plans_the_selection_before_the_seed_runs(tmp_path, capsys):
@@ -421,8 +486,7 @@ def test_reproduce_summ_selection_slice_is_disjoint_from_the_training_data(tmp_p
     trained_docs = {e.source for e in trained}
     assert heldout and not any(r["document"] in trained_docs for r in heldout)
     validation_pairs = [(e.source, e.target) for e in validation]
-    assert [(r["document"], r["summary"]) for r in heldout] == [p for p in validation_pairs
-                                                                 if p[0] not in trained_docs]
+    assert [(r["document"], r["summary"]) for r in heldout] == [p for p in validation_pairs if p[0] not in trained_docs]
     assert len(heldout) < len(validation)  # this data has duplicates across the split, and they were dropped
     kept, dropped = reproduce_summ.heldout_examples(args)
     assert len(kept) == len(heldout) and dropped == len(validation) - len(heldout)

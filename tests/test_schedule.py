@@ -26,8 +26,11 @@ def test_parse_stages_and_boundaries():
 
 def test_parse_rules_with_parameters():
     s = RuleSchedule.parse(" power:3:10 , pseudo-spherical:1.5@20,spherical:5")
-    assert [(r, n) for r, n in s.stages] == [(get_rule("power:3"), 10), (get_rule("pseudo-spherical:1.5"), 20),
-                                            (get_rule("spherical"), 5)]
+    assert [(r, n) for r, n in s.stages] == [
+        (get_rule("power:3"), 10),
+        (get_rule("pseudo-spherical:1.5"), 20),
+        (get_rule("spherical"), 5),
+    ]
     assert RuleSchedule.parse(s.spec) == s
 
 
@@ -109,8 +112,15 @@ def test_callback_in_trainer_switches_rule_at_the_right_step(tmp_path):
     from properlm.integrations.transformers import apply_scoring_rule
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    cfg = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     handle = apply_scoring_rule(model, "logarithmic")
     data = [{"input_ids": torch.randint(50, (6,)).tolist()} for _ in range(16)]
@@ -126,8 +136,17 @@ def test_callback_in_trainer_switches_rule_at_the_right_step(tmp_path):
     model.register_forward_pre_hook(record, with_kwargs=True, prepend=True)
     cb = RuleScheduleCallback("brier:3,spherical:2", handle)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
     trainer_ref["t"] = trainer
     trainer.train()
@@ -135,5 +154,4 @@ def test_callback_in_trainer_switches_rule_at_the_right_step(tmp_path):
     assert [s for s, _ in used] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     assert [r for _, r in used] == ["brier"] * 6 + ["spherical"] * 6
     logged = [(h["step"], h["rule"]) for h in trainer.state.log_history if "loss" in h]
-    assert logged == [(1, "brier"), (2, "brier"), (3, "brier"), (4, "spherical"), (5, "spherical"),
-                      (6, "spherical")]
+    assert logged == [(1, "brier"), (2, "brier"), (3, "brier"), (4, "spherical"), (5, "spherical"), (6, "spherical")]

@@ -92,10 +92,23 @@ def _evaluation(root, name, hyps, data, task="translation", max_examples=None, t
     os.makedirs(out)
     with open(os.path.join(out, "hypotheses.txt"), "w", encoding="utf-8") as f:
         f.write("".join(h + "\n" for h in hyps))
-    settings = {"task": task, "target_lang": "de" if task == "translation" else None, "source_lang": None,
-                "max_examples": max_examples, "data_file": None, "source_file": None, "target_file": None, **data}
-    results = {"kind": "properlm-evaluate", "settings": settings, "num_examples": len(hyps),
-               "generation": {"bleu": 0.0}, **({"teacher_forced": tf} if tf else {})}
+    settings = {
+        "task": task,
+        "target_lang": "de" if task == "translation" else None,
+        "source_lang": None,
+        "max_examples": max_examples,
+        "data_file": None,
+        "source_file": None,
+        "target_file": None,
+        **data,
+    }
+    results = {
+        "kind": "properlm-evaluate",
+        "settings": settings,
+        "num_examples": len(hyps),
+        "generation": {"bleu": 0.0},
+        **({"teacher_forced": tf} if tf else {}),
+    }
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f)
     return out
@@ -111,26 +124,41 @@ def translation_runs(tmp_path, monkeypatch):
     runs = {}
     for seed in (1, 2, 3):
         noise = _sentences(40, 10 + seed)
-        runs[f"log{seed}"] = _evaluation(str(tmp_path), f"log{seed}",
-                                         [n if i % 3 == 0 else r for i, (r, n) in enumerate(zip(refs, noise))], data)
-        runs[f"sph{seed}"] = _evaluation(str(tmp_path), f"sph{seed}",
-                                         [n if i % 8 == 0 else r for i, (r, n) in enumerate(zip(refs, noise))], data)
+        runs[f"log{seed}"] = _evaluation(
+            str(tmp_path), f"log{seed}", [n if i % 3 == 0 else r for i, (r, n) in enumerate(zip(refs, noise))], data
+        )
+        runs[f"sph{seed}"] = _evaluation(
+            str(tmp_path), f"sph{seed}", [n if i % 8 == 0 else r for i, (r, n) in enumerate(zip(refs, noise))], data
+        )
     return tmp_path, runs
 
 
 def test_compare_baseline_over_seeds(translation_runs, capsys):
     tmp_path, runs = translation_runs
-    argv = ["compare", "log=" + ",".join(runs[f"log{s}"] for s in (1, 2, 3)),
-            "sph=" + ",".join(runs[f"sph{s}"] for s in (1, 2, 3)), "--baseline", "log", "--no-plot",
-            "--bootstrap-samples", "100", "--output-json", "cmp.json", "--output-md", "cmp.md"]
+    argv = [
+        "compare",
+        "log=" + ",".join(runs[f"log{s}"] for s in (1, 2, 3)),
+        "sph=" + ",".join(runs[f"sph{s}"] for s in (1, 2, 3)),
+        "--baseline",
+        "log",
+        "--no-plot",
+        "--bootstrap-samples",
+        "100",
+        "--output-json",
+        "cmp.json",
+        "--output-md",
+        "cmp.md",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "Against log (3 seeds" in out and "| sph | BLEU |" in out and "| sph | chrF |" in out
     result = json.loads((tmp_path / "cmp.json").read_text(encoding="utf-8"))
     bleu = result["systems"]["sph"]["metrics"]["bleu"]
     for seed, per in zip((1, 2, 3), bleu["per_seed"]):  # each seed's scores are evaluate's corpus BLEU
-        hyp = {k: open(os.path.join(runs[f"{k}{seed}"], "hypotheses.txt"), encoding="utf-8").read().splitlines()
-               for k in ("log", "sph")}
+        hyp = {
+            k: open(os.path.join(runs[f"{k}{seed}"], "hypotheses.txt"), encoding="utf-8").read().splitlines()
+            for k in ("log", "sph")
+        }
         refs = (tmp_path / "test.de").read_text(encoding="utf-8").splitlines()
         assert per["baseline"] == pytest.approx(translation_metrics(hyp["log"], refs, "de")["bleu"])
         assert per["system"] == pytest.approx(translation_metrics(hyp["sph"], refs, "de")["bleu"])
@@ -143,8 +171,21 @@ def test_compare_baseline_over_seeds(translation_runs, capsys):
 
 def test_compare_baseline_single_runs_say_one_seed_is_not_evidence(translation_runs, capsys):
     _, runs = translation_runs
-    assert main(["compare", runs["log1"], runs["sph1"], "--baseline", runs["log1"], "--no-plot",
-                 "--bootstrap-samples", "50"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                runs["log1"],
+                runs["sph1"],
+                "--baseline",
+                runs["log1"],
+                "--no-plot",
+                "--bootstrap-samples",
+                "50",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "(1 seed;" in out and "fewer than 3 seeds" in out and "sign test" not in out.split("Against")[1][:200]
 
@@ -156,14 +197,17 @@ def test_compare_baseline_refuses_what_it_cannot_pair(translation_runs, tmp_path
         assert main(["compare", *argv, "--no-plot"]) == 2
         return capsys.readouterr().err
 
-    assert "--baseline 'nope' is none of the runs given; choose one of" in error(runs["log1"], runs["sph1"],
-                                                                                 "--baseline", "nope")
-    assert "sph has 1 evaluations but the baseline 2" in error(f"log={runs['log1']},{runs['log2']}",
-                                                               f"sph={runs['sph1']}", "--baseline", "log")
+    assert "--baseline 'nope' is none of the runs given; choose one of" in error(
+        runs["log1"], runs["sph1"], "--baseline", "nope"
+    )
+    assert "sph has 1 evaluations but the baseline 2" in error(
+        f"log={runs['log1']},{runs['log2']}", f"sph={runs['sph1']}", "--baseline", "log"
+    )
     assert "is a directory; give a file name" in error(runs["log1"], "--output-json", str(tmp_path))
     assert "expected RUN_DIR or NAME=RUN_DIR" in error("log=", runs["sph1"], "--baseline", "log")
-    other = _evaluation(str(tmp_path), "other", ["x"] * 40, {"source_file": "test.en", "target_file": "test.de"},
-                        max_examples=None)
+    other = _evaluation(
+        str(tmp_path), "other", ["x"] * 40, {"source_file": "test.en", "target_file": "test.de"}, max_examples=None
+    )
     (tmp_path / "short.de").write_text("x\n" * 39, encoding="utf-8")
     (tmp_path / "short.en").write_text("y\n" * 39, encoding="utf-8")
     short = _evaluation(str(tmp_path), "short", ["x"] * 39, {"source_file": "short.en", "target_file": "short.de"})
@@ -174,7 +218,8 @@ def test_compare_baseline_refuses_what_it_cannot_pair(translation_runs, tmp_path
     os.rename(other, run_dir / "eval_val")
     os.rename(runs["log3"], run_dir / "eval_test")
     assert "holds several evaluations (eval_test, eval_val): name the one" in error(
-        str(run_dir), runs["sph1"], "--baseline", runs["sph1"])
+        str(run_dir), runs["sph1"], "--baseline", runs["sph1"]
+    )
     (tmp_path / "lost.de").write_text("x\n" * 40, encoding="utf-8")
     lost = _evaluation(str(tmp_path), "lost", ["x"] * 40, {"source_file": "test.en", "target_file": "lost.de"})
     os.remove(tmp_path / "lost.de")
@@ -214,11 +259,37 @@ def test_compare_baseline_refuses_pairs_of_different_training_seeds(translation_
         with open(os.path.join(runs[name], "results.json"), "w", encoding="utf-8") as f:
             json.dump(res, f)
     assert load_evaluated_run(runs["sph2"]).seed == 2 and load_evaluated_run(runs["log3"]).seed is None
-    assert main(["compare", f"log={runs['log1']},{runs['log2']}", f"sph={runs['sph2']},{runs['sph1']}",
-                 "--baseline", "log", "--no-plot"]) == 2
+    assert (
+        main(
+            [
+                "compare",
+                f"log={runs['log1']},{runs['log2']}",
+                f"sph={runs['sph2']},{runs['sph1']}",
+                "--baseline",
+                "log",
+                "--no-plot",
+            ]
+        )
+        == 2
+    )
     assert "(trained with seed 2) is paired with the baseline's" in capsys.readouterr().err
-    assert main(["compare", f"log={runs['log1']},{runs['log2']}", f"sph={runs['sph1']},{runs['sph2']}",
-                 "--baseline", "log", "--no-plot", "--bootstrap-samples", "20", "--output-json", "o.json"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                f"log={runs['log1']},{runs['log2']}",
+                f"sph={runs['sph1']},{runs['sph2']}",
+                "--baseline",
+                "log",
+                "--no-plot",
+                "--bootstrap-samples",
+                "20",
+                "--output-json",
+                "o.json",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "o.json").read_text(encoding="utf-8"))["seeds"] == [1, 2]
 
 
@@ -230,10 +301,31 @@ def test_compare_baseline_compares_teacher_forced_scores_over_seeds(tmp_path, mo
     data = {"source_file": "t.en", "target_file": "t.de"}
     base, sph = [], []
     for seed, (b_ece, s_ece) in enumerate(((0.02, 0.30), (0.03, 0.33))):
-        base.append(load_evaluated_run(_evaluation(str(tmp_path), f"b{seed}", refs, data, tf={
-            "mean_scores": {"logarithmic": -1.8, "spherical": 0.69}, "ece": b_ece})))
-        sph.append(load_evaluated_run(_evaluation(str(tmp_path), f"s{seed}", refs, data, tf={
-            "mean_scores": {"logarithmic": -2.4 + 0.1 * seed, "spherical": 0.70, "brier": 0.4}, "ece": s_ece})))
+        base.append(
+            load_evaluated_run(
+                _evaluation(
+                    str(tmp_path),
+                    f"b{seed}",
+                    refs,
+                    data,
+                    tf={"mean_scores": {"logarithmic": -1.8, "spherical": 0.69}, "ece": b_ece},
+                )
+            )
+        )
+        sph.append(
+            load_evaluated_run(
+                _evaluation(
+                    str(tmp_path),
+                    f"s{seed}",
+                    refs,
+                    data,
+                    tf={
+                        "mean_scores": {"logarithmic": -2.4 + 0.1 * seed, "spherical": 0.70, "brier": 0.4},
+                        "ece": s_ece,
+                    },
+                )
+            )
+        )
     result = compare_to_baseline(base, {"sph": sph}, n_samples=20)
     metrics = result["systems"]["sph"]["metrics"]
     assert list(metrics) == ["bleu", "chrf", "score logarithmic", "score spherical", "ece"]  # brier: one side only

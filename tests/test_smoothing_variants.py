@@ -32,8 +32,9 @@ BOUNDED = ["brier", "spherical", "power:3", "pseudo-spherical:1.5"]
 VARIANTS = list(SMOOTHING_VARIANTS)
 
 
-def naive_variant_loss(z: torch.Tensor, y: torch.Tensor, rule: str, eps: float, variant: str,
-                       weight: float = 1.0) -> torch.Tensor:
+def naive_variant_loss(
+    z: torch.Tensor, y: torch.Tensor, rule: str, eps: float, variant: str, weight: float = 1.0
+) -> torch.Tensor:
     """Per-token ``s_max - S_eps`` in float64 from ``p = softmax(z)``; ``M`` and the gate are constants."""
     z = z.double()
     V = z.shape[-1]
@@ -43,8 +44,11 @@ def naive_variant_loss(z: torch.Tensor, y: torch.Tensor, rule: str, eps: float, 
     mask = (p < eps / V).detach()
     masked = eps / V * torch.where(mask, torch.log_softmax(z, -1), 0.0).sum(-1)
     p_y = p.gather(-1, y[:, None]).squeeze(-1).detach()
-    gate = {"paper": torch.ones_like(p_y), "none": torch.zeros_like(p_y),
-            "gated": ((p_y - (1 - eps)) / eps).clamp(0, 1)}[variant]
+    gate = {
+        "paper": torch.ones_like(p_y),
+        "none": torch.zeros_like(p_y),
+        "gated": ((p_y - (1 - eps)) / eps).clamp(0, 1),
+    }[variant]
     return 1.0 - (s + weight * gate * masked)
 
 
@@ -79,8 +83,9 @@ def test_value_and_gradient_match_float64_reference(rule: str, variant: str) -> 
 
 def test_mixture_weights_the_gated_term_by_its_bounded_components() -> None:
     z, y = peaked_logits(16, 50, seed=2)
-    got = properlm.scoring_rule_loss(z, y, "0.5*logarithmic+0.5*spherical", 0.1, reduction="none",
-                                     smoothing_variant="gated")
+    got = properlm.scoring_rule_loss(
+        z, y, "0.5*logarithmic+0.5*spherical", 0.1, reduction="none", smoothing_variant="gated"
+    )
     log_part = F.cross_entropy(z, y, reduction="none", label_smoothing=0.1)
     sph = naive_variant_loss(z, y, "spherical", 0.1, "gated")
     assert rel_err(got, 0.5 * log_part + 0.5 * sph) < 1e-12
@@ -92,11 +97,14 @@ def test_variants_agree_where_they_must() -> None:
     for rule, eps in (("brier", 0.0), ("logarithmic", 0.1)):
         ref = properlm.scoring_rule_loss(z, y, rule, eps, reduction="none")
         for variant in VARIANTS:
-            assert torch.equal(properlm.scoring_rule_loss(z, y, rule, eps, reduction="none",
-                                                          smoothing_variant=variant), ref)
+            assert torch.equal(
+                properlm.scoring_rule_loss(z, y, rule, eps, reduction="none", smoothing_variant=variant), ref
+            )
     # "paper" is the default, unchanged
-    assert torch.equal(properlm.scoring_rule_loss(z, y, "brier", 0.1),
-                       properlm.scoring_rule_loss(z, y, "brier", 0.1, smoothing_variant="paper"))
+    assert torch.equal(
+        properlm.scoring_rule_loss(z, y, "brier", 0.1),
+        properlm.scoring_rule_loss(z, y, "brier", 0.1, smoothing_variant="paper"),
+    )
 
 
 @pytest.mark.parametrize("bad", ["pooled", "Paper", "", None, 1])
@@ -197,18 +205,24 @@ def test_fused_chunked_and_compiled_forms_equal_unfused(variant: str, reduction:
 
     kw = {"smoothing": 0.1, "reduction": reduction, "smoothing_variant": variant}
     ref = run(lambda h_, w_, b_: properlm.scoring_rule_loss(F.linear(h_, w_, b_), y, "spherical", **kw))
-    got = run(lambda h_, w_, b_: properlm.fused_linear_scoring_rule_loss(h_, w_, y, "spherical", bias=b_,
-                                                                        chunk_size=7, impl="torch", **kw))
+    got = run(
+        lambda h_, w_, b_: properlm.fused_linear_scoring_rule_loss(
+            h_, w_, y, "spherical", bias=b_, chunk_size=7, impl="torch", **kw
+        )
+    )
     for a, r in zip(got, ref):
         assert rel_err(a, r) < 1e-12
     # the traceable forms used under torch.compile (pure functions of the logits)
-    per_token = compiled.token_losses(F.linear(h, w, b), y, properlm.get_rule("spherical"), 0.1,
-                                      smoothing_variant=variant)
-    eager = properlm.scoring_rule_loss(F.linear(h, w, b), y, "spherical", 0.1, reduction="none",
-                                       smoothing_variant=variant)
+    per_token = compiled.token_losses(
+        F.linear(h, w, b), y, properlm.get_rule("spherical"), 0.1, smoothing_variant=variant
+    )
+    eager = properlm.scoring_rule_loss(
+        F.linear(h, w, b), y, "spherical", 0.1, reduction="none", smoothing_variant=variant
+    )
     assert rel_err(per_token, eager) < 1e-12
-    fused_c = compiled.fused_token_losses(h, w, b, y, properlm.get_rule("spherical"), 0.1, -100, 8,
-                                          smoothing_variant=variant)
+    fused_c = compiled.fused_token_losses(
+        h, w, b, y, properlm.get_rule("spherical"), 0.1, -100, 8, smoothing_variant=variant
+    )
     assert rel_err(fused_c, eager) < 1e-12
 
 
@@ -230,8 +244,9 @@ def test_transformers_integrations_pass_the_variant() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                                       bos_token_id=0, eos_token_id=0)).eval()
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    ).eval()
     model.lm_head.weight.data.mul_(60)  # peaked predictions, so that the gate is open somewhere
     ids = torch.randint(64, (2, 10))
     with torch.no_grad():
@@ -291,8 +306,12 @@ print(json.dumps(out))
 def test_triton_kernels_take_the_variant() -> None:
     pytest.importorskip("triton", reason="triton is an optional dependency (pip install properlm[triton])")
     src = str(Path(__file__).resolve().parents[1] / "src")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1",
-               PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TRITON_INTERPRET="1",
+        PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     proc = subprocess.run([sys.executable, "-c", _TRITON_CHILD], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -302,8 +321,9 @@ def test_triton_kernels_take_the_variant() -> None:
 
 def _vp_worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=30)
+    )
     errors: dict[str, float] = {}
     try:
         h, w, b, y = _peaked_head(14, 10, 33, seed=9)
@@ -313,20 +333,22 @@ def _vp_worker(rank: int, init_file: str, out_dir: str) -> None:
             hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
             ref = properlm.scoring_rule_loss(F.linear(hh, ww, b), y, "spherical", **kw)
             g_ref = torch.autograd.grad(ref, [hh, ww])
-            z = F.linear(h, w[a:a + n], b[a:a + n]).requires_grad_(True)
+            z = F.linear(h, w[a : a + n], b[a : a + n]).requires_grad_(True)
             got = vocab_parallel_scoring_rule_loss(z, y, "spherical", **kw)
             (g_z,) = torch.autograd.grad(got, [z])
             errors[f"{variant}|unfused"] = rel_err(got, ref)
-            hh2, wl = h.clone().requires_grad_(True), w[a:a + n].clone().requires_grad_(True)
+            hh2, wl = h.clone().requires_grad_(True), w[a : a + n].clone().requires_grad_(True)
             got2 = fused_linear_vocab_parallel_scoring_rule_loss(
-                hh2, wl, y, "spherical", bias=b[a:a + n], chunk_size=5, **kw)
+                hh2, wl, y, "spherical", bias=b[a : a + n], chunk_size=5, **kw
+            )
             g_h, g_w = torch.autograd.grad(got2, [hh2, wl])
-            errors[f"{variant}|fused"] = max(rel_err(got2, ref), rel_err(g_h, g_ref[0]),
-                                             rel_err(g_w, g_ref[1][a:a + n]))
+            errors[f"{variant}|fused"] = max(
+                rel_err(got2, ref), rel_err(g_h, g_ref[0]), rel_err(g_w, g_ref[1][a : a + n])
+            )
             # the shard gradient of the unfused form: d loss / d z_local = (d loss / d z)[:, shard]
             zf = F.linear(h, w, b).requires_grad_(True)
             (g_full,) = torch.autograd.grad(properlm.scoring_rule_loss(zf, y, "spherical", **kw), [zf])
-            errors[f"{variant}|unfused grad"] = rel_err(g_z, g_full[:, a:a + n])
+            errors[f"{variant}|unfused grad"] = rel_err(g_z, g_full[:, a : a + n])
     except Exception as exc:  # reported through the file, never left waiting in a collective
         errors["exception"] = float("nan")
         Path(out_dir, f"err{rank}.txt").write_text(repr(exc))
@@ -344,8 +366,7 @@ def test_vocab_parallel_losses_take_the_variant(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- the collapse at V = 49,152
-def _train_head(variant: str, steps: int = 30, V: int = 49152, n: int = 4, H: int = 8, lr: float = 0.03
-                ) -> list[float]:
+def _train_head(variant: str, steps: int = 30, V: int = 49152, n: int = 4, H: int = 8, lr: float = 0.03) -> list[float]:
     """Mean target log-probability after each Adam step on an output layer ``W`` (``V x H``) over fixed,
     anisotropic hidden states, initialised to logits shaped like a trained LM's: head probabilities
     0.70 (the target), 0.12, 0.06, 0.03, 0.02 before normalisation, a tail of log-probabilities
@@ -367,8 +388,9 @@ def _train_head(variant: str, steps: int = 30, V: int = 49152, n: int = 4, H: in
         if step == steps:
             break
         opt.zero_grad()
-        properlm.fused_linear_scoring_rule_loss(hidden, weight, y, "spherical", smoothing=0.1,
-                                                smoothing_variant=variant).backward()
+        properlm.fused_linear_scoring_rule_loss(
+            hidden, weight, y, "spherical", smoothing=0.1, smoothing_variant=variant
+        ).backward()
         opt.step()
     return out
 
@@ -390,8 +412,12 @@ def test_train_warns_once_for_the_paper_formula_at_large_vocabularies() -> None:
 
     msg = smoothing_warning("spherical", 0.1, "paper", 49152)
     assert msg is not None and "--smoothing-variant gated" in msg and "49152" in msg
-    for args in (("spherical", 0.1, "gated", 49152), ("spherical", 0.0, "paper", 49152),
-                 ("logarithmic", 0.1, "paper", 152064), ("spherical", 0.1, "none", 152064)):
+    for args in (
+        ("spherical", 0.1, "gated", 49152),
+        ("spherical", 0.0, "paper", 49152),
+        ("logarithmic", 0.1, "paper", 152064),
+        ("spherical", 0.1, "none", 152064),
+    ):
         assert smoothing_warning(*args) is None, args
     assert smoothing_warning("0.5*logarithmic+0.5*brier", 0.1, "paper", 32000) is not None
     assert smoothing_warning("brier", 0.1, "paper", 1000) is None
@@ -408,16 +434,39 @@ def test_train_prints_the_warning_once_and_takes_the_option(tmp_path: Path, monk
     rng = random.Random(0)
     src = [str(rng.randint(0, 999)) for _ in range(24)]
     (tmp_path / "s.txt").write_text("\n".join(src) + "\n", encoding="utf-8")
-    (tmp_path / "t.txt").write_text("\n".join(" ".join("zero one two three four five six seven eight nine".split()[
-        int(c)] for c in s) for s in src) + "\n", encoding="utf-8")
+    (tmp_path / "t.txt").write_text(
+        "\n".join(" ".join("zero one two three four five six seven eight nine".split()[int(c)] for c in s) for s in src)
+        + "\n",
+        encoding="utf-8",
+    )
     from properlm import stats
 
     monkeypatch.setattr(stats, "PAPER_SMOOTHING_WARN_VOCAB", 200)  # the threshold smoothing_warning applies
     monkeypatch.setattr(stats, "_WARNED_PAPER_SMOOTHING", set())
-    common = ["--init", "tiny-seq2seq", "--source-file", str(tmp_path / "s.txt"), "--target-file",
-              str(tmp_path / "t.txt"), "--vocab-size", "270", "--hidden-size", "16", "--num-layers", "1",
-              "--num-heads", "2", "--max-steps", "1", "--rule", "spherical", "--smoothing", "0.1",
-              "--no-tensorboard", "--no-progress-bar"]
+    common = [
+        "--init",
+        "tiny-seq2seq",
+        "--source-file",
+        str(tmp_path / "s.txt"),
+        "--target-file",
+        str(tmp_path / "t.txt"),
+        "--vocab-size",
+        "270",
+        "--hidden-size",
+        "16",
+        "--num-layers",
+        "1",
+        "--num-heads",
+        "2",
+        "--max-steps",
+        "1",
+        "--rule",
+        "spherical",
+        "--smoothing",
+        "0.1",
+        "--no-tensorboard",
+        "--no-progress-bar",
+    ]
     assert main(["train", *common, "--output-dir", str(tmp_path / "paper")]) == 0
     ours = [w for w in recwarn.list if "--smoothing-variant gated" in str(w.message)]
     assert len(ours) == 1 and "270 tokens" in str(ours[0].message)

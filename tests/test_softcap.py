@@ -48,14 +48,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
-def logits_case(seed: int, n: int = N, v: int = V, scale: float = 3.0, masked: bool = False,
-                dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_case(
+    seed: int, n: int = N, v: int = V, scale: float = 3.0, masked: bool = False, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, v, generator=g, dtype=torch.float64) * scale
     y = torch.randint(v - 3, (n,), generator=g)
     y[::4] = -100
     if masked:
-        z[::2, v - 3:] = -math.inf  # masked vocabulary in every other row
+        z[::2, v - 3 :] = -math.inf  # masked vocabulary in every other row
     return z.to(dtype), y
 
 
@@ -77,10 +78,12 @@ def test_bad_transform_arguments_raise(name, bad):
     z, y = logits_case(0)
     w = torch.randn(V, H, dtype=torch.float64)
     h = torch.randn(N, H, dtype=torch.float64)
-    for call in (lambda: scoring_rule_loss(z, y, "brier", **{name: bad}),
-                 lambda: fused_linear_scoring_rule_loss(h, w, y, "brier", **{name: bad}),
-                 lambda: ScoringRuleLoss("brier", **{name: bad}),
-                 lambda: LinearScoringRuleLoss("brier", **{name: bad})):
+    for call in (
+        lambda: scoring_rule_loss(z, y, "brier", **{name: bad}),
+        lambda: fused_linear_scoring_rule_loss(h, w, y, "brier", **{name: bad}),
+        lambda: ScoringRuleLoss("brier", **{name: bad}),
+        lambda: LinearScoringRuleLoss("brier", **{name: bad}),
+    ):
         with pytest.raises(ValueError, match=f"{name} must be None or a finite number > 0"):
             call()
 
@@ -115,8 +118,11 @@ def test_unfused_equals_loss_of_transformed_logits(rule, monkeypatch):
         for eps in (0.0, 0.1):
             z, y = logits_case(10 + i)
             up = torch.randn(N, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
-            ref = loss_and_grad(lambda t, y=y, c=cap, s=scale, e=eps: naive_loss(explicit_head(t, c, s), y, rule, e,
-                                                                                  reduction="none"), z, up)
+            ref = loss_and_grad(
+                lambda t, y=y, c=cap, s=scale, e=eps: naive_loss(explicit_head(t, c, s), y, rule, e, reduction="none"),
+                z,
+                up,
+            )
 
             def got(t, y=y, cap=cap, scale=scale, eps=eps):
                 return scoring_rule_loss(t, y, rule, eps, reduction="none", softcap=cap, logit_scale=scale)
@@ -154,10 +160,12 @@ def test_saturated_logits_stay_finite_and_exact():
     z, y = logits_case(4, scale=400.0)
     up = torch.randn(N, dtype=torch.float64)
     for rule in RULES:
-        ref = loss_and_grad(lambda t, r=rule: scoring_rule_loss(explicit_head(t, 5.0, None), y, r, 0.1,
-                                                                reduction="none"), z, up)
-        got = loss_and_grad(lambda t, r=rule: scoring_rule_loss(t.float(), y, r, 0.1, reduction="none", softcap=5.0),
-                            z, up)
+        ref = loss_and_grad(
+            lambda t, r=rule: scoring_rule_loss(explicit_head(t, 5.0, None), y, r, 0.1, reduction="none"), z, up
+        )
+        got = loss_and_grad(
+            lambda t, r=rule: scoring_rule_loss(t.float(), y, r, 0.1, reduction="none", softcap=5.0), z, up
+        )
         assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
         assert rel_err(got[0], ref[0]) <= TOL32 and rel_err(got[1], ref[1]) <= TOL32, rule
     # the same through the fused loss (an identity weight makes the logits z itself)
@@ -181,19 +189,20 @@ def test_masked_vocabulary_stays_masked(rule):
         kw = {"rule": rule, "smoothing": 0.1, "reduction": "none", "softcap": cap, "logit_scale": scale}
         loss, grad = loss_and_grad(lambda t, kw=kw: scoring_rule_loss(t, y, **kw), z, up)
         assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-        assert (grad[::2, V - 3:] == 0).all()
+        assert (grad[::2, V - 3 :] == 0).all()
         masked_rows = torch.arange(N) % 2 == 0
         sub = scoring_rule_loss(z[masked_rows, : V - 3], y[masked_rows], **kw)
         assert rel_err(loss[masked_rows], sub) <= TOL64
-        ref = loss_and_grad(lambda t, c=cap, s=scale: scoring_rule_loss(explicit_head(t, c, s), y, rule, 0.1,
-                                                                        reduction="none"), z, up)
+        ref = loss_and_grad(
+            lambda t, c=cap, s=scale: scoring_rule_loss(explicit_head(t, c, s), y, rule, 0.1, reduction="none"), z, up
+        )
         assert rel_err(loss, ref[0]) <= TOL64 and rel_err(grad, ref[1].nan_to_num(0.0)) <= TOL64
         # fused: the -inf comes from the bias
         g = torch.Generator().manual_seed(6)
         h = torch.randn(N, H, generator=g, dtype=torch.float64)
         w = torch.randn(V, H, generator=g, dtype=torch.float64)
         b = torch.randn(V, generator=g, dtype=torch.float64)
-        b[V - 3:] = -math.inf
+        b[V - 3 :] = -math.inf
         fused = fused_linear_scoring_rule_loss(h, w, y, bias=b, chunk_size=4, **kw)
         assert torch.isfinite(fused).all()
         assert rel_err(fused, scoring_rule_loss(F.linear(h, w[: V - 3], b[: V - 3]), y, **kw)) <= TOL64
@@ -238,8 +247,9 @@ def test_fused_chunked_equals_unfused_transformed(rule, monkeypatch):
                 return scoring_rule_loss(explicit_head(F.linear(hh, ww, bb), cap, scale), yy, **kw)
 
             def got_fn(hh, ww, bb, yy, kw=kw, cap=cap, scale=scale):
-                return fused_linear_scoring_rule_loss(hh, ww, yy, bias=bb, chunk_size=5, impl="torch", softcap=cap,
-                                                      logit_scale=scale, **kw)
+                return fused_linear_scoring_rule_loss(
+                    hh, ww, yy, bias=bb, chunk_size=5, impl="torch", softcap=cap, logit_scale=scale, **kw
+                )
 
             ref = run_linear(ref_fn, h, w, b, y, torch.float64, up)
             for dtype, tol in ((torch.float64, TOL64), (torch.float32, TOL32)):
@@ -258,13 +268,13 @@ def test_traceable_form_agrees_with_eager():
     y[::2] = y[::2].clamp(max=V - 4)
     up = torch.randn(N, dtype=torch.float64)
     spec = get_rule("brier")
-    eager = loss_and_grad(lambda t: scoring_rule_loss(t, y, spec, 0.1, reduction="none", softcap=2.0,
-                                                      logit_scale=1.5), z, up)
+    eager = loss_and_grad(
+        lambda t: scoring_rule_loss(t, y, spec, 0.1, reduction="none", softcap=2.0, logit_scale=1.5), z, up
+    )
     traced = loss_and_grad(lambda t: token_losses(t, y, spec, 0.1, softcap=2.0, logit_scale=1.5), z, up)
     assert rel_err(traced[0], eager[0]) <= TOL64 and rel_err(traced[1].nan_to_num(0.0), eager[1]) <= TOL64
     h, w, b, yy = fused_case(8)
-    fused = fused_token_losses(h.reshape(-1, H), w, b, yy.reshape(-1), spec, 0.1, -100, 4, softcap=2.0,
-                               logit_scale=1.5)
+    fused = fused_token_losses(h.reshape(-1, H), w, b, yy.reshape(-1), spec, 0.1, -100, 4, softcap=2.0, logit_scale=1.5)
     ref = scoring_rule_loss(F.linear(h, w, b), yy, spec, 0.1, reduction="none", softcap=2.0, logit_scale=1.5)
     assert rel_err(fused, ref.reshape(-1)) <= TOL64
 
@@ -281,8 +291,13 @@ def _triton_worker() -> dict[str, float]:
     triton_kernels.BLOCK_N = triton_kernels.BLOCK_V = triton_kernels.BLOCK_H = 16
     out: dict[str, float] = {}
     n, hs, vs = 21, 20, 40
-    cases = [("logarithmic", 0.1, None, 2.5), ("brier", 0.1, 3.0, None), ("spherical", 0.0, 2.0, 0.7),
-             ("power:3", 0.1, 2.0, 0.7), ("pseudo-spherical:1.5", 0.1, 4.0, None)]
+    cases = [
+        ("logarithmic", 0.1, None, 2.5),
+        ("brier", 0.1, 3.0, None),
+        ("spherical", 0.0, 2.0, 0.7),
+        ("power:3", 0.1, 2.0, 0.7),
+        ("pseudo-spherical:1.5", 0.1, 4.0, None),
+    ]
     for i, (rule, eps, cap, scale) in enumerate(cases):
         for masked in (False, True):
             g = torch.Generator().manual_seed(100 + i)
@@ -290,7 +305,7 @@ def _triton_worker() -> dict[str, float]:
             w = torch.randn(vs, hs, generator=g, dtype=torch.float64) * (3.0 / hs**0.5)
             b = torch.randn(vs, generator=g, dtype=torch.float64)
             if masked:
-                b[vs - 3:] = -math.inf
+                b[vs - 3 :] = -math.inf
             y = torch.randint(vs - 3, (n,), generator=g)
             y[::5] = -100
             up = torch.randn(n, dtype=torch.float64, generator=g)
@@ -315,11 +330,19 @@ def _triton_worker() -> dict[str, float]:
 def test_triton_kernels_apply_the_transform():
     pytest.importorskip("triton", reason="triton is an optional dependency (pip install properlm[triton])")
     src = str(Path(__file__).resolve().parents[1] / "src")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1",
-               PYTHONPATH=src + os.pathsep + str(Path(__file__).resolve().parent) + os.pathsep
-               + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "triton"], capture_output=True, text=True,
-                          env=env, timeout=600)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TRITON_INTERPRET="1",
+        PYTHONPATH=src
+        + os.pathsep
+        + str(Path(__file__).resolve().parent)
+        + os.pathsep
+        + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "triton"], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     errs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(errs) == 5 * 2 * 4
@@ -346,8 +369,12 @@ def test_triton_tanh_matches_torch():
         "print(float(((y.double() - ref).abs()[nz] / ref.abs()[nz]).max()), bool((y[ref == 0] == 0).all()))\n"
     )
     src = str(Path(__file__).resolve().parents[1] / "src")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1",
-               PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TRITON_INTERPRET="1",
+        PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     worst, zeros = proc.stdout.split()
@@ -364,37 +391,56 @@ def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
     from properlm.distributed import fused_linear_vocab_parallel_scoring_rule_loss, vocab_parallel_scoring_rule_loss
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     sizes = (17, 23)  # uneven shards
     start = sum(sizes[:rank])
     sl = slice(start, start + sizes[rank])
     failures: list[str] = []
     try:
-        for i, (rule, eps, cap, scale) in enumerate([("brier", 0.1, 2.0, 1.5), ("logarithmic", 0.1, 3.0, None),
-                                                      ("spherical", 0.0, None, 2.5)]):
+        for i, (rule, eps, cap, scale) in enumerate(
+            [("brier", 0.1, 2.0, 1.5), ("logarithmic", 0.1, 3.0, None), ("spherical", 0.0, None, 2.5)]
+        ):
             z, y = logits_case(30 + i, masked=True)  # the -inf columns lie in the second shard
             y[::2] = y[::2].clamp(max=V - 4)
             up = torch.randn(N, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
             kw = {"rule": rule, "smoothing": eps, "reduction": "none", "softcap": cap, "logit_scale": scale}
             ref_loss, ref_grad = loss_and_grad(lambda t, y=y, kw=kw: scoring_rule_loss(t, y, **kw), z, up)
             for dtype, tol in ((torch.float64, TOL64), (torch.float32, TOL32)):
-                loss, grad = loss_and_grad(lambda t, y=y, kw=kw: vocab_parallel_scoring_rule_loss(t, y, **kw),
-                                           z[:, sl].to(dtype), up)
+                loss, grad = loss_and_grad(
+                    lambda t, y=y, kw=kw: vocab_parallel_scoring_rule_loss(t, y, **kw), z[:, sl].to(dtype), up
+                )
                 errs = (rel_err(loss, ref_loss), rel_err(grad, ref_grad[:, sl]))
                 if not max(errs) <= tol:
                     failures.append(f"unfused {rule} {dtype} {errs}")
             # fused: replicated hidden, each rank its rows of the weight
             h, w, b, yy = fused_case(40 + i)
-            b[V - 3:] = -math.inf
+            b[V - 3 :] = -math.inf
             yy = yy.clamp(max=V - 4)
             # (seeded: the same on every rank; the global generators of the ranks differ)
             up2 = torch.randn(2, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(60 + i))
             fkw = dict(kw)
-            ref = run_linear(lambda hh, ww, bb, t, fkw=fkw: scoring_rule_loss(F.linear(hh, ww, bb), t, **fkw),
-                             h, w, b, yy, torch.float64, up2)
-            got = run_linear(lambda hh, ww, bb, t, fkw=fkw: fused_linear_vocab_parallel_scoring_rule_loss(
-                hh, ww, t, bias=bb, chunk_size=5, **fkw), h, w[sl], b[sl], yy, torch.float64, up2)
+            ref = run_linear(
+                lambda hh, ww, bb, t, fkw=fkw: scoring_rule_loss(F.linear(hh, ww, bb), t, **fkw),
+                h,
+                w,
+                b,
+                yy,
+                torch.float64,
+                up2,
+            )
+            got = run_linear(
+                lambda hh, ww, bb, t, fkw=fkw: fused_linear_vocab_parallel_scoring_rule_loss(
+                    hh, ww, t, bias=bb, chunk_size=5, **fkw
+                ),
+                h,
+                w[sl],
+                b[sl],
+                yy,
+                torch.float64,
+                up2,
+            )
             refs = [ref[0], ref[1], ref[2][sl], ref[3][sl]]
             errs = [rel_err(a.nan_to_num(0.0), r.nan_to_num(0.0)) for a, r in zip(got, refs)]
             if not max(errs) <= TOL64:
@@ -431,17 +477,28 @@ HF_V = 256
 def tiny_hf(kind: str):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    common = {"vocab_size": HF_V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "pad_token_id": 0}
+    common = {
+        "vocab_size": HF_V,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "pad_token_id": 0,
+    }
     if kind == "gemma2":
-        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, head_dim=8,
-                                                                         final_logit_softcapping=2.0))
+        model = transformers.Gemma2ForCausalLM(
+            transformers.Gemma2Config(**common, head_dim=8, final_logit_softcapping=2.0)
+        )
     elif kind == "gemma3":
-        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**common, head_dim=8,
-                                                                             final_logit_softcapping=2.0))
+        model = transformers.Gemma3ForCausalLM(
+            transformers.Gemma3TextConfig(**common, head_dim=8, final_logit_softcapping=2.0)
+        )
     elif kind == "cohere":
-        model = transformers.CohereForCausalLM(transformers.CohereConfig(**common, logit_scale=4.0,
-                                                                         eos_token_id=2, bos_token_id=1))
+        model = transformers.CohereForCausalLM(
+            transformers.CohereConfig(**common, logit_scale=4.0, eos_token_id=2, bos_token_id=1)
+        )
     elif kind == "granite":  # Granite divides the logits by logits_scaling
         model = transformers.GraniteForCausalLM(transformers.GraniteConfig(**common, logits_scaling=0.25))
     elif kind == "llama":
@@ -491,8 +548,9 @@ def test_apply_scoring_rule_fuses_transformed_heads(kind):
             handle = apply_scoring_rule(model, rule, eps)
             out = model(input_ids=ids, labels=labels)
             out.loss.backward()
-        assert not [w for w in caught if "properlm" in w.filename or "fused" in str(w.message)], \
-            [str(w.message) for w in caught]
+        assert not [w for w in caught if "properlm" in w.filename or "fused" in str(w.message)], [
+            str(w.message) for w in caught
+        ]
         assert handle.fused and (handle.softcap, handle.logit_scale) == EXPECTED_HEAD[kind]
         assert out.logits.shape[1] == 0  # fused: no logits were formed
         torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)

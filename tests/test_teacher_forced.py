@@ -31,16 +31,26 @@ def _tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(vocab_size=V, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
     tok.train_from_iterator([" ".join(WORDS)] * 4, trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>", unk_token="<unk>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     return fast
 
 
 def _model(kind: str):
     torch.manual_seed(0)
-    common = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": 0,
-              "bos_token_id": 1, "eos_token_id": 2}
+    common = {
+        "vocab_size": V,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     if kind == "gemma2":
         m = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, head_dim=8, final_logit_softcapping=2.0))
     elif kind == "cohere":
@@ -84,7 +94,7 @@ def _reference(model, tok, examples, temperature=1.0, batch_size=3):
     collate = DataCollator(pad_token_id=tok.pad_token_id)
     with torch.no_grad():
         for s in range(0, len(order), batch_size):
-            b = collate([feats[i] for i in order[s:s + batch_size]])
+            b = collate([feats[i] for i in order[s : s + batch_size]])
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             labels = torch.full_like(b["labels"], -100)
             labels[:, :-1] = b["labels"][:, 1:]
@@ -163,16 +173,43 @@ def test_fit_temperature_reads_the_fitted_metrics_off_the_first_pass(tmp_path):
 
     _, src, tgt, tok, ex = _saved_data(tmp_path, "gemma2")
     out = tmp_path / "fit"
-    assert main(["evaluate", "--model", str(tmp_path / "m"), "--source-file", str(src), "--target-file", str(tgt),
-                 "--no-generate", "--fit-temperature", "--batch-size", "3", "--max-length", "64",
-                 "--output-dir", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tmp_path / "m"),
+                "--source-file",
+                str(src),
+                "--target-file",
+                str(tgt),
+                "--no-generate",
+                "--fit-temperature",
+                "--batch-size",
+                "3",
+                "--max-length",
+                "64",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     import json
 
     fit = json.loads((out / "results.json").read_text())["temperature_fit"]
     assert fit["metrics_from"] == "the scored hidden states of the first pass"
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    again = teacher_forced_metrics(loaded, tok, ex, ["logarithmic", "brier", "spherical"], max_length=64,
-                                   batch_size=3, temperature=fit["temperature"])
+    again = teacher_forced_metrics(
+        loaded,
+        tok,
+        ex,
+        ["logarithmic", "brier", "spherical"],
+        max_length=64,
+        batch_size=3,
+        temperature=fit["temperature"],
+    )
     assert math.isclose(fit["mean_scores"]["brier"], again.mean_scores["brier"], abs_tol=1e-5)
     assert math.isclose(fit["ece"], again.ece, abs_tol=1e-5)
 
@@ -189,10 +226,13 @@ def test_mixed_precision_runs_the_body_in_bfloat16_and_the_head_in_float32():
     def record(name):
         def hook(module, args, out):
             seen[name] = (args[0].dtype, out.dtype)
+
         return hook
 
-    handles = [model.model.layers[0].mlp.down_proj.register_forward_hook(record("body")),
-               model.get_output_embeddings().register_forward_hook(record("head"))]
+    handles = [
+        model.model.layers[0].mlp.down_proj.register_forward_hook(record("body")),
+        model.get_output_embeddings().register_forward_hook(record("head")),
+    ]
     x = torch.randint(3, V, (2, 9))
     with torch.no_grad():
         full = model(input_ids=x).logits
@@ -227,8 +267,23 @@ def test_evaluate_bf16_is_close_to_float32_and_says_so(tmp_path, capsys):
     from properlm.cli.main import main
 
     _, src, tgt, _, ex = _saved_data(tmp_path, "llama")
-    base = ["evaluate", "--model", str(tmp_path / "m"), "--source-file", str(src), "--target-file", str(tgt),
-            "--fit-temperature", "--batch-size", "3", "--max-length", "64", "--max-new-tokens", "4", "--no-progress"]
+    base = [
+        "evaluate",
+        "--model",
+        str(tmp_path / "m"),
+        "--source-file",
+        str(src),
+        "--target-file",
+        str(tgt),
+        "--fit-temperature",
+        "--batch-size",
+        "3",
+        "--max-length",
+        "64",
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+    ]
     assert main([*base, "--output-dir", str(tmp_path / "fp32")]) == 0
     assert main([*base, "--bf16", "--output-dir", str(tmp_path / "bf16")]) == 0
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("fp32", "bf16"))

@@ -47,8 +47,9 @@ def write_alpaca(directory, n=32):
     path = directory / "train.jsonl"
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
-            f.write(json.dumps({"instruction": "Spell the number.", "input": str(i % 10), "output": WORDS[i % 10]})
-                    + "\n")
+            f.write(
+                json.dumps({"instruction": "Spell the number.", "input": str(i % 10), "output": WORDS[i % 10]}) + "\n"
+            )
     return str(path)
 
 
@@ -63,10 +64,25 @@ def write_summaries(directory, n=32):
 
 def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
     src, tgt = write_parallel(tmp_path)
-    base = {"init": "tiny-seq2seq", "source_file": src, "target_file": tgt, "vocab_size": 270, "hidden_size": 32,
-            "num_layers": 1, "num_heads": 2, "max_length": 32, "per_device_train_batch_size": 8,
-            "learning_rate": 3e-3, "lr_scheduler": "constant", "max_steps": 6, "logging_steps": 1,
-            "output_dir": str(tmp_path / name), "progress_bar": False, "tensorboard": False, "seed": 0}
+    base = {
+        "init": "tiny-seq2seq",
+        "source_file": src,
+        "target_file": tgt,
+        "vocab_size": 270,
+        "hidden_size": 32,
+        "num_layers": 1,
+        "num_heads": 2,
+        "max_length": 32,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 3e-3,
+        "lr_scheduler": "constant",
+        "max_steps": 6,
+        "logging_steps": 1,
+        "output_dir": str(tmp_path / name),
+        "progress_bar": False,
+        "tensorboard": False,
+        "seed": 0,
+    }
     base.update(overrides)
     return make_config(base)
 
@@ -100,15 +116,18 @@ def final_weights(directory):
 # ---------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("init, rule, fused, data", [
-    ("tiny-seq2seq", "logarithmic", True, "translation"),
-    ("tiny-seq2seq", "brier", True, "translation"),
-    ("tiny-gpt", "spherical", True, "instruction"),
-    ("tiny-gpt", "brier", False, "instruction"),
-    ("tiny-gpt", "logarithmic", True, "translation"),
-    ("tiny-seq2seq", "power:3", False, "translation"),
-    ("tiny-seq2seq", "spherical", True, "summarization"),
-])
+@pytest.mark.parametrize(
+    "init, rule, fused, data",
+    [
+        ("tiny-seq2seq", "logarithmic", True, "translation"),
+        ("tiny-seq2seq", "brier", True, "translation"),
+        ("tiny-gpt", "spherical", True, "instruction"),
+        ("tiny-gpt", "brier", False, "instruction"),
+        ("tiny-gpt", "logarithmic", True, "translation"),
+        ("tiny-seq2seq", "power:3", False, "translation"),
+        ("tiny-seq2seq", "spherical", True, "summarization"),
+    ],
+)
 def test_training_lowers_the_loss(tmp_path, init, rule, fused, data):
     extra = {"source_lang": "digits", "target_lang": "English"}
     if data != "translation":
@@ -127,8 +146,9 @@ def test_training_lowers_the_loss(tmp_path, init, rule, fused, data):
 
 
 def test_eval_reports_every_rule_and_averaging(tmp_path):
-    cfg = tiny(tmp_path, validation_fraction=0.25, eval_steps=2, save_steps=2, average_last=2, max_steps=6,
-               rule="spherical")
+    cfg = tiny(
+        tmp_path, validation_fraction=0.25, eval_steps=2, save_steps=2, average_last=2, max_steps=6, rule="spherical"
+    )
     results = run_training(cfg)
     evals = [r for r in read_metrics(cfg.output_dir) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4, 6]  # the final model's metrics reuse the step-6 evaluation
@@ -155,8 +175,14 @@ def test_schedule_switches_rule_at_the_right_step(tmp_path):
     results = run_training(cfg)
     assert results["global_step"] == 6
     records = [r for r in read_metrics(cfg.output_dir) if "loss" in r]
-    assert [(r["step"], r["rule"]) for r in records] == [(1, "logarithmic"), (2, "logarithmic"), (3, "logarithmic"),
-                                                         (4, "brier"), (5, "brier"), (6, "brier")]
+    assert [(r["step"], r["rule"]) for r in records] == [
+        (1, "logarithmic"),
+        (2, "logarithmic"),
+        (3, "logarithmic"),
+        (4, "brier"),
+        (5, "brier"),
+        (6, "brier"),
+    ]
     # log loss of a fresh model is about log(V) ~ 5.6; a Brier loss is at most 2
     assert all(r["loss"] > 3 for r in records[:3]) and all(r["loss"] < 2 for r in records[3:])
 
@@ -217,8 +243,12 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     # the resumed run logged steps 5..8 in the spherical stage
     after = [r for r in read_metrics(killed.output_dir) if "loss" in r and r["step"] > 4]
-    assert [(r["step"], r["rule"]) for r in after][-4:] == [(5, "spherical"), (6, "spherical"), (7, "spherical"),
-                                                           (8, "spherical")]
+    assert [(r["step"], r["rule"]) for r in after][-4:] == [
+        (5, "spherical"),
+        (6, "spherical"),
+        (7, "spherical"),
+        (8, "spherical"),
+    ]
 
 
 class KillAtLog(KillAt):
@@ -239,8 +269,7 @@ def run_cli(*args, cwd=None, timeout=240, **popen):
     import properlm
 
     src = os.path.dirname(os.path.dirname(properlm.__file__))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "properlm.cli.main", *args]
     if popen:
         return subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **popen)
@@ -269,8 +298,9 @@ def test_resume_says_where_it_resumes_and_takes_the_run_options(tmp_path):
         results = json.load(f)
     assert results["global_step"] == 6 and results["resumed_from"].endswith("checkpoint-4")
     ignored = ("resume", "source_file", "target_file", "output_dir")
-    assert {k: v for k, v in results["config"].items() if k not in ignored} == \
-        {k: v for k, v in dataclasses.asdict(killed).items() if k not in ignored}
+    assert {k: v for k, v in results["config"].items() if k not in ignored} == {
+        k: v for k, v in dataclasses.asdict(killed).items() if k not in ignored
+    }
     assert results["config"]["source_file"] == os.path.abspath(killed.source_file)
 
 
@@ -306,16 +336,46 @@ def test_ctrl_c_says_what_was_saved_and_how_to_continue(tmp_path):
     import signal
 
     src, tgt = write_parallel(tmp_path)
-    args = ["train", "--init", "tiny-seq2seq", "--source-file", src, "--target-file", tgt, "--vocab-size", "270",
-            "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2", "--max-length", "32",
-            "--max-steps", "100000", "--save-steps", "2", "--save-total-limit", "2", "--no-progress-bar",
-            "--no-tensorboard", "--output-dir", str(tmp_path / "run")]
+    args = [
+        "train",
+        "--init",
+        "tiny-seq2seq",
+        "--source-file",
+        src,
+        "--target-file",
+        tgt,
+        "--vocab-size",
+        "270",
+        "--hidden-size",
+        "16",
+        "--num-layers",
+        "1",
+        "--num-heads",
+        "2",
+        "--max-length",
+        "32",
+        "--max-steps",
+        "100000",
+        "--save-steps",
+        "2",
+        "--save-total-limit",
+        "2",
+        "--no-progress-bar",
+        "--no-tensorboard",
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
     # stderr to a file (a pipe nobody reads while the run logs could fill and block it); SIGINT at its default in
     # the child whatever this process inherited (Python installs its KeyboardInterrupt handler only then)
     log = tmp_path / "stderr.txt"
     with open(log, "w", encoding="utf-8") as stderr:
-        proc = run_cli(*args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr,
-                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = run_cli(
+            *args,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         try:
             deadline = time.time() + 180
             while not find_checkpoints(tmp_path / "run") and proc.poll() is None and time.time() < deadline:
@@ -357,34 +417,44 @@ def test_resume_names_the_options_that_changed(tmp_path, monkeypatch):
     assert resume_differences(rel, checkpoint) == []
     changed = dataclasses.replace(same, learning_rate=1e-3, max_steps=8, rule="brier")
     assert resume_differences(changed, checkpoint) == [  # a constant rate: the longer run is not a change
-        f"--rule brier (the run had {cfg.rule})", f"--learning-rate 0.001 (the run had {cfg.learning_rate})"]
-    with pytest.warns(UserWarning, match=r"--resume: 2 option\(s\) differ from the run saved in .*checkpoint-4.*"
-                      r"--rule brier.*not the run that the original command would have produced"):
+        f"--rule brier (the run had {cfg.rule})",
+        f"--learning-rate 0.001 (the run had {cfg.learning_rate})",
+    ]
+    with pytest.warns(
+        UserWarning,
+        match=r"--resume: 2 option\(s\) differ from the run saved in .*checkpoint-4.*"
+        r"--rule brier.*not the run that the original command would have produced",
+    ):
         validate_config(changed)
     # what only shapes the steps still to come is a continuation: the paper's switch (the checkpoint's rule for its
     # steps, then another) and a longer constant-rate run; a longer run does move a linear decay's past rates
     switch = dataclasses.replace(same, max_steps=None, schedule=f"{cfg.rule}:4,brier:4")
     assert resume_differences(switch, checkpoint) == []
     assert resume_differences(dataclasses.replace(same, max_steps=8), checkpoint) == []
-    assert resume_differences(dataclasses.replace(same, schedule="brier:2,logarithmic:6", max_steps=None),
-                              checkpoint) == ["--schedule brier:2,logarithmic:6 (the run had unset)"]
+    assert resume_differences(
+        dataclasses.replace(same, schedule="brier:2,logarithmic:6", max_steps=None), checkpoint
+    ) == ["--schedule brier:2,logarithmic:6 (the run had unset)"]
     linear = tiny(tmp_path, name="linear", max_steps=4, save_steps=2, lr_scheduler="linear")
     run_training(linear)
-    assert resume_differences(dataclasses.replace(linear, resume=True, max_steps=8),
-                              find_checkpoints(linear.output_dir)[-1]) == ["--max-steps 8 (the run had 4)"]
+    assert resume_differences(
+        dataclasses.replace(linear, resume=True, max_steps=8), find_checkpoints(linear.output_dir)[-1]
+    ) == ["--max-steps 8 (the run had 4)"]
     # a checkpoint saved before the options were recorded: nothing to compare, no warning
     os.remove(os.path.join(checkpoint, RUN_CONFIG))
     assert read_run_config(checkpoint) is None and resume_differences(changed, checkpoint) == []
 
 
-@pytest.mark.parametrize("sampling, kill_at", [
-    ({"group_by_length": False}, 9),
-    ({"group_by_length": True}, 9),
-    ({"group_by_length": True}, 13),  # checkpoint-12 ends epoch 2: resume starts a fresh epoch
-    ({"group_by_length": True, "gradient_accumulation_steps": 2, "per_device_train_batch_size": 4}, 9),
-    ({"group_by_length": False, "dataloader_num_workers": 1}, 9),
-    ({"group_by_length": True, "validation_fraction": 0.25, "eval_steps": 3}, 10),  # evaluations in between
-])
+@pytest.mark.parametrize(
+    "sampling, kill_at",
+    [
+        ({"group_by_length": False}, 9),
+        ({"group_by_length": True}, 9),
+        ({"group_by_length": True}, 13),  # checkpoint-12 ends epoch 2: resume starts a fresh epoch
+        ({"group_by_length": True, "gradient_accumulation_steps": 2, "per_device_train_batch_size": 4}, 9),
+        ({"group_by_length": False, "dataloader_num_workers": 1}, 9),
+        ({"group_by_length": True, "validation_fraction": 0.25, "eval_steps": 3}, 10),  # evaluations in between
+    ],
+)
 def test_resume_past_the_first_epoch_is_exact(tmp_path, sampling, kill_at):
     """48 examples, 8 per step: 6 steps an epoch. Killed in epoch 2 or 3, the resumed run ends with
     the uninterrupted run's weights bit for bit, with every sampler option."""
@@ -413,7 +483,7 @@ def test_length_grouped_sampler_is_a_function_of_seed_and_epoch(tmp_path, monkey
     s = EpochSeededLengthGroupedSampler(8, lengths, seed=3)
     first = list(s)
     assert sorted(first) == list(range(400)) and list(s) == first
-    batches = [first[i:i + 8] for i in range(0, 400, 8)]
+    batches = [first[i : i + 8] for i in range(0, 400, 8)]
     spread = sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches) / len(batches)
     assert spread < 3  # grouped by length (random batches of 8 would span about 17)
     s.set_epoch(1)
@@ -430,8 +500,19 @@ def test_length_grouped_sampler_is_a_function_of_seed_and_epoch(tmp_path, monkey
 def test_lora(tmp_path):
     from properlm.modeling import load_model_and_tokenizer
 
-    cfg = tiny(tmp_path, init="tiny-gpt", train_file=write_alpaca(tmp_path), source_file=None, target_file=None,
-               lora=True, lora_r=4, learning_rate=1e-2, max_steps=8, save_steps=4, average_last=2)
+    cfg = tiny(
+        tmp_path,
+        init="tiny-gpt",
+        train_file=write_alpaca(tmp_path),
+        source_file=None,
+        target_file=None,
+        lora=True,
+        lora_r=4,
+        learning_rate=1e-2,
+        max_steps=8,
+        save_steps=4,
+        average_last=2,
+    )
     run_training(cfg)
     losses = train_losses(cfg.output_dir)
     assert sum(losses[-2:]) < sum(losses[:2]), losses
@@ -465,7 +546,9 @@ def test_yaml_config_and_override(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(
         f"init: tiny-seq2seq\nsource-file: {src}\ntarget_file: {tgt}\nvocab_size: 270\nhidden_size: 16\n"
         f"num_layers: 1\nnum_heads: 2\nmax_steps: 50\nrule: brier\nlogging_steps: 1\noutput_dir: {out}\n"
-        "tensorboard: false\nprogress_bar: false\n", encoding="utf-8")
+        "tensorboard: false\nprogress_bar: false\n",
+        encoding="utf-8",
+    )
     assert main(["train", "--config", str(tmp_path / "run.yaml"), "--max-steps", "2", "--rule", "spherical"]) == 0
     with open(out / "results.json", encoding="utf-8") as f:
         results = json.load(f)
@@ -477,19 +560,22 @@ def test_yaml_config_and_override(tmp_path, capsys):
     assert "unknown key 'learning_rat' (did you mean 'learning_rate'?)" in err
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--rule", "cubic"], "unknown scoring rule 'cubic'"),
-    (["--smoothing", "1.5"], "--smoothing must be in [0, 1)"),
-    (["--schedule", "logarithmic:10,brier"], "--schedule"),
-    (["--schedule", "logarithmic:10,brier:5", "--max-steps", "7"], "differs from the schedule's total"),
-    (["--fp16"], "--fp16 needs a CUDA GPU"),
-    (["--average-last", "3"], "--average-last needs checkpoints"),
-    (["--eval-steps", "5"], "--eval-steps needs a validation set"),
-    (["--per-device-train-batch-size", "0"], "must be positive"),
-    (["--resume"], "no checkpoint-N directory"),
-    (["--init", "tiny-gpt", "--model", "x"], "do not combine"),
-    (["--vocab-size", "120"], "--vocab-size must be at least 260"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--rule", "cubic"], "unknown scoring rule 'cubic'"),
+        (["--smoothing", "1.5"], "--smoothing must be in [0, 1)"),
+        (["--schedule", "logarithmic:10,brier"], "--schedule"),
+        (["--schedule", "logarithmic:10,brier:5", "--max-steps", "7"], "differs from the schedule's total"),
+        (["--fp16"], "--fp16 needs a CUDA GPU"),
+        (["--average-last", "3"], "--average-last needs checkpoints"),
+        (["--eval-steps", "5"], "--eval-steps needs a validation set"),
+        (["--per-device-train-batch-size", "0"], "must be positive"),
+        (["--resume"], "no checkpoint-N directory"),
+        (["--init", "tiny-gpt", "--model", "x"], "do not combine"),
+        (["--vocab-size", "120"], "--vocab-size must be at least 260"),
+    ],
+)
 def test_bad_arguments_fail_fast(tmp_path, capsys, extra, message):
     src, tgt = write_parallel(tmp_path)
     argv = ["train", "--source-file", src, "--target-file", tgt, "--output-dir", str(tmp_path / "o")]
@@ -518,15 +604,63 @@ def test_malformed_data_fails_before_training(tmp_path, capsys):
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """2-process data parallel (gloo) equals one process with the same global batch (issue 8)."""
     src, tgt = write_parallel(tmp_path)
-    common = ["--init", "tiny-seq2seq", "--source-file", src, "--target-file", tgt,
-              "--vocab-size", "270", "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2", "--dropout", "0",
-              "--max-steps", "3", "--rule", "spherical", "--smoothing", "0.1", "--logging-steps", "1",
-              "--learning-rate", "1e-2", "--lr-scheduler", "constant", "--seed", "0",
-              "--validation-fraction", "0.2", "--eval-steps", "3", "--save-steps", "3",
-              "--no-progress-bar", "--no-tensorboard"]
+    common = [
+        "--init",
+        "tiny-seq2seq",
+        "--source-file",
+        src,
+        "--target-file",
+        tgt,
+        "--vocab-size",
+        "270",
+        "--hidden-size",
+        "16",
+        "--num-layers",
+        "1",
+        "--num-heads",
+        "2",
+        "--dropout",
+        "0",
+        "--max-steps",
+        "3",
+        "--rule",
+        "spherical",
+        "--smoothing",
+        "0.1",
+        "--logging-steps",
+        "1",
+        "--learning-rate",
+        "1e-2",
+        "--lr-scheduler",
+        "constant",
+        "--seed",
+        "0",
+        "--validation-fraction",
+        "0.2",
+        "--eval-steps",
+        "3",
+        "--save-steps",
+        "3",
+        "--no-progress-bar",
+        "--no-tensorboard",
+    ]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "properlm.cli.main", "train", *common, "--per-device-train-batch-size", "4", "--output-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "properlm.cli.main",
+        "train",
+        *common,
+        "--per-device-train-batch-size",
+        "4",
+        "--output-dir",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -549,10 +683,23 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 
 
 #: the FSDP2 options of ``accelerate launch`` that README "Scaling out" shows
-FSDP2_LAUNCH = ["--num_processes", "2", "--use_fsdp", "--fsdp_version", "2",
-                "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-                "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
-                "--fsdp_state_dict_type", "FULL_STATE_DICT", "--mixed_precision", "no", "--dynamo_backend", "no"]
+FSDP2_LAUNCH = [
+    "--num_processes",
+    "2",
+    "--use_fsdp",
+    "--fsdp_version",
+    "2",
+    "--fsdp_auto_wrap_policy",
+    "TRANSFORMER_BASED_WRAP",
+    "--fsdp_transformer_layer_cls_to_wrap",
+    "LlamaDecoderLayer",
+    "--fsdp_state_dict_type",
+    "FULL_STATE_DICT",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 
 
 def test_accelerate_fsdp2_on_cpu_matches_one_process(tmp_path):
@@ -562,17 +709,58 @@ def test_accelerate_fsdp2_on_cpu_matches_one_process(tmp_path):
     import socket
 
     data = write_alpaca(tmp_path)
-    common = ["--init", "tiny-gpt", "--train-file", data, "--vocab-size", "300", "--hidden-size", "32",
-              "--dropout", "0", "--num-layers", "2", "--num-heads", "2", "--max-steps", "3", "--rule", "spherical",
-              "--smoothing", "0.1",
-              "--logging-steps", "1", "--learning-rate", "1e-2", "--lr-scheduler", "constant", "--seed", "0",
-              "--no-progress-bar", "--no-tensorboard"]
+    common = [
+        "--init",
+        "tiny-gpt",
+        "--train-file",
+        data,
+        "--vocab-size",
+        "300",
+        "--hidden-size",
+        "32",
+        "--dropout",
+        "0",
+        "--num-layers",
+        "2",
+        "--num-heads",
+        "2",
+        "--max-steps",
+        "3",
+        "--rule",
+        "spherical",
+        "--smoothing",
+        "0.1",
+        "--logging-steps",
+        "1",
+        "--learning-rate",
+        "1e-2",
+        "--lr-scheduler",
+        "constant",
+        "--seed",
+        "0",
+        "--no-progress-bar",
+        "--no-tensorboard",
+    ]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     out = tmp_path / "fsdp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *FSDP2_LAUNCH, "--main_process_port", port,
-           "-m", "properlm.cli.main", "train", *common, "--per-device-train-batch-size", "4", "--output-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *FSDP2_LAUNCH,
+        "--main_process_port",
+        port,
+        "-m",
+        "properlm.cli.main",
+        "train",
+        *common,
+        "--per-device-train-batch-size",
+        "4",
+        "--output-dir",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -584,19 +772,34 @@ def test_accelerate_fsdp2_on_cpu_matches_one_process(tmp_path):
     two, one = train_losses(out), train_losses(single)
     assert len(two) == len(one) == 3
     assert two == pytest.approx(one, rel=1e-4)
-    assert_same_weights(load_file(str(out / "final" / "model.safetensors")),
-                        load_file(str(single / "final" / "model.safetensors")), lr=1e-2)
+    assert_same_weights(
+        load_file(str(out / "final" / "model.safetensors")),
+        load_file(str(single / "final" / "model.safetensors")),
+        lr=1e-2,
+    )
 
 
 def test_train_from_gguf_file(tmp_path):
     from properlm.modeling import load_model_and_tokenizer
     from test_modeling import write_llama_gguf
 
-    model, tok = load_model_and_tokenizer(init="tiny-gpt", train_texts=WORDS * 5, vocab_size=270,
-                                          init_options={"hidden_size": 16, "num_layers": 1, "num_heads": 2})
+    model, tok = load_model_and_tokenizer(
+        init="tiny-gpt",
+        train_texts=WORDS * 5,
+        vocab_size=270,
+        init_options={"hidden_size": 16, "num_layers": 1, "num_heads": 2},
+    )
     write_llama_gguf(model, tok, tmp_path / "tiny.gguf")
-    cfg = tiny(tmp_path, init=None, gguf_file=str(tmp_path / "tiny.gguf"), train_file=write_alpaca(tmp_path),
-               source_file=None, target_file=None, rule="brier", max_steps=4)
+    cfg = tiny(
+        tmp_path,
+        init=None,
+        gguf_file=str(tmp_path / "tiny.gguf"),
+        train_file=write_alpaca(tmp_path),
+        source_file=None,
+        target_file=None,
+        rule="brier",
+        max_steps=4,
+    )
     results = run_training(cfg)
     assert results["global_step"] == 4 and not results["seq2seq"]
     losses = train_losses(cfg.output_dir)
@@ -610,14 +813,33 @@ def test_lora_adapter_on_a_gguf_model_reloads(tmp_path, as_path):
     from properlm.modeling import BASE_RECORD, load_model_and_tokenizer
     from test_modeling import write_llama_gguf
 
-    model, tok = load_model_and_tokenizer(init="tiny-gpt", train_texts=WORDS * 5, vocab_size=270,
-                                          init_options={"hidden_size": 16, "num_layers": 1, "num_heads": 2})
+    model, tok = load_model_and_tokenizer(
+        init="tiny-gpt",
+        train_texts=WORDS * 5,
+        vocab_size=270,
+        init_options={"hidden_size": 16, "num_layers": 1, "num_heads": 2},
+    )
     os.makedirs(tmp_path / "m")
     write_llama_gguf(model, tok, tmp_path / "m" / "tiny.gguf")
-    where = {"gguf_file": str(tmp_path / "m" / "tiny.gguf")} if as_path else \
-        {"model": str(tmp_path / "m"), "gguf_file": "tiny.gguf"}
-    cfg = tiny(tmp_path, init=None, train_file=write_alpaca(tmp_path), source_file=None, target_file=None,
-               rule="spherical", max_steps=2, lora=True, lora_r=2, learning_rate=1e-2, save_steps=1, **where)
+    where = (
+        {"gguf_file": str(tmp_path / "m" / "tiny.gguf")}
+        if as_path
+        else {"model": str(tmp_path / "m"), "gguf_file": "tiny.gguf"}
+    )
+    cfg = tiny(
+        tmp_path,
+        init=None,
+        train_file=write_alpaca(tmp_path),
+        source_file=None,
+        target_file=None,
+        rule="spherical",
+        max_steps=2,
+        lora=True,
+        lora_r=2,
+        learning_rate=1e-2,
+        save_steps=1,
+        **where,
+    )
     run_training(cfg)
     final = os.path.join(cfg.output_dir, "final")
     assert json.load(open(os.path.join(final, BASE_RECORD))) == {"gguf_file": "tiny.gguf"}
@@ -625,8 +847,9 @@ def test_lora_adapter_on_a_gguf_model_reloads(tmp_path, as_path):
     for step in (1, 2):
         ckpt = os.path.join(cfg.output_dir, f"checkpoint-{step}")
         assert json.load(open(os.path.join(ckpt, BASE_RECORD))) == {"gguf_file": "tiny.gguf"}
-    assert type(load_model_and_tokenizer(os.path.join(cfg.output_dir, "checkpoint-1"))[0]).__name__ == \
-        "LlamaForCausalLM"
+    assert (
+        type(load_model_and_tokenizer(os.path.join(cfg.output_dir, "checkpoint-1"))[0]).__name__ == "LlamaForCausalLM"
+    )
     merged, _ = load_model_and_tokenizer(final)
     base, _ = load_model_and_tokenizer(str(tmp_path / "m"), gguf_file="tiny.gguf")
     assert type(merged).__name__ == "LlamaForCausalLM"
@@ -638,8 +861,12 @@ def test_tensorboard_logs_in_output_dir(tmp_path):
     pytest.importorskip("tensorboard")
     cfg = tiny(tmp_path, tensorboard=True, max_steps=2)
     run_training(cfg)
-    events = [f for _, _, files in os.walk(os.path.join(cfg.output_dir, "runs")) for f in files
-              if f.startswith("events.out.tfevents")]
+    events = [
+        f
+        for _, _, files in os.walk(os.path.join(cfg.output_dir, "runs"))
+        for f in files
+        if f.startswith("events.out.tfevents")
+    ]
     assert events
 
 
@@ -672,14 +899,22 @@ def test_group_by_length_selects_the_length_grouped_sampler(tmp_path):
     ds = datasets.Dataset.from_list([{"input_ids": [1] * n} for n in lengths])
     samplers = {}
     for flag in (True, False):
-        cfg = make_config({"init": "tiny-gpt", "source_file": "s", "target_file": "t", "group_by_length": flag,
-                           "output_dir": str(tmp_path), "per_device_train_batch_size": 4})
+        cfg = make_config(
+            {
+                "init": "tiny-gpt",
+                "source_file": "s",
+                "target_file": "t",
+                "group_by_length": flag,
+                "output_dir": str(tmp_path),
+                "per_device_train_batch_size": 4,
+            }
+        )
         trainer = Trainer(model=torch.nn.Linear(1, 1), args=_training_arguments(cfg, 10, False), train_dataset=ds)
         samplers[flag] = trainer._get_train_sampler(ds)
     assert isinstance(samplers[True], LengthGroupedSampler) and not isinstance(samplers[False], LengthGroupedSampler)
 
     def padded(order):
-        return sum(4 * max(lengths[i] for i in order[k:k + 4]) for k in range(0, len(order), 4))
+        return sum(4 * max(lengths[i] for i in order[k : k + 4]) for k in range(0, len(order), 4))
 
     grouped, shuffled = list(samplers[True]), list(samplers[False])
     assert sorted(grouped) == list(range(len(lengths)))
@@ -691,13 +926,15 @@ def test_bad_optimiser_values_fail_fast(tmp_path):
     (a beta of 1.5 used to pass and fail in torch's Adam constructor, a NaN weight decay to train to NaN)."""
     from properlm.training import validate_config
 
-    for options, message in [({"adam_beta2": 1.5}, "--adam-beta2 must be in [0, 1), got 1.5"),
-                             ({"adam_beta1": -0.1}, "--adam-beta1 must be in [0, 1)"),
-                             ({"adam_beta2": float("nan")}, "--adam-beta2 must be in [0, 1)"),
-                             ({"weight_decay": float("nan")}, "--weight-decay must be a finite number"),
-                             ({"max_grad_norm": float("nan")}, "--max-grad-norm must be a number >= 0"),
-                             ({"num_train_epochs": float("nan")}, "--num-train-epochs must be positive"),
-                             ({"lora_alpha": float("nan")}, "--lora-alpha must be a finite number")]:
+    for options, message in [
+        ({"adam_beta2": 1.5}, "--adam-beta2 must be in [0, 1), got 1.5"),
+        ({"adam_beta1": -0.1}, "--adam-beta1 must be in [0, 1)"),
+        ({"adam_beta2": float("nan")}, "--adam-beta2 must be in [0, 1)"),
+        ({"weight_decay": float("nan")}, "--weight-decay must be a finite number"),
+        ({"max_grad_norm": float("nan")}, "--max-grad-norm must be a number >= 0"),
+        ({"num_train_epochs": float("nan")}, "--num-train-epochs must be positive"),
+        ({"lora_alpha": float("nan")}, "--lora-alpha must be a finite number"),
+    ]:
         with pytest.raises(ConfigError) as exc:
             validate_config(tiny(tmp_path, **options))
         assert message in str(exc.value), options
@@ -715,11 +952,19 @@ def test_ignored_options_warn(tmp_path):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}", encoding="utf-8")
-    pretrained = {"init": None, "model": str(model_dir), "vocab_size": 1000, "hidden_size": 128, "num_layers": 2,
-                  "num_heads": 4}
+    pretrained = {
+        "init": None,
+        "model": str(model_dir),
+        "vocab_size": 1000,
+        "hidden_size": 128,
+        "num_layers": 2,
+        "num_heads": 4,
+    }
     cases = [
-        ({**pretrained, "hidden_size": 64, "dropout": 0.3},
-         "--hidden-size, --dropout only configure a fresh --init model and have no effect on --model"),
+        (
+            {**pretrained, "hidden_size": 64, "dropout": 0.3},
+            "--hidden-size, --dropout only configure a fresh --init model and have no effect on --model",
+        ),
         ({**pretrained, "num_layers": 6}, "--num-layers only configures a fresh --init model and has no effect"),
         ({"lora_r": 4}, "--lora-r has no effect without --lora"),
         ({"torch_compile_backend": "aot_eager"}, "--torch-compile-backend aot_eager has no effect without"),
@@ -728,11 +973,15 @@ def test_ignored_options_warn(tmp_path):
         ({"save_total_limit": 1}, "--save-total-limit 1 has no effect without --save-steps"),
         ({"num_train_epochs": 3.0}, "--num-train-epochs 3 has no effect: the run takes 6 steps (--max-steps)"),
         ({"warmup_steps": 6}, "--warmup-steps 6 is not below the run's 6 steps"),
-        ({"max_steps": None, "schedule": "logarithmic:3,brier:3", "warmup_steps": 10},
-         "--warmup-steps 10 is not below the run's 6 steps"),
+        (
+            {"max_steps": None, "schedule": "logarithmic:3,brier:3", "warmup_steps": 10},
+            "--warmup-steps 10 is not below the run's 6 steps",
+        ),
         ({"average_last": 3, "save_steps": 4}, "--average-last 3: the run saves only 2 checkpoint(s)"),
-        ({"source_file": None, "target_file": None, "train_file": write_alpaca(tmp_path), "source_lang": "German"},
-         "--source-lang only names a language of --source-file/--target-file translation prompts"),
+        (
+            {"source_file": None, "target_file": None, "train_file": write_alpaca(tmp_path), "source_lang": "German"},
+            "--source-lang only names a language of --source-file/--target-file translation prompts",
+        ),
     ]
     for options, message in cases:
         cfg = tiny(tmp_path, **options)
@@ -741,14 +990,45 @@ def test_ignored_options_warn(tmp_path):
         assert any(message in str(w.message) for w in caught), (message, [str(w.message) for w in caught])
         assert ignored_option_warnings(cfg)
     src, tgt = write_parallel(tmp_path)
-    quiet = [tiny(tmp_path),
-             tiny(tmp_path, warmup_steps=5, save_steps=2, average_last=3, save_total_limit=3, smoothing=0.1,
-                  smoothing_variant="gated", validation_fraction=0.2, validation_seed=1),
-             # the options of the benchmark studies' runs (reproduce_mt: --init; reproduce_llm: --model)
-             tiny(tmp_path, lr_scheduler="inverse_sqrt", warmup_steps=4, adam_beta2=0.98, dropout=0.3, ffn_size=64,
-                  validation_source_file=src, validation_target_file=tgt, eval_steps=2, save_steps=2),
-             tiny(tmp_path, **pretrained, source_lang="German", target_lang="English", rule="brier",
-                  smoothing=0.1, smoothing_variant="gated", warmup_steps=2, save_steps=2, save_total_limit=1)]
+    quiet = [
+        tiny(tmp_path),
+        tiny(
+            tmp_path,
+            warmup_steps=5,
+            save_steps=2,
+            average_last=3,
+            save_total_limit=3,
+            smoothing=0.1,
+            smoothing_variant="gated",
+            validation_fraction=0.2,
+            validation_seed=1,
+        ),
+        # the options of the benchmark studies' runs (reproduce_mt: --init; reproduce_llm: --model)
+        tiny(
+            tmp_path,
+            lr_scheduler="inverse_sqrt",
+            warmup_steps=4,
+            adam_beta2=0.98,
+            dropout=0.3,
+            ffn_size=64,
+            validation_source_file=src,
+            validation_target_file=tgt,
+            eval_steps=2,
+            save_steps=2,
+        ),
+        tiny(
+            tmp_path,
+            **pretrained,
+            source_lang="German",
+            target_lang="English",
+            rule="brier",
+            smoothing=0.1,
+            smoothing_variant="gated",
+            warmup_steps=2,
+            save_steps=2,
+            save_total_limit=1,
+        ),
+    ]
     for cfg in quiet:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -807,8 +1087,12 @@ def test_overwrite_output_dir_starts_afresh_and_keeps_other_files(tmp_path, caps
     new = dataclasses.replace(old, max_steps=4, vocab_size=280, overwrite_output_dir=True, average_last=2)
     results = run_training(new)
     printed = capsys.readouterr().out
-    assert "--overwrite-output-dir removed the earlier run's checkpoint-2, checkpoint-4, checkpoint-6, checkpoint-8" \
-        in printed and "metrics.jsonl" in printed and "tokenizer" in printed
+    assert (
+        "--overwrite-output-dir removed the earlier run's checkpoint-2, checkpoint-4, checkpoint-6, checkpoint-8"
+        in printed
+        and "metrics.jsonl" in printed
+        and "tokenizer" in printed
+    )
     assert [os.path.basename(c) for c in find_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     assert [os.path.basename(c) for c in results["averaged_checkpoints"]] == ["checkpoint-2", "checkpoint-4"]
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4]  # not appended to the old ones
@@ -853,9 +1137,33 @@ def test_a_finished_run_is_not_trained_over(tmp_path, capsys):
     append to its metrics.jsonl, take up its tokenizer and overwrite final/. It is now refused, as a directory
     with checkpoints is, unless --overwrite-output-dir is given."""
     src, tgt = write_parallel(tmp_path)
-    argv = ["train", "--init", "tiny-seq2seq", "--source-file", src, "--target-file", tgt, "--vocab-size", "270",
-            "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2", "--max-length", "32", "--max-steps", "2",
-            "--logging-steps", "1", "--no-progress-bar", "--no-tensorboard", "--output-dir", str(tmp_path / "run")]
+    argv = [
+        "train",
+        "--init",
+        "tiny-seq2seq",
+        "--source-file",
+        src,
+        "--target-file",
+        tgt,
+        "--vocab-size",
+        "270",
+        "--hidden-size",
+        "16",
+        "--num-layers",
+        "1",
+        "--num-heads",
+        "2",
+        "--max-length",
+        "32",
+        "--max-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--no-progress-bar",
+        "--no-tensorboard",
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
     assert main(argv) == 0
     out = tmp_path / "run"
     assert not find_checkpoints(out) and (out / "final").is_dir() and (out / "results.json").is_file()
@@ -863,9 +1171,11 @@ def test_a_finished_run_is_not_trained_over(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == [f"properlm train: error: --output-dir {str(out)!r} holds a finished run (final, "
-                                "results.json); pass --overwrite-output-dir to replace it, or choose another "
-                                "--output-dir"]
+    assert err.splitlines() == [
+        f"properlm train: error: --output-dir {str(out)!r} holds a finished run (final, "
+        "results.json); pass --overwrite-output-dir to replace it, or choose another "
+        "--output-dir"
+    ]
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert main([*argv, "--resume"]) == 2
     assert "no checkpoint-N directory in" in capsys.readouterr().err
@@ -881,18 +1191,35 @@ def test_rule_errors_and_warnings_read_as_the_command_s_own(tmp_path, capsys):
     data = ["--init", "tiny-seq2seq", "--source-file", src, "--target-file", tgt]
     assert main(["train", *data, "--rule", "spherical:2"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("properlm train: error: --rule: rule 'spherical:2': wrong number of parameters: spherical "
-                          "takes no parameter") and "power:ALPHA, pseudo-spherical:ALPHA" in err
+    assert (
+        err.startswith(
+            "properlm train: error: --rule: rule 'spherical:2': wrong number of parameters: spherical "
+            "takes no parameter"
+        )
+        and "power:ALPHA, pseudo-spherical:ALPHA" in err
+    )
     assert main(["train", *data, "--rule", "brie"]) == 2
     assert "unknown scoring rule 'brie' (did you mean 'brier'?)" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "input": "", "output": "b"}\nnot json\n', encoding="utf-8")
-    proc = run_cli("train", "--init", "tiny-gpt", "--train-file", str(bad), "--lora-r", "4", "--output-dir",
-                   str(tmp_path / "w"), cwd=tmp_path, timeout=120)
+    proc = run_cli(
+        "train",
+        "--init",
+        "tiny-gpt",
+        "--train-file",
+        str(bad),
+        "--lora-r",
+        "4",
+        "--output-dir",
+        str(tmp_path / "w"),
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == ["properlm: warning: --lora-r has no effect without --lora",
-                                        f"properlm train: error: {bad} line 2: not valid JSON (Expecting value at "
-                                        "column 1)"], proc.stderr
+    assert proc.stderr.splitlines() == [
+        "properlm: warning: --lora-r has no effect without --lora",
+        f"properlm train: error: {bad} line 2: not valid JSON (Expecting value at column 1)",
+    ], proc.stderr
 
 
 def test_what_training_cut_and_its_bars_are_said_where_a_user_reads(tmp_path):
@@ -904,10 +1231,34 @@ def test_what_training_cut_and_its_bars_are_said_where_a_user_reads(tmp_path):
     lines = (tmp_path / "train.src").read_text(encoding="utf-8").splitlines()
     lines[0] = " ".join(["123"] * 30)
     long_src.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    common = ["train", "--init", "tiny-seq2seq", "--target-file", tgt, "--vocab-size", "270", "--hidden-size", "16",
-              "--num-layers", "1", "--num-heads", "2", "--max-steps", "1", "--no-tensorboard"]
-    proc = run_cli(*common, "--source-file", str(long_src), "--max-length", "16", "--output-dir",
-                   str(tmp_path / "cut"), cwd=tmp_path)
+    common = [
+        "train",
+        "--init",
+        "tiny-seq2seq",
+        "--target-file",
+        tgt,
+        "--vocab-size",
+        "270",
+        "--hidden-size",
+        "16",
+        "--num-layers",
+        "1",
+        "--num-heads",
+        "2",
+        "--max-steps",
+        "1",
+        "--no-tensorboard",
+    ]
+    proc = run_cli(
+        *common,
+        "--source-file",
+        str(long_src),
+        "--max-length",
+        "16",
+        "--output-dir",
+        str(tmp_path / "cut"),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "properlm train: 1 of 24 training examples cut at --max-length 16" in proc.stdout
     assert "\r" not in proc.stdout + proc.stderr  # no bar in a log
@@ -931,8 +1282,14 @@ def test_paper_smoothing_is_warned_before_the_model_loads(tmp_path, monkeypatch)
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 49152}), encoding="utf-8")
     src, tgt = write_parallel(tmp_path, n=4)
     monkeypatch.setattr(stats, "_WARNED_PAPER_SMOOTHING", set())
-    cfg = TrainConfig(model=str(model), source_file=src, target_file=tgt, rule="spherical", smoothing=0.1,
-                      output_dir=str(tmp_path / "run"))
+    cfg = TrainConfig(
+        model=str(model),
+        source_file=src,
+        target_file=tgt,
+        rule="spherical",
+        smoothing=0.1,
+        output_dir=str(tmp_path / "run"),
+    )
     assert expected_vocab_size(cfg) == 49152
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -941,6 +1298,15 @@ def test_paper_smoothing_is_warned_before_the_model_loads(tmp_path, monkeypatch)
     assert len(texts) == 1 and "49152 tokens" in texts[0]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        validate_config(TrainConfig(model=str(model), source_file=src, target_file=tgt, rule="spherical",
-                                    smoothing=0.1, smoothing_variant="gated", output_dir=str(tmp_path / "run")))
+        validate_config(
+            TrainConfig(
+                model=str(model),
+                source_file=src,
+                target_file=tgt,
+                rule="spherical",
+                smoothing=0.1,
+                smoothing_variant="gated",
+                output_dir=str(tmp_path / "run"),
+            )
+        )
     assert not [w for w in caught if "--smoothing-variant" in str(w.message)]

@@ -27,17 +27,49 @@ def lang_run(tmp_path_factory):
     src, tgt = root / "train.de", root / "train.en"
     src.write_text("\n".join(SRC) + "\n", encoding="utf-8")
     tgt.write_text("\n".join(TGT) + "\n", encoding="utf-8")
-    cfg = make_config({"init": "tiny-gpt", "source_file": str(src), "target_file": str(tgt),
-                       "source_lang": "German", "target_lang": "English", "vocab_size": 300, "hidden_size": 16,
-                       "num_layers": 1, "num_heads": 2, "max_steps": 1, "per_device_train_batch_size": 4,
-                       "output_dir": str(root / "run"), "progress_bar": False, "tensorboard": False})
+    cfg = make_config(
+        {
+            "init": "tiny-gpt",
+            "source_file": str(src),
+            "target_file": str(tgt),
+            "source_lang": "German",
+            "target_lang": "English",
+            "vocab_size": 300,
+            "hidden_size": 16,
+            "num_layers": 1,
+            "num_heads": 2,
+            "max_steps": 1,
+            "per_device_train_batch_size": 4,
+            "output_dir": str(root / "run"),
+            "progress_bar": False,
+            "tensorboard": False,
+        }
+    )
     run_training(cfg, quiet=True)
     return str(root / "run" / "final"), str(src), str(tgt)
 
 
 def _evaluate(model, src, tgt, out, *extra):
-    assert main(["evaluate", "--model", model, "--source-file", src, "--target-file", tgt, "--no-generate",
-                 "--rules", "logarithmic", "--output-dir", str(out), *extra]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                model,
+                "--source-file",
+                src,
+                "--target-file",
+                tgt,
+                "--no-generate",
+                "--rules",
+                "logarithmic",
+                "--output-dir",
+                str(out),
+                *extra,
+            ]
+        )
+        == 0
+    )
     return json.loads((out / "results.json").read_text(encoding="utf-8"))
 
 
@@ -55,8 +87,7 @@ def test_evaluate_prompts_with_the_training_runs_language_names(lang_run, tmp_pa
     assert "language names German -> English from the training run" in capsys.readouterr().err
     assert default["settings"]["source_lang"] == "German" and default["settings"]["target_lang"] == "English"
     assert default["languages"]["from"].startswith("training run")
-    explicit = _evaluate(model, src, tgt, tmp_path / "explicit", "--source-lang", "German", "--target-lang",
-                         "English")
+    explicit = _evaluate(model, src, tgt, tmp_path / "explicit", "--source-lang", "German", "--target-lang", "English")
     assert "languages" not in explicit  # nothing was taken from the record
     log = default["teacher_forced"]["mean_scores"]["logarithmic"]
     assert log == explicit["teacher_forced"]["mean_scores"]["logarithmic"]  # the same prompts, bit for bit

@@ -81,9 +81,17 @@ def transform_logits(z: Tensor, softcap: float | None = None, logit_scale: float
     return out
 
 
-def token_losses(logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: float = 0.0,
-                 ignore_index: int = -100, *, softcap: float | None = None,
-                 logit_scale: float | None = None, smoothing_variant: str = "paper") -> Tensor:
+def token_losses(
+    logits: Tensor,
+    target: Tensor,
+    rule: ScoringRule,
+    smoothing: float = 0.0,
+    ignore_index: int = -100,
+    *,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    smoothing_variant: str = "paper",
+) -> Tensor:
     """Per-token loss ``S_max - S_eps(softmax(z'), y)`` of 2-D logits, traceable.
 
     Args:
@@ -128,9 +136,20 @@ def token_losses(logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: f
     return torch.where(in_range | ~valid, loss, math.nan)
 
 
-def fused_token_losses(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, rule: ScoringRule,
-                       smoothing: float, ignore_index: int, chunk_size: int, *, softcap: float | None = None,
-                       logit_scale: float | None = None, smoothing_variant: str = "paper") -> Tensor:
+def fused_token_losses(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    rule: ScoringRule,
+    smoothing: float,
+    ignore_index: int,
+    chunk_size: int,
+    *,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    smoothing_variant: str = "paper",
+) -> Tensor:
     """Per-token loss of the logits ``hidden @ weight.T + bias``, ``chunk_size`` rows at a time, traceable.
 
     Each chunk's logits are recomputed in backward (activation checkpointing).
@@ -142,19 +161,50 @@ def fused_token_losses(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
     n = hidden.shape[0]
     parts = []
     for start in range(0, n, chunk_size):
-        h_c = hidden[start:start + chunk_size]
-        y_c = target[start:start + chunk_size]
-        parts.append(checkpoint(_chunk_losses, h_c, weight, bias, y_c, rule, smoothing, ignore_index, softcap,
-                                logit_scale, smoothing_variant, use_reentrant=False))
+        h_c = hidden[start : start + chunk_size]
+        y_c = target[start : start + chunk_size]
+        parts.append(
+            checkpoint(
+                _chunk_losses,
+                h_c,
+                weight,
+                bias,
+                y_c,
+                rule,
+                smoothing,
+                ignore_index,
+                softcap,
+                logit_scale,
+                smoothing_variant,
+                use_reentrant=False,
+            )
+        )
     if not parts:
         return hidden.new_zeros(0, dtype=compute_dtype(hidden.dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _chunk_losses(h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule, smoothing: float,
-                  ignore_index: int, softcap: float | None, logit_scale: float | None,
-                  smoothing_variant: str = "paper") -> Tensor:
+def _chunk_losses(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    y: Tensor,
+    rule: ScoringRule,
+    smoothing: float,
+    ignore_index: int,
+    softcap: float | None,
+    logit_scale: float | None,
+    smoothing_variant: str = "paper",
+) -> Tensor:
     # the matmul in the inputs' dtype, as F.linear in the unfused model (and chunk_logits) does
     z = torch.nn.functional.linear(h, weight, bias)
-    return token_losses(z, y, rule, smoothing, ignore_index, softcap=softcap, logit_scale=logit_scale,
-                        smoothing_variant=smoothing_variant)
+    return token_losses(
+        z,
+        y,
+        rule,
+        smoothing,
+        ignore_index,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        smoothing_variant=smoothing_variant,
+    )

@@ -20,8 +20,10 @@ import random
 
 __all__ = ["make_number_dataset", "number_to_words", "write_parallel"]
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-         "sixteen seventeen eighteen nineteen").split()
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen"
+).split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
@@ -53,8 +55,9 @@ def number_to_words(n: int) -> str:
     return " ".join(words)
 
 
-def make_number_dataset(train_size: int, test_size: int, seed: int = 0, max_digits: int = 6
-                        ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def make_number_dataset(
+    train_size: int, test_size: int, seed: int = 0, max_digits: int = 6
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Disjoint ``(digits, words)`` pairs for training and testing.
 
     The number of digits is drawn uniformly from ``1..max_digits``, then the number uniformly

@@ -87,8 +87,10 @@ def _replicated_local(x: Any, mesh: Any, name: str) -> Tensor:
     if not is_dtensor(x):
         return x
     if x.device_mesh != mesh:
-        raise ValueError(f"{name} is a DTensor on mesh {x.device_mesh}, but the vocabulary is sharded on mesh "
-                         f"{mesh}; pass both on the same mesh (or {name} as a plain tensor)")
+        raise ValueError(
+            f"{name} is a DTensor on mesh {x.device_mesh}, but the vocabulary is sharded on mesh "
+            f"{mesh}; pass both on the same mesh (or {name} as a plain tensor)"
+        )
     from torch.distributed.tensor import Replicate
 
     if all(p.is_replicate() for p in x.placements):
@@ -145,8 +147,17 @@ def dtensor_scoring_rule_loss(
     mesh_dim = _vocab_mesh_dim(logits, -1, "logits", "Shard(-1)")
     y = _replicated_local(target, mesh, "target")
     loss = vocab_parallel_scoring_rule_loss(
-        logits.to_local(), y, rule, smoothing, ignore_index, reduction, _plain_num_items(num_items_in_batch),
-        group=mesh.get_group(mesh_dim), vocab_start=_vocab_start(logits, -1), **_given(kwargs))
+        logits.to_local(),
+        y,
+        rule,
+        smoothing,
+        ignore_index,
+        reduction,
+        _plain_num_items(num_items_in_batch),
+        group=mesh.get_group(mesh_dim),
+        vocab_start=_vocab_start(logits, -1),
+        **_given(kwargs),
+    )
     return _replicated_output(loss, mesh)
 
 
@@ -191,13 +202,26 @@ def dtensor_fused_linear_scoring_rule_loss(
         if not is_dtensor(bias) or bias.device_mesh != mesh or bias.dim() != 1:
             raise ValueError("bias must be None or a 1-D DTensor on the mesh of weight, sharded like it (Shard(0))")
         if _vocab_mesh_dim(bias, 0, "bias", "Shard(0)") != mesh_dim or _vocab_start(bias, 0) != start:
-            raise ValueError(f"bias must be sharded like weight, got placements {tuple(bias.placements)} "
-                             f"for weight placements {tuple(weight.placements)}")
+            raise ValueError(
+                f"bias must be sharded like weight, got placements {tuple(bias.placements)} "
+                f"for weight placements {tuple(weight.placements)}"
+            )
         local_bias = bias.to_local()
     h = _replicated_local(hidden, mesh, "hidden")
     y = _replicated_local(target, mesh, "target")
     loss = fused_linear_vocab_parallel_scoring_rule_loss(
-        h, weight.to_local(), y, rule, bias=local_bias, smoothing=smoothing, ignore_index=ignore_index,
-        reduction=reduction, num_items_in_batch=_plain_num_items(num_items_in_batch),
-        group=mesh.get_group(mesh_dim), vocab_start=start, chunk_size=chunk_size, **_given(kwargs))
+        h,
+        weight.to_local(),
+        y,
+        rule,
+        bias=local_bias,
+        smoothing=smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        num_items_in_batch=_plain_num_items(num_items_in_batch),
+        group=mesh.get_group(mesh_dim),
+        vocab_start=start,
+        chunk_size=chunk_size,
+        **_given(kwargs),
+    )
     return _replicated_output(loss, mesh)

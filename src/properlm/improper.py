@@ -102,18 +102,30 @@ class ImproperObjective:
         """
         return torch.where(valid, self.token_loss(log_p), 0.0)
 
-    def __call__(self, logits: Tensor, target: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-                 num_items_in_batch: int | Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> Tensor:
         """The loss of ``logits`` ``(..., V)`` against ``target`` ``(...)``; see :func:`dft_loss`."""
         return _improper_loss(self, logits, target, ignore_index, reduction, num_items_in_batch)
 
 
 #: the improper objectives by name (``properlm train --improper-loss NAME``); not scoring rules
 IMPROPER_OBJECTIVES: dict[str, ImproperObjective] = {
-    "dft": ImproperObjective("dft", "-log p_y * stopgrad(p_y)",
-                             "Wu et al. 2025, arXiv 2508.05629 (TRL SFTTrainer loss_type='dft')", _dft_token_loss),
-    "one-minus-p": ImproperObjective("one-minus-p", "1 - p_y", "Li et al. 2025, arXiv 2510.00526",
-                                     _one_minus_p_token_loss),
+    "dft": ImproperObjective(
+        "dft",
+        "-log p_y * stopgrad(p_y)",
+        "Wu et al. 2025, arXiv 2508.05629 (TRL SFTTrainer loss_type='dft')",
+        _dft_token_loss,
+    ),
+    "one-minus-p": ImproperObjective(
+        "one-minus-p", "1 - p_y", "Li et al. 2025, arXiv 2510.00526", _one_minus_p_token_loss
+    ),
 }
 
 
@@ -131,13 +143,23 @@ def get_improper_objective(objective: str | ImproperObjective) -> ImproperObject
 
 
 def _check_num_items(reduction: str, num_items_in_batch: Any) -> None:
-    if reduction == "mean" and num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor) \
-            and num_items_in_batch <= 0:
+    if (
+        reduction == "mean"
+        and num_items_in_batch is not None
+        and not isinstance(num_items_in_batch, Tensor)
+        and num_items_in_batch <= 0
+    ):
         raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
 
 
-def _improper_loss(objective: ImproperObjective, logits: Tensor, target: Tensor, ignore_index: int,
-                   reduction: str, num_items_in_batch: int | Tensor | None) -> Tensor:
+def _improper_loss(
+    objective: ImproperObjective,
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    reduction: str,
+    num_items_in_batch: int | Tensor | None,
+) -> Tensor:
     check_reduction(reduction)
     _check_num_items(reduction, num_items_in_batch)
     # -log p_y per token (0 at ignored positions), float32 from any dtype, with its blockwise
@@ -148,8 +170,14 @@ def _improper_loss(objective: ImproperObjective, logits: Tensor, target: Tensor,
     return reduce_loss(per_token, valid, reduction, num_items_in_batch)
 
 
-def dft_loss(logits: Tensor, target: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-             num_items_in_batch: int | Tensor | None = None) -> Tensor:
+def dft_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+) -> Tensor:
     r"""Dynamic Fine-Tuning loss ``-log p_y * stopgrad(p_y)`` (Wu et al. 2025): **improper**.
 
     The loss of TRL's ``SFTTrainer(loss_type="dft")``. Its gradient equals that of
@@ -178,16 +206,23 @@ def dft_loss(logits: Tensor, target: Tensor, *, ignore_index: int = -100, reduct
     return _improper_loss(IMPROPER_OBJECTIVES["dft"], logits, target, ignore_index, reduction, num_items_in_batch)
 
 
-def one_minus_p_loss(logits: Tensor, target: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-                     num_items_in_batch: int | Tensor | None = None) -> Tensor:
+def one_minus_p_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+) -> Tensor:
     r"""The loss ``1 - p_y`` (Li et al. 2025, "Beyond Log Likelihood"): **improper**.
 
     Its expected loss ``1 - sum_k q_k p_k`` is minimised at the one-hot on ``argmax q``. Same gradient
     as :func:`dft_loss`. Arguments, shapes, dtypes and reductions as :func:`dft_loss`; computed as
     ``1 - exp(log p_y)``.
     """
-    return _improper_loss(IMPROPER_OBJECTIVES["one-minus-p"], logits, target, ignore_index, reduction,
-                          num_items_in_batch)
+    return _improper_loss(
+        IMPROPER_OBJECTIVES["one-minus-p"], logits, target, ignore_index, reduction, num_items_in_batch
+    )
 
 
 class _ImproperLoss(nn.Module):

@@ -103,17 +103,25 @@ def _options_repr(module: Any, extra: str = "") -> str:
     Its rule, smoothing, ``ignore_index`` and reduction, then ``extra``, then the head transform and
     the smoothing variant where they are not the defaults.
     """
-    head = "".join(f", {k}={v}" for k, v in (("softcap", module.softcap), ("logit_scale", module.logit_scale))
-                   if v is not None)
+    head = "".join(
+        f", {k}={v}" for k, v in (("softcap", module.softcap), ("logit_scale", module.logit_scale)) if v is not None
+    )
     if module.smoothing_variant != "paper":
         head += f", smoothing_variant={module.smoothing_variant!r}"
-    return (f"rule={module.rule.spec!r}, smoothing={module.smoothing}, ignore_index={module.ignore_index}, "
-            f"reduction={module.reduction!r}{extra}{head}")
+    return (
+        f"rule={module.rule.spec!r}, smoothing={module.smoothing}, ignore_index={module.ignore_index}, "
+        f"reduction={module.reduction!r}{extra}{head}"
+    )
 
 
-def validate_inputs(logits_shape: torch.Size | tuple[int, ...], logits_dtype: torch.dtype,
-                    target: Tensor, ignore_index: int, vocab_size: int | None = None,
-                    what: str = "logits") -> None:
+def validate_inputs(
+    logits_shape: torch.Size | tuple[int, ...],
+    logits_dtype: torch.dtype,
+    target: Tensor,
+    ignore_index: int,
+    vocab_size: int | None = None,
+    what: str = "logits",
+) -> None:
     """Raise ``ValueError`` for inputs that the losses cannot score.
 
     ``logits_shape`` is ``(..., V)`` and ``target`` must have shape ``(...)``, an integer
@@ -183,8 +191,15 @@ class _RowBlocks:
     whole logits is made, and no large tensor is allocated per block.
     """
 
-    def __init__(self, logits: Tensor, rows: Tensor | None, num_rows: int, softcap: float | None = None,
-                 logit_scale: float | None = None, grad: bool = False) -> None:
+    def __init__(
+        self,
+        logits: Tensor,
+        rows: Tensor | None,
+        num_rows: int,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+        grad: bool = False,
+    ) -> None:
         self.logits, self.rows, self.num_rows = logits, rows, num_rows
         self.softcap, self.logit_scale = softcap, logit_scale
         transformed = softcap is not None or logit_scale is not None
@@ -233,9 +248,17 @@ class _TokenLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: float,
-                ignore_index: int, softcap: float | None = None, logit_scale: float | None = None,
-                smoothing_variant: str = "paper") -> Tensor:
+    def forward(
+        ctx: Any,
+        logits: Tensor,
+        target: Tensor,
+        rule: ScoringRule,
+        smoothing: float,
+        ignore_index: int,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+        smoothing_variant: str = "paper",
+    ) -> Tensor:
         n = logits.shape[0]
         valid = target != ignore_index
         scored = valid.nonzero().squeeze(1)
@@ -248,8 +271,9 @@ class _TokenLoss(torch.autograd.Function):
         parts = []
         for sl, z in blocks:
             b = sl.stop - sl.start
-            stats, _, _ = compute_stats(z, y[sl], rule, smoothing, out=blocks.e[:b], work=blocks.work[:b],
-                                        variant=smoothing_variant)
+            stats, _, _ = compute_stats(
+                z, y[sl], rule, smoothing, out=blocks.e[:b], work=blocks.work[:b], variant=smoothing_variant
+            )
             parts.append(stats)
         loss = torch.zeros(n, dtype=blocks.cdt, device=logits.device)
         ctx.save_for_backward(logits)
@@ -286,8 +310,9 @@ class _TokenLoss(torch.autograd.Function):
             factor = blocks.chain_factor(z)  # before the gradient overwrites z
             e = torch.sub(z, stats.max_logit[:, None], out=blocks.e[:b]).exp_()
             out = grad[sl] if direct else z  # z is a gathered copy when not in place
-            g = logits_grad(z, ctx.y[sl], stats, partials.index(sl), ctx.smoothing, ctx.rule, e=e,
-                            out=out, work=blocks.work[:b])
+            g = logits_grad(
+                z, ctx.y[sl], stats, partials.index(sl), ctx.smoothing, ctx.rule, e=e, out=out, work=blocks.work[:b]
+            )
             if factor is not None:  # the chain rule through the output-head transform
                 g.mul_(factor)
             if direct:
@@ -299,17 +324,39 @@ class _TokenLoss(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
-def _token_losses(logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: float,
-                  ignore_index: int, softcap: float | None = None, logit_scale: float | None = None,
-                  smoothing_variant: str = "paper") -> Tensor:
+def _token_losses(
+    logits: Tensor,
+    target: Tensor,
+    rule: ScoringRule,
+    smoothing: float,
+    ignore_index: int,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    smoothing_variant: str = "paper",
+) -> Tensor:
     V = logits.shape[-1]
     if torch.compiler.is_compiling():
-        flat = _traceable_token_losses(logits.reshape(-1, V), target.reshape(-1), rule, smoothing, ignore_index,
-                                       softcap=softcap, logit_scale=logit_scale,
-                                       smoothing_variant=smoothing_variant)
+        flat = _traceable_token_losses(
+            logits.reshape(-1, V),
+            target.reshape(-1),
+            rule,
+            smoothing,
+            ignore_index,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            smoothing_variant=smoothing_variant,
+        )
         return flat.view(target.shape)
-    flat = _TokenLoss.apply(logits.reshape(-1, V), target.reshape(-1), rule, smoothing, ignore_index, softcap,
-                            logit_scale, smoothing_variant)
+    flat = _TokenLoss.apply(
+        logits.reshape(-1, V),
+        target.reshape(-1),
+        rule,
+        smoothing,
+        ignore_index,
+        softcap,
+        logit_scale,
+        smoothing_variant,
+    )
     return flat.view(target.shape)
 
 
@@ -388,9 +435,18 @@ def scoring_rule_loss(
     if is_dtensor(logits):  # vocabulary-sharded DTensor logits (tensor parallelism): properlm.dtensor
         from .dtensor import dtensor_scoring_rule_loss
 
-        return dtensor_scoring_rule_loss(logits, target, rule, smoothing, ignore_index, reduction, num_items_in_batch,
-                                         softcap=softcap, logit_scale=logit_scale,
-                                         smoothing_variant=smoothing_variant)
+        return dtensor_scoring_rule_loss(
+            logits,
+            target,
+            rule,
+            smoothing,
+            ignore_index,
+            reduction,
+            num_items_in_batch,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            smoothing_variant=smoothing_variant,
+        )
     rule_obj = get_rule(rule)
     eps, variant = check_loss_options(smoothing, smoothing_variant, reduction)
     cap, scale = check_head_transform(softcap, logit_scale)
@@ -409,9 +465,17 @@ class ScoringRuleLoss(nn.Module):
         >>> loss = criterion(logits.view(-1, V), labels.view(-1))
     """
 
-    def __init__(self, rule: RuleLike = "logarithmic", smoothing: float = 0.0, ignore_index: int = -100,
-                 reduction: str = "mean", *, softcap: float | None = None,
-                 logit_scale: float | None = None, smoothing_variant: str = "paper") -> None:
+    def __init__(
+        self,
+        rule: RuleLike = "logarithmic",
+        smoothing: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        *,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+        smoothing_variant: str = "paper",
+    ) -> None:
         super().__init__()
         self.rule = get_rule(rule)
         self.smoothing, self.smoothing_variant = check_loss_options(smoothing, smoothing_variant, reduction)
@@ -421,9 +485,18 @@ class ScoringRuleLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
         """The loss of ``logits`` ``(..., V)`` for ``target`` ``(...)``, as :func:`scoring_rule_loss`."""
-        return scoring_rule_loss(logits, target, self.rule, self.smoothing, self.ignore_index,
-                                 self.reduction, num_items_in_batch, softcap=self.softcap,
-                                 logit_scale=self.logit_scale, smoothing_variant=self.smoothing_variant)
+        return scoring_rule_loss(
+            logits,
+            target,
+            self.rule,
+            self.smoothing,
+            self.ignore_index,
+            self.reduction,
+            num_items_in_batch,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+            smoothing_variant=self.smoothing_variant,
+        )
 
     def extra_repr(self) -> str:
         """The settings, as shown in ``repr(module)``."""

@@ -111,15 +111,20 @@ def check_model_source(model: str | None = None, gguf_file: str | None = None, i
             ) from None
         return
     if model is None:
-        raise ModelLoadError("no model given: pass --model (a directory or hub id), --gguf-file, or --init "
-                             f"({' or '.join(INIT_CONFIGS)})")
+        raise ModelLoadError(
+            "no model given: pass --model (a directory or hub id), --gguf-file, or --init "
+            f"({' or '.join(INIT_CONFIGS)})"
+        )
     if os.path.exists(model):
         if not os.path.isdir(model):
-            raise ModelLoadError(f"model {model!r} is a file; pass the directory that holds config.json "
-                                 "(or use --gguf-file for a GGUF file)")
+            raise ModelLoadError(
+                f"model {model!r} is a file; pass the directory that holds config.json "
+                "(or use --gguf-file for a GGUF file)"
+            )
         if not any(os.path.isfile(os.path.join(model, f)) for f in ("config.json", "adapter_config.json")):
-            raise ModelLoadError(f"model directory {model!r} holds no config.json (nor adapter_config.json)"
-                                 f"{training_run_hint(model)}")
+            raise ModelLoadError(
+                f"model directory {model!r} holds no config.json (nor adapter_config.json){training_run_hint(model)}"
+            )
     elif looks_like_a_path(model):
         raise ModelLoadError(f"model directory {model!r} does not exist{_missing_path_hint(model)}")
 
@@ -162,8 +167,10 @@ def training_run_hint(model: str | None) -> str:
     models = [d for d in ("final", "averaged") if any(os.path.isfile(os.path.join(model, d, n)) for n in names)]
     if not models:
         return ""
-    return (f" (it looks like the output directory of `properlm train`: pass the model it saved, "
-            f"{' or '.join('--model ' + os.path.join(model, d) for d in models)})")
+    return (
+        f" (it looks like the output directory of `properlm train`: pass the model it saved, "
+        f"{' or '.join('--model ' + os.path.join(model, d) for d in models)})"
+    )
 
 
 def _read_json_file(path: str) -> dict[str, Any] | None:
@@ -245,16 +252,25 @@ def read_training_record(model: str | None) -> tuple[dict[str, Any] | None, str 
     results = _read_json_file(parent)
     config = results.get("config") if results else None
     if isinstance(config, dict) and isinstance(config.get("max_length"), int) and "global_step" in results:
-        return {"max_length": config["max_length"], "max_source_length": config.get("max_source_length"),
-                "task": config.get("task")}, parent
+        return {
+            "max_length": config["max_length"],
+            "max_source_length": config.get("max_source_length"),
+            "task": config.get("task"),
+        }, parent
     return None, None
 
 
 # ------------------------------------------------------------------------------ tokenizers
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1000, *, kind: str = "causal",
-                        min_frequency: int = 2, model_max_length: int = 1024) -> Any:
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 1000,
+    *,
+    kind: str = "causal",
+    min_frequency: int = 2,
+    model_max_length: int = 1024,
+) -> Any:
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it in ``PreTrainedTokenizerFast``.
 
     Special tokens: ``<pad>`` (0), ``<s>`` (1), ``</s>`` (2), ``<unk>`` (3). Every byte is in
@@ -277,23 +293,30 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1000, *, kind: s
     specials = list(SPECIAL_TOKENS.values())
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} for a byte-level BPE, "
-                         f"got {vocab_size}")
+        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} for a byte-level BPE, got {vocab_size}")
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     # digits are split one by one (as Llama does) so that numbers are spelled digit by digit
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                  initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
     tok.train_from_iterator(list(texts), trainer=trainer)
     bos, eos = SPECIAL_TOKENS["bos_token"], SPECIAL_TOKENS["eos_token"]
     if kind == "causal":
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))])
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     else:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"$A {eos}", pair=f"$A $B {eos}", special_tokens=[(eos, tok.token_to_id(eos))])
+            single=f"$A {eos}", pair=f"$A $B {eos}", special_tokens=[(eos, tok.token_to_id(eos))]
+        )
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, **SPECIAL_TOKENS)
 
 
@@ -323,8 +346,17 @@ def _ensure_pad(tokenizer: Any) -> None:
 # ------------------------------------------------------------------------------ models
 
 
-def tiny_config(name: str, tokenizer: Any, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
-                ffn_size: int | None = None, max_positions: int = 1024, dropout: float = 0.1) -> Any:
+def tiny_config(
+    name: str,
+    tokenizer: Any,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    ffn_size: int | None = None,
+    max_positions: int = 1024,
+    dropout: float = 0.1,
+) -> Any:
     """A small randomly initialisable config for ``init`` ``name``.
 
     ``tiny-gpt``: ``LlamaConfig`` (RMSNorm, rotary positions, SwiGLU, tied embeddings).
@@ -338,25 +370,50 @@ def tiny_config(name: str, tokenizer: Any, *, hidden_size: int = 128, num_layers
     if hidden_size % num_heads:
         raise ModelLoadError(f"hidden size {hidden_size} is not divisible by the number of heads {num_heads}")
     ffn = ffn_size or 4 * hidden_size
-    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-           "eos_token_id": tokenizer.eos_token_id}
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     vocab = len(tokenizer)
     if name == "tiny-gpt":
         from transformers import LlamaConfig
 
-        return LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=ffn,
-                           num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                           num_key_value_heads=num_heads, max_position_embeddings=max_positions,
-                           tie_word_embeddings=True, attention_dropout=dropout, **ids)
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden_size,
+            intermediate_size=ffn,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=True,
+            attention_dropout=dropout,
+            **ids,
+        )
     from transformers import MarianConfig
 
-    return MarianConfig(vocab_size=vocab, d_model=hidden_size, encoder_layers=num_layers, decoder_layers=num_layers,
-                        encoder_attention_heads=num_heads, decoder_attention_heads=num_heads,
-                        encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, max_position_embeddings=max_positions,
-                        dropout=dropout, attention_dropout=0.0, activation_dropout=0.0, activation_function="gelu",
-                        decoder_start_token_id=tokenizer.bos_token_id, forced_eos_token_id=None,
-                        tie_word_embeddings=True, share_encoder_decoder_embeddings=True, scale_embedding=True,
-                        **ids)
+    return MarianConfig(
+        vocab_size=vocab,
+        d_model=hidden_size,
+        encoder_layers=num_layers,
+        decoder_layers=num_layers,
+        encoder_attention_heads=num_heads,
+        decoder_attention_heads=num_heads,
+        encoder_ffn_dim=ffn,
+        decoder_ffn_dim=ffn,
+        max_position_embeddings=max_positions,
+        dropout=dropout,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        activation_function="gelu",
+        decoder_start_token_id=tokenizer.bos_token_id,
+        forced_eos_token_id=None,
+        tie_word_embeddings=True,
+        share_encoder_decoder_embeddings=True,
+        scale_embedding=True,
+        **ids,
+    )
 
 
 def is_seq2seq(model_or_config: Any) -> bool:
@@ -438,10 +495,18 @@ def _load_adapter(directory: str, dtype: Any) -> tuple[Any, Any]:
     return net, tokenizer
 
 
-def load_model_and_tokenizer(model: str | None = None, *, gguf_file: str | None = None, init: str | None = None,
-                             train_texts: Iterable[str] | None = None, vocab_size: int = 1000, seed: int = 0,
-                             tokenizer: Any = None, dtype: Any = None,
-                             init_options: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
+def load_model_and_tokenizer(
+    model: str | None = None,
+    *,
+    gguf_file: str | None = None,
+    init: str | None = None,
+    train_texts: Iterable[str] | None = None,
+    vocab_size: int = 1000,
+    seed: int = 0,
+    tokenizer: Any = None,
+    dtype: Any = None,
+    init_options: Mapping[str, Any] | None = None,
+) -> tuple[Any, Any]:
     """Load (or create) a model and its tokenizer. Returns ``(model, tokenizer)``.
 
     Args:

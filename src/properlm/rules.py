@@ -104,9 +104,7 @@ class ScoringRule:
 
     def mean_score_scales(self) -> tuple[float, ...]:
         """Scales ``c`` whose ``L_c`` :meth:`mean_score` reads."""
-        raise NotImplementedError(
-            f"rule {self.spec!r} defines no mean_score, so it cannot be used with smoothing > 0"
-        )
+        raise NotImplementedError(f"rule {self.spec!r} defines no mean_score, so it cannot be used with smoothing > 0")
 
     def score(self, z_y: Tensor, lse: LSEs) -> Tensor:
         """``S(p, y)`` from the target logit ``z_y`` and ``lse[c] = LSE(c z)``.
@@ -119,9 +117,7 @@ class ScoringRule:
 
     def mean_score(self, lse: LSEs, sum_z: Tensor | None, num_classes: Tensor) -> Tensor:
         """``(1/V) sum_k S(p, k)`` over the ``V = num_classes`` finite logits."""
-        raise NotImplementedError(
-            f"rule {self.spec!r} defines no mean_score, so it cannot be used with smoothing > 0"
-        )
+        raise NotImplementedError(f"rule {self.spec!r} defines no mean_score, so it cannot be used with smoothing > 0")
 
     # ------------------------------------------------------------------ helpers
     def scales(self, smoothing: float = 0.0) -> tuple[float, ...]:
@@ -285,8 +281,9 @@ def _check_parameter_count(rule: str, name: str, given: int) -> None:
         count = f"{required} to {len(params)}" if required < len(params) else str(len(params))
         takes = f"{name} takes {count} parameters ({_usage(name)})"
     with_params = [_usage(n) for n in available_rules() if _parameters(n)]
-    raise ValueError(f"rule {rule!r}: wrong number of parameters: {takes}; the rules that take a parameter: "
-                     f"{', '.join(with_params)}")
+    raise ValueError(
+        f"rule {rule!r}: wrong number of parameters: {takes}; the rules that take a parameter: {', '.join(with_params)}"
+    )
 
 
 # ---------------------------------------------------------------------- the rules
@@ -458,8 +455,7 @@ class Mixture(ScoringRule):
     def __init__(self, components: Sequence[tuple[float, RuleLike]]) -> None:
         flat: list[tuple[float, ScoringRule]] = []
         if isinstance(components, (str, ScoringRule)) or not components:
-            raise ValueError("Mixture needs a non-empty sequence of (weight, rule) pairs, "
-                             f"got {components!r}")
+            raise ValueError(f"Mixture needs a non-empty sequence of (weight, rule) pairs, got {components!r}")
         for i, item in enumerate(components, start=1):
             try:
                 w, r = item
@@ -531,8 +527,14 @@ def _split_terms(spec: str) -> list[str]:
     """Split a mixture spec at its ``+`` signs, except those of a number's exponent (``1e+3``)."""
     parts: list[str] = []
     for piece in spec.split("+"):
-        if parts and len(parts[-1]) >= 2 and parts[-1][-1] in "eE" and parts[-1][-2].isdigit() \
-                and piece[:1].isdigit() and "*" not in parts[-1]:
+        if (
+            parts
+            and len(parts[-1]) >= 2
+            and parts[-1][-1] in "eE"
+            and parts[-1][-2].isdigit()
+            and piece[:1].isdigit()
+            and "*" not in parts[-1]
+        ):
             parts[-1] += "+" + piece
         else:
             parts.append(piece)

@@ -193,8 +193,9 @@ def head_transform_(z: Tensor, softcap: float | None = None, logit_scale: float 
     return z if neg is None else z.masked_fill_(neg, -math.inf)
 
 
-def head_transform_factor(zt: Tensor, softcap: float | None = None, logit_scale: float | None = None, *,
-                          out: Tensor | None = None) -> Tensor | float | None:
+def head_transform_factor(
+    zt: Tensor, softcap: float | None = None, logit_scale: float | None = None, *, out: Tensor | None = None
+) -> Tensor | float | None:
     """``dz'' / dz`` of :func:`head_transform_`, from the *transformed* logits ``zt = z''``.
 
     That is:
@@ -234,8 +235,12 @@ def warn_paper_smoothing(rule: Any, smoothing: float, smoothing_variant: str, vo
     ``eps / V``; under Adam that flattens a large vocabulary's distribution within a few steps.
     ``smoothing_variant="gated"`` keeps the smoothed optimum without the collapse.
     """
-    risky = smoothing > 0 and smoothing_variant == "paper" and bool(getattr(rule, "masked_log_smoothing", False)) \
+    risky = (
+        smoothing > 0
+        and smoothing_variant == "paper"
+        and bool(getattr(rule, "masked_log_smoothing", False))
         and vocab_size >= PAPER_SMOOTHING_WARN_VOCAB
+    )
     if not risky or torch.compiler.is_compiling():
         return risky
     key = (str(getattr(rule, "spec", rule)), int(vocab_size))
@@ -243,18 +248,23 @@ def warn_paper_smoothing(rule: Any, smoothing: float, smoothing_variant: str, vo
         import warnings
 
         _WARNED_PAPER_SMOOTHING.add(key)
-        warnings.warn(f"smoothing={smoothing:g} of the bounded rule {key[0]!r} with the paper's masked-log term "
-                      f"(smoothing_variant='paper') at a vocabulary of {vocab_size} tokens flattens the predicted "
-                      "distribution within a few steps under Adam (SmolLM2, V = 49152: decoding degenerates); use "
-                      "smoothing_variant='gated' (or 'none'). README, 'Score smoothing'.", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"smoothing={smoothing:g} of the bounded rule {key[0]!r} with the paper's masked-log term "
+            f"(smoothing_variant='paper') at a vocabulary of {vocab_size} tokens flattens the predicted "
+            "distribution within a few steps under Adam (SmolLM2, V = 49152: decoding degenerates); use "
+            "smoothing_variant='gated' (or 'none'). README, 'Score smoothing'.",
+            UserWarning,
+            stacklevel=3,
+        )
     return risky
 
 
 def check_smoothing_variant(smoothing_variant: str) -> str:
     """``smoothing_variant`` if it is one of :data:`SMOOTHING_VARIANTS`, or ``ValueError``."""
     if not isinstance(smoothing_variant, str) or smoothing_variant not in SMOOTHING_VARIANTS:
-        raise ValueError(f"smoothing_variant must be one of {', '.join(map(repr, SMOOTHING_VARIANTS))}, "
-                         f"got {smoothing_variant!r}")
+        raise ValueError(
+            f"smoothing_variant must be one of {', '.join(map(repr, SMOOTHING_VARIANTS))}, got {smoothing_variant!r}"
+        )
     return smoothing_variant
 
 
@@ -289,10 +299,17 @@ def masked_set(e: Tensor, lse1: Tensor, num_classes: Tensor, eps: float, finite:
     return mask
 
 
-def compute_stats(z: Tensor, target: Tensor, rule: ScoringRule, smoothing: float = 0.0, *,
-                  out: Tensor | None = None, work: Tensor | None = None,
-                  scales: Sequence[float] | None = None, variant: str = "paper"
-                  ) -> tuple[TokenStats, Tensor, Tensor | None]:
+def compute_stats(
+    z: Tensor,
+    target: Tensor,
+    rule: ScoringRule,
+    smoothing: float = 0.0,
+    *,
+    out: Tensor | None = None,
+    work: Tensor | None = None,
+    scales: Sequence[float] | None = None,
+    variant: str = "paper",
+) -> tuple[TokenStats, Tensor, Tensor | None]:
     """Statistics of float32 (or float64) logits ``z`` (``(n, V)``) for targets ``target`` (``(n,)``).
 
     Returns ``(stats, e, finite)`` where ``e = exp(z - m)`` (kept so that a caller that
@@ -384,8 +401,9 @@ def smoothed_score(rule: ScoringRule, stats: TokenStats, smoothing: float = 0.0,
 _DIFF_FIELDS = ("z_y", "sum_z", "masked_sum_z")
 
 
-def loss_and_partials(rule: ScoringRule, stats: TokenStats, smoothing: float = 0.0,
-                      need_grad: bool = True, variant: str = "paper") -> tuple[Tensor, TokenStats | None]:
+def loss_and_partials(
+    rule: ScoringRule, stats: TokenStats, smoothing: float = 0.0, need_grad: bool = True, variant: str = "paper"
+) -> tuple[Tensor, TokenStats | None]:
     """Per-token loss ``s_max - S_eps`` and, if ``need_grad``, its partial derivatives.
 
     The smoothing ``variant`` is as in :func:`smoothed_score`. The partial derivatives with respect to
@@ -419,10 +437,19 @@ def loss_and_partials(rule: ScoringRule, stats: TokenStats, smoothing: float = 0
     return loss.detach(), partials
 
 
-def logits_grad(z: Tensor, target: Tensor, stats: TokenStats, partials: TokenStats,
-                smoothing: float, rule: ScoringRule, e: Tensor | None = None,
-                finite: Tensor | None = None, *, out: Tensor | None = None, work: Tensor | None = None
-                ) -> Tensor:
+def logits_grad(
+    z: Tensor,
+    target: Tensor,
+    stats: TokenStats,
+    partials: TokenStats,
+    smoothing: float,
+    rule: ScoringRule,
+    e: Tensor | None = None,
+    finite: Tensor | None = None,
+    *,
+    out: Tensor | None = None,
+    work: Tensor | None = None,
+) -> Tensor:
     """Gradient of ``sum_i loss_i`` with respect to float32 logits ``z`` (``(n, V)``).
 
     ``partials`` holds ``d loss_i / d stat_i`` (already multiplied by any upstream

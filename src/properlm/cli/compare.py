@@ -42,6 +42,7 @@ __all__ = [
     "run_figures",
 ]
 
+
 class CompareError(ValueError):
     """A run directory is missing or holds nothing readable."""
 
@@ -152,9 +153,22 @@ def load_runs(paths: list[str], labels: list[str] | None = None) -> list[RunReco
 
 #: the table's columns in order, with each one's format (a person reads these; every figure is in the JSON)
 COLUMNS: tuple[tuple[str, str], ...] = (
-    ("run", "s"), ("split", "s"), ("train rule", "s"), ("steps", "d"), ("train loss", ".4f"), ("examples", "d"),
-    ("decoding", "s"), ("BLEU", ".2f"), ("chrF", ".2f"), ("R-1", ".2f"), ("R-2", ".2f"), ("R-L", ".2f"),
-    ("log score", ".4f"), ("ppl", ",.2f"), ("acc %", ".2f"), ("ECE %", ".2f"),
+    ("run", "s"),
+    ("split", "s"),
+    ("train rule", "s"),
+    ("steps", "d"),
+    ("train loss", ".4f"),
+    ("examples", "d"),
+    ("decoding", "s"),
+    ("BLEU", ".2f"),
+    ("chrF", ".2f"),
+    ("R-1", ".2f"),
+    ("R-2", ".2f"),
+    ("R-L", ".2f"),
+    ("log score", ".4f"),
+    ("ppl", ",.2f"),
+    ("acc %", ".2f"),
+    ("ECE %", ".2f"),
 )
 #: columns of the other rules' mean token scores, after the fixed ones
 SCORE_PREFIX = "S "
@@ -200,7 +214,7 @@ def _validation_columns(train: dict[str, Any]) -> dict[str, Any]:
     for k, v in ev.items():
         if not k.startswith("eval_score_") or not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
-        rule = k[len("eval_score_"):]
+        rule = k[len("eval_score_") :]
         if rule == "logarithmic":
             out["log score"] = v
             out["ppl"] = math.exp(-v) if -v < 700 else math.inf
@@ -229,8 +243,7 @@ def _eval_columns(ev: dict[str, Any]) -> dict[str, Any]:
     if gen:
         beams = st.get("num_beams", 1)
         out["decoding"] = "greedy" if beams == 1 else f"beam {beams}, {gen.get('objective', 'logarithmic')}"
-        for key, label in (("bleu", "BLEU"), ("chrf", "chrF"), ("rouge1", "R-1"), ("rouge2", "R-2"),
-                           ("rougeL", "R-L")):
+        for key, label in (("bleu", "BLEU"), ("chrf", "chrF"), ("rouge1", "R-1"), ("rouge2", "R-2"), ("rougeL", "R-L")):
             if key in gen:
                 out[label] = gen[key]
     return out
@@ -290,8 +303,10 @@ def run_figures(runs: list[RunRecord]) -> list[dict[str, Any]]:
     Each entry: the table's row, the directory, and the raw ``results.json`` of its training run and evaluation.
     """
     _, rows = comparison_rows(runs)
-    return [{**row, "directory": r.directory, "train_results": r.train, "evaluation_results": r.evaluation}
-            for r, row in zip(runs, rows)]
+    return [
+        {**row, "directory": r.directory, "train_results": r.train, "evaluation_results": r.evaluation}
+        for r, row in zip(runs, rows)
+    ]
 
 
 def _panels(logged: list[RunRecord]) -> list[tuple[str, str | None]]:
@@ -323,7 +338,7 @@ def _panel_title(key: str, rule: str | None) -> str:
         return f"training loss, {rule}"
     if key == "eval_loss":
         return f"validation loss, {rule}"
-    return f"validation {key[len('eval_score_'):]} score (higher is better)"
+    return f"validation {key[len('eval_score_') :]} score (higher is better)"
 
 
 def plot_curves(runs: list[RunRecord], path: str, max_panels: int = 9) -> str | None:
@@ -356,9 +371,13 @@ def plot_curves(runs: list[RunRecord], path: str, max_panels: int = 9) -> str | 
     try:
         for ax, (key, rule) in zip(axes.flat, panels):
             for r, name in zip(logged, names):
-                pts = [(rec["step"], rec[key]) for rec in r.log
-                       if isinstance(rec.get(key), (int, float)) and isinstance(rec.get("step"), (int, float))
-                       and (rule is None or str(rec.get("rule", "?")) == rule)]
+                pts = [
+                    (rec["step"], rec[key])
+                    for rec in r.log
+                    if isinstance(rec.get(key), (int, float))
+                    and isinstance(rec.get("step"), (int, float))
+                    and (rule is None or str(rec.get("rule", "?")) == rule)
+                ]
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, markersize=3, label=name)
@@ -373,7 +392,7 @@ def plot_curves(runs: list[RunRecord], path: str, max_panels: int = 9) -> str | 
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(panels):]:
+        for ax in list(axes.flat)[len(panels) :]:
             ax.axis("off")
         fig.tight_layout()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -398,8 +417,10 @@ def parse_run_groups(items: list[str]) -> list[tuple[str, list[str]]]:
             name, _, rest = item.partition("=")
             paths = rest.split(",")
             if not name or not all(paths):
-                raise CompareError(f"{item!r}: expected RUN_DIR or NAME=RUN_DIR[,RUN_DIR...] "
-                                   "(a name, then comma-separated run directories)")
+                raise CompareError(
+                    f"{item!r}: expected RUN_DIR or NAME=RUN_DIR[,RUN_DIR...] "
+                    "(a name, then comma-separated run directories)"
+                )
         if any(name == g for g, _ in groups):
             raise CompareError(f"{name!r} is given twice")
         groups.append((name, paths))
@@ -420,8 +441,9 @@ def baseline_comparison(groups: list[tuple[str, list[str]]], baseline: str, n_sa
         raise CompareError("--baseline needs at least one other run to compare with it")
     try:
         loaded = {name: [load_evaluated_run(p) for p in paths] for name, paths in groups}
-        result = compare_to_baseline(loaded[baseline], {k: v for k, v in loaded.items() if k != baseline},
-                                     n_samples=n_samples)
+        result = compare_to_baseline(
+            loaded[baseline], {k: v for k, v in loaded.items() if k != baseline}, n_samples=n_samples
+        )
     except ComparisonError as exc:
         raise CompareError(str(exc)) from None
     return comparison_markdown(result, baseline), result
@@ -430,7 +452,8 @@ def baseline_comparison(groups: list[tuple[str, list[str]]], baseline: str, n_sa
 def register(subparsers: Any) -> None:
     """Add the ``compare`` command to the ``properlm`` sub-command parsers."""
     parser = subparsers.add_parser(
-        "compare", help="one table across runs and a PNG of their training curves",
+        "compare",
+        help="one table across runs and a PNG of their training curves",
         description="Compare runs: print one markdown table with a row per run and split (named by NAME of "
         "NAME=DIR, or by the directory; split: the training run's validation set or the evaluation folder's "
         "name): training rule, steps, final training loss; BLEU/chrF/ROUGE, log score, perplexity, accuracy, "
@@ -444,26 +467,48 @@ def register(subparsers: Any) -> None:
         "  # did it help? three seeds each, decoded on the same test set, against the log-score runs:\n"
         "  properlm compare log=runs/log1/test,runs/log2/test,runs/log3/test \\\n"
         "      sph=runs/sph1/test,runs/sph2/test,runs/sph3/test --baseline log",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="run directories (or results.json files) of `properlm train` / `properlm evaluate`; "
-                        "NAME=DIR1,DIR2,... names the runs of one configuration, one per seed (for --baseline)")
-    parser.add_argument("--baseline", default=None, metavar="NAME",
-                        help="also compare every other run (or NAME=... group) with this one on the generation "
-                        "metrics of `properlm evaluate` (BLEU and chrF, or ROUGE-1/2/L): per seed the difference "
-                        "with a paired bootstrap p over the test examples; with several seeds (groups paired by "
-                        "position: the i-th directory of each group trained with the same seed) the mean "
-                        "difference with its 95%% Student-t interval over seeds, the seeds ahead and the sign test")
-    parser.add_argument("--bootstrap-samples", type=int, default=1000, metavar="N",
-                        help="bootstrap resamples per seed for --baseline (default: 1000)")
-    parser.add_argument("--output-json", default=None, metavar="FILE",
-                        help="write every figure as JSON: each run's row with the raw results.json of its training "
-                        "run and evaluation (\"runs\"), and with --baseline the whole comparison (every per-seed and "
-                        "over-seed figure)")
-    parser.add_argument("--plot", default="comparison.png", metavar="PNG",
-                        help="where to write the training-curve plot, one panel per quantity (each rule's loss on "
-                        "its own panel; the validation scores every run shares); .png is added to a name without "
-                        "an extension (default: comparison.png)")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories (or results.json files) of `properlm train` / `properlm evaluate`; "
+        "NAME=DIR1,DIR2,... names the runs of one configuration, one per seed (for --baseline)",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="NAME",
+        help="also compare every other run (or NAME=... group) with this one on the generation "
+        "metrics of `properlm evaluate` (BLEU and chrF, or ROUGE-1/2/L): per seed the difference "
+        "with a paired bootstrap p over the test examples; with several seeds (groups paired by "
+        "position: the i-th directory of each group trained with the same seed) the mean "
+        "difference with its 95%% Student-t interval over seeds, the seeds ahead and the sign test",
+    )
+    parser.add_argument(
+        "--bootstrap-samples",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples per seed for --baseline (default: 1000)",
+    )
+    parser.add_argument(
+        "--output-json",
+        default=None,
+        metavar="FILE",
+        help="write every figure as JSON: each run's row with the raw results.json of its training "
+        'run and evaluation ("runs"), and with --baseline the whole comparison (every per-seed and '
+        "over-seed figure)",
+    )
+    parser.add_argument(
+        "--plot",
+        default="comparison.png",
+        metavar="PNG",
+        help="where to write the training-curve plot, one panel per quantity (each rule's loss on "
+        "its own panel; the validation scores every run shares); .png is added to a name without "
+        "an extension (default: comparison.png)",
+    )
     parser.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="do not plot")
     parser.add_argument("--output-md", default=None, metavar="FILE", help="also write the table to this file")
     parser.set_defaults(func=run)
@@ -472,27 +517,27 @@ def register(subparsers: Any) -> None:
 def _check_output_file(option: str, path: str | None) -> str | None:
     """An error line when ``path`` (of ``option``) names a directory, else ``None``."""
     if path is not None and os.path.isdir(path):
-        return f"{option} {path!r} is a directory; give a file name, e.g. {os.path.join(path, 'comparison')}" \
-            + (".json" if option == "--output-json" else ".md" if option == "--output-md" else ".png")
+        return f"{option} {path!r} is a directory; give a file name, e.g. {os.path.join(path, 'comparison')}" + (
+            ".json" if option == "--output-json" else ".md" if option == "--output-md" else ".png"
+        )
     return None
 
 
 def _row_labels(groups: list[tuple[str, list[str]]]) -> list[str]:
     """A label per path: the group's name, with ``#i`` for the i-th of several (seeds)."""
-    return [name if len(paths) == 1 else f"{name} #{i}" for name, paths in groups
-            for i, _ in enumerate(paths, 1)]
+    return [name if len(paths) == 1 else f"{name} #{i}" for name, paths in groups for i, _ in enumerate(paths, 1)]
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``properlm compare`` with parsed arguments; returns the exit code."""
+
     def error(message: str) -> int:
         print(f"properlm compare: error: {message}", file=sys.stderr)
         return 2
 
     if args.bootstrap_samples < 1:
         return error(f"--bootstrap-samples must be at least 1, got {args.bootstrap_samples}")
-    for option, path in (("--output-json", args.output_json), ("--output-md", args.output_md),
-                         ("--plot", args.plot)):
+    for option, path in (("--output-json", args.output_json), ("--output-md", args.output_md), ("--plot", args.plot)):
         message = _check_output_file(option, path)
         if message:
             return error(message)

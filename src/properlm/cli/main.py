@@ -61,8 +61,9 @@ def interrupted_message(args: argparse.Namespace, command: str) -> str:
     return str(describe(args, command))
 
 
-def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                   line: str | None = None) -> str:
+def format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
     """``warnings.formatwarning`` of the console script: ``properlm: warning: MESSAGE``, one line per warning.
 
     No source path and line (``.../training/run.py:54: UserWarning``): properlm's warnings are about the

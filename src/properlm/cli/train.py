@@ -56,8 +56,14 @@ metrics.jsonl (one record per log step and evaluation), runs/ (TensorBoard), res
 """
 
 
-_METAVARS = {"model": "DIR_OR_HUB_ID", "rule": "RULE", "schedule": "RULE:STEPS,...", "source_lang": "LANG",
-             "target_lang": "LANG", "lora_target_modules": "NAMES"}
+_METAVARS = {
+    "model": "DIR_OR_HUB_ID",
+    "rule": "RULE",
+    "schedule": "RULE:STEPS,...",
+    "source_lang": "LANG",
+    "target_lang": "LANG",
+    "lora_target_modules": "NAMES",
+}
 
 
 def _base_type(f: Any) -> str:
@@ -71,26 +77,39 @@ def _add_option(group: argparse._ArgumentGroup, f: Any) -> None:
     help_text = meta["help"]
     kind = _base_type(f)
     if kind == "bool":
-        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"{help_text} (default: {'on' if f.default else 'off'})")
+        group.add_argument(
+            flag,
+            dest=f.name,
+            action=argparse.BooleanOptionalAction,
+            default=argparse.SUPPRESS,
+            help=f"{help_text} (default: {'on' if f.default else 'off'})",
+        )
         return
     conv = {"int": int, "float": float, "str": str}[kind]
     default = "none" if f.default is None else f.default
-    kwargs: dict[str, Any] = {"dest": f.name, "type": conv, "default": argparse.SUPPRESS,
-                              "help": f"{help_text} (default: {default})"}
+    kwargs: dict[str, Any] = {
+        "dest": f.name,
+        "type": conv,
+        "default": argparse.SUPPRESS,
+        "help": f"{help_text} (default: {default})",
+    }
     if "choices" in meta:
         kwargs["choices"] = meta["choices"]
     else:
         kwargs["metavar"] = _METAVARS.get(f.name) or (
-            "PATH" if f.name.endswith(("_file", "_dir")) else {"int": "N", "float": "X", "str": "STR"}[kind])
+            "PATH" if f.name.endswith(("_file", "_dir")) else {"int": "N", "float": "X", "str": "STR"}[kind]
+        )
     group.add_argument(flag, **kwargs)
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add every ``properlm train`` option to ``parser``."""
-    parser.add_argument("--config", metavar="YAML", default=None,
-                        help="read options from a YAML mapping (keys as the long options, with - or _); "
-                        "command-line flags override it")
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        default=None,
+        help="read options from a YAML mapping (keys as the long options, with - or _); command-line flags override it",
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in config_fields():
         g = f.metadata.get("group", "other")
@@ -103,12 +122,15 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def register(subparsers: Any) -> None:
     """Add the ``train`` command to the ``properlm`` sub-command parsers."""
     parser = subparsers.add_parser(
-        "train", help="train or fine-tune a model with a scoring rule",
+        "train",
+        help="train or fine-tune a model with a scoring rule",
         description="Train or fine-tune a Hugging Face model (or a fresh tiny one) with a strictly proper "
         "scoring rule as the loss: logarithmic (cross-entropy), brier, spherical, power:ALPHA, "
         "pseudo-spherical:ALPHA, or a schedule of them. Arguments and data are validated before "
         "anything is loaded.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     build_parser(parser)
     parser.set_defaults(func=run)
 
@@ -142,11 +164,15 @@ def interrupted(args: argparse.Namespace, command: str) -> str:
         output_dir = str(getattr(args, "output_dir", TrainConfig.output_dir))
     checkpoints = find_checkpoints(output_dir)
     if not checkpoints:
-        return (f"properlm train: interrupted before a checkpoint was saved in {output_dir} (--save-steps N saves "
-                f"one every N steps); nothing to resume: run the command again to start afresh")
+        return (
+            f"properlm train: interrupted before a checkpoint was saved in {output_dir} (--save-steps N saves "
+            f"one every N steps); nothing to resume: run the command again to start afresh"
+        )
     step = checkpoint_step(checkpoints[-1])
-    return (f"properlm train: interrupted; saved: {checkpoints[-1]} (step {step}); continue with: "
-            f"properlm train --resume --output-dir {shlex.quote(output_dir)}")
+    return (
+        f"properlm train: interrupted; saved: {checkpoints[-1]} (step {step}); continue with: "
+        f"properlm train --resume --output-dir {shlex.quote(output_dir)}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,8 +185,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"properlm train: error: {exc}", file=sys.stderr)
         return 2
     if results and os.environ.get("RANK", "0") == "0":
-        summary: dict[str, Any] = {k: results[k] for k in ("global_step", "final_model", "averaged_model")
-                                   if k in results}
+        summary: dict[str, Any] = {
+            k: results[k] for k in ("global_step", "final_model", "averaged_model") if k in results
+        }
         if "eval" in results:
             summary["eval"] = {k: v for k, v in results["eval"].items() if k.startswith(("eval_loss", "eval_score"))}
         print(json.dumps(summary, indent=2))

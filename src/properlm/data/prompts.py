@@ -58,8 +58,11 @@ def _plain_prompt(example: Example) -> str:
             return INSTRUCTION_TEMPLATE.format(instruction=instruction, input=inp)
         return INSTRUCTION_TEMPLATE_NO_INPUT.format(instruction=instruction)
     if example.task == "translation":
-        return TRANSLATION_TEMPLATE.format(source_lang=f.get("source_lang") or "source",
-                                           target_lang=f.get("target_lang") or "target", source=example.source)
+        return TRANSLATION_TEMPLATE.format(
+            source_lang=f.get("source_lang") or "source",
+            target_lang=f.get("target_lang") or "target",
+            source=example.source,
+        )
     return SUMMARIZATION_TEMPLATE.format(document=example.source)
 
 
@@ -81,8 +84,9 @@ def build_prompt(example: Example, tokenizer: Any = None, *, seq2seq: bool = Fal
     if seq2seq:
         return _plain_prompt(example) if example.task == "instruction" else example.source
     if _has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template([{"role": "user", "content": _user_message(example)}],
-                                             tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": _user_message(example)}], tokenize=False, add_generation_prompt=True
+        )
     return _plain_prompt(example)
 
 
@@ -111,13 +115,13 @@ def _cut_text(tokenizer: Any, text: str, max_tokens: int) -> str | None:
     n = max_tokens
     offsets = None
     try:
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                            verbose=False)["offset_mapping"]
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)[
+            "offset_mapping"
+        ]
     except (NotImplementedError, ValueError, TypeError, KeyError):
         offsets = None  # a slow (Python) tokenizer: cut by decoding instead
     while True:
-        cut = text[: offsets[n - 1][1]] if offsets is not None else \
-            tokenizer.decode(ids[:n], skip_special_tokens=True)
+        cut = text[: offsets[n - 1][1]] if offsets is not None else tokenizer.decode(ids[:n], skip_special_tokens=True)
         cut = cut.rstrip()
         excess = len(_ids(tokenizer, cut, False)) - max_tokens
         if excess <= 0 or n <= 1:

@@ -197,8 +197,10 @@ def _json_array_records(path: str) -> Iterator[tuple[int, Any]]:
 def _record_fields(path: str, lineno: int, value: Any, task: str) -> dict[str, Any]:
     where = f"{path} line {lineno}"
     if not isinstance(value, dict):
-        raise DataError(f"{where}: expected a JSON object with fields {', '.join(map(repr, _REQUIRED[task]))}, "
-                        f"got {type(value).__name__}")
+        raise DataError(
+            f"{where}: expected a JSON object with fields {', '.join(map(repr, _REQUIRED[task]))}, "
+            f"got {type(value).__name__}"
+        )
     out: dict[str, Any] = {}
     for key in _REQUIRED[task]:
         if key not in value:
@@ -278,15 +280,21 @@ def read_summarization_file(path: str | os.PathLike) -> list[Example]:
     return _read_json_task(path, "summarization")
 
 
-def read_parallel_files(source_file: str | os.PathLike, target_file: str | os.PathLike,
-                        source_lang: str | None = None, target_lang: str | None = None) -> list[Example]:
+def read_parallel_files(
+    source_file: str | os.PathLike,
+    target_file: str | os.PathLike,
+    source_lang: str | None = None,
+    target_lang: str | None = None,
+) -> list[Example]:
     """Read line-aligned source/target text files (one sentence per line, no empty lines)."""
     src = _check_file(source_file, "source file")
     tgt = _check_file(target_file, "target file")
     src_lines, tgt_lines = _strip_trailing_blank(list(_lines(src))), _strip_trailing_blank(list(_lines(tgt)))
     if len(src_lines) != len(tgt_lines):
-        raise DataError(f"source and target files have different numbers of lines ({len(src_lines)} vs "
-                        f"{len(tgt_lines)}): {src}, {tgt}")
+        raise DataError(
+            f"source and target files have different numbers of lines ({len(src_lines)} vs "
+            f"{len(tgt_lines)}): {src}, {tgt}"
+        )
     if not src_lines:
         raise DataError(f"{src} contains no lines")
     examples = []
@@ -299,9 +307,15 @@ def read_parallel_files(source_file: str | os.PathLike, target_file: str | os.Pa
     return examples
 
 
-def load_examples(data_file: str | os.PathLike | None = None, *, task: str | None = None,
-                  source_file: str | os.PathLike | None = None, target_file: str | os.PathLike | None = None,
-                  source_lang: str | None = None, target_lang: str | None = None) -> list[Example]:
+def load_examples(
+    data_file: str | os.PathLike | None = None,
+    *,
+    task: str | None = None,
+    source_file: str | os.PathLike | None = None,
+    target_file: str | os.PathLike | None = None,
+    source_lang: str | None = None,
+    target_lang: str | None = None,
+) -> list[Example]:
     """Read and validate one data set in any format.
 
     Args:
@@ -335,8 +349,9 @@ def load_examples(data_file: str | os.PathLike | None = None, *, task: str | Non
     return _read_json_task(data_file, task)
 
 
-def split_validation(examples: Sequence[Example], fraction: float, seed: int = 0
-                     ) -> tuple[list[Example], list[Example]]:
+def split_validation(
+    examples: Sequence[Example], fraction: float, seed: int = 0
+) -> tuple[list[Example], list[Example]]:
     """Split off a random ``fraction`` of ``examples`` as a validation set; returns ``(train, validation)``.
 
     At least one example and at most all but one; deterministic for a given ``seed``.

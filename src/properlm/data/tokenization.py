@@ -51,8 +51,14 @@ def _target_ids(example: Example, tokenizer: Any) -> list[int]:
     return ids
 
 
-def encode_prompt(example: Example, tokenizer: Any, *, seq2seq: bool = False,
-                  max_length: int | None = None, max_source_length: int | None = None) -> list[int]:
+def encode_prompt(
+    example: Example,
+    tokenizer: Any,
+    *,
+    seq2seq: bool = False,
+    max_length: int | None = None,
+    max_source_length: int | None = None,
+) -> list[int]:
     """Token ids of the prompt for generation, exactly as training tokenises it.
 
     For seq2seq the encoder input (ending with EOS), for decoder-only the prompt the target
@@ -65,8 +71,9 @@ def encode_prompt(example: Example, tokenizer: Any, *, seq2seq: bool = False,
     return ids
 
 
-def tokenize_example(example: Example, tokenizer: Any, *, seq2seq: bool, max_length: int,
-                     max_source_length: int | None = None) -> dict[str, list[int]]:
+def tokenize_example(
+    example: Example, tokenizer: Any, *, seq2seq: bool, max_length: int, max_source_length: int | None = None
+) -> dict[str, list[int]]:
     """``input_ids``, ``attention_mask`` and ``labels`` of one example.
 
     With ``max_source_length`` the source text is first cut to that many tokens
@@ -82,8 +89,9 @@ def tokenize_example(example: Example, tokenizer: Any, *, seq2seq: bool, max_len
     return _tokenize(example, tokenizer, seq2seq, max_length, max_source_length)[0]
 
 
-def _tokenize(example: Example, tokenizer: Any, seq2seq: bool, max_length: int,
-              max_source_length: int | None) -> tuple[dict[str, list[int]], bool, bool]:
+def _tokenize(
+    example: Example, tokenizer: Any, seq2seq: bool, max_length: int, max_source_length: int | None
+) -> tuple[dict[str, list[int]], bool, bool]:
     """:func:`tokenize_example`'s row, and whether the source and the sequence were cut.
 
     The second value: ``max_source_length`` cut the source; the third: ``max_length`` cut the sequence.
@@ -97,20 +105,33 @@ def _tokenize(example: Example, tokenizer: Any, seq2seq: bool, max_length: int,
         input_ids = prompt[:max_length]
         labels = target[:max_length]
         cut = len(prompt) > max_length or len(target) > max_length
-        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}, \
-            source is not example, cut
+        return (
+            {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels},
+            source is not example,
+            cut,
+        )
     cut = len(prompt) + len(target) > max_length
     keep_target = min(len(target), max(1, max_length // 2))
     if cut and len(prompt) > max_length - keep_target:
         prompt = prompt[: max_length - keep_target]
     input_ids = (prompt + target)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + target)[:max_length]
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}, \
-        source is not example, cut
+    return (
+        {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels},
+        source is not example,
+        cut,
+    )
 
 
-def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, seq2seq: bool, max_length: int,
-                      max_source_length: int | None = None, truncation: dict[str, int] | None = None) -> Any:
+def tokenize_examples(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    *,
+    seq2seq: bool,
+    max_length: int,
+    max_source_length: int | None = None,
+    truncation: dict[str, int] | None = None,
+) -> Any:
     """Tokenise ``examples`` (see :func:`tokenize_example`) into a ``datasets.Dataset``.
 
     Its columns are ``input_ids``, ``attention_mask`` and ``labels``. A ``truncation`` dict receives the counts
@@ -127,4 +148,3 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, seq2seq: b
     if truncation is not None:
         truncation.update(num_examples=len(rows), num_sources_cut=sources_cut, num_cut_at_max_length=cut)
     return datasets.Dataset.from_list(rows)
-

@@ -24,27 +24,36 @@ from .stats import _all_reduce, _shard_grad, _shard_stats
 __all__ = ["fused_linear_vocab_parallel_scoring_rule_loss"]
 
 
-def _check_fused_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
-                        ignore_index: int) -> None:
+def _check_fused_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int) -> None:
     for name, t in (("hidden", hidden), ("local_weight", weight)):
         if not t.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape (..., H), got a scalar")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"local_weight must have shape (V_local, H={hidden.shape[-1]}) to match hidden "
-                         f"{tuple(hidden.shape)}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"local_weight must have shape (V_local, H={hidden.shape[-1]}) to match hidden "
+            f"{tuple(hidden.shape)}, got {tuple(weight.shape)}"
+        )
     autocast = torch.is_autocast_enabled(hidden.device.type)
     if weight.dtype != hidden.dtype and not autocast:
         raise ValueError(f"local_weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
     if bias is not None:
         if not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape (V_local,) = ({weight.shape[0]},), got "
-                             f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+            raise ValueError(
+                f"bias must have shape (V_local,) = ({weight.shape[0]},), got "
+                f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}"
+            )
         if bias.dtype != weight.dtype:
             raise ValueError(f"bias dtype {bias.dtype} differs from local_weight dtype {weight.dtype}")
-    validate_inputs((*hidden.shape[:-1], weight.shape[0]), hidden.dtype, target, ignore_index,
-                    vocab_size=_NO_LIMIT, what="hidden @ local_weight.T")
+    validate_inputs(
+        (*hidden.shape[:-1], weight.shape[0]),
+        hidden.dtype,
+        target,
+        ignore_index,
+        vocab_size=_NO_LIMIT,
+        what="hidden @ local_weight.T",
+    )
 
 
 class _FusedVocabParallelTokenLoss(torch.autograd.Function):
@@ -58,10 +67,22 @@ class _FusedVocabParallelTokenLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
-                rule: ScoringRule, smoothing: float, ignore_index: int, group: ProcessGroup, start: int,
-                chunk: int, softcap: float | None = None, logit_scale: float | None = None,
-                smoothing_variant: str = "paper") -> Tensor:
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        target: Tensor,
+        rule: ScoringRule,
+        smoothing: float,
+        ignore_index: int,
+        group: ProcessGroup,
+        start: int,
+        chunk: int,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+        smoothing_variant: str = "paper",
+    ) -> Tensor:
         n = hidden.shape[0]
         size = weight.shape[0]
         cdt = compute_dtype(hidden.dtype)
@@ -76,9 +97,20 @@ class _FusedVocabParallelTokenLoss(torch.autograd.Function):
             z_lin = F.linear(hidden[idx], weight, bias)  # under autocast: in its dtype
             ctx.lin_dtype = z_lin.dtype
             z = head_transform_(z_lin.to(cdt), softcap, logit_scale)  # z_lin is not used again
-            stats = _shard_stats(lambda a2, b2, z=z: z[a2:b2],  # type: ignore[misc]  # (mypy: the default z)
-                                 idx.numel(), idx.numel(), local[sl], owned[sl],
-                                 rule, smoothing, group, size, cdt, hidden.device, smoothing_variant)
+            stats = _shard_stats(
+                lambda a2, b2, z=z: z[a2:b2],  # type: ignore[misc]  # (mypy: the default z)
+                idx.numel(),
+                idx.numel(),
+                local[sl],
+                owned[sl],
+                rule,
+                smoothing,
+                group,
+                size,
+                cdt,
+                hidden.device,
+                smoothing_variant,
+            )
             loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad, smoothing_variant)
             loss[idx] = loss_c
             chunks.append((stats, partials))
@@ -107,8 +139,16 @@ class _FusedVocabParallelTokenLoss(torch.autograd.Function):
             h = hidden[idx]
             with torch.autocast(device_type=h.device.type, enabled=False):
                 z = F.linear(h.to(lin_dtype), w_lin, b_lin).to(cdt)
-            g = _shard_grad(z, local[sl], owned[sl], stats, partials.scaled(grad_loss[idx].to(cdt)),
-                            ctx.smoothing, ctx.rule, *ctx.head)
+            g = _shard_grad(
+                z,
+                local[sl],
+                owned[sl],
+                stats,
+                partials.scaled(grad_loss[idx].to(cdt)),
+                ctx.smoothing,
+                ctx.rule,
+                *ctx.head,
+            )
             if grad_h is not None:
                 grad_h[idx] = g @ w
             if grad_w is not None:
@@ -190,8 +230,7 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
     if not isinstance(target, Tensor):
         raise ValueError(f"target must be a tensor of token ids, got {type(target).__name__}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     cap, scale = check_head_transform(softcap, logit_scale)
     error = _local_error(lambda: _check_fused_inputs(hidden, local_weight, bias, target, ignore_index))
@@ -199,11 +238,29 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
     local_size = local_weight.shape[0] if local_weight.dim() else 0
     config = _config(rule_obj, eps, ignore_index, reduction, f"{chunk_size}|{H}|{variant}", cap, scale)
     shard = _resolve_layout(local_size, vocab_start, target, config, group, hidden.device, error)
-    validate_inputs((*hidden.shape[:-1], local_size), hidden.dtype, target, ignore_index,
-                    vocab_size=shard.vocab_size, what="hidden @ local_weight.T")
+    validate_inputs(
+        (*hidden.shape[:-1], local_size),
+        hidden.dtype,
+        target,
+        ignore_index,
+        vocab_size=shard.vocab_size,
+        what="hidden @ local_weight.T",
+    )
     chunk = chunk_size if chunk_size is not None else _chunk_rows(shard.max_size)
-    flat = _FusedVocabParallelTokenLoss.apply(hidden.reshape(target.numel(), H), local_weight, bias, target.reshape(-1),
-                                              rule_obj, eps, ignore_index, group, shard.start, chunk, cap, scale,
-                                              variant)
+    flat = _FusedVocabParallelTokenLoss.apply(
+        hidden.reshape(target.numel(), H),
+        local_weight,
+        bias,
+        target.reshape(-1),
+        rule_obj,
+        eps,
+        ignore_index,
+        group,
+        shard.start,
+        chunk,
+        cap,
+        scale,
+        variant,
+    )
     per_token = flat.view(target.shape)
     return reduce_loss(per_token, target != ignore_index, reduction, num_items_in_batch)

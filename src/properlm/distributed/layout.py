@@ -42,8 +42,9 @@ class _Layout:
     max_size: int
 
 
-def vocab_shard(vocab_size: int, rank: int | None = None, world_size: int | None = None,
-                group: ProcessGroup = None) -> tuple[int, int]:
+def vocab_shard(
+    vocab_size: int, rank: int | None = None, world_size: int | None = None, group: ProcessGroup = None
+) -> tuple[int, int]:
     """``(start, size)`` of ``rank``'s shard when ``vocab_size`` ids are split evenly in rank order.
 
     As evenly as possible: the first ``vocab_size % world_size`` ranks get one more id.
@@ -56,8 +57,10 @@ def vocab_shard(vocab_size: int, rank: int | None = None, world_size: int | None
         rank = dist.get_rank(group) if rank is None else rank
         world_size = dist.get_world_size(group) if world_size is None else world_size
     if vocab_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"vocab_shard: need vocab_size >= 1 and 0 <= rank < world_size, got "
-                         f"vocab_size={vocab_size}, rank={rank}, world_size={world_size}")
+        raise ValueError(
+            f"vocab_shard: need vocab_size >= 1 and 0 <= rank < world_size, got "
+            f"vocab_size={vocab_size}, rank={rank}, world_size={world_size}"
+        )
     base, extra = divmod(vocab_size, world_size)
     size = base + (rank < extra)
     start = rank * base + min(rank, extra)
@@ -95,27 +98,37 @@ def _local_error(check: Callable[[], None]) -> str | None:
     return None
 
 
-def _resolve_layout(local_size: int, vocab_start: int | None, target: Tensor, config: str,
-                    group: ProcessGroup, device: torch.device, error: str | None = None) -> _Layout:
+def _resolve_layout(
+    local_size: int,
+    vocab_start: int | None,
+    target: Tensor,
+    config: str,
+    group: ProcessGroup,
+    device: torch.device,
+    error: str | None = None,
+) -> _Layout:
     """All-gather ``(size, start, #tokens, checksum(target), crc(config), error flag)`` and check them.
 
     Checks that no rank rejected its inputs, that the shards tile ``[0, V)`` and that every rank passed
     the same tokens and settings. Every rank raises the same way, so none waits in a collective.
     """
     _require_initialized()
-    if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)
-                                    or vocab_start < 0):
+    if vocab_start is not None and (
+        isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
+    ):
         error = error or f"vocab_start must be a non-negative int or None, got {vocab_start!r}"
         vocab_start = None
     world = dist.get_world_size(group)
-    info = torch.stack([
-        torch.tensor(local_size, dtype=torch.long, device=device),
-        torch.tensor(-1 if vocab_start is None else vocab_start, dtype=torch.long, device=device),
-        torch.tensor(target.numel(), dtype=torch.long, device=device),
-        _target_checksum(target).to(device),
-        torch.tensor(zlib.crc32(config.encode()), dtype=torch.long, device=device),
-        torch.tensor(error is not None, dtype=torch.long, device=device),
-    ])
+    info = torch.stack(
+        [
+            torch.tensor(local_size, dtype=torch.long, device=device),
+            torch.tensor(-1 if vocab_start is None else vocab_start, dtype=torch.long, device=device),
+            torch.tensor(target.numel(), dtype=torch.long, device=device),
+            _target_checksum(target).to(device),
+            torch.tensor(zlib.crc32(config.encode()), dtype=torch.long, device=device),
+            torch.tensor(error is not None, dtype=torch.long, device=device),
+        ]
+    )
     gathered = [torch.empty_like(info) for _ in range(world)]
     dist.all_gather(gathered, info, group=group)
     rows = torch.stack(gathered).tolist()
@@ -128,16 +141,22 @@ def _resolve_layout(local_size: int, vocab_start: int | None, target: Tensor, co
     sizes = [r[0] for r in rows]
     for r, (_, _, numel, checksum, crc, _) in enumerate(rows):
         if numel != rows[0][2]:
-            raise ValueError(f"target has {rows[0][2]} tokens on rank 0 but {numel} on rank {r}; every rank "
-                             f"of the group must pass the same target (only the vocabulary is sharded)")
+            raise ValueError(
+                f"target has {rows[0][2]} tokens on rank 0 but {numel} on rank {r}; every rank "
+                f"of the group must pass the same target (only the vocabulary is sharded)"
+            )
         if checksum != rows[0][3]:
-            raise ValueError(f"target differs between rank 0 and rank {r}; every rank of the group must pass "
-                             f"the same target (only the vocabulary is sharded)")
+            raise ValueError(
+                f"target differs between rank 0 and rank {r}; every rank of the group must pass "
+                f"the same target (only the vocabulary is sharded)"
+            )
         if crc != rows[0][4]:
-            raise ValueError(f"rule, smoothing, smoothing_variant, ignore_index, reduction, chunk_size, hidden "
-                             f"size, softcap or "
-                             f"logit_scale differ between "
-                             f"rank 0 and rank {r}; every rank must pass the same settings")
+            raise ValueError(
+                f"rule, smoothing, smoothing_variant, ignore_index, reduction, chunk_size, hidden "
+                f"size, softcap or "
+                f"logit_scale differ between "
+                f"rank 0 and rank {r}; every rank must pass the same settings"
+            )
     given = [r[1] >= 0 for r in rows]
     if all(given):
         starts = [r[1] for r in rows]
@@ -174,6 +193,13 @@ def _chunk_rows(width: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(width, 1))
 
 
-def _config(rule: ScoringRule, smoothing: float, ignore_index: int, reduction: str, extra: str = "",
-            softcap: float | None = None, logit_scale: float | None = None) -> str:
+def _config(
+    rule: ScoringRule,
+    smoothing: float,
+    ignore_index: int,
+    reduction: str,
+    extra: str = "",
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+) -> str:
     return f"{rule.spec}|{smoothing!r}|{ignore_index}|{reduction}|{extra}|{softcap!r}|{logit_scale!r}"

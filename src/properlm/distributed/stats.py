@@ -54,9 +54,20 @@ def _local_finite(z: Tensor) -> Tensor | None:
     return z != -math.inf
 
 
-def _shard_stats(get_z: Callable[[int, int], Tensor], n: int, step: int, local_target: Tensor,
-                 owned: Tensor, rule: ScoringRule, smoothing: float, group: ProcessGroup,
-                 local_size: int, dtype: torch.dtype, device: torch.device, variant: str = "paper") -> TokenStats:
+def _shard_stats(
+    get_z: Callable[[int, int], Tensor],
+    n: int,
+    step: int,
+    local_target: Tensor,
+    owned: Tensor,
+    rule: ScoringRule,
+    smoothing: float,
+    group: ProcessGroup,
+    local_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    variant: str = "paper",
+) -> TokenStats:
     """Global :class:`TokenStats` of ``n`` token rows from this rank's shard.
 
     ``get_z(a, b)`` returns the compute-dtype logits of rows ``[a, b)`` of the shard
@@ -108,9 +119,17 @@ def _shard_stats(get_z: Callable[[int, int], Tensor], n: int, step: int, local_t
     return stats
 
 
-def _shard_grad(z: Tensor, local_target: Tensor, owned: Tensor, stats: TokenStats, partials: TokenStats,
-                smoothing: float, rule: ScoringRule, softcap: float | None = None,
-                logit_scale: float | None = None) -> Tensor:
+def _shard_grad(
+    z: Tensor,
+    local_target: Tensor,
+    owned: Tensor,
+    stats: TokenStats,
+    partials: TokenStats,
+    smoothing: float,
+    rule: ScoringRule,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+) -> Tensor:
     """Gradient of ``sum_i loss_i`` with respect to the shard ``z``, from the global statistics.
 
     ``z`` (``(n, V_local)``) holds the logits before the head transform (a scratch tensor, overwritten);

@@ -25,18 +25,39 @@ class _VocabParallelTokenLoss(torch.autograd.Function):
     """Per-token loss ``(n,)`` of the shard ``(n, V_local)``; backward without communication."""
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, target: Tensor, rule: ScoringRule, smoothing: float,
-                ignore_index: int, group: ProcessGroup, start: int, softcap: float | None = None,
-                logit_scale: float | None = None, smoothing_variant: str = "paper") -> Tensor:
+    def forward(
+        ctx: Any,
+        logits: Tensor,
+        target: Tensor,
+        rule: ScoringRule,
+        smoothing: float,
+        ignore_index: int,
+        group: ProcessGroup,
+        start: int,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+        smoothing_variant: str = "paper",
+    ) -> Tensor:
         n, size = logits.shape
         cdt = compute_dtype(logits.dtype)
         rows = (target != ignore_index).nonzero().squeeze(1)
         local, owned = _local_targets(target[rows], start, size)
         step = _chunk_rows(size)
         # (the gathered rows are a copy: transformed in place, chunk by chunk)
-        stats = _shard_stats(lambda a, b: head_transform_(logits[rows[a:b]].to(cdt), softcap, logit_scale),
-                             rows.numel(), step, local, owned, rule, smoothing, group, size, cdt, logits.device,
-                             smoothing_variant)
+        stats = _shard_stats(
+            lambda a, b: head_transform_(logits[rows[a:b]].to(cdt), softcap, logit_scale),
+            rows.numel(),
+            step,
+            local,
+            owned,
+            rule,
+            smoothing,
+            group,
+            size,
+            cdt,
+            logits.device,
+            smoothing_variant,
+        )
         need_grad = ctx.needs_input_grad[0]
         loss_v, partials = loss_and_partials(rule, stats, smoothing, need_grad, smoothing_variant)
         loss = torch.zeros(n, dtype=cdt, device=logits.device)
@@ -56,8 +77,16 @@ class _VocabParallelTokenLoss(torch.autograd.Function):
             sl = slice(a, a + ctx.step)
             idx = rows[sl]
             partials = ctx.partials.index(sl).scaled(grad_loss[idx].to(cdt))
-            g = _shard_grad(logits[idx].to(cdt), local[sl], owned[sl], ctx.stats.index(sl), partials,
-                            ctx.smoothing, ctx.rule, *ctx.head)
+            g = _shard_grad(
+                logits[idx].to(cdt),
+                local[sl],
+                owned[sl],
+                ctx.stats.index(sl),
+                partials,
+                ctx.smoothing,
+                ctx.rule,
+                *ctx.head,
+            )
             grad[idx] = g.to(grad.dtype)
         return grad, None, None, None, None, None, None, None, None, None
 
@@ -135,17 +164,36 @@ def vocab_parallel_scoring_rule_loss(
         raise ValueError(f"local_logits must be a tensor, got {type(local_logits).__name__}")
     if not isinstance(target, Tensor):
         raise ValueError(f"target must be a tensor of token ids, got {type(target).__name__}")
-    error = _local_error(lambda: validate_inputs(local_logits.shape, local_logits.dtype, target, ignore_index,
-                                                 vocab_size=_NO_LIMIT, what="local_logits"))
+    error = _local_error(
+        lambda: validate_inputs(
+            local_logits.shape, local_logits.dtype, target, ignore_index, vocab_size=_NO_LIMIT, what="local_logits"
+        )
+    )
     local_size = local_logits.shape[-1] if local_logits.dim() else 0
-    shard = _resolve_layout(local_size, vocab_start, target,
-                            _config(rule_obj, eps, ignore_index, reduction, variant, softcap=cap, logit_scale=scale),
-                            group,
-                            local_logits.device, error)
-    validate_inputs(local_logits.shape, local_logits.dtype, target, ignore_index, vocab_size=shard.vocab_size,
-                    what="local_logits")
+    shard = _resolve_layout(
+        local_size,
+        vocab_start,
+        target,
+        _config(rule_obj, eps, ignore_index, reduction, variant, softcap=cap, logit_scale=scale),
+        group,
+        local_logits.device,
+        error,
+    )
+    validate_inputs(
+        local_logits.shape, local_logits.dtype, target, ignore_index, vocab_size=shard.vocab_size, what="local_logits"
+    )
     size = local_logits.shape[-1]
-    flat = _VocabParallelTokenLoss.apply(local_logits.reshape(target.numel(), size), target.reshape(-1), rule_obj, eps,
-                                         ignore_index, group, shard.start, cap, scale, variant)
+    flat = _VocabParallelTokenLoss.apply(
+        local_logits.reshape(target.numel(), size),
+        target.reshape(-1),
+        rule_obj,
+        eps,
+        ignore_index,
+        group,
+        shard.start,
+        cap,
+        scale,
+        variant,
+    )
     per_token = flat.view(target.shape)
     return reduce_loss(per_token, target != ignore_index, reduction, num_items_in_batch)

@@ -57,8 +57,9 @@ def _check_bins(num_bins: int) -> int:
     return num_bins
 
 
-def _bins_from_sums(count: Sequence[float], conf_sum: Sequence[float], correct_sum: Sequence[float]
-                    ) -> list[CalibrationBin]:
+def _bins_from_sums(
+    count: Sequence[float], conf_sum: Sequence[float], correct_sum: Sequence[float]
+) -> list[CalibrationBin]:
     M = len(count)
     table = []
     for b in range(M):
@@ -115,8 +116,9 @@ def expected_calibration_error(confidence: Tensor, correct: Tensor, num_bins: in
     return _ece_from_sums(*(s.tolist() for s in sums))
 
 
-def reliability_diagram(bins: Sequence[CalibrationBin], path: str | Path, title: str | None = None,
-                        ece: float | None = None) -> Path:
+def reliability_diagram(
+    bins: Sequence[CalibrationBin], path: str | Path, title: str | None = None, ece: float | None = None
+) -> Path:
     """Write a reliability diagram as a PNG, using matplotlib's Agg backend.
 
     Accuracy per confidence bin against the diagonal, with the share of tokens per bin below.
@@ -139,8 +141,17 @@ def reliability_diagram(bins: Sequence[CalibrationBin], path: str | Path, title:
         ax.bar(lowers, acc, width=width, align="edge", edgecolor="black", color="tab:blue", label="accuracy")
         gap_lo = [min(a, c) for a, c in zip(acc, conf)]
         gap_h = [abs(a - c) if b.count else 0.0 for a, c, b in zip(acc, conf, bins)]
-        ax.bar(lowers, gap_h, bottom=gap_lo, width=width, align="edge", color="tab:red", alpha=0.3,
-               edgecolor="tab:red", label="gap to confidence")
+        ax.bar(
+            lowers,
+            gap_h,
+            bottom=gap_lo,
+            width=width,
+            align="edge",
+            color="tab:red",
+            alpha=0.3,
+            edgecolor="tab:red",
+            label="gap to confidence",
+        )
         ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
         ax.set_ylim(0, 1)
         ax.set_xlim(0, 1)

@@ -28,8 +28,15 @@ from typing import Any
 from .significance import SeedComparison, compare_seeds, paired_bootstrap, paired_bootstrap_means
 from .text_metrics import ROUGE_TYPES, rouge_per_example
 
-__all__ = ["ComparisonError", "EvaluatedRun", "compare_to_baseline", "comparison_markdown", "load_evaluated_run",
-           "metrics_of_task", "read_json_object"]
+__all__ = [
+    "ComparisonError",
+    "EvaluatedRun",
+    "compare_to_baseline",
+    "comparison_markdown",
+    "load_evaluated_run",
+    "metrics_of_task",
+    "read_json_object",
+]
 
 #: generation metrics compared, per task: (results key, label)
 _TRANSLATION = (("bleu", "BLEU"), ("chrf", "chrF"))
@@ -93,15 +100,23 @@ def _results_path(path: str) -> str:
     top = os.path.join(path, "results.json")
     if os.path.isfile(top) and read_json_object(top).get("kind") == RESULTS_KIND:
         return top
-    subs = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n, "hypotheses.txt"))
-                  and os.path.isfile(os.path.join(path, n, "results.json")))
+    subs = sorted(
+        n
+        for n in os.listdir(path)
+        if os.path.isfile(os.path.join(path, n, "hypotheses.txt"))
+        and os.path.isfile(os.path.join(path, n, "results.json"))
+    )
     if len(subs) == 1:
         return os.path.join(path, subs[0], "results.json")
     if not subs:
-        raise ComparisonError(f"{path!r} holds no `properlm evaluate` results with hypotheses "
-                              "(results.json and hypotheses.txt; evaluate without --no-generate writes them)")
-    raise ComparisonError(f"{path!r} holds several evaluations ({', '.join(subs)}): name the one to compare, "
-                          f"e.g. {os.path.join(path, subs[0])}")
+        raise ComparisonError(
+            f"{path!r} holds no `properlm evaluate` results with hypotheses "
+            "(results.json and hypotheses.txt; evaluate without --no-generate writes them)"
+        )
+    raise ComparisonError(
+        f"{path!r} holds several evaluations ({', '.join(subs)}): name the one to compare, "
+        f"e.g. {os.path.join(path, subs[0])}"
+    )
 
 
 def read_json_object(path: str) -> dict[str, Any]:
@@ -137,8 +152,10 @@ def _locate(name: str, directory: str, results_path: str) -> str:
             return candidate
         parent = os.path.dirname(here)
         if parent == here:
-            raise ComparisonError(f"{results_path}: its data file {name!r} is not found from the working directory "
-                                  "(run compare where evaluate ran)")
+            raise ComparisonError(
+                f"{results_path}: its data file {name!r} is not found from the working directory "
+                "(run compare where evaluate ran)"
+            )
         here = parent
 
 
@@ -172,12 +189,19 @@ def load_evaluated_run(path: str, label: str | None = None) -> EvaluatedRun:
     if not isinstance(gen, dict) or not os.path.isfile(hyp_path):
         raise ComparisonError(f"{results_path}: no generated hypotheses (evaluated with --no-generate?)")
     st = results.get("settings") or {}
-    files = {k: _locate(st[k], directory, results_path) if st.get(k) else None
-             for k in ("data_file", "source_file", "target_file")}
+    files = {
+        k: _locate(st[k], directory, results_path) if st.get(k) else None
+        for k in ("data_file", "source_file", "target_file")
+    }
     try:
-        examples = load_examples(files["data_file"], task=st.get("task"), source_file=files["source_file"],
-                                 target_file=files["target_file"], source_lang=st.get("source_lang"),
-                                 target_lang=st.get("target_lang"))
+        examples = load_examples(
+            files["data_file"],
+            task=st.get("task"),
+            source_file=files["source_file"],
+            target_file=files["target_file"],
+            source_lang=st.get("source_lang"),
+            target_lang=st.get("target_lang"),
+        )
     except DataError as exc:
         raise ComparisonError(f"{results_path}: its data: {exc}") from None
     if st.get("max_examples") is not None:
@@ -187,24 +211,36 @@ def load_evaluated_run(path: str, label: str | None = None) -> EvaluatedRun:
     if hyps and hyps[-1] == "":
         hyps.pop()
     if len(hyps) != len(examples):
-        raise ComparisonError(f"{hyp_path}: {len(hyps)} hypotheses but {len(examples)} examples in its data "
-                              "(the data files changed since it was evaluated?)")
+        raise ComparisonError(
+            f"{hyp_path}: {len(hyps)} hypotheses but {len(examples)} examples in its data "
+            "(the data files changed since it was evaluated?)"
+        )
     task = examples[0].task if examples else str(st.get("task"))
-    return EvaluatedRun(label=label or path, directory=directory, task=task, hypotheses=hyps,
-                        references=[e.target for e in examples], target_lang=st.get("target_lang"),
-                        data=(files["data_file"], files["source_file"], files["target_file"], len(examples)),
-                        seed=_training_seed(st.get("model")),
-                        teacher_forced=results.get("teacher_forced") or {})
+    return EvaluatedRun(
+        label=label or path,
+        directory=directory,
+        task=task,
+        hypotheses=hyps,
+        references=[e.target for e in examples],
+        target_lang=st.get("target_lang"),
+        data=(files["data_file"], files["source_file"], files["target_file"], len(examples)),
+        seed=_training_seed(st.get("model")),
+        teacher_forced=results.get("teacher_forced") or {},
+    )
 
 
 def _check_pair(base: EvaluatedRun, run: EvaluatedRun) -> None:
     if base.seed is not None and run.seed is not None and base.seed != run.seed:
-        raise ComparisonError(f"{run.label} (trained with seed {run.seed}) is paired with the baseline's {base.label} "
-                              f"(seed {base.seed}): list each group's directories in the same seed order")
+        raise ComparisonError(
+            f"{run.label} (trained with seed {run.seed}) is paired with the baseline's {base.label} "
+            f"(seed {base.seed}): list each group's directories in the same seed order"
+        )
     if run.data != base.data or run.task != base.task:
-        raise ComparisonError(f"{run.label} and the baseline {base.label} were not evaluated on the same examples "
-                              f"({run.task}, {run.data[:3]}, n = {run.data[3]} against {base.task}, "
-                              f"{base.data[:3]}, n = {base.data[3]})")
+        raise ComparisonError(
+            f"{run.label} and the baseline {base.label} were not evaluated on the same examples "
+            f"({run.task}, {run.data[:3]}, n = {run.data[3]} against {base.task}, "
+            f"{base.data[:3]}, n = {base.data[3]})"
+        )
 
 
 def _per_seed(base: EvaluatedRun, runs: Mapping[str, EvaluatedRun], n_samples: int) -> dict[str, dict[str, Any]]:
@@ -214,25 +250,39 @@ def _per_seed(base: EvaluatedRun, runs: Mapping[str, EvaluatedRun], n_samples: i
     out: dict[str, dict[str, Any]] = {name: {} for name in runs}
     keys = dict(metrics_of_task(base.task))
     if "bleu" in keys:
-        tests = paired_bootstrap(base.hypotheses, {n: r.hypotheses for n, r in runs.items()}, base.references,
-                                 target_lang=base.target_lang, n_samples=n_samples)
+        tests = paired_bootstrap(
+            base.hypotheses,
+            {n: r.hypotheses for n, r in runs.items()},
+            base.references,
+            target_lang=base.target_lang,
+            n_samples=n_samples,
+        )
         for name, bs in tests.items():
             for k in ("bleu", "chrf"):
-                out[name][k] = {"baseline": bs[f"{k}_baseline"], "system": bs[k],
-                                "delta": bs[k] - bs[f"{k}_baseline"], "p": bs[f"{k}_p"]}
+                out[name][k] = {
+                    "baseline": bs[f"{k}_baseline"],
+                    "system": bs[k],
+                    "delta": bs[k] - bs[f"{k}_baseline"],
+                    "p": bs[f"{k}_p"],
+                }
     if "rouge1" in keys:
         fb = rouge_per_example(base.hypotheses, base.references)
         for name, run in runs.items():
             fs = rouge_per_example(run.hypotheses, base.references)
             for t in ROUGE_TYPES:
                 r = paired_bootstrap_means([100 * v for v in fb[t]], [100 * v for v in fs[t]], n_samples=n_samples)
-                out[name][t] = {"baseline": 100 * sum(fb[t]) / len(fb[t]), "system": 100 * sum(fs[t]) / len(fs[t]),
-                                "delta": r["delta"], "p": r["p"]}
+                out[name][t] = {
+                    "baseline": 100 * sum(fb[t]) / len(fb[t]),
+                    "system": 100 * sum(fs[t]) / len(fs[t]),
+                    "delta": r["delta"],
+                    "p": r["p"],
+                }
     return out
 
 
-def compare_to_baseline(baseline: Sequence[EvaluatedRun], systems: Mapping[str, Sequence[EvaluatedRun]], *,
-                        n_samples: int = 1000) -> dict[str, Any]:
+def compare_to_baseline(
+    baseline: Sequence[EvaluatedRun], systems: Mapping[str, Sequence[EvaluatedRun]], *, n_samples: int = 1000
+) -> dict[str, Any]:
     """Every system against the baseline, per seed and over seeds.
 
     Args:
@@ -251,14 +301,19 @@ def compare_to_baseline(baseline: Sequence[EvaluatedRun], systems: Mapping[str, 
         raise ComparisonError("the baseline has no evaluation")
     for name, runs in systems.items():
         if len(runs) != len(baseline):
-            raise ComparisonError(f"{name} has {len(runs)} evaluations but the baseline {len(baseline)}: "
-                                  "give one per seed for each, in the same seed order")
+            raise ComparisonError(
+                f"{name} has {len(runs)} evaluations but the baseline {len(baseline)}: "
+                "give one per seed for each, in the same seed order"
+            )
         for base, run in zip(baseline, runs):
             _check_pair(base, run)
-    out: dict[str, Any] = {"baseline": [b.label for b in baseline], "seeds": [b.seed for b in baseline],
-                           "n_samples": n_samples, "systems": {}}
-    seeds = [_per_seed(b, {name: runs[i] for name, runs in systems.items()}, n_samples)
-             for i, b in enumerate(baseline)]
+    out: dict[str, Any] = {
+        "baseline": [b.label for b in baseline],
+        "seeds": [b.seed for b in baseline],
+        "n_samples": n_samples,
+        "systems": {},
+    }
+    seeds = [_per_seed(b, {name: runs[i] for name, runs in systems.items()}, n_samples) for i, b in enumerate(baseline)]
     for name, runs in systems.items():
         metrics: dict[str, Any] = {}
         for key, label in metrics_of_task(baseline[0].task):
@@ -281,15 +336,25 @@ def _teacher_forced_rows(baseline: Sequence[EvaluatedRun], runs: Sequence[Evalua
     """
     pairs = list(zip(baseline, runs))
     rows = []
-    rules = [r for r in baseline[0].teacher_forced.get("mean_scores", {})
-             if all(isinstance(x.teacher_forced.get("mean_scores", {}).get(r), (int, float)) for p in pairs for x in p)]
+    rules = [
+        r
+        for r in baseline[0].teacher_forced.get("mean_scores", {})
+        if all(isinstance(x.teacher_forced.get("mean_scores", {}).get(r), (int, float)) for p in pairs for x in p)
+    ]
     for rule in rules:
-        values = [(float(b.teacher_forced["mean_scores"][rule]), float(r.teacher_forced["mean_scores"][rule]))
-                  for b, r in pairs]
+        values = [
+            (float(b.teacher_forced["mean_scores"][rule]), float(r.teacher_forced["mean_scores"][rule]))
+            for b, r in pairs
+        ]
         rows.append((f"score {rule}", f"score {rule}", values))
     if all(isinstance(x.teacher_forced.get("ece"), (int, float)) for p in pairs for x in p):
-        rows.append(("ece", "ECE % (lower is better)",
-                     [(100 * float(b.teacher_forced["ece"]), 100 * float(r.teacher_forced["ece"])) for b, r in pairs]))
+        rows.append(
+            (
+                "ece",
+                "ECE % (lower is better)",
+                [(100 * float(b.teacher_forced["ece"]), 100 * float(r.teacher_forced["ece"])) for b, r in pairs],
+            )
+        )
     return rows
 
 
@@ -311,15 +376,23 @@ def comparison_markdown(result: Mapping[str, Any], baseline_name: str = "baselin
     head = ["system", "metric", "baseline", "system score", "Δ per seed (bootstrap p)"]
     if n_seeds > 1:
         head += ["mean Δ [95% CI over seeds]", "seeds ahead", "sign test p"]
-    lines = [f"Against {baseline_name} ({n_seeds} seed{'s' if n_seeds > 1 else ''}; paired bootstrap over examples, "
-             f"{result['n_samples']} resamples per seed):", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = [
+        f"Against {baseline_name} ({n_seeds} seed{'s' if n_seeds > 1 else ''}; paired bootstrap over examples, "
+        f"{result['n_samples']} resamples per seed):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
     for name, sys_result in result["systems"].items():
         for m in sys_result["metrics"].values():
             per = m["per_seed"]
-            cells = [name, m["label"], ", ".join(f"{p['baseline']:.2f}" for p in per),
-                     ", ".join(f"{p['system']:.2f}" for p in per),
-                     ", ".join(_signed(p["delta"]) + ("" if p["p"] is None else f" ({_p(p['p'])})") for p in per)]
+            cells = [
+                name,
+                m["label"],
+                ", ".join(f"{p['baseline']:.2f}" for p in per),
+                ", ".join(f"{p['system']:.2f}" for p in per),
+                ", ".join(_signed(p["delta"]) + ("" if p["p"] is None else f" ({_p(p['p'])})") for p in per),
+            ]
             if n_seeds > 1:
                 o = m["over_seeds"]
                 lo, hi = o["ci95"]
@@ -327,6 +400,9 @@ def comparison_markdown(result: Mapping[str, Any], baseline_name: str = "baselin
                 cells += [f"{_signed(o['mean'])}{ci}", f"{o['seeds_ahead']}/{o['num_seeds']}", _p(o["sign_test_p"])]
             lines.append("| " + " | ".join(cells) + " |")
     if n_seeds < 3:
-        lines += ["", "With fewer than 3 seeds a difference may be the seeds' luck: one training run per seed is "
-                  "the unit of evidence, and the bootstrap sees only the test set's noise."]
+        lines += [
+            "",
+            "With fewer than 3 seeds a difference may be the seeds' luck: one training run per seed is "
+            "the unit of evidence, and the bootstrap sees only the test set's noise.",
+        ]
     return "\n".join(lines)

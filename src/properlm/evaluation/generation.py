@@ -60,8 +60,9 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad)
 
 
-def new_token_cap(source_lengths: Sequence[int], max_new_tokens: int, ratio: float | None = None,
-                  offset: int = 0) -> int:
+def new_token_cap(
+    source_lengths: Sequence[int], max_new_tokens: int, ratio: float | None = None, offset: int = 0
+) -> int:
     """The most new tokens generated for one batch.
 
     Without ``ratio``: ``max_new_tokens``. With it, for the batch's longest source
@@ -89,8 +90,10 @@ def check_new_token_cap(max_new_tokens_ratio: float | None, max_new_tokens_offse
     if isinstance(b, bool) or not isinstance(b, int) or b < 0:
         raise ValueError(f"max_new_tokens_offset must be a non-negative integer, got {b!r}")
     if r is None and b != 0:
-        raise ValueError(f"max_new_tokens_offset ({b}) only applies with max_new_tokens_ratio (the cap "
-                         "ceil(ratio * source tokens + offset)); set max_new_tokens_ratio too")
+        raise ValueError(
+            f"max_new_tokens_offset ({b}) only applies with max_new_tokens_ratio (the cap "
+            "ceil(ratio * source tokens + offset)); set max_new_tokens_ratio too"
+        )
 
 
 @dataclass
@@ -110,9 +113,13 @@ class DecodeStats:
     def to_dict(self) -> dict[str, Any]:
         """``{"num_hypotheses", "num_at_cap", "mean_cap", "min_cap", "max_cap"}``."""
         n = len(self.caps)
-        return {"num_hypotheses": n, "num_at_cap": int(sum(self.at_cap)),
-                "mean_cap": sum(self.caps) / n if n else float("nan"),
-                "min_cap": min(self.caps) if n else None, "max_cap": max(self.caps) if n else None}
+        return {
+            "num_hypotheses": n,
+            "num_at_cap": int(sum(self.at_cap)),
+            "mean_cap": sum(self.caps) / n if n else float("nan"),
+            "min_cap": min(self.caps) if n else None,
+            "max_cap": max(self.caps) if n else None,
+        }
 
 
 def decode_prompts(
@@ -163,10 +170,20 @@ def decode_prompts(
         generate_kwargs: extra keyword arguments for ``generate``.
     """
     return decode_prompts_with_stats(
-        model, tokenizer, prompts, num_beams=num_beams, length_penalty=length_penalty,
-        max_new_tokens=max_new_tokens, max_new_tokens_ratio=max_new_tokens_ratio,
-        max_new_tokens_offset=max_new_tokens_offset, source_lengths=source_lengths, batch_size=batch_size,
-        objective=objective, progress=progress, generate_kwargs=generate_kwargs)[0]
+        model,
+        tokenizer,
+        prompts,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        max_new_tokens=max_new_tokens,
+        max_new_tokens_ratio=max_new_tokens_ratio,
+        max_new_tokens_offset=max_new_tokens_offset,
+        source_lengths=source_lengths,
+        batch_size=batch_size,
+        objective=objective,
+        progress=progress,
+        generate_kwargs=generate_kwargs,
+    )[0]
 
 
 def decode_prompts_with_stats(
@@ -237,17 +254,26 @@ def decode_prompts_with_stats(
     at_cap = [False] * len(prompts)
     done: dict[int, dict[str, Any]] = {}
     if journal is not None:
-        settings = {"num_beams": num_beams, "length_penalty": length_penalty, "max_new_tokens": max_new_tokens,
-                    "ratio": max_new_tokens_ratio, "offset": max_new_tokens_offset, "source_lengths": src_len,
-                    "batch_size": batch_size, "seq2seq": seq2seq, "pad": pad, "eos": eos_ids,
-                    "objective": None if objective is None else get_rule(objective).spec,
-                    "generate_kwargs": {k: v for k, v in kwargs.items() if k != "logits_processor"}}
+        settings = {
+            "num_beams": num_beams,
+            "length_penalty": length_penalty,
+            "max_new_tokens": max_new_tokens,
+            "ratio": max_new_tokens_ratio,
+            "offset": max_new_tokens_offset,
+            "source_lengths": src_len,
+            "batch_size": batch_size,
+            "seq2seq": seq2seq,
+            "pad": pad,
+            "eos": eos_ids,
+            "objective": None if objective is None else get_rule(objective).spec,
+            "generate_kwargs": {k: v for k, v in kwargs.items() if k != "logits_processor"},
+        }
         done = journal.begin(prompts, settings)
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             rec = done.get(start)
             if rec is not None and rec["indices"] == idx:  # decoded before the interruption
                 for i, t, a in zip(idx, rec["texts"], rec["at_cap"]):
@@ -258,8 +284,7 @@ def decode_prompts_with_stats(
             rows = [list(prompts[i]) for i in idx]
             if any(len(r) == 0 for r in rows):
                 raise ValueError("cannot decode an empty prompt")
-            cap = new_token_cap([src_len[i] for i in idx], max_new_tokens, max_new_tokens_ratio,
-                                max_new_tokens_offset)
+            cap = new_token_cap([src_len[i] for i in idx], max_new_tokens, max_new_tokens_ratio, max_new_tokens_offset)
             width = max(len(r) for r in rows)
             input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -268,11 +293,12 @@ def decode_prompts_with_stats(
                     input_ids[j, : len(r)] = torch.tensor(r)
                     mask[j, : len(r)] = 1
                 else:  # left padding: the prompts end where generation starts
-                    input_ids[j, width - len(r):] = torch.tensor(r)
-                    mask[j, width - len(r):] = 1
+                    input_ids[j, width - len(r) :] = torch.tensor(r)
+                    mask[j, width - len(r) :] = 1
             with torch.no_grad():
-                gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                     **{**kwargs, "max_new_tokens": cap})
+                gen = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=mask.to(device), **{**kwargs, "max_new_tokens": cap}
+                )
             # seq2seq output starts with the decoder start token, which was not generated
             new = gen if seq2seq else gen[:, width:]
             generated = new[:, 1:] if seq2seq else new

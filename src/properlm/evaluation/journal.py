@@ -35,8 +35,15 @@ _VERSION = 1
 
 
 #: the files of a model directory that decide its outputs: weights, configs, tokenizer
-_MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json", BASE_RECORD, "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json")
+_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    BASE_RECORD,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -53,8 +60,11 @@ def model_fingerprint(model: str | None, gguf_file: str | None = None) -> dict[s
     if gguf_file is not None:
         paths.append(gguf_file if model is None or os.path.isabs(gguf_file) else os.path.join(model, gguf_file))
     elif model is not None and os.path.isdir(model):
-        paths.extend(os.path.join(model, n) for n in sorted(os.listdir(model))
-                     if n in _MODEL_FILES or n.endswith(_WEIGHT_SUFFIXES))
+        paths.extend(
+            os.path.join(model, n)
+            for n in sorted(os.listdir(model))
+            if n in _MODEL_FILES or n.endswith(_WEIGHT_SUFFIXES)
+        )
     files = []
     for p in paths:
         if os.path.isfile(p):
@@ -74,8 +84,11 @@ def journal_key(model: str | None, gguf_file: str | None, dtype: str, module: An
     :func:`model_fingerprint`, the ``dtype`` option and the device of ``module``'s parameters (another
     dtype or device decodes other hypotheses).
     """
-    return {"model": model_fingerprint(model, gguf_file), "dtype": dtype,
-            "device": str(next(module.parameters()).device)}
+    return {
+        "model": model_fingerprint(model, gguf_file),
+        "dtype": dtype,
+        "device": str(next(module.parameters()).device),
+    }
 
 
 class DecodeJournal:
@@ -119,11 +132,19 @@ class DecodeJournal:
         self.resumed = sum(len(r["indices"]) for r in done.values())
         return done
 
-    def record(self, start: int, indices: Sequence[int], texts: Sequence[str], cap: int,
-               at_cap: Sequence[bool]) -> None:
+    def record(
+        self, start: int, indices: Sequence[int], texts: Sequence[str], cap: int, at_cap: Sequence[bool]
+    ) -> None:
         """Append the finished batch that starts at position ``start`` of the decoding order."""
-        self._write({"start": int(start), "indices": [int(i) for i in indices], "texts": list(texts),
-                     "cap": int(cap), "at_cap": [bool(a) for a in at_cap]})
+        self._write(
+            {
+                "start": int(start),
+                "indices": [int(i) for i in indices],
+                "texts": list(texts),
+                "cap": int(cap),
+                "at_cap": [bool(a) for a in at_cap],
+            }
+        )
 
     def close(self) -> None:
         """Close the file, keeping it (an interrupted decoding resumes from it)."""
@@ -171,7 +192,10 @@ def _read(path: str, fingerprint: str) -> tuple[dict[int, dict[str, Any]], bool]
             rec = json.loads(line)
         except ValueError:  # the line a kill cut short (or the empty tail)
             continue
-        if isinstance(rec, dict) and {"start", "indices", "texts", "cap", "at_cap"} <= rec.keys() \
-                and len(rec["indices"]) == len(rec["texts"]) == len(rec["at_cap"]):
+        if (
+            isinstance(rec, dict)
+            and {"start", "indices", "texts", "cap", "at_cap"} <= rec.keys()
+            and len(rec["indices"]) == len(rec["texts"]) == len(rec["at_cap"])
+        ):
             done[int(rec["start"])] = rec
     return done, True

@@ -17,6 +17,7 @@ from .settings import DEFAULT_MAX_LENGTH, EvalError
 
 __all__ = ["LengthLimits", "resolve_lengths"]
 
+
 @dataclass
 class LengthLimits:
     """The truncation an evaluation (or ``properlm generate``) applies, and where it came from.
@@ -49,9 +50,16 @@ class LengthLimits:
         return dataclasses.asdict(self)
 
 
-def resolve_lengths(max_length: int | None, max_source_length: int | None, *, config: Any = None,
-                    record: dict[str, Any] | None = None, record_path: str | None = None,
-                    seq2seq: bool | None = None, max_new_tokens: int | None = None) -> LengthLimits:
+def resolve_lengths(
+    max_length: int | None,
+    max_source_length: int | None,
+    *,
+    config: Any = None,
+    record: dict[str, Any] | None = None,
+    record_path: str | None = None,
+    seq2seq: bool | None = None,
+    max_new_tokens: int | None = None,
+) -> LengthLimits:
     """Choose the truncation from the options, the training record and the model's config.
 
     An option given (not ``None``) wins; else the training run's value (``record``); else, for
@@ -84,8 +92,10 @@ def resolve_lengths(max_length: int | None, max_source_length: int | None, *, co
         if max_length is not None and isinstance(trained_len, int) and trained_len <= limit:
             hint += f" (leave it out to use the training run's {trained_len})"
         what = f"--max-length {length}" if max_length is not None else f"max_length {length} of the {length_from}"
-        raise EvalError(f"{what} exceeds the {limit} positions the model takes ({key} in its config): longer "
-                        f"inputs would index past its position table; {hint}")
+        raise EvalError(
+            f"{what} exceeds the {limit} positions the model takes ({key} in its config): longer "
+            f"inputs would index past its position table; {hint}"
+        )
     if max_source_length is not None:
         src, src_from = max_source_length, "--max-source-length"
         if trained_src != max_source_length:
@@ -99,16 +109,27 @@ def resolve_lengths(max_length: int | None, max_source_length: int | None, *, co
     prompt_len = length
     if limit is not None and max_new_tokens is not None:
         if seq2seq and max_new_tokens > limit:
-            raise EvalError(f"--max-new-tokens {max_new_tokens} exceeds the {limit} decoder positions the model "
-                            f"takes ({key} in its config); use --max-new-tokens {limit} or less")
+            raise EvalError(
+                f"--max-new-tokens {max_new_tokens} exceeds the {limit} decoder positions the model "
+                f"takes ({key} in its config); use --max-new-tokens {limit} or less"
+            )
         if seq2seq is False:
             if max_new_tokens >= limit:
-                raise EvalError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the {limit} "
-                                f"positions the model takes ({key} in its config)")
+                raise EvalError(
+                    f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the {limit} "
+                    f"positions the model takes ({key} in its config)"
+                )
             prompt_len = min(length, limit - max_new_tokens)
-    return LengthLimits(max_length=length, max_length_from=length_from, max_source_length=src,
-                        max_source_length_from=src_from, model_max_positions=limit, position_key=key,
-                        decode_prompt_length=prompt_len, trained=dict(record) if record else None)
+    return LengthLimits(
+        max_length=length,
+        max_length_from=length_from,
+        max_source_length=src,
+        max_source_length_from=src_from,
+        model_max_positions=limit,
+        position_key=key,
+        decode_prompt_length=prompt_len,
+        trained=dict(record) if record else None,
+    )
 
 
 def _config_seq2seq(config: Any) -> bool | None:

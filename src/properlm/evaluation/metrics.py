@@ -91,13 +91,16 @@ def _scored_rows(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Ten
     if rows.numel():
         bad = (flat_y[rows] < 0) | (flat_y[rows] >= V)
         if bool(bad.any()):
-            raise ValueError(f"labels hold ids outside [0, {V}) (first: {int(flat_y[rows][bad][0])}) "
-                             f"that are not ignore_index={ignore_index}")
+            raise ValueError(
+                f"labels hold ids outside [0, {V}) (first: {int(flat_y[rows][bad][0])}) "
+                f"that are not ignore_index={ignore_index}"
+            )
     return flat_z, flat_y, rows
 
 
-def token_level_outputs(logits: Tensor, labels: Tensor, rules: Sequence[RuleLike], ignore_index: int = -100,
-                        temperature: float = 1.0) -> dict[str, Tensor]:
+def token_level_outputs(
+    logits: Tensor, labels: Tensor, rules: Sequence[RuleLike], ignore_index: int = -100, temperature: float = 1.0
+) -> dict[str, Tensor]:
     """Per-token scores, predictions and confidences of ``p = softmax(logits / temperature)``.
 
     Only the scored positions are returned.
@@ -124,7 +127,7 @@ def token_level_outputs(logits: Tensor, labels: Tensor, rules: Sequence[RuleLike
     step = max(1, _CHUNK_ELEMENTS // max(V, 1))
     with torch.no_grad():
         for start in range(0, rows.numel(), step):
-            idx = rows[start:start + step]
+            idx = rows[start : start + step]
             z = flat_z[idx].float()
             if temperature != 1.0:
                 z = z / temperature
@@ -206,8 +209,13 @@ class MetricsAccumulator:
             e.g. with a ``T`` fitted on validation data by :class:`TemperatureScan`).
     """
 
-    def __init__(self, rules: Sequence[RuleLike] = ("logarithmic", "brier", "spherical"),
-                 num_bins: int = DEFAULT_NUM_BINS, ignore_index: int = -100, temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        rules: Sequence[RuleLike] = ("logarithmic", "brier", "spherical"),
+        num_bins: int = DEFAULT_NUM_BINS,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+    ) -> None:
         self.rules = _unique_rules(rules)
         if not self.rules:
             raise ValueError("rules must name at least one scoring rule")
@@ -283,8 +291,9 @@ def check_temperature(temperature: float) -> float:
 
 #: the names of the former ``properlm.metrics`` that :mod:`properlm.evaluation.temperature` defines: resolved on
 #: first access (the temperature module imports this one, so they cannot be imported here at the top)
-_TEMPERATURE_NAMES = frozenset({"DEFAULT_TEMPERATURES", "TemperatureFit", "TemperatureScan", "_FLOAT32_MIN",
-                                "_hermite_max"})
+_TEMPERATURE_NAMES = frozenset(
+    {"DEFAULT_TEMPERATURES", "TemperatureFit", "TemperatureScan", "_FLOAT32_MIN", "_hermite_max"}
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -50,9 +50,11 @@ def slow_bf16_warning(device: Any, command: str = "properlm") -> str | None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if not name.startswith("cpu") or cpu_has_native_bf16():
         return None
-    return (f"--bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native bfloat16 matrix multiply): "
-            f"bfloat16 is emulated there, measured about {EMULATED_BF16_SLOWDOWN}x slower than float32 "
-            f"(SmolLM2-135M forward + backward); drop --bf16 to run {command} in float32")
+    return (
+        f"--bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native bfloat16 matrix multiply): "
+        f"bfloat16 is emulated there, measured about {EMULATED_BF16_SLOWDOWN}x slower than float32 "
+        f"(SmolLM2-135M forward + backward); drop --bf16 to run {command} in float32"
+    )
 
 
 class _HeadOutsideAutocast:
@@ -98,8 +100,7 @@ def mixed_precision(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> It
     handles = []
     if head is not None:
         hook = _HeadOutsideAutocast(device_type, _head_weight_dtype(head))
-        handles = [head.register_forward_pre_hook(hook.pre),
-                   head.register_forward_hook(hook.post, always_call=True)]
+        handles = [head.register_forward_pre_hook(hook.pre), head.register_forward_hook(hook.post, always_call=True)]
     try:
         with torch.autocast(device_type=device_type, dtype=dtype):
             yield

@@ -55,14 +55,19 @@ __all__ = ["DECODE_JOURNAL", "run_evaluation"]
 #: the decoding journal in ``output_dir`` while ``properlm evaluate`` decodes (removed when it is done)
 DECODE_JOURNAL = "decode_journal.jsonl"
 
+
 def _versions() -> dict[str, str]:
     import torch
     import transformers
 
     from .. import __version__
 
-    return {"properlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "properlm": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] | None = None) -> dict[str, Any]:
@@ -93,10 +98,10 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
     else:
         config = getattr(unwrap_model(model_and_tokenizer[0]), "config", None)
         record, record_path = None, None
-    length_args = dict(record=record, record_path=record_path,
-                       max_new_tokens=s.max_new_tokens if s.generate else None)
-    limits = resolve_lengths(s.max_length, s.max_source_length, config=config, seq2seq=_config_seq2seq(config),
-                             **length_args)
+    length_args = dict(record=record, record_path=record_path, max_new_tokens=s.max_new_tokens if s.generate else None)
+    limits = resolve_lengths(
+        s.max_length, s.max_source_length, config=config, seq2seq=_config_seq2seq(config), **length_args
+    )
     languages = None
     if s.source_file is not None:  # translation: the prompt's language names default to the training run's
         src_lang, tgt_lang, origin = resolve_languages(s.source_lang, s.target_lang, record, record_path)
@@ -104,11 +109,21 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
             s = dataclasses.replace(s, source_lang=src_lang, target_lang=tgt_lang)
             languages = {"source_lang": src_lang, "target_lang": tgt_lang, "from": origin}
             if s.progress:
-                print(f"properlm evaluate: language names {src_lang or 'source'} -> {tgt_lang or 'target'} "
-                      f"from the {origin}", file=sys.stderr, flush=True)
+                print(
+                    f"properlm evaluate: language names {src_lang or 'source'} -> {tgt_lang or 'target'} "
+                    f"from the {origin}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     # data first: a malformed file stops here, before the model is loaded
-    examples = load_examples(s.data_file, task=s.task, source_file=s.source_file, target_file=s.target_file,
-                             source_lang=s.source_lang, target_lang=s.target_lang)
+    examples = load_examples(
+        s.data_file,
+        task=s.task,
+        source_file=s.source_file,
+        target_file=s.target_file,
+        source_lang=s.source_lang,
+        target_lang=s.target_lang,
+    )
     total_examples = len(examples)
     if s.max_examples is not None:
         examples = examples[: s.max_examples]
@@ -124,26 +139,43 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
     load_seconds = time.time() - started
     seq2seq = is_seq2seq(model)
     if config is None:  # a hub id or GGUF file: its limits are known now
-        limits = resolve_lengths(s.max_length, s.max_source_length, config=unwrap_model(model).config,
-                                 seq2seq=seq2seq, **length_args)
+        limits = resolve_lengths(
+            s.max_length, s.max_source_length, config=unwrap_model(model).config, seq2seq=seq2seq, **length_args
+        )
     s = dataclasses.replace(s, max_length=limits.max_length, max_source_length=limits.max_source_length)
     cut = [truncate_source(e, tokenizer, s.max_source_length) for e in examples]
     full_prompts = [encode_prompt(e, tokenizer, seq2seq=seq2seq) for e in cut]
-    truncation = {**limits.to_dict(), "num_sources_cut": sum(c is not e for c, e in zip(cut, examples)),
-                  "num_prompts_over_max_length": sum(len(p) > s.max_length for p in full_prompts)}
+    truncation = {
+        **limits.to_dict(),
+        "num_sources_cut": sum(c is not e for c, e in zip(cut, examples)),
+        "num_prompts_over_max_length": sum(len(p) > s.max_length for p in full_prompts),
+    }
 
     t0 = time.time()
     scan = TemperatureScan(num_bins=s.num_bins) if s.fit_temperature else None
     # the scored positions' hidden states: the metrics at the fitted temperature then cost the head alone
     store = ScoredHiddenStates() if s.fit_temperature else None
-    also = None if s.also_temperature is None else \
-        MetricsAccumulator(s.rules, num_bins=s.num_bins, temperature=s.also_temperature)
+    also = (
+        None
+        if s.also_temperature is None
+        else MetricsAccumulator(s.rules, num_bins=s.num_bins, temperature=s.also_temperature)
+    )
     precision = (lambda: mixed_precision(model)) if s.bf16 else contextlib.nullcontext
     with precision():
-        tf = teacher_forced_metrics(model, tokenizer, cut, s.rules, max_length=s.max_length,
-                                    batch_size=s.batch_size, num_bins=s.num_bins, progress=s.progress,
-                                    temperature=s.temperature, scan=scan,
-                                    extra_consumers=[] if also is None else [also], hidden_store=store)
+        tf = teacher_forced_metrics(
+            model,
+            tokenizer,
+            cut,
+            s.rules,
+            max_length=s.max_length,
+            batch_size=s.batch_size,
+            num_bins=s.num_bins,
+            progress=s.progress,
+            temperature=s.temperature,
+            scan=scan,
+            extra_consumers=[] if also is None else [also],
+            hidden_store=store,
+        )
     tf_seconds = time.time() - t0
     rel_path = os.path.join(s.output_dir, "reliability.png")
     name = "/".join(os.path.normpath(s.model or s.gguf_file or "model").split(os.sep)[-2:])
@@ -178,17 +210,27 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
         if model_and_tokenizer is None:
             journal = DecodeJournal(
                 os.path.join(s.output_dir, DECODE_JOURNAL),
-                key=journal_key(s.model, s.gguf_file, s.dtype + ("+bf16-autocast" if s.bf16 else ""), model))
+                key=journal_key(s.model, s.gguf_file, s.dtype + ("+bf16-autocast" if s.bf16 else ""), model),
+            )
         bar = _tqdm(len(prompts), "decoding", s.progress)
         t0 = time.time()
         try:
             with precision():
                 hyps, stats = decode_prompts_with_stats(
-                    model, tokenizer, prompts, num_beams=s.num_beams, length_penalty=s.length_penalty,
-                    max_new_tokens=s.max_new_tokens, max_new_tokens_ratio=s.max_new_tokens_ratio,
-                    max_new_tokens_offset=s.max_new_tokens_offset, source_lengths=source_lengths,
-                    batch_size=s.batch_size, objective=None if s.objective == "logarithmic" else s.objective,
-                    progress=_resume_note(bar, journal, s.progress), journal=journal)
+                    model,
+                    tokenizer,
+                    prompts,
+                    num_beams=s.num_beams,
+                    length_penalty=s.length_penalty,
+                    max_new_tokens=s.max_new_tokens,
+                    max_new_tokens_ratio=s.max_new_tokens_ratio,
+                    max_new_tokens_offset=s.max_new_tokens_offset,
+                    source_lengths=source_lengths,
+                    batch_size=s.batch_size,
+                    objective=None if s.objective == "logarithmic" else s.objective,
+                    progress=_resume_note(bar, journal, s.progress),
+                    journal=journal,
+                )
         finally:
             bar.close()
         results["seconds"]["decode"] = time.time() - t0
@@ -203,10 +245,14 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
             "decoding": "greedy" if s.num_beams == 1 else f"beam search, {s.num_beams} beams",
             "objective": s.objective,
             **generation_metrics(task, hyps, refs, s.target_lang, multi_references=multi),
-            "new_token_cap": {"max_new_tokens": s.max_new_tokens, "ratio": s.max_new_tokens_ratio,
-                              "offset": s.max_new_tokens_offset, "source_lengths": "source text tokens",
-                              "mean_source_tokens": sum(source_lengths) / len(source_lengths),
-                              **stats.to_dict()},
+            "new_token_cap": {
+                "max_new_tokens": s.max_new_tokens,
+                "ratio": s.max_new_tokens_ratio,
+                "offset": s.max_new_tokens_offset,
+                "source_lengths": "source text tokens",
+                "mean_source_tokens": sum(source_lengths) / len(source_lengths),
+                **stats.to_dict(),
+            },
             # hypotheses taken from the journal of an interrupted run ("seconds" -> "decode" is the rest's)
             "resumed_hypotheses": 0 if journal is None else journal.resumed,
         }
@@ -226,19 +272,34 @@ def _resume_note(bar: Any, journal: DecodeJournal | None, progress: bool) -> Any
         if not said[0] and journal is not None and progress:
             said[0] = True
             if journal.resumed:
-                print(f"properlm evaluate: {journal.resumed} hypotheses from the interrupted decoding in "
-                      f"{journal.path} (same model and settings); decoding the rest", file=sys.stderr, flush=True)
+                print(
+                    f"properlm evaluate: {journal.resumed} hypotheses from the interrupted decoding in "
+                    f"{journal.path} (same model and settings); decoding the rest",
+                    file=sys.stderr,
+                    flush=True,
+                )
             elif journal.discarded:
-                print(f"properlm evaluate: {journal.path} is from another model or other settings; decoding afresh",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"properlm evaluate: {journal.path} is from another model or other settings; decoding afresh",
+                    file=sys.stderr,
+                    flush=True,
+                )
         bar.update(n)
 
     return update
 
 
-def _fit_temperature(scan: Any, tf: Any, results: dict[str, Any], model: Any, tokenizer: Any,
-                     examples: Sequence[Any], s: EvalSettings, name: str,
-                     store: ScoredHiddenStates | None = None) -> dict[str, Any]:
+def _fit_temperature(
+    scan: Any,
+    tf: Any,
+    results: dict[str, Any],
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    s: EvalSettings,
+    name: str,
+    store: ScoredHiddenStates | None = None,
+) -> dict[str, Any]:
     """The ``temperature_fit`` entry: the scan's fit, with its metrics measured at the fitted ``T``.
 
     The scan refines ``T`` between its grid values, where it has no measured metrics; the exact mean
@@ -260,17 +321,30 @@ def _fit_temperature(scan: Any, tf: Any, results: dict[str, Any], model: Any, to
         if store is not None and store.complete:
             at = store.metrics(s.rules, temperature=fit.temperature, num_bins=s.num_bins)
         else:
-            at = teacher_forced_metrics(model, tokenizer, examples, s.rules, max_length=s.max_length,
-                                        batch_size=s.batch_size, num_bins=s.num_bins, progress=s.progress,
-                                        temperature=fit.temperature)
+            at = teacher_forced_metrics(
+                model,
+                tokenizer,
+                examples,
+                s.rules,
+                max_length=s.max_length,
+                batch_size=s.batch_size,
+                num_bins=s.num_bins,
+                progress=s.progress,
+                temperature=fit.temperature,
+            )
         results["seconds"]["teacher_forced_at_fitted_temperature"] = time.time() - t0
 
     fit = fit.with_metrics(at, fit.temperature)
     path = os.path.join(s.output_dir, "reliability_fitted.png")
     reliability_diagram(fit.bins, path, title=f"{name}, T = {fit.temperature:.4f}", ece=fit.ece)
     results["files"]["reliability_diagram_fitted"] = path
-    source = "the first pass" if at is tf else "the scored hidden states of the first pass" \
-        if store is not None and store.complete else "a second teacher-forced pass"
+    source = (
+        "the first pass"
+        if at is tf
+        else "the scored hidden states of the first pass"
+        if store is not None and store.complete
+        else "a second teacher-forced pass"
+    )
     return {**fit.to_dict(), "mean_scores": at.mean_scores, "perplexity": at.perplexity, "metrics_from": source}
 
 

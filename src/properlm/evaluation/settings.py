@@ -87,8 +87,9 @@ class EvalSettings:
     progress: bool = True
 
 
-def resolve_languages(source_lang: str | None, target_lang: str | None, record: dict[str, Any] | None,
-                      record_path: str | None = None) -> tuple[str | None, str | None, str | None]:
+def resolve_languages(
+    source_lang: str | None, target_lang: str | None, record: dict[str, Any] | None, record_path: str | None = None
+) -> tuple[str | None, str | None, str | None]:
     """``(source_lang, target_lang, origin)``: the language names of translation prompts.
 
     A name given (not ``None``) wins; else the training run's (``record``, from
@@ -98,8 +99,11 @@ def resolve_languages(source_lang: str | None, target_lang: str | None, record: 
     from it, else ``None``.
     """
     rec = record or {}
-    taken = [n for n, v in (("source_lang", source_lang), ("target_lang", target_lang))
-             if v is None and isinstance(rec.get(n), str)]
+    taken = [
+        n
+        for n, v in (("source_lang", source_lang), ("target_lang", target_lang))
+        if v is None and isinstance(rec.get(n), str)
+    ]
     src = rec["source_lang"] if "source_lang" in taken else source_lang
     tgt = rec["target_lang"] if "target_lang" in taken else target_lang
     origin = f"training run ({record_path})" if taken and record_path else "training run" if taken else None
@@ -139,8 +143,9 @@ def parse_rules(spec: str | Sequence[str]) -> list[str]:
     return out
 
 
-def validate_decoding(objective: str, num_beams: int, length_penalty: float, generate: bool = True,
-                      **positive: int) -> str:
+def validate_decoding(
+    objective: str, num_beams: int, length_penalty: float, generate: bool = True, **positive: int
+) -> str:
     """Check the decoding options shared by ``evaluate`` and ``generate``; return the objective's rule spec.
 
     Also checks the positive integers named in ``positive`` (e.g. ``batch_size=8``). The spec returned is
@@ -158,8 +163,10 @@ def validate_decoding(objective: str, num_beams: int, length_penalty: float, gen
     if length_penalty != 1.0 and num_beams == 1 and generate:
         raise EvalError("--length-penalty only applies to beam search: set --num-beams > 1")
     if spec != "logarithmic" and num_beams == 1 and generate:
-        raise EvalError(f"--objective {spec} only changes beam search (greedy search picks the most "
-                        "probable token under every proper rule): set --num-beams > 1")
+        raise EvalError(
+            f"--objective {spec} only changes beam search (greedy search picks the most "
+            "probable token under every proper rule): set --num-beams > 1"
+        )
     return spec
 
 
@@ -170,8 +177,12 @@ def validate_new_token_cap(max_new_tokens_ratio: float | None, max_new_tokens_of
     try:
         check_new_token_cap(max_new_tokens_ratio, max_new_tokens_offset)
     except ValueError as exc:
-        raise EvalError("--" + str(exc).replace("max_new_tokens_ratio", "max-new-tokens-ratio")
-                        .replace("max_new_tokens_offset", "max-new-tokens-offset")) from None
+        raise EvalError(
+            "--"
+            + str(exc)
+            .replace("max_new_tokens_ratio", "max-new-tokens-ratio")
+            .replace("max_new_tokens_offset", "max-new-tokens-offset")
+        ) from None
 
 
 def ignored_decoding_options(s: EvalSettings) -> list[str]:
@@ -183,8 +194,14 @@ def ignored_decoding_options(s: EvalSettings) -> list[str]:
     if s.generate:
         return []
     defaults = {f.name: f.default for f in dataclasses.fields(EvalSettings)}
-    names = ("num_beams", "objective", "length_penalty", "max_new_tokens", "max_new_tokens_ratio",
-             "max_new_tokens_offset")
+    names = (
+        "num_beams",
+        "objective",
+        "length_penalty",
+        "max_new_tokens",
+        "max_new_tokens_ratio",
+        "max_new_tokens_offset",
+    )
     given = [f"--{n.replace('_', '-')} {getattr(s, n)}" for n in names if getattr(s, n) != defaults[n]]
     if not given:
         return []
@@ -202,8 +219,9 @@ def validate_settings(s: EvalSettings, check_model: bool = True, warn: bool = Tr
 
     if check_model:
         if not s.model and not s.gguf_file:
-            raise EvalError("no model given: pass --model (a directory saved by `properlm train` or a hub id) "
-                            "or --gguf-file")
+            raise EvalError(
+                "no model given: pass --model (a directory saved by `properlm train` or a hub id) or --gguf-file"
+            )
         try:
             check_model_source(s.model, s.gguf_file, None)
         except ModelLoadError as exc:
@@ -220,8 +238,15 @@ def validate_settings(s: EvalSettings, check_model: bool = True, warn: bool = Tr
             what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
             raise EvalError(f"--{name.replace('_', '-')}: file {path!r} {what}")
     rules = parse_rules(s.rules)
-    objective = validate_decoding(s.objective, s.num_beams, s.length_penalty, s.generate,
-                                  max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, num_bins=s.num_bins)
+    objective = validate_decoding(
+        s.objective,
+        s.num_beams,
+        s.length_penalty,
+        s.generate,
+        max_new_tokens=s.max_new_tokens,
+        batch_size=s.batch_size,
+        num_bins=s.num_bins,
+    )
     validate_new_token_cap(s.max_new_tokens_ratio, s.max_new_tokens_offset)
     if warn:
         import warnings
@@ -247,8 +272,10 @@ def validate_settings(s: EvalSettings, check_model: bool = True, warn: bool = Tr
     if s.dtype not in DTYPES:
         raise EvalError(f"--dtype must be one of {', '.join(DTYPES)}, got {s.dtype!r}")
     if s.bf16 and s.dtype in ("bfloat16", "float16"):
-        raise EvalError(f"--bf16 is mixed precision over float32 weights; with --dtype {s.dtype} the weights are "
-                        "already half precision (drop one of the two)")
+        raise EvalError(
+            f"--bf16 is mixed precision over float32 weights; with --dtype {s.dtype} the weights are "
+            "already half precision (drop one of the two)"
+        )
     resolve_device(s.device)
     _check_output_dir(s.output_dir)
     return dataclasses.replace(s, rules=rules, objective=objective)
@@ -265,8 +292,10 @@ def _check_output_dir(path: str) -> None:
         except (OSError, ValueError, AttributeError):
             kind = None
         if kind != RESULTS_KIND:
-            raise EvalError(f"--output-dir {path!r} already holds a results.json that `properlm evaluate` did not "
-                            "write (a training run's?); choose another --output-dir")
+            raise EvalError(
+                f"--output-dir {path!r} already holds a results.json that `properlm evaluate` did not "
+                "write (a training run's?); choose another --output-dir"
+            )
 
 
 def resolve_device(device: str) -> Any:

@@ -49,8 +49,38 @@ __all__ = [
 ]
 
 #: two-sided 95% quantiles t_{0.975, df} of Student's t, df = 1..30 (larger df: 1.96)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 def _finite(values: Sequence[float | None]) -> list[float]:
@@ -93,7 +123,7 @@ def sign_test(values: Sequence[float]) -> float:
     n, k = len(nonzero), sum(v > 0 for v in nonzero)
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(max(k, n - k), n + 1)) / 2 ** n
+    tail = sum(math.comb(n, i) for i in range(max(k, n - k), n + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
@@ -139,8 +169,14 @@ def compare_seeds(baseline: Sequence[float], system: Sequence[float]) -> SeedCom
     return SeedComparison(deltas, m, (lo, hi), sum(d > 0 for d in deltas), sign_test(deltas))
 
 
-def paired_bootstrap(baseline: Sequence[str], systems: Mapping[str, Sequence[str]], references: Sequence[str],
-                     *, target_lang: str | None = None, n_samples: int = 1000) -> dict[str, dict[str, float]]:
+def paired_bootstrap(
+    baseline: Sequence[str],
+    systems: Mapping[str, Sequence[str]],
+    references: Sequence[str],
+    *,
+    target_lang: str | None = None,
+    n_samples: int = 1000,
+) -> dict[str, dict[str, float]]:
     """Paired bootstrap of corpus BLEU and chrF of each system against ``baseline``.
 
     ``sacrebleu``'s ``PairedTest``, as ``sacrebleu --paired-bs``.
@@ -181,14 +217,16 @@ def paired_bootstrap(baseline: Sequence[str], systems: Mapping[str, Sequence[str
         for key, metric in (("bleu", "BLEU"), ("chrf", chrf_key)):
             base, system = scores[metric][0].score, scores[metric][i].score
             # sacrebleu (after multeval) gives a zero difference its smallest p; no difference is no evidence
-            row.update({key: system, f"{key}_baseline": base,
-                        f"{key}_p": 1.0 if system == base else scores[metric][i].p_value})
+            row.update(
+                {key: system, f"{key}_baseline": base, f"{key}_p": 1.0 if system == base else scores[metric][i].p_value}
+            )
         out[name] = row
     return out
 
 
-def paired_bootstrap_means(baseline: Sequence[float], system: Sequence[float], *, n_samples: int = 1000,
-                           seed: int = 0) -> dict[str, Any]:
+def paired_bootstrap_means(
+    baseline: Sequence[float], system: Sequence[float], *, n_samples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """Paired bootstrap over examples of a mean per-example score (e.g. ROUGE F1).
 
     With per-example differences ``d_i = system_i - baseline_i`` (``n`` examples), each of
@@ -208,7 +246,7 @@ def paired_bootstrap_means(baseline: Sequence[float], system: Sequence[float], *
     means = np.empty(n_samples)
     for start in range(0, n_samples, 100):  # 100 resamples at a time: n x 100 indices in memory
         k = min(100, n_samples - start)
-        means[start:start + k] = d[rng.integers(0, len(d), size=(k, len(d)))].mean(axis=1)
+        means[start : start + k] = d[rng.integers(0, len(d), size=(k, len(d)))].mean(axis=1)
     if delta == 0:
         p = 1.0
     else:

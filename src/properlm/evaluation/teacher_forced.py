@@ -67,8 +67,10 @@ class _ScoredRowsHook:
             return None
         n = int(self.hidden.shape[0])
         if tuple(logits.shape[:2]) != (1, n):
-            raise RuntimeError(f"{where}: the model returned logits of shape {tuple(logits.shape)} from {n} "
-                               f"scored positions; expected (1, {n}, V)")
+            raise RuntimeError(
+                f"{where}: the model returned logits of shape {tuple(logits.shape)} from {n} "
+                f"scored positions; expected (1, {n}, V)"
+            )
         return logits[0]
 
 
@@ -153,8 +155,9 @@ class ScoredHiddenStates:
             z = head_transform_(z, self.softcap, self.logit_scale)
         return z
 
-    def metrics(self, rules: Sequence[str], *, temperature: float = 1.0, num_bins: int = 15,
-                ignore_index: int = -100) -> Any:
+    def metrics(
+        self, rules: Sequence[str], *, temperature: float = 1.0, num_bins: int = 15, ignore_index: int = -100
+    ) -> Any:
         """The :class:`~properlm.metrics.EvalMetrics` of the kept positions at ``temperature``.
 
         The same as a teacher-forced pass at that temperature; ``RuntimeError`` when not ``complete``.
@@ -179,11 +182,22 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return head if isinstance(head, nn.Module) else None
 
 
-def teacher_forced_metrics(model: Any, tokenizer: Any, examples: Sequence[Any], rules: Sequence[str], *,
-                           max_length: int = 512, batch_size: int = 8, num_bins: int = 15,
-                           progress: bool = False, temperature: float = 1.0, scan: Any = None,
-                           max_source_length: int | None = None, extra_consumers: Sequence[Any] = (),
-                           hidden_store: ScoredHiddenStates | None = None) -> Any:
+def teacher_forced_metrics(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    rules: Sequence[str],
+    *,
+    max_length: int = 512,
+    batch_size: int = 8,
+    num_bins: int = 15,
+    progress: bool = False,
+    temperature: float = 1.0,
+    scan: Any = None,
+    max_source_length: int | None = None,
+    extra_consumers: Sequence[Any] = (),
+    hidden_store: ScoredHiddenStates | None = None,
+) -> Any:
     """Score the reference targets of ``examples`` under teacher forcing.
 
     Examples are tokenised as for training (:func:`properlm.data.tokenize_example`, with
@@ -203,8 +217,10 @@ def teacher_forced_metrics(model: Any, tokenizer: Any, examples: Sequence[Any], 
 
     seq2seq = is_seq2seq(model)
     device = next(model.parameters()).device
-    features = [tokenize_example(e, tokenizer, seq2seq=seq2seq, max_length=max_length,
-                                 max_source_length=max_source_length) for e in examples]
+    features = [
+        tokenize_example(e, tokenizer, seq2seq=seq2seq, max_length=max_length, max_source_length=max_source_length)
+        for e in examples
+    ]
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = DataCollator(pad_token_id=int(pad))
@@ -223,7 +239,7 @@ def teacher_forced_metrics(model: Any, tokenizer: Any, examples: Sequence[Any], 
                 elif not store._start(hook.head, model):
                     store = None
             for start in range(0, len(order), batch_size):
-                batch = collate([features[i] for i in order[start:start + batch_size]])
+                batch = collate([features[i] for i in order[start : start + batch_size]])
                 batch = {k: v.to(device) for k, v in batch.items()}
                 if seq2seq:
                     logits = model(**batch).logits

@@ -26,7 +26,8 @@ __all__ = ["DEFAULT_TEMPERATURES", "TemperatureFit", "TemperatureScan"]
 #: temperatures scanned by :class:`TemperatureScan` by default: 81 values, log-spaced from 0.2 to 5
 #: (neighbours 4% apart); the fit is refined between them
 DEFAULT_TEMPERATURES: tuple[float, ...] = tuple(
-    float(t) for t in torch.logspace(math.log10(0.2), math.log10(5.0), 81, dtype=torch.float64))
+    float(t) for t in torch.logspace(math.log10(0.2), math.log10(5.0), 81, dtype=torch.float64)
+)
 
 #: the most negative finite float32: a ``-inf`` logit (masked vocabulary) is clamped to it in the
 #: scan, so that ``p_j z_j`` is ``0 * finite = 0`` there instead of ``0 * -inf = NaN``
@@ -84,13 +85,17 @@ class TemperatureFit:
         and both it and the token count are checked.
         """
         if temperature != self.temperature:
-            raise ValueError(f"metrics at temperature {temperature!r} cannot complete a fit at "
-                             f"temperature {self.temperature!r}")
+            raise ValueError(
+                f"metrics at temperature {temperature!r} cannot complete a fit at temperature {self.temperature!r}"
+            )
         if metrics.num_tokens != self.num_tokens:
-            raise ValueError(f"metrics of {metrics.num_tokens} scored positions cannot complete a fit of "
-                             f"{self.num_tokens}: score the data the temperature was fitted on")
-        return replace(self, mean_log_prob=metrics.mean_log_prob, ece=metrics.ece, bins=list(metrics.bins),
-                       measured=True)
+            raise ValueError(
+                f"metrics of {metrics.num_tokens} scored positions cannot complete a fit of "
+                f"{self.num_tokens}: score the data the temperature was fitted on"
+            )
+        return replace(
+            self, mean_log_prob=metrics.mean_log_prob, ece=metrics.ece, bins=list(metrics.bins), measured=True
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The fit and the whole scan as a JSON-ready dict."""
@@ -168,8 +173,12 @@ class TemperatureScan:
         ignore_index: label value of unscored positions.
     """
 
-    def __init__(self, temperatures: Sequence[float] = DEFAULT_TEMPERATURES, num_bins: int = DEFAULT_NUM_BINS,
-                 ignore_index: int = -100) -> None:
+    def __init__(
+        self,
+        temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
+        num_bins: int = DEFAULT_NUM_BINS,
+        ignore_index: int = -100,
+    ) -> None:
         if len(temperatures) == 0:
             raise ValueError("temperatures must hold at least one value")
         self.temperatures = sorted({check_temperature(t) for t in temperatures})
@@ -188,7 +197,7 @@ class TemperatureScan:
         K, M = len(self.temperatures), self.num_bins
         with torch.no_grad():
             for start in range(0, rows.numel(), step):
-                idx = rows[start:start + step]
+                idx = rows[start : start + step]
                 zc = flat_z[idx].float()  # a copy (index selection), shifted in place
                 y = flat_y[idx]
                 n = int(idx.numel())
@@ -239,13 +248,24 @@ class TemperatureScan:
         temperature = grid[best]
         if K > 1 and not on_boundary:
             temperature = self._refine(best, means, slopes)
-        fit = TemperatureFit(temperature=temperature, mean_log_prob=nan, ece=nan, on_boundary=on_boundary,
-                             temperatures=grid, mean_log_probs=means, eces=eces, grid_temperature=grid[best],
-                             grid_mean_log_prob=means[best], grid_ece=eces[best], slopes=slopes,
-                             num_tokens=self._n)
+        fit = TemperatureFit(
+            temperature=temperature,
+            mean_log_prob=nan,
+            ece=nan,
+            on_boundary=on_boundary,
+            temperatures=grid,
+            mean_log_probs=means,
+            eces=eces,
+            grid_temperature=grid[best],
+            grid_mean_log_prob=means[best],
+            grid_ece=eces[best],
+            slopes=slopes,
+            num_tokens=self._n,
+        )
         if temperature == grid[best]:  # a grid value: the scan measured it
-            fit = replace(fit, mean_log_prob=means[best], ece=eces[best], bins=_bins_from_sums(*tables[best]),
-                          measured=True)
+            fit = replace(
+                fit, mean_log_prob=means[best], ece=eces[best], bins=_bins_from_sums(*tables[best]), measured=True
+            )
         return fit
 
     def _refine(self, best: int, means: list[float], slopes: list[float]) -> float:

@@ -71,14 +71,19 @@ def bleu_metric(target_lang: str | None = None) -> Any:
         import warnings
 
         reason = " ".join(str(exc).split())
-        warnings.warn(f"BLEU: sacrebleu's tokenizer for target language {lang!r} is unavailable ({reason}); "
-                      "scored with the default 13a tokenizer instead, which splits this language poorly "
-                      "(bleu_signature names the tokenizer used)", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"BLEU: sacrebleu's tokenizer for target language {lang!r} is unavailable ({reason}); "
+            "scored with the default 13a tokenizer instead, which splits this language poorly "
+            "(bleu_signature names the tokenizer used)",
+            UserWarning,
+            stacklevel=3,
+        )
         return BLEU()
 
 
-def translation_metrics(hypotheses: Sequence[str], references: Sequence[str],
-                        target_lang: str | None = None) -> dict[str, Any]:
+def translation_metrics(
+    hypotheses: Sequence[str], references: Sequence[str], target_lang: str | None = None
+) -> dict[str, Any]:
     """Corpus BLEU and chrF (``sacrebleu``) of ``hypotheses`` against one reference each.
 
     ``target_lang`` (a code such as ``"de"`` or ``"zh"``) lets sacrebleu pick its BLEU
@@ -139,8 +144,9 @@ def rouge_per_example(hypotheses: Sequence[str], references: Sequence[str | Sequ
     return out
 
 
-def summarization_metrics(hypotheses: Sequence[str], references: Sequence[str],
-                          multi_references: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:
+def summarization_metrics(
+    hypotheses: Sequence[str], references: Sequence[str], multi_references: Sequence[Sequence[str]] | None = None
+) -> dict[str, Any]:
     """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 (``rouge-score``, Porter stemming) in percent.
 
     ``references`` holds one reference per example. With ``multi_references`` (per example a
@@ -163,14 +169,20 @@ def summarization_metrics(hypotheses: Sequence[str], references: Sequence[str],
         for t in ROUGE_TYPES:
             out[f"{t}_multi"] = 100.0 * sum(multi[t]) / n
         out["num_references"] = sum(len(r) for r in multi_references) / n
-        out["rouge_multi_settings"] = (f"rouge-score {ver}|F1|best over each example's references, per ROUGE type|"
-                                       "mean over examples|stemmer:porter|tok:default")
+        out["rouge_multi_settings"] = (
+            f"rouge-score {ver}|F1|best over each example's references, per ROUGE type|"
+            "mean over examples|stemmer:porter|tok:default"
+        )
     return out
 
 
-def generation_metrics(task: str, hypotheses: Sequence[str], references: Sequence[str],
-                       target_lang: str | None = None,
-                       multi_references: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:
+def generation_metrics(
+    task: str,
+    hypotheses: Sequence[str],
+    references: Sequence[str],
+    target_lang: str | None = None,
+    multi_references: Sequence[Sequence[str]] | None = None,
+) -> dict[str, Any]:
     """Metrics for ``task``: BLEU/chrF for translation, ROUGE for summarization, both for instructions.
 
     Summarization and instructions get multi-reference ROUGE as well when ``multi_references`` are given
@@ -181,6 +193,8 @@ def generation_metrics(task: str, hypotheses: Sequence[str], references: Sequenc
     if task == "summarization":
         return summarization_metrics(hypotheses, references, multi_references)
     if task == "instruction":
-        return {**translation_metrics(hypotheses, references),
-                **summarization_metrics(hypotheses, references, multi_references)}
+        return {
+            **translation_metrics(hypotheses, references),
+            **summarization_metrics(hypotheses, references, multi_references),
+        }
     raise ValueError(f"unknown task {task!r}; expected translation, summarization or instruction")

@@ -94,8 +94,10 @@ def tensor_core_inputs(h: Tensor) -> bool:
     They do for bfloat16/float16 CUDA tensors, and for float32 ones while
     ``torch.backends.cuda.matmul.allow_tf32`` is set.
     """
-    return h.is_cuda and (h.dtype in (torch.bfloat16, torch.float16)
-                          or (h.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32))
+    return h.is_cuda and (
+        h.dtype in (torch.bfloat16, torch.float16)
+        or (h.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+    )
 
 
 def logit_grad_dtype(h: Tensor) -> torch.dtype:
@@ -130,9 +132,19 @@ def chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | N
 class ChunkBackend(Protocol):
     """How the statistics and the logit gradient of one chunk of rows are computed."""
 
-    def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
-              smoothing: float, *, softcap: float | None = None,
-              logit_scale: float | None = None, smoothing_variant: str = "paper") -> tuple[TokenStats, Any]:
+    def stats(
+        self,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        y: Tensor,
+        rule: ScoringRule,
+        smoothing: float,
+        *,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+        smoothing_variant: str = "paper",
+    ) -> tuple[TokenStats, Any]:
         """Statistics of the logits ``z'' = head(h W^T + b)`` of ``n`` rows, and a cache.
 
         ``h``: ``(n, H)``, ``y``: ``(n,)``; ``head`` is the output-head transform
@@ -141,9 +153,21 @@ class ChunkBackend(Protocol):
         masked-set statistics (:func:`~properlm.stats.masked_log_eps`)."""
         ...
 
-    def grad_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stats: TokenStats,
-                    partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any, *,
-                    softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
+    def grad_logits(
+        self,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        y: Tensor,
+        stats: TokenStats,
+        partials: TokenStats,
+        rule: ScoringRule,
+        smoothing: float,
+        cache: Any,
+        *,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+    ) -> Tensor:
         """``d sum_i loss_i / d z`` as float32 ``(n, V)``.
 
         ``z = h W^T + b``, the chain factor of the head transform included; ``partials`` are already
@@ -194,9 +218,19 @@ class TorchChunkBackend:
         work = self._buf("work", min(step, n), like, vocab_size)
         return [slice(r, min(r + step, n)) for r in range(0, n, step)], work
 
-    def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
-              smoothing: float, *, softcap: float | None = None,
-              logit_scale: float | None = None, smoothing_variant: str = "paper") -> tuple[TokenStats, Any]:
+    def stats(
+        self,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        y: Tensor,
+        rule: ScoringRule,
+        smoothing: float,
+        *,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+        smoothing_variant: str = "paper",
+    ) -> tuple[TokenStats, Any]:
         """See :meth:`ChunkBackend.stats`; the cache holds the transformed logits and ``exp(z - m)``."""
         n, V = h.shape[0], weight.shape[0]
         z = chunk_logits(h, weight, bias, out=self._buf("z", n, h, V))
@@ -206,17 +240,30 @@ class TorchChunkBackend:
         for sl in blocks:
             wk = None if work is None else work[: sl.stop - sl.start]
             head_transform_(z[sl], softcap, logit_scale)  # in place: the cache holds z''
-            st, e, finite = compute_stats(z[sl], y[sl], rule, smoothing, out=ebuf[sl], work=wk,
-                                          variant=smoothing_variant)
+            st, e, finite = compute_stats(
+                z[sl], y[sl], rule, smoothing, out=ebuf[sl], work=wk, variant=smoothing_variant
+            )
             if e.data_ptr() != ebuf[sl].data_ptr():  # with a masked-log term, e is a new tensor
                 ebuf[sl].copy_(e)
             parts.append(st)
             finites.append(finite)
         return TokenStats.cat(parts), (z, ebuf, finites)
 
-    def grad_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stats: TokenStats,
-                    partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any, *,
-                    softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
+    def grad_logits(
+        self,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        y: Tensor,
+        stats: TokenStats,
+        partials: TokenStats,
+        rule: ScoringRule,
+        smoothing: float,
+        cache: Any,
+        *,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+    ) -> Tensor:
         """See :meth:`ChunkBackend.grad_logits`."""
         n, V = h.shape[0], weight.shape[0]
         blocks, work = self._blocks(n, V, h)
@@ -233,12 +280,23 @@ class TorchChunkBackend:
             if cache is None:
                 head_transform_(z[sl], softcap, logit_scale)
                 torch.sub(z[sl], stats.max_logit[sl, None], out=e_b).exp_()
-            factor = head_transform_factor(z[sl], softcap, logit_scale,
-                                           out=None if fbuf is None else fbuf[: sl.stop - sl.start])
+            factor = head_transform_factor(
+                z[sl], softcap, logit_scale, out=None if fbuf is None else fbuf[: sl.stop - sl.start]
+            )
             # the gradient overwrites the logits (logits_grad allows out=z)
             wk = None if work is None else work[: sl.stop - sl.start]
-            g = logits_grad(z[sl], y[sl], stats.index(sl), partials.index(sl), smoothing, rule, e=e_b,
-                            finite=finite, out=z[sl], work=wk)
+            g = logits_grad(
+                z[sl],
+                y[sl],
+                stats.index(sl),
+                partials.index(sl),
+                smoothing,
+                rule,
+                e=e_b,
+                finite=finite,
+                out=z[sl],
+                work=wk,
+            )
             if factor is not None:  # d/dz = d/dz'' * dz''/dz
                 g.mul_(factor)
         return z
@@ -250,8 +308,9 @@ class _GradAccumulator:
     In the compute dtype (float32; float64 for float64 inputs).
     """
 
-    def __init__(self, num_rows: int, weight: Tensor, bias: Tensor | None, hidden_dtype: torch.dtype,
-                 need: tuple[bool, ...]) -> None:
+    def __init__(
+        self, num_rows: int, weight: Tensor, bias: Tensor | None, hidden_dtype: torch.dtype, need: tuple[bool, ...]
+    ) -> None:
         self.weight = weight
         self.need_h, self.need_w, self.need_b = need[0], need[1], need[2] and bias is not None
         dev = weight.device
@@ -272,7 +331,7 @@ class _GradAccumulator:
         if g.dtype != gdt:
             g = g.to(gdt)
         if self.grad_h is not None:
-            out = self.grad_h[start:start + g.shape[0]]
+            out = self.grad_h[start : start + g.shape[0]]
             if self.weight.dtype == g.dtype:
                 torch.mm(g, self.weight, out=out)
             else:
@@ -285,8 +344,9 @@ class _GradAccumulator:
         if self.grad_b is not None:
             self.grad_b.add_(g.sum(0, dtype=self.cdt))
 
-    def result(self, rows: Tensor | None, num_tokens: int, weight: Tensor, bias: Tensor | None
-               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def result(
+        self, rows: Tensor | None, num_tokens: int, weight: Tensor, bias: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``(grad_hidden (N, H), grad_weight, grad_bias)`` in the parameters' dtypes."""
         gh = self.grad_h
         if gh is not None and rows is not None:
@@ -349,11 +409,24 @@ def _scored_rows(hidden: Tensor, target: Tensor, ignore_index: int) -> tuple[Ten
     return hidden.index_select(0, scored), target.index_select(0, scored), scored
 
 
-def fused_linear_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, rule: ScoringRule,
-                         smoothing: float, ignore_index: int, reduction: str, num_items_in_batch: Any,
-                         chunk_size: int | None, backend: ChunkBackend, need: tuple[bool, bool, bool], *,
-                         softcap: float | None = None, logit_scale: float | None = None,
-                         smoothing_variant: str = "paper") -> FusedForward:
+def fused_linear_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    rule: ScoringRule,
+    smoothing: float,
+    ignore_index: int,
+    reduction: str,
+    num_items_in_batch: Any,
+    chunk_size: int | None,
+    backend: ChunkBackend,
+    need: tuple[bool, bool, bool],
+    *,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    smoothing_variant: str = "paper",
+) -> FusedForward:
     """The forward pass of the fused loss on 2-D inputs, chunk by chunk (the module docstring's steps 1 to 4).
 
     Shapes: ``hidden (N, H)``, ``weight (V, H)``, ``bias (V,)`` or ``None``, ``target (N,)``; inputs validated
@@ -388,12 +461,13 @@ def fused_linear_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     losses = torch.zeros(nv, dtype=cdt, device=dev)
     saved: list[tuple[int, TokenStats, TokenStats]] | None = [] if per_token and need_grad else None
     for start in range(0, nv, chunk_size):
-        h_c = h_valid[start:start + chunk_size]
-        y_c = y_valid[start:start + chunk_size]
-        stats, cache = backend.stats(h_c, weight, bias, y_c, rule, smoothing, **head,
-                                     smoothing_variant=smoothing_variant)
+        h_c = h_valid[start : start + chunk_size]
+        y_c = y_valid[start : start + chunk_size]
+        stats, cache = backend.stats(
+            h_c, weight, bias, y_c, rule, smoothing, **head, smoothing_variant=smoothing_variant
+        )
         loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad, smoothing_variant)
-        losses[start:start + h_c.shape[0]] = loss_c
+        losses[start : start + h_c.shape[0]] = loss_c
         if not need_grad:
             continue
         assert partials is not None
@@ -401,8 +475,9 @@ def fused_linear_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
             saved.append((start, stats, partials))
         else:
             assert acc is not None and scale is not None
-            g = backend.grad_logits(h_c, weight, bias, y_c, stats, _scaled(partials, scale), rule,
-                                    smoothing, cache, **head)
+            g = backend.grad_logits(
+                h_c, weight, bias, y_c, stats, _scaled(partials, scale), rule, smoothing, cache, **head
+            )
             del cache
             acc.add(start, h_c, g)
             del g
@@ -412,15 +487,25 @@ def fused_linear_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
         out = losses if rows is None else torch.zeros(n, dtype=cdt, device=dev).index_copy_(0, rows, losses)
         return FusedForward(out, None, rows, chunk_size, saved)
     grads = None if acc is None else acc.result(rows, n, weight, bias)
-    return FusedForward(reduce_loss(losses.sum(), valid, reduction, num_items_in_batch), grads, rows, chunk_size,
-                        None)
+    return FusedForward(reduce_loss(losses.sum(), valid, reduction, num_items_in_batch), grads, rows, chunk_size, None)
 
 
-def fused_linear_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, grad_out: Tensor,
-                          rule: ScoringRule, smoothing: float, backend: ChunkBackend, need: tuple[bool, bool, bool],
-                          rows: Tensor | None, saved: list[tuple[int, TokenStats, TokenStats]], *,
-                          softcap: float | None = None, logit_scale: float | None = None
-                          ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def fused_linear_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    grad_out: Tensor,
+    rule: ScoringRule,
+    smoothing: float,
+    backend: ChunkBackend,
+    need: tuple[bool, bool, bool],
+    rows: Tensor | None,
+    saved: list[tuple[int, TokenStats, TokenStats]],
+    *,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The gradients of ``sum_i grad_out_i loss_i`` (per-token losses, ``reduction="none"``).
 
     ``(grad_hidden (N, H), grad_weight (V, H), grad_bias (V,))`` in the parameters' dtypes, each ``None`` where
@@ -441,8 +526,9 @@ def fused_linear_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
         else:
             idx = rows[start:stop]
             h_c, y_c = hidden.index_select(0, idx), target.index_select(0, idx)
-        g = backend.grad_logits(h_c, weight, bias, y_c, stats, _scaled(partials, go[start:stop]), rule,
-                                smoothing, None, **head)
+        g = backend.grad_logits(
+            h_c, weight, bias, y_c, stats, _scaled(partials, go[start:stop]), rule, smoothing, None, **head
+        )
         acc.add(start, h_c, g)
         del g
     _release(backend)
@@ -463,15 +549,42 @@ class FusedLinearLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
-                rule: ScoringRule, smoothing: float, ignore_index: int, reduction: str,
-                num_items_in_batch: Any, chunk_size: int | None, backend: ChunkBackend, softcap: float | None = None,
-                logit_scale: float | None = None, smoothing_variant: str = "paper") -> Tensor:
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        target: Tensor,
+        rule: ScoringRule,
+        smoothing: float,
+        ignore_index: int,
+        reduction: str,
+        num_items_in_batch: Any,
+        chunk_size: int | None,
+        backend: ChunkBackend,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+        smoothing_variant: str = "paper",
+    ) -> Tensor:
         """The reduced loss (per-token losses for ``"none"``); with a reduction, also the gradients."""
         need = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2]))
-        res = fused_linear_forward(hidden, weight, bias, target, rule, smoothing, ignore_index, reduction,
-                                   num_items_in_batch, chunk_size, backend, need, softcap=softcap,
-                                   logit_scale=logit_scale, smoothing_variant=smoothing_variant)
+        res = fused_linear_forward(
+            hidden,
+            weight,
+            bias,
+            target,
+            rule,
+            smoothing,
+            ignore_index,
+            reduction,
+            num_items_in_batch,
+            chunk_size,
+            backend,
+            need,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            smoothing_variant=smoothing_variant,
+        )
         ctx.rule, ctx.smoothing, ctx.backend = rule, smoothing, backend
         ctx.per_token, ctx.need = reduction == "none", need
         ctx.head = {"softcap": softcap, "logit_scale": logit_scale}
@@ -487,8 +600,10 @@ class FusedLinearLossFunction(torch.autograd.Function):
         tail = (None,) * 11
         if not ctx.per_token:
             if ctx.grads is None:
-                raise RuntimeError("the fused loss computes its gradients once, in the forward pass; "
-                                   "backward through it a second time is not supported (retain_graph)")
+                raise RuntimeError(
+                    "the fused loss computes its gradients once, in the forward pass; "
+                    "backward through it a second time is not supported (retain_graph)"
+                )
             gh, gw, gb = ctx.grads
             ctx.grads = None  # hand the tensors over to autograd without another reference
             if not bool(torch.all(grad_out == 1)):
@@ -501,6 +616,18 @@ class FusedLinearLossFunction(torch.autograd.Function):
         hidden, weight, bias, target, rows = ctx.saved_tensors
         saved = ctx.saved_chunks
         ctx.saved_chunks = None
-        gh, gw, gb = fused_linear_backward(hidden, weight, bias, target, grad_out, ctx.rule, ctx.smoothing,
-                                           ctx.backend, ctx.need, rows, saved, **ctx.head)
+        gh, gw, gb = fused_linear_backward(
+            hidden,
+            weight,
+            bias,
+            target,
+            grad_out,
+            ctx.rule,
+            ctx.smoothing,
+            ctx.backend,
+            ctx.need,
+            rows,
+            saved,
+            **ctx.head,
+        )
         return (gh, gw, gb, *tail)

@@ -22,8 +22,15 @@ from .op import fused_linear_loss, spec_names_rule
 __all__ = ["IMPLS", "LinearScoringRuleLoss", "fused_linear_scoring_rule_loss", "triton_is_available"]
 
 
-def _validate(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, ignore_index: int,
-              chunk_size: int | None, impl: str | None) -> None:
+def _validate(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    chunk_size: int | None,
+    impl: str | None,
+) -> None:
     if not isinstance(hidden, Tensor):
         raise ValueError(f"hidden must be a tensor of shape (..., H), got {type(hidden).__name__}")
     if not isinstance(weight, Tensor) or weight.dim() != 2:
@@ -58,8 +65,7 @@ def _validate(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | Non
 
 
 def _check_chunking(chunk_size: int | None, impl: str | None) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     if impl is not None and impl not in IMPLS:
         raise ValueError(f"impl must be None, 'torch' or 'triton', got {impl!r}")
@@ -147,10 +153,21 @@ def fused_linear_scoring_rule_loss(
     if is_dtensor(weight) or is_dtensor(hidden):  # vocabulary-sharded DTensor weight: properlm.dtensor
         from ..dtensor import dtensor_fused_linear_scoring_rule_loss
 
-        return dtensor_fused_linear_scoring_rule_loss(hidden, weight, target, rule, bias, smoothing, ignore_index,
-                                                      reduction, num_items_in_batch, chunk_size,
-                                                      softcap=softcap, logit_scale=logit_scale,
-                                                      smoothing_variant=smoothing_variant)
+        return dtensor_fused_linear_scoring_rule_loss(
+            hidden,
+            weight,
+            target,
+            rule,
+            bias,
+            smoothing,
+            ignore_index,
+            reduction,
+            num_items_in_batch,
+            chunk_size,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            smoothing_variant=smoothing_variant,
+        )
     rule_obj = get_rule(rule)
     eps, variant = check_loss_options(smoothing, smoothing_variant, reduction)
     cap, scale = check_head_transform(softcap, logit_scale)
@@ -166,18 +183,57 @@ def fused_linear_scoring_rule_loss(
         # size from the static number of tokens (counting the valid ones would read the data)
         if chunk_size is None:
             chunk_size = default_chunk_size(max(y.numel(), 1), H, weight.shape[0], cuda=hidden.is_cuda)
-        per_token = fused_token_losses(h2, weight, bias, y, rule_obj, eps, ignore_index, chunk_size, softcap=cap,
-                                       logit_scale=scale, smoothing_variant=variant)
+        per_token = fused_token_losses(
+            h2,
+            weight,
+            bias,
+            y,
+            rule_obj,
+            eps,
+            ignore_index,
+            chunk_size,
+            softcap=cap,
+            logit_scale=scale,
+            smoothing_variant=variant,
+        )
         out = reduce_loss(per_token, y != ignore_index, reduction, num_items_in_batch)
         return out.view(target.shape) if reduction == "none" else out
     if torch.compiler.is_compiling():
         # the eager computation as one opaque operator (properlm.fused.op): gradients formed in the forward pass
-        out = fused_linear_loss(h2, weight, bias, y, rule_obj, eps, ignore_index, reduction, num_items_in_batch,
-                                chunk_size, impl, softcap=cap, logit_scale=scale, smoothing_variant=variant)
+        out = fused_linear_loss(
+            h2,
+            weight,
+            bias,
+            y,
+            rule_obj,
+            eps,
+            ignore_index,
+            reduction,
+            num_items_in_batch,
+            chunk_size,
+            impl,
+            softcap=cap,
+            logit_scale=scale,
+            smoothing_variant=variant,
+        )
         return out.view(target.shape) if reduction == "none" else out
     backend = select_backend(impl, hidden, len(rule_obj.scales(eps)))
-    out = FusedLinearLossFunction.apply(h2, weight, bias, y, rule_obj, eps, ignore_index, reduction,
-                                        num_items_in_batch, chunk_size, backend, cap, scale, variant)
+    out = FusedLinearLossFunction.apply(
+        h2,
+        weight,
+        bias,
+        y,
+        rule_obj,
+        eps,
+        ignore_index,
+        reduction,
+        num_items_in_batch,
+        chunk_size,
+        backend,
+        cap,
+        scale,
+        variant,
+    )
     return out.view(target.shape) if reduction == "none" else out
 
 
@@ -192,10 +248,19 @@ class LinearScoringRuleLoss(nn.Module):
         >>> loss = criterion(hidden, model.lm_head.weight, labels)
     """
 
-    def __init__(self, rule: RuleLike = "logarithmic", smoothing: float = 0.0, ignore_index: int = -100,
-                 reduction: str = "mean", chunk_size: int | None = None, impl: str | None = None, *,
-                 softcap: float | None = None, logit_scale: float | None = None,
-                 smoothing_variant: str = "paper") -> None:
+    def __init__(
+        self,
+        rule: RuleLike = "logarithmic",
+        smoothing: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        impl: str | None = None,
+        *,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+        smoothing_variant: str = "paper",
+    ) -> None:
         super().__init__()
         self.rule = get_rule(rule)
         self.softcap, self.logit_scale = check_head_transform(softcap, logit_scale)
@@ -206,16 +271,32 @@ class LinearScoringRuleLoss(nn.Module):
         self.chunk_size = chunk_size
         self.impl = impl
 
-    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
-                num_items_in_batch: int | Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        target: Tensor,
+        bias: Tensor | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> Tensor:
         """The loss of ``hidden @ weight.T + bias`` for ``target``, as :func:`fused_linear_scoring_rule_loss`."""
-        return fused_linear_scoring_rule_loss(hidden, weight, target, self.rule, bias, self.smoothing,
-                                              self.ignore_index, self.reduction, num_items_in_batch,
-                                              self.chunk_size, self.impl, softcap=self.softcap,
-                                              logit_scale=self.logit_scale,
-                                              smoothing_variant=self.smoothing_variant)
+        return fused_linear_scoring_rule_loss(
+            hidden,
+            weight,
+            target,
+            self.rule,
+            bias,
+            self.smoothing,
+            self.ignore_index,
+            self.reduction,
+            num_items_in_batch,
+            self.chunk_size,
+            self.impl,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+            smoothing_variant=self.smoothing_variant,
+        )
 
     def extra_repr(self) -> str:
         """The settings, as shown in ``repr(module)``."""
         return _options_repr(self, f", chunk_size={self.chunk_size}, impl={self.impl!r}")
-

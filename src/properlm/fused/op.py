@@ -77,7 +77,8 @@ def _same_rule(a: ScoringRule, b: ScoringRule) -> bool:
         return False
     if isinstance(a, Mixture) and isinstance(b, Mixture):
         return len(a.components) == len(b.components) and all(
-            wa == wb and _same_rule(ra, rb) for (wa, ra), (wb, rb) in zip(a.components, b.components))
+            wa == wb and _same_rule(ra, rb) for (wa, ra), (wb, rb) in zip(a.components, b.components)
+        )
     return True
 
 
@@ -121,8 +122,11 @@ def _need(need: list[bool]) -> tuple[bool, bool, bool]:
 
 def _layout(rule: ScoringRule, smoothing: float, variant: str) -> tuple[tuple[float, ...], bool, bool]:
     """``(scales, has sum_z, has the masked-set statistics)`` of the statistics of ``rule``."""
-    return (rule.scales(smoothing), smoothing > 0 and rule.uses_logit_sum,
-            masked_log_eps(rule, smoothing, variant) is not None)
+    return (
+        rule.scales(smoothing),
+        smoothing > 0 and rule.uses_logit_sum,
+        masked_log_eps(rule, smoothing, variant) is not None,
+    )
 
 
 def _num_stat_rows(rule: ScoringRule, smoothing: float, variant: str) -> int:
@@ -137,8 +141,15 @@ def _present(x: Tensor | None) -> Tensor:
     return x
 
 
-def _pack(saved: list[tuple[int, TokenStats, TokenStats]], rows: Tensor | None, n: int, rule: ScoringRule,
-          smoothing: float, variant: str, like: Tensor) -> Tensor:
+def _pack(
+    saved: list[tuple[int, TokenStats, TokenStats]],
+    rows: Tensor | None,
+    n: int,
+    rule: ScoringRule,
+    smoothing: float,
+    variant: str,
+    like: Tensor,
+) -> Tensor:
     """The per-token statistics and partial derivatives kept by the forward pass of ``reduction="none"``.
 
     One ``(F, n)`` tensor (``F = _num_stat_rows``; columns of ignored positions 0): ``z_y``, ``lse[c]`` for each
@@ -162,8 +173,9 @@ def _pack(saved: list[tuple[int, TokenStats, TokenStats]], rows: Tensor | None, 
     return packed if rows is None else out.index_copy_(1, rows, packed)
 
 
-def _unpack(packed: Tensor, rows: Tensor | None, chunk_size: int, rule: ScoringRule, smoothing: float,
-            variant: str) -> list[tuple[int, TokenStats, TokenStats]]:
+def _unpack(
+    packed: Tensor, rows: Tensor | None, chunk_size: int, rule: ScoringRule, smoothing: float, variant: str
+) -> list[tuple[int, TokenStats, TokenStats]]:
     """The ``saved`` chunks of :func:`properlm.fused.chunked.fused_linear_backward` from :func:`_pack`'s tensor."""
     scales, has_sum, has_mask = _layout(rule, smoothing, variant)
     p = packed if rows is None else packed.index_select(1, rows)
@@ -172,13 +184,20 @@ def _unpack(packed: Tensor, rows: Tensor | None, chunk_size: int, rule: ScoringR
     st.sum_z = next(it) if has_sum else None
     if has_mask:
         st.masked_sum_z, st.masked_count = next(it), next(it)
-    pa = TokenStats(z_y=next(it), lse={c: next(it) for c in scales}, num_classes=st.num_classes,
-                    max_logit=st.max_logit, masked_count=st.masked_count)
+    pa = TokenStats(
+        z_y=next(it),
+        lse={c: next(it) for c in scales},
+        num_classes=st.num_classes,
+        max_logit=st.max_logit,
+        masked_count=st.masked_count,
+    )
     pa.sum_z = next(it) if has_sum else None
     pa.masked_sum_z = next(it) if has_mask else None
     nv = p.shape[1]
-    return [(start, st.index(slice(start, start + chunk_size)), pa.index(slice(start, start + chunk_size)))
-            for start in range(0, nv, chunk_size)]
+    return [
+        (start, st.index(slice(start, start + chunk_size)), pa.index(slice(start, start + chunk_size)))
+        for start in range(0, nv, chunk_size)
+    ]
 
 
 def _scored(target: Tensor, ignore_index: int) -> Tensor | None:
@@ -191,32 +210,82 @@ _TAGS: dict[str, Any] = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch
 
 
 @torch.library.custom_op("properlm::fused_linear_loss", mutates_args=(), **_TAGS)
-def _fused_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
-                       num_items_tensor: Tensor | None, rule: str, smoothing: float, ignore_index: int,
-                       reduction: str, num_items: float | None, chunk_size: int, impl: str, softcap: float | None,
-                       logit_scale: float | None, smoothing_variant: str, need: list[bool]
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _fused_linear_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    num_items_tensor: Tensor | None,
+    rule: str,
+    smoothing: float,
+    ignore_index: int,
+    reduction: str,
+    num_items: float | None,
+    chunk_size: int,
+    impl: str,
+    softcap: float | None,
+    logit_scale: float | None,
+    smoothing_variant: str,
+    need: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     rule_obj = _rule(rule)
-    validate_inputs((hidden.shape[0], weight.shape[0]), hidden.dtype, target, ignore_index,
-                    what="logits (hidden @ weight.T)")
+    validate_inputs(
+        (hidden.shape[0], weight.shape[0]), hidden.dtype, target, ignore_index, what="logits (hidden @ weight.T)"
+    )
     backend = select_backend(impl or None, hidden, len(rule_obj.scales(smoothing)))
     n_items: Any = num_items_tensor if num_items_tensor is not None else num_items
     with _eager_autograd():
-        res = fused_linear_forward(hidden, weight, bias, target, rule_obj, smoothing, ignore_index, reduction,
-                                   n_items, chunk_size or None, backend, _need(need), softcap=softcap,
-                                   logit_scale=logit_scale, smoothing_variant=smoothing_variant)
+        res = fused_linear_forward(
+            hidden,
+            weight,
+            bias,
+            target,
+            rule_obj,
+            smoothing,
+            ignore_index,
+            reduction,
+            n_items,
+            chunk_size or None,
+            backend,
+            _need(need),
+            softcap=softcap,
+            logit_scale=logit_scale,
+            smoothing_variant=smoothing_variant,
+        )
     gh, gw, gb = res.grads if res.grads is not None else (None, None, None)
-    stats = _empty(res.out) if res.saved is None else _pack(res.saved, res.rows, hidden.shape[0], rule_obj,
-                                                            smoothing, smoothing_variant, hidden)
-    return (res.out, _empty(hidden) if gh is None else gh, _empty(weight) if gw is None else gw,
-            _empty(weight) if gb is None else gb, stats)
+    stats = (
+        _empty(res.out)
+        if res.saved is None
+        else _pack(res.saved, res.rows, hidden.shape[0], rule_obj, smoothing, smoothing_variant, hidden)
+    )
+    return (
+        res.out,
+        _empty(hidden) if gh is None else gh,
+        _empty(weight) if gw is None else gw,
+        _empty(weight) if gb is None else gb,
+        stats,
+    )
 
 
 @_fused_linear_loss.register_fake
-def _(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, num_items_tensor: Tensor | None,
-      rule: str, smoothing: float, ignore_index: int, reduction: str, num_items: float | None, chunk_size: int,
-      impl: str, softcap: float | None, logit_scale: float | None, smoothing_variant: str, need: list[bool]
-      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    num_items_tensor: Tensor | None,
+    rule: str,
+    smoothing: float,
+    ignore_index: int,
+    reduction: str,
+    num_items: float | None,
+    chunk_size: int,
+    impl: str,
+    softcap: float | None,
+    logit_scale: float | None,
+    smoothing_variant: str,
+    need: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cdt = compute_dtype(hidden.dtype)
     n = hidden.shape[0]
     per_token = reduction == "none"
@@ -224,16 +293,33 @@ def _(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, num_i
     nh, nw, nb = _need(need) if not per_token else (False, False, False)
     rows = _num_stat_rows(_rule(rule), smoothing, smoothing_variant)
     stats = hidden.new_empty((rows, n) if per_token and any(need) else (0,), dtype=cdt)
-    return (loss, hidden.new_empty(hidden.shape) if nh else _empty(hidden),
-            weight.new_empty(weight.shape) if nw else _empty(weight),
-            bias.new_empty(bias.shape) if nb and bias is not None else _empty(weight), stats)
+    return (
+        loss,
+        hidden.new_empty(hidden.shape) if nh else _empty(hidden),
+        weight.new_empty(weight.shape) if nw else _empty(weight),
+        bias.new_empty(bias.shape) if nb and bias is not None else _empty(weight),
+        stats,
+    )
 
 
 @torch.library.custom_op("properlm::fused_linear_loss_backward", mutates_args=(), **_TAGS)
-def _fused_linear_loss_backward(grad_out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
-                                target: Tensor, stats: Tensor, rule: str, smoothing: float, ignore_index: int,
-                                chunk_size: int, impl: str, softcap: float | None, logit_scale: float | None,
-                                smoothing_variant: str, need: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+def _fused_linear_loss_backward(
+    grad_out: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    stats: Tensor,
+    rule: str,
+    smoothing: float,
+    ignore_index: int,
+    chunk_size: int,
+    impl: str,
+    softcap: float | None,
+    logit_scale: float | None,
+    smoothing_variant: str,
+    need: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
     rule_obj = _rule(rule)
     backend = select_backend(impl or None, hidden, len(rule_obj.scales(smoothing)))
     rows = _scored(target, ignore_index)
@@ -241,25 +327,68 @@ def _fused_linear_loss_backward(grad_out: Tensor, hidden: Tensor, weight: Tensor
     chunk = chunk_size or default_chunk_size(max(nv, 1), hidden.shape[1], weight.shape[0], cuda=hidden.is_cuda)
     saved = _unpack(stats, rows, chunk, rule_obj, smoothing, smoothing_variant)
     with _eager_autograd():
-        gh, gw, gb = fused_linear_backward(hidden, weight, bias, target, grad_out, rule_obj, smoothing, backend,
-                                           _need(need), rows, saved, softcap=softcap, logit_scale=logit_scale)
-    return (_empty(hidden) if gh is None else gh, _empty(weight) if gw is None else gw,
-            _empty(weight) if gb is None else gb)
+        gh, gw, gb = fused_linear_backward(
+            hidden,
+            weight,
+            bias,
+            target,
+            grad_out,
+            rule_obj,
+            smoothing,
+            backend,
+            _need(need),
+            rows,
+            saved,
+            softcap=softcap,
+            logit_scale=logit_scale,
+        )
+    return (
+        _empty(hidden) if gh is None else gh,
+        _empty(weight) if gw is None else gw,
+        _empty(weight) if gb is None else gb,
+    )
 
 
 @_fused_linear_loss_backward.register_fake
-def _(grad_out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, stats: Tensor,
-      rule: str, smoothing: float, ignore_index: int, chunk_size: int, impl: str, softcap: float | None,
-      logit_scale: float | None, smoothing_variant: str, need: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+def _(
+    grad_out: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    stats: Tensor,
+    rule: str,
+    smoothing: float,
+    ignore_index: int,
+    chunk_size: int,
+    impl: str,
+    softcap: float | None,
+    logit_scale: float | None,
+    smoothing_variant: str,
+    need: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
     nh, nw, nb = _need(need)
-    return (hidden.new_empty(hidden.shape) if nh else _empty(hidden),
-            weight.new_empty(weight.shape) if nw else _empty(weight),
-            bias.new_empty(bias.shape) if nb and bias is not None else _empty(weight))
+    return (
+        hidden.new_empty(hidden.shape) if nh else _empty(hidden),
+        weight.new_empty(weight.shape) if nw else _empty(weight),
+        bias.new_empty(bias.shape) if nb and bias is not None else _empty(weight),
+    )
 
 
 #: positions of the options after the tensors in the operator's arguments
-_OPTIONS = ("rule", "smoothing", "ignore_index", "reduction", "num_items", "chunk_size", "impl", "softcap",
-            "logit_scale", "smoothing_variant", "need")
+_OPTIONS = (
+    "rule",
+    "smoothing",
+    "ignore_index",
+    "reduction",
+    "num_items",
+    "chunk_size",
+    "impl",
+    "softcap",
+    "logit_scale",
+    "smoothing_variant",
+    "need",
+)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
@@ -278,8 +407,22 @@ def _backward(ctx: Any, grad_loss: Tensor, *_unused: Tensor) -> tuple[Tensor | N
     if o["reduction"] == "none":
         hidden, weight, bias, target, stats = ctx.saved_tensors
         grads = torch.ops.properlm.fused_linear_loss_backward(
-            grad_loss, hidden, weight, bias, target, stats, o["rule"], o["smoothing"], o["ignore_index"],
-            o["chunk_size"], o["impl"], o["softcap"], o["logit_scale"], o["smoothing_variant"], list(need))
+            grad_loss,
+            hidden,
+            weight,
+            bias,
+            target,
+            stats,
+            o["rule"],
+            o["smoothing"],
+            o["ignore_index"],
+            o["chunk_size"],
+            o["impl"],
+            o["softcap"],
+            o["logit_scale"],
+            o["smoothing_variant"],
+            list(need),
+        )
     else:
         grads = tuple(g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
     gh, gw, gb = (g if k else None for g, k in zip(grads, need))
@@ -289,10 +432,23 @@ def _backward(ctx: Any, grad_loss: Tensor, *_unused: Tensor) -> tuple[Tensor | N
 _fused_linear_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, rule: ScoringRule,
-                      smoothing: float, ignore_index: int, reduction: str, num_items_in_batch: int | Tensor | None,
-                      chunk_size: int | None, impl: str | None = None, *, softcap: float | None = None,
-                      logit_scale: float | None = None, smoothing_variant: str = "paper") -> Tensor:
+def fused_linear_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    rule: ScoringRule,
+    smoothing: float,
+    ignore_index: int,
+    reduction: str,
+    num_items_in_batch: int | Tensor | None,
+    chunk_size: int | None,
+    impl: str | None = None,
+    *,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    smoothing_variant: str = "paper",
+) -> Tensor:
     r"""The fused loss of 2-D validated inputs through the operator ``torch.ops.properlm.fused_linear_loss``.
 
     Equal in value and gradients to the eager :class:`~properlm.fused.chunked.FusedLinearLossFunction` (it runs
@@ -320,11 +476,29 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
         The float32 (float64 for float64 inputs) scalar loss, or ``(N,)`` per-token losses for ``"none"``.
     """
     grad = torch.is_grad_enabled()
-    need = [grad and hidden.requires_grad, grad and weight.requires_grad,
-            grad and bias is not None and bias.requires_grad]
+    need = [
+        grad and hidden.requires_grad,
+        grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad,
+    ]
     tensor_items = num_items_in_batch if isinstance(num_items_in_batch, Tensor) else None
     float_items = None if num_items_in_batch is None or tensor_items is not None else float(num_items_in_batch)
-    out = torch.ops.properlm.fused_linear_loss(hidden, weight, bias, target, tensor_items, rule.spec, float(smoothing),
-                                               int(ignore_index), reduction, float_items, chunk_size or 0, impl or "",
-                                               softcap, logit_scale, smoothing_variant, need)
+    out = torch.ops.properlm.fused_linear_loss(
+        hidden,
+        weight,
+        bias,
+        target,
+        tensor_items,
+        rule.spec,
+        float(smoothing),
+        int(ignore_index),
+        reduction,
+        float_items,
+        chunk_size or 0,
+        impl or "",
+        softcap,
+        logit_scale,
+        smoothing_variant,
+        need,
+    )
     return out[0]

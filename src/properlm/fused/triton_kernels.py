@@ -76,9 +76,24 @@ LOWP_BLOCK_N, LOWP_BLOCK_V, LOWP_BLOCK_H = 128, 256, 64
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_h, stride_w,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _logits_tile(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    hidden_size,
+    stride_h,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """``z[rows, cols] = h[rows] @ W[cols]^T + b[cols]`` in float32; ``-inf`` outside the vocabulary.
 
     ``UPCAST`` converts the operands to float32 before ``tl.dot`` (the products of bfloat16 or
@@ -91,10 +106,8 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_siz
     for k0 in range(0, hidden_size, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
         k_mask = ks < hidden_size
-        h = tl.load(h_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                    other=0.0)
-        w = tl.load(w_cols + ks[:, None], mask=col_mask[None, :] & k_mask[:, None],
-                    other=0.0)
+        h = tl.load(h_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_cols + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
         if UPCAST:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
@@ -115,8 +128,18 @@ def _tanh(x):
     e = tl.exp(-2.0 * a)
     big = (1.0 - e) / (1.0 + e)
     x2 = x * x
-    small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
-        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197)))))
+    small = x * (
+        1.0
+        + x2
+        * (
+            -0.3333333333333333
+            + x2
+            * (
+                0.13333333333333333
+                + x2 * (-0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197))
+            )
+        )
+    )
     return tl.where(a < 0.3, small, tl.where(x < 0, -big, big))
 
 
@@ -134,12 +157,38 @@ def _head_transform(z, head_mul, cap, HEAD: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, sumz_ptr, count_ptr, zy_ptr,
-                  n_rows, vocab_size, hidden_size, stride_h, stride_w, split_cols, head_mul, cap, scale,
-                  C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
-                  NUM_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HEAD: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr):
+def _stats_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    m_ptr,
+    s_ptr,
+    sumz_ptr,
+    count_ptr,
+    zy_ptr,
+    n_rows,
+    vocab_size,
+    hidden_size,
+    stride_h,
+    stride_w,
+    split_cols,
+    head_mul,
+    cap,
+    scale,
+    C0: tl.constexpr,
+    C1: tl.constexpr,
+    C2: tl.constexpr,
+    C3: tl.constexpr,
+    NUM_SCALES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HEAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Pass 1 over the vocabulary slice ``[k split_cols, (k + 1) split_cols)`` of program ``(i, k)``.
 
     Per token and slice ``m_k``, ``s_c,k`` relative to ``m_k``, ``sum (z - m_k)``, count and the raw
@@ -165,8 +214,24 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, sumz_ptr, count_ptr,
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_hi
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_h, stride_w,
-                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+        z = _logits_tile(
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            rows,
+            row_mask,
+            cols,
+            col_mask,
+            hidden_size,
+            stride_h,
+            stride_w,
+            HAS_BIAS,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+            PRECISION,
+            UPCAST,
+        )
         z = _head_transform(z, head_mul, cap, HEAD)
         finite = z > float("-inf")
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -200,11 +265,31 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, sumz_ptr, count_ptr,
 
 
 @triton.jit
-def _masked_kernel(h_ptr, w_ptr, b_ptr, m_ptr, thresh_ptr, msum_ptr, mcount_ptr,
-                   n_rows, vocab_size, hidden_size, stride_h, stride_w, split_cols, head_mul, cap, scale,
-                   HAS_BIAS: tl.constexpr, HEAD: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
-                   UPCAST: tl.constexpr):
+def _masked_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    m_ptr,
+    thresh_ptr,
+    msum_ptr,
+    mcount_ptr,
+    n_rows,
+    vocab_size,
+    hidden_size,
+    stride_h,
+    stride_w,
+    split_cols,
+    head_mul,
+    cap,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    HEAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Pass 2: ``sum_{j in M} (z_j - m)`` and ``|M|`` with ``M = {j finite : exp(z_j - m) < thresh}``.
 
     Per vocabulary slice as in :func:`_stats_kernel` (outputs ``(splits, n_rows)``, to be summed)."""
@@ -222,8 +307,24 @@ def _masked_kernel(h_ptr, w_ptr, b_ptr, m_ptr, thresh_ptr, msum_ptr, mcount_ptr,
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_hi
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_h, stride_w,
-                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+        z = _logits_tile(
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            rows,
+            row_mask,
+            cols,
+            col_mask,
+            hidden_size,
+            stride_h,
+            stride_w,
+            HAS_BIAS,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+            PRECISION,
+            UPCAST,
+        )
         z = _head_transform(z, head_mul, cap, HEAD)
         d = z - m[:, None]
         in_m = (tl.exp(d) < thresh[:, None]) & (z > float("-inf"))
@@ -234,13 +335,42 @@ def _masked_kernel(h_ptr, w_ptr, b_ptr, m_ptr, thresh_ptr, msum_ptr, mcount_ptr,
 
 
 @triton.jit
-def _grad_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, coef_ptr, fsumz_ptr, thresh_ptr, fmsum_ptr, fzy_ptr, g_ptr,
-                 n_rows, vocab_size, hidden_size, stride_h, stride_w, stride_g, head_mul, cap, scale,
-                 C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
-                 NUM_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SUMZ: tl.constexpr, HAS_MASK: tl.constexpr,
-                 HEAD: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr):
+def _grad_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    m_ptr,
+    coef_ptr,
+    fsumz_ptr,
+    thresh_ptr,
+    fmsum_ptr,
+    fzy_ptr,
+    g_ptr,
+    n_rows,
+    vocab_size,
+    hidden_size,
+    stride_h,
+    stride_w,
+    stride_g,
+    head_mul,
+    cap,
+    scale,
+    C0: tl.constexpr,
+    C1: tl.constexpr,
+    C2: tl.constexpr,
+    C3: tl.constexpr,
+    NUM_SCALES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SUMZ: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HEAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Logit-gradient tile ``g[rows, cols]`` from the per-token coefficients (see module docstring)."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -248,8 +378,24 @@ def _grad_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, coef_ptr, fsumz_ptr, thresh_
     row_mask = rows < n_rows
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < vocab_size
-    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, hidden_size, stride_h, stride_w,
-                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+    z = _logits_tile(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        rows,
+        row_mask,
+        cols,
+        col_mask,
+        hidden_size,
+        stride_h,
+        stride_w,
+        HAS_BIAS,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
+        PRECISION,
+        UPCAST,
+    )
     z = _head_transform(z, head_mul, cap, HEAD)
     m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
     d = z - m[:, None]
@@ -299,8 +445,14 @@ class TritonChunkBackend:
 
     name = "triton"
 
-    def __init__(self, block_n: int | None = None, block_v: int | None = None, block_h: int | None = None,
-                 num_warps: int = 8, split_tiles: int | None = None) -> None:
+    def __init__(
+        self,
+        block_n: int | None = None,
+        block_v: int | None = None,
+        block_h: int | None = None,
+        num_warps: int = 8,
+        split_tiles: int | None = None,
+    ) -> None:
         self.block_n, self.block_v, self.block_h = block_n, block_v, block_h
         self.num_warps = num_warps
         self.split_tiles = split_tiles
@@ -345,8 +497,9 @@ class TritonChunkBackend:
         return per * block_v, triton.cdiv(n_tiles, per)
 
     @staticmethod
-    def _merge(m: Tensor, s: Tensor, sum_z: Tensor, count: Tensor, z_y: Tensor, scales: tuple[float, ...]
-               ) -> tuple[Tensor, dict[float, Tensor], Tensor, Tensor, Tensor]:
+    def _merge(
+        m: Tensor, s: Tensor, sum_z: Tensor, count: Tensor, z_y: Tensor, scales: tuple[float, ...]
+    ) -> tuple[Tensor, dict[float, Tensor], Tensor, Tensor, Tensor]:
         """Combine per-slice statistics ``(splits, n)`` into per-token ones (``lse`` relative to the max).
 
         That is:
@@ -382,15 +535,26 @@ class TritonChunkBackend:
     def _scales(rule: ScoringRule, smoothing: float) -> tuple[tuple[float, ...], dict[str, float]]:
         scales = rule.scales(smoothing)
         if len(scales) > MAX_SCALES:
-            raise ValueError(f"the Triton kernels support at most {MAX_SCALES} scales, rule {rule.spec!r} needs "
-                             f"{len(scales)}")
+            raise ValueError(
+                f"the Triton kernels support at most {MAX_SCALES} scales, rule {rule.spec!r} needs {len(scales)}"
+            )
         padded = tuple(scales) + (1.0,) * (MAX_SCALES - len(scales))
         return scales, {f"C{i}": float(c) for i, c in enumerate(padded)}
 
     # ------------------------------------------------------------------ backend interface
-    def stats(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, rule: ScoringRule,
-              smoothing: float, *, softcap: float | None = None,
-              logit_scale: float | None = None, smoothing_variant: str = "paper") -> tuple[TokenStats, Any]:
+    def stats(
+        self,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        y: Tensor,
+        rule: ScoringRule,
+        smoothing: float,
+        *,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+        smoothing_variant: str = "paper",
+    ) -> tuple[TokenStats, Any]:
         """See :meth:`properlm.fused.chunked.ChunkBackend.stats`: online over vocabulary tiles."""
         h, weight, b = self._prep(h, weight, bias)
         head = self._head(softcap, logit_scale)
@@ -408,9 +572,29 @@ class TritonChunkBackend:
         count = torch.empty(splits, n, **f32)
         z_y = torch.empty(splits, n, **f32)
         grid = (n_blocks, splits)
-        _stats_kernel[grid](h, weight, b, y, m, s, sum_z, count, z_y, n, V, H, h.stride(0), weight.stride(0),
-                            split_cols, **head, **cs, NUM_SCALES=len(scales), HAS_BIAS=bias is not None,
-                            num_warps=self.num_warps, **cfg)
+        _stats_kernel[grid](
+            h,
+            weight,
+            b,
+            y,
+            m,
+            s,
+            sum_z,
+            count,
+            z_y,
+            n,
+            V,
+            H,
+            h.stride(0),
+            weight.stride(0),
+            split_cols,
+            **head,
+            **cs,
+            NUM_SCALES=len(scales),
+            HAS_BIAS=bias is not None,
+            num_warps=self.num_warps,
+            **cfg,
+        )
         m, lse, sum_z, count, z_y = self._merge(m, s, sum_z, count, z_y, scales)
         stats = TokenStats(z_y=z_y, lse=lse, num_classes=count, max_logit=m)
         if smoothing > 0 and rule.uses_logit_sum:
@@ -420,8 +604,25 @@ class TritonChunkBackend:
             thresh = self._threshold(stats, eps)
             msum = torch.empty(splits, n, **f32)
             mcount = torch.empty(splits, n, **f32)
-            _masked_kernel[grid](h, weight, b, m, thresh, msum, mcount, n, V, H, h.stride(0), weight.stride(0),
-                                 split_cols, **head, HAS_BIAS=bias is not None, num_warps=self.num_warps, **cfg)
+            _masked_kernel[grid](
+                h,
+                weight,
+                b,
+                m,
+                thresh,
+                msum,
+                mcount,
+                n,
+                V,
+                H,
+                h.stride(0),
+                weight.stride(0),
+                split_cols,
+                **head,
+                HAS_BIAS=bias is not None,
+                num_warps=self.num_warps,
+                **cfg,
+            )
             stats.masked_sum_z, stats.masked_count = msum.sum(0), mcount.sum(0)
         return stats, None
 
@@ -430,9 +631,21 @@ class TritonChunkBackend:
         # the test of properlm.stats.masked_set: j in M  <=>  exp(z_j - m) < threshold
         return masked_threshold(stats.lse[1.0], stats.num_classes, eps, torch.float32).contiguous()
 
-    def grad_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, stats: TokenStats,
-                    partials: TokenStats, rule: ScoringRule, smoothing: float, cache: Any, *,
-                    softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
+    def grad_logits(
+        self,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        y: Tensor,
+        stats: TokenStats,
+        partials: TokenStats,
+        rule: ScoringRule,
+        smoothing: float,
+        cache: Any,
+        *,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+    ) -> Tensor:
         """See :meth:`properlm.fused.chunked.ChunkBackend.grad_logits`: written tile by tile."""
         h, weight, b = self._prep(h, weight, bias)
         head = self._head(softcap, logit_scale)
@@ -455,8 +668,31 @@ class TritonChunkBackend:
         # stored (the next matmuls run in that dtype anyway), which halves its memory traffic
         g = torch.empty(n, V, dtype=logit_grad_dtype(h), device=h.device)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
-        _grad_kernel[grid](h, weight, b, y, m, coef, fsumz, thresh, fmsum, fzy, g, n, V, H, h.stride(0),
-                           weight.stride(0), g.stride(0), **head, **cs, NUM_SCALES=len(scales),
-                           HAS_BIAS=bias is not None, HAS_SUMZ=has_sumz, HAS_MASK=has_mask,
-                           num_warps=self.num_warps, **cfg)
+        _grad_kernel[grid](
+            h,
+            weight,
+            b,
+            y,
+            m,
+            coef,
+            fsumz,
+            thresh,
+            fmsum,
+            fzy,
+            g,
+            n,
+            V,
+            H,
+            h.stride(0),
+            weight.stride(0),
+            g.stride(0),
+            **head,
+            **cs,
+            NUM_SCALES=len(scales),
+            HAS_BIAS=bias is not None,
+            HAS_SUMZ=has_sumz,
+            HAS_MASK=has_mask,
+            num_warps=self.num_warps,
+            **cfg,
+        )
         return g

@@ -90,8 +90,9 @@ class RuleSchedule:
             except ValueError as err:
                 raise ValueError(f"schedule stage {i} ({stage!r}): {err}") from None
             if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-                raise ValueError(f"schedule stage {i} ({stage!r}): the number of steps must be a positive integer, "
-                                 f"got {steps!r}")
+                raise ValueError(
+                    f"schedule stage {i} ({stage!r}): the number of steps must be a positive integer, got {steps!r}"
+                )
             checked.append((rule_obj, steps))
         object.__setattr__(self, "stages", tuple(checked))
 
@@ -113,8 +114,9 @@ class RuleSchedule:
         rule parameters, or a missing, non-integer or non-positive number of steps.
         """
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"a rule schedule must be a non-empty string like 'logarithmic:13000,brier:5000', "
-                             f"got {text!r}")
+            raise ValueError(
+                f"a rule schedule must be a non-empty string like 'logarithmic:13000,brier:5000', got {text!r}"
+            )
         stages: list[tuple[ScoringRule, int]] = []
         pending = ""  # a rule spec with several comma-separated parameters spans several pieces
         for piece in text.split(","):
@@ -143,8 +145,10 @@ class RuleSchedule:
             stages.append((rule, steps))
             pending = ""
         if pending:
-            raise ValueError(f"schedule stage {len(stages) + 1} ({pending!r}): expected 'rule:steps', the number of "
-                             "steps is missing or not an integer")
+            raise ValueError(
+                f"schedule stage {len(stages) + 1} ({pending!r}): expected 'rule:steps', the number of "
+                "steps is missing or not an integer"
+            )
         return cls(tuple(stages))
 
     @property
@@ -218,8 +222,10 @@ class RuleScheduleCallback(_trainer_callback_base()):  # type: ignore[misc]
         if not isinstance(self.schedule, RuleSchedule):
             raise ValueError(f"schedule must be a RuleSchedule or a string, got {type(schedule).__name__}")
         if not callable(getattr(target, "set_rule", None)):
-            raise ValueError(f"target must have a set_rule(rule, smoothing) method (a ScoringRuleHandle or a "
-                             f"ScoringRuleLossFunc), got {type(target).__name__}")
+            raise ValueError(
+                f"target must have a set_rule(rule, smoothing) method (a ScoringRuleHandle or a "
+                f"ScoringRuleLossFunc), got {type(target).__name__}"
+            )
         self.target = target
         self.smoothing = smoothing
         #: (global_step, rule spec) for every switch made, for inspection and tests
@@ -241,8 +247,7 @@ class RuleScheduleCallback(_trainer_callback_base()):  # type: ignore[misc]
         """Switch the rule when this step begins a new stage."""
         self._sync(int(state.global_step))
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-               **kwargs: Any) -> None:
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         """Add ``rule`` and ``rule_stage`` to the logged record."""
         step = max(int(state.global_step) - 1, 0)
         stage = self.schedule.stage_at(step)

@@ -37,8 +37,12 @@ def _sampling_arguments(group_by_length: bool) -> dict[str, Any]:
 #: ``lr_scheduler`` -> the ``transformers`` scheduler type. Every schedule starts with ``warmup_steps`` of linear
 #: warm-up; transformers' ``"constant"`` ignores ``warmup_steps``, its ``"constant_with_warmup"`` is our
 #: ``constant`` (the same as ``"constant"`` when ``warmup_steps`` is 0).
-_HF_SCHEDULERS = {"inverse_sqrt": "inverse_sqrt", "cosine": "cosine", "linear": "linear",
-                  "constant": "constant_with_warmup"}
+_HF_SCHEDULERS = {
+    "inverse_sqrt": "inverse_sqrt",
+    "cosine": "cosine",
+    "linear": "linear",
+    "constant": "constant_with_warmup",
+}
 
 
 def _training_arguments(cfg: TrainConfig, max_steps: int, has_eval: bool) -> Any:

@@ -38,8 +38,9 @@ def _metrics_callback(path: str, rule_at: Any) -> Any:
             if state.is_world_process_zero and state.global_step > 0:
                 drop_records_after(path, state.global_step)
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-                   **kwargs: Any) -> None:
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> None:
             if not state.is_world_process_zero or not logs:
                 return
             step = state.global_step
@@ -86,8 +87,11 @@ def _resume_callback(checkpoint: str) -> Any:
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
-                print(f"properlm train: resuming from {os.path.basename(os.path.normpath(checkpoint))} "
-                      f"(step {state.global_step} of {state.max_steps}) in {args.output_dir}", flush=True)
+                print(
+                    f"properlm train: resuming from {os.path.basename(os.path.normpath(checkpoint))} "
+                    f"(step {state.global_step} of {state.max_steps}) in {args.output_dir}",
+                    flush=True,
+                )
 
     return ResumeMessageCallback()
 

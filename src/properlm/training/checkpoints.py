@@ -17,8 +17,15 @@ import torch
 
 from ..modeling import unwrap_model
 
-__all__ = ["average_checkpoints", "checkpoint_step", "find_checkpoints", "finished_run", "is_run_output",
-           "missing_weights", "remove_earlier_run"]
+__all__ = [
+    "average_checkpoints",
+    "checkpoint_step",
+    "find_checkpoints",
+    "finished_run",
+    "is_run_output",
+    "missing_weights",
+    "remove_earlier_run",
+]
 
 #: what ``properlm train`` writes into its output directory besides ``checkpoint-N``, each with the test that
 #: tells it is the earlier run's (an ``--overwrite-output-dir`` run removes only what passes)
@@ -74,8 +81,10 @@ def _weights_file(checkpoint: str) -> str:
         path = os.path.join(checkpoint, name)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"{checkpoint} holds no model.safetensors / adapter_model.safetensors "
-                            "(sharded checkpoints are not supported for averaging)")
+    raise FileNotFoundError(
+        f"{checkpoint} holds no model.safetensors / adapter_model.safetensors "
+        "(sharded checkpoints are not supported for averaging)"
+    )
 
 
 def average_checkpoints(checkpoints: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -126,8 +135,12 @@ def is_run_output(output_dir: str, name: str) -> bool:
     from ..modeling import TRAINING_RECORD
 
     path = os.path.join(output_dir, name)
-    inner = {"final": TRAINING_RECORD, "averaged": TRAINING_RECORD, "tokenizer": "tokenizer.json",
-             "base": "config.json"}
+    inner = {
+        "final": TRAINING_RECORD,
+        "averaged": TRAINING_RECORD,
+        "tokenizer": "tokenizer.json",
+        "base": "config.json",
+    }
     if name in inner:
         return os.path.isfile(os.path.join(path, inner[name]))
     if name == "runs":

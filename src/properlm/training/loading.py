@@ -17,14 +17,24 @@ from .config import ConfigError, TrainConfig
 
 
 def _load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
-    train = load_examples(cfg.train_file, task=cfg.task if cfg.task != "translation" else None,
-                          source_file=cfg.source_file, target_file=cfg.target_file,
-                          source_lang=cfg.source_lang, target_lang=cfg.target_lang)
+    train = load_examples(
+        cfg.train_file,
+        task=cfg.task if cfg.task != "translation" else None,
+        source_file=cfg.source_file,
+        target_file=cfg.target_file,
+        source_lang=cfg.source_lang,
+        target_lang=cfg.target_lang,
+    )
     val: list[Example] = []
     if cfg.validation_file is not None or cfg.validation_source_file is not None:
-        val = load_examples(cfg.validation_file, task=train[0].task if cfg.validation_file else None,
-                            source_file=cfg.validation_source_file, target_file=cfg.validation_target_file,
-                            source_lang=cfg.source_lang, target_lang=cfg.target_lang)
+        val = load_examples(
+            cfg.validation_file,
+            task=train[0].task if cfg.validation_file else None,
+            source_file=cfg.validation_source_file,
+            target_file=cfg.validation_target_file,
+            source_lang=cfg.source_lang,
+            target_lang=cfg.target_lang,
+        )
         if val[0].task != train[0].task:
             raise DataError(f"validation data is {val[0].task} but training data is {train[0].task}")
     elif cfg.validation_fraction > 0:
@@ -41,17 +51,28 @@ def _build_model(cfg: TrainConfig, train: list[Example], args: Any) -> tuple[Any
     from transformers import PreTrainedTokenizerFast
 
     tok_dir = os.path.join(cfg.output_dir, "tokenizer")
-    init_options = {"hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
-                    "ffn_size": cfg.ffn_size, "dropout": cfg.dropout,
-                    "max_positions": max(cfg.max_length, 64)}
+    init_options = {
+        "hidden_size": cfg.hidden_size,
+        "num_layers": cfg.num_layers,
+        "num_heads": cfg.num_heads,
+        "ffn_size": cfg.ffn_size,
+        "dropout": cfg.dropout,
+        "max_positions": max(cfg.max_length, 64),
+    }
     # rank 0 trains and saves the tokenizer first; other ranks (and resumed runs) load it
     with args.main_process_first(desc="tokenizer"):
         tokenizer = None
         if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
             tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
         texts = [t for e in train for t in (e.source, e.target)]
-        model, tokenizer = load_model_and_tokenizer(init=cfg.init, train_texts=texts, vocab_size=cfg.vocab_size,
-                                                    seed=cfg.seed, tokenizer=tokenizer, init_options=init_options)
+        model, tokenizer = load_model_and_tokenizer(
+            init=cfg.init,
+            train_texts=texts,
+            vocab_size=cfg.vocab_size,
+            seed=cfg.seed,
+            tokenizer=tokenizer,
+            init_options=init_options,
+        )
         if args.process_index == 0 and not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
             tokenizer.save_pretrained(tok_dir)
     return model, tokenizer
@@ -63,9 +84,13 @@ def _apply_lora(cfg: TrainConfig, model: Any, seq2seq: bool) -> Any:
     targets: Any = cfg.lora_target_modules
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    lora_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                             target_modules=targets,
-                             task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM)
+    lora_config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
+    )
     try:
         return get_peft_model(model, lora_config)
     except ValueError as exc:

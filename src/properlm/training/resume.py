@@ -28,18 +28,38 @@ from typing import Any
 from .checkpoints import checkpoint_step, find_checkpoints
 from .config import TrainConfig, config_fields
 
-__all__ = ["RUN_CONFIG", "options_to_resume", "read_run_config", "resume_differences", "saved_options",
-           "write_run_config"]
+__all__ = [
+    "RUN_CONFIG",
+    "options_to_resume",
+    "read_run_config",
+    "resume_differences",
+    "saved_options",
+    "write_run_config",
+]
 
 #: file in every ``checkpoint-N``: the run's options (``dataclasses.asdict(TrainConfig)``)
 RUN_CONFIG = "properlm_config.json"
 
 #: options that leave the trained parameters unchanged, so a resumed run may change them freely
-_NOT_COMPARED = frozenset({
-    "output_dir", "overwrite_output_dir", "resume", "logging_steps", "tensorboard", "progress_bar",
-    "dataloader_num_workers", "eval_steps", "save_steps", "save_total_limit", "average_last",
-    "per_device_eval_batch_size", "validation_file", "validation_source_file", "validation_target_file",
-})
+_NOT_COMPARED = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "resume",
+        "logging_steps",
+        "tensorboard",
+        "progress_bar",
+        "dataloader_num_workers",
+        "eval_steps",
+        "save_steps",
+        "save_total_limit",
+        "average_last",
+        "per_device_eval_batch_size",
+        "validation_file",
+        "validation_source_file",
+        "validation_target_file",
+    }
+)
 #: options holding file or directory paths (compared as absolute paths)
 _PATHS = frozenset({"model", "train_file", "source_file", "target_file"})
 
@@ -135,15 +155,18 @@ def resume_differences(cfg: TrainConfig, checkpoint: str) -> list[str]:
     now = _canonical(dataclasses.asdict(cfg))
     steps = checkpoint_step(checkpoint)
     objective_changed = _objective(saved, steps) != _objective(now, steps)
-    length_matters = (saved.get("lr_scheduler") not in _LENGTH_FREE_SCHEDULERS
-                      or now.get("lr_scheduler") not in _LENGTH_FREE_SCHEDULERS)
+    length_matters = (
+        saved.get("lr_scheduler") not in _LENGTH_FREE_SCHEDULERS
+        or now.get("lr_scheduler") not in _LENGTH_FREE_SCHEDULERS
+    )
     length_changed = length_matters and _length(saved) != _length(now)
     out = []
     for name, value in now.items():
         if name in _NOT_COMPARED or name not in saved:
             continue
         if (name in _OBJECTIVE or name in _LENGTH) and not (
-                (name in _OBJECTIVE and objective_changed) or (name in _LENGTH and length_changed)):
+            (name in _OBJECTIVE and objective_changed) or (name in _LENGTH and length_changed)
+        ):
             continue
         old = saved[name]
         if _normal(old) != _normal(value):

@@ -58,11 +58,15 @@ def truncation_line(counts: dict[str, int], cfg: TrainConfig) -> str:
     """
     parts = []
     if counts["num_cut_at_max_length"]:
-        parts.append(f"{counts['num_cut_at_max_length']} of {counts['num_examples']} training examples cut at "
-                     f"--max-length {cfg.max_length}")
+        parts.append(
+            f"{counts['num_cut_at_max_length']} of {counts['num_examples']} training examples cut at "
+            f"--max-length {cfg.max_length}"
+        )
     if counts["num_sources_cut"]:
-        parts.append(f"{counts['num_sources_cut']} of {counts['num_examples']} sources cut at --max-source-length "
-                     f"{cfg.max_source_length}")
+        parts.append(
+            f"{counts['num_sources_cut']} of {counts['num_examples']} sources cut at --max-source-length "
+            f"{cfg.max_source_length}"
+        )
     return "; ".join(parts)
 
 
@@ -121,8 +125,11 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
             if args.process_index == 0:
                 removed = remove_earlier_run(cfg.output_dir)
                 if removed and not quiet:
-                    print(f"properlm train: --overwrite-output-dir removed the earlier run's {', '.join(removed)} "
-                          f"from {cfg.output_dir}", flush=True)
+                    print(
+                        f"properlm train: --overwrite-output-dir removed the earlier run's {', '.join(removed)} "
+                        f"from {cfg.output_dir}",
+                        flush=True,
+                    )
     set_seed(cfg.seed)
     model, tokenizer = _build_model(cfg, train_examples, args)
     seq2seq = is_seq2seq(model)
@@ -159,19 +166,24 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
         handle = apply_improper_loss(model, improper, fused=cfg.fused)
         if not quiet and args.process_index == 0:
             objective = IMPROPER_OBJECTIVES[improper]
-            print(f"properlm train: training with the improper objective {improper!r} (L = {objective.formula}; "
-                  f"{objective.reference}) instead of a scoring rule: a baseline, not a proper scoring rule",
-                  flush=True)
+            print(
+                f"properlm train: training with the improper objective {improper!r} (L = {objective.formula}; "
+                f"{objective.reference}) instead of a scoring rule: a baseline, not a proper scoring rule",
+                flush=True,
+            )
     else:
-        handle = apply_scoring_rule(model, rule_at(0), smoothing=cfg.smoothing, fused=cfg.fused,
-                                    smoothing_variant=cfg.smoothing_variant)
+        handle = apply_scoring_rule(
+            model, rule_at(0), smoothing=cfg.smoothing, fused=cfg.fused, smoothing_variant=cfg.smoothing_variant
+        )
     record: dict[str, Any] = {**lengths, "task": train_examples[0].task, "seq2seq": seq2seq}
     if cfg.source_file is not None:  # the language names of the prompts (they apply to parallel files only)
         record.update({n: getattr(cfg, n) for n in ("source_lang", "target_lang") if getattr(cfg, n) is not None})
     if improper is not None:
         record["improper_loss"] = improper
-    all_callbacks: list[Any] = [_metrics_callback(os.path.join(cfg.output_dir, "metrics.jsonl"), label_at),
-                                _training_record_callback(record, cfg)]
+    all_callbacks: list[Any] = [
+        _metrics_callback(os.path.join(cfg.output_dir, "metrics.jsonl"), label_at),
+        _training_record_callback(record, cfg),
+    ]
     if cfg.lora and cfg.gguf_file:
         all_callbacks.append(_gguf_base_callback(cfg))
     if schedule is not None:
@@ -187,9 +199,16 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
             if spec not in rules:
                 rules.append(spec)
     trainer_cls = _make_trainer_class()
-    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                          data_collator=DataCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                          callbacks=all_callbacks, compute_metrics=_score_metrics(rules) if val_ds else None)
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        data_collator=DataCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=all_callbacks,
+        compute_metrics=_score_metrics(rules) if val_ds else None,
+    )
     _warn_if_fsdp_ignored(trainer)
     if quiet:
         from transformers import PrinterCallback, ProgressCallback
@@ -209,7 +228,8 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     results: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
-        "rule_stages": [[get_rule(r).spec, int(n)] for r, n in schedule.stages] if schedule is not None
+        "rule_stages": [[get_rule(r).spec, int(n)] for r, n in schedule.stages]
+        if schedule is not None
         else [[label_at(0), trainer.state.max_steps]],
         "resumed_from": resume_from,
         "train": dict(train_output.metrics),
@@ -226,7 +246,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
     results["final_model"] = _save(trainer, cfg, "final", record)
 
     if cfg.average_last > 0:
-        checkpoints = find_checkpoints(cfg.output_dir)[-cfg.average_last:]
+        checkpoints = find_checkpoints(cfg.output_dir)[-cfg.average_last :]
         state = average_checkpoints(checkpoints)
         _load_averaged(trainer.model, state, cfg.lora)
         results["averaged_model"] = _save(trainer, cfg, "averaged", record)

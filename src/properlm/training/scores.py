@@ -46,8 +46,9 @@ def _score_sums(logits: torch.Tensor, labels: torch.Tensor, rules: Sequence[str]
     return _row_score_sums(z, y, rows // T, B, rules)
 
 
-def _row_score_sums(z: torch.Tensor, y: torch.Tensor, seq: torch.Tensor, batch: int,
-                    rules: Sequence[str]) -> torch.Tensor:
+def _row_score_sums(
+    z: torch.Tensor, y: torch.Tensor, seq: torch.Tensor, batch: int, rules: Sequence[str]
+) -> torch.Tensor:
     """Per-sequence sums of each rule's token score from scored rows -> ``(batch, R)`` (float64).
 
     Logits ``z (N, V)``, targets ``y (N,)`` and the sequence ``seq (N,)`` of each row.
@@ -59,8 +60,8 @@ def _row_score_sums(z: torch.Tensor, y: torch.Tensor, seq: torch.Tensor, batch: 
     chunk = max(1, _EVAL_CHUNK_ELEMENTS // max(V, 1))  # rows per chunk: bounded float32 temporaries
     rule_objs = [get_rule(spec) for spec in rules]
     for start in range(0, y.numel(), chunk):
-        scores, _ = rule_scores(z[start:start + chunk].float(), y[start:start + chunk], rule_objs)
-        out.index_add_(0, seq[start:start + chunk], scores.double())
+        scores, _ = rule_scores(z[start : start + chunk].float(), y[start : start + chunk], rule_objs)
+        out.index_add_(0, seq[start : start + chunk], scores.double())
     return out
 
 

@@ -77,8 +77,9 @@ def _make_trainer_class() -> type:
                 load_result = SimpleNamespace(missing_keys=[], unexpected_keys=list(load_result.unexpected_keys))
             super()._issue_warnings_after_load(load_result)
 
-        def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
-                            ignore_keys: Any = None) -> tuple[Any, Any, Any]:
+        def prediction_step(
+            self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
+        ) -> tuple[Any, Any, Any]:
             inputs = self._prepare_inputs(inputs)
             labels = inputs["labels"]
             fwd = {k: v for k, v in inputs.items() if k != "labels"}
@@ -96,14 +97,13 @@ def _make_trainer_class() -> type:
                     hook.arm(shifted != -100)
                 logits = model(**fwd).logits
                 rows = None if hook is None else hook.rows(logits, "evaluation")
-            counts = (labels[:, 0 if seq2seq else 1:] != -100).sum(-1, keepdim=True).double()
+            counts = (labels[:, 0 if seq2seq else 1 :] != -100).sum(-1, keepdim=True).double()
             if rows is not None and shifted is not None:
                 mask = shifted != -100
                 targets = shifted[mask]
                 seq = mask.nonzero()[:, 0]
                 loss = self._properlm_eval_loss(rows, targets)
-                return loss, _row_score_sums(rows.detach(), targets, seq, labels.shape[0], self.properlm_rules), \
-                    counts
+                return loss, _row_score_sums(rows.detach(), targets, seq, labels.shape[0], self.properlm_rules), counts
             if not seq2seq:
                 logits, labels = logits[:, :-1], labels[:, 1:]
             loss = self._properlm_eval_loss(logits, labels)
@@ -114,7 +114,8 @@ def _make_trainer_class() -> type:
             if self.properlm_improper_loss is not None:  # the improper objective trained instead of a rule
                 return get_improper_objective(self.properlm_improper_loss)(logits, labels).detach()
             rule = self.properlm_rule_at(self.state.global_step)
-            return scoring_rule_loss(logits, labels, rule, self.properlm_smoothing,
-                                     smoothing_variant=self.properlm_smoothing_variant).detach()
+            return scoring_rule_loss(
+                logits, labels, rule, self.properlm_smoothing, smoothing_variant=self.properlm_smoothing_variant
+            ).detach()
 
     return ScoringRuleTrainer

@@ -24,8 +24,14 @@ from ..stats import PAPER_SMOOTHING_WARN_VOCAB, SMOOTHING_VARIANTS, warn_paper_s
 from .checkpoints import find_checkpoints, finished_run
 from .config import LR_SCHEDULERS, ConfigError, TrainConfig
 
-__all__ = ["PAPER_SMOOTHING_WARN_VOCAB", "expected_vocab_size", "ignored_option_warnings", "run_smoothing_warning",
-           "smoothing_warning", "validate_config"]
+__all__ = [
+    "PAPER_SMOOTHING_WARN_VOCAB",
+    "expected_vocab_size",
+    "ignored_option_warnings",
+    "run_smoothing_warning",
+    "smoothing_warning",
+    "validate_config",
+]
 
 
 def _parse_schedule(spec: str) -> Any:
@@ -58,17 +64,25 @@ def _check_improper(cfg: TrainConfig, rule_spec: str) -> None:
     if name not in IMPROPER_OBJECTIVES:
         raise ConfigError(f"--improper-loss must be one of {', '.join(IMPROPER_OBJECTIVES)}, got {name!r}")
     if cfg.schedule is not None:
-        raise ConfigError(f"--improper-loss {name} cannot be combined with --schedule: the improper objective "
-                          "replaces the scoring rule for the whole run")
+        raise ConfigError(
+            f"--improper-loss {name} cannot be combined with --schedule: the improper objective "
+            "replaces the scoring rule for the whole run"
+        )
     if cfg.smoothing > 0:
-        raise ConfigError(f"--improper-loss {name} cannot be combined with --smoothing {cfg.smoothing:g}: score "
-                          "smoothing is defined for scoring rules only")
+        raise ConfigError(
+            f"--improper-loss {name} cannot be combined with --smoothing {cfg.smoothing:g}: score "
+            "smoothing is defined for scoring rules only"
+        )
     if cfg.smoothing_variant != "paper":
-        raise ConfigError(f"--improper-loss {name} cannot be combined with --smoothing-variant "
-                          f"{cfg.smoothing_variant}: score smoothing is defined for scoring rules only")
+        raise ConfigError(
+            f"--improper-loss {name} cannot be combined with --smoothing-variant "
+            f"{cfg.smoothing_variant}: score smoothing is defined for scoring rules only"
+        )
     if rule_spec != "logarithmic":
-        raise ConfigError(f"--improper-loss {name} replaces the scoring rule: give either --rule or "
-                          f"--improper-loss, not both (got --rule {cfg.rule})")
+        raise ConfigError(
+            f"--improper-loss {name} replaces the scoring rule: give either --rule or "
+            f"--improper-loss, not both (got --rule {cfg.rule})"
+        )
 
 
 def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
@@ -91,10 +105,17 @@ def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
     if (cfg.source_file is None) != (cfg.target_file is None):
         raise ConfigError("translation data needs both --source-file and --target-file")
     if (cfg.validation_source_file is None) != (cfg.validation_target_file is None):
-        raise ConfigError("translation validation data needs both --validation-source-file and "
-                          "--validation-target-file")
-    for name in ("train_file", "source_file", "target_file", "validation_file", "validation_source_file",
-                 "validation_target_file"):
+        raise ConfigError(
+            "translation validation data needs both --validation-source-file and --validation-target-file"
+        )
+    for name in (
+        "train_file",
+        "source_file",
+        "target_file",
+        "validation_file",
+        "validation_source_file",
+        "validation_target_file",
+    ):
         _check_file(getattr(cfg, name), name)
     has_val_files = cfg.validation_file is not None or cfg.validation_source_file is not None
     if not 0.0 <= cfg.validation_fraction < 1.0:
@@ -102,8 +123,10 @@ def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
     if has_val_files and cfg.validation_fraction > 0:
         raise ConfigError("give either validation files or --validation-fraction, not both")
     if cfg.eval_steps is not None and not has_val_files and cfg.validation_fraction == 0:
-        raise ConfigError("--eval-steps needs a validation set: --validation-file, --validation-source-file/"
-                          "--validation-target-file or --validation-fraction")
+        raise ConfigError(
+            "--eval-steps needs a validation set: --validation-file, --validation-source-file/"
+            "--validation-target-file or --validation-fraction"
+        )
     try:
         rule = get_rule(cfg.rule)
     except ValueError as exc:
@@ -111,8 +134,9 @@ def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
     if not 0.0 <= cfg.smoothing < 1.0:
         raise ConfigError(f"--smoothing must be in [0, 1), got {cfg.smoothing}")
     if cfg.smoothing_variant not in SMOOTHING_VARIANTS:
-        raise ConfigError(f"--smoothing-variant must be one of {', '.join(SMOOTHING_VARIANTS)}, "
-                          f"got {cfg.smoothing_variant!r}")
+        raise ConfigError(
+            f"--smoothing-variant must be one of {', '.join(SMOOTHING_VARIANTS)}, got {cfg.smoothing_variant!r}"
+        )
     if cfg.improper_loss is not None:
         _check_improper(cfg, rule.spec)
     if cfg.smoothing > 0:
@@ -123,12 +147,28 @@ def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
     if cfg.torch_compile:
         backends = torch._dynamo.list_backends(exclude_tags=())
         if cfg.torch_compile_backend not in backends:
-            raise ConfigError(f"--torch-compile-backend must be one of {', '.join(backends)}, "
-                              f"got {cfg.torch_compile_backend!r}")
-    positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "max_length", "per_device_train_batch_size",
-                "gradient_accumulation_steps", "logging_steps", "lora_r"]
-    optional_positive = ["max_steps", "per_device_eval_batch_size", "eval_steps", "save_steps", "save_total_limit",
-                         "ffn_size"]
+            raise ConfigError(
+                f"--torch-compile-backend must be one of {', '.join(backends)}, got {cfg.torch_compile_backend!r}"
+            )
+    positive = [
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "max_length",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "lora_r",
+    ]
+    optional_positive = [
+        "max_steps",
+        "per_device_eval_batch_size",
+        "eval_steps",
+        "save_steps",
+        "save_total_limit",
+        "ffn_size",
+    ]
     for name in positive + optional_positive:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
@@ -151,8 +191,10 @@ def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
     if cfg.init is None:
         limit, key = model_max_positions(model_config_dict(cfg.model, cfg.gguf_file))
         if limit is not None and cfg.max_length > limit:
-            raise ConfigError(f"--max-length {cfg.max_length} exceeds the {limit} positions model {cfg.model!r} "
-                              f"takes ({key} in its config.json); use --max-length {limit} or less")
+            raise ConfigError(
+                f"--max-length {cfg.max_length} exceeds the {limit} positions model {cfg.model!r} "
+                f"takes ({key} in its config.json); use --max-length {limit} or less"
+            )
     if not cfg.learning_rate > 0 or not math.isfinite(cfg.learning_rate):
         raise ConfigError(f"--learning-rate must be positive, got {cfg.learning_rate}")
     if not cfg.num_train_epochs > 0 or not math.isfinite(cfg.num_train_epochs):
@@ -162,22 +204,27 @@ def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
     if not 0.0 <= cfg.dropout < 1.0 or not 0.0 <= cfg.lora_dropout < 1.0:
         raise ConfigError("--dropout and --lora-dropout must be in [0, 1)")
     if cfg.init is not None and cfg.vocab_size < MIN_VOCAB_SIZE:
-        raise ConfigError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + special tokens) for the "
-                          f"byte-level BPE of --init, got {cfg.vocab_size}")
+        raise ConfigError(
+            f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 bytes + special tokens) for the "
+            f"byte-level BPE of --init, got {cfg.vocab_size}"
+        )
     if cfg.init is not None and cfg.hidden_size % cfg.num_heads:
         raise ConfigError(f"--hidden-size {cfg.hidden_size} is not divisible by --num-heads {cfg.num_heads}")
     if cfg.schedule is not None:
         schedule = _parse_schedule(cfg.schedule)
         if cfg.max_steps is not None and cfg.max_steps != schedule.total_steps:
-            raise ConfigError(f"--max-steps {cfg.max_steps} differs from the schedule's total of "
-                              f"{schedule.total_steps} steps ({cfg.schedule}); omit --max-steps")
+            raise ConfigError(
+                f"--max-steps {cfg.max_steps} differs from the schedule's total of "
+                f"{schedule.total_steps} steps ({cfg.schedule}); omit --max-steps"
+            )
         if cfg.rule != "logarithmic" and get_rule(cfg.rule) != schedule.rule_at(0):
             raise ConfigError("give either --rule or --schedule, not both")
     if cfg.average_last > 0 and cfg.save_steps is None:
         raise ConfigError("--average-last needs checkpoints: set --save-steps")
     if cfg.save_total_limit is not None and cfg.save_total_limit < cfg.average_last:
-        raise ConfigError(f"--save-total-limit {cfg.save_total_limit} keeps fewer checkpoints than --average-last "
-                          f"{cfg.average_last}")
+        raise ConfigError(
+            f"--save-total-limit {cfg.save_total_limit} keeps fewer checkpoints than --average-last {cfg.average_last}"
+        )
     _check_precision(cfg)
     if cfg.lora:
         try:
@@ -195,9 +242,13 @@ def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
 
         slow = slow_bf16_warning("auto", "training") if cfg.bf16 else None
         smoothing = run_smoothing_warning(cfg, expected_vocab_size(cfg))
-        for message in [*ignored_option_warnings(cfg), *_earlier_run_warnings(cfg, checkpoints),
-                        *_resume_warnings(cfg, checkpoints), *([slow] if slow else []),
-                        *([smoothing] if smoothing else [])]:
+        for message in [
+            *ignored_option_warnings(cfg),
+            *_earlier_run_warnings(cfg, checkpoints),
+            *_resume_warnings(cfg, checkpoints),
+            *([slow] if slow else []),
+            *([smoothing] if smoothing else []),
+        ]:
             warnings.warn(message, UserWarning, stacklevel=2)
 
 
@@ -215,11 +266,15 @@ def _check_earlier_run(cfg: TrainConfig, checkpoints: list[str]) -> None:
     if cfg.resume or cfg.overwrite_output_dir:
         return
     if checkpoints:
-        raise ConfigError(f"--output-dir {cfg.output_dir!r} already holds checkpoints; pass --resume to continue "
-                          "that run or --overwrite-output-dir to start afresh")
+        raise ConfigError(
+            f"--output-dir {cfg.output_dir!r} already holds checkpoints; pass --resume to continue "
+            "that run or --overwrite-output-dir to start afresh"
+        )
     if finished:
-        raise ConfigError(f"--output-dir {cfg.output_dir!r} holds a finished run ({', '.join(finished)}); pass "
-                          "--overwrite-output-dir to replace it, or choose another --output-dir")
+        raise ConfigError(
+            f"--output-dir {cfg.output_dir!r} holds a finished run ({', '.join(finished)}); pass "
+            "--overwrite-output-dir to replace it, or choose another --output-dir"
+        )
 
 
 def _resume_warnings(cfg: TrainConfig, checkpoints: list[str]) -> list[str]:
@@ -231,9 +286,11 @@ def _resume_warnings(cfg: TrainConfig, checkpoints: list[str]) -> list[str]:
     changed = resume_differences(cfg, checkpoints[-1])
     if not changed:
         return []
-    return [f"--resume: {len(changed)} option(s) differ from the run saved in {checkpoints[-1]!r}: "
-            f"{'; '.join(changed)}. Training continues with the new values, so the result is not the run "
-            "that the original command would have produced without the interruption"]
+    return [
+        f"--resume: {len(changed)} option(s) differ from the run saved in {checkpoints[-1]!r}: "
+        f"{'; '.join(changed)}. Training continues with the new values, so the result is not the run "
+        "that the original command would have produced without the interruption"
+    ]
 
 
 def _earlier_run_warnings(cfg: TrainConfig, checkpoints: list[str]) -> list[str]:
@@ -246,13 +303,17 @@ def _earlier_run_warnings(cfg: TrainConfig, checkpoints: list[str]) -> list[str]
         return []
     out: list[str] = []
     if cfg.init is not None and os.path.isfile(os.path.join(cfg.output_dir, "tokenizer", "tokenizer.json")):
-        out.append(f"--output-dir {cfg.output_dir!r} holds the tokenizer of an earlier run (tokenizer/): this --init "
-                   "run uses it as it is, so --vocab-size and the training data do not change it; to train a new "
-                   "tokenizer, remove that directory, choose another --output-dir, or pass --overwrite-output-dir "
-                   "(which removes the earlier run)")
+        out.append(
+            f"--output-dir {cfg.output_dir!r} holds the tokenizer of an earlier run (tokenizer/): this --init "
+            "run uses it as it is, so --vocab-size and the training data do not change it; to train a new "
+            "tokenizer, remove that directory, choose another --output-dir, or pass --overwrite-output-dir "
+            "(which removes the earlier run)"
+        )
     if os.path.isfile(os.path.join(cfg.output_dir, "metrics.jsonl")):
-        out.append(f"--output-dir {cfg.output_dir!r} holds the metrics.jsonl of an earlier run: this run appends its "
-                   "records to it, after the earlier run's (--overwrite-output-dir removes the earlier run first)")
+        out.append(
+            f"--output-dir {cfg.output_dir!r} holds the metrics.jsonl of an earlier run: this run appends its "
+            "records to it, after the earlier run's (--overwrite-output-dir removes the earlier run first)"
+        )
     return out
 
 
@@ -286,9 +347,11 @@ def ignored_option_warnings(cfg: TrainConfig) -> list[str]:
     if cfg.init is None:
         flags, plural = _flags([n for n in _INIT_OPTIONS if given(n)])
         if flags:
-            out.append(f"{flags} only configure{'' if plural else 's'} a fresh --init model and "
-                       f"{'have' if plural else 'has'} no effect on --model/--gguf-file, whose own configuration "
-                       "is used")
+            out.append(
+                f"{flags} only configure{'' if plural else 's'} a fresh --init model and "
+                f"{'have' if plural else 'has'} no effect on --model/--gguf-file, whose own configuration "
+                "is used"
+            )
     if not cfg.lora:
         flags, plural = _flags([n for n in _LORA_OPTIONS if given(n)])
         if flags:
@@ -300,33 +363,40 @@ def ignored_option_warnings(cfg: TrainConfig) -> list[str]:
     if cfg.smoothing == 0 and given("smoothing_variant"):
         out.append(f"--smoothing-variant {cfg.smoothing_variant} has no effect without --smoothing")
     if cfg.save_total_limit is not None and cfg.save_steps is None:
-        out.append(f"--save-total-limit {cfg.save_total_limit} has no effect without --save-steps (no checkpoints "
-                   "are saved)")
+        out.append(
+            f"--save-total-limit {cfg.save_total_limit} has no effect without --save-steps (no checkpoints are saved)"
+        )
     steps = None
     if cfg.schedule is not None:
         steps = _parse_schedule(cfg.schedule).total_steps
     elif cfg.max_steps is not None:
         steps = cfg.max_steps
     if steps is not None and given("num_train_epochs"):
-        out.append(f"--num-train-epochs {cfg.num_train_epochs:g} has no effect: the run takes {steps} steps "
-                   f"({'--schedule' if cfg.schedule is not None else '--max-steps'})")
+        out.append(
+            f"--num-train-epochs {cfg.num_train_epochs:g} has no effect: the run takes {steps} steps "
+            f"({'--schedule' if cfg.schedule is not None else '--max-steps'})"
+        )
     if cfg.train_file is not None:
         flags, plural = _flags([n for n in ("source_lang", "target_lang") if getattr(cfg, n) is not None])
         if flags:
-            out.append(f"{flags} only name{'' if plural else 's'} a language of --source-file/--target-file "
-                       f"translation prompts and {'have' if plural else 'has'} no effect on --train-file data")
+            out.append(
+                f"{flags} only name{'' if plural else 's'} a language of --source-file/--target-file "
+                f"translation prompts and {'have' if plural else 'has'} no effect on --train-file data"
+            )
     if steps is not None and cfg.warmup_steps >= steps:
-        out.append(f"--warmup-steps {cfg.warmup_steps} is not below the run's {steps} steps: the learning rate "
-                   f"rises linearly for the whole run and never reaches --learning-rate {cfg.learning_rate:g}")
+        out.append(
+            f"--warmup-steps {cfg.warmup_steps} is not below the run's {steps} steps: the learning rate "
+            f"rises linearly for the whole run and never reaches --learning-rate {cfg.learning_rate:g}"
+        )
     if steps is not None and cfg.save_steps is not None and cfg.average_last > 0:
         saved = -(-steps // cfg.save_steps)
         if cfg.average_last > saved:
-            out.append(f"--average-last {cfg.average_last}: the run saves only {saved} checkpoint(s) (every "
-                       f"{cfg.save_steps} of {steps} steps, and the last), so OUTPUT_DIR/averaged averages "
-                       f"{saved}")
+            out.append(
+                f"--average-last {cfg.average_last}: the run saves only {saved} checkpoint(s) (every "
+                f"{cfg.save_steps} of {steps} steps, and the last), so OUTPUT_DIR/averaged averages "
+                f"{saved}"
+            )
     return out
-
-
 
 
 def smoothing_warning(rule: str, smoothing: float, smoothing_variant: str, vocab_size: int) -> str | None:
@@ -342,11 +412,13 @@ def smoothing_warning(rule: str, smoothing: float, smoothing_variant: str, vocab
         warnings.simplefilter("ignore")
         if not warn_paper_smoothing(rule_obj, smoothing, smoothing_variant, vocab_size):
             return None
-    return (f"--smoothing {smoothing:g} with the bounded rule {rule_obj.spec!r} uses the paper's masked-log term "
-            f"(--smoothing-variant paper) at a vocabulary of {vocab_size} tokens: it pulls the target's "
-            "probability down by about eps per token until every tail token reaches eps/V, and under Adam this "
-            "flattens the distribution within a few steps (SmolLM2, V = 49152: decoding degenerates). "
-            "Use --smoothing-variant gated (or none); see the README, 'Score smoothing'.")
+    return (
+        f"--smoothing {smoothing:g} with the bounded rule {rule_obj.spec!r} uses the paper's masked-log term "
+        f"(--smoothing-variant paper) at a vocabulary of {vocab_size} tokens: it pulls the target's "
+        "probability down by about eps per token until every tail token reaches eps/V, and under Adam this "
+        "flattens the distribution within a few steps (SmolLM2, V = 49152: decoding degenerates). "
+        "Use --smoothing-variant gated (or none); see the README, 'Score smoothing'."
+    )
 
 
 def expected_vocab_size(cfg: TrainConfig) -> int | None:

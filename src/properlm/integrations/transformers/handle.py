@@ -24,8 +24,14 @@ class ScoringRuleHandle:
     loss. Also a context manager that removes the patch on exit.
     """
 
-    def __init__(self, model: nn.Module, head: nn.Module, state: _PatchState,
-                 removables: list[torch.utils.hooks.RemovableHandle], restore: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        head: nn.Module,
+        state: _PatchState,
+        removables: list[torch.utils.hooks.RemovableHandle],
+        restore: Callable[[], None],
+    ) -> None:
         self.model, self.head, self._state = model, head, state
         self._removables, self._restore = removables, restore
 
@@ -118,8 +124,12 @@ class ScoringRuleHandle:
 
     def __repr__(self) -> str:
         if self.improper_loss is not None:
-            return (f"ScoringRuleHandle(model={type(self.model).__name__}, improper_loss={self.improper_loss!r}, "
-                    f"fused={self.fused}, shift_labels={self.shift_labels}, active={self.active})")
-        return (f"ScoringRuleHandle(model={type(self.model).__name__}, rule={self.rule.spec!r}, "
-                f"smoothing={self.smoothing}, fused={self.fused}, shift_labels={self.shift_labels}, "
-                f"active={self.active})")
+            return (
+                f"ScoringRuleHandle(model={type(self.model).__name__}, improper_loss={self.improper_loss!r}, "
+                f"fused={self.fused}, shift_labels={self.shift_labels}, active={self.active})"
+            )
+        return (
+            f"ScoringRuleHandle(model={type(self.model).__name__}, rule={self.rule.spec!r}, "
+            f"smoothing={self.smoothing}, fused={self.fused}, shift_labels={self.shift_labels}, "
+            f"active={self.active})"
+        )

@@ -55,8 +55,11 @@ def _reads_config(model: nn.Module, attr: str) -> bool:
     sources = []
     for cls in type(model).__mro__:
         mod = cls.__module__ or ""
-        if mod == "builtins" or mod.startswith("torch") or (mod.startswith("transformers.")
-                                                             and not mod.startswith("transformers.models.")):
+        if (
+            mod == "builtins"
+            or mod.startswith("torch")
+            or (mod.startswith("transformers.") and not mod.startswith("transformers.models."))
+        ):
             continue
         src = _class_source(cls)
         if src is not None:
@@ -87,7 +90,8 @@ def _head_transform(model: nn.Module) -> tuple[float | None, float | None]:
         if v is None:
             raise ValueError(
                 f"apply_scoring_rule(fused=True) cannot express this model's logits: config.{attr}={value!r} "
-                "is not a finite number > 0; use apply_scoring_rule(..., fused=False)")
+                "is not a finite number > 0; use apply_scoring_rule(..., fused=False)"
+            )
         if kind == "softcap":
             softcap = v
         else:
@@ -99,8 +103,11 @@ def _check_fusable(model: nn.Module, head: nn.Module) -> None:
     if hasattr(head, "base_layer") or hasattr(head, "original_module") or hasattr(head, "lora_A"):
         raise ValueError(
             f"apply_scoring_rule(fused=True): the output embedding is wrapped by PEFT ({type(head).__name__}); "
-            "its weight alone does not give the logits. Use fused=False, or leave lm_head out of the adapter")
+            "its weight alone does not give the logits. Use fused=False, or leave lm_head out of the adapter"
+        )
     weight = getattr(head, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"apply_scoring_rule(fused=True): the output embedding {type(head).__name__} has no 2-D "
-                         "weight (vocab, hidden); use fused=False")
+        raise ValueError(
+            f"apply_scoring_rule(fused=True): the output embedding {type(head).__name__} has no 2-D "
+            "weight (vocab, hidden); use fused=False"
+        )

@@ -42,11 +42,28 @@ _LOGARITHMIC = get_rule("logarithmic")
 class _Call:
     """State of one forward call with labels."""
 
-    __slots__ = ("armed", "done", "extra_bias", "kwargs", "labels", "loss", "metrics", "num_items",
-                 "shift_labels", "trl")
+    __slots__ = (
+        "armed",
+        "done",
+        "extra_bias",
+        "kwargs",
+        "labels",
+        "loss",
+        "metrics",
+        "num_items",
+        "shift_labels",
+        "trl",
+    )
 
-    def __init__(self, labels: Tensor, shift_labels: Tensor | None, num_items: Any, trl: bool, armed: bool,
-                 extra_bias: Tensor | None) -> None:
+    def __init__(
+        self,
+        labels: Tensor,
+        shift_labels: Tensor | None,
+        num_items: Any,
+        trl: bool,
+        armed: bool,
+        extra_bias: Tensor | None,
+    ) -> None:
         self.labels, self.shift_labels, self.num_items, self.trl = labels, shift_labels, num_items, trl
         self.armed, self.done, self.extra_bias = armed, False, extra_bias
         self.kwargs: dict[str, Any] | None = None
@@ -62,9 +79,17 @@ class _PatchState:
     #: an improper objective (:mod:`properlm.improper`) trained instead of the rule, or None
     improper: ImproperObjective | None = None
 
-    def __init__(self, rule: ScoringRule, smoothing: float, ignore_index: int, fused: bool, shift: bool,
-                 softcap: float | None = None, logit_scale: float | None = None,
-                 smoothing_variant: str = "paper") -> None:
+    def __init__(
+        self,
+        rule: ScoringRule,
+        smoothing: float,
+        ignore_index: int,
+        fused: bool,
+        shift: bool,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+        smoothing_variant: str = "paper",
+    ) -> None:
         self.rule, self.smoothing, self.ignore_index = rule, smoothing, ignore_index
         self.smoothing_variant = smoothing_variant
         self.fused, self.shift = fused, shift
@@ -79,8 +104,7 @@ class _PatchState:
         state["calls"] = []
         return state
 
-    def token_losses(self, x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None,
-                     call: _Call) -> Tensor:
+    def token_losses(self, x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None, call: _Call) -> Tensor:
         """Loss of the call: reduced (``mean`` / ``num_items_in_batch``), or per token for TRL.
 
         ``x`` are hidden states ``(..., H)`` when ``weight`` is given, else logits ``(..., V)``."""
@@ -91,17 +115,38 @@ class _PatchState:
             out = improper.token_losses(-nll, valid)
             return out if call.trl else reduce_loss(out, valid, "mean", call.num_items)
         reduction = "none" if call.trl else "mean"
-        return self._rule_losses(x, y, weight, bias, call, self.rule, self.smoothing, self.smoothing_variant,
-                                 reduction)
+        return self._rule_losses(x, y, weight, bias, call, self.rule, self.smoothing, self.smoothing_variant, reduction)
 
-    def _rule_losses(self, x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None, call: _Call,
-                     rule: ScoringRule, smoothing: float, variant: str, reduction: str) -> Tensor:
+    def _rule_losses(
+        self,
+        x: Tensor,
+        y: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        call: _Call,
+        rule: ScoringRule,
+        smoothing: float,
+        variant: str,
+        reduction: str,
+    ) -> Tensor:
         if weight is None:  # x are the logits
-            return scoring_rule_loss(x, y, rule, smoothing, self.ignore_index, reduction, call.num_items,
-                                     smoothing_variant=variant)
-        return linear_scoring_rule_loss(x, weight, y, rule, bias, smoothing, self.ignore_index,
-                                        reduction, call.num_items, softcap=self.softcap, logit_scale=self.logit_scale,
-                                        smoothing_variant=variant)
+            return scoring_rule_loss(
+                x, y, rule, smoothing, self.ignore_index, reduction, call.num_items, smoothing_variant=variant
+            )
+        return linear_scoring_rule_loss(
+            x,
+            weight,
+            y,
+            rule,
+            bias,
+            smoothing,
+            self.ignore_index,
+            reduction,
+            call.num_items,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+            smoothing_variant=variant,
+        )
 
     def finish(self, call: _Call, x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
         out = self.token_losses(x, y, weight, bias, call)
@@ -151,16 +196,27 @@ class _ModelPreHook:
         if labels is None:
             labels = shift_labels
         base = _base_model(module)
-        if (_is_encoder_decoder(base) and kwargs.get("decoder_input_ids") is None
-                and kwargs.get("decoder_inputs_embeds") is None):
+        if (
+            _is_encoder_decoder(base)
+            and kwargs.get("decoder_input_ids") is None
+            and kwargs.get("decoder_inputs_embeds") is None
+        ):
             prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
             if prepare is None:
-                raise ValueError(f"{type(base).__name__} has no prepare_decoder_input_ids_from_labels: pass "
-                                 "decoder_input_ids together with labels")
+                raise ValueError(
+                    f"{type(base).__name__} has no prepare_decoder_input_ids_from_labels: pass "
+                    "decoder_input_ids together with labels"
+                )
             kwargs["decoder_input_ids"] = prepare(labels=labels)
         extra = getattr(base, "final_logits_bias", None)
-        call = _Call(labels, shift_labels, num_items, trl, armed=self.state.fused,
-                     extra_bias=extra if isinstance(extra, Tensor) else None)
+        call = _Call(
+            labels,
+            shift_labels,
+            num_items,
+            trl,
+            armed=self.state.fused,
+            extra_bias=extra if isinstance(extra, Tensor) else None,
+        )
         call.kwargs = kwargs
         self.state.calls.append(call)
         return args, kwargs
@@ -212,7 +268,8 @@ class _ModelPostHook:
             if not call.done:
                 raise RuntimeError(
                     f"apply_scoring_rule: {type(module).__name__} was called with labels but its output embedding "
-                    "was never called, so no loss was computed; use apply_scoring_rule(..., fused=False)")
+                    "was never called, so no loss was computed; use apply_scoring_rule(..., fused=False)"
+                )
         else:
             logits = output.get("logits") if isinstance(output, Mapping) else output[0]
             x, y = _align(logits, call.labels, self.state.shift, call.shift_labels)

@@ -25,11 +25,21 @@ def _fused_impl() -> Callable[..., Tensor] | None:
     return fused_linear_scoring_rule_loss
 
 
-def linear_scoring_rule_loss(hidden: Tensor, weight: Tensor, target: Tensor, rule: RuleLike,
-                             bias: Tensor | None = None, smoothing: float = 0.0, ignore_index: int = -100,
-                             reduction: str = "mean", num_items_in_batch: int | Tensor | None = None, *,
-                             softcap: float | None = None, logit_scale: float | None = None,
-                             smoothing_variant: str = "paper") -> Tensor:
+def linear_scoring_rule_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    rule: RuleLike,
+    bias: Tensor | None = None,
+    smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    *,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    smoothing_variant: str = "paper",
+) -> Tensor:
     """Scoring-rule loss of the logits ``hidden @ weight.T + bias`` without materialising them.
 
     The logits are soft-capped / scaled by ``softcap`` / ``logit_scale`` as in :func:`properlm.scoring_rule_loss`.
@@ -41,9 +51,30 @@ def linear_scoring_rule_loss(hidden: Tensor, weight: Tensor, target: Tensor, rul
     """
     fused = _fused_impl()
     if fused is not None:
-        return fused(hidden, weight, target, rule=rule, bias=bias, smoothing=smoothing, ignore_index=ignore_index,
-                     reduction=reduction, num_items_in_batch=num_items_in_batch, softcap=softcap,
-                     logit_scale=logit_scale, smoothing_variant=smoothing_variant)
+        return fused(
+            hidden,
+            weight,
+            target,
+            rule=rule,
+            bias=bias,
+            smoothing=smoothing,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            smoothing_variant=smoothing_variant,
+        )
     logits = nn.functional.linear(hidden, weight, bias)
-    return scoring_rule_loss(logits, target, rule, smoothing, ignore_index, reduction, num_items_in_batch,
-                             softcap=softcap, logit_scale=logit_scale, smoothing_variant=smoothing_variant)
+    return scoring_rule_loss(
+        logits,
+        target,
+        rule,
+        smoothing,
+        ignore_index,
+        reduction,
+        num_items_in_batch,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        smoothing_variant=smoothing_variant,
+    )

@@ -41,8 +41,15 @@ class ScoringRuleLossFunc:
             anything else is. Set it with :meth:`for_model` or ``scoring_rule_loss_func(model=...)``.
     """
 
-    def __init__(self, rule: RuleLike = "logarithmic", smoothing: float = 0.0, ignore_index: int = -100,
-                 shift_labels: bool | None = None, *, smoothing_variant: str = "paper") -> None:
+    def __init__(
+        self,
+        rule: RuleLike = "logarithmic",
+        smoothing: float = 0.0,
+        ignore_index: int = -100,
+        shift_labels: bool | None = None,
+        *,
+        smoothing_variant: str = "paper",
+    ) -> None:
         self._rule = get_rule(rule)
         self._smoothing = check_smoothing(smoothing)
         self._smoothing_variant = check_smoothing_variant(smoothing_variant)
@@ -91,15 +98,23 @@ class ScoringRuleLossFunc:
         self.shift_labels = not _is_encoder_decoder(model)
         return self
 
-    def __call__(self, outputs: Any, labels: Tensor | None, num_items_in_batch: int | Tensor | None = None,
-                 shift_labels: Tensor | None = None, **_: Any) -> Tensor:
+    def __call__(
+        self,
+        outputs: Any,
+        labels: Tensor | None,
+        num_items_in_batch: int | Tensor | None = None,
+        shift_labels: Tensor | None = None,
+        **_: Any,
+    ) -> Tensor:
         """The loss of a model's ``outputs`` for ``labels``, as ``Trainer(compute_loss_func=...)`` calls it."""
         if labels is None and shift_labels is None:
             raise ValueError("the scoring-rule loss needs labels: the batch has no 'labels' field")
         if isinstance(outputs, Mapping):
             if outputs.get("logits") is None:
-                raise ValueError("model outputs have no 'logits' (was the model patched by apply_scoring_rule "
-                                 "and called with labels? use one of the two, not both)")
+                raise ValueError(
+                    "model outputs have no 'logits' (was the model patched by apply_scoring_rule "
+                    "and called with labels? use one of the two, not both)"
+                )
             logits = outputs["logits"]
             shift = self.shift_labels
             if shift is None:
@@ -109,18 +124,34 @@ class ScoringRuleLossFunc:
             shift = True if self.shift_labels is None else self.shift_labels
         z, y = _align(logits, labels, shift, shift_labels)
         _check_aligned(z, y, "logits")
-        return scoring_rule_loss(z, y, self._rule, self._smoothing, self.ignore_index, "mean", num_items_in_batch,
-                                 smoothing_variant=self._smoothing_variant)
+        return scoring_rule_loss(
+            z,
+            y,
+            self._rule,
+            self._smoothing,
+            self.ignore_index,
+            "mean",
+            num_items_in_batch,
+            smoothing_variant=self._smoothing_variant,
+        )
 
     def __repr__(self) -> str:
         variant = "" if self._smoothing_variant == "paper" else f"smoothing_variant={self._smoothing_variant!r}, "
-        return (f"ScoringRuleLossFunc(rule={self._rule.spec!r}, smoothing={self._smoothing}, {variant}"
-                f"ignore_index={self.ignore_index}, shift_labels={self.shift_labels})")
+        return (
+            f"ScoringRuleLossFunc(rule={self._rule.spec!r}, smoothing={self._smoothing}, {variant}"
+            f"ignore_index={self.ignore_index}, shift_labels={self.shift_labels})"
+        )
 
 
-def scoring_rule_loss_func(rule: RuleLike = "logarithmic", smoothing: float = 0.0, ignore_index: int = -100, *,
-                           shift_labels: bool | None = None, model: nn.Module | None = None,
-                           smoothing_variant: str = "paper") -> ScoringRuleLossFunc:
+def scoring_rule_loss_func(
+    rule: RuleLike = "logarithmic",
+    smoothing: float = 0.0,
+    ignore_index: int = -100,
+    *,
+    shift_labels: bool | None = None,
+    model: nn.Module | None = None,
+    smoothing_variant: str = "paper",
+) -> ScoringRuleLossFunc:
     """A :class:`ScoringRuleLossFunc` for ``Trainer(compute_loss_func=...)``.
 
     Args:

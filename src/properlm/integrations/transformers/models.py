@@ -63,5 +63,6 @@ def _output_head(model: nn.Module) -> nn.Module:
     if head is None:
         raise ValueError(
             f"apply_scoring_rule needs a model with an output embedding: {type(model).__name__}."
-            "get_output_embeddings() returned nothing (is it a causal-LM or seq2seq-LM model class?)")
+            "get_output_embeddings() returned nothing (is it a causal-LM or seq2seq-LM model class?)"
+        )
     return head

@@ -24,9 +24,16 @@ from .models import _base_model, _is_encoder_decoder, _output_head
 __all__ = ["apply_improper_loss", "apply_scoring_rule", "is_scoring_rule_applied", "remove_scoring_rule"]
 
 
-def apply_scoring_rule(model: nn.Module, rule: RuleLike = "logarithmic", smoothing: float = 0.0, fused: bool = True,
-                       ignore_index: int = -100, *, shift_labels: bool | None = None,
-                       smoothing_variant: str = "paper") -> ScoringRuleHandle:
+def apply_scoring_rule(
+    model: nn.Module,
+    rule: RuleLike = "logarithmic",
+    smoothing: float = 0.0,
+    fused: bool = True,
+    ignore_index: int = -100,
+    *,
+    shift_labels: bool | None = None,
+    smoothing_variant: str = "paper",
+) -> ScoringRuleHandle:
     r"""Make ``model(..., labels=labels)`` return the scoring-rule loss.
 
     The loss is ``S_max - S_eps(softmax(z), y)`` averaged over the non-ignored targets (or summed
@@ -95,8 +102,14 @@ def apply_scoring_rule(model: nn.Module, rule: RuleLike = "logarithmic", smoothi
     return ScoringRuleHandle(model, head, state, removables, lambda: _restore_attrs(base, state))
 
 
-def apply_improper_loss(model: nn.Module, objective: str | ImproperObjective = "dft", fused: bool = True,
-                        ignore_index: int = -100, *, shift_labels: bool | None = None) -> ScoringRuleHandle:
+def apply_improper_loss(
+    model: nn.Module,
+    objective: str | ImproperObjective = "dft",
+    fused: bool = True,
+    ignore_index: int = -100,
+    *,
+    shift_labels: bool | None = None,
+) -> ScoringRuleHandle:
     r"""Make ``model(..., labels=labels)`` return an **improper** baseline loss (:mod:`properlm.improper`).
 
     The objective is ``"dft"`` (``-log p_y * stopgrad(p_y)``, TRL's ``loss_type="dft"``) or
@@ -139,9 +152,10 @@ _HOOK_TYPES = (_ModelPreHook, _ModelPostHook, _HeadPreHook)
 
 def _strip_hooks(module: nn.Module) -> _PatchState | None:
     found = None
-    for hooks, extras in ((module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
-                          (module._forward_hooks, (module._forward_hooks_with_kwargs,
-                                                   module._forward_hooks_always_called))):
+    for hooks, extras in (
+        (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+        (module._forward_hooks, (module._forward_hooks_with_kwargs, module._forward_hooks_always_called)),
+    ):
         for key, hook in list(hooks.items()):
             if isinstance(hook, _HOOK_TYPES):
                 del hooks[key]

@@ -16,9 +16,16 @@ from ...stats import head_transform_
 _METRIC_CHUNK_ELEMENTS = 1 << 24
 
 
-def _trl_metrics(x: Tensor, y: Tensor, valid: Tensor, token_loss: Tensor, weight: Tensor | None,
-                 bias: Tensor | None, softcap: float | None = None,
-                 logit_scale: float | None = None) -> dict[str, Tensor]:
+def _trl_metrics(
+    x: Tensor,
+    y: Tensor,
+    valid: Tensor,
+    token_loss: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+) -> dict[str, Tensor]:
     """Fields of TRL's ``FusedCausalLMOutput``.
 
     ``log_probs`` is minus the per-token loss, so TRL's ``-log_probs.sum() / num_items`` is the
@@ -34,13 +41,13 @@ def _trl_metrics(x: Tensor, y: Tensor, valid: Tensor, token_loss: Tensor, weight
         V = weight.shape[0] if weight is not None else x.shape[-1]
         step = max(1, _METRIC_CHUNK_ELEMENTS // max(V, 1))
         for start in range(0, n, step):
-            rows = x2[start:start + step]
+            rows = x2[start : start + step]
             z = (nn.functional.linear(rows, weight, bias) if weight is not None else rows).float()
             if weight is not None:  # the model's own logits: its head transform
                 z = head_transform_(z, softcap, logit_scale)
             logp = torch.log_softmax(z, dim=-1)
-            entropy[start:start + step] = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
-            top1[start:start + step] = z.argmax(-1) == y2[start:start + step]
+            entropy[start : start + step] = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+            top1[start : start + step] = z.argmax(-1) == y2[start : start + step]
         flat_valid = valid.reshape(-1)
         entropy = torch.where(flat_valid, entropy, 0.0).view(y.shape)
         top1 = (top1 & flat_valid).view(y.shape)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from properlm import apply_scoring_rule, scoring_rule_loss
-from properlm.decoding import ScoringRuleObjective
+from properlm.evaluation.decoding import ScoringRuleObjective
 from properlm.modeling import load_model_and_tokenizer
 from reference import RULES, naive_loss, rel_err
 

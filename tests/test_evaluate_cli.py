@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from properlm.cli.main import build_parser, main
-from properlm.generation_eval import generation_metrics, summarization_metrics, translation_metrics
+from properlm.evaluation.text_metrics import generation_metrics, summarization_metrics, translation_metrics
 
 SRC = ["das haus ist klein", "der hund ist gross", "die katze schläft", "ich trinke wasser", "wir gehen nach hause"]
 TGT = ["the house is small", "the dog is big", "the cat sleeps", "i drink water", "we go home"]
@@ -569,7 +569,7 @@ def test_help(command, capsys):
 def test_multi_reference_rouge_by_hand():
     from importlib.metadata import version
 
-    from properlm.generation_eval import rouge_per_example
+    from properlm.evaluation.text_metrics import rouge_per_example
 
     # per example and ROUGE type the best F1 over the references: ROUGE-1 from the first, ROUGE-2 from the second
     hyp, refs = "a b c d", ["d c b a", "a b x y"]

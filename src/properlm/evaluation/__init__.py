@@ -38,24 +38,14 @@ Modules, one job each:
 * :mod:`~properlm.evaluation.significance` -- paired bootstrap over examples, intervals and sign test over seeds;
 * :mod:`~properlm.evaluation.comparison` -- evaluated runs against a baseline (``properlm compare --baseline``).
 
-Every name is importable from ``properlm.evaluation`` itself, as before the package was split. The former
-top-level modules ``properlm.metrics``, ``properlm.decoding`` and ``properlm.generation_eval`` are the modules
-:mod:`~properlm.evaluation.metrics`, :mod:`~properlm.evaluation.decoding` and
-:mod:`~properlm.evaluation.generation` under their old names (the same module objects).
+The package exports the driver, the settings and their checks, the truncation and the teacher-forced pass.
 """
 
 from __future__ import annotations
 
 from .lengths import LengthLimits, resolve_lengths
-from .lengths import _config_seq2seq as _config_seq2seq
 from .precision import mixed_precision
-from .report import _fmt as _fmt
-from .report import _pct as _pct
 from .report import format_value, markdown_table
-from .run import _fit_temperature as _fit_temperature
-from .run import _json_safe as _json_safe
-from .run import _tf_dict as _tf_dict
-from .run import _versions as _versions
 from .run import run_evaluation
 from .settings import (
     DEFAULT_MAX_LENGTH,
@@ -71,9 +61,7 @@ from .settings import (
     validate_new_token_cap,
     validate_settings,
 )
-from .settings import _check_output_dir as _check_output_dir
 from .teacher_forced import ScoredHiddenStates, teacher_forced_metrics
-from .teacher_forced import _tqdm as _tqdm
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",

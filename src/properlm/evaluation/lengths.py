@@ -132,7 +132,7 @@ def resolve_lengths(
     )
 
 
-def _config_seq2seq(config: Any) -> bool | None:
+def config_is_seq2seq(config: Any) -> bool | None:
     """``is_encoder_decoder`` of a config (object or dict); ``None`` for no config."""
     if config is None:
         return None

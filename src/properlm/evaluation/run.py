@@ -45,10 +45,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from .journal import DecodeJournal, journal_key
-from .lengths import _config_seq2seq, resolve_lengths
+from .lengths import config_is_seq2seq, resolve_lengths
 from .precision import mixed_precision
 from .settings import RESULTS_KIND, EvalSettings, resolve_device, resolve_languages, torch_dtype, validate_settings
-from .teacher_forced import ScoredHiddenStates, _tqdm, teacher_forced_metrics
+from .teacher_forced import ScoredHiddenStates, progress_bar, teacher_forced_metrics
 
 __all__ = ["DECODE_JOURNAL", "run_evaluation"]
 
@@ -85,9 +85,10 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
         unwrap_model,
     )
     from .calibration import reliability_diagram
-    from .generation import decode_prompts_with_stats, generation_metrics, one_line
+    from .generation import decode_prompts_with_stats
     from .metrics import MetricsAccumulator
     from .temperature import TemperatureScan
+    from .text_metrics import generation_metrics, one_line
 
     s = validate_settings(settings, check_model=model_and_tokenizer is None)
     # the truncation next, from the options, the training run and the model's config.json: a length
@@ -100,7 +101,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
         record, record_path = None, None
     length_args = dict(record=record, record_path=record_path, max_new_tokens=s.max_new_tokens if s.generate else None)
     limits = resolve_lengths(
-        s.max_length, s.max_source_length, config=config, seq2seq=_config_seq2seq(config), **length_args
+        s.max_length, s.max_source_length, config=config, seq2seq=config_is_seq2seq(config), **length_args
     )
     languages = None
     if s.source_file is not None:  # translation: the prompt's language names default to the training run's
@@ -212,7 +213,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
                 os.path.join(s.output_dir, DECODE_JOURNAL),
                 key=journal_key(s.model, s.gguf_file, s.dtype + ("+bf16-autocast" if s.bf16 else ""), model),
             )
-        bar = _tqdm(len(prompts), "decoding", s.progress)
+        bar = progress_bar(len(prompts), "decoding", s.progress)
         t0 = time.time()
         try:
             with precision():

@@ -1,7 +1,7 @@
 """The ``checkpoint-N`` directories of a run: finding them (resuming), averaging their parameters, clearing them.
 
 :func:`find_checkpoints` lists the complete checkpoints of an output directory by step; :func:`average_checkpoints`
-is the element-wise mean of their saved parameters (``--average-last K``), which ``_load_averaged`` loads into the
+is the element-wise mean of their saved parameters (``--average-last K``), which ``load_averaged`` loads into the
 trained model (full model or PEFT adapter).
 """
 
@@ -112,7 +112,7 @@ def average_checkpoints(checkpoints: Sequence[str]) -> dict[str, torch.Tensor]:
     return {k: (v / n).to(dtypes[k]) if dtypes[k].is_floating_point else v for k, v in total.items()}
 
 
-def _load_averaged(model: Any, state: dict[str, torch.Tensor], lora: bool) -> None:
+def load_averaged(model: Any, state: dict[str, torch.Tensor], lora: bool) -> None:
     if lora:
         from peft import set_peft_model_state_dict
 

@@ -46,7 +46,7 @@ class Interrupt(Exception):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from properlm.modeling import load_model_and_tokenizer
+    from properlm.models import load_model_and_tokenizer
 
     root = tmp_path_factory.mktemp("journal")
     model, tok = load_model_and_tokenizer(

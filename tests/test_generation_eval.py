@@ -131,7 +131,7 @@ TGT = ["the house is small", "the dog is very very big", "the cat", "i drink wat
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from properlm.modeling import load_model_and_tokenizer
+    from properlm.models import load_model_and_tokenizer
 
     root = tmp_path_factory.mktemp("tiny")
     model, tok = load_model_and_tokenizer(

@@ -322,7 +322,7 @@ def test_resume_takes_given_options_over_the_saved_ones(tmp_path):
     assert "max_steps" not in merged and "rule" not in merged and merged["learning_rate"] == cfg.learning_rate
     resumed = make_config(merged)
     assert resumed.source_file == os.path.abspath(cfg.source_file) and resumed.output_dir == cfg.output_dir
-    from properlm.modeling import load_model_and_tokenizer
+    from properlm.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(os.path.join(cfg.output_dir, "final"))
     tied = ["model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"]
@@ -498,7 +498,7 @@ def test_length_grouped_sampler_is_a_function_of_seed_and_epoch(tmp_path, monkey
 
 
 def test_lora(tmp_path):
-    from properlm.modeling import load_model_and_tokenizer
+    from properlm.models import load_model_and_tokenizer
 
     cfg = tiny(
         tmp_path,
@@ -780,8 +780,8 @@ def test_accelerate_fsdp2_on_cpu_matches_one_process(tmp_path):
 
 
 def test_train_from_gguf_file(tmp_path):
-    from properlm.modeling import load_model_and_tokenizer
-    from test_modeling import write_llama_gguf
+    from properlm.models import load_model_and_tokenizer
+    from test_models import write_llama_gguf
 
     model, tok = load_model_and_tokenizer(
         init="tiny-gpt",
@@ -810,8 +810,8 @@ def test_train_from_gguf_file(tmp_path):
 
 @pytest.mark.parametrize("as_path", [False, True])
 def test_lora_adapter_on_a_gguf_model_reloads(tmp_path, as_path):
-    from properlm.modeling import BASE_RECORD, load_model_and_tokenizer
-    from test_modeling import write_llama_gguf
+    from properlm.models import BASE_RECORD, load_model_and_tokenizer
+    from test_models import write_llama_gguf
 
     model, tok = load_model_and_tokenizer(
         init="tiny-gpt",

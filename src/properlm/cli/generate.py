@@ -26,7 +26,7 @@ from ..evaluation import (
     validate_decoding,
     validate_new_token_cap,
 )
-from ..modeling import (
+from ..models import (
     ModelLoadError,
     check_model_source,
     is_seq2seq,

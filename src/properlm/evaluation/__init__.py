@@ -9,7 +9,7 @@ Flow (:func:`~properlm.evaluation.run.run_evaluation`), with the module of each 
     validate_settings (flags, files, rules, decoding, temperatures)   -- settings: fails fast, loads nothing
     resolve_lengths (options, training record, position table)        -- lengths: refuses a length the model cannot take
     resolve_languages (options, training record)                      -- settings: the translation prompt's languages
-    load_examples, load_model_and_tokenizer                           -- properlm.data, properlm.modeling
+    load_examples, load_model_and_tokenizer                           -- properlm.data, properlm.models
     teacher_forced_metrics (logits at the scored positions only)      -- teacher_forced
       -> MetricsAccumulator (rule scores, perplexity, accuracy)       -- metrics
       -> calibration bins, ECE, reliability_diagram                   -- calibration
@@ -36,9 +36,14 @@ Modules, one job each:
 * :mod:`~properlm.evaluation.run` -- :func:`~properlm.evaluation.run.run_evaluation`, the driver;
 * :mod:`~properlm.evaluation.report` -- the markdown table of a results dictionary;
 * :mod:`~properlm.evaluation.significance` -- paired bootstrap over examples, intervals and sign test over seeds;
-* :mod:`~properlm.evaluation.comparison` -- evaluated runs against a baseline (``properlm compare --baseline``).
+* :mod:`~properlm.evaluation.comparison` -- evaluated runs against a baseline (``properlm compare --baseline``);
+* :mod:`~properlm.evaluation.run_records` -- what ``properlm compare`` reads from run directories;
+* :mod:`~properlm.evaluation.comparison_table` -- the table across runs of ``properlm compare``;
+* :mod:`~properlm.evaluation.curves` -- the training-curve plot (``properlm compare --plot``, ``properlm demo``).
 
 The package exports the driver, the settings and their checks, the truncation and the teacher-forced pass.
+How-to: [evaluation, calibration and temperature scaling](../how-to/evaluation.md),
+[the scoring-rule beam objective](../how-to/beam-objective.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The driver of ``properlm evaluate``: :func:`run_evaluation`.
 
 Validate the settings, load data and model, compute the teacher-forced metrics
-(:mod:`properlm.metrics`) and the generation metrics (:mod:`properlm.generation_eval`), and write the
+(:mod:`properlm.evaluation.metrics`) and the generation metrics (:mod:`properlm.evaluation.text_metrics`), and write the
 results.
 
 Outputs in ``output_dir``:
@@ -16,7 +16,7 @@ Temperature: the teacher-forced metrics are of ``softmax(logits / temperature)``
 (``"teacher_forced_scaled"``: e.g. before and after temperature scaling with a temperature
 fitted on validation data by ``fit_temperature``). Decoding is never affected.
 
-``fit_temperature``: a :class:`~properlm.metrics.TemperatureScan` rides along the teacher-forced
+``fit_temperature``: a :class:`~properlm.evaluation.temperature.TemperatureScan` rides along the teacher-forced
 pass and fits ``T`` (grid, then refined between grid values); one more teacher-forced pass at that
 ``T`` measures the metrics there. ``"temperature_fit"`` holds ``temperature`` (the fitted ``T``, for
 ``--temperature``), ``mean_log_prob``, ``ece``, ``bins``, ``mean_scores`` and ``perplexity``
@@ -26,7 +26,7 @@ and the scan's values there), ``on_boundary``, and the whole scan (``temperature
 
 Decoding length: at most ``max_new_tokens`` new tokens, and with ``max_new_tokens_ratio`` at most
 ``ceil(ratio * L + max_new_tokens_offset)`` per batch, ``L`` the longest source text of the batch
-in tokens (:func:`properlm.generation_eval.new_token_cap`); ``generation.new_token_cap`` in the
+in tokens (:func:`properlm.evaluation.generation.new_token_cap`); ``generation.new_token_cap`` in the
 results counts the hypotheses that stopped at their cap.
 Truncation: :mod:`properlm.evaluation.lengths`.
 """
@@ -77,7 +77,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
     Returns the results dictionary (also written as JSON).
     """
     from ..data import encode_prompt, load_examples, truncate_source
-    from ..modeling import (
+    from ..models import (
         is_seq2seq,
         load_model_and_tokenizer,
         model_config_dict,
@@ -350,7 +350,7 @@ def _fit_temperature(
 
 
 def _tf_dict(tf: Any, num_bins: int, temperature: float) -> dict[str, Any]:
-    """The ``teacher_forced`` entry of the results: an :class:`~properlm.metrics.EvalMetrics` at ``temperature``."""
+    """The ``teacher_forced`` entry of the results: an ``EvalMetrics`` at ``temperature``."""
     return {
         "num_tokens": tf.num_tokens,
         "mean_scores": tf.mean_scores,

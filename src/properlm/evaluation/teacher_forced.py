@@ -158,7 +158,7 @@ class ScoredHiddenStates:
     def metrics(
         self, rules: Sequence[str], *, temperature: float = 1.0, num_bins: int = 15, ignore_index: int = -100
     ) -> Any:
-        """The :class:`~properlm.metrics.EvalMetrics` of the kept positions at ``temperature``.
+        """The :class:`~properlm.evaluation.metrics.EvalMetrics` of the kept positions at ``temperature``.
 
         The same as a teacher-forced pass at that temperature; ``RuntimeError`` when not ``complete``.
         """
@@ -203,16 +203,16 @@ def teacher_forced_metrics(
     Examples are tokenised as for training (:func:`properlm.data.tokenize_example`, with
     ``max_length`` and ``max_source_length``: prompt positions labelled -100), batched
     (longest first), and the logits of each batch's scored positions fed to
-    a :class:`~properlm.metrics.MetricsAccumulator` (with ``temperature``), and to ``scan`` (a
-    :class:`~properlm.metrics.TemperatureScan`, unscaled logits) when given, and to each of
+    a :class:`~properlm.evaluation.metrics.MetricsAccumulator` (with ``temperature``), and to ``scan`` (a
+    :class:`~properlm.evaluation.temperature.TemperatureScan`, unscaled logits) when given, and to each of
     ``extra_consumers`` (objects with ``update(logits, labels)``, e.g. a second accumulator at another
     temperature). Decoder-only models form logits only at the scored positions (see the module
     docstring); ``hidden_store`` (a :class:`ScoredHiddenStates`) then keeps their hidden states for
     scoring at another temperature without a second forward pass. Returns the accumulator's
-    :class:`~properlm.metrics.EvalMetrics`.
+    :class:`~properlm.evaluation.metrics.EvalMetrics`.
     """
     from ..data import DataCollator, tokenize_example
-    from ..modeling import is_seq2seq
+    from ..models import is_seq2seq
     from .metrics import MetricsAccumulator
 
     seq2seq = is_seq2seq(model)

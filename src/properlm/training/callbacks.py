@@ -1,7 +1,7 @@
 """What a run writes beside the ``Trainer``'s own files, and the ``TrainerCallback`` objects that write it.
 
 * ``output_dir/metrics.jsonl``: one record per logging step and evaluation (``metrics_callback``);
-* :data:`properlm.modeling.TRAINING_RECORD` in ``final/``, ``averaged/`` and every ``checkpoint-N``: the data
+* :data:`properlm.models.TRAINING_RECORD` in ``final/``, ``averaged/`` and every ``checkpoint-N``: the data
   settings that ``properlm evaluate`` and ``generate`` reuse (:func:`write_training_record`,
   ``training_record_callback``);
 * :data:`properlm.training.resume.RUN_CONFIG` in every ``checkpoint-N``: the run's options, for ``--resume``;
@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from ..modeling import TRAINING_RECORD, gguf_location, record_gguf_base
+from ..models import TRAINING_RECORD, gguf_location, record_gguf_base
 from .config import TrainConfig
 
 __all__ = ["drop_records_after", "write_training_record"]
@@ -97,7 +97,7 @@ def resume_callback(checkpoint: str) -> Any:
 
 
 def write_training_record(directory: str, record: Mapping[str, Any]) -> None:
-    """Write :data:`properlm.modeling.TRAINING_RECORD` into a saved model directory.
+    """Write :data:`properlm.models.TRAINING_RECORD` into a saved model directory.
 
     The record holds the data settings (``max_length``, ``max_source_length``, ``task``, ``seq2seq``), so
     that ``properlm evaluate`` and ``generate`` truncate as training did.
@@ -132,7 +132,7 @@ def training_record_callback(record: Mapping[str, Any], cfg: TrainConfig | None 
 def record_adapter_gguf_base(cfg: TrainConfig, directory: str) -> None:
     """Next to a LoRA adapter trained on a GGUF model, record the GGUF file name.
 
-    With :func:`properlm.modeling.record_gguf_base`: ``adapter_config.json`` can only name a directory.
+    With :func:`properlm.models.record_gguf_base`: ``adapter_config.json`` can only name a directory.
     """
     if cfg.lora and cfg.gguf_file and os.path.isdir(directory):
         record_gguf_base(directory, gguf_location(cfg.model, cfg.gguf_file)[1])

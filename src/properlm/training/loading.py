@@ -46,7 +46,7 @@ def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
 
 def build_model(cfg: TrainConfig, train: list[Example], args: Any) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of ``cfg``: loaded, or a fresh ``--init`` model with a tokenizer trained on ``train``."""
-    from ..modeling import load_model_and_tokenizer
+    from ..models import load_model_and_tokenizer
 
     if cfg.init is None:
         return load_model_and_tokenizer(cfg.model, gguf_file=cfg.gguf_file)

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..improper import IMPROPER_OBJECTIVES
-from ..modeling import gguf_location, is_seq2seq
+from ..models import gguf_location, is_seq2seq
 from ..rules import get_rule
 from .arguments import show_progress_bar, training_arguments
 from .callbacks import (

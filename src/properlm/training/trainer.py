@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..evaluation.teacher_forced import capture_scored_rows
-from ..modeling import is_seq2seq, unwrap_model
+from ..models import is_seq2seq, unwrap_model
 from .checkpoints import missing_weights
 from .sampler import EpochSeededLengthGroupedSampler
 from .scores import row_score_sums, score_sums

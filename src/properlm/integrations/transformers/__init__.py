@@ -67,7 +67,8 @@ Modules, one job each:
 * :mod:`~properlm.integrations.transformers.linear` -- the loss of an output layer without its logits;
 * :mod:`~properlm.integrations.transformers.heads` -- soft-caps and logit scales of output heads;
 * :mod:`~properlm.integrations.transformers.trl_metrics` -- the metric fields of TRL's fused-head output;
-* :mod:`~properlm.integrations.transformers.models` -- what is read off a model, and label alignment.
+* :mod:`~properlm.integrations.transformers.introspection` -- what is read off a model (config, PEFT base, head);
+* :mod:`~properlm.integrations.transformers.alignment` -- how labels pair with predictions.
 
 The package exports the public names of those modules.
 """

@@ -21,7 +21,7 @@ import re
 from torch import Tensor, nn
 
 from ...stats import check_head_transform
-from .models import text_config_of, unwrap_peft
+from .introspection import text_config_of, unwrap_peft
 
 #: config attributes of heads whose logits are a transform of ``hidden @ W.T + b``, and how the
 #: models apply them (``transformers`` modeling code): the fused loss applies the same transform

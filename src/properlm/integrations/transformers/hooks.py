@@ -31,8 +31,9 @@ from ...dtensor import is_dtensor
 from ...improper import ImproperObjective
 from ...loss import reduce_loss, scoring_rule_loss
 from ...rules import ScoringRule, get_rule
+from .alignment import align_labels, check_aligned
+from .introspection import is_encoder_decoder, unwrap_peft
 from .linear import linear_scoring_rule_loss
-from .models import align_labels, check_aligned, is_encoder_decoder, unwrap_peft
 from .trl_metrics import trl_output_fields
 
 #: the rule whose per-token loss (-log p_y) the improper objectives are computed from

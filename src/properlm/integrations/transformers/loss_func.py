@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from ...loss import check_smoothing, scoring_rule_loss
 from ...rules import RuleLike, ScoringRule, get_rule
 from ...stats import check_smoothing_variant
-from .models import align_labels, check_aligned, config_of, is_encoder_decoder
+from .alignment import align_labels, check_aligned
+from .introspection import config_of, is_encoder_decoder
 
 __all__ = ["ScoringRuleLossFunc", "scoring_rule_loss_func"]
 

@@ -19,7 +19,7 @@ from ...stats import check_smoothing_variant
 from .handle import ScoringRuleHandle
 from .heads import check_fusable, head_transform
 from .hooks import LOGARITHMIC, HeadPreHook, ModelPostHook, ModelPreHook, PatchState
-from .models import is_encoder_decoder, output_head, unwrap_peft
+from .introspection import is_encoder_decoder, output_head, unwrap_peft
 
 __all__ = ["apply_improper_loss", "apply_scoring_rule", "is_scoring_rule_applied", "remove_scoring_rule"]
 

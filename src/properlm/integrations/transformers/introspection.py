@@ -1,36 +1,16 @@
-"""What the integration reads off a Hugging Face model, and how its labels pair with its predictions.
+"""What the integration reads off a Hugging Face model.
 
 Its config (the text config of a multimodal model), whether it is an encoder-decoder, the ``transformers`` model
-inside a PEFT wrapper, its output embedding; ``align_labels`` pairs predictions with labels as described in
-:mod:`properlm.integrations.transformers` (shifted by one for causal LMs, as given for encoder-decoder models or a
-pre-shifted ``shift_labels``).
+inside a PEFT wrapper, and its output embedding.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-
-def align_labels(x: Tensor, labels: Tensor, shift: bool, shift_labels: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Pair predictions ``x (..., T, D)`` with their targets (see :mod:`properlm.integrations.transformers`)."""
-    if shift_labels is not None:
-        return x, shift_labels.to(x.device)
-    labels = labels.to(x.device)
-    if shift:
-        return x[..., :-1, :], labels[..., 1:]
-    return x, labels
-
-
-def check_aligned(x: Tensor, target: Tensor, what: str) -> None:
-    """Raise ``ValueError`` when the aligned ``target`` does not match the (batch, time) shape of ``x``."""
-    if tuple(x.shape[:-1]) != tuple(target.shape):
-        raise ValueError(
-            f"labels of shape {tuple(target.shape)} (after alignment) do not match the {what} of shape "
-            f"{tuple(x.shape)}: pass labels with the same (batch, time) shape as the inputs "
-            "(and do not combine labels with logits_to_keep)"
-        )
+__all__ = ["config_of", "is_encoder_decoder", "output_head", "text_config_of", "unwrap_peft"]
 
 
 def config_of(model: nn.Module) -> Any:

@@ -42,7 +42,8 @@ Modules, one job each, in the order the data goes through them:
   :data:`IGNORE_INDEX`;
 * :mod:`~properlm.data.collate` -- :class:`DataCollator`, the padded batch.
 
-Every name is importable from ``properlm.data`` itself, as before the module was split into a package.
+The package exports the public names of those modules. How-to: [the command line](../how-to/command-line.md),
+[summarisation](../how-to/summarisation.md).
 """
 
 from __future__ import annotations

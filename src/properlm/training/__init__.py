@@ -36,7 +36,9 @@ Modules, one job each:
 * :mod:`~properlm.training.resume` -- the options saved with each checkpoint and what ``--resume`` changed;
 * :mod:`~properlm.training.run` -- :func:`~properlm.training.run.run_training`, the driver.
 
-Every name is importable from ``properlm.training`` itself, as before the package was split.
+The package exports the driver, the configuration and the checkpoint helpers. How-to:
+[the command line and YAML configs](../how-to/command-line.md), [rule schedules](../how-to/rule-schedule.md),
+[LoRA with PEFT](../how-to/peft-lora.md).
 """
 
 from __future__ import annotations

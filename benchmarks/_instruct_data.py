@@ -48,11 +48,12 @@ def check_data_root(root: str) -> None:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file, one a line (blank lines skipped); ``SetupError`` names a bad line."""
-    from properlm.cli.compare import CompareError, read_metrics_log
+    from properlm.evaluation.comparison import ComparisonError
+    from properlm.evaluation.run_records import read_metrics_log
 
     try:
         return read_metrics_log(path)
-    except CompareError as exc:
+    except ComparisonError as exc:
         raise SetupError(str(exc)) from None
 
 

@@ -114,7 +114,7 @@ def read_log(path: str) -> list[dict[str, Any]]:
     """The records of a run's ``metrics.jsonl`` (none if it does not exist), the last one per
     step and kind (training log / evaluation): a resumed run logs again the steps after its
     checkpoint, and the final evaluation repeats the last scheduled one."""
-    from properlm.cli.compare import read_metrics_log
+    from properlm.evaluation.run_records import read_metrics_log
 
     if not os.path.isfile(path):
         return []

@@ -109,7 +109,7 @@ def comparisons(
     """``systems`` (the branches (b), (c)) against ``baseline`` ((a), or the control (a0)) of the same seed, per
     split and ROUGE variant: the seed-level mean difference with its 95% Student-t interval and sign test, and
     the per-seed paired bootstrap over documents (p and the document-resampled interval of the difference)."""
-    from properlm.generation_eval import rouge_per_example
+    from properlm.evaluation.text_metrics import rouge_per_example
 
     out: dict[str, Any] = {}
     lines = [

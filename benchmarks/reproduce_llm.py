@@ -564,7 +564,7 @@ def prepare_base(model_dir: str, gguf_file: str | None, work: str, threads: int)
     import torch
     import transformers
 
-    from properlm.modeling import load_model_and_tokenizer
+    from properlm.models import load_model_and_tokenizer
 
     torch.set_num_threads(threads)
     transformers.utils.logging.disable_progress_bar()

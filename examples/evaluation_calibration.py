@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from properlm.metrics import MetricsAccumulator, TemperatureScan, reliability_diagram
+from properlm.evaluation.calibration import reliability_diagram
+from properlm.evaluation.metrics import MetricsAccumulator
+from properlm.evaluation.temperature import TemperatureScan
 
 torch.manual_seed(0)
 V, H, TRUE_T = 50, 16, 2.5

@@ -35,7 +35,7 @@ from properlm.data import DataCollator, encode_prompt, load_examples, tokenize_e
 from properlm.evaluation.generation import decode_prompts
 from properlm.evaluation.text_metrics import summarization_metrics
 from properlm.integrations.schedule import RuleSchedule, RuleScheduleCallback
-from properlm.modeling import load_model_and_tokenizer
+from properlm.models import load_model_and_tokenizer
 
 MAX_SOURCE_LENGTH = 24  # tokens of each document kept, in training and in decoding alike
 MAX_LENGTH = MAX_SOURCE_LENGTH + 1  # + the encoder's EOS; also the cap on a summary's tokens

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from properlm import apply_scoring_rule, scoring_rule_loss
-from properlm.decoding import ScoringRuleObjective
-from properlm.modeling import load_model_and_tokenizer
+from properlm.evaluation.decoding import ScoringRuleObjective
+from properlm.models import load_model_and_tokenizer
 from reference import RULES, naive_loss, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

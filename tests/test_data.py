@@ -22,7 +22,7 @@ from properlm.data import (
     tokenize_examples,
     truncate_source,
 )
-from properlm.modeling import train_bpe_tokenizer
+from properlm.models import train_bpe_tokenizer
 
 ALPACA = [
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},

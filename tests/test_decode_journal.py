@@ -46,7 +46,7 @@ class Interrupt(Exception):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from properlm.modeling import load_model_and_tokenizer
+    from properlm.models import load_model_and_tokenizer
 
     root = tmp_path_factory.mktemp("journal")
     model, tok = load_model_and_tokenizer(
@@ -227,7 +227,7 @@ def test_evaluate_resumes_an_interrupted_decoding(tiny, tmp_path, monkeypatch, c
     whole = json.loads((tmp_path / "whole" / "results.json").read_text(encoding="utf-8"))
     assert whole["generation"]["resumed_hypotheses"] == 0
 
-    real_tqdm = run_module._tqdm
+    real_tqdm = run_module.progress_bar
 
     class Bar:
         def __init__(self, total, desc, enabled):
@@ -241,12 +241,12 @@ def test_evaluate_resumes_an_interrupted_decoding(tiny, tmp_path, monkeypatch, c
         def close(self):
             pass
 
-    monkeypatch.setattr(run_module, "_tqdm", Bar)
+    monkeypatch.setattr(run_module, "progress_bar", Bar)
     out = tmp_path / "killed"
     with pytest.raises(Interrupt):
         main([*cmd, "--output-dir", str(out)])
     assert (out / run_module.DECODE_JOURNAL).is_file() and not (out / "results.json").exists()
-    monkeypatch.setattr(run_module, "_tqdm", real_tqdm)
+    monkeypatch.setattr(run_module, "progress_bar", real_tqdm)
     capsys.readouterr()
     assert main([*cmd, "--output-dir", str(out)]) == 0
     assert "6 hypotheses from the interrupted decoding" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import torch
 from transformers import GenerationMixin, LogitsProcessor, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from properlm.decoding import ScoringRuleObjective, all_token_scores
+from properlm.evaluation.decoding import ScoringRuleObjective, all_token_scores
 from reference import naive_scores_all
 
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
+from properlm.cli.demo_data import make_number_dataset, number_to_words, write_parallel
 from properlm.cli.main import main
-from properlm.demo_data import make_number_dataset, number_to_words, write_parallel
 
 
 @pytest.mark.parametrize(

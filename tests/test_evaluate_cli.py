@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from properlm.cli.main import build_parser, main
-from properlm.generation_eval import generation_metrics, summarization_metrics, translation_metrics
+from properlm.evaluation.text_metrics import generation_metrics, summarization_metrics, translation_metrics
 
 SRC = ["das haus ist klein", "der hund ist gross", "die katze schläft", "ich trinke wasser", "wir gehen nach hause"]
 TGT = ["the house is small", "the dog is big", "the cat sleeps", "i drink water", "we go home"]
@@ -44,7 +44,7 @@ def test_rouge_by_hand():
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """A tiny Llama-style decoder and a tiny BART, with a BPE tokenizer trained on a few sentences."""
-    from properlm.modeling import load_model_and_tokenizer
+    from properlm.models import load_model_and_tokenizer
 
     root = tmp_path_factory.mktemp("models")
     paths = {}
@@ -256,12 +256,12 @@ def test_markdown_table_temperature_fit_rows():
 
 
 def test_bad_data_line_is_reported_before_loading(tiny_models, tmp_path, capsys, monkeypatch):
-    import properlm.modeling
+    import properlm.models
 
     def boom(*a, **k):
         raise AssertionError("the model must not be loaded for bad data")
 
-    monkeypatch.setattr(properlm.modeling, "load_model_and_tokenizer", boom)
+    monkeypatch.setattr(properlm.models, "load_model_and_tokenizer", boom)
     data = tmp_path / "bad.jsonl"
     data.write_text('{"instruction": "say hi", "output": "hi"}\n{"instruction": "say bye"}\n', encoding="utf-8")
     rc = main(
@@ -465,12 +465,13 @@ def test_compare_names_rows_keeps_units_and_writes_every_figure(tmp_path, capsys
 def test_compare_plot_has_a_panel_per_quantity_and_says_its_file(tmp_path, capsys):
     """A log-score loss and a spherical loss are not one quantity: each rule's loss gets its own panel; --plot
     without an extension writes NAME.png and says so."""
-    from properlm.cli.compare import _panels, load_runs
+    from properlm.evaluation.curves import curve_panels
+    from properlm.evaluation.run_records import load_runs
 
     a, b = tmp_path / "a", tmp_path / "b"
     _fake_train_run(a, "logarithmic", [3.0, 2.5, 2.2])
     _fake_train_run(b, "spherical", [0.9, 0.8, 0.7])
-    panels = _panels(load_runs([str(a), str(b)]))
+    panels = curve_panels(load_runs([str(a), str(b)]))
     assert ("loss", "logarithmic") in panels and ("loss", "spherical") in panels and ("loss", "brier") in panels
     assert ("eval_score_spherical", None) in panels and ("eval_loss", "brier") in panels
     assert main(["compare", str(a), str(b), "--plot", str(tmp_path / "out")]) == 0
@@ -569,7 +570,7 @@ def test_help(command, capsys):
 def test_multi_reference_rouge_by_hand():
     from importlib.metadata import version
 
-    from properlm.generation_eval import rouge_per_example
+    from properlm.evaluation.text_metrics import rouge_per_example
 
     # per example and ROUGE type the best F1 over the references: ROUGE-1 from the first, ROUGE-2 from the second
     hyp, refs = "a b c d", ["d c b a", "a b x y"]
@@ -645,7 +646,7 @@ def short_position_run(tmp_path_factory):
 def test_evaluate_takes_the_truncation_of_the_training_run(short_position_run, tmp_path, capsys):
     """Regression: a tiny-seq2seq trained with --max-length 64 has 64 positions; evaluate's old default
     --max-length 512 indexed past Marian's position table (IndexError). Now it cuts as training did."""
-    from properlm.modeling import TRAINING_RECORD
+    from properlm.models import TRAINING_RECORD
 
     run, dev = short_position_run
     record = json.loads(open(f"{run}/final/{TRAINING_RECORD}").read())
@@ -907,7 +908,7 @@ def test_a_training_output_dir_as_model_points_to_its_model(parallel, tmp_path, 
     assert "holds no config.json" in err and f"pass the model it saved, --model {run / 'final'}" in err
     assert main(["generate", "--model", str(run), "--input", parallel[0]]) == 2
     assert f"--model {run / 'final'}" in capsys.readouterr().err
-    # train fine-tunes from --model: the same check (properlm.modeling.check_model_source), the same hint
+    # train fine-tunes from --model: the same check (properlm.models.check_model_source), the same hint
     assert (
         main(
             [
@@ -1122,7 +1123,7 @@ def test_a_mistyped_model_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, 
     """`--model runs/smol` (a typo: `runs/` exists here) used to be taken as a hub id: half a minute of retries,
     then "Check your internet connection". A path-like --model that does not exist is now one line, exit 2,
     before anything is loaded; a near name in its directory is suggested."""
-    import properlm.modeling as modeling
+    import properlm.models as modeling
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "small").mkdir(parents=True)
@@ -1143,7 +1144,7 @@ def test_a_mistyped_model_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, 
     ]
     assert main([*command, "--model", str(tmp_path / "runs" / "gone" / "final")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    from properlm.modeling import looks_like_a_path
+    from properlm.models import looks_like_a_path
 
     assert looks_like_a_path("runs/smol") and looks_like_a_path("./smol") and looks_like_a_path("a/b/c")
     assert not looks_like_a_path("HuggingFaceTB/SmolLM2-135M") and not looks_like_a_path("gpt2")

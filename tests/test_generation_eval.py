@@ -1,4 +1,4 @@
-"""Decoding by source length: :func:`properlm.generation_eval.decode_prompts` batches prompts of
+"""Decoding by source length: :func:`properlm.evaluation.generation.decode_prompts` batches prompts of
 similar length, caps each batch's new tokens at ``ceil(ratio * longest source + offset)`` and
 returns the hypotheses in input order; ``properlm evaluate --max-new-tokens-ratio`` /
 ``--also-temperature`` end to end on a tiny random model."""
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from properlm.cli.main import main
-from properlm.generation_eval import decode_prompts, decode_prompts_with_stats, new_token_cap
+from properlm.evaluation.generation import decode_prompts, decode_prompts_with_stats, new_token_cap
 
 PAD, EOS = 0, 1
 
@@ -131,7 +131,7 @@ TGT = ["the house is small", "the dog is very very big", "the cat", "i drink wat
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from properlm.modeling import load_model_and_tokenizer
+    from properlm.models import load_model_and_tokenizer
 
     root = tmp_path_factory.mktemp("tiny")
     model, tok = load_model_and_tokenizer(

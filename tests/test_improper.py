@@ -415,7 +415,7 @@ def test_train_cli_improper_loss_records_it_and_matches_the_gradient_identity(tm
     from safetensors.torch import load_file
 
     from properlm.cli.main import main
-    from properlm.modeling import TRAINING_RECORD
+    from properlm.models import TRAINING_RECORD
 
     data = _alpaca(tmp_path)
     runs = {}

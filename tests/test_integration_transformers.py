@@ -10,7 +10,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import properlm.integrations.transformers as integ  # noqa: E402
 import properlm.integrations.transformers.linear as integ_linear  # noqa: E402
 from properlm import scoring_rule_loss  # noqa: E402
 from properlm.integrations.transformers import (  # noqa: E402
@@ -20,6 +19,7 @@ from properlm.integrations.transformers import (  # noqa: E402
     remove_scoring_rule,
     scoring_rule_loss_func,
 )
+from properlm.integrations.transformers.hooks import ModelPreHook  # noqa: E402
 
 V = 100
 KINDS = ["llama", "gpt2", "t5", "bart"]
@@ -328,7 +328,7 @@ def test_apply_twice_replaces_the_patch():
     inputs = batch("t5")
     apply_scoring_rule(model, "brier")
     apply_scoring_rule(model, "spherical", 0.1)
-    assert sum(isinstance(h, integ._ModelPreHook) for h in model._forward_pre_hooks.values()) == 1
+    assert sum(isinstance(h, ModelPreHook) for h in model._forward_pre_hooks.values()) == 1
     assert len(model.get_output_embeddings()._forward_pre_hooks) == 1
     torch.testing.assert_close(model(**inputs).loss, reference_loss(model, "t5", inputs, "spherical", 0.1))
 

@@ -7,15 +7,10 @@ import math
 import pytest
 import torch
 
+from properlm.evaluation.calibration import calibration_bins, expected_calibration_error, reliability_diagram
+from properlm.evaluation.metrics import MetricsAccumulator, token_level_outputs
+from properlm.evaluation.temperature import TemperatureScan
 from properlm.loss import token_scores
-from properlm.metrics import (
-    MetricsAccumulator,
-    TemperatureScan,
-    calibration_bins,
-    expected_calibration_error,
-    reliability_diagram,
-    token_level_outputs,
-)
 
 # 5 predictions: bins of width 1/15, right-closed: 0.9, 0.92 -> bin 13; 0.3, 0.31 -> bin 4; 0.62 -> bin 9
 CONF = torch.tensor([0.9, 0.92, 0.3, 0.31, 0.62], dtype=torch.float64)
@@ -212,7 +207,7 @@ def test_temperature_scan_recovers_the_true_temperature():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_temperature_scan_refines_between_grid_values(dtype, monkeypatch):
     """The fit is the optimum of a float64 reference that stores the logits, not the nearest grid value."""
-    import properlm.metrics
+    from properlm.evaluation import metrics
 
     grid = TemperatureScan().temperatures
     target = math.sqrt(grid[44] * grid[45])  # half-way (in log T) between two grid values
@@ -223,7 +218,7 @@ def test_temperature_scan_refines_between_grid_values(dtype, monkeypatch):
     z_kept, y_kept = z[keep], y[keep]
     t_ref = _reference_temperature(z_kept, y_kept)  # of the logits as the scan sees them
     assert abs(t_ref / target - 1) < 2e-2
-    monkeypatch.setattr(properlm.metrics, "_CHUNK_ELEMENTS", 12 * 333)  # several chunks per batch
+    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 12 * 333)  # several chunks per batch
     scan = TemperatureScan()
     for a in range(0, 3000, 1000):
         scan.update(z[a : a + 1000], y[a : a + 1000])
@@ -275,7 +270,7 @@ def test_temperature_scan_masked_vocabulary():
 
 
 def test_hermite_refinement_is_exact_on_cubics():
-    from properlm.metrics import _hermite_max
+    from properlm.evaluation.temperature import _hermite_max
 
     def f(x):  # f'(x) = -(x - 0.37)(x + 1.5): a maximum at 0.37
         return -(x**3 / 3 + (1.5 - 0.37) * x**2 / 2 - 0.555 * x)

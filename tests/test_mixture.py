@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 import properlm
 from properlm import Mixture, fused_linear_scoring_rule_loss, get_rule, scoring_rule_loss
-from properlm.decoding import ScoringRuleObjective, all_token_scores
+from properlm.evaluation.decoding import ScoringRuleObjective, all_token_scores
+from properlm.evaluation.metrics import token_level_outputs
 from properlm.integrations.schedule import RuleSchedule
-from properlm.metrics import token_level_outputs
 from reference import MIXTURES, mixture_components, naive_loss, rel_err
 
 REDUCTIONS = ["mean", "sum", "none"]

@@ -113,7 +113,7 @@ def in_process(script, monkeypatch):
 
 
 def _tiny_model(tmp_path, texts):
-    from properlm.modeling import load_model_and_tokenizer
+    from properlm.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(
         init="tiny-gpt",

@@ -99,7 +99,7 @@ def _commands(out: str) -> dict[str, str]:
 def test_pipeline_end_to_end_resumes_and_keeps_the_final_models(tmp_path, script, in_process, capsys):
     import torch
 
-    from properlm.modeling import load_model_and_tokenizer
+    from properlm.models import load_model_and_tokenizer
 
     torch.set_num_threads(1)
     data = tmp_path / "newstest"
@@ -547,7 +547,7 @@ def test_archive_carries_finished_steps_to_a_new_work_directory(tmp_path, script
     not all archived (its weights are not archived, and they are still needed), which runs again."""
     import torch
 
-    from properlm.modeling import load_model_and_tokenizer
+    from properlm.models import load_model_and_tokenizer
 
     torch.set_num_threads(1)
     data = tmp_path / "newstest"

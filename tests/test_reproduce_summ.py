@@ -463,7 +463,7 @@ def test_reproduce_summ_selection_slice_is_disjoint_from_the_training_data(tmp_p
 
     from properlm.cli.train import build_parser, options_from_args
     from properlm.training import make_config
-    from properlm.training.loading import _load_data
+    from properlm.training.loading import load_data
 
     data, work = str(tmp_path / "data"), str(tmp_path / "work")
     os.makedirs(data)
@@ -481,7 +481,7 @@ def test_reproduce_summ_selection_slice_is_disjoint_from_the_training_data(tmp_p
     # what properlm train itself trains on and holds out, with the command the benchmark runs
     argv = reproduce_summ.train_argv(args, 3, "a", 0.1, str(tmp_path / "run"), False)
     cfg = make_config(options_from_args(build_parser(argparse.ArgumentParser()).parse_args(argv[1:])))
-    trained, validation = _load_data(cfg)
+    trained, validation = load_data(cfg)
     assert len(trained) + len(validation) == 60 and len(validation) == 15
     trained_docs = {e.source for e in trained}
     assert heldout and not any(r["document"] in trained_docs for r in heldout)

@@ -601,14 +601,14 @@ def test_unexpressible_head_setting_is_refused():
 
 def test_trl_metrics_see_the_transformed_logits():
     """TRL's entropy / top-1 fields are computed from the model's logits: with the head transform."""
-    import properlm.integrations.transformers as integ
+    from properlm.integrations.transformers.trl_metrics import trl_output_fields
 
     g = torch.Generator().manual_seed(9)
     x = torch.randn(2, 5, H, generator=g)
     w = torch.randn(V, H, generator=g)
     y = torch.randint(V, (2, 5), generator=g)
     valid = torch.ones_like(y, dtype=torch.bool)
-    m = integ._trl_metrics(x, y, valid, torch.zeros(2, 5), w, None, 0.5, 2.0)
+    m = trl_output_fields(x, y, valid, torch.zeros(2, 5), w, None, 0.5, 2.0)
     logp = torch.log_softmax(explicit_head(F.linear(x, w), 0.5, 2.0), -1)
     torch.testing.assert_close(m["entropy"], -(logp.exp() * logp).sum(-1))
 

@@ -322,7 +322,7 @@ def test_resume_takes_given_options_over_the_saved_ones(tmp_path):
     assert "max_steps" not in merged and "rule" not in merged and merged["learning_rate"] == cfg.learning_rate
     resumed = make_config(merged)
     assert resumed.source_file == os.path.abspath(cfg.source_file) and resumed.output_dir == cfg.output_dir
-    from properlm.modeling import load_model_and_tokenizer
+    from properlm.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(os.path.join(cfg.output_dir, "final"))
     tied = ["model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"]
@@ -498,7 +498,7 @@ def test_length_grouped_sampler_is_a_function_of_seed_and_epoch(tmp_path, monkey
 
 
 def test_lora(tmp_path):
-    from properlm.modeling import load_model_and_tokenizer
+    from properlm.models import load_model_and_tokenizer
 
     cfg = tiny(
         tmp_path,
@@ -780,8 +780,8 @@ def test_accelerate_fsdp2_on_cpu_matches_one_process(tmp_path):
 
 
 def test_train_from_gguf_file(tmp_path):
-    from properlm.modeling import load_model_and_tokenizer
-    from test_modeling import write_llama_gguf
+    from properlm.models import load_model_and_tokenizer
+    from test_models import write_llama_gguf
 
     model, tok = load_model_and_tokenizer(
         init="tiny-gpt",
@@ -810,8 +810,8 @@ def test_train_from_gguf_file(tmp_path):
 
 @pytest.mark.parametrize("as_path", [False, True])
 def test_lora_adapter_on_a_gguf_model_reloads(tmp_path, as_path):
-    from properlm.modeling import BASE_RECORD, load_model_and_tokenizer
-    from test_modeling import write_llama_gguf
+    from properlm.models import BASE_RECORD, load_model_and_tokenizer
+    from test_models import write_llama_gguf
 
     model, tok = load_model_and_tokenizer(
         init="tiny-gpt",
@@ -879,9 +879,9 @@ def test_eval_score_sums_match_token_scores(monkeypatch):
     labels = torch.randint(11, (3, 5))
     labels[0, :2] = -100
     labels[2] = -100
-    monkeypatch.setattr(scores, "_EVAL_CHUNK_ELEMENTS", 30)  # 2 rows per chunk (the module _score_sums reads)
+    monkeypatch.setattr(scores, "_EVAL_CHUNK_ELEMENTS", 30)  # 2 rows per chunk (the module score_sums reads)
     rules = ["logarithmic", "brier", "spherical", "power:3"]
-    sums = scores._score_sums(logits, labels, rules)
+    sums = scores.score_sums(logits, labels, rules)
     assert sums.shape == (3, 4)
     for j, rule in enumerate(rules):
         torch.testing.assert_close(sums[:, j].float(), token_scores(logits, labels, rule).sum(-1))
@@ -893,7 +893,7 @@ def test_group_by_length_selects_the_length_grouped_sampler(tmp_path):
     from transformers import Trainer
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from properlm.training import _training_arguments
+    from properlm.training.arguments import training_arguments
 
     lengths = [3, 40, 5, 38, 4, 41, 6, 39] * 100
     ds = datasets.Dataset.from_list([{"input_ids": [1] * n} for n in lengths])
@@ -909,7 +909,7 @@ def test_group_by_length_selects_the_length_grouped_sampler(tmp_path):
                 "per_device_train_batch_size": 4,
             }
         )
-        trainer = Trainer(model=torch.nn.Linear(1, 1), args=_training_arguments(cfg, 10, False), train_dataset=ds)
+        trainer = Trainer(model=torch.nn.Linear(1, 1), args=training_arguments(cfg, 10, False), train_dataset=ds)
         samplers[flag] = trainer._get_train_sampler(ds)
     assert isinstance(samplers[True], LengthGroupedSampler) and not isinstance(samplers[False], LengthGroupedSampler)
 
@@ -1110,7 +1110,7 @@ def test_eval_forms_logits_at_scored_positions_only_with_the_same_metrics(tmp_pa
     from properlm.evaluation import teacher_forced as tf_module
 
     seen = []
-    real = tf_module._ScoredRowsHook.__call__
+    real = tf_module.ScoredRowsHook.__call__
 
     def spy(self, module, args):
         out = real(self, module, args)
@@ -1118,13 +1118,13 @@ def test_eval_forms_logits_at_scored_positions_only_with_the_same_metrics(tmp_pa
             seen.append(tuple(out[0].shape))
         return out
 
-    monkeypatch.setattr(tf_module._ScoredRowsHook, "__call__", spy)
+    monkeypatch.setattr(tf_module.ScoredRowsHook, "__call__", spy)
     kw = dict(init="tiny-gpt", validation_fraction=0.25, eval_steps=2, save_steps=100, max_steps=2, rule="brier")
     if improper:
         kw.update(rule="logarithmic", improper_loss=improper)
     fast = run_training(tiny(tmp_path, "fast", **kw))["eval"]
     assert seen and all(s[0] == 1 for s in seen)  # (1, N, H) reached the head
-    monkeypatch.setattr(tf_module, "_output_head", lambda model: None)
+    monkeypatch.setattr(tf_module, "find_output_head", lambda model: None)
     full = run_training(tiny(tmp_path, "full", **kw))["eval"]
     keys = [k for k in full if k.startswith("eval_score_") or k in ("eval_loss", "eval_tokens")]
     assert "eval_score_brier" in keys and "eval_loss" in keys

@@ -74,7 +74,7 @@ def _evaluate(model, src, tgt, out, *extra):
 
 
 def test_the_training_record_holds_the_language_names(lang_run):
-    from properlm.modeling import TRAINING_RECORD, read_training_record
+    from properlm.models import TRAINING_RECORD, read_training_record
 
     record, path = read_training_record(lang_run[0])
     assert path.endswith(TRAINING_RECORD)
@@ -101,7 +101,7 @@ def test_evaluate_prompts_with_the_training_runs_language_names(lang_run, tmp_pa
 
 def test_generate_takes_task_and_languages_from_the_training_run(lang_run, capsys):
     from properlm.cli import generate
-    from properlm.modeling import load_model_and_tokenizer
+    from properlm.models import load_model_and_tokenizer
 
     model, _, _ = lang_run
     args = build_parser().parse_args(["generate", "--model", model])

@@ -1,9 +1,24 @@
 """properlm: train and evaluate language-generation models with strictly proper scoring rules.
 
 Rules beyond the logarithmic score: the Brier and spherical scores and the power and pseudo-spherical
-families.
+families. Shao, Meng, Liu, Zhou. "Language Generation with Strictly Proper Scoring Rules", ICML 2024.
 
-Shao, Meng, Liu, Zhou. "Language Generation with Strictly Proper Scoring Rules", ICML 2024.
+The core (imports nothing of the application):
+
+* :mod:`~properlm.rules`, :mod:`~properlm.stats`, :mod:`~properlm.loss` -- the rules, their per-token statistics, the
+  losses on logits; :mod:`~properlm.fused` -- the loss of an output layer without its logits;
+  :mod:`~properlm.distributed`, :mod:`~properlm.dtensor` -- vocabulary-parallel forms; :mod:`~properlm.compiled` --
+  the ``torch.compile`` forms; :mod:`~properlm.improper` -- improper baselines.
+
+The application (builds on the core):
+
+* :mod:`~properlm.models` -- loading models and tokenizers; :mod:`~properlm.data` -- data files, prompts, batches;
+* :mod:`~properlm.training` -- ``properlm train``; :mod:`~properlm.evaluation` -- ``properlm evaluate`` and the
+  comparison of runs; :mod:`~properlm.integrations` -- Hugging Face ``transformers``, PEFT, TRL;
+  :mod:`~properlm.cli` -- the command line.
+
+One line per module: [the package layout](#package-layout); start at
+[getting started](../getting-started.md).
 """
 
 from .fused import LinearScoringRuleLoss, fused_linear_scoring_rule_loss

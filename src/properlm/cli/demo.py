@@ -1,7 +1,7 @@
 """``properlm demo``: the paper's recipe end to end, offline, on CPU, in a few minutes.
 
 1. Generate a deterministic translation-like data set: numbers in digits -> English words
-   (:mod:`properlm.demo_data`), disjoint train and test sets.
+   (:mod:`properlm.cli.demo_data`), disjoint train and test sets.
 2. Pre-train a tiny Marian-style (Transformer) seq2seq model from scratch (``--init tiny-seq2seq``, BPE
    tokenizer trained on the data) with the logarithmic score for ``--steps`` steps,
    saving a checkpoint at the end.
@@ -119,7 +119,7 @@ def _generate(
 def _evaluate(model_dir: str, test: list[tuple[str, str]]) -> dict[str, Any]:
     import sacrebleu
 
-    from ..modeling import load_model_and_tokenizer
+    from ..models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_dir)
     sources = [s for s, _ in test]
@@ -137,49 +137,19 @@ def _evaluate(model_dir: str, test: list[tuple[str, str]]) -> dict[str, Any]:
     }
 
 
-def _loss_records(output_dir: str) -> list[dict[str, Any]]:
-    path = os.path.join(output_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+def _plot(runs: dict[str, str], pretrain_dir: str, path: str) -> None:
+    """The training curves of the pre-training run and of each fine-tuning run (:func:`plot_curves`)."""
+    from ..evaluation.curves import plot_curves
+    from ..evaluation.run_records import RunRecord, read_metrics_log
 
+    def record(label: str, directory: str) -> RunRecord:
+        log_path = os.path.join(directory, "metrics.jsonl")
+        log = read_metrics_log(log_path) if os.path.isfile(log_path) else []
+        return RunRecord(label=label, directory=directory, log=log, log_path=log_path if log else None)
 
-def _plot(runs: dict[str, str], pretrain_dir: str, path: str, steps: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    pre = [r for r in _loss_records(pretrain_dir) if "loss" in r]
-    ax1.plot([r["step"] for r in pre], [r["loss"] for r in pre], color="black", label="logarithmic (pre-training)")
-    pre_ev = {
-        r["step"]: -r["eval_score_logarithmic"] for r in _loss_records(pretrain_dir) if "eval_score_logarithmic" in r
-    }
-    ax2.plot(list(pre_ev), list(pre_ev.values()), marker="o", color="black", label="logarithmic (pre-training)")
-    start = [(steps, pre_ev[steps])] if steps in pre_ev else []
-    colors = {"logarithmic": "tab:blue", "brier": "tab:orange", "spherical": "tab:green"}
-    for rule, run_dir in runs.items():
-        recs = [r for r in _loss_records(run_dir) if r["step"] > steps]
-        tr = [r for r in recs if "loss" in r]
-        ax1.plot([r["step"] for r in tr], [r["loss"] for r in tr], color=colors.get(rule), label=f"{rule} (own loss)")
-        ev = dict(start + [(r["step"], -r["eval_score_logarithmic"]) for r in recs if "eval_score_logarithmic" in r])
-        ax2.plot(list(ev), list(ev.values()), marker="o", color=colors.get(rule), label=f"fine-tuned with {rule}")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("training loss  S_max - S (each rule's own)")
-    ax1.axvline(steps, color="grey", linestyle=":")
-    ax1.legend(fontsize=8)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("held-out negative log-likelihood per token")
-    ax2.set_yscale("log")
-    ax2.axvline(steps, color="grey", linestyle=":")
-    ax2.legend(fontsize=8)
-    fig.suptitle("properlm demo: numbers -> words, tiny seq2seq")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    records = [record("logarithmic (pre-training)", pretrain_dir)]
+    records += [record(f"fine-tuned with {rule}", run_dir) for rule, run_dir in runs.items()]
+    plot_curves(records, path, title="properlm demo: numbers -> words, tiny seq2seq")
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -197,8 +167,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo (see the module docstring); returns the results dictionary."""
     import torch
 
-    from ..demo_data import make_number_dataset, write_parallel
     from ..training import make_config, run_training
+    from .demo_data import make_number_dataset, write_parallel
 
     _check(args)
     torch.set_num_threads(args.threads)
@@ -298,10 +268,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
     timings["evaluate"] = time.time() - t0
     plot_path = os.path.join(out, "loss_curves.png")
-    _plot(runs, pre_dir, plot_path, args.steps)
+    _plot(runs, pre_dir, plot_path)
     table = _table(rows)
     results: dict[str, Any] = {
-        "task": "numbers in digits -> English words (properlm.demo_data)",
+        "task": "numbers in digits -> English words (properlm.cli.demo_data)",
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
         "rows": rows,
         "timings_seconds": {**timings, "total": time.time() - started},

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..data import TASKS, DataError
 from ..evaluation import DTYPES, EvalError, EvalSettings, markdown_table, parse_rules, run_evaluation
-from ..modeling import ModelLoadError
+from ..models import ModelLoadError
 
 EPILOG = """\
 examples:

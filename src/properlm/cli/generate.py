@@ -26,7 +26,7 @@ from ..evaluation import (
     validate_decoding,
     validate_new_token_cap,
 )
-from ..modeling import (
+from ..models import (
     ModelLoadError,
     check_model_source,
     is_seq2seq,
@@ -259,9 +259,10 @@ def interrupted(args: argparse.Namespace, command: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``properlm generate`` with parsed arguments; returns the exit code."""
-    from ..evaluation.generation import decode_prompts_with_stats, one_line
+    from ..evaluation.generation import decode_prompts_with_stats
     from ..evaluation.journal import DecodeJournal, journal_key
     from ..evaluation.precision import mixed_precision, slow_bf16_warning
+    from ..evaluation.text_metrics import one_line
 
     try:
         objective, limits = _validate(args)

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from ..data import DataError
-from ..modeling import ModelLoadError
+from ..models import ModelLoadError
 from ..training import (
     ConfigError,
     TrainConfig,

@@ -42,7 +42,8 @@ Modules, one job each, in the order the data goes through them:
   :data:`IGNORE_INDEX`;
 * :mod:`~properlm.data.collate` -- :class:`DataCollator`, the padded batch.
 
-Every name is importable from ``properlm.data`` itself, as before the module was split into a package.
+The package exports the public names of those modules. How-to: [the command line](../how-to/command-line.md),
+[summarisation](../how-to/summarisation.md).
 """
 
 from __future__ import annotations
@@ -56,14 +57,6 @@ from .prompts import (
     build_prompt,
     truncate_source,
 )
-from .prompts import _cut_text as _cut_text
-from .prompts import _has_chat_template as _has_chat_template
-from .prompts import _ids as _ids
-from .prompts import _plain_prompt as _plain_prompt
-from .prompts import _source_field as _source_field
-from .prompts import _user_message as _user_message
-from .reading import _OPTIONAL as _OPTIONAL
-from .reading import _REQUIRED as _REQUIRED
 from .reading import (
     TASKS,
     DataError,
@@ -75,16 +68,7 @@ from .reading import (
     read_summarization_file,
     split_validation,
 )
-from .reading import _check_file as _check_file
-from .reading import _json_array_records as _json_array_records
-from .reading import _json_records as _json_records
-from .reading import _lines as _lines
-from .reading import _name as _name
-from .reading import _read_json_task as _read_json_task
-from .reading import _record_fields as _record_fields
 from .tokenization import IGNORE_INDEX, encode_prompt, tokenize_example, tokenize_examples
-from .tokenization import _prompt_ids as _prompt_ids
-from .tokenization import _target_ids as _target_ids
 
 __all__ = [
     "IGNORE_INDEX",

@@ -45,7 +45,7 @@ TRANSLATION_TEMPLATE = "Translate from {source_lang} to {target_lang}:\n{source}
 SUMMARIZATION_TEMPLATE = "Summarize the following document.\n\n{document}\n\nSummary:\n"
 
 
-def _has_chat_template(tokenizer: Any) -> bool:
+def has_chat_template(tokenizer: Any) -> bool:
     return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
 
 
@@ -83,14 +83,14 @@ def build_prompt(example: Example, tokenizer: Any = None, *, seq2seq: bool = Fal
     """
     if seq2seq:
         return _plain_prompt(example) if example.task == "instruction" else example.source
-    if _has_chat_template(tokenizer):
+    if has_chat_template(tokenizer):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": _user_message(example)}], tokenize=False, add_generation_prompt=True
         )
     return _plain_prompt(example)
 
 
-def _ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+def text_ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     # verbose=False: no "longer than the specified maximum" warning, the callers cut the ids themselves
     return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
 
@@ -109,7 +109,7 @@ def _cut_text(tokenizer: Any, text: str, max_tokens: int) -> str | None:
 
     The text is tokenised alone, without special tokens. The cut text re-tokenises to at most ``max_tokens``
     tokens (a cut inside a word can re-tokenise differently; then the cut moves left)."""
-    ids = _ids(tokenizer, text, False)
+    ids = text_ids(tokenizer, text, False)
     if len(ids) <= max_tokens:
         return None
     n = max_tokens
@@ -123,7 +123,7 @@ def _cut_text(tokenizer: Any, text: str, max_tokens: int) -> str | None:
     while True:
         cut = text[: offsets[n - 1][1]] if offsets is not None else tokenizer.decode(ids[:n], skip_special_tokens=True)
         cut = cut.rstrip()
-        excess = len(_ids(tokenizer, cut, False)) - max_tokens
+        excess = len(text_ids(tokenizer, cut, False)) - max_tokens
         if excess <= 0 or n <= 1:
             return cut
         n = max(1, n - excess)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .prompts import _has_chat_template, _ids, build_prompt, truncate_source
+from .prompts import build_prompt, has_chat_template, text_ids, truncate_source
 from .reading import Example
 
 __all__ = ["IGNORE_INDEX", "encode_prompt", "tokenize_example", "tokenize_examples"]
@@ -28,13 +28,13 @@ def _prompt_ids(example: Example, tokenizer: Any, seq2seq: bool) -> list[int]:
     text = build_prompt(example, tokenizer, seq2seq=seq2seq)
     eos = tokenizer.eos_token_id
     if seq2seq:
-        ids = _ids(tokenizer, text, True)
+        ids = text_ids(tokenizer, text, True)
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
         return ids
-    if _has_chat_template(tokenizer):
-        return _ids(tokenizer, text, False)
-    ids = _ids(tokenizer, text, True)
+    if has_chat_template(tokenizer):
+        return text_ids(tokenizer, text, False)
+    ids = text_ids(tokenizer, text, True)
     if eos is not None and ids and ids[-1] == eos and eos != tokenizer.bos_token_id:
         ids.pop()  # tokenizers that append EOS to every text (T5-like) must not end the prompt
     bos = tokenizer.bos_token_id
@@ -44,7 +44,7 @@ def _prompt_ids(example: Example, tokenizer: Any, seq2seq: bool) -> list[int]:
 
 
 def _target_ids(example: Example, tokenizer: Any) -> list[int]:
-    ids = _ids(tokenizer, example.target, False)
+    ids = text_ids(tokenizer, example.target, False)
     eos = tokenizer.eos_token_id
     if eos is not None:
         ids.append(eos)

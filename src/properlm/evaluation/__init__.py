@@ -9,7 +9,7 @@ Flow (:func:`~properlm.evaluation.run.run_evaluation`), with the module of each 
     validate_settings (flags, files, rules, decoding, temperatures)   -- settings: fails fast, loads nothing
     resolve_lengths (options, training record, position table)        -- lengths: refuses a length the model cannot take
     resolve_languages (options, training record)                      -- settings: the translation prompt's languages
-    load_examples, load_model_and_tokenizer                           -- properlm.data, properlm.modeling
+    load_examples, load_model_and_tokenizer                           -- properlm.data, properlm.models
     teacher_forced_metrics (logits at the scored positions only)      -- teacher_forced
       -> MetricsAccumulator (rule scores, perplexity, accuracy)       -- metrics
       -> calibration bins, ECE, reliability_diagram                   -- calibration
@@ -36,26 +36,21 @@ Modules, one job each:
 * :mod:`~properlm.evaluation.run` -- :func:`~properlm.evaluation.run.run_evaluation`, the driver;
 * :mod:`~properlm.evaluation.report` -- the markdown table of a results dictionary;
 * :mod:`~properlm.evaluation.significance` -- paired bootstrap over examples, intervals and sign test over seeds;
-* :mod:`~properlm.evaluation.comparison` -- evaluated runs against a baseline (``properlm compare --baseline``).
+* :mod:`~properlm.evaluation.comparison` -- evaluated runs against a baseline (``properlm compare --baseline``);
+* :mod:`~properlm.evaluation.run_records` -- what ``properlm compare`` reads from run directories;
+* :mod:`~properlm.evaluation.comparison_table` -- the table across runs of ``properlm compare``;
+* :mod:`~properlm.evaluation.curves` -- the training-curve plot (``properlm compare --plot``, ``properlm demo``).
 
-Every name is importable from ``properlm.evaluation`` itself, as before the package was split. The former
-top-level modules ``properlm.metrics``, ``properlm.decoding`` and ``properlm.generation_eval`` are the modules
-:mod:`~properlm.evaluation.metrics`, :mod:`~properlm.evaluation.decoding` and
-:mod:`~properlm.evaluation.generation` under their old names (the same module objects).
+The package exports the driver, the settings and their checks, the truncation and the teacher-forced pass.
+How-to: [evaluation, calibration and temperature scaling](../how-to/evaluation.md),
+[the scoring-rule beam objective](../how-to/beam-objective.md).
 """
 
 from __future__ import annotations
 
 from .lengths import LengthLimits, resolve_lengths
-from .lengths import _config_seq2seq as _config_seq2seq
 from .precision import mixed_precision
-from .report import _fmt as _fmt
-from .report import _pct as _pct
 from .report import format_value, markdown_table
-from .run import _fit_temperature as _fit_temperature
-from .run import _json_safe as _json_safe
-from .run import _tf_dict as _tf_dict
-from .run import _versions as _versions
 from .run import run_evaluation
 from .settings import (
     DEFAULT_MAX_LENGTH,
@@ -71,9 +66,7 @@ from .settings import (
     validate_new_token_cap,
     validate_settings,
 )
-from .settings import _check_output_dir as _check_output_dir
 from .teacher_forced import ScoredHiddenStates, teacher_forced_metrics
-from .teacher_forced import _tqdm as _tqdm
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",

@@ -45,19 +45,19 @@ class CalibrationBin:
     gap: float | None  # accuracy - confidence
 
 
-def _bin_index(confidence: Tensor, num_bins: int) -> Tensor:
+def bin_index(confidence: Tensor, num_bins: int) -> Tensor:
     """Bin ``b`` (0-based) of ``((b)/M, (b+1)/M]``; confidence 0 goes to bin 0."""
     idx = torch.ceil(confidence.double() * num_bins).long() - 1
     return idx.clamp_(0, num_bins - 1)
 
 
-def _check_bins(num_bins: int) -> int:
+def check_bins(num_bins: int) -> int:
     if not isinstance(num_bins, int) or isinstance(num_bins, bool) or num_bins < 1:
         raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
     return num_bins
 
 
-def _bins_from_sums(
+def bins_from_sums(
     count: Sequence[float], conf_sum: Sequence[float], correct_sum: Sequence[float]
 ) -> list[CalibrationBin]:
     M = len(count)
@@ -71,15 +71,15 @@ def _bins_from_sums(
     return table
 
 
-def _ece_from_sums(count: Sequence[float], conf_sum: Sequence[float], correct_sum: Sequence[float]) -> float:
+def ece_from_sums(count: Sequence[float], conf_sum: Sequence[float], correct_sum: Sequence[float]) -> float:
     total = float(sum(count))
     if total == 0:
         return float("nan")
     return sum(abs(c - s) for c, s in zip(correct_sum, conf_sum)) / total
 
 
-def _bin_sums(confidence: Tensor, correct: Tensor, num_bins: int) -> tuple[Tensor, Tensor, Tensor]:
-    idx = _bin_index(confidence, num_bins)
+def bin_sums(confidence: Tensor, correct: Tensor, num_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    idx = bin_index(confidence, num_bins)
     count = torch.bincount(idx, minlength=num_bins).double()
     conf_sum = torch.bincount(idx, weights=confidence.double(), minlength=num_bins)
     corr_sum = torch.bincount(idx, weights=correct.double(), minlength=num_bins)
@@ -99,10 +99,10 @@ def calibration_bins(confidence: Tensor, correct: Tensor, num_bins: int = DEFAUL
     ``confidence`` has any shape and values in ``[0, 1]``; each bin has its count, mean confidence and
     accuracy of ``correct``.
     """
-    _check_bins(num_bins)
+    check_bins(num_bins)
     _check_calibration_inputs(confidence, correct)
-    sums = _bin_sums(confidence.reshape(-1), correct.reshape(-1), num_bins)
-    return _bins_from_sums(*(s.tolist() for s in sums))
+    sums = bin_sums(confidence.reshape(-1), correct.reshape(-1), num_bins)
+    return bins_from_sums(*(s.tolist() for s in sums))
 
 
 def expected_calibration_error(confidence: Tensor, correct: Tensor, num_bins: int = DEFAULT_NUM_BINS) -> float:
@@ -110,10 +110,10 @@ def expected_calibration_error(confidence: Tensor, correct: Tensor, num_bins: in
 
     ``confidence`` and ``correct`` have the same shape (flattened); NaN for no predictions.
     """
-    _check_bins(num_bins)
+    check_bins(num_bins)
     _check_calibration_inputs(confidence, correct)
-    sums = _bin_sums(confidence.reshape(-1), correct.reshape(-1), num_bins)
-    return _ece_from_sums(*(s.tolist() for s in sums))
+    sums = bin_sums(confidence.reshape(-1), correct.reshape(-1), num_bins)
+    return ece_from_sums(*(s.tolist() for s in sums))
 
 
 def reliability_diagram(

@@ -31,6 +31,7 @@ from .text_metrics import ROUGE_TYPES, rouge_per_example
 __all__ = [
     "ComparisonError",
     "EvaluatedRun",
+    "baseline_comparison",
     "compare_to_baseline",
     "comparison_markdown",
     "load_evaluated_run",
@@ -44,7 +45,7 @@ _SUMMARIZATION = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUG
 
 
 class ComparisonError(ValueError):
-    """An evaluation cannot be read or paired with its baseline."""
+    """A run directory is missing or holds nothing readable, or an evaluation cannot be paired with its baseline."""
 
 
 def metrics_of_task(task: str) -> tuple[tuple[str, str], ...]:
@@ -406,3 +407,20 @@ def comparison_markdown(result: Mapping[str, Any], baseline_name: str = "baselin
             "the unit of evidence, and the bootstrap sees only the test set's noise.",
         ]
     return "\n".join(lines)
+
+
+def baseline_comparison(groups: list[tuple[str, list[str]]], baseline: str, n_samples: int) -> tuple[str, dict]:
+    """``(markdown, result)`` of every group against the group named ``baseline``.
+
+    ``groups`` are ``(name, evaluation directories)``, one directory per seed; see :func:`compare_to_baseline`.
+    """
+    names = [g for g, _ in groups]
+    if baseline not in names:
+        raise ComparisonError(f"--baseline {baseline!r} is none of the runs given; choose one of {', '.join(names)}")
+    if len(groups) < 2:
+        raise ComparisonError("--baseline needs at least one other run to compare with it")
+    loaded = {name: [load_evaluated_run(p) for p in paths] for name, paths in groups}
+    result = compare_to_baseline(
+        loaded[baseline], {k: v for k, v in loaded.items() if k != baseline}, n_samples=n_samples
+    )
+    return comparison_markdown(result, baseline), result

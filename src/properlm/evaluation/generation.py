@@ -2,15 +2,13 @@
 
 * :func:`decode_prompts` -- greedy or beam search over prompts given as token ids, batched
   (longest first, so that padding is small), with an optional scoring-rule objective
-  (:class:`properlm.decoding.ScoringRuleObjective`) and an optional cap of the new tokens by
+  (:class:`properlm.evaluation.decoding.ScoringRuleObjective`) and an optional cap of the new tokens by
   source length (:func:`new_token_cap`); the hypotheses come back in the order of the prompts.
   :func:`decode_prompts_with_stats` also returns each prompt's cap and whether its hypothesis
   stopped there (:class:`DecodeStats`), and with a :class:`~properlm.evaluation.journal.DecodeJournal`
   resumes an interrupted decoding batch by batch.
 
-The scores of the hypotheses (BLEU, chrF, ROUGE) are in :mod:`properlm.evaluation.text_metrics`; every name of the
-former ``properlm.generation_eval`` is importable from here (and from ``properlm.generation_eval``, which is this
-module).
+The scores of the hypotheses (BLEU, chrF, ROUGE) are in :mod:`properlm.evaluation.text_metrics`.
 """
 
 from __future__ import annotations
@@ -25,29 +23,13 @@ import torch
 from ..rules import RuleLike, get_rule
 from .decoding import ScoringRuleObjective
 from .journal import DecodeJournal
-from .text_metrics import _LANG_CODES as _LANG_CODES
-from .text_metrics import ROUGE_TYPES as ROUGE_TYPES
-from .text_metrics import _check_pairs as _check_pairs
-from .text_metrics import generation_metrics as generation_metrics
-from .text_metrics import one_line as one_line
-from .text_metrics import rouge_per_example as rouge_per_example
-from .text_metrics import rouge_version as rouge_version
-from .text_metrics import summarization_metrics as summarization_metrics
-from .text_metrics import translation_metrics as translation_metrics
 
 __all__ = [
-    "ROUGE_TYPES",
     "DecodeStats",
     "check_new_token_cap",
     "decode_prompts",
     "decode_prompts_with_stats",
-    "generation_metrics",
     "new_token_cap",
-    "one_line",
-    "rouge_per_example",
-    "rouge_version",
-    "summarization_metrics",
-    "translation_metrics",
 ]
 
 

@@ -25,7 +25,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..modeling import BASE_RECORD, adapter_base
+from ..models import BASE_RECORD, adapter_base
 
 __all__ = ["JOURNAL_KIND", "DecodeJournal", "journal_key", "journaled_outputs", "model_fingerprint"]
 

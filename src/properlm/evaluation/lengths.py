@@ -1,7 +1,7 @@
 """Truncation: the lengths an evaluation (or ``properlm generate``) cuts to, and where each came from.
 
 :func:`resolve_lengths`: unless given, ``max_length`` and ``max_source_length``
-are those the model was trained with (:func:`properlm.modeling.read_training_record`), and a
+are those the model was trained with (:func:`properlm.models.read_training_record`), and a
 ``max_length`` (or, for an encoder-decoder, ``max_new_tokens``) beyond the model's position
 table (``config.max_position_embeddings``) is refused before any data is read. The results
 state both lengths, where each came from, and how many sources were cut.
@@ -69,7 +69,7 @@ def resolve_lengths(
     ``max_new_tokens`` (given when decoding) does not fit: an encoder-decoder's decoder takes at
     most ``limit`` positions; a decoder-only model's prompts are cut to ``limit - max_new_tokens``.
     """
-    from ..modeling import model_max_positions
+    from ..models import model_max_positions
 
     limit, key = model_max_positions(config)
     trained_len = record.get("max_length") if record else None
@@ -132,7 +132,7 @@ def resolve_lengths(
     )
 
 
-def _config_seq2seq(config: Any) -> bool | None:
+def config_is_seq2seq(config: Any) -> bool | None:
     """``is_encoder_decoder`` of a config (object or dict); ``None`` for no config."""
     if config is None:
         return None

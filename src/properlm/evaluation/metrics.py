@@ -17,8 +17,7 @@ sums, token and correct counts, and three numbers per bin), so its result does n
 on how the data were split into batches (up to float rounding).
 
 The calibration (ECE, bins, reliability diagram) is computed by :mod:`properlm.evaluation.calibration`, and
-temperature scaling fitted by :mod:`properlm.evaluation.temperature`; every name of the former
-``properlm.metrics`` is importable from here (and from ``properlm.metrics``, which is this module).
+temperature scaling fitted by :mod:`properlm.evaluation.temperature`.
 """
 
 from __future__ import annotations
@@ -33,37 +32,19 @@ from torch import Tensor
 
 from ..rules import RuleLike, ScoringRule, get_rule
 from ..stats import rule_scores
-from .calibration import DEFAULT_NUM_BINS as DEFAULT_NUM_BINS
-from .calibration import CalibrationBin as CalibrationBin
-from .calibration import _bin_index as _bin_index
-from .calibration import _bin_sums as _bin_sums
-from .calibration import _bins_from_sums as _bins_from_sums
-from .calibration import _check_bins as _check_bins
-from .calibration import _check_calibration_inputs as _check_calibration_inputs
-from .calibration import _ece_from_sums as _ece_from_sums
-from .calibration import calibration_bins as calibration_bins
-from .calibration import expected_calibration_error as expected_calibration_error
-from .calibration import reliability_diagram as reliability_diagram
+from .calibration import DEFAULT_NUM_BINS, CalibrationBin, bin_sums, bins_from_sums, check_bins, ece_from_sums
 
 __all__ = [
-    "DEFAULT_NUM_BINS",
-    "DEFAULT_TEMPERATURES",  # noqa: F822 (from properlm.evaluation.temperature, through __getattr__)
-    "CalibrationBin",
     "EvalMetrics",
     "MetricsAccumulator",
-    "TemperatureFit",  # noqa: F822 (from properlm.evaluation.temperature, through __getattr__)
-    "TemperatureScan",  # noqa: F822 (from properlm.evaluation.temperature, through __getattr__)
-    "calibration_bins",
     "check_temperature",
-    "expected_calibration_error",
     "perplexity",
-    "reliability_diagram",
     "token_level_outputs",
 ]
 
 
 #: float32 elements of one chunk of logits rows (64 MiB)
-_CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 24
 
 _LOG = get_rule("logarithmic")
 
@@ -77,7 +58,7 @@ def _unique_rules(rules: Sequence[RuleLike]) -> list[ScoringRule]:
     return out
 
 
-def _scored_rows(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+def scored_rows(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(logits (M, V), labels (M,), indices of the scored rows)`` after checking shapes and ids."""
     if logits.shape[:-1] != labels.shape:
         raise ValueError(
@@ -120,11 +101,11 @@ def token_level_outputs(
         ``"confidence"`` (``max_k p_k``), ``"correct"`` (bool, ``argmax_k z_k == y``).
     """
     rule_objs = _unique_rules(rules)
-    flat_z, flat_y, rows = _scored_rows(logits, labels, ignore_index)
+    flat_z, flat_y, rows = scored_rows(logits, labels, ignore_index)
     V = flat_z.shape[-1]
     keys = [f"score:{r.spec}" for r in rule_objs]
     parts: dict[str, list[Tensor]] = {k: [] for k in [*keys, "log_prob", "confidence", "correct"]}
-    step = max(1, _CHUNK_ELEMENTS // max(V, 1))
+    step = max(1, CHUNK_ELEMENTS // max(V, 1))
     with torch.no_grad():
         for start in range(0, rows.numel(), step):
             idx = rows[start : start + step]
@@ -219,7 +200,7 @@ class MetricsAccumulator:
         self.rules = _unique_rules(rules)
         if not self.rules:
             raise ValueError("rules must name at least one scoring rule")
-        self.num_bins = _check_bins(num_bins)
+        self.num_bins = check_bins(num_bins)
         self.ignore_index = ignore_index
         self.temperature = check_temperature(temperature)
         self.reset()
@@ -249,7 +230,7 @@ class MetricsAccumulator:
         self._prob_sum += float(out["log_prob"].double().exp().sum())
         self._above_half += int((out["log_prob"] > -math.log(2.0)).sum())
         self._correct += int(out["correct"].sum())
-        count, conf_sum, corr_sum = _bin_sums(out["confidence"].cpu(), out["correct"].cpu(), self.num_bins)
+        count, conf_sum, corr_sum = bin_sums(out["confidence"].cpu(), out["correct"].cpu(), self.num_bins)
         self._count += count
         self._conf_sum += conf_sum
         self._corr_sum += corr_sum
@@ -264,7 +245,7 @@ class MetricsAccumulator:
         n = self._n
         nan = float("nan")
         count, conf, corr = self._count.tolist(), self._conf_sum.tolist(), self._corr_sum.tolist()
-        bins = _bins_from_sums(count, conf, corr)
+        bins = bins_from_sums(count, conf, corr)
         gaps = [abs(b.gap) for b in bins if b.gap is not None]
         mean_log = self._log_sum / n if n else nan
         return EvalMetrics(
@@ -275,7 +256,7 @@ class MetricsAccumulator:
             accuracy=self._correct / n if n else nan,
             mean_target_prob=self._prob_sum / n if n else nan,
             target_prob_above_half=self._above_half / n if n else nan,
-            ece=_ece_from_sums(count, conf, corr),
+            ece=ece_from_sums(count, conf, corr),
             mce=max(gaps) if gaps else nan,
             bins=bins,
         )
@@ -287,19 +268,3 @@ def check_temperature(temperature: float) -> float:
     if not (math.isfinite(t) and t > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     return t
-
-
-#: the names of the former ``properlm.metrics`` that :mod:`properlm.evaluation.temperature` defines: resolved on
-#: first access (the temperature module imports this one, so they cannot be imported here at the top)
-_TEMPERATURE_NAMES = frozenset(
-    {"DEFAULT_TEMPERATURES", "TemperatureFit", "TemperatureScan", "_FLOAT32_MIN", "_hermite_max"}
-)
-
-
-def __getattr__(name: str) -> Any:
-    """The temperature-scan names of the former ``properlm.metrics``, from :mod:`properlm.evaluation.temperature`."""
-    if name in _TEMPERATURE_NAMES:
-        from . import temperature
-
-        return getattr(temperature, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

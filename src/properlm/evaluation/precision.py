@@ -93,10 +93,10 @@ def mixed_precision(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> It
     its weight's dtype (float32 weights: float32 logits). A model without an output embedding runs
     entirely under autocast. Hooks are removed on exit.
     """
-    from .teacher_forced import _output_head
+    from .teacher_forced import find_output_head
 
     device_type = next(model.parameters()).device.type
-    head = _output_head(model)
+    head = find_output_head(model)
     handles = []
     if head is not None:
         hook = _HeadOutsideAutocast(device_type, _head_weight_dtype(head))

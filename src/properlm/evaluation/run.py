@@ -1,7 +1,7 @@
 """The driver of ``properlm evaluate``: :func:`run_evaluation`.
 
 Validate the settings, load data and model, compute the teacher-forced metrics
-(:mod:`properlm.metrics`) and the generation metrics (:mod:`properlm.generation_eval`), and write the
+(:mod:`properlm.evaluation.metrics`) and the generation metrics (:mod:`properlm.evaluation.text_metrics`), and write the
 results.
 
 Outputs in ``output_dir``:
@@ -16,7 +16,7 @@ Temperature: the teacher-forced metrics are of ``softmax(logits / temperature)``
 (``"teacher_forced_scaled"``: e.g. before and after temperature scaling with a temperature
 fitted on validation data by ``fit_temperature``). Decoding is never affected.
 
-``fit_temperature``: a :class:`~properlm.metrics.TemperatureScan` rides along the teacher-forced
+``fit_temperature``: a :class:`~properlm.evaluation.temperature.TemperatureScan` rides along the teacher-forced
 pass and fits ``T`` (grid, then refined between grid values); one more teacher-forced pass at that
 ``T`` measures the metrics there. ``"temperature_fit"`` holds ``temperature`` (the fitted ``T``, for
 ``--temperature``), ``mean_log_prob``, ``ece``, ``bins``, ``mean_scores`` and ``perplexity``
@@ -26,7 +26,7 @@ and the scan's values there), ``on_boundary``, and the whole scan (``temperature
 
 Decoding length: at most ``max_new_tokens`` new tokens, and with ``max_new_tokens_ratio`` at most
 ``ceil(ratio * L + max_new_tokens_offset)`` per batch, ``L`` the longest source text of the batch
-in tokens (:func:`properlm.generation_eval.new_token_cap`); ``generation.new_token_cap`` in the
+in tokens (:func:`properlm.evaluation.generation.new_token_cap`); ``generation.new_token_cap`` in the
 results counts the hypotheses that stopped at their cap.
 Truncation: :mod:`properlm.evaluation.lengths`.
 """
@@ -45,10 +45,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from .journal import DecodeJournal, journal_key
-from .lengths import _config_seq2seq, resolve_lengths
+from .lengths import config_is_seq2seq, resolve_lengths
 from .precision import mixed_precision
 from .settings import RESULTS_KIND, EvalSettings, resolve_device, resolve_languages, torch_dtype, validate_settings
-from .teacher_forced import ScoredHiddenStates, _tqdm, teacher_forced_metrics
+from .teacher_forced import ScoredHiddenStates, progress_bar, teacher_forced_metrics
 
 __all__ = ["DECODE_JOURNAL", "run_evaluation"]
 
@@ -77,7 +77,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
     Returns the results dictionary (also written as JSON).
     """
     from ..data import encode_prompt, load_examples, truncate_source
-    from ..modeling import (
+    from ..models import (
         is_seq2seq,
         load_model_and_tokenizer,
         model_config_dict,
@@ -85,9 +85,10 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
         unwrap_model,
     )
     from .calibration import reliability_diagram
-    from .generation import decode_prompts_with_stats, generation_metrics, one_line
+    from .generation import decode_prompts_with_stats
     from .metrics import MetricsAccumulator
     from .temperature import TemperatureScan
+    from .text_metrics import generation_metrics, one_line
 
     s = validate_settings(settings, check_model=model_and_tokenizer is None)
     # the truncation next, from the options, the training run and the model's config.json: a length
@@ -100,7 +101,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
         record, record_path = None, None
     length_args = dict(record=record, record_path=record_path, max_new_tokens=s.max_new_tokens if s.generate else None)
     limits = resolve_lengths(
-        s.max_length, s.max_source_length, config=config, seq2seq=_config_seq2seq(config), **length_args
+        s.max_length, s.max_source_length, config=config, seq2seq=config_is_seq2seq(config), **length_args
     )
     languages = None
     if s.source_file is not None:  # translation: the prompt's language names default to the training run's
@@ -212,7 +213,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
                 os.path.join(s.output_dir, DECODE_JOURNAL),
                 key=journal_key(s.model, s.gguf_file, s.dtype + ("+bf16-autocast" if s.bf16 else ""), model),
             )
-        bar = _tqdm(len(prompts), "decoding", s.progress)
+        bar = progress_bar(len(prompts), "decoding", s.progress)
         t0 = time.time()
         try:
             with precision():
@@ -349,7 +350,7 @@ def _fit_temperature(
 
 
 def _tf_dict(tf: Any, num_bins: int, temperature: float) -> dict[str, Any]:
-    """The ``teacher_forced`` entry of the results: an :class:`~properlm.metrics.EvalMetrics` at ``temperature``."""
+    """The ``teacher_forced`` entry of the results: an ``EvalMetrics`` at ``temperature``."""
     return {
         "num_tokens": tf.num_tokens,
         "mean_scores": tf.mean_scores,

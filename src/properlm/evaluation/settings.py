@@ -93,7 +93,7 @@ def resolve_languages(
     """``(source_lang, target_lang, origin)``: the language names of translation prompts.
 
     A name given (not ``None``) wins; else the training run's (``record``, from
-    :func:`properlm.modeling.read_training_record`), so a decoder-only model is prompted
+    :func:`properlm.models.read_training_record`), so a decoder-only model is prompted
     with the ``Translate from {source_lang} to {target_lang}`` it was trained on and BLEU
     picks the target language's tokenizer. ``origin`` names the record when any name came
     from it, else ``None``.
@@ -214,7 +214,7 @@ def validate_settings(s: EvalSettings, check_model: bool = True, warn: bool = Tr
     ``check_model=False`` skips the model source (a model given in memory). With ``warn``, decoding
     options that ``--no-generate`` makes void (:func:`ignored_decoding_options`) give a ``UserWarning``.
     Raises :class:`EvalError`."""
-    from ..modeling import ModelLoadError, check_model_source
+    from ..models import ModelLoadError, check_model_source
     from .metrics import check_temperature
 
     if check_model:

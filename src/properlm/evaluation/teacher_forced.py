@@ -26,17 +26,17 @@ from torch import Tensor, nn
 __all__ = ["ScoredHiddenStates", "teacher_forced_metrics"]
 
 
-def _tqdm(total: int, desc: str, enabled: bool) -> Any:
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, leave=False)
 
 
-class _ScoredRowsHook:
+class ScoredRowsHook:
     """Forward pre-hook on the output head: its input ``(B, T, H)`` becomes the armed rows ``(1, N, H)``.
 
     The rows are those of the armed ``mask (B, T)``; only the first call after arming (the call of the pass).
-    Registered on ``head`` by :func:`_scored_rows`.
+    Registered on ``head`` by :func:`capture_scored_rows`.
     """
 
     def __init__(self, head: nn.Module) -> None:
@@ -75,16 +75,16 @@ class _ScoredRowsHook:
 
 
 @contextmanager
-def _scored_rows(model: nn.Module, seq2seq: bool) -> Iterator[_ScoredRowsHook | None]:
-    """A :class:`_ScoredRowsHook` on the output head of a decoder-only ``model`` while the block runs.
+def capture_scored_rows(model: nn.Module, seq2seq: bool) -> Iterator[ScoredRowsHook | None]:
+    """A :class:`ScoredRowsHook` on the output head of a decoder-only ``model`` while the block runs.
 
     ``None`` for encoder-decoder models and models without an output embedding (full logits then).
     """
-    head = None if seq2seq else _output_head(model)
+    head = None if seq2seq else find_output_head(model)
     if head is None:
         yield None
         return
-    hook = _ScoredRowsHook(head)
+    hook = ScoredRowsHook(head)
     handle = head.register_forward_pre_hook(hook)
     try:
         yield hook
@@ -116,11 +116,11 @@ class ScoredHiddenStates:
         self._bytes = 0
 
     def _start(self, head: nn.Module, model: nn.Module) -> bool:
-        from ..integrations.transformers.heads import _head_transform
+        from ..integrations.transformers.heads import head_transform
 
         self.batches, self._bytes, self.head = [], 0, head
         try:
-            self.softcap, self.logit_scale = _head_transform(model)
+            self.softcap, self.logit_scale = head_transform(model)
         except ValueError as exc:
             return self._drop(f"head transform: {exc}")
         self.complete, self.reason = True, None
@@ -158,7 +158,7 @@ class ScoredHiddenStates:
     def metrics(
         self, rules: Sequence[str], *, temperature: float = 1.0, num_bins: int = 15, ignore_index: int = -100
     ) -> Any:
-        """The :class:`~properlm.metrics.EvalMetrics` of the kept positions at ``temperature``.
+        """The :class:`~properlm.evaluation.metrics.EvalMetrics` of the kept positions at ``temperature``.
 
         The same as a teacher-forced pass at that temperature; ``RuntimeError`` when not ``complete``.
         """
@@ -173,7 +173,7 @@ class ScoredHiddenStates:
         return acc.compute()
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
+def find_output_head(model: nn.Module) -> nn.Module | None:
     getter = getattr(model, "get_output_embeddings", None)
     try:
         head = getter() if callable(getter) else None
@@ -203,16 +203,16 @@ def teacher_forced_metrics(
     Examples are tokenised as for training (:func:`properlm.data.tokenize_example`, with
     ``max_length`` and ``max_source_length``: prompt positions labelled -100), batched
     (longest first), and the logits of each batch's scored positions fed to
-    a :class:`~properlm.metrics.MetricsAccumulator` (with ``temperature``), and to ``scan`` (a
-    :class:`~properlm.metrics.TemperatureScan`, unscaled logits) when given, and to each of
+    a :class:`~properlm.evaluation.metrics.MetricsAccumulator` (with ``temperature``), and to ``scan`` (a
+    :class:`~properlm.evaluation.temperature.TemperatureScan`, unscaled logits) when given, and to each of
     ``extra_consumers`` (objects with ``update(logits, labels)``, e.g. a second accumulator at another
     temperature). Decoder-only models form logits only at the scored positions (see the module
     docstring); ``hidden_store`` (a :class:`ScoredHiddenStates`) then keeps their hidden states for
     scoring at another temperature without a second forward pass. Returns the accumulator's
-    :class:`~properlm.metrics.EvalMetrics`.
+    :class:`~properlm.evaluation.metrics.EvalMetrics`.
     """
     from ..data import DataCollator, tokenize_example
-    from ..modeling import is_seq2seq
+    from ..models import is_seq2seq
     from .metrics import MetricsAccumulator
 
     seq2seq = is_seq2seq(model)
@@ -228,9 +228,9 @@ def teacher_forced_metrics(
     consumers = [acc, *([] if scan is None else [scan]), *extra_consumers]
     was_training = model.training
     model.eval()
-    bar = _tqdm(len(features), "teacher-forced", progress)
+    bar = progress_bar(len(features), "teacher-forced", progress)
     try:
-        with torch.no_grad(), _scored_rows(model, seq2seq) as hook:
+        with torch.no_grad(), capture_scored_rows(model, seq2seq) as hook:
             store = hidden_store
             if store is not None:
                 if hook is None:

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from . import metrics as _metrics
-from .calibration import DEFAULT_NUM_BINS, CalibrationBin, _bin_index, _bins_from_sums, _check_bins, _ece_from_sums
-from .metrics import EvalMetrics, _scored_rows, check_temperature
+from .calibration import DEFAULT_NUM_BINS, CalibrationBin, bin_index, bins_from_sums, check_bins, ece_from_sums
+from .metrics import EvalMetrics, check_temperature, scored_rows
 
 __all__ = ["DEFAULT_TEMPERATURES", "TemperatureFit", "TemperatureScan"]
 
@@ -182,7 +182,7 @@ class TemperatureScan:
         if len(temperatures) == 0:
             raise ValueError("temperatures must hold at least one value")
         self.temperatures = sorted({check_temperature(t) for t in temperatures})
-        self.num_bins = _check_bins(num_bins)
+        self.num_bins = check_bins(num_bins)
         self.ignore_index = ignore_index
         k = len(self.temperatures)
         self._n = 0
@@ -192,8 +192,8 @@ class TemperatureScan:
 
     def update(self, logits: Tensor, labels: Tensor) -> None:
         """Add the scored positions of one batch: ``logits (..., V)`` aligned with ``labels (...)``."""
-        flat_z, flat_y, rows = _scored_rows(logits, labels, self.ignore_index)
-        step = max(1, _metrics._CHUNK_ELEMENTS // max(flat_z.shape[-1], 1))  # properlm.metrics._CHUNK_ELEMENTS
+        flat_z, flat_y, rows = scored_rows(logits, labels, self.ignore_index)
+        step = max(1, _metrics.CHUNK_ELEMENTS // max(flat_z.shape[-1], 1))  # read at call time: patchable
         K, M = len(self.temperatures), self.num_bins
         with torch.no_grad():
             for start in range(0, rows.numel(), step):
@@ -221,7 +221,7 @@ class TemperatureScan:
                 # the bin sums of all K temperatures by one bincount over K * M bins, on the CPU
                 # (deterministic); confidence as in MetricsAccumulator
                 conf_cpu = conf.cpu()
-                flat = (_bin_index(conf_cpu, M) + torch.arange(K)[:, None] * M).reshape(-1)
+                flat = (bin_index(conf_cpu, M) + torch.arange(K)[:, None] * M).reshape(-1)
                 count = torch.bincount(flat, minlength=K * M).double()
                 conf_sum = torch.bincount(flat, weights=conf_cpu.reshape(-1).double(), minlength=K * M)
                 corr_sum = torch.bincount(flat, weights=correct.double().repeat(K), minlength=K * M)
@@ -242,7 +242,7 @@ class TemperatureScan:
         means = (self._log_sums / self._n).tolist()
         slopes = (self._slope_sums / self._n).tolist()
         tables = [[b.tolist() for b in self._bins[i]] for i in range(K)]
-        eces = [_ece_from_sums(*tab) for tab in tables]
+        eces = [ece_from_sums(*tab) for tab in tables]
         best = max(range(K), key=lambda i: means[i])
         on_boundary = K > 1 and best in (0, K - 1)
         temperature = grid[best]
@@ -264,7 +264,7 @@ class TemperatureScan:
         )
         if temperature == grid[best]:  # a grid value: the scan measured it
             fit = replace(
-                fit, mean_log_prob=means[best], ece=eces[best], bins=_bins_from_sums(*tables[best]), measured=True
+                fit, mean_log_prob=means[best], ece=eces[best], bins=bins_from_sums(*tables[best]), measured=True
             )
         return fit
 

@@ -7,7 +7,9 @@
 * :mod:`properlm.integrations.schedule` -- rule schedules (``"logarithmic:13000,brier:5000"``)
   and the ``TrainerCallback`` that switches the rule at stage boundaries.
 
-The submodules import ``transformers`` lazily; importing this package needs only torch.
+The submodules import ``transformers`` lazily; importing this package needs only torch. How-to:
+[Hugging Face Trainer](../how-to/transformers-trainer.md), [TRL SFTTrainer](../how-to/trl-sft.md),
+[rule schedules](../how-to/rule-schedule.md).
 """
 
 from __future__ import annotations

@@ -36,44 +36,20 @@ Modules, one job each:
 * :mod:`~properlm.training.resume` -- the options saved with each checkpoint and what ``--resume`` changed;
 * :mod:`~properlm.training.run` -- :func:`~properlm.training.run.run_training`, the driver.
 
-Every name is importable from ``properlm.training`` itself, as before the package was split.
+The package exports the driver, the configuration and the checkpoint helpers. How-to:
+[the command line and YAML configs](../how-to/command-line.md), [rule schedules](../how-to/rule-schedule.md),
+[LoRA with PEFT](../how-to/peft-lora.md).
 """
 
 from __future__ import annotations
 
-from .arguments import _sampling_arguments as _sampling_arguments
-from .arguments import _tensorboard_available as _tensorboard_available
-from .arguments import _training_arguments as _training_arguments
-from .callbacks import _gguf_base_callback as _gguf_base_callback
-from .callbacks import _metrics_callback as _metrics_callback
-from .callbacks import _record_gguf_base as _record_gguf_base
-from .callbacks import _training_record_callback as _training_record_callback
 from .callbacks import write_training_record
-from .checkpoints import _CHECKPOINT_RE as _CHECKPOINT_RE
-from .checkpoints import _load_averaged as _load_averaged
-from .checkpoints import _weights_file as _weights_file
 from .checkpoints import average_checkpoints, find_checkpoints
 from .config import LR_SCHEDULERS, ConfigError, TrainConfig, config_fields, load_yaml_config, make_config
-from .config import _coerce as _coerce
-from .config import _opt as _opt
-from .loading import _apply_lora as _apply_lora
-from .loading import _build_model as _build_model
-from .loading import _load_data as _load_data
-from .loading import _vocab_size as _vocab_size
 from .run import run_training
 from .sampler import EpochSeededLengthGroupedSampler as EpochSeededLengthGroupedSampler
-from .scores import _EVAL_CHUNK_ELEMENTS as _EVAL_CHUNK_ELEMENTS
 from .scores import EVAL_RULES, eval_rules
-from .scores import _final_eval as _final_eval
-from .scores import _score_metrics as _score_metrics
-from .scores import _score_sums as _score_sums
-from .trainer import _make_trainer_class as _make_trainer_class
 from .validation import PAPER_SMOOTHING_WARN_VOCAB as PAPER_SMOOTHING_WARN_VOCAB
-from .validation import _check_file as _check_file
-from .validation import _check_improper as _check_improper
-from .validation import _check_precision as _check_precision
-from .validation import _parse_schedule as _parse_schedule
-from .validation import _warn_if_fsdp_ignored as _warn_if_fsdp_ignored
 from .validation import smoothing_warning as smoothing_warning
 from .validation import validate_config
 

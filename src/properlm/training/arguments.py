@@ -45,7 +45,8 @@ _HF_SCHEDULERS = {
 }
 
 
-def _training_arguments(cfg: TrainConfig, max_steps: int, has_eval: bool) -> Any:
+def training_arguments(cfg: TrainConfig, max_steps: int, has_eval: bool) -> Any:
+    """The ``TrainingArguments`` of a run of ``max_steps`` steps (with evaluation when ``has_eval``)."""
     from transformers import TrainingArguments
 
     # TensorBoard writes to OUTPUT_DIR/runs/<date_host> (or $TENSORBOARD_LOGGING_DIR when set)

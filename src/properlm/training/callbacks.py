@@ -1,12 +1,12 @@
 """What a run writes beside the ``Trainer``'s own files, and the ``TrainerCallback`` objects that write it.
 
-* ``output_dir/metrics.jsonl``: one record per logging step and evaluation (``_metrics_callback``);
-* :data:`properlm.modeling.TRAINING_RECORD` in ``final/``, ``averaged/`` and every ``checkpoint-N``: the data
+* ``output_dir/metrics.jsonl``: one record per logging step and evaluation (``metrics_callback``);
+* :data:`properlm.models.TRAINING_RECORD` in ``final/``, ``averaged/`` and every ``checkpoint-N``: the data
   settings that ``properlm evaluate`` and ``generate`` reuse (:func:`write_training_record`,
-  ``_training_record_callback``);
+  ``training_record_callback``);
 * :data:`properlm.training.resume.RUN_CONFIG` in every ``checkpoint-N``: the run's options, for ``--resume``;
 * for a LoRA adapter trained on a GGUF model, the GGUF file name next to every saved adapter
-  (``_record_gguf_base``, ``_gguf_base_callback``).
+  (``record_adapter_gguf_base``, ``gguf_base_callback``).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from ..modeling import TRAINING_RECORD, gguf_location, record_gguf_base
+from ..models import TRAINING_RECORD, gguf_location, record_gguf_base
 from .config import TrainConfig
 
 __all__ = ["drop_records_after", "write_training_record"]
 
 
-def _metrics_callback(path: str, rule_at: Any) -> Any:
+def metrics_callback(path: str, rule_at: Any) -> Any:
     from transformers import TrainerCallback
 
     class MetricsLogCallback(TrainerCallback):
@@ -79,7 +79,7 @@ def _record_step(line: str) -> float:
     return float(step) if isinstance(step, (int, float)) else float("-inf")
 
 
-def _resume_callback(checkpoint: str) -> Any:
+def resume_callback(checkpoint: str) -> Any:
     from transformers import TrainerCallback
 
     class ResumeMessageCallback(TrainerCallback):
@@ -97,7 +97,7 @@ def _resume_callback(checkpoint: str) -> Any:
 
 
 def write_training_record(directory: str, record: Mapping[str, Any]) -> None:
-    """Write :data:`properlm.modeling.TRAINING_RECORD` into a saved model directory.
+    """Write :data:`properlm.models.TRAINING_RECORD` into a saved model directory.
 
     The record holds the data settings (``max_length``, ``max_source_length``, ``task``, ``seq2seq``), so
     that ``properlm evaluate`` and ``generate`` truncate as training did.
@@ -107,7 +107,7 @@ def write_training_record(directory: str, record: Mapping[str, Any]) -> None:
             json.dump(dict(record), f, indent=2)
 
 
-def _training_record_callback(record: Mapping[str, Any], cfg: TrainConfig | None = None) -> Any:
+def training_record_callback(record: Mapping[str, Any], cfg: TrainConfig | None = None) -> Any:
     from transformers import TrainerCallback
 
     from .resume import write_run_config
@@ -129,16 +129,16 @@ def _training_record_callback(record: Mapping[str, Any], cfg: TrainConfig | None
     return TrainingRecordCallback()
 
 
-def _record_gguf_base(cfg: TrainConfig, directory: str) -> None:
+def record_adapter_gguf_base(cfg: TrainConfig, directory: str) -> None:
     """Next to a LoRA adapter trained on a GGUF model, record the GGUF file name.
 
-    With :func:`properlm.modeling.record_gguf_base`: ``adapter_config.json`` can only name a directory.
+    With :func:`properlm.models.record_gguf_base`: ``adapter_config.json`` can only name a directory.
     """
     if cfg.lora and cfg.gguf_file and os.path.isdir(directory):
         record_gguf_base(directory, gguf_location(cfg.model, cfg.gguf_file)[1])
 
 
-def _gguf_base_callback(cfg: TrainConfig) -> Any:
+def gguf_base_callback(cfg: TrainConfig) -> Any:
     from transformers import TrainerCallback
 
     class GGUFBaseRecordCallback(TrainerCallback):
@@ -149,6 +149,6 @@ def _gguf_base_callback(cfg: TrainConfig) -> Any:
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
-                _record_gguf_base(cfg, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+                record_adapter_gguf_base(cfg, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
     return GGUFBaseRecordCallback()

@@ -1,7 +1,7 @@
 """The ``checkpoint-N`` directories of a run: finding them (resuming), averaging their parameters, clearing them.
 
 :func:`find_checkpoints` lists the complete checkpoints of an output directory by step; :func:`average_checkpoints`
-is the element-wise mean of their saved parameters (``--average-last K``), which ``_load_averaged`` loads into the
+is the element-wise mean of their saved parameters (``--average-last K``), which ``load_averaged`` loads into the
 trained model (full model or PEFT adapter).
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..modeling import unwrap_model
+from ..models import unwrap_model
 
 __all__ = [
     "average_checkpoints",
@@ -112,7 +112,7 @@ def average_checkpoints(checkpoints: Sequence[str]) -> dict[str, torch.Tensor]:
     return {k: (v / n).to(dtypes[k]) if dtypes[k].is_floating_point else v for k, v in total.items()}
 
 
-def _load_averaged(model: Any, state: dict[str, torch.Tensor], lora: bool) -> None:
+def load_averaged(model: Any, state: dict[str, torch.Tensor], lora: bool) -> None:
     if lora:
         from peft import set_peft_model_state_dict
 
@@ -128,11 +128,11 @@ def _load_averaged(model: Any, state: dict[str, torch.Tensor], lora: bool) -> No
 def is_run_output(output_dir: str, name: str) -> bool:
     """Whether ``output_dir/name`` is one of :data:`RUN_OUTPUTS` as ``properlm train`` writes it.
 
-    ``final/`` and ``averaged/`` holding :data:`properlm.modeling.TRAINING_RECORD`, ``tokenizer/`` holding
+    ``final/`` and ``averaged/`` holding :data:`properlm.models.TRAINING_RECORD`, ``tokenizer/`` holding
     ``tokenizer.json``, ``base/`` holding ``config.json``, ``runs/`` holding only TensorBoard event files,
     ``metrics.jsonl``, and a ``results.json`` with a ``global_step``.
     """
-    from ..modeling import TRAINING_RECORD
+    from ..models import TRAINING_RECORD
 
     path = os.path.join(output_dir, name)
     inner = {
@@ -168,7 +168,7 @@ def remove_earlier_run(output_dir: str | os.PathLike) -> list[str]:
 
     That is every complete ``checkpoint-N`` (with its ``trainer_state.json``) and those entries of
     :data:`RUN_OUTPUTS` that are recognisably a run's: ``final/`` and ``averaged/`` holding
-    :data:`properlm.modeling.TRAINING_RECORD`, ``tokenizer/`` holding ``tokenizer.json``, ``base/``
+    :data:`properlm.models.TRAINING_RECORD`, ``tokenizer/`` holding ``tokenizer.json``, ``base/``
     holding ``config.json``, ``runs/`` holding only TensorBoard event files, ``metrics.jsonl``, and a
     ``results.json`` with a ``global_step``. Anything else stays, so an output directory that also
     holds other work loses none of it. ``--overwrite-output-dir`` calls it (without ``--resume``), so

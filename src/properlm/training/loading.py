@@ -1,8 +1,8 @@
 """Loading what a run trains on: the examples, the model and tokenizer, the LoRA wrapper.
 
-``_load_data`` reads and validates the training and validation examples (or splits off a validation fraction)
-before any model is loaded; ``_build_model`` loads the model and tokenizer (directory, hub id, GGUF file) or builds a
-fresh one with a BPE tokenizer trained on the data (``--init``); ``_apply_lora`` wraps the model in PEFT adapters.
+``load_data`` reads and validates the training and validation examples (or splits off a validation fraction)
+before any model is loaded; ``build_model`` loads the model and tokenizer (directory, hub id, GGUF file) or builds a
+fresh one with a BPE tokenizer trained on the data (``--init``); ``apply_lora`` wraps the model in PEFT adapters.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from ..data import DataError, Example, load_examples, split_validation
 from .config import ConfigError, TrainConfig
 
 
-def _load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """``(train, validation)`` examples of ``cfg`` (the validation split cut from the training data when asked)."""
     train = load_examples(
         cfg.train_file,
         task=cfg.task if cfg.task != "translation" else None,
@@ -43,8 +44,9 @@ def _load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     return train, val
 
 
-def _build_model(cfg: TrainConfig, train: list[Example], args: Any) -> tuple[Any, Any]:
-    from ..modeling import load_model_and_tokenizer
+def build_model(cfg: TrainConfig, train: list[Example], args: Any) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of ``cfg``: loaded, or a fresh ``--init`` model with a tokenizer trained on ``train``."""
+    from ..models import load_model_and_tokenizer
 
     if cfg.init is None:
         return load_model_and_tokenizer(cfg.model, gguf_file=cfg.gguf_file)
@@ -78,7 +80,8 @@ def _build_model(cfg: TrainConfig, train: list[Example], args: Any) -> tuple[Any
     return model, tokenizer
 
 
-def _apply_lora(cfg: TrainConfig, model: Any, seq2seq: bool) -> Any:
+def apply_lora(cfg: TrainConfig, model: Any, seq2seq: bool) -> Any:
+    """``model`` wrapped in a PEFT LoRA adapter as ``cfg`` asks."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets: Any = cfg.lora_target_modules
@@ -97,7 +100,7 @@ def _apply_lora(cfg: TrainConfig, model: Any, seq2seq: bool) -> Any:
         raise ConfigError(f"--lora-target-modules {cfg.lora_target_modules!r}: {exc}") from None
 
 
-def _vocab_size(model: Any) -> int:
+def model_vocab_size(model: Any) -> int:
     """Rows of the model's output embedding (its vocabulary as the loss sees it)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)

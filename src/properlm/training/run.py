@@ -14,28 +14,28 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..improper import IMPROPER_OBJECTIVES
-from ..modeling import gguf_location, is_seq2seq
+from ..models import gguf_location, is_seq2seq
 from ..rules import get_rule
-from .arguments import _training_arguments, show_progress_bar
+from .arguments import show_progress_bar, training_arguments
 from .callbacks import (
-    _gguf_base_callback,
-    _metrics_callback,
-    _record_gguf_base,
-    _resume_callback,
-    _training_record_callback,
+    gguf_base_callback,
+    metrics_callback,
+    record_adapter_gguf_base,
+    resume_callback,
+    training_record_callback,
     write_training_record,
 )
-from .checkpoints import _load_averaged, average_checkpoints, find_checkpoints, remove_earlier_run
+from .checkpoints import average_checkpoints, find_checkpoints, load_averaged, remove_earlier_run
 from .config import TrainConfig
-from .loading import _apply_lora, _build_model, _load_data, _vocab_size
-from .scores import _final_eval, _score_metrics, eval_rules
-from .trainer import _make_trainer_class
+from .loading import apply_lora, build_model, load_data, model_vocab_size
+from .scores import eval_rules, final_eval, score_metrics
+from .trainer import make_trainer_class
 from .validation import (
-    _parse_schedule,
-    _warn_if_fsdp_ignored,
     expected_vocab_size,
+    parse_schedule,
     run_smoothing_warning,
     validate_config,
+    warn_if_fsdp_ignored,
 )
 
 __all__ = ["run_training", "truncation_line"]
@@ -45,7 +45,7 @@ def _save(trainer: Any, cfg: TrainConfig, name: str, record: Mapping[str, Any]) 
     """Save the trainer's model as ``OUTPUT_DIR/NAME`` with its GGUF base and training record; the path."""
     directory = os.path.join(cfg.output_dir, name)
     trainer.save_model(directory)
-    _record_gguf_base(cfg, directory)
+    record_adapter_gguf_base(cfg, directory)
     if trainer.is_world_process_zero():
         write_training_record(directory, record)
     return directory
@@ -92,14 +92,14 @@ def run_training(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, quiet: bool
 
 def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str, Any]:
     """:func:`run_training` after the checks."""
-    train_examples, val_examples = _load_data(cfg)
+    train_examples, val_examples = load_data(cfg)
 
     from transformers import set_seed
 
     from ..data import DataCollator, tokenize_examples
     from ..integrations.transformers import apply_improper_loss, apply_scoring_rule
 
-    schedule = _parse_schedule(cfg.schedule) if cfg.schedule else None
+    schedule = parse_schedule(cfg.schedule) if cfg.schedule else None
     if schedule is not None:
         max_steps = schedule.total_steps
 
@@ -119,7 +119,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
         return rule_at(step) if improper is None else improper
 
     os.makedirs(cfg.output_dir, exist_ok=True)
-    args = _training_arguments(cfg, max_steps, bool(val_examples))
+    args = training_arguments(cfg, max_steps, bool(val_examples))
     if cfg.overwrite_output_dir and not cfg.resume:  # start afresh: nothing of the earlier run is taken up
         with args.main_process_first(desc="removing the earlier run"):
             if args.process_index == 0:
@@ -131,7 +131,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
                         flush=True,
                     )
     set_seed(cfg.seed)
-    model, tokenizer = _build_model(cfg, train_examples, args)
+    model, tokenizer = build_model(cfg, train_examples, args)
     seq2seq = is_seq2seq(model)
     if cfg.lora:
         if cfg.init is not None:
@@ -147,7 +147,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
             base_dir = gguf_location(cfg.model, cfg.gguf_file)[0]
             model.config._name_or_path = base_dir
             model.name_or_path = base_dir
-        model = _apply_lora(cfg, model, seq2seq)
+        model = apply_lora(cfg, model, seq2seq)
     lengths = {"max_length": cfg.max_length, "max_source_length": cfg.max_source_length}
     truncation: dict[str, int] = {}
     train_ds = tokenize_examples(train_examples, tokenizer, seq2seq=seq2seq, truncation=truncation, **lengths)
@@ -155,7 +155,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
         print("properlm train: " + truncation_line(truncation, cfg), flush=True)
     val_ds = tokenize_examples(val_examples, tokenizer, seq2seq=seq2seq, **lengths) if val_examples else None
 
-    vocab = _vocab_size(model)
+    vocab = model_vocab_size(model)
     if vocab != expected_vocab_size(cfg):  # not known, or other than validate_config warned for before loading
         message = run_smoothing_warning(cfg, vocab)
         if message is not None:
@@ -181,11 +181,11 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
     if improper is not None:
         record["improper_loss"] = improper
     all_callbacks: list[Any] = [
-        _metrics_callback(os.path.join(cfg.output_dir, "metrics.jsonl"), label_at),
-        _training_record_callback(record, cfg),
+        metrics_callback(os.path.join(cfg.output_dir, "metrics.jsonl"), label_at),
+        training_record_callback(record, cfg),
     ]
     if cfg.lora and cfg.gguf_file:
-        all_callbacks.append(_gguf_base_callback(cfg))
+        all_callbacks.append(gguf_base_callback(cfg))
     if schedule is not None:
         from ..integrations.schedule import RuleScheduleCallback
 
@@ -198,7 +198,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
             spec = get_rule(stage_rule).spec
             if spec not in rules:
                 rules.append(spec)
-    trainer_cls = _make_trainer_class()
+    trainer_cls = make_trainer_class()
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -207,9 +207,9 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
         data_collator=DataCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=all_callbacks,
-        compute_metrics=_score_metrics(rules) if val_ds else None,
+        compute_metrics=score_metrics(rules) if val_ds else None,
     )
-    _warn_if_fsdp_ignored(trainer)
+    warn_if_fsdp_ignored(trainer)
     if quiet:
         from transformers import PrinterCallback, ProgressCallback
 
@@ -223,7 +223,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
 
     resume_from = find_checkpoints(cfg.output_dir)[-1] if cfg.resume else None
     if resume_from is not None and not quiet:
-        trainer.add_callback(_resume_callback(resume_from))
+        trainer.add_callback(resume_callback(resume_from))
     started = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     results: dict[str, Any] = {
@@ -241,14 +241,14 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
         "seq2seq": seq2seq,
     }
     if val_ds is not None:
-        results["eval"] = _final_eval(trainer)
+        results["eval"] = final_eval(trainer)
 
     results["final_model"] = _save(trainer, cfg, "final", record)
 
     if cfg.average_last > 0:
         checkpoints = find_checkpoints(cfg.output_dir)[-cfg.average_last :]
         state = average_checkpoints(checkpoints)
-        _load_averaged(trainer.model, state, cfg.lora)
+        load_averaged(trainer.model, state, cfg.lora)
         results["averaged_model"] = _save(trainer, cfg, "averaged", record)
         results["averaged_checkpoints"] = checkpoints
         if val_ds is not None:

@@ -1,9 +1,9 @@
 """Held-out evaluation during training: every rule's mean token score on the validation set.
 
-:func:`eval_rules` names the rules reported (:data:`EVAL_RULES` and the training rule); ``_score_sums`` computes
+:func:`eval_rules` names the rules reported (:data:`EVAL_RULES` and the training rule); ``score_sums`` computes
 each sequence's score sums ``(B, R)`` in chunks of rows from the statistics of :func:`properlm.stats.rule_scores`,
-``_score_metrics`` turns the gathered sums into ``eval_score_<rule>`` means over all held-out tokens, and
-``_final_eval`` gives the validation metrics of the final model.
+``score_metrics`` turns the gathered sums into ``eval_score_<rule>`` means over all held-out tokens, and
+``final_eval`` gives the validation metrics of the final model.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def eval_rules(training_rule: str) -> list[str]:
     return rules if spec in rules else [*rules, spec]
 
 
-def _score_sums(logits: torch.Tensor, labels: torch.Tensor, rules: Sequence[str]) -> torch.Tensor:
+def score_sums(logits: torch.Tensor, labels: torch.Tensor, rules: Sequence[str]) -> torch.Tensor:
     """Per-sequence sums of each rule's token score: ``(B, T, V)``, ``(B, T)`` -> ``(B, R)``.
 
     The statistics are computed once per chunk of scored rows for all rules
@@ -43,10 +43,10 @@ def _score_sums(logits: torch.Tensor, labels: torch.Tensor, rules: Sequence[str]
     rows = (labels != -100).reshape(-1).nonzero().squeeze(1)
     z = logits.reshape(-1, V).index_select(0, rows)
     y = labels.reshape(-1).index_select(0, rows)
-    return _row_score_sums(z, y, rows // T, B, rules)
+    return row_score_sums(z, y, rows // T, B, rules)
 
 
-def _row_score_sums(
+def row_score_sums(
     z: torch.Tensor, y: torch.Tensor, seq: torch.Tensor, batch: int, rules: Sequence[str]
 ) -> torch.Tensor:
     """Per-sequence sums of each rule's token score from scored rows -> ``(batch, R)`` (float64).
@@ -65,7 +65,7 @@ def _row_score_sums(
     return out
 
 
-def _score_metrics(rules: Sequence[str]) -> Any:
+def score_metrics(rules: Sequence[str]) -> Any:
     def compute(pred: Any) -> dict[str, float]:
         sums = torch.as_tensor(pred.predictions, dtype=torch.float64).reshape(-1, len(rules))
         counts = torch.as_tensor(pred.label_ids, dtype=torch.float64).reshape(-1)
@@ -77,7 +77,7 @@ def _score_metrics(rules: Sequence[str]) -> Any:
     return compute
 
 
-def _final_eval(trainer: Any) -> dict[str, Any]:
+def final_eval(trainer: Any) -> dict[str, Any]:
     """The validation metrics of the final model.
 
     Those of the scheduled evaluation when one ran at the last step (same weights), else a fresh

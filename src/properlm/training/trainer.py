@@ -1,6 +1,6 @@
 """The ``transformers.Trainer`` subclass of ``properlm train``.
 
-``_make_trainer_class`` builds it when ``transformers`` is imported: its evaluation reports every rule's mean token
+``make_trainer_class`` builds it when ``transformers`` is imported: its evaluation reports every rule's mean token
 score (:mod:`properlm.training.scores`) and its length-grouped sampler is
 :class:`~properlm.training.sampler.EpochSeededLengthGroupedSampler`. Training itself is the ``Trainer``'s: the loss
 is the patched model's own (:func:`properlm.integrations.transformers.apply_scoring_rule`).
@@ -14,14 +14,15 @@ from typing import Any
 
 import torch
 
-from ..evaluation.teacher_forced import _scored_rows
-from ..modeling import is_seq2seq, unwrap_model
+from ..evaluation.teacher_forced import capture_scored_rows
+from ..models import is_seq2seq, unwrap_model
 from .checkpoints import missing_weights
 from .sampler import EpochSeededLengthGroupedSampler
-from .scores import _row_score_sums, _score_sums
+from .scores import row_score_sums, score_sums
 
 
-def _make_trainer_class() -> type:
+def make_trainer_class() -> type:
+    """The ``Trainer`` subclass of ``properlm train`` (built on first use: transformers is imported lazily)."""
     from transformers import Trainer
 
     from ..improper import get_improper_objective
@@ -89,7 +90,7 @@ def _make_trainer_class() -> type:
                 fwd["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
             # decoder-only: the head forms logits at the scored positions only (see
             # properlm.evaluation.teacher_forced); (B, T, V) over the prompts is never materialised
-            with torch.no_grad(), _scored_rows(base, seq2seq) as hook, self.compute_loss_context_manager():
+            with torch.no_grad(), capture_scored_rows(base, seq2seq) as hook, self.compute_loss_context_manager():
                 shifted = None
                 if hook is not None:
                     shifted = torch.full_like(labels, -100)
@@ -103,11 +104,11 @@ def _make_trainer_class() -> type:
                 targets = shifted[mask]
                 seq = mask.nonzero()[:, 0]
                 loss = self._properlm_eval_loss(rows, targets)
-                return loss, _row_score_sums(rows.detach(), targets, seq, labels.shape[0], self.properlm_rules), counts
+                return loss, row_score_sums(rows.detach(), targets, seq, labels.shape[0], self.properlm_rules), counts
             if not seq2seq:
                 logits, labels = logits[:, :-1], labels[:, 1:]
             loss = self._properlm_eval_loss(logits, labels)
-            return loss, _score_sums(logits.detach(), labels, self.properlm_rules), counts
+            return loss, score_sums(logits.detach(), labels, self.properlm_rules), counts
 
         def _properlm_eval_loss(self, logits: Any, labels: Any) -> Any:
             """The training objective's mean loss over the scored positions of ``logits (..., V)``."""

@@ -4,7 +4,7 @@
 directory without loading data or models, and raises :class:`~properlm.training.config.ConfigError` naming the
 option; it warns about valid options that the configuration ignores (:func:`ignored_option_warnings`). Once the
 model and the ``Trainer`` exist, :func:`smoothing_warning` (the paper's masked-log smoothing at a large vocabulary)
-and ``_warn_if_fsdp_ignored`` (FSDP asked for but not enabled) warn about settings that are valid but likely not
+and ``warn_if_fsdp_ignored`` (FSDP asked for but not enabled) warn about settings that are valid but likely not
 what was meant.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..improper import IMPROPER_OBJECTIVES
-from ..modeling import MIN_VOCAB_SIZE, ModelLoadError, check_model_source, model_config_dict, model_max_positions
+from ..models import MIN_VOCAB_SIZE, ModelLoadError, check_model_source, model_config_dict, model_max_positions
 from ..rules import get_rule
 from ..stats import PAPER_SMOOTHING_WARN_VOCAB, SMOOTHING_VARIANTS, warn_paper_smoothing
 from .checkpoints import find_checkpoints, finished_run
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-def _parse_schedule(spec: str) -> Any:
+def parse_schedule(spec: str) -> Any:
     from ..integrations.schedule import RuleSchedule
 
     try:
@@ -211,7 +211,7 @@ def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
     if cfg.init is not None and cfg.hidden_size % cfg.num_heads:
         raise ConfigError(f"--hidden-size {cfg.hidden_size} is not divisible by --num-heads {cfg.num_heads}")
     if cfg.schedule is not None:
-        schedule = _parse_schedule(cfg.schedule)
+        schedule = parse_schedule(cfg.schedule)
         if cfg.max_steps is not None and cfg.max_steps != schedule.total_steps:
             raise ConfigError(
                 f"--max-steps {cfg.max_steps} differs from the schedule's total of "
@@ -368,7 +368,7 @@ def ignored_option_warnings(cfg: TrainConfig) -> list[str]:
         )
     steps = None
     if cfg.schedule is not None:
-        steps = _parse_schedule(cfg.schedule).total_steps
+        steps = parse_schedule(cfg.schedule).total_steps
     elif cfg.max_steps is not None:
         steps = cfg.max_steps
     if steps is not None and given("num_train_epochs"):
@@ -438,7 +438,7 @@ def run_smoothing_warning(cfg: TrainConfig, vocab_size: int | None) -> str | Non
     """:func:`smoothing_warning` for the run's rules (every stage of a schedule) at ``vocab_size``, or ``None``."""
     if vocab_size is None or cfg.improper_loss is not None:
         return None
-    rules = [r for r, _ in _parse_schedule(cfg.schedule).stages] if cfg.schedule else [cfg.rule]
+    rules = [r for r, _ in parse_schedule(cfg.schedule).stages] if cfg.schedule else [cfg.rule]
     for rule in rules:
         message = smoothing_warning(rule, cfg.smoothing, cfg.smoothing_variant, vocab_size)
         if message is not None:
@@ -446,7 +446,7 @@ def run_smoothing_warning(cfg: TrainConfig, vocab_size: int | None) -> str | Non
     return None
 
 
-def _warn_if_fsdp_ignored(trainer: Any) -> None:
+def warn_if_fsdp_ignored(trainer: Any) -> None:
     """Warn when ``accelerate launch --use_fsdp`` asked for FSDP but the Trainer does not shard.
 
     accelerate (checked with 1.15) switches to FSDP only on accelerators (its ``AcceleratorState``

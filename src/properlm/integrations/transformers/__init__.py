@@ -67,44 +67,18 @@ Modules, one job each:
 * :mod:`~properlm.integrations.transformers.linear` -- the loss of an output layer without its logits;
 * :mod:`~properlm.integrations.transformers.heads` -- soft-caps and logit scales of output heads;
 * :mod:`~properlm.integrations.transformers.trl_metrics` -- the metric fields of TRL's fused-head output;
-* :mod:`~properlm.integrations.transformers.models` -- what is read off a model, and label alignment.
+* :mod:`~properlm.integrations.transformers.introspection` -- what is read off a model (config, PEFT base, head);
+* :mod:`~properlm.integrations.transformers.alignment` -- how labels pair with predictions.
 
-Every name is importable from ``properlm.integrations.transformers`` itself, as before the module was split.
+The package exports the public names of those modules.
 """
 
 from __future__ import annotations
 
 from .handle import ScoringRuleHandle
-from .heads import _HEAD_TRANSFORM_CONFIG as _HEAD_TRANSFORM_CONFIG
-from .heads import _SOURCE_CACHE as _SOURCE_CACHE
-from .heads import _check_fusable as _check_fusable
-from .heads import _class_source as _class_source
-from .heads import _head_transform as _head_transform
-from .heads import _reads_config as _reads_config
-from .hooks import _LOGARITHMIC as _LOGARITHMIC
-from .hooks import _Call as _Call
-from .hooks import _HeadPreHook as _HeadPreHook
-from .hooks import _kwargs_from_args as _kwargs_from_args
-from .hooks import _ModelPostHook as _ModelPostHook
-from .hooks import _ModelPreHook as _ModelPreHook
-from .hooks import _PatchState as _PatchState
-from .hooks import _with_loss as _with_loss
-from .linear import _fused_impl as _fused_impl
 from .linear import linear_scoring_rule_loss
 from .loss_func import ScoringRuleLossFunc, scoring_rule_loss_func
-from .models import _align as _align
-from .models import _base_model as _base_model
-from .models import _check_aligned as _check_aligned
-from .models import _config_of as _config_of
-from .models import _is_encoder_decoder as _is_encoder_decoder
-from .models import _output_head as _output_head
-from .models import _text_config as _text_config
-from .patch import _HOOK_TYPES as _HOOK_TYPES
-from .patch import _restore_attrs as _restore_attrs
-from .patch import _strip_hooks as _strip_hooks
 from .patch import apply_improper_loss, apply_scoring_rule, is_scoring_rule_applied, remove_scoring_rule
-from .trl_metrics import _METRIC_CHUNK_ELEMENTS as _METRIC_CHUNK_ELEMENTS
-from .trl_metrics import _trl_metrics as _trl_metrics
 
 __all__ = [
     "ScoringRuleHandle",

@@ -11,7 +11,7 @@ from torch import nn
 from ...loss import check_smoothing
 from ...rules import RuleLike, ScoringRule, get_rule
 from ...stats import check_smoothing_variant
-from .hooks import _PatchState
+from .hooks import PatchState
 
 __all__ = ["ScoringRuleHandle"]
 
@@ -28,7 +28,7 @@ class ScoringRuleHandle:
         self,
         model: nn.Module,
         head: nn.Module,
-        state: _PatchState,
+        state: PatchState,
         removables: list[torch.utils.hooks.RemovableHandle],
         restore: Callable[[], None],
     ) -> None:

@@ -9,8 +9,8 @@ config: ``final_logit_softcapping`` ``c`` (Gemma 2/3: ``c tanh(z / c)``), ``logi
 of its class and bases mentions the attribute): Llama ignores a ``final_logit_softcapping`` put
 into its config, and Gemma 3's multimodal model does not soft-cap with its text config's.
 
-``_head_transform`` reads ``(softcap, logit_scale)`` off the config as :data:`_HEAD_TRANSFORM_CONFIG` says, and
-``_check_fusable`` refuses heads whose weight alone does not give the logits (PEFT-wrapped, no 2-D weight).
+``head_transform`` reads ``(softcap, logit_scale)`` off the config as :data:`_HEAD_TRANSFORM_CONFIG` says, and
+``check_fusable`` refuses heads whose weight alone does not give the logits (PEFT-wrapped, no 2-D weight).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import re
 from torch import Tensor, nn
 
 from ...stats import check_head_transform
-from .models import _base_model, _text_config
+from .introspection import text_config_of, unwrap_peft
 
 #: config attributes of heads whose logits are a transform of ``hidden @ W.T + b``, and how the
 #: models apply them (``transformers`` modeling code): the fused loss applies the same transform
@@ -68,13 +68,13 @@ def _reads_config(model: nn.Module, attr: str) -> bool:
     return not sources or any(word.search(src) for src in sources)
 
 
-def _head_transform(model: nn.Module) -> tuple[float | None, float | None]:
+def head_transform(model: nn.Module) -> tuple[float | None, float | None]:
     """``(softcap, logit_scale)`` of the model's output head from its (text) config.
 
     Read as :data:`_HEAD_TRANSFORM_CONFIG` says; ``ValueError`` for a value the fused loss cannot express.
     """
-    base = _base_model(model)
-    config = _text_config(base)
+    base = unwrap_peft(model)
+    config = text_config_of(base)
     softcap: float | None = None
     scale = 1.0
     for attr, kind in _HEAD_TRANSFORM_CONFIG.items():
@@ -99,7 +99,8 @@ def _head_transform(model: nn.Module) -> tuple[float | None, float | None]:
     return softcap, (None if scale == 1.0 else scale)
 
 
-def _check_fusable(model: nn.Module, head: nn.Module) -> None:
+def check_fusable(model: nn.Module, head: nn.Module) -> None:
+    """Raise ``ValueError`` when ``head`` cannot be fused (a PEFT-wrapped head, or no 2-D weight)."""
     if hasattr(head, "base_layer") or hasattr(head, "original_module") or hasattr(head, "lora_A"):
         raise ValueError(
             f"apply_scoring_rule(fused=True): the output embedding is wrapped by PEFT ({type(head).__name__}); "

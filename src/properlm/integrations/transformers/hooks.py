@@ -15,7 +15,7 @@ DDP see the original module; the hooks are plain picklable objects):
 * an always-called forward hook on the model that puts the loss into the output (the first
   field, as Hugging Face models do when given labels) and disarms.
 
-The three hooks share a ``_PatchState`` (the rule, smoothing, fusion, shift and head transform of the patch, and
+The three hooks share a ``PatchState`` (the rule, smoothing, fusion, shift and head transform of the patch, and
 the state of the calls in flight), which computes the loss of a call.
 """
 
@@ -31,12 +31,13 @@ from ...dtensor import is_dtensor
 from ...improper import ImproperObjective
 from ...loss import reduce_loss, scoring_rule_loss
 from ...rules import ScoringRule, get_rule
+from .alignment import align_labels, check_aligned
+from .introspection import is_encoder_decoder, unwrap_peft
 from .linear import linear_scoring_rule_loss
-from .models import _align, _base_model, _check_aligned, _is_encoder_decoder
-from .trl_metrics import _trl_metrics
+from .trl_metrics import trl_output_fields
 
 #: the rule whose per-token loss (-log p_y) the improper objectives are computed from
-_LOGARITHMIC = get_rule("logarithmic")
+LOGARITHMIC = get_rule("logarithmic")
 
 
 class _Call:
@@ -71,7 +72,7 @@ class _Call:
         self.metrics: dict[str, Tensor] | None = None
 
 
-class _PatchState:
+class PatchState:
     """Settings shared by the hooks of one patched model (picklable; per-call state is not kept)."""
 
     #: the masked-log variant of score smoothing (a class default for states pickled before it existed)
@@ -110,7 +111,7 @@ class _PatchState:
         ``x`` are hidden states ``(..., H)`` when ``weight`` is given, else logits ``(..., V)``."""
         improper = self.improper
         if improper is not None:  # -log p_y per token (the logarithmic loss), mapped to the improper loss
-            nll = self._rule_losses(x, y, weight, bias, call, _LOGARITHMIC, 0.0, "paper", "none")
+            nll = self._rule_losses(x, y, weight, bias, call, LOGARITHMIC, 0.0, "paper", "none")
             valid = y != self.ignore_index
             out = improper.token_losses(-nll, valid)
             return out if call.trl else reduce_loss(out, valid, "mean", call.num_items)
@@ -149,13 +150,14 @@ class _PatchState:
         )
 
     def finish(self, call: _Call, x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
+        """Set the loss of ``call`` (or, for TRL, its fused-head output fields) from the aligned hidden states."""
         out = self.token_losses(x, y, weight, bias, call)
         if not call.trl:
             call.loss = out
             return
         valid = y != self.ignore_index
         call.loss = reduce_loss(out, valid, "mean", call.num_items)
-        call.metrics = _trl_metrics(x, y, valid, out, weight, bias, self.softcap, self.logit_scale)
+        call.metrics = trl_output_fields(x, y, valid, out, weight, bias, self.softcap, self.logit_scale)
 
 
 def _kwargs_from_args(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
@@ -175,13 +177,15 @@ def _kwargs_from_args(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str
     return (), new_kwargs
 
 
-class _ModelPreHook:
+class ModelPreHook:
     """Forward pre-hook of the patched model: takes the labels out of the call."""
 
-    def __init__(self, state: _PatchState) -> None:
+    def __init__(self, state: PatchState) -> None:
+        """A hook of the patch whose shared state is ``state``."""
         self.state = state
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Take the labels out of the call and arm a call record (``None``: the call is unchanged)."""
         if kwargs.get("labels") is None and kwargs.get("shift_labels") is None:
             if len(args) <= 1:
                 return None
@@ -195,9 +199,9 @@ class _ModelPreHook:
         trl = bool(kwargs.pop("fused_lm_head", False))
         if labels is None:
             labels = shift_labels
-        base = _base_model(module)
+        base = unwrap_peft(module)
         if (
-            _is_encoder_decoder(base)
+            is_encoder_decoder(base)
             and kwargs.get("decoder_input_ids") is None
             and kwargs.get("decoder_inputs_embeds") is None
         ):
@@ -222,24 +226,26 @@ class _ModelPreHook:
         return args, kwargs
 
 
-class _HeadPreHook:
+class HeadPreHook:
     """Forward pre-hook of the output embedding: computes the fused loss from its input.
 
     It then lets the head project an empty slice of the time dimension.
     """
 
-    def __init__(self, state: _PatchState) -> None:
+    def __init__(self, state: PatchState) -> None:
+        """A hook of the patch whose shared state is ``state``."""
         self.state = state
 
     def __call__(self, head: nn.Module, args: tuple[Any, ...]) -> Any:
+        """Compute the loss from the head's input, and skip the full logits where they are not needed."""
         calls = self.state.calls
         if not calls or not calls[-1].armed or calls[-1].done or not args or not isinstance(args[0], Tensor):
             return None
         call = calls[-1]
         call.done = True
         hidden = args[0]
-        x, y = _align(hidden, call.labels, self.state.shift, call.shift_labels)
-        _check_aligned(x, y, "final hidden states")
+        x, y = align_labels(hidden, call.labels, self.state.shift, call.shift_labels)
+        check_aligned(x, y, "final hidden states")
         bias = getattr(head, "bias", None)
         if call.extra_bias is not None:
             extra = call.extra_bias.reshape(-1).to(device=hidden.device)
@@ -251,13 +257,15 @@ class _HeadPreHook:
         return (hidden.narrow(-2, 0, keep), *args[1:]) if hidden.dim() >= 2 else (hidden[:keep], *args[1:])
 
 
-class _ModelPostHook:
+class ModelPostHook:
     """Always-called forward hook of the patched model: puts the loss into the output."""
 
-    def __init__(self, state: _PatchState) -> None:
+    def __init__(self, state: PatchState) -> None:
+        """A hook of the patch whose shared state is ``state``."""
         self.state = state
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        """Put the loss (and TRL's fields) into the model output of the armed call."""
         calls = self.state.calls
         if not calls or calls[-1].kwargs is not kwargs:
             return None
@@ -272,8 +280,8 @@ class _ModelPostHook:
                 )
         else:
             logits = output.get("logits") if isinstance(output, Mapping) else output[0]
-            x, y = _align(logits, call.labels, self.state.shift, call.shift_labels)
-            _check_aligned(x, y, "logits")
+            x, y = align_labels(logits, call.labels, self.state.shift, call.shift_labels)
+            check_aligned(x, y, "logits")
             self.state.finish(call, x, y, None, None)
         return _with_loss(output, call)
 

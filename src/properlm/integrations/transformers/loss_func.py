@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from ...loss import check_smoothing, scoring_rule_loss
 from ...rules import RuleLike, ScoringRule, get_rule
 from ...stats import check_smoothing_variant
-from .models import _align, _check_aligned, _config_of, _is_encoder_decoder
+from .alignment import align_labels, check_aligned
+from .introspection import config_of, is_encoder_decoder
 
 __all__ = ["ScoringRuleLossFunc", "scoring_rule_loss_func"]
 
@@ -93,9 +94,9 @@ class ScoringRuleLossFunc:
 
     def for_model(self, model: nn.Module) -> ScoringRuleLossFunc:
         """Set :attr:`shift_labels` from ``model.config.is_encoder_decoder``; returns ``self``."""
-        if _config_of(model) is None:
+        if config_of(model) is None:
             raise ValueError(f"model of type {type(model).__name__} has no config to read is_encoder_decoder from")
-        self.shift_labels = not _is_encoder_decoder(model)
+        self.shift_labels = not is_encoder_decoder(model)
         return self
 
     def __call__(
@@ -122,8 +123,8 @@ class ScoringRuleLossFunc:
         else:
             logits = outputs[0]
             shift = True if self.shift_labels is None else self.shift_labels
-        z, y = _align(logits, labels, shift, shift_labels)
-        _check_aligned(z, y, "logits")
+        z, y = align_labels(logits, labels, shift, shift_labels)
+        check_aligned(z, y, "logits")
         return scoring_rule_loss(
             z,
             y,

@@ -17,9 +17,9 @@ from ...loss import check_smoothing
 from ...rules import RuleLike, get_rule
 from ...stats import check_smoothing_variant
 from .handle import ScoringRuleHandle
-from .heads import _check_fusable, _head_transform
-from .hooks import _LOGARITHMIC, _HeadPreHook, _ModelPostHook, _ModelPreHook, _PatchState
-from .models import _base_model, _is_encoder_decoder, _output_head
+from .heads import check_fusable, head_transform
+from .hooks import LOGARITHMIC, HeadPreHook, ModelPostHook, ModelPreHook, PatchState
+from .introspection import is_encoder_decoder, output_head, unwrap_peft
 
 __all__ = ["apply_improper_loss", "apply_scoring_rule", "is_scoring_rule_applied", "remove_scoring_rule"]
 
@@ -74,25 +74,25 @@ def apply_scoring_rule(
     variant = check_smoothing_variant(smoothing_variant)
     if shift_labels is not None and not isinstance(shift_labels, bool):
         raise ValueError(f"shift_labels must be True, False or None, got {shift_labels!r}")
-    head = _output_head(model)
+    head = output_head(model)
     softcap = logit_scale = None
     if fused:
-        _check_fusable(model, head)
-        softcap, logit_scale = _head_transform(model)
+        check_fusable(model, head)
+        softcap, logit_scale = head_transform(model)
     remove_scoring_rule(model)
-    shift = (not _is_encoder_decoder(_base_model(model))) if shift_labels is None else shift_labels
-    state = _PatchState(rule_obj, eps, int(ignore_index), bool(fused), shift, softcap, logit_scale, variant)
+    shift = (not is_encoder_decoder(unwrap_peft(model))) if shift_labels is None else shift_labels
+    state = PatchState(rule_obj, eps, int(ignore_index), bool(fused), shift, softcap, logit_scale, variant)
     removables = [
-        model.register_forward_pre_hook(_ModelPreHook(state), with_kwargs=True),
-        model.register_forward_hook(_ModelPostHook(state), with_kwargs=True, always_call=True),
+        model.register_forward_pre_hook(ModelPreHook(state), with_kwargs=True),
+        model.register_forward_hook(ModelPostHook(state), with_kwargs=True, always_call=True),
     ]
     if fused:
-        removables.append(head.register_forward_pre_hook(_HeadPreHook(state)))
+        removables.append(head.register_forward_pre_hook(HeadPreHook(state)))
     # What Trainer reads off the model when it is built: it passes num_items_in_batch only to
     # models it believes accept loss kwargs (the pre-hook always takes it out of the call), and
     # counts num_items_in_batch over labels[..., 1:] only for models whose loss_type is the
     # causal one (GPT-2 has loss_type None, so every label, position 0 included, would count).
-    base = _base_model(model)
+    base = unwrap_peft(model)
     overrides: dict[str, Any] = {"accepts_loss_kwargs": True}
     if shift and getattr(base, "loss_type", None) is None:
         overrides["loss_type"] = "ForCausalLM"
@@ -132,12 +132,12 @@ def apply_improper_loss(
         shift_labels: as :func:`apply_scoring_rule`.
     """
     obj = get_improper_objective(objective)
-    handle = apply_scoring_rule(model, _LOGARITHMIC, 0.0, fused, ignore_index, shift_labels=shift_labels)
+    handle = apply_scoring_rule(model, LOGARITHMIC, 0.0, fused, ignore_index, shift_labels=shift_labels)
     handle._state.improper = obj
     return handle
 
 
-def _restore_attrs(base: nn.Module, state: _PatchState) -> None:
+def _restore_attrs(base: nn.Module, state: PatchState) -> None:
     """Undo the instance attributes set by :func:`apply_scoring_rule`."""
     for name, previous in state.saved_attrs.items():
         if previous:
@@ -147,10 +147,10 @@ def _restore_attrs(base: nn.Module, state: _PatchState) -> None:
     state.saved_attrs = {}
 
 
-_HOOK_TYPES = (_ModelPreHook, _ModelPostHook, _HeadPreHook)
+_HOOK_TYPES = (ModelPreHook, ModelPostHook, HeadPreHook)
 
 
-def _strip_hooks(module: nn.Module) -> _PatchState | None:
+def _strip_hooks(module: nn.Module) -> PatchState | None:
     found = None
     for hooks, extras in (
         (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
@@ -172,7 +172,7 @@ def remove_scoring_rule(model: nn.Module) -> bool:
     """
     states = [state for module in model.modules() if (state := _strip_hooks(module)) is not None]
     if states:
-        _restore_attrs(_base_model(model), states[0])
+        _restore_attrs(unwrap_peft(model), states[0])
         for state in states:
             state.calls.clear()
     return bool(states)
@@ -180,4 +180,4 @@ def remove_scoring_rule(model: nn.Module) -> bool:
 
 def is_scoring_rule_applied(model: nn.Module) -> bool:
     """Whether ``model`` carries an :func:`apply_scoring_rule` patch."""
-    return any(isinstance(h, _ModelPreHook) for h in model._forward_pre_hooks.values())
+    return any(isinstance(h, ModelPreHook) for h in model._forward_pre_hooks.values())

@@ -16,7 +16,7 @@ from ...stats import head_transform_
 _METRIC_CHUNK_ELEMENTS = 1 << 24
 
 
-def _trl_metrics(
+def trl_output_fields(
     x: Tensor,
     y: Tensor,
     valid: Tensor,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from properlm.modeling import (
+from properlm.models import (
     INIT_CONFIGS,
     ModelLoadError,
     check_model_source,

@@ -274,45 +274,16 @@ DATA_MODULES = {
     "collate": ["DataCollator"],
 }
 
-#: the same for src/properlm/distributed.py (now the package properlm.distributed); CHUNK_ELEMENTS (imported there
-#: from properlm.loss) is the chunk size the tests set through it
+#: the same for src/properlm/distributed.py (now the package properlm.distributed); its helpers are public names of
+#: its modules (not re-exported), and the rows per chunk are properlm.options.chunk_rows
 DISTRIBUTED_ALL = ["fused_linear_vocab_parallel_scoring_rule_loss", "vocab_parallel_scoring_rule_loss", "vocab_shard"]
-DISTRIBUTED_OTHER = ["CHUNK_ELEMENTS", "ProcessGroup"]
-DISTRIBUTED_PRIVATE = [
-    "_Layout",
-    "_require_initialized",
-    "_target_checksum",
-    "_NO_LIMIT",
-    "_local_error",
-    "_resolve_layout",
-    "_all_reduce",
-    "_local_finite",
-    "_shard_stats",
-    "_shard_grad",
-    "_local_targets",
-    "_chunk_rows",
-    "_VocabParallelTokenLoss",
-    "_config",
-    "_check_fused_inputs",
-    "_FusedVocabParallelTokenLoss",
-]
+DISTRIBUTED_OTHER = ["ProcessGroup"]
+DISTRIBUTED_PRIVATE: list[str] = []
 DISTRIBUTED_MODULES = {
-    "layout": [
-        "vocab_shard",
-        "ProcessGroup",
-        "_Layout",
-        "_require_initialized",
-        "_target_checksum",
-        "_NO_LIMIT",
-        "_local_error",
-        "_resolve_layout",
-        "_local_targets",
-        "_chunk_rows",
-        "_config",
-    ],
-    "stats": ["_all_reduce", "_local_finite", "_shard_stats", "_shard_grad"],
-    "unfused": ["vocab_parallel_scoring_rule_loss", "_VocabParallelTokenLoss"],
-    "fused": ["fused_linear_vocab_parallel_scoring_rule_loss", "_check_fused_inputs", "_FusedVocabParallelTokenLoss"],
+    "layout": ["vocab_shard", "ProcessGroup"],
+    "shard_stats": [],
+    "unfused": ["vocab_parallel_scoring_rule_loss"],
+    "fused": ["fused_linear_vocab_parallel_scoring_rule_loss"],
 }
 
 #: each former top-level module and the module of properlm.evaluation that it now is
@@ -562,17 +533,16 @@ def test_data_and_distributed_keep_their_names_and_all(package, names, modules):
 
 
 def test_setting_chunk_elements_on_properlm_distributed_reaches_both_losses(monkeypatch):
-    """``properlm.distributed.CHUNK_ELEMENTS`` (a module global before the split) still sets the rows per chunk
-    that both vocabulary-parallel losses use (``_chunk_rows``, which the unfused and fused modules call)."""
-    import properlm.distributed as pl_distributed
-    from properlm.distributed import fused, layout, unfused
-    from properlm.loss import CHUNK_ELEMENTS
+    """``properlm.options.CHUNK_ELEMENTS`` sets the rows per chunk that both vocabulary-parallel losses use
+    (``properlm.options.chunk_rows``, which the unfused and fused modules call)."""
+    import properlm.options as pl_options
+    from properlm.distributed import fused, unfused
+    from properlm.options import CHUNK_ELEMENTS, chunk_rows
 
-    assert pl_distributed.CHUNK_ELEMENTS == CHUNK_ELEMENTS
-    assert unfused._chunk_rows is fused._chunk_rows is layout._chunk_rows is pl_distributed._chunk_rows
-    assert layout._chunk_rows(1000) == max(1, CHUNK_ELEMENTS // 1000)
-    monkeypatch.setattr(pl_distributed, "CHUNK_ELEMENTS", 3 * 7)
-    assert layout._chunk_rows(7) == 3 and layout._chunk_rows(100) == 1 and layout._chunk_rows(0) == 21
+    assert unfused.chunk_rows is fused.chunk_rows is chunk_rows
+    assert chunk_rows(1000) == max(1, CHUNK_ELEMENTS // 1000)
+    monkeypatch.setattr(pl_options, "CHUNK_ELEMENTS", 3 * 7)
+    assert chunk_rows(7) == 3 and chunk_rows(100) == 1 and chunk_rows(0) == 21
 
 
 def test_pickles_naming_the_former_data_module_still_load():

@@ -20,7 +20,7 @@ import re
 
 from torch import Tensor, nn
 
-from ...stats import check_head_transform
+from ...options import check_head_transform
 from .models import _base_model, _text_config
 
 #: config attributes of heads whose logits are a transform of ``hidden @ W.T + b``, and how the

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from ...dtensor import is_dtensor
 from ...improper import ImproperObjective
-from ...loss import reduce_loss, scoring_rule_loss
+from ...loss import scoring_rule_loss
+from ...options import reduce_loss
 from ...rules import ScoringRule, get_rule
 from .linear import linear_scoring_rule_loss
 from .models import _align, _base_model, _check_aligned, _is_encoder_decoder

@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ...loss import check_smoothing, scoring_rule_loss
+from ...loss import scoring_rule_loss
+from ...options import check_smoothing, check_smoothing_variant
 from ...rules import RuleLike, ScoringRule, get_rule
-from ...stats import check_smoothing_variant
 from .models import _align, _check_aligned, _config_of, _is_encoder_decoder
 
 __all__ = ["ScoringRuleLossFunc", "scoring_rule_loss_func"]

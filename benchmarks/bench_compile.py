@@ -404,6 +404,7 @@ def loss_variants(args: argparse.Namespace, N: int, H: int, V: int) -> dict[str,
     """The loss variants of ``--loss-only``: name -> ``f(h, w, y)`` returning a scalar loss."""
     from properlm import compiled
     from properlm.fused import default_chunk_size
+    from properlm.options import LossOptions
     from properlm.rules import get_rule
 
     rule, eps = get_rule(args.rule), args.smoothing
@@ -413,7 +414,7 @@ def loss_variants(args: argparse.Namespace, N: int, H: int, V: int) -> dict[str,
         return properlm.fused_linear_scoring_rule_loss(h, w, y, rule, smoothing=eps)
 
     def checkpointed(h, w, y):  # the traceable fallback: logits recomputed in backward
-        per_token = compiled.fused_token_losses(h, w, None, y, rule, eps, -100, chunk)
+        per_token = compiled.fused_token_losses(h, w, None, y, LossOptions(rule, eps), chunk)
         return per_token.sum() / (y != -100).sum().clamp(min=1)
 
     def unfused(h, w, y):

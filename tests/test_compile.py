@@ -16,6 +16,7 @@ import torch
 
 import properlm
 from properlm import compiled
+from properlm.options import LossOptions, check_head_transform
 from reference import RULES, rel_err
 
 TOL = 1e-5
@@ -130,7 +131,7 @@ def test_compiled_equals_eager_reductions_and_head():
 
     # float64 stays float64 (traceable path, eager), to float64 rounding
     z64 = z.double().requires_grad_()
-    a = compiled.token_losses(z64, y, properlm.get_rule("power:1.5"), 0.1)
+    a = compiled.token_losses(z64, y, LossOptions("power:1.5", 0.1))
     b = properlm.scoring_rule_loss(z64, y, "power:1.5", 0.1, reduction="none")
     assert a.dtype == torch.float64
     assert rel_err(a, b) < 1e-12
@@ -224,10 +225,10 @@ def test_compiled_fused_inductor_equals_eager_and_keeps_no_logits():
 
 
 def test_head_transform_arguments_are_checked():
-    assert compiled.check_head_transform(None, 2) == (None, 2.0)
+    assert check_head_transform(None, 2) == (None, 2.0)
     for bad in (0, -1.0, math.inf, "x", True):
         with pytest.raises(ValueError, match="softcap must be None or a finite number > 0"):
-            compiled.check_head_transform(bad, None)
+            check_head_transform(bad, None)
     z = torch.tensor([[-math.inf, 0.0, 100.0]])
     assert torch.equal(compiled.transform_logits(z, 10.0, 2.0), torch.tensor([[-math.inf, 0.0, 10.0]]))
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import properlm.distributed as pl_distributed
+import properlm.options as pl_options
 from _multiprocess import Checker, run_ranks
 from properlm import scoring_rule_loss
 from properlm.distributed import (
@@ -303,15 +303,15 @@ def _run_all(chk: Checker, group: Group, rank: int, world: int) -> None:
         _fused_autocast_case(chk, group, rank, sizes, seed, rule, (None, 4)[i % 2])
         _fused_case(chk, group, rank, sizes, seed, rule, 0.1, "mean", False, False, 3, train_weight=False)
     # many row chunks (a few rows each): the statistics are still all-reduced once per pass
-    saved = pl_distributed.CHUNK_ELEMENTS
-    pl_distributed.CHUNK_ELEMENTS = 3 * max(sizes)
+    saved = pl_options.CHUNK_ELEMENTS
+    pl_options.CHUNK_ELEMENTS = 3 * max(sizes)
     try:
         for rule in RULES:
             seed += 1
             _unfused_case(chk, group, rank, sizes, seed, rule, 0.1, "none", True)
             _fused_case(chk, group, rank, sizes, seed, rule, 0.1, "mean", True, True, None)
     finally:
-        pl_distributed.CHUNK_ELEMENTS = saved
+        pl_options.CHUNK_ELEMENTS = saved
     _error_cases(chk, group, rank, sizes)
 
 

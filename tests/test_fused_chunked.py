@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import properlm
 from properlm import scoring_rule_loss
 from properlm.fused import LinearScoringRuleLoss, default_chunk_size, fused_linear_scoring_rule_loss
-from properlm.fused.chunked import MAX_CHUNK_ROWS, MIN_CHUNK_ROWS, TorchChunkBackend
+from properlm.fused.chunked import TorchChunkBackend
+from properlm.options import MAX_CHUNK_ROWS, MIN_CHUNK_ROWS
 from reference import RULES, naive_loss, rel_err
 
 N, H, V = 29, 12, 41

@@ -33,6 +33,7 @@ def _worker(device: str = "cpu") -> dict[str, dict[str, float]]:
     from properlm.fused import fused_linear_scoring_rule_loss, triton_kernels
     from properlm.fused.chunked import chunk_logits
     from properlm.fused.triton_kernels import TritonChunkBackend
+    from properlm.options import LossOptions
     from properlm.stats import compute_stats
     from reference import rel_err
 
@@ -132,7 +133,7 @@ def _worker(device: str = "cpu") -> dict[str, dict[str, float]]:
         h, w, b, y = data(200, True)
         y = y.clamp(min=0)
         h32, w32, b32 = (t.to(dev, torch.float32) for t in (h, w, b))
-        stats, _ = TritonChunkBackend().stats(h32, w32, b32, y.to(dev), spec, 0.1)
+        stats, _ = TritonChunkBackend().stats(h32, w32, b32, y.to(dev), LossOptions(spec, 0.1))
         ref, _, _ = compute_stats(chunk_logits(h, w, b), y, spec, 0.1)
         key = f"{rule}|statistics"
         out[key] = {

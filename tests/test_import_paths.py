@@ -199,17 +199,16 @@ def test_patching_the_metrics_chunk_size_reaches_the_temperature_scan(monkeypatc
 
 
 def test_setting_chunk_elements_on_properlm_distributed_reaches_both_losses(monkeypatch):
-    """``properlm.distributed.CHUNK_ELEMENTS`` (a module global before the split) still sets the rows per chunk
-    that both vocabulary-parallel losses use (``_chunk_rows``, which the unfused and fused modules call)."""
-    import properlm.distributed as pl_distributed
-    from properlm.distributed import fused, layout, unfused
-    from properlm.loss import CHUNK_ELEMENTS
+    """``properlm.options.CHUNK_ELEMENTS`` sets the rows per chunk that both vocabulary-parallel losses use
+    (``properlm.options.chunk_rows``, which the unfused and fused modules call)."""
+    import properlm.options as pl_options
+    from properlm.distributed import fused, unfused
+    from properlm.options import CHUNK_ELEMENTS, chunk_rows
 
-    assert pl_distributed.CHUNK_ELEMENTS == CHUNK_ELEMENTS
-    assert unfused._chunk_rows is fused._chunk_rows is layout._chunk_rows is pl_distributed._chunk_rows
-    assert layout._chunk_rows(1000) == max(1, CHUNK_ELEMENTS // 1000)
-    monkeypatch.setattr(pl_distributed, "CHUNK_ELEMENTS", 3 * 7)
-    assert layout._chunk_rows(7) == 3 and layout._chunk_rows(100) == 1 and layout._chunk_rows(0) == 21
+    assert unfused.chunk_rows is fused.chunk_rows is chunk_rows
+    assert chunk_rows(1000) == max(1, CHUNK_ELEMENTS // 1000)
+    monkeypatch.setattr(pl_options, "CHUNK_ELEMENTS", 3 * 7)
+    assert chunk_rows(7) == 3 and chunk_rows(100) == 1 and chunk_rows(0) == 21
 
 
 @pytest.mark.parametrize("package", APPLICATION)

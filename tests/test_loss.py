@@ -275,7 +275,7 @@ def test_bad_tensors():
 @pytest.mark.parametrize("rule", ["logarithmic", "brier", "pseudo-spherical:1.5"])
 def test_many_row_blocks_match_one_block(monkeypatch, dtype, ignore_frac, rule):
     """Blocks of 3 rows (gathered, upcast or in place) give what one block gives."""
-    import properlm.loss as loss_mod
+    import properlm.options as loss_mod
 
     logits, target = _data((4, 5), 17, seed=15, ignore_frac=ignore_frac, dtype=dtype)
     w = torch.randn(4, 5, dtype=torch.float64)

@@ -25,7 +25,7 @@ import properlm
 from properlm import compiled
 from properlm.distributed import fused_linear_vocab_parallel_scoring_rule_loss, vocab_parallel_scoring_rule_loss
 from properlm.integrations.transformers import scoring_rule_loss_func
-from properlm.stats import SMOOTHING_VARIANTS
+from properlm.options import SMOOTHING_VARIANTS, LossOptions
 from reference import naive_scores_all, rel_err
 
 BOUNDED = ["brier", "spherical", "power:3", "pseudo-spherical:1.5"]
@@ -213,16 +213,12 @@ def test_fused_chunked_and_compiled_forms_equal_unfused(variant: str, reduction:
     for a, r in zip(got, ref):
         assert rel_err(a, r) < 1e-12
     # the traceable forms used under torch.compile (pure functions of the logits)
-    per_token = compiled.token_losses(
-        F.linear(h, w, b), y, properlm.get_rule("spherical"), 0.1, smoothing_variant=variant
-    )
+    per_token = compiled.token_losses(F.linear(h, w, b), y, LossOptions("spherical", 0.1, smoothing_variant=variant))
     eager = properlm.scoring_rule_loss(
         F.linear(h, w, b), y, "spherical", 0.1, reduction="none", smoothing_variant=variant
     )
     assert rel_err(per_token, eager) < 1e-12
-    fused_c = compiled.fused_token_losses(
-        h, w, b, y, properlm.get_rule("spherical"), 0.1, -100, 8, smoothing_variant=variant
-    )
+    fused_c = compiled.fused_token_losses(h, w, b, y, LossOptions("spherical", 0.1, smoothing_variant=variant), 8)
     assert rel_err(fused_c, eager) < 1e-12
 
 

@@ -109,7 +109,7 @@ def test_module_forms_carry_the_transform():
 def test_unfused_equals_loss_of_transformed_logits(rule, monkeypatch):
     """float64: to 1e-10 of the float64 reference; float32 and bfloat16 inputs (upcast copies of
     each block) to float32 rounding; several row blocks (small BLOCK_ELEMENTS), ignored rows."""
-    import properlm.loss as pl_loss
+    import properlm.options as pl_loss
     from properlm import scoring_rule_loss
     from reference import naive_loss
 
@@ -263,6 +263,7 @@ def test_traceable_form_agrees_with_eager():
     keywords and gives the same value and gradient as the eager paths (without compiling here)."""
     from properlm import get_rule, scoring_rule_loss
     from properlm.compiled import fused_token_losses, token_losses
+    from properlm.options import LossOptions
 
     z, y = logits_case(7, masked=True)
     y[::2] = y[::2].clamp(max=V - 4)
@@ -271,10 +272,12 @@ def test_traceable_form_agrees_with_eager():
     eager = loss_and_grad(
         lambda t: scoring_rule_loss(t, y, spec, 0.1, reduction="none", softcap=2.0, logit_scale=1.5), z, up
     )
-    traced = loss_and_grad(lambda t: token_losses(t, y, spec, 0.1, softcap=2.0, logit_scale=1.5), z, up)
+    traced = loss_and_grad(lambda t: token_losses(t, y, LossOptions(spec, 0.1, softcap=2.0, logit_scale=1.5)), z, up)
     assert rel_err(traced[0], eager[0]) <= TOL64 and rel_err(traced[1].nan_to_num(0.0), eager[1]) <= TOL64
     h, w, b, yy = fused_case(8)
-    fused = fused_token_losses(h.reshape(-1, H), w, b, yy.reshape(-1), spec, 0.1, -100, 4, softcap=2.0, logit_scale=1.5)
+    fused = fused_token_losses(
+        h.reshape(-1, H), w, b, yy.reshape(-1), LossOptions(spec, 0.1, softcap=2.0, logit_scale=1.5), 4
+    )
     ref = scoring_rule_loss(F.linear(h, w, b), yy, spec, 0.1, reduction="none", softcap=2.0, logit_scale=1.5)
     assert rel_err(fused, ref.reshape(-1)) <= TOL64
 
@@ -355,11 +358,11 @@ def test_triton_tanh_matches_torch():
     pytest.importorskip("triton")
     code = (
         "import torch, triton, triton.language as tl\n"
-        "from properlm.fused.triton_kernels import _tanh\n"
+        "from properlm.fused.triton_kernels import tanh_from_exp\n"
         "@triton.jit\n"
         "def k(x_ptr, y_ptr, N: tl.constexpr):\n"
         "    o = tl.arange(0, N)\n"
-        "    tl.store(y_ptr + o, _tanh(tl.load(x_ptr + o)))\n"
+        "    tl.store(y_ptr + o, tanh_from_exp(tl.load(x_ptr + o)))\n"
         "x = torch.cat([torch.linspace(-12, 12, 2037), torch.tensor([-float('inf'), float('inf'), 0.0, 1e-30,"
         " -1e-8, 0.29999, 0.30001, -0.3, 5e-4, 20.0, -100.0])]).float()\n"
         "y = torch.empty_like(x)\n"

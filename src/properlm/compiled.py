@@ -55,11 +55,10 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .rules import ScoringRule
-from .stats import TokenStats, check_head_transform, compute_dtype, masked_log_eps, masked_set, smoothed_score
+from .options import LossOptions, compute_dtype
+from .stats import TokenStats, masked_log_eps, masked_set, smoothed_score
 
 __all__ = [
-    "check_head_transform",
     "fused_token_losses",
     "token_losses",
     "transform_logits",
@@ -81,32 +80,21 @@ def transform_logits(z: Tensor, softcap: float | None = None, logit_scale: float
     return out
 
 
-def token_losses(
-    logits: Tensor,
-    target: Tensor,
-    rule: ScoringRule,
-    smoothing: float = 0.0,
-    ignore_index: int = -100,
-    *,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    smoothing_variant: str = "paper",
-) -> Tensor:
+def token_losses(logits: Tensor, target: Tensor, options: LossOptions) -> Tensor:
     """Per-token loss ``S_max - S_eps(softmax(z'), y)`` of 2-D logits, traceable.
 
     Args:
         logits: ``(n, V)``, any floating dtype (computed in float32, float64 stays float64).
-        target: ``(n,)`` ids in ``[0, V)`` or ``ignore_index`` (not checked here).
-        rule: the rule object (validated; as in :func:`properlm.scoring_rule_loss`).
-        smoothing: score smoothing ``eps`` (validated).
-        ignore_index: target value of unscored positions.
-        softcap: output-head soft-capping ``c``, ``z' = c tanh(s z / c)`` (``None``: none).
-        logit_scale: output-head logit scale ``s`` (``None``: 1).
-        smoothing_variant: the masked-log variant (:func:`properlm.stats.smoothed_score`; validated).
+        target: ``(n,)`` ids in ``[0, V)`` or ``options.ignore_index`` (not checked here).
+        options: the validated :class:`~properlm.options.LossOptions` (rule, smoothing, smoothing variant,
+            ``ignore_index``, output-head transform ``z' = c tanh(s z / c)``; ``options.reduction`` is not
+            applied).
 
     Returns:
         ``(n,)`` in the compute dtype, 0 at ignored positions (which also get zero gradient).
     """
+    rule, smoothing, ignore_index = options.rule, options.smoothing, options.ignore_index
+    softcap, logit_scale, smoothing_variant = options.softcap, options.logit_scale, options.smoothing_variant
     cdt = compute_dtype(logits.dtype)
     valid = target != ignore_index
     # clamped so that an out-of-range id (a NaN loss, below) cannot index out of bounds
@@ -137,22 +125,12 @@ def token_losses(
 
 
 def fused_token_losses(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    target: Tensor,
-    rule: ScoringRule,
-    smoothing: float,
-    ignore_index: int,
-    chunk_size: int,
-    *,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    smoothing_variant: str = "paper",
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, options: LossOptions, chunk_size: int
 ) -> Tensor:
     """Per-token loss of the logits ``hidden @ weight.T + bias``, ``chunk_size`` rows at a time, traceable.
 
-    Each chunk's logits are recomputed in backward (activation checkpointing).
+    Each chunk's logits are recomputed in backward (activation checkpointing); each chunk's loss is
+    :func:`token_losses` under ``options``.
 
     Shapes: ``hidden (N, H)``, ``weight (V, H)``, ``bias (V,)``, ``target (N,)`` -> ``(N,)`` in the
     compute dtype (0 at ignored positions). The chunks are static (``ceil(N / chunk_size)`` of
@@ -163,48 +141,13 @@ def fused_token_losses(
     for start in range(0, n, chunk_size):
         h_c = hidden[start : start + chunk_size]
         y_c = target[start : start + chunk_size]
-        parts.append(
-            checkpoint(
-                _chunk_losses,
-                h_c,
-                weight,
-                bias,
-                y_c,
-                rule,
-                smoothing,
-                ignore_index,
-                softcap,
-                logit_scale,
-                smoothing_variant,
-                use_reentrant=False,
-            )
-        )
+        parts.append(checkpoint(_chunk_losses, h_c, weight, bias, y_c, options, use_reentrant=False))
     if not parts:
         return hidden.new_zeros(0, dtype=compute_dtype(hidden.dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _chunk_losses(
-    h: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    y: Tensor,
-    rule: ScoringRule,
-    smoothing: float,
-    ignore_index: int,
-    softcap: float | None,
-    logit_scale: float | None,
-    smoothing_variant: str = "paper",
-) -> Tensor:
+def _chunk_losses(h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, options: LossOptions) -> Tensor:
     # the matmul in the inputs' dtype, as F.linear in the unfused model (and chunk_logits) does
     z = torch.nn.functional.linear(h, weight, bias)
-    return token_losses(
-        z,
-        y,
-        rule,
-        smoothing,
-        ignore_index,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        smoothing_variant=smoothing_variant,
-    )
+    return token_losses(z, y, options)

@@ -35,9 +35,18 @@ from typing import Any
 
 from torch import Tensor
 
+from .distributed.fused import fused_vocab_parallel_loss
+from .distributed.unfused import vocab_parallel_loss
+from .options import LossOptions, document_options
 from .rules import RuleLike
 
-__all__ = ["dtensor_fused_linear_scoring_rule_loss", "dtensor_scoring_rule_loss", "is_dtensor"]
+__all__ = [
+    "dtensor_fused_linear_scoring_rule_loss",
+    "dtensor_scoring_rule_loss",
+    "is_dtensor",
+    "sharded_logits_loss",
+    "sharded_weight_loss",
+]
 
 
 def is_dtensor(x: Any) -> bool:
@@ -104,18 +113,36 @@ def _replicated_output(loss: Tensor, mesh: Any) -> Any:
     return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
-def _given(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The keywords that are not ``None``.
-
-    ``softcap=None`` and the like mean "off", so the vocabulary-parallel loss is called without them.
-    """
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
 def _plain_num_items(num_items_in_batch: Any) -> Any:
     return num_items_in_batch.full_tensor() if is_dtensor(num_items_in_batch) else num_items_in_batch
 
 
+def sharded_logits_loss(
+    logits: Any, target: Any, options: LossOptions, num_items_in_batch: int | Tensor | None = None
+) -> Any:
+    """:func:`dtensor_scoring_rule_loss` under validated :class:`~properlm.options.LossOptions`.
+
+    :func:`properlm.scoring_rule_loss` calls it for ``DTensor`` logits. A collective.
+    """
+    if not is_dtensor(logits):
+        raise ValueError(f"logits must be a DTensor sharded over the vocabulary, got {type(logits).__name__}")
+    if logits.dim() < 1:
+        raise ValueError("logits must have at least one dimension (the vocabulary), got a scalar")
+    mesh = logits.device_mesh
+    mesh_dim = _vocab_mesh_dim(logits, -1, "logits", "Shard(-1)")
+    y = _replicated_local(target, mesh, "target")
+    loss = vocab_parallel_loss(
+        logits.to_local(),
+        y,
+        options,
+        _plain_num_items(num_items_in_batch),
+        group=mesh.get_group(mesh_dim),
+        vocab_start=_vocab_start(logits, -1),
+    )
+    return _replicated_output(loss, mesh)
+
+
+@document_options
 def dtensor_scoring_rule_loss(
     logits: Any,
     target: Any,
@@ -124,7 +151,10 @@ def dtensor_scoring_rule_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items_in_batch: int | Tensor | None = None,
-    **kwargs: Any,
+    *,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    smoothing_variant: str = "paper",
 ) -> Any:
     r""":func:`properlm.scoring_rule_loss` of ``DTensor`` logits ``(..., V)`` with placement ``Shard(-1)``.
 
@@ -132,61 +162,50 @@ def dtensor_scoring_rule_loss(
     ``(..., V_local)`` over the process group of the sharded mesh dimension, with ``vocab_start`` the
     shard's global offset.
 
-    Returns a ``DTensor`` with placements ``Replicate()``: a scalar, or ``target``'s shape for
-    ``reduction="none"``; ``logits.grad`` is a ``DTensor`` with the placements of ``logits``.
-    Other keywords (``softcap``, ``logit_scale``, ``smoothing_variant``) go to the vocabulary-parallel loss when not
-    ``None``. A collective: every rank of the mesh calls it, with the same ``target`` and settings.
-    """
-    from .distributed import vocab_parallel_scoring_rule_loss
+    Args:
+        logits: a ``DTensor`` ``(..., V)`` with placement ``Shard(-1)`` on one mesh dimension, ``Replicate()`` on
+            the others.
+        target: ``(...)`` token ids: a plain tensor identical on the ranks, or a ``DTensor`` on the same mesh.
+        rule: {rule}
+        smoothing: {smoothing}
+        ignore_index: {ignore_index}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        softcap: {softcap}
+        logit_scale: {logit_scale}
+        smoothing_variant: {smoothing_variant}
 
-    if not is_dtensor(logits):
-        raise ValueError(f"logits must be a DTensor sharded over the vocabulary, got {type(logits).__name__}")
-    if logits.dim() < 1:
-        raise ValueError("logits must have at least one dimension (the vocabulary), got a scalar")
-    mesh = logits.device_mesh
-    mesh_dim = _vocab_mesh_dim(logits, -1, "logits", "Shard(-1)")
-    y = _replicated_local(target, mesh, "target")
-    loss = vocab_parallel_scoring_rule_loss(
-        logits.to_local(),
-        y,
+    Returns:
+        A ``DTensor`` with placements ``Replicate()``: a scalar, or ``target``'s shape for ``reduction="none"``;
+        ``logits.grad`` is a ``DTensor`` with the placements of ``logits``.
+
+    A collective: every rank of the mesh calls it, with the same ``target`` and settings.
+    """
+    options = LossOptions(
         rule,
         smoothing,
         ignore_index,
         reduction,
-        _plain_num_items(num_items_in_batch),
-        group=mesh.get_group(mesh_dim),
-        vocab_start=_vocab_start(logits, -1),
-        **_given(kwargs),
+        softcap=softcap,
+        logit_scale=logit_scale,
+        smoothing_variant=smoothing_variant,
     )
-    return _replicated_output(loss, mesh)
+    return sharded_logits_loss(logits, target, options, num_items_in_batch)
 
 
-def dtensor_fused_linear_scoring_rule_loss(
+def sharded_weight_loss(
     hidden: Any,
     weight: Any,
     target: Any,
-    rule: RuleLike = "logarithmic",
-    bias: Any = None,
-    smoothing: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
+    bias: Any,
+    options: LossOptions,
     num_items_in_batch: int | Tensor | None = None,
     chunk_size: int | None = None,
-    **kwargs: Any,
 ) -> Any:
-    r""":func:`properlm.fused_linear_scoring_rule_loss` for a ``DTensor`` ``weight`` with placement ``Shard(0)``.
+    """:func:`dtensor_fused_linear_scoring_rule_loss` under validated :class:`~properlm.options.LossOptions`.
 
-    The loss of ``hidden @ weight.T + bias`` for ``weight`` ``(V, H)`` (and ``bias`` ``(V,)`` with
-    ``Shard(0)`` on the same mesh, or ``None``):
-    :func:`properlm.distributed.fused_linear_vocab_parallel_scoring_rule_loss` of the local rows.
-
-    ``hidden`` ``(..., H)`` is a plain tensor identical on the ranks of the vocabulary group, or a
-    ``DTensor`` on the same mesh (redistributed to ``Replicate()``). Returns a replicated ``DTensor``
-    as :func:`dtensor_scoring_rule_loss`; ``weight.grad`` and ``bias.grad`` keep their placements,
-    ``hidden`` gets the full gradient.
+    :func:`properlm.fused_linear_scoring_rule_loss` calls it for a ``DTensor`` weight or hidden. A collective.
     """
-    from .distributed import fused_linear_vocab_parallel_scoring_rule_loss
-
     if not is_dtensor(weight):
         raise ValueError(
             f"weight must be a DTensor sharded over the vocabulary (Shard(0)) when hidden is a DTensor, got "
@@ -209,19 +228,70 @@ def dtensor_fused_linear_scoring_rule_loss(
         local_bias = bias.to_local()
     h = _replicated_local(hidden, mesh, "hidden")
     y = _replicated_local(target, mesh, "target")
-    loss = fused_linear_vocab_parallel_scoring_rule_loss(
+    loss = fused_vocab_parallel_loss(
         h,
         weight.to_local(),
         y,
-        rule,
-        bias=local_bias,
-        smoothing=smoothing,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        num_items_in_batch=_plain_num_items(num_items_in_batch),
+        local_bias,
+        options,
+        _plain_num_items(num_items_in_batch),
         group=mesh.get_group(mesh_dim),
         vocab_start=start,
         chunk_size=chunk_size,
-        **_given(kwargs),
     )
     return _replicated_output(loss, mesh)
+
+
+@document_options
+def dtensor_fused_linear_scoring_rule_loss(
+    hidden: Any,
+    weight: Any,
+    target: Any,
+    rule: RuleLike = "logarithmic",
+    bias: Any = None,
+    smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_size: int | None = None,
+    *,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    smoothing_variant: str = "paper",
+) -> Any:
+    r""":func:`properlm.fused_linear_scoring_rule_loss` for a ``DTensor`` ``weight`` with placement ``Shard(0)``.
+
+    The loss of ``hidden @ weight.T + bias`` for ``weight`` ``(V, H)`` (and ``bias`` ``(V,)`` with
+    ``Shard(0)`` on the same mesh, or ``None``):
+    :func:`properlm.distributed.fused_linear_vocab_parallel_scoring_rule_loss` of the local rows.
+
+    Args:
+        hidden: ``(..., H)``: a plain tensor identical on the ranks of the vocabulary group, or a ``DTensor`` on the
+            same mesh (redistributed to ``Replicate()``).
+        weight: a ``DTensor`` ``(V, H)`` with placement ``Shard(0)`` (a ``ColwiseParallel`` ``lm_head``).
+        target: ``(...)`` token ids: a plain tensor identical on the ranks, or a ``DTensor`` on the same mesh.
+        rule: {rule}
+        bias: ``None`` or a ``DTensor`` ``(V,)`` sharded like ``weight``.
+        smoothing: {smoothing}
+        ignore_index: {ignore_index}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        chunk_size: tokens per chunk, as in :func:`properlm.distributed.fused_linear_vocab_parallel_scoring_rule_loss`.
+        softcap: {softcap}
+        logit_scale: {logit_scale}
+        smoothing_variant: {smoothing_variant}
+
+    Returns:
+        A replicated ``DTensor`` as :func:`dtensor_scoring_rule_loss`; ``weight.grad`` and ``bias.grad`` keep their
+        placements, ``hidden`` gets the full gradient.
+    """
+    options = LossOptions(
+        rule,
+        smoothing,
+        ignore_index,
+        reduction,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        smoothing_variant=smoothing_variant,
+    )
+    return sharded_weight_loss(hidden, weight, target, bias, options, num_items_in_batch, chunk_size)

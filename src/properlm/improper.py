@@ -47,12 +47,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .loss import check_reduction, reduce_loss, scoring_rule_loss
+from .loss import scoring_rule_loss
+from .options import check_num_items, check_reduction, reduce_loss
 
 __all__ = [
     "IMPROPER_OBJECTIVES",
@@ -142,16 +142,6 @@ def get_improper_objective(objective: str | ImproperObjective) -> ImproperObject
     raise ValueError(f"unknown improper objective {objective!r}; allowed: {allowed}")
 
 
-def _check_num_items(reduction: str, num_items_in_batch: Any) -> None:
-    if (
-        reduction == "mean"
-        and num_items_in_batch is not None
-        and not isinstance(num_items_in_batch, Tensor)
-        and num_items_in_batch <= 0
-    ):
-        raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
-
-
 def _improper_loss(
     objective: ImproperObjective,
     logits: Tensor,
@@ -161,7 +151,7 @@ def _improper_loss(
     num_items_in_batch: int | Tensor | None,
 ) -> Tensor:
     check_reduction(reduction)
-    _check_num_items(reduction, num_items_in_batch)
+    check_num_items(reduction, num_items_in_batch)
     # -log p_y per token (0 at ignored positions), float32 from any dtype, with its blockwise
     # gradient; scoring_rule_loss checks the dtypes, shapes and target ids first
     nll = scoring_rule_loss(logits, target, "logarithmic", 0.0, ignore_index, "none")

@@ -34,11 +34,7 @@ _LOG = Logarithmic()
 
 __all__ = [
     "PAPER_SMOOTHING_WARN_VOCAB",
-    "SMOOTHING_VARIANTS",
     "TokenStats",
-    "check_head_transform",
-    "check_smoothing_variant",
-    "compute_dtype",
     "compute_stats",
     "head_transform_",
     "head_transform_factor",
@@ -141,31 +137,6 @@ def scale_power(e: Tensor, c: float, out: Tensor | None = None) -> Tensor:
     return torch.pow(e, c, out=out)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype losses are computed in: float32, or float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def check_head_transform(softcap: float | None, logit_scale: float | None) -> tuple[float | None, float | None]:
-    """``(softcap, logit_scale)`` as floats (``None`` stays ``None``), or ``ValueError``.
-
-    Each must be ``None`` or a finite number ``> 0``.
-    """
-    out: list[float | None] = []
-    for name, v in (("softcap", softcap), ("logit_scale", logit_scale)):
-        if v is None:
-            out.append(None)
-            continue
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be None or a finite number > 0, got {v!r}") from None
-        if isinstance(v, bool) or not math.isfinite(f) or f <= 0:
-            raise ValueError(f"{name} must be None or a finite number > 0, got {v!r}")
-        out.append(f)
-    return out[0], out[1]
-
-
 def head_transform_(z: Tensor, softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
     """The output-head transform of float logits ``z`` (``(n, V)``), **in place**.
 
@@ -214,9 +185,6 @@ def head_transform_factor(
     return f if logit_scale is None else f.mul_(logit_scale)
 
 
-#: the forms of the masked-log term of score smoothing (see :func:`smoothed_score`)
-SMOOTHING_VARIANTS = ("paper", "gated", "none")
-
 #: from this vocabulary size on, the paper's masked-log smoothing of a bounded rule is warned about: it
 #: trained well at V = 6,000 (Multi30k, benchmarks/RESULTS.md) and collapsed SmolLM2 (V = 49,152) within 4
 #: steps; in ``benchmarks/smoothing_large_vocab.py`` the damage grows with V (README, "Score smoothing")
@@ -224,12 +192,15 @@ PAPER_SMOOTHING_WARN_VOCAB = 16384
 _WARNED_PAPER_SMOOTHING: set[tuple[str, int]] = set()
 
 
-def warn_paper_smoothing(rule: Any, smoothing: float, smoothing_variant: str, vocab_size: int) -> bool:
+def warn_paper_smoothing(
+    rule: Any, smoothing: float, smoothing_variant: str, vocab_size: int, stacklevel: int = 3
+) -> bool:
     """Warn once per rule and vocabulary size when the paper's masked-log smoothing meets a large vocabulary.
 
     The combination: a bounded ``rule`` (``masked_log_smoothing``) smoothed with ``smoothing > 0`` and
     ``smoothing_variant="paper"`` at ``vocab_size >= PAPER_SMOOTHING_WARN_VOCAB``. Returns whether it is that
-    combination (warned now or before); silent while ``torch.compile`` traces (no graph break).
+    combination (warned now or before); silent while ``torch.compile`` traces (no graph break). ``stacklevel``
+    is that of ``warnings.warn`` (3: the caller of this function's caller).
 
     The term pulls the target's probability down by about ``eps`` per token until every tail token reaches
     ``eps / V``; under Adam that flattens a large vocabulary's distribution within a few steps.
@@ -254,18 +225,9 @@ def warn_paper_smoothing(rule: Any, smoothing: float, smoothing_variant: str, vo
             "distribution within a few steps under Adam (SmolLM2, V = 49152: decoding degenerates); use "
             "smoothing_variant='gated' (or 'none'). README, 'Score smoothing'.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     return risky
-
-
-def check_smoothing_variant(smoothing_variant: str) -> str:
-    """``smoothing_variant`` if it is one of :data:`SMOOTHING_VARIANTS`, or ``ValueError``."""
-    if not isinstance(smoothing_variant, str) or smoothing_variant not in SMOOTHING_VARIANTS:
-        raise ValueError(
-            f"smoothing_variant must be one of {', '.join(map(repr, SMOOTHING_VARIANTS))}, got {smoothing_variant!r}"
-        )
-    return smoothing_variant
 
 
 def masked_log_eps(rule: ScoringRule, smoothing: float, variant: str = "paper") -> float | None:
@@ -319,7 +281,7 @@ def compute_stats(
     and ``work`` (same shape and dtype) holds the powers ``e^c``, so that a caller looping over
     chunks reuses its buffers instead of allocating per chunk. ``scales`` replaces
     ``rule.scales(smoothing)`` (e.g. the union of the scales of several rules). ``variant`` is the
-    smoothing variant (:data:`SMOOTHING_VARIANTS`): ``"none"`` needs no masked-set statistics.
+    smoothing variant (:data:`properlm.options.SMOOTHING_VARIANTS`): ``"none"`` needs no masked-set statistics.
     """
     n, V = z.shape
     m = z.amax(dim=-1)

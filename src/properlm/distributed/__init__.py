@@ -34,38 +34,21 @@ Modules, one job each:
 
 * :mod:`~properlm.distributed.layout` -- :func:`vocab_shard`, where each rank's shard lies and the check that runs
   first (an all-gather of the shard sizes, starts, tokens and settings);
-* :mod:`~properlm.distributed.stats` -- the global statistics above from one shard, and the shard's gradient;
+* :mod:`~properlm.distributed.shard_stats` -- the global statistics above from one shard, and the shard's gradient;
 * :mod:`~properlm.distributed.unfused` -- :func:`vocab_parallel_scoring_rule_loss` of sharded logits;
 * :mod:`~properlm.distributed.fused` -- :func:`fused_linear_vocab_parallel_scoring_rule_loss` of the hidden states
   and the output layer's rows of the shard, chunk by chunk.
 
-Every name is importable from ``properlm.distributed`` itself, as before the module was split into a package.
-``CHUNK_ELEMENTS`` (the logits per chunk of rows, from :mod:`properlm.loss`) is read here by both losses: setting
-``properlm.distributed.CHUNK_ELEMENTS`` changes their chunks.
+Each loss validates its options once (:class:`properlm.options.LossOptions`) and passes them down. The rows per
+chunk of both losses come from :func:`properlm.options.chunk_rows` (setting ``properlm.options.CHUNK_ELEMENTS``
+changes them).
 """
 
 from __future__ import annotations
 
-from ..loss import CHUNK_ELEMENTS as CHUNK_ELEMENTS
-from .fused import _check_fused_inputs as _check_fused_inputs
-from .fused import _FusedVocabParallelTokenLoss as _FusedVocabParallelTokenLoss
 from .fused import fused_linear_vocab_parallel_scoring_rule_loss
-from .layout import _NO_LIMIT as _NO_LIMIT
 from .layout import ProcessGroup as ProcessGroup
-from .layout import _chunk_rows as _chunk_rows
-from .layout import _config as _config
-from .layout import _Layout as _Layout
-from .layout import _local_error as _local_error
-from .layout import _local_targets as _local_targets
-from .layout import _require_initialized as _require_initialized
-from .layout import _resolve_layout as _resolve_layout
-from .layout import _target_checksum as _target_checksum
 from .layout import vocab_shard
-from .stats import _all_reduce as _all_reduce
-from .stats import _local_finite as _local_finite
-from .stats import _shard_grad as _shard_grad
-from .stats import _shard_stats as _shard_stats
-from .unfused import _VocabParallelTokenLoss as _VocabParallelTokenLoss
 from .unfused import vocab_parallel_scoring_rule_loss
 
 __all__ = [

@@ -15,11 +15,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..loss import check_loss_options, compute_dtype, reduce_loss, validate_inputs
-from ..rules import RuleLike, ScoringRule, get_rule
-from ..stats import TokenStats, check_head_transform, head_transform_, loss_and_partials
-from .layout import _NO_LIMIT, ProcessGroup, _chunk_rows, _config, _local_error, _local_targets, _resolve_layout
-from .stats import _all_reduce, _shard_grad, _shard_stats
+from ..options import LossOptions, chunk_rows, compute_dtype, document_options, reduce_loss, validate_inputs
+from ..rules import RuleLike
+from ..stats import TokenStats, head_transform_, loss_and_partials
+from .layout import NO_VOCAB_LIMIT, ProcessGroup, local_error, local_targets, resolve_layout, settings_key
+from .shard_stats import all_reduce, shard_grad, shard_stats
 
 __all__ = ["fused_linear_vocab_parallel_scoring_rule_loss"]
 
@@ -51,7 +51,7 @@ def _check_fused_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, tar
         hidden.dtype,
         target,
         ignore_index,
-        vocab_size=_NO_LIMIT,
+        vocab_size=NO_VOCAB_LIMIT,
         what="hidden @ local_weight.T",
     )
 
@@ -73,21 +73,16 @@ class _FusedVocabParallelTokenLoss(torch.autograd.Function):
         weight: Tensor,
         bias: Tensor | None,
         target: Tensor,
-        rule: ScoringRule,
-        smoothing: float,
-        ignore_index: int,
+        options: LossOptions,
         group: ProcessGroup,
         start: int,
         chunk: int,
-        softcap: float | None = None,
-        logit_scale: float | None = None,
-        smoothing_variant: str = "paper",
     ) -> Tensor:
         n = hidden.shape[0]
         size = weight.shape[0]
         cdt = compute_dtype(hidden.dtype)
-        rows = (target != ignore_index).nonzero().squeeze(1)
-        local, owned = _local_targets(target[rows], start, size)
+        rows = (target != options.ignore_index).nonzero().squeeze(1)
+        local, owned = local_targets(target[rows], start, size)
         need_grad = any(ctx.needs_input_grad[:3])
         loss = torch.zeros(n, dtype=cdt, device=hidden.device)
         chunks: list[tuple[TokenStats, TokenStats | None]] = []
@@ -96,26 +91,25 @@ class _FusedVocabParallelTokenLoss(torch.autograd.Function):
             idx = rows[sl]
             z_lin = F.linear(hidden[idx], weight, bias)  # under autocast: in its dtype
             ctx.lin_dtype = z_lin.dtype
-            z = head_transform_(z_lin.to(cdt), softcap, logit_scale)  # z_lin is not used again
-            stats = _shard_stats(
+            z = head_transform_(z_lin.to(cdt), options.softcap, options.logit_scale)  # z_lin is not used again
+            stats = shard_stats(
                 lambda a2, b2, z=z: z[a2:b2],  # type: ignore[misc]  # (mypy: the default z)
                 idx.numel(),
                 idx.numel(),
                 local[sl],
                 owned[sl],
-                rule,
-                smoothing,
+                options,
                 group,
                 size,
                 cdt,
                 hidden.device,
-                smoothing_variant,
             )
-            loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad, smoothing_variant)
+            loss_c, partials = loss_and_partials(
+                options.rule, stats, options.smoothing, need_grad, options.smoothing_variant
+            )
             loss[idx] = loss_c
             chunks.append((stats, partials))
-        ctx.rule, ctx.smoothing, ctx.chunk, ctx.group, ctx.chunks = rule, smoothing, chunk, group, chunks
-        ctx.head = (softcap, logit_scale)
+        ctx.options, ctx.chunk, ctx.group, ctx.chunks = options, chunk, group, chunks
         ctx.save_for_backward(hidden, weight, bias, rows, local, owned)
         return loss
 
@@ -139,16 +133,7 @@ class _FusedVocabParallelTokenLoss(torch.autograd.Function):
             h = hidden[idx]
             with torch.autocast(device_type=h.device.type, enabled=False):
                 z = F.linear(h.to(lin_dtype), w_lin, b_lin).to(cdt)
-            g = _shard_grad(
-                z,
-                local[sl],
-                owned[sl],
-                stats,
-                partials.scaled(grad_loss[idx].to(cdt)),
-                ctx.smoothing,
-                ctx.rule,
-                *ctx.head,
-            )
+            g = shard_grad(z, local[sl], owned[sl], stats, partials.scaled(grad_loss[idx].to(cdt)), ctx.options)
             if grad_h is not None:
                 grad_h[idx] = g @ w
             if grad_w is not None:
@@ -157,15 +142,61 @@ class _FusedVocabParallelTokenLoss(torch.autograd.Function):
                 grad_b += g.sum(0)
         if grad_h is not None:
             # hidden is replicated: its gradient is the sum of every shard's contribution
-            _all_reduce(grad_h, dist.ReduceOp.SUM, ctx.group)
+            all_reduce(grad_h, dist.ReduceOp.SUM, ctx.group)
             grad_h = grad_h.to(hidden.dtype)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
+def fused_vocab_parallel_loss(
+    hidden: Tensor,
+    local_weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    options: LossOptions,
+    num_items_in_batch: int | Tensor | None = None,
+    group: ProcessGroup = None,
+    vocab_start: int | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """:func:`fused_linear_vocab_parallel_scoring_rule_loss` under validated :class:`~properlm.options.LossOptions`.
+
+    The arguments as there; ``options`` holds the rule, smoothing, smoothing variant, ``ignore_index``, reduction
+    and head transform. A collective.
+    """
+    for name, t in (("hidden", hidden), ("local_weight", local_weight)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if not isinstance(target, Tensor):
+        raise ValueError(f"target must be a tensor of token ids, got {type(target).__name__}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    ignore_index = options.ignore_index
+    error = local_error(lambda: _check_fused_inputs(hidden, local_weight, bias, target, ignore_index))
+    H = hidden.shape[-1] if hidden.dim() else 0
+    local_size = local_weight.shape[0] if local_weight.dim() else 0
+    config = settings_key(options, f"{chunk_size}|{H}")
+    shard = resolve_layout(local_size, vocab_start, target, config, group, hidden.device, error)
+    validate_inputs(
+        (*hidden.shape[:-1], local_size),
+        hidden.dtype,
+        target,
+        ignore_index,
+        vocab_size=shard.vocab_size,
+        what="hidden @ local_weight.T",
+    )
+    chunk = chunk_size if chunk_size is not None else chunk_rows(shard.max_size)
+    flat = _FusedVocabParallelTokenLoss.apply(
+        hidden.reshape(target.numel(), H), local_weight, bias, target.reshape(-1), options, group, shard.start, chunk
+    )
+    per_token = flat.view(target.shape)
+    return reduce_loss(per_token, target != ignore_index, options.reduction, num_items_in_batch)
+
+
+@document_options
 def fused_linear_vocab_parallel_scoring_rule_loss(
     hidden: Tensor,
     local_weight: Tensor,
@@ -191,30 +222,32 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
 
     Equal to ``vocab_parallel_scoring_rule_loss(F.linear(hidden, local_weight, bias), ...)``.
 
+    Shapes: ``hidden`` ``(..., H)``, ``local_weight`` ``(V_local, H)``, ``bias`` ``(V_local,)``, ``target``
+    ``(...)``; the result is a scalar, or ``target``'s shape for ``reduction="none"``.
+
     Args:
         hidden: ``(..., H)`` final hidden states, identical on every rank (replicated).
         local_weight: ``(V_local, H)`` this rank's rows ``[vocab_start, vocab_start + V_local)``
             of the output layer (``lm_head.weight``), same dtype as ``hidden``.
         target: ``(...)`` global token ids in ``[0, V)`` or ``ignore_index``, identical on every rank.
-        rule: as in :func:`properlm.scoring_rule_loss`.
+        rule: {rule}
         bias: ``(V_local,)`` this rank's slice of the output bias, or ``None``.
-        smoothing: as in :func:`properlm.scoring_rule_loss`.
-        ignore_index: as in :func:`properlm.scoring_rule_loss`.
-        reduction: as in :func:`properlm.scoring_rule_loss`.
-        num_items_in_batch: as in :func:`properlm.scoring_rule_loss`.
-        group: as in :func:`vocab_parallel_scoring_rule_loss`.
-        vocab_start: as in :func:`vocab_parallel_scoring_rule_loss`.
+        smoothing: {smoothing}
+        ignore_index: {ignore_index}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
+        group: as in :func:`~properlm.distributed.vocab_parallel_scoring_rule_loss`.
+        vocab_start: as in :func:`~properlm.distributed.vocab_parallel_scoring_rule_loss`.
         chunk_size: tokens per chunk (the same on every rank); default: as many as fit
-            ``2**24`` float32 logits of the largest shard. Each chunk costs two or three
-            all-reduces in forward.
-        softcap: the output-head soft-cap (as in :func:`vocab_parallel_scoring_rule_loss`), applied
-            to each chunk of the shard's logits where it is formed.
-        logit_scale: the output-head logit scale, as ``softcap``.
-        smoothing_variant: as in :func:`vocab_parallel_scoring_rule_loss`.
+            ``2**24`` float32 logits of the largest shard (:func:`properlm.options.chunk_rows`). Each chunk costs
+            two or three all-reduces in forward.
+        softcap: {softcap} Applied to each chunk of the shard's logits where it is formed.
+        logit_scale: {logit_scale}
+        smoothing_variant: {smoothing_variant} The same on every rank.
 
     Returns:
-        As :func:`vocab_parallel_scoring_rule_loss`. In backward, ``hidden`` receives the full
-        gradient (the shards' contributions all-reduced over ``group``), ``local_weight`` and
+        As :func:`~properlm.distributed.vocab_parallel_scoring_rule_loss`. In backward, ``hidden`` receives the
+        full gradient (the shards' contributions all-reduced over ``group``), ``local_weight`` and
         ``bias`` the gradients of this rank's rows.
 
     Example::
@@ -223,44 +256,15 @@ def fused_linear_vocab_parallel_scoring_rule_loss(
         >>> w_local = model.lm_head.weight[a:a + n]         # or a tensor-parallel shard
         >>> loss = fused_linear_vocab_parallel_scoring_rule_loss(hidden, w_local, labels, "spherical")
     """
-    rule_obj = get_rule(rule)
-    eps, variant = check_loss_options(smoothing, smoothing_variant, reduction)
-    for name, t in (("hidden", hidden), ("local_weight", local_weight)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if not isinstance(target, Tensor):
-        raise ValueError(f"target must be a tensor of token ids, got {type(target).__name__}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    cap, scale = check_head_transform(softcap, logit_scale)
-    error = _local_error(lambda: _check_fused_inputs(hidden, local_weight, bias, target, ignore_index))
-    H = hidden.shape[-1] if hidden.dim() else 0
-    local_size = local_weight.shape[0] if local_weight.dim() else 0
-    config = _config(rule_obj, eps, ignore_index, reduction, f"{chunk_size}|{H}|{variant}", cap, scale)
-    shard = _resolve_layout(local_size, vocab_start, target, config, group, hidden.device, error)
-    validate_inputs(
-        (*hidden.shape[:-1], local_size),
-        hidden.dtype,
-        target,
+    options = LossOptions(
+        rule,
+        smoothing,
         ignore_index,
-        vocab_size=shard.vocab_size,
-        what="hidden @ local_weight.T",
+        reduction,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        smoothing_variant=smoothing_variant,
     )
-    chunk = chunk_size if chunk_size is not None else _chunk_rows(shard.max_size)
-    flat = _FusedVocabParallelTokenLoss.apply(
-        hidden.reshape(target.numel(), H),
-        local_weight,
-        bias,
-        target.reshape(-1),
-        rule_obj,
-        eps,
-        ignore_index,
-        group,
-        shard.start,
-        chunk,
-        cap,
-        scale,
-        variant,
+    return fused_vocab_parallel_loss(
+        hidden, local_weight, target, bias, options, num_items_in_batch, group, vocab_start, chunk_size
     )
-    per_token = flat.view(target.shape)
-    return reduce_loss(per_token, target != ignore_index, reduction, num_items_in_batch)

@@ -2,9 +2,11 @@
 
 Rank ``r`` holds the ids ``[a_r, a_r + V_r)``: :func:`vocab_shard` gives the even split in rank order;
 any other tiling of ``[0, V)`` (uneven sizes, empty shards, any rank order) is given by ``vocab_start``.
-``_resolve_layout`` all-gathers ``(V_r, a_r, #tokens, checksum(target), crc(settings), error flag)`` once per
+:func:`resolve_layout` all-gathers ``(V_r, a_r, #tokens, checksum(target), crc(settings), error flag)`` once per
 call, checks that the shards tile ``[0, V)`` and that every rank passed the same tokens and settings, and raises the
-same ``ValueError`` on every rank (so that none waits in a later collective); it returns this rank's ``_Layout``.
+same ``ValueError`` on every rank (so that none waits in a later collective); it returns this rank's
+:class:`Layout`. A rank's own input errors are caught first (:func:`local_error`) so that they travel in that
+all-gather.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..rules import ScoringRule
+from ..options import LossOptions
 
 __all__ = ["vocab_shard"]
 
@@ -26,7 +28,7 @@ ProcessGroup = Any  # torch.distributed.ProcessGroup (None: the default group)
 
 
 @dataclass(frozen=True)
-class _Layout:
+class Layout:
     """Where this rank's slice of the vocabulary lies: ids ``[start, start + size)`` of ``vocab_size``.
 
     Attributes:
@@ -53,7 +55,7 @@ def vocab_shard(
     Useful to slice a full output layer: ``weight[start:start + size]``.
     """
     if rank is None or world_size is None:
-        _require_initialized()
+        require_initialized()
         rank = dist.get_rank(group) if rank is None else rank
         world_size = dist.get_world_size(group) if world_size is None else world_size
     if vocab_size < 1 or world_size < 1 or not 0 <= rank < world_size:
@@ -67,7 +69,8 @@ def vocab_shard(
     return start, size
 
 
-def _require_initialized() -> None:
+def require_initialized() -> None:
+    """``ValueError`` unless a ``torch.distributed`` process group is initialised."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(
             "the vocabulary-parallel losses need an initialised torch.distributed process group "
@@ -86,11 +89,15 @@ def _target_checksum(target: Tensor) -> Tensor:
 
 
 #: vocabulary size used to check target's dtype and shape before the global size is known
-_NO_LIMIT = 1 << 62
+#: (:func:`properlm.options.validate_inputs` with ``vocab_size=NO_VOCAB_LIMIT``)
+NO_VOCAB_LIMIT = 1 << 62
 
 
-def _local_error(check: Callable[[], None]) -> str | None:
-    """The message of the ``ValueError`` that ``check`` raises, or ``None``."""
+def local_error(check: Callable[[], None]) -> str | None:
+    """The message of the ``ValueError`` that ``check`` raises, or ``None``.
+
+    For :func:`resolve_layout`, which raises it on this rank and makes every other rank raise too.
+    """
     try:
         check()
     except ValueError as exc:
@@ -98,7 +105,7 @@ def _local_error(check: Callable[[], None]) -> str | None:
     return None
 
 
-def _resolve_layout(
+def resolve_layout(
     local_size: int,
     vocab_start: int | None,
     target: Tensor,
@@ -106,13 +113,25 @@ def _resolve_layout(
     group: ProcessGroup,
     device: torch.device,
     error: str | None = None,
-) -> _Layout:
+) -> Layout:
     """All-gather ``(size, start, #tokens, checksum(target), crc(config), error flag)`` and check them.
 
     Checks that no rank rejected its inputs, that the shards tile ``[0, V)`` and that every rank passed
     the same tokens and settings. Every rank raises the same way, so none waits in a collective.
+
+    Args:
+        local_size: ``V_local``, this rank's shard width.
+        vocab_start: this rank's first id, or ``None`` (then on every rank: the shards follow rank order).
+        target: the (replicated) token ids, compared across ranks by a checksum.
+        config: the settings as a string (:func:`settings_key`), compared across ranks by a CRC.
+        group: the process group (``None``: the default group).
+        device: where the all-gathered tensor lives (the logits' device).
+        error: this rank's input error (:func:`local_error`), raised after the all-gather.
+
+    Returns:
+        This rank's :class:`Layout`.
     """
-    _require_initialized()
+    require_initialized()
     if vocab_start is not None and (
         isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
     ):
@@ -172,34 +191,24 @@ def _resolve_layout(
         raise ValueError("vocab_start must be given on every rank or on none (then the shards follow rank order)")
     else:
         starts = [sum(sizes[:r]) for r in range(world)]
-    return _Layout(start=starts[rank], size=sizes[rank], vocab_size=sum(sizes), max_size=max(sizes))
+    return Layout(start=starts[rank], size=sizes[rank], vocab_size=sum(sizes), max_size=max(sizes))
 
 
-def _local_targets(target: Tensor, start: int, size: int) -> tuple[Tensor, Tensor]:
+def local_targets(target: Tensor, start: int, size: int) -> tuple[Tensor, Tensor]:
     """``(local index clamped into the shard, owned mask)`` for global ids ``target``."""
     local = target - start
     owned = (local >= 0) & (local < size)
     return local.clamp(0, max(size - 1, 0)), owned
 
 
-def _chunk_rows(width: int) -> int:
-    """Rows per chunk of a shard ``width`` ids wide: ``CHUNK_ELEMENTS // width`` (at least 1).
+def settings_key(options: LossOptions, extra: str = "") -> str:
+    """The settings of a call as a string, which :func:`resolve_layout` checks to agree across ranks.
 
-    ``CHUNK_ELEMENTS`` is read from the package, ``properlm.distributed.CHUNK_ELEMENTS`` (the module global it was
-    before the split), so that setting it there still sets the chunks of both losses.
+    The rule spec, smoothing, ``ignore_index``, reduction, smoothing variant, ``extra`` (what else must agree, e.g.
+    the chunk size and the hidden size of the fused loss) and the head transform.
     """
-    from . import CHUNK_ELEMENTS
-
-    return max(1, CHUNK_ELEMENTS // max(width, 1))
-
-
-def _config(
-    rule: ScoringRule,
-    smoothing: float,
-    ignore_index: int,
-    reduction: str,
-    extra: str = "",
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-) -> str:
-    return f"{rule.spec}|{smoothing!r}|{ignore_index}|{reduction}|{extra}|{softcap!r}|{logit_scale!r}"
+    o = options
+    return (
+        f"{o.rule.spec}|{o.smoothing!r}|{o.ignore_index}|{o.reduction}|{o.smoothing_variant}|{extra}|"
+        f"{o.softcap!r}|{o.logit_scale!r}"
+    )

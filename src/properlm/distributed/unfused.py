@@ -12,59 +12,49 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..loss import check_loss_options, compute_dtype, reduce_loss, validate_inputs
-from ..rules import RuleLike, ScoringRule, get_rule
-from ..stats import check_head_transform, head_transform_, loss_and_partials
-from .layout import _NO_LIMIT, ProcessGroup, _chunk_rows, _config, _local_error, _local_targets, _resolve_layout
-from .stats import _shard_grad, _shard_stats
+from ..options import LossOptions, chunk_rows, compute_dtype, document_options, reduce_loss, validate_inputs
+from ..rules import RuleLike
+from ..stats import head_transform_, loss_and_partials
+from .layout import NO_VOCAB_LIMIT, ProcessGroup, local_error, local_targets, resolve_layout, settings_key
+from .shard_stats import shard_grad, shard_stats
 
 __all__ = ["vocab_parallel_scoring_rule_loss"]
 
 
 class _VocabParallelTokenLoss(torch.autograd.Function):
-    """Per-token loss ``(n,)`` of the shard ``(n, V_local)``; backward without communication."""
+    """Per-token loss ``(n,)`` of the shard ``(n, V_local)`` under validated options; backward without communication."""
 
     @staticmethod
     def forward(
-        ctx: Any,
-        logits: Tensor,
-        target: Tensor,
-        rule: ScoringRule,
-        smoothing: float,
-        ignore_index: int,
-        group: ProcessGroup,
-        start: int,
-        softcap: float | None = None,
-        logit_scale: float | None = None,
-        smoothing_variant: str = "paper",
+        ctx: Any, logits: Tensor, target: Tensor, options: LossOptions, group: ProcessGroup, start: int
     ) -> Tensor:
         n, size = logits.shape
         cdt = compute_dtype(logits.dtype)
-        rows = (target != ignore_index).nonzero().squeeze(1)
-        local, owned = _local_targets(target[rows], start, size)
-        step = _chunk_rows(size)
+        rows = (target != options.ignore_index).nonzero().squeeze(1)
+        local, owned = local_targets(target[rows], start, size)
+        step = chunk_rows(size)
+        softcap, logit_scale = options.softcap, options.logit_scale
         # (the gathered rows are a copy: transformed in place, chunk by chunk)
-        stats = _shard_stats(
+        stats = shard_stats(
             lambda a, b: head_transform_(logits[rows[a:b]].to(cdt), softcap, logit_scale),
             rows.numel(),
             step,
             local,
             owned,
-            rule,
-            smoothing,
+            options,
             group,
             size,
             cdt,
             logits.device,
-            smoothing_variant,
         )
         need_grad = ctx.needs_input_grad[0]
-        loss_v, partials = loss_and_partials(rule, stats, smoothing, need_grad, smoothing_variant)
+        loss_v, partials = loss_and_partials(
+            options.rule, stats, options.smoothing, need_grad, options.smoothing_variant
+        )
         loss = torch.zeros(n, dtype=cdt, device=logits.device)
         loss[rows] = loss_v
-        ctx.rule, ctx.smoothing, ctx.step = rule, smoothing, step
+        ctx.options, ctx.step = options, step
         ctx.stats, ctx.partials = stats, partials
-        ctx.head = (softcap, logit_scale)
         ctx.save_for_backward(logits, rows, local, owned)
         return loss
 
@@ -77,20 +67,53 @@ class _VocabParallelTokenLoss(torch.autograd.Function):
             sl = slice(a, a + ctx.step)
             idx = rows[sl]
             partials = ctx.partials.index(sl).scaled(grad_loss[idx].to(cdt))
-            g = _shard_grad(
-                logits[idx].to(cdt),
-                local[sl],
-                owned[sl],
-                ctx.stats.index(sl),
-                partials,
-                ctx.smoothing,
-                ctx.rule,
-                *ctx.head,
-            )
+            g = shard_grad(logits[idx].to(cdt), local[sl], owned[sl], ctx.stats.index(sl), partials, ctx.options)
             grad[idx] = g.to(grad.dtype)
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None
 
 
+def vocab_parallel_loss(
+    local_logits: Tensor,
+    target: Tensor,
+    options: LossOptions,
+    num_items_in_batch: int | Tensor | None = None,
+    group: ProcessGroup = None,
+    vocab_start: int | None = None,
+) -> Tensor:
+    """:func:`vocab_parallel_scoring_rule_loss` under validated :class:`~properlm.options.LossOptions`.
+
+    The arguments as there; ``options`` holds the rule, smoothing, smoothing variant, ``ignore_index``, reduction
+    and head transform. A collective.
+    """
+    if not isinstance(local_logits, Tensor):
+        raise ValueError(f"local_logits must be a tensor, got {type(local_logits).__name__}")
+    if not isinstance(target, Tensor):
+        raise ValueError(f"target must be a tensor of token ids, got {type(target).__name__}")
+    ignore_index = options.ignore_index
+    error = local_error(
+        lambda: validate_inputs(
+            local_logits.shape,
+            local_logits.dtype,
+            target,
+            ignore_index,
+            vocab_size=NO_VOCAB_LIMIT,
+            what="local_logits",
+        )
+    )
+    local_size = local_logits.shape[-1] if local_logits.dim() else 0
+    shard = resolve_layout(local_size, vocab_start, target, settings_key(options), group, local_logits.device, error)
+    validate_inputs(
+        local_logits.shape, local_logits.dtype, target, ignore_index, vocab_size=shard.vocab_size, what="local_logits"
+    )
+    size = local_logits.shape[-1]
+    flat = _VocabParallelTokenLoss.apply(
+        local_logits.reshape(target.numel(), size), target.reshape(-1), options, group, shard.start
+    )
+    per_token = flat.view(target.shape)
+    return reduce_loss(per_token, target != ignore_index, options.reduction, num_items_in_batch)
+
+
+@document_options
 def vocab_parallel_scoring_rule_loss(
     local_logits: Tensor,
     target: Tensor,
@@ -117,6 +140,9 @@ def vocab_parallel_scoring_rule_loss(
     rules with smoothing) in two or three all-reduces, after one small all-gather that
     checks the layout; backward communicates nothing.
 
+    Shapes: ``local_logits`` ``(..., V_local)``, ``target`` ``(...)``; the result is a scalar, or ``target``'s
+    shape for ``reduction="none"``.
+
     Args:
         local_logits: ``(..., V_local)`` this rank's logits for vocabulary ids
             ``[vocab_start, vocab_start + V_local)`` (any floating dtype, computed in float32;
@@ -125,21 +151,18 @@ def vocab_parallel_scoring_rule_loss(
             of all shards.
         target: ``(...)`` global token ids in ``[0, V)`` or ``ignore_index``, identical on
             every rank (``V`` = sum of the shard sizes).
-        rule: as in :func:`properlm.scoring_rule_loss`.
-        smoothing: as in :func:`properlm.scoring_rule_loss`.
-        ignore_index: as in :func:`properlm.scoring_rule_loss`.
-        reduction: as in :func:`properlm.scoring_rule_loss`.
-        num_items_in_batch: as in :func:`properlm.scoring_rule_loss`.
+        rule: {rule}
+        smoothing: {smoothing}
+        ignore_index: {ignore_index}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
         group: the process group over which the vocabulary is sharded (``None``: the default group).
         vocab_start: first vocabulary id of this rank's shard. ``None`` on every rank: the
             shards follow rank order (computed from an all-gather of the shard sizes).
             Given on every rank: any order, checked to tile ``[0, V)``.
-        softcap: the output-head soft-cap of :func:`properlm.scoring_rule_loss`
-            (``z'' = softcap * tanh(logit_scale * z / softcap)``), applied to each rank's shard
-            chunk by chunk; the same on every rank.
-        logit_scale: the output-head logit scale, as ``softcap``.
-        smoothing_variant: ``"paper"`` (default), ``"gated"`` or ``"none"``, as in
-            :func:`properlm.scoring_rule_loss`; the same on every rank.
+        softcap: {softcap} Applied to each rank's shard chunk by chunk; the same on every rank.
+        logit_scale: {logit_scale}
+        smoothing_variant: {smoothing_variant} The same on every rank.
 
     Returns:
         The same value on every rank: a scalar, or ``target``'s shape for ``"none"``
@@ -157,43 +180,13 @@ def vocab_parallel_scoring_rule_loss(
         >>> loss = vocab_parallel_scoring_rule_loss(local_logits, labels, "brier", smoothing=0.1)
         >>> loss.backward()                                              # grads of this shard only
     """
-    rule_obj = get_rule(rule)
-    eps, variant = check_loss_options(smoothing, smoothing_variant, reduction)
-    cap, scale = check_head_transform(softcap, logit_scale)
-    if not isinstance(local_logits, Tensor):
-        raise ValueError(f"local_logits must be a tensor, got {type(local_logits).__name__}")
-    if not isinstance(target, Tensor):
-        raise ValueError(f"target must be a tensor of token ids, got {type(target).__name__}")
-    error = _local_error(
-        lambda: validate_inputs(
-            local_logits.shape, local_logits.dtype, target, ignore_index, vocab_size=_NO_LIMIT, what="local_logits"
-        )
-    )
-    local_size = local_logits.shape[-1] if local_logits.dim() else 0
-    shard = _resolve_layout(
-        local_size,
-        vocab_start,
-        target,
-        _config(rule_obj, eps, ignore_index, reduction, variant, softcap=cap, logit_scale=scale),
-        group,
-        local_logits.device,
-        error,
-    )
-    validate_inputs(
-        local_logits.shape, local_logits.dtype, target, ignore_index, vocab_size=shard.vocab_size, what="local_logits"
-    )
-    size = local_logits.shape[-1]
-    flat = _VocabParallelTokenLoss.apply(
-        local_logits.reshape(target.numel(), size),
-        target.reshape(-1),
-        rule_obj,
-        eps,
+    options = LossOptions(
+        rule,
+        smoothing,
         ignore_index,
-        group,
-        shard.start,
-        cap,
-        scale,
-        variant,
+        reduction,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        smoothing_variant=smoothing_variant,
     )
-    per_token = flat.view(target.shape)
-    return reduce_loss(per_token, target != ignore_index, reduction, num_items_in_batch)
+    return vocab_parallel_loss(local_logits, target, options, num_items_in_batch, group, vocab_start)

@@ -3,7 +3,7 @@
 * :func:`triton_is_available` -- whether the Triton kernels can be used at all;
 * :func:`select_backend` -- the backend for an ``impl`` argument and the inputs (the automatic choice for ``None``).
 
-Shared by the eager entry point (:mod:`properlm.fused.dispatch`) and the ``torch.library`` operator that
+Shared by the eager entry point (:mod:`properlm.fused.loss`) and the ``torch.library`` operator that
 ``torch.compile`` calls (:mod:`properlm.fused.op`), so that both run the same implementation.
 """
 

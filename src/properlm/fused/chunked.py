@@ -35,15 +35,13 @@ derivatives (a few numbers per token) and the backward recomputes each chunk's l
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from ..loss import compute_dtype, reduce_loss
-from ..rules import ScoringRule
+from ..options import LossOptions, compute_dtype, default_chunk_size, reduce_loss
 from ..stats import TokenStats, compute_stats, head_transform_, head_transform_factor, logits_grad, loss_and_partials
 
 __all__ = [
@@ -52,40 +50,11 @@ __all__ = [
     "FusedLinearLossFunction",
     "TorchChunkBackend",
     "chunk_logits",
-    "default_chunk_size",
     "fused_linear_backward",
     "fused_linear_forward",
     "logit_grad_dtype",
     "tensor_core_inputs",
 ]
-
-#: bounds on the default number of rows of one chunk of logits
-MIN_CHUNK_ROWS = 64
-MAX_CHUNK_ROWS = 4096
-#: the default chunk of logits holds at least this many elements (64 MiB in float32), so
-#: that the per-chunk matmuls (and their threads) stay efficient when the hidden input is small
-MIN_CHUNK_ELEMENTS = 1 << 24
-#: the same on CUDA (512 MiB of bfloat16 logit gradient for the Triton kernels)
-CUDA_MIN_CHUNK_ELEMENTS = 1 << 28
-
-
-def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int, cuda: bool = False) -> int:
-    """Rows per chunk such that a chunk of logits (``rows x V``) holds about as many elements as ``hidden``.
-
-    That is ``rows ~ N H / V`` for hidden states ``N x H``, but at least ``MIN_CHUNK_ELEMENTS / V``
-    (``CUDA_MIN_CHUNK_ELEMENTS / V`` on a GPU), at least ``MIN_CHUNK_ROWS``, at most ``MAX_CHUNK_ROWS``
-    on the CPU, and never more than ``N``.
-
-    On a GPU every chunk costs a pass over the ``V x H`` float32 gradient accumulator of the
-    weight (2 GiB for 128k x 4k), as much memory traffic as the chunk's matmuls take time when
-    a chunk has a few hundred rows, hence the larger minimum there."""
-    v = max(vocab_size, 1)
-    min_elements = CUDA_MIN_CHUNK_ELEMENTS if cuda else MIN_CHUNK_ELEMENTS
-    rows = max(math.ceil(num_tokens * hidden_size / v), math.ceil(min_elements / v))
-    rows = max(rows, MIN_CHUNK_ROWS)
-    if not cuda:
-        rows = min(rows, MAX_CHUNK_ROWS)
-    return max(1, min(rows, num_tokens))
 
 
 def tensor_core_inputs(h: Tensor) -> bool:
@@ -133,24 +102,15 @@ class ChunkBackend(Protocol):
     """How the statistics and the logit gradient of one chunk of rows are computed."""
 
     def stats(
-        self,
-        h: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        y: Tensor,
-        rule: ScoringRule,
-        smoothing: float,
-        *,
-        softcap: float | None = None,
-        logit_scale: float | None = None,
-        smoothing_variant: str = "paper",
+        self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, options: LossOptions
     ) -> tuple[TokenStats, Any]:
         """Statistics of the logits ``z'' = head(h W^T + b)`` of ``n`` rows, and a cache.
 
         ``h``: ``(n, H)``, ``y``: ``(n,)``; ``head`` is the output-head transform
-        :func:`~properlm.stats.head_transform_` of ``softcap`` / ``logit_scale``) and an opaque
-        cache for :meth:`grad_logits` (may be ``None``). ``smoothing_variant`` ``"none"`` needs no
-        masked-set statistics (:func:`~properlm.stats.masked_log_eps`)."""
+        :func:`~properlm.stats.head_transform_` of ``options.softcap`` / ``options.logit_scale``; the statistics
+        are those ``options.rule`` needs with ``options.smoothing`` (``options.smoothing_variant`` ``"none"`` needs
+        no masked-set statistics, :func:`~properlm.stats.masked_log_eps`). The cache is opaque, for
+        :meth:`grad_logits` (may be ``None``)."""
         ...
 
     def grad_logits(
@@ -161,12 +121,8 @@ class ChunkBackend(Protocol):
         y: Tensor,
         stats: TokenStats,
         partials: TokenStats,
-        rule: ScoringRule,
-        smoothing: float,
+        options: LossOptions,
         cache: Any,
-        *,
-        softcap: float | None = None,
-        logit_scale: float | None = None,
     ) -> Tensor:
         """``d sum_i loss_i / d z`` as float32 ``(n, V)``.
 
@@ -219,19 +175,10 @@ class TorchChunkBackend:
         return [slice(r, min(r + step, n)) for r in range(0, n, step)], work
 
     def stats(
-        self,
-        h: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        y: Tensor,
-        rule: ScoringRule,
-        smoothing: float,
-        *,
-        softcap: float | None = None,
-        logit_scale: float | None = None,
-        smoothing_variant: str = "paper",
+        self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, options: LossOptions
     ) -> tuple[TokenStats, Any]:
         """See :meth:`ChunkBackend.stats`; the cache holds the transformed logits and ``exp(z - m)``."""
+        rule, smoothing, softcap, logit_scale = options.rule, options.smoothing, options.softcap, options.logit_scale
         n, V = h.shape[0], weight.shape[0]
         z = chunk_logits(h, weight, bias, out=self._buf("z", n, h, V))
         ebuf = self._buf("e", n, h, V)
@@ -241,7 +188,7 @@ class TorchChunkBackend:
             wk = None if work is None else work[: sl.stop - sl.start]
             head_transform_(z[sl], softcap, logit_scale)  # in place: the cache holds z''
             st, e, finite = compute_stats(
-                z[sl], y[sl], rule, smoothing, out=ebuf[sl], work=wk, variant=smoothing_variant
+                z[sl], y[sl], rule, smoothing, out=ebuf[sl], work=wk, variant=options.smoothing_variant
             )
             if e.data_ptr() != ebuf[sl].data_ptr():  # with a masked-log term, e is a new tensor
                 ebuf[sl].copy_(e)
@@ -257,14 +204,11 @@ class TorchChunkBackend:
         y: Tensor,
         stats: TokenStats,
         partials: TokenStats,
-        rule: ScoringRule,
-        smoothing: float,
+        options: LossOptions,
         cache: Any,
-        *,
-        softcap: float | None = None,
-        logit_scale: float | None = None,
     ) -> Tensor:
         """See :meth:`ChunkBackend.grad_logits`."""
+        softcap, logit_scale = options.softcap, options.logit_scale
         n, V = h.shape[0], weight.shape[0]
         blocks, work = self._blocks(n, V, h)
         if cache is None:
@@ -290,8 +234,8 @@ class TorchChunkBackend:
                 y[sl],
                 stats.index(sl),
                 partials.index(sl),
-                smoothing,
-                rule,
+                options.smoothing,
+                options.rule,
                 e=e_b,
                 finite=finite,
                 out=z[sl],
@@ -414,37 +358,32 @@ def fused_linear_forward(
     weight: Tensor,
     bias: Tensor | None,
     target: Tensor,
-    rule: ScoringRule,
-    smoothing: float,
-    ignore_index: int,
-    reduction: str,
+    options: LossOptions,
     num_items_in_batch: Any,
     chunk_size: int | None,
     backend: ChunkBackend,
     need: tuple[bool, bool, bool],
-    *,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    smoothing_variant: str = "paper",
 ) -> FusedForward:
     """The forward pass of the fused loss on 2-D inputs, chunk by chunk (the module docstring's steps 1 to 4).
 
-    Shapes: ``hidden (N, H)``, ``weight (V, H)``, ``bias (V,)`` or ``None``, ``target (N,)``; inputs validated
-    (:mod:`properlm.fused.dispatch`). ``need`` says which of ``(hidden, weight, bias)`` need a gradient.
+    Shapes: ``hidden (N, H)``, ``weight (V, H)``, ``bias (V,)`` or ``None``, ``target (N,)``; inputs and
+    ``options`` validated (:mod:`properlm.fused.loss`). ``need`` says which of ``(hidden, weight, bias)`` need a
+    gradient.
 
-    With ``reduction`` ``"mean"`` or ``"sum"`` and any gradient needed, the gradients of the *reduced* loss are
-    formed here (``grad_out = 1``). With ``"none"`` the per-token upstream gradient is unknown: the per-token
-    statistics and partial derivatives of each chunk (a few numbers per token) are kept for
+    With ``options.reduction`` ``"mean"`` or ``"sum"`` and any gradient needed, the gradients of the *reduced*
+    loss are formed here (``grad_out = 1``). With ``"none"`` the per-token upstream gradient is unknown: the
+    per-token statistics and partial derivatives of each chunk (a few numbers per token) are kept for
     :func:`fused_linear_backward`.
 
-    ``chunk_size`` ``None``: :func:`default_chunk_size` of the number of scored tokens.
+    ``chunk_size`` ``None``: :func:`~properlm.options.default_chunk_size` of the number of scored tokens.
     """
+    rule, smoothing, variant = options.rule, options.smoothing, options.smoothing_variant
+    reduction = options.reduction
     n = hidden.shape[0]
-    head = {"softcap": softcap, "logit_scale": logit_scale}
     per_token = reduction == "none"
     need_grad = any(need)
-    valid = target != ignore_index
-    h_valid, y_valid, rows = _scored_rows(hidden, target, ignore_index)
+    valid = target != options.ignore_index
+    h_valid, y_valid, rows = _scored_rows(hidden, target, options.ignore_index)
     nv = h_valid.shape[0]
     if chunk_size is None:
         chunk_size = default_chunk_size(max(nv, 1), hidden.shape[1], weight.shape[0], cuda=hidden.is_cuda)
@@ -463,10 +402,8 @@ def fused_linear_forward(
     for start in range(0, nv, chunk_size):
         h_c = h_valid[start : start + chunk_size]
         y_c = y_valid[start : start + chunk_size]
-        stats, cache = backend.stats(
-            h_c, weight, bias, y_c, rule, smoothing, **head, smoothing_variant=smoothing_variant
-        )
-        loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad, smoothing_variant)
+        stats, cache = backend.stats(h_c, weight, bias, y_c, options)
+        loss_c, partials = loss_and_partials(rule, stats, smoothing, need_grad, variant)
         losses[start : start + h_c.shape[0]] = loss_c
         if not need_grad:
             continue
@@ -475,9 +412,7 @@ def fused_linear_forward(
             saved.append((start, stats, partials))
         else:
             assert acc is not None and scale is not None
-            g = backend.grad_logits(
-                h_c, weight, bias, y_c, stats, _scaled(partials, scale), rule, smoothing, cache, **head
-            )
+            g = backend.grad_logits(h_c, weight, bias, y_c, stats, _scaled(partials, scale), options, cache)
             del cache
             acc.add(start, h_c, g)
             del g
@@ -496,25 +431,20 @@ def fused_linear_backward(
     bias: Tensor | None,
     target: Tensor,
     grad_out: Tensor,
-    rule: ScoringRule,
-    smoothing: float,
+    options: LossOptions,
     backend: ChunkBackend,
     need: tuple[bool, bool, bool],
     rows: Tensor | None,
     saved: list[tuple[int, TokenStats, TokenStats]],
-    *,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The gradients of ``sum_i grad_out_i loss_i`` (per-token losses, ``reduction="none"``).
 
     ``(grad_hidden (N, H), grad_weight (V, H), grad_bias (V,))`` in the parameters' dtypes, each ``None`` where
     ``need`` says so. ``grad_out``: ``(N,)`` (ignored positions get no gradient whatever it holds there).
-    ``rows`` and ``saved`` are those of :func:`fused_linear_forward`: each chunk's logits are recomputed and its
-    gradient formed from the kept statistics and partial derivatives (three matmul-sized passes: the logits,
-    ``g W`` and ``g^T h``).
+    ``rows`` and ``saved`` are those of :func:`fused_linear_forward` (with the same ``options``): each chunk's
+    logits are recomputed and its gradient formed from the kept statistics and partial derivatives (three
+    matmul-sized passes: the logits, ``g W`` and ``g^T h``).
     """
-    head = {"softcap": softcap, "logit_scale": logit_scale}
     cdt = compute_dtype(hidden.dtype)
     nv = hidden.shape[0] if rows is None else rows.numel()
     acc = _GradAccumulator(nv, weight, bias, hidden.dtype, need)
@@ -526,9 +456,7 @@ def fused_linear_backward(
         else:
             idx = rows[start:stop]
             h_c, y_c = hidden.index_select(0, idx), target.index_select(0, idx)
-        g = backend.grad_logits(
-            h_c, weight, bias, y_c, stats, _scaled(partials, go[start:stop]), rule, smoothing, None, **head
-        )
+        g = backend.grad_logits(h_c, weight, bias, y_c, stats, _scaled(partials, go[start:stop]), options, None)
         acc.add(start, h_c, g)
         del g
     _release(backend)
@@ -538,13 +466,11 @@ def fused_linear_backward(
 class FusedLinearLossFunction(torch.autograd.Function):
     """Autograd function of the fused loss on 2-D inputs; see the module docstring.
 
-    ``forward(hidden (N, H), weight (V, H), bias (V,) | None, target (N,), rule, smoothing,
-    ignore_index, reduction, num_items_in_batch, chunk_size, backend[, softcap, logit_scale,
-    smoothing_variant])``
-    returns a float32
-    scalar (``"mean"``, ``"sum"``) or per-token losses ``(N,)`` (``"none"``, 0 at ignored
-    positions). Inputs are assumed validated (see :mod:`properlm.fused.dispatch`); ``chunk_size``
-    ``None`` is :func:`default_chunk_size` of the scored tokens. The work is :func:`fused_linear_forward`
+    ``forward(hidden (N, H), weight (V, H), bias (V,) | None, target (N,), options, num_items_in_batch,
+    chunk_size, backend)`` with validated :class:`~properlm.options.LossOptions` returns a float32 scalar
+    (``"mean"``, ``"sum"``) or per-token losses ``(N,)`` (``"none"``, 0 at ignored positions). Inputs are assumed
+    validated (see :mod:`properlm.fused.loss`); ``chunk_size`` ``None`` is
+    :func:`~properlm.options.default_chunk_size` of the scored tokens. The work is :func:`fused_linear_forward`
     and :func:`fused_linear_backward`.
     """
 
@@ -555,39 +481,16 @@ class FusedLinearLossFunction(torch.autograd.Function):
         weight: Tensor,
         bias: Tensor | None,
         target: Tensor,
-        rule: ScoringRule,
-        smoothing: float,
-        ignore_index: int,
-        reduction: str,
+        options: LossOptions,
         num_items_in_batch: Any,
         chunk_size: int | None,
         backend: ChunkBackend,
-        softcap: float | None = None,
-        logit_scale: float | None = None,
-        smoothing_variant: str = "paper",
     ) -> Tensor:
         """The reduced loss (per-token losses for ``"none"``); with a reduction, also the gradients."""
         need = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2]))
-        res = fused_linear_forward(
-            hidden,
-            weight,
-            bias,
-            target,
-            rule,
-            smoothing,
-            ignore_index,
-            reduction,
-            num_items_in_batch,
-            chunk_size,
-            backend,
-            need,
-            softcap=softcap,
-            logit_scale=logit_scale,
-            smoothing_variant=smoothing_variant,
-        )
-        ctx.rule, ctx.smoothing, ctx.backend = rule, smoothing, backend
-        ctx.per_token, ctx.need = reduction == "none", need
-        ctx.head = {"softcap": softcap, "logit_scale": logit_scale}
+        res = fused_linear_forward(hidden, weight, bias, target, options, num_items_in_batch, chunk_size, backend, need)
+        ctx.options, ctx.backend = options, backend
+        ctx.per_token, ctx.need = options.reduction == "none", need
         ctx.grads = res.grads
         ctx.saved_chunks = res.saved
         if ctx.per_token and any(need):
@@ -597,7 +500,7 @@ class FusedLinearLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         """The gradients of ``hidden``, ``weight`` and ``bias``, scaled by ``grad_out``."""
-        tail = (None,) * 11
+        tail = (None,) * 5  # target, options, num_items_in_batch, chunk_size, backend
         if not ctx.per_token:
             if ctx.grads is None:
                 raise RuntimeError(
@@ -617,17 +520,6 @@ class FusedLinearLossFunction(torch.autograd.Function):
         saved = ctx.saved_chunks
         ctx.saved_chunks = None
         gh, gw, gb = fused_linear_backward(
-            hidden,
-            weight,
-            bias,
-            target,
-            grad_out,
-            ctx.rule,
-            ctx.smoothing,
-            ctx.backend,
-            ctx.need,
-            rows,
-            saved,
-            **ctx.head,
+            hidden, weight, bias, target, grad_out, ctx.options, ctx.backend, ctx.need, rows, saved
         )
         return (gh, gw, gb, *tail)

@@ -58,11 +58,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..loss import validate_inputs
+from ..options import LossOptions, compute_dtype, default_chunk_size, validate_inputs
 from ..rules import Mixture, ScoringRule, get_rule
-from ..stats import TokenStats, compute_dtype, masked_log_eps
+from ..stats import TokenStats, masked_log_eps
 from .backends import select_backend
-from .chunked import default_chunk_size, fused_linear_backward, fused_linear_forward
+from .chunked import fused_linear_backward, fused_linear_forward
 
 __all__ = ["fused_linear_loss", "spec_names_rule"]
 
@@ -70,6 +70,28 @@ __all__ = ["fused_linear_loss", "spec_names_rule"]
 @functools.lru_cache(maxsize=256)
 def _rule(spec: str) -> ScoringRule:
     return get_rule(spec)
+
+
+@functools.lru_cache(maxsize=256)
+def _options(
+    rule: str,
+    smoothing: float,
+    ignore_index: int,
+    reduction: str,
+    softcap: float | None,
+    logit_scale: float | None,
+    smoothing_variant: str,
+) -> LossOptions:
+    """The :class:`~properlm.options.LossOptions` that the operator's option arguments spell (cached)."""
+    return LossOptions(
+        _rule(rule),
+        smoothing,
+        ignore_index,
+        reduction,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        smoothing_variant=smoothing_variant,
+    )
 
 
 def _same_rule(a: ScoringRule, b: ScoringRule) -> bool:
@@ -228,35 +250,21 @@ def _fused_linear_loss(
     smoothing_variant: str,
     need: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    rule_obj = _rule(rule)
+    options = _options(rule, smoothing, ignore_index, reduction, softcap, logit_scale, smoothing_variant)
     validate_inputs(
         (hidden.shape[0], weight.shape[0]), hidden.dtype, target, ignore_index, what="logits (hidden @ weight.T)"
     )
-    backend = select_backend(impl or None, hidden, len(rule_obj.scales(smoothing)))
+    backend = select_backend(impl or None, hidden, len(options.rule.scales(smoothing)))
     n_items: Any = num_items_tensor if num_items_tensor is not None else num_items
     with _eager_autograd():
         res = fused_linear_forward(
-            hidden,
-            weight,
-            bias,
-            target,
-            rule_obj,
-            smoothing,
-            ignore_index,
-            reduction,
-            n_items,
-            chunk_size or None,
-            backend,
-            _need(need),
-            softcap=softcap,
-            logit_scale=logit_scale,
-            smoothing_variant=smoothing_variant,
+            hidden, weight, bias, target, options, n_items, chunk_size or None, backend, _need(need)
         )
     gh, gw, gb = res.grads if res.grads is not None else (None, None, None)
     stats = (
         _empty(res.out)
         if res.saved is None
-        else _pack(res.saved, res.rows, hidden.shape[0], rule_obj, smoothing, smoothing_variant, hidden)
+        else _pack(res.saved, res.rows, hidden.shape[0], options.rule, smoothing, smoothing_variant, hidden)
     )
     return (
         res.out,
@@ -320,27 +328,16 @@ def _fused_linear_loss_backward(
     smoothing_variant: str,
     need: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    rule_obj = _rule(rule)
-    backend = select_backend(impl or None, hidden, len(rule_obj.scales(smoothing)))
+    # the reduction is "none" (only then is there a backward operator)
+    options = _options(rule, smoothing, ignore_index, "none", softcap, logit_scale, smoothing_variant)
+    backend = select_backend(impl or None, hidden, len(options.rule.scales(smoothing)))
     rows = _scored(target, ignore_index)
     nv = target.shape[0] if rows is None else rows.numel()
     chunk = chunk_size or default_chunk_size(max(nv, 1), hidden.shape[1], weight.shape[0], cuda=hidden.is_cuda)
-    saved = _unpack(stats, rows, chunk, rule_obj, smoothing, smoothing_variant)
+    saved = _unpack(stats, rows, chunk, options.rule, smoothing, smoothing_variant)
     with _eager_autograd():
         gh, gw, gb = fused_linear_backward(
-            hidden,
-            weight,
-            bias,
-            target,
-            grad_out,
-            rule_obj,
-            smoothing,
-            backend,
-            _need(need),
-            rows,
-            saved,
-            softcap=softcap,
-            logit_scale=logit_scale,
+            hidden, weight, bias, target, grad_out, options, backend, _need(need), rows, saved
         )
     return (
         _empty(hidden) if gh is None else gh,
@@ -437,38 +434,26 @@ def fused_linear_loss(
     weight: Tensor,
     bias: Tensor | None,
     target: Tensor,
-    rule: ScoringRule,
-    smoothing: float,
-    ignore_index: int,
-    reduction: str,
-    num_items_in_batch: int | Tensor | None,
-    chunk_size: int | None,
+    options: LossOptions,
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_size: int | None = None,
     impl: str | None = None,
-    *,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    smoothing_variant: str = "paper",
 ) -> Tensor:
     r"""The fused loss of 2-D validated inputs through the operator ``torch.ops.properlm.fused_linear_loss``.
 
     Equal in value and gradients to the eager :class:`~properlm.fused.chunked.FusedLinearLossFunction` (it runs
-    the same code); traceable by ``torch.compile`` as one opaque node, with no graph break.
+    the same code); traceable by ``torch.compile`` as one opaque node, with no graph break. ``options`` are
+    passed as the operator's arguments (the table above) and rebuilt inside it.
 
     Args:
         hidden: ``(N, H)``.
         weight: ``(V, H)``.
         bias: ``(V,)`` or ``None``.
-        target: ``(N,)`` ids in ``[0, V)`` or ``ignore_index`` (checked when the operator runs).
-        rule: a rule for which :func:`spec_names_rule` holds (passed by its spec).
-        smoothing: score smoothing ``eps`` (validated, as every option here).
-        ignore_index: target value of unscored positions.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        target: ``(N,)`` ids in ``[0, V)`` or ``options.ignore_index`` (checked when the operator runs).
+        options: validated :class:`~properlm.options.LossOptions` whose rule :func:`spec_names_rule` names.
         num_items_in_batch: ``None``, a positive int or a tensor (the ``"mean"`` denominator).
         chunk_size: rows per chunk, ``None`` for the eager default (from the number of scored tokens).
         impl: ``None``, ``"torch"`` or ``"triton"``.
-        softcap: the output-head soft-cap ``c`` or ``None``.
-        logit_scale: the output-head logit scale ``s`` or ``None``.
-        smoothing_variant: ``"paper"``, ``"gated"`` or ``"none"``.
 
     See :func:`properlm.fused_linear_scoring_rule_loss` for the options.
 
@@ -489,16 +474,16 @@ def fused_linear_loss(
         bias,
         target,
         tensor_items,
-        rule.spec,
-        float(smoothing),
-        int(ignore_index),
-        reduction,
+        options.rule.spec,
+        float(options.smoothing),
+        int(options.ignore_index),
+        options.reduction,
         float_items,
         chunk_size or 0,
         impl or "",
-        softcap,
-        logit_scale,
-        smoothing_variant,
+        options.softcap,
+        options.logit_scale,
+        options.smoothing_variant,
         need,
     )
     return out[0]

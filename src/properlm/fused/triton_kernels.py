@@ -39,7 +39,7 @@ Output-head transforms (``softcap`` ``c``, ``logit_scale`` ``s``): every kernel 
 ``z'' = c tanh(s z / c)`` (:func:`_head_transform`) to each logit tile right after
 :func:`_logits_tile`, ``-inf`` kept, so passes 1 and 2 see ``z''``; the gradient kernel multiplies
 its tile by ``s (1 - (z'' / c)^2)`` (by ``s`` without a cap). ``tanh`` is built from ``exp``
-(:func:`_tanh`, a few ulps) because the interpreter has no ``libdevice``.
+(:func:`tanh_from_exp`, a few ulps) because the interpreter has no ``libdevice``.
 
 For float32 inputs ``tl.dot`` runs with ``input_precision="ieee"`` (no TF32) unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set, so the kernels match the float32 reference
@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..options import LossOptions
 from ..rules import ScoringRule
 from ..stats import TokenStats, masked_log_eps, masked_threshold
 from .chunked import logit_grad_dtype, tensor_core_inputs
@@ -119,7 +120,7 @@ def _logits_tile(
 
 
 @triton.jit
-def _tanh(x):
+def tanh_from_exp(x):
     """``tanh(x)`` in float32 from ``exp`` (the interpreter has no ``libdevice``).
 
     The odd Taylor polynomial to ``x^11`` for ``|x| < 0.3`` (truncation below 1e-9 relative), ``(1 - e) / (1 + e)``
@@ -152,7 +153,7 @@ def _head_transform(z, head_mul, cap, HEAD: tl.constexpr):
     if HEAD == 1:
         z = z * head_mul
     if HEAD == 2:
-        z = tl.where(z > float("-inf"), cap * _tanh(z * head_mul), z)
+        z = tl.where(z > float("-inf"), cap * tanh_from_exp(z * head_mul), z)
     return z
 
 
@@ -543,19 +544,10 @@ class TritonChunkBackend:
 
     # ------------------------------------------------------------------ backend interface
     def stats(
-        self,
-        h: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        y: Tensor,
-        rule: ScoringRule,
-        smoothing: float,
-        *,
-        softcap: float | None = None,
-        logit_scale: float | None = None,
-        smoothing_variant: str = "paper",
+        self, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, options: LossOptions
     ) -> tuple[TokenStats, Any]:
         """See :meth:`properlm.fused.chunked.ChunkBackend.stats`: online over vocabulary tiles."""
+        rule, smoothing, softcap, logit_scale = options.rule, options.smoothing, options.softcap, options.logit_scale
         h, weight, b = self._prep(h, weight, bias)
         head = self._head(softcap, logit_scale)
         y = y.contiguous()
@@ -599,7 +591,7 @@ class TritonChunkBackend:
         stats = TokenStats(z_y=z_y, lse=lse, num_classes=count, max_logit=m)
         if smoothing > 0 and rule.uses_logit_sum:
             stats.sum_z = sum_z
-        eps = masked_log_eps(rule, smoothing, smoothing_variant)
+        eps = masked_log_eps(rule, smoothing, options.smoothing_variant)
         if eps is not None:
             thresh = self._threshold(stats, eps)
             msum = torch.empty(splits, n, **f32)
@@ -639,14 +631,11 @@ class TritonChunkBackend:
         y: Tensor,
         stats: TokenStats,
         partials: TokenStats,
-        rule: ScoringRule,
-        smoothing: float,
+        options: LossOptions,
         cache: Any,
-        *,
-        softcap: float | None = None,
-        logit_scale: float | None = None,
     ) -> Tensor:
         """See :meth:`properlm.fused.chunked.ChunkBackend.grad_logits`: written tile by tile."""
+        rule, smoothing, softcap, logit_scale = options.rule, options.smoothing, options.softcap, options.logit_scale
         h, weight, b = self._prep(h, weight, bias)
         head = self._head(softcap, logit_scale)
         y = y.contiguous()

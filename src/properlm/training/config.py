@@ -17,7 +17,7 @@ from typing import Any
 
 from ..improper import IMPROPER_OBJECTIVES
 from ..models import INIT_CONFIGS
-from ..stats import SMOOTHING_VARIANTS
+from ..options import SMOOTHING_VARIANTS
 
 __all__ = ["LR_SCHEDULERS", "ConfigError", "TrainConfig", "config_fields", "load_yaml_config", "make_config"]
 

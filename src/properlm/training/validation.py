@@ -19,8 +19,9 @@ import torch
 
 from ..improper import IMPROPER_OBJECTIVES
 from ..models import MIN_VOCAB_SIZE, ModelLoadError, check_model_source, model_config_dict, model_max_positions
+from ..options import SMOOTHING_VARIANTS
 from ..rules import get_rule
-from ..stats import PAPER_SMOOTHING_WARN_VOCAB, SMOOTHING_VARIANTS, warn_paper_smoothing
+from ..stats import PAPER_SMOOTHING_WARN_VOCAB, warn_paper_smoothing
 from .checkpoints import find_checkpoints, finished_run
 from .config import LR_SCHEDULERS, ConfigError, TrainConfig
 

@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...loss import check_smoothing
+from ...options import check_smoothing, check_smoothing_variant
 from ...rules import RuleLike, ScoringRule, get_rule
-from ...stats import check_smoothing_variant
 from .hooks import PatchState
 
 __all__ = ["ScoringRuleHandle"]

@@ -20,7 +20,7 @@ import re
 
 from torch import Tensor, nn
 
-from ...stats import check_head_transform
+from ...options import check_head_transform
 from .introspection import text_config_of, unwrap_peft
 
 #: config attributes of heads whose logits are a transform of ``hidden @ W.T + b``, and how the

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from ...dtensor import is_dtensor
 from ...improper import ImproperObjective
-from ...loss import reduce_loss, scoring_rule_loss
+from ...loss import scoring_rule_loss
+from ...options import reduce_loss
 from ...rules import ScoringRule, get_rule
 from .alignment import align_labels, check_aligned
 from .introspection import is_encoder_decoder, unwrap_peft

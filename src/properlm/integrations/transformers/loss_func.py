@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ...loss import check_smoothing, scoring_rule_loss
+from ...loss import scoring_rule_loss
+from ...options import check_smoothing, check_smoothing_variant
 from ...rules import RuleLike, ScoringRule, get_rule
-from ...stats import check_smoothing_variant
 from .alignment import align_labels, check_aligned
 from .introspection import config_of, is_encoder_decoder
 

@@ -13,9 +13,8 @@ from typing import Any
 from torch import nn
 
 from ...improper import ImproperObjective, get_improper_objective
-from ...loss import check_smoothing
+from ...options import check_smoothing, check_smoothing_variant
 from ...rules import RuleLike, get_rule
-from ...stats import check_smoothing_variant
 from .handle import ScoringRuleHandle
 from .heads import check_fusable, head_transform
 from .hooks import LOGARITHMIC, HeadPreHook, ModelPostHook, ModelPreHook, PatchState

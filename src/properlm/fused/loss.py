@@ -1,4 +1,4 @@
-"""The fused linear + scoring-rule loss: input validation, choice of implementation, and the ``nn.Module``.
+"""The fused linear + scoring-rule loss: the public function and ``nn.Module``, input validation, choice of path.
 
 ``fused_linear_scoring_rule_loss(hidden, weight, target, ...)`` equals
 ``scoring_rule_loss(hidden @ weight.T + bias, target, ...)`` in value and in its gradients
@@ -11,12 +11,21 @@ import torch
 from torch import Tensor, nn
 
 from ..compiled import fused_token_losses
-from ..dtensor import is_dtensor
-from ..loss import _options_repr, check_loss_options, reduce_loss, validate_inputs
-from ..rules import RuleLike, get_rule
-from ..stats import check_head_transform, warn_paper_smoothing
+from ..dtensor import is_dtensor, sharded_weight_loss
+from ..options import (
+    LossOptions,
+    check_num_items,
+    default_chunk_size,
+    document_options,
+    option_property,
+    options_repr,
+    reduce_loss,
+    validate_inputs,
+)
+from ..rules import RuleLike
+from ..stats import warn_paper_smoothing
 from .backends import IMPLS, select_backend, triton_is_available
-from .chunked import FusedLinearLossFunction, default_chunk_size
+from .chunked import FusedLinearLossFunction
 from .op import fused_linear_loss, spec_names_rule
 
 __all__ = ["IMPLS", "LinearScoringRuleLoss", "fused_linear_scoring_rule_loss", "triton_is_available"]
@@ -71,6 +80,7 @@ def _check_chunking(chunk_size: int | None, impl: str | None) -> None:
         raise ValueError(f"impl must be None, 'torch' or 'triton', got {impl!r}")
 
 
+@document_options
 def fused_linear_scoring_rule_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -90,11 +100,16 @@ def fused_linear_scoring_rule_loss(
 ) -> Tensor:
     r"""Scoring-rule loss of the output layer ``logits = hidden @ weight.T + bias``, without the logits.
 
-    The ``(N, V)`` logits are never materialised.
+    The ``(N, V)`` logits are never materialised. Per token ``i`` with ``z_i = W h_i + b``::
+
+        loss_i = S_max - S_eps(softmax(z_i''), y_i)      (z'' the output-head transform of z)
 
     Equal in value and gradients (``hidden``, ``weight``, ``bias``) to
     ``scoring_rule_loss(hidden @ weight.T + bias, target, rule, smoothing, ignore_index,
-    reduction, num_items_in_batch)``: per token ``S_max - S_eps(softmax(z), y)``.
+    reduction, num_items_in_batch, softcap=..., logit_scale=..., smoothing_variant=...)``.
+
+    Shapes: ``hidden`` ``(..., H)``, ``weight`` ``(V, H)``, ``bias`` ``(V,)``, ``target`` ``(...)``; the result
+    is a scalar, or ``target``'s shape for ``reduction="none"``.
 
     Args:
         hidden: ``(..., H)`` final hidden states (float32, bfloat16 or float16).
@@ -102,33 +117,30 @@ def fused_linear_scoring_rule_loss(
             dtype and device as ``hidden``. A ``DTensor`` sharded over the vocabulary
             (``Shard(0)``, a ``ColwiseParallel`` head) is scored with the vocabulary-parallel
             loss (:mod:`properlm.dtensor`; ``impl`` is ignored); the result is then a replicated ``DTensor``.
-        target: ``(...)`` integer token ids in ``[0, V)`` or ``ignore_index``.
-        rule: a rule spec string (``"spherical"``, ``"brier"``, ``"power:3"``, ...) or a
-            :class:`~properlm.rules.ScoringRule`.
+        target: ``(...)`` integer token ids in ``[0, V)`` or ``ignore_index``; ignored positions are dropped
+            before the matmul.
+        rule: {rule}
         bias: optional ``(V,)`` output bias.
-        smoothing: score smoothing ``eps`` in ``[0, 1)`` (see :func:`properlm.scoring_rule_loss`).
-        ignore_index: target value whose positions get neither loss nor gradient; they are
-            dropped before the matmul.
-        reduction: ``"mean"`` (over non-ignored tokens, or ``sum / num_items_in_batch``),
-            ``"sum"`` or ``"none"`` (shape of ``target``, 0 at ignored positions).
-        num_items_in_batch: the number of target tokens of the whole (accumulated) batch
-            (Hugging Face ``Trainer``); only used with ``reduction="mean"``.
+        smoothing: {smoothing}
+        ignore_index: {ignore_index}
+        reduction: {reduction}
+        num_items_in_batch: {num_items_in_batch}
         chunk_size: rows of logits formed at a time; default about ``N H / V`` rows (chunk
             logits the size of ``hidden``) within sane bounds, see
-            :func:`properlm.fused.chunked.default_chunk_size`.
+            :func:`properlm.options.default_chunk_size`.
         impl: ``None`` (Triton for bfloat16/float16 CUDA tensors, and float32 ones when
             ``torch.backends.cuda.matmul.allow_tf32`` is set, when ``triton`` is installed; the
             chunked PyTorch path otherwise), ``"torch"`` or ``"triton"`` to force one.
-        softcap: the soft-cap ``c`` of the output-head transform ``z'' = c * tanh(s * z / c)`` of
-            :func:`properlm.scoring_rule_loss` (Gemma 2/3 soft-capping), applied to each chunk (tile,
-            for Triton) of logits where it is formed; the gradients include its chain factor. Equal to
-            ``scoring_rule_loss(hidden @ weight.T + bias, ..., softcap=..., logit_scale=...)``.
-        logit_scale: the logit scale ``s`` of the same transform (Cohere / Granite logit scaling).
-        smoothing_variant: the masked-log term of bounded rules: ``"paper"`` (default), ``"gated"``
-            or ``"none"`` (see :func:`properlm.scoring_rule_loss`).
+        softcap: {softcap} Applied to each chunk (tile, for Triton) of logits where it is formed.
+        logit_scale: {logit_scale}
+        smoothing_variant: {smoothing_variant}
 
     Returns:
         A float32 scalar, or float32 per-token losses of ``target``'s shape for ``"none"``.
+
+    Raises:
+        ValueError: an invalid option (:class:`~properlm.options.LossOptions`, ``chunk_size``, ``impl``), or
+            inputs that cannot be scored (dtypes, devices, shapes, target ids outside ``[0, V)``).
 
     Memory: besides the float32 gradient accumulator of ``weight`` (``V x H``), a few
     ``chunk_size x V`` float32 tensors at a time.
@@ -150,97 +162,84 @@ def fused_linear_scoring_rule_loss(
         >>> loss = properlm.fused_linear_scoring_rule_loss(hidden, lm_head.weight, target, rule="brier")
         >>> loss.backward()
     """
-    if is_dtensor(weight) or is_dtensor(hidden):  # vocabulary-sharded DTensor weight: properlm.dtensor
-        from ..dtensor import dtensor_fused_linear_scoring_rule_loss
+    options = LossOptions(
+        rule,
+        smoothing,
+        ignore_index,
+        reduction,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        smoothing_variant=smoothing_variant,
+    )
+    # a warning names the caller
+    return _fused_loss(hidden, weight, target, bias, options, num_items_in_batch, chunk_size, impl, stacklevel=4)
 
-        return dtensor_fused_linear_scoring_rule_loss(
-            hidden,
-            weight,
-            target,
-            rule,
-            bias,
-            smoothing,
-            ignore_index,
-            reduction,
-            num_items_in_batch,
-            chunk_size,
-            softcap=softcap,
-            logit_scale=logit_scale,
-            smoothing_variant=smoothing_variant,
-        )
-    rule_obj = get_rule(rule)
-    eps, variant = check_loss_options(smoothing, smoothing_variant, reduction)
-    cap, scale = check_head_transform(softcap, logit_scale)
-    _validate(hidden, weight, target, bias, ignore_index, chunk_size, impl)
-    warn_paper_smoothing(rule_obj, eps, variant, weight.shape[0])
-    if reduction == "mean" and num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
-        reduce_loss(torch.zeros(()), torch.ones(1, dtype=torch.bool), reduction, num_items_in_batch)  # validates
+
+def _fused_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    options: LossOptions,
+    num_items_in_batch: int | Tensor | None,
+    chunk_size: int | None,
+    impl: str | None,
+    stacklevel: int,
+) -> Tensor:
+    """:func:`fused_linear_scoring_rule_loss` under validated options.
+
+    A warning names the code ``stacklevel`` frames up.
+    """
+    if is_dtensor(weight) or is_dtensor(hidden):  # vocabulary-sharded DTensor weight: properlm.dtensor
+        return sharded_weight_loss(hidden, weight, target, bias, options, num_items_in_batch, chunk_size)
+    _validate(hidden, weight, target, bias, options.ignore_index, chunk_size, impl)
+    warn_paper_smoothing(options.rule, options.smoothing, options.smoothing_variant, weight.shape[0], stacklevel)
+    check_num_items(options.reduction, num_items_in_batch)
     H = weight.shape[1]
     h2 = hidden.reshape(-1, H)
     y = target.reshape(-1)
-    if torch.compiler.is_compiling() and not spec_names_rule(rule_obj):
+    reduction = options.reduction
+    if torch.compiler.is_compiling() and not spec_names_rule(options.rule):
         # a rule that its spec cannot name: traceable chunks with recomputed logits (properlm.compiled); the chunk
         # size from the static number of tokens (counting the valid ones would read the data)
         if chunk_size is None:
             chunk_size = default_chunk_size(max(y.numel(), 1), H, weight.shape[0], cuda=hidden.is_cuda)
-        per_token = fused_token_losses(
-            h2,
-            weight,
-            bias,
-            y,
-            rule_obj,
-            eps,
-            ignore_index,
-            chunk_size,
-            softcap=cap,
-            logit_scale=scale,
-            smoothing_variant=variant,
-        )
-        out = reduce_loss(per_token, y != ignore_index, reduction, num_items_in_batch)
+        per_token = fused_token_losses(h2, weight, bias, y, options, chunk_size)
+        out = reduce_loss(per_token, y != options.ignore_index, reduction, num_items_in_batch)
         return out.view(target.shape) if reduction == "none" else out
     if torch.compiler.is_compiling():
         # the eager computation as one opaque operator (properlm.fused.op): gradients formed in the forward pass
-        out = fused_linear_loss(
-            h2,
-            weight,
-            bias,
-            y,
-            rule_obj,
-            eps,
-            ignore_index,
-            reduction,
-            num_items_in_batch,
-            chunk_size,
-            impl,
-            softcap=cap,
-            logit_scale=scale,
-            smoothing_variant=variant,
-        )
+        out = fused_linear_loss(h2, weight, bias, y, options, num_items_in_batch, chunk_size, impl)
         return out.view(target.shape) if reduction == "none" else out
-    backend = select_backend(impl, hidden, len(rule_obj.scales(eps)))
-    out = FusedLinearLossFunction.apply(
-        h2,
-        weight,
-        bias,
-        y,
-        rule_obj,
-        eps,
-        ignore_index,
-        reduction,
-        num_items_in_batch,
-        chunk_size,
-        backend,
-        cap,
-        scale,
-        variant,
-    )
+    backend = select_backend(impl, hidden, len(options.rule.scales(options.smoothing)))
+    out = FusedLinearLossFunction.apply(h2, weight, bias, y, options, num_items_in_batch, chunk_size, backend)
     return out.view(target.shape) if reduction == "none" else out
 
 
+@document_options
 class LinearScoringRuleLoss(nn.Module):
     """Module form of :func:`fused_linear_scoring_rule_loss`.
 
     The loss of an output layer given its hidden states, never forming the full logits.
+
+    Args:
+        rule: {rule}
+        smoothing: {smoothing}
+        ignore_index: {ignore_index}
+        reduction: {reduction}
+        chunk_size: as in :func:`fused_linear_scoring_rule_loss`.
+        impl: as in :func:`fused_linear_scoring_rule_loss`.
+        softcap: {softcap}
+        logit_scale: {logit_scale}
+        smoothing_variant: {smoothing_variant}
+
+    Attributes:
+        options: the validated :class:`~properlm.options.LossOptions`; ``rule``, ``smoothing``, ``ignore_index``,
+            ``reduction``, ``softcap``, ``logit_scale`` and ``smoothing_variant`` read them, and setting one of
+            them replaces ``options`` with a validated copy.
+
+    Shape: ``forward(hidden (..., H), weight (V, H), target (...), bias=None, num_items_in_batch=None)`` -> a
+    scalar, or ``target``'s shape for ``reduction="none"``.
 
     Example::
 
@@ -262,14 +261,26 @@ class LinearScoringRuleLoss(nn.Module):
         smoothing_variant: str = "paper",
     ) -> None:
         super().__init__()
-        self.rule = get_rule(rule)
-        self.softcap, self.logit_scale = check_head_transform(softcap, logit_scale)
-        self.smoothing, self.smoothing_variant = check_loss_options(smoothing, smoothing_variant, reduction)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
+        self.options = LossOptions(
+            rule,
+            smoothing,
+            ignore_index,
+            reduction,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            smoothing_variant=smoothing_variant,
+        )
         _check_chunking(chunk_size, impl)
         self.chunk_size = chunk_size
         self.impl = impl
+
+    rule = option_property("rule")
+    smoothing = option_property("smoothing")
+    ignore_index = option_property("ignore_index")
+    reduction = option_property("reduction")
+    softcap = option_property("softcap")
+    logit_scale = option_property("logit_scale")
+    smoothing_variant = option_property("smoothing_variant")
 
     def forward(
         self,
@@ -280,23 +291,10 @@ class LinearScoringRuleLoss(nn.Module):
         num_items_in_batch: int | Tensor | None = None,
     ) -> Tensor:
         """The loss of ``hidden @ weight.T + bias`` for ``target``, as :func:`fused_linear_scoring_rule_loss`."""
-        return fused_linear_scoring_rule_loss(
-            hidden,
-            weight,
-            target,
-            self.rule,
-            bias,
-            self.smoothing,
-            self.ignore_index,
-            self.reduction,
-            num_items_in_batch,
-            self.chunk_size,
-            self.impl,
-            softcap=self.softcap,
-            logit_scale=self.logit_scale,
-            smoothing_variant=self.smoothing_variant,
+        return _fused_loss(
+            hidden, weight, target, bias, self.options, num_items_in_batch, self.chunk_size, self.impl, stacklevel=3
         )
 
     def extra_repr(self) -> str:
         """The settings, as shown in ``repr(module)``."""
-        return _options_repr(self, f", chunk_size={self.chunk_size}, impl={self.impl!r}")
+        return options_repr(self.options, f", chunk_size={self.chunk_size}, impl={self.impl!r}")

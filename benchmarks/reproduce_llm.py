@@ -123,7 +123,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _runner
 from _archive import ResultsArchive
 from _llm_common import (

@@ -66,8 +66,6 @@ import os
 import sys
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import _runner
 from _runner import Task, eval_name, fmt_ci, fmt_mean_std, read_json, read_json_if, read_lines
 

@@ -84,8 +84,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import _runner
 from _runner import read_json_if
 from _summ_report import (

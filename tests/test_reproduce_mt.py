@@ -7,16 +7,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
-
-import _runner  # noqa: E402
-import reproduce_mt  # noqa: E402
+import _runner
+import reproduce_mt
 
 WORDS_EN = ["a", "man", "dog", "red", "runs", "the", "woman", "blue", "car", "sits", "on", "street"]
 WORDS_DE = ["ein", "mann", "hund", "rot", "rennt", "der", "frau", "blau", "auto", "sitzt", "auf", "strasse"]

@@ -13,15 +13,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
-
-import _runner  # noqa: E402
-import reproduce_summ  # noqa: E402
+import _runner
+import reproduce_summ
 
 TOPICS = ["gas", "power", "budget", "legal", "trading", "meeting"]
 FILLER = ["please", "review", "the", "attached", "file", "thanks", "call", "me", "today", "about"]

@@ -12,7 +12,7 @@ import _report
 import _runner
 import _stats
 from _llm_common import ARMS, BASELINE
-from _llm_steps import Step
+from _runner import Step
 
 RULES = ("logarithmic", "brier", "spherical")
 #: (split, result key, column title): the generation metrics compared against logarithmic

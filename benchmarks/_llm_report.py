@@ -13,7 +13,8 @@ import _report
 import _runner
 import _stats
 from _llm_common import ARMS, BASELINE, DEV_SET, RESULT_KEYS, RULES, TEST_SET, TRAIN_SETS
-from _llm_steps import Step, run_dir
+from _llm_steps import run_dir
+from _runner import Step
 
 
 def _read(path: str) -> dict[str, Any] | None:

@@ -22,8 +22,10 @@ import functools
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +37,9 @@ __all__ = [
     "PAPER_PROTOCOLS",
     "Plan",
     "Protocol",
+    "Step",
     "Task",
+    "Timings",
     "add_options",
     "branch_from",
     "check_data_dir",
@@ -50,9 +54,11 @@ __all__ = [
     "read_json_if",
     "read_lines",
     "read_log",
+    "restore_archive",
     "run_benchmark",
     "run_dir",
     "run_step",
+    "run_steps",
     "run_tasks",
     "seq2seq_train_argv",
     "start_from_checkpoint",
@@ -539,6 +545,82 @@ class Plan:
         return self._run(name, argv(bool(checkpoint_steps(output_dir))), output_dir)
 
 
+# ------------------------------------------------------------------------------ steps as data (the LLM studies)
+
+
+@dataclass
+class Step:
+    """One ``properlm`` command of a study's plan, as data: ``kind`` is what it does (train, fit, a decoding
+    split ...), ``arm`` and ``seed`` whose it is (``seed`` ``None``: the untuned model), ``out`` its output
+    directory, ``deps`` the steps it waits for, ``split`` the evaluation set, ``train_steps`` the optimizer
+    steps it trains (for the estimate); ``argv()`` is built when the step starts (it may read the dev
+    temperature or find a checkpoint to resume), after ``prepare()`` (e.g. a branch from a checkpoint)."""
+
+    name: str
+    kind: str
+    arm: str
+    seed: int | None
+    out: str
+    argv: Callable[[], list[str]]
+    deps: tuple[str, ...] = ()
+    split: str | None = None
+    train_steps: int = 0
+    prepare: Callable[[], None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return os.path.isfile(os.path.join(self.out, "results.json"))
+
+
+class Timings:
+    """``WORK/timings.json``: seconds per finished step, summed over invocations (thread-safe)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.data: dict[str, float] = read_json_if(path) or {}
+
+    def add(self, name: str, seconds: float) -> None:
+        with self.lock:
+            self.data[name] = self.data.get(name, 0.0) + seconds
+            with open(self.path, "w", encoding="utf-8") as f:
+                json.dump(self.data, f, indent=2)
+
+
+def _run_timed(step: Step, args: Any, timings: Timings, archive: Any = None) -> None:
+    if step.prepare is not None and not args.dry_run and not step.done:
+        step.prepare()
+    started = time.time()
+    if run_step(step.name, step.argv(), step.out, threads=args.threads, dry_run=args.dry_run):
+        timings.add(step.name, time.time() - started)
+        if archive is not None:
+            archive.save(step.out)
+            with timings.lock:
+                archive.save_file("timings.json")
+
+
+def _cleanup(train_dir: str, args: Any) -> None:
+    """Delete a finished run's checkpoints (not ``final``) unless --keep-checkpoints."""
+    if args.keep_checkpoints or args.dry_run or not os.path.isfile(os.path.join(train_dir, "results.json")):
+        return
+    for entry in os.listdir(train_dir):
+        if entry.startswith("checkpoint-"):
+            shutil.rmtree(os.path.join(train_dir, entry), ignore_errors=True)
+
+
+def run_steps(args: Any, steps: Sequence[Step], timings: Timings, archive: Any = None) -> None:
+    """Run the plan with ``--jobs`` steps at a time (:func:`run_tasks`), timing each finished step in
+    ``timings`` and archiving it in ``archive`` (``--archive``); each run's checkpoints go once it and the
+    runs that branch from it have finished (unless ``--keep-checkpoints``)."""
+    tasks = []
+    for s in steps:
+        tasks.append(Task(s.name, functools.partial(_run_timed, s, args, timings, archive), set(s.deps)))
+        if s.kind == "train":  # right after its run in the list: it runs as soon as it may
+            after = {s.name} | {t.name for t in steps if t.kind == "train" and s.name in t.deps}
+            tasks.append(Task(f"cleanup {s.name}", functools.partial(_cleanup, s.out, args), after))
+    run_tasks(tasks, jobs=1 if args.dry_run else args.jobs)  # a dry run prints in plan order
+
+
 def _task_out(work_dir: str, task: Task) -> str | None:
     """The output directory of ``task`` for the archive: a placeholder that never finishes while a
     late-known directory is not known yet."""
@@ -562,16 +644,30 @@ def _open_archive(args: Any, files: Sequence[str], tasks: Callable[[Any], Sequen
             archive.check_settings(settings)
     except ValueError as exc:
         raise SystemExit(f"--archive: {exc}") from None
+    # the steps once the files are back: a restored selection names the branches' directories
+    restore_archive(
+        archive, args.work_dir, lambda: [(t.name, _task_out(args.work_dir, t), t.deps) for t in tasks(args)], files
+    )
+    return archive
+
+
+def restore_archive(
+    archive: Any, work_dir: str, steps: Sequence[Any] | Callable[[], Sequence[Any]], files: Sequence[str] = ()
+) -> None:
+    """The common part of every study's ``--archive``: restore the work-level ``files`` and then the finished
+    ``steps`` (``(name, output directory, deps)``, or a function giving them once the files are back: a
+    selection file may name output directories; each step with all the steps after it, :mod:`_archive`) into
+    ``work_dir``, and save the finished steps the archive does not hold yet."""
     for rel in files:
         archive.restore_file(rel)
-    steps = [(t.name, _task_out(args.work_dir, t), t.deps) for t in tasks(args)]
+    if callable(steps):
+        steps = steps()
     restored = archive.restore(steps)
     saved = archive.save_all(steps)
     print(
-        f"archive {archive.root}: {len(restored)} finished step(s) restored into {args.work_dir}, {len(saved)} saved",
+        f"archive {archive.root}: {len(restored)} finished step(s) restored into {work_dir}, {len(saved)} saved",
         flush=True,
     )
-    return archive
 
 
 def _archiving(task: Task, work_dir: str, archive: Any, files: Sequence[str]) -> Task:

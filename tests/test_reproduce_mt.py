@@ -87,7 +87,7 @@ def test_reproduce_mt_end_to_end_and_resume(tmp_path, capsys, in_process):
 
     # every protocol has a row with one seed; the report and the curves exist
     md = open(os.path.join(work, "results.md"), encoding="utf-8").read()
-    for label, _ in reproduce_mt.PROTOCOLS.values():
+    for label in (protocol.label for protocol in reproduce_mt.PROTOCOLS.values()):
         assert f"| {label} | 1 |" in md
     assert os.path.getsize(os.path.join(work, "training_curves.png")) > 0
     summary = json.load(open(os.path.join(work, "results.json"), encoding="utf-8"))

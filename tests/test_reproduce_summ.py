@@ -131,7 +131,7 @@ def test_reproduce_summ_end_to_end_resume_and_later_test_file(tmp_path, capsys, 
 
     md = open(os.path.join(work, "results.md"), encoding="utf-8").read()
     for p in "abc":  # the default protocols (a0, the control, is not one)
-        assert f"| {reproduce_summ.PROTOCOLS[p][0]} | 1 |" in md
+        assert f"| {reproduce_summ.PROTOCOLS[p].label} | 1 |" in md
     assert "(a0)" not in md
     assert "R-L multi" in md and "best over each example's references" in md and "sign test p" in md
     assert os.path.getsize(os.path.join(work, "training_curves.png")) > 0

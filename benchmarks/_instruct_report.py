@@ -8,9 +8,11 @@ import argparse
 import os
 from typing import Any
 
+import _report
 import _runner
+import _stats
 from _llm_common import ARMS, BASELINE
-from _llm_steps import Step
+from _runner import Step
 
 RULES = ("logarithmic", "brier", "spherical")
 #: (split, result key, column title): the generation metrics compared against logarithmic
@@ -140,23 +142,6 @@ def _references(work: str, split: str) -> tuple[list[str], list[list[str]]] | No
     return [r["output"] for r in rows], [[r["output"], *r.get("annotations", [])] for r in rows]
 
 
-def _bootstrap(
-    metric: str, base: list[str], system: list[str], refs: tuple[list[str], list[list[str]]], n_samples: int
-) -> dict[str, Any]:
-    """Paired bootstrap over examples of one metric: sacrebleu's for BLEU/chrF, the mean per-example F1's for
-    ROUGE (``_multi``: against all references)."""
-    if metric in ("bleu", "chrf"):
-        bs = _runner.paired_bootstrap(base, {"s": system}, refs[0], n_samples=n_samples)["s"]
-        return {"delta": bs[metric] - bs[f"{metric}_baseline"], "p": bs[f"{metric}_p"]}
-    from properlm.evaluation.text_metrics import rouge_per_example
-
-    kind = metric.replace("_multi", "")
-    r = refs[1] if metric.endswith("_multi") else refs[0]
-    a, b = rouge_per_example(base, r)[kind], rouge_per_example(system, r)[kind]
-    bs = _runner.paired_bootstrap_means(a, b, n_samples=n_samples)
-    return {"delta": 100 * bs["delta"], "p": bs["p"]}
-
-
 def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """Each arm against logarithmic of the same seed, per metric: per-seed differences, their mean with a 95%
     Student-t interval over seeds, seeds better, a sign test, the paired bootstrap per seed and pooled over the
@@ -189,14 +174,16 @@ def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tu
                 if refs is None or ha is None or hb is None or not len(ha) == len(hb) == len(refs[0]):
                     per_seed.append(None)
                     continue
-                per_seed.append(_bootstrap(metric, hb, ha, refs, args.bootstrap_samples))
+                per_seed.append(_stats.paired_bootstrap_metric(metric, hb, ha, refs, args.bootstrap_samples))
                 pooled_a += ha
                 pooled_b += hb
             pooled = None
             if pooled_a and refs is not None:
                 k = len(pooled_a) // len(refs[0])
-                pooled = _bootstrap(metric, pooled_b, pooled_a, (refs[0] * k, refs[1] * k), args.bootstrap_samples)
-            m, lo, hi = _runner.mean_ci(diffs)
+                pooled = _stats.paired_bootstrap_metric(
+                    metric, pooled_b, pooled_a, (refs[0] * k, refs[1] * k), args.bootstrap_samples
+                )
+            m, lo, hi = _stats.mean_ci(diffs)
             better = sum(d > 0 for d in diffs)
             out[f"{arm}/{key}"] = {
                 "arm": arm,
@@ -206,7 +193,7 @@ def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tu
                 "mean": m,
                 "ci95": [lo, hi],
                 "seeds_better": better,
-                "sign_test_p": _runner.sign_test(diffs),
+                "sign_test_p": _stats.sign_test(diffs),
                 "bootstrap_per_seed": per_seed,
                 "bootstrap_pooled": pooled,
             }
@@ -214,23 +201,16 @@ def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tu
             pc = "-" if pooled is None else f"{pooled['delta']:+.2f} ({pooled['p']:.3f})"
             lines.append(
                 f"| {ARMS[arm].label} | {title} | {len(seeds)} | {', '.join(f'{d:+.2f}' for d in diffs)} | "
-                f"{_runner.fmt_ci(m, lo, hi, missing='-')} | {better}/{len(seeds)} | {cells} | {pc} |"
+                f"{_stats.fmt_ci(m, lo, hi, missing='-')} | {better}/{len(seeds)} | {cells} | {pc} |"
             )
     return lines, out
 
 
-def _vals(per: dict[Any, dict[str, Any]], key: str) -> list[float]:
-    return [r[key] for r in per.values() if isinstance(r.get(key), (int, float))]
-
-
 def _table(args: argparse.Namespace, rows: dict[str, Any], cols: list[tuple[str, str, int, float]]) -> list[str]:
-    lines = ["| model | seeds | " + " | ".join(c[0] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for arm in ["untuned", *args.arm_list]:
-        per = {0: rows["untuned"]} if arm == "untuned" else rows.get(arm, {})
-        label = "untuned" if arm == "untuned" else ARMS[arm].label
-        cells = [_runner.fmt_mean_std(_vals(per, key), digits, scale) for _, key, digits, scale in cols]
-        lines.append(f"| {label} | {'-' if arm == 'untuned' else len(per)} | " + " | ".join(cells) + " |")
-    return lines
+    models = ["untuned", *args.arm_list]
+    per = {arm: {0: rows["untuned"]} if arm == "untuned" else rows.get(arm, {}) for arm in models}
+    labels = {arm: "untuned" if arm == "untuned" else ARMS[arm].label for arm in models}
+    return _report.seed_table(per, models, labels, cols, head="model", single=["untuned"])
 
 
 def plot_curves(args: argparse.Namespace, work: str, path: str) -> str | None:
@@ -243,7 +223,7 @@ def plot_curves(args: argparse.Namespace, work: str, path: str) -> str | None:
             series.append((ARMS[arm].label, runs, {"color": f"C{i}", "linestyle": "--" if ARMS[arm].switch else "-"}))
     if not series:
         return None
-    return _runner.plot_curves(
+    return _report.plot_curves(
         path,
         series,
         args.switch_at or args.steps,
@@ -377,5 +357,5 @@ def report(
         "compute_seconds": compute,
         "wall_seconds_this_invocation": wall_seconds,
     }
-    _runner.write_report(work, md.rstrip("\n"), summary)
+    _report.write_report(work, md.rstrip("\n"), summary)
     return md

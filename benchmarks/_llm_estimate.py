@@ -16,7 +16,7 @@ from _llm_common import (
     MEASURED_PROMPT_TOKENS,
     TEMPLATE_TOKENS,
 )
-from _llm_steps import Step
+from _runner import Step
 
 
 def _extra_words(args: argparse.Namespace, name: str) -> tuple[int, float, float]:

@@ -5,14 +5,16 @@ against ``logarithmic`` (:func:`comparisons`), the training curves (:func:`plot_
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from typing import Any
 
+import _report
 import _runner
+import _stats
 from _llm_common import ARMS, BASELINE, DEV_SET, RESULT_KEYS, RULES, TEST_SET, TRAIN_SETS
-from _llm_steps import Step, run_dir
+from _llm_steps import run_dir
+from _runner import Step
 
 
 def _read(path: str) -> dict[str, Any] | None:
@@ -76,10 +78,6 @@ def collect(args: argparse.Namespace, work: str) -> dict[str, Any]:
     return out
 
 
-def _vals(per: dict[int, dict[str, Any]], key: str) -> list[float]:
-    return [r[key] for r in per.values() if isinstance(r.get(key), (int, float))]
-
-
 def _refs(args: argparse.Namespace, work: str, split: str) -> list[str] | None:
     path = args.extra_tests[split][1] if split in args.extra_tests else os.path.join(work, "data", f"{split}.en")
     return _runner.read_lines(path) if os.path.isfile(path) else None
@@ -88,7 +86,7 @@ def _refs(args: argparse.Namespace, work: str, split: str) -> list[str] | None:
 def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """Each arm against ``logarithmic`` of the same seed, per decoded split. The seed is the unit
     of evidence: per-seed differences, their mean with a 95% Student-t interval across seeds
-    (:func:`_runner.mean_ci`) and a two-sided sign test; beside them the paired bootstrap of
+    (:func:`_stats.mean_ci`) and a two-sided sign test; beside them the paired bootstrap of
     BLEU/chrF (resampling sentences) per seed and pooled over the seeds (hypotheses concatenated)."""
     out: dict[str, Any] = {}
     lines = [
@@ -120,7 +118,7 @@ def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tu
                 if ha is None or hb is None or not len(ha) == len(hb) == len(refs):
                     per_seed.append(None)
                     continue
-                bs = _runner.paired_bootstrap(hb, {arm: ha}, refs, n_samples=args.bootstrap_samples)[arm]
+                bs = _stats.paired_bootstrap(hb, {arm: ha}, refs, n_samples=args.bootstrap_samples)[arm]
                 per_seed.append({"bleu_p": bs["bleu_p"], "chrf_p": bs["chrf_p"]})
                 pooled_a += ha
                 pooled_b += hb
@@ -129,7 +127,7 @@ def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tu
                 from sacrebleu.metrics import BLEU, CHRF
 
                 n_seeds = len(pooled_a) // len(refs)
-                bs = _runner.paired_bootstrap(
+                bs = _stats.paired_bootstrap(
                     pooled_b, {arm: pooled_a}, refs * n_seeds, n_samples=args.bootstrap_samples
                 )[arm]
                 b0 = BLEU().corpus_score(pooled_b, [refs * n_seeds]).score
@@ -144,9 +142,9 @@ def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tu
                     "chrf_baseline": c0,
                     "chrf_p": bs["chrf_p"],
                 }
-            m, lo, hi = _runner.mean_ci(d_bleu)
-            mc, loc, hic = _runner.mean_ci(d_chrf)
-            p_sign = _runner.sign_test(d_bleu)
+            m, lo, hi = _stats.mean_ci(d_bleu)
+            mc, loc, hic = _stats.mean_ci(d_chrf)
+            p_sign = _stats.sign_test(d_bleu)
             tf = {}
             for rule in RULES:
                 key = f"score_{rule}_{split}"
@@ -155,14 +153,14 @@ def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tu
                     for s in seeds
                     if rows[arm][s].get(key) is not None and base[s].get(key) is not None
                 ]
-                tf[rule] = {"diffs": d, "mean_ci": list(_runner.mean_ci(d))}
+                tf[rule] = {"diffs": d, "mean_ci": list(_stats.mean_ci(d))}
             for key in (f"ece_{split}", f"ece_{split}_scaled"):
                 d = [
                     rows[arm][s][key] - base[s][key]
                     for s in seeds
                     if rows[arm][s].get(key) is not None and base[s].get(key) is not None
                 ]
-                tf[key.replace(f"_{split}", "")] = {"diffs": d, "mean_ci": list(_runner.mean_ci(d))}
+                tf[key.replace(f"_{split}", "")] = {"diffs": d, "mean_ci": list(_stats.mean_ci(d))}
             out[f"{arm}/{split}"] = {
                 "arm": arm,
                 "split": split,
@@ -188,8 +186,8 @@ def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tu
             )
             lines.append(
                 f"| {ARMS[arm].label} | {split} | {len(seeds)} | {', '.join(f'{d:+.2f}' for d in d_bleu)} | "
-                f"{_runner.fmt_ci(m, lo, hi, missing='-')} | {sum(d > 0 for d in d_bleu)}/{len(seeds)} | "
-                f"{p_sign:.3f} | {_runner.fmt_ci(mc, loc, hic, missing='-')} | {bs_cells} | {pb} | {pc} |"
+                f"{_stats.fmt_ci(m, lo, hi, missing='-')} | {sum(d > 0 for d in d_bleu)}/{len(seeds)} | "
+                f"{p_sign:.3f} | {_stats.fmt_ci(mc, loc, hic, missing='-')} | {bs_cells} | {pb} | {pc} |"
             )
     return lines, out
 
@@ -207,7 +205,7 @@ def _tf_comparison_lines(args: argparse.Namespace, comps: dict[str, Any]) -> lis
 
         def cell(key: str, digits: int, scale: float = 1.0, tf: dict[str, Any] = tf) -> str:
             m, lo, hi = tf[key]["mean_ci"]
-            return _runner.fmt_ci(m * scale, lo * scale, hi * scale, digits, missing="-")
+            return _stats.fmt_ci(m * scale, lo * scale, hi * scale, digits, missing="-")
 
         lines.append(
             f"| {ARMS[c['arm']].label} | {cell('logarithmic', 4)} | {cell('brier', 4)} | "
@@ -226,59 +224,25 @@ def _status(steps: list[Step]) -> dict[str, Any]:
     }
 
 
-def _curves(args: argparse.Namespace, work: str) -> dict[str, dict[int, list[dict[str, Any]]]]:
-    out: dict[str, dict[int, list[dict[str, Any]]]] = {}
-    for arm in args.arm_list:
-        for seed in args.seed_list:
-            recs = _runner.read_log(os.path.join(run_dir(work, arm, seed), "train", "metrics.jsonl"))
-            if recs:
-                out.setdefault(arm, {})[seed] = recs
-    return out
-
-
-def plot_curves(args: argparse.Namespace, curves: dict[str, dict[int, list[dict[str, Any]]]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [
-        ("loss", "training loss", True),
-        ("eval_score_logarithmic", "validation log score", False),
-        ("eval_score_brier", "validation Brier score", False),
-        ("eval_score_spherical", "validation spherical score", False),
-    ]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for ax, (key, title, logy) in zip(axes.flat, panels):
-        for i, arm in enumerate(args.arm_list):
-            for j, (_seed, recs) in enumerate(sorted(curves.get(arm, {}).items())):
-                pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
-                if not pts:
-                    continue
-                xs, ys = zip(*pts)
-                ax.plot(
-                    xs,
-                    ys,
-                    color=f"C{i % 10}",
-                    alpha=0.75,
-                    linestyle="--" if ARMS[arm].switch else "-",
-                    marker="o" if key != "loss" else None,
-                    markersize=3,
-                    label=ARMS[arm].label if j == 0 else None,
-                )
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        if logy:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes.flat[1].legend(fontsize=7)
-    fig.suptitle(
+def plot_curves(args: argparse.Namespace, work: str, path: str) -> str | None:
+    """The training curves (:func:`_report.plot_curves`), a line per seed; ``None`` when no run has logged."""
+    series = []
+    for i, arm in enumerate(args.arm_list):
+        runs = [os.path.join(run_dir(work, arm, seed), "train") for seed in sorted(args.seed_list)]
+        runs = [r for r in runs if _runner.read_log(os.path.join(r, "metrics.jsonl"))]
+        if runs:
+            style = {"color": f"C{i % 10}", "linestyle": "--" if ARMS[arm].switch else "-"}
+            series.append((ARMS[arm].label, runs, style))
+    if not series:
+        return None
+    return _report.plot_curves(
+        path,
+        series,
+        None,
         f"SmolLM2-135M-Instruct de->en: {args.steps} steps x {args.batch_size} examples, one line per "
-        f"seed ({len(args.seed_list)} seed(s)); validation: {args.val_examples} newstest2013 sentences"
+        f"seed ({len(args.seed_list)} seed(s)); validation: {args.val_examples} newstest2013 sentences",
+        per_run=True,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def report(
@@ -292,10 +256,8 @@ def report(
     rows = collect(args, work)
     comp_lines, comps = comparisons(args, work, rows)
     status = _status(steps)
-    curves = _curves(args, work)
     png = os.path.join(work, "training_curves.png")
-    if curves:
-        plot_curves(args, curves, png)
+    curves = plot_curves(args, work, png)
     splits = _splits(args)
     precision = (
         "bfloat16 mixed precision over float32 weights (evaluation's output head and scores in float32)"
@@ -364,23 +326,22 @@ def report(
         ("spherical test", "score_spherical_test", 4, 1.0),
         ("ECE % test", "ece_test", 2, 100.0),
     ]
-    lines += ["| arm | seeds | " + " | ".join(c[0] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    models = ["untuned", *args.arm_list]
+    per_model = {arm: {0: rows["untuned"]} if arm == "untuned" else rows[arm] for arm in models}
+    labels = {arm: "untuned" if arm == "untuned" else ARMS[arm].label for arm in models}
+    lines += _report.seed_table(per_model, models, labels, cols, head="arm", single=["untuned"])
     table: dict[str, Any] = {}
-    for arm in ["untuned", *args.arm_list]:
-        per = {0: rows["untuned"]} if arm == "untuned" else rows[arm]
-        label = "untuned" if arm == "untuned" else ARMS[arm].label
-        cells = [_runner.fmt_mean_std(_vals(per, key), digits, scale) for _, key, digits, scale in cols]
-        n = "-" if arm == "untuned" else str(len(per))
-        lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+    for arm in models:
+        per, label = per_model[arm], labels[arm]
         keys = sorted({k for r in per.values() for k in r if not k.startswith("signatures")})
         table[arm] = {
             "label": label,
             "seeds": [] if arm == "untuned" else sorted(per),
             "figures": {
                 k: {
-                    "values": _vals(per, k),
-                    "mean": _runner.mean_std(_vals(per, k))[0],
-                    "std": _runner.mean_std(_vals(per, k))[1],
+                    "values": _stats.numeric_values(per, k),
+                    "mean": _stats.mean_std(_stats.numeric_values(per, k))[0],
+                    "std": _stats.mean_std(_stats.numeric_values(per, k))[1],
                 }
                 for k in keys
             },
@@ -398,14 +359,8 @@ def report(
         "",
         "## Calibration: temperature scaling with T fitted on dev (teacher-forced test scores)",
         "",
-        "| arm | seeds | " + " | ".join(c[0] for c in calib) + " |",
-        "|---|---|" + "---|" * len(calib),
+        *_report.seed_table(per_model, models, labels, calib, head="arm", single=["untuned"]),
     ]
-    for arm in ["untuned", *args.arm_list]:
-        per = {0: rows["untuned"]} if arm == "untuned" else rows[arm]
-        label = "untuned" if arm == "untuned" else ARMS[arm].label
-        cells = [_runner.fmt_mean_std(_vals(per, key), digits, scale) for _, key, digits, scale in calib]
-        lines.append(f"| {label} | {'-' if arm == 'untuned' else len(per)} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Each arm against logarithmic fine-tuning (same seed)",
@@ -433,7 +388,7 @@ def report(
         }
     )
     at_cap = {
-        arm: sum(_vals({0: rows["untuned"]} if arm == "untuned" else rows[arm], "at_cap_test"))
+        arm: sum(_stats.numeric_values({0: rows["untuned"]} if arm == "untuned" else rows[arm], "at_cap_test"))
         for arm in ["untuned", *args.arm_list]
     }
     n_test = counts.get("test", args.test_examples)
@@ -477,8 +432,11 @@ def report(
         "wall_seconds_this_invocation": wall_seconds,
         "files": {"markdown": os.path.join(work, "results.md"), "curves": png if curves else None},
     }
-    with open(os.path.join(work, "results.md"), "w", encoding="utf-8") as f:
-        f.write(md)
-    with open(os.path.join(work, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v))
+    _report.write_report(
+        work,
+        md,
+        results,
+        newline=False,
+        default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v),
+    )
     return md

@@ -1,20 +1,14 @@
 """The steps of ``reproduce_llm.py``: run directories, the ``properlm`` commands of training and
-evaluation, the plan (:class:`Step`, :func:`plan`) and running it (:func:`run_all`)."""
+evaluation and the plan (:func:`plan`, a list of :class:`_runner.Step`, run by :func:`_runner.run_steps`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import _runner
-from _archive import ResultsArchive
 from _llm_common import ARMS, BASELINE, EXTRA_MAX_LENGTH, EXTRA_MAX_NEW_TOKENS, Arm
+from _runner import Step
 
 
 def run_dir(work: str, arm: str, seed: int | None) -> str:
@@ -197,28 +191,6 @@ def branch_from(src: str, dst: str, step: int) -> None:
     )
 
 
-@dataclass
-class Step:
-    """One ``properlm`` command of the plan: ``kind`` is train, fit (dev, teacher-forced),
-    test, dev or extra (decoding); ``argv()`` is built when the step starts (it may read the dev
-    temperature or find a checkpoint to resume)."""
-
-    name: str
-    kind: str
-    arm: str
-    seed: int | None
-    out: str
-    argv: Callable[[], list[str]]
-    deps: tuple[str, ...] = ()
-    split: str | None = None
-    train_steps: int = 0
-    prepare: Callable[[], None] | None = None
-
-    @property
-    def done(self) -> bool:
-        return os.path.isfile(os.path.join(self.out, "results.json"))
-
-
 def _temperature(args: argparse.Namespace, fit_out: str) -> float | str:
     if args.dry_run or args.estimate:
         return "T_FITTED_ON_DEV"
@@ -304,53 +276,3 @@ def plan(args: argparse.Namespace, work: str, base: str) -> list[Step]:
             )
             evaluations(name, seed, (f"seed{seed}/{name}/train",))
     return steps
-
-
-class _Timings:
-    """``WORK/timings.json``: seconds per finished step, summed over invocations (thread-safe)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.lock = threading.Lock()
-        self.data: dict[str, float] = _runner.read_json_if(path) or {}
-
-    def add(self, name: str, seconds: float) -> None:
-        with self.lock:
-            self.data[name] = self.data.get(name, 0.0) + seconds
-            with open(self.path, "w", encoding="utf-8") as f:
-                json.dump(self.data, f, indent=2)
-
-
-def _run(step: Step, args: argparse.Namespace, timings: _Timings, archive: ResultsArchive | None = None) -> None:
-    if step.prepare is not None and not args.dry_run and not step.done:
-        step.prepare()
-    started = time.time()
-    if _runner.run_step(step.name, step.argv(), step.out, threads=args.threads, dry_run=args.dry_run):
-        timings.add(step.name, time.time() - started)
-        if archive is not None:
-            archive.save(step.out)
-            with timings.lock:
-                archive.save_file("timings.json")
-
-
-def _cleanup(train_dir: str, args: argparse.Namespace) -> None:
-    """Delete a finished run's checkpoints (not ``final``) unless --keep-checkpoints."""
-    if args.keep_checkpoints or args.dry_run or not os.path.isfile(os.path.join(train_dir, "results.json")):
-        return
-    for entry in os.listdir(train_dir):
-        if entry.startswith("checkpoint-"):
-            shutil.rmtree(os.path.join(train_dir, entry), ignore_errors=True)
-
-
-def run_all(
-    args: argparse.Namespace, steps: list[Step], timings: _Timings, archive: ResultsArchive | None = None
-) -> None:
-    """Run the plan with ``--jobs`` steps at a time, archiving each finished step in ``archive``
-    (``--archive``); each run's checkpoints go once it and the runs that branch from it have finished."""
-    tasks = []
-    for s in steps:
-        tasks.append(_runner.Task(s.name, lambda s=s: _run(s, args, timings, archive), set(s.deps)))
-        if s.kind == "train":  # right after its run in the list: it runs as soon as it may
-            after = {s.name} | {t.name for t in steps if t.kind == "train" and s.name in t.deps}
-            tasks.append(_runner.Task(f"cleanup {s.name}", lambda s=s: _cleanup(s.out, args), after))
-    _runner.run_tasks(tasks, jobs=1 if args.dry_run else args.jobs)  # a dry run prints in plan order

@@ -5,22 +5,14 @@ Each benchmark is a list of *steps*; a step is one ``properlm`` command (``train
 ``results.json`` exists is finished and skipped, so a benchmark killed at any point resumes
 where it stopped (an interrupted ``train`` step resumes from its newest checkpoint).
 
-Scaffolding of the seq2seq scripts (``reproduce_mt.py``, ``reproduce_summ.py``), which keep only their
-protocols: the shared command-line :data:`OPTIONS` (:func:`add_options`), argument checks
+The one runner of the studies. Scaffolding of the seq2seq scripts (``reproduce_mt.py``, ``reproduce_summ.py``),
+which keep only their protocols: the shared command-line :data:`OPTIONS` (:func:`add_options`), argument checks
 (:func:`check_data_dir`, :func:`int_list`, :func:`parse_protocols`, :func:`check_stages`), one set of
 settings per work directory (:func:`check_settings`), run directories and branches
 (:func:`run_dir`, :func:`branch_from`), the ``properlm train`` command (:func:`seq2seq_train_argv`),
-the task list (:class:`Plan`), the main flow (:func:`run_benchmark`) and report helpers
-(:func:`seed_table`, :func:`plateau`, :func:`plot_curves`, :func:`write_report`).
-
-Statistics (defined, with their formulas, in :mod:`_stats` and re-exported here, so ``_runner.X``
-keeps working): :func:`mean_std` over seeds, :func:`paired_bootstrap` (sacrebleu's paired
-bootstrap resampling of BLEU and chrF against a baseline system), :func:`paired_bootstrap_means`
-(the same over per-document scores such as ROUGE F1); seeds as the unit of evidence:
-:func:`mean_ci` (Student-t 95% interval of a mean difference across seeds) and
-:func:`sign_test`; :func:`kendall_tau` with a bootstrap interval over models; the formatting
-(:func:`fmt_mean_std`, :func:`fmt_ci`) and per-seed selection (:func:`seed_values`,
-:func:`seed_differences`) helpers.
+the task list (:class:`Plan`), the main flow (:func:`run_benchmark`) and the readers of step outputs
+(:func:`read_json`, :func:`read_json_if`, :func:`read_lines`, :func:`read_log`). The statistics are
+:mod:`_stats`'s, the report helpers (tables, curves, ``results.md``) :mod:`_report`'s.
 """
 
 from __future__ import annotations
@@ -30,33 +22,24 @@ import functools
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-from _stats import (
-    fmt_ci,
-    fmt_mean_std,
-    kendall_tau,
-    kendall_tau_interval,
-    mean_ci,
-    mean_std,
-    paired_bootstrap,
-    paired_bootstrap_means,
-    seed_differences,
-    seed_values,
-    sign_test,
-)
 
 __all__ = [
     "IN_PROCESS",
     "OPTIONS",
     "PAPER_PROTOCOLS",
     "Plan",
+    "Protocol",
+    "Step",
     "Task",
+    "Timings",
     "add_options",
     "branch_from",
     "check_data_dir",
@@ -64,35 +47,22 @@ __all__ = [
     "check_stages",
     "checkpoint_steps",
     "eval_name",
-    "fmt_ci",
-    "fmt_mean_std",
     "int_list",
-    "kendall_tau",
-    "kendall_tau_interval",
-    "mean_ci",
-    "mean_std",
-    "paired_bootstrap",
-    "paired_bootstrap_means",
     "parse_protocols",
-    "plateau",
-    "plot_curves",
     "protocols_help",
     "read_json",
     "read_json_if",
     "read_lines",
     "read_log",
+    "restore_archive",
     "run_benchmark",
     "run_dir",
     "run_step",
+    "run_steps",
     "run_tasks",
-    "seed_differences",
-    "seed_table",
-    "seed_values",
     "seq2seq_train_argv",
-    "sign_test",
     "start_from_checkpoint",
     "started",
-    "write_report",
 ]
 
 
@@ -264,20 +234,34 @@ def start_from_checkpoint(src: str, dst: str, step: int, *, tokenizer: bool = Tr
 
 # ------------------------------------------------------------------------------ protocols
 
-#: the paper's fine-tuning protocols, with T = T1 + T2 steps each: protocol -> (label, rule schedule
-#: as a function of (T1, T2)); (b) and (c) branch from (a)'s checkpoint at T1
-PAPER_PROTOCOLS: dict[str, tuple[str, Callable[[int, int], str]]] = {
-    "a": ("(a) log → log", lambda t1, t2: f"logarithmic:{t1 + t2}"),
-    "b": ("(b) log → brier", lambda t1, t2: f"logarithmic:{t1},brier:{t2}"),
-    "c": ("(c) log → spherical", lambda t1, t2: f"logarithmic:{t1},spherical:{t2}"),
+
+@dataclass(frozen=True)
+class Protocol:
+    """A training protocol of the seq2seq studies, as data: its label and its rules, ``first`` for the T1 steps
+    of stage 1 and ``then`` for the T2 steps after the switch (``None``: ``first`` for all T1 + T2 steps)."""
+
+    label: str
+    first: str
+    then: str | None = None
+
+    def schedule(self, t1: int, t2: int) -> str:
+        """The ``properlm train --schedule`` of the protocol."""
+        return f"{self.first}:{t1 + t2}" if self.then is None else f"{self.first}:{t1},{self.then}:{t2}"
+
+
+#: the paper's fine-tuning protocols, with T = T1 + T2 steps each; (b) and (c) branch from (a)'s checkpoint at T1
+PAPER_PROTOCOLS: dict[str, Protocol] = {
+    "a": Protocol("(a) log → log", "logarithmic"),
+    "b": Protocol("(b) log → brier", "logarithmic", "brier"),
+    "c": Protocol("(c) log → spherical", "logarithmic", "spherical"),
 }
 
 
-def protocols_help(protocols: dict[str, tuple[str, Any]], branches: str) -> str:
+def protocols_help(protocols: dict[str, Protocol], branches: str) -> str:
     """The ``--protocols`` help: each protocol's label, and which (``branches``) start from (a)."""
     return (
         "protocols to run: "
-        + "; ".join(f"{k} = {v[0][4:]}" for k, v in protocols.items())
+        + "; ".join(f"{k} = {v.label[4:]}" for k, v in protocols.items())
         + f"; {branches} branch from a's step-T1 checkpoint and need a"
     )
 
@@ -561,6 +545,82 @@ class Plan:
         return self._run(name, argv(bool(checkpoint_steps(output_dir))), output_dir)
 
 
+# ------------------------------------------------------------------------------ steps as data (the LLM studies)
+
+
+@dataclass
+class Step:
+    """One ``properlm`` command of a study's plan, as data: ``kind`` is what it does (train, fit, a decoding
+    split ...), ``arm`` and ``seed`` whose it is (``seed`` ``None``: the untuned model), ``out`` its output
+    directory, ``deps`` the steps it waits for, ``split`` the evaluation set, ``train_steps`` the optimizer
+    steps it trains (for the estimate); ``argv()`` is built when the step starts (it may read the dev
+    temperature or find a checkpoint to resume), after ``prepare()`` (e.g. a branch from a checkpoint)."""
+
+    name: str
+    kind: str
+    arm: str
+    seed: int | None
+    out: str
+    argv: Callable[[], list[str]]
+    deps: tuple[str, ...] = ()
+    split: str | None = None
+    train_steps: int = 0
+    prepare: Callable[[], None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return os.path.isfile(os.path.join(self.out, "results.json"))
+
+
+class Timings:
+    """``WORK/timings.json``: seconds per finished step, summed over invocations (thread-safe)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.data: dict[str, float] = read_json_if(path) or {}
+
+    def add(self, name: str, seconds: float) -> None:
+        with self.lock:
+            self.data[name] = self.data.get(name, 0.0) + seconds
+            with open(self.path, "w", encoding="utf-8") as f:
+                json.dump(self.data, f, indent=2)
+
+
+def _run_timed(step: Step, args: Any, timings: Timings, archive: Any = None) -> None:
+    if step.prepare is not None and not args.dry_run and not step.done:
+        step.prepare()
+    started = time.time()
+    if run_step(step.name, step.argv(), step.out, threads=args.threads, dry_run=args.dry_run):
+        timings.add(step.name, time.time() - started)
+        if archive is not None:
+            archive.save(step.out)
+            with timings.lock:
+                archive.save_file("timings.json")
+
+
+def _cleanup(train_dir: str, args: Any) -> None:
+    """Delete a finished run's checkpoints (not ``final``) unless --keep-checkpoints."""
+    if args.keep_checkpoints or args.dry_run or not os.path.isfile(os.path.join(train_dir, "results.json")):
+        return
+    for entry in os.listdir(train_dir):
+        if entry.startswith("checkpoint-"):
+            shutil.rmtree(os.path.join(train_dir, entry), ignore_errors=True)
+
+
+def run_steps(args: Any, steps: Sequence[Step], timings: Timings, archive: Any = None) -> None:
+    """Run the plan with ``--jobs`` steps at a time (:func:`run_tasks`), timing each finished step in
+    ``timings`` and archiving it in ``archive`` (``--archive``); each run's checkpoints go once it and the
+    runs that branch from it have finished (unless ``--keep-checkpoints``)."""
+    tasks = []
+    for s in steps:
+        tasks.append(Task(s.name, functools.partial(_run_timed, s, args, timings, archive), set(s.deps)))
+        if s.kind == "train":  # right after its run in the list: it runs as soon as it may
+            after = {s.name} | {t.name for t in steps if t.kind == "train" and s.name in t.deps}
+            tasks.append(Task(f"cleanup {s.name}", functools.partial(_cleanup, s.out, args), after))
+    run_tasks(tasks, jobs=1 if args.dry_run else args.jobs)  # a dry run prints in plan order
+
+
 def _task_out(work_dir: str, task: Task) -> str | None:
     """The output directory of ``task`` for the archive: a placeholder that never finishes while a
     late-known directory is not known yet."""
@@ -584,16 +644,30 @@ def _open_archive(args: Any, files: Sequence[str], tasks: Callable[[Any], Sequen
             archive.check_settings(settings)
     except ValueError as exc:
         raise SystemExit(f"--archive: {exc}") from None
+    # the steps once the files are back: a restored selection names the branches' directories
+    restore_archive(
+        archive, args.work_dir, lambda: [(t.name, _task_out(args.work_dir, t), t.deps) for t in tasks(args)], files
+    )
+    return archive
+
+
+def restore_archive(
+    archive: Any, work_dir: str, steps: Sequence[Any] | Callable[[], Sequence[Any]], files: Sequence[str] = ()
+) -> None:
+    """The common part of every study's ``--archive``: restore the work-level ``files`` and then the finished
+    ``steps`` (``(name, output directory, deps)``, or a function giving them once the files are back: a
+    selection file may name output directories; each step with all the steps after it, :mod:`_archive`) into
+    ``work_dir``, and save the finished steps the archive does not hold yet."""
     for rel in files:
         archive.restore_file(rel)
-    steps = [(t.name, _task_out(args.work_dir, t), t.deps) for t in tasks(args)]
+    if callable(steps):
+        steps = steps()
     restored = archive.restore(steps)
     saved = archive.save_all(steps)
     print(
-        f"archive {archive.root}: {len(restored)} finished step(s) restored into {args.work_dir}, {len(saved)} saved",
+        f"archive {archive.root}: {len(restored)} finished step(s) restored into {work_dir}, {len(saved)} saved",
         flush=True,
     )
-    return archive
 
 
 def _archiving(task: Task, work_dir: str, archive: Any, files: Sequence[str]) -> Task:
@@ -653,117 +727,6 @@ def run_benchmark(
     return 0
 
 
-# ------------------------------------------------------------------------------ the report
-
-
 def read_json_if(path: str) -> dict[str, Any] | None:
     """The JSON object in ``path``, or ``None`` when there is no such file (a step not run yet)."""
     return read_json(path) if os.path.isfile(path) else None
-
-
-def seed_table(
-    per: dict[str, dict[int, dict[str, Any]]],
-    protocols: Sequence[str],
-    labels: dict[str, str],
-    cols: Sequence[tuple[str, str, int, float]],
-    count_key: str | None = None,
-) -> str:
-    """Markdown table, a row per protocol: its label, its number of seeds (those with ``count_key``,
-    or all of its seeds) and per column ``(title, key, digits, scale)`` :func:`fmt_mean_std` of
-    ``key`` over the seeds."""
-    lines = ["| protocol | seeds | " + " | ".join(c[0] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for p in protocols:
-        n = len(per.get(p, {})) if count_key is None else len(seed_values(per, p, count_key))
-        cells = [fmt_mean_std(seed_values(per, p, key), digits, scale) for _, key, digits, scale in cols]
-        lines.append(f"| {labels[p]} | {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plateau(
-    runs: dict[int, str], t1: int, t2: int, *, what: str, end_note: str = "", best: bool = False
-) -> tuple[str, dict[int, dict[str, Any]]]:
-    """How much each seed's root run (``runs``: seed -> run directory) still moved its evaluated log
-    score (``eval_score_logarithmic``) over the last quarter of stage 1: the score at the last
-    evaluation at or before ``0.75 T1``, at T1 and at T = T1 + T2; with ``best``, also the best
-    score and its step. Returns text lines (``what`` names the evaluation set, ``end_note`` follows
-    the score at T) and ``{seed: values}``."""
-    rows: dict[int, dict[str, Any]] = {}
-    lines = []
-    for s, run in runs.items():
-        log = [r for r in read_log(os.path.join(run, "metrics.jsonl")) if "eval_score_logarithmic" in r]
-        by_step = {r["step"]: r["eval_score_logarithmic"] for r in log}
-        early = max((st for st in by_step if st <= 0.75 * t1), default=None)
-        if early is None or t1 not in by_step:
-            continue
-        rows[s] = {"step_early": early, "early": by_step[early], "t1": by_step[t1], "end": by_step.get(t1 + t2)}
-        line = f"- seed {s}: {what} log score {by_step[early]:.4f} at step {early}, {by_step[t1]:.4f} at T1={t1}" + (
-            f", {by_step[t1 + t2]:.4f} at T={t1 + t2}{end_note}" if t1 + t2 in by_step else ""
-        )
-        if best:
-            top = max(by_step, key=lambda st: by_step[st])
-            rows[s].update({"best_step": top, "best": by_step[top]})
-            line += f"; best {by_step[top]:.4f} at step {top}"
-        lines.append(line)
-    return "\n".join(lines), rows
-
-
-def plot_curves(
-    path: str,
-    series: Sequence[tuple[str, Sequence[str], dict[str, Any]]],
-    t1: int,
-    title: str,
-    *,
-    what: str = "validation",
-) -> str | None:
-    """Training curves from the runs' ``metrics.jsonl``: the log, Brier and spherical scores on the
-    evaluation set (``what`` names it) and the training loss against the step, a line per ``(label,
-    run directories, plot keywords)`` of ``series`` (the mean over its runs at each step), a dotted
-    line at ``t1``. Writes ``path`` and returns it, or ``None`` when there is nothing to draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [
-        ("eval_score_logarithmic", f"{what} log score"),
-        ("eval_score_brier", f"{what} Brier score"),
-        ("eval_score_spherical", f"{what} spherical score"),
-        ("loss", "training loss"),
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    drawn = False
-    for label, runs, style in series:
-        logs = [read_log(os.path.join(run, "metrics.jsonl")) for run in runs]
-        for ax, (key, panel) in zip(axes, panels):
-            by_step: dict[int, list[float]] = {}
-            for log in logs:
-                for r in log:
-                    if key in r and r[key] is not None:
-                        by_step.setdefault(r["step"], []).append(r[key])
-            if not by_step:
-                continue
-            steps = sorted(by_step)
-            ax.plot(steps, [sum(by_step[t]) / len(by_step[t]) for t in steps], label=label, **style)
-            ax.set_title(panel)
-            ax.set_xlabel("step")
-            drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    for ax in axes:
-        ax.axvline(t1, color="grey", linewidth=0.8, linestyle=":")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_report(work_dir: str, md: str, summary: dict[str, Any]) -> None:
-    """Write ``WORK_DIR/results.md`` (``md``) and ``WORK_DIR/results.json`` (``summary``)."""
-    os.makedirs(work_dir, exist_ok=True)
-    with open(os.path.join(work_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(md + "\n")
-    with open(os.path.join(work_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, default=str)

@@ -13,7 +13,8 @@ and NaN dropped):
   differences of which ``k`` are positive: ``p = min(1, 2 P(X >= max(k, n - k)))``,
   ``X ~ Binomial(n, 1/2)``, i.e. ``P(X >= j) = sum_{i >= j} C(n, i) / 2^n``.
 * :func:`seed_values` and :func:`seed_differences` pick those values out of
-  ``per[protocol][seed][key]``: the paired differences are ``d_s = per[p][s][key] - per[baseline][s][key]``.
+  ``per[protocol][seed][key]``: the paired differences are ``d_s = per[p][s][key] - per[baseline][s][key]``;
+  :func:`numeric_values` the numbers among ``per_seed[seed][key]``.
 
 Over the sentences or documents of a test set (the per-seed evidence), ``B`` resamples of ``n``
 items drawn with replacement, the same items for both systems:
@@ -26,6 +27,8 @@ items drawn with replacement, the same items for both systems:
   ``d_i = system_i - baseline_i``: ``delta = mean_i d_i``, the 2.5% and 97.5% percentiles of the
   resampled means ``mean*_b``, and ``p = min(1, 2 (1 + #{b : mean*_b on the other side of 0 from
   delta, or at 0}) / (B + 1))`` (1 when ``delta = 0``).
+* :func:`paired_bootstrap_metric`: one of them by metric name: BLEU / chrF (the first), ROUGE F1
+  (``rouge1``, ``rouge2``, ``rougeL``; ``_multi``: against all references; the second, in points).
 
 Over models (pairs ``(x_i, y_i)``, ``i = 1..n``):
 
@@ -36,7 +39,7 @@ Over models (pairs ``(x_i, y_i)``, ``i = 1..n``):
   the ``n`` pairs: of the ``B'`` non-NaN resampled taus sorted ``t_(0) <= ... <= t_(B'-1)``,
   ``[t_(floor(0.025 (B' - 1))), t_(ceil(0.975 (B' - 1)))]``.
 
-Pure functions (``sacrebleu`` and ``numpy`` imported when called); :mod:`_runner` re-exports them.
+Pure functions (``sacrebleu`` and ``numpy`` imported when called): the one statistics module of the studies.
 :func:`mean_std`, :func:`mean_ci`, :func:`sign_test`, :func:`paired_bootstrap` and
 :func:`paired_bootstrap_means` are :mod:`properlm.evaluation.significance`'s (the library's
 ``properlm compare --baseline`` reports the same figures).
@@ -58,8 +61,10 @@ __all__ = [
     "kendall_tau_interval",
     "mean_ci",
     "mean_std",
+    "numeric_values",
     "paired_bootstrap",
     "paired_bootstrap_means",
+    "paired_bootstrap_metric",
     "seed_differences",
     "seed_values",
     "sign_test",
@@ -121,6 +126,29 @@ def kendall_tau_interval(
 def seed_values(per: dict[str, dict[int, dict[str, Any]]], protocol: str, key: str) -> list[Any]:
     """``per[protocol][seed][key]`` over the seeds that have it (not ``None``)."""
     return [r[key] for r in per.get(protocol, {}).values() if r.get(key) is not None]
+
+
+def numeric_values(per_seed: dict[Any, dict[str, Any]], key: str) -> list[float]:
+    """``per_seed[seed][key]`` over the seeds where it is a number."""
+    return [r[key] for r in per_seed.values() if isinstance(r.get(key), (int, float))]
+
+
+def paired_bootstrap_metric(
+    metric: str, base: list[str], system: list[str], refs: tuple[list[str], list[list[str]]], n_samples: int
+) -> dict[str, Any]:
+    """Paired bootstrap over examples of one metric: sacrebleu's (:func:`paired_bootstrap`) for ``bleu`` /
+    ``chrf``, the mean per-example F1's (:func:`paired_bootstrap_means`, in points) for ROUGE (``refs``: the
+    single references and the lists of all references; ``_multi``: against all). ``{"delta", "p"}``."""
+    if metric in ("bleu", "chrf"):
+        bs = paired_bootstrap(base, {"s": system}, refs[0], n_samples=n_samples)["s"]
+        return {"delta": bs[metric] - bs[f"{metric}_baseline"], "p": bs[f"{metric}_p"]}
+    from properlm.evaluation.text_metrics import rouge_per_example
+
+    kind = metric.replace("_multi", "")
+    r = refs[1] if metric.endswith("_multi") else refs[0]
+    a, b = rouge_per_example(base, r)[kind], rouge_per_example(system, r)[kind]
+    bs = paired_bootstrap_means(a, b, n_samples=n_samples)
+    return {"delta": 100 * bs["delta"], "p": bs["p"]}
 
 
 def seed_differences(

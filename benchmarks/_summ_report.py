@@ -8,8 +8,11 @@ import argparse
 import os
 from typing import Any
 
+import _report
 import _runner
-from _runner import eval_name, fmt_ci, fmt_mean_std, read_json_if, seed_values
+import _stats
+from _runner import eval_name, read_json_if
+from _stats import fmt_ci, fmt_mean_std, seed_values
 from _summ_runs import (
     BRANCHES,
     CONTROLS,
@@ -76,7 +79,7 @@ def main_table(per: dict[str, Any], protocols: list[str], split: str = "dev") ->
         ("spherical", f"score_spherical_{split}", 4, 1),
         ("ECE (%)", f"ece_{split}", 2, 100),
     ]
-    return _runner.seed_table(per, protocols, LABELS, cols, count_key=f"rouge1_{split}_logarithmic")
+    return "\n".join(_report.seed_table(per, protocols, LABELS, cols, count_key=f"rouge1_{split}_logarithmic"))
 
 
 def objective_table(per: dict[str, Any], protocols: list[str]) -> str:
@@ -92,7 +95,7 @@ def objective_table(per: dict[str, Any], protocols: list[str]) -> str:
     ]
     for p in protocols:
         cells = [fmt_mean_std(seed_values(per, p, k)) for _, k in keys]
-        lines.append(f"| {PROTOCOLS[p][0]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {PROTOCOLS[p].label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -140,7 +143,7 @@ def comparisons(
                 for metric in ROUGE:
                     name = metric + ("_multi" if multi else "")
                     key = f"{name}_{split}_logarithmic"
-                    seeds, deltas = _runner.seed_differences(per, p, key, args.seed_list, baseline=baseline)
+                    seeds, deltas = _stats.seed_differences(per, p, key, args.seed_list, baseline=baseline)
                     if not seeds:
                         continue
                     boots = []
@@ -148,10 +151,10 @@ def comparisons(
                         refs = multi_refs if multi else single_refs
                         base = doc_scores(s, baseline, split, refs, multi)[metric]
                         system = doc_scores(s, p, split, refs, multi)[metric]
-                        b = _runner.paired_bootstrap_means(base, system, n_samples=args.bootstrap_samples, seed=s)
+                        b = _stats.paired_bootstrap_means(base, system, n_samples=args.bootstrap_samples, seed=s)
                         boots.append({"p": b["p"], "delta": 100 * b["delta"], "ci95": [100 * v for v in b["ci95"]]})
-                    m, lo, hi = _runner.mean_ci(deltas)
-                    better, p_sign = sum(d > 0 for d in deltas), _runner.sign_test(deltas)
+                    m, lo, hi = _stats.mean_ci(deltas)
+                    better, p_sign = sum(d > 0 for d in deltas), _stats.sign_test(deltas)
                     out[f"{p}_{split}_{name}"] = {
                         "seeds": seeds,
                         "delta": deltas,
@@ -164,7 +167,7 @@ def comparisons(
                     per_seed = ", ".join(f"{d:+.2f}" for d in deltas)
                     boot_p = ", ".join(f"{b['p']:.3f}" for b in boots)
                     lines.append(
-                        f"| {PROTOCOLS[p][0]} | {split} | {label} | {per_seed} | {fmt_ci(m, lo, hi)} | "
+                        f"| {PROTOCOLS[p].label} | {split} | {label} | {per_seed} | {fmt_ci(m, lo, hi)} | "
                         f"{better}/{len(seeds)} | {p_sign:.3f} | {boot_p} |"
                     )
     return "\n".join(lines), out
@@ -243,11 +246,11 @@ def smoothing_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         for eps in args.smoothing_grid:
             r = by_eps.get(eps)
             if r is None:
-                lines.append(f"| {PROTOCOLS[p][0]} | {eps:g} | - | - | - | - | - | - | - | pending |")
+                lines.append(f"| {PROTOCOLS[p].label} | {eps:g} | - | - | - | - | - | - | - | pending |")
                 continue
             mark = "pending" if chosen is None else ("**chosen**" if eps == chosen else "")
             lines.append(
-                f"| {PROTOCOLS[p][0]} | {eps:g} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | {r['rougeL']:.2f} | "
+                f"| {PROTOCOLS[p].label} | {eps:g} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | {r['rougeL']:.2f} | "
                 f"{r['selection_score']:.2f} | {r['score_logarithmic']:.3f} | {r['score_brier']:.4f} | "
                 f"{r['score_spherical']:.4f} | {mark} |"
             )
@@ -276,7 +279,7 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
     controls = [(c, comparisons(args, per, baseline=c, systems=("a", *BRANCHES))) for c in CONTROLS if c in per]
     a_runs = {s: _runner.run_dir(args.work_dir, s, "a") for s in args.seed_list}
     # how much (a)'s held-out log score still moved over the last quarter of stage 1, and its best step
-    plateau_md, plateau_rows = _runner.plateau(a_runs, args.t1, args.t2, what="held-out", best=True)
+    plateau_md, plateau_rows = _report.plateau(a_runs, args.t1, args.t2, what="held-out", best=True)
     ckpt_md, ckpt_rows = checkpoint_rows(args)
     smoothing_md, smoothing = smoothing_report(args)
     # held-out log, Brier and spherical scores and the training loss vs step, mean over seeds
@@ -284,8 +287,8 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
     for p in args.protocol_list:
         runs = [r for r in (run_dir(args, s, p) for s in args.seed_list) if r is not None]
         if runs:
-            series.append((PROTOCOLS[p][0], runs, {}))
-    png = _runner.plot_curves(
+            series.append((PROTOCOLS[p].label, runs, {}))
+    png = _report.plot_curves(
         os.path.join(args.work_dir, "training_curves.png"),
         series,
         args.t1,
@@ -333,7 +336,7 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
     ]
     for c, (c_md, c_cmp) in controls:
         parts += [
-            f"The control {PROTOCOLS[c][0]}: (a) continued from its own step-T1 checkpoint with smoothing "
+            f"The control {PROTOCOLS[c].label}: (a) continued from its own step-T1 checkpoint with smoothing "
             f"{CONTROLS[c]:g}, the smoothing the branches switch to; (a), (b) and (c) against it (a gain over "
             "it is the rule's, not the change of smoothing):",
             c_md,
@@ -347,7 +350,7 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
     if plateau_md:
         parts += ["Plateau of stage 1 (protocol a, held-out slice of train):\n\n" + plateau_md]
     md = "\n\n".join(parts)
-    _runner.write_report(
+    _report.write_report(
         args.work_dir,
         md,
         {

@@ -16,14 +16,14 @@ from _runner import Task, eval_name, read_json_if
 
 PROG = "reproduce_summ.py"
 
-#: protocol -> (label, rule schedule as a function of (T1, T2))
-PROTOCOLS: dict[str, tuple[str, Any]] = dict(_runner.PAPER_PROTOCOLS)
+#: protocol -> its label and rules (:class:`_runner.Protocol`)
+PROTOCOLS: dict[str, _runner.Protocol] = dict(_runner.PAPER_PROTOCOLS)
 #: protocols that branch from (a)'s step-T1 checkpoint
 BRANCHES = ("b", "c")
 #: the control of the switch (issue 28): (a) continued from its own step-T1 checkpoint with the smoothing the
 #: branches chose (0), so that a gain of (b), (c) over it is the rule's, not the change of smoothing
 CONTROLS = {"a0": 0.0}
-PROTOCOLS["a0"] = ("(a0) log → log, smoothing 0 after T1", lambda t1, t2: f"logarithmic:{t1 + t2}")
+PROTOCOLS["a0"] = _runner.Protocol("(a0) log → log, smoothing 0 after T1", "logarithmic")
 #: the rule each branch switches to at T1
 BRANCH_RULES = {"b": "brier", "c": "spherical"}
 #: teacher-forced token scores reported for every model
@@ -34,7 +34,7 @@ OBJECTIVES = ("logarithmic", "spherical")
 ROUGE = ("rouge1", "rouge2", "rougeL")
 ROUGE_LABELS = {"rouge1": "R-1", "rouge2": "R-2", "rougeL": "R-L"}
 REQUIRED_FILES = ("train.jsonl", "dev.jsonl")
-LABELS = {k: v[0] for k, v in PROTOCOLS.items()}
+LABELS = {k: v.label for k, v in PROTOCOLS.items()}
 #: the seed of the held-out split of train (``properlm train --validation-seed``): the same slice for every seed
 VALIDATION_SEED = 0
 #: the split name of the selection slice (its decodings: ``eval_heldout_beam_logarithmic``)
@@ -114,7 +114,13 @@ def train_argv(
     ]
     with_eps = argparse.Namespace(**{**vars(args), "smoothing": _eps_name(eps)})
     return _runner.seq2seq_train_argv(
-        with_eps, seed, PROTOCOLS[protocol][1](args.t1, args.t2), data, output_dir, eval_batch_size=64, resume=resume
+        with_eps,
+        seed,
+        PROTOCOLS[protocol].schedule(args.t1, args.t2),
+        data,
+        output_dir,
+        eval_batch_size=64,
+        resume=resume,
     )
 
 
@@ -322,7 +328,7 @@ def tasks(args: argparse.Namespace) -> list[Task]:
 
     for seed in args.seed_list:
         for protocol in args.protocol_list:
-            label = PROTOCOLS[protocol][0]
+            label = PROTOCOLS[protocol].label
             if protocol in CONTROLS:  # from (a)'s checkpoint at T1 with a fixed smoothing: no selection
                 run = grid_dir(args, seed, protocol, CONTROLS[protocol])
                 train = plan.train(

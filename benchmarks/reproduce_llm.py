@@ -123,7 +123,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _runner
 from _archive import ResultsArchive
 from _llm_common import (
@@ -152,7 +151,8 @@ from _llm_common import (
 from _llm_data import _data_settings, check_data_dir, make_subsets, prepare_data
 from _llm_estimate import estimate
 from _llm_report import collect, collect_run, comparisons, plot_curves, report
-from _llm_steps import Step, _Timings, branch_from, decode_argv, fit_argv, model_dir, plan, run_all, run_dir, train_argv
+from _llm_steps import branch_from, decode_argv, fit_argv, model_dir, plan, run_dir, train_argv
+from _runner import Step, Timings, run_steps
 
 #: this script's names, with those of the private modules it is split into (``_llm_common``, ``_llm_data``,
 #: ``_llm_steps``, ``_llm_estimate``, ``_llm_report``): ``reproduce_llm.NAME`` keeps working
@@ -198,8 +198,8 @@ __all__ = [
     "prepare_base",
     "prepare_data",
     "report",
-    "run_all",
     "run_dir",
+    "run_steps",
     "train_argv",
 ]
 
@@ -660,12 +660,7 @@ def _open_archive(args: argparse.Namespace, work: str) -> ResultsArchive:
     except ValueError as exc:
         raise SetupError(f"--archive: {exc}") from None
     steps = [(s.name, s.out, s.deps) for s in plan(args, work, os.path.join(work, "base"))]
-    restored = archive.restore(steps)
-    archive.restore_file("timings.json")
-    saved = archive.save_all(steps)
-    print(
-        f"archive {archive.root}: {len(restored)} finished step(s) restored into {work}, {len(saved)} saved", flush=True
-    )
+    _runner.restore_archive(archive, work, steps, ["timings.json"])
     return archive
 
 
@@ -710,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
     archive = _open_archive(args, work) if args.archive and (writes or args.report_only) else None
-    timings = _Timings(os.path.join(work, "timings.json"))
+    timings = Timings(os.path.join(work, "timings.json"))
     if args.report_only:
         base = os.path.join(work, "base")
     elif writes:
@@ -725,7 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text, flush=True)
         if args.estimate:
             return 0
-        run_all(args, steps, timings, archive)
+        run_steps(args, steps, timings, archive)
         if args.dry_run:
             return 0
     md = report(args, work, steps, manifest, timings.data, None if args.report_only else time.time() - started)

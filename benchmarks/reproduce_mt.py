@@ -66,27 +66,28 @@ import os
 import sys
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
+import _report
 import _runner
-from _runner import Task, eval_name, fmt_ci, fmt_mean_std, read_json, read_json_if, read_lines
+import _stats
+from _runner import Protocol, Task, eval_name, read_json, read_json_if, read_lines
+from _stats import fmt_ci, fmt_mean_std
 
 PROG = "reproduce_mt.py"
 
-#: protocol -> (label, rule schedule as a function of (T1, T2))
-PROTOCOLS: dict[str, tuple[str, Any]] = {
-    **_runner.PAPER_PROTOCOLS,
-    "d": ("(d) brier from scratch", lambda t1, t2: f"brier:{t1 + t2}"),
-    "e": ("(e) spherical from scratch", lambda t1, t2: f"spherical:{t1 + t2}"),
-    # beyond the paper: the alpha families and a mixture as the rule switched to (issue 17)
-    "f": ("(f) log → power:1.5", lambda t1, t2: f"logarithmic:{t1},power:1.5:{t2}"),
-    "g": ("(g) log → power:3", lambda t1, t2: f"logarithmic:{t1},power:3:{t2}"),
-    "h": ("(h) log → pseudo-spherical:1.5", lambda t1, t2: f"logarithmic:{t1},pseudo-spherical:1.5:{t2}"),
-    "i": ("(i) log → pseudo-spherical:3", lambda t1, t2: f"logarithmic:{t1},pseudo-spherical:3:{t2}"),
-    "j": ("(j) log → ½ log + ½ spherical", lambda t1, t2: f"logarithmic:{t1},{MIXTURE}:{t2}"),
-    "k": ("(k) ½ log + ½ spherical from scratch", lambda t1, t2: f"{MIXTURE}:{t1 + t2}"),
-}
 MIXTURE = "0.5*logarithmic+0.5*spherical"
+#: protocol -> its label and rules (:class:`_runner.Protocol`)
+PROTOCOLS: dict[str, Protocol] = {
+    **_runner.PAPER_PROTOCOLS,
+    "d": Protocol("(d) brier from scratch", "brier"),
+    "e": Protocol("(e) spherical from scratch", "spherical"),
+    # beyond the paper: the alpha families and a mixture as the rule switched to (issue 17)
+    "f": Protocol("(f) log → power:1.5", "logarithmic", "power:1.5"),
+    "g": Protocol("(g) log → power:3", "logarithmic", "power:3"),
+    "h": Protocol("(h) log → pseudo-spherical:1.5", "logarithmic", "pseudo-spherical:1.5"),
+    "i": Protocol("(i) log → pseudo-spherical:3", "logarithmic", "pseudo-spherical:3"),
+    "j": Protocol("(j) log → ½ log + ½ spherical", "logarithmic", MIXTURE),
+    "k": Protocol("(k) ½ log + ½ spherical from scratch", MIXTURE),
+}
 #: protocols that branch from (a)'s step-T1 checkpoint
 BRANCHES = ("b", "c", "f", "g", "h", "i", "j")
 #: the paper's fine-tuning question, run for every seed of --seeds; the other protocols run for --arm-seeds
@@ -106,7 +107,7 @@ SCORE_RULES = (
 SPLITS = {"val": "val", "test": "test_2016_flickr"}
 REQUIRED_FILES = [f"{stem}.{lang}" for stem in ("train", *SPLITS.values()) for lang in ("en", "de")]
 RULES = ("logarithmic", "brier", "spherical")
-LABELS = {k: v[0] for k, v in PROTOCOLS.items()}
+LABELS = {k: v.label for k, v in PROTOCOLS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,7 +272,7 @@ def train_argv(args: argparse.Namespace, seed: int, protocol: str, resume: bool)
     return _runner.seq2seq_train_argv(
         args,
         seed,
-        PROTOCOLS[protocol][1](args.t1, args.t2),
+        PROTOCOLS[protocol].schedule(args.t1, args.t2),
         data,
         run_dir(args, seed, protocol),
         eval_batch_size=128,
@@ -486,7 +487,7 @@ def tasks(args: argparse.Namespace) -> list[Task]:
             run = run_dir(args, seed, protocol)
             train = plan.train(
                 f"train {seed}{protocol}",
-                f"seed {seed} {PROTOCOLS[protocol][0]} train",
+                f"seed {seed} {PROTOCOLS[protocol].label} train",
                 run,
                 functools.partial(train_argv, args, seed, protocol),
                 functools.partial(prepare_run, args, seed, protocol),
@@ -607,7 +608,7 @@ def main_table(per: dict[str, Any], protocols: list[str]) -> str:
         ("spherical test", "score_spherical_test", 4, 1),
         ("ECE test (%)", "ece_test", 2, 100),
     ]
-    return _runner.seed_table(per, protocols, LABELS, cols)
+    return "\n".join(_report.seed_table(per, protocols, LABELS, cols))
 
 
 def calibration_table(per: dict[str, Any], protocols: list[str]) -> str:
@@ -621,7 +622,7 @@ def calibration_table(per: dict[str, Any], protocols: list[str]) -> str:
         ("Brier test", "score_brier_test", 4, 1),
         ("Brier test, scaled", "score_brier_test_scaled", 4, 1),
     ]
-    return _runner.seed_table(per, protocols, LABELS, cols, count_key="temperature")
+    return "\n".join(_report.seed_table(per, protocols, LABELS, cols, count_key="temperature"))
 
 
 def objective_table(per: dict[str, Any], protocols: list[str]) -> str:
@@ -634,7 +635,7 @@ def objective_table(per: dict[str, Any], protocols: list[str]) -> str:
         if p not in ("a", "b", "c"):
             continue
         cells = [
-            fmt_mean_std(_runner.seed_values(per, p, k))
+            fmt_mean_std(_stats.seed_values(per, p, k))
             for k in (
                 "bleu_val_logarithmic",
                 "bleu_val_spherical",
@@ -644,7 +645,7 @@ def objective_table(per: dict[str, Any], protocols: list[str]) -> str:
                 "chrf_test_spherical",
             )
         ]
-        lines.append(f"| {PROTOCOLS[p][0]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {PROTOCOLS[p].label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -670,18 +671,18 @@ def comparisons(args: argparse.Namespace, per: dict[str, Any]) -> tuple[str, dic
             continue
         for split in refs:
             key = f"bleu_{split}_logarithmic"
-            seeds, d_bleu = _runner.seed_differences(per, p, key, args.seed_list)
+            seeds, d_bleu = _stats.seed_differences(per, p, key, args.seed_list)
             if not seeds:
                 continue
             d_chrf = [per[p][s][f"chrf_{split}_logarithmic"] - per["a"][s][f"chrf_{split}_logarithmic"] for s in seeds]
             pvals = []
             for s in seeds:
                 base, system = (_hypotheses(args, s, q, split) for q in ("a", p))
-                bs = _runner.paired_bootstrap(base, {p: system}, refs[split], n_samples=args.bootstrap_samples)
+                bs = _stats.paired_bootstrap(base, {p: system}, refs[split], n_samples=args.bootstrap_samples)
                 pvals.append(bs[p]["bleu_p"])
-            m, lo, hi = _runner.mean_ci(d_bleu)
-            mc, loc, hic = _runner.mean_ci(d_chrf)
-            better, p_sign = sum(d > 0 for d in d_bleu), _runner.sign_test(d_bleu)
+            m, lo, hi = _stats.mean_ci(d_bleu)
+            mc, loc, hic = _stats.mean_ci(d_chrf)
+            better, p_sign = sum(d > 0 for d in d_bleu), _stats.sign_test(d_bleu)
             out[f"{p}_{split}"] = {
                 "seeds": seeds,
                 "delta_bleu": d_bleu,
@@ -694,7 +695,7 @@ def comparisons(args: argparse.Namespace, per: dict[str, Any]) -> tuple[str, dic
                 "sign_test_p": p_sign,
             }
             lines.append(
-                f"| {PROTOCOLS[p][0]} | {split} | {', '.join(f'{d:+.2f}' for d in d_bleu)} | "
+                f"| {PROTOCOLS[p].label} | {split} | {', '.join(f'{d:+.2f}' for d in d_bleu)} | "
                 f"{fmt_ci(m, lo, hi)} | {better}/{len(seeds)} | {p_sign:.3f} | {fmt_ci(mc, loc, hic)} | "
                 f"{', '.join(f'{v:.3f}' for v in pvals)} |"
             )
@@ -743,7 +744,7 @@ def correlations(args: argparse.Namespace, models: list[dict[str, Any]]) -> tupl
         pairs = [(m[key], m["bleu"]) for m in models if m.get(key) is not None]
         if len(pairs) < 3:
             continue
-        tau, lo, hi = _runner.kendall_tau_interval(
+        tau, lo, hi = _stats.kendall_tau_interval(
             [x for x, _ in pairs], [y for _, y in pairs], n_samples=args.bootstrap_samples
         )
         out[key] = {"tau": tau, "ci95": [lo, hi], "n": len(pairs)}
@@ -784,7 +785,7 @@ def plot_scatter(models: list[dict[str, Any]], path: str) -> str | None:
             linestyle="",
             marker="o",
             color=f"C{ord(k) - ord('a')}",
-            label=PROTOCOLS[k][0] if k in PROTOCOLS else k,
+            label=PROTOCOLS[k].label if k in PROTOCOLS else k,
         )
         for k in kinds
     ]
@@ -809,7 +810,7 @@ def plot_curves(args: argparse.Namespace, path: str) -> str | None:
     }
     series = [
         (
-            PROTOCOLS[p][0],
+            PROTOCOLS[p].label,
             [run_dir(args, s, p) for s in finished[p]],
             {"linestyle": "-" if p in CORE else ":" if p in BRANCHES else "--"},
         )
@@ -822,14 +823,14 @@ def plot_curves(args: argparse.Namespace, path: str) -> str | None:
         if len(drawn) == 1
         else "finished seeds (" + "; ".join(f"{p}: {','.join(map(str, v))}" for p, v in finished.items() if v) + ")"
     )
-    return _runner.plot_curves(path, series, args.t1, f"Multi30k en-de, mean over {seeds}; dotted line: T1 = {args.t1}")
+    return _report.plot_curves(path, series, args.t1, f"Multi30k en-de, mean over {seeds}; dotted line: T1 = {args.t1}")
 
 
 def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
     per = collect(args)
     cmp_md, cmp = comparisons(args, per)
     # how much (a)'s validation log score still moved over the last quarter of stage 1
-    plateau_md, plateau_rows = _runner.plateau(
+    plateau_md, plateau_rows = _report.plateau(
         {s: run_dir(args, s, "a") for s in args.seed_list},
         args.t1,
         args.t2,
@@ -861,7 +862,7 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
             corr_md,
         ]
     )
-    _runner.write_report(
+    _report.write_report(
         args.work_dir,
         md,
         {

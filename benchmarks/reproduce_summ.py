@@ -51,7 +51,7 @@ instead and skips the selection (``--smoothing EPS --smoothing-a EPS``: one eps 
 as reproduce_mt.py). Run directories name their eps: ``seedS/a``, ``seedS/b_eps0.1``.
 
 Statistics: per seed, a paired bootstrap over documents of each ROUGE of (b), (c) against (a)
-(``_runner.paired_bootstrap_means``); across seeds (the unit of evidence) the mean difference with
+(``_stats.paired_bootstrap_means``); across seeds (the unit of evidence) the mean difference with
 its 95% Student-t interval and a two-sided sign test.
 
 Everything lives under ``--work-dir``: one ``properlm train`` directory per seed and protocol
@@ -83,8 +83,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _runner
 from _runner import read_json_if

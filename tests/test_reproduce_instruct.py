@@ -40,7 +40,6 @@ SMALL = [
 
 
 def _load_script():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     spec = importlib.util.spec_from_file_location("reproduce_instruct", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["reproduce_instruct"] = module

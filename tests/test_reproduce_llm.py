@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+import _stats
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "reproduce_llm.py")
 
@@ -427,7 +429,7 @@ def test_report_on_fake_partial_results(tmp_path, script):
     pooled = c["bootstrap_pooled"]
     assert pooled["seeds"] == 2 and pooled["sentences"] == 24 and pooled["bleu"] > pooled["bleu_baseline"]
     assert "dft/test" not in results["comparisons"]  # nothing of dft finished
-    assert f"| Brier | test | 2 | +1.00, +2.00 | {script._runner.fmt_ci(m, lo, hi)} | 2/2 | 0.500 |" in md
+    assert f"| Brier | test | 2 | +1.00, +2.00 | {_stats.fmt_ci(m, lo, hi)} | 2/2 | 0.500 |" in md
     # the tables: mean ± std over the finished seeds, "-" where nothing finished
     table = results["table"]
     assert table["logarithmic"]["figures"]["bleu_test"]["mean"] == pytest.approx(11.0)
@@ -457,10 +459,10 @@ def test_branch_copies_the_checkpoint_and_early_log_but_no_tokenizer(tmp_path, s
     ):
         script.branch_from(str(src), str(tmp_path / "other"), 3)
     nan = math.nan  # a comparison cell: "-" when no seed has the figure, the mean alone for one seed
-    assert script._runner.fmt_ci(nan, nan, nan, missing="-") == "-"
-    assert script._runner.fmt_ci(nan, nan, nan) == "+nan"  # the seq2seq scripts' output is unchanged
-    assert script._runner.fmt_ci(1.5, nan, nan, 3, missing="-") == "+1.500"
-    assert script._runner.fmt_ci(1.5, 0.5, 2.5, missing="-") == "+1.50 [+0.50, +2.50]"
+    assert _stats.fmt_ci(nan, nan, nan, missing="-") == "-"
+    assert _stats.fmt_ci(nan, nan, nan) == "+nan"  # the seq2seq scripts' output is unchanged
+    assert _stats.fmt_ci(1.5, nan, nan, 3, missing="-") == "+1.500"
+    assert _stats.fmt_ci(1.5, 0.5, 2.5, missing="-") == "+1.50 [+0.50, +2.50]"
 
 
 def test_estimate_printout_and_arithmetic(tmp_path, script, capsys):

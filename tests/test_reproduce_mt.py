@@ -7,16 +7,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
-
-import _runner  # noqa: E402
-import reproduce_mt  # noqa: E402
+import _runner
+import _stats
+import reproduce_mt
 
 WORDS_EN = ["a", "man", "dog", "red", "runs", "the", "woman", "blue", "car", "sits", "on", "street"]
 WORDS_DE = ["ein", "mann", "hund", "rot", "rennt", "der", "frau", "blau", "auto", "sitzt", "auf", "strasse"]
@@ -90,7 +87,7 @@ def test_reproduce_mt_end_to_end_and_resume(tmp_path, capsys, in_process):
 
     # every protocol has a row with one seed; the report and the curves exist
     md = open(os.path.join(work, "results.md"), encoding="utf-8").read()
-    for label, _ in reproduce_mt.PROTOCOLS.values():
+    for label in (protocol.label for protocol in reproduce_mt.PROTOCOLS.values()):
         assert f"| {label} | 1 |" in md
     assert os.path.getsize(os.path.join(work, "training_curves.png")) > 0
     summary = json.load(open(os.path.join(work, "results.json"), encoding="utf-8"))
@@ -165,15 +162,15 @@ def test_reproduce_mt_rejects_bad_arguments(tmp_path):
 
 
 def test_seed_level_statistics():
-    m, lo, hi = _runner.mean_ci([1.0, 2.0, 3.0])
+    m, lo, hi = _stats.mean_ci([1.0, 2.0, 3.0])
     assert m == 2.0 and abs(hi - 2.0 - 4.303 * 1.0 / 3**0.5) < 1e-9 and abs((m - lo) - (hi - m)) < 1e-12
-    assert _runner.mean_ci([1.0])[1] != _runner.mean_ci([1.0])[1]  # NaN interval for one seed
-    assert _runner.sign_test([1, 2, 3]) == 0.25 and _runner.sign_test([1, -1]) == 1.0
-    assert _runner.sign_test([0.5] * 6) == 2 / 64 and _runner.sign_test([0, 0]) == 1.0
-    assert _runner.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
-    assert _runner.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
-    assert abs(_runner.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) - 4 / 6) < 1e-12
-    tau, lo, hi = _runner.kendall_tau_interval(
+    assert _stats.mean_ci([1.0])[1] != _stats.mean_ci([1.0])[1]  # NaN interval for one seed
+    assert _stats.sign_test([1, 2, 3]) == 0.25 and _stats.sign_test([1, -1]) == 1.0
+    assert _stats.sign_test([0.5] * 6) == 2 / 64 and _stats.sign_test([0, 0]) == 1.0
+    assert _stats.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert _stats.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert abs(_stats.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) - 4 / 6) < 1e-12
+    tau, lo, hi = _stats.kendall_tau_interval(
         list(range(30)), [x + (7 if x % 5 == 0 else 0) for x in range(30)], n_samples=200
     )
     assert lo <= tau <= hi and 0.5 < tau < 1

@@ -13,15 +13,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
-
-import _runner  # noqa: E402
-import reproduce_summ  # noqa: E402
+import _runner
+import _stats
+import reproduce_summ
 
 TOPICS = ["gas", "power", "budget", "legal", "trading", "meeting"]
 FILLER = ["please", "review", "the", "attached", "file", "thanks", "call", "me", "today", "about"]
@@ -134,7 +131,7 @@ def test_reproduce_summ_end_to_end_resume_and_later_test_file(tmp_path, capsys, 
 
     md = open(os.path.join(work, "results.md"), encoding="utf-8").read()
     for p in "abc":  # the default protocols (a0, the control, is not one)
-        assert f"| {reproduce_summ.PROTOCOLS[p][0]} | 1 |" in md
+        assert f"| {reproduce_summ.PROTOCOLS[p].label} | 1 |" in md
     assert "(a0)" not in md
     assert "R-L multi" in md and "best over each example's references" in md and "sign test p" in md
     assert os.path.getsize(os.path.join(work, "training_curves.png")) > 0
@@ -309,18 +306,18 @@ def test_reproduce_summ_rejects_bad_arguments(tmp_path):
 
 def test_paired_bootstrap_means():
     base = [0.1 * (i % 7) for i in range(200)]
-    same = _runner.paired_bootstrap_means(base, base, n_samples=200)
+    same = _stats.paired_bootstrap_means(base, base, n_samples=200)
     assert same["delta"] == 0 and same["p"] == 1.0
     gain = [0.05 + 0.01 * (i % 3) for i in range(200)]
-    better = _runner.paired_bootstrap_means(base, [b + g for b, g in zip(base, gain)], n_samples=200)
+    better = _stats.paired_bootstrap_means(base, [b + g for b, g in zip(base, gain)], n_samples=200)
     assert better["delta"] == pytest.approx(sum(gain) / 200) and better["p"] == pytest.approx(2 / 201)
     assert better["ci95"][0] <= better["delta"] <= better["ci95"][1]
     noisy = [b + (0.3 if i % 2 else -0.3) for i, b in enumerate(base)]  # mean difference 0 +- noise
-    assert _runner.paired_bootstrap_means(base, noisy, n_samples=200)["p"] > 0.5
-    worse = _runner.paired_bootstrap_means(base, [b - 0.05 for b in base], n_samples=100)
+    assert _stats.paired_bootstrap_means(base, noisy, n_samples=200)["p"] > 0.5
+    worse = _stats.paired_bootstrap_means(base, [b - 0.05 for b in base], n_samples=100)
     assert worse["delta"] < 0 and worse["p"] == pytest.approx(2 / 101)
     with pytest.raises(ValueError, match="paired scores needed"):
-        _runner.paired_bootstrap_means([1.0], [1.0, 2.0])
+        _stats.paired_bootstrap_means([1.0], [1.0, 2.0])
 
 
 def test_choose_smoothing_best_score_ties_to_the_smaller_eps():

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+#: every test here runs a whole command, study, process group or build: `make check` leaves them out
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+#: every test here runs a whole command, study, process group or build: `make check` leaves them out
+pytestmark = pytest.mark.slow
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 

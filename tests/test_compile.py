@@ -56,6 +56,7 @@ def _assert_close(a, b, what):
 # ------------------------------------------------------------------------------ graph breaks
 
 
+@pytest.mark.slow
 def test_no_graph_breaks():
     """One trace of both losses for every rule (smoothing, ignored tokens, -inf logits, the head
     transforms, chunks): a single graph, no break."""
@@ -82,6 +83,7 @@ def test_no_graph_breaks():
 # ------------------------------------------------------------------------------ values and gradients
 
 
+@pytest.mark.slow
 def test_compiled_equals_eager_every_rule():
     """Every rule, with and without smoothing (the masked-log term), ignored tokens and -inf
     logits, in one compiled graph; per-token losses and their logit gradients. The ``aot_eager``
@@ -103,6 +105,7 @@ def test_compiled_equals_eager_every_rule():
         assert torch.all(cg[i][[0, 5]] == 0) and torch.all(cg[i][2, :5] == 0)
 
 
+@pytest.mark.slow
 def test_compiled_equals_eager_reductions_and_head():
     """Every reduction, num_items_in_batch (int and tensor), four rules with and without
     smoothing, the output-head transforms, all tokens ignored (``aot_eager``); the traceable form
@@ -140,6 +143,7 @@ def test_compiled_equals_eager_reductions_and_head():
     assert rel_err(ga, gb) < 1e-12
 
 
+@pytest.mark.slow
 def test_inductor_equals_eager_and_bad_target_is_nan():
     """Inductor on the unfused loss (a bounded rule with smoothing: the masked-log term; ignored
     tokens, -inf logits, per-token upstream gradient); an out-of-range target gives NaN there
@@ -161,6 +165,7 @@ def test_inductor_equals_eager_and_bad_target_is_nan():
         fn(z, bad)
 
 
+@pytest.mark.slow
 def test_compiled_fused_equals_eager_every_rule():
     """The chunked fused loss (2 chunks, the last one partial) for every rule with smoothing,
     ignored tokens, a bias, both reductions, num_items_in_batch and (every third rule) the
@@ -193,6 +198,7 @@ def test_compiled_fused_equals_eager_every_rule():
             _assert_close(cg[3 * i + k], eg[3 * i + k], f"grad {name} {case}")
 
 
+@pytest.mark.slow
 def test_compiled_fused_inductor_equals_eager_and_keeps_no_logits():
     """Inductor, fused loss (2 chunks, smoothing, ignored tokens): values and gradients equal
     eager; memory: nothing of size N x V is saved for backward (the operator of properlm.fused.op
@@ -271,6 +277,7 @@ def _train_losses(compile_backend, fused, steps=3):
     return losses
 
 
+@pytest.mark.slow
 def test_tiny_llama_trains_under_torch_compile():
     """``torch.compile(model)`` of a Llama patched by apply_scoring_rule: 3 AdamW steps, losses
     equal to eager to 1e-5, no graph break. The ``aot_eager`` backend traces exactly what
@@ -285,6 +292,7 @@ def test_tiny_llama_trains_under_torch_compile():
     assert compiled_losses[-1] != compiled_losses[0]  # the steps changed the model
 
 
+@pytest.mark.slow
 def test_train_cli_torch_compile(tmp_path):
     """``properlm train --torch-compile`` (a 2-step run of a tiny GPT) gives the eager run's losses."""
     from properlm.cli.main import main
@@ -353,6 +361,7 @@ def _bench_compile():
     return bench
 
 
+@pytest.mark.slow
 def test_bench_compile_prints_its_table(capsys):
     """benchmarks/bench_compile.py end to end on the tiny shape (aot_eager, one warm-up and one timed step each,
     no memory subprocesses): a row per variant and mode, the HF CE rows at ratio 1.00, the log variants' losses
@@ -374,6 +383,7 @@ def test_bench_compile_prints_its_table(capsys):
         assert r[col["fullgraph"]] == ("-" if r[2] == "eager" else "yes")
 
 
+@pytest.mark.slow
 def test_bench_compile_peak_memory():
     """The peak memory of one step (VmHWM after minus VmRSS before, here in this process): byte counts, of the
     forward + backward and of the whole step (at least as large: VmHWM only grows)."""

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 import properlm
 from _multiprocess import Checker, run_ranks
 from properlm.distributed import fused_linear_vocab_parallel_scoring_rule_loss, vocab_parallel_scoring_rule_loss
+
+#: every test here runs a whole command, study, process group or build: `make check` leaves them out
+pytestmark = pytest.mark.slow
 
 WORLD = 2
 SIZES = (5, 8)

@@ -94,6 +94,7 @@ def _assert_close(a, b, what, tol=TOL):
     assert err <= tol, f"{what}: relative error {err:.2e}"
 
 
+@pytest.mark.slow
 def test_compiled_op_equals_eager():
     """Every kind of rule (plain, alpha families, mixtures), smoothing and its variants, the head transforms,
     ignored targets, every reduction, num_items_in_batch (int and tensor), with and without bias, in one
@@ -107,6 +108,7 @@ def test_compiled_op_equals_eager():
         assert torch.all(cg[3 * i][[1, 9, 17]] == 0)  # ignored rows get no gradient
 
 
+@pytest.mark.slow
 def test_compiled_op_inductor_equals_eager():
     """Inductor (code generated around the operator): a reduced and a per-token loss."""
     cases = [CASES[2], CASES[3]]
@@ -170,6 +172,7 @@ def _graphs(reduction: str) -> dict[str, dict[str, int]]:
     return graphs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compiled_graph_recomputes_no_logits(reduction, monkeypatch):
     """The loss is one operator node in the forward graph and no N x V matmul is traced: for a reduced loss the
@@ -193,6 +196,7 @@ def test_compiled_graph_recomputes_no_logits(reduction, monkeypatch):
     assert old["backward"]["matmul"] >= 3 * 3  # recomputed logits, grad hidden, grad weight per chunk
 
 
+@pytest.mark.slow
 def test_no_graph_break_and_fallback_for_unnamed_rules():
     """``torch._dynamo.explain``: one graph, no break, for the operator and for the checkpointed fallback of a rule
     that its spec does not name (an unregistered subclass), whose values equal eager's as well."""
@@ -221,6 +225,7 @@ def test_no_graph_break_and_fallback_for_unnamed_rules():
         _assert_close(a, c, "fallback", tol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_op_checks_targets_and_runs_without_grad():
     """An out-of-range target raises the eager ValueError inside the compiled graph; under ``no_grad`` no
     gradient is formed and the loss is unchanged."""
@@ -234,6 +239,7 @@ def test_compiled_op_checks_targets_and_runs_without_grad():
         f(h, w, bad, "spherical", bias=b)
 
 
+@pytest.mark.slow
 def test_operator_registration_opcheck():
     """``torch.library.opcheck``: schema, fake implementation, autograd registration, AOT dispatch."""
     h, w, b, y = _data()
@@ -278,6 +284,7 @@ def test_operator_registration_opcheck():
     assert math.isfinite(float(torch.ops.properlm.fused_linear_loss(*args)[0].detach()))
 
 
+@pytest.mark.slow
 def test_dynamic_shapes_and_bfloat16_equal_eager_exactly():
     """``dynamic=True`` (two numbers of tokens, one graph) and bfloat16 inputs: the operator runs the eager code,
     so values and gradients are bitwise equal to eager mode's."""

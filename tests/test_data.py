@@ -279,6 +279,7 @@ def test_translation_prompt_and_chat_template(causal_tok):
     assert build_prompt(inst, ChatTok()) == "<user>Say hi.</user><assistant>"
 
 
+@pytest.mark.slow
 def test_tokenize_examples_and_collator(causal_tok):
     examples = [Example("one", "un deux", "translation"), Example("one two three", "un", "translation")]
     ds = tokenize_examples(examples, causal_tok, seq2seq=False, max_length=64)

@@ -103,6 +103,7 @@ def _counting(model, monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_an_interrupted_decoding_resumes_with_the_same_hypotheses(tiny, tmp_path, monkeypatch):
     model, tok, path, _, _ = tiny
     prompts = _prompts(tok)
@@ -122,6 +123,7 @@ def test_an_interrupted_decoding_resumes_with_the_same_hypotheses(tiny, tmp_path
     assert not jpath.exists()
 
 
+@pytest.mark.slow
 def test_a_line_cut_short_by_a_kill_is_decoded_again(tiny, tmp_path, monkeypatch):
     model, tok, _, _, _ = tiny
     prompts = _prompts(tok)
@@ -141,6 +143,7 @@ def test_a_line_cut_short_by_a_kill_is_decoded_again(tiny, tmp_path, monkeypatch
     assert _decode(model, tok, prompts, journal=DecodeJournal(jpath, key="k"))[0] == hyps and calls == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ["settings", "prompts", "model"])
 def test_a_journal_of_another_decoding_is_never_mixed_in(tiny, tmp_path, monkeypatch, change):
     model, tok, _, _, _ = tiny
@@ -199,6 +202,7 @@ def test_model_fingerprint_of_an_adapter_follows_its_base_model(tiny, tmp_path):
     assert model_fingerprint(str(adapter))["base"]["gguf_file"] == "model.gguf"
 
 
+@pytest.mark.slow
 def test_evaluate_resumes_an_interrupted_decoding(tiny, tmp_path, monkeypatch, capsys):
     """`properlm evaluate` killed while decoding, run again with the same command: the hypotheses decoded before
     the kill are taken from OUTPUT_DIR/decode_journal.jsonl, the results equal an uninterrupted run's, and the
@@ -263,6 +267,7 @@ def test_evaluate_resumes_an_interrupted_decoding(tiny, tmp_path, monkeypatch, c
     assert resumed["generation"]["new_token_cap"]["num_at_cap"] == whole["generation"]["new_token_cap"]["num_at_cap"]
 
 
+@pytest.mark.slow
 def test_generate_resumes_into_its_output_file(tiny, tmp_path, monkeypatch, capsys):
     """`properlm generate --output FILE` killed while decoding: FILE.journal.jsonl keeps the finished batches and
     the same command decodes only the rest; the output equals an uninterrupted run's and the journal goes."""
@@ -310,6 +315,7 @@ def test_generate_resumes_into_its_output_file(tiny, tmp_path, monkeypatch, caps
     assert not journal.exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_evaluate_and_generate_says_what_was_kept(tiny, tmp_path, monkeypatch, capsys):
     """Ctrl-C while decoding used to print a KeyboardInterrupt traceback. Now one line says how many outputs the
     journal keeps and which command continues from them; the exit status is 130."""

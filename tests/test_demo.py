@@ -10,6 +10,9 @@ import pytest
 from properlm.cli.demo_data import make_number_dataset, number_to_words, write_parallel
 from properlm.cli.main import main
 
+#: every test here runs a whole command, study, process group or build: `make check` leaves them out
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
     "n, words",

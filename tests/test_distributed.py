@@ -26,6 +26,9 @@ from properlm.distributed import (
     vocab_shard,
 )
 
+#: every test here runs a whole command, study, process group or build: `make check` leaves them out
+pytestmark = pytest.mark.slow
+
 Group = dist.ProcessGroup | None
 
 RULES = ["logarithmic", "brier", "spherical", "power:3", "pseudo-spherical:1.5", "0.5*logarithmic+0.5*spherical"]

@@ -123,6 +123,7 @@ def _snippets() -> tuple[dict[str, list[str]], list[str]]:
     return blocks, exempt
 
 
+@pytest.mark.slow
 def test_snippets_run(tmp_path):
     """Every python block of the concept and how-to pages runs (in a fresh process, so the rules they register
     stay out of this one), except those marked ``<!-- snippet: not run (reason) -->``; each marker names its
@@ -179,6 +180,7 @@ def test_no_page_repeats_a_section():
     assert not repeated, f"sections that appear twice: {repeated}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", ["README.md", "docs/index.md"])
 def test_the_first_example_runs_without_the_collapsing_smoothing(page, monkeypatch):
     """The five-line example a new user copies first runs, and is not the paper's masked-log smoothing of a bounded
@@ -205,6 +207,7 @@ def test_the_first_example_runs_without_the_collapsing_smoothing(page, monkeypat
     assert [w for w in caught if "masked-log" in str(w.message)]  # the warning the example avoids
 
 
+@pytest.mark.slow
 def test_generated_regions_are_up_to_date():
     """The pages carry the examples, every command's --help and the train options table themselves (they read
     whole in the repository, not only on the site); `make docs-sync` refreshes them, and this fails until it ran."""

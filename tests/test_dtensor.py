@@ -19,6 +19,9 @@ from _multiprocess import Checker, run_ranks
 from properlm.dtensor import is_dtensor
 from reference import naive_loss
 
+#: every test here runs a whole command, study, process group or build: `make check` leaves them out
+pytestmark = pytest.mark.slow
+
 WORLD = 2
 RULES = ["logarithmic", "brier", "spherical", "power:3", "pseudo-spherical:1.5"]
 REDUCTIONS = ["mean", "sum", "none"]

@@ -13,6 +13,9 @@ import torch
 from properlm.cli.main import build_parser, main
 from properlm.evaluation.text_metrics import generation_metrics, summarization_metrics, translation_metrics
 
+#: every test here runs a whole command, study, process group or build: `make check` leaves them out
+pytestmark = pytest.mark.slow
+
 SRC = ["das haus ist klein", "der hund ist gross", "die katze schläft", "ich trinke wasser", "wir gehen nach hause"]
 TGT = ["the house is small", "the dog is big", "the cat sleeps", "i drink water", "we go home"]
 

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+#: every test here runs a whole command, study, process group or build: `make check` leaves them out
+pytestmark = pytest.mark.slow
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 #: script -> a pattern its output must contain

@@ -14,11 +14,15 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 
 import properlm
 from _multiprocess import Checker, run_ranks
 from properlm.dtensor import is_dtensor
+
+#: every test here runs a whole command, study, process group or build: `make check` leaves them out
+pytestmark = pytest.mark.slow
 
 WORLD = 2
 #: (rule, smoothing, fused, tied embeddings, lm_head its own FSDP unit)

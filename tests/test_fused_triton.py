@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+#: the Triton kernels run in the interpreter on CPU (TRITON_INTERPRET=1): `make check` leaves them out
+pytestmark = pytest.mark.slow
+
 RULES = ["logarithmic", "brier", "spherical", "power:3", "pseudo-spherical:1.5", "0.5*logarithmic+0.5*spherical"]
 N, H, V = 21, 20, 40  # none a multiple of the 16-wide tiles
 TOL = 1e-5

@@ -149,6 +149,7 @@ def tiny(tmp_path_factory):
     return str(root / "m"), str(src), str(tgt)
 
 
+@pytest.mark.slow
 def test_evaluate_caps_by_source_length_and_scores_two_temperatures(tiny, tmp_path, capsys):
     from transformers import AutoTokenizer
 
@@ -246,6 +247,7 @@ def test_bad_cap_and_temperature_options(tiny, tmp_path, capsys, extra, message)
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_generate_with_a_cap_keeps_the_input_order(tiny, tmp_path, capsys):
     model, _, _ = tiny
     inp, out = tmp_path / "in.txt", tmp_path / "out.txt"

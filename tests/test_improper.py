@@ -255,6 +255,7 @@ def _batch(seed=1, b=3, t=6, causal=True):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "t5"])
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_apply_improper_loss_fused_and_unfused_match_the_functional_loss(kind, name):
@@ -310,6 +311,7 @@ def _word_tokenizer():
     )
 
 
+@pytest.mark.slow
 def test_dft_equals_trl_sft_trainer_loss_type_dft(tmp_path):
     """TRL's SFTTrainer(loss_type="dft").compute_loss equals dft_loss on the model's logits (with and
     without num_items_in_batch), and the fused patch equals it under TRL's fused_lm_head protocol."""
@@ -411,6 +413,7 @@ def _train_args(data, out, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_train_cli_improper_loss_records_it_and_matches_the_gradient_identity(tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -450,6 +453,7 @@ def test_train_cli_improper_loss_records_it_and_matches_the_gradient_identity(tm
         torch.testing.assert_close(omp_w[key], w, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_train_yaml_improper_loss_seq2seq(tmp_path):
     from properlm.training import make_config, run_training
 

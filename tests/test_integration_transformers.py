@@ -133,6 +133,7 @@ def assert_grads_close(a, b, rtol=1e-4, atol=1e-6):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_all_paths_give_the_same_loss(kind):
     model = tiny_model(kind)
@@ -166,6 +167,7 @@ def test_all_paths_give_the_same_loss(kind):
                 torch.testing.assert_close(value, ref, rtol=2e-6, atol=2e-6, msg=f"{kind} {rule} {smoothing}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama-untied", "t5", "bart"])
 def test_fused_gradients_match_reference(kind):
     model = tiny_model(kind)
@@ -178,6 +180,7 @@ def test_fused_gradients_match_reference(kind):
     assert_grads_close(grads(model), ref)
 
 
+@pytest.mark.slow
 def test_logarithmic_is_the_models_cross_entropy_and_removal_restores_it():
     for kind in KINDS:
         model = tiny_model(kind)
@@ -405,6 +408,7 @@ def _num_items(kind: str, labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] if kind in CAUSAL else labels).ne(-100).sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "t5"])
 @pytest.mark.parametrize("path", ["apply", "loss_func"])
 def test_gradient_accumulation_is_exact(kind, path):
@@ -473,6 +477,7 @@ def _trainer_grads(tmp_path, model, data, batch_size, accumulation, compute_loss
     return capture.grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["apply", "loss_func"])
 def test_trainer_gradient_accumulation_matches_big_batch(tmp_path, path):
     data = [{k: v[0].tolist() for k, v in e.items()} for e in _ragged_examples("llama")]
@@ -495,6 +500,7 @@ def test_trainer_gradient_accumulation_matches_big_batch(tmp_path, path):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lora_model():
     peft = pytest.importorskip("peft")
     base = tiny_model("llama")
@@ -548,6 +554,7 @@ def _word_tokenizer():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*compute_loss_func.*:FutureWarning")
 def test_sft_trainer_trains_with_the_scoring_rule(tmp_path):
     trl = pytest.importorskip("trl")

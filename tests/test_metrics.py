@@ -182,6 +182,7 @@ def _reference_temperature(z: torch.Tensor, y: torch.Tensor) -> float:
     return math.exp((a + b) / 2)
 
 
+@pytest.mark.slow
 def test_temperature_scan_recovers_the_true_temperature():
     logits, y = _overconfident()
     y[::7] = -100  # ignored positions take no part

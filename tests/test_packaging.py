@@ -19,6 +19,9 @@ except ModuleNotFoundError:  # Python 3.10
 import properlm
 from properlm.cli.main import main
 
+#: every test here runs a whole command, study, process group or build: `make check` leaves them out
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 

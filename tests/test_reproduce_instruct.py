@@ -12,6 +12,9 @@ import sys
 
 import pytest
 
+#: every test here runs a whole command, study, process group or build: `make check` leaves them out
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "reproduce_instruct.py")
 WORDS = "the a house cat dog tree city water sun moon good small big old new is".split()

@@ -15,6 +15,9 @@ import _runner
 import _stats
 import reproduce_mt
 
+#: every test here runs a whole command, study, process group or build: `make check` leaves them out
+pytestmark = pytest.mark.slow
+
 WORDS_EN = ["a", "man", "dog", "red", "runs", "the", "woman", "blue", "car", "sits", "on", "street"]
 WORDS_DE = ["ein", "mann", "hund", "rot", "rennt", "der", "frau", "blau", "auto", "sitzt", "auf", "strasse"]
 

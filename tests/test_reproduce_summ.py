@@ -20,6 +20,9 @@ import _runner
 import _stats
 import reproduce_summ
 
+#: every test here runs a whole command, study, process group or build: `make check` leaves them out
+pytestmark = pytest.mark.slow
+
 TOPICS = ["gas", "power", "budget", "legal", "trading", "meeting"]
 FILLER = ["please", "review", "the", "attached", "file", "thanks", "call", "me", "today", "about"]
 

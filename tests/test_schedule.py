@@ -107,6 +107,7 @@ def test_callback_rejects_bad_target():
         RuleScheduleCallback("brier:3", object())
 
 
+@pytest.mark.slow
 def test_callback_in_trainer_switches_rule_at_the_right_step(tmp_path):
     transformers = pytest.importorskip("transformers")
     from properlm.integrations.transformers import apply_scoring_rule

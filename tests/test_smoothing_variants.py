@@ -299,6 +299,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_triton_kernels_take_the_variant() -> None:
     pytest.importorskip("triton", reason="triton is an optional dependency (pip install properlm[triton])")
     src = str(Path(__file__).resolve().parents[1] / "src")
@@ -353,6 +354,7 @@ def _vp_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_vocab_parallel_losses_take_the_variant(tmp_path: Path) -> None:
     mp.spawn(_vp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
@@ -391,6 +393,7 @@ def _train_head(variant: str, steps: int = 30, V: int = 49152, n: int = 4, H: in
     return out
 
 
+@pytest.mark.slow
 def test_paper_formula_collapses_at_large_vocabulary_where_gated_does_not() -> None:
     paper, gated = _train_head("paper"), _train_head("gated")
     start = math.log(0.70 / 0.93)
@@ -420,6 +423,7 @@ def test_train_warns_once_for_the_paper_formula_at_large_vocabularies() -> None:
     assert TrainConfig().smoothing_variant == "paper"
 
 
+@pytest.mark.slow
 def test_train_prints_the_warning_once_and_takes_the_option(tmp_path: Path, monkeypatch, recwarn) -> None:
     """End to end with a tiny model (vocabulary 270; the threshold lowered to 200 for the test): the CLI
     option warns once for ``paper``; the YAML key ``smoothing_variant: gated`` trains without it."""

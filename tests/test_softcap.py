@@ -228,6 +228,7 @@ def run_linear(fn, h, w, b, y, dtype, up):
     return [loss.detach(), *grads]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", RULES)
 def test_fused_chunked_equals_unfused_transformed(rule, monkeypatch):
     """Several chunks (5 rows) of several row blocks each (SUB_ELEMENTS = 2 rows); with reduction
@@ -330,6 +331,7 @@ def _triton_worker() -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 def test_triton_kernels_apply_the_transform():
     pytest.importorskip("triton", reason="triton is an optional dependency (pip install properlm[triton])")
     src = str(Path(__file__).resolve().parents[1] / "src")
@@ -353,6 +355,7 @@ def test_triton_kernels_apply_the_transform():
     assert not bad, bad
 
 
+@pytest.mark.slow
 def test_triton_tanh_matches_torch():
     """The kernels' float32 tanh (built from exp: the interpreter has no libdevice) to a few ulps."""
     pytest.importorskip("triton")
@@ -464,6 +467,7 @@ def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_vocab_parallel_transform(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
@@ -528,6 +532,7 @@ def grads_of(model) -> dict[str, torch.Tensor]:
 EXPECTED_HEAD = {"gemma2": (2.0, None), "gemma3": (2.0, None), "cohere": (None, 4.0), "granite": (None, 4.0)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gemma2", "gemma3", "cohere", "granite"])
 def test_apply_scoring_rule_fuses_transformed_heads(kind):
     """Patched (fused) loss = the model's own logits scored with scoring_rule_loss (and = the model's

@@ -111,6 +111,7 @@ def _close(a, b, tol=1e-5):
     assert [x.count for x in a.bins] == [x.count for x in b.bins]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "gemma2", "cohere", "granite"])
 def test_scored_positions_only_give_the_full_logits_metrics(kind, monkeypatch):
     model, tok, ex = _model(kind), _tokenizer(), _examples()
@@ -132,6 +133,7 @@ def test_scored_positions_only_give_the_full_logits_metrics(kind, monkeypatch):
     assert sum(n for _, n in shapes) == ref.num_tokens < sum(len(f["input_ids"]) for f in feats)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "gemma2", "cohere", "granite"])
 def test_kept_hidden_states_score_another_temperature_as_a_second_pass(kind):
     model, tok, ex = _model(kind), _tokenizer(), _examples()
@@ -166,6 +168,7 @@ def test_store_over_its_memory_cap_is_dropped_not_the_metrics():
     assert not store.complete and store.batches == [] and "max_bytes" in store.reason
 
 
+@pytest.mark.slow
 def test_fit_temperature_reads_the_fitted_metrics_off_the_first_pass(tmp_path):
     """``properlm evaluate --fit-temperature`` on a decoder-only model: the metrics at the fitted T
     come from the kept hidden states and equal a pass at that temperature."""
@@ -261,6 +264,7 @@ def test_mixed_precision_leaves_autocast_even_when_the_head_raises():
     assert not torch.is_autocast_enabled("cpu") and not head._forward_pre_hooks and not head._forward_hooks
 
 
+@pytest.mark.slow
 def test_evaluate_bf16_is_close_to_float32_and_says_so(tmp_path, capsys):
     import json
 
@@ -298,6 +302,7 @@ def test_evaluate_bf16_is_close_to_float32_and_says_so(tmp_path, capsys):
     assert not (tmp_path / "x").exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_a_peft_model_with_a_lora_head_scores_as_its_full_logits():
     peft = pytest.importorskip("peft")
     model = _model("llama")

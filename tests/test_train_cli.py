@@ -26,6 +26,9 @@ from properlm.training import (
     run_training,
 )
 
+#: every test here runs a whole command, study, process group or build: `make check` leaves them out
+pytestmark = pytest.mark.slow
+
 WORDS = "zero one two three four five six seven eight nine".split()
 
 

@@ -14,6 +14,9 @@ import pytest
 
 from properlm.cli.main import build_parser, main
 
+#: every test here runs a whole command, study, process group or build: `make check` leaves them out
+pytestmark = pytest.mark.slow
+
 SRC = ["das haus ist klein", "der hund ist gross", "die katze schläft", "ich trinke wasser"]
 TGT = ["the house is small", "the dog is big", "the cat sleeps", "i drink water"]
 

@@ -38,7 +38,7 @@ from .rules import (
     register_rule,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "IMPROPER_OBJECTIVES",

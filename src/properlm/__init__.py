@@ -6,9 +6,9 @@ families. Shao, Meng, Liu, Zhou. "Language Generation with Strictly Proper Scori
 The core (imports nothing of the application):
 
 * :mod:`~properlm.rules`, :mod:`~properlm.stats`, :mod:`~properlm.loss` -- the rules, their per-token statistics, the
-  losses on logits; :mod:`~properlm.fused` -- the loss of an output layer without its logits;
-  :mod:`~properlm.distributed`, :mod:`~properlm.dtensor` -- vocabulary-parallel forms; :mod:`~properlm.compiled` --
-  the ``torch.compile`` forms; :mod:`~properlm.improper` -- improper baselines.
+  losses on logits; :mod:`~properlm.options` -- the loss options, checked once; :mod:`~properlm.fused` -- the loss of
+  an output layer without its logits; :mod:`~properlm.distributed`, :mod:`~properlm.dtensor` -- vocabulary-parallel
+  forms; :mod:`~properlm.compiled` -- the ``torch.compile`` forms; :mod:`~properlm.improper` -- improper baselines.
 
 The application (builds on the core):
 
@@ -25,6 +25,7 @@ from .fused import LinearScoringRuleLoss, fused_linear_scoring_rule_loss
 from .improper import IMPROPER_OBJECTIVES, DFTLoss, OneMinusPLoss, dft_loss, get_improper_objective, one_minus_p_loss
 from .integrations.transformers import apply_improper_loss, apply_scoring_rule, remove_scoring_rule
 from .loss import ScoringRuleLoss, scoring_rule_loss, sequence_scores, token_scores
+from .options import LossOptions
 from .rules import (
     Brier,
     Logarithmic,
@@ -46,6 +47,7 @@ __all__ = [
     "DFTLoss",
     "LinearScoringRuleLoss",
     "Logarithmic",
+    "LossOptions",
     "Mixture",
     "OneMinusPLoss",
     "Power",

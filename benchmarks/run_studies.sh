@@ -9,9 +9,12 @@ set -e
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
 mkdir -p runs
-# 1. instruction tuning with each rule, then zero-shot
+# 1. instruction tuning with each rule, then zero-shot. The arms in this order (the plan's priority): the switch
+#    branches from the logarithmic run's step-448 checkpoint, which lives only in runs/ (not in the archive), so it
+#    runs right after its logarithmic run, in the same session; a logarithmic run is restored from the archive only
+#    once its switch run is archived too
 $PY benchmarks/reproduce_instruct.py "$DATA" --work-dir runs/reproduce_instruct --jobs 2 \
-    --archive results/reproduce_instruct
+    --archive results/reproduce_instruct --arms logarithmic,switch-spherical,spherical,brier,dft
 # 2. de-en: the switch arms (the logarithmic runs retrain to keep their step-50 checkpoints; the other arms restore)
 $PY benchmarks/reproduce_llm.py "$DATA/newstest-de-en" --work-dir runs/reproduce_llm --jobs 2 \
     --archive results/reproduce_llm \

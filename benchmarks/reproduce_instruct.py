@@ -730,8 +730,8 @@ def check_settings(args: argparse.Namespace, work: str, write: bool) -> None:
 
 
 def widen(args: argparse.Namespace, saved: dict[str, Any]) -> None:
-    arms = set(args.arm_list) | set(saved.get("arms", []))
-    args.arm_list = [a for a in ALLOWED_ARMS if a in arms]
+    # the arms given first, in their order (the plan's priority), then those the work directory ran before
+    args.arm_list = args.arm_list + [a for a in ALLOWED_ARMS if a in saved.get("arms", []) and a not in args.arm_list]
     args.seed_list = args.seed_list + [s for s in saved.get("seeds", []) if s not in args.seed_list]
     for arm, seeds in saved.get("arm_seeds", {}).items():
         args.arm_seeds[arm] = sorted(set(args.arm_seeds.get(arm, [])) | set(seeds))

@@ -298,3 +298,21 @@ def test_dry_run_plans_the_budget_choice(tmp_path, script, capsys):
     assert "[dry-run] seed1/brier/train" in trains and "[dry-run] seed2/brier/train" not in trains
     assert "[dry-run] seed3/spherical/train" in trains and "core-hours" in out
     assert not (tmp_path / "w").exists()
+
+
+def test_the_arms_given_set_the_plan_order_before_those_the_work_directory_ran(script):
+    """The plan runs in list order: ``--arms logarithmic,switch-spherical,...`` keeps a switch run beside the
+    logarithmic run it branches from (whose checkpoint lives only in the work directory), also when the work
+    directory recorded other arms before (they follow, in the usual order)."""
+    import argparse
+
+    arms = ["logarithmic", "brier", "spherical", "switch-spherical", "dft"]
+    args = argparse.Namespace(
+        arm_list=["logarithmic", "switch-spherical", "spherical"],
+        seed_list=[1],
+        arm_seeds={"logarithmic": [1], "switch-spherical": [1], "spherical": [1]},
+        extra_tests={},
+    )
+    script.widen(args, {"arms": arms, "seeds": [1, 2], "arm_seeds": {a: [1, 2] for a in arms}, "extra_tests": {}})
+    assert args.arm_list == ["logarithmic", "switch-spherical", "spherical", "brier", "dft"]
+    assert args.seed_list == [1, 2] and args.arm_seeds["brier"] == [1, 2]

@@ -4,6 +4,7 @@ counts, the settings keys and :class:`SetupError` (imported by the script and by
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 TRAIN_SETS = ("news-test2008", "newstest2009", "newstest2010", "newstest2011", "newstest2012")
@@ -91,3 +92,39 @@ RESERVED_NAMES = ("train", "dev", "test", "fit_dev", "val", "untuned")
 
 class SetupError(ValueError):
     """A bad argument, data directory or model location (raised before any expensive work)."""
+
+
+def schedule_argv(args: argparse.Namespace, seed: int, out: str, keep_all_checkpoints: bool) -> list[str]:
+    """The ``properlm train`` options every run of the LLM studies shares, in this order: the seed, the schedule
+    (steps, batch sizes, length, learning rate), evaluation and checkpoints (every checkpoint kept where a switch
+    run branches from it, else the last one), per-step logging without bars, and the output directory."""
+    return [
+        "--seed",
+        str(seed),
+        "--max-steps",
+        str(args.steps),
+        "--per-device-train-batch-size",
+        str(args.batch_size),
+        "--per-device-eval-batch-size",
+        str(args.eval_batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--learning-rate",
+        str(args.learning_rate),
+        "--lr-scheduler",
+        args.lr_scheduler,
+        "--warmup-steps",
+        str(args.warmup_steps),
+        "--eval-steps",
+        str(args.eval_steps),
+        "--save-steps",
+        str(args.save_steps),
+        *([] if keep_all_checkpoints else ["--save-total-limit", "1"]),
+        *(["--group-by-length"] if args.group_by_length else []),
+        "--logging-steps",
+        "1",
+        "--no-progress-bar",
+        "--no-tensorboard",
+        "--output-dir",
+        out,
+    ]

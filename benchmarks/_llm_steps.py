@@ -7,7 +7,7 @@ import argparse
 import os
 
 import _runner
-from _llm_common import ARMS, BASELINE, EXTRA_MAX_LENGTH, EXTRA_MAX_NEW_TOKENS, Arm
+from _llm_common import ARMS, BASELINE, EXTRA_MAX_LENGTH, EXTRA_MAX_NEW_TOKENS, Arm, schedule_argv
 from _runner import Step
 
 
@@ -135,34 +135,7 @@ def train_argv(
         "--validation-target-file",
         os.path.join(d, "val.en"),
         *objective,
-        "--seed",
-        str(seed),
-        "--max-steps",
-        str(args.steps),
-        "--per-device-train-batch-size",
-        str(args.batch_size),
-        "--per-device-eval-batch-size",
-        str(args.eval_batch_size),
-        "--max-length",
-        str(args.max_length),
-        "--learning-rate",
-        str(args.learning_rate),
-        "--lr-scheduler",
-        args.lr_scheduler,
-        "--warmup-steps",
-        str(args.warmup_steps),
-        "--eval-steps",
-        str(args.eval_steps),
-        "--save-steps",
-        str(args.save_steps),
-        *([] if keep_all_checkpoints else ["--save-total-limit", "1"]),
-        *(["--group-by-length"] if args.group_by_length else []),
-        "--logging-steps",
-        "1",
-        "--no-progress-bar",
-        "--no-tensorboard",
-        "--output-dir",
-        out,
+        *schedule_argv(args, seed, out, keep_all_checkpoints),
         *_bf16(args),
     ]
     if args.lora:

@@ -85,7 +85,7 @@ from typing import Any
 import _runner
 from _archive import ResultsArchive
 from _instruct_data import check_data_root, data_settings, make_data, parse_extra, prepare_data, prepare_extra
-from _llm_common import ARMS, BASELINE, DEFAULT_GGUF, SetupError
+from _llm_common import ARMS, BASELINE, DEFAULT_GGUF, SetupError, schedule_argv
 from _llm_steps import branch_from
 from _runner import Step, Timings, run_steps
 from reproduce_llm import locate_model, prepare_base
@@ -478,34 +478,7 @@ def train_argv(
         "--validation-file",
         _d(work, "alpaca_val.jsonl"),
         *objective,
-        "--seed",
-        str(seed),
-        "--max-steps",
-        str(args.steps),
-        "--per-device-train-batch-size",
-        str(args.batch_size),
-        "--per-device-eval-batch-size",
-        str(args.eval_batch_size),
-        "--max-length",
-        str(args.max_length),
-        "--learning-rate",
-        str(args.learning_rate),
-        "--lr-scheduler",
-        args.lr_scheduler,
-        "--warmup-steps",
-        str(args.warmup_steps),
-        "--eval-steps",
-        str(args.eval_steps),
-        "--save-steps",
-        str(args.save_steps),
-        *([] if keep_all else ["--save-total-limit", "1"]),
-        *(["--group-by-length"] if args.group_by_length else []),
-        "--logging-steps",
-        "1",
-        "--no-progress-bar",
-        "--no-tensorboard",
-        "--output-dir",
-        out,
+        *schedule_argv(args, seed, out, keep_all),
         *(["--bf16"] if args.precision == "bf16" else []),
         *(["--resume"] if resume else []),
     ]

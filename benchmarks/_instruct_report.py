@@ -13,6 +13,7 @@ import _runner
 import _stats
 from _llm_common import ARMS, BASELINE
 from _runner import Step
+from properlm.evaluation.curves import plot_curves as draw_curves
 
 RULES = ("logarithmic", "brier", "spherical")
 #: (split, result key, column title): the generation metrics compared against logarithmic
@@ -218,17 +219,17 @@ def plot_curves(args: argparse.Namespace, work: str, path: str) -> str | None:
     series = []
     for i, arm in enumerate(args.arm_list):
         runs = [os.path.join(_dir(work, arm, s), "train") for s in args.arm_seeds.get(arm, args.seed_list)]
-        runs = [r for r in runs if os.path.isfile(os.path.join(r, "metrics.jsonl"))]
-        if runs:
-            series.append((ARMS[arm].label, runs, {"color": f"C{i}", "linestyle": "--" if ARMS[arm].switch else "-"}))
-    if not series:
-        return None
-    return _report.plot_curves(
-        path,
+        style = {"color": f"C{i}", "linestyle": "--" if ARMS[arm].switch else "-"}
+        series.append(_report.curve_series(ARMS[arm].label, runs, style))
+    return draw_curves(
         series,
-        args.switch_at or args.steps,
-        f"SmolLM2-135M-Instruct on Alpaca: {args.steps} steps x {args.batch_size}, mean over seeds; dotted: the switch",
+        path,
+        title=f"SmolLM2-135M-Instruct on Alpaca: {args.steps} steps x {args.batch_size}, mean over seeds; "
+        "dotted: the switch",
+        panels=_report.CURVE_PANELS,
+        mark=args.switch_at or args.steps,
         what=f"Alpaca dev ({args.val_examples})",
+        ncols=4,
     )
 
 

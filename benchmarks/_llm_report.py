@@ -15,6 +15,7 @@ import _stats
 from _llm_common import ARMS, BASELINE, DEV_SET, RESULT_KEYS, RULES, TEST_SET, TRAIN_SETS
 from _llm_steps import run_dir
 from _runner import Step
+from properlm.evaluation.curves import plot_curves as draw_curves
 
 
 def _read(path: str) -> dict[str, Any] | None:
@@ -225,23 +226,23 @@ def _status(steps: list[Step]) -> dict[str, Any]:
 
 
 def plot_curves(args: argparse.Namespace, work: str, path: str) -> str | None:
-    """The training curves (:func:`_report.plot_curves`), a line per seed; ``None`` when no run has logged."""
+    """The training curves (:func:`properlm.evaluation.curves.plot_curves`), a line per seed, the training loss
+    first and on a log scale; ``None`` when no run has logged."""
     series = []
     for i, arm in enumerate(args.arm_list):
         runs = [os.path.join(run_dir(work, arm, seed), "train") for seed in sorted(args.seed_list)]
-        runs = [r for r in runs if _runner.read_log(os.path.join(r, "metrics.jsonl"))]
-        if runs:
-            style = {"color": f"C{i % 10}", "linestyle": "--" if ARMS[arm].switch else "-"}
-            series.append((ARMS[arm].label, runs, style))
-    if not series:
-        return None
-    return _report.plot_curves(
-        path,
+        style = {"color": f"C{i % 10}", "linestyle": "--" if ARMS[arm].switch else "-"}
+        series.append(_report.curve_series(ARMS[arm].label, runs, style))
+    loss, scores = _report.CURVE_PANELS[-1], _report.CURVE_PANELS[:-1]
+    return draw_curves(
         series,
-        None,
-        f"SmolLM2-135M-Instruct de->en: {args.steps} steps x {args.batch_size} examples, one line per "
+        path,
+        title=f"SmolLM2-135M-Instruct de->en: {args.steps} steps x {args.batch_size} examples, one line per "
         f"seed ({len(args.seed_list)} seed(s)); validation: {args.val_examples} newstest2013 sentences",
+        panels=[loss, *scores],
         per_run=True,
+        log_scale={"loss"},
+        ncols=2,
     )
 
 

@@ -1,7 +1,8 @@
 """The report builder of every study (``reproduce_mt.py``, ``reproduce_summ.py``, ``reproduce_llm.py``,
 ``reproduce_instruct.py``): the per-seed markdown tables (:func:`seed_table`), the plateau of the root runs
-(:func:`plateau`), the one training-curve plotter (:func:`plot_curves`) and ``WORK/results.md`` /
-``results.json`` (:func:`write_report`). The statistics themselves are :mod:`_stats`'s."""
+(:func:`plateau`) and ``WORK/results.md`` / ``results.json`` (:func:`write_report`). The statistics themselves
+are :mod:`_stats`'s; the training curves are drawn by the library's plotter,
+:func:`properlm.evaluation.curves.plot_curves`."""
 
 from __future__ import annotations
 
@@ -12,8 +13,25 @@ from typing import Any
 
 from _runner import read_log
 from _stats import fmt_mean_std, numeric_values, seed_values
+from properlm.evaluation.curves import CurveSeries, Panel
+from properlm.evaluation.run_records import RunRecord
 
-__all__ = ["plateau", "plot_curves", "seed_table", "write_report"]
+__all__ = ["CURVE_PANELS", "curve_series", "plateau", "seed_table", "write_report"]
+
+#: the panels of every study's training curves (:func:`properlm.evaluation.curves.plot_curves`): the log,
+#: Brier and spherical scores on the evaluation set and the training loss, whatever its rule
+CURVE_PANELS: list[Panel] = [
+    ("eval_score_logarithmic", None),
+    ("eval_score_brier", None),
+    ("eval_score_spherical", None),
+    ("loss", None),
+]
+
+
+def curve_series(label: str, runs: Sequence[str], style: dict[str, Any] | None = None) -> CurveSeries:
+    """A series of the training curves named ``label``: the logs of the run directories ``runs`` (the last
+    record per step and kind of each ``metrics.jsonl``), drawn with the matplotlib keywords ``style``."""
+    return CurveSeries(label, [RunRecord.from_log(label, run) for run in runs], dict(style or {}))
 
 
 def seed_table(
@@ -65,94 +83,6 @@ def plateau(
             line += f"; best {by_step[top]:.4f} at step {top}"
         lines.append(line)
     return "\n".join(lines), rows
-
-
-def plot_curves(
-    path: str,
-    series: Sequence[tuple[str, Sequence[str], dict[str, Any]]],
-    mark: int | None,
-    title: str,
-    *,
-    what: str = "validation",
-    per_run: bool = False,
-) -> str | None:
-    """Training curves from the runs' ``metrics.jsonl``: the log, Brier and spherical scores on the
-    evaluation set (``what`` names it) and the training loss against the step, a line per ``(label,
-    run directories, plot keywords)`` of ``series``, a dotted line at step ``mark`` (the switch; none
-    for ``None``).
-
-    By default a row of four panels and, per series, the mean over its runs at each step; with
-    ``per_run``, a 2 x 2 grid (the loss first, on a log scale), a line per run (the label on the
-    first) with the evaluations marked. Writes ``path`` and returns it, or ``None`` when there is
-    nothing to draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scores = [
-        ("eval_score_logarithmic", f"{what} log score"),
-        ("eval_score_brier", f"{what} Brier score"),
-        ("eval_score_spherical", f"{what} spherical score"),
-    ]
-    panels = [("loss", "training loss"), *scores] if per_run else [*scores, ("loss", "training loss")]
-    if per_run:
-        fig, grid = plt.subplots(2, 2, figsize=(12, 8))
-        axes = list(grid.flat)
-    else:
-        fig, row = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-        axes = list(row)
-    drawn = False
-    for label, runs, style in series:
-        logs = [read_log(os.path.join(run, "metrics.jsonl")) for run in runs]
-        for ax, (key, panel) in zip(axes, panels):
-            lines = _run_lines(logs, key) if per_run else _mean_line(logs, key)
-            for j, (steps, values) in enumerate(lines):
-                extra: dict[str, Any] = (
-                    {"alpha": 0.75, "marker": "o" if key != "loss" else None, "markersize": 3} if per_run else {}
-                )
-                ax.plot(steps, values, label=label if j == 0 else None, **style, **extra)
-                drawn = True
-            if lines or per_run:
-                ax.set_title(panel)
-                ax.set_xlabel("step")
-    if not drawn:
-        plt.close(fig)
-        return None
-    for ax, (key, _) in zip(axes, panels):
-        if mark is not None:
-            ax.axvline(mark, color="grey", linewidth=0.8, linestyle=":")
-        if per_run:
-            ax.grid(alpha=0.3)
-            if key == "loss":
-                ax.set_yscale("log")
-    axes[1 if per_run else 0].legend(fontsize=7 if per_run else 8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _mean_line(logs: Sequence[list[dict[str, Any]]], key: str) -> list[tuple[list[int], list[float]]]:
-    """The mean of ``key`` over the logs at each step they have it (no line when none has)."""
-    by_step: dict[int, list[float]] = {}
-    for log in logs:
-        for r in log:
-            if key in r and r[key] is not None:
-                by_step.setdefault(r["step"], []).append(r[key])
-    steps = sorted(by_step)
-    return [(steps, [sum(by_step[t]) / len(by_step[t]) for t in steps])] if steps else []
-
-
-def _run_lines(logs: Sequence[list[dict[str, Any]]], key: str) -> list[tuple[list[int], list[float]]]:
-    """A line per log that has numeric values of ``key``."""
-    out = []
-    for log in logs:
-        pts = [(r["step"], r[key]) for r in log if isinstance(r.get(key), (int, float))]
-        if pts:
-            out.append(([p[0] for p in pts], [p[1] for p in pts]))
-    return out
 
 
 def write_report(

@@ -12,7 +12,8 @@ settings per work directory (:func:`check_settings`), run directories and branch
 (:func:`run_dir`, :func:`branch_from`), the ``properlm train`` command (:func:`seq2seq_train_argv`),
 the task list (:class:`Plan`), the main flow (:func:`run_benchmark`) and the readers of step outputs
 (:func:`read_json`, :func:`read_json_if`, :func:`read_lines`, :func:`read_log`). The statistics are
-:mod:`_stats`'s, the report helpers (tables, curves, ``results.md``) :mod:`_report`'s.
+:mod:`_stats`'s, the report helpers (tables, ``results.md``) :mod:`_report`'s; the curves are drawn by
+:func:`properlm.evaluation.curves.plot_curves`.
 """
 
 from __future__ import annotations
@@ -82,17 +83,12 @@ def read_lines(path: str) -> list[str]:
 
 def read_log(path: str) -> list[dict[str, Any]]:
     """The records of a run's ``metrics.jsonl`` (none if it does not exist), the last one per
-    step and kind (training log / evaluation): a resumed run logs again the steps after its
-    checkpoint, and the final evaluation repeats the last scheduled one."""
-    from properlm.evaluation.run_records import read_metrics_log
+    step and kind (training log / evaluation), by step: the library's
+    :func:`properlm.evaluation.run_records.read_run_log` (a resumed run logs again the steps after its
+    checkpoint, and the final evaluation repeats the last scheduled one)."""
+    from properlm.evaluation.run_records import read_run_log
 
-    if not os.path.isfile(path):
-        return []
-    last: dict[tuple[int, str], dict[str, Any]] = {}
-    for rec in read_metrics_log(path):
-        kind = "eval" if "eval_loss" in rec else "loss" if "loss" in rec else "other"
-        last[(rec["step"], kind)] = rec
-    return [last[k] for k in sorted(last)]
+    return read_run_log(path)
 
 
 def run_step(name: str, argv: Sequence[str], output_dir: str, *, threads: int = 1, dry_run: bool = False) -> bool:

@@ -33,6 +33,7 @@ from _summ_runs import (
     selection_rows,
     split_file,
 )
+from properlm.evaluation.curves import plot_curves as draw_curves
 
 
 def _eval(args: argparse.Namespace, seed: int, protocol: str, split: str, objective: str) -> dict[str, Any] | None:
@@ -287,13 +288,15 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
     for p in args.protocol_list:
         runs = [r for r in (run_dir(args, s, p) for s in args.seed_list) if r is not None]
         if runs:
-            series.append((PROTOCOLS[p].label, runs, {}))
-    png = _report.plot_curves(
-        os.path.join(args.work_dir, "training_curves.png"),
+            series.append(_report.curve_series(PROTOCOLS[p].label, runs))
+    png = draw_curves(
         series,
-        args.t1,
-        f"AESLC email -> subject, mean over seeds {args.seeds}; dotted line: T1 = {args.t1}",
+        os.path.join(args.work_dir, "training_curves.png"),
+        title=f"AESLC email -> subject, mean over seeds {args.seeds}; dotted line: T1 = {args.t1}",
+        panels=_report.CURVE_PANELS,
+        mark=args.t1,
         what="held-out",
+        ncols=4,
     )
     settings = next(
         (r.get("rouge_settings") for rows in per.values() for r in rows.values() if r.get("rouge_settings")), None

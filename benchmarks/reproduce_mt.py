@@ -71,6 +71,7 @@ import _runner
 import _stats
 from _runner import Protocol, Task, eval_name, read_json, read_json_if, read_lines
 from _stats import fmt_ci, fmt_mean_std
+from properlm.evaluation.curves import plot_curves as draw_curves
 
 PROG = "reproduce_mt.py"
 
@@ -809,7 +810,7 @@ def plot_curves(args: argparse.Namespace, path: str) -> str | None:
         for p in args.protocol_list
     }
     series = [
-        (
+        _report.curve_series(
             PROTOCOLS[p].label,
             [run_dir(args, s, p) for s in finished[p]],
             {"linestyle": "-" if p in CORE else ":" if p in BRANCHES else "--"},
@@ -823,7 +824,14 @@ def plot_curves(args: argparse.Namespace, path: str) -> str | None:
         if len(drawn) == 1
         else "finished seeds (" + "; ".join(f"{p}: {','.join(map(str, v))}" for p, v in finished.items() if v) + ")"
     )
-    return _report.plot_curves(path, series, args.t1, f"Multi30k en-de, mean over {seeds}; dotted line: T1 = {args.t1}")
+    return draw_curves(
+        series,
+        path,
+        title=f"Multi30k en-de, mean over {seeds}; dotted line: T1 = {args.t1}",
+        panels=_report.CURVE_PANELS,
+        mark=args.t1,
+        ncols=4,
+    )
 
 
 def report(args: argparse.Namespace, wall_seconds: float | None) -> str:

@@ -25,8 +25,8 @@ from typing import Any
 
 from ..evaluation.comparison import ComparisonError, baseline_comparison
 from ..evaluation.comparison_table import comparison_table, run_figures
-from ..evaluation.curves import plot_curves
-from ..evaluation.run_records import load_runs
+from ..evaluation.curves import CurveSeries, plot_curves
+from ..evaluation.run_records import RunRecord, load_runs
 
 __all__ = ["parse_run_groups", "register", "run"]
 
@@ -66,7 +66,8 @@ def register(subparsers: Any) -> None:
         "name): training rule, steps, final training loss; BLEU/chrF/ROUGE, log score, perplexity, accuracy, "
         "ECE and each rule's mean token score from `properlm evaluate`'s results.json (also in a sub-directory "
         "of the run) or the training run's validation figures; --output-json keeps every figure. Plot the "
-        "training curves of the runs' metrics.jsonl logs, one panel per quantity. With "
+        "training curves of the runs' metrics.jsonl logs, one panel per quantity (the runs of a NAME=DIR,DIR "
+        "group as their mean per step). With "
         "--baseline, also whether each run (or group of seeds) beat the baseline: per seed with a paired "
         "bootstrap, over seeds with an interval and a sign test.",
         epilog="examples:\n"
@@ -113,8 +114,8 @@ def register(subparsers: Any) -> None:
         default="comparison.png",
         metavar="PNG",
         help="where to write the training-curve plot, one panel per quantity (each rule's loss on "
-        "its own panel; the validation scores every run shares); .png is added to a name without "
-        "an extension (default: comparison.png)",
+        "its own panel; the validation scores every run shares), a line per run or NAME=... group (the "
+        "mean of its runs at each step); .png is added to a name without an extension (default: comparison.png)",
     )
     parser.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="do not plot")
     parser.add_argument("--output-md", default=None, metavar="FILE", help="also write the table to this file")
@@ -133,6 +134,19 @@ def _check_output_file(option: str, path: str | None) -> str | None:
 def _row_labels(groups: list[tuple[str, list[str]]]) -> list[str]:
     """A label per path: the group's name, with ``#i`` for the i-th of several (seeds)."""
     return [name if len(paths) == 1 else f"{name} #{i}" for name, paths in groups for i, _ in enumerate(paths, 1)]
+
+
+def _curve_series(groups: list[tuple[str, list[str]]], runs: list[RunRecord]) -> list[CurveSeries]:
+    """A curve series per group, named by it, of the rows loaded for its paths.
+
+    The rows are told apart by their labels (:func:`_row_labels`); the seeds of a ``NAME=DIR1,DIR2`` group are
+    drawn as their mean per step.
+    """
+    out = []
+    for name, paths in groups:
+        labels = set(_row_labels([(name, paths)]))
+        out.append(CurveSeries(name, [r for r in runs if r.label in labels]))
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,11 +182,11 @@ def run(args: argparse.Namespace) -> int:
         with open(args.output_md, "w", encoding="utf-8") as f:
             f.write(table + "\n")
     if args.plot:
-        written = plot_curves(runs, args.plot)
+        written = plot_curves(_curve_series(groups, runs), args.plot)
         if written:
             print(f"\ntraining curves: {written}")
         else:
-            print("\nno metrics.jsonl in these runs: no training curves plotted", file=sys.stderr)
+            print("\nno training curves plotted: no metrics.jsonl with a loss or score in these runs", file=sys.stderr)
     if args.output_json:
         print(f"every figure: {args.output_json}")
     return 0

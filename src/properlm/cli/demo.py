@@ -140,15 +140,10 @@ def _evaluate(model_dir: str, test: list[tuple[str, str]]) -> dict[str, Any]:
 def _plot(runs: dict[str, str], pretrain_dir: str, path: str) -> None:
     """The training curves of the pre-training run and of each fine-tuning run (:func:`plot_curves`)."""
     from ..evaluation.curves import plot_curves
-    from ..evaluation.run_records import RunRecord, read_metrics_log
+    from ..evaluation.run_records import RunRecord
 
-    def record(label: str, directory: str) -> RunRecord:
-        log_path = os.path.join(directory, "metrics.jsonl")
-        log = read_metrics_log(log_path) if os.path.isfile(log_path) else []
-        return RunRecord(label=label, directory=directory, log=log, log_path=log_path if log else None)
-
-    records = [record("logarithmic (pre-training)", pretrain_dir)]
-    records += [record(f"fine-tuned with {rule}", run_dir) for rule, run_dir in runs.items()]
+    records = [RunRecord.from_log("logarithmic (pre-training)", pretrain_dir)]
+    records += [RunRecord.from_log(f"fine-tuned with {rule}", run_dir) for rule, run_dir in runs.items()]
     plot_curves(records, path, title="properlm demo: numbers -> words, tiny seq2seq")
 
 

@@ -39,7 +39,8 @@ Modules, one job each:
 * :mod:`~properlm.evaluation.comparison` -- evaluated runs against a baseline (``properlm compare --baseline``);
 * :mod:`~properlm.evaluation.run_records` -- what ``properlm compare`` reads from run directories;
 * :mod:`~properlm.evaluation.comparison_table` -- the table across runs of ``properlm compare``;
-* :mod:`~properlm.evaluation.curves` -- the training-curve plot (``properlm compare --plot``, ``properlm demo``).
+* :mod:`~properlm.evaluation.curves` -- the training-curve plot (``properlm compare --plot``, ``properlm demo``,
+  the studies).
 
 The package exports the driver, the settings and their checks, the truncation and the teacher-forced pass.
 How-to: [evaluation, calibration and temperature scaling](../how-to/evaluation.md),

@@ -323,22 +323,13 @@ def _option_property(name: str) -> property:
     return property(get, set_, doc=f"The option ``{name}`` of ``options`` (:class:`LossOptions`).")
 
 
-@document_options
 class LossModule(nn.Module):
     """Base of the loss modules: the options as one validated :class:`LossOptions`, each readable and settable.
 
-    :class:`properlm.ScoringRuleLoss` is this class with a ``forward``; :class:`properlm.LinearScoringRuleLoss` adds
-    its own settings (``chunk_size``, ``impl``). A subclass's ``forward`` passes ``self.options`` to the path that
-    computes the loss.
-
-    Args:
-        rule: {rule}
-        smoothing: {smoothing}
-        ignore_index: {ignore_index}
-        reduction: {reduction}
-        softcap: {softcap}
-        logit_scale: {logit_scale}
-        smoothing_variant: {smoothing_variant}
+    ``LossModule(rule, smoothing, ignore_index, reduction, *, softcap, logit_scale, smoothing_variant)`` takes the
+    options as :class:`LossOptions` does, with the same defaults. :class:`properlm.ScoringRuleLoss` is this class with
+    a ``forward``; :class:`properlm.LinearScoringRuleLoss` adds its own settings (``chunk_size``, ``impl``). A
+    subclass's ``forward`` passes ``self.options`` to the path that computes the loss.
 
     Attributes:
         options: the validated :class:`LossOptions`; ``rule``, ``smoothing``, ``ignore_index``, ``reduction``,

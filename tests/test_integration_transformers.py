@@ -228,29 +228,29 @@ def test_handle_set_rule_switches_the_loss():
     assert "logarithmic" in repr(func) and "brier" in repr(handle)
 
 
-def test_fallback_without_the_fused_module(monkeypatch):
-    """When properlm.fused cannot be imported the patch computes hidden @ W.T and scores it."""
+def test_the_fused_patch_scores_the_hidden_states(monkeypatch):
+    """The fused patch passes the hidden states (not the logits) and the output bias to the fused loss, and equals
+    the patch that scores the logits (``fused=False``)."""
     model = tiny_model("bart")
     inputs = batch("bart")
     calls = []
-    real = integ_linear._fused_impl()
-    assert real is not None, "properlm.fused should be importable in this checkout"
+    real = integ_linear.fused_linear_scoring_rule_loss
 
     def spy(hidden, weight, target, **kw):
         calls.append((tuple(hidden.shape), tuple(weight.shape), kw["bias"] is not None))
         return real(hidden, weight, target, **kw)
 
-    monkeypatch.setattr(integ_linear, "_fused_impl", lambda: spy)  # the module linear_scoring_rule_loss reads
+    monkeypatch.setattr(integ_linear, "fused_linear_scoring_rule_loss", spy)  # what linear_scoring_rule_loss calls
     with apply_scoring_rule(model, "spherical", 0.1):
         loss_fused = model(**inputs).loss
         loss_fused.backward()
     g_fused = grads(model)
     assert calls == [((3, 7, 32), (V, 32), True)]  # hidden states, not logits; BART's final_logits_bias
-    monkeypatch.setattr(integ_linear, "_fused_impl", lambda: None)
-    with apply_scoring_rule(model, "spherical", 0.1):
-        loss_fallback = model(**inputs).loss
-        loss_fallback.backward()
-    torch.testing.assert_close(loss_fallback, loss_fused, rtol=1e-6, atol=1e-6)
+    with apply_scoring_rule(model, "spherical", 0.1, fused=False):
+        loss_logits = model(**inputs).loss
+        loss_logits.backward()
+    assert len(calls) == 1  # the logits are scored without the fused loss
+    torch.testing.assert_close(loss_logits, loss_fused, rtol=1e-6, atol=1e-6)
     assert_grads_close(grads(model), g_fused)
 
 

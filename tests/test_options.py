@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
 
 import properlm
+from properlm.distributed import fused_linear_vocab_parallel_scoring_rule_loss, vocab_parallel_scoring_rule_loss
+from properlm.dtensor import dtensor_fused_linear_scoring_rule_loss, dtensor_scoring_rule_loss
+from properlm.integrations.transformers import linear_scoring_rule_loss
 from properlm.options import (
     OPTION_DOCS,
+    LossModule,
     LossOptions,
     block_rows,
     chunk_rows,
@@ -49,6 +54,37 @@ def test_modules_hold_one_options_object_and_setting_an_option_validates():
     fused = properlm.LinearScoringRuleLoss("brier", chunk_size=3)
     fused.smoothing_variant = "gated"
     assert fused.options.smoothing_variant == "gated" and "smoothing_variant='gated'" in repr(fused)
+    assert isinstance(crit, LossModule) and isinstance(fused, LossModule)
+    with pytest.raises(ValueError, match="softcap must be None"):
+        fused.softcap = -1.0
+    assert fused.options == LossOptions("brier", smoothing_variant="gated")  # a failed set keeps the options
+
+
+#: every public entry point that takes the loss options as separate arguments
+ENTRY_POINTS = [
+    properlm.scoring_rule_loss,
+    properlm.ScoringRuleLoss,
+    properlm.fused_linear_scoring_rule_loss,
+    properlm.LinearScoringRuleLoss,
+    LossModule,
+    vocab_parallel_scoring_rule_loss,
+    fused_linear_vocab_parallel_scoring_rule_loss,
+    dtensor_scoring_rule_loss,
+    dtensor_fused_linear_scoring_rule_loss,
+    linear_scoring_rule_loss,
+]
+
+
+@pytest.mark.parametrize("fn", ENTRY_POINTS, ids=lambda fn: fn.__name__)
+def test_every_entry_point_takes_the_options_as_loss_options_does(fn):
+    """The option parameters of each entry point are those of ``LossOptions``: same kind (the head transform and the
+    smoothing variant keyword-only), same default, same order (``linear_scoring_rule_loss`` requires ``rule``)."""
+    want = inspect.signature(LossOptions).parameters
+    have = inspect.signature(fn).parameters
+    assert [n for n in have if n in want] == list(want)
+    for name, p in want.items():
+        default = inspect.Parameter.empty if fn is linear_scoring_rule_loss and name == "rule" else p.default
+        assert (have[name].kind, have[name].default) == (p.kind, default), name
 
 
 @pytest.mark.parametrize(

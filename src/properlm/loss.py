@@ -16,17 +16,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .compiled import token_losses as traceable_token_losses
 from .dtensor import is_dtensor, sharded_logits_loss
 from .options import (
+    LossModule,
     LossOptions,
     block_rows,
     compute_dtype,
     document_options,
-    option_property,
-    options_repr,
     reduce_loss,
     validate_inputs,
 )
@@ -294,7 +293,7 @@ def scoring_rule_loss(
 
 
 @document_options
-class ScoringRuleLoss(nn.Module):
+class ScoringRuleLoss(LossModule):
     """Module form of :func:`scoring_rule_loss`.
 
     Args:
@@ -307,9 +306,8 @@ class ScoringRuleLoss(nn.Module):
         smoothing_variant: {smoothing_variant}
 
     Attributes:
-        options: the validated :class:`~properlm.options.LossOptions`; ``rule``, ``smoothing``, ``ignore_index``,
-            ``reduction``, ``softcap``, ``logit_scale`` and ``smoothing_variant`` read them, and setting one of
-            them replaces ``options`` with a validated copy.
+        options: the validated :class:`~properlm.options.LossOptions`; each option is also a property that reads
+            it and, when set, replaces ``options`` with a validated copy (:class:`~properlm.options.LossModule`).
 
     Shape: ``forward(logits (..., V), target (...), num_items_in_batch=None)`` -> a scalar, or ``target``'s shape
     for ``reduction="none"``.
@@ -320,43 +318,9 @@ class ScoringRuleLoss(nn.Module):
         >>> loss = criterion(logits.view(-1, V), labels.view(-1))
     """
 
-    def __init__(
-        self,
-        rule: RuleLike = "logarithmic",
-        smoothing: float = 0.0,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        *,
-        softcap: float | None = None,
-        logit_scale: float | None = None,
-        smoothing_variant: str = "paper",
-    ) -> None:
-        super().__init__()
-        self.options = LossOptions(
-            rule,
-            smoothing,
-            ignore_index,
-            reduction,
-            softcap=softcap,
-            logit_scale=logit_scale,
-            smoothing_variant=smoothing_variant,
-        )
-
-    rule = option_property("rule")
-    smoothing = option_property("smoothing")
-    ignore_index = option_property("ignore_index")
-    reduction = option_property("reduction")
-    softcap = option_property("softcap")
-    logit_scale = option_property("logit_scale")
-    smoothing_variant = option_property("smoothing_variant")
-
     def forward(self, logits: Tensor, target: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
         """The loss of ``logits`` ``(..., V)`` for ``target`` ``(...)``, as :func:`scoring_rule_loss`."""
         return _loss(logits, target, self.options, num_items_in_batch, stacklevel=3)
-
-    def extra_repr(self) -> str:
-        """The settings, as shown in ``repr(module)``."""
-        return options_repr(self.options)
 
 
 def token_scores(logits: Tensor, target: Tensor, rule: RuleLike, ignore_index: int = -100) -> Tensor:

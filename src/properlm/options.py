@@ -8,6 +8,9 @@ This is the leaf of the core: :mod:`properlm.loss`, :mod:`properlm.fused`, :mod:
   output-head transform) as one frozen object, validated when it is made. Every public loss builds one from its
   keyword arguments and hands it down to the path that computes it (unfused, fused chunked / Triton, the
   ``torch.library`` operator, vocabulary-parallel, ``DTensor``).
+* :class:`LossModule` -- the base of the loss modules (:class:`properlm.ScoringRuleLoss`,
+  :class:`properlm.LinearScoringRuleLoss`): it takes the options, holds them as one :class:`LossOptions` and reads
+  and sets each of them as a property;
 * :data:`OPTION_DOCS` -- the one description of each option; the docstrings of the losses show it
   (:func:`document_options`).
 * validation of the options and the inputs (:func:`check_smoothing`, :func:`check_smoothing_variant`,
@@ -28,7 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .rules import RuleLike, ScoringRule, get_rule
 
@@ -42,6 +45,7 @@ __all__ = [
     "OPTION_DOCS",
     "REDUCTIONS",
     "SMOOTHING_VARIANTS",
+    "LossModule",
     "LossOptions",
     "block_rows",
     "check_head_transform",
@@ -54,7 +58,6 @@ __all__ = [
     "default_chunk_size",
     "document_options",
     "fill_option_docs",
-    "option_property",
     "options_repr",
     "reduce_loss",
     "validate_inputs",
@@ -304,6 +307,77 @@ def options_repr(options: LossOptions, extra: str = "") -> str:
     )
 
 
+def _option_property(name: str) -> property:
+    """A property of a :class:`LossModule` that reads (and, validated, sets) the option ``name`` of its ``options``.
+
+    Setting it replaces ``options`` with a validated copy (``dataclasses.replace``), so a module's options stay one
+    valid :class:`LossOptions`.
+    """
+
+    def get(self: LossModule) -> Any:
+        return getattr(self.options, name)
+
+    def set_(self: LossModule, value: Any) -> None:
+        self.options = replace(self.options, **{name: value})
+
+    return property(get, set_, doc=f"The option ``{name}`` of ``options`` (:class:`LossOptions`).")
+
+
+class LossModule(nn.Module):
+    """Base of the loss modules: the options as one validated :class:`LossOptions`, each readable and settable.
+
+    ``LossModule(rule, smoothing, ignore_index, reduction, *, softcap, logit_scale, smoothing_variant)`` takes the
+    options as :class:`LossOptions` does, with the same defaults. :class:`properlm.ScoringRuleLoss` is this class with
+    a ``forward``; :class:`properlm.LinearScoringRuleLoss` adds its own settings (``chunk_size``, ``impl``). A
+    subclass's ``forward`` passes ``self.options`` to the path that computes the loss.
+
+    Attributes:
+        options: the validated :class:`LossOptions`; ``rule``, ``smoothing``, ``ignore_index``, ``reduction``,
+            ``softcap``, ``logit_scale`` and ``smoothing_variant`` read them, and setting one of them replaces
+            ``options`` with a validated copy (``ValueError`` for an invalid value, which leaves ``options`` as it
+            was).
+
+    Raises:
+        ValueError: an invalid option, as :class:`LossOptions`.
+    """
+
+    options: LossOptions
+
+    def __init__(
+        self,
+        rule: RuleLike = "logarithmic",
+        smoothing: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        *,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+        smoothing_variant: str = "paper",
+    ) -> None:
+        super().__init__()
+        self.options = LossOptions(
+            rule,
+            smoothing,
+            ignore_index,
+            reduction,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            smoothing_variant=smoothing_variant,
+        )
+
+    rule = _option_property("rule")
+    smoothing = _option_property("smoothing")
+    ignore_index = _option_property("ignore_index")
+    reduction = _option_property("reduction")
+    softcap = _option_property("softcap")
+    logit_scale = _option_property("logit_scale")
+    smoothing_variant = _option_property("smoothing_variant")
+
+    def extra_repr(self) -> str:
+        """The settings, as shown in ``repr(module)`` (:func:`options_repr`)."""
+        return options_repr(self.options)
+
+
 def validate_inputs(
     logits_shape: torch.Size | tuple[int, ...],
     logits_dtype: torch.dtype,
@@ -419,19 +493,3 @@ def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int, cuda:
     if not cuda:
         rows = min(rows, MAX_CHUNK_ROWS)
     return max(1, min(rows, num_tokens))
-
-
-def option_property(name: str) -> property:
-    """A property of a loss module that reads (and, validated, sets) the option ``name`` of its ``options``.
-
-    Setting it replaces ``options`` with a validated copy (``dataclasses.replace``), so a module's options stay one
-    valid :class:`LossOptions`.
-    """
-
-    def get(self: Any) -> Any:
-        return getattr(self.options, name)
-
-    def set_(self: Any, value: Any) -> None:
-        self.options = replace(self.options, **{name: value})
-
-    return property(get, set_, doc=f"The option ``{name}`` of ``options`` (:class:`LossOptions`).")

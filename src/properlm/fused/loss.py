@@ -8,16 +8,16 @@ with respect to ``hidden``, ``weight`` and ``bias``, without forming the ``(N, V
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..compiled import fused_token_losses
 from ..dtensor import is_dtensor, sharded_weight_loss
 from ..options import (
+    LossModule,
     LossOptions,
     check_num_items,
     default_chunk_size,
     document_options,
-    option_property,
     options_repr,
     reduce_loss,
     validate_inputs,
@@ -217,7 +217,7 @@ def _fused_loss(
 
 
 @document_options
-class LinearScoringRuleLoss(nn.Module):
+class LinearScoringRuleLoss(LossModule):
     """Module form of :func:`fused_linear_scoring_rule_loss`.
 
     The loss of an output layer given its hidden states, never forming the full logits.
@@ -234,9 +234,8 @@ class LinearScoringRuleLoss(nn.Module):
         smoothing_variant: {smoothing_variant}
 
     Attributes:
-        options: the validated :class:`~properlm.options.LossOptions`; ``rule``, ``smoothing``, ``ignore_index``,
-            ``reduction``, ``softcap``, ``logit_scale`` and ``smoothing_variant`` read them, and setting one of
-            them replaces ``options`` with a validated copy.
+        options: the validated :class:`~properlm.options.LossOptions`; each option is also a property that reads
+            it and, when set, replaces ``options`` with a validated copy (:class:`~properlm.options.LossModule`).
 
     Shape: ``forward(hidden (..., H), weight (V, H), target (...), bias=None, num_items_in_batch=None)`` -> a
     scalar, or ``target``'s shape for ``reduction="none"``.
@@ -260,8 +259,7 @@ class LinearScoringRuleLoss(nn.Module):
         logit_scale: float | None = None,
         smoothing_variant: str = "paper",
     ) -> None:
-        super().__init__()
-        self.options = LossOptions(
+        super().__init__(
             rule,
             smoothing,
             ignore_index,
@@ -273,14 +271,6 @@ class LinearScoringRuleLoss(nn.Module):
         _check_chunking(chunk_size, impl)
         self.chunk_size = chunk_size
         self.impl = impl
-
-    rule = option_property("rule")
-    smoothing = option_property("smoothing")
-    ignore_index = option_property("ignore_index")
-    reduction = option_property("reduction")
-    softcap = option_property("softcap")
-    logit_scale = option_property("logit_scale")
-    smoothing_variant = option_property("smoothing_variant")
 
     def forward(
         self,

@@ -230,9 +230,9 @@ def parse_extra(spec: str, taken: dict[str, Any], reserved: tuple[str, ...] = ()
     return name, {"kind": kind, "files": [os.path.abspath(p) for p in paths]}
 
 
-def prepare_extra(work: str, name: str, spec: dict[str, Any]) -> list[str]:
-    """The ``properlm evaluate`` data options of an extra test set; a summarization file is written once as
-    ``WORK/data/extra_NAME.jsonl`` in the subject-line instruction form."""
+def extra_options(work: str, name: str, spec: dict[str, Any]) -> list[str]:
+    """The ``properlm evaluate`` data options of an extra test set (a summarization file: the file
+    :func:`prepare_extra` writes)."""
     if spec["kind"] == "translation":
         return [
             "--source-file",
@@ -246,9 +246,15 @@ def prepare_extra(work: str, name: str, spec: dict[str, Any]) -> list[str]:
         ]
     if spec["kind"] == "instruction":
         return ["--data-file", spec["files"][0], "--task", "instruction"]
+    return ["--data-file", os.path.join(work, "data", f"extra_{name}.jsonl"), "--task", "instruction"]
+
+
+def prepare_extra(work: str, name: str, spec: dict[str, Any]) -> None:
+    """Write a summarization extra test set once as ``WORK/data/extra_NAME.jsonl`` in the subject-line instruction
+    form (the other kinds are read as they are)."""
     out = os.path.join(work, "data", f"extra_{name}.jsonl")
-    if not os.path.isfile(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        _write_jsonl(out + ".tmp", [subject_record(r) for r in read_jsonl(spec["files"][0])])
-        os.replace(out + ".tmp", out)
-    return ["--data-file", out, "--task", "instruction"]
+    if spec["kind"] != "summarization" or os.path.isfile(out):
+        return
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    _write_jsonl(out + ".tmp", [subject_record(r) for r in read_jsonl(spec["files"][0])])
+    os.replace(out + ".tmp", out)

@@ -1,11 +1,15 @@
 """The shared definitions of ``reproduce_llm.py``: the data sets, the arms, the estimate's token
 counts, the settings keys and :class:`SetupError` (imported by the script and by ``_llm_data``,
-``_llm_steps``, ``_llm_estimate`` and ``_llm_report``, which cannot import the script itself)."""
+``_llm_steps``, ``_llm_estimate`` and ``_llm_report``, which cannot import the script itself), and what
+``reproduce_instruct.py`` shares with it: the training options (:func:`schedule_argv`) and the switch arms' branch
+(:func:`switch_branch`)."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+
+from _runner import Branch
 
 TRAIN_SETS = ("news-test2008", "newstest2009", "newstest2010", "newstest2011", "newstest2012")
 DEV_SET = "newstest2013"
@@ -128,3 +132,18 @@ def schedule_argv(args: argparse.Namespace, seed: int, out: str, keep_all_checkp
         "--output-dir",
         out,
     ]
+
+
+def switch_branch(log_run: str, switch_at: int) -> Branch:
+    """Where a switch arm's run starts: ``checkpoint-SWITCH_AT`` of the logarithmic run ``log_run`` of the same seed
+    (weights, optimizer, scheduler, RNG and data order, and its log records up to it), without a tokenizer (a
+    pretrained model's run has none; ``final`` holds it)."""
+    return Branch(
+        log_run,
+        switch_at,
+        tokenizer=False,
+        hint=(
+            ": the switch arms branch from it (was the logarithmic run finished, and its checkpoints deleted, before "
+            "they were requested? use --keep-checkpoints or a new --work-dir)"
+        ),
+    )

@@ -1,5 +1,5 @@
 """The steps of ``reproduce_llm.py``: run directories, the ``properlm`` commands of training and
-evaluation and the plan (:func:`plan`, a list of :class:`_runner.Step`, run by :func:`_runner.run_steps`)."""
+evaluation and the plan (:func:`plan`, a list of :class:`_runner.Step`, run by :func:`_runner.run_study`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import argparse
 import os
 
 import _runner
-from _llm_common import ARMS, BASELINE, EXTRA_MAX_LENGTH, EXTRA_MAX_NEW_TOKENS, Arm, schedule_argv
-from _runner import Step
+from _llm_common import ARMS, BASELINE, EXTRA_MAX_LENGTH, EXTRA_MAX_NEW_TOKENS, Arm, schedule_argv, switch_branch
+from _runner import RESUME_ALWAYS, RESUME_IF_CHECKPOINT, Arg, FromJson, Step
 
 
 def run_dir(work: str, arm: str, seed: int | None) -> str:
@@ -75,17 +75,17 @@ def fit_argv(args: argparse.Namespace, model: str, work: str, out: str) -> list[
 
 
 def decode_argv(
-    args: argparse.Namespace, model: str, work: str, split: str, out: str, temperature: float | str | None
-) -> list[str]:
+    args: argparse.Namespace, model: str, work: str, split: str, out: str, temperature: Arg | float | None
+) -> list[Arg]:
     """Decode a split (dev, test or an --extra-test name) and score it teacher-forced at T = 1 and
-    at ``temperature`` (the dev fit)."""
+    at ``temperature`` (the dev fit: :func:`fitted_temperature`, read when the step starts)."""
     if split in args.extra_tests:
         src, ref = args.extra_tests[split]
         data = ["--source-file", src, "--target-file", ref, "--source-lang", "German", "--target-lang", "English"]
         length, new = EXTRA_MAX_LENGTH, max(EXTRA_MAX_NEW_TOKENS, args.max_new_tokens)
     else:
         data, length, new = _data(work, split), args.max_length, args.max_new_tokens
-    argv = [
+    argv: list[Arg] = [
         "evaluate",
         "--model",
         model,
@@ -109,13 +109,15 @@ def decode_argv(
         "--no-progress",
     ]
     if temperature is not None:
-        argv += ["--also-temperature", str(temperature)]
+        argv += ["--also-temperature", _runner.arg(temperature)]
     return argv
 
 
 def train_argv(
     args: argparse.Namespace, base: str, work: str, arm: Arm, seed: int, out: str, keep_all_checkpoints: bool = False
 ) -> list[str]:
+    """``properlm train`` of one arm and seed into ``out`` (``--resume`` is the runner's: a switch arm always resumes
+    the checkpoint it branched from, another run when it holds a checkpoint)."""
     d = os.path.join(work, "data")
     if arm.switch:
         objective = ["--schedule", f"logarithmic:{args.switch_at},{arm.rule}:{args.steps - args.switch_at}"]
@@ -140,34 +142,12 @@ def train_argv(
     ]
     if args.lora:
         argv += ["--lora", "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha)]
-    from properlm.training import find_checkpoints
-
-    if arm.switch or find_checkpoints(out):  # a branch always starts from the copied checkpoint
-        argv.append("--resume")
     return argv
 
 
-def branch_from(src: str, dst: str, step: int) -> None:
-    """Start run directory ``dst`` from ``src``'s ``checkpoint-STEP`` (weights, optimizer,
-    scheduler, RNG and data order) and its log records up to ``step`` (whole curves), by
-    :func:`_runner.start_from_checkpoint` (no tokenizer copy: the run of a pretrained model has
-    none; ``final`` holds it)."""
-    _runner.start_from_checkpoint(
-        src,
-        dst,
-        step,
-        tokenizer=False,
-        missing_hint=(
-            ": the switch arms branch from it (was the logarithmic run finished, and its checkpoints deleted, before "
-            "they were requested? use --keep-checkpoints or a new --work-dir)"
-        ),
-    )
-
-
-def _temperature(args: argparse.Namespace, fit_out: str) -> float | str:
-    if args.dry_run or args.estimate:
-        return "T_FITTED_ON_DEV"
-    return _runner.read_json(os.path.join(fit_out, "results.json"))["temperature_fit"]["temperature"]
+def fitted_temperature(fit_out: str) -> FromJson:
+    """The temperature a ``fit_dev`` step fitted (its ``results.json``), read when a step that needs it starts."""
+    return FromJson(os.path.join(fit_out, "results.json"), ("temperature_fit", "temperature"), "T_FITTED_ON_DEV")
 
 
 def plan(args: argparse.Namespace, work: str, base: str) -> list[Step]:
@@ -185,34 +165,27 @@ def plan(args: argparse.Namespace, work: str, base: str) -> list[Step]:
             Step(
                 f"{prefix}/fit_dev",
                 "fit",
-                arm,
-                seed,
                 fit_out,
-                lambda: fit_argv(args, model, work, fit_out),
-                after,
-                "dev",
+                fit_argv(args, model, work, fit_out),
+                arm=arm,
+                seed=seed,
+                split="dev",
+                deps=after,
             )
         )
-        splits = ["test", *(["dev"] if args.decode_dev else []), *args.extra_tests]
-        for split in splits:
+        for split in ["test", *(["dev"] if args.decode_dev else []), *args.extra_tests]:
             out = os.path.join(rdir, split if split in ("test", "dev") else f"extra_{split}")
-            kind = split if split in ("test", "dev") else "extra"
-            temperature = split != "dev"
-
-            def argv(split: str = split, out: str = out, temperature: bool = temperature) -> list[str]:
-                t = _temperature(args, fit_out) if temperature else None
-                return decode_argv(args, model, work, split, out, t)
-
+            temperature = fitted_temperature(fit_out) if split != "dev" else None
             steps.append(
                 Step(
                     f"{prefix}/{split}",
-                    kind,
-                    arm,
-                    seed,
+                    split if split in ("test", "dev") else "extra",
                     out,
-                    argv,
-                    (f"{prefix}/fit_dev",) if temperature else after,
-                    split,
+                    decode_argv(args, model, work, split, out, temperature),
+                    arm=arm,
+                    seed=seed,
+                    split=split,
+                    deps=(f"{prefix}/fit_dev",) if temperature is not None else after,
                 )
             )
 
@@ -222,29 +195,19 @@ def plan(args: argparse.Namespace, work: str, base: str) -> list[Step]:
             arm = ARMS[name]
             tdir = os.path.join(run_dir(work, name, seed), "train")
             keep = name == BASELINE and bool(switch)
-            deps: tuple[str, ...] = ()
-            prepare = None
-            if arm.switch:
-                src = os.path.join(run_dir(work, BASELINE, seed), "train")
-                deps = (f"seed{seed}/{BASELINE}/train",)
-
-                def prepare(src: str = src, tdir: str = tdir) -> None:
-                    if not _runner.started(tdir):
-                        branch_from(src, tdir, args.switch_at)
-
+            log_run = os.path.join(run_dir(work, BASELINE, seed), "train")
             steps.append(
                 Step(
                     f"seed{seed}/{name}/train",
                     "train",
-                    name,
-                    seed,
                     tdir,
-                    lambda arm=arm, seed=seed, tdir=tdir, keep=keep: train_argv(
-                        args, base, work, arm, seed, tdir, keep_all_checkpoints=keep
-                    ),
-                    deps,
+                    train_argv(args, base, work, arm, seed, tdir, keep_all_checkpoints=keep),
+                    arm=name,
+                    seed=seed,
+                    deps=(f"seed{seed}/{BASELINE}/train",) if arm.switch else (),
                     train_steps=args.steps - args.switch_at if arm.switch else args.steps,
-                    prepare=prepare,
+                    resume=RESUME_ALWAYS if arm.switch else RESUME_IF_CHECKPOINT,
+                    branch=switch_branch(log_run, args.switch_at) if arm.switch else None,
                 )
             )
             evaluations(name, seed, (f"seed{seed}/{name}/train",))

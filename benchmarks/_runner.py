@@ -1,19 +1,35 @@
-"""Shared plumbing of the reproduction benchmarks (``reproduce_mt.py``, ``reproduce_summ.py``, ``reproduce_llm.py``).
+"""The one runner of the studies (``reproduce_mt.py``, ``reproduce_summ.py``, ``reproduce_llm.py``,
+``reproduce_instruct.py``).
 
-Each benchmark is a list of *steps*; a step is one ``properlm`` command (``train`` or
-``evaluate``) run in a subprocess, with its console output in a log file. A step whose
-``results.json`` exists is finished and skipped, so a benchmark killed at any point resumes
-where it stopped (an interrupted ``train`` step resumes from its newest checkpoint).
+A study is a plan: a list of :class:`Step`, in priority order. A step is data: its name (the key of the
+scheduler, of ``timings.json`` and of the archive), its display label, kind, arm or protocol, seed, split,
+output directory, dependencies and training steps, and what it does: one ``properlm`` command (an argv list,
+run in a subprocess with its console output in ``OUTPUT_DIR.log``), optionally after a branch from another run's
+checkpoint (:class:`Branch`), or, for the few steps that are work of the study itself (the held-out slice and
+the smoothing selection of ``reproduce_summ.py``), an in-process action. A value that only exists once an
+earlier step has run (the temperature fitted on dev, a selected smoothing) is a declared placeholder
+(:class:`FromJson`, inside a path :class:`Text`), resolved when the step starts; ``--resume`` is added by the
+runner when the step's :attr:`Step.resume` says so. A step whose ``results.json`` exists is finished and
+skipped, so a study killed at any point resumes where it stopped (an interrupted ``train`` step resumes from its
+newest checkpoint).
 
-The one runner of the studies. Scaffolding of the seq2seq scripts (``reproduce_mt.py``, ``reproduce_summ.py``),
-which keep only their protocols: the shared command-line :data:`OPTIONS` (:func:`add_options`), argument checks
-(:func:`check_data_dir`, :func:`int_list`, :func:`parse_protocols`, :func:`check_stages`), one set of
-settings per work directory (:func:`check_settings`), run directories and branches
-(:func:`run_dir`, :func:`branch_from`), the ``properlm train`` command (:func:`seq2seq_train_argv`),
-the task list (:class:`Plan`), the main flow (:func:`run_benchmark`) and the readers of step outputs
-(:func:`read_json`, :func:`read_json_if`, :func:`read_lines`, :func:`read_log`). The statistics are
-:mod:`_stats`'s, the report helpers (tables, ``results.md``) :mod:`_report`'s; the curves are drawn by
-:func:`properlm.evaluation.curves.plot_curves`.
+Parts:
+
+* the readers of step outputs: :func:`read_json`, :func:`read_json_if`, :func:`read_lines`, :func:`read_log`;
+* one command: :func:`run_step` (a ``properlm`` command), :func:`start_from_checkpoint`,
+  :func:`checkpoint_steps`, :func:`started`;
+* steps as data: :class:`Step`, its placeholders :class:`FromJson`, :class:`Text`, :class:`DryRunAs`, its branch
+  :class:`Branch` (executed by :func:`branch_from`), :func:`execute` (one step), :func:`arg`,
+  :func:`path_join`, :func:`resolve_argv`;
+* the scheduler: :class:`Task`, :func:`run_tasks` (``--jobs`` at a time, the list order as the priority);
+* the main flow of every study: :class:`Study` (the hooks a study fills in) and :func:`run_study` (argument
+  checks and settings, the ``--archive`` restore, the run with ``--jobs``, :class:`Timings`, per-step archiving,
+  checkpoint cleanup, the report), with :func:`restore_archive` and :func:`archive_steps`;
+* run directories: :func:`run_dir`, :func:`eval_name`.
+
+The command line and argument checks are :mod:`_options`'s, the seq2seq protocols and training command
+:mod:`_seq2seq`'s, the archive :mod:`_archive`'s, the statistics :mod:`_stats`'s, the report helpers (tables,
+``results.md``) :mod:`_report`'s; the curves are drawn by :func:`properlm.evaluation.curves.plot_curves`.
 """
 
 from __future__ import annotations
@@ -28,40 +44,42 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "ACTION",
     "IN_PROCESS",
-    "OPTIONS",
-    "PAPER_PROTOCOLS",
-    "Plan",
-    "Protocol",
+    "RESUME_ALWAYS",
+    "RESUME_IF_CHECKPOINT",
+    "RESUME_NEVER",
+    "Arg",
+    "Branch",
+    "DryRunAs",
+    "FromJson",
     "Step",
+    "Study",
     "Task",
+    "Text",
     "Timings",
-    "add_options",
+    "archive_steps",
+    "arg",
     "branch_from",
-    "check_data_dir",
-    "check_settings",
-    "check_stages",
     "checkpoint_steps",
     "eval_name",
-    "int_list",
-    "parse_protocols",
-    "protocols_help",
+    "execute",
+    "path_join",
     "read_json",
     "read_json_if",
     "read_lines",
     "read_log",
+    "resolve_argv",
     "restore_archive",
-    "run_benchmark",
     "run_dir",
     "run_step",
-    "run_steps",
+    "run_study",
     "run_tasks",
-    "seq2seq_train_argv",
     "start_from_checkpoint",
     "started",
 ]
@@ -91,14 +109,26 @@ def read_log(path: str) -> list[dict[str, Any]]:
     return read_run_log(path)
 
 
+def read_json_if(path: str) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or ``None`` when there is no such file (a step not run yet)."""
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def _finished(name: str, output_dir: str) -> bool:
+    """Whether ``OUTPUT_DIR/results.json`` exists (the step is finished), saying so."""
+    if os.path.isfile(os.path.join(output_dir, "results.json")):
+        print(f"[skip] {name}: {output_dir}/results.json exists", flush=True)
+        return True
+    return False
+
+
 def run_step(name: str, argv: Sequence[str], output_dir: str, *, threads: int = 1, dry_run: bool = False) -> bool:
     """Run ``properlm ARGV`` unless ``OUTPUT_DIR/results.json`` exists; return whether it ran.
 
     The console output goes to ``OUTPUT_DIR.log``; a failing command raises ``RuntimeError``
     with the last lines of that log. ``threads`` sets ``OMP_NUM_THREADS``/``torch`` threads.
     """
-    if os.path.isfile(os.path.join(output_dir, "results.json")):
-        print(f"[skip] {name}: {output_dir}/results.json exists", flush=True)
+    if _finished(name, output_dir):
         return False
     cmd = [sys.executable, "-m", "properlm.cli.main", *argv]
     if dry_run:
@@ -128,63 +158,6 @@ def run_step(name: str, argv: Sequence[str], output_dir: str, *, threads: int = 
         raise RuntimeError(f"step {name} failed (exit {returncode}); log {log}:\n{tail}")
     print(f"[done] {name} in {time.time() - started:.0f} s", flush=True)
     return True
-
-
-@dataclass
-class Task:
-    """One unit of work for :func:`run_tasks`: ``fn()`` runs once every task named in ``deps`` is done."""
-
-    name: str
-    fn: Callable[[], Any]
-    deps: set[str] = field(default_factory=set)
-    #: the task's output directory (``results.json`` there once it has finished; for ``--archive``),
-    #: or a function giving it when it is only known later (``None`` until then); ``None``: it has none
-    out: str | Callable[[], str | None] | None = None
-
-
-def run_tasks(tasks: Sequence[Task], jobs: int = 1) -> None:
-    """Run ``tasks`` with at most ``jobs`` at a time, each as soon as its dependencies are done,
-    the earliest ready task in list order first (so the list order is the priority). The first
-    failure stops new tasks from starting and is raised once the running ones finish."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
-    names = {t.name for t in tasks}
-    unknown = {d for t in tasks for d in t.deps} - names
-    if unknown:
-        raise ValueError(f"tasks depend on unknown tasks: {sorted(unknown)}")
-    pending, done, running = list(tasks), set(), {}
-    error: BaseException | None = None
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        while pending or running:
-            while error is None and len(running) < max(1, jobs):
-                ready = next((t for t in pending if t.deps <= done), None)
-                if ready is None:
-                    break
-                pending.remove(ready)
-                running[pool.submit(ready.fn)] = ready.name
-            if not running:
-                if error is None and pending:
-                    raise RuntimeError(f"tasks can never start (circular dependencies): {[t.name for t in pending]}")
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                name = running.pop(fut)
-                exc = fut.exception()
-                if exc is not None:
-                    # said at once: the running tasks may take hours before the error is raised
-                    print(
-                        f"[fail] {name}: {type(exc).__name__}: {exc}"
-                        + (
-                            f"; no new task starts, waiting for {len(running)} running"
-                            if running and error is None
-                            else ""
-                        ),
-                        flush=True,
-                    )
-                    error = error or exc
-                done.add(name)
-    if error is not None:
-        raise error
 
 
 def _run_in_process(argv: Sequence[str], log: Any) -> int:
@@ -228,344 +201,287 @@ def start_from_checkpoint(src: str, dst: str, step: int, *, tokenizer: bool = Tr
     os.replace(os.path.join(dst, ckpt + ".tmp"), os.path.join(dst, ckpt))
 
 
-# ------------------------------------------------------------------------------ protocols
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """A training protocol of the seq2seq studies, as data: its label and its rules, ``first`` for the T1 steps
-    of stage 1 and ``then`` for the T2 steps after the switch (``None``: ``first`` for all T1 + T2 steps)."""
-
-    label: str
-    first: str
-    then: str | None = None
-
-    def schedule(self, t1: int, t2: int) -> str:
-        """The ``properlm train --schedule`` of the protocol."""
-        return f"{self.first}:{t1 + t2}" if self.then is None else f"{self.first}:{t1},{self.then}:{t2}"
-
-
-#: the paper's fine-tuning protocols, with T = T1 + T2 steps each; (b) and (c) branch from (a)'s checkpoint at T1
-PAPER_PROTOCOLS: dict[str, Protocol] = {
-    "a": Protocol("(a) log → log", "logarithmic"),
-    "b": Protocol("(b) log → brier", "logarithmic", "brier"),
-    "c": Protocol("(c) log → spherical", "logarithmic", "spherical"),
-}
-
-
-def protocols_help(protocols: dict[str, Protocol], branches: str) -> str:
-    """The ``--protocols`` help: each protocol's label, and which (``branches``) start from (a)."""
-    return (
-        "protocols to run: "
-        + "; ".join(f"{k} = {v.label[4:]}" for k, v in protocols.items())
-        + f"; {branches} branch from a's step-T1 checkpoint and need a"
-    )
-
-
-# ------------------------------------------------------------------------------ command-line options
-
-#: options shared by the seq2seq reproduction scripts: name -> ``add_argument`` keywords; a script
-#: names the ones it takes with :func:`add_options`, in its own order, overriding defaults and help
-OPTIONS: dict[str, dict[str, Any]] = {
-    "work_dir": {"help": "where runs, evaluations and the summary go"},
-    "t1": {"type": int, "help": "T1: steps of the logarithmic stage before the switch"},
-    "t2": {"type": int, "help": "T2: steps after the switch (every protocol runs T1 + T2)"},
-    "batch_size": {"type": int, "help": "examples per step"},
-    "learning_rate": {"type": float, "help": "peak learning rate"},
-    "warmup_steps": {"type": int, "help": "linear warm-up steps before inverse-sqrt decay"},
-    "smoothing": {"type": float, "default": 0.1, "help": "score smoothing eps of every protocol"},
-    "vocab_size": {"type": int, "help": "joint BPE vocabulary size"},
-    "hidden_size": {"type": int, "default": 128, "help": "model width"},
-    "num_layers": {"type": int, "default": 2, "help": "encoder and decoder layers (each)"},
-    "num_heads": {"type": int, "default": 4, "help": "attention heads"},
-    "ffn_size": {"type": int, "default": 512, "help": "feed-forward width"},
-    "dropout": {"type": float, "default": 0.1, "help": "dropout"},
-    "eval_every": {"type": int, "default": 250, "help": "validation scores every N steps (the curves)"},
-    "save_every": {
-        "type": int,
-        "default": 500,
-        "help": "checkpoint every N steps (T1 must be a multiple: the branches start from it)",
-    },
-    "num_beams": {"type": int, "help": "beam width of every decoding"},
-    "eval_batch_size": {"type": int, "default": 50, "help": "sentences per decoding batch"},
-    "bootstrap_samples": {"type": int, "default": 1000, "help": "paired bootstrap resamples"},
-    "threads": {"type": int, "default": 1, "help": "torch threads of each step"},
-    "jobs": {"type": int, "default": 1, "help": "steps run at the same time (independent runs in parallel)"},
-    "report_only": {"action": "store_true", "help": "only aggregate what has finished"},
-    "dry_run": {"action": "store_true", "help": "print the commands that would run"},
-    "archive": {
-        "metavar": "DIR",
-        "default": None,
-        "help": "also keep the small outputs of every finished step (results, hypotheses, metric logs; no "
-        "weights) in DIR, and restore finished steps from DIR into a new --work-dir, so a study that "
-        "outlives its machine continues on the next one (commit DIR; see _archive.py)",
-    },
-}
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` with each option's default, except where it is ``None`` (the help text then says what happens)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def add_options(parser: Any, options: dict[str, Any]) -> None:
-    """Add the shared :data:`OPTIONS` named in ``options`` to an ``argparse`` parser, in that order.
-
-    ``options`` maps an option name (``"batch_size"`` for ``--batch-size``) to its default, or to a
-    dict of ``add_argument`` keywords that override the shared ones (``{}``: as they are).
-    """
-    for name, value in options.items():
-        kwargs = {**OPTIONS[name], **(value if isinstance(value, dict) else {"default": value})}
-        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
-
-
-# ------------------------------------------------------------------------------ argument checks
-
-
-def check_data_dir(prog: str, data_dir: str, files: Sequence[str], expected: str) -> None:
-    """Exit (``SystemExit`` naming ``prog``) unless ``data_dir`` holds every one of ``files``."""
-    missing = [f for f in files if not os.path.isfile(os.path.join(data_dir, f))]
-    if missing:
-        raise SystemExit(
-            f"{prog}: data directory {data_dir!r} lacks {', '.join(missing)} (expected {expected}: {', '.join(files)})"
-        )
-
-
-def int_list(text: str) -> list[int]:
-    """``"1,2, 3"`` -> ``[1, 2, 3]`` (empty items skipped); ``ValueError`` on a non-integer."""
-    return [int(s) for s in text.split(",") if s.strip()]
-
-
-def parse_protocols(
-    prog: str, text: str, protocols: Sequence[str], branches: Sequence[str], root: str = "a"
-) -> list[str]:
-    """The comma-separated protocol names of ``text``, each one of ``protocols``; exit when there is
-    none, one is unknown, or one of ``branches`` (which start from a checkpoint of ``root``) is named
-    without ``root``."""
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    if not names or any(p not in protocols for p in names):
-        raise SystemExit(f"{prog}: --protocols {text!r}: allowed values are {', '.join(protocols)}")
-    if any(p in branches for p in names) and root not in names:
-        raise SystemExit(f"{prog}: protocols {', '.join(branches)} branch from {root}'s checkpoint; include {root}")
-    return names
-
-
-def check_stages(prog: str, args: Any, positive: Sequence[str]) -> None:
-    """Exit unless the options named in ``positive`` are positive and ``args.t1`` is a multiple of
-    ``args.save_every`` (the branches start from the checkpoint at T1)."""
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"{prog}: --{name.replace('_', '-')} must be positive")
-    if args.t1 % args.save_every:
-        raise SystemExit(f"{prog}: --t1 {args.t1} must be a multiple of --save-every {args.save_every}")
-
-
-def check_settings(
-    prog: str,
-    work_dir: str,
-    settings: dict[str, Any],
-    *,
-    record: bool,
-    reuse: str | None = None,
-    reuse_keys: Sequence[str] = (),
-) -> None:
-    """Keep one set of ``settings`` per work directory, in ``WORK_DIR/settings.json``.
-
-    Exits when ``work_dir`` holds runs made with other settings (or when ``reuse``, a work directory
-    whose runs are continued, differs from ``settings`` in one of ``reuse_keys``), then records
-    ``settings`` there if ``record`` and none are recorded yet.
-    """
-    path = os.path.join(work_dir, "settings.json")
-    if os.path.isfile(path):
-        saved = read_json(path)
-        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-        if diff:
-            raise SystemExit(
-                f"{prog}: {work_dir} holds runs made with other settings "
-                f"(option: (saved, now)) {diff}; use the same options or another --work-dir"
-            )
-    if reuse:
-        other = os.path.join(reuse, "settings.json")
-        if not os.path.isfile(other):
-            raise SystemExit(f"{prog}: --reuse {reuse!r} holds no settings.json")
-        saved = read_json(other)
-        diff = {k: (saved.get(k), settings[k]) for k in reuse_keys if saved.get(k) != settings[k]}
-        if diff:
-            raise SystemExit(f"{prog}: --reuse {reuse}: its runs used other settings (option: (theirs, now)) {diff}")
-    if record and not os.path.isfile(path):
-        os.makedirs(work_dir, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(settings, f, indent=2)
-
-
-# ------------------------------------------------------------------------------ runs and steps
-
-
-def run_dir(work_dir: str, seed: int, protocol: str) -> str:
-    """The ``properlm train`` directory of one seed and protocol: ``WORK_DIR/seedS/PROTOCOL``."""
-    return os.path.join(work_dir, f"seed{seed}", protocol)
-
-
-def eval_name(split: str, objective: str) -> str:
-    """The directory (inside a run) of the beam-search evaluation of ``split`` with ``objective``."""
-    return f"eval_{split}_beam_{objective}"
-
-
 def started(run: str) -> bool:
     """Whether a run directory has begun (holds a checkpoint) or finished (holds ``results.json``)."""
     return bool(checkpoint_steps(run)) or os.path.isfile(os.path.join(run, "results.json"))
 
 
-def branch_from(root: str, run: str, step: int) -> None:
-    """Start ``run`` from ``checkpoint-STEP`` of the root protocol's run ``root``
-    (:func:`start_from_checkpoint`); ``RuntimeError`` when that checkpoint is missing."""
-    if step not in checkpoint_steps(root):
-        raise RuntimeError(f"{root}/checkpoint-{step} is missing: protocol a must save a checkpoint at T1")
-    start_from_checkpoint(root, run, step)
+# ------------------------------------------------------------------------------ steps as data
 
 
-def seq2seq_train_argv(
-    args: Any, seed: int, schedule: str, data: Sequence[str], output_dir: str, *, eval_batch_size: int, resume: bool
-) -> list[str]:
-    """``properlm train`` of a Transformer encoder-decoder from scratch (``--init tiny-seq2seq``).
+@dataclass(frozen=True)
+class FromJson:
+    """A placeholder for a value that an earlier step writes: the JSON value at ``keys`` of the file ``path``,
+    formatted with ``fmt``, read when the step that needs it starts (e.g. the temperature fitted on dev, from the
+    fit's ``results.json``; the smoothing a selection chose, from its record).
 
-    Model (``vocab_size``, ``hidden_size``, ``num_layers``, ``num_heads``, ``ffn_size``, ``dropout``)
-    and optimisation (``smoothing``, ``batch_size``, ``learning_rate``, ``warmup_steps``,
-    ``eval_every``, ``save_every``) come from ``args``; ``data`` are the data options (files and
-    lengths), ``schedule`` the rule schedule (``--schedule``). AdamW(0.9, 0.98), linear warm-up
-    then inverse-sqrt decay, batches grouped by length; ``--resume`` when ``resume``.
-    """
-    argv = [
-        "train",
-        "--init",
-        "tiny-seq2seq",
-        "--vocab-size",
-        str(args.vocab_size),
-        "--hidden-size",
-        str(args.hidden_size),
-        "--num-layers",
-        str(args.num_layers),
-        "--num-heads",
-        str(args.num_heads),
-        "--ffn-size",
-        str(args.ffn_size),
-        "--dropout",
-        str(args.dropout),
-        *data,
-        "--schedule",
-        schedule,
-        "--smoothing",
-        str(args.smoothing),
-        "--seed",
-        str(seed),
-        "--per-device-train-batch-size",
-        str(args.batch_size),
-        "--per-device-eval-batch-size",
-        str(eval_batch_size),
-        "--learning-rate",
-        str(args.learning_rate),
-        "--lr-scheduler",
-        "inverse_sqrt",
-        "--warmup-steps",
-        str(args.warmup_steps),
-        "--adam-beta2",
-        "0.98",
-        "--group-by-length",
-        "--eval-steps",
-        str(args.eval_every),
-        "--save-steps",
-        str(args.save_every),
-        "--logging-steps",
-        "50",
-        "--output-dir",
-        output_dir,
-        "--no-progress-bar",
-        "--no-tensorboard",
-    ]
-    return argv + (["--resume"] if resume else [])
+    A dry run shows ``stand_in`` (nothing has run); a real run whose file is missing raises ``RuntimeError``
+    (``missing``, or a message naming the file): the plan's dependencies make the step wait for its writer."""
+
+    path: str
+    keys: tuple[str, ...]
+    stand_in: str
+    fmt: str = "{}"
+    missing: str = ""
+
+    def known(self) -> str | None:
+        """The value, or ``None`` while ``path`` does not exist."""
+        data: Any = read_json_if(self.path)
+        if data is None:
+            return None
+        for key in self.keys:
+            data = data[key]
+        return self.fmt.format(data)
+
+    def resolve(self, dry_run: bool) -> str:
+        """The value (:meth:`known`) in a run, ``stand_in`` in a dry run."""
+        if dry_run:
+            return self.stand_in
+        value = self.known()
+        if value is None:
+            raise RuntimeError(self.missing or f"{self.path} does not exist")
+        return value
 
 
-@dataclass
-class Plan:
-    """The :class:`Task` list of a benchmark, built step by step: each step is one :func:`run_step`
-    with the plan's ``threads`` and ``dry_run``; the list order is the priority of :func:`run_tasks`."""
+@dataclass(frozen=True)
+class Text:
+    """A string with placeholders: the concatenation of ``parts`` (a path that names a value only known once an
+    earlier step has run, e.g. ``WORK/seed2/b_eps`` + the selected smoothing)."""
 
-    threads: int = 1
-    dry_run: bool = False
-    tasks: list[Task] = field(default_factory=list)
+    parts: tuple[str | FromJson, ...]
 
-    def step(
-        self,
-        task: str,
-        name: str,
-        argv: Sequence[str] | Callable[[], Sequence[str]],
-        output_dir: str,
-        deps: Iterable[str] = (),
-    ) -> str:
-        """Add task ``task``: ``run_step(name, argv, output_dir)`` (``argv()`` called when the task runs,
-        for an argument only known then) once ``deps`` are done; returns ``task``."""
-        self.tasks.append(Task(task, functools.partial(self._run, name, argv, output_dir), set(deps), output_dir))
-        return task
+    def known(self) -> str | None:
+        """The string, or ``None`` while one of its placeholders is not known."""
+        values = [p if isinstance(p, str) else p.known() for p in self.parts]
+        return None if any(v is None for v in values) else "".join(v for v in values if v is not None)
 
-    def train(
-        self,
-        task: str,
-        name: str,
-        output_dir: str,
-        argv: Callable[[bool], Sequence[str]],
-        prepare: Callable[[], None] | None = None,
-        deps: Iterable[str] = (),
-    ) -> str:
-        """Add training task ``task``: ``prepare()`` (not in a dry run; e.g. start from another run's
-        checkpoint), then ``run_step(name, argv(resume), output_dir)`` with ``resume`` whether
-        ``output_dir`` holds a checkpoint by then; returns ``task``."""
-        self.tasks.append(
-            Task(task, functools.partial(self._train, name, output_dir, argv, prepare), set(deps), output_dir)
-        )
-        return task
-
-    def _run(self, name: str, argv: Sequence[str] | Callable[[], Sequence[str]], output_dir: str) -> bool:
-        return run_step(
-            name, argv() if callable(argv) else argv, output_dir, threads=self.threads, dry_run=self.dry_run
-        )
-
-    def _train(
-        self, name: str, output_dir: str, argv: Callable[[bool], Sequence[str]], prepare: Callable[[], None] | None
-    ) -> bool:
-        if prepare is not None and not self.dry_run:
-            prepare()
-        return self._run(name, argv(bool(checkpoint_steps(output_dir))), output_dir)
+    def resolve(self, dry_run: bool) -> str:
+        """The string with every placeholder resolved (:meth:`FromJson.resolve`)."""
+        return "".join(p if isinstance(p, str) else p.resolve(dry_run) for p in self.parts)
 
 
-# ------------------------------------------------------------------------------ steps as data (the LLM studies)
+@dataclass(frozen=True)
+class DryRunAs:
+    """Command-line items that a dry run shows as ``shown`` instead of ``items`` (the options of a data file that
+    only a real run prepares)."""
+
+    items: tuple[str, ...]
+    shown: tuple[str, ...]
 
 
-@dataclass
+#: one item of a step's command: a string, a placeholder resolved when the step starts, or items a dry run hides
+Arg = str | FromJson | Text | DryRunAs
+
+
+def arg(value: object) -> Arg:
+    """One command-line item: a placeholder as it is, any other value as ``str(value)``."""
+    return value if isinstance(value, (str, FromJson, Text, DryRunAs)) else str(value)
+
+
+def path_join(base: str | Text, *names: str) -> str | Text:
+    """``os.path.join(base, *names)`` for a plain or a late-known (:class:`Text`) path."""
+    if isinstance(base, str):
+        return os.path.join(base, *names)
+    return Text((*base.parts, os.sep + os.path.join(*names))) if names else base
+
+
+def resolve_argv(argv: Sequence[Arg], dry_run: bool) -> list[str]:
+    """The command line of ``argv`` with every placeholder resolved (a dry run shows the stand-ins)."""
+    out: list[str] = []
+    for a in argv:
+        if isinstance(a, str):
+            out.append(a)
+        elif isinstance(a, DryRunAs):
+            out.extend(a.shown if dry_run else a.items)
+        else:
+            out.append(a.resolve(dry_run))
+    return out
+
+
+@dataclass(frozen=True)
+class Branch:
+    """Where a training run starts, as data: ``source``'s ``checkpoint-STEP`` (weights, optimizer, scheduler, RNG
+    and data order, with ``source``'s log records up to it; its ``tokenizer/`` too when ``tokenizer``: a pretrained
+    model's run has none), executed by :func:`branch_from` before the run's first step. A missing checkpoint is a
+    ``RuntimeError`` ending in ``hint``. With ``newest`` (continuing a shorter run: ``reproduce_mt.py --reuse``),
+    the run continues the newest checkpoint of ``source`` at or below ``step`` instead, saying so in a line that
+    starts with ``note``, and starts afresh when there is none."""
+
+    source: str
+    step: int
+    tokenizer: bool = True
+    hint: str = ""
+    newest: bool = False
+    note: str = ""
+
+
+def branch_from(branch: Branch, run: str) -> None:
+    """Start the run directory ``run`` from ``branch`` (:func:`start_from_checkpoint`) unless it has begun
+    (:func:`started`)."""
+    if started(run):
+        return
+    step = branch.step
+    if branch.newest:
+        steps = [n for n in checkpoint_steps(branch.source) if n <= branch.step]
+        if not steps:
+            return
+        step = steps[-1]
+        print(f"{branch.note} {branch.source}/checkpoint-{step}", flush=True)
+    start_from_checkpoint(branch.source, run, step, tokenizer=branch.tokenizer, missing_hint=branch.hint)
+
+
+#: :attr:`Step.resume`: never add ``--resume``; add it when the output directory holds a checkpoint (after the
+#: branch, if any); always add it (a branch always puts a checkpoint there before the run starts)
+RESUME_NEVER, RESUME_IF_CHECKPOINT, RESUME_ALWAYS = "never", "if-checkpoint", "always"
+#: :attr:`Step.kind` of an in-process action (work of the study itself, not a ``properlm`` command)
+ACTION = "action"
+
+
+@dataclass(frozen=True)
 class Step:
-    """One ``properlm`` command of a study's plan, as data: ``kind`` is what it does (train, fit, a decoding
-    split ...), ``arm`` and ``seed`` whose it is (``seed`` ``None``: the untuned model), ``out`` its output
-    directory, ``deps`` the steps it waits for, ``split`` the evaluation set, ``train_steps`` the optimizer
-    steps it trains (for the estimate); ``argv()`` is built when the step starts (it may read the dev
-    temperature or find a checkpoint to resume), after ``prepare()`` (e.g. a branch from a checkpoint)."""
+    """One step of a study's plan, as data.
+
+    ``name`` is its key (the scheduler's, ``timings.json``'s and the archive's), ``label`` what the ``[run ]`` /
+    ``[dry-run]`` / ``[skip]`` lines call it (default: ``name``); ``kind`` what it does (``train``, a kind of
+    evaluation, or :data:`ACTION`), ``arm`` and ``seed`` whose it is (the arm or protocol; ``seed`` ``None``: the
+    untuned model or the whole study), ``split`` the evaluation set, ``train_steps`` the optimizer steps it trains
+    (for estimates), ``deps`` the names of the steps it waits for.
+
+    ``out`` is its output directory (finished once it holds ``results.json``): a path, or, where the directory is
+    only known once an earlier step has run (the summarisation branches after the smoothing selection), a
+    late-bound :class:`Text` whose placeholders are resolved when the step starts (:meth:`output_dir` is ``None``
+    until then). ``argv`` is its ``properlm`` command (placeholders resolved when it starts); ``resume`` says
+    when the runner adds ``--resume`` (:data:`RESUME_NEVER`, :data:`RESUME_IF_CHECKPOINT`,
+    :data:`RESUME_ALWAYS`); ``branch`` where a training run starts (:class:`Branch`). A step of kind
+    :data:`ACTION` runs ``action()`` in this process instead (it has no ``argv``; it prints what it does or would
+    do in a dry run, and returns whether it did something)."""
 
     name: str
     kind: str
-    arm: str
-    seed: int | None
-    out: str
-    argv: Callable[[], list[str]]
-    deps: tuple[str, ...] = ()
+    out: str | Text | None = None
+    argv: Sequence[Arg] = ()
+    label: str = ""
+    arm: str = ""
+    seed: int | None = None
     split: str | None = None
+    deps: Sequence[str] = ()
     train_steps: int = 0
-    prepare: Callable[[], None] | None = None
+    resume: str = RESUME_NEVER
+    branch: Branch | None = None
+    action: Callable[[], bool] | None = None
+
+    def __post_init__(self) -> None:  # a list given is kept as a tuple: a step is a value
+        object.__setattr__(self, "argv", tuple(self.argv))
+        object.__setattr__(self, "deps", tuple(self.deps))
+        if (self.kind == ACTION) != (self.action is not None) or (self.kind == ACTION and self.argv):
+            raise ValueError(f"step {self.name!r}: an action (kind {ACTION!r}) has an action and no argv; others not")
+        if self.kind != ACTION and self.out is None:
+            raise ValueError(f"step {self.name!r}: a command step needs an output directory")
+        if self.resume not in (RESUME_NEVER, RESUME_IF_CHECKPOINT, RESUME_ALWAYS):
+            raise ValueError(f"step {self.name!r}: unknown resume rule {self.resume!r}")
+
+    @property
+    def title(self) -> str:
+        """What the console lines call the step: its label, or its name."""
+        return self.label or self.name
+
+    def output_dir(self) -> str | None:
+        """The output directory, ``None`` while it is not known (an action has none)."""
+        return self.out.known() if isinstance(self.out, Text) else self.out
 
     @property
     def done(self) -> bool:
-        return os.path.isfile(os.path.join(self.out, "results.json"))
+        """Whether the step has finished (its output directory holds ``results.json``)."""
+        out = self.output_dir()
+        return out is not None and os.path.isfile(os.path.join(out, "results.json"))
+
+    def command(self, dry_run: bool) -> list[str]:
+        """The ``properlm`` arguments as the step starts: ``argv`` resolved, then ``--resume`` when :attr:`resume`
+        says so (for :data:`RESUME_IF_CHECKPOINT`, when the output directory holds a checkpoint by then)."""
+        argv = resolve_argv(self.argv, dry_run)
+        out = self.out.resolve(dry_run) if isinstance(self.out, Text) else self.out
+        if self.resume == RESUME_ALWAYS or (
+            self.resume == RESUME_IF_CHECKPOINT and out is not None and checkpoint_steps(out)
+        ):
+            argv.append("--resume")
+        return argv
+
+
+def execute(step: Step, *, threads: int = 1, dry_run: bool = False) -> bool:
+    """Run one step (:func:`run_step`, after its branch when it has one; or its action); returns whether it ran
+    (``False``: finished before, or a dry run)."""
+    if step.action is not None:
+        return bool(step.action()) and not dry_run
+    assert step.out is not None
+    out = step.out.resolve(dry_run) if isinstance(step.out, Text) else step.out
+    if step.branch is not None and not dry_run:
+        branch_from(step.branch, out)
+    if _finished(step.title, out):
+        return False
+    return run_step(step.title, step.command(dry_run), out, threads=threads, dry_run=dry_run)
+
+
+# ------------------------------------------------------------------------------ the scheduler
+
+
+@dataclass
+class Task:
+    """One unit of work for :func:`run_tasks`: ``fn()`` runs once every task named in ``deps`` is done."""
+
+    name: str
+    fn: Callable[[], Any]
+    deps: set[str] = field(default_factory=set)
+    #: the task's output directory (``results.json`` there once it has finished; for ``--archive``),
+    #: or a function giving it when it is only known later (``None`` until then); ``None``: it has none
+    out: str | Callable[[], str | None] | None = None
+
+
+def run_tasks(tasks: Sequence[Task], jobs: int = 1) -> None:
+    """Run ``tasks`` with at most ``jobs`` at a time, each as soon as its dependencies are done,
+    the earliest ready task in list order first (so the list order is the priority). The first
+    failure stops new tasks from starting and is raised once the running ones finish."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    names = {t.name for t in tasks}
+    unknown = {d for t in tasks for d in t.deps} - names
+    if unknown:
+        raise ValueError(f"tasks depend on unknown tasks: {sorted(unknown)}")
+    pending, done, running = list(tasks), set[str](), dict[Any, str]()
+    error: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        while pending or running:
+            while error is None and len(running) < max(1, jobs):
+                ready = next((t for t in pending if t.deps <= done), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                running[pool.submit(ready.fn)] = ready.name
+            if not running:
+                if error is None and pending:
+                    raise RuntimeError(f"tasks can never start (circular dependencies): {[t.name for t in pending]}")
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                name = running.pop(fut)
+                exc = fut.exception()
+                if exc is not None:
+                    # said at once: the running tasks may take hours before the error is raised
+                    print(
+                        f"[fail] {name}: {type(exc).__name__}: {exc}"
+                        + (
+                            f"; no new task starts, waiting for {len(running)} running"
+                            if running and error is None
+                            else ""
+                        ),
+                        flush=True,
+                    )
+                    error = error or exc
+                done.add(name)
+    if error is not None:
+        raise error
+
+
+# ------------------------------------------------------------------------------ the main flow
 
 
 class Timings:
@@ -579,20 +495,103 @@ class Timings:
     def add(self, name: str, seconds: float) -> None:
         with self.lock:
             self.data[name] = self.data.get(name, 0.0) + seconds
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             with open(self.path, "w", encoding="utf-8") as f:
                 json.dump(self.data, f, indent=2)
 
 
-def _run_timed(step: Step, args: Any, timings: Timings, archive: Any = None) -> None:
-    if step.prepare is not None and not args.dry_run and not step.done:
-        step.prepare()
-    started = time.time()
-    if run_step(step.name, step.argv(), step.out, threads=args.threads, dry_run=args.dry_run):
-        timings.add(step.name, time.time() - started)
-        if archive is not None:
-            archive.save(step.out)
-            with timings.lock:
-                archive.save_file("timings.json")
+class Study:
+    """A study as :func:`run_study` sees it: its parsed ``args`` (``work_dir``, ``jobs``, ``threads``,
+    ``dry_run``, ``report_only``, ``archive``; ``estimate`` and ``keep_checkpoints`` where the study has them) and
+    the hooks a study overrides: :meth:`setup`, :meth:`plan`, :meth:`report`, and where it needs them
+    :meth:`check_archive`, :meth:`preview` and :meth:`fail`."""
+
+    #: work-level files (relative to the work directory) restored from the archive before the steps (records the
+    #: plan reads: a selection, the data manifest) and archived after every step, beside ``timings.json``
+    files: tuple[str, ...] = ()
+    #: the report's files, archived with it
+    report_files: tuple[str, ...] = ("results.md", "results.json", "training_curves.png")
+    #: delete a training run's checkpoints (not ``final``) once it and the runs that branch from it have finished,
+    #: unless ``--keep-checkpoints``
+    cleanup: bool = False
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+
+    @property
+    def work(self) -> str:
+        """The work directory (as the steps' paths spell it)."""
+        return str(self.args.work_dir)
+
+    def setup(self) -> dict[str, float]:
+        """Fail on a bad argument, check (and, unless nothing may be written, record) the settings, prepare what
+        the steps read (data, a base model); returns the seconds of that preparation to record in the timings
+        (e.g. ``{"base": 60.0}``)."""
+        return {}
+
+    def plan(self) -> list[Step]:
+        """Every step, in priority order (called once the archive's files are restored: a restored selection names
+        output directories)."""
+        raise NotImplementedError
+
+    def check_archive(self, archive: Any) -> None:
+        """Refuse (``ValueError``) an archive made with other settings; default: those of ``WORK/settings.json``."""
+        settings = read_json_if(os.path.join(self.work, "settings.json"))
+        if settings is not None:
+            archive.check_settings(settings)
+
+    def preview(self, steps: Sequence[Step], timings: Timings) -> None:
+        """Print what comes before the run (the LLM studies: the data and the plan's estimate)."""
+
+    def report(self, steps: Sequence[Step], timings: Timings, wall_seconds: float | None) -> str:
+        """Write the report (``results.md``, ``results.json``, figures) of what has finished; returns its markdown.
+        ``wall_seconds``: this invocation's, ``None`` with ``--report-only``."""
+        raise NotImplementedError
+
+    def fail(self, message: str) -> BaseException:
+        """The exception that stops the study on a bad setting (``--archive``)."""
+        return SystemExit(message)
+
+
+def archive_steps(work: str, steps: Sequence[Step]) -> list[tuple[str, str | None, tuple[str, ...]]]:
+    """``(name, output directory, deps)`` of every step, for :mod:`_archive` (its ``ArchivedStep``): an action has
+    no directory (a recorded choice: it cuts the lineage); a late-bound directory not known yet is a stand-in that
+    never finishes."""
+    out: list[tuple[str, str | None, tuple[str, ...]]] = []
+    for s in steps:
+        d = s.output_dir()
+        if d is None and s.out is not None:
+            d = os.path.join(work, ".not-known-yet", s.name.replace(os.sep, "_"))
+        out.append((s.name, d, tuple(s.deps)))
+    return out
+
+
+def restore_archive(archive: Any, work_dir: str, steps: Callable[[], Sequence[Step]], files: Sequence[str]) -> None:
+    """The ``--archive`` restore of every study: the work-level ``files`` first, then the finished steps of
+    ``steps()`` (called once the files are back: a selection file may name output directories; each step with
+    all the steps after it, :mod:`_archive`) into ``work_dir``; then save the finished steps the archive does not
+    hold yet."""
+    for rel in files:
+        archive.restore_file(rel)
+    triples = archive_steps(work_dir, steps())
+    restored = archive.restore(triples)
+    saved = archive.save_all(triples)
+    print(
+        f"archive {archive.root}: {len(restored)} finished step(s) restored into {work_dir}, {len(saved)} saved",
+        flush=True,
+    )
+
+
+def _open_archive(study: Study) -> Any:
+    from _archive import ResultsArchive
+
+    try:
+        archive = ResultsArchive(study.args.archive, study.work)
+        study.check_archive(archive)
+    except ValueError as exc:
+        raise study.fail(f"--archive: {exc}") from None
+    restore_archive(archive, study.work, study.plan, [*study.files, "timings.json"])
+    return archive
 
 
 def _cleanup(train_dir: str, args: Any) -> None:
@@ -604,125 +603,85 @@ def _cleanup(train_dir: str, args: Any) -> None:
             shutil.rmtree(os.path.join(train_dir, entry), ignore_errors=True)
 
 
-def run_steps(args: Any, steps: Sequence[Step], timings: Timings, archive: Any = None) -> None:
-    """Run the plan with ``--jobs`` steps at a time (:func:`run_tasks`), timing each finished step in
-    ``timings`` and archiving it in ``archive`` (``--archive``); each run's checkpoints go once it and the
-    runs that branch from it have finished (unless ``--keep-checkpoints``)."""
+def _run_archived(step: Step, study: Study, timings: Timings, archive: Any) -> None:
+    """:func:`execute` ``step``; once it has run, time it and archive its output directory and the work-level files."""
+    args = study.args
+    started_at = time.time()
+    ran = execute(step, threads=args.threads, dry_run=args.dry_run)
+    if ran:
+        timings.add(step.name, time.time() - started_at)
+    if archive is not None and not args.dry_run:
+        out = step.output_dir()
+        if ran and out is not None:
+            archive.save(out)
+        with timings.lock:
+            for rel in (*study.files, "timings.json"):
+                archive.save_file(rel)
+
+
+def _run_plan(study: Study, steps: Sequence[Step], timings: Timings, archive: Any) -> None:
+    """Run the plan with ``--jobs`` steps at a time (:func:`run_tasks`; one at a time in a dry run, which so prints
+    in plan order), with the study's checkpoint cleanup right after each training run."""
+    args = study.args
     tasks = []
     for s in steps:
-        tasks.append(Task(s.name, functools.partial(_run_timed, s, args, timings, archive), set(s.deps)))
-        if s.kind == "train":  # right after its run in the list: it runs as soon as it may
+        tasks.append(Task(s.name, functools.partial(_run_archived, s, study, timings, archive), set(s.deps)))
+        if study.cleanup and s.kind == "train":  # right after its run in the list: it runs as soon as it may
             after = {s.name} | {t.name for t in steps if t.kind == "train" and s.name in t.deps}
-            tasks.append(Task(f"cleanup {s.name}", functools.partial(_cleanup, s.out, args), after))
-    run_tasks(tasks, jobs=1 if args.dry_run else args.jobs)  # a dry run prints in plan order
+            out = s.output_dir()
+            assert out is not None
+            tasks.append(Task(f"cleanup {s.name}", functools.partial(_cleanup, out, args), after))
+    run_tasks(tasks, jobs=1 if args.dry_run else args.jobs)
 
 
-def _task_out(work_dir: str, task: Task) -> str | None:
-    """The output directory of ``task`` for the archive: a placeholder that never finishes while a
-    late-known directory is not known yet."""
-    out = task.out() if callable(task.out) else task.out
-    if out is None and callable(task.out):
-        return os.path.join(work_dir, ".not-known-yet", task.name.replace(os.sep, "_"))
-    return out
+def run_study(study: Study) -> int:
+    """The main flow of every study; returns the exit status 0.
 
-
-def _open_archive(args: Any, files: Sequence[str], tasks: Callable[[Any], Sequence[Task]]) -> Any:
-    """``--archive DIR`` of ``args.work_dir``: refuse one made with other settings (those of
-    ``WORK/settings.json``), restore the work-level ``files`` (e.g. a selection record), then the
-    finished tasks (each with all the tasks after it, :mod:`_archive`), and save what the work
-    directory has finished that the archive lacks."""
-    from _archive import ResultsArchive
-
-    try:
-        archive = ResultsArchive(args.archive, args.work_dir)
-        settings = read_json_if(os.path.join(args.work_dir, "settings.json"))
-        if settings is not None:
-            archive.check_settings(settings)
-    except ValueError as exc:
-        raise SystemExit(f"--archive: {exc}") from None
-    # the steps once the files are back: a restored selection names the branches' directories
-    restore_archive(
-        archive, args.work_dir, lambda: [(t.name, _task_out(args.work_dir, t), t.deps) for t in tasks(args)], files
-    )
-    return archive
-
-
-def restore_archive(
-    archive: Any, work_dir: str, steps: Sequence[Any] | Callable[[], Sequence[Any]], files: Sequence[str] = ()
-) -> None:
-    """The common part of every study's ``--archive``: restore the work-level ``files`` and then the finished
-    ``steps`` (``(name, output directory, deps)``, or a function giving them once the files are back: a
-    selection file may name output directories; each step with all the steps after it, :mod:`_archive`) into
-    ``work_dir``, and save the finished steps the archive does not hold yet."""
-    for rel in files:
-        archive.restore_file(rel)
-    if callable(steps):
-        steps = steps()
-    restored = archive.restore(steps)
-    saved = archive.save_all(steps)
-    print(
-        f"archive {archive.root}: {len(restored)} finished step(s) restored into {work_dir}, {len(saved)} saved",
-        flush=True,
-    )
-
-
-def _archiving(task: Task, work_dir: str, archive: Any, files: Sequence[str]) -> Task:
-    """``task`` that, once it has run, archives its output directory and the work-level ``files``."""
-
-    def fn() -> Any:
-        result = task.fn()
-        out = _task_out(work_dir, task)
-        if out is not None:
-            archive.save(out)
-        for rel in files:
-            archive.save_file(rel)
-        return result
-
-    return Task(task.name, fn, task.deps, task.out)
-
-
-def run_benchmark(
-    args: Any,
-    check: Callable[[Any], None],
-    settings: Callable[[Any], None],
-    tasks: Callable[[Any], Sequence[Task]],
-    report: Callable[[Any, float | None], str],
-    *,
-    archive_files: Sequence[str] = (),
-) -> int:
-    """The main flow of a benchmark, for its parsed ``args``: ``check(args)`` (fail on a bad argument
-    before any work), ``settings(args)`` (the settings check), run ``tasks(args)`` with ``args.jobs``
-    at a time (not with ``--report-only``; a ``--dry-run`` stops there), then print
-    ``report(args, wall_seconds)`` (``None`` with ``--report-only``) and the wall time; returns the
-    exit status 0.
-
-    With ``args.archive`` (``--archive DIR``, not in a dry run), finished steps are restored from
-    ``DIR`` first and archived there as they finish, with the work-level files ``archive_files``
-    (relative to the work directory) and the report (``results.md``, ``results.json``, ``*.png``)."""
-    check(args)
+    :meth:`Study.setup` (argument checks, settings, data); with ``--archive DIR`` (not in a dry run or an
+    estimate) the archive's check and restore (:func:`restore_archive`); ``WORK/timings.json``
+    (:class:`Timings`); the plan (:meth:`Study.plan`); unless ``--report-only``: :meth:`Study.preview` (an
+    ``--estimate`` stops there), the run with ``--jobs`` steps at a time, each timed and, with an archive,
+    archived once it has run (a ``--dry-run`` stops there); then the report (:meth:`Study.report`), archived with
+    every finished step and the work-level files, printed with the wall time of the invocation."""
+    args = study.args
     t0 = time.time()
-    settings(args)
-    archive = None
-    if getattr(args, "archive", None) and not args.dry_run:
-        archive = _open_archive(args, archive_files, tasks)
+    prepared = study.setup()
+    estimate = bool(getattr(args, "estimate", False))
+    archive = _open_archive(study) if getattr(args, "archive", None) and not (args.dry_run or estimate) else None
+    timings = Timings(os.path.join(study.work, "timings.json"))  # after the restore: it reads the archived times
+    for name, seconds in prepared.items():
+        timings.add(name, seconds)
+    steps = study.plan()
     if not args.report_only:
-        todo = list(tasks(args))
-        if archive is not None:
-            todo = [_archiving(t, args.work_dir, archive, archive_files) for t in todo]
-        run_tasks(todo, jobs=args.jobs)
-    if args.dry_run:
-        return 0
-    md = report(args, None if args.report_only else time.time() - t0)
+        study.preview(steps, timings)
+        if estimate:
+            return 0
+        _run_plan(study, steps, timings, archive)
+        if args.dry_run:
+            return 0
+    md = study.report(steps, timings, None if args.report_only else time.time() - t0)
+    written = [f for f in study.report_files if os.path.isfile(os.path.join(study.work, f))]
     if archive is not None:
-        archive.save_all([(t.name, _task_out(args.work_dir, t), t.deps) for t in tasks(args)])
-        for rel in [*archive_files, "results.md", "results.json", "training_curves.png", "bleu_vs_scores.png"]:
+        saved = archive.save_all(archive_steps(study.work, steps))
+        for rel in (*study.files, "timings.json", *written):
             archive.save_file(rel)
-    print(md)
+        print(f"archive {archive.root}: {len(saved)} more finished step(s) saved, with the report", flush=True)
+    print()
+    print(md.rstrip("\n"))
+    print(f"\nwritten: {', '.join(os.path.join(study.work, f) for f in written)}")
     if not args.report_only:
-        print(f"\nwall time of this invocation: {(time.time() - t0) / 60:.1f} min")
+        print(f"wall time of this invocation: {(time.time() - t0) / 60:.1f} min")
     return 0
 
 
-def read_json_if(path: str) -> dict[str, Any] | None:
-    """The JSON object in ``path``, or ``None`` when there is no such file (a step not run yet)."""
-    return read_json(path) if os.path.isfile(path) else None
+# ------------------------------------------------------------------------------ run directories
+
+
+def run_dir(work_dir: str, seed: int, protocol: str) -> str:
+    """The ``properlm train`` directory of one seed and protocol: ``WORK_DIR/seedS/PROTOCOL``."""
+    return os.path.join(work_dir, f"seed{seed}", protocol)
+
+
+def eval_name(split: str, objective: str) -> str:
+    """The directory (inside a run) of the beam-search evaluation of ``split`` with ``objective``."""
+    return f"eval_{split}_beam_{objective}"

@@ -1,5 +1,5 @@
 """The runs of ``reproduce_summ.py``: its constants, the run directories, the branches' smoothing
-selection, the ``properlm`` commands and the task graph (:func:`tasks`)."""
+selection, the ``properlm`` commands and the plan (:func:`plan`, a list of :class:`_runner.Step`)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import _runner
-from _runner import Task, eval_name, read_json_if
+import _seq2seq
+from _runner import ACTION, RESUME_IF_CHECKPOINT, Arg, Branch, FromJson, Step, Text, eval_name, path_join, read_json_if
 
 PROG = "reproduce_summ.py"
 
-#: protocol -> its label and rules (:class:`_runner.Protocol`)
-PROTOCOLS: dict[str, _runner.Protocol] = dict(_runner.PAPER_PROTOCOLS)
+#: protocol -> its label and rules (:class:`_seq2seq.Protocol`)
+PROTOCOLS: dict[str, _seq2seq.Protocol] = dict(_seq2seq.PAPER_PROTOCOLS)
 #: protocols that branch from (a)'s step-T1 checkpoint
 BRANCHES = ("b", "c")
 #: the control of the switch (issue 28): (a) continued from its own step-T1 checkpoint with the smoothing the
 #: branches chose (0), so that a gain of (b), (c) over it is the rule's, not the change of smoothing
 CONTROLS = {"a0": 0.0}
-PROTOCOLS["a0"] = _runner.Protocol("(a0) log → log, smoothing 0 after T1", "logarithmic")
+PROTOCOLS["a0"] = _seq2seq.Protocol("(a0) log → log, smoothing 0 after T1", "logarithmic")
 #: the rule each branch switches to at T1
 BRANCH_RULES = {"b": "brier", "c": "spherical"}
 #: teacher-forced token scores reported for every model
@@ -49,6 +50,19 @@ PENDING = "CHOSEN"
 
 def _eps_name(eps: float | str) -> str:
     return eps if isinstance(eps, str) else f"{eps:g}"
+
+
+def branch_eps(args: argparse.Namespace, protocol: str) -> str | FromJson:
+    """The smoothing of a branch's run as its directory and ``--smoothing`` spell it: known (``--smoothing``, or a
+    selection already recorded), or the selection's choice, read from its record once ``select PROTOCOL`` has run
+    (a dry run shows :data:`PENDING`)."""
+    eps = protocol_eps(args, protocol)
+    if eps is not None:
+        return _eps_name(eps)
+    path = selection_path(args, protocol)
+    return FromJson(
+        path, ("chosen",), PENDING, "{:g}", missing=f"the smoothing of ({protocol}) has not been selected ({path})"
+    )
 
 
 # ------------------------------------------------------------------------------ runs and the smoothing selection
@@ -87,6 +101,15 @@ def grid_dir(args: argparse.Namespace, seed: int, protocol: str, eps: float | st
     return _runner.run_dir(args.work_dir, seed, f"{protocol}_eps{_eps_name(eps)}")
 
 
+def branch_dir(args: argparse.Namespace, seed: int, protocol: str) -> str | Text:
+    """The directory of a branch's run with its :func:`branch_eps`: late-bound (:class:`_runner.Text`) while the
+    selection has not chosen."""
+    eps = branch_eps(args, protocol)
+    if isinstance(eps, str):
+        return grid_dir(args, seed, protocol, eps)
+    return Text((grid_dir(args, seed, protocol, ""), eps))
+
+
 def run_dir(args: argparse.Namespace, seed: int, protocol: str) -> str | None:
     """The run of a seed and protocol that the report counts: ``WORK/seedS/a``, or the branch with its
     smoothing (``None`` while the selection has not chosen it)."""
@@ -97,9 +120,10 @@ def run_dir(args: argparse.Namespace, seed: int, protocol: str) -> str | None:
 
 
 def train_argv(
-    args: argparse.Namespace, seed: int, protocol: str, eps: float | str, output_dir: str, resume: bool
-) -> list[str]:
-    """``properlm train`` of one seed and protocol with score smoothing ``eps`` into ``output_dir``."""
+    args: argparse.Namespace, seed: int, protocol: str, eps: float | str | FromJson, output_dir: str | Text
+) -> list[Arg]:
+    """``properlm train`` of one seed and protocol with score smoothing ``eps`` (a placeholder while it is not
+    chosen) into ``output_dir`` (``--resume`` is the runner's)."""
     data = [
         "--train-file",
         os.path.join(args.data_dir, "train.jsonl"),
@@ -112,22 +136,20 @@ def train_argv(
         "--max-source-length",
         str(args.max_source_length),
     ]
-    with_eps = argparse.Namespace(**{**vars(args), "smoothing": _eps_name(eps)})
-    return _runner.seq2seq_train_argv(
-        with_eps,
+    return _seq2seq.seq2seq_train_argv(
+        args,
         seed,
         PROTOCOLS[protocol].schedule(args.t1, args.t2),
         data,
         output_dir,
         eval_batch_size=64,
-        resume=resume,
+        smoothing=eps if isinstance(eps, FromJson) else _eps_name(eps),
     )
 
 
-def prepare_branch(args: argparse.Namespace, seed: int, run: str) -> None:
-    """Before a branch's first step: start it from (a)'s step-T1 checkpoint."""
-    if not _runner.started(run):
-        _runner.branch_from(_runner.run_dir(args.work_dir, seed, "a"), run, args.t1)
+def a_branch(args: argparse.Namespace, seed: int) -> Branch:
+    """A branch's start: (a)'s step-T1 checkpoint of the same seed."""
+    return Branch(_runner.run_dir(args.work_dir, seed, "a"), args.t1, hint=": protocol a must save a checkpoint at T1")
 
 
 def heldout_examples(args: argparse.Namespace) -> tuple[list[Any], int]:
@@ -143,19 +165,20 @@ def heldout_examples(args: argparse.Namespace) -> tuple[list[Any], int]:
     return kept, len(held_out) - len(kept)
 
 
-def write_heldout(args: argparse.Namespace) -> None:
-    """Write the selection slice to ``WORK/heldout.jsonl`` (``document``, ``summary``) unless it exists."""
+def write_heldout(args: argparse.Namespace) -> bool:
+    """Write the selection slice to ``WORK/heldout.jsonl`` (``document``, ``summary``) unless it exists (an
+    action step: returns whether it wrote it)."""
     path = heldout_path(args)
     if os.path.isfile(path):
         print(f"[skip] heldout slice: {path} exists", flush=True)
-        return
+        return False
     if args.dry_run:
         print(
             f"[dry-run] heldout slice: write {path} (the held-out {args.heldout_fraction:g} of train.jsonl, "
             "split seed 0, less documents also in the training part)",
             flush=True,
         )
-        return
+        return False
     kept, dropped = heldout_examples(args)
     os.makedirs(args.work_dir, exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -166,6 +189,7 @@ def write_heldout(args: argparse.Namespace) -> None:
         f"part) -> {path}",
         flush=True,
     )
+    return True
 
 
 def choose_smoothing(scores: Mapping[float, float]) -> float:
@@ -198,13 +222,14 @@ def selection_rows(args: argparse.Namespace, protocol: str, seed: int) -> list[d
     return rows
 
 
-def select_smoothing(args: argparse.Namespace, protocol: str, seed: int) -> None:
+def select_smoothing(args: argparse.Namespace, protocol: str, seed: int) -> bool:
     """Choose a branch's smoothing from its candidates' held-out decodings (:func:`choose_smoothing`
-    of :data:`SELECTION_METRIC`) and record it in ``WORK/selection_PROTOCOL.json``, unless recorded."""
+    of :data:`SELECTION_METRIC`) and record it in ``WORK/selection_PROTOCOL.json``, unless recorded (an action
+    step: returns whether it chose)."""
     path = selection_path(args, protocol)
     if os.path.isfile(path):
-        print(f"[skip] select {protocol}: {path} exists (smoothing {read_json_if(path)['chosen']:g})", flush=True)
-        return
+        print(f"[skip] select {protocol}: {path} exists (smoothing {_runner.read_json(path)['chosen']:g})", flush=True)
+        return False
     grid = ", ".join(map(_eps_name, args.smoothing_grid))
     if args.dry_run:
         print(
@@ -212,7 +237,7 @@ def select_smoothing(args: argparse.Namespace, protocol: str, seed: int) -> None
             f"{SELECTION_METRIC} -> {path}; the other seeds' ({protocol}) use it ({PENDING} below)",
             flush=True,
         )
-        return
+        return False
     rows = selection_rows(args, protocol, seed)
     if len(rows) != len(args.smoothing_grid):
         raise RuntimeError(f"select {protocol}: {len(rows)} of the {len(args.smoothing_grid)} held-out decodings exist")
@@ -233,19 +258,7 @@ def select_smoothing(args: argparse.Namespace, protocol: str, seed: int) -> None
     os.replace(path + ".tmp", path)
     scores = ", ".join(f"eps {_eps_name(r['smoothing'])}: {r['selection_score']:.2f}" for r in rows)
     print(f"[done] select {protocol}: smoothing {chosen:g} ({scores})", flush=True)
-
-
-def train_branch(args: argparse.Namespace, seed: int, protocol: str, name: str) -> bool:
-    """Train a branch with its chosen smoothing (known once its selection has run: the directory and
-    the command are made when the task runs; a dry run before the selection shows :data:`PENDING`)."""
-    eps = protocol_eps(args, protocol)
-    if eps is None and not args.dry_run:
-        raise RuntimeError(f"the smoothing of ({protocol}) has not been selected ({selection_path(args, protocol)})")
-    run = grid_dir(args, seed, protocol, PENDING if eps is None else eps)
-    if not args.dry_run:
-        prepare_branch(args, seed, run)
-    argv = train_argv(args, seed, protocol, PENDING if eps is None else eps, run, bool(_runner.checkpoint_steps(run)))
-    return _runner.run_step(name, argv, run, threads=args.threads, dry_run=args.dry_run)
+    return True
 
 
 def split_file(args: argparse.Namespace, split: str) -> str:
@@ -254,9 +267,12 @@ def split_file(args: argparse.Namespace, split: str) -> str:
     return heldout_path(args) if split == HELDOUT else args.tests[split]
 
 
-def eval_argv(args: argparse.Namespace, model: str, data_file: str, objective: str, out: str) -> list[str]:
+def eval_argv(
+    args: argparse.Namespace, model: str | Text, data_file: str, objective: str, out: str | Text
+) -> list[Arg]:
     """``properlm evaluate``: teacher-forced scores of every rule and ECE, then beam search with
-    ``objective`` and ROUGE (the truncation is the training run's, read from the model directory)."""
+    ``objective`` and ROUGE (the truncation is the training run's, read from the model directory); ``model`` and
+    ``out`` are late-bound in a branch whose smoothing is not chosen yet."""
     return [
         "evaluate",
         "--model",
@@ -279,150 +295,188 @@ def eval_argv(args: argparse.Namespace, model: str, data_file: str, objective: s
     ]
 
 
-def eval_branch(args: argparse.Namespace, seed: int, protocol: str, split: str, objective: str, name: str) -> bool:
-    """Decode a branch's final model (its directory known once its smoothing is: see :func:`train_branch`)."""
-    eps = protocol_eps(args, protocol)
-    run = grid_dir(args, seed, protocol, PENDING if eps is None else eps)
-    d = os.path.join(run, eval_name(split, objective))
-    return _runner.run_step(
-        name,
-        eval_argv(args, os.path.join(run, "final"), split_file(args, split), objective, d),
-        d,
-        threads=args.threads,
-        dry_run=args.dry_run,
-    )
-
-
-def _eval_dir(args: argparse.Namespace, seed: int, protocol: str, split: str, objective: str) -> str | None:
-    run = run_dir(args, seed, protocol)
-    return None if run is None else os.path.join(run, eval_name(split, objective))
-
-
 def evaluations(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(split, beam objective) pairs every final model is decoded with."""
     return [("dev", o) for o in OBJECTIVES] + [(name, "logarithmic") for name in args.tests]
 
 
-def tasks(args: argparse.Namespace) -> list[Task]:
+def _train(
+    args: argparse.Namespace,
+    seed: int,
+    protocol: str,
+    name: str,
+    label: str,
+    eps: float | str | FromJson,
+    run: str | Text,
+    deps: tuple[str, ...],
+) -> Step:
+    """The training step of one run: a root run (a) from scratch, a branch or control from (a)'s step-T1 checkpoint."""
+    root = protocol not in BRANCHES and protocol not in CONTROLS
+    return Step(
+        name,
+        "train",
+        run,
+        train_argv(args, seed, protocol, eps, run),
+        label=label,
+        arm=protocol,
+        seed=seed,
+        deps=deps,
+        train_steps=args.t1 + args.t2 if root else args.t2,
+        resume=RESUME_IF_CHECKPOINT,
+        branch=None if root else a_branch(args, seed),
+    )
+
+
+def _decodings(
+    args: argparse.Namespace, seed: int, protocol: str, run: str | Text, deps: tuple[str, ...]
+) -> list[Step]:
+    """The decodings of a run's final model (:func:`evaluations`), each after ``deps``."""
+    steps = []
+    for split, objective in evaluations(args):
+        d = path_join(run, eval_name(split, objective))
+        steps.append(
+            Step(
+                f"eval {seed}{protocol} {split} {objective}",
+                "eval",
+                d,
+                eval_argv(args, path_join(run, "final"), split_file(args, split), objective, d),
+                label=f"seed {seed} {protocol} {split} beam-{objective}",
+                arm=protocol,
+                seed=seed,
+                split=split,
+                deps=deps,
+            )
+        )
+    return steps
+
+
+def _selection(args: argparse.Namespace, seed: int, protocol: str) -> list[Step]:
+    """The smoothing selection of a branch on the first seed: one candidate branch per eps of the grid, each
+    decoded on the held-out slice, then the choice (``select PROTOCOL``, an action)."""
+    steps, decoded = [], []
+    for eps in args.smoothing_grid:
+        run = grid_dir(args, seed, protocol, eps)
+        cand = f"train {seed}{protocol} eps{_eps_name(eps)}"
+        steps.append(
+            _train(
+                args,
+                seed,
+                protocol,
+                cand,
+                f"seed {seed} {PROTOCOLS[protocol].label} train, smoothing {_eps_name(eps)} (selection)",
+                eps,
+                run,
+                (f"train {seed}a",),
+            )
+        )
+        d = os.path.join(run, eval_name(HELDOUT, "logarithmic"))
+        decoded.append(f"{HELDOUT} {seed}{protocol} eps{_eps_name(eps)}")
+        steps.append(
+            Step(
+                decoded[-1],
+                HELDOUT,
+                d,
+                eval_argv(args, os.path.join(run, "final"), heldout_path(args), "logarithmic", d),
+                label=f"seed {seed} {protocol} smoothing {_eps_name(eps)} {HELDOUT} beam-logarithmic",
+                arm=protocol,
+                seed=seed,
+                split=HELDOUT,
+                deps=(cand, "heldout slice"),
+            )
+        )
+    steps.append(
+        Step(
+            f"select {protocol}",
+            ACTION,
+            arm=protocol,
+            seed=seed,
+            deps=tuple(decoded),
+            action=functools.partial(select_smoothing, args, protocol, seed),
+        )
+    )
+    return steps
+
+
+def plan(args: argparse.Namespace) -> list[Step]:
     """Every training and evaluation step, in priority order: every seed's (a) first (the longest
     runs, which the rest waits for: with ``--jobs 2`` the last (a) then trains beside the selection),
     then seed by seed (a)'s decodings and the branches; with the selection, the first seed's
     candidate branches and their held-out decodings, then the choice (``select b``, ``select c``),
-    which the branches' runs and decodings wait for; each evaluation after its training."""
-    plan = _runner.Plan(args.threads, args.dry_run)
+    which the branches' runs and decodings wait for; each evaluation after its training.
+
+    The directory of a branch's run is late-bound (:func:`branch_dir`) while its smoothing is not chosen: the
+    first seed's run is the chosen candidate, and the other seeds' runs are made with the chosen eps."""
+    steps: list[Step] = []
     select = selecting(args)
     if select:
-        plan.tasks.append(Task("heldout slice", functools.partial(write_heldout, args)))
-
-    def decodings(seed: int, protocol: str, run: str, train: str) -> None:
-        """The decodings of a run whose directory is known now (a root run or a control)."""
-        for split, objective in evaluations(args):
-            d = os.path.join(run, eval_name(split, objective))
-            plan.step(
-                f"eval {seed}{protocol} {split} {objective}",
-                f"seed {seed} {protocol} {split} beam-{objective}",
-                eval_argv(args, os.path.join(run, "final"), split_file(args, split), objective, d),
-                d,
-                {train},
-            )
-
+        steps.append(Step("heldout slice", ACTION, action=functools.partial(write_heldout, args)))
     for seed in args.seed_list:
         for protocol in args.protocol_list:
             label = PROTOCOLS[protocol].label
+            train = f"train {seed}{protocol}"
             if protocol in CONTROLS:  # from (a)'s checkpoint at T1 with a fixed smoothing: no selection
-                run = grid_dir(args, seed, protocol, CONTROLS[protocol])
-                train = plan.train(
-                    f"train {seed}{protocol}",
-                    f"seed {seed} {label} train",
-                    run,
-                    functools.partial(train_argv, args, seed, protocol, CONTROLS[protocol], run),
-                    functools.partial(prepare_branch, args, seed, run),
-                    {f"train {seed}a"},
+                eps = CONTROLS[protocol]
+                run = grid_dir(args, seed, protocol, eps)
+                steps.append(
+                    _train(args, seed, protocol, train, f"seed {seed} {label} train", eps, run, (f"train {seed}a",))
                 )
-                decodings(seed, protocol, run, train)
+                steps += _decodings(args, seed, protocol, run, (train,))
                 continue
             if protocol not in BRANCHES:
                 run = _runner.run_dir(args.work_dir, seed, protocol)
-                train = plan.train(
-                    f"train {seed}{protocol}",
-                    f"seed {seed} {label} train",
-                    run,
-                    functools.partial(train_argv, args, seed, protocol, args.smoothing_a, run),
+                steps.append(
+                    _train(args, seed, protocol, train, f"seed {seed} {label} train", args.smoothing_a, run, ())
                 )
-                decodings(seed, protocol, run, train)
+                steps += _decodings(args, seed, protocol, run, (train,))
                 if any(p in BRANCHES or p in CONTROLS for p in args.protocol_list):
                     d = os.path.join(run, f"eval_dev_checkpoint_{args.t1}")
-                    plan.step(
-                        f"checkpoint {seed}{protocol}",
-                        f"seed {seed} {label[:3]} checkpoint-{args.t1} dev beam-logarithmic",
-                        eval_argv(
-                            args, os.path.join(run, f"checkpoint-{args.t1}"), split_file(args, "dev"), "logarithmic", d
-                        ),
-                        d,
-                        {train},
-                    )
-                continue
-            if select and seed == args.seed_list[0]:
-                # the selection: one branch per candidate eps, each decoded on the held-out slice
-                decoded, candidates = set(), set()
-                for eps in args.smoothing_grid:
-                    run = grid_dir(args, seed, protocol, eps)
-                    cand = plan.train(
-                        f"train {seed}{protocol} eps{_eps_name(eps)}",
-                        f"seed {seed} {label} train, smoothing {_eps_name(eps)} (selection)",
-                        run,
-                        functools.partial(train_argv, args, seed, protocol, eps, run),
-                        functools.partial(prepare_branch, args, seed, run),
-                        {f"train {seed}a"},
-                    )
-                    candidates.add(cand)
-                    d = os.path.join(run, eval_name(HELDOUT, "logarithmic"))
-                    decoded.add(
-                        plan.step(
-                            f"{HELDOUT} {seed}{protocol} eps{_eps_name(eps)}",
-                            f"seed {seed} {protocol} smoothing {_eps_name(eps)} {HELDOUT} beam-logarithmic",
-                            eval_argv(args, os.path.join(run, "final"), heldout_path(args), "logarithmic", d),
+                    steps.append(
+                        Step(
+                            f"checkpoint {seed}{protocol}",
+                            "checkpoint",
                             d,
-                            {cand, "heldout slice"},
+                            eval_argv(
+                                args,
+                                os.path.join(run, f"checkpoint-{args.t1}"),
+                                split_file(args, "dev"),
+                                "logarithmic",
+                                d,
+                            ),
+                            label=f"seed {seed} {label[:3]} checkpoint-{args.t1} dev beam-logarithmic",
+                            arm=protocol,
+                            seed=seed,
+                            split="dev",
+                            deps=(train,),
                         )
                     )
-                train = f"select {protocol}"  # the chosen candidate is this seed's run
-                plan.tasks.append(Task(train, functools.partial(select_smoothing, args, protocol, seed), decoded))
-                # its decodings (below) need the candidates' weights too, not only the record of the
-                # choice, which cuts the lineage for --archive (_archive.ArchivedStep)
-            else:
-                train = f"train {seed}{protocol}"
-                deps = {f"train {seed}a"} | ({f"select {protocol}"} if select else set())
-                plan.tasks.append(
-                    Task(
-                        train,
-                        functools.partial(train_branch, args, seed, protocol, f"seed {seed} {label} train"),
-                        deps,
-                        functools.partial(run_dir, args, seed, protocol),
-                    )
+                continue
+            branch_run = branch_dir(args, seed, protocol)
+            if select and seed == args.seed_list[0]:
+                selection = _selection(args, seed, protocol)
+                steps += selection
+                # the chosen candidate is this seed's run: its decodings need its weights too, not only the record
+                # of the choice, which cuts the lineage for --archive (_archive.ArchivedStep)
+                candidates = tuple(s.name for s in selection if s.kind == "train")
+                steps += _decodings(args, seed, protocol, branch_run, (f"select {protocol}", *candidates))
+                continue
+            deps = (f"train {seed}a", *((f"select {protocol}",) if select else ()))
+            steps.append(
+                _train(
+                    args,
+                    seed,
+                    protocol,
+                    train,
+                    f"seed {seed} {label} train",
+                    branch_eps(args, protocol),
+                    branch_run,
+                    deps,
                 )
-                candidates = set()
-            for split, objective in evaluations(args):
-                plan.tasks.append(
-                    Task(
-                        f"eval {seed}{protocol} {split} {objective}",
-                        functools.partial(
-                            eval_branch,
-                            args,
-                            seed,
-                            protocol,
-                            split,
-                            objective,
-                            f"seed {seed} {protocol} {split} beam-{objective}",
-                        ),
-                        {train} | candidates,
-                        functools.partial(_eval_dir, args, seed, protocol, split, objective),
-                    )
-                )
+            )
+            steps += _decodings(args, seed, protocol, branch_run, (train,))
     roots = {
         f"train {seed}{p}"
         for seed in args.seed_list
         for p in args.protocol_list
         if p not in BRANCHES and p not in CONTROLS
     }
-    return sorted(plan.tasks, key=lambda t: t.name not in roots)  # stable: otherwise the order above
+    return sorted(steps, key=lambda s: s.name not in roots)  # stable: otherwise the order above

@@ -78,16 +78,23 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
+import _options
 import _runner
-from _archive import ResultsArchive
-from _instruct_data import check_data_root, data_settings, make_data, parse_extra, prepare_data, prepare_extra
-from _llm_common import ARMS, BASELINE, DEFAULT_GGUF, SetupError, schedule_argv
-from _llm_steps import branch_from
-from _runner import Step, Timings, run_steps
+from _instruct_data import (
+    check_data_root,
+    data_settings,
+    extra_options,
+    make_data,
+    parse_extra,
+    prepare_data,
+    prepare_extra,
+)
+from _llm_common import ARMS, BASELINE, DEFAULT_GGUF, SetupError, schedule_argv, switch_branch
+from _llm_steps import fitted_temperature
+from _runner import RESUME_ALWAYS, RESUME_IF_CHECKPOINT, Arg, DryRunAs, Step, Timings
 from reproduce_llm import locate_model, prepare_base
 
 PROG = "reproduce_instruct.py"
@@ -130,7 +137,7 @@ EXTRA_MAX_LENGTH = 768
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        formatter_class=_runner.HelpFormatter,
+        formatter_class=_options.HelpFormatter,
         description="Instruction-tune SmolLM2-135M-Instruct on Alpaca with the logarithmic, Brier and spherical "
         "scores, the log -> spherical switch and DFT, then score every model zero-shot on Alpaca dev, newstest2014 "
         "de-en and AESLC subject lines, with seeds as the unit of evidence. Resumable: rerun the same command.",
@@ -220,11 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' checkpoints")
     g = p.add_argument_group("evaluation")
-    _runner.add_options(
+    _options.add_options(
         g, {"eval_batch_size": {"default": 32, "help": "examples per forward pass / generate"}, "bootstrap_samples": {}}
     )
     g = p.add_argument_group("run")
-    _runner.add_options(
+    _options.add_options(
         g,
         {
             "jobs": {"help": "steps run at the same time (one --threads each)"},
@@ -245,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=8.2,
         help="estimate: ms per generated token per example at batch 32, one thread (measured here, bf16)",
     )
-    _runner.add_options(
+    _options.add_options(
         g,
         {
             "dry_run": {"help": "print the unfinished steps' commands; write nothing"},
@@ -282,7 +289,7 @@ def cpu_capability() -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     try:
-        args.seed_list = _runner.int_list(str(args.seeds))
+        args.seed_list = _options.int_list(str(args.seeds))
     except ValueError:
         raise SetupError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     args.arm_list = [a.strip() for a in str(args.arms).split(",") if a.strip()]
@@ -297,7 +304,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if not eq or arm.strip() not in args.arm_list:
             raise SetupError(f"--arm-seeds {spec!r}: expected ARM=SEEDS with ARM one of --arms ({args.arms})")
         try:
-            chosen = _runner.int_list(seeds)
+            chosen = _options.int_list(seeds)
         except ValueError:
             raise SetupError(f"--arm-seeds {spec!r}: SEEDS must be comma-separated integers") from None
         if not set(chosen) <= set(args.seed_list):
@@ -379,8 +386,9 @@ def _d(work: str, name: str) -> str:
     return os.path.join(work, "data", name)
 
 
-def eval_data(args: argparse.Namespace, work: str, split: str) -> list[str]:
-    """The data and length options of evaluation ``split``."""
+def eval_data(args: argparse.Namespace, work: str, split: str) -> list[Arg]:
+    """The data and length options of evaluation ``split`` (an extra test's data options are shown as
+    ``--data-file EXTRA`` in a dry run: its file is prepared with the data, :func:`_instruct_data.prepare_extra`)."""
     if split in ("alpaca", "fit_dev"):
         f = "alpaca_decode.jsonl" if split == "alpaca" else "alpaca_dev.jsonl"
         return ["--data-file", _d(work, f), "--task", "instruction", "--max-length", str(args.max_length)]
@@ -434,9 +442,9 @@ def eval_data(args: argparse.Namespace, work: str, split: str) -> list[str]:
             *extra,
         ]
     spec = args.extra_tests[split]
-    data = prepare_extra(work, split, spec) if not (args.dry_run or args.estimate) else ["--data-file", "EXTRA"]
+    data = DryRunAs(tuple(extra_options(work, split, spec)), ("--data-file", "EXTRA"))
     extra = ["--max-source-length", str(args.summ_source_tokens)] if spec["kind"] == "summarization" else []
-    return [*data, "--max-length", str(EXTRA_MAX_LENGTH), *extra]
+    return [data, "--max-length", str(EXTRA_MAX_LENGTH), *extra]
 
 
 def decode_options(args: argparse.Namespace, split: str, response_cap: int) -> list[str]:
@@ -458,8 +466,9 @@ def decode_options(args: argparse.Namespace, split: str, response_cap: int) -> l
 
 
 def train_argv(
-    args: argparse.Namespace, base: str, work: str, arm: str, seed: int, out: str, keep_all: bool, resume: bool
+    args: argparse.Namespace, base: str, work: str, arm: str, seed: int, out: str, keep_all: bool
 ) -> list[str]:
+    """``properlm train`` of one arm and seed into ``out`` (``--resume`` is the runner's)."""
     a = ARMS[arm]
     if a.switch:
         objective = ["--schedule", f"logarithmic:{args.switch_at},{a.rule}:{args.steps - args.switch_at}"]
@@ -480,14 +489,7 @@ def train_argv(
         *objective,
         *schedule_argv(args, seed, out, keep_all),
         *(["--bf16"] if args.precision == "bf16" else []),
-        *(["--resume"] if resume else []),
     ]
-
-
-def _temperature(args: argparse.Namespace, fit_out: str) -> float | str:
-    if args.dry_run or args.estimate:
-        return "T_FITTED_ON_DEV"
-    return _runner.read_json(os.path.join(fit_out, "results.json"))["temperature_fit"]["temperature"]
 
 
 def plan(args: argparse.Namespace, work: str, base: str, response_cap: int) -> list[Step]:
@@ -496,91 +498,61 @@ def plan(args: argparse.Namespace, work: str, base: str, response_cap: int) -> l
     steps: list[Step] = []
     for what in PRIORS:
         out = os.path.join(work, "untuned", f"prior_{what}")
-        steps.append(
-            Step(
-                f"untuned/prior_{what}",
-                "prior",
-                "untuned",
-                None,
-                out,
-                lambda out=out, what=what: [
-                    "evaluate",
-                    "--model",
-                    base,
-                    *eval_data(args, work, f"prior_{what}"),
-                    "--no-generate",
-                    *_common(args, out),
-                ],
-            )
-        )
+        argv = ["evaluate", "--model", base, *eval_data(args, work, f"prior_{what}"), "--no-generate"]
+        steps.append(Step(f"untuned/prior_{what}", "prior", out, [*argv, *_common(args, out)], arm="untuned"))
 
     def evaluations(arm: str, seed: int | None, after: tuple[str, ...]) -> None:
         rdir = run_dir(work, arm, seed)
         model = base if seed is None else os.path.join(rdir, "train", "final")
         prefix = "untuned" if seed is None else f"seed{seed}/{arm}"
         fit_out = os.path.join(rdir, "fit_dev")
+        temperature = fitted_temperature(fit_out)
+        fit = ["evaluate", "--model", model, *eval_data(args, work, "fit_dev"), "--no-generate", "--fit-temperature"]
         steps.append(
             Step(
                 f"{prefix}/fit_dev",
                 "fit",
-                arm,
-                seed,
                 fit_out,
-                lambda: [
-                    "evaluate",
-                    "--model",
-                    model,
-                    *eval_data(args, work, "fit_dev"),
-                    "--no-generate",
-                    "--fit-temperature",
-                    "--max-examples",
-                    str(args.fit_examples),
-                    *_common(args, fit_out),
-                ],
-                after,
-                "fit_dev",
+                [*fit, "--max-examples", str(args.fit_examples), *_common(args, fit_out)],
+                arm=arm,
+                seed=seed,
+                split="fit_dev",
+                deps=after,
             )
         )
         dev_out = os.path.join(rdir, "dev")
+        dev = ["evaluate", "--model", model, *eval_data(args, work, "fit_dev"), "--no-generate"]
         steps.append(
             Step(
                 f"{prefix}/dev",
                 "dev",
-                arm,
-                seed,
                 dev_out,
-                lambda: [
-                    "evaluate",
-                    "--model",
-                    model,
-                    *eval_data(args, work, "fit_dev"),
-                    "--no-generate",
-                    "--also-temperature",
-                    str(_temperature(args, fit_out)),
-                    *_common(args, dev_out),
-                ],
-                (f"{prefix}/fit_dev",),
-                "dev",
+                [*dev, "--also-temperature", temperature, *_common(args, dev_out)],
+                arm=arm,
+                seed=seed,
+                split="dev",
+                deps=(f"{prefix}/fit_dev",),
             )
         )
         for split in [*EVALS, *args.extra_tests]:
             out = os.path.join(rdir, split if split in EVALS else f"extra_{split}")
-
-            def argv(split: str = split, out: str = out) -> list[str]:
-                return [
-                    "evaluate",
-                    "--model",
-                    model,
-                    *eval_data(args, work, split),
-                    *decode_options(args, split, response_cap),
-                    "--num-beams",
-                    "1",
-                    "--also-temperature",
-                    str(_temperature(args, fit_out)),
-                    *_common(args, out),
-                ]
-
-            steps.append(Step(f"{prefix}/{split}", "eval", arm, seed, out, argv, (f"{prefix}/fit_dev",), split))
+            argv: list[Arg] = [
+                "evaluate",
+                "--model",
+                model,
+                *eval_data(args, work, split),
+                *decode_options(args, split, response_cap),
+                "--num-beams",
+                "1",
+                "--also-temperature",
+                temperature,
+                *_common(args, out),
+            ]
+            steps.append(
+                Step(
+                    f"{prefix}/{split}", "eval", out, argv, arm=arm, seed=seed, split=split, deps=(f"{prefix}/fit_dev",)
+                )
+            )
 
     evaluations("untuned", None, ())
     switch = any(ARMS[a].switch for a in args.arm_list)
@@ -589,32 +561,20 @@ def plan(args: argparse.Namespace, work: str, base: str, response_cap: int) -> l
             if seed not in args.arm_seeds[arm]:
                 continue
             tdir = os.path.join(run_dir(work, arm, seed), "train")
-            keep = arm == BASELINE and switch
-            deps: tuple[str, ...] = ()
-            prepare = None
-            if ARMS[arm].switch:
-                src = os.path.join(run_dir(work, BASELINE, seed), "train")
-                deps = (f"seed{seed}/{BASELINE}/train",)
-
-                def prepare(src: str = src, tdir: str = tdir) -> None:
-                    if not _runner.started(tdir):
-                        branch_from(src, tdir, args.switch_at)
-
-            def targv(arm: str = arm, seed: int = seed, tdir: str = tdir, keep: bool = keep) -> list[str]:
-                resume = ARMS[arm].switch or bool(_runner.checkpoint_steps(tdir))
-                return train_argv(args, base, work, arm, seed, tdir, keep, resume)
-
+            is_switch = ARMS[arm].switch
+            log_run = os.path.join(run_dir(work, BASELINE, seed), "train")
             steps.append(
                 Step(
                     f"seed{seed}/{arm}/train",
                     "train",
-                    arm,
-                    seed,
                     tdir,
-                    targv,
-                    deps,
-                    train_steps=args.steps - args.switch_at if ARMS[arm].switch else args.steps,
-                    prepare=prepare,
+                    train_argv(args, base, work, arm, seed, tdir, arm == BASELINE and switch),
+                    arm=arm,
+                    seed=seed,
+                    deps=(f"seed{seed}/{BASELINE}/train",) if is_switch else (),
+                    train_steps=args.steps - args.switch_at if is_switch else args.steps,
+                    resume=RESUME_ALWAYS if is_switch else RESUME_IF_CHECKPOINT,
+                    branch=switch_branch(log_run, args.switch_at) if is_switch else None,
                 )
             )
             evaluations(arm, seed, (f"seed{seed}/{arm}/train",))
@@ -712,75 +672,79 @@ def widen(args: argparse.Namespace, saved: dict[str, Any]) -> None:
         args.extra_tests.setdefault(name, spec)
 
 
-def open_archive(args: argparse.Namespace, work: str, steps: list[Step]) -> ResultsArchive:
-    try:
-        archive = ResultsArchive(args.archive, work)
-        archive.check_settings(
-            _runner.read_json_if(os.path.join(work, "settings.json")) or _settings(args), list(RESULT_KEYS)
-        )
-    except ValueError as exc:
-        raise SetupError(f"--archive: {exc}") from None
-    _runner.restore_archive(
-        archive, work, [(s.name, s.out, s.deps) for s in steps], ["data/manifest.json", "timings.json"]
-    )
-    return archive
+class Study(_runner.Study):
+    """The study for :func:`_runner.run_study`: the settings, the base model and the data (its manifest is a
+    work-level file of the archive) in :meth:`setup`, the estimate in :meth:`preview`; the checkpoints of a finished
+    run go (:attr:`cleanup`)."""
+
+    files = ("data/manifest.json",)
+    cleanup = True
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        self.manifest: dict[str, Any] = {}
+        self.base = os.path.join(self.work, "base")
+
+    @property
+    def work(self) -> str:
+        return os.path.abspath(self.args.work_dir)
+
+    def setup(self) -> dict[str, float]:
+        """With ``--report-only`` the settings the runs were made with; else the data root, the precision and the
+        settings checks; then the base model and the data (only their manifest in a ``--dry-run`` /
+        ``--estimate``, which write nothing)."""
+        args, work = self.args, self.work
+        writes = not (args.dry_run or args.estimate or args.report_only)
+        if args.report_only:
+            saved = _runner.read_json_if(os.path.join(work, "settings.json"))
+            if saved is None:
+                raise SetupError(f"--report-only: {work} holds no settings.json (nothing has run there)")
+            for k in RESULT_KEYS:
+                setattr(args, k, saved.get(k))
+            args.arm_list, args.seed_list, args.arm_seeds, args.extra_tests = [], [], {}, {}
+            widen(args, saved)
+        else:
+            check_data_root(args.data_root)
+            args.precision = resolve_precision(args.precision)
+            check_settings(args, work, write=False)
+        if not writes:
+            if args.gguf_file is None and not args.report_only:
+                self.base = os.path.abspath(locate_model(args))
+            self.manifest = _runner.read_json_if(os.path.join(work, "data", "manifest.json")) or make_data(args)[1]
+            if not args.report_only and self.manifest["settings"] != data_settings(args):
+                raise SetupError(f"{work} holds data made with other settings ({self.manifest['settings']})")
+            return {}
+        model = locate_model(args)
+        check_settings(args, work, write=True)
+        self.base, seconds = prepare_base(model, args.gguf_file, work, args.threads)
+        args.tokenizer_dir = self.base  # the response cap is measured in the base model's tokens
+        self.manifest = prepare_data(args, work)
+        for name, spec in args.extra_tests.items():
+            prepare_extra(work, name, spec)
+        return {"base": seconds} if seconds else {}
+
+    def plan(self) -> list[Step]:
+        return plan(self.args, self.work, self.base, int(self.manifest["alpaca_response_cap"]))
+
+    def check_archive(self, archive: Any) -> None:
+        settings = _runner.read_json_if(os.path.join(self.work, "settings.json")) or _settings(self.args)
+        archive.check_settings(settings, list(RESULT_KEYS))
+
+    def preview(self, steps: Sequence[Step], timings: Timings) -> None:
+        print(f"data: {json.dumps(self.manifest['counts'])}; precision {self.args.precision}", flush=True)
+        print(estimate(self.args, list(steps), self.manifest, timings.data), flush=True)
+
+    def report(self, steps: Sequence[Step], timings: Timings, wall_seconds: float | None) -> str:
+        from _instruct_report import report
+
+        return report(self.args, self.work, list(steps), self.manifest, wall_seconds)
+
+    def fail(self, message: str) -> BaseException:
+        return SetupError(message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    started = time.time()
-    args = parse_args(argv)
-    work = os.path.abspath(args.work_dir)
-    writes = not (args.dry_run or args.estimate or args.report_only)
-    if args.report_only:
-        saved = _runner.read_json_if(os.path.join(work, "settings.json"))
-        if saved is None:
-            raise SetupError(f"--report-only: {work} holds no settings.json (nothing has run there)")
-        for k in RESULT_KEYS:
-            setattr(args, k, saved.get(k))
-        args.arm_list, args.seed_list, args.arm_seeds, args.extra_tests = [], [], {}, {}
-        widen(args, saved)
-    else:
-        check_data_root(args.data_root)
-        args.precision = resolve_precision(args.precision)
-        check_settings(args, work, write=False)
-    manifest_path = os.path.join(work, "data", "manifest.json")
-    base = os.path.join(work, "base")
-    if writes:
-        model = locate_model(args)
-        check_settings(args, work, write=True)
-        timings = Timings(os.path.join(work, "timings.json"))
-        base, seconds = prepare_base(model, args.gguf_file, work, args.threads)
-        if seconds:
-            timings.add("base", seconds)
-        args.tokenizer_dir = base
-        manifest = prepare_data(args, work)
-    else:
-        if args.gguf_file is None and not args.report_only:
-            base = os.path.abspath(locate_model(args))
-        manifest = _runner.read_json_if(manifest_path) or make_data(args)[1]
-        if not args.report_only and manifest["settings"] != data_settings(args):
-            raise SetupError(f"{work} holds data made with other settings ({manifest['settings']})")
-        timings = Timings(os.path.join(work, "timings.json")) if os.path.isdir(work) else None  # type: ignore
-    steps = plan(args, work, base, int(manifest["alpaca_response_cap"]))
-    archive = open_archive(args, work, steps) if args.archive and (writes or args.report_only) else None
-    if not args.report_only:
-        print(f"data: {json.dumps(manifest['counts'])}; precision {args.precision}", flush=True)
-        print(estimate(args, steps, manifest, timings.data if timings else {}), flush=True)
-        if args.estimate:
-            return 0
-        run_steps(args, steps, timings, archive)  # type: ignore[arg-type]
-        if args.dry_run:
-            return 0
-    from _instruct_report import report
-
-    md = report(args, work, steps, manifest, None if args.report_only else time.time() - started)
-    if archive is not None:
-        archive.save_all([(s.name, s.out, s.deps) for s in steps])
-        for name in ("timings.json", "data/manifest.json", "results.md", "results.json", "training_curves.png"):
-            archive.save_file(name)
-    print()
-    print(md)
-    return 0
+    return _runner.run_study(Study(parse_args(argv)))
 
 
 if __name__ == "__main__":

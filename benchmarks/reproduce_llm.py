@@ -123,8 +123,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import _options
 import _runner
-from _archive import ResultsArchive
 from _llm_common import (
     ARMS,
     BASELINE,
@@ -151,8 +151,8 @@ from _llm_common import (
 from _llm_data import _data_settings, check_data_dir, make_subsets, prepare_data
 from _llm_estimate import estimate
 from _llm_report import collect, collect_run, comparisons, plot_curves, report
-from _llm_steps import branch_from, decode_argv, fit_argv, model_dir, plan, run_dir, train_argv
-from _runner import Step, Timings, run_steps
+from _llm_steps import decode_argv, fit_argv, model_dir, plan, run_dir, train_argv
+from _runner import Step, Timings
 
 #: this script's names, with those of the private modules it is split into (``_llm_common``, ``_llm_data``,
 #: ``_llm_steps``, ``_llm_estimate``, ``_llm_report``): ``reproduce_llm.NAME`` keeps working
@@ -179,7 +179,7 @@ __all__ = [
     "Arm",
     "SetupError",
     "Step",
-    "branch_from",
+    "Study",
     "build_parser",
     "check_data_dir",
     "collect",
@@ -199,7 +199,6 @@ __all__ = [
     "prepare_data",
     "report",
     "run_dir",
-    "run_steps",
     "train_argv",
 ]
 
@@ -221,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "untuned model, with seeds as the unit of evidence; write WORK/results.md, results.json and "
         "training_curves.png. Resumable: re-run the same command to continue. --estimate prints the plan "
         "and its estimated hours.",
-        formatter_class=_runner.HelpFormatter,
+        formatter_class=_options.HelpFormatter,
     )
     p.add_argument(
         "data_dir",
@@ -367,16 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
         "source in tokens; 0 disables the cap",
     )
     g.add_argument("--max-new-tokens-offset", type=int, default=10, help="B of --max-new-tokens-ratio")
-    _runner.add_options(g, {"eval_batch_size": {"default": 32, "help": "sentences per forward pass / generate call"}})
+    _options.add_options(g, {"eval_batch_size": {"default": 32, "help": "sentences per forward pass / generate call"}})
     g.add_argument(
         "--decode-dev",
         action="store_true",
         help="also decode the dev sentences of every model (BLEU/chrF dev; about 1.1 h more wall with "
         "the defaults and --jobs 2)",
     )
-    _runner.add_options(g, {"bootstrap_samples": {}})
+    _options.add_options(g, {"bootstrap_samples": {}})
     g = p.add_argument_group("run")
-    _runner.add_options(
+    _options.add_options(
         g,
         {
             "jobs": {"help": "steps run at the same time (one --threads each)"},
@@ -405,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"new tokens, one thread (default: measured here, {EST_DECODE_SECONDS['bf16']:g} with --bf16, "
         f"{EST_DECODE_SECONDS['fp32']:g} in float32)",
     )
-    _runner.add_options(
+    _options.add_options(
         g,
         {
             "dry_run": {"help": "print the commands of the unfinished steps and the estimate; write nothing"},
@@ -443,7 +442,7 @@ def _parse_extra(spec: str, taken: dict[str, Any]) -> tuple[str, tuple[str, str]
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     try:
-        args.seed_list = _runner.int_list(str(args.seeds))
+        args.seed_list = _options.int_list(str(args.seeds))
     except ValueError:
         raise SetupError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list):
@@ -643,13 +642,71 @@ def _widen(args: argparse.Namespace, saved: dict[str, Any]) -> None:
         args.extra_tests.setdefault(name, tuple(files))
 
 
-def _open_archive(args: argparse.Namespace, work: str) -> ResultsArchive:
-    """The ``--archive`` of ``work``: refuse one made with other settings, restore its finished
-    steps (each with all the steps after it, see :mod:`_archive`) and the timings into ``work``,
-    and save the finished steps of ``work`` it does not hold yet."""
-    try:
-        archive = ResultsArchive(args.archive, work)
-        settings = _runner.read_json_if(os.path.join(work, "settings.json")) or _settings(args)
+class Study(_runner.Study):
+    """The study for :func:`_runner.run_study`: the data subsets and the base model are prepared in :meth:`setup`,
+    the estimate printed in :meth:`preview`; the checkpoints of a finished run go (:attr:`cleanup`)."""
+
+    cleanup = True
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        self.manifest: dict[str, Any] | None = None
+        self.base = os.path.join(self.work, "base")
+
+    @property
+    def work(self) -> str:
+        return os.path.abspath(self.args.work_dir)
+
+    def setup(self) -> dict[str, float]:
+        """With ``--report-only`` the settings the runs were made with; else the data directory and the settings
+        checks, then the data subsets and the base model (only their manifest in a ``--dry-run`` /
+        ``--estimate``, which write nothing)."""
+        args, work = self.args, self.work
+        writes = not (args.dry_run or args.estimate or args.report_only)
+        if args.report_only:
+            if not os.path.isdir(work):
+                raise SetupError(f"--report-only: work directory {work!r} does not exist")
+            settings_path = os.path.join(work, "settings.json")
+            if os.path.isfile(settings_path):  # report with the settings the runs were made with
+                saved = _runner.read_json(settings_path)
+                for key in RESULT_KEYS:
+                    if key in saved:
+                        setattr(args, key, saved[key])
+                args.arm_list, args.seed_list = [], []
+                _widen(args, saved)
+            self.manifest = _runner.read_json_if(os.path.join(work, "data", "manifest.json"))
+            return {}
+        check_data_dir(args.data_dir)
+        _check_settings(args, work, write=False)
+        if writes:
+            model = locate_model(args)
+            os.makedirs(work, exist_ok=True)
+            _check_settings(args, work, write=True)
+            manifest = prepare_data(args, work)
+        else:  # --dry-run / --estimate write nothing
+            model = locate_model(args) if args.dry_run else "MODEL"
+            manifest = _runner.read_json_if(os.path.join(work, "data", "manifest.json")) or make_subsets(args)[1]
+            if manifest["settings"] != _data_settings(args):
+                raise SetupError(f"{work} holds data subsets made with other settings ({manifest['settings']})")
+        self.manifest = manifest
+        print(
+            f"data: {json.dumps(manifest['counts'])} (train pool {manifest['train_pool_after_filter']} of "
+            f"{manifest['train_pool']} pairs after the length filter)",
+            flush=True,
+        )
+        if not writes:
+            self.base = os.path.join(work, "base") if args.gguf_file else os.path.abspath(model)
+            return {}
+        self.base, seconds = prepare_base(model, args.gguf_file, work, args.threads)
+        return {"base": seconds} if seconds else {}
+
+    def plan(self) -> list[Step]:
+        return plan(self.args, self.work, self.base)
+
+    def check_archive(self, archive: Any) -> None:
+        """Refuse an archive made with other settings, or whose switch arms branched at another step."""
+        args = self.args
+        settings = _runner.read_json_if(os.path.join(self.work, "settings.json")) or _settings(args)
         archive.check_settings(settings, [k for k in RESULT_KEYS if k != "switch_at"])
         theirs = (_runner.read_json_if(os.path.join(archive.root, "settings.json")) or {}).get("switch_at")
         if None not in (theirs, args.switch_at) and theirs != args.switch_at:
@@ -657,85 +714,20 @@ def _open_archive(args: argparse.Namespace, work: str) -> ResultsArchive:
                 f"the archive {archive.root} holds switch arms branched at step {theirs}, not "
                 f"{args.switch_at} (--switch-at)"
             )
-    except ValueError as exc:
-        raise SetupError(f"--archive: {exc}") from None
-    steps = [(s.name, s.out, s.deps) for s in plan(args, work, os.path.join(work, "base"))]
-    _runner.restore_archive(archive, work, steps, ["timings.json"])
-    return archive
+
+    def preview(self, steps: Sequence[Step], timings: Timings) -> None:
+        assert self.manifest is not None
+        print(estimate(self.args, list(steps), self.manifest, timings.data)[0], flush=True)
+
+    def report(self, steps: Sequence[Step], timings: Timings, wall_seconds: float | None) -> str:
+        return report(self.args, self.work, list(steps), self.manifest, timings.data, wall_seconds)
+
+    def fail(self, message: str) -> BaseException:
+        return SetupError(message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    started = time.time()
-    args = parse_args(argv)
-    work = os.path.abspath(args.work_dir)
-    writes = not (args.dry_run or args.estimate or args.report_only)
-    if args.report_only:
-        if not os.path.isdir(work):
-            raise SetupError(f"--report-only: work directory {work!r} does not exist")
-        settings_path = os.path.join(work, "settings.json")
-        if os.path.isfile(settings_path):  # report with the settings the runs were made with
-            saved = _runner.read_json(settings_path)
-            for key in RESULT_KEYS:
-                if key in saved:
-                    setattr(args, key, saved[key])
-            args.arm_list, args.seed_list = [], []
-            _widen(args, saved)
-    else:
-        check_data_dir(args.data_dir)
-        _check_settings(args, work, write=False)
-    manifest_path = os.path.join(work, "data", "manifest.json")
-    if args.report_only:
-        manifest = _runner.read_json_if(manifest_path)
-    elif writes:
-        model = locate_model(args)
-        os.makedirs(work, exist_ok=True)
-        _check_settings(args, work, write=True)
-        manifest = prepare_data(args, work)
-    else:  # --dry-run / --estimate write nothing
-        model = locate_model(args) if args.dry_run else "MODEL"
-        manifest = _runner.read_json_if(manifest_path)
-        if manifest is None:
-            manifest = make_subsets(args)[1]
-        if manifest["settings"] != _data_settings(args):
-            raise SetupError(f"{work} holds data subsets made with other settings ({manifest['settings']})")
-    if manifest and not args.report_only:
-        print(
-            f"data: {json.dumps(manifest['counts'])} (train pool {manifest['train_pool_after_filter']} of "
-            f"{manifest['train_pool']} pairs after the length filter)",
-            flush=True,
-        )
-    archive = _open_archive(args, work) if args.archive and (writes or args.report_only) else None
-    timings = Timings(os.path.join(work, "timings.json"))
-    if args.report_only:
-        base = os.path.join(work, "base")
-    elif writes:
-        base, seconds = prepare_base(model, args.gguf_file, work, args.threads)
-        if seconds:
-            timings.add("base", seconds)
-    else:
-        base = os.path.join(work, "base") if args.gguf_file else os.path.abspath(model)
-    steps = plan(args, work, base)
-    if not args.report_only:
-        text, _ = estimate(args, steps, manifest, timings.data)
-        print(text, flush=True)
-        if args.estimate:
-            return 0
-        run_steps(args, steps, timings, archive)
-        if args.dry_run:
-            return 0
-    md = report(args, work, steps, manifest, timings.data, None if args.report_only else time.time() - started)
-    if archive is not None:
-        saved = archive.save_all([(s.name, s.out, s.deps) for s in steps])
-        for name in ("timings.json", "results.md", "results.json", "training_curves.png"):
-            archive.save_file(name)
-        print(f"archive {archive.root}: {len(saved)} more finished step(s) saved, with the report")
-    print()
-    print(md)
-    print(
-        f"written: {work}/results.md, {work}/results.json"
-        + (f", {work}/training_curves.png" if os.path.isfile(os.path.join(work, "training_curves.png")) else "")
-    )
-    return 0
+    return _runner.run_study(Study(parse_args(argv)))
 
 
 if __name__ == "__main__":

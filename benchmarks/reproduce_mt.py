@@ -61,24 +61,27 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
+import _options
 import _report
 import _runner
+import _seq2seq
 import _stats
-from _runner import Protocol, Task, eval_name, read_json, read_json_if, read_lines
+from _runner import RESUME_IF_CHECKPOINT, Arg, Branch, FromJson, Step, eval_name, read_json, read_json_if, read_lines
+from _seq2seq import Protocol
 from _stats import fmt_ci, fmt_mean_std
 from properlm.evaluation.curves import plot_curves as draw_curves
 
 PROG = "reproduce_mt.py"
 
 MIXTURE = "0.5*logarithmic+0.5*spherical"
-#: protocol -> its label and rules (:class:`_runner.Protocol`)
+#: protocol -> its label and rules (:class:`_seq2seq.Protocol`)
 PROTOCOLS: dict[str, Protocol] = {
-    **_runner.PAPER_PROTOCOLS,
+    **_seq2seq.PAPER_PROTOCOLS,
     "d": Protocol("(d) brier from scratch", "brier"),
     "e": Protocol("(e) spherical from scratch", "spherical"),
     # beyond the paper: the alpha families and a mixture as the rule switched to (issue 17)
@@ -112,9 +115,9 @@ LABELS = {k: v.label for k, v in PROTOCOLS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=_runner.HelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=_options.HelpFormatter)
     p.add_argument("data_dir", help="directory with train, val and test_2016_flickr .en/.de (Multi30k task 1, raw)")
-    _runner.add_options(p, {"work_dir": "runs/reproduce_mt"})
+    _options.add_options(p, {"work_dir": "runs/reproduce_mt"})
     p.add_argument(
         "--seeds",
         default="1,2,3,4,5,6",
@@ -126,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seeds of the other protocols (d-k), a subset of --seeds for the branches f-j",
     )
     p.add_argument(
-        "--protocols", default="a,b,c,f,g,h,i,j", help=_runner.protocols_help(PROTOCOLS, ", ".join(BRANCHES))
+        "--protocols", default="a,b,c,f,g,h,i,j", help=_seq2seq.protocols_help(PROTOCOLS, ", ".join(BRANCHES))
     )
     p.add_argument(
         "--extra-test",
@@ -136,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also decode every final model (beam, log objective) on this English source file and "
         "score it against the German references (repeatable); no retraining",
     )
-    _runner.add_options(
+    _options.add_options(
         p,
         {
             "t1": {
@@ -159,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         },
     )
     p.add_argument("--max-length", type=int, default=64, help="most BPE tokens per sentence")
-    _runner.add_options(
+    _options.add_options(
         p,
         {
             "eval_every": {},
@@ -178,21 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the single-rule runs (a, d, e) from the checkpoints of a work directory made "
         "with the same settings but smaller T1/T2 (e.g. to lengthen stage 1 without retraining it)",
     )
-    _runner.add_options(p, {"report_only": {}, "dry_run": {}, "archive": {}})
+    _options.add_options(p, {"report_only": {}, "dry_run": {}, "archive": {}})
     return p
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Fail before any work on a bad argument or a missing data file."""
-    _runner.check_data_dir(PROG, args.data_dir, REQUIRED_FILES, "Multi30k task 1")
+    _options.check_data_dir(PROG, args.data_dir, REQUIRED_FILES, "Multi30k task 1")
     try:
-        args.seed_list = _runner.int_list(args.seeds)
-        args.arm_seed_list = _runner.int_list(args.arm_seeds)
+        args.seed_list = _options.int_list(args.seeds)
+        args.arm_seed_list = _options.int_list(args.arm_seeds)
     except ValueError:
         raise SystemExit(
             f"{PROG}: --seeds {args.seeds!r} / --arm-seeds {args.arm_seeds!r}: comma-separated integers expected"
         ) from None
-    args.protocol_list = _runner.parse_protocols(PROG, args.protocols, list(PROTOCOLS), BRANCHES)
+    args.protocol_list = _options.parse_protocols(PROG, args.protocols, list(PROTOCOLS), BRANCHES)
     if any(p in BRANCHES for p in args.protocol_list) and not set(args.arm_seed_list) <= set(args.seed_list):
         raise SystemExit(
             f"{PROG}: --arm-seeds {args.arm_seeds!r} must be among --seeds {args.seeds!r}: "
@@ -215,7 +218,7 @@ def check_args(args: argparse.Namespace) -> None:
         if len(read_lines(src)) != len(read_lines(ref)):
             raise SystemExit(f"{PROG}: --extra-test {spec!r}: {src} and {ref} differ in line count")
         args.extra_tests[name] = (src, ref)
-    _runner.check_stages(PROG, args, ("t1", "t2", "batch_size", "eval_every", "save_every", "num_beams"))
+    _options.check_stages(PROG, args, ("t1", "t2", "batch_size", "eval_every", "save_every", "num_beams"))
 
 
 #: options that determine a training trajectory up to any step (the inverse-sqrt schedule and
@@ -242,7 +245,7 @@ def check_settings(args: argparse.Namespace) -> None:
     """Record the settings in ``WORK/settings.json``; refuse to mix settings in one work
     directory (or to report its runs under other settings), and to ``--reuse`` a work directory
     whose runs followed another trajectory."""
-    _runner.check_settings(
+    _options.check_settings(
         PROG,
         args.work_dir,
         {k: getattr(args, k) for k in RESULT_KEYS},
@@ -256,7 +259,8 @@ def run_dir(args: argparse.Namespace, seed: int, protocol: str) -> str:
     return _runner.run_dir(args.work_dir, seed, protocol)
 
 
-def train_argv(args: argparse.Namespace, seed: int, protocol: str, resume: bool) -> list[str]:
+def train_argv(args: argparse.Namespace, seed: int, protocol: str) -> list[Arg]:
+    """``properlm train`` of one seed and protocol (``--resume`` is the runner's: :func:`train_step`)."""
     d = os.path.join(args.data_dir, "")
     data = [
         "--source-file",
@@ -270,33 +274,31 @@ def train_argv(args: argparse.Namespace, seed: int, protocol: str, resume: bool)
         "--max-length",
         str(args.max_length),
     ]
-    return _runner.seq2seq_train_argv(
+    return _seq2seq.seq2seq_train_argv(
         args,
         seed,
         PROTOCOLS[protocol].schedule(args.t1, args.t2),
         data,
         run_dir(args, seed, protocol),
         eval_batch_size=128,
-        resume=resume,
     )
 
 
-def prepare_run(args: argparse.Namespace, seed: int, protocol: str) -> None:
-    """Before a run's first step: a branch (b, c) starts from (a)'s step-T1 checkpoint; with
-    ``--reuse OLD``, a single-rule run (a, d, e) starts from the newest checkpoint of the same
-    seed and protocol in OLD that lies within its own stage (at most T1 for a, T for d, e)."""
-    dst = run_dir(args, seed, protocol)
-    if _runner.started(dst):
-        return
+def run_branch(args: argparse.Namespace, seed: int, protocol: str) -> Branch | None:
+    """Where a run starts: a branch (b, c, f-j) from (a)'s step-T1 checkpoint; with ``--reuse OLD``, a
+    single-rule run (a, d, e, k) from the newest checkpoint of the same seed and protocol in OLD that lies
+    within its own stage (at most T1 for a, T for the others), if there is one; else from scratch (``None``)."""
     if protocol in BRANCHES:
-        _runner.branch_from(run_dir(args, seed, "a"), dst, args.t1)
-    elif args.reuse:
-        src = os.path.join(args.reuse, f"seed{seed}", protocol)
+        return Branch(run_dir(args, seed, "a"), args.t1, hint=": protocol a must save a checkpoint at T1")
+    if args.reuse:
         limit = args.t1 if protocol == "a" else args.t1 + args.t2
-        steps = [n for n in _runner.checkpoint_steps(src) if n <= limit]
-        if steps:
-            print(f"[reuse] seed {seed} {protocol}: continuing {src}/checkpoint-{steps[-1]}", flush=True)
-            _runner.start_from_checkpoint(src, dst, steps[-1])
+        return Branch(
+            os.path.join(args.reuse, f"seed{seed}", protocol),
+            limit,
+            newest=True,
+            note=f"[reuse] seed {seed} {protocol}: continuing",
+        )
+    return None
 
 
 def eval_argv(args: argparse.Namespace, seed: int, protocol: str, split: str, objective: str) -> list[str]:
@@ -334,12 +336,12 @@ CALIB_DIRS = {"val": "calib_val_fit", "test": "calib_test_scaled"}
 
 
 def calib_argv(
-    args: argparse.Namespace, seed: int, protocol: str, split: str, temperature: float | str | None = None
-) -> list[str]:
+    args: argparse.Namespace, seed: int, protocol: str, split: str, temperature: Arg | None = None
+) -> list[Arg]:
     """``properlm evaluate`` under teacher forcing only: ``--fit-temperature`` on val, or
-    ``--temperature T`` (the val fit) on test."""
+    ``--temperature T`` (the val fit, a placeholder read when the step starts: :func:`fitted_temperature`) on test."""
     stem = os.path.join(args.data_dir, SPLITS[split])
-    argv = [
+    argv: list[Arg] = [
         "evaluate",
         "--model",
         os.path.join(run_dir(args, seed, protocol), "final"),
@@ -356,14 +358,13 @@ def calib_argv(
         "--output-dir",
         os.path.join(run_dir(args, seed, protocol), CALIB_DIRS[split]),
     ]
-    return argv + (["--fit-temperature"] if temperature is None else ["--temperature", str(temperature)])
+    return argv + (["--fit-temperature"] if temperature is None else ["--temperature", _runner.arg(temperature)])
 
 
-def calib_test_argv(args: argparse.Namespace, seed: int, protocol: str) -> list[str]:
-    """:func:`calib_argv` on test at the temperature fitted on val (read when the step starts)."""
-    fit_path = os.path.join(run_dir(args, seed, protocol), CALIB_DIRS["val"], "results.json")
-    t: float | str = "T_FITTED_ON_VAL" if args.dry_run else read_json(fit_path)["temperature_fit"]["temperature"]
-    return calib_argv(args, seed, protocol, "test", t)
+def fitted_temperature(args: argparse.Namespace, seed: int, protocol: str) -> FromJson:
+    """The temperature fitted on val (``calib_val_fit/results.json``), read when the test step starts."""
+    fit = os.path.join(run_dir(args, seed, protocol), CALIB_DIRS["val"], "results.json")
+    return FromJson(fit, ("temperature_fit", "temperature"), "T_FITTED_ON_VAL")
 
 
 def evaluations(args: argparse.Namespace, protocol: str, seed: int) -> list[tuple[str, str]]:
@@ -469,12 +470,112 @@ def seeds_of(args: argparse.Namespace, protocol: str) -> list[int]:
     return list(args.seed_list if protocol in CORE else args.arm_seed_list)
 
 
-def tasks(args: argparse.Namespace) -> list[Task]:
+def protocol_steps(args: argparse.Namespace, seed: int, protocol: str) -> list[Step]:
+    """The steps of one seed and protocol: its training, then its evaluations (each after the training; the
+    test calibration after the val fit)."""
+    run = run_dir(args, seed, protocol)
+    train = f"train {seed}{protocol}"
+    fit = f"calib {seed}{protocol} val"
+    steps = [
+        Step(
+            train,
+            "train",
+            run,
+            train_argv(args, seed, protocol),
+            label=f"seed {seed} {PROTOCOLS[protocol].label} train",
+            deps=(f"train {seed}a",) if protocol in BRANCHES else (),
+            train_steps=args.t2 if protocol in BRANCHES else args.t1 + args.t2,
+            resume=RESUME_IF_CHECKPOINT,
+            branch=run_branch(args, seed, protocol),
+            arm=protocol,
+            seed=seed,
+        )
+    ]
+    for split, objective in evaluations(args, protocol, seed):
+        steps.append(
+            Step(
+                f"eval {seed}{protocol} {split} {objective}",
+                "eval",
+                os.path.join(run, eval_name(split, objective)),
+                eval_argv(args, seed, protocol, split, objective),
+                label=f"seed {seed} {protocol} {split} beam-{objective}",
+                split=split,
+                deps=(train,),
+                arm=protocol,
+                seed=seed,
+            )
+        )
+    steps += [
+        Step(
+            fit,
+            "calib",
+            os.path.join(run, CALIB_DIRS["val"]),
+            calib_argv(args, seed, protocol, "val"),
+            label=f"seed {seed} {protocol} val fit-temperature",
+            split="val",
+            deps=(train,),
+            arm=protocol,
+            seed=seed,
+        ),
+        Step(
+            f"calib {seed}{protocol} test",
+            "calib",
+            os.path.join(run, CALIB_DIRS["test"]),
+            calib_argv(args, seed, protocol, "test", fitted_temperature(args, seed, protocol)),
+            label=f"seed {seed} {protocol} test at the val temperature",
+            split="test",
+            deps=(fit,),
+            arm=protocol,
+            seed=seed,
+        ),
+        Step(
+            f"scores {seed}{protocol}",
+            "scores",
+            os.path.join(run, SCORES_DIR),
+            scores_argv(args, os.path.join(run, "final"), os.path.join(run, SCORES_DIR)),
+            label=f"seed {seed} {protocol} val scores",
+            split="val",
+            deps=(train,),
+            arm=protocol,
+            seed=seed,
+        ),
+    ]
+    for name in args.extra_tests:
+        steps.append(
+            Step(
+                f"extra {seed}{protocol} {name}",
+                "extra",
+                os.path.join(run, f"eval_{name}_beam_logarithmic"),
+                extra_argv(args, seed, protocol, name),
+                label=f"seed {seed} {protocol} {name} beam-logarithmic",
+                split=name,
+                deps=(train,),
+                arm=protocol,
+                seed=seed,
+            )
+        )
+    if protocol == "a":
+        steps.append(
+            Step(
+                f"checkpoint {seed}a",
+                "checkpoint",
+                os.path.join(run, f"eval_val_checkpoint_{args.t1}"),
+                checkpoint_eval_argv(args, seed),
+                label=f"seed {seed} (a) checkpoint-{args.t1} val beam-logarithmic",
+                split="val",
+                deps=(train,),
+                arm=protocol,
+                seed=seed,
+            )
+        )
+    return steps
+
+
+def plan(args: argparse.Namespace) -> list[Step]:
     """Every training and evaluation step, in priority order: (a), (b), (c) of the first three
     seeds (the fine-tuning question), then the other protocols of --arm-seeds, then the further
     seeds: their (a) runs first (the longest, on which the rest wait), then their (b), (c); each
     evaluation after its training."""
-    plan = _runner.Plan(args.threads, args.dry_run)
     core = [p for p in args.protocol_list if p in CORE]
     arms = [p for p in args.protocol_list if p not in CORE]
     order = (
@@ -482,69 +583,14 @@ def tasks(args: argparse.Namespace) -> list[Task]:
         + [(s, arms) for s in args.arm_seed_list]
         + [(s, core) for s in args.seed_list[3:]]
     )
-    later = {f"train {s}{p}" for s in args.seed_list[3:] for p in core if p not in BRANCHES}
-    for seed, group in order:
-        for protocol in group:
-            run = run_dir(args, seed, protocol)
-            train = plan.train(
-                f"train {seed}{protocol}",
-                f"seed {seed} {PROTOCOLS[protocol].label} train",
-                run,
-                functools.partial(train_argv, args, seed, protocol),
-                functools.partial(prepare_run, args, seed, protocol),
-                {f"train {seed}a"} if protocol in BRANCHES else (),
-            )
-            for split, objective in evaluations(args, protocol, seed):
-                plan.step(
-                    f"eval {seed}{protocol} {split} {objective}",
-                    f"seed {seed} {protocol} {split} beam-{objective}",
-                    eval_argv(args, seed, protocol, split, objective),
-                    os.path.join(run, eval_name(split, objective)),
-                    {train},
-                )
-            fit = plan.step(
-                f"calib {seed}{protocol} val",
-                f"seed {seed} {protocol} val fit-temperature",
-                calib_argv(args, seed, protocol, "val"),
-                os.path.join(run, CALIB_DIRS["val"]),
-                {train},
-            )
-            plan.step(
-                f"calib {seed}{protocol} test",
-                f"seed {seed} {protocol} test at the val temperature",
-                functools.partial(calib_test_argv, args, seed, protocol),
-                os.path.join(run, CALIB_DIRS["test"]),
-                {fit},
-            )
-            plan.step(
-                f"scores {seed}{protocol}",
-                f"seed {seed} {protocol} val scores",
-                scores_argv(args, os.path.join(run, "final"), os.path.join(run, SCORES_DIR)),
-                os.path.join(run, SCORES_DIR),
-                {train},
-            )
-            for name in args.extra_tests:
-                plan.step(
-                    f"extra {seed}{protocol} {name}",
-                    f"seed {seed} {protocol} {name} beam-logarithmic",
-                    extra_argv(args, seed, protocol, name),
-                    os.path.join(run, f"eval_{name}_beam_logarithmic"),
-                    {train},
-                )
-            if protocol == "a":
-                plan.step(
-                    f"checkpoint {seed}a",
-                    f"seed {seed} (a) checkpoint-{args.t1} val beam-logarithmic",
-                    checkpoint_eval_argv(args, seed),
-                    os.path.join(run, f"eval_val_checkpoint_{args.t1}"),
-                    {train},
-                )
+    steps = [step for seed, group in order for protocol in group for step in protocol_steps(args, seed, protocol)]
     # The further seeds' (a) runs are the longest and everything of theirs waits on them: start them first.
-    first = [i for i, t in enumerate(plan.tasks) if t.name in later]
+    later = {f"train {s}{p}" for s in args.seed_list[3:] for p in core if p not in BRANCHES}
+    first = [i for i, s in enumerate(steps) if s.name in later]
     if not first:
-        return plan.tasks
-    head, block = plan.tasks[: first[0]], plan.tasks[first[0] :]
-    return head + [t for t in block if t.name in later] + [t for t in block if t.name not in later]
+        return steps
+    head, block = steps[: first[0]], steps[first[0] :]
+    return head + [s for s in block if s.name in later] + [s for s in block if s.name not in later]
 
 
 # ------------------------------------------------------------------------------ the report
@@ -888,8 +934,25 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
     return md
 
 
+class Study(_runner.Study):
+    """The study for :func:`_runner.run_study`."""
+
+    report_files = ("results.md", "results.json", "training_curves.png", "bleu_vs_scores.png")
+
+    def setup(self) -> dict[str, float]:
+        check_args(self.args)
+        check_settings(self.args)
+        return {}
+
+    def plan(self) -> list[Step]:
+        return plan(self.args)
+
+    def report(self, steps: Sequence[Step], timings: _runner.Timings, wall_seconds: float | None) -> str:
+        return report(self.args, wall_seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return _runner.run_benchmark(build_parser().parse_args(argv), check_args, check_settings, tasks, report)
+    return _runner.run_study(Study(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -83,9 +83,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 
+import _options
 import _runner
-from _runner import read_json_if
+import _seq2seq
+from _runner import Step, read_json_if
 from _summ_report import (
     checkpoint_rows,
     collect,
@@ -113,14 +116,16 @@ from _summ_runs import (
     TIE_TOLERANCE,
     VALIDATION_SEED,
     _eps_name,
+    a_branch,
+    branch_dir,
+    branch_eps,
     choose_smoothing,
     eval_argv,
-    eval_branch,
     evaluations,
     grid_dir,
     heldout_examples,
     heldout_path,
-    prepare_branch,
+    plan,
     protocol_eps,
     run_dir,
     select_smoothing,
@@ -128,9 +133,7 @@ from _summ_runs import (
     selection_path,
     selection_rows,
     split_file,
-    tasks,
     train_argv,
-    train_branch,
     write_heldout,
 )
 
@@ -153,6 +156,10 @@ __all__ = [
     "SELECTION_METRIC",
     "TIE_TOLERANCE",
     "VALIDATION_SEED",
+    "Study",
+    "a_branch",
+    "branch_dir",
+    "branch_eps",
     "build_parser",
     "check_args",
     "check_settings",
@@ -161,7 +168,6 @@ __all__ = [
     "collect",
     "comparisons",
     "eval_argv",
-    "eval_branch",
     "evaluations",
     "grid_dir",
     "heldout_examples",
@@ -170,7 +176,7 @@ __all__ = [
     "main_table",
     "objective_table",
     "parse_grid",
-    "prepare_branch",
+    "plan",
     "protocol_eps",
     "report",
     "run_dir",
@@ -180,9 +186,7 @@ __all__ = [
     "selection_rows",
     "smoothing_report",
     "split_file",
-    "tasks",
     "train_argv",
-    "train_branch",
     "write_heldout",
 ]
 
@@ -192,12 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=__doc__.split("\n\n")[0],
         epilog=next(part for part in __doc__.split("\n\n") if part.startswith("Cost")),
-        formatter_class=_runner.HelpFormatter,
+        formatter_class=_options.HelpFormatter,
     )
     p.add_argument(
         "data_dir", help="directory with train.jsonl and dev.jsonl (AESLC: document, summary, annotations on dev)"
     )
-    _runner.add_options(p, {"work_dir": "runs/reproduce_summ"})
+    _options.add_options(p, {"work_dir": "runs/reproduce_summ"})
     p.add_argument(
         "--seeds",
         default="1,2,3",
@@ -206,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--protocols",
         default="a,b,c",
-        help=_runner.protocols_help(PROTOCOLS, "b, c and a0") + "; a0 is the control of the switch "
+        help=_seq2seq.protocols_help(PROTOCOLS, "b, c and a0") + "; a0 is the control of the switch "
         "(issue 28), not a default",
     )
     p.add_argument(
@@ -217,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also decode every final model (beam, log objective) on this JSONL file (document, "
         "summary, optional annotations) and score it; repeatable; no retraining",
     )
-    _runner.add_options(
+    _options.add_options(
         p,
         {
             "t1": {
@@ -251,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="candidate smoothings of (b), (c) after the switch: the first seed branches once per "
         "candidate, the best mean ROUGE-1/2/L F1 on the held-out slice of train wins (ties: the smaller)",
     )
-    _runner.add_options(
+    _options.add_options(
         p, {"vocab_size": 8000, "hidden_size": {}, "num_layers": {}, "num_heads": {}, "ffn_size": {}, "dropout": {}}
     )
     p.add_argument(
@@ -269,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         "set (the curves, the plateau) and, less verbatim duplicates of training emails, the "
         "selection slice",
     )
-    _runner.add_options(
+    _options.add_options(
         p, {"eval_every": {"help": "held-out scores every N steps (the curves)"}, "save_every": {}, "num_beams": 4}
     )
     p.add_argument(
@@ -278,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="most tokens per decoded subject line (the training subjects: 99%% have at most 29 BPE tokens)",
     )
-    _runner.add_options(
+    _options.add_options(
         p,
         {
             "eval_batch_size": {"help": "documents per decoding batch"},
@@ -320,15 +324,15 @@ def parse_grid(text: str) -> list[float]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Fail before any work on a bad argument or a missing data file."""
-    _runner.check_data_dir(PROG, args.data_dir, REQUIRED_FILES, "AESLC as JSONL")
+    _options.check_data_dir(PROG, args.data_dir, REQUIRED_FILES, "AESLC as JSONL")
     try:
-        args.seed_list = _runner.int_list(args.seeds)
+        args.seed_list = _options.int_list(args.seeds)
     except ValueError:
         raise SystemExit(f"{PROG}: --seeds {args.seeds!r}: comma-separated integers expected") from None
     if not args.seed_list:
         raise SystemExit(f"{PROG}: --seeds names no seed")
-    args.protocol_list = _runner.parse_protocols(PROG, args.protocols, list(PROTOCOLS), (*BRANCHES, *CONTROLS))
-    _runner.check_stages(
+    args.protocol_list = _options.parse_protocols(PROG, args.protocols, list(PROTOCOLS), (*BRANCHES, *CONTROLS))
+    _options.check_stages(
         PROG,
         args,
         (
@@ -402,7 +406,7 @@ def check_settings(args: argparse.Namespace) -> None:
     """Record the settings in ``WORK/settings.json``; refuse to mix settings in one work directory
     (or to report its runs under other settings), and a first seed other than the one a finished
     selection used."""
-    _runner.check_settings(
+    _options.check_settings(
         PROG, args.work_dir, {k: getattr(args, k) for k in RESULT_KEYS}, record=not (args.dry_run or args.report_only)
     )
     for protocol in BRANCHES:
@@ -414,15 +418,26 @@ def check_settings(args: argparse.Namespace) -> None:
             )
 
 
+class Study(_runner.Study):
+    """The study for :func:`_runner.run_study`; the selection records are work-level files of the archive."""
+
+    files = tuple(f"selection_{p}.json" for p in BRANCHES)
+    report_files = ("results.md", "results.json", "training_curves.png")
+
+    def setup(self) -> dict[str, float]:
+        check_args(self.args)
+        check_settings(self.args)
+        return {}
+
+    def plan(self) -> list[Step]:
+        return plan(self.args)
+
+    def report(self, steps: Sequence[Step], timings: _runner.Timings, wall_seconds: float | None) -> str:
+        return report(self.args, wall_seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return _runner.run_benchmark(
-        build_parser().parse_args(argv),
-        check_args,
-        check_settings,
-        tasks,
-        report,
-        archive_files=[f"selection_{p}.json" for p in BRANCHES],
-    )
+    return _runner.run_study(Study(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

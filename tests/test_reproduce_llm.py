@@ -14,7 +14,9 @@ import sys
 
 import pytest
 
+import _runner
 import _stats
+from _llm_common import switch_branch
 
 #: every test here runs a whole command, study, process group or build: `make check` leaves them out
 pytestmark = pytest.mark.slow
@@ -451,7 +453,8 @@ def test_branch_copies_the_checkpoint_and_early_log_but_no_tokenizer(tmp_path, s
     (src / "checkpoint-2" / "trainer_state.json").write_text("{}")
     (src / "checkpoint-2" / "model.safetensors").write_text("weights")
     (src / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)))
-    script.branch_from(str(src), str(dst), 2)  # a pretrained model's run has no tokenizer/ to copy
+    # the switch arms' branch (the one the plan gives them), run by the runner's branch_from
+    _runner.branch_from(switch_branch(str(src), 2), str(dst))  # a pretrained model's run has no tokenizer/ to copy
     assert (dst / "checkpoint-2" / "model.safetensors").read_text() == "weights"
     assert sorted(os.listdir(dst)) == ["checkpoint-2", "metrics.jsonl"]
     assert [json.loads(x)["step"] for x in (dst / "metrics.jsonl").open()] == [1, 2]
@@ -460,7 +463,7 @@ def test_branch_copies_the_checkpoint_and_early_log_but_no_tokenizer(tmp_path, s
         match=r"checkpoint-3 is missing: the switch arms branch from it .*"
         "--keep-checkpoints",
     ):
-        script.branch_from(str(src), str(tmp_path / "other"), 3)
+        _runner.branch_from(switch_branch(str(src), 3), str(tmp_path / "other"))
     nan = math.nan  # a comparison cell: "-" when no seed has the figure, the mean alone for one seed
     assert _stats.fmt_ci(nan, nan, nan, missing="-") == "-"
     assert _stats.fmt_ci(nan, nan, nan) == "+nan"  # the seq2seq scripts' output is unchanged

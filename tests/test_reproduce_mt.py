@@ -179,52 +179,6 @@ def test_seed_level_statistics():
     assert lo <= tau <= hi and 0.5 < tau < 1
 
 
-def test_run_tasks_respects_dependencies_priority_and_failures(capsys):
-    import threading
-    import time
-
-    order, lock = [], threading.Lock()
-
-    def note(name, delay=0.0):
-        def fn():
-            time.sleep(delay)
-            with lock:
-                order.append(name)
-
-        return fn
-
-    tasks = [
-        _runner.Task("a", note("a", 0.05)),
-        _runner.Task("b", note("b"), {"a"}),
-        _runner.Task("c", note("c", 0.01)),
-        _runner.Task("d", note("d"), {"b", "c"}),
-    ]
-    _runner.run_tasks(tasks, jobs=2)
-    assert order.index("a") < order.index("b") < order.index("d") and order.index("c") < order.index("d")
-    assert order[0] == "c"  # a and c start together; c is shorter
-    order.clear()
-    _runner.run_tasks(tasks, jobs=1)
-    assert order == ["a", "b", "c", "d"]  # list order is the priority
-
-    def boom():
-        raise RuntimeError("step failed")
-
-    order.clear()
-    with pytest.raises(RuntimeError, match="step failed"):
-        _runner.run_tasks([_runner.Task("x", boom), _runner.Task("y", note("y"), {"x"})], jobs=2)
-    assert order == []  # nothing starts after a failure
-    # a failure is said when it happens, not only once the tasks still running (hours, in a study) end
-    capsys.readouterr()
-    with pytest.raises(RuntimeError, match="step failed"):
-        _runner.run_tasks(
-            [_runner.Task("slow", note("slow", 0.3)), _runner.Task("x", boom), _runner.Task("z", note("z"))], jobs=2
-        )
-    assert "[fail] x: RuntimeError: step failed; no new task starts, waiting for 1 running" in capsys.readouterr().out
-    assert order == ["slow"]  # the running task finishes, z never starts
-    with pytest.raises(ValueError, match="unknown tasks"):
-        _runner.run_tasks([_runner.Task("y", note("y"), {"zz"})])
-
-
 def test_reuse_continues_shorter_runs_exactly(tmp_path, capsys, in_process):
     from safetensors.torch import load_file
 
@@ -266,7 +220,7 @@ def test_further_seeds_start_with_their_longest_runs(tmp_path):
         [str(tmp_path), "--work-dir", str(tmp_path / "w"), "--protocols", "a,b,c,f", "--dry-run"]
     )
     reproduce_mt.check_args(args)
-    names = [t.name for t in reproduce_mt.tasks(args)]
+    names = [s.name for s in reproduce_mt.plan(args)]
     later_a = [names.index(f"train {s}a") for s in (4, 5, 6)]
     assert later_a == sorted(later_a) and later_a[-1] < names.index("train 4b")
     assert names.index("train 3f") < later_a[0]  # the first three seeds and their arms keep their priority

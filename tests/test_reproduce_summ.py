@@ -265,7 +265,7 @@ def test_archive_restores_a_finished_seed_while_a_later_seed_runs(tmp_path):
     archive = ResultsArchive(str(root), str(work))
     for p in "bc":
         assert archive.restore_file(f"selection_{p}.json")
-    steps = [(t.name, _runner._task_out(str(work), t), t.deps) for t in reproduce_summ.tasks(args)]
+    steps = _runner.archive_steps(str(work), reproduce_summ.plan(args))
     later = {n for n, _, _ in steps if n.startswith(("train 2b", "train 2c", "eval 2b", "eval 2c"))}
     assert len(later) == 2 * (1 + 2)  # seed 2: (b), (c) and their two dev decodings each
     for name, out, _ in steps:
@@ -402,7 +402,7 @@ def test_reproduce_summ_plans_the_selection_before_the_seed_runs(tmp_path, capsy
     # the dependencies: the seed runs of a branch and the first seed's decodings wait for its selection
     args = reproduce_summ.build_parser().parse_args([data, "--work-dir", work, *TINY, "--seeds", "1,2"])
     reproduce_summ.check_args(args)
-    deps = {t.name: t.deps for t in reproduce_summ.tasks(args)}
+    deps = {s.name: set(s.deps) for s in reproduce_summ.plan(args)}
     assert deps["select b"] == {"heldout 1b eps0", "heldout 1b eps0.1"}
     assert deps["heldout 1b eps0.1"] == {"train 1b eps0.1", "heldout slice"}
     assert deps["train 1b eps0"] == {"train 1a"}
@@ -454,7 +454,7 @@ def test_reproduce_summ_explicit_smoothing_skips_the_selection(tmp_path, capsys)
         assert "--smoothing 0.1 " in next(line for line in trains if line.startswith(f"[dry-run] seed {seed} (a)"))
     args = reproduce_summ.build_parser().parse_args([data, "--work-dir", work, *TINY, "--smoothing", "0.05"])
     reproduce_summ.check_args(args)
-    assert {t.name: t.deps for t in reproduce_summ.tasks(args)}["train 3b"] == {"train 3a"}
+    assert {s.name: set(s.deps) for s in reproduce_summ.plan(args)}["train 3b"] == {"train 3a"}
     assert reproduce_summ.smoothing_report(args)[1]["b"] == 0.05
 
 
@@ -479,7 +479,7 @@ def test_reproduce_summ_selection_slice_is_disjoint_from_the_training_data(tmp_p
     heldout = [json.loads(line) for line in open(os.path.join(work, "heldout.jsonl"), encoding="utf-8")]
 
     # what properlm train itself trains on and holds out, with the command the benchmark runs
-    argv = reproduce_summ.train_argv(args, 3, "a", 0.1, str(tmp_path / "run"), False)
+    argv = reproduce_summ.train_argv(args, 3, "a", 0.1, str(tmp_path / "run"))  # --resume is the runner's
     cfg = make_config(options_from_args(build_parser(argparse.ArgumentParser()).parse_args(argv[1:])))
     trained, validation = load_data(cfg)
     assert len(trained) + len(validation) == 60 and len(validation) == 15

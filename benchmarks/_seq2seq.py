@@ -1,16 +1,19 @@
-"""The seq2seq studies' protocols and training command (``reproduce_mt.py``, ``reproduce_summ.py``): a protocol as
-data (:class:`Protocol`, :data:`PAPER_PROTOCOLS`, :func:`protocols_help`) and the ``properlm train`` command of a
-Transformer encoder-decoder from scratch (:func:`seq2seq_train_argv`)."""
+"""The seq2seq studies' protocols, training command and study (``reproduce_mt.py``, ``reproduce_summ.py``): a protocol
+as data (:class:`Protocol`, :data:`PAPER_PROTOCOLS`, :func:`protocols_help`), the ``properlm train`` command of a
+Transformer encoder-decoder from scratch (:func:`seq2seq_train_argv`) and the study that
+:func:`_runner.run_study` runs from a script's functions (:class:`Seq2SeqStudy`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from _runner import Arg, Text
+import _runner
+from _runner import Arg, Step, Text
 
-__all__ = ["PAPER_PROTOCOLS", "Protocol", "protocols_help", "seq2seq_train_argv"]
+__all__ = ["PAPER_PROTOCOLS", "Protocol", "Seq2SeqStudy", "protocols_help", "seq2seq_train_argv"]
 
 
 # ------------------------------------------------------------------------------ protocols
@@ -118,3 +121,41 @@ def seq2seq_train_argv(
         "--no-tensorboard",
     ]
     return argv
+
+
+# ------------------------------------------------------------------------------ the study
+
+
+class Seq2SeqStudy(_runner.Study):
+    """A seq2seq study for :func:`_runner.run_study`, made of its script's functions of the parsed ``args``:
+    ``checks`` (each fails on a bad argument or an existing work directory's other settings, and records them),
+    ``plan`` (the steps) and ``report`` (``report(args, wall_seconds)`` writes ``report_files`` and returns the
+    markdown). ``files``: the work-level records of the archive (:attr:`_runner.Study.files`)."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        *,
+        checks: Sequence[Callable[[argparse.Namespace], None]],
+        plan: Callable[[argparse.Namespace], list[Step]],
+        report: Callable[[argparse.Namespace, float | None], str],
+        report_files: tuple[str, ...],
+        files: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(args)
+        self._checks = tuple(checks)
+        self._plan = plan
+        self._report = report
+        self.report_files = report_files
+        self.files = files
+
+    def setup(self) -> dict[str, float]:
+        for check in self._checks:
+            check(self.args)
+        return {}
+
+    def plan(self) -> list[Step]:
+        return self._plan(self.args)
+
+    def report(self, steps: Sequence[Step], timings: _runner.Timings, wall_seconds: float | None) -> str:
+        return self._report(self.args, wall_seconds)

@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import _options
@@ -934,25 +933,15 @@ def report(args: argparse.Namespace, wall_seconds: float | None) -> str:
     return md
 
 
-class Study(_runner.Study):
-    """The study for :func:`_runner.run_study`."""
-
-    report_files = ("results.md", "results.json", "training_curves.png", "bleu_vs_scores.png")
-
-    def setup(self) -> dict[str, float]:
-        check_args(self.args)
-        check_settings(self.args)
-        return {}
-
-    def plan(self) -> list[Step]:
-        return plan(self.args)
-
-    def report(self, steps: Sequence[Step], timings: _runner.Timings, wall_seconds: float | None) -> str:
-        return report(self.args, wall_seconds)
-
-
 def main(argv: list[str] | None = None) -> int:
-    return _runner.run_study(Study(build_parser().parse_args(argv)))
+    study = _seq2seq.Seq2SeqStudy(
+        build_parser().parse_args(argv),
+        checks=(check_args, check_settings),
+        plan=plan,
+        report=report,
+        report_files=("results.md", "results.json", "training_curves.png", "bleu_vs_scores.png"),
+    )
+    return _runner.run_study(study)
 
 
 if __name__ == "__main__":

@@ -83,12 +83,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
 
 import _options
 import _runner
 import _seq2seq
-from _runner import Step, read_json_if
+from _runner import read_json_if
 from _summ_report import (
     checkpoint_rows,
     collect,
@@ -156,7 +155,6 @@ __all__ = [
     "SELECTION_METRIC",
     "TIE_TOLERANCE",
     "VALIDATION_SEED",
-    "Study",
     "a_branch",
     "branch_dir",
     "branch_eps",
@@ -418,26 +416,16 @@ def check_settings(args: argparse.Namespace) -> None:
             )
 
 
-class Study(_runner.Study):
-    """The study for :func:`_runner.run_study`; the selection records are work-level files of the archive."""
-
-    files = tuple(f"selection_{p}.json" for p in BRANCHES)
-    report_files = ("results.md", "results.json", "training_curves.png")
-
-    def setup(self) -> dict[str, float]:
-        check_args(self.args)
-        check_settings(self.args)
-        return {}
-
-    def plan(self) -> list[Step]:
-        return plan(self.args)
-
-    def report(self, steps: Sequence[Step], timings: _runner.Timings, wall_seconds: float | None) -> str:
-        return report(self.args, wall_seconds)
-
-
 def main(argv: list[str] | None = None) -> int:
-    return _runner.run_study(Study(build_parser().parse_args(argv)))
+    study = _seq2seq.Seq2SeqStudy(
+        build_parser().parse_args(argv),
+        checks=(check_args, check_settings),
+        plan=plan,
+        report=report,
+        report_files=("results.md", "results.json", "training_curves.png"),
+        files=tuple(f"selection_{p}.json" for p in BRANCHES),  # the selection records
+    )
+    return _runner.run_study(study)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import properlm.integrations.transformers.linear as integ_linear  # noqa: E402
+import properlm.integrations.transformers.hooks as integ_hooks  # noqa: E402
 from properlm import scoring_rule_loss  # noqa: E402
 from properlm.integrations.transformers import (  # noqa: E402
     ScoringRuleLossFunc,
@@ -234,13 +234,13 @@ def test_the_fused_patch_scores_the_hidden_states(monkeypatch):
     model = tiny_model("bart")
     inputs = batch("bart")
     calls = []
-    real = integ_linear.fused_linear_scoring_rule_loss
+    real = integ_hooks.fused_linear_scoring_rule_loss
 
     def spy(hidden, weight, target, **kw):
         calls.append((tuple(hidden.shape), tuple(weight.shape), kw["bias"] is not None))
         return real(hidden, weight, target, **kw)
 
-    monkeypatch.setattr(integ_linear, "fused_linear_scoring_rule_loss", spy)  # what linear_scoring_rule_loss calls
+    monkeypatch.setattr(integ_hooks, "fused_linear_scoring_rule_loss", spy)  # what the patch's hook calls
     with apply_scoring_rule(model, "spherical", 0.1):
         loss_fused = model(**inputs).loss
         loss_fused.backward()

@@ -10,8 +10,6 @@ import torch
 
 import properlm
 from properlm.distributed import fused_linear_vocab_parallel_scoring_rule_loss, vocab_parallel_scoring_rule_loss
-from properlm.dtensor import dtensor_fused_linear_scoring_rule_loss, dtensor_scoring_rule_loss
-from properlm.integrations.transformers import linear_scoring_rule_loss
 from properlm.options import (
     OPTION_DOCS,
     LossModule,
@@ -69,22 +67,18 @@ ENTRY_POINTS = [
     LossModule,
     vocab_parallel_scoring_rule_loss,
     fused_linear_vocab_parallel_scoring_rule_loss,
-    dtensor_scoring_rule_loss,
-    dtensor_fused_linear_scoring_rule_loss,
-    linear_scoring_rule_loss,
 ]
 
 
 @pytest.mark.parametrize("fn", ENTRY_POINTS, ids=lambda fn: fn.__name__)
 def test_every_entry_point_takes_the_options_as_loss_options_does(fn):
     """The option parameters of each entry point are those of ``LossOptions``: same kind (the head transform and the
-    smoothing variant keyword-only), same default, same order (``linear_scoring_rule_loss`` requires ``rule``)."""
+    smoothing variant keyword-only), same default, same order."""
     want = inspect.signature(LossOptions).parameters
     have = inspect.signature(fn).parameters
     assert [n for n in have if n in want] == list(want)
     for name, p in want.items():
-        default = inspect.Parameter.empty if fn is linear_scoring_rule_loss and name == "rule" else p.default
-        assert (have[name].kind, have[name].default) == (p.kind, default), name
+        assert (have[name].kind, have[name].default) == (p.kind, p.default), name
 
 
 @pytest.mark.parametrize(

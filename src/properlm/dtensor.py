@@ -37,12 +37,9 @@ from torch import Tensor
 
 from .distributed.fused import fused_vocab_parallel_loss
 from .distributed.unfused import vocab_parallel_loss
-from .options import LossOptions, document_options
-from .rules import RuleLike
+from .options import LossOptions
 
 __all__ = [
-    "dtensor_fused_linear_scoring_rule_loss",
-    "dtensor_scoring_rule_loss",
     "is_dtensor",
     "sharded_logits_loss",
     "sharded_weight_loss",
@@ -120,9 +117,24 @@ def _plain_num_items(num_items_in_batch: Any) -> Any:
 def sharded_logits_loss(
     logits: Any, target: Any, options: LossOptions, num_items_in_batch: int | Tensor | None = None
 ) -> Any:
-    """:func:`dtensor_scoring_rule_loss` under validated :class:`~properlm.options.LossOptions`.
+    r"""The loss of ``DTensor`` logits ``(..., V)`` with placement ``Shard(-1)``: :func:`properlm.scoring_rule_loss`.
 
-    :func:`properlm.scoring_rule_loss` calls it for ``DTensor`` logits. A collective.
+    :func:`properlm.scoring_rule_loss` calls it for ``DTensor`` logits (call that). It is
+    :func:`properlm.distributed.vocab_parallel_scoring_rule_loss` of the local shard ``(..., V_local)`` over the
+    process group of the sharded mesh dimension, with ``vocab_start`` the shard's global offset.
+
+    Args:
+        logits: a ``DTensor`` ``(..., V)`` with placement ``Shard(-1)`` on one mesh dimension, ``Replicate()`` on
+            the others.
+        target: ``(...)`` token ids: a plain tensor identical on the ranks, or a ``DTensor`` on the same mesh.
+        options: the validated loss options.
+        num_items_in_batch: as in :func:`properlm.scoring_rule_loss` (a ``DTensor`` is gathered).
+
+    Returns:
+        A ``DTensor`` with placements ``Replicate()``: a scalar, or ``target``'s shape for ``reduction="none"``;
+        ``logits.grad`` is a ``DTensor`` with the placements of ``logits``.
+
+    A collective: every rank of the mesh calls it, with the same ``target`` and settings.
     """
     if not is_dtensor(logits):
         raise ValueError(f"logits must be a DTensor sharded over the vocabulary, got {type(logits).__name__}")
@@ -142,57 +154,6 @@ def sharded_logits_loss(
     return _replicated_output(loss, mesh)
 
 
-@document_options
-def dtensor_scoring_rule_loss(
-    logits: Any,
-    target: Any,
-    rule: RuleLike = "logarithmic",
-    smoothing: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    num_items_in_batch: int | Tensor | None = None,
-    *,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    smoothing_variant: str = "paper",
-) -> Any:
-    r""":func:`properlm.scoring_rule_loss` of ``DTensor`` logits ``(..., V)`` with placement ``Shard(-1)``.
-
-    It is :func:`properlm.distributed.vocab_parallel_scoring_rule_loss` of the local shard
-    ``(..., V_local)`` over the process group of the sharded mesh dimension, with ``vocab_start`` the
-    shard's global offset.
-
-    Args:
-        logits: a ``DTensor`` ``(..., V)`` with placement ``Shard(-1)`` on one mesh dimension, ``Replicate()`` on
-            the others.
-        target: ``(...)`` token ids: a plain tensor identical on the ranks, or a ``DTensor`` on the same mesh.
-        rule: {rule}
-        smoothing: {smoothing}
-        ignore_index: {ignore_index}
-        reduction: {reduction}
-        num_items_in_batch: {num_items_in_batch}
-        softcap: {softcap}
-        logit_scale: {logit_scale}
-        smoothing_variant: {smoothing_variant}
-
-    Returns:
-        A ``DTensor`` with placements ``Replicate()``: a scalar, or ``target``'s shape for ``reduction="none"``;
-        ``logits.grad`` is a ``DTensor`` with the placements of ``logits``.
-
-    A collective: every rank of the mesh calls it, with the same ``target`` and settings.
-    """
-    options = LossOptions(
-        rule,
-        smoothing,
-        ignore_index,
-        reduction,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        smoothing_variant=smoothing_variant,
-    )
-    return sharded_logits_loss(logits, target, options, num_items_in_batch)
-
-
 def sharded_weight_loss(
     hidden: Any,
     weight: Any,
@@ -202,9 +163,26 @@ def sharded_weight_loss(
     num_items_in_batch: int | Tensor | None = None,
     chunk_size: int | None = None,
 ) -> Any:
-    """:func:`dtensor_fused_linear_scoring_rule_loss` under validated :class:`~properlm.options.LossOptions`.
+    r"""The loss of ``hidden @ weight.T + bias`` for a ``DTensor`` ``weight`` ``(V, H)`` with placement ``Shard(0)``.
 
-    :func:`properlm.fused_linear_scoring_rule_loss` calls it for a ``DTensor`` weight or hidden. A collective.
+    :func:`properlm.fused_linear_scoring_rule_loss` calls it for a ``DTensor`` weight or hidden (call that). It is
+    :func:`properlm.distributed.fused_linear_vocab_parallel_scoring_rule_loss` of the local rows over the process
+    group of the sharded mesh dimension.
+
+    Args:
+        hidden: ``(..., H)``: a plain tensor identical on the ranks of the vocabulary group, or a ``DTensor`` on the
+            same mesh (redistributed to ``Replicate()``).
+        weight: a ``DTensor`` ``(V, H)`` with placement ``Shard(0)`` (a ``ColwiseParallel`` ``lm_head``).
+        target: ``(...)`` token ids: a plain tensor identical on the ranks, or a ``DTensor`` on the same mesh.
+        bias: ``None`` or a ``DTensor`` ``(V,)`` sharded like ``weight``.
+        options: the validated loss options.
+        num_items_in_batch: as in :func:`properlm.fused_linear_scoring_rule_loss`.
+        chunk_size: tokens per chunk, as in
+            :func:`properlm.distributed.fused_linear_vocab_parallel_scoring_rule_loss`.
+
+    Returns:
+        A replicated ``DTensor`` as :func:`sharded_logits_loss`; ``weight.grad`` and ``bias.grad`` keep their
+        placements, ``hidden`` gets the full gradient. A collective.
     """
     if not is_dtensor(weight):
         raise ValueError(
@@ -240,58 +218,3 @@ def sharded_weight_loss(
         chunk_size=chunk_size,
     )
     return _replicated_output(loss, mesh)
-
-
-@document_options
-def dtensor_fused_linear_scoring_rule_loss(
-    hidden: Any,
-    weight: Any,
-    target: Any,
-    rule: RuleLike = "logarithmic",
-    bias: Any = None,
-    smoothing: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    num_items_in_batch: int | Tensor | None = None,
-    chunk_size: int | None = None,
-    *,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    smoothing_variant: str = "paper",
-) -> Any:
-    r""":func:`properlm.fused_linear_scoring_rule_loss` for a ``DTensor`` ``weight`` with placement ``Shard(0)``.
-
-    The loss of ``hidden @ weight.T + bias`` for ``weight`` ``(V, H)`` (and ``bias`` ``(V,)`` with
-    ``Shard(0)`` on the same mesh, or ``None``):
-    :func:`properlm.distributed.fused_linear_vocab_parallel_scoring_rule_loss` of the local rows.
-
-    Args:
-        hidden: ``(..., H)``: a plain tensor identical on the ranks of the vocabulary group, or a ``DTensor`` on the
-            same mesh (redistributed to ``Replicate()``).
-        weight: a ``DTensor`` ``(V, H)`` with placement ``Shard(0)`` (a ``ColwiseParallel`` ``lm_head``).
-        target: ``(...)`` token ids: a plain tensor identical on the ranks, or a ``DTensor`` on the same mesh.
-        rule: {rule}
-        bias: ``None`` or a ``DTensor`` ``(V,)`` sharded like ``weight``.
-        smoothing: {smoothing}
-        ignore_index: {ignore_index}
-        reduction: {reduction}
-        num_items_in_batch: {num_items_in_batch}
-        chunk_size: tokens per chunk, as in :func:`properlm.distributed.fused_linear_vocab_parallel_scoring_rule_loss`.
-        softcap: {softcap}
-        logit_scale: {logit_scale}
-        smoothing_variant: {smoothing_variant}
-
-    Returns:
-        A replicated ``DTensor`` as :func:`dtensor_scoring_rule_loss`; ``weight.grad`` and ``bias.grad`` keep their
-        placements, ``hidden`` gets the full gradient.
-    """
-    options = LossOptions(
-        rule,
-        smoothing,
-        ignore_index,
-        reduction,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        smoothing_variant=smoothing_variant,
-    )
-    return sharded_weight_loss(hidden, weight, target, bias, options, num_items_in_batch, chunk_size)

@@ -64,7 +64,6 @@ Modules, one job each:
   :func:`apply_improper_loss`, :func:`remove_scoring_rule`;
 * :mod:`~properlm.integrations.transformers.handle` -- :class:`ScoringRuleHandle`, the handle of a patch;
 * :mod:`~properlm.integrations.transformers.hooks` -- the three hooks of a patch and the loss of a call;
-* :mod:`~properlm.integrations.transformers.linear` -- the loss of an output layer without its logits;
 * :mod:`~properlm.integrations.transformers.heads` -- soft-caps and logit scales of output heads;
 * :mod:`~properlm.integrations.transformers.trl_metrics` -- the metric fields of TRL's fused-head output;
 * :mod:`~properlm.integrations.transformers.introspection` -- what is read off a model (config, PEFT base, head);
@@ -76,7 +75,6 @@ The package exports the public names of those modules.
 from __future__ import annotations
 
 from .handle import ScoringRuleHandle
-from .linear import linear_scoring_rule_loss
 from .loss_func import ScoringRuleLossFunc, scoring_rule_loss_func
 from .patch import apply_improper_loss, apply_scoring_rule, is_scoring_rule_applied, remove_scoring_rule
 
@@ -86,7 +84,6 @@ __all__ = [
     "apply_improper_loss",
     "apply_scoring_rule",
     "is_scoring_rule_applied",
-    "linear_scoring_rule_loss",
     "remove_scoring_rule",
     "scoring_rule_loss_func",
 ]

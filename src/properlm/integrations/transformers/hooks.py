@@ -28,13 +28,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from ...dtensor import is_dtensor
+from ...fused import fused_linear_scoring_rule_loss
 from ...improper import ImproperObjective
 from ...loss import scoring_rule_loss
 from ...options import reduce_loss
 from ...rules import ScoringRule, get_rule
 from .alignment import align_labels, check_aligned
 from .introspection import is_encoder_decoder, unwrap_peft
-from .linear import linear_scoring_rule_loss
 from .trl_metrics import trl_output_fields
 
 #: the rule whose per-token loss (-log p_y) the improper objectives are computed from
@@ -135,16 +135,16 @@ class PatchState:
             return scoring_rule_loss(
                 x, y, rule, smoothing, self.ignore_index, reduction, call.num_items, smoothing_variant=variant
             )
-        return linear_scoring_rule_loss(
+        return fused_linear_scoring_rule_loss(
             x,
             weight,
             y,
-            rule,
-            bias,
-            smoothing,
-            self.ignore_index,
-            reduction,
-            call.num_items,
+            rule=rule,
+            bias=bias,
+            smoothing=smoothing,
+            ignore_index=self.ignore_index,
+            reduction=reduction,
+            num_items_in_batch=call.num_items,
             softcap=self.softcap,
             logit_scale=self.logit_scale,
             smoothing_variant=variant,

@@ -27,7 +27,7 @@ format: $(STAMP)
 	$(PY) -m ruff format src tests benchmarks examples docs
 	$(PY) -m ruff check --fix src tests benchmarks examples docs
 
-# mypy on src/ with the settings in pyproject.toml ([tool.mypy])
+# mypy on src/ and benchmarks/ with the settings in pyproject.toml ([tool.mypy])
 typecheck: $(STAMP)
 	$(PY) -m mypy
 

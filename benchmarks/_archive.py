@@ -199,13 +199,13 @@ class ResultsArchive:
             out = outs[name]
             return out is not None and os.path.isfile(os.path.join(out, "results.json"))
 
+        def settled(name: str) -> bool:  # nothing to keep, finished in the work directory, or archived
+            out = outs[name]
+            return out is None or in_work(name) or self.finished(out)
+
         def whole(name: str) -> bool:  # archived, with everything after it archived or finished
             out = outs[name]
-            return (
-                out is not None
-                and self.finished(out)
-                and all(outs[n] is None or in_work(n) or self.finished(outs[n]) for n in reach(name, children))
-            )
+            return out is not None and self.finished(out) and all(settled(n) for n in reach(name, children))
 
         return [
             name

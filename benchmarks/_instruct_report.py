@@ -169,7 +169,8 @@ def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tu
                 continue
             diffs = [rows[arm][s][key] - base[s][key] for s in seeds]
             refs = refs_cache.setdefault(split, _references(work, split))
-            per_seed, pooled_a, pooled_b = [], [], []
+            per_seed: list[dict[str, Any] | None] = []
+            pooled_a, pooled_b = [], []
             for s in seeds:
                 ha, hb = _hyps(work, arm, s, split), _hyps(work, BASELINE, s, split)
                 if refs is None or ha is None or hb is None or not len(ha) == len(hb) == len(refs[0]):

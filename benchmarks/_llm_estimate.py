@@ -62,6 +62,7 @@ def estimate(
                 s.train_steps * args.est_step_seconds * args.batch_size / 8
                 + evals * counts["val"] * r * tokens("val")[1]
             )
+        assert s.split is not None  # every step that is not training evaluates a split
         n = counts[s.split]
         prompt, example = tokens(s.split)
         if s.kind == "fit":

@@ -112,7 +112,8 @@ def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tu
                 continue
             d_bleu = [rows[arm][s][key_b] - base[s][key_b] for s in seeds]
             d_chrf = [rows[arm][s][key_c] - base[s][key_c] for s in seeds]
-            per_seed, pooled_a, pooled_b = [], [], []
+            per_seed: list[dict[str, float] | None] = []
+            pooled_a, pooled_b = [], []
             for s in seeds:
                 ha = _hypotheses(_split_dir(run_dir(work, arm, s), split))
                 hb = _hypotheses(_split_dir(run_dir(work, BASELINE, s), split))

@@ -68,12 +68,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import properlm
 
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {
         "config": {
             "vocab_size": 300,
@@ -167,7 +168,7 @@ class LinearCEModel(torch.nn.Module):
     """The Llama trunk (``model.model``) and ``torch.nn.functional.linear_cross_entropy`` of the final hidden
     states with the ``lm_head`` weight, the next-token shift done here (labels ``-100`` ignored)."""
 
-    def __init__(self, llama: torch.nn.Module) -> None:
+    def __init__(self, llama: Any) -> None:
         super().__init__()
         self.llama = llama
 
@@ -207,9 +208,7 @@ def make_variant(variant: str, mode: str, shape: str, args: argparse.Namespace):
             properlm.apply_scoring_rule(llama, rule, smoothing=args.smoothing, fused=args.fused)
         model = LabelsLoss(llama)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    if mode == "compiled":
-        model = Compiled(model, args.backend)
-    return model, opt
+    return (Compiled(model, args.backend) if mode == "compiled" else model), opt
 
 
 class Compiled:
@@ -350,7 +349,7 @@ def run_steps(shape: str, args: argparse.Namespace) -> dict[tuple[str, str], dic
             losses.append(timer.time(f"{variant} {mode}", functools.partial(train_step, model, opt, ids, labels)))
     out = {}
     for (variant, mode), (model, _, losses) in runs.items():
-        s = timer.summary(f"{variant} {mode}", args.warmup)
+        s: dict[str, Any] = dict(timer.summary(f"{variant} {mode}", args.warmup))
         s["losses"] = losses
         s["fullgraph"] = model.fullgraph if isinstance(model, Compiled) else None
         out[(variant, mode)] = s
@@ -511,7 +510,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loss-shape", default="2048,512,32000", help="N,H,V of --loss-only")
     args = p.parse_args(argv)
     if args.peak_of:
-        print("PEAK {} {}".format(*measure_peak(*args.peak_of.split(":"), args)))
+        variant, mode, shape = args.peak_of.split(":")
+        print("PEAK {} {}".format(*measure_peak(variant, mode, shape, args)))
         return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "

@@ -106,6 +106,7 @@ def _naive_loss(logits, y, rule: str, smoothing: float):
     else:
         raise ValueError(f"no naive implementation of rule {rule!r}")
     if smoothing > 0:
+        assert mean_score is not None
         score = (1 - smoothing) * score + smoothing * mean_score
         if name != "logarithmic":
             mask = (probs < smoothing / V).detach()

@@ -71,10 +71,11 @@ def gradient_mass(rule: str, vocab: int, eps: float, n: int = 16) -> dict[str, f
     """Part A: per-token means of the masked term's tail gradient mass and the rule's target gradient."""
     z, y = synthetic_logits(n, vocab)
     out = {}
-    grads = {}
+    grads: dict[str, torch.Tensor] = {}
     for variant in ("none", "paper", "pooled"):
         zz = z.clone().double().requires_grad_(True)
         loss_fn(zz, y, rule, eps, variant).backward()
+        assert zz.grad is not None
         grads[variant] = zz.grad * n  # per-token gradients (the loss is a mean)
     mask = torch.log_softmax(z.double(), -1) < math.log(eps / vocab)
     g_rule_y = grads["none"].gather(1, y[:, None]).abs().mean().item()

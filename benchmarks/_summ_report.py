@@ -244,6 +244,8 @@ def smoothing_report(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         selection[p] = {"grid": args.smoothing_grid, "rows": rows, "chosen": chosen, "seed": seed}
         chosen_text.append(f"({p}) {'pending' if chosen is None else f'{chosen:g}'}")
         by_eps = {r["smoothing"]: r for r in rows}
+        if n is None:  # the slice is not in this work directory (a report from the archive): its size as evaluated
+            n = next((r["num_examples"] for r in rows if r.get("num_examples") is not None), None)
         for eps in args.smoothing_grid:
             r = by_eps.get(eps)
             if r is None:

@@ -219,6 +219,14 @@ def test_reproduce_summ_end_to_end_resume_and_later_test_file(tmp_path, capsys, 
     assert "[run ]" not in out and "finished step(s) restored" in out
     before = _json(work, "results.json")["per_seed"]
     assert _json(work2, "results.json")["per_seed"] == before
+    # --report-only from the archive alone (no action step runs: no held-out slice file) gives the same tables
+    work3 = str(tmp_path / "work3")
+    argv3 = [data, "--work-dir", work3, *TINY, "--test-file", extra, "--archive", archive, "--report-only"]
+    assert reproduce_summ.main(argv3) == 0
+    capsys.readouterr()
+    assert not os.path.exists(os.path.join(work3, "heldout.jsonl"))
+    tables = [open(os.path.join(w, "results.md"), encoding="utf-8").read() for w in (work, work3)]
+    assert tables[1] == tables[0] and "not written yet" not in tables[1]
 
 
 def test_control_a0_continues_a_with_smoothing_0_from_its_checkpoint(tmp_path, capsys, in_process):

@@ -1036,21 +1036,38 @@ def test_evaluate_table_counts_prompts_cut_at_max_length():
     assert "prompts cut" not in markdown_table(results)
 
 
-def test_bf16_on_a_cpu_without_native_bf16_says_so_before_the_work(tiny_models, tmp_path, monkeypatch, parallel):
-    """--bf16 where the CPU emulates bfloat16 (about 27x slower than float32, measured) is said before the work
-    starts, in train, evaluate and generate (the capability check mocked); a CPU with it stays silent."""
+def test_bf16_on_a_cpu_without_native_bf16_runs_its_products_in_float32_and_says_so(
+    tiny_models, tmp_path, monkeypatch, parallel
+):
+    """--bf16 where the CPU has no native bfloat16 matrix multiply (the capability check mocked): train, evaluate
+    and generate say before the work that the products run in float32, record it in results.json, and their
+    bfloat16 matrix products do run under the float32 mode; a CPU with native bf16 stays silent and native."""
+    import json
     import warnings
 
     import torch
 
     from properlm.evaluation import precision
+
+    seen: list[str] = []
+    real = precision._Bf16MatmulsInFloat32.__torch_dispatch__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        if func in precision.BF16_MATMUL_OPS and any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args
+        ):
+            seen.append(str(func))
+        return real(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(precision._Bf16MatmulsInFloat32, "__torch_dispatch__", spy)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    message = precision.emulated_bf16_warning("cpu", "training")
+    assert message is not None and "float32 products of the bfloat16 operands" in message and "drop --bf16" in message
+    assert torch.backends.cpu.get_cpu_capability() in message
+    assert precision.emulated_bf16_warning(torch.device("meta")) is None
+    assert precision.bf16_matmul_mode("cpu") == "float32"
     from properlm.evaluation.settings import EvalSettings, validate_settings
 
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    message = precision.slow_bf16_warning("cpu", "training")
-    assert message is not None and "27x slower than float32" in message and "drop --bf16" in message
-    assert torch.backends.cpu.get_cpu_capability() in message
-    assert precision.slow_bf16_warning(torch.device("meta")) is None
     settings = EvalSettings(
         model=tiny_models["tiny-gpt"],
         source_file=parallel[0],
@@ -1061,6 +1078,27 @@ def test_bf16_on_a_cpu_without_native_bf16_says_so_before_the_work(tiny_models, 
     )
     with pytest.warns(UserWarning, match="no native bfloat16 matrix multiply"):
         validate_settings(settings)
+    evaluate = [
+        "evaluate",
+        "--model",
+        tiny_models["tiny-gpt"],
+        "--source-file",
+        parallel[0],
+        "--target-file",
+        parallel[1],
+        "--device",
+        "cpu",
+        "--bf16",
+        "--max-new-tokens",
+        "2",
+        "--output-dir",
+        str(tmp_path / "e"),
+    ]
+    with pytest.warns(UserWarning, match="drop --bf16 to run evaluate in float32"):
+        assert main(evaluate) == 0
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["bf16_matmuls"] == "float32"
+    assert seen, "evaluate --bf16 ran no bfloat16 product in float32"
+    seen.clear()
     inp = tmp_path / "in.txt"
     inp.write_text("das haus\n", encoding="utf-8")
     gen = [
@@ -1081,6 +1119,8 @@ def test_bf16_on_a_cpu_without_native_bf16_says_so_before_the_work(tiny_models, 
     ]
     with pytest.warns(UserWarning, match="drop --bf16 to run generate in float32"):
         assert main(gen) == 0
+    assert seen
+    seen.clear()
     train = [
         "train",
         "--init",
@@ -1107,8 +1147,11 @@ def test_bf16_on_a_cpu_without_native_bf16_says_so_before_the_work(tiny_models, 
     ]
     with pytest.warns(UserWarning, match="drop --bf16 to run training in float32"):
         assert main(train) == 0
+    assert json.loads((tmp_path / "t" / "results.json").read_text())["bf16_matmuls"] == "float32"
+    assert any("mm" in op for op in seen), seen
+    seen.clear()
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert precision.slow_bf16_warning("cpu") is None
+    assert precision.emulated_bf16_warning("cpu") is None and precision.bf16_matmul_mode("cpu") == "native"
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         validate_settings(settings)

@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``properlm generate`` with parsed arguments; returns the exit code."""
     from ..evaluation.generation import decode_prompts_with_stats
     from ..evaluation.journal import DecodeJournal, journal_key
-    from ..evaluation.precision import mixed_precision, slow_bf16_warning
+    from ..evaluation.precision import emulated_bf16_warning, mixed_precision
     from ..evaluation.text_metrics import one_line
 
     try:
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
                 f"--bf16 is mixed precision over float32 weights; with --dtype {args.dtype} the weights "
                 "are already half precision (drop one of the two)"
             )
-        slow = slow_bf16_warning(args.device, "generate") if args.bf16 else None
+        slow = emulated_bf16_warning(args.device, "generate") if args.bf16 else None
         if slow:
             warnings.warn(slow, UserWarning, stacklevel=1)
         inputs = _read_inputs(args.input)

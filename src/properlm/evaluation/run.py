@@ -46,7 +46,7 @@ from typing import Any
 
 from .journal import DecodeJournal, journal_key
 from .lengths import config_is_seq2seq, resolve_lengths
-from .precision import mixed_precision
+from .precision import bf16_matmul_mode, mixed_precision
 from .settings import RESULTS_KIND, EvalSettings, resolve_device, resolve_languages, torch_dtype, validate_settings
 from .teacher_forced import ScoredHiddenStates, progress_bar, teacher_forced_metrics
 
@@ -189,6 +189,7 @@ def run_evaluation(settings: EvalSettings, model_and_tokenizer: tuple[Any, Any] 
         "num_examples_in_data": total_examples,
         "truncation": truncation,
         **({"languages": languages} if languages else {}),
+        **({"bf16_matmuls": bf16_matmul_mode(next(model.parameters()).device)} if s.bf16 else {}),
         "teacher_forced": _tf_dict(tf, s.num_bins, s.temperature),
         "files": {"results": os.path.join(s.output_dir, "results.json"), "reliability_diagram": rel_path},
         "versions": _versions(),

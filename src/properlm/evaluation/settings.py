@@ -251,9 +251,9 @@ def validate_settings(s: EvalSettings, check_model: bool = True, warn: bool = Tr
     if warn:
         import warnings
 
-        from .precision import slow_bf16_warning
+        from .precision import emulated_bf16_warning
 
-        slow = slow_bf16_warning(s.device, "evaluate") if s.bf16 else None
+        slow = emulated_bf16_warning(s.device, "evaluate") if s.bf16 else None
         for message in [*ignored_decoding_options(s), *([slow] if slow else [])]:
             warnings.warn(message, UserWarning, stacklevel=2)
     for flag, t in (("--temperature", s.temperature), ("--also-temperature", s.also_temperature)):

@@ -6,6 +6,7 @@ out (the steps are listed in :mod:`properlm.training`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -13,6 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..evaluation.precision import bf16_autocast_matmuls, bf16_matmul_mode
 from ..improper import IMPROPER_OBJECTIVES
 from ..models import gguf_location, is_seq2seq
 from ..rules import get_rule
@@ -225,7 +227,10 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
     if resume_from is not None and not quiet:
         trainer.add_callback(resume_callback(resume_from))
     started = time.time()
-    train_output = trainer.train(resume_from_checkpoint=resume_from)
+    # --bf16 on a CPU without native bfloat16 matrix products: those products in float32 (the same values)
+    matmuls = bf16_autocast_matmuls("auto") if cfg.bf16 else contextlib.nullcontext()
+    with matmuls:
+        train_output = trainer.train(resume_from_checkpoint=resume_from)
     results: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
         "rule_stages": [[get_rule(r).spec, int(n)] for r, n in schedule.stages]
@@ -240,8 +245,11 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
         "num_validation_examples": len(val_examples),
         "seq2seq": seq2seq,
     }
+    if cfg.bf16:
+        results["bf16_matmuls"] = bf16_matmul_mode("auto")
     if val_ds is not None:
-        results["eval"] = final_eval(trainer)
+        with matmuls:
+            results["eval"] = final_eval(trainer)
 
     results["final_model"] = _save(trainer, cfg, "final", record)
 
@@ -252,7 +260,8 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], quiet: bool) -> dict[str,
         results["averaged_model"] = _save(trainer, cfg, "averaged", record)
         results["averaged_checkpoints"] = checkpoints
         if val_ds is not None:
-            results["eval_averaged"] = trainer.evaluate(metric_key_prefix="eval_averaged")
+            with matmuls:
+                results["eval_averaged"] = trainer.evaluate(metric_key_prefix="eval_averaged")
     handle.remove()
     if trainer.is_world_process_zero():
         with open(os.path.join(cfg.output_dir, "results.json"), "w", encoding="utf-8") as f:

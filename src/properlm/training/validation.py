@@ -239,9 +239,9 @@ def validate_config(cfg: TrainConfig, warn: bool = True) -> None:
     if warn:
         import warnings
 
-        from ..evaluation.precision import slow_bf16_warning
+        from ..evaluation.precision import emulated_bf16_warning
 
-        slow = slow_bf16_warning("auto", "training") if cfg.bf16 else None
+        slow = emulated_bf16_warning("auto", "training") if cfg.bf16 else None
         smoothing = run_smoothing_warning(cfg, expected_vocab_size(cfg))
         for message in [
             *ignored_option_warnings(cfg),

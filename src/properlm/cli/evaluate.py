@@ -95,7 +95,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="bfloat16 mixed precision: the model's matrix products in bfloat16 (torch.autocast), its "
         "output head in float32, so logits and scores stay float32 (several times faster on CPUs with "
-        "AVX512-BF16 or AMX, and on GPUs)",
+        "AVX512-BF16 or AMX, and on GPUs; other CPUs compute the bfloat16 products in float32: the same "
+        "values, no faster than float32)",
     )
 
 

@@ -109,6 +109,8 @@ BF16_MATMUL_OPS = frozenset(
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
     }
 )
+#: the outputs (by position) that stay float32, as bfloat16 inputs give them: the attention's log-sum-exp
+_FLOAT32_OUTPUTS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: (1,)}
 
 
 def _is_weight_cast(t: Tensor) -> bool:
@@ -127,13 +129,6 @@ def _is_weight_cast(t: Tensor) -> bool:
     return type(fn).__name__ == "ToCopyBackward0" and len(nxt) == 1 and type(nxt[0][0]).__name__ == "AccumulateGrad"
 
 
-def _on_meta(a: Any) -> Any:
-    """A tensor's empty stand-in on the meta device (same shape, strides, dtype); anything else as it is."""
-    if not isinstance(a, Tensor):
-        return a
-    return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
-
-
 class _Bf16MatmulsInFloat32(TorchDispatchMode):
     """The dispatch mode behind :func:`bf16_matmuls_in_float32` (one instance per block)."""
 
@@ -141,7 +136,6 @@ class _Bf16MatmulsInFloat32(TorchDispatchMode):
         super().__init__()
         # id(bfloat16 tensor) -> (its version, its float32 copy); an entry leaves with its tensor
         self.upcasts: dict[int, tuple[int, Tensor]] = {}
-        self.out_dtypes: dict[tuple[Any, ...], Any] = {}
 
     def _float32(self, t: Tensor) -> Tensor:
         """``t.float()``, from the cache when ``t`` is (a view of) a cast weight.
@@ -172,21 +166,10 @@ class _Bf16MatmulsInFloat32(TorchDispatchMode):
             return self._float32(a) if isinstance(a, Tensor) and a.dtype == torch.bfloat16 else a
 
         out = func(*tree_map(up, args), **tree_map(up, kwargs))
-        return tree_map(lambda o, d: o.to(d) if isinstance(o, Tensor) else o, out, self._dtypes(func, args, kwargs))
-
-    def _dtypes(self, func: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
-        """The dtypes of ``func``'s outputs for these inputs.
-
-        Found once per operation and input dtypes, on the meta device: bfloat16 for the products, float32 for the
-        attention's log-sum-exp.
-        """
-        key = (func, *(a.dtype for a in args if isinstance(a, Tensor)))
-        hit = self.out_dtypes.get(key)
-        if hit is None:
-            out = func(*tree_map(_on_meta, args), **tree_map(_on_meta, kwargs))
-            hit = tree_map(lambda o: o.dtype if isinstance(o, Tensor) else None, out)
-            self.out_dtypes[key] = hit
-        return hit
+        if isinstance(out, Tensor):
+            return out.to(torch.bfloat16)
+        keep = _FLOAT32_OUTPUTS.get(func, ())
+        return type(out)(o if i in keep else o.to(torch.bfloat16) for i, o in enumerate(out))
 
 
 def bf16_matmuls_in_float32() -> contextlib.AbstractContextManager[Any]:

@@ -173,7 +173,12 @@ class TrainConfig:
     adam_beta1: float = _opt(0.9, "AdamW beta1", group="optimisation")
     adam_beta2: float = _opt(0.999, "AdamW beta2 (the paper uses 0.98)", group="optimisation")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 disables)", group="optimisation")
-    bf16: bool = _opt(False, "bfloat16 mixed precision (CUDA with bf16 support, or CPU)", group="optimisation")
+    bf16: bool = _opt(
+        False,
+        "bfloat16 mixed precision (CUDA with bf16 support, or CPU; a CPU without AVX512-BF16 or AMX computes the "
+        "bfloat16 products in float32: the same values, no faster than float32)",
+        group="optimisation",
+    )
     fp16: bool = _opt(False, "float16 mixed precision (CUDA only)", group="optimisation")
     torch_compile: bool = _opt(
         False,

@@ -18,7 +18,9 @@ there :func:`bf16_matmuls_in_float32` computes each one in float32 from its bflo
 
 which is what the bfloat16 instructions compute too (exact products, float32 sums, one rounding of the
 result): the same numbers up to the order of the float32 sums (measured: 1 element in 10^3 - 10^4 one bfloat16
-unit apart), at float32 speed. :func:`bf16_autocast_matmuls` picks it where the CPU needs it; ``properlm
+unit apart), at about float32 speed. The CPU flash-attention kernel runs in float32 on its bfloat16 inputs too:
+its output is within one bfloat16 unit of the bfloat16 kernel's (measured: a third to a half of the elements one
+unit apart, as that kernel rounds inside), the same precision. :func:`bf16_autocast_matmuls` picks it where the CPU needs it; ``properlm
 train|evaluate|generate --bf16`` use it and say so (:func:`emulated_bf16_warning`).
 """
 
@@ -179,8 +181,10 @@ def bf16_matmuls_in_float32() -> contextlib.AbstractContextManager[Any]:
     the products of two bfloat16 numbers (8-bit significands) are exact in float32 (24 bits) and the sums
     accumulate in float32, as in the bfloat16 instructions of AVX512-BF16 and AMX, with one rounding to
     bfloat16 at the end; only the order of the float32 sums differs. The backward pass's products are covered
-    too (run ``backward()`` inside the block). Float32 copies of the cast weights are cached for the block
-    (autocast casts each weight once per block), so decoding does not copy them at every step.
+    too (run ``backward()`` inside the block). Float32 copies of the cast weights are cached while autocast
+    keeps their casts (a float32 copy of the weights for the block, or for a training step), so decoding does
+    not copy them at every step. The attention kernel of :data:`BF16_MATMUL_OPS` returns its output (and
+    gradients) in bfloat16 and its log-sum-exp in float32, as its bfloat16 version does.
 
     For a CPU without native bfloat16 matrix multiply, where oneDNN's bfloat16 path is about
     :data:`EMULATED_BF16_SLOWDOWN` times slower than float32; :func:`bf16_autocast_matmuls` uses it only there.

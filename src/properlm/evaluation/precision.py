@@ -20,8 +20,8 @@ which is what the bfloat16 instructions compute too (exact products, float32 sum
 result): the same numbers up to the order of the float32 sums (measured: 1 element in 10^3 - 10^4 one bfloat16
 unit apart), at about float32 speed. The CPU flash-attention kernel runs in float32 on its bfloat16 inputs too:
 its output is within one bfloat16 unit of the bfloat16 kernel's (measured: a third to a half of the elements one
-unit apart, as that kernel rounds inside), the same precision. :func:`bf16_autocast_matmuls` picks it where the CPU needs it; ``properlm
-train|evaluate|generate --bf16`` use it and say so (:func:`emulated_bf16_warning`).
+unit apart, as that kernel rounds inside), the same precision. :func:`bf16_autocast_matmuls` picks it where
+the CPU needs it; ``properlm train|evaluate|generate --bf16`` use it and say so (:func:`emulated_bf16_warning`).
 """
 
 from __future__ import annotations

@@ -64,27 +64,23 @@ def test_tile_sweep_needs_a_gpu():
     assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr
 
 
-def test_bench_bf16_cpu_times_every_mode_and_refuses_unknown_ones():
-    proc = _run(
-        "bench_bf16_cpu.py",
-        "--shape",
-        "tiny",
-        "--layers",
-        "1",
-        "--rounds",
-        "1",
-        "--new-tokens",
-        "2",
-        "--modes",
-        "fp32,bf16,bf16-onednn",
-    )
-    assert proc.returncode == 0, proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+def test_bench_bf16_cpu_times_every_mode_and_refuses_unknown_ones(monkeypatch, capsys):
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = importlib.import_module("bench_bf16_cpu")
+    argv = ["--shape", "tiny", "--layers", "1", "--rounds", "1", "--new-tokens", "2"]
+    bench.main([*argv, "--modes", "fp32,bf16,bf16-onednn"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["fp32", "bf16", "bf16-onednn"]
     fp32 = rows[1].split("|")
     assert fp32[3].strip() == "1.00" and fp32[5].strip() == "1.00" and float(fp32[6]) == 0.0
     # bfloat16 rounding moves the loss a little, never far
     assert all(float(r.split("|")[6]) < 1e-2 for r in rows[2:])
-    assert "bf16 products:" in proc.stdout and torch.backends.cpu.get_cpu_capability() in proc.stdout
-    bad = _run("bench_bf16_cpu.py", "--modes", "bf16,fp16")
-    assert bad.returncode == 2 and "--modes: fp16" in bad.stderr and "allowed: fp32, bf16, bf16-onednn" in bad.stderr
+    assert "bf16 products:" in out and torch.backends.cpu.get_cpu_capability() in out
+    with pytest.raises(SystemExit) as exc:
+        bench.main([*argv, "--modes", "bf16,fp16"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--modes: fp16" in err and "allowed: fp32, bf16, bf16-onednn" in err

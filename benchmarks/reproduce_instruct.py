@@ -339,11 +339,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise SetupError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     if not args.learning_rate > 0:
         raise SetupError(f"--learning-rate must be positive, got {args.learning_rate}")
+    if args.switch_at is None:
+        # resolved whatever the arms: a later run of branch-free arms (its settings say 448 too) must match the
+        # archive and work directory that a run with a switch arm started
+        args.switch_at = int(0.8 * args.steps + 1e-9) // args.save_steps * args.save_steps
     if any(ARMS[a].switch for a in args.arm_list):
         if BASELINE not in args.arm_list:
             raise SetupError(f"--arms: the switch arms branch from the {BASELINE} run of the same seed; add it")
-        if args.switch_at is None:
-            args.switch_at = int(0.8 * args.steps + 1e-9) // args.save_steps * args.save_steps
         if not 0 < args.switch_at < args.steps or args.switch_at % args.save_steps:
             raise SetupError(
                 f"--switch-at {args.switch_at} must lie strictly inside (0, --steps {args.steps}) and be "

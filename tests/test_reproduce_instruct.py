@@ -316,3 +316,12 @@ def test_the_arms_given_set_the_plan_order_before_those_the_work_directory_ran(s
     script.widen(args, {"arms": arms, "seeds": [1, 2], "arm_seeds": {a: [1, 2] for a in arms}, "extra_tests": {}})
     assert args.arm_list == ["logarithmic", "switch-spherical", "spherical", "brier", "dft"]
     assert args.seed_list == [1, 2] and args.arm_seeds["brier"] == [1, 2]
+
+
+def test_switch_at_default_does_not_depend_on_the_arms(tmp_path, script):
+    """A run of branch-free arms only (e.g. ``--arms brier --seeds 1``) records the same ``switch_at`` as the run with
+    the switch arm that started the archive, so the archive's settings check accepts it."""
+    with_switch = script.parse_args([str(tmp_path), "--arms", "logarithmic,switch-spherical"])
+    branch_free = script.parse_args([str(tmp_path), "--arms", "brier", "--seeds", "1"])
+    assert with_switch.switch_at == branch_free.switch_at == 448
+    assert all(getattr(with_switch, k) == getattr(branch_free, k) for k in script.RESULT_KEYS)

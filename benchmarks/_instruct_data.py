@@ -159,6 +159,19 @@ def make_data(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]
     return data, manifest
 
 
+def write_data(data: dict[str, Any], d: str) -> None:
+    """Write :func:`make_data`'s sets into the folder ``d``: JSONL records, or ``NAME.de`` / ``NAME.en`` line files for
+    the de-en pairs."""
+    os.makedirs(d, exist_ok=True)
+    for name, rows in data.items():
+        if name.endswith("deen") or name == "deen_test":
+            for lang, col in (("de", 0), ("en", 1)):
+                with open(os.path.join(d, f"{name}.{lang}"), "w", encoding="utf-8") as f:
+                    f.writelines(p[col] + "\n" for p in rows)
+        else:
+            _write_jsonl(os.path.join(d, f"{name}.jsonl"), rows)
+
+
 def prepare_data(args: argparse.Namespace, work: str) -> dict[str, Any]:
     """Write ``WORK/data/*`` and ``WORK/data/manifest.json`` (reused when the settings match). The Alpaca
     response cap is measured with the model's tokenizer when ``args.tokenizer_dir`` is set."""
@@ -173,14 +186,7 @@ def prepare_data(args: argparse.Namespace, work: str) -> dict[str, Any]:
             "options or a new --work-dir"
         )
     data, manifest = make_data(args)
-    os.makedirs(d, exist_ok=True)
-    for name, rows in data.items():
-        if name.endswith("deen") or name == "deen_test":
-            for lang, col in (("de", 0), ("en", 1)):
-                with open(os.path.join(d, f"{name}.{lang}"), "w", encoding="utf-8") as f:
-                    f.writelines(p[col] + "\n" for p in rows)
-        else:
-            _write_jsonl(os.path.join(d, f"{name}.jsonl"), rows)
+    write_data(data, d)
     if getattr(args, "tokenizer_dir", None):
         from transformers import AutoTokenizer
 

@@ -5,7 +5,9 @@ instruction tuning of the same seed (:func:`comparisons`), calibration, the prio
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import _report
@@ -143,6 +145,23 @@ def _references(work: str, split: str) -> tuple[list[str], list[list[str]]] | No
     return [r["output"] for r in rows], [[r["output"], *r.get("annotations", [])] for r in rows]
 
 
+def precision_note(args: argparse.Namespace, steps: Sequence[Step]) -> str:
+    """The precision, and for bf16 how the finished training runs computed their matrix products (recorded by
+    ``properlm train`` as ``bf16_matmuls``: ``native`` or ``float32`` from the bf16 operands, on a CPU without native
+    bf16; runs made before that record say nothing): the runs of one study may come from several machines."""
+    if args.precision != "bf16":
+        return "float32"
+    modes: collections.Counter[str] = collections.Counter()
+    for s in steps:
+        out = s.output_dir()
+        result = _runner.read_json_if(os.path.join(out, "results.json")) if s.kind == "train" and out else None
+        if result is not None:
+            modes[str(result.get("bf16_matmuls", "not recorded"))] += 1
+    labels = {"native": "native", "float32": "in float32 from the bf16 operands"}
+    detail = ", ".join(f"{labels.get(m, m)} in {n}" for m, n in sorted(modes.items()))
+    return "bfloat16 mixed precision" + (f" (the training runs' bf16 matrix products: {detail})" if detail else "")
+
+
 def comparisons(args: argparse.Namespace, work: str, rows: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """Each arm against logarithmic of the same seed, per metric: per-seed differences, their mean with a 95%
     Student-t interval over seeds, seeds better, a sign test, the paired bootstrap per seed and pooled over the
@@ -257,8 +276,7 @@ def report(
     n_train = counts.get("alpaca_train", 0)
     lines += [
         f"- model: SmolLM2-135M-Instruct (already instruction-tuned, unlike the paper's base LLaMA), full fine-tuning, "
-        f"chat template, loss on the response; {'bfloat16 mixed precision' if args.precision == 'bf16' else 'float32'}"
-        f" (CPU: {(_runner.read_json_if(os.path.join(work, 'settings.json')) or {}).get('cpu_capability', 'unknown')})",
+        f"chat template, loss on the response; {precision_note(args, steps)}",
         f"- training: {args.steps} steps x {args.batch_size} = {args.steps * args.batch_size} examples of "
         f"{n_train} Alpaca records ({args.steps * args.batch_size / max(n_train, 1):.2f} epochs), AdamW lr "
         f"{args.learning_rate:g} ({args.lr_scheduler}, {args.warmup_steps} warm-up steps), max length "

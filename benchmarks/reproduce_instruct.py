@@ -57,7 +57,7 @@ Every step is a ``properlm`` command whose output directory gets a ``results.jso
 a rerun skips finished steps and resumes an interrupted training run from its newest checkpoint
 (every ``--save-steps``). ``--archive DIR`` keeps the finished steps' small outputs in ``DIR`` and
 restores them on a new machine (a step comes back with its whole lineage). ``--report-only``
-rebuilds the report from what has finished.
+rebuilds the report from what has finished (with ``--archive``, also into a new work directory).
 
 Budget: ``--estimate`` prints the plan with its arithmetic from the seconds measured on this
 machine (``--est-step-seconds``, ``--est-token-ms``, defaults measured 2026-12-06 on an
@@ -93,6 +93,7 @@ from _instruct_data import (
     parse_extra,
     prepare_data,
     prepare_extra,
+    write_data,
 )
 from _llm_common import ARMS, BASELINE, DEFAULT_GGUF, SetupError, schedule_argv, switch_branch
 from _llm_steps import fitted_temperature
@@ -700,9 +701,11 @@ class Study(_runner.Study):
         args, work = self.args, self.work
         writes = not (args.dry_run or args.estimate or args.report_only)
         if args.report_only:
-            saved = _runner.read_json_if(os.path.join(work, "settings.json"))
+            # the work directory's settings, else (a new machine) the archive's: it is restored before the report
+            sources = [work, *([args.archive] if args.archive else [])]
+            saved = next(filter(None, (_runner.read_json_if(os.path.join(d, "settings.json")) for d in sources)), None)
             if saved is None:
-                raise SetupError(f"--report-only: {work} holds no settings.json (nothing has run there)")
+                raise SetupError(f"--report-only: no settings.json in {' or '.join(sources)} (nothing has run there)")
             for k in RESULT_KEYS:
                 setattr(args, k, saved.get(k))
             args.arm_list, args.seed_list, args.arm_seeds, args.extra_tests = [], [], {}, {}
@@ -714,9 +717,13 @@ class Study(_runner.Study):
         if not writes:
             if args.gguf_file is None and not args.report_only:
                 self.base = os.path.abspath(locate_model(args))
-            self.manifest = _runner.read_json_if(os.path.join(work, "data", "manifest.json")) or make_data(args)[1]
+            manifest_dirs = [work, *([args.archive] if args.archive and args.report_only else [])]
+            manifests = (_runner.read_json_if(os.path.join(d, "data", "manifest.json")) for d in manifest_dirs)
+            self.manifest = next(filter(None, manifests), None) or make_data(args)[1]
             if not args.report_only and self.manifest["settings"] != data_settings(args):
                 raise SetupError(f"{work} holds data made with other settings ({self.manifest['settings']})")
+            if args.report_only:
+                self.restore_references()
             return {}
         model = locate_model(args)
         check_settings(args, work, write=True)
@@ -726,6 +733,26 @@ class Study(_runner.Study):
         for name, spec in args.extra_tests.items():
             prepare_extra(work, name, spec)
         return {"base": seconds} if seconds else {}
+
+    def restore_references(self) -> None:
+        """``--report-only`` in a work directory restored from the archive (which keeps no data): rebuild the
+        evaluation sets from the data root, which the paired bootstraps read the references from."""
+        d = os.path.join(self.work, "data")
+        if os.path.isfile(os.path.join(d, "alpaca_decode.jsonl")):
+            return
+        try:
+            check_data_root(self.args.data_root)
+        except SetupError as exc:
+            print(f"note: no references ({exc}): the report leaves out the paired bootstraps", flush=True)
+            return
+        data, manifest = make_data(self.args)
+        # the same sets (the data root's path may differ on this machine)
+        if (manifest["counts"], manifest["settings"] | {"data_root": None}) != (
+            self.manifest["counts"],
+            self.manifest["settings"] | {"data_root": None},
+        ):
+            raise SetupError(f"{self.args.data_root} gives other evaluation sets than the runs' ({manifest['counts']})")
+        write_data(data, d)
 
     def plan(self) -> list[Step]:
         return plan(self.args, self.work, self.base, int(self.manifest["alpaca_response_cap"]))

@@ -176,6 +176,8 @@ def test_end_to_end_with_every_evaluation_resumes_and_reports(tmp_path, script, 
         *SMALL,
         "--extra-test",
         f"summarization:mail={mail}",
+        "--archive",
+        str(tmp_path / "archive"),
     ]
     assert script.main(argv) == 0
     # 3 prior passes; untuned: fit, dev + 3 evaluations + 1 extra; per arm: train, fit, dev, 3 + 1
@@ -220,6 +222,14 @@ def test_end_to_end_with_every_evaluation_resumes_and_reports(tmp_path, script, 
     assert in_process == [] and "[run ]" not in capsys.readouterr().out
     assert script.main([str(root), "--work-dir", str(work), "--report-only"]) == 0
     assert "| log → spherical (switch) | 1 |" in capsys.readouterr().out
+    # on a new machine: --report-only with the archive alone rebuilds the same tables into a new work directory
+    fresh = tmp_path / "fresh"
+    again = [str(root), "--work-dir", str(fresh), "--archive", str(tmp_path / "archive"), "--report-only"]
+    assert script.main([*again, "--bootstrap-samples", "20"]) == 0  # the resamples: the report's choice, as before
+    assert json.loads((fresh / "results.json").read_text())["comparisons"] == results["comparisons"]
+    assert (fresh / "results.md").read_text().split("Compute of")[0] == md.split("Compute of")[0]
+    with pytest.raises(script.SetupError, match="no settings.json in"):
+        script.main([str(root), "--work-dir", str(tmp_path / "none"), "--report-only"])
     with pytest.raises(script.SetupError, match="other settings"):
         script.main([*argv, "--steps", "3"])
 

@@ -13,20 +13,21 @@ mkdir -p runs
 # without native bf16 matrix products properlm computes those products in float32 from the bf16 operands (the same
 # values at about float32 speed: properlm.evaluation.precision), so every run continues the same archives anywhere:
 # with native bf16 two runs side by side at one thread each (an instruction-tuning run 80 min); without it one run
-# at a time on two threads (a training step about 6.5 s, an instruction-tuning run about 65 min, its five
-# evaluations about 25 min)
+# at a time on two threads (measured 2026-12-07, AMD EPYC AVX2: a training step 6.3 s, an instruction-tuning run
+# 58 min, its five evaluations 31 min, the switch's 112 steps 12 min: a logarithmic + switch pair 2.2 h)
 NATIVE_BF16=$($PY -c "import torch; print(int(torch.ops.mkldnn._is_mkldnn_bf16_supported()))")
 if [ "$NATIVE_BF16" = 1 ]; then PAR="--jobs 2 --threads 1"; else PAR="--jobs 1 --threads 2"; fi
 # 1. instruction tuning with each rule, then zero-shot. The arms in this order (the plan's priority): the switch
 #    branches from the logarithmic run's step-448 checkpoint, which lives only in runs/ (not in the archive), so it
 #    runs right after its logarithmic run, in the same session; a logarithmic run is restored from the archive only
-#    once its switch run is archived too. Seed order 2,3,1: seed 1 of logarithmic, the switch and spherical is
-#    archived (2026-12-06), so a session trains one more seed of those three, and Brier and DFT run on seed 1
-#    only, last (the budget rule: 3 seeds of the three arms first)
+#    once its switch run is archived too. Seed order 3,2,1: seed 1 of the three is archived (2026-12-06), seed 2
+#    of logarithmic and the switch (2026-12-07), so a session starts with the pair that must finish together
+#    (seed 3: 2.2 h without native bf16), then spherical of seeds 3 and 2; Brier and DFT run on seed 1 only,
+#    last (the budget rule: 3 seeds of the three arms first)
 # shellcheck disable=SC2086
 $PY benchmarks/reproduce_instruct.py "$DATA" --work-dir runs/reproduce_instruct $PAR --precision bf16 \
     --archive results/reproduce_instruct --arms logarithmic,switch-spherical,spherical,brier,dft \
-    --seeds 2,3,1 --arm-seeds brier=1 --arm-seeds dft=1
+    --seeds 3,2,1 --arm-seeds brier=1 --arm-seeds dft=1
 # 2. de-en: complete since 2026-12-07 (3 seeds of every arm): restores the archive and rebuilds its report
 # shellcheck disable=SC2086
 $PY benchmarks/reproduce_llm.py "$DATA/newstest-de-en" --work-dir runs/reproduce_llm $PAR \

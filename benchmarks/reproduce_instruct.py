@@ -718,8 +718,9 @@ class Study(_runner.Study):
             if args.gguf_file is None and not args.report_only:
                 self.base = os.path.abspath(locate_model(args))
             manifest_dirs = [work, *([args.archive] if args.archive and args.report_only else [])]
-            manifests = (_runner.read_json_if(os.path.join(d, "data", "manifest.json")) for d in manifest_dirs)
-            self.manifest = next(filter(None, manifests), None) or make_data(args)[1]
+            manifests = [_runner.read_json_if(os.path.join(d, "data", "manifest.json")) for d in manifest_dirs]
+            found = [m for m in manifests if m is not None]
+            self.manifest = found[0] if found else make_data(args)[1]
             if not args.report_only and self.manifest["settings"] != data_settings(args):
                 raise SetupError(f"{work} holds data made with other settings ({self.manifest['settings']})")
             if args.report_only:

@@ -215,6 +215,20 @@ class ResultsArchive:
             and all(outs[a] is None or in_work(a) or whole(a) for a in reach(name, parents))
         ]
 
+    def waiting(self, steps: Sequence[ArchivedStep]) -> list[str]:
+        """The names of the steps (plan order) archived as finished that are neither finished in the work
+        directory nor :meth:`restorable`: they wait for the rest of their lineage (e.g. a run whose later
+        evaluation never finished will run again), so a report made now leaves them out."""
+        chosen = set(self.restorable(steps))
+        return [
+            name
+            for name, out, _ in steps
+            if out is not None
+            and self.finished(out)
+            and name not in chosen
+            and not os.path.isfile(os.path.join(out, "results.json"))
+        ]
+
     def restore(self, steps: Sequence[ArchivedStep]) -> list[str]:
         """Copy the :meth:`restorable` steps back into the work directory (``results.json``
         last); returns their names."""

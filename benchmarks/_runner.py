@@ -580,6 +580,14 @@ def restore_archive(archive: Any, work_dir: str, steps: Callable[[], Sequence[St
         f"archive {archive.root}: {len(restored)} finished step(s) restored into {work_dir}, {len(saved)} saved",
         flush=True,
     )
+    waiting = archive.waiting(triples)
+    if waiting:
+        print(
+            f"archive {archive.root}: {len(waiting)} finished step(s) wait for the rest of their lineage and are left "
+            f"out (they run again, or come back once it is archived): {', '.join(waiting[:6])}"
+            + (" ..." if len(waiting) > 6 else ""),
+            flush=True,
+        )
 
 
 def _open_archive(study: Study) -> Any:

@@ -71,6 +71,7 @@ def test_restore_only_steps_whose_dependents_are_all_archived(tmp_path):
     assert (new / "a" / "test" / "hypotheses.txt").read_text() == "a/test"
     assert json.loads((new / "a" / "train" / "results.json").read_text()) == {"done": "train"}
     assert not (new / "b").exists()
+    assert fresh.waiting(new_steps) == ["b/train", "b/fit"]  # archived, left out until b/test is archived too
     assert fresh.restore(new_steps) == []  # finished in the work directory now
 
 

@@ -114,6 +114,16 @@ def read_json_if(path: str) -> dict[str, Any] | None:
     return read_json(path) if os.path.isfile(path) else None
 
 
+def first_json(dirs: list[str], name: str) -> dict[str, Any] | None:
+    """The JSON object in ``DIR/name`` for the first of ``dirs`` that has that file, else ``None``
+    (e.g. a work directory's settings, else its archive's)."""
+    for d in dirs:
+        found = read_json_if(os.path.join(d, name))
+        if found is not None:
+            return found
+    return None
+
+
 def _finished(name: str, output_dir: str) -> bool:
     """Whether ``OUTPUT_DIR/results.json`` exists (the step is finished), saying so."""
     if os.path.isfile(os.path.join(output_dir, "results.json")):

@@ -703,7 +703,7 @@ class Study(_runner.Study):
         if args.report_only:
             # the work directory's settings, else (a new machine) the archive's: it is restored before the report
             sources = [work, *([args.archive] if args.archive else [])]
-            saved = next(filter(None, (_runner.read_json_if(os.path.join(d, "settings.json")) for d in sources)), None)
+            saved = _runner.first_json(sources, "settings.json")
             if saved is None:
                 raise SetupError(f"--report-only: no settings.json in {' or '.join(sources)} (nothing has run there)")
             for k in RESULT_KEYS:
@@ -718,9 +718,8 @@ class Study(_runner.Study):
             if args.gguf_file is None and not args.report_only:
                 self.base = os.path.abspath(locate_model(args))
             manifest_dirs = [work, *([args.archive] if args.archive and args.report_only else [])]
-            manifests = [_runner.read_json_if(os.path.join(d, "data", "manifest.json")) for d in manifest_dirs]
-            found = [m for m in manifests if m is not None]
-            self.manifest = found[0] if found else make_data(args)[1]
+            found = _runner.first_json(manifest_dirs, os.path.join("data", "manifest.json"))
+            self.manifest = found if found is not None else make_data(args)[1]
             if not args.report_only and self.manifest["settings"] != data_settings(args):
                 raise SetupError(f"{work} holds data made with other settings ({self.manifest['settings']})")
             if args.report_only:

@@ -305,3 +305,13 @@ def test_run_tasks_respects_dependencies_priority_and_failures(capsys):
     assert order == ["slow"]  # the running task finishes, z never starts
     with pytest.raises(ValueError, match="unknown tasks"):
         _runner.run_tasks([_runner.Task("y", note("y"), {"zz"})])
+
+
+def test_first_json_takes_the_first_directory_that_has_the_file(tmp_path):
+    work, archive = tmp_path / "work", tmp_path / "archive"
+    _write_json(archive / "data" / "manifest.json", {"from": "archive"})
+    name = os.path.join("data", "manifest.json")
+    assert _runner.first_json([str(work), str(archive)], name) == {"from": "archive"}
+    _write_json(work / "data" / "manifest.json", {})  # an empty object is still a file found
+    assert _runner.first_json([str(work), str(archive)], name) == {}
+    assert _runner.first_json([str(work)], "settings.json") is None

@@ -258,6 +258,20 @@ def test_markdown_table_temperature_fit_rows():
     assert "| 0.9227 |" in markdown_table({"num_examples": 3, "teacher_forced": tf, "temperature_fit": old})
 
 
+def test_markdown_table_shows_the_prior_on_the_targets():
+    from properlm.evaluation import markdown_table
+
+    tf = {"num_tokens": 10, "perplexity": 2.0, "token_accuracy": 0.5, "ece": 0.1, "num_bins": 15, "mean_scores": {}}
+    assert "mean p(target" not in markdown_table({"num_examples": 3, "teacher_forced": tf})  # older results.json
+    table = markdown_table(
+        {"num_examples": 3, "teacher_forced": {**tf, "mean_target_prob": 0.4351, "target_prob_above_half": 0.4229}}
+    )
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    names = [r[0] for r in rows]
+    assert dict(rows)["mean p(target token)"] == "0.435" and dict(rows)["targets with p > 0.5 (%)"] == "42.3"
+    assert names.index("token accuracy (%)") + 1 == names.index("mean p(target token)")
+
+
 def test_bad_data_line_is_reported_before_loading(tiny_models, tmp_path, capsys, monkeypatch):
     import properlm.models
 

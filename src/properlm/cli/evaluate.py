@@ -157,10 +157,11 @@ def register(subparsers: Any) -> None:
         "evaluate",
         help="teacher-forced scores, calibration (ECE), and BLEU/chrF/ROUGE of decoded outputs",
         description="Evaluate a model on a data set: the mean token score of every requested scoring rule "
-        "under teacher forcing (with perplexity, token accuracy, expected calibration error of the top-1 token "
-        "and a reliability diagram), then decode the sources (greedy or beam search, optionally with a "
-        "scoring rule as the beam objective) and score the hypotheses with sacrebleu (BLEU, chrF) or "
-        "rouge-score (ROUGE-1/2/L). Arguments and data are validated before the model is loaded.",
+        "under teacher forcing (with perplexity, token accuracy, the mean probability of the target tokens, "
+        "expected calibration error of the top-1 token and a reliability diagram), then decode the sources "
+        "(greedy or beam search, optionally with a scoring rule as the beam objective) and score the "
+        "hypotheses with sacrebleu (BLEU, chrF) or rouge-score (ROUGE-1/2/L). Arguments and data are "
+        "validated before the model is loaded.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

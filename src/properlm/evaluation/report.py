@@ -41,12 +41,13 @@ def markdown_table(results: dict[str, Any]) -> str:
         ("reference tokens", _fmt(tf["num_tokens"])),
         ("perplexity", _fmt(tf["perplexity"], 3)),
         ("token accuracy (%)", _fmt(_pct(tf["token_accuracy"]), 2)),
-        (f"ECE, {tf['num_bins']} bins (%)", _fmt(_pct(tf["ece"]), 2)),
     ]
-    if tf.get("mean_target_prob") is not None:
-        # the model's prior on the targets: where it is strong, bounded rules are expected to do better
-        rows.insert(4, ("mean p(target token)", _fmt(tf["mean_target_prob"], 3)))
-        rows.insert(5, ("targets with p > 0.5 (%)", _fmt(_pct(tf.get("target_prob_above_half")), 1)))
+    if tf.get("mean_target_prob") is not None:  # the model's prior on the targets (absent in older results)
+        rows += [
+            ("mean p(target token)", _fmt(tf["mean_target_prob"], 3)),
+            ("targets with p > 0.5 (%)", _fmt(_pct(tf.get("target_prob_above_half")), 1)),
+        ]
+    rows.append((f"ECE, {tf['num_bins']} bins (%)", _fmt(_pct(tf["ece"]), 2)))
     if tf.get("temperature", 1.0) != 1.0:
         rows.insert(2, ("temperature (scores, ECE)", _fmt(tf["temperature"], 3)))
     cut = results.get("truncation")
